@@ -1,0 +1,97 @@
+"""Token tables and byte offsets on real tokenizers (offline, from the test extras)."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xtoken_ext.tokenizers import BOS, EOS, NORMAL, encode_batch_with_offsets, encode_with_offsets, load_tokenizer, \
+    token_table
+
+BYTE_LEVEL = ["llama3", "qwen3", "cl100k", "o200k", "gpt2"]
+SAMPLES = [
+    "Hello world 2024! 12345678 3.14159",
+    "def f(x):\n\treturn x ** 2  # square\n\n\n    pass",
+    "emoji 🚀🧑‍🚀 and CJK 中文字符 and ŝ ñ é — “quotes”",
+    "   leading and trailing spaces   ",
+    "mixed: Привет мир, مرحبا, नमस्ते, 한국어",
+]
+QUICKTOK = {"llama3": "llama3", "qwen3": "qwen3", "cl100k": "cl100k_base", "o200k": "o200k_base"}
+
+
+@pytest.mark.parametrize("name", list(QUICKTOK))
+def test_converted_tokenizer_matches_quicktok(offline_tok, name):
+    quicktok = pytest.importorskip("quicktok")
+    enc, tok = quicktok.get_encoding(QUICKTOK[name]), offline_tok(name)
+    for text in SAMPLES:
+        assert tok(text, add_special_tokens=False)["input_ids"] == enc.encode_ordinary(text), text
+
+
+@pytest.mark.parametrize("name", BYTE_LEVEL)
+def test_byte_level_offsets_slice_canonical_bytes(offline_tok, name):
+    tok = offline_tok(name)
+    table = token_table(tok)
+    assert table.kind == "byte_level" and table.size == len(tok)
+    for text in SAMPLES:
+        ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=False)
+        raw = text.encode("utf-8")
+        # Every token covers exactly its own bytes, the tokens tile the text, offsets are monotone.
+        assert [raw[s:e] for s, e in zip(starts, ends)] == [table.token_bytes[i] for i in ids]
+        assert starts[0] == 0 and ends[-1] == len(raw) and np.all(starts[1:] == ends[:-1])
+
+
+def test_llama_bos_is_zero_width_role_marker(offline_tok):
+    tok = offline_tok("llama3")
+    table = token_table(tok)
+    ids, starts, ends = encode_with_offsets(tok, "Hello world.")
+    assert ids[0] == tok.bos_token_id == 128000 and starts[0] == ends[0] == 0
+    assert table.token_bytes[ids[0]] == b"\xff<bos>" and table.roles[ids[0]] == BOS
+    assert table.roles[tok.eos_token_id] == EOS and table.roles[9906] == NORMAL
+    assert table.token_bytes[tok.convert_tokens_to_ids("Ġworld")] == b" world"
+    assert table.token_bytes[tok.convert_tokens_to_ids("Ċ")] == b"\n"
+
+
+def test_sentencepiece_table_and_offsets(offline_tok):
+    tok = offline_tok("mistral-spm")
+    table = token_table(tok)
+    assert table.kind == "sentencepiece"
+    assert table.token_bytes[tok.convert_tokens_to_ids("▁Hello")] == b" Hello"
+    assert table.token_bytes[tok.convert_tokens_to_ids("<0x0A>")] == b"\n"
+    assert table.token_bytes[tok.bos_token_id] == b"\xff<bos>"
+    text = "Hello  world\n\t中文 ⅷ"
+    ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=False)
+    raw = text.encode("utf-8")
+    assert np.all(starts <= ends) and np.all(starts[1:] >= ends[:-1]) and ends[-1] == len(raw)
+    # The first token's "▁" stands for no text (SentencePiece prepends it); all later tokens cover their bytes.
+    assert raw[starts[0]:ends[0]] == b"Hello" and table.token_bytes[ids[0]] == b" Hello"
+    assert [raw[s:e] for s, e in zip(starts[1:], ends[1:])] == [table.token_bytes[i] for i in ids[1:]]
+
+
+@settings(max_examples=60)
+@given(st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40))
+def test_offsets_tile_any_text(text):
+    from xtoken_ext.testing import offline_tokenizer
+
+    for name in ("llama3", "gpt2"):
+        tok = offline_tokenizer(name)
+        table = token_table(tok)
+        ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=False)
+        raw = text.encode("utf-8")
+        assert b"".join(table.token_bytes[i] for i in ids) == raw
+        assert [raw[s:e] for s, e in zip(starts, ends)] == [table.token_bytes[i] for i in ids]
+
+
+def test_batch_matches_single(offline_tok):
+    tok = offline_tok("qwen3")
+    batch = encode_batch_with_offsets(tok, SAMPLES)
+    for text, (ids, s, e) in zip(SAMPLES, batch):
+        ids1, s1, e1 = encode_with_offsets(tok, text)
+        assert np.array_equal(ids, ids1) and np.array_equal(s, s1) and np.array_equal(e, e1)
+
+
+def test_bad_input(offline_tok):
+    with pytest.raises(TypeError, match="fast"):
+        load_tokenizer(object())
+    with pytest.raises(TypeError, match="str"):
+        encode_batch_with_offsets(offline_tok("gpt2"), ["ok", b"bytes"])
+    ids, s, e = encode_with_offsets(offline_tok("gpt2"), "")
+    assert len(ids) == len(s) == len(e) == 0

@@ -1,0 +1,191 @@
+"""Token tables for Hugging Face fast tokenizers: canonical bytes of every id, special-token roles, and
+encoding texts into ids plus *byte* offsets.
+
+Canonical bytes are the text bytes a token stands for: byte-level BPE symbols map back through the GPT-2 byte
+table (``Ġ`` -> b" ", ``Ċ`` -> b"\\n"), SentencePiece ``▁`` -> b" ", byte fallback ``<0xHH>`` -> bytes([HH]).
+Special tokens become role markers that start with 0xFF, a byte that never occurs in UTF-8 text, so a BOS on
+both sides compares equal while no special ever equals text.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+NORMAL, BOS, EOS, PAD, UNK, OTHER = range(6)
+ROLE_NAMES = ("normal", "bos", "eos", "pad", "unk", "other")
+_ROLE_MARKER = {BOS: b"\xff<bos>", EOS: b"\xff<eos>", UNK: b"\xff<unk>", PAD: b""}
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def load_tokenizer(tok_or_name):
+    """An HF fast tokenizer passes through; a name or path goes through ``AutoTokenizer.from_pretrained``."""
+    if isinstance(tok_or_name, (str, bytes)) or hasattr(tok_or_name, "__fspath__"):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tok_or_name))
+    else:
+        tok = tok_or_name
+    if getattr(tok, "backend_tokenizer", None) is None:
+        raise TypeError(f"expected a Hugging Face *fast* tokenizer (with backend_tokenizer), got {type(tok).__name__}")
+    return tok
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to U+0100.. in order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+
+
+@dataclass
+class TokenTable:
+    """Per-id canonical bytes and roles of one tokenizer (``size == len(tokenizer)``)."""
+
+    tokenizer: object
+    token_bytes: list[bytes]
+    roles: np.ndarray
+    fingerprint: str
+    kind: str  # "byte_level" | "sentencepiece" | "other"
+    _texts: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.token_bytes)
+
+    def text(self, token_id: int) -> str:
+        """Surface text of one id (``tokenizer.decode([id])``), e.g. " the"."""
+        return self.texts()[token_id]
+
+    def texts(self) -> list[str]:
+        if self._texts is None:
+            self._texts = self.tokenizer.batch_decode([[i] for i in range(self.size)])
+        return self._texts
+
+
+_TABLES: "weakref.WeakKeyDictionary[object, TokenTable]" = weakref.WeakKeyDictionary()
+
+
+def _kind(tok) -> str:
+    backend = tok.backend_tokenizer
+    desc = f"{backend.pre_tokenizer!r} {backend.decoder!r}"
+    if "ByteLevel" in desc:
+        return "byte_level"
+    if "▁" in desc or "Metaspace" in desc:
+        return "sentencepiece"
+    return "other"
+
+
+def _roles(tok, n: int) -> np.ndarray:
+    roles = np.zeros(n, dtype=np.int8)
+    special_ids = {i for i, t in tok.added_tokens_decoder.items() if t.special} | set(tok.all_special_ids)
+    for i in special_ids:
+        if 0 <= i < n:
+            roles[i] = OTHER
+    # Priority when ids coincide (pad == eos is common): bos > eos > unk > pad.
+    for role, tid in ((PAD, tok.pad_token_id), (UNK, tok.unk_token_id), (EOS, tok.eos_token_id),
+                      (BOS, tok.bos_token_id)):
+        if tid is not None and 0 <= tid < n:
+            roles[tid] = role
+    return roles
+
+
+def token_table(tok) -> TokenTable:
+    """Canonical bytes and roles of every id of ``tok`` (computed once per tokenizer object, then cached)."""
+    tok = load_tokenizer(tok)
+    try:
+        return _TABLES[tok]
+    except (KeyError, TypeError):
+        pass
+    n = len(tok)
+    kind = _kind(tok)
+    pieces = tok.convert_ids_to_tokens(list(range(n)))
+    roles = _roles(tok, n)
+    out: list[bytes] = []
+    for i, piece in enumerate(pieces):
+        if roles[i] != NORMAL:
+            out.append(_ROLE_MARKER.get(int(roles[i]), b"\xff" + (piece or "").encode("utf-8")))
+        elif piece is None:
+            out.append(b"")
+        elif kind == "byte_level":
+            try:
+                out.append(bytes(_BYTE_DECODER[c] for c in piece))
+            except KeyError:  # an added (non-special) token stored as plain text
+                out.append(piece.encode("utf-8"))
+        elif kind == "sentencepiece" and (m := _BYTE_FALLBACK.match(piece)):
+            out.append(bytes([int(m.group(1), 16)]))
+        else:
+            out.append(piece.replace("▁", " ").encode("utf-8"))
+    h = hashlib.sha256()
+    for b in out:
+        h.update(len(b).to_bytes(4, "little") + b)
+    h.update(roles.tobytes())
+    table = TokenTable(tok, out, roles, h.hexdigest()[:32], kind)
+    try:
+        _TABLES[tok] = table
+    except TypeError:
+        pass
+    return table
+
+
+def _char_to_byte(text: str) -> np.ndarray:
+    """Prefix sums of UTF-8 lengths: byte offset of every char index 0..len(text)."""
+    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    lens = 1 + (cps >= 0x80) + (cps >= 0x800) + (cps >= 0x10000)
+    out = np.zeros(len(cps) + 1, dtype=np.int64)
+    np.cumsum(lens, out=out[1:])
+    return out
+
+
+def _byte_offsets(text: str, offsets, ids, table: TokenTable):
+    """Char offsets from HF -> monotone byte offsets. Tokens that split one char (byte-level BPE pieces of an
+    emoji, byte-fallback tokens) share an overlapping char span; they get consecutive byte ranges by length."""
+    c2b = _char_to_byte(text)
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = c2b[off[:, 0]], c2b[off[:, 1]]
+    if len(ids) > 1:
+        split = np.nonzero(off[1:, 0] < off[:-1, 1])[0]
+        for i in split:  # rare: only tokens inside a multi-byte char
+            ends[i] = min(ends[i], starts[i] + len(table.token_bytes[ids[i]]))
+            starts[i + 1] = max(starts[i + 1], ends[i])
+    ends = np.maximum.accumulate(ends) if len(ends) else ends
+    prev = np.concatenate(([0], ends[:-1]))
+    starts = np.minimum(np.maximum(starts, prev), ends)
+    return starts, ends
+
+
+def encode_with_offsets(tok, text: str, add_special_tokens: bool = True):
+    """Token ids of ``text`` with byte offsets into ``text.encode("utf-8")`` (np.int64 arrays ids, starts, ends).
+
+    Zero-width tokens (an added BOS, SentencePiece's prepended space) have start == end."""
+    return encode_batch_with_offsets(tok, [text], add_special_tokens)[0]
+
+
+def encode_batch_with_offsets(tok, texts, add_special_tokens: bool = True):
+    """``encode_with_offsets`` for many texts (the tokenizer's parallel batch encode); a list of triples."""
+    tok = load_tokenizer(tok)
+    texts = list(texts)
+    for t in texts:
+        if not isinstance(t, str):
+            raise TypeError(f"texts must be str, got {type(t).__name__}")
+    table = token_table(tok)
+    enc = tok(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+              return_attention_mask=False)
+    out = []
+    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
+        ids = np.asarray(ids, dtype=np.int64)
+        starts, ends = _byte_offsets(text, offsets, ids, table)
+        out.append((ids, starts, ends))
+    return out
