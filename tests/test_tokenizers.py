@@ -95,3 +95,11 @@ def test_bad_input(offline_tok):
         encode_batch_with_offsets(offline_tok("gpt2"), ["ok", b"bytes"])
     ids, s, e = encode_with_offsets(offline_tok("gpt2"), "")
     assert len(ids) == len(s) == len(e) == 0
+
+
+def test_sentencepiece_prepended_space_before_multibyte_char_is_zero_width(offline_tok):
+    tok = offline_tok("mistral-spm")
+    for text, want in [("中文 ok", [(0, 0), (0, 3), (3, 6), (6, 9)]), ("ŝ", [(0, 0), (0, 1), (1, 2)])]:
+        ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=False)
+        assert tok.convert_ids_to_tokens(ids.tolist())[0] == "▁"
+        assert list(zip(starts.tolist(), ends.tolist())) == want

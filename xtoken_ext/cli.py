@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import platform
 import sys
 import time
@@ -29,6 +30,87 @@ def _bench(args) -> int:
     return 0
 
 
+def _tokenizer(spec: str):
+    """A tokenizer from an HF name / local path, or ``offline:NAME`` (xtoken_ext.testing.offline_tokenizer)."""
+    if spec.startswith("offline:"):
+        from xtoken_ext.testing import offline_tokenizer
+
+        return offline_tokenizer(spec[len("offline:"):])
+    from xtoken_ext.tokenizers import load_tokenizer
+
+    return load_tokenizer(spec)
+
+
+def _projection(args):
+    from xtoken_ext.projection import Projection
+
+    student, teacher = _tokenizer(args.student), _tokenizer(args.teacher)
+    t0 = time.perf_counter()
+    proj = Projection.from_tokenizers(
+        student, teacher, args.student_vocab_size, args.teacher_vocab_size, max_pieces=args.max_pieces,
+        gamma=args.gamma, reverse_pass=args.reverse_pass, overflow=args.overflow, cache=not args.no_cache)
+    return proj, time.perf_counter() - t0
+
+
+def _build(args) -> int:
+    proj, seconds = _projection(args)
+    proj.save(args.output)
+    print(f"{proj!r} -> {args.output} (W in {seconds:.2f} s, tokenizers loaded before)")
+    print(proj.stats())
+    return 0
+
+
+def _audit(args) -> int:
+    report = _projection(args)[0].audit()
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0
+
+
+def _inspect(args) -> int:
+    from xtoken_ext.projection import Projection, _show
+    from xtoken_ext.tokenizers import token_table
+
+    student = _tokenizer(args.student) if args.student else None
+    teacher = _tokenizer(args.teacher) if args.teacher else None
+    proj = Projection.load(args.path, expect_student=student, expect_teacher=teacher)
+    meta = {k: proj.meta.get(k) for k in ("student_fingerprint", "teacher_fingerprint", "options",
+                                          "library_version")}
+    print(f"{proj!r}\n{json.dumps(meta, sort_keys=True)}\n{proj.stats()}")
+    if args.token and student is None:
+        print("--token needs --student (to find the token ids)", file=sys.stderr)
+        return 2
+    s_table = token_table(student) if student is not None else None
+    t_table = token_table(teacher) if teacher is not None else None
+
+    def name(table, i):
+        return _show(table.token_bytes[i]) if table else ""
+
+    ids = list(args.id or [])
+    for text in args.token or []:
+        b = text.encode("utf-8")
+        if b in s_table.token_bytes:  # the token itself, else the student's pieces of the text
+            ids.append(s_table.token_bytes.index(b))
+        else:
+            ids += student(text, add_special_tokens=False)["input_ids"]
+    for s in ids:
+        row = " + ".join(f"{w:.6f}·{name(t_table, t)}({t})" for t, w in proj.row(s).items()) or "(empty)"
+        print(f"{name(s_table, s)}({s}) -> {row}")
+    return 0
+
+
+def _add_pair_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("student", help="student tokenizer: HF name, local path, or offline:NAME")
+    p.add_argument("teacher", help="teacher tokenizer: HF name, local path, or offline:NAME")
+    p.add_argument("--student-vocab-size", type=int, help="student logit width (default: len(tokenizer))")
+    p.add_argument("--teacher-vocab-size", type=int, help="teacher logit width (default: len(tokenizer))")
+    p.add_argument("--max-pieces", type=int, default=4)
+    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--reverse-pass", action="store_true", help="also re-tokenize teacher tokens with the student")
+    p.add_argument("--overflow", choices=("truncate", "drop"), default="truncate",
+                   help="rows needing more than --max-pieces teacher pieces: keep the first ones, or leave empty")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the on-disk W cache")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xtoken", description="Cross-tokenizer distillation toolkit (X-Token).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", action="append", help="run only this suite (repeatable)")
     bench.add_argument("--quick", action="store_true", help="smoke-sized inputs")
     bench.set_defaults(func=_bench)
+    build = sub.add_parser("build", help="build the projection W for a student/teacher pair and save it")
+    _add_pair_options(build)
+    build.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    build.set_defaults(func=_build)
+    audit = sub.add_parser("audit", help="coverage audit of a pair: token classes in the exact common set, "
+                                         "P-KL vs H-KL recommendation")
+    _add_pair_options(audit)
+    audit.add_argument("--json", action="store_true", help="print the report as JSON")
+    audit.set_defaults(func=_audit)
+    inspect = sub.add_parser("inspect", help="statistics of a saved W and the rows of given tokens")
+    inspect.add_argument("path", help="a .safetensors file written by `xtoken build`")
+    inspect.add_argument("--token", action="extend", nargs="+", help="student token text(s) (needs --student)")
+    inspect.add_argument("--id", action="extend", nargs="+", type=int, help="student token id(s)")
+    inspect.add_argument("--student", help="student tokenizer (checked against the file's fingerprint)")
+    inspect.add_argument("--teacher", help="teacher tokenizer, to print teacher token strings")
+    inspect.set_defaults(func=_inspect)
     return parser
 
 

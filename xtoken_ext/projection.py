@@ -2,9 +2,24 @@
 
 Row s says where student token s's probability goes in the teacher vocabulary: q = Wᵀ p_S.
 Rows sum to 1 or are empty (all slots -1 / 0).
+
+Build (``Projection.from_tokenizers``, METHOD.md §3): pass 1 maps every student token whose canonical bytes equal
+a teacher token's to that token (one-hot; lowest teacher id on duplicates; specials by role); pass 2 re-tokenizes
+the text of every other student token with the teacher and keeps the first ``max_pieces`` ids with weights
+γ^i / Σγ^j (β cancels), accumulating repeated ids. Saved as safetensors with JSON metadata, never pickle.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import warnings
+from itertools import chain
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,27 +27,44 @@ import torch
 
 SLOTS = 4
 RELAXED_THRESHOLD = 0.6
+FORMAT_VERSION = 1
+_META_KEY = "xtoken_ext.projection"
+_ROW_SUM_TOL = 1e-5
+_ENCODE_CHUNK = 16384
+# Audit: the fraction of critical (numeral) student tokens that must sit in the exact common set for H-KL.
+HKL_MIN_COVERAGE = 0.9
+
+
+class ProjectionFileError(ValueError):
+    """A projection file that is corrupted, of another format version, or built for other tokenizers."""
 
 
 class Projection:
     """Sparse row-stochastic W in ELL form: ``indices`` int32 [V_S, 4] (-1 = empty), ``weights`` float32 [V_S, 4]."""
 
-    def __init__(self, indices, weights, teacher_vocab_size: int, meta: dict[str, Any] | None = None):
+    def __init__(self, indices, weights, teacher_vocab_size: int, meta: dict[str, Any] | None = None, *,
+                 exact_rows=None):
         indices = torch.as_tensor(indices, dtype=torch.int32)
         weights = torch.as_tensor(weights, dtype=torch.float32)
         if indices.dim() != 2 or indices.shape[1] != SLOTS or weights.shape != indices.shape:
             raise ValueError(f"indices/weights must both be [V_S, {SLOTS}], got {tuple(indices.shape)} / "
                              f"{tuple(weights.shape)}")
-        if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= teacher_vocab_size):
+        idx, w = indices.cpu().numpy(), weights.cpu().numpy()  # numpy: ~100x faster than torch's CPU reductions
+        if idx.size and (int(idx.min()) < -1 or int(idx.max()) >= teacher_vocab_size):
             raise ValueError(f"teacher indices must lie in [-1, {teacher_vocab_size})")
-        if bool(((indices < 0) & (weights != 0)).any()):
+        if bool(((idx < 0) & (w != 0)).any()):
             raise ValueError("empty slots (index -1) must have weight 0")
-        if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
+        if bool((w < 0).any()) or not bool(np.isfinite(w).all()):
             raise ValueError("weights must be finite and non-negative")
         self.indices = indices
         self.weights = weights
         self.teacher_vocab_size = int(teacher_vocab_size)
         self.meta = dict(meta or {})
+        # bool [V_S] on the CPU: rows set by pass 1 (exact match / special role); None when unknown.
+        self.exact_rows = None if exact_rows is None else torch.as_tensor(exact_rows).to("cpu", torch.bool)
+        if self.exact_rows is not None and self.exact_rows.shape != (indices.shape[0],):
+            raise ValueError(f"exact_rows must be bool [{indices.shape[0]}], got {tuple(self.exact_rows.shape)}")
+        self._student_table = None  # the student's TokenTable when built from tokenizers (for audit())
         self._cache: dict[tuple, Any] = {}
 
     @property
@@ -54,8 +86,8 @@ class Projection:
         key = ("to", str(device))
         if key not in self._cache:
             out = Projection.__new__(Projection)
-            out.indices, out.weights = self.indices.to(device), self.weights.to(device)
-            out.teacher_vocab_size, out.meta, out._cache = self.teacher_vocab_size, self.meta, {}
+            out.__dict__.update(self.__dict__)
+            out.indices, out.weights, out._cache = self.indices.to(device), self.weights.to(device), {}
             self._cache[key] = out
         return self._cache[key]
 
@@ -74,6 +106,12 @@ class Projection:
         out.index_put_((rows[keep], self.indices[keep].long()), self.weights[keep].to(dtype), accumulate=True)
         return out
 
+    def _ell_numpy(self):
+        """(indices, weights, used) as CPU numpy arrays; used = slot holds a teacher id with weight > 0.
+        The views below are built with numpy: torch's multi-threaded CPU sorts are ~100x slower on a busy host."""
+        idx, w = self.indices.cpu().numpy(), self.weights.cpu().numpy()
+        return idx, w, (idx >= 0) & (w > 0)
+
     def csc(self, device=None):
         """Transposed view: (col_ptr int64 [V_T+1], row_idx int32 [nnz], val float32 [nnz]), cached per device.
 
@@ -81,15 +119,15 @@ class Projection:
         device = torch.device(device) if device is not None else self.device
         key = ("csc", str(device))
         if key not in self._cache:
-            keep = (self.indices >= 0) & (self.weights > 0)
-            rows = torch.arange(self.student_vocab_size).unsqueeze(1).expand_as(self.indices)[keep.cpu()]
-            cols = self.indices.cpu()[keep.cpu()].long()
-            vals = self.weights.cpu()[keep.cpu()]
-            order = torch.argsort(cols * self.student_vocab_size + rows, stable=True)
-            counts = torch.bincount(cols, minlength=self.teacher_vocab_size)
-            col_ptr = torch.zeros(self.teacher_vocab_size + 1, dtype=torch.int64)
-            col_ptr[1:] = torch.cumsum(counts, 0)
-            self._cache[key] = (col_ptr.to(device), rows[order].to(torch.int32).to(device), vals[order].to(device))
+            idx, w, keep = self._ell_numpy()
+            rows = np.broadcast_to(np.arange(self.student_vocab_size)[:, None], idx.shape)[keep]
+            cols = idx[keep].astype(np.int64)
+            order = np.lexsort((rows, cols))
+            col_ptr = np.zeros(self.teacher_vocab_size + 1, dtype=np.int64)
+            np.cumsum(np.bincount(cols, minlength=self.teacher_vocab_size), out=col_ptr[1:])
+            self._cache[key] = (torch.from_numpy(col_ptr).to(device),
+                                torch.from_numpy(rows[order].astype(np.int32)).to(device),
+                                torch.from_numpy(w[keep][order]).to(device))
         return self._cache[key]
 
     def covered_columns(self, device=None) -> torch.Tensor:
@@ -97,10 +135,10 @@ class Projection:
         device = torch.device(device) if device is not None else self.device
         key = ("covered", str(device))
         if key not in self._cache:
-            keep = (self.indices >= 0) & (self.weights > 0)
-            cov = torch.zeros(self.teacher_vocab_size, dtype=torch.bool, device=self.device)
-            cov[self.indices[keep].long()] = True
-            self._cache[key] = cov.to(device)
+            idx, _, keep = self._ell_numpy()
+            cov = np.zeros(self.teacher_vocab_size, dtype=bool)
+            cov[idx[keep]] = True
+            self._cache[key] = torch.from_numpy(cov).to(device)
         return self._cache[key]
 
     def common_pairs(self, mode: str = "relaxed"):
@@ -112,24 +150,183 @@ class Projection:
             raise ValueError(f"mode must be 'strict' or 'relaxed', got {mode!r}")
         key = ("common", mode)
         if key not in self._cache:
-            idx, w = self.indices.cpu(), self.weights.cpu()
-            top_w, top_slot = w.max(dim=1)
-            top_t = idx.gather(1, top_slot.unsqueeze(1)).squeeze(1).long()
+            idx, w, _ = self._ell_numpy()
+            top_slot = w.argmax(1)  # first slot on ties
+            rows = np.arange(self.student_vocab_size)
+            top_w, top_t = w[rows, top_slot], idx[rows, top_slot].astype(np.int64)
             if mode == "strict":
                 cand = (top_w == 1.0) & ((idx >= 0).sum(1) == 1)
             else:
                 cand = (top_w >= RELAXED_THRESHOLD) & (top_t >= 0)
-            s = torch.nonzero(cand).squeeze(1)
+            s = np.flatnonzero(cand)
             t, ws = top_t[s], top_w[s]
             # Sort by (teacher, -weight, student); the first of each teacher group wins.
-            order = torch.from_numpy(np.lexsort((s.numpy(), -ws.numpy(), t.numpy())))
+            order = np.lexsort((s, -ws, t))
             s, t = s[order], t[order]
-            first = torch.ones_like(t, dtype=torch.bool)
+            first = np.ones(len(t), dtype=bool)
             first[1:] = t[1:] != t[:-1]
             s, t = s[first], t[first]
-            by_student = torch.argsort(s)
-            self._cache[key] = (s[by_student], t[by_student])
+            by_student = np.argsort(s)
+            self._cache[key] = (torch.from_numpy(s[by_student]), torch.from_numpy(t[by_student]))
         return self._cache[key]
+
+    # ------------------------------------------------------------------ build
+
+    @classmethod
+    def from_tokenizers(cls, student_tok, teacher_tok, student_vocab_size: int | None = None,
+                        teacher_vocab_size: int | None = None, *, max_pieces: int = SLOTS, gamma: float = 0.1,
+                        reverse_pass: bool = False, canonical_exact: bool = True, overflow: str = "truncate",
+                        cache: bool = True, progress: bool = True) -> "Projection":
+        """Build W for a student/teacher tokenizer pair (HF fast tokenizers, names or paths).
+
+        ``student_vocab_size`` / ``teacher_vocab_size`` are the logit widths (default ``len(tokenizer)``); rows past
+        the student tokenizer stay empty. ``overflow="drop"`` leaves a row empty when the teacher needs more than
+        ``max_pieces`` pieces (default: keep the first ``max_pieces``). ``reverse_pass`` adds the release's
+        teacher->student pass (METHOD.md §3.2). ``canonical_exact=False`` matches raw token strings in pass 1
+        instead of canonical bytes (release default). With ``cache`` the result is stored under
+        ``$XTOKEN_CACHE/projections`` keyed by both tokenizer fingerprints, the sizes, options and library version."""
+        from .tokenizers import load_tokenizer, token_table
+
+        if not 1 <= max_pieces <= SLOTS:
+            raise ValueError(f"max_pieces must be in [1, {SLOTS}], got {max_pieces}")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        if overflow not in ("truncate", "drop"):
+            raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
+        student_tok, teacher_tok = load_tokenizer(student_tok), load_tokenizer(teacher_tok)
+        st, tt = token_table(student_tok), token_table(teacher_tok)
+        V_S = st.size if student_vocab_size is None else int(student_vocab_size)
+        V_T = tt.size if teacher_vocab_size is None else int(teacher_vocab_size)
+        if V_S < st.size or V_T < tt.size:
+            raise ValueError(f"vocab sizes ({V_S}, {V_T}) are smaller than the tokenizers ({st.size}, {tt.size})")
+        options = {"max_pieces": max_pieces, "gamma": float(gamma), "reverse_pass": bool(reverse_pass),
+                   "canonical_exact": bool(canonical_exact), "overflow": overflow}
+        meta = _file_meta(st.fingerprint, tt.fingerprint, V_S, V_T, options)
+        path = _cache_path(meta) if cache else None
+        proj = None
+        if path is not None and path.exists():
+            try:
+                proj = cls.load(path)
+            except ProjectionFileError as e:
+                warnings.warn(f"rebuilding W: ignoring the cached file ({e})", stacklevel=2)
+            else:
+                if {k: proj.meta.get(k) for k in meta} != meta:
+                    proj = None
+        if proj is None:
+            proj = _build(st, tt, V_S, V_T, meta, progress=progress)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                proj.save(tmp)
+                os.replace(tmp, path)  # atomic: concurrent builders never see a half-written file
+        proj._student_table = st
+        return proj
+
+    # ------------------------------------------------------------------ storage
+
+    def save(self, path) -> None:
+        """Write safetensors (indices int32 [V_S, 4], weights float32 [V_S, 4], exact_rows uint8 [V_S] if known)
+        with the JSON metadata in the header."""
+        from safetensors.torch import save_file
+
+        meta = dict(self.meta)
+        meta.update(format_version=FORMAT_VERSION, library_version=_library_version(),
+                    student_vocab_size=self.student_vocab_size, teacher_vocab_size=self.teacher_vocab_size)
+        meta.pop("checksum", None)
+        tensors = {"indices": self.indices.cpu().contiguous(), "weights": self.weights.cpu().contiguous()}
+        if self.exact_rows is not None:
+            tensors["exact_rows"] = self.exact_rows.to(torch.uint8)
+        meta["checksum"] = _checksum(meta, {k: v.numpy() for k, v in tensors.items()})
+        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+
+    @classmethod
+    def load(cls, path, *, expect_student=None, expect_teacher=None) -> "Projection":
+        """Read and validate a file written by ``save``. ``expect_student`` / ``expect_teacher`` (tokenizers or
+        names) check that the file was built for them. Raises ProjectionFileError on any problem."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="np") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors raises several types for truncated / garbled files
+            raise ProjectionFileError(f"{path}: not a readable safetensors file ({e})") from e
+        if _META_KEY not in header:
+            raise ProjectionFileError(f"{path}: no '{_META_KEY}' metadata; not an xtoken_ext projection file")
+        try:
+            meta = json.loads(header[_META_KEY])
+        except json.JSONDecodeError as e:
+            raise ProjectionFileError(f"{path}: metadata is not valid JSON ({e})") from e
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            raise ProjectionFileError(f"{path}: unsupported format version "
+                                      f"{meta.get('format_version') if isinstance(meta, dict) else None!r} "
+                                      f"(this library reads {FORMAT_VERSION})")
+        _validate(path, meta, tensors)
+        try:
+            proj = cls(torch.from_numpy(tensors["indices"]), torch.from_numpy(tensors["weights"]),
+                       meta["teacher_vocab_size"], meta, exact_rows=tensors.get("exact_rows"))
+        except ValueError as e:  # index range, sign, finiteness
+            raise ProjectionFileError(f"{path}: {e}") from e
+        for side, tok in (("student", expect_student), ("teacher", expect_teacher)):
+            if tok is not None:
+                from .tokenizers import token_table
+
+                fp = token_table(tok).fingerprint
+                if meta.get(f"{side}_fingerprint") != fp:
+                    raise ProjectionFileError(f"{path}: built for another {side} tokenizer (file fingerprint "
+                                              f"{meta.get(f'{side}_fingerprint')}, given tokenizer {fp})")
+        return proj
+
+    # ------------------------------------------------------------------ statistics and audit
+
+    def stats(self) -> "ProjectionStats":
+        """Row counts by kind (exact, 1-4 teacher ids, empty) and covered teacher columns."""
+        idx, w = self.indices.cpu().numpy(), self.weights.cpu().numpy()
+        nnz = ((idx >= 0) & (w > 0)).sum(1)
+        top = w.max(1, initial=0.0)
+        one_hot = (nnz == 1) & (top == 1.0)
+        exact = None if self.exact_rows is None else int((one_hot & self.exact_rows.numpy()).sum())
+        return ProjectionStats(
+            rows=self.student_vocab_size, exact=exact,
+            one_piece=None if exact is None else int(one_hot.sum()) - exact,
+            one_hot=int(one_hot.sum()), by_support=tuple(int((nnz == k).sum()) for k in range(1, SLOTS + 1)),
+            empty=int((nnz == 0).sum()), relaxed=int((top >= RELAXED_THRESHOLD).sum()),
+            covered_columns=int(self.covered_columns("cpu").sum()), teacher_vocab_size=self.teacher_vocab_size,
+            build=dict(self.meta.get("build", {})))
+
+    def audit(self, student_tok=None, *, examples: int = 5) -> "AuditReport":
+        """Coverage audit (METHOD.md §7, Table 8): per student token class, how many tokens sit in the exact
+        (strict, GOLD) common set, and the loss to use: P-KL when numerals fall outside it, else H-KL.
+        Needs the student tokenizer (``student_tok``) unless W was built with ``from_tokenizers``."""
+        from .tokenizers import NORMAL, token_table
+
+        if student_tok is not None:
+            table = token_table(student_tok)
+            fp = self.meta.get("student_fingerprint")
+            if fp is not None and fp != table.fingerprint:
+                raise ValueError(f"student tokenizer fingerprint {table.fingerprint} does not match W's ({fp})")
+        elif self._student_table is not None:
+            table = self._student_table
+        else:
+            raise ValueError("audit() needs the student tokenizer: W was not built from tokenizers here "
+                             "(pass student_tok=...)")
+        strict = np.zeros(self.student_vocab_size, dtype=bool)
+        strict[self.common_pairs("strict")[0].numpy()] = True
+        relaxed = np.zeros(self.student_vocab_size, dtype=bool)
+        relaxed[self.common_pairs("relaxed")[0].numpy()] = True
+        match = _AUDIT_PATTERN.fullmatch
+        cls_of = np.array([_AUDIT_INDEX[match(b).lastgroup] if r == NORMAL and b else -1
+                           for b, r in zip(table.token_bytes, table.roles)], dtype=np.int64)
+        rows = []
+        for c, name in enumerate(_AUDIT_LABELS):
+            ids = np.flatnonzero(cls_of == c)
+            outside = ids[~strict[ids]]
+            rows.append(AuditClass(name, len(ids), int(strict[ids].sum()), int(relaxed[ids].sum()),
+                                   [_show(table.token_bytes[i]) for i in outside[:examples]]))
+        return AuditReport(rows, *_recommend(rows))
 
     @staticmethod
     def random(student_vocab_size: int, teacher_vocab_size: int, *, seed: int = 0, empty_rows: float = 0.0,
@@ -154,3 +351,411 @@ class Projection:
         indices = torch.where(used, cols, torch.full_like(cols, -1)).to(torch.int32)
         weights = torch.where(used, w, torch.zeros_like(w)).to(torch.float32)
         return Projection(indices, weights, teacher_vocab_size, meta={"synthetic": True, "seed": seed})
+
+
+# ---------------------------------------------------------------------- reports
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionStats:
+    """Row kinds of W. ``exact`` / ``one_piece`` (one-hot rows not from an exact match) are None when W does not
+    record which rows pass 1 set; ``by_support[k-1]`` counts rows with k teacher ids."""
+
+    rows: int
+    exact: int | None
+    one_piece: int | None
+    one_hot: int
+    by_support: tuple[int, ...]
+    empty: int
+    relaxed: int
+    covered_columns: int
+    teacher_vocab_size: int
+    build: dict
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        def pct(n):
+            return f"{100 * n / max(self.rows, 1):6.2f}%"
+
+        lines = []
+        if self.exact is not None:
+            lines += [("exact (pass 1)", self.exact, pct(self.exact)),
+                      ("1 piece, not exact", self.one_piece, pct(self.one_piece))]
+        else:
+            lines.append(("one-hot", self.one_hot, pct(self.one_hot)))
+        lines += [(f"{k} teacher ids", n, pct(n)) for k, n in enumerate(self.by_support[1:], 2)]
+        lines += [("empty", self.empty, pct(self.empty)),
+                  ("top-1 >= 0.6 (H-KL candidates)", self.relaxed, pct(self.relaxed)),
+                  ("student rows", self.rows, ""),
+                  ("covered teacher columns", self.covered_columns,
+                   f"{100 * self.covered_columns / max(self.teacher_vocab_size, 1):6.2f}% of {self.teacher_vocab_size}")]
+        lines += [(f"build: {k}", v, "") for k, v in sorted(self.build.items())]
+        width = max(len(name) for name, _, _ in lines)
+        return "\n".join(f"{name:<{width}}  {n:>8}  {p}" for name, n, p in lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditClass:
+    """One token class: ``common`` of ``total`` student tokens sit in the exact (strict) common set,
+    ``relaxed`` in H-KL's relaxed set; ``outside`` lists a few tokens outside the exact set."""
+
+    name: str
+    total: int
+    common: int
+    relaxed: int
+    outside: list[str]
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.common / self.total if self.total else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditReport:
+    classes: list[AuditClass]
+    recommendation: str  # "pkl" | "hkl"
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"classes": [dict(dataclasses.asdict(c), percent=c.percent) for c in self.classes],
+                "recommendation": self.recommendation, "reason": self.reason}
+
+    def __str__(self) -> str:
+        head = ("class", "tokens", "exact common", "%", "relaxed", "examples outside the exact set")
+        body = [(c.name, str(c.total), str(c.common), "-" if not c.total else f"{c.percent:.1f}", str(c.relaxed),
+                 " ".join(c.outside)) for c in self.classes]
+        widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head) - 1)]
+        fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths)) + "  {}"
+        lines = [fmt.format(*head), *(fmt.format(*r) for r in body)]
+        return "\n".join(lines) + f"\nrecommendation: {self.recommendation.upper()} ({self.reason})"
+
+
+# Token classes of the audit, tested in this order on the canonical bytes of each normal student token.
+_AUDIT_CLASSES = (
+    ("d1", "1-digit", rb"[0-9]"), ("sd1", "␣1-digit", rb" [0-9]"),
+    ("d2", "2-digit", rb"[0-9]{2}"), ("sd2", "␣2-digit", rb" [0-9]{2}"),
+    ("d3", "3-digit", rb"[0-9]{3}"), ("sd3", "␣3-digit", rb" [0-9]{3}"),
+    ("alpha", "alphabetic word", rb" ?[A-Za-z]+"),
+    ("punct", "ASCII punctuation", rb" ?[!-/:-@\[-`{-~]+"),
+    ("space", "whitespace run", rb"[ \t\n\r\f\v]+"),
+    ("multibyte", "non-ASCII / multi-byte", rb"(?s:.*[\x80-\xff].*)"),
+    ("other", "other ASCII", rb"(?s:.+)"),
+)
+_AUDIT_PATTERN = re.compile(b"|".join(b"(?P<%s>%s)" % (g.encode(), p) for g, _, p in _AUDIT_CLASSES))
+_AUDIT_INDEX = {g: i for i, (g, _, _) in enumerate(_AUDIT_CLASSES)}
+_AUDIT_LABELS = [label for _, label, _ in _AUDIT_CLASSES]
+_MULTI_DIGIT = {"2-digit", "␣2-digit", "3-digit", "␣3-digit"}
+
+
+def _recommend(classes: list[AuditClass]) -> tuple[str, str]:
+    """P-KL when the critical class (multi-digit numerals, or single digits for a digit-splitting student) is
+    mostly outside the exact common set, else H-KL."""
+    crit = [c for c in classes if c.name in _MULTI_DIGIT and c.total]
+    if not crit:
+        crit = [c for c in classes if c.name in ("1-digit", "␣1-digit") and c.total]
+    total, common = sum(c.total for c in crit), sum(c.common for c in crit)
+    if not total:
+        return "hkl", "the student has no numeral tokens"
+    names = "/".join(c.name for c in crit)
+    share = common / total
+    verdict = "pkl" if share < HKL_MIN_COVERAGE else "hkl"
+    side = "outside" if verdict == "pkl" else "inside"
+    return verdict, (f"numerals ({names}): {common}/{total} = {100 * share:.1f}% in the exact common set, "
+                     f"critical tokens {side} it")
+
+
+_CONTROL_ESCAPES = {i: f"\\x{i:02x}" for i in (*range(32), 127)} | {10: "\\n", 9: "\\t", 13: "\\r"}
+
+
+def _show(b: bytes) -> str:
+    """A token for a table: quoted, with invalid UTF-8 and control characters as escapes."""
+    return "'" + b.decode("utf-8", errors="backslashreplace").translate(_CONTROL_ESCAPES) + "'"
+
+
+# ---------------------------------------------------------------------- file format
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _file_meta(student_fp: str, teacher_fp: str, V_S: int, V_T: int, options: dict) -> dict:
+    return {"format_version": FORMAT_VERSION, "library_version": _library_version(),
+            "student_fingerprint": student_fp, "teacher_fingerprint": teacher_fp,
+            "student_vocab_size": V_S, "teacher_vocab_size": V_T, "options": options}
+
+
+def _cache_path(meta: dict) -> Path:
+    root = Path(os.environ.get("XTOKEN_CACHE", Path.home() / ".cache" / "xtoken_ext")) / "projections"
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
+    return root / f"{key}.safetensors"
+
+
+def _checksum(meta: dict, arrays: dict) -> str:
+    """sha256 over the metadata (without the checksum) and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _validate(path, meta: dict, tensors: dict) -> None:
+    def fail(msg):
+        raise ProjectionFileError(f"{path}: {msg}")
+
+    for key in ("student_vocab_size", "teacher_vocab_size"):
+        if not isinstance(meta.get(key), int) or meta[key] < 0:
+            fail(f"metadata field {key!r} missing or not a non-negative int")
+    extra = set(tensors) - {"indices", "weights", "exact_rows"}
+    if extra or not {"indices", "weights"} <= set(tensors):
+        fail(f"expected tensors indices, weights[, exact_rows], found {sorted(tensors)}")
+    if meta.get("checksum") != _checksum({k: v for k, v in meta.items() if k != "checksum"}, tensors):
+        fail("checksum mismatch: the file is corrupted or was edited")
+    V_S = meta["student_vocab_size"]
+    idx, w, ex = tensors["indices"], tensors["weights"], tensors.get("exact_rows")
+    for name, t, dtype in (("indices", idx, np.int32), ("weights", w, np.float32)):
+        if t.dtype != dtype or t.shape != (V_S, SLOTS):
+            fail(f"{name} must be {np.dtype(dtype)} [{V_S}, {SLOTS}], got {t.dtype} {list(t.shape)}")
+    if ex is not None and (ex.dtype != np.uint8 or ex.shape != (V_S,) or bool((ex > 1).any())):
+        fail(f"exact_rows must be uint8 0/1 [{V_S}]")
+    sums = w.sum(1, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        bad = np.where((idx >= 0).any(1), np.abs(sums - 1) > _ROW_SUM_TOL, sums != 0)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        fail(f"{int(bad.sum())} rows do not sum to 1 (or 0 when empty), e.g. row {r}: {sums[r]:.6g}")
+
+
+# ---------------------------------------------------------------------- builder
+
+
+def _build(st, tt, V_S: int, V_T: int, meta: dict, *, progress: bool) -> Projection:
+    """Passes 1 and 2 (and the optional reverse pass) over two token tables; see ``from_tokenizers``."""
+    from tqdm.auto import tqdm
+
+    from .tokenizers import NORMAL, PAD, UNK
+
+    opts = meta["options"]
+    k, gamma = opts["max_pieces"], opts["gamma"]
+    if opts["canonical_exact"]:
+        s_keys, t_keys = st.token_bytes, tt.token_bytes
+    else:
+        s_keys, t_keys = _exact_keys(st), _exact_keys(tt)
+    # Pass 1: lowest teacher id per key, except that a byte-fallback token (<0x21>) yields to a regular token
+    # with the same bytes ("!"), the one the teacher actually predicts. Pad / unk / empty keys never match;
+    # specials carry role markers, so bos<->bos, eos<->eos and other specials match same-content specials only.
+    matchable_t = (tt.roles != PAD) & (tt.roles != UNK)
+    fallback = np.zeros(tt.size, dtype=bool)
+    fallback[_byte_fallback_ids(tt)] = True
+    order = np.lexsort((-np.arange(tt.size), ~fallback))  # fallback first, then by descending id: the last wins
+    lowest = {t_keys[i]: int(i) for i in order if matchable_t[i] and t_keys[i]}
+    matchable_s = (st.roles != PAD) & (st.roles != UNK)
+    exact_t = np.array([lowest.get(key, -1) if ok and key else -1 for key, ok in zip(s_keys, matchable_s)],
+                       dtype=np.int64)
+    exact = exact_t >= 0
+    # Pass 2: every normal student token without an exact match.
+    todo = np.flatnonzero((st.roles == NORMAL) & ~exact)
+    n_fwd = len(todo)
+    n_rev = int((tt.roles == NORMAL).sum()) if opts["reverse_pass"] else 0
+    bar = tqdm(total=n_fwd + n_rev, desc="building W", unit="tok", disable=not progress or not sys.stderr.isatty())
+    with bar:
+        s, t, w, counts = _pieces_to_entries(todo, [st.token_bytes[i] for i in todo], tt, k, gamma, opts["overflow"],
+                                             bar, forward=True)
+        if opts["reverse_pass"]:
+            teach = np.flatnonzero(tt.roles == NORMAL)
+            rs, rt, rw, rev_counts = _pieces_to_entries(teach, [tt.token_bytes[i] for i in teach], st, k, gamma,
+                                                        opts["overflow"], bar, forward=False)
+            counts.update(rev_counts)
+            keep = (st.roles[rs] == NORMAL) & ~exact[rs]
+            s, t, w = np.concatenate([s, rs[keep]]), np.concatenate([t, rt[keep]]), np.concatenate([w, rw[keep]])
+    indices, weights = _ell(s, t, w, V_S)
+    rows = np.flatnonzero(exact)
+    indices[rows] = -1
+    weights[rows] = 0
+    indices[rows, 0], weights[rows, 0] = exact_t[rows], 1.0
+    exact_rows = np.zeros(V_S, dtype=bool)
+    exact_rows[rows] = True
+    counts["padding rows"] = V_S - st.size
+    meta = dict(meta, build=counts)
+    return Projection(indices, weights, V_T, meta, exact_rows=exact_rows)
+
+
+def _byte_fallback_ids(table) -> list[int]:
+    """Ids of SentencePiece byte-fallback tokens <0x00>..<0xFF> (none for other kinds)."""
+    if table.kind != "sentencepiece":
+        return []
+    backend = table.tokenizer.backend_tokenizer
+    return [i for i in (backend.token_to_id(f"<0x{b:02X}>") for b in range(256)) if i is not None]
+
+
+def _exact_keys(table) -> list:
+    """Raw token strings (``convert_ids_to_tokens``) for normal ids, role markers for specials: the release's
+    non-canonical exact match."""
+    from .tokenizers import NORMAL
+
+    pieces = table.tokenizer.convert_ids_to_tokens(list(range(table.size)))
+    return [p if r == NORMAL else b for p, r, b in zip(pieces, table.roles, table.token_bytes)]
+
+
+def _pieces_to_entries(rows: np.ndarray, datas: list[bytes], target, k: int, gamma: float, overflow: str, bar,
+                       *, forward: bool):
+    """Re-tokenize each byte string ``datas[j]`` (the token of id ``rows[j]``) with ``target``'s tokenizer and
+    turn its first k pieces into weighted (student, teacher, weight) entries; ``forward`` says whether ``rows``
+    are student ids (else teacher ids, for the reverse pass). A row whose pieces include a special token of the
+    target, or that cannot be encoded, gets no entry."""
+    from .tokenizers import NORMAL
+
+    pieces = _retokenize(target, datas, bar)
+    total = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    kept = np.minimum(total, k)
+    flat = np.fromiter(chain.from_iterable(p[:k] for p in pieces), dtype=np.int64, count=int(kept.sum()))
+    owner = np.repeat(np.arange(len(pieces)), kept)
+    slot = np.arange(len(flat)) - np.repeat(np.cumsum(kept) - kept, kept)
+    bad = np.zeros(len(pieces), dtype=bool)
+    bad[owner[target.roles[flat] != NORMAL]] = True
+    unmappable = bad | (total == 0)
+    dropped = (total > k) & ~unmappable if overflow == "drop" else np.zeros(len(pieces), dtype=bool)
+    ok = ~(unmappable | dropped)[owner]
+    decay = gamma ** np.arange(k, dtype=np.float64)
+    norm = np.cumsum(decay)  # norm[n-1] = Σ_{j<n} γ^j
+    w = decay[slot] / norm[kept[owner] - 1]
+    other = rows[owner]
+    s, t = (other, flat) if forward else (flat, other)
+    prefix = "" if forward else "reverse: "
+    counts = {f"{prefix}re-tokenized": len(pieces), f"{prefix}more than {k} pieces": int((total > k).sum()),
+              f"{prefix}unmappable": int(unmappable.sum())}
+    if overflow == "drop":
+        counts[f"{prefix}dropped (> {k} pieces)"] = int(dropped.sum())
+    return s[ok], t[ok], w[ok], counts
+
+
+def _retokenize(target, datas: list[bytes], bar) -> list[list[int]]:
+    """Token ids of each byte string under ``target`` (a TokenTable), encoded literally (no special tokens, no
+    prefix space). Valid UTF-8 goes through the tokenizer's batch encode; the few strings that are not (pieces of
+    a multi-byte character) are encoded at the byte level."""
+    texts, where, raw = [], [], []
+    for j, d in enumerate(datas):
+        try:
+            texts.append(d.decode("utf-8"))
+            where.append(j)
+        except UnicodeDecodeError:
+            raw.append(j)
+    out: list[list[int]] = [[] for _ in datas]
+    tok = target.tokenizer
+    with _literal_encoder(tok) as backend:
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        for lo in range(0, len(texts), _ENCODE_CHUNK):
+            for j, e in zip(where[lo:lo + _ENCODE_CHUNK], encode(texts[lo:lo + _ENCODE_CHUNK],
+                                                                 add_special_tokens=False)):
+                out[j] = e.ids
+            bar.update(min(_ENCODE_CHUNK, len(texts) - lo))
+        for j in raw:
+            out[j] = _encode_bytes(backend, target, datas[j])
+        bar.update(len(raw))
+    return out
+
+
+def _encode_bytes(backend, target, data: bytes) -> list[int]:
+    """Ids for a byte string that is not valid UTF-8: byte-level BPE runs its model on the mapped bytes;
+    SentencePiece with byte fallback encodes the valid parts as text and the stray bytes as <0xHH>. Other
+    tokenizers cannot represent it ([])."""
+    if target.kind == "byte_level":
+        from .tokenizers import _BYTE_DECODER
+
+        to_char = {b: c for c, b in _BYTE_DECODER.items()}
+        return [t.id for t in backend.model.tokenize("".join(to_char[b] for b in data))]
+    if target.kind != "sentencepiece":
+        return []
+    ids: list[int] = []
+    # surrogateescape turns each invalid byte into one lone surrogate U+DC80..U+DCFF.
+    for part in re.split("([\udc80-\udcff])", data.decode("utf-8", errors="surrogateescape")):
+        if len(part) == 1 and "\udc80" <= part <= "\udcff":
+            tid = backend.token_to_id(f"<0x{ord(part) - 0xDC00:02X}>")
+            if tid is None:
+                return []
+            ids.append(tid)
+        elif part:
+            ids += backend.encode(part, add_special_tokens=False).ids
+    return ids
+
+
+@contextlib.contextmanager
+def _literal_encoder(tok):
+    """``tok``'s backend set to encode text literally, restored on exit: special-token strings are plain text,
+    and no prefix space is added (SentencePiece Metaspace / Prepend, ByteLevel add_prefix_space), so a token
+    "the" stays "the" and " the" stays " the". Not thread-safe for concurrent users of ``tok``."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    backend = tok.backend_tokenizer
+    restore = []
+    restore.append((backend, "encode_special_tokens", backend.encode_special_tokens))
+    for pre in _components(backend.pre_tokenizer):
+        if isinstance(pre, pre_tokenizers.Metaspace):
+            restore.append((pre, "prepend_scheme", pre.prepend_scheme))
+        elif isinstance(pre, pre_tokenizers.ByteLevel):
+            restore.append((pre, "add_prefix_space", pre.add_prefix_space))
+    norm = backend.normalizer
+    parts = list(_components(norm))
+    plain = [n for n in parts if not isinstance(n, normalizers.Prepend)]
+    try:
+        backend.encode_special_tokens = True
+        for obj, attr, _ in restore[1:]:
+            setattr(obj, attr, "never" if attr == "prepend_scheme" else False)
+        if len(plain) != len(parts):
+            backend.normalizer = normalizers.Sequence(plain)
+        yield backend
+    finally:
+        for obj, attr, value in restore:
+            setattr(obj, attr, value)
+        if len(plain) != len(parts):
+            backend.normalizer = norm
+
+
+def _components(x):
+    """The members of a normalizers/pre_tokenizers Sequence (recursively), or [x]."""
+    if x is None:
+        return
+    if type(x).__name__ != "Sequence":
+        yield x
+        return
+    i = 0
+    while True:
+        try:
+            part = x[i]
+        except IndexError:
+            return
+        yield from _components(part)
+        i += 1
+
+
+def _ell(s: np.ndarray, t: np.ndarray, w: np.ndarray, V_S: int):
+    """Entries (student, teacher, weight) -> ELL [V_S, 4]: repeated (s, t) accumulate, each row keeps its 4
+    largest weights (ties: lower teacher id first) and is normalized to 1."""
+    indices = np.full((V_S, SLOTS), -1, dtype=np.int32)
+    weights = np.zeros((V_S, SLOTS), dtype=np.float32)
+    if not len(s):
+        return indices, weights
+    order = np.lexsort((t, s))
+    s, t, w = s[order], t[order], w[order]
+    new = np.ones(len(s), dtype=bool)
+    new[1:] = (s[1:] != s[:-1]) | (t[1:] != t[:-1])
+    w = np.add.reduceat(w, np.flatnonzero(new))
+    s, t = s[new], t[new]
+    order = np.lexsort((t, -w, s))
+    s, t, w = s[order], t[order], w[order]
+    first = np.ones(len(s), dtype=bool)
+    first[1:] = s[1:] != s[:-1]
+    starts = np.flatnonzero(first)
+    rank = np.arange(len(s)) - np.repeat(starts, np.diff(np.append(starts, len(s))))
+    keep = rank < SLOTS
+    s, t, w, rank = s[keep], t[keep], w[keep], rank[keep]
+    total = np.bincount(s, weights=w, minlength=V_S)
+    indices[s, rank] = t
+    weights[s, rank] = w / total[s]
+    return indices, weights

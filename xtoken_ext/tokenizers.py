@@ -48,6 +48,8 @@ def _gpt2_byte_decoder() -> dict[str, int]:
 
 
 _BYTE_DECODER = _gpt2_byte_decoder()
+# str.translate to one latin-1 char per byte, then .encode("latin-1"): ~3x faster than a per-char generator.
+_BYTE_TRANSLATE = str.maketrans({c: chr(b) for c, b in _BYTE_DECODER.items()})
 
 
 @dataclass
@@ -121,16 +123,15 @@ def token_table(tok) -> TokenTable:
             out.append(b"")
         elif kind == "byte_level":
             try:
-                out.append(bytes(_BYTE_DECODER[c] for c in piece))
-            except KeyError:  # an added (non-special) token stored as plain text
+                out.append(piece.translate(_BYTE_TRANSLATE).encode("latin-1"))
+            except UnicodeEncodeError:  # an added (non-special) token stored as plain text
                 out.append(piece.encode("utf-8"))
         elif kind == "sentencepiece" and (m := _BYTE_FALLBACK.match(piece)):
             out.append(bytes([int(m.group(1), 16)]))
         else:
             out.append(piece.replace("▁", " ").encode("utf-8"))
-    h = hashlib.sha256()
-    for b in out:
-        h.update(len(b).to_bytes(4, "little") + b)
+    h = hashlib.sha256(np.fromiter(map(len, out), dtype=np.int64, count=n).tobytes())
+    h.update(b"".join(out))
     h.update(roles.tobytes())
     table = TokenTable(tok, out, roles, h.hexdigest()[:32], kind)
     try:
@@ -157,8 +158,12 @@ def _byte_offsets(text: str, offsets, ids, table: TokenTable):
     starts, ends = c2b[off[:, 0]], c2b[off[:, 1]]
     if len(ids) > 1:
         split = np.nonzero(off[1:, 0] < off[:-1, 1])[0]
+        raw = text.encode("utf-8")
         for i in split:  # rare: only tokens inside a multi-byte char
-            ends[i] = min(ends[i], starts[i] + len(table.token_bytes[ids[i]]))
+            piece = table.token_bytes[ids[i]]
+            # A piece that is not the text at its start (SentencePiece's prepended "▁" before "中") covers nothing.
+            n = len(piece) if raw.startswith(piece, starts[i]) else 0
+            ends[i] = min(ends[i], starts[i] + n)
             starts[i + 1] = max(starts[i + 1], ends[i])
     ends = np.maximum.accumulate(ends) if len(ends) else ends
     prev = np.concatenate(([0], ends[:-1]))

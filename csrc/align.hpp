@@ -1,0 +1,524 @@
+// Span aligner core (no Python): offset merge, the X-Token DP (METHOD.md §4) with anchors, banding and
+// post-processing, and the `auto` stream-diff aligner. Mirrored line by line by xtoken_ext/reference/align.py;
+// both must produce identical chunks.
+//
+// A chunk is (s_start, s_end, t_start, t_end), token indices, end exclusive; a gap has one empty side.
+// correct[k] = both sides non-empty and their concatenated canonical bytes are equal (a gap is never correct).
+//
+// Deviations from the authors' released aligner (METHOD.md §2, §4.3), all deliberate:
+// - Token strings are the exact canonical bytes of the token table (byte-level BPE decoded to bytes, so a UTF-8
+//   char split over several tokens compares by bytes): no `_`->space or TAB->newline quirks, no mojibake tables,
+//   no sequence-level byte merging (it is implied by byte equality of concatenations).
+// - Anchors: a longest monotone chain (LIS) of anchored token pairs instead of the greedy selection.
+// - Segments with n*m > full_cells run a banded DP (linear memory) instead of the full table.
+// - Post-processing: no "last 20%" exemption; a window found equal becomes one chunk without re-running the DP on
+//   it (its sub-path is already the DP optimum between the same corners, so a re-run cannot make it all-correct
+//   up to ties).
+// - `auto` (stream diff + resync) and the SentencePiece prefix-space handling are additions.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace xt {
+
+struct Params {
+  int64_t band = 64;              // band half-width (tokens) around the byte-offset guide path
+  int64_t full_cells = 1 << 16;   // segments with n*m <= full_cells get the full DP (beyond: ~ the band cost)
+  int64_t lookahead = 64;         // auto: tokens per side searched for a resync point
+  int64_t gram = 16;              // auto: bytes that must agree after a resync point
+};
+
+struct Result {
+  std::vector<int64_t> chunks;  // 4 per chunk
+  std::vector<uint8_t> correct;
+  void push(int64_t s0, int64_t s1, int64_t t0, int64_t t1, bool ok) {
+    chunks.insert(chunks.end(), {s0, s1, t0, t1});
+    correct.push_back(ok ? 1 : 0);
+  }
+  void append(const Result& o) {
+    chunks.insert(chunks.end(), o.chunks.begin(), o.chunks.end());
+    correct.insert(correct.end(), o.correct.begin(), o.correct.end());
+  }
+  int64_t size() const { return static_cast<int64_t>(correct.size()); }
+};
+
+inline uint64_t fnv1a(const char* p, int64_t n) {
+  uint64_t h = 1469598103934665603ULL;
+  for (int64_t i = 0; i < n; ++i) h = (h ^ static_cast<uint8_t>(p[i])) * 1099511628211ULL;
+  return h;
+}
+
+// Token sequence as one byte stream: token i is bytes[off[i], off[i+1]); h[i] hashes it (equality = hash, length
+// and memcmp, so a hash collision can never make unequal tokens equal).
+struct Seq {
+  std::string bytes;
+  std::vector<int64_t> off{0};
+  std::vector<uint64_t> h;
+
+  void add(const char* p, int64_t n) {
+    bytes.append(p, static_cast<size_t>(n));
+    off.push_back(static_cast<int64_t>(bytes.size()));
+    h.push_back(fnv1a(p, n));
+  }
+  int64_t n() const { return static_cast<int64_t>(off.size()) - 1; }
+  int64_t len(int64_t i) const { return off[i + 1] - off[i]; }
+  const char* at(int64_t byte) const { return bytes.data() + byte; }
+};
+
+// Bytes of S tokens [a, b) == bytes of T tokens [c, d).
+inline bool span_eq(const Seq& S, int64_t a, int64_t b, const Seq& T, int64_t c, int64_t d) {
+  int64_t n = S.off[b] - S.off[a];
+  return n == T.off[d] - T.off[c] && std::memcmp(S.at(S.off[a]), T.at(T.off[c]), static_cast<size_t>(n)) == 0;
+}
+inline bool tok_eq(const Seq& S, int64_t i, const Seq& T, int64_t j) {
+  return S.h[i] == T.h[j] && span_eq(S, i, i + 1, T, j, j + 1);
+}
+inline bool chunk_correct(const Seq& S, int64_t s0, int64_t s1, const Seq& T, int64_t t0, int64_t t1) {
+  return s1 > s0 && t1 > t0 && span_eq(S, s0, s1, T, t0, t1);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Offset merge, O(n+m). Closes a chunk wherever both sides' byte ends coincide. Zero-width tokens met at a chunk
+// boundary become one-sided gap chunks (student side first); inside an open chunk they are absorbed. If one side
+// runs out first (texts differ or were truncated) the open chunk is emitted incorrect and the rest become gaps.
+// correct = ends coincide and the first tokens start at the same byte (both sides cover one byte range).
+inline Result merge_offsets(const int64_t* ss, const int64_t* se, int64_t n, const int64_t* ts, const int64_t* te,
+                            int64_t m) {
+  Result r;
+  r.chunks.reserve(static_cast<size_t>(4 * std::min(n, m) + 16));  // typical K <= min(n, m); grows if not
+  r.correct.reserve(static_cast<size_t>(std::min(n, m) + 4));
+  int64_t i = 0, j = 0;
+  while (i < n || j < m) {
+    if (i < n && ss[i] == se[i]) { r.push(i, i + 1, j, j, false); ++i; continue; }
+    if (j < m && ts[j] == te[j]) { r.push(i, i, j, j + 1, false); ++j; continue; }
+    if (i == n) { r.push(i, i, j, j + 1, false); ++j; continue; }
+    if (j == m) { r.push(i, i + 1, j, j, false); ++i; continue; }
+    int64_t i0 = i, j0 = j, a = se[i++], b = te[j++];
+    while (a != b) {
+      if (a < b) { if (i == n) break; a = se[i++]; }
+      else { if (j == m) break; b = te[j++]; }
+    }
+    r.push(i0, i, j0, j, a == b && ss[i0] == ts[j0]);
+  }
+  return r;
+}
+
+inline void check_offsets(const int64_t* s, const int64_t* e, int64_t n, const char* side) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (s[i] < 0 || s[i] > e[i])
+      throw std::invalid_argument(std::string(side) + " offsets: need 0 <= start <= end at token " + std::to_string(i));
+    if (i > 0 && e[i] < e[i - 1])
+      throw std::invalid_argument(std::string(side) + " offsets: ends must be non-decreasing (token " +
+                                  std::to_string(i) + ")");
+  }
+}
+
+// Offset merge over cumulative canonical byte lengths (token streams, no text offsets); correct by bytes.
+inline Result merge_streams(const Seq& S, const Seq& T) {
+  const int64_t* so = S.off.data();
+  const int64_t* to = T.off.data();
+  Result r = merge_offsets(so, so + 1, S.n(), to, to + 1, T.n());
+  for (int64_t k = 0; k < r.size(); ++k) {
+    const int64_t* c = &r.chunks[4 * k];
+    r.correct[k] = chunk_correct(S, c[0], c[1], T, c[2], c[3]);
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// DP (METHOD.md §4.1-4.2). Scores in half units so everything is exact integer math:
+// match +6 / mismatch -6 (alpha_exact 3), gap -3 (alpha_gap -1.5), 1-to-k / k-to-1 (k <= 4) +3k (alpha_comb*k),
+// the latter only when the concatenations are equal. Tie-breaking: diag first, then up (student token unaligned),
+// left (teacher token unaligned), 1-to-k for k=2..4, k-to-1 for k=2..4, each replacing only if strictly greater.
+// Cell (i, j) = i student and j teacher tokens consumed. Row i is evaluated only for j in [lo[i], hi[i]].
+constexpr int kMaxComb = 4;
+enum Move : uint8_t { kDiag = 0, kUp = 1, kLeft = 2, kOneToK = 3 /* +k-2 */, kKToOne = 6 /* +k-2 */ };
+
+struct Pair {
+  int64_t s0, s1, t0, t1;
+  bool ok;
+};
+
+// Rows of the band. Full DP when n*m <= full_cells, else a band of half-width W around the guide
+// c(i) = teacher boundary at byte floor(b_i * B_T / B_S), b_i = student boundary byte (segment-relative):
+// lo(i) = max(0, c(i) - W), hi(i) = min(m, c(i+1) + W), c(n+1) = m, lo(0) = 0. Then lo(i) <= hi(i-1), both are
+// non-decreasing and hi(n) = m, so every in-band cell is reachable and (n, m) is in the band.
+inline void band_rows(const Seq& S, int64_t sa, int64_t n, const Seq& T, int64_t ta, int64_t m, const Params& p,
+                      std::vector<int64_t>& lo, std::vector<int64_t>& hi) {
+  lo.assign(n + 1, 0);
+  hi.assign(n + 1, m);
+  if (n * m <= p.full_cells) return;
+  const int64_t BS = S.off[sa + n] - S.off[sa], BT = T.off[ta + m] - T.off[ta];
+  std::vector<int64_t> c(n + 2, m);
+  int64_t j = 0;
+  for (int64_t i = 0; i <= n; ++i) {
+    int64_t b = BS > 0 ? (S.off[sa + i] - S.off[sa]) * BT / BS : 0;
+    while (j < m && T.off[ta + j + 1] - T.off[ta] <= b) ++j;
+    c[i] = j;
+  }
+  for (int64_t i = 0; i <= n; ++i) {
+    lo[i] = i == 0 ? 0 : std::max<int64_t>(0, c[i] - p.band);
+    hi[i] = std::min(m, c[i + 1] + p.band);
+  }
+}
+
+// Runs the DP over S[sa, sa+n) x T[ta, ta+m); appends the backtraced pairs (absolute indices); returns D(n, m)
+// in half units. Memory: one move byte per in-band cell plus 5 score rows (k-to-1 looks back up to 4 rows).
+inline int64_t dp_segment(const Seq& S, int64_t sa, int64_t n, const Seq& T, int64_t ta, int64_t m,
+                          const Params& p, std::vector<Pair>& out) {
+  if (n == 0 || m == 0) {  // only gaps are possible
+    for (int64_t i = 0; i < n; ++i) out.push_back({sa + i, sa + i + 1, ta, ta, false});
+    for (int64_t j = 0; j < m; ++j) out.push_back({sa, sa, ta + j, ta + j + 1, false});
+    return -3 * (n + m);
+  }
+  std::vector<int64_t> lo, hi;
+  band_rows(S, sa, n, T, ta, m, p, lo, hi);
+  std::vector<int64_t> row_at(n + 2, 0);
+  for (int64_t i = 0; i <= n; ++i) row_at[i + 1] = row_at[i] + (hi[i] - lo[i] + 1);
+  std::vector<uint8_t> mv(static_cast<size_t>(row_at[n + 1]));
+  std::vector<int64_t> ring[kMaxComb + 1];
+  const int64_t* so = S.off.data() + sa;
+  const int64_t* to = T.off.data() + ta;
+  const uint64_t* sh = S.h.data() + sa;
+  const uint64_t* th = T.h.data() + ta;
+
+  for (int64_t i = 0; i <= n; ++i) {
+    std::vector<int64_t>& cur = ring[i % (kMaxComb + 1)];
+    cur.assign(hi[i] - lo[i] + 1, 0);
+    int64_t* C = cur.data() - lo[i];  // C[j] = D(i, j)
+    uint8_t* mrow = mv.data() + row_at[i] - lo[i];
+    // Rows i-k (k = 1..4) that exist: R[k][j] = D(i-k, j) for j in [RL[k], RH[k]].
+    const int64_t* R[kMaxComb + 1] = {};
+    int64_t RL[kMaxComb + 1] = {}, RH[kMaxComb + 1] = {};
+    const int64_t kmax_row = std::min<int64_t>(i, kMaxComb);
+    for (int64_t k = 1; k <= kmax_row; ++k) {
+      R[k] = ring[(i - k) % (kMaxComb + 1)].data() - lo[i - k];
+      RL[k] = lo[i - k];
+      RH[k] = hi[i - k];
+    }
+    const int64_t sl = i > 0 ? so[i] - so[i - 1] : 0;  // bytes of student token i-1
+    for (int64_t j = lo[i]; j <= hi[i]; ++j) {
+      if (i == 0 && j == 0) { C[0] = 0; mrow[0] = kDiag; continue; }
+      int64_t best = 0;
+      int mvb = -1;
+      auto offer = [&](int64_t score, int code) {
+        if (mvb < 0 || score > best) { best = score; mvb = code; }
+      };
+      const bool up_row = i > 0;
+      if (up_row && j > 0 && j - 1 >= RL[1] && j - 1 <= RH[1]) {
+        const bool eq = sh[i - 1] == th[j - 1] && sl == to[j] - to[j - 1] &&
+                        std::memcmp(S.at(so[i - 1]), T.at(to[j - 1]), static_cast<size_t>(sl)) == 0;
+        offer(R[1][j - 1] + (eq ? 6 : -6), kDiag);
+      }
+      if (up_row && j >= RL[1] && j <= RH[1]) offer(R[1][j] - 3, kUp);
+      if (j > lo[i]) offer(C[j - 1] - 3, kLeft);
+      if (up_row) {  // 1-to-k: student token i-1 == teacher tokens [j-k, j)
+        for (int64_t k = 2; k <= std::min<int64_t>(j, kMaxComb); ++k)
+          if (j - k >= RL[1] && j - k <= RH[1] && to[j] - to[j - k] == sl &&
+              (sl == 0 || *S.at(so[i - 1]) == *T.at(to[j - k])) &&
+              std::memcmp(S.at(so[i - 1]), T.at(to[j - k]), static_cast<size_t>(sl)) == 0)
+            offer(R[1][j - k] + 3 * k, kOneToK + static_cast<int>(k) - 2);
+      }
+      if (j > 0) {  // k-to-1: student tokens [i-k, i) == teacher token j-1
+        const int64_t tl = to[j] - to[j - 1];
+        for (int64_t k = 2; k <= kmax_row; ++k)
+          if (j - 1 >= RL[k] && j - 1 <= RH[k] && so[i] - so[i - k] == tl &&
+              (tl == 0 || *S.at(so[i - k]) == *T.at(to[j - 1])) &&
+              std::memcmp(S.at(so[i - k]), T.at(to[j - 1]), static_cast<size_t>(tl)) == 0)
+            offer(R[k][j - 1] + 3 * k, kKToOne + static_cast<int>(k) - 2);
+      }
+      C[j] = best;
+      mrow[j] = static_cast<uint8_t>(mvb);
+    }
+  }
+  const int64_t score = ring[n % (kMaxComb + 1)][m - lo[n]];
+  std::vector<Pair> rev;
+  for (int64_t i = n, j = m; i > 0 || j > 0;) {
+    const int code = mv[row_at[i] + j - lo[i]];
+    int64_t di = 1, dj = 1;
+    bool ok = true;
+    if (code == kDiag) ok = tok_eq(S, sa + i - 1, T, ta + j - 1);
+    else if (code == kUp) { dj = 0; ok = false; }
+    else if (code == kLeft) { di = 0; ok = false; }
+    else if (code < kKToOne) dj = code - kOneToK + 2;
+    else di = code - kKToOne + 2;
+    rev.push_back({sa + i - di, sa + i, ta + j - dj, ta + j, ok});
+    i -= di;
+    j -= dj;
+  }
+  out.insert(out.end(), rev.rbegin(), rev.rend());
+  return score;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Anchors: 3-grams of tokens that occur exactly once on each side and are equal. Every such gram (p, q) anchors
+// the token pairs (p+d, q+d), d = 0..2. The chain is a longest strictly increasing (in both sides) subsequence of
+// the distinct anchored pairs: pairs sorted by (s asc, t desc), patience LIS on t with lower_bound, ties resolved
+// by the first pair that reached a length (deterministic; the reference does exactly the same).
+constexpr int kGram = 3;
+
+inline uint64_t gram_key(const Seq& S, int64_t p) {
+  uint64_t k = 0;
+  for (int d = 0; d < kGram; ++d) k = (k ^ S.h[p + d]) * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(d);
+  return k;
+}
+
+// Unique grams of S[a, b): key -> start, or -1 when the key repeats.
+inline std::unordered_map<uint64_t, int64_t> unique_grams(const Seq& S, int64_t a, int64_t b) {
+  std::unordered_map<uint64_t, int64_t> u;
+  u.reserve(static_cast<size_t>(std::max<int64_t>(0, b - a)));
+  for (int64_t p = a; p + kGram <= b; ++p) {
+    auto it = u.emplace(gram_key(S, p), p);
+    if (!it.second) it.first->second = -1;
+  }
+  return u;
+}
+
+inline std::vector<std::pair<int64_t, int64_t>> anchor_chain(const Seq& S, int64_t sa, int64_t sb, const Seq& T,
+                                                             int64_t ta, int64_t tb) {
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  if (sb - sa < kGram || tb - ta < kGram) return pairs;
+  auto us = unique_grams(S, sa, sb);
+  auto ut = unique_grams(T, ta, tb);
+  for (const auto& [key, p] : us) {
+    if (p < 0) continue;
+    auto it = ut.find(key);
+    if (it == ut.end() || it->second < 0) continue;
+    const int64_t q = it->second;
+    bool eq = true;
+    for (int d = 0; d < kGram && eq; ++d) eq = tok_eq(S, p + d, T, q + d);
+    if (eq)
+      for (int d = 0; d < kGram; ++d) pairs.emplace_back(p + d, q + d);
+  }
+  std::sort(pairs.begin(), pairs.end(), [](const auto& x, const auto& y) {
+    return x.first != y.first ? x.first < y.first : x.second > y.second;
+  });
+  pairs.erase(std::unique(pairs.begin(), pairs.end()), pairs.end());
+  std::vector<int64_t> tails_t, tails_i, prev(pairs.size(), -1);
+  for (size_t k = 0; k < pairs.size(); ++k) {
+    const size_t pos = std::lower_bound(tails_t.begin(), tails_t.end(), pairs[k].second) - tails_t.begin();
+    if (pos > 0) prev[k] = tails_i[pos - 1];
+    if (pos == tails_t.size()) { tails_t.push_back(pairs[k].second); tails_i.push_back(static_cast<int64_t>(k)); }
+    else { tails_t[pos] = pairs[k].second; tails_i[pos] = static_cast<int64_t>(k); }
+  }
+  std::vector<std::pair<int64_t, int64_t>> chain;
+  for (int64_t k = tails_i.empty() ? -1 : tails_i.back(); k >= 0; k = prev[k]) chain.push_back(pairs[k]);
+  std::reverse(chain.begin(), chain.end());
+  return chain;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Post-processing of the DP pairs (replaces the release's two steps, see METHOD.md §4.3; deviations: no
+// "last 20%" exemption, windows may include correct neighbours):
+// 1. a maximal run of consecutive non-correct pairs (mismatched diagonals, gaps) whose concatenated bytes are
+//    equal on both sides becomes one correct many-to-many chunk (["ab","c"]|["a","bc"] -> 2-to-2; ["12345"] |
+//    5 digits -> 1-to-5);
+// 2. otherwise, for each non-correct pair k (left to right): the smallest window of 2..10 consecutive pairs that
+//    contains k, does not reach left of the last chunk already fixed, and has equal bytes, becomes one correct
+//    chunk (smallest size first, then leftmost start); with no such window the pair stays as it is (a lone BOS gap
+//    stays a gap).
+constexpr int64_t kMaxWindow = 10;
+
+inline Result postprocess(const Seq& S, const Seq& T, const std::vector<Pair>& pr) {
+  Result r;
+  const int64_t P = static_cast<int64_t>(pr.size());
+  auto equal = [&](int64_t l, int64_t h) {  // pairs [l, h)
+    return chunk_correct(S, pr[l].s0, pr[h - 1].s1, T, pr[l].t0, pr[h - 1].t1);
+  };
+  auto emit = [&](int64_t l, int64_t h, bool ok) {
+    r.push(pr[l].s0, pr[h - 1].s1, pr[l].t0, pr[h - 1].t1, ok);
+  };
+  int64_t floor = 0;  // windows may not start before this pair index
+  for (int64_t k = 0; k < P;) {
+    if (pr[k].ok) { emit(k, k + 1, true); ++k; continue; }
+    int64_t e = k;
+    while (e < P && !pr[e].ok) ++e;
+    if (equal(k, e)) { emit(k, e, true); k = floor = e; continue; }
+    int64_t wl = -1, wh = -1;
+    for (int64_t size = 2; size <= kMaxWindow && wl < 0; ++size)
+      for (int64_t l = std::max(floor, k - size + 1); l <= k && l + size <= P; ++l)
+        if (equal(l, l + size)) { wl = l; wh = l + size; break; }
+    if (wl < 0) { emit(k, k + 1, false); k = floor = k + 1; continue; }
+    r.correct.resize(r.correct.size() - static_cast<size_t>(k - wl));  // un-emit the correct pairs [wl, k)
+    r.chunks.resize(r.chunks.size() - static_cast<size_t>(4 * (k - wl)));
+    emit(wl, wh, true);
+    k = floor = wh;
+  }
+  return r;
+}
+
+// Full DP pipeline over S[sa, sb) x T[ta, tb): anchors, DP per segment between anchors, post-processing.
+inline Result dp_align(const Seq& S, int64_t sa, int64_t sb, const Seq& T, int64_t ta, int64_t tb, const Params& p) {
+  std::vector<Pair> pairs;
+  int64_t i = sa, j = ta;
+  for (const auto& [s, t] : anchor_chain(S, sa, sb, T, ta, tb)) {
+    dp_segment(S, i, s - i, T, j, t - j, p, pairs);
+    pairs.push_back({s, s + 1, t, t + 1, true});
+    i = s + 1;
+    j = t + 1;
+  }
+  dp_segment(S, i, sb - i, T, j, tb - j, p, pairs);
+  return postprocess(S, T, pairs);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// auto: walk both byte streams; while they agree, chunks come from the offset merge on cumulative byte lengths.
+// At a chunk whose bytes differ, resync: among boundary pairs (i', j') != (i, j) with i' - i <= lookahead and
+// j' - j <= lookahead whose suffixes agree on their next `gram` bytes (or are equal and shorter than that),
+// take the one skipping the fewest bytes (bytes(S[i:i']) + bytes(T[j:j'])), ties -> smaller i', then smaller j'.
+// The window [i, i') x [j, j') goes through dp_align. No resync point -> dp_align over the whole rest.
+
+// Key of the suffix starting at byte b of a stream of total length B: hash of its next min(gram, B-b) bytes.
+inline uint64_t suffix_key(const Seq& S, int64_t b, int64_t gram) {
+  const int64_t n = std::min(gram, static_cast<int64_t>(S.bytes.size()) - b);
+  return fnv1a(S.at(b), n) ^ static_cast<uint64_t>(n);
+}
+inline bool suffix_eq(const Seq& S, int64_t a, const Seq& T, int64_t b, int64_t gram) {
+  const int64_t ra = static_cast<int64_t>(S.bytes.size()) - a, rb = static_cast<int64_t>(T.bytes.size()) - b;
+  if (ra < gram || rb < gram) return ra == rb && std::memcmp(S.at(a), T.at(b), static_cast<size_t>(ra)) == 0;
+  return std::memcmp(S.at(a), T.at(b), static_cast<size_t>(gram)) == 0;
+}
+
+inline std::pair<int64_t, int64_t> resync(const Seq& S, int64_t i, const Seq& T, int64_t j, const Params& p) {
+  const int64_t ie = std::min(S.n(), i + p.lookahead), je = std::min(T.n(), j + p.lookahead);
+  std::vector<uint64_t> ks;
+  for (int64_t a = i; a <= ie; ++a) ks.push_back(suffix_key(S, S.off[a], p.gram));
+  int64_t bi = -1, bj = -1, bcost = 0;
+  for (int64_t b = j; b <= je; ++b) {
+    const int64_t ct = T.off[b] - T.off[j];
+    if (bi >= 0 && ct > bcost) break;  // costs only grow with b
+    const uint64_t kt = suffix_key(T, T.off[b], p.gram);
+    for (int64_t a = i; a <= ie; ++a) {  // first (smallest-cost) verified match for this b
+      if ((a == i && b == j) || ks[a - i] != kt || !suffix_eq(S, S.off[a], T, T.off[b], p.gram)) continue;
+      const int64_t cost = S.off[a] - S.off[i] + ct;
+      if (bi < 0 || cost < bcost || (cost == bcost && a < bi)) { bi = a; bj = b; bcost = cost; }
+      break;
+    }
+  }
+  if (bi < 0) return {S.n(), T.n()};
+  return {bi, bj};
+}
+
+inline Result auto_align(const Seq& S, const Seq& T, const Params& p) {
+  Result r;
+  const int64_t n = S.n(), m = T.n();
+  int64_t i = 0, j = 0;
+  while (i < n || j < m) {
+    if (i < n && S.len(i) == 0) { r.push(i, i + 1, j, j, false); ++i; continue; }
+    if (j < m && T.len(j) == 0) { r.push(i, i, j, j + 1, false); ++j; continue; }
+    if (i < n && j < m) {  // try one merge chunk from (i, j); bytes checked as the two ends advance
+      int64_t a = i + 1, b = j + 1, ea = S.off[a] - S.off[i], eb = T.off[b] - T.off[j], checked = 0;
+      bool agree = true;
+      while (true) {
+        const int64_t lim = std::min(ea, eb);
+        if (std::memcmp(S.at(S.off[i] + checked), T.at(T.off[j] + checked), static_cast<size_t>(lim - checked))) {
+          agree = false;
+          break;
+        }
+        checked = lim;
+        if (ea == eb) break;
+        if (ea < eb) {
+          if (a == n) { agree = false; break; }
+          ea = S.off[++a] - S.off[i];
+        } else {
+          if (b == m) { agree = false; break; }
+          eb = T.off[++b] - T.off[j];
+        }
+      }
+      if (agree) { r.push(i, a, j, b, true); i = a; j = b; continue; }
+    }
+    const auto [i2, j2] = resync(S, i, T, j, p);
+    r.append(dp_align(S, i, i2, T, j, j2, p));
+    i = i2;
+    j = j2;
+  }
+  return r;
+}
+
+enum class Method { kAuto, kDp, kOffsets };
+
+inline Method parse_method(const std::string& m) {
+  if (m == "auto") return Method::kAuto;
+  if (m == "dp") return Method::kDp;
+  if (m == "offsets") return Method::kOffsets;
+  throw std::invalid_argument("method must be 'auto', 'dp' or 'offsets', got '" + m + "'");
+}
+
+inline Result align_streams(const Seq& S, const Seq& T, Method method, const Params& p) {
+  switch (method) {
+    case Method::kDp: return dp_align(S, 0, S.n(), T, 0, T.n(), p);
+    case Method::kOffsets: return merge_streams(S, T);
+    default: return auto_align(S, T, p);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Vocabulary: canonical bytes of every id, so id sequences turn into Seqs without Python.
+struct Vocab {
+  Seq table;  // token id -> bytes/hash
+
+  Seq sequence(const int64_t* ids, int64_t n) const {
+    Seq s;
+    s.bytes.reserve(static_cast<size_t>(n * 4));
+    s.off.reserve(static_cast<size_t>(n + 1));
+    s.h.reserve(static_cast<size_t>(n));
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t id = ids[k];
+      s.bytes.append(table.at(table.off[id]), static_cast<size_t>(table.len(id)));
+      s.off.push_back(static_cast<int64_t>(s.bytes.size()));
+      s.h.push_back(table.h[id]);
+    }
+    return s;
+  }
+  int64_t size() const { return table.n(); }
+};
+
+// First text token: the first non-empty token that is not a 0xFF role marker (-1 if none).
+inline int64_t first_text_token(const Seq& S) {
+  for (int64_t k = 0; k < S.n(); ++k)
+    if (S.len(k) > 0 && static_cast<uint8_t>(S.bytes[S.off[k]]) != 0xFF) return k;
+  return -1;
+}
+inline bool starts_with_space(const Seq& S) {
+  const int64_t k = first_text_token(S);
+  return k >= 0 && S.bytes[S.off[k]] == ' ';
+}
+// Drop the leading b' ' of the first text token (if it has one).
+inline void strip_leading_space(Seq& S) {
+  const int64_t k = first_text_token(S);
+  if (k < 0 || S.bytes[S.off[k]] != ' ') return;
+  S.bytes.erase(static_cast<size_t>(S.off[k]), 1);
+  for (int64_t q = k + 1; q <= S.n(); ++q) --S.off[q];
+  S.h[k] = fnv1a(S.at(S.off[k]), S.len(k));
+}
+
+// SentencePiece-style prefix space of one side: kPrefixNone; kPrefixAlways (a space is prepended to every text:
+// always strip it); kPrefixUnlessSpace (HF Metaspace prepend_scheme="first": prepended only when the text does not
+// already start with a space; strip it when the other side's text does not start with a space; two such sides
+// carry the same artifact and are left alone).
+enum Prefix : int { kPrefixNone = 0, kPrefixAlways = 1, kPrefixUnlessSpace = 2 };
+
+inline void canonical_pair(Seq& S, int s_prefix, Seq& T, int t_prefix) {
+  if (s_prefix == kPrefixAlways) strip_leading_space(S);
+  if (t_prefix == kPrefixAlways) strip_leading_space(T);
+  if (s_prefix == kPrefixUnlessSpace && t_prefix != kPrefixUnlessSpace && !starts_with_space(T))
+    strip_leading_space(S);
+  else if (t_prefix == kPrefixUnlessSpace && s_prefix != kPrefixUnlessSpace && !starts_with_space(S))
+    strip_leading_space(T);
+}
+
+inline void check_ids(const int64_t* ids, int64_t n, int64_t vocab, const char* side) {
+  for (int64_t k = 0; k < n; ++k)
+    if (ids[k] < 0 || ids[k] >= vocab)
+      throw std::out_of_range(std::string(side) + " id " + std::to_string(ids[k]) + " at position " +
+                              std::to_string(k) + " is out of range for a vocabulary of " + std::to_string(vocab));
+}
+
+}  // namespace xt

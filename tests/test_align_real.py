@@ -1,0 +1,154 @@
+"""Aligner on real tokenizers (offline, from the test extras): every non-gap chunk is correct on real texts, for
+byte-level BPE pairs and a SentencePiece side, through align(text), align_ids and align_batch."""
+import numpy as np
+import pytest
+import torch
+
+import xtoken_ext as xt
+from xtoken_ext.reference import align as ref
+from xtoken_ext.tokenizers import encode_with_offsets
+
+TEXTS = [
+    "Hello world.",
+    "def f(x):\n    return x**2  # square\n\n\tprint(f(3), [i for i in range(10)])\n",
+    "Prices: 1234567, 3.14159, -42, 10^9; 2024-11-22 12:34:56 | 000123 | 99999999999",
+    "Emoji 😀👍🏽 and flags 🇫🇷🇯🇵, a family 👨‍👩‍👧",
+    "中文字符和日本語のテキスト、한국어 텍스트",
+    "   leading spaces, trailing   \n\n\n  ",
+    "Mixed: café naïve Ελληνικά русский עברית العربية हिन्दी",
+    " starts with a space",
+    "tabs\tand\r\nCRLF\u00a0nbsp",
+]
+PAIRS = [("llama3", "qwen3"), ("llama3", "mistral-spm"), ("mistral-spm", "gpt2"), ("qwen3", "cl100k")]
+
+
+@pytest.fixture(scope="module")
+def aligners(offline_tok):
+    return {pair: xt.Aligner(offline_tok(pair[0]), offline_tok(pair[1])) for pair in PAIRS}
+
+
+def _check(al, s_ids, t_ids, chunks, correct):
+    """Chunks tile both sides; every non-gap chunk is correct; gaps hold only specials or prefix spaces."""
+    i = j = 0
+    for (s0, s1, t0, t1), ok in zip(chunks.tolist(), correct.tolist()):
+        assert (s0, t0) == (i, j)
+        i, j = s1, t1
+        if s1 > s0 and t1 > t0:
+            assert ok, (s0, s1, t0, t1)
+        else:
+            for table, ids in ((al.student_table, s_ids[s0:s1]), (al.teacher_table, t_ids[t0:t1])):
+                for x in ids:
+                    b = table.token_bytes[x]
+                    assert b in (b"", b" ") or b.startswith(b"\xff"), b
+    assert (i, j) == (len(s_ids), len(t_ids))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=["-".join(p) for p in PAIRS])
+def test_real_texts_align_correctly(aligners, pair):
+    al = aligners[pair]
+    for text in TEXTS:
+        s_ids = encode_with_offsets(al.student_tok, text)[0]
+        t_ids = encode_with_offsets(al.teacher_tok, text)[0]
+        _check(al, s_ids, t_ids, *al.align(text, return_correct=True))
+        for ids_in in ((s_ids, t_ids), (s_ids.tolist(), t_ids.tolist()), (torch.from_numpy(s_ids), t_ids)):
+            _check(al, s_ids, t_ids, *al.align_ids(*ids_in, return_correct=True))
+
+
+def test_dp_method_matches_reference_on_real_tokens(offline_tok):
+    al = xt.Aligner(offline_tok("llama3"), offline_tok("qwen3"), method="dp")
+    text = TEXTS[2] + TEXTS[3] + TEXTS[1]
+    s_ids = encode_with_offsets(al.student_tok, text)[0]
+    t_ids = encode_with_offsets(al.teacher_tok, text)[0]
+    chunks, correct = al.align(text, return_correct=True)
+    _check(al, s_ids, t_ids, chunks, correct)
+    r_chunks, r_correct = ref.align_tokens([al.student_table.token_bytes[i] for i in s_ids],
+                                           [al.teacher_table.token_bytes[i] for i in t_ids], "dp")
+    np.testing.assert_array_equal(chunks, r_chunks)
+    np.testing.assert_array_equal(correct, r_correct)
+
+
+def test_o10_bos_on_one_side_real(offline_tok):
+    """Llama-3 adds BOS, Qwen3 does not: O-10 through align_batch."""
+    al = xt.Aligner(offline_tok("llama3"), offline_tok("qwen3"))
+    for method in ("auto", "dp"):
+        al.method = method
+        a = al.align_batch(["Hello world."])
+        assert a.chunks[0].tolist() == [[0, 1, 0, 0], [1, 2, 0, 1], [2, 3, 1, 2], [3, 4, 2, 3]]
+        assert a.student_chunk_ids.tolist() == [[1, 2, 3, -1]]
+        assert a.teacher_chunk_ids.tolist() == [[2, 3, -1]]
+        assert a.chunk_valid.nonzero()[:, 1].tolist() == [2, 3]
+        assert a.chunk_correct.tolist() == [[False, True, True, True]]
+
+
+def test_align_batch_threads_padding_and_truncation(aligners):
+    al = aligners[("llama3", "mistral-spm")]
+    texts = TEXTS * 3
+    one, two = al.align_batch(texts, threads=1), al.align_batch(texts, threads=2)
+    for name in ("student_chunk_ids", "teacher_chunk_ids", "chunk_valid", "chunk_correct", "num_chunks", "chunks",
+                 "student_ids", "teacher_ids", "student_attention_mask", "teacher_attention_mask"):
+        assert torch.equal(getattr(one, name), getattr(two, name)), name
+    for b, text in enumerate(texts):
+        chunks, correct = al.align(text, return_correct=True)
+        k = int(one.num_chunks[b])
+        assert one.chunks[b, :k].tolist() == chunks.tolist()
+        assert one.chunk_correct[b, :k].tolist() == correct.tolist()
+        n = int(one.student_lengths[b])
+        assert one.student_ids[b, :n].tolist() == encode_with_offsets(al.student_tok, text)[0].tolist()
+        assert not one.student_attention_mask[b, n:].any() and (one.student_chunk_ids[b, n - 1:] == -1).all()
+    cut = al.align_batch(texts, max_length=5)
+    assert int(cut.student_lengths.max()) <= 5 and int(cut.teacher_lengths.max()) <= 5
+    spans = cut.row_spans()
+    assert (spans[:, 2] <= 4).all() and (spans[:, 4] <= 4).all()
+
+
+def test_aligner_bad_input(aligners):
+    al = aligners[("llama3", "qwen3")]
+    with pytest.raises(ValueError, match="empty"):
+        al.align("")
+    with pytest.raises(TypeError, match="str"):
+        al.align(123)
+    with pytest.raises(ValueError, match="UTF-8"):
+        al.align(b"\xff\xfe bad")
+    with pytest.raises(ValueError, match="UTF-8"):
+        al.align("lone \ud800 surrogate")
+    with pytest.raises(ValueError, match=r"texts\[1\] is empty"):
+        al.align_batch(["ok", ""])
+    with pytest.raises(TypeError, match="list of texts"):
+        al.align_batch("not a list")
+    with pytest.raises(IndexError, match="out of range"):
+        al.align_ids([1, 2], [10**9])
+    with pytest.raises(IndexError, match="out of range"):
+        al.align_ids([-5], [1])
+    with pytest.raises(TypeError, match="integers"):
+        al.align_ids([1.5], [1])
+    with pytest.raises(ValueError, match="1-D"):
+        al.align_ids([[1, 2]], [1])
+    with pytest.raises(ValueError, match="method"):
+        xt.Aligner(al.student_tok, al.teacher_tok, method="nw")
+    assert al.align("Hi", return_correct=True)[1].dtype == np.bool_
+    assert al.align_ids([], []).shape == (0, 4)
+    empty = al.align_batch([])
+    assert empty.num_chunks.shape == (0,) and empty.row_spans().shape == (0, 5)
+
+
+def test_auto_ids_with_different_chat_markup(offline_tok):
+    """Different chat templates around the same messages: only chunks holding markup (specials or the newlines
+    around them) are incorrect; every message token lands in a correct chunk. auto == dp here."""
+    s_tok, t_tok = offline_tok("llama3"), offline_tok("qwen3")
+    al = xt.Aligner(s_tok, t_tok)
+    body = "Hello there, how are you? The answer is 12345.\n" * 3
+    s_text = (f"<|start_header_id|>user<|end_header_id|>\n\n{body}<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\nFine, thanks!<|eot_id|>")
+    t_text = f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\nFine, thanks!<|im_end|>"
+    s_ids, t_ids = s_tok(s_text)["input_ids"], t_tok(t_text)["input_ids"]
+    chunks, correct = al.align_ids(s_ids, t_ids, return_correct=True)
+    st, tt = al.student_table.token_bytes, al.teacher_table.token_bytes
+    for (s0, s1, t0, t1), ok in zip(chunks.tolist(), correct.tolist()):
+        if not ok:
+            pieces = [st[i] for i in s_ids[s0:s1]] + [tt[i] for i in t_ids[t0:t1]]
+            assert all(p.startswith(b"\xff") or not p.strip() for p in pieces), pieces
+    assert int(correct.sum()) == len(chunks) - 10
+    al.method = "dp"
+    dp_chunks, dp_correct = al.align_ids(s_ids, t_ids, return_correct=True)
+    np.testing.assert_array_equal(chunks, dp_chunks)
+    np.testing.assert_array_equal(correct, dp_correct)

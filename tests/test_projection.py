@@ -1,0 +1,224 @@
+"""Projection W without real tokenizers: METHOD.md oracles O-1, O-4, O-5, O-16, the ELL builder against a
+dict reference (Hypothesis), and the file format (round trip, corruption, validation)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from xtoken_ext.projection import Projection, ProjectionFileError, _ell
+
+O1 = {1: [1.0], 2: [0.909091, 0.090909], 3: [0.900901, 0.090090, 0.009009],
+      4: [0.900090, 0.090009, 0.009001, 0.000900]}
+
+
+def _decay_entries(n_pieces, beta=0.9, gamma=0.1):
+    """One student row (id 0) re-tokenized into teacher ids 10, 11, ...: the builder's β·γ^i entries."""
+    s = np.zeros(n_pieces, dtype=np.int64)
+    t = np.arange(10, 10 + n_pieces, dtype=np.int64)
+    return s, t, beta * gamma ** np.arange(n_pieces, dtype=np.float64)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("beta", [0.9, 1.0, 0.01, 37.0])
+def test_o1_decay_weights_beta_invariant(n, beta):
+    indices, weights = _ell(*_decay_entries(n, beta=beta), 1)
+    assert indices[0, :n].tolist() == list(range(10, 10 + n)) and (indices[0, n:] == -1).all()
+    np.testing.assert_allclose(weights[0, :n], O1[n], atol=5e-7)
+
+
+def test_o2_repeated_ids_accumulate():
+    # "000" -> ["0", "0", "0"]: every piece is teacher id 7, weights add up to 1.
+    indices, weights = _ell(np.zeros(3, np.int64), np.full(3, 7), 0.9 * 0.1 ** np.arange(3.0), 1)
+    assert indices[0].tolist() == [7, -1, -1, -1] and weights[0].tolist() == [1.0, 0, 0, 0]
+    # "202" -> ["2", "0", "2"]: 0.900901 + 0.009009 on "2", 0.090090 on "0".
+    indices, weights = _ell(np.zeros(3, np.int64), np.array([2, 0, 2]), 0.1 ** np.arange(3.0), 1)
+    assert indices[0, :2].tolist() == [2, 0]
+    np.testing.assert_allclose(weights[0, :2], [0.909910, 0.090090], atol=5e-7)
+
+
+def test_o4_exact_row_is_strict_common():
+    P = Projection([[5, -1, -1, -1], [6, 7, -1, -1]], [[1, 0, 0, 0], [0.909091, 0.090909, 0, 0]], 8)
+    s, t = P.common_pairs("strict")
+    assert s.tolist() == [0] and t.tolist() == [5]
+
+
+def test_o5_row_stochastic_projection():
+    # W = {A->a: 1; B->b: 1; C->{c: 0.909091, d: 0.090909}}, p_S = [0.5, 0.3, 0.2]
+    P = Projection([[0, -1, -1, -1], [1, -1, -1, -1], [2, 3, -1, -1]],
+                   [[1, 0, 0, 0], [1, 0, 0, 0], [0.909091, 0.090909, 0, 0]], 4)
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    q = p @ P.dense()
+    np.testing.assert_allclose(q.numpy(), [0.5, 0.3, 0.181818, 0.018182], atol=1e-6)
+    assert abs(float(q.sum()) - 1) < 1e-7  # W's weights are float32
+    col_ptr, row_idx, val = P.csc()
+    q_csc = [sum(float(val[j]) * float(p[row_idx[j]]) for j in range(col_ptr[c], col_ptr[c + 1])) for c in range(4)]
+    np.testing.assert_allclose(q_csc, q.numpy(), atol=1e-7)
+
+
+def test_o16_collisions():
+    idx = [[0, -1, -1, -1], [0, -1, -1, -1], [2, 0, 1, -1], [5, 6, -1, -1], [7, 8, -1, -1]]
+    w = [[1, 0, 0, 0], [1, 0, 0, 0], [0.9009, 0.0901, 0.0090, 0], [0.909, 0.091, 0, 0], [0.5, 0.5, 0, 0]]
+    P = Projection(idx, w, 9)
+    s, t = P.common_pairs("relaxed")
+    assert list(zip(s.tolist(), t.tolist())) == [(0, 0), (2, 2), (3, 5)]
+    s, t = P.common_pairs("strict")
+    assert list(zip(s.tolist(), t.tolist())) == [(0, 0)]
+
+
+def _reference_ell(s, t, w, V_S):
+    """Dict reference: accumulate, keep the 4 largest (ties: lower teacher id), normalize."""
+    rows = [dict() for _ in range(V_S)]
+    for a, b, x in zip(s.tolist(), t.tolist(), w.tolist()):
+        rows[a][b] = rows[a].get(b, 0.0) + x
+    out = []
+    for r in rows:
+        top = sorted(r.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
+        total = sum(x for _, x in top)
+        out.append([(b, x / total) for b, x in top])
+    return out
+
+
+@given(st.integers(1, 12), st.integers(1, 9), st.lists(st.tuples(st.integers(0, 11), st.integers(0, 8),
+                                                                 st.sampled_from([1.0, 0.1, 0.01, 0.001, 0.5])),
+                                                       max_size=60))
+def test_ell_matches_reference(V_S, V_T, entries):
+    entries = [(a % V_S, b % V_T, x) for a, b, x in entries]
+    s = np.array([e[0] for e in entries], dtype=np.int64)
+    t = np.array([e[1] for e in entries], dtype=np.int64)
+    w = np.array([e[2] for e in entries], dtype=np.float64)
+    indices, weights = _ell(s, t, w, V_S)
+    P = Projection(indices, weights, V_T)  # validates index range / empty-slot weights
+    sums = P.weights.double().sum(1)
+    used = (P.indices >= 0).sum(1)
+    assert bool(((used == 0) & (sums == 0) | (used > 0) & ((sums - 1).abs() < 1e-6)).all())
+    for row, ref in enumerate(_reference_ell(s, t, w, V_S)):
+        got = P.row(row)
+        assert sorted(got) == sorted(b for b, _ in ref)
+        for b, x in ref:
+            assert math.isclose(got[b], x, rel_tol=1e-6)
+
+
+@given(st.integers(1, 300), st.integers(4, 200), st.integers(0, 2**31 - 1), st.floats(0, 1))
+def test_save_load_round_trip_bit_exact(tmp_path_factory, V_S, V_T, seed, empty):
+    P = Projection.random(V_S, V_T, seed=seed, empty_rows=empty)
+    path = tmp_path_factory.mktemp("w") / "w.safetensors"
+    P.save(path)
+    Q = Projection.load(path)
+    assert torch.equal(P.indices, Q.indices) and torch.equal(P.weights, Q.weights)
+    assert Q.teacher_vocab_size == V_T and Q.meta["seed"] == seed and Q.meta["format_version"] == 1
+
+
+def test_exact_rows_round_trip(tmp_path):
+    P = Projection([[1, -1, -1, -1], [1, 2, -1, -1]], [[1, 0, 0, 0], [0.75, 0.25, 0, 0]], 3,
+                   exact_rows=[True, False])
+    P.save(tmp_path / "w.safetensors")
+    Q = Projection.load(tmp_path / "w.safetensors")
+    assert Q.exact_rows.tolist() == [True, False]
+    assert Q.stats().exact == 1 and Q.stats().by_support == (1, 1, 0, 0)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "w.safetensors"
+    P = Projection.random(97, 53, seed=3, empty_rows=0.2)
+    P.save(path)
+    return Projection.load(path), path.read_bytes()
+
+
+@given(st.data())
+def test_any_single_byte_flip_is_detected(tmp_path_factory, saved, data):
+    P, blob = saved
+    pos = data.draw(st.integers(0, len(blob) - 1))
+    flip = data.draw(st.integers(1, 255))
+    bad = bytearray(blob)
+    bad[pos] ^= flip
+    path = tmp_path_factory.mktemp("bad") / "w.safetensors"
+    path.write_bytes(bytes(bad))
+    try:
+        Q = Projection.load(path)
+    except ProjectionFileError:
+        return
+    # Only bytes that carry no information (header padding) may change without an error.
+    assert torch.equal(P.indices, Q.indices) and torch.equal(P.weights, Q.weights) and Q.meta == P.meta
+
+
+def test_truncated_file_is_detected(tmp_path, saved):
+    _, blob = saved
+    for cut in (0, 7, 100, len(blob) - 1):
+        (tmp_path / "w.safetensors").write_bytes(blob[:cut])
+        with pytest.raises(ProjectionFileError, match="not a readable safetensors file"):
+            Projection.load(tmp_path / "w.safetensors")
+
+
+def _resave(path, mutate):
+    """Rewrite a saved W with mutated tensors/metadata and a recomputed checksum (a consistent but invalid file)."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    from xtoken_ext.projection import _META_KEY, _checksum
+
+    with safe_open(str(path), framework="np") as f:
+        meta = json.loads(f.metadata()[_META_KEY])
+    tensors = load_file(str(path))
+    meta.pop("checksum")
+    mutate(tensors, meta)
+    meta["checksum"] = _checksum(meta, tensors)
+    save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda t, m: t["weights"].__setitem__((0, 0), t["weights"][0, 0] * 0.5), "do not sum to 1"),
+    (lambda t, m: t["indices"].__setitem__((1, 0), 10_000), "teacher indices must lie in"),
+    (lambda t, m: t.__setitem__("weights", t["weights"].astype(np.float64)), "weights must be float32"),
+    (lambda t, m: m.__setitem__("student_vocab_size", 5), r"indices must be int32 \[5, 4\]"),
+    (lambda t, m: m.__setitem__("format_version", 99), "unsupported format version 99"),
+    (lambda t, m: t.__setitem__("extra", np.zeros(3, np.float32)), "expected tensors"),
+])
+def test_invalid_content_is_rejected(tmp_path, mutate, message):
+    path = tmp_path / "w.safetensors"
+    Projection([[0, 1, -1, -1], [2, -1, -1, -1]], [[0.5, 0.5, 0, 0], [1, 0, 0, 0]], 3).save(path)
+    _resave(path, mutate)
+    with pytest.raises(ProjectionFileError, match=message):
+        Projection.load(path)
+
+
+def test_not_a_projection_file(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"indices": np.zeros((2, 4), np.int32)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ProjectionFileError, match="not an xtoken_ext projection file"):
+        Projection.load(tmp_path / "x.safetensors")
+
+
+def _reference_common(P, mode):
+    """Loop reference of common_pairs: candidates per row, then per teacher the highest weight, lowest student."""
+    best = {}
+    for s in range(P.student_vocab_size):
+        row = P.row(s)
+        if not row:
+            continue
+        t, w = max(row.items(), key=lambda kv: kv[1])  # ties: first slot (dict keeps slot order)
+        ok = (w == 1.0 and len(row) == 1) if mode == "strict" else w >= 0.6
+        if ok and (t not in best or w > best[t][0]):
+            best[t] = (w, s)
+    return sorted((s, t) for t, (_, s) in best.items())
+
+
+@given(st.integers(1, 80), st.integers(4, 30), st.integers(0, 10**6), st.integers(1, 4), st.floats(0, 0.5))
+def test_views_match_dense_reference(V_S, V_T, seed, pieces, empty):
+    P = Projection.random(V_S, V_T, seed=seed, empty_rows=empty, max_pieces=pieces)
+    d = P.dense()
+    col_ptr, row_idx, val = P.csc()
+    assert col_ptr.dtype == torch.int64 and row_idx.dtype == torch.int32 and val.dtype == torch.float32
+    for c in range(V_T):
+        rows = torch.nonzero(d[:, c]).squeeze(1)
+        assert torch.equal(row_idx[col_ptr[c]:col_ptr[c + 1]].long(), rows)
+        assert torch.equal(val[col_ptr[c]:col_ptr[c + 1]].double(), d[rows, c])
+    assert torch.equal(P.covered_columns(), (d > 0).any(0))
+    for mode in ("strict", "relaxed"):
+        s, t = P.common_pairs(mode)
+        assert list(zip(s.tolist(), t.tolist())) == _reference_common(P, mode)

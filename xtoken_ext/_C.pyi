@@ -1,0 +1,60 @@
+"""Native span aligner (torch-free C++17, csrc/). Chunks are int64 [K, 4] rows (s_start, s_end, t_start, t_end),
+token indices, end exclusive; a gap has one empty side. correct[k] = non-gap and equal concatenated canonical bytes
+(for merge_offsets_batch: both sides cover the same byte range). Batch outputs are flat: the chunks of pair b are
+rows offsets[b]:offsets[b+1]. Arrays own their C++ buffers (zero-copy); the work runs with the GIL released."""
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+_IntArray = npt.ArrayLike  # 1-D integers (converted to contiguous int64)
+
+class Vocab:
+    """Canonical bytes of every token id of one tokenizer (TokenTable.token_bytes)."""
+
+    def __init__(self, token_bytes: Sequence[bytes]) -> None: ...
+    @property
+    def size(self) -> int: ...
+    def __len__(self) -> int: ...
+
+def merge_offsets_batch(
+    student_starts: Sequence[_IntArray],
+    student_ends: Sequence[_IntArray],
+    teacher_starts: Sequence[_IntArray],
+    teacher_ends: Sequence[_IntArray],
+    threads: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """O(n+m) merge on byte offsets of B pairs -> (chunks int64 [K, 4], correct bool [K], offsets int64 [B+1]).
+    threads <= 0: all hardware threads. ValueError on mismatched lengths, start > end, decreasing ends."""
+
+def align_ids_batch(
+    student_vocab: Vocab,
+    teacher_vocab: Vocab,
+    student_ids: Sequence[_IntArray],
+    teacher_ids: Sequence[_IntArray],
+    method: str = "auto",
+    student_prefix: int = 0,
+    teacher_prefix: int = 0,
+    threads: int = 0,
+    band: int = 64,
+    full_cells: int = 65536,
+    lookahead: int = 64,
+    gram: int = 16,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Align B id-sequence pairs over canonical bytes with method "auto" | "dp" | "offsets" ->
+    (chunks, correct, offsets [B+1]). prefix: 0 none, 1 a space is prepended to every text, 2 prepended unless the
+    text starts with one (SentencePiece). IndexError on ids out of range, ValueError on bad shapes/arguments."""
+
+def align_tokens(
+    student_tokens: Sequence[bytes],
+    teacher_tokens: Sequence[bytes],
+    method: str = "auto",
+    band: int = 64,
+    full_cells: int = 65536,
+    lookahead: int = 64,
+    gram: int = 16,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Align two lists of canonical token bytes -> (chunks int64 [K, 4], correct bool [K])."""
+
+def dp_path(student_tokens: Sequence[bytes], teacher_tokens: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Raw DP of METHOD.md §4.1-4.2 (full table, no anchors, no post-processing) -> (pairs [P, 4], ok [P], score)."""

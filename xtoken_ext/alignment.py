@@ -1,0 +1,277 @@
+"""Python face of the native span aligner (``xtoken_ext._C``) and the ``Alignment`` batch object the losses consume.
+
+A chunk is a pair of token ranges (s_start, s_end, t_start, t_end), end exclusive, whose texts are equal; a gap
+has one empty side. ``correct[k]`` = both sides non-empty and equal concatenated canonical bytes.
+
+Methods (DESIGN.md §2, METHOD.md §4):
+- ``"offsets"``: O(n+m) merge closing a chunk wherever both sides' byte ends coincide (``align(text)``: on the text
+  byte offsets of both encodings; ``align_ids``: on cumulative canonical byte lengths).
+- ``"dp"``: the X-Token DP over canonical token bytes with unique-3-gram anchors, a band around the byte-offset
+  guide path for segments larger than ``full_cells`` cells, and post-processing of mismatched runs.
+- ``"auto"`` (default): for text, the offset merge (both encodings cover identical text spans); for ids, the merge
+  where both canonical byte streams agree and the DP only over the windows where they differ.
+
+Inputs the library rejects: non-str text, bytes that are not UTF-8, empty text, lone surrogates, ids out of
+range, non-integer or non-1-D id arrays. Empty *id* sequences are allowed (they align to zero chunks, or to gaps
+when only one side is empty).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from . import _C
+from .tokenizers import encode_batch_with_offsets, load_tokenizer, token_table
+
+__all__ = ["Aligner", "Alignment"]
+
+METHODS = ("auto", "offsets", "dp")
+_VOCABS: dict[str, _C.Vocab] = {}
+
+
+def _vocab(table) -> _C.Vocab:
+    v = _VOCABS.get(table.fingerprint)
+    if v is None:
+        v = _VOCABS[table.fingerprint] = _C.Vocab(table.token_bytes)
+    return v
+
+
+def _prefix_mode(tok, table) -> int:
+    """SentencePiece-style tokenizers turn "a" into "▁a": their canonical stream starts with a space the text does
+    not have. 0: no such space; 1: prepended to every text (" a" -> "▁▁a"); 2: prepended unless the text starts
+    with a space (HF Metaspace prepend_scheme="first"). The id-based aligner drops that space (csrc/align.hpp)."""
+    def stream(text):
+        return b"".join(table.token_bytes[i] for i in tok(text, add_special_tokens=False)["input_ids"])
+
+    if stream("a") != b" a":
+        return 0
+    return 1 if stream(" a") == b"  a" else 2
+
+
+def _check_text(text, where: str = "text") -> str:
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where} is not valid UTF-8: {e}") from None
+    if not isinstance(text, str):
+        raise TypeError(f"{where} must be str (or UTF-8 bytes), got {type(text).__name__}")
+    if not text:
+        raise ValueError(f"{where} is empty; there is nothing to align")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} cannot be encoded as UTF-8 (lone surrogate?): {e}") from None
+    return text
+
+
+def _as_ids(x, side: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if a.ndim != 1:
+        raise ValueError(f"{side} ids must be 1-D, got shape {a.shape}")
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{side} ids must be integers, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+class Aligner:
+    """Aligns the student's and the teacher's tokenizations of the same text.
+
+    ``band``/``full_cells`` bound the DP (segments with n*m > full_cells use a band of half-width ``band`` tokens
+    around the byte-offset guide path), ``lookahead``/``gram`` the auto resync (tokens searched per side, bytes that
+    must agree). ``include_mismatched`` makes ``align_batch`` count incorrect non-gap chunks as valid (the
+    authors' release behaviour)."""
+
+    def __init__(self, student_tok, teacher_tok, method: str = "auto", include_mismatched: bool = False, *,
+                 band: int = 64, full_cells: int = 1 << 16, lookahead: int = 64, gram: int = 16):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method = method
+        self.include_mismatched = include_mismatched
+        self.student_tok = load_tokenizer(student_tok)
+        self.teacher_tok = load_tokenizer(teacher_tok)
+        self.student_table = token_table(self.student_tok)
+        self.teacher_table = token_table(self.teacher_tok)
+        self._vs, self._vt = _vocab(self.student_table), _vocab(self.teacher_table)
+        self._prefix = (_prefix_mode(self.student_tok, self.student_table),
+                        _prefix_mode(self.teacher_tok, self.teacher_table))
+        self._params = dict(band=band, full_cells=full_cells, lookahead=lookahead, gram=gram)
+
+    # -- one sequence pair ---------------------------------------------------------------------------------------
+    def align(self, text, return_correct: bool = False):
+        """Chunks int64 [K, 4] of ``text`` tokenized by both sides (default special tokens); with
+        ``return_correct=True`` also ``correct`` bool [K]."""
+        text = _check_text(text)
+        (s,), (t,) = (encode_batch_with_offsets(tok, [text]) for tok in (self.student_tok, self.teacher_tok))
+        chunks, correct, _ = self._align_encoded([s], [t], threads=1)
+        return (chunks, correct) if return_correct else chunks
+
+    def align_ids(self, student_ids, teacher_ids, return_correct: bool = False):
+        """Chunks int64 [K, 4] for pre-tokenized ids (lists, numpy or torch), aligned over canonical bytes."""
+        s, t = _as_ids(student_ids, "student"), _as_ids(teacher_ids, "teacher")
+        chunks, correct, _ = _C.align_ids_batch(self._vs, self._vt, [s], [t], self.method, *self._prefix,
+                                                threads=1, **self._params)
+        return (chunks, correct) if return_correct else chunks
+
+    # -- batches -------------------------------------------------------------------------------------------------
+    def align_batch(self, texts, threads: int | None = None, max_length: int | None = None) -> Alignment:
+        """Encode ``texts`` with both tokenizers (truncated to ``max_length`` tokens per side), align every pair in
+        C++ threads (``threads=None``: all cores; the result does not depend on it) and build an ``Alignment``."""
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("align_batch takes a list of texts; use align() for one text")
+        texts = [_check_text(x, f"texts[{i}]") for i, x in enumerate(texts)]
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if not texts:
+            return Alignment._from_flat(np.zeros((0, 4), np.int64), np.zeros(0, bool), np.zeros(1, np.int64), [], [])
+        cut = slice(None, max_length)
+        enc_s = [tuple(a[cut] for a in e) for e in encode_batch_with_offsets(self.student_tok, texts)]
+        enc_t = [tuple(a[cut] for a in e) for e in encode_batch_with_offsets(self.teacher_tok, texts)]
+        chunks, correct, offsets = self._align_encoded(enc_s, enc_t, threads=threads or 0)
+        return Alignment._from_flat(chunks, correct, offsets, [e[0] for e in enc_s], [e[0] for e in enc_t],
+                                    include_mismatched=self.include_mismatched)
+
+    def _align_encoded(self, enc_s, enc_t, threads: int):
+        if self.method == "dp":
+            return _C.align_ids_batch(self._vs, self._vt, [e[0] for e in enc_s], [e[0] for e in enc_t], "dp",
+                                      *self._prefix, threads=threads, **self._params)
+        return _C.merge_offsets_batch([e[1] for e in enc_s], [e[2] for e in enc_s], [e[1] for e in enc_t],
+                                      [e[2] for e in enc_t], threads=threads)
+
+
+def _pad(rows: list[np.ndarray], width: int, fill: int) -> np.ndarray:
+    out = np.full((len(rows), width), fill, dtype=np.int64)
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = r
+    return out
+
+
+@dataclass
+class Alignment:
+    """Chunk alignment of B sequence pairs, as CPU torch tensors (``.to(device)`` moves them).
+
+    ``student_chunk_ids[b, p]`` is the chunk id of student token p+1 (the token logit row p predicts), -1 when
+    p+1 is padding, past the end or in a gap; likewise for the teacher. A chunk is valid when it is not a gap, is
+    correct (or ``include_mismatched``) and has >= 1 predictive row on both sides (rows [max(s-1, 0), e-1))."""
+
+    student_chunk_ids: torch.Tensor   # int64 [B, T_S]
+    teacher_chunk_ids: torch.Tensor   # int64 [B, T_T]
+    chunk_valid: torch.Tensor         # bool [B, K_max]
+    chunk_correct: torch.Tensor       # bool [B, K_max]
+    num_chunks: torch.Tensor          # int64 [B]
+    student_lengths: torch.Tensor     # int64 [B]
+    teacher_lengths: torch.Tensor     # int64 [B]
+    chunks: torch.Tensor              # int64 [B, K_max, 4] token ranges, -1 padded
+    student_ids: torch.Tensor | None = None              # int64 [B, T_S] input ids, 0 padded
+    teacher_ids: torch.Tensor | None = None
+    student_attention_mask: torch.Tensor | None = None   # bool [B, T_S]
+    teacher_attention_mask: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_chunks.shape[0]
+
+    def row_spans(self) -> torch.Tensor:
+        """int64 [N, 5] (b, s_lo, s_hi, t_lo, t_hi) per valid chunk in (b, k) order: the predictive logit rows
+        (end exclusive) of the chunk's tokens [s, e) are [max(s-1, 0), e-1) on each side."""
+        b, k = self.chunk_valid.nonzero(as_tuple=True)
+        c = self.chunks[b, k]
+        return torch.stack([b, (c[:, 0] - 1).clamp_min(0), c[:, 1] - 1, (c[:, 2] - 1).clamp_min(0), c[:, 3] - 1], 1)
+
+    def to(self, device) -> Alignment:
+        return Alignment(**{f.name: None if (v := getattr(self, f.name)) is None else v.to(device)
+                            for f in fields(self)})
+
+    @staticmethod
+    def from_chunks(chunks_list, correct_list, student_lengths, teacher_lengths, T_S=None, T_T=None,
+                    include_mismatched=False, student_ids=None, teacher_ids=None) -> Alignment:
+        """Build from per-sequence chunks ([K_b, 4] arrays that partition [0, length) on each side, in order) and
+        correct flags ([K_b] bools). Optional ``student_ids``/``teacher_ids``: per-sequence id lists to keep."""
+        if not (len(chunks_list) == len(correct_list) == len(student_lengths) == len(teacher_lengths)):
+            raise ValueError("chunks_list, correct_list and the length lists must have the same batch size")
+        arrs = [np.asarray(c, dtype=np.int64).reshape(-1, 4) for c in chunks_list]
+        oks = [np.asarray(c, dtype=bool).reshape(-1) for c in correct_list]
+        for b, (c, o) in enumerate(zip(arrs, oks)):
+            if len(c) != len(o):
+                raise ValueError(f"sequence {b}: {len(c)} chunks but {len(o)} correct flags")
+        offsets = np.concatenate([[0], np.cumsum([len(c) for c in arrs])]).astype(np.int64)
+        chunks = np.concatenate(arrs) if arrs else np.zeros((0, 4), np.int64)
+        correct = np.concatenate(oks) if oks else np.zeros(0, bool)
+        sl, tl = np.asarray(student_lengths, np.int64), np.asarray(teacher_lengths, np.int64)
+        s_ids = [np.zeros(n, np.int64) for n in sl] if student_ids is None else [_as_ids(x, "student")
+                                                                                  for x in student_ids]
+        t_ids = [np.zeros(n, np.int64) for n in tl] if teacher_ids is None else [_as_ids(x, "teacher")
+                                                                                  for x in teacher_ids]
+        if [len(x) for x in s_ids] != sl.tolist() or [len(x) for x in t_ids] != tl.tolist():
+            raise ValueError("student_ids/teacher_ids lengths must equal student_lengths/teacher_lengths")
+        out = Alignment._from_flat(chunks, correct, offsets, s_ids, t_ids, include_mismatched, T_S, T_T)
+        if student_ids is None:
+            out.student_ids = out.student_attention_mask = None
+        if teacher_ids is None:
+            out.teacher_ids = out.teacher_attention_mask = None
+        return out
+
+    @staticmethod
+    def _from_flat(chunks, correct, offsets, s_ids, t_ids, include_mismatched=False, T_S=None, T_T=None):
+        """Vectorized build from the flat C++ output: chunks [N, 4], correct [N], offsets [B+1]."""
+        B = len(offsets) - 1
+        counts = np.diff(offsets)
+        lengths = [np.array([len(x) for x in ids], dtype=np.int64) for ids in (s_ids, t_ids)]
+        widths = []
+        for side, (L, T, name) in enumerate(zip(lengths, (T_S, T_T), ("T_S", "T_T"))):
+            need = int(L.max(initial=0))
+            if T is not None and T < need:
+                raise ValueError(f"{name}={T} is smaller than the longest sequence ({need})")
+            widths.append(need if T is None else int(T))
+        bidx = np.repeat(np.arange(B), counts)
+        kidx = np.arange(len(chunks)) - offsets[:-1][bidx]
+        _check_partition(chunks, bidx, counts, offsets, lengths)
+        gap = (chunks[:, 0] == chunks[:, 1]) | (chunks[:, 2] == chunks[:, 3])
+        ids = []
+        for side in (0, 1):
+            lo, hi = chunks[:, 2 * side], chunks[:, 2 * side + 1]
+            size = hi - lo
+            tok_b = np.repeat(bidx, size)
+            first = np.repeat(np.cumsum(size) - size, size)
+            tok_p = np.repeat(lo, size) + np.arange(len(tok_b)) - first
+            unshifted = np.full((B, widths[side] + 1), -1, dtype=np.int64)
+            unshifted[tok_b, tok_p] = np.where(np.repeat(gap, size), -1, np.repeat(kidx, size))
+            ids.append(unshifted[:, 1:])  # row p <- token p+1 (next-token shift)
+        rows_s = chunks[:, 1] - 1 - np.maximum(chunks[:, 0] - 1, 0)
+        rows_t = chunks[:, 3] - 1 - np.maximum(chunks[:, 2] - 1, 0)
+        valid = ~gap & (rows_s >= 1) & (rows_t >= 1) & (correct | include_mismatched)
+        K = int(counts.max(initial=0))
+        grid = np.full((B, K, 4), -1, dtype=np.int64)
+        grid[bidx, kidx] = chunks
+        flags = np.zeros((2, B, K), dtype=bool)
+        flags[0, bidx, kidx] = valid
+        flags[1, bidx, kidx] = correct
+        t = torch.from_numpy
+        masks = [np.arange(w)[None, :] < L[:, None] for w, L in zip(widths, lengths)]
+        return Alignment(
+            student_chunk_ids=t(np.ascontiguousarray(ids[0])), teacher_chunk_ids=t(np.ascontiguousarray(ids[1])),
+            chunk_valid=t(flags[0]), chunk_correct=t(flags[1]), num_chunks=t(counts.astype(np.int64)),
+            student_lengths=t(lengths[0]), teacher_lengths=t(lengths[1]), chunks=t(grid),
+            student_ids=t(_pad(s_ids, widths[0], 0)), teacher_ids=t(_pad(t_ids, widths[1], 0)),
+            student_attention_mask=t(masks[0]), teacher_attention_mask=t(masks[1]))
+
+
+def _check_partition(chunks, bidx, counts, offsets, lengths) -> None:
+    """Each sequence's chunks must tile [0, length) on both sides in order."""
+    for side, L in enumerate(lengths):
+        lo, hi = chunks[:, 2 * side], chunks[:, 2 * side + 1]
+        first = np.zeros(len(chunks), dtype=bool)
+        first[offsets[:-1][counts > 0]] = True
+        prev_hi = np.concatenate([[0], hi[:-1]])
+        bad = (hi < lo) | np.where(first, lo != 0, lo != prev_hi)
+        last_hi = np.where(counts > 0, hi[np.maximum(offsets[1:] - 1, 0)] if len(chunks) else 0, 0)
+        if bad.any() or (last_hi != L).any():
+            b = int(bidx[np.argmax(bad)]) if bad.any() else int(np.argmax(last_hi != L))
+            raise ValueError(f"sequence {b}: chunks do not partition the {('student', 'teacher')[side]} tokens "
+                             f"[0, {int(L[b])}) in order")
