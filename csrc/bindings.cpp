@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "align.hpp"
+#include "losses.hpp"
 #include "parallel.hpp"
 
 namespace py = pybind11;
@@ -195,4 +196,6 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("student_tokens"), py::arg("teacher_tokens"),
       "Raw DP of METHOD.md 4.1-4.2 (full table, no anchors, no post-processing): (pairs [P,4], ok [P], score).");
+
+  xt::bind_losses(m);
 }

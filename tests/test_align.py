@@ -343,9 +343,11 @@ def test_bad_input_raises_clear_errors():
     assert _C.align_tokens([b"a"], [], "auto")[0].tolist() == [[0, 1, 0, 0]]
 
 
-def test_extension_does_not_import_torch():
+def test_extension_does_not_import_torch(tmp_path):
     import subprocess
     import sys
 
+    # cwd outside the repository, so the installed package is imported rather than the source tree.
     code = "import sys, xtoken_ext._C; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert run.stdout.strip() == "False", run.stderr

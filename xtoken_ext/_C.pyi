@@ -58,3 +58,28 @@ def align_tokens(
 
 def dp_path(student_tokens: Sequence[bytes], teacher_tokens: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, float]:
     """Raw DP of METHOD.md §4.1-4.2 (full table, no anchors, no post-processing) -> (pairs [P, 4], ok [P], score)."""
+
+def pkl_rows(
+    s_logits: np.ndarray,
+    t_vals: np.ndarray,
+    w_idx: np.ndarray,
+    w_val: np.ndarray,
+    col_mask: np.ndarray,
+    spans: np.ndarray,
+    temperature: float,
+    merge: str,
+    eps: float,
+    t_chain: np.ndarray | None,
+    chunk_scale: np.ndarray | None,
+    loss: np.ndarray,
+    grad: np.ndarray,
+    grad_w: np.ndarray | None,
+    threads: int = 0,
+) -> None:
+    """Fused P-KL loss + gradient over chunks of logit rows (ops.fallback.pkl_rows contract; dense fp32 teacher).
+    Inputs: s_logits float32 [N_s, V_S], t_vals float32 [N_t, V_T], w_idx int32 [V_S, 4], w_val float32 [V_S, 4],
+    col_mask bool [V_T], spans int64 [K, 4] (student rows of different chunks disjoint), merge "mean" | "first" |
+    "chain", t_chain float32 [N_t] | None, chunk_scale float32 [K] | None. Writes loss float32 [K], grad float32
+    [N_s, V_S] (every row; rows outside the chunks get 0) and, if given, grad_w float32 [V_S, 4]. All arrays
+    C-contiguous with exactly these dtypes (never converted). Bitwise the same for every thread count
+    (threads <= 0: all hardware threads); runs with the GIL released. ValueError on bad shapes or spans."""

@@ -219,7 +219,7 @@ def _run(kind, student_logits, teacher_logits, batch, proj, temperature, reducti
 
 
 _DOC = """(student_logits, teacher_logits, batch, proj, temperature=1.0, reduction="mean", *, merge="mean",
-    uncovered="renormalize", teacher_topk=None, uncommon_topk=None, normalizer=None, teacher_indices=None,
+    uncovered="renormalize", teacher_topk=None, uncommon_topk=..., normalizer=None, teacher_indices=None,
     student_ids=None, teacher_ids=None)
 
     student_logits [B, T_S, V_S] / teacher_logits [B, T_T, V_T] (any float dtype; or flattened [N, V] rows with a
@@ -228,6 +228,8 @@ _DOC = """(student_logits, teacher_logits, batch, proj, temperature=1.0, reducti
     merge: "mean" (default) | "first" | "chain" (needs student_ids / teacher_ids [B, T], default: the batch's).
     uncovered: "renormalize" (teacher renormalized over covered columns) | "epsilon" (release parity, 1e-10 floor).
     teacher_topk: restrict to the k teacher columns with the largest max-over-rows logit.
+    uncommon_topk (H-KL / GOLD / ULD): length cap m of the sorted-L1 term; default 8192 for H-KL and GOLD as in
+    the authors' release (it only matters past 8,192 uncommon ids), None (uncapped) for ULD.
     reduction: "mean" (Σ_k L_k / normalizer, default the number of valid chunks) | "sum" | "none" ([N_valid]).
     Returns a float32 tensor (float64 for float64 student logits); no valid chunk gives 0 with a zero gradient."""
 
@@ -240,14 +242,14 @@ def pkl_loss(student_logits, teacher_logits, batch, proj, temperature=1.0, reduc
 
 
 def hkl_loss(student_logits, teacher_logits, batch, proj, temperature=1.0, reduction="mean", *, merge="mean",
-             uncovered="renormalize", teacher_topk=None, uncommon_topk=None, normalizer=None, teacher_indices=None,
+             uncovered="renormalize", teacher_topk=None, uncommon_topk=8192, normalizer=None, teacher_indices=None,
              student_ids=None, teacher_ids=None):
     return _run("hkl", student_logits, teacher_logits, batch, proj, temperature, reduction, merge, uncovered,
                 teacher_topk, uncommon_topk, normalizer, teacher_indices, student_ids, teacher_ids)
 
 
 def gold_loss(student_logits, teacher_logits, batch, proj, temperature=1.0, reduction="mean", *, merge="mean",
-              uncovered="renormalize", teacher_topk=None, uncommon_topk=None, normalizer=None, teacher_indices=None,
+              uncovered="renormalize", teacher_topk=None, uncommon_topk=8192, normalizer=None, teacher_indices=None,
               student_ids=None, teacher_ids=None):
     return _run("gold", student_logits, teacher_logits, batch, proj, temperature, reduction, merge, uncovered,
                 teacher_topk, uncommon_topk, normalizer, teacher_indices, student_ids, teacher_ids)

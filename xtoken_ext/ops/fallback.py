@@ -1,4 +1,6 @@
-"""Chunked pure-torch row-space ops (CPU, or any device without Triton): loss AND gradient in one forward pass.
+"""Row-space ops for CPU (or any device without Triton): loss AND gradient in one forward pass. P-KL on CPU with a
+dense teacher runs the native kernel ``_C.pkl_rows`` (csrc/losses.cpp, same math in fp32); everything else runs
+the chunked pure-torch code below.
 
 The loss is terminal, so each op returns d(Σ_k loss_k)/d(student logits) next to the per-chunk losses; the autograd
 wrapper (``xtoken::pkl_rows_fallback`` / ``xtoken::hkl_rows_fallback``) only rescales it by the incoming gradient.
@@ -29,6 +31,8 @@ __all__ = ["pkl_rows", "hkl_rows", "pkl_rows_autograd", "hkl_rows_autograd"]
 
 _NEG_INF = float("-inf")
 _SCRATCH_BYTES = 192 << 20  # per-block scratch budget (fp32)
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NATIVE_BLOCK_BYTES = 64 << 20  # fp32 copies of low-precision rows (student, its gradient, teacher) per native call
 
 
 def _block_rows(V_S: int, V_A: int) -> int:
@@ -155,8 +159,70 @@ def pkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Optional[Tensor], w_idx: 
     grad_w [V_S, 4] fp32 | None); grad / grad_w are d(Σ_k c_k loss_k) with c = ``chunk_scale`` [K] (default 1).
 
     ``s_chain`` is ignored: the student chain scalar cancels in the renormalization of Q. ``teacher_is_logprob``
-    does not change the math (log_softmax over A is shift-invariant, so logits and log-probs give the same π)."""
+    does not change the math (log_softmax over A is shift-invariant, so logits and log-probs give the same π).
+    CPU tensors with a dense teacher and fp32/bf16/fp16 student logits run the native kernel (``_C.pkl_rows``),
+    everything else the chunked torch code."""
     del s_chain, teacher_is_logprob
+    if native_pkl_applies(s_logits, t_cols):
+        return _pkl_rows_native(s_logits, t_vals, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain,
+                                need_grad_w, chunk_scale)
+    return _pkl_rows_torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps,
+                           t_chain, need_grad_w, chunk_scale)
+
+
+def native_pkl_applies(s_logits: Tensor, t_cols: Optional[Tensor]) -> bool:
+    """The native CPU kernel's preconditions: CPU, dense teacher, student logits fp32 / bf16 / fp16 (math in fp32)."""
+    return s_logits.device.type == "cpu" and t_cols is None and s_logits.dtype in _NATIVE_DTYPES
+
+
+def _pkl_rows_native(s_logits, t_vals, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain,
+                     need_grad_w, chunk_scale):
+    """pkl_rows through the torch-free C++ kernel on ``torch.get_num_threads()`` threads. fp32 logits are passed
+    as zero-copy numpy views (the kernel writes every gradient row); otherwise blocks of consecutive chunks are
+    converted to fp32 (≤ _NATIVE_BLOCK_BYTES) and their fp32 gradient cast back."""
+    from .. import _C
+
+    V_S, K = s_logits.shape[1], spans.shape[0]
+    spans = spans.long().contiguous()
+    t_chain = t_chain.detach().float().contiguous() if merge == "chain" and t_chain is not None else None
+    consts = (w_idx.to(torch.int32).contiguous().numpy(), w_val.detach().float().contiguous().numpy(),
+              col_mask.contiguous().numpy())
+    scale = chunk_scale.detach().float().contiguous() if chunk_scale is not None else None
+    loss = torch.empty(K, dtype=torch.float32)
+    grad_w = torch.zeros(V_S, 4, dtype=torch.float32) if need_grad_w else None
+
+    def call(z, t, sp, chain, cs, out_loss, out_grad, out_gw):
+        _C.pkl_rows(z.numpy(), t.numpy(), *consts, sp.numpy(), float(temperature), merge, float(eps),
+                    None if chain is None else chain.numpy(), None if cs is None else cs.numpy(), out_loss.numpy(),
+                    out_grad.numpy(), None if out_gw is None else out_gw.numpy(), torch.get_num_threads())
+
+    z_all, t_all = s_logits.detach().contiguous(), t_vals.detach().contiguous()
+    if z_all.dtype == torch.float32 and t_all.dtype == torch.float32:
+        grad = torch.empty_like(z_all)
+        call(z_all, t_all, spans, t_chain, scale, loss, grad, grad_w)
+        return loss, grad, grad_w
+    grad = torch.zeros_like(z_all)
+    n_s, n_t = spans[:, 1] - spans[:, 0], spans[:, 3] - spans[:, 2]
+    _, _, blocks = _plan(spans, "mean", max(1, _NATIVE_BLOCK_BYTES // (4 * (2 * V_S + t_all.shape[1]))))
+    for k0, k1 in blocks:
+        s_rows, _ = _expand(spans[k0:k1, 0], n_s[k0:k1])
+        t_rows, _ = _expand(spans[k0:k1, 2], n_t[k0:k1])
+        s_end, t_end = torch.cumsum(n_s[k0:k1], 0), torch.cumsum(n_t[k0:k1], 0)
+        local = torch.stack([s_end - n_s[k0:k1], s_end, t_end - n_t[k0:k1], t_end], 1)
+        z = z_all.index_select(0, s_rows).float()
+        g = torch.empty_like(z)
+        gw = torch.zeros(V_S, 4, dtype=torch.float32) if need_grad_w else None
+        call(z, t_all.index_select(0, t_rows).float(), local, None if t_chain is None else t_chain[t_rows],
+             None if scale is None else scale[k0:k1], loss[k0:k1], g, gw)
+        grad.index_copy_(0, s_rows, g.to(grad.dtype))
+        if need_grad_w:
+            grad_w += gw
+    return loss, grad, grad_w
+
+
+def _pkl_rows_torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain,
+                    need_grad_w, chunk_scale):
+    """pkl_rows in chunked torch ops (any device and dtype, dense or sparse teacher)."""
     md = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
     dev, tau = s_logits.device, float(temperature)
     V_S, K = s_logits.shape[1], spans.shape[0]

@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-from .pkl import _check_device, _covered_rows, _interpret, _row_chunk_scale
+from .pkl import _check_merge, _covered_rows, _inputs, _row_chunk_scale, _scale_rows
 
 __all__ = ["hkl_rows", "hkl_rows_autograd"]
 
@@ -36,8 +36,12 @@ _SCRATCH_BYTES = 256 << 20  # per-block scratch budget (a, b, gS, top-m values /
 
 @functools.cache
 def _kernels():
+    """Launchers of the merge, gradient and zero-row kernels, built on first use."""
+    global _tl  # a module global: the interpreter resolves a kernel's names in its module only
     import triton
     import triton.language as tl
+
+    from . import _tl
 
     @triton.jit
     def _hkl_merge_kernel(
@@ -48,7 +52,6 @@ def _kernels():
         MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
-        NEG: tl.constexpr = -1.0e30  # finite running-max seed: exp(-inf - NEG) = 0, never inf - inf
         kb = tl.program_id(0).to(tl.int64)
         k = k0 + kb
         a_row = a_ptr + kb * V_S
@@ -56,118 +59,42 @@ def _kernels():
         b_row = b_ptr + kb * V_T
         tacc_row = tacc_ptr + kb * V_T
         tcnt_row = tcnt_ptr + kb * V_T
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_t = tl.arange(0, BLOCK_T)
-        s_lo = tl.load(spans_ptr + 4 * k)
-        s_hi = tl.load(spans_ptr + 4 * k + 1)
-        t_lo = tl.load(spans_ptr + 4 * k + 2)
-        t_hi = tl.load(spans_ptr + 4 * k + 3)
-        c_s = tl.zeros((), tl.float32)
-        c_t = tl.zeros((), tl.float32)
-        if CHAIN:
-            for r0 in range(s_lo + 1, s_hi, BLOCK_S):
-                rr = r0 + offs_s
-                c_s += tl.sum(tl.load(schain_ptr + rr, mask=rr < s_hi, other=0.0))
-            for r0 in range(t_lo + 1, t_hi, BLOCK_T):
-                rr = r0 + offs_t
-                c_t += tl.sum(tl.load(tchain_ptr + rr, mask=rr < t_hi, other=0.0))
-        if not MEAN:
-            s_hi = s_lo + 1
-            t_hi = t_lo + 1
+        c_s = _tl.chain_offset(schain_ptr, spans_ptr + 4 * k, CHAIN, BLOCK_S)
+        c_t = _tl.chain_offset(tchain_ptr, spans_ptr + 4 * k + 2, CHAIN, BLOCK_T)
+        s_lo, s_hi, t_lo, t_hi = _tl.chunk_rows(spans_ptr, k, MEAN)
         n_s = (s_hi - s_lo).to(tl.float32)
-        n_t = t_hi - t_lo
 
-        # Student rows: LSE of z_r/τ.
+        # LSE of the student rows z_r/τ, and of the teacher rows t_r/τ over their allowed columns.
         for r in range(s_lo, s_hi):
-            m = tl.full((), NEG, tl.float32)
-            l = tl.zeros((), tl.float32)
-            for v0 in range(0, V_S, BLOCK_S):
-                o = v0 + offs_s
-                x = tl.load(z_ptr + r * stride_z + o, mask=o < V_S, other=float("-inf")).to(tl.float32) * inv_tau
-                m_new = tl.maximum(m, tl.max(x))
-                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new))
-                m = m_new
-            tl.store(lse_s_ptr + r, m + tl.log(l))
-        # Teacher rows: LSE of t_r/τ over A (dense) or over the row's columns ∩ A (sparse).
+            lse_r, _ = _tl.student_lse(z_ptr + r * stride_z, z_ptr, V_S, inv_tau, False, BLOCK_S)
+            tl.store(lse_s_ptr + r, lse_r)
         for r in range(t_lo, t_hi):
-            m = tl.full((), NEG, tl.float32)
-            l = tl.zeros((), tl.float32)
-            for c0 in range(0, C, BLOCK_T):
-                o = c0 + offs_t
-                if SPARSE:
-                    v = tl.load(tc_ptr + r * stride_tc + o, mask=o < C, other=-1)
-                    ok = v >= 0
-                    v = tl.where(ok, v, 0)
-                else:
-                    v = o
-                    ok = o < C
-                ok = ok & (tl.load(mask_ptr + v, mask=ok, other=0) != 0)
-                x = tl.load(t_ptr + r * stride_t + o, mask=ok, other=0.0).to(tl.float32) * inv_tau
-                x = tl.where(ok, x, float("-inf"))
-                m_new = tl.maximum(m, tl.max(x))
-                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new))
-                m = m_new
-            tl.store(lse_t_ptr + r, m + tl.log(l))
+            lse_r = _tl.teacher_lse(t_ptr + r * stride_t, tc_ptr + r * stride_tc, mask_ptr, C, inv_tau, SPARSE, BLOCK_T)
+            tl.store(lse_t_ptr + r, lse_r)
 
         # a = exp S on U_S, −1 on common student ids.
+        offs_s = tl.arange(0, BLOCK_S)
         for v0 in range(0, V_S, BLOCK_S):
             o = v0 + offs_s
             om = o < V_S
-            sv = tl.zeros((BLOCK_S,), tl.float32)
-            for r in range(s_lo, s_hi):
-                sv += tl.load(z_ptr + r * stride_z + o, mask=om, other=0.0).to(tl.float32) * inv_tau \
-                    - tl.load(lse_s_ptr + r)
+            sv = _tl.logp_sum(z_ptr, stride_z, lse_s_ptr, s_lo, s_hi, o, om, inv_tau, BLOCK_S)
             unc = tl.load(ucs_ptr + o, mask=om, other=0) != 0
             tl.store(a_row + o, tl.where(unc, tl.exp(sv / n_s + c_s), -1.0), mask=om)
 
-        if SPARSE:  # later rows: scatter (t/τ − lse) and hit counts, so T is finite only on their intersection
-            for r in range(t_lo + 1, t_hi):
-                lse_r = tl.load(lse_t_ptr + r)
-                for c0 in range(0, C, BLOCK_T):
-                    o = c0 + offs_t
-                    v = tl.load(tc_ptr + r * stride_tc + o, mask=o < C, other=-1)
-                    ok = v >= 0
-                    v = tl.where(ok, v, 0)
-                    ok = ok & (tl.load(mask_ptr + v, mask=ok, other=0) != 0)
-                    x = tl.load(t_ptr + r * stride_t + o, mask=ok, other=0.0).to(tl.float32) * inv_tau - lse_r
-                    tl.atomic_add(tacc_row + v, x, mask=ok)
-                    tl.atomic_add(tcnt_row + v, 1, mask=ok)
-            tl.debug_barrier()
+        if SPARSE:
+            _tl.scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row,
+                                   t_lo, t_hi, C, inv_tau, BLOCK_T)
 
         # Teacher columns: T, P; common pairs -> KL and gS[s_c]; uncommon allowed columns -> b = P.
         kl = tl.zeros((), tl.float32)
-        lse_t0 = tl.load(lse_t_ptr + t_lo)
         for c0 in range(0, C, BLOCK_T):
-            o = c0 + offs_t
-            if SPARSE:
-                v = tl.load(tc_ptr + t_lo * stride_tc + o, mask=o < C, other=-1)
-                inside = v >= 0
-                v = tl.where(inside, v, 0)
-            else:
-                v = o
-                inside = o < C
-            allowed = inside & (tl.load(mask_ptr + v, mask=inside, other=0) != 0)
-            ok = allowed
-            if SPARSE:
-                tv = tl.load(t_ptr + t_lo * stride_t + o, mask=ok, other=0.0).to(tl.float32) * inv_tau - lse_t0
-                if n_t > 1:
-                    tv += tl.load(tacc_row + v, mask=ok, other=0.0)
-                    ok = ok & (tl.load(tcnt_row + v, mask=ok, other=0) == n_t - 1)
-            else:
-                tv = tl.zeros((BLOCK_T,), tl.float32)
-                for r in range(t_lo, t_hi):
-                    tv += tl.load(t_ptr + r * stride_t + v, mask=ok, other=0.0).to(tl.float32) * inv_tau \
-                        - tl.load(lse_t_ptr + r)
-            tv = tv / n_t.to(tl.float32) + c_t
-            P = tl.where(ok, tl.exp(tv), 0.0)
+            o, v, inside, allowed = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, c0, C, SPARSE, BLOCK_T)
+            tv, P, ok = _tl.teacher_merged(t_ptr, stride_t, lse_t_ptr, tacc_row, tcnt_row, t_lo, t_hi, o, v, allowed,
+                                           c_t, inv_tau, SPARSE, BLOCK_T)
             sc = tl.load(tmap_ptr + v, mask=allowed, other=-1)
             com = allowed & (sc >= 0)
             sc = tl.where(com, sc, 0)
-            s_c = tl.zeros((BLOCK_T,), tl.float32)
-            for r in range(s_lo, s_hi):
-                s_c += tl.load(z_ptr + r * stride_z + sc, mask=com, other=0.0).to(tl.float32) * inv_tau \
-                    - tl.load(lse_s_ptr + r)
-            s_c = s_c / n_s + c_s
+            s_c = _tl.logp_sum(z_ptr, stride_z, lse_s_ptr, s_lo, s_hi, sc, com, inv_tau, BLOCK_T) / n_s + c_s
             kl += tl.sum(tl.where(com & (P > 0), P * (tv - s_c), 0.0))
             tl.store(gs_row + sc, -tau * tau * P, mask=com)
             if SPARSE:  # b was pre-filled (0 on U_T, −1 elsewhere); only the teacher's own columns carry mass
@@ -178,22 +105,13 @@ def _kernels():
 
         if SPARSE:  # leave the scratch rows all-zero for the next block
             tl.debug_barrier()
-            for r in range(t_lo + 1, t_hi):
-                for c0 in range(0, C, BLOCK_T):
-                    o = c0 + offs_t
-                    v = tl.load(tc_ptr + r * stride_tc + o, mask=o < C, other=-1)
-                    tl.store(tacc_row + v, tl.zeros((BLOCK_T,), tl.float32), mask=v >= 0)
-                    tl.store(tcnt_row + v, tl.zeros((BLOCK_T,), tl.int32), mask=v >= 0)
+            _tl.clear_later_rows(tc_ptr, stride_tc, tacc_row, tcnt_row, t_lo, t_hi, C, BLOCK_T)
 
     @triton.jit
     def _hkl_grad_kernel(z_ptr, stride_z, spans_ptr, k0, gs_ptr, gsum_ptr, lse_s_ptr, dz_ptr, stride_dz,
                          V_S, inv_tau, MEAN: tl.constexpr, BLOCK_S: tl.constexpr):
         kb = tl.program_id(0).to(tl.int64)
-        k = k0 + kb
-        s_lo = tl.load(spans_ptr + 4 * k)
-        s_hi = tl.load(spans_ptr + 4 * k + 1)
-        if not MEAN:
-            s_hi = s_lo + 1
+        s_lo, s_hi, _, _ = _tl.chunk_rows(spans_ptr, k0 + kb, MEAN)
         coef = inv_tau / (s_hi - s_lo).to(tl.float32)
         gsum = tl.load(gsum_ptr + kb)
         offs = tl.arange(0, BLOCK_S)
@@ -202,36 +120,16 @@ def _kernels():
             om = o < V_S
             g = tl.load(gs_ptr + kb * V_S + o, mask=om, other=0.0)
             for r in range(s_lo, s_hi):
-                p = tl.exp(tl.load(z_ptr + r * stride_z + o, mask=om, other=float("-inf")).to(tl.float32) * inv_tau
-                           - tl.load(lse_s_ptr + r))
+                p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r))
                 tl.store(dz_ptr + r * stride_dz + o, (coef * (g - p * gsum)).to(dz_ptr.dtype.element_ty), mask=om)
 
-    @triton.jit
-    def _zero_rows_kernel(dz_ptr, stride_dz, covered_ptr, N, V, BLOCK: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK)
-        for r in range(pid, N, tl.num_programs(0)):
-            if tl.load(covered_ptr + r) == 0:
-                for v0 in range(0, V, BLOCK):
-                    o = v0 + offs
-                    tl.store(dz_ptr + r * stride_dz + o, tl.zeros((BLOCK,), tl.float32).to(dz_ptr.dtype.element_ty),
-                             mask=o < V)
-
-    if _interpret():  # one fixed small config: the interpreter is slow and cannot time configs
-        return (functools.partial(_launcher, _hkl_merge_kernel, dict(BLOCK_S=128, BLOCK_T=64)),
-                functools.partial(_launcher, _hkl_grad_kernel, dict(BLOCK_S=128)),
-                functools.partial(_launcher, _zero_rows_kernel, dict(BLOCK=128)))
     merge_cfg = [triton.Config({"BLOCK_S": bs, "BLOCK_T": bt}, num_warps=nw)
                  for bs, bt, nw in ((1024, 256, 4), (2048, 512, 8), (4096, 512, 16))]
     grad_cfg = [triton.Config({"BLOCK_S": bs}, num_warps=nw) for bs, nw in ((1024, 4), (2048, 8), (4096, 16))]
-    merge_tuned = triton.autotune(merge_cfg, key=["V_S", "V_T", "C", "MEAN", "SPARSE"])(_hkl_merge_kernel)
-    grad_tuned = triton.autotune(grad_cfg, key=["V_S", "MEAN"])(_hkl_grad_kernel)
-    return (functools.partial(_launcher, merge_tuned, {}), functools.partial(_launcher, grad_tuned, {}),
-            functools.partial(_launcher, _zero_rows_kernel, dict(BLOCK=2048, num_warps=8)))
-
-
-def _launcher(kernel, config, grid, *args, **kwargs):
-    kernel[grid](*args, **kwargs, **config)
+    return (_tl.launcher(_hkl_merge_kernel, dict(BLOCK_S=128, BLOCK_T=64), merge_cfg,
+                         key=["V_S", "V_T", "C", "MEAN", "SPARSE"]),
+            _tl.launcher(_hkl_grad_kernel, dict(BLOCK_S=128), grad_cfg, key=["V_S", "MEAN"]),
+            _tl.launcher(_tl.zero_uncovered_rows, dict(BLOCK=128), [triton.Config({"BLOCK": 2048}, num_warps=8)]))
 
 
 def _chunks_per_block(V_S: int, V_T: int, m_up: int, sparse: bool) -> int:
@@ -247,22 +145,12 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     Common pairs whose teacher id is outside ``col_mask`` are ignored (their student id becomes uncommon).
     ``teacher_is_logprob`` does not change the math (log π = log-softmax of t/τ over the allowed columns)."""
     del teacher_is_logprob
-    if merge not in ("mean", "first", "chain"):
-        raise ValueError(f"merge must be 'mean', 'first' or 'chain', got {merge!r}")
-    if merge == "chain" and (s_chain is None or t_chain is None):
-        raise ValueError("merge='chain' needs s_chain and t_chain")
-    device = s_logits.device
-    _check_device(device)
-    N_s, V_S = s_logits.shape
-    V_T = col_mask.numel()
-    K = spans.shape[0]
-    tau = float(temperature)
-    s_logits = s_logits if s_logits.stride(-1) == 1 else s_logits.contiguous()
-    t_vals = t_vals.detach()
-    t_vals = t_vals if t_vals.stride(-1) == 1 else t_vals.contiguous()
+    _check_merge(merge, s_chain=s_chain, t_chain=t_chain)
     sparse = t_cols is not None
-    C = t_vals.shape[1]
-    spans = spans.to(device=device, dtype=torch.int64).contiguous()
+    s_logits, t_vals, t_cols, spans = _inputs(s_logits, t_vals, t_cols, spans)
+    device = s_logits.device
+    (N_s, V_S), V_T, K, C = s_logits.shape, col_mask.numel(), spans.shape[0], t_vals.shape[1]
+    tau = float(temperature)
     f32 = dict(dtype=torch.float32, device=device)
 
     # Common pairs with an allowed teacher id: teacher -> student map, uncommon-student flags, m (on device).
@@ -287,11 +175,6 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     chain = merge == "chain"
     s_ch = s_chain.to(**f32).contiguous() if chain else lse_s
     t_ch = t_chain.to(**f32).contiguous() if chain else lse_t
-    if sparse:
-        t_cols = t_cols.to(device=device, dtype=torch.int64)
-        t_cols = t_cols if t_cols.stride(-1) == 1 else t_cols.contiguous()
-    else:
-        t_cols = t_vals  # unused placeholder (SPARSE=False)
     per_block = _chunks_per_block(V_S, V_T, m_up, sparse)
     merge_k, grad_k, zero_k = _kernels()
     b_init = torch.where(u_t, 0.0, -1.0).to(torch.float32)
@@ -325,11 +208,8 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
         gsum_all[k0:k0 + Kb] = gsum
         grad_k((Kb,), s_logits, s_logits.stride(0), spans, k0, gS, gsum, lse_s, grad, grad.stride(0), V_S, 1.0 / tau,
                MEAN=merge == "mean")
-    eff = spans[:, :2].clone()
-    if merge != "mean":
-        eff[:, 1] = eff[:, 0] + 1
     n_prog = max(1, min(N_s, 1024 if device.type == "cuda" else 2))
-    zero_k((n_prog,), grad, grad.stride(0), _covered_rows(eff, N_s), N_s, V_S)
+    zero_k((n_prog,), grad, grad.stride(0), _covered_rows(spans, merge, N_s), N_s, V_S)
     if not want_grad_chain:
         return loss, grad
     grad_chain = torch.zeros(N_s, **f32)
@@ -373,9 +253,8 @@ def _hkl_setup(ctx, inputs, output):
 
 def _hkl_backward(ctx, g_loss, _g_grad, _g_chain):
     spans, grad, grad_chain = ctx.saved_tensors
-    scale = _row_chunk_scale(spans.long(), g_loss.to(torch.float32), grad.shape[0])
-    d_chain = grad_chain * scale if ctx.has_chain else None
-    return ((grad * scale.unsqueeze(1)).to(grad.dtype),) + (None,) * 6 + (d_chain,) + (None,) * 4
+    d_grad, scale = _scale_rows(spans, grad, g_loss)
+    return (d_grad,) + (None,) * 6 + (grad_chain * scale if ctx.has_chain else None,) + (None,) * 4
 
 
 _hkl_op.register_autograd(_hkl_backward, setup_context=_hkl_setup)

@@ -42,9 +42,12 @@ def _interpret() -> bool:
 
 @functools.cache
 def _kernels():
-    """Define the Triton kernels on first use (TRITON_INTERPRET is read when a kernel is decorated)."""
+    """The kernel's launcher, built on first use (TRITON_INTERPRET is read when a kernel is decorated)."""
+    global _tl  # a module global: the interpreter resolves a kernel's names in its module only
     import triton
     import triton.language as tl
+
+    from . import _tl
 
     @triton.jit
     def _pkl_kernel(
@@ -58,7 +61,6 @@ def _kernels():
         GRAD_W: tl.constexpr, ATOMIC_W: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr,
         BLOCK_T: tl.constexpr,
     ):
-        NEG: tl.constexpr = -1.0e30  # finite running-max seed: exp(-inf - NEG) = 0, never inf - inf
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         slot = pid.to(tl.int64) * V_T
@@ -69,109 +71,35 @@ def _kernels():
         offs_s = tl.arange(0, BLOCK_S)
         offs_t = tl.arange(0, BLOCK_T)
         for k in range(pid, K, nprog):
-            s_lo = tl.load(spans_ptr + 4 * k)
-            s_hi = tl.load(spans_ptr + 4 * k + 1)
-            t_lo = tl.load(spans_ptr + 4 * k + 2)
-            t_hi = tl.load(spans_ptr + 4 * k + 3)
-            c_t = tl.zeros((), tl.float32)
-            if CHAIN:
-                for r0 in range(t_lo + 1, t_hi, BLOCK_T):
-                    rr = r0 + offs_t
-                    c_t += tl.sum(tl.load(tchain_ptr + rr, mask=rr < t_hi, other=0.0))
-            if not MEAN:
-                s_hi = s_lo + 1
-                t_hi = t_lo + 1
+            c_t = _tl.chain_offset(tchain_ptr, spans_ptr + 4 * k + 2, CHAIN, BLOCK_T)
+            s_lo, s_hi, t_lo, t_hi = _tl.chunk_rows(spans_ptr, k, MEAN)
             n_s = (s_hi - s_lo).to(tl.float32)
-            n_t = t_hi - t_lo
 
             # A: student rows, lse_r = LSE(z_r/τ) and Z_r = Σ p_r a (online over V_S tiles).
             z_sum = tl.zeros((), tl.float32)
             for r in range(s_lo, s_hi):
-                row = z_ptr + r * stride_z
-                m = tl.full((), NEG, tl.float32)
-                l = tl.zeros((), tl.float32)
-                la = tl.zeros((), tl.float32)
-                for v0 in range(0, V_S, BLOCK_S):
-                    o = v0 + offs_s
-                    om = o < V_S
-                    x = tl.load(row + o, mask=om, other=float("-inf")).to(tl.float32) * inv_tau
-                    a = tl.load(a_ptr + o, mask=om, other=0.0)
-                    m_new = tl.maximum(m, tl.max(x))
-                    alpha = tl.exp(m - m_new)
-                    e = tl.exp(x - m_new)
-                    l = l * alpha + tl.sum(e)
-                    la = la * alpha + tl.sum(e * a)
-                    m = m_new
-                tl.store(lse_s_ptr + r, m + tl.log(l))
-                z_r = la / l
+                lse_r, z_r = _tl.student_lse(z_ptr + r * stride_z, a_ptr, V_S, inv_tau, True, BLOCK_S)
+                tl.store(lse_s_ptr + r, lse_r)
                 tl.store(zr_ptr + r, z_r)
                 z_sum += z_r
             Z = z_sum / n_s
 
             # B: teacher rows, LSE over the allowed columns of t_r/τ.
             for r in range(t_lo, t_hi):
-                m = tl.full((), NEG, tl.float32)
-                l = tl.zeros((), tl.float32)
-                for c0 in range(0, C, BLOCK_T):
-                    o = c0 + offs_t
-                    if SPARSE:
-                        v = tl.load(tc_ptr + r * stride_tc + o, mask=o < C, other=-1)
-                        ok = v >= 0
-                        v = tl.where(ok, v, 0)
-                    else:
-                        v = o
-                        ok = o < C
-                    ok = ok & (tl.load(mask_ptr + v, mask=ok, other=0) != 0)
-                    x = tl.load(t_ptr + r * stride_t + o, mask=ok, other=float("-inf")).to(tl.float32) * inv_tau
-                    x = tl.where(ok, x, float("-inf"))
-                    m_new = tl.maximum(m, tl.max(x))
-                    l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new))
-                    m = m_new
-                tl.store(lse_t_ptr + r, m + tl.log(l))
-
+                lse_r = _tl.teacher_lse(t_ptr + r * stride_t, tc_ptr + r * stride_tc, mask_ptr, C, inv_tau, SPARSE,
+                                        BLOCK_T)
+                tl.store(lse_t_ptr + r, lse_r)
             if SPARSE:
-                # Rows after the first: scatter (t/τ − lse) and a hit count into scratch, so T[v] is finite only
-                # where every row of the chunk has column v.
-                for r in range(t_lo + 1, t_hi):
-                    lse_r = tl.load(lse_t_ptr + r)
-                    for c0 in range(0, C, BLOCK_T):
-                        o = c0 + offs_t
-                        v = tl.load(tc_ptr + r * stride_tc + o, mask=o < C, other=-1)
-                        ok = v >= 0
-                        v = tl.where(ok, v, 0)
-                        ok = ok & (tl.load(mask_ptr + v, mask=ok, other=0) != 0)
-                        x = tl.load(t_ptr + r * stride_t + o, mask=ok, other=0.0).to(tl.float32) * inv_tau - lse_r
-                        tl.atomic_add(tacc_row + v, x, mask=ok)
-                        tl.atomic_add(tcnt_row + v, 1, mask=ok)
-                tl.debug_barrier()
+                _tl.scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row,
+                                       t_lo, t_hi, C, inv_tau, BLOCK_T)
 
             # C: teacher-column tiles: T, P, Qu (CSC gather), loss, M, h.
             loss = tl.zeros((), tl.float32)
             M = tl.zeros((), tl.float32)
-            lse_t0 = tl.load(lse_t_ptr + t_lo)
             for c0 in range(0, C, BLOCK_T):
-                o = c0 + offs_t
-                if SPARSE:
-                    v = tl.load(tc_ptr + t_lo * stride_tc + o, mask=o < C, other=-1)
-                    ok = v >= 0
-                    v = tl.where(ok, v, 0)
-                else:
-                    v = o
-                    ok = o < C
-                inside = ok
-                ok = ok & (tl.load(mask_ptr + v, mask=ok, other=0) != 0)
-                if SPARSE:
-                    tv = tl.load(t_ptr + t_lo * stride_t + o, mask=ok, other=0.0).to(tl.float32) * inv_tau - lse_t0
-                    if n_t > 1:
-                        tv += tl.load(tacc_row + v, mask=ok, other=0.0)
-                        ok = ok & (tl.load(tcnt_row + v, mask=ok, other=0) == n_t - 1)
-                else:
-                    tv = tl.zeros((BLOCK_T,), tl.float32)
-                    for r in range(t_lo, t_hi):
-                        tv += tl.load(t_ptr + r * stride_t + v, mask=ok, other=0.0).to(tl.float32) * inv_tau \
-                            - tl.load(lse_t_ptr + r)
-                tv = tv / n_t.to(tl.float32) + c_t
-                P = tl.where(ok, tl.exp(tv), 0.0)
+                o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, c0, C, SPARSE, BLOCK_T)
+                tv, P, ok = _tl.teacher_merged(t_ptr, stride_t, lse_t_ptr, tacc_row, tcnt_row, t_lo, t_hi, o, v, ok,
+                                               c_t, inv_tau, SPARSE, BLOCK_T)
                 # Qu[v] = mean_r Σ_{s→v} W_sv p_r[s]: ragged column lists, masked lanes have length 0.
                 start = tl.load(colptr_ptr + v, mask=ok, other=0)
                 length = tl.load(colptr_ptr + v + 1, mask=ok, other=0) - start
@@ -182,8 +110,7 @@ def _kernels():
                     w = tl.load(cscval_ptr + start + j, mask=jm, other=0.0)
                     pr = tl.zeros((BLOCK_T,), tl.float32)
                     for r in range(s_lo, s_hi):
-                        zs = tl.load(z_ptr + r * stride_z + s, mask=jm, other=float("-inf")).to(tl.float32)
-                        pr += tl.exp(zs * inv_tau - tl.load(lse_s_ptr + r))
+                        pr += _tl.softmax_tile(z_ptr + r * stride_z, s, jm, inv_tau, tl.load(lse_s_ptr + r))
                     qu += w * pr
                 q = qu / (n_s * Z)
                 live = P > 0
@@ -209,15 +136,8 @@ def _kernels():
                     for v0 in range(0, V_S, BLOCK_S):
                         o = v0 + offs_s
                         om = o < V_S
-                        p = tl.exp(tl.load(z_ptr + r * stride_z + o, mask=om, other=float("-inf"))
-                                   .to(tl.float32) * inv_tau - lse_r)
-                        hs = tl.zeros((BLOCK_S,), tl.float32)
-                        for sl in tl.static_range(4):
-                            ci = tl.load(widx_ptr + o * 4 + sl, mask=om, other=-1)
-                            cm = ci >= 0
-                            wv = tl.load(wval_ptr + o * 4 + sl, mask=cm, other=0.0)
-                            hs += wv * tl.load(h_row + tl.where(cm, ci, 0), mask=cm, other=0.0)
-                        d += tl.sum(p * hs)
+                        hs = _tl.ell_gather(widx_ptr, wval_ptr, h_row, o, om, 4, BLOCK_S)
+                        d += tl.sum(_tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, lse_r) * hs)
                     tl.store(dr_ptr + r, d)
             else:
                 tl.store(dr_ptr + s_lo, Z * M)
@@ -227,16 +147,10 @@ def _kernels():
                 o = v0 + offs_s
                 om = o < V_S
                 a = tl.load(a_ptr + o, mask=om, other=0.0)
-                hs = tl.zeros((BLOCK_S,), tl.float32)
-                for sl in tl.static_range(4):
-                    ci = tl.load(widx_ptr + o * 4 + sl, mask=om, other=-1)
-                    cm = ci >= 0
-                    wv = tl.load(wval_ptr + o * 4 + sl, mask=cm, other=0.0)
-                    hs += wv * tl.load(h_row + tl.where(cm, ci, 0), mask=cm, other=0.0)
+                hs = _tl.ell_gather(widx_ptr, wval_ptr, h_row, o, om, 4, BLOCK_S)
                 pbar = tl.zeros((BLOCK_S,), tl.float32)
                 for r in range(s_lo, s_hi):
-                    p = tl.exp(tl.load(z_ptr + r * stride_z + o, mask=om, other=float("-inf"))
-                               .to(tl.float32) * inv_tau - tl.load(lse_s_ptr + r))
+                    p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r))
                     # (D_r − H_s) and (a_s − Z_r) are each formed before the product: the 1 − g
                     # cancellation stays in fp32 at the scale of its terms.
                     dz = coef * p * ((tl.load(dr_ptr + r) - hs) + M * (a - tl.load(zr_ptr + r)))
@@ -261,27 +175,16 @@ def _kernels():
                     o = c0 + offs_t
                     v = tl.load(tc_ptr + t_lo * stride_tc + o, mask=o < C, other=-1)
                     tl.store(h_row + v, tl.zeros((BLOCK_T,), tl.float32), mask=v >= 0)
-                for r in range(t_lo + 1, t_hi):
-                    for c0 in range(0, C, BLOCK_T):
-                        o = c0 + offs_t
-                        v = tl.load(tc_ptr + r * stride_tc + o, mask=o < C, other=-1)
-                        tl.store(tacc_row + v, tl.zeros((BLOCK_T,), tl.float32), mask=v >= 0)
-                        tl.store(tcnt_row + v, tl.zeros((BLOCK_T,), tl.int32), mask=v >= 0)
+                _tl.clear_later_rows(tc_ptr, stride_tc, tacc_row, tcnt_row, t_lo, t_hi, C, BLOCK_T)
                 tl.debug_barrier()
 
         # Rows that no chunk's (effective) span covers get a zero gradient.
-        for r in range(pid.to(tl.int64), N_s, nprog):
-            if tl.load(covered_ptr + r) == 0:
-                for v0 in range(0, V_S, BLOCK_S):
-                    o = v0 + offs_s
-                    tl.store(dz_ptr + r * stride_dz + o,
-                             tl.zeros((BLOCK_S,), tl.float32).to(dz_ptr.dtype.element_ty), mask=o < V_S)
+        _tl.zero_uncovered_rows(dz_ptr, stride_dz, covered_ptr, N_s, V_S, BLOCK_S)
 
     configs = [triton.Config({"BLOCK_S": bs, "BLOCK_T": bt}, num_warps=nw)
                for bs, bt, nw in ((1024, 256, 4), (2048, 256, 8), (4096, 512, 8), (4096, 512, 16))]
-    tuned = triton.autotune(configs, key=["V_S", "V_T", "C", "MEAN", "SPARSE", "GRAD_W"],
-                            reset_to_zero=["gw_ptr"])(_pkl_kernel)
-    return _pkl_kernel, tuned
+    return _tl.launcher(_pkl_kernel, dict(BLOCK_S=128, BLOCK_T=64), configs,
+                        key=["V_S", "V_T", "C", "MEAN", "SPARSE", "GRAD_W"], reset_to_zero=["gw_ptr"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -311,11 +214,14 @@ def _csc_structure(w_idx: torch.Tensor, V_T: int):
     return out
 
 
-def _covered_rows(spans: torch.Tensor, n: int) -> torch.Tensor:
-    """int8 [n]: 1 for rows inside some span [lo, hi) (difference array + cumsum, no host sync)."""
+def _covered_rows(spans: torch.Tensor, merge: str, n: int) -> torch.Tensor:
+    """int8 [n]: 1 for the student rows some chunk merges, [lo, hi) ("mean") or lo alone ("first"/"chain")
+    (difference array + cumsum, no host sync)."""
+    lo = spans[:, 0]
+    hi = spans[:, 1] if merge == "mean" else lo + 1
     d = torch.zeros(n + 1, dtype=torch.int32, device=spans.device)
-    d.index_add_(0, spans[:, 0], torch.ones_like(spans[:, 0], dtype=torch.int32))
-    d.index_add_(0, spans[:, 1], -torch.ones_like(spans[:, 1], dtype=torch.int32))
+    d.index_add_(0, lo, torch.ones_like(lo, dtype=torch.int32))
+    d.index_add_(0, hi, -torch.ones_like(hi, dtype=torch.int32))
     return (torch.cumsum(d, 0)[:n] > 0).to(torch.int8)
 
 
@@ -323,6 +229,20 @@ def _check_device(device: torch.device):
     if device.type != "cuda" and not _interpret():
         raise RuntimeError("the Triton ops need CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
                            f"to run on {device.type} tensors")
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _inputs(s_logits, t_vals, t_cols, spans):
+    """(s_logits, t_vals, t_cols, spans) checked and in kernel layout: row-major logits and detached teacher values,
+    int64 row-major teacher columns (dense: t_vals stands in, unused with SPARSE=False), int64 spans."""
+    device = s_logits.device
+    _check_device(device)
+    t_vals = _row_major(t_vals.detach())
+    t_cols = t_vals if t_cols is None else _row_major(t_cols.to(device=device, dtype=torch.int64))
+    return _row_major(s_logits), t_vals, t_cols, spans.to(device=device, dtype=torch.int64).contiguous()
 
 
 def _num_programs(K: int, device: torch.device) -> int:
@@ -333,17 +253,10 @@ def _num_programs(K: int, device: torch.device) -> int:
 
 def _launch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain,
             chunk_scale, need_grad_w, deterministic):
-    device = s_logits.device
-    _check_device(device)
-    N_s, V_S = s_logits.shape
-    V_T = col_mask.numel()
-    K = spans.shape[0]
-    s_logits = s_logits if s_logits.stride(-1) == 1 else s_logits.contiguous()
-    t_vals = t_vals.detach()
-    t_vals = t_vals if t_vals.stride(-1) == 1 else t_vals.contiguous()
     sparse = t_cols is not None
-    C = t_vals.shape[1]
-    spans = spans.to(device=device, dtype=torch.int64).contiguous()
+    s_logits, t_vals, t_cols, spans = _inputs(s_logits, t_vals, t_cols, spans)
+    device = s_logits.device
+    (N_s, V_S), V_T, K, C = s_logits.shape, col_mask.numel(), spans.shape[0], t_vals.shape[1]
     w_idx = w_idx.to(torch.int32).contiguous()
     w_val = w_val.detach().to(torch.float32).contiguous()
     mask = col_mask.to(torch.int8).contiguous()
@@ -362,16 +275,11 @@ def _launch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature
     nprog = _num_programs(K, device)
     h = torch.zeros(nprog, V_T, **f32)
     if sparse:
-        t_cols = t_cols.to(device=device, dtype=torch.int64)
-        t_cols = t_cols if t_cols.stride(-1) == 1 else t_cols.contiguous()
         tacc = torch.zeros(nprog, V_T, **f32)
         tcnt = torch.zeros(nprog, V_T, dtype=torch.int32, device=device)
     else:
-        t_cols, tacc, tcnt = t_vals, h, h  # unused placeholders (SPARSE=False)
-    eff = spans[:, :2].clone()
-    if merge != "mean":
-        eff[:, 1] = eff[:, 0] + 1
-    covered = _covered_rows(eff, N_s)
+        tacc, tcnt = h, h  # unused placeholders (SPARSE=False)
+    covered = _covered_rows(spans, merge, N_s)
     if need_grad_w:
         grad_w_buf = torch.zeros(nprog if deterministic else 1, V_S, _SLOTS, **f32)
     row_stats = torch.empty(3, N_s, **f32)
@@ -379,29 +287,26 @@ def _launch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature
     chain = t_chain.to(**f32).contiguous() if merge == "chain" else loss
     scale = chunk_scale.to(**f32).contiguous() if chunk_scale is not None else loss
 
-    plain, tuned = _kernels()
-    args = (s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
-            a, w_idx, w_val, col_ptr, row_idx, csc_val, mask, spans, chain, scale, covered,
-            loss, grad, grad.stride(0),
-            grad_w_buf if need_grad_w else loss, V_S * _SLOTS if (need_grad_w and deterministic) else 0,
-            row_stats[0], row_stats[1], row_stats[2], lse_t, h, tacc, tcnt,
-            K, N_s, V_S, V_T, C, 1.0 / float(temperature), float(temperature), float(eps))
-    flags = dict(MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
-                 ATOMIC_W=not deterministic, HAS_SCALE=chunk_scale is not None)
-    if _interpret():
-        plain[(nprog,)](*args, **flags, BLOCK_S=128, BLOCK_T=64)
-    else:
-        tuned[(nprog,)](*args, **flags)
+    _kernels()((nprog,),
+               s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
+               a, w_idx, w_val, col_ptr, row_idx, csc_val, mask, spans, chain, scale, covered,
+               loss, grad, grad.stride(0),
+               grad_w_buf if need_grad_w else loss, V_S * _SLOTS if (need_grad_w and deterministic) else 0,
+               row_stats[0], row_stats[1], row_stats[2], lse_t, h, tacc, tcnt,
+               K, N_s, V_S, V_T, C, 1.0 / float(temperature), float(temperature), float(eps),
+               MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
+               ATOMIC_W=not deterministic, HAS_SCALE=chunk_scale is not None)
     if need_grad_w:
         grad_w = grad_w_buf.sum(0)  # fixed-order reduction of the per-program partials (deterministic mode)
     return loss, grad, grad_w
 
 
-def _check_merge(merge, t_chain):
+def _check_merge(merge, **chains):
+    """merge is one of mean/first/chain; "chain" needs every given chain tensor."""
     if merge not in ("mean", "first", "chain"):
         raise ValueError(f"merge must be 'mean', 'first' or 'chain', got {merge!r}")
-    if merge == "chain" and t_chain is None:
-        raise ValueError("merge='chain' needs t_chain")
+    if merge == "chain" and any(c is None for c in chains.values()):
+        raise ValueError("merge='chain' needs " + " and ".join(chains))
 
 
 def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, s_chain, t_chain,
@@ -414,7 +319,7 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
     log-softmax of t/τ over the allowed columns either way). Deterministic W gradient (per-program partials
     reduced in a fixed order) when ``torch.are_deterministic_algorithms_enabled()``, fp32 atomics otherwise."""
     del s_chain, teacher_is_logprob
-    _check_merge(merge, t_chain)
+    _check_merge(merge, t_chain=t_chain)
     return _launch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain,
                    chunk_scale, want_grad_w, torch.are_deterministic_algorithms_enabled())
 
@@ -454,6 +359,12 @@ def _row_chunk_scale(spans, g_loss, n):
     return torch.where(chunk >= 0, g_loss[chunk.clamp(min=0)], torch.zeros((), device=g_loss.device))
 
 
+def _scale_rows(spans, grad, g_loss):
+    """(grad with chunk k's student rows scaled by g_loss[k], the row scale [N_s] f32)."""
+    scale = _row_chunk_scale(spans.long(), g_loss.to(torch.float32), grad.shape[0])
+    return (grad * scale.unsqueeze(1)).to(grad.dtype), scale
+
+
 def _pkl_setup(ctx, inputs, output):
     s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain, _, need_grad_w = inputs
     ctx.args = (temperature, merge, eps, need_grad_w)
@@ -467,9 +378,7 @@ def _pkl_backward(ctx, g_loss, _g_grad, _g_grad_w):
     temperature, merge, eps, need_grad_w = ctx.args
     g_loss = g_loss.to(torch.float32).contiguous()
     if not need_grad_w:
-        spans, grad = ctx.saved_tensors
-        scale = _row_chunk_scale(spans.long(), g_loss, grad.shape[0])
-        return ((grad * scale.unsqueeze(1)).to(grad.dtype),) + (None,) * 12
+        return (_scale_rows(*ctx.saved_tensors, g_loss)[0],) + (None,) * 12
     s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, t_chain = ctx.saved_tensors
     _, grad, grad_w = torch.ops.xtoken.pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans,
                                                 temperature, merge, eps, t_chain, g_loss, True)
@@ -484,7 +393,7 @@ def pkl_rows_autograd(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, t
     """Differentiable per-chunk P-KL [K] (``xtoken::pkl_rows``): gradients flow to ``s_logits`` and, when it
     requires grad, to ``w_val``. Arguments as in :func:`pkl_rows`."""
     del s_chain, teacher_is_logprob
-    _check_merge(merge, t_chain)
+    _check_merge(merge, t_chain=t_chain)
     need_grad_w = w_val.requires_grad and torch.is_grad_enabled()
     return torch.ops.xtoken.pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, float(temperature),
                                      merge, float(eps), t_chain, None, need_grad_w)[0]

@@ -170,7 +170,7 @@ def _hybrid(student_logits, teacher_logits, batch, proj, temperature, reduction,
 
 
 def hkl_loss(student_logits, teacher_logits, batch, proj, temperature=1.0, reduction="mean", *, merge="mean",
-             uncovered="renormalize", teacher_topk=None, uncommon_topk=None, normalizer=None, teacher_indices=None,
+             uncovered="renormalize", teacher_topk=None, uncommon_topk=8192, normalizer=None, teacher_indices=None,
              student_ids=None, teacher_ids=None):
     """H-KL: common set = W's relaxed top-1 pairs (weight ≥ 0.6);
     L_k = τ² (Σ_c P[t_c](T[t_c] − S[s_c]) + Σ_{i<m} |sort↓(exp S[U_S])_i − sort↓(P[U_T])_i|)."""
@@ -180,7 +180,7 @@ def hkl_loss(student_logits, teacher_logits, batch, proj, temperature=1.0, reduc
 
 
 def gold_loss(student_logits, teacher_logits, batch, proj, temperature=1.0, reduction="mean", *, merge="mean",
-              uncovered="renormalize", teacher_topk=None, uncommon_topk=None, normalizer=None, teacher_indices=None,
+              uncovered="renormalize", teacher_topk=None, uncommon_topk=8192, normalizer=None, teacher_indices=None,
               student_ids=None, teacher_ids=None):
     """GOLD: the H-KL formula over the strict (exact one-hot) common set."""
     return _hybrid(student_logits, teacher_logits, batch, proj, temperature, reduction, merge, uncovered,

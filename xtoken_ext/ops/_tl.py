@@ -1,0 +1,194 @@
+"""Triton helpers shared by the fused row-space kernels of ops.pkl and ops.hkl (``@triton.jit`` functions inline
+at their call sites; constexpr arguments such as SPARSE / BLOCK specialize them). Imports triton: only the lazily
+built kernel code of ops.pkl / ops.hkl imports this module.
+
+Notation: τ temperature (inv_tau = 1/τ), a chunk's rows [lo, hi) of a side, C teacher columns per row (V_T dense,
+k sparse; sparse column ids are −1 padded), A the allowed teacher columns (mask[v] != 0).
+"""
+from __future__ import annotations
+
+import functools
+
+import triton
+import triton.language as tl
+
+from .pkl import _interpret
+
+NEG = tl.constexpr(-1.0e30)  # finite running-max seed: exp(-inf - NEG) = 0, never inf - inf
+
+
+def launcher(kernel, interp_meta, configs, key=(), **autotune_kw):
+    """(grid, *args, **kw) -> kernel[grid](*args, **kw): under the interpreter one fixed small config
+    ``interp_meta`` (it is slow and cannot time configs), else autotuned over ``configs`` keyed on ``key``
+    (a single config is used as is, without timing)."""
+    if _interpret():
+        return functools.partial(_run, kernel, interp_meta)
+    return functools.partial(_run, triton.autotune(configs, key=list(key), **autotune_kw)(kernel), {})
+
+
+def _run(kernel, meta, grid, *args, **kwargs):
+    kernel[grid](*args, **kwargs, **meta)
+
+
+@triton.jit
+def chunk_rows(spans_ptr, k, MEAN: tl.constexpr):
+    """Chunk k's merged student rows [s_lo, s_hi) and teacher rows [t_lo, t_hi) (first/chain: first rows only)."""
+    s_lo = tl.load(spans_ptr + 4 * k)
+    s_hi = tl.load(spans_ptr + 4 * k + 1)
+    t_lo = tl.load(spans_ptr + 4 * k + 2)
+    t_hi = tl.load(spans_ptr + 4 * k + 3)
+    if not MEAN:
+        s_hi = s_lo + 1
+        t_hi = t_lo + 1
+    return s_lo, s_hi, t_lo, t_hi
+
+
+@triton.jit
+def chain_offset(chain_ptr, span_ptr, CHAIN: tl.constexpr, BLOCK: tl.constexpr):
+    """Σ_{lo<r<hi} chain[r] for the full span [lo, hi) = span_ptr[0:2] (0 unless CHAIN)."""
+    acc = tl.zeros((), tl.float32)
+    if CHAIN:
+        lo = tl.load(span_ptr)
+        hi = tl.load(span_ptr + 1)
+        offs = tl.arange(0, BLOCK)
+        for r0 in range(lo + 1, hi, BLOCK):
+            rr = r0 + offs
+            acc += tl.sum(tl.load(chain_ptr + rr, mask=rr < hi, other=0.0))
+    return acc
+
+
+@triton.jit
+def lse_step(m, l, x):
+    """Fold tile x into an online LSE (running max m, l = Σ exp(x − m)) -> (m', l', exp(x − m'), exp(m − m'))."""
+    m_new = tl.maximum(m, tl.max(x))
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(x - m_new)
+    return m_new, l * alpha + tl.sum(e), e, alpha
+
+
+@triton.jit
+def student_lse(row_ptr, w_ptr, V, inv_tau, WEIGHTED: tl.constexpr, BLOCK: tl.constexpr):
+    """-> (lse = LSE_v row[v]/τ, Σ_v softmax(row/τ)[v] w[v] if WEIGHTED else 0), online over V in BLOCK tiles."""
+    m = tl.full((), NEG, tl.float32)
+    l = tl.zeros((), tl.float32)
+    lw = tl.zeros((), tl.float32)
+    offs = tl.arange(0, BLOCK)
+    for v0 in range(0, V, BLOCK):
+        o = v0 + offs
+        om = o < V
+        x = tl.load(row_ptr + o, mask=om, other=float("-inf")).to(tl.float32) * inv_tau
+        m, l, e, alpha = lse_step(m, l, x)
+        if WEIGHTED:
+            lw = lw * alpha + tl.sum(e * tl.load(w_ptr + o, mask=om, other=0.0))
+    return m + tl.log(l), lw / l
+
+
+@triton.jit
+def softmax_tile(row_ptr, cols, mask, inv_tau, lse):
+    """softmax(row/τ)[cols] from the row's lse (0 on masked lanes)."""
+    return tl.exp(tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau - lse)
+
+
+@triton.jit
+def logp_sum(x_ptr, stride, lse_ptr, lo, hi, cols, mask, inv_tau, BLOCK: tl.constexpr):
+    """Σ_{lo≤r<hi} (x_r[cols]/τ − lse_r) on one tile (the row merge of log-softmax values, before the mean)."""
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for r in range(lo, hi):
+        acc += tl.load(x_ptr + r * stride + cols, mask=mask, other=0.0).to(tl.float32) * inv_tau - tl.load(lse_ptr + r)
+    return acc
+
+
+@triton.jit
+def col_tile(tc_row, mask_ptr, c0, C, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Column tile at c0 of a teacher row -> (positions o, column ids v (dense: o; sparse: tc_row[o], padding
+    -> 0), inside = lane holds a column, ok = inside ∧ v ∈ A)."""
+    o = c0 + tl.arange(0, BLOCK)
+    if SPARSE:
+        v = tl.load(tc_row + o, mask=o < C, other=-1)
+        inside = v >= 0
+        v = tl.where(inside, v, 0)
+    else:
+        v = o
+        inside = o < C
+    return o, v, inside, inside & (tl.load(mask_ptr + v, mask=inside, other=0) != 0)
+
+
+@triton.jit
+def teacher_lse(t_row, tc_row, mask_ptr, C, inv_tau, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
+    """LSE of t_row/τ over its allowed columns (dense: A; sparse: the row's columns ∩ A)."""
+    m = tl.full((), NEG, tl.float32)
+    l = tl.zeros((), tl.float32)
+    for c0 in range(0, C, BLOCK):
+        o, v, inside, ok = col_tile(tc_row, mask_ptr, c0, C, SPARSE, BLOCK)
+        x = tl.load(t_row + o, mask=ok, other=0.0).to(tl.float32) * inv_tau
+        m, l, e, alpha = lse_step(m, l, tl.where(ok, x, float("-inf")))
+    return m + tl.log(l)
+
+
+@triton.jit
+def scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, t_lo, t_hi, C,
+                       inv_tau, BLOCK: tl.constexpr):
+    """Sparse teacher, rows after the first: tacc[v] += t_r[v]/τ − lse_r and tcnt[v] += 1 on each row's allowed
+    columns, so the merged T is finite only where every row of the chunk has column v."""
+    for r in range(t_lo + 1, t_hi):
+        lse_r = tl.load(lse_t_ptr + r)
+        for c0 in range(0, C, BLOCK):
+            o, v, inside, ok = col_tile(tc_ptr + r * stride_tc, mask_ptr, c0, C, True, BLOCK)
+            x = tl.load(t_ptr + r * stride_t + o, mask=ok, other=0.0).to(tl.float32) * inv_tau - lse_r
+            tl.atomic_add(tacc_row + v, x, mask=ok)
+            tl.atomic_add(tcnt_row + v, 1, mask=ok)
+    tl.debug_barrier()
+
+
+@triton.jit
+def clear_later_rows(tc_ptr, stride_tc, tacc_row, tcnt_row, t_lo, t_hi, C, BLOCK: tl.constexpr):
+    """Zero the scratch that scatter_later_rows wrote (at every column of the rows after the first)."""
+    offs = tl.arange(0, BLOCK)
+    for r in range(t_lo + 1, t_hi):
+        for c0 in range(0, C, BLOCK):
+            o = c0 + offs
+            v = tl.load(tc_ptr + r * stride_tc + o, mask=o < C, other=-1)
+            tl.store(tacc_row + v, tl.zeros((BLOCK,), tl.float32), mask=v >= 0)
+            tl.store(tcnt_row + v, tl.zeros((BLOCK,), tl.int32), mask=v >= 0)
+
+
+@triton.jit
+def teacher_merged(t_ptr, stride_t, lse_t_ptr, tacc_row, tcnt_row, t_lo, t_hi, o, v, ok, c_t, inv_tau,
+                   SPARSE: tl.constexpr, BLOCK: tl.constexpr):
+    """On a column tile of the first teacher row (col_tile): T = mean_r (t_r/τ − lse_r) + c_t -> (T, P = exp T on
+    the live lanes else 0, live lanes = ok, sparse with n_t > 1: ∧ every later row has the column (tcnt))."""
+    n_t = t_hi - t_lo
+    if SPARSE:
+        tv = tl.load(t_ptr + t_lo * stride_t + o, mask=ok, other=0.0).to(tl.float32) * inv_tau \
+            - tl.load(lse_t_ptr + t_lo)
+        if n_t > 1:
+            tv += tl.load(tacc_row + v, mask=ok, other=0.0)
+            ok = ok & (tl.load(tcnt_row + v, mask=ok, other=0) == n_t - 1)
+    else:
+        tv = logp_sum(t_ptr, stride_t, lse_t_ptr, t_lo, t_hi, v, ok, inv_tau, BLOCK)
+    tv = tv / n_t.to(tl.float32) + c_t
+    return tv, tl.where(ok, tl.exp(tv), 0.0), ok
+
+
+@triton.jit
+def ell_gather(widx_ptr, wval_ptr, h_ptr, o, om, SLOTS: tl.constexpr, BLOCK: tl.constexpr):
+    """H_s = Σ_k W_sk h[col_sk] for the student ids o (ELL rows of SLOTS slots, −1 = empty)."""
+    hs = tl.zeros((BLOCK,), tl.float32)
+    for sl in tl.static_range(SLOTS):
+        ci = tl.load(widx_ptr + o * SLOTS + sl, mask=om, other=-1)
+        cm = ci >= 0
+        wv = tl.load(wval_ptr + o * SLOTS + sl, mask=cm, other=0.0)
+        hs += wv * tl.load(h_ptr + tl.where(cm, ci, 0), mask=cm, other=0.0)
+    return hs
+
+
+@triton.jit
+def zero_uncovered_rows(dz_ptr, stride_dz, covered_ptr, N, V, BLOCK: tl.constexpr):
+    """dz_r = 0 for the rows r < N with covered[r] == 0, rows strided over the programs (also a kernel)."""
+    offs = tl.arange(0, BLOCK)
+    for r in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
+        if tl.load(covered_ptr + r) == 0:
+            for v0 in range(0, V, BLOCK):
+                o = v0 + offs
+                tl.store(dz_ptr + r * stride_dz + o, tl.zeros((BLOCK,), tl.float32).to(dz_ptr.dtype.element_ty),
+                         mask=o < V)
