@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tempfile
 import sys
 import time
 
@@ -84,7 +85,8 @@ with open("/proc/self/clear_refs", "w") as f:
 t0 = time.perf_counter(); _C.align_tokens(s, t, "dp"); dt = time.perf_counter() - t0
 print(len(s), len(t), dt, (kib("VmHWM:") - before) / 1024)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=tempfile.gettempdir()).stdout.split()
     return int(out[0]), int(out[1]), float(out[2]), float(out[3])
 
 

@@ -21,7 +21,7 @@ _EXPORTS = {
     "load_tokenizer": "tokenizers",
     "token_table": "tokenizers",
 }
-_SUBMODULES = ("reference", "tokenizers", "projection", "alignment", "losses", "ops", "testing")
+_SUBMODULES = ("reference", "tokenizers", "projection", "alignment", "losses", "distill", "ops", "testing")
 
 __all__ = [*_EXPORTS, "reference", "__version__"]
 
