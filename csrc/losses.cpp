@@ -232,6 +232,19 @@ XT_HOT void write_grad(float* e, const float* g, int64_t n, float f, float d) {
   for (int64_t i = 0; i < n; ++i) e[i] = (g[i] - d) * (e[i] * f);
 }
 
+XT_HOT void exp_all(const float* x, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = fexp(x[i]);
+}
+
+XT_HOT void scale_all(const float* x, float* out, int64_t n, float f) {
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * f;
+}
+
+// e[i] ← (g[i] − d e[i]) f: the log-softmax Jacobian, d = p-scale · Σ g.
+XT_HOT void hkl_grad(float* e, const float* g, int64_t n, float f, float d) {
+  for (int64_t i = 0; i < n; ++i) e[i] = (g[i] - d * e[i]) * f;
+}
+
 // The W slots whose column is in A as 4 levels: level k holds the k-th such slot of every student row that has
 // more than k of them (rows ascending). Loops run over one level's flat list: no data-dependent inner loop (a
 // branch miss per student token), and the gather's g[row] += … never hits one row twice in a row.
@@ -358,7 +371,7 @@ void pkl_chunk(const PklCall& a, int64_t k, Scratch& ws, float* gw) {
 }
 
 void check(bool ok, const std::string& msg) {
-  if (!ok) throw py::value_error("pkl_rows: " + msg);
+  if (!ok) throw py::value_error("loss kernel: " + msg);
 }
 
 // C-contiguous arrays of exactly these dtypes (the arguments are noconvert: never a silent copy).
@@ -366,6 +379,40 @@ using F32 = py::array_t<float, py::array::c_style>;
 using I32 = py::array_t<int32_t, py::array::c_style>;
 using I64 = py::array_t<int64_t, py::array::c_style>;
 using Bool = py::array_t<bool, py::array::c_style>;
+
+Merge parse_merge(const std::string& merge) {
+  if (merge == "mean") return Merge::kMean;
+  if (merge == "first") return Merge::kFirst;
+  check(merge == "chain", "merge must be 'mean', 'first' or 'chain', got '" + merge + "'");
+  return Merge::kChain;
+}
+
+// Validates spans [K, 4]; returns which student rows lie in a chunk.
+std::vector<uint8_t> check_spans(const I64& spans, int64_t N_s, int64_t N_t) {
+  std::vector<uint8_t> covered(static_cast<size_t>(N_s), 0);
+  for (int64_t k = 0; k < spans.shape(0); ++k) {
+    const int64_t* r = spans.data() + 4 * k;
+    check(0 <= r[0] && r[0] < r[1] && r[1] <= N_s && 0 <= r[2] && r[2] < r[3] && r[3] <= N_t,
+          "span " + std::to_string(k) + " is empty or out of range");
+    for (int64_t i = r[0]; i < r[1]; ++i) {
+      check(!covered[i], "student row " + std::to_string(i) + " is in two chunks");
+      covered[i] = 1;
+    }
+  }
+  return covered;
+}
+
+// Rows outside every chunk get a zero gradient (call without the GIL).
+void zero_idle_rows(float* grad, const std::vector<uint8_t>& covered, int64_t V_S, int64_t threads) {
+  std::vector<int64_t> idle;
+  for (size_t i = 0; i < covered.size(); ++i)
+    if (!covered[i]) idle.push_back(static_cast<int64_t>(i));
+  const int64_t idle_tasks = (static_cast<int64_t>(idle.size()) + 15) / 16;
+  parallel_for(idle_tasks, threads, [&](int64_t b) {
+    const int64_t hi = std::min<int64_t>(16 * (b + 1), idle.size());
+    for (int64_t i = 16 * b; i < hi; ++i) std::fill(grad + idle[i] * V_S, grad + (idle[i] + 1) * V_S, 0.0f);
+  });
+}
 
 void pkl_rows(const F32& s_logits, const F32& t_vals, const I32& w_idx, const F32& w_val, const Bool& col_mask,
               const I64& spans, double temperature, const std::string& merge, double eps,
@@ -387,25 +434,9 @@ void pkl_rows(const F32& s_logits, const F32& t_vals, const I32& w_idx, const F3
         "grad_w must be [V_S, 4]");
   check(temperature > 0.0 && eps >= 0.0, "need temperature > 0 and eps >= 0");
   PklCall a;
-  if (merge == "mean") {
-    a.merge = Merge::kMean;
-  } else if (merge == "first") {
-    a.merge = Merge::kFirst;
-  } else {
-    check(merge == "chain", "merge must be 'mean', 'first' or 'chain', got '" + merge + "'");
-    a.merge = Merge::kChain;
-  }
+  a.merge = parse_merge(merge);
   const int64_t* sp = spans.data();
-  std::vector<uint8_t> covered(static_cast<size_t>(N_s), 0);
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t* r = sp + 4 * k;
-    check(0 <= r[0] && r[0] < r[1] && r[1] <= N_s && 0 <= r[2] && r[2] < r[3] && r[3] <= N_t,
-          "span " + std::to_string(k) + " is empty or out of range");
-    for (int64_t i = r[0]; i < r[1]; ++i) {
-      check(!covered[i], "student row " + std::to_string(i) + " is in two chunks");
-      covered[i] = 1;
-    }
-  }
+  const std::vector<uint8_t> covered = check_spans(spans, N_s, N_t);
   const int32_t* idx = w_idx.data();
   const float* wv = w_val.data();
   const bool* mask = col_mask.data();
@@ -438,14 +469,7 @@ void pkl_rows(const F32& s_logits, const F32& t_vals, const I32& w_idx, const F3
   float* gw_out = grad_w ? grad_w->mutable_data() : nullptr;
 
   py::gil_scoped_release nogil;
-  std::vector<int64_t> idle;  // rows outside every chunk get a zero gradient
-  for (int64_t i = 0; i < N_s; ++i)
-    if (!covered[i]) idle.push_back(i);
-  const int64_t idle_tasks = (static_cast<int64_t>(idle.size()) + 15) / 16;
-  parallel_for(idle_tasks, threads, [&](int64_t b) {
-    const int64_t hi = std::min<int64_t>(16 * (b + 1), idle.size());
-    for (int64_t i = 16 * b; i < hi; ++i) std::fill(a.grad + idle[i] * V_S, a.grad + (idle[i] + 1) * V_S, 0.0f);
-  });
+  zero_idle_rows(a.grad, covered, V_S, threads);
   std::vector<Scratch> scratch(static_cast<size_t>(resolve_threads(threads, std::max<int64_t>(K, 1))));
   if (!gw_out) {
     parallel_for_worker(K, threads, [&](int64_t k, int64_t w) { pkl_chunk(a, k, scratch[w], nullptr); });
@@ -465,6 +489,208 @@ void pkl_rows(const F32& s_logits, const F32& t_vals, const I32& w_idx, const F3
   }
 }
 
+
+// ---- H-KL / GOLD / ULD (the row-space op contract of ops.fallback.hkl_rows), fp32, dense teacher.
+//   ℓ_r = (z_r − max z_r)/τ − log Σ e_r with e_r = exp((z_r − max z_r)/τ) kept in the gradient row;
+//   S = mean_r ℓ_r ("chain": first row + Σ chain scalars), T = mean_r log π_r over A (−inf outside), P = e^T;
+//   L = τ² (Σ_c [P_c > 0] P_c (T[t_c] − S[s_c]) + Σ_{i<m} |a_i − b_i|), a / b = top-m of e^S on U_S / P on U_T,
+//   sorted descending (top_sorted: histogram select, then a radix sort of the candidates; ties in any order);
+//   gS = ∂L/∂S: −τ² P_c at s_c, τ² sign(a_i − b_i) a_i at a_i's column; dz_r = (gS − p_r Σ gS)/(n_s τ).
+struct HklCall {
+  const float *z, *t, *s_chain, *t_chain;  // chains: [N_s] / [N_t] or nullptr
+  const int64_t* spans;
+  int64_t V_S, V_T, m;
+  float tau;
+  Merge merge;
+  std::vector<float> mask_add;          // [V_T]: 0 in A, −inf outside
+  std::vector<int64_t> cs, ct, us, ut;  // common pairs (t_c ∈ A), U_S, U_T = A \ {t_c}
+  float *loss, *grad, *gsum;            // [K], [N_s, V_S], [K] (Σ gS = ∂L/∂chain scalar)
+};
+
+struct HklScratch {
+  std::vector<float> S, gS, T, c, pe, eS;
+  std::vector<uint32_t> b, b_tmp, hist;
+  std::vector<uint64_t> key, key_tmp;
+};
+
+// Moves the m largest of x[0..n) (1 ≤ m ≤ n) to x[0..m), sorted descending. Keys hold the bits of a float ≥ 0
+// (ordered as the value) from bit Low up. A histogram of the top 12 of them (sign, exponent, 3 mantissa bits) finds
+// the bucket of the m-th largest; the keys from that bucket up are moved to the front and LSD-radix sorted on
+// the 32 value bits (3 stable passes of 11 complemented bits = descending; equal values keep an arbitrary order).
+template <int Low, typename Key>
+void top_sorted(Key* x, size_t n, int64_t m, std::vector<uint32_t>& hist, std::vector<Key>& tmp) {
+  hist.assign(4096, 0);
+  for (size_t j = 0; j < n; ++j) ++hist[x[j] >> (Low + 20)];
+  int64_t count = 0;
+  size_t lo = 4096;
+  while (count < m) count += hist[--lo];
+  size_t c = 0;
+  for (size_t j = 0; j < n; ++j)
+    if ((x[j] >> (Low + 20)) >= lo) std::swap(x[c++], x[j]);
+  tmp.resize(c);
+  Key *src = x, *dst = tmp.data();
+  for (int pass = 0; pass < 3; ++pass) {
+    const int shift = Low + 11 * pass;
+    hist.assign(2049, 0);
+    for (size_t j = 0; j < c; ++j) ++hist[1 + (~(src[j] >> shift) & 0x7ff)];
+    for (int d = 0; d < 2048; ++d) hist[d + 1] += hist[d];
+    for (size_t j = 0; j < c; ++j) dst[hist[~(src[j] >> shift) & 0x7ff]++] = src[j];
+    std::swap(src, dst);
+  }
+  std::copy(src, src + c, x);  // 3 passes: the sorted keys are in tmp
+}
+
+double chain_sum(const float* chain, int64_t lo, int64_t hi) {
+  double s = 0.0;
+  if (chain)
+    for (int64_t r = lo + 1; r < hi; ++r) s += chain[r];
+  return s;
+}
+
+void hkl_chunk(const HklCall& a, int64_t k, HklScratch& ws) {
+  const int64_t s_lo = a.spans[4 * k], s_hi = a.spans[4 * k + 1];
+  const int64_t t_lo = a.spans[4 * k + 2], t_hi = a.spans[4 * k + 3];
+  const bool mean = a.merge == Merge::kMean, chain = a.merge == Merge::kChain;
+  const int64_t ns = mean ? s_hi - s_lo : 1, nt = mean ? t_hi - t_lo : 1;
+  const int64_t V_S = a.V_S, V_T = a.V_T;
+  const float inv_tau = 1.0f / a.tau;
+  ws.S.resize(V_S);
+  ws.gS.assign(V_S, 0.0f);
+  ws.T.resize(V_T);
+  ws.c.resize(ns);
+  float *S = ws.S.data(), *gS = ws.gS.data(), *T = ws.T.data();
+  float* e0 = a.grad + s_lo * V_S;
+  std::fill(e0 + ns * V_S, a.grad + s_hi * V_S, 0.0f);  // rows outside the merge get no gradient
+
+  const float fs = 1.0f / static_cast<float>(ns);
+  const double s_chain = chain ? chain_sum(a.s_chain, s_lo, s_hi) : 0.0;
+  for (int64_t i = 0; i < ns; ++i) {  // S = Σ_r ℓ_r / n_s
+    const float* z = a.z + (s_lo + i) * V_S;
+    const float m = row_max(z, nullptr, V_S);
+    const double sum = exp_store(z, e0 + i * V_S, V_S, m, inv_tau);
+    ws.c[i] = static_cast<float>(1.0 / sum);
+    add_log_probs(S, z, V_S, m, inv_tau, static_cast<float>(std::log(sum) - s_chain), i == 0);
+  }
+  if (ns > 1)
+    for (int64_t v = 0; v < V_S; ++v) S[v] *= fs;
+
+  const float* add = a.mask_add.data();
+  const float ft = 1.0f / static_cast<float>(nt);
+  const double t_chain = chain ? chain_sum(a.t_chain, t_lo, t_hi) : 0.0;
+  ws.pe.resize(V_T);
+  float* P = ws.pe.data();
+  double lse = 0.0;
+  for (int64_t i = 0; i < nt; ++i) {  // T = Σ_r log π_r / n_t, −inf outside A
+    const float* t = a.t + (t_lo + i) * V_T;
+    float m = row_max(t, add, V_T);
+    if (!(m > -kInf)) m = 0.0f;  // no allowed column: T = −inf, P = 0
+    const double sum = masked_exp_store(t, add, P, V_T, m, inv_tau);
+    lse = sum > 0.0 ? std::log(sum) : 0.0;
+    add_log_probs(T, t, V_T, m, inv_tau, static_cast<float>(lse - t_chain), i == 0);
+  }
+  for (int64_t v = 0; v < V_T; ++v) T[v] = (nt > 1 ? T[v] * ft : T[v]) + add[v];
+  if (nt > 1) {
+    exp_all(T, P, V_T);
+  } else {  // one row: P = e^{t/τ − m/τ} (the LSE pass's exponentials) · e^{chain − LSE}
+    scale_all(P, P, V_T, static_cast<float>(std::exp(t_chain - lse)));
+  }
+
+  const double tt = static_cast<double>(a.tau) * a.tau;
+  const float ttf = static_cast<float>(tt);
+  double kl = 0.0;
+  for (size_t c = 0; c < a.cs.size(); ++c) {
+    const float Tc = T[a.ct[c]], Pc = P[a.ct[c]];
+    if (Pc > 0.0f) kl += static_cast<double>(Pc) * (Tc - S[a.cs[c]]);
+    gS[a.cs[c]] = -ttf * Pc;
+  }
+  double l1 = 0.0;
+  const int64_t m = a.m;
+  if (m > 0) {
+    // keys ordered as the values (bits of a float ≥ 0): b = bits of P on U_T; a = bits of e^S on U_S << 32 | id
+    ws.b.resize(a.ut.size());
+    uint32_t* b = ws.b.data();
+    for (size_t j = 0; j < a.ut.size(); ++j) b[j] = static_cast<uint32_t>(as_int(P[a.ut[j]]));
+    top_sorted<0>(b, a.ut.size(), m, ws.hist, ws.b_tmp);
+    ws.eS.resize(V_S);
+    float* ex = ws.eS.data();
+    if (ns > 1) {
+      exp_all(S, ex, V_S);
+    } else {  // one row: e^S = c e · e^{chain}
+      scale_all(e0, ex, V_S, static_cast<float>(ws.c[0] * std::exp(s_chain)));
+    }
+    ws.key.resize(a.us.size());
+    uint64_t* key = ws.key.data();
+    for (size_t j = 0; j < a.us.size(); ++j)
+      key[j] = static_cast<uint64_t>(static_cast<uint32_t>(as_int(ex[a.us[j]]))) << 32 |
+               static_cast<uint64_t>(a.us[j]);
+    top_sorted<32>(key, a.us.size(), m, ws.hist, ws.key_tmp);
+    for (int64_t i = 0; i < m; ++i) {
+      const float ai = as_float(static_cast<int32_t>(key[i] >> 32)), d = ai - as_float(static_cast<int32_t>(b[i]));
+      l1 += std::fabs(d);
+      gS[key[i] & 0xffffffffu] += d > 0.0f ? ttf * ai : (d < 0.0f ? -ttf * ai : 0.0f);
+    }
+  }
+  a.loss[k] = static_cast<float>(tt * (kl + l1));
+  const double gsum = plain_sum(gS, V_S);
+  a.gsum[k] = static_cast<float>(gsum);
+  for (int64_t i = 0; i < ns; ++i) {  // dz_r = (gS − p_r Σ gS)/(n_s τ), p_r = c_r e_r
+    float* e = e0 + i * V_S;
+    hkl_grad(e, gS, V_S, fs * inv_tau, static_cast<float>(gsum) * ws.c[i]);
+  }
+}
+
+void hkl_rows(const F32& s_logits, const F32& t_vals, const Bool& col_mask, const I64& spans, double temperature,
+              const std::string& merge, const std::optional<F32>& s_chain, const std::optional<F32>& t_chain,
+              const I64& common_s, const I64& common_t, int64_t uncommon_topk, F32 loss, F32 grad, F32 gsum,
+              int64_t threads) {
+  check(s_logits.ndim() == 2 && t_vals.ndim() == 2, "logits must be 2-D");
+  const int64_t N_s = s_logits.shape(0), V_S = s_logits.shape(1), N_t = t_vals.shape(0), V_T = t_vals.shape(1);
+  check(V_S < (int64_t{1} << 32), "V_S must be < 2^32");
+  check(col_mask.ndim() == 1 && col_mask.shape(0) == V_T, "col_mask must be [V_T]");
+  check(spans.ndim() == 2 && spans.shape(1) == 4, "spans must be [K, 4]");
+  const int64_t K = spans.shape(0), C = common_s.ndim() == 1 ? common_s.shape(0) : -1;
+  check(C >= 0 && common_t.ndim() == 1 && common_t.shape(0) == C, "common_s / common_t must be [C]");
+  check(loss.ndim() == 1 && loss.shape(0) == K && gsum.ndim() == 1 && gsum.shape(0) == K, "loss / gsum must be [K]");
+  check(grad.ndim() == 2 && grad.shape(0) == N_s && grad.shape(1) == V_S, "grad must be shaped like s_logits");
+  check(!s_chain || (s_chain->ndim() == 1 && s_chain->shape(0) == N_s), "s_chain must be [N_s]");
+  check(!t_chain || (t_chain->ndim() == 1 && t_chain->shape(0) == N_t), "t_chain must be [N_t]");
+  check(temperature > 0.0, "need temperature > 0");
+  HklCall a;
+  a.merge = parse_merge(merge);
+  const std::vector<uint8_t> covered = check_spans(spans, N_s, N_t);
+  const bool* mask = col_mask.data();
+  a.mask_add.resize(V_T);
+  for (int64_t v = 0; v < V_T; ++v) a.mask_add[v] = mask[v] ? 0.0f : -kInf;
+  std::vector<uint8_t> common_s_(V_S, 0), common_t_(V_T, 0);
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t sc = common_s.data()[c], tc = common_t.data()[c];
+    check(0 <= sc && sc < V_S && 0 <= tc && tc < V_T && mask[tc], "common pairs must lie in [0, V) with t_c in A");
+    a.cs.push_back(sc);
+    a.ct.push_back(tc);
+    common_s_[sc] = common_t_[tc] = 1;
+  }
+  for (int64_t v = 0; v < V_S; ++v)
+    if (!common_s_[v]) a.us.push_back(v);
+  for (int64_t v = 0; v < V_T; ++v)
+    if (mask[v] && !common_t_[v]) a.ut.push_back(v);
+  a.m = std::min<int64_t>(std::min(a.us.size(), a.ut.size()), uncommon_topk < 0 ? V_S : uncommon_topk);
+  a.z = s_logits.data();
+  a.t = t_vals.data();
+  a.s_chain = s_chain ? s_chain->data() : nullptr;
+  a.t_chain = t_chain ? t_chain->data() : nullptr;
+  a.spans = spans.data();
+  a.V_S = V_S;
+  a.V_T = V_T;
+  a.tau = static_cast<float>(temperature);
+  a.loss = loss.mutable_data();
+  a.grad = grad.mutable_data();
+  a.gsum = gsum.mutable_data();
+
+  py::gil_scoped_release nogil;
+  zero_idle_rows(a.grad, covered, V_S, threads);
+  std::vector<HklScratch> scratch(static_cast<size_t>(resolve_threads(threads, std::max<int64_t>(K, 1))));
+  parallel_for_worker(K, threads, [&](int64_t k, int64_t w) { hkl_chunk(a, k, scratch[w]); });
+}
 }  // namespace
 
 void bind_losses(py::module_& m) {
@@ -475,6 +701,13 @@ void bind_losses(py::module_& m) {
         py::arg("grad").noconvert(), py::arg("grad_w").noconvert(), py::arg("threads") = 0,
         "Fused P-KL over chunks of fp32 rows (dense teacher): writes loss [K], grad [N_s, V_S] (every row) and, "
         "when given, grad_w [V_S, 4]. See csrc/losses.cpp for the math.");
+  m.def("hkl_rows", &hkl_rows, py::arg("s_logits").noconvert(), py::arg("t_vals").noconvert(),
+        py::arg("col_mask").noconvert(), py::arg("spans").noconvert(), py::arg("temperature"), py::arg("merge"),
+        py::arg("s_chain").noconvert(), py::arg("t_chain").noconvert(), py::arg("common_s").noconvert(),
+        py::arg("common_t").noconvert(), py::arg("uncommon_topk"), py::arg("loss").noconvert(),
+        py::arg("grad").noconvert(), py::arg("gsum").noconvert(), py::arg("threads") = 0,
+        "Fused H-KL / GOLD / ULD over chunks of fp32 rows (dense teacher): writes loss [K], grad [N_s, V_S] (every "
+        "row) and gsum [K] (∂loss_k/∂chain scalar). See csrc/losses.cpp for the math.");
 }
 
 }  // namespace xt

@@ -1,11 +1,11 @@
-// Torch-free CPU loss kernels (fused P-KL loss + gradient over chunks of logit rows); see losses.cpp.
+// Torch-free CPU loss kernels (fused P-KL and H-KL loss + gradient over chunks of logit rows); see losses.cpp.
 #pragma once
 
 #include <pybind11/pybind11.h>
 
 namespace xt {
 
-// Registers pkl_rows on the extension module.
+// Registers pkl_rows and hkl_rows on the extension module.
 void bind_losses(pybind11::module_& m);
 
 }  // namespace xt

@@ -211,3 +211,63 @@ def test_native_op_no_allowed_column_is_zero_like_torch_op(merge, eps):
     want = fallback._pkl_rows_torch(z, t, None, *args)
     for a, b in zip(got, want):
         assert torch.equal(a, torch.zeros_like(a)) and torch.equal(b, torch.zeros_like(b))
+
+
+def _hkl_op_inputs(seed: int, V_S: int = 1031, V_T: int = 1201, K: int = 9):
+    """H-KL op inputs: as _op_inputs, but every student row is one shared permutation of the vocab (gap 8/256)
+    plus a jitter of at most ±3/256, so any merge keeps a strict order of e^S (no ties in the sorted-L1)."""
+    z, t, proj, mask, spans, chain, _ = _op_inputs(seed, V_S, V_T, K)
+    g = torch.Generator().manual_seed(seed + 1)
+    perm = torch.argsort(torch.rand(V_S, generator=g)).float()
+    z = (perm * 8 + torch.randint(-3, 4, z.shape, generator=g) - 4 * V_S) / 256
+    cs, ct = proj.common_pairs("relaxed")
+    keep = mask[ct]
+    s_chain = -torch.rand(z.shape[0], generator=g) * 3
+    return z, t, mask, spans, s_chain, chain, cs[keep], ct[keep]
+
+
+def hkl_spy():
+    return mock.patch.object(fallback, "_hkl_rows_native", wraps=fallback._hkl_rows_native)
+
+
+@pytest.mark.parametrize("merge", ["mean", "first", "chain"])
+@pytest.mark.parametrize("uncommon_topk", [None, 0, 37])
+def test_native_hkl_op_matches_float64_torch_op(merge, uncommon_topk):
+    """Op level (shuffled spans, idle rows, a column mask, chain scalars on both sides) against the torch op in
+    float64: loss, student gradient and the chain-scalar gradient."""
+    z, t, mask, spans, s_chain, t_chain, cs, ct = _hkl_op_inputs(5)
+    args = (mask, spans, 0.8, merge, s_chain, t_chain, False, cs, ct, uncommon_topk)
+    with hkl_spy() as spy:
+        got = fallback.hkl_rows(z, t, None, *args, want_grad_chain=True)
+    assert spy.called
+    want = fallback.hkl_rows(z.double(), t.double(), None, *args, want_grad_chain=True)
+    V = max(z.shape[1], t.shape[1])
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        assert (a.double() - b).abs().max().item() <= fp32_atol(V, float(b.abs().max()))
+    idle = torch.ones(z.shape[0], dtype=torch.bool)
+    for s_lo, s_hi, _, _ in spans.tolist():
+        idle[s_lo:s_hi] = False
+    assert idle.any() and torch.equal(got[1][idle], torch.zeros_like(got[1][idle]))
+
+
+@pytest.mark.parametrize("merge", ["mean", "chain"])
+def test_native_hkl_op_is_bitwise_independent_of_thread_count(merge):
+    z, t, mask, spans, s_chain, t_chain, cs, ct = _hkl_op_inputs(6, K=23)
+    outs = []
+    for threads in (1, 2, 3, 8):
+        with mock.patch.object(torch, "get_num_threads", return_value=threads):
+            outs.append(fallback._hkl_rows_native(z, t, mask, spans, 1.3, merge, s_chain, t_chain, cs, ct, 50))
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+def test_native_hkl_op_no_allowed_column_is_like_torch_op():
+    """A = ∅ (so m = 0 and no common pairs): loss 0, zero gradients, as the torch op gives."""
+    z, t, _, spans, s_chain, t_chain, cs, ct = _hkl_op_inputs(7)
+    mask = torch.zeros(t.shape[1], dtype=torch.bool)
+    args = (mask, spans, 1.0, "mean", s_chain, t_chain, cs[:0], ct[:0], None)
+    got = fallback._hkl_rows_native(z, t, *args)
+    want = fallback._hkl_rows_torch(z.double(), t.double(), None, *args)
+    for a, b in zip(got, want):
+        assert torch.equal(a, torch.zeros_like(a)) and torch.equal(b, torch.zeros_like(b))

@@ -83,3 +83,29 @@ def pkl_rows(
     [N_s, V_S] (every row; rows outside the chunks get 0) and, if given, grad_w float32 [V_S, 4]. All arrays
     C-contiguous with exactly these dtypes (never converted). Bitwise the same for every thread count
     (threads <= 0: all hardware threads); runs with the GIL released. ValueError on bad shapes or spans."""
+
+def hkl_rows(
+    s_logits: np.ndarray,
+    t_vals: np.ndarray,
+    col_mask: np.ndarray,
+    spans: np.ndarray,
+    temperature: float,
+    merge: str,
+    s_chain: np.ndarray | None,
+    t_chain: np.ndarray | None,
+    common_s: np.ndarray,
+    common_t: np.ndarray,
+    uncommon_topk: int,
+    loss: np.ndarray,
+    grad: np.ndarray,
+    gsum: np.ndarray,
+    threads: int = 0,
+) -> None:
+    """Fused H-KL / GOLD / ULD loss + gradient over chunks of logit rows (ops.fallback.hkl_rows contract; dense
+    fp32 teacher). Inputs: s_logits float32 [N_s, V_S], t_vals float32 [N_t, V_T], col_mask bool [V_T], spans int64
+    [K, 4] (student rows of different chunks disjoint), merge "mean" | "first" | "chain", s_chain float32 [N_s] |
+    None, t_chain float32 [N_t] | None, common_s / common_t int64 [C] (every common_t in col_mask), uncommon_topk
+    (< 0: no cap). Writes loss float32 [K], grad float32 [N_s, V_S] (every row; rows outside the chunks get 0) and
+    gsum float32 [K] (d loss_k / d chain scalar). All arrays C-contiguous with exactly these dtypes (never
+    converted). Bitwise the same for every thread count (threads <= 0: all hardware threads); runs with the GIL
+    released. ValueError on bad shapes, spans or common pairs."""

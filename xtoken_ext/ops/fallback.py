@@ -1,6 +1,6 @@
 """Row-space ops for CPU (or any device without Triton): loss AND gradient in one forward pass. P-KL on CPU with a
-dense teacher runs the native kernel ``_C.pkl_rows`` (csrc/losses.cpp, same math in fp32); everything else runs
-the chunked pure-torch code below.
+dense teacher runs the native kernel ``_C.pkl_rows``, H-KL / GOLD / ULD on CPU with dense fp32 logits
+``_C.hkl_rows`` (csrc/losses.cpp, same math in fp32); everything else runs the chunked pure-torch code below.
 
 The loss is terminal, so each op returns d(Σ_k loss_k)/d(student logits) next to the per-chunk losses; the autograd
 wrapper (``xtoken::pkl_rows_fallback`` / ``xtoken::hkl_rows_fallback``) only rescales it by the incoming gradient.
@@ -284,8 +284,48 @@ def hkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Optional[Tensor], col_mas
 
     Returns (loss [K] fp32 (fp64 for fp64 logits), grad [N_s, V_S] in s_logits.dtype) and, with
     ``want_grad_chain``, a third value d(Σ loss)/d s_chain [N_s] in the math dtype (nonzero only at rows after a
-    chunk's first; merge="chain")."""
+    chunk's first; merge="chain"). CPU tensors with a dense fp32 teacher and fp32 student logits run the native
+    kernel (``_C.hkl_rows``), everything else the chunked torch code."""
     del teacher_is_logprob
+    if s_logits.device.type == "cpu" and t_cols is None and s_logits.dtype == t_vals.dtype == torch.float32:
+        loss, grad, gsum = _hkl_rows_native(s_logits, t_vals, col_mask, spans, temperature, merge, s_chain, t_chain,
+                                            common_s, common_t, uncommon_topk)
+    else:
+        loss, grad, gsum = _hkl_rows_torch(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_chain,
+                                           t_chain, common_s, common_t, uncommon_topk)
+    if not want_grad_chain:
+        return loss, grad
+    grad_chain = torch.zeros(s_logits.shape[0], dtype=loss.dtype, device=s_logits.device)
+    if merge == "chain" and spans.shape[0]:
+        spans = spans.long()
+        later, seg = _expand(spans[:, 0] + 1, (spans[:, 1] - spans[:, 0] - 1).clamp(min=0))
+        grad_chain[later] = gsum[seg]
+    return loss, grad, grad_chain
+
+
+def _hkl_rows_native(s_logits, t_vals, col_mask, spans, temperature, merge, s_chain, t_chain, common_s, common_t,
+                     uncommon_topk):
+    """hkl_rows through the torch-free C++ kernel (fp32 inputs as zero-copy numpy views) on
+    ``torch.get_num_threads()`` threads. Returns (loss, grad, Σ_v ∂L/∂S_k[v] per chunk)."""
+    from .. import _C
+
+    K = spans.shape[0]
+    chains = [c.detach().float().contiguous().numpy() if merge == "chain" and c is not None else None
+              for c in (s_chain, t_chain)]
+    loss, gsum = torch.empty(K, dtype=torch.float32), torch.empty(K, dtype=torch.float32)
+    z = s_logits.detach().contiguous()
+    grad = torch.empty_like(z)
+    _C.hkl_rows(z.numpy(), t_vals.detach().contiguous().numpy(), col_mask.contiguous().numpy(),
+                spans.long().contiguous().numpy(), float(temperature), merge, *chains,
+                common_s.long().contiguous().numpy(), common_t.long().contiguous().numpy(),
+                -1 if uncommon_topk is None else int(uncommon_topk), loss.numpy(), grad.numpy(), gsum.numpy(),
+                torch.get_num_threads())
+    return loss, grad, gsum
+
+
+def _hkl_rows_torch(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_chain, t_chain, common_s,
+                    common_t, uncommon_topk):
+    """hkl_rows in chunked torch ops (any device and dtype, dense or sparse teacher); returns (loss, grad, gsum)."""
     md = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
     dev, tau = s_logits.device, float(temperature)
     V_S, K = s_logits.shape[1], spans.shape[0]
@@ -343,13 +383,7 @@ def hkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Optional[Tensor], col_mas
         loss[k0:k1] = tt * (kl + l1)
         gsum[k0:k1] = gS.sum(1)
         _write_grad(grad, rows, seg, n_s[k0:k1], p, gS, tau, merge, wrt_log_p=True)
-    if not want_grad_chain:
-        return loss, grad
-    grad_chain = torch.zeros(s_logits.shape[0], dtype=md, device=dev)
-    if chain and K:
-        later, seg = _expand(spans[:, 0] + 1, (spans[:, 1] - spans[:, 0] - 1).clamp(min=0))
-        grad_chain[later] = gsum[seg]
-    return loss, grad, grad_chain
+    return loss, grad, gsum
 
 
 def _top(x: Tensor, m: int):
