@@ -1,4 +1,5 @@
-"""Row-space loss ops: fused Triton kernels (ops.pkl / ops.hkl) and the chunked pure-torch fallback (ops.fallback).
+"""Row-space loss ops: fused Triton kernels (ops.pkl / ops.hkl) and the CPU path (ops.fallback: the C++ kernels of
+xtoken_ext._C for fp32 dense-teacher inputs, else chunked pure torch).
 
 All implement the row-space contract (student rows, teacher rows, [K, 4] chunk spans) and return the per-chunk loss
 together with the gradient wrt the student logits; ``row_ops`` picks the registered custom ops for a device."""
