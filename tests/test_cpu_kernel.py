@@ -18,31 +18,8 @@ from xtoken_ext import reference as ref
 from xtoken_ext.losses import LearnableProjection
 from xtoken_ext.ops import fallback
 
-UNIT_ROUNDOFF = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-FLUSH = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2.0 ** -25}
-
-
-def fp32_atol(V: int, scale: float) -> float:
-    return 16 * V * 2.0 ** -24 * (1.0 + scale)
-
-
-def alignment(g: torch.Generator, B: int, max_chunks: int, max_len: int = 3) -> xt.Alignment:
-    """Random chunkings with 1-to-many / many-to-1 chunks, gaps and incorrect chunks (rows outside every chunk)."""
-    chunks_list, correct_list, s_lens, t_lens = [], [], [], []
-    for _ in range(B):
-        chunks, correct, s, t = [], [], 0, 0
-        for _ in range(int(torch.randint(1, max_chunks + 1, (), generator=g))):
-            ns, nt = (int(x) for x in torch.randint(0, max_len + 1, (2,), generator=g))
-            ns, nt = (1, 1) if ns == nt == 0 else (ns, nt)
-            chunks.append((s, s + ns, t, t + nt))
-            correct.append(bool(torch.rand((), generator=g) < 0.85))
-            s, t = s + ns, t + nt
-        chunks_list.append(chunks)
-        correct_list.append(correct)
-        s_lens.append(s)
-        t_lens.append(t)
-    return xt.Alignment.from_chunks(chunks_list, correct_list, s_lens, t_lens, T_S=max(s_lens) + 1,
-                                    T_T=max(t_lens) + 1)
+from test_losses import FLUSH, UNIT_ROUNDOFF, fp32_atol  # the tolerances derived there
+from test_losses import random_alignment as alignment
 
 
 def native_spy():
