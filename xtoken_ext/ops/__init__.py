@@ -1,29 +1,10 @@
-"""Row-space loss ops: fused Triton kernels (ops.pkl / ops.hkl) and the CPU path (ops.fallback: the C++ kernels of
-xtoken_ext._C for fp32 dense-teacher inputs, else chunked pure torch).
+"""Row-space loss ops, one ``torch.library`` custom op per loss family with three backends each:
 
-All implement the row-space contract (student rows, teacher rows, [K, 4] chunk spans) and return the per-chunk loss
-together with the gradient wrt the student logits; ``row_ops`` picks the registered custom ops for a device."""
-from __future__ import annotations
+- ``xtoken::pkl_rows`` (ops.pkl) — P-KL;  ``xtoken::hkl_rows`` (ops.hkl) — H-KL / GOLD / ULD.
+- backends: "triton" (fused kernels in ops.pkl_kernel / ops.hkl_kernel, imported lazily; CUDA, or CPU tensors
+  under TRITON_INTERPRET=1), "native" (torch-free C++ kernels in xtoken_ext._C; CPU), "torch" (chunked torch ops;
+  any device and dtype). "auto" picks Triton on CUDA, native on CPU where it applies, torch otherwise.
 
-import importlib.util
-import os
-
-import torch
-
-
-def use_triton(device: torch.device) -> bool:
-    """CUDA tensors with Triton importable, or XTOKEN_FORCE_TRITON=1 (interpreter on CPU tensors)."""
-    if os.environ.get("XTOKEN_FORCE_TRITON") == "1":
-        return True
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
-
-
-def row_ops(device: torch.device):
-    """(pkl_rows_autograd, hkl_rows_autograd) for tensors on ``device``: differentiable per-chunk losses [K]."""
-    if use_triton(device):
-        from . import hkl, pkl
-
-        return pkl.pkl_rows_autograd, hkl.hkl_rows_autograd
-    from . import fallback
-
-    return fallback.pkl_rows_autograd, fallback.hkl_rows_autograd
+Shared torch helpers: ops._common; shared Triton helpers: ops._tl.
+"""
+from . import hkl, pkl  # noqa: F401  (registers the two custom ops; no triton import)

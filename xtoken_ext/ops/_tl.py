@@ -1,6 +1,6 @@
 """Triton helpers shared by the fused row-space kernels of ops.pkl and ops.hkl (``@triton.jit`` functions inline
-at their call sites; constexpr arguments such as SPARSE / BLOCK specialize them). Imports triton: only the lazily
-built kernel code of ops.pkl / ops.hkl imports this module.
+at their call sites; constexpr arguments such as SPARSE / BLOCK specialize them). Imports triton: only the kernel
+modules (ops.pkl_kernel / ops.hkl_kernel, imported lazily by their ops) import this module.
 
 Notation: τ temperature (inv_tau = 1/τ), a chunk's rows [lo, hi) of a side, C teacher columns per row (V_T dense,
 k sparse; sparse column ids are −1 padded), A the allowed teacher columns (mask[v] != 0).
@@ -12,7 +12,7 @@ import functools
 import triton
 import triton.language as tl
 
-from .pkl import _interpret
+from ._common import interpret
 
 NEG = tl.constexpr(-1.0e30)  # finite running-max seed: exp(-inf - NEG) = 0, never inf - inf
 
@@ -21,7 +21,7 @@ def launcher(kernel, interp_meta, configs, key=(), **autotune_kw):
     """(grid, *args, **kw) -> kernel[grid](*args, **kw): under the interpreter one fixed small config
     ``interp_meta`` (it is slow and cannot time configs), else autotuned over ``configs`` keyed on ``key``
     (a single config is used as is, without timing)."""
-    if _interpret():
+    if interpret():
         return functools.partial(_run, kernel, interp_meta)
     return functools.partial(_run, triton.autotune(configs, key=list(key), **autotune_kw)(kernel), {})
 
@@ -135,8 +135,8 @@ def scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, 
         for c0 in range(0, C, BLOCK):
             o, v, inside, ok = col_tile(tc_ptr + r * stride_tc, mask_ptr, c0, C, True, BLOCK)
             x = tl.load(t_ptr + r * stride_t + o, mask=ok, other=0.0).to(tl.float32) * inv_tau - lse_r
-            tl.atomic_add(tacc_row + v, x, mask=ok)
-            tl.atomic_add(tcnt_row + v, 1, mask=ok)
+            tl.atomic_add(tacc_row + v, x, mask=ok, sem="relaxed")  # sums only: no ordering needed
+            tl.atomic_add(tcnt_row + v, 1, mask=ok, sem="relaxed")
     tl.debug_barrier()
 
 

@@ -1,399 +1,206 @@
-"""Fused P-KL (Triton): loss per chunk and its gradient wrt the student logits (and, optionally, the W weights)
-in one launch. The loss is terminal, so the gradient is computed in the forward and only rescaled in backward.
+"""P-KL loss op ``xtoken::pkl_rows``: per-chunk loss and the gradient wrt the student logits (and optionally the W
+weights) in one forward pass, on three backends: "triton" (fused kernel, ops.pkl_kernel; CUDA, or CPU under the
+interpreter), "native" (the torch-free C++ kernel ``_C.pkl_rows``: CPU, dense teacher, fp32/bf16/fp16 logits) and
+"torch" (chunked torch ops: any device, dtype and teacher). Row-space contract: ops._common.
 
-Math for one chunk (student rows R_S, n_s = |R_S|; teacher rows R_T, n_t; temperature τ; allowed columns A):
-  p_r = softmax(z_r/τ), a_s = Σ_k W_sk [col_sk ∈ A]             (student mass that W sends into A)
-  Z_r = Σ_s p_r[s] a_s, Z = mean_r Z_r                            (= Σ_{v∈A} Qu[v])
-  Qu[v] = mean_r Σ_{s→v} W_sv p_r[s]   (CSC gather),   Q = Qu / Z
-  T[v] = mean_r log π_r[v] (+ chain scalar),  P = exp T
-  L = τ² Σ_{v∈A} P (T − log(Q + eps))
-  h[v] = P[v] / (Q[v] + eps) (0 outside A),  M = Σ_v P Q / (Q + eps)
-  g = ∂L/∂Qu = (τ²/Z)(M − h) on A  (Q's renormalization included; ⟨Qu, g⟩ = 0)
-  H_s = Σ_k W_sk h[col_sk]  (ELL gather),  D_r = Σ_s p_r[s] H_s  (= Z·M when n_s = 1)
-  ∂L/∂z_r[s] = (τ / (n_s Z)) p_r[s] ((D_r − H_s) + M (a_s − Z_r))
-  ∂L/∂W_sk   = (τ²/Z) mean_r p_r[s] (M − h[col_sk]) [col_sk ∈ A]
-Merge "first" uses the first row of each side; "chain" adds Σ_{r>first} t_chain[r] to T (the student's chain
-scalar multiplies Q and cancels in its renormalization, so its gradient is 0).
-
-Kernel (one program per chunk, persistent over chunks; all math fp32, int64 row offsets):
-  A: per student row, online LSE over V_S tiles and Z_r;  B: per teacher row, LSE over A (dense) or its columns ∩ A
-  (sparse);  C: over teacher-column tiles (all of V_T, or the first teacher row's k columns): Qu via the CSC
-  column lists, T, loss, M, and h into a per-program fp32 scratch row of |V_T| (sparse: rows after the first are
-  scattered into two more scratch rows first, to intersect their column sets);  D: per student tile, the ELL
-  gather H_s and the gradient (and the W gradient). Rows outside every chunk get a zero gradient.
-Spans must have disjoint student rows (row_spans() guarantees it); sparse teacher columns must be unique per row.
+Math for one chunk (student rows R_S, n_s = |R_S|; teacher rows R_T; temperature τ; allowed columns A):
+  p_r = softmax(z_r/τ), p̄ = mean_r p_r;  Qu = Wᵀp̄ on A, Z = Σ_A Qu, Q = Qu/Z   (Wᵀ is linear: merge, then project)
+  T = mean_r log π_r (+ chain scalar), log π_r = log_softmax_A(t_r/τ), P = exp T
+  L = τ² Σ_A P (T − log(Q + eps))
+  G = ∂L/∂Qu = (τ²/Z)(M − h) on A, 0 outside;  h = P/(Q + eps), M = Σ_A P Q/(Q + eps)   (⟨Qu, G⟩ = 0)
+  g_s = Σ_slot W_s,slot G[col]  (ELL gather);  dz_r = p_r ⊙ (g − ⟨p_r, g⟩)/(τ n_s);  ∂L/∂W_s,slot = p̄[s] G[col]
+Merge "first" uses the first row of each side; "chain" adds Σ_{r>first} t_chain[r] to T (the student's chain scalar
+multiplies Qu and cancels in its renormalization, so it has no gradient). Terms with P = 0 count as 0.
 """
 from __future__ import annotations
 
-import functools
-import os
-import weakref
+import warnings
 
 import torch
+from torch import Tensor
 
-__all__ = ["pkl_rows", "pkl_rows_autograd"]
+from ._common import SLOTS, allowed, chain_sums, expand, math_dtype, plan, resolve_backend, saved, scale_grad, \
+    softmax_rows, teacher_block, write_grad
 
-_SLOTS = 4
+__all__ = ["pkl_rows", "native_applies"]
 
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.cache
-def _kernels():
-    """The kernel's launcher, built on first use (TRITON_INTERPRET is read when a kernel is decorated)."""
-    global _tl  # a module global: the interpreter resolves a kernel's names in its module only
-    import triton
-    import triton.language as tl
-
-    from . import _tl
-
-    @triton.jit
-    def _pkl_kernel(
-        z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc,
-        a_ptr, widx_ptr, wval_ptr, colptr_ptr, rowidx_ptr, cscval_ptr, mask_ptr,
-        spans_ptr, tchain_ptr, scale_ptr, covered_ptr,
-        loss_ptr, dz_ptr, stride_dz, gw_ptr, gw_prog_stride,
-        lse_s_ptr, zr_ptr, dr_ptr, lse_t_ptr, h_ptr, tacc_ptr, tcnt_ptr,
-        K, N_s, V_S, V_T, C, inv_tau, tau, eps,
-        MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr,
-        GRAD_W: tl.constexpr, ATOMIC_W: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
-        slot = pid.to(tl.int64) * V_T
-        h_row = h_ptr + slot
-        tacc_row = tacc_ptr + slot
-        tcnt_row = tcnt_ptr + slot
-        gw_row = gw_ptr + pid.to(tl.int64) * gw_prog_stride
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_t = tl.arange(0, BLOCK_T)
-        for k in range(pid, K, nprog):
-            c_t = _tl.chain_offset(tchain_ptr, spans_ptr + 4 * k + 2, CHAIN, BLOCK_T)
-            s_lo, s_hi, t_lo, t_hi = _tl.chunk_rows(spans_ptr, k, MEAN)
-            n_s = (s_hi - s_lo).to(tl.float32)
-
-            # A: student rows, lse_r = LSE(z_r/τ) and Z_r = Σ p_r a (online over V_S tiles).
-            z_sum = tl.zeros((), tl.float32)
-            for r in range(s_lo, s_hi):
-                lse_r, z_r = _tl.student_lse(z_ptr + r * stride_z, a_ptr, V_S, inv_tau, True, BLOCK_S)
-                tl.store(lse_s_ptr + r, lse_r)
-                tl.store(zr_ptr + r, z_r)
-                z_sum += z_r
-            Z = z_sum / n_s
-
-            # B: teacher rows, LSE over the allowed columns of t_r/τ.
-            for r in range(t_lo, t_hi):
-                lse_r = _tl.teacher_lse(t_ptr + r * stride_t, tc_ptr + r * stride_tc, mask_ptr, C, inv_tau, SPARSE,
-                                        BLOCK_T)
-                tl.store(lse_t_ptr + r, lse_r)
-            if SPARSE:
-                _tl.scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row,
-                                       t_lo, t_hi, C, inv_tau, BLOCK_T)
-
-            # C: teacher-column tiles: T, P, Qu (CSC gather), loss, M, h.
-            loss = tl.zeros((), tl.float32)
-            M = tl.zeros((), tl.float32)
-            for c0 in range(0, C, BLOCK_T):
-                o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, c0, C, SPARSE, BLOCK_T)
-                tv, P, ok = _tl.teacher_merged(t_ptr, stride_t, lse_t_ptr, tacc_row, tcnt_row, t_lo, t_hi, o, v, ok,
-                                               c_t, inv_tau, SPARSE, BLOCK_T)
-                # Qu[v] = mean_r Σ_{s→v} W_sv p_r[s]: ragged column lists, masked lanes have length 0.
-                start = tl.load(colptr_ptr + v, mask=ok, other=0)
-                length = tl.load(colptr_ptr + v + 1, mask=ok, other=0) - start
-                qu = tl.zeros((BLOCK_T,), tl.float32)
-                for j in range(0, tl.max(length)):
-                    jm = j < length
-                    s = tl.load(rowidx_ptr + start + j, mask=jm, other=0)
-                    w = tl.load(cscval_ptr + start + j, mask=jm, other=0.0)
-                    pr = tl.zeros((BLOCK_T,), tl.float32)
-                    for r in range(s_lo, s_hi):
-                        pr += _tl.softmax_tile(z_ptr + r * stride_z, s, jm, inv_tau, tl.load(lse_s_ptr + r))
-                    qu += w * pr
-                q = qu / (n_s * Z)
-                live = P > 0
-                loss += tl.sum(tl.where(live, P * (tv - tl.log(q + eps)), 0.0))
-                h = tl.where(live, P / (q + eps), 0.0)
-                M += tl.sum(h * q)
-                # dense: every column is written (0 outside A); sparse: only this row's columns, the rest of
-                # the scratch row stays 0 and is cleared again below.
-                tl.store(h_row + v, h, mask=ok if SPARSE else inside)
-            tl.store(loss_ptr + k, loss * tau * tau)
-
-            # D: gradient rows (and the W gradient).
-            tl.debug_barrier()
-            if HAS_SCALE:
-                scale = tl.load(scale_ptr + k)
-            else:
-                scale = 1.0
-            if s_hi - s_lo > 1:
-                # D_r = Σ_s p_r[s] H_s needs its own sweep over the row before the gradient is written.
-                for r in range(s_lo, s_hi):
-                    lse_r = tl.load(lse_s_ptr + r)
-                    d = tl.zeros((), tl.float32)
-                    for v0 in range(0, V_S, BLOCK_S):
-                        o = v0 + offs_s
-                        om = o < V_S
-                        hs = _tl.ell_gather(widx_ptr, wval_ptr, h_row, o, om, 4, BLOCK_S)
-                        d += tl.sum(_tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, lse_r) * hs)
-                    tl.store(dr_ptr + r, d)
-            else:
-                tl.store(dr_ptr + s_lo, Z * M)
-            tl.debug_barrier()
-            coef = tau / (n_s * Z) * scale
-            for v0 in range(0, V_S, BLOCK_S):
-                o = v0 + offs_s
-                om = o < V_S
-                a = tl.load(a_ptr + o, mask=om, other=0.0)
-                hs = _tl.ell_gather(widx_ptr, wval_ptr, h_row, o, om, 4, BLOCK_S)
-                pbar = tl.zeros((BLOCK_S,), tl.float32)
-                for r in range(s_lo, s_hi):
-                    p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r))
-                    # (D_r − H_s) and (a_s − Z_r) are each formed before the product: the 1 − g
-                    # cancellation stays in fp32 at the scale of its terms.
-                    dz = coef * p * ((tl.load(dr_ptr + r) - hs) + M * (a - tl.load(zr_ptr + r)))
-                    tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om)
-                    pbar += p
-                if GRAD_W:
-                    cw = tau * tau / (n_s * Z) * scale
-                    for sl in tl.static_range(4):
-                        ci = tl.load(widx_ptr + o * 4 + sl, mask=om, other=-1)
-                        cm = ci >= 0
-                        ci = tl.where(cm, ci, 0)
-                        in_a = cm & (tl.load(mask_ptr + ci, mask=cm, other=0) != 0)
-                        gw = tl.where(in_a, cw * pbar * (M - tl.load(h_row + ci, mask=in_a, other=0.0)), 0.0)
-                        if ATOMIC_W:
-                            tl.atomic_add(gw_row + o * 4 + sl, gw, mask=om)
-                        else:  # this program's own partial row: plain read-modify-write, reduced later
-                            prev = tl.load(gw_row + o * 4 + sl, mask=om, other=0.0)
-                            tl.store(gw_row + o * 4 + sl, prev + gw, mask=om)
-            tl.debug_barrier()
-            if SPARSE:  # leave the scratch rows all-zero for the next chunk
-                for c0 in range(0, C, BLOCK_T):
-                    o = c0 + offs_t
-                    v = tl.load(tc_ptr + t_lo * stride_tc + o, mask=o < C, other=-1)
-                    tl.store(h_row + v, tl.zeros((BLOCK_T,), tl.float32), mask=v >= 0)
-                _tl.clear_later_rows(tc_ptr, stride_tc, tacc_row, tcnt_row, t_lo, t_hi, C, BLOCK_T)
-                tl.debug_barrier()
-
-        # Rows that no chunk's (effective) span covers get a zero gradient.
-        _tl.zero_uncovered_rows(dz_ptr, stride_dz, covered_ptr, N_s, V_S, BLOCK_S)
-
-    configs = [triton.Config({"BLOCK_S": bs, "BLOCK_T": bt}, num_warps=nw)
-               for bs, bt, nw in ((1024, 256, 4), (2048, 256, 8), (4096, 512, 8), (4096, 512, 16))]
-    return _tl.launcher(_pkl_kernel, dict(BLOCK_S=128, BLOCK_T=64), configs,
-                        key=["V_S", "V_T", "C", "MEAN", "SPARSE", "GRAD_W"], reset_to_zero=["gw_ptr"])
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NATIVE_BLOCK_BYTES = 64 << 20  # fp32 copies of low-precision rows (student, its gradient, teacher) per native call
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Launcher
-# --------------------------------------------------------------------------------------------------------------
-
-_CSC_CACHE: dict[int, tuple] = {}
+def native_applies(s_logits: Tensor, t_cols: Tensor | None) -> bool:
+    """The C++ kernel's preconditions: CPU, dense teacher, student logits fp32 / bf16 / fp16 (math in fp32)."""
+    return s_logits.device.type == "cpu" and t_cols is None and s_logits.dtype in _NATIVE_DTYPES
 
 
-def _csc_structure(w_idx: torch.Tensor, V_T: int):
-    """(col_ptr int64 [V_T+1], row_idx int32 [4V_S], perm int64 [4V_S]) of the ELL slots sorted by column.
+def _native(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain,
+            chunk_scale, need_grad_w):
+    """``_C.pkl_rows`` on ``torch.get_num_threads()`` threads. fp32 logits go in as zero-copy numpy views (the
+    kernel writes every gradient row); otherwise blocks of consecutive chunks are converted to fp32
+    (≤ _NATIVE_BLOCK_BYTES) and their fp32 gradient cast back."""
+    from .. import _C
 
-    Empty slots sort last (key V_T), so entries past col_ptr[V_T] are never read and no host sync is needed.
-    The CSC values are w_val.flatten()[perm] (per call: W may be learnable). Cached per w_idx tensor."""
-    key = id(w_idx)
-    hit = _CSC_CACHE.get(key)
-    if hit is not None and hit[0]() is w_idx and hit[1] == (w_idx._version, V_T):
-        return hit[2]
-    flat = w_idx.reshape(-1).long()
-    col = torch.where(flat >= 0, flat, V_T)
-    perm = torch.argsort(col, stable=True)
-    col_ptr = torch.searchsorted(col[perm], torch.arange(V_T + 1, device=w_idx.device))
-    out = (col_ptr, (perm // _SLOTS).to(torch.int32), perm)
-    if len(_CSC_CACHE) >= 16:
-        _CSC_CACHE.clear()
-    _CSC_CACHE[key] = (weakref.ref(w_idx), (w_idx._version, V_T), out)
-    return out
+    V_S, K = s_logits.shape[1], spans.shape[0]
+    t_chain = t_chain.detach().float().contiguous() if merge == "chain" else None
+    consts = (w_idx.to(torch.int32).contiguous().numpy(), w_val.detach().float().contiguous().numpy(),
+              col_mask.contiguous().numpy())
+    scale = chunk_scale.detach().float().contiguous() if chunk_scale is not None else None
+    loss = torch.empty(K, dtype=torch.float32)
+    grad_w = torch.zeros(V_S, SLOTS, dtype=torch.float32) if need_grad_w else None
 
+    def call(z, t, sp, chain, cs, out_loss, out_grad, out_gw):
+        _C.pkl_rows(z.numpy(), t.numpy(), *consts, sp.numpy(), float(temperature), merge, float(eps),
+                    None if chain is None else chain.numpy(), None if cs is None else cs.numpy(), out_loss.numpy(),
+                    out_grad.numpy(), None if out_gw is None else out_gw.numpy(), torch.get_num_threads())
 
-def _covered_rows(spans: torch.Tensor, merge: str, n: int) -> torch.Tensor:
-    """int8 [n]: 1 for the student rows some chunk merges, [lo, hi) ("mean") or lo alone ("first"/"chain")
-    (difference array + cumsum, no host sync)."""
-    lo = spans[:, 0]
-    hi = spans[:, 1] if merge == "mean" else lo + 1
-    d = torch.zeros(n + 1, dtype=torch.int32, device=spans.device)
-    d.index_add_(0, lo, torch.ones_like(lo, dtype=torch.int32))
-    d.index_add_(0, hi, -torch.ones_like(hi, dtype=torch.int32))
-    return (torch.cumsum(d, 0)[:n] > 0).to(torch.int8)
-
-
-def _check_device(device: torch.device):
-    if device.type != "cuda" and not _interpret():
-        raise RuntimeError("the Triton ops need CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
-                           f"to run on {device.type} tensors")
-
-
-def _row_major(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _inputs(s_logits, t_vals, t_cols, spans):
-    """(s_logits, t_vals, t_cols, spans) checked and in kernel layout: row-major logits and detached teacher values,
-    int64 row-major teacher columns (dense: t_vals stands in, unused with SPARSE=False), int64 spans."""
-    device = s_logits.device
-    _check_device(device)
-    t_vals = _row_major(t_vals.detach())
-    t_cols = t_vals if t_cols is None else _row_major(t_cols.to(device=device, dtype=torch.int64))
-    return _row_major(s_logits), t_vals, t_cols, spans.to(device=device, dtype=torch.int64).contiguous()
-
-
-def _num_programs(K: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return max(1, min(K, torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(K, 2))
-
-
-def _launch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain,
-            chunk_scale, need_grad_w, deterministic):
-    sparse = t_cols is not None
-    s_logits, t_vals, t_cols, spans = _inputs(s_logits, t_vals, t_cols, spans)
-    device = s_logits.device
-    (N_s, V_S), V_T, K, C = s_logits.shape, col_mask.numel(), spans.shape[0], t_vals.shape[1]
-    w_idx = w_idx.to(torch.int32).contiguous()
-    w_val = w_val.detach().to(torch.float32).contiguous()
-    mask = col_mask.to(torch.int8).contiguous()
-    f32 = dict(dtype=torch.float32, device=device)
-
-    loss = torch.zeros(K, **f32)
-    grad = torch.empty_like(s_logits)
-    grad_w = None
-    if K == 0:
-        return loss, grad.zero_(), (torch.zeros(V_S, _SLOTS, **f32) if need_grad_w else None)
-
-    col_ptr, row_idx, perm = _csc_structure(w_idx, V_T)
-    csc_val = w_val.reshape(-1)[perm]
-    in_a = (w_idx >= 0) & (col_mask[w_idx.long().clamp(min=0)])
-    a = (w_val * in_a).sum(1)
-    nprog = _num_programs(K, device)
-    h = torch.zeros(nprog, V_T, **f32)
-    if sparse:
-        tacc = torch.zeros(nprog, V_T, **f32)
-        tcnt = torch.zeros(nprog, V_T, dtype=torch.int32, device=device)
-    else:
-        tacc, tcnt = h, h  # unused placeholders (SPARSE=False)
-    covered = _covered_rows(spans, merge, N_s)
-    if need_grad_w:
-        grad_w_buf = torch.zeros(nprog if deterministic else 1, V_S, _SLOTS, **f32)
-    row_stats = torch.empty(3, N_s, **f32)
-    lse_t = torch.empty(t_vals.shape[0], **f32)
-    chain = t_chain.to(**f32).contiguous() if merge == "chain" else loss
-    scale = chunk_scale.to(**f32).contiguous() if chunk_scale is not None else loss
-
-    _kernels()((nprog,),
-               s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
-               a, w_idx, w_val, col_ptr, row_idx, csc_val, mask, spans, chain, scale, covered,
-               loss, grad, grad.stride(0),
-               grad_w_buf if need_grad_w else loss, V_S * _SLOTS if (need_grad_w and deterministic) else 0,
-               row_stats[0], row_stats[1], row_stats[2], lse_t, h, tacc, tcnt,
-               K, N_s, V_S, V_T, C, 1.0 / float(temperature), float(temperature), float(eps),
-               MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
-               ATOMIC_W=not deterministic, HAS_SCALE=chunk_scale is not None)
-    if need_grad_w:
-        grad_w = grad_w_buf.sum(0)  # fixed-order reduction of the per-program partials (deterministic mode)
+    if s_logits.dtype == torch.float32 and t_vals.dtype == torch.float32:
+        grad = torch.empty_like(s_logits)
+        call(s_logits, t_vals, spans, t_chain, scale, loss, grad, grad_w)
+        return loss, grad, grad_w
+    grad = torch.zeros_like(s_logits)
+    n_s, n_t = spans[:, 1] - spans[:, 0], spans[:, 3] - spans[:, 2]
+    _, _, blocks = plan(spans, "mean", V_S, 0, max(1, _NATIVE_BLOCK_BYTES // (4 * (2 * V_S + t_vals.shape[1]))))
+    for k0, k1 in blocks:
+        s_rows, _ = expand(spans[k0:k1, 0], n_s[k0:k1])
+        t_rows, _ = expand(spans[k0:k1, 2], n_t[k0:k1])
+        s_end, t_end = torch.cumsum(n_s[k0:k1], 0), torch.cumsum(n_t[k0:k1], 0)
+        local = torch.stack([s_end - n_s[k0:k1], s_end, t_end - n_t[k0:k1], t_end], 1)
+        z = s_logits.index_select(0, s_rows).float()
+        g = torch.empty_like(z)
+        gw = torch.zeros(V_S, SLOTS, dtype=torch.float32) if need_grad_w else None
+        call(z, t_vals.index_select(0, t_rows).float(), local, None if t_chain is None else t_chain[t_rows],
+             None if scale is None else scale[k0:k1], loss[k0:k1], g, gw)
+        grad.index_copy_(0, s_rows, g.to(grad.dtype))
+        if need_grad_w:
+            grad_w += gw
     return loss, grad, grad_w
 
 
-def _check_merge(merge, **chains):
-    """merge is one of mean/first/chain; "chain" needs every given chain tensor."""
-    if merge not in ("mean", "first", "chain"):
-        raise ValueError(f"merge must be 'mean', 'first' or 'chain', got {merge!r}")
-    if merge == "chain" and any(c is None for c in chains.values()):
-        raise ValueError("merge='chain' needs " + " and ".join(chains))
+def _csr_pair(s_j: Tensor, t_j: Tensor, w_j: Tensor, V_S: int, V_A: int) -> tuple[Tensor, Tensor]:
+    """W [V_S, |A|] and Wᵀ as sparse CSR tensors from the flat ELL entries (s_j ascending)."""
+    def csr(rows, cols, vals, n_rows, n_cols):
+        ptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+        ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore")
+            return torch.sparse_csr_tensor(ptr, cols, vals, (n_rows, n_cols))
+
+    order = torch.argsort(t_j, stable=True)
+    return csr(s_j, t_j, w_j, V_S, V_A), csr(t_j[order], s_j[order], w_j[order], V_A, V_S)
 
 
-def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, s_chain, t_chain,
-             teacher_is_logprob, want_grad_w=False, chunk_scale=None):
-    """Row-space P-KL (contract in ops.fallback): -> (loss [K] f32, grad [N_s, V_S] in s_logits.dtype =
-    d Σ_k c_k loss_k / d s_logits, grad_w [V_S, 4] f32 = d Σ_k c_k loss_k / d w_val if ``want_grad_w`` else None),
-    c = ``chunk_scale`` [K] (default 1).
+def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain, chunk_scale,
+           need_grad_w):
+    """Chunked torch ops over blocks of consecutive chunks, math in fp32 (fp64 for fp64 logits)."""
+    md = math_dtype(s_logits.dtype)
+    dev, tau = s_logits.device, float(temperature)
+    V_S, K = s_logits.shape[1], spans.shape[0]
+    cols = allowed(col_mask)
+    _, remap, n_a = cols
+    n_s, n_t, blocks = plan(spans, merge, V_S, n_a)
+    t_chain_sum = chain_sums(t_chain, spans[:, 2], spans[:, 3], md) if merge == "chain" else None
+    # ELL as a flat (student s_j, column t_j in A, weight w_j) list of the non-empty slots that land in A
+    keep = w_idx >= 0
+    if remap is not None:
+        keep &= remap[w_idx.long().clamp(min=0)] >= 0
+    s_j = torch.nonzero(keep)[:, 0]
+    t_j = w_idx[keep].long() if remap is None else remap[w_idx[keep].long()]
+    w_j = w_val.detach()[keep].to(md)
+    W, Wt = _csr_pair(s_j, t_j, w_j, V_S, n_a)
+    loss = torch.zeros(K, dtype=md, device=dev)
+    grad = torch.zeros_like(s_logits)
+    grad_wj = torch.zeros_like(w_j) if need_grad_w else None
+    tt = tau * tau
+    for k0, k1 in blocks:
+        Kb = k1 - k0
+        rows, seg = expand(spans[k0:k1, 0], n_s[k0:k1])
+        p = softmax_rows(s_logits, rows, tau, md, log=False)
+        pbar = p if rows.numel() == Kb else torch.zeros(Kb, V_S, dtype=md, device=dev).index_add_(
+            0, seg, p).div_(n_s[k0:k1].unsqueeze(1))
+        Q = (Wt @ pbar.t()).t().contiguous()  # [Kb, |A|] = (Wᵀ p̄ᵀ)ᵀ restricted to A
+        sigma = Q.sum(1, keepdim=True)
+        Q.div_(sigma)
+        t_rows, t_seg = expand(spans[k0:k1, 2], n_t[k0:k1])
+        T = teacher_block(t_vals, t_cols, t_rows, t_seg, n_t[k0:k1], Kb, cols, tau, md,
+                          None if t_chain_sum is None else t_chain_sum[k0:k1])
+        P = torch.exp(T)
+        zero_p = P <= 0  # terms with P = 0 count as 0 (also where T = −inf or Q = 0)
+        Qe = Q + eps if eps else Q
+        buf = torch.log(Qe)
+        loss[k0:k1] = T.sub_(buf).mul_(P).masked_fill_(zero_p, 0.0).sum(1).mul_(tt)
+        r = torch.div(P, Qe, out=buf).masked_fill_(zero_p, 0.0)  # h = P / (Q + eps)
+        M = P.sum(1, keepdim=True) if not eps else (r * Q).sum(1, keepdim=True)
+        G = r.neg_().add_(M).mul_(tt / sigma)  # ∂L/∂Qu
+        if chunk_scale is not None:
+            G.mul_(chunk_scale[k0:k1].to(md).unsqueeze(1))
+        g = (W @ G.t()).t()  # [Kb, V_S] ELL gather as a sparse-dense product
+        if grad_wj is not None:
+            grad_wj += (pbar.index_select(1, s_j) * G.index_select(1, t_j)).sum(0)
+        write_grad(grad, rows, seg, n_s[k0:k1], p, g, tau, merge, wrt_log_p=False)
+    grad_w = None
+    if grad_wj is not None:
+        grad_w = torch.zeros(w_val.shape, dtype=torch.float32, device=dev)
+        grad_w[keep] = grad_wj.float()
+    return loss, grad, grad_w
 
-    ``s_chain`` cancels in Q's renormalization; ``teacher_is_logprob`` does not change the math (log π is the
-    log-softmax of t/τ over the allowed columns either way). Deterministic W gradient (per-program partials
-    reduced in a fixed order) when ``torch.are_deterministic_algorithms_enabled()``, fp32 atomics otherwise."""
-    del s_chain, teacher_is_logprob
-    _check_merge(merge, t_chain=t_chain)
-    return _launch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain,
-                   chunk_scale, want_grad_w, torch.are_deterministic_algorithms_enabled())
+
+def _triton(*args):
+    from .pkl_kernel import pkl_rows as launch  # imports triton: only when this backend runs
+
+    return launch(*args)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# torch.library custom op xtoken::pkl_rows (schema of xtoken::pkl_rows_fallback) -> (loss, grad, grad_w), grad_w =
-# [0] unless need_grad_w. Backward scales each chunk's gradient rows by its grad_output. The W gradient sums over
-# chunks and cannot be rescaled per chunk afterwards, so with need_grad_w backward reruns the op with
-# chunk_scale = grad_output: exact for any grad_output, at the cost of one more kernel pass.
-# --------------------------------------------------------------------------------------------------------------
+_BACKENDS = {"native": _native, "torch": _torch, "triton": _triton}
 
 
 @torch.library.custom_op("xtoken::pkl_rows", mutates_args=())
-def _pkl_op(s_logits: torch.Tensor, t_vals: torch.Tensor, t_cols: torch.Tensor | None, w_idx: torch.Tensor,
-            w_val: torch.Tensor, col_mask: torch.Tensor, spans: torch.Tensor, temperature: float, merge: str,
-            eps: float, t_chain: torch.Tensor | None, chunk_scale: torch.Tensor | None,
-            need_grad_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, grad, grad_w = pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps,
-                                  None, t_chain, False, need_grad_w, chunk_scale)
-    return loss, grad, grad_w if grad_w is not None else w_val.new_zeros(0, dtype=torch.float32)
+def pkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, w_idx: Tensor, w_val: Tensor, col_mask: Tensor,
+             spans: Tensor, temperature: float, merge: str, eps: float, t_chain: Tensor | None,
+             chunk_scale: Tensor | None, need_grad_w: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (loss [K] (fp64 for fp64 logits, else fp32), grad = d Σ_k c_k loss_k / d s_logits in the logits' dtype,
+    grad_w = d Σ_k c_k loss_k / d w_val [V_S, 4] fp32 if ``need_grad_w`` else [0]), c = ``chunk_scale`` [K]
+    (default 1). ``backend``: "auto" | "triton" | "native" | "torch". Sparse teacher columns must be unique per row;
+    spans must have disjoint student rows."""
+    backend = resolve_backend(backend, s_logits.device, s_logits.dtype, native_applies(s_logits, t_cols))
+    loss, grad, grad_w = _BACKENDS[backend](
+        s_logits.contiguous(), t_vals.detach().contiguous(), None if t_cols is None else t_cols.long().contiguous(),
+        w_idx, w_val, col_mask, spans.long().contiguous(), temperature, merge, eps, t_chain, chunk_scale,
+        need_grad_w)
+    return loss.to(math_dtype(s_logits.dtype)), grad, grad_w if need_grad_w else w_val.new_zeros(0, dtype=torch.float32)
 
 
-@_pkl_op.register_fake
+@pkl_rows.register_fake
 def _(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain, chunk_scale,
-      need_grad_w):
-    return (s_logits.new_empty(spans.shape[0], dtype=torch.float32), torch.empty_like(s_logits),
+      need_grad_w, backend):
+    return (s_logits.new_empty(spans.shape[0], dtype=math_dtype(s_logits.dtype)), s_logits.new_empty(s_logits.shape),
             w_val.new_empty(w_val.shape if need_grad_w else (0,), dtype=torch.float32))
 
 
-def _row_chunk_scale(spans, g_loss, n):
-    """[n] f32: g_loss[k] for the rows of chunk k's student span, 0 elsewhere (spans have disjoint rows)."""
-    k1 = torch.arange(1, spans.shape[0] + 1, device=spans.device)
-    d = torch.zeros(n + 1, dtype=torch.int64, device=spans.device)
-    d.index_add_(0, spans[:, 0], k1)
-    d.index_add_(0, spans[:, 1], -k1)
-    chunk = torch.cumsum(d, 0)[:n] - 1  # exact integer chunk id of each row, -1 outside every span
-    return torch.where(chunk >= 0, g_loss[chunk.clamp(min=0)], torch.zeros((), device=g_loss.device))
+# The loss is the only differentiable output. Backward scales the forward's gradient rows by each chunk's incoming
+# gradient (a student row belongs to at most one chunk). The W gradient sums over chunks and cannot be rescaled per
+# chunk afterwards, so with a learnable W backward reruns the op with chunk_scale = the incoming gradient.
 
-
-def _scale_rows(spans, grad, g_loss):
-    """(grad with chunk k's student rows scaled by g_loss[k], the row scale [N_s] f32)."""
-    scale = _row_chunk_scale(spans.long(), g_loss.to(torch.float32), grad.shape[0])
-    return (grad * scale.unsqueeze(1)).to(grad.dtype), scale
-
-
-def _pkl_setup(ctx, inputs, output):
-    s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain, _, need_grad_w = inputs
-    ctx.args = (temperature, merge, eps, need_grad_w)
+def _setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs would otherwise get [N_s, V_S] zero gradients
+    *args, chunk_scale, need_grad_w, backend = inputs
+    ctx.need_grad_w, ctx.consts = need_grad_w, (*args[7:10], backend)  # temperature, merge, eps, backend
     if need_grad_w:
-        ctx.save_for_backward(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, t_chain)
+        ctx.save_for_backward(*args[:7], args[10])
     else:
-        ctx.save_for_backward(spans, output[1])
+        ctx.save_for_backward(args[6], output[1])
 
 
-def _pkl_backward(ctx, g_loss, _g_grad, _g_grad_w):
-    temperature, merge, eps, need_grad_w = ctx.args
-    g_loss = g_loss.to(torch.float32).contiguous()
-    if not need_grad_w:
-        return (_scale_rows(*ctx.saved_tensors, g_loss)[0],) + (None,) * 12
-    s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, t_chain = ctx.saved_tensors
-    _, grad, grad_w = torch.ops.xtoken.pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans,
-                                                temperature, merge, eps, t_chain, g_loss, True)
-    return (grad,) + (None,) * 3 + (grad_w,) + (None,) * 8
+def _backward(ctx, g_loss, _g_grad, _g_grad_w):
+    if g_loss is None:
+        return (None,) * 14
+    if not ctx.need_grad_w:
+        spans, grad = saved(ctx)
+        return (scale_grad(grad, spans, g_loss),) + (None,) * 13
+    s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, t_chain = saved(ctx)
+    temperature, merge, eps, backend = ctx.consts
+    _, grad, grad_w = pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps,
+                               t_chain, g_loss.float(), True, backend)
+    return (grad, None, None, None, grad_w) + (None,) * 9
 
 
-_pkl_op.register_autograd(_pkl_backward, setup_context=_pkl_setup)
-
-
-def pkl_rows_autograd(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps,
-                      s_chain=None, t_chain=None, teacher_is_logprob=False) -> torch.Tensor:
-    """Differentiable per-chunk P-KL [K] (``xtoken::pkl_rows``): gradients flow to ``s_logits`` and, when it
-    requires grad, to ``w_val``. Arguments as in :func:`pkl_rows`."""
-    del s_chain, teacher_is_logprob
-    _check_merge(merge, t_chain=t_chain)
-    need_grad_w = w_val.requires_grad and torch.is_grad_enabled()
-    return torch.ops.xtoken.pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, float(temperature),
-                                     merge, float(eps), t_chain, None, need_grad_w)[0]
+pkl_rows.register_autograd(_backward, setup_context=_setup)

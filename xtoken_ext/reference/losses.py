@@ -45,18 +45,18 @@ def _plogq(p, a, b):
     return (p * (torch.where(pos, a, zero) - torch.where(pos, b, zero))).sum()
 
 
-def _chunks(batch):
+def _chunks(alignment):
     """Yield (b, student_rows, teacher_rows) for every valid chunk in (b, k) order."""
-    valid = batch.chunk_valid
+    valid = alignment.chunk_valid
     for b in range(valid.shape[0]):
         for k in range(valid.shape[1]):
             if valid[b, k]:
-                s_rows = torch.nonzero(batch.student_chunk_ids[b] == k).squeeze(1)
-                t_rows = torch.nonzero(batch.teacher_chunk_ids[b] == k).squeeze(1)
+                s_rows = torch.nonzero(alignment.student_chunk_ids[b] == k).squeeze(1)
+                t_rows = torch.nonzero(alignment.teacher_chunk_ids[b] == k).squeeze(1)
                 yield b, s_rows.tolist(), t_rows.tolist()
 
 
-def _prepare(student_logits, teacher_logits, batch, proj, temperature, merge, uncovered, teacher_topk,
+def _prepare(student_logits, teacher_logits, alignment, proj, temperature, merge, uncovered, teacher_topk,
              teacher_indices, student_ids, teacher_ids):
     """Shared setup: [B,T,V] views in the math dtype, dense teacher (−inf outside a sparse teacher's columns),
     the allowed column set A, and the per-chunk (student ℓ rows, teacher log π rows, chain ids) tuples."""
@@ -78,7 +78,7 @@ def _prepare(student_logits, teacher_logits, batch, proj, temperature, merge, un
         t = torch.full((*t.shape[:2], V_T), _NEG_INF, dtype=dt).scatter(-1, ti, t)
     W = _dense_w(proj, dt)
     A = (W > 0).any(0) if uncovered == "renormalize" else torch.ones(V_T, dtype=torch.bool)
-    chunks = list(_chunks(batch))
+    chunks = list(_chunks(alignment))
     if teacher_topk is not None and chunks:
         # topk set: the teacher_topk columns with the largest max-over-rows logit (rows of valid chunks); ties ->
         # lower id (stable sort keeps id order among equal values).
@@ -121,14 +121,14 @@ def _reduce(losses, z, reduction, normalizer):
     return L.sum() / (len(losses) if normalizer is None else normalizer)
 
 
-def pkl_loss(student_logits, teacher_logits, batch, proj, temperature=1.0, reduction="mean", *, merge="mean",
+def pkl_loss(student_logits, teacher_logits, alignment, proj, temperature=1.0, reduction="mean", *, merge="mean",
              uncovered="renormalize", teacher_topk=None, uncommon_topk=None, normalizer=None, teacher_indices=None,
              student_ids=None, teacher_ids=None):
     """P-KL: L_k = τ² Σ_{v∈A} P[v] (T[v] − log(Q[v] + eps)), Q = normalize(merged Wᵀp_S over A),
     eps = 0 ("renormalize") or 1e-10 ("epsilon"). For merge="chain" the student scalar multiplies Q and cancels in
     its renormalization, so Q is the first row's projection."""
     del uncommon_topk  # H-KL / GOLD / ULD only
-    z, W, A, tau, chunks = _prepare(student_logits, teacher_logits, batch, proj, temperature, merge, uncovered,
+    z, W, A, tau, chunks = _prepare(student_logits, teacher_logits, alignment, proj, temperature, merge, uncovered,
                                     teacher_topk, teacher_indices, student_ids, teacher_ids)
     eps = 0.0 if uncovered == "renormalize" else 1e-10
     losses = []
@@ -141,10 +141,10 @@ def pkl_loss(student_logits, teacher_logits, batch, proj, temperature=1.0, reduc
     return _reduce(losses, z, reduction, normalizer)
 
 
-def _hybrid(student_logits, teacher_logits, batch, proj, temperature, reduction, merge, uncovered, teacher_topk,
+def _hybrid(student_logits, teacher_logits, alignment, proj, temperature, reduction, merge, uncovered, teacher_topk,
             uncommon_topk, normalizer, teacher_indices, student_ids, teacher_ids, pairs):
     """τ² (KL_common + L1_uncommon) per chunk over the common pairs ``pairs`` (None = empty: ULD)."""
-    z, W, A, tau, chunks = _prepare(student_logits, teacher_logits, batch, proj, temperature, merge, uncovered,
+    z, W, A, tau, chunks = _prepare(student_logits, teacher_logits, alignment, proj, temperature, merge, uncovered,
                                     teacher_topk, teacher_indices, student_ids, teacher_ids)
     V_S, V_T = W.shape
     cs, ct = (torch.zeros(0, dtype=torch.long),) * 2 if pairs is None else (pairs[0].long(), pairs[1].long())
@@ -169,28 +169,28 @@ def _hybrid(student_logits, teacher_logits, batch, proj, temperature, reduction,
     return _reduce(losses, z, reduction, normalizer)
 
 
-def hkl_loss(student_logits, teacher_logits, batch, proj, temperature=1.0, reduction="mean", *, merge="mean",
+def hkl_loss(student_logits, teacher_logits, alignment, proj, temperature=1.0, reduction="mean", *, merge="mean",
              uncovered="renormalize", teacher_topk=None, uncommon_topk=8192, normalizer=None, teacher_indices=None,
              student_ids=None, teacher_ids=None):
     """H-KL: common set = W's relaxed top-1 pairs (weight ≥ 0.6);
     L_k = τ² (Σ_c P[t_c](T[t_c] − S[s_c]) + Σ_{i<m} |sort↓(exp S[U_S])_i − sort↓(P[U_T])_i|)."""
-    return _hybrid(student_logits, teacher_logits, batch, proj, temperature, reduction, merge, uncovered,
+    return _hybrid(student_logits, teacher_logits, alignment, proj, temperature, reduction, merge, uncovered,
                    teacher_topk, uncommon_topk, normalizer, teacher_indices, student_ids, teacher_ids,
                    proj.common_pairs("relaxed"))
 
 
-def gold_loss(student_logits, teacher_logits, batch, proj, temperature=1.0, reduction="mean", *, merge="mean",
+def gold_loss(student_logits, teacher_logits, alignment, proj, temperature=1.0, reduction="mean", *, merge="mean",
               uncovered="renormalize", teacher_topk=None, uncommon_topk=8192, normalizer=None, teacher_indices=None,
               student_ids=None, teacher_ids=None):
     """GOLD: the H-KL formula over the strict (exact one-hot) common set."""
-    return _hybrid(student_logits, teacher_logits, batch, proj, temperature, reduction, merge, uncovered,
+    return _hybrid(student_logits, teacher_logits, alignment, proj, temperature, reduction, merge, uncovered,
                    teacher_topk, uncommon_topk, normalizer, teacher_indices, student_ids, teacher_ids,
                    proj.common_pairs("strict"))
 
 
-def uld_loss(student_logits, teacher_logits, batch, proj, temperature=1.0, reduction="mean", *, merge="mean",
+def uld_loss(student_logits, teacher_logits, alignment, proj, temperature=1.0, reduction="mean", *, merge="mean",
              uncovered="renormalize", teacher_topk=None, uncommon_topk=None, normalizer=None, teacher_indices=None,
              student_ids=None, teacher_ids=None):
     """ULD: L_k = τ² Σ_{i<m} |sort↓(exp S)_i − sort↓(P[A])_i|, m = min(V_S, |A|, uncommon_topk) (no partition)."""
-    return _hybrid(student_logits, teacher_logits, batch, proj, temperature, reduction, merge, uncovered,
+    return _hybrid(student_logits, teacher_logits, alignment, proj, temperature, reduction, merge, uncovered,
                    teacher_topk, uncommon_topk, normalizer, teacher_indices, student_ids, teacher_ids, None)

@@ -1,0 +1,204 @@
+"""Helpers shared by the loss ops (torch only; the Triton helpers live in ``_tl``).
+
+Row-space contract of every op: student logit rows s_logits [N_s, V_S], teacher rows t_vals [N_t, C] (dense: C = V_T;
+sparse: top-k values with their column ids t_cols [N_t, k]), chunk spans [K, 4] int64 (s_lo, s_hi, t_lo, t_hi) with
+disjoint student rows, the allowed teacher columns col_mask bool [V_T]. Each op returns the per-chunk loss together
+with the gradient of Σ_k loss_k wrt s_logits, computed in the forward pass (the loss is terminal); autograd's
+backward only rescales that gradient, in place, by the incoming per-chunk gradient.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+SLOTS = 4  # W's ELL slots per student row
+BACKENDS = ("auto", "triton", "native", "torch")
+
+
+def interpret() -> bool:
+    """Triton runs on CPU tensors through its interpreter (TRITON_INTERPRET=1 set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute (and return the loss) in: float64 for float64 logits, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype, native_ok: bool) -> str:
+    """"auto" (default: $XTOKEN_BACKEND or "auto") -> "triton" on CUDA with Triton importable (float64 excepted),
+    "native" where the C++ kernel applies (``native_ok``), else "torch"; an explicit backend is checked."""
+    backend = backend or os.environ.get("XTOKEN_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and dtype != torch.float64 and importlib.util.find_spec("triton") is not None:
+            return "triton"
+        return "native" if native_ok else "torch"
+    if backend == "native" and not native_ok:
+        raise ValueError("backend='native' needs CPU tensors and a dense teacher with float32 (P-KL: or bf16/fp16) "
+                         "logits; use backend='torch' or 'auto'")
+    if backend == "triton" and device.type != "cuda" and not interpret():
+        raise ValueError(f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+                         f"imported to run on {device.type} tensors")
+    return backend
+
+
+def expand(lo: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows lo_k + [0, n_k) of every chunk, concatenated, and the chunk of each row (data-dependent size: call it on
+    CPU index tensors, or accept the host sync)."""
+    seg = torch.repeat_interleave(torch.arange(lo.numel(), device=lo.device), n)
+    start = torch.cumsum(n, 0) - n
+    return lo[seg] + torch.arange(seg.numel(), device=lo.device) - start[seg], seg
+
+
+def covered_rows(spans: Tensor, merge: str, n: int) -> Tensor:
+    """int8 [n]: 1 at the student rows some chunk merges ([lo, hi) for "mean", lo alone otherwise); difference
+    array + cumsum, no host sync."""
+    lo = spans[:, 0]
+    hi = spans[:, 1] if merge == "mean" else lo + 1
+    d = torch.zeros(n + 1, dtype=torch.int32, device=spans.device)
+    d.index_add_(0, lo, torch.ones_like(lo, dtype=torch.int32))
+    d.index_add_(0, hi, -torch.ones_like(hi, dtype=torch.int32))
+    return (torch.cumsum(d, 0)[:n] > 0).to(torch.int8)
+
+
+def row_scale(lo: Tensor, hi: Tensor, g: Tensor, n: int) -> Tensor:
+    """[n] in g's dtype: g[k] at rows [lo_k, hi_k) (disjoint ranges), 0 elsewhere. The chunk id of each row comes
+    from an exact integer difference array (no host sync)."""
+    k1 = torch.arange(1, lo.numel() + 1, device=lo.device)
+    d = torch.zeros(n + 1, dtype=torch.int64, device=lo.device)
+    d.index_add_(0, lo, k1)
+    d.index_add_(0, hi, -k1)
+    chunk = torch.cumsum(d, 0)[:n] - 1  # −1 outside every range: picks the appended 0
+    return torch.cat([g, g.new_zeros(1)])[chunk]
+
+
+def scale_grad(grad: Tensor, spans: Tensor, g_loss: Tensor) -> Tensor:
+    """The saved gradient with chunk k's student rows times g_loss[k]: IN PLACE in the logits' dtype in eager mode
+    (the product is formed per element in fp32/fp64 and rounded once; no second [N_s, V_S] buffer). The saved
+    gradient is then consumed, so a second backward through the same graph is refused. Under tracing (FakeTensor,
+    torch.compile) it is out of place, which the compiler fuses. Call it on ``saved(ctx)``'s gradient."""
+    scale = row_scale(spans[:, 0], spans[:, 1], g_loss.to(math_dtype(grad.dtype)), grad.shape[0]).unsqueeze(1)
+    if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
+        return (grad * scale).to(grad.dtype)
+    return grad.mul_(scale)
+
+
+def saved(ctx):
+    """ctx.saved_tensors, once: the in-place backward consumed the gradient the first time."""
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError("xtoken loss ops support one backward per forward (the saved gradient is scaled in "
+                           "place); recompute the loss for a second backward")
+    ctx.consumed = True
+    return ctx.saved_tensors
+
+
+def top(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """Largest m values per row, sorted descending, and their positions. Tied values may come in any order: the
+    sorted-L1 value does not depend on it, and its gradient is then one valid subgradient."""
+    if 4 * m < x.shape[1]:
+        return torch.topk(x, m, dim=1)
+    vals, pos = torch.sort(x, dim=1, descending=True, stable=True)
+    return vals[:, :m], pos[:, :m]
+
+
+# ---- the chunked torch backend's planning and row math, shared by ops.pkl and ops.hkl. Valid chunks are processed
+# in blocks of consecutive chunks, so scratch is O(block rows × (V_S + |A|)), never [all rows, V] in fp32; teacher
+# math runs over the allowed columns A only (compressed, no masking).
+
+_SCRATCH_BYTES = 192 << 20  # per-block scratch budget of the torch backend
+
+
+def plan(spans: Tensor, merge: str, V_S: int, V_A: int, max_rows: int | None = None):
+    """Per-chunk row counts n_s / n_t that enter the merged vectors (all rows for "mean", the first otherwise), and
+    blocks (k0, k1) of consecutive chunks with ≤ max_rows such rows per side (a larger chunk is a block alone);
+    max_rows defaults to what keeps the ~4 [rows, V_S] and ~6 [rows, |A|] live buffers within the budget."""
+    if max_rows is None:
+        max_rows = max(1, min(256, _SCRATCH_BYTES // (4 * (4 * V_S + 6 * V_A))))
+    s_lo, s_hi, t_lo, t_hi = spans.unbind(1)
+    if merge == "mean":
+        n_s, n_t = s_hi - s_lo, t_hi - t_lo
+    else:
+        n_s, n_t = torch.ones_like(s_lo), torch.ones_like(t_lo)
+    blocks, k0, rs, rt = [], 0, 0, 0
+    for k, (a, b) in enumerate(zip(n_s.tolist(), n_t.tolist())):
+        if k > k0 and (rs + a > max_rows or rt + b > max_rows):
+            blocks.append((k0, k))
+            k0, rs, rt = k, 0, 0
+        rs, rt = rs + a, rt + b
+    if spans.shape[0]:
+        blocks.append((k0, spans.shape[0]))
+    return n_s, n_t, blocks
+
+
+def allowed(col_mask: Tensor):
+    """Allowed teacher columns A: (ids [|A|] or None when A = all, position in A of every column or −1, |A|)."""
+    if bool(col_mask.all()):
+        return None, None, col_mask.numel()
+    a_idx = torch.nonzero(col_mask).squeeze(1)
+    remap = torch.full((col_mask.numel(),), -1, dtype=torch.int64, device=col_mask.device)
+    remap[a_idx] = torch.arange(a_idx.numel(), device=col_mask.device)
+    return a_idx, remap, a_idx.numel()
+
+
+def chain_sums(chain: Tensor | None, lo: Tensor, hi: Tensor, dtype) -> Tensor | None:
+    """Σ_{lo < r < hi} chain[r] per chunk (−inf entries propagate)."""
+    if chain is None:
+        return None
+    rows, seg = expand(lo + 1, (hi - lo - 1).clamp(min=0))
+    return torch.zeros(lo.numel(), dtype=dtype, device=lo.device).index_add_(0, seg, chain.to(dtype)[rows])
+
+
+def teacher_block(t_vals, t_cols, rows, seg, n, K, cols, tau, md, chain_sum):
+    """Merged teacher log-probs T [K, |A|] of one block: mean (or first row + chain sum) of log_softmax_A(t/τ)."""
+    a_idx, remap, n_a = cols
+    if t_cols is None:
+        x = t_vals.index_select(0, rows) if a_idx is None else t_vals[rows.unsqueeze(1), a_idx]
+        x = x.to(md)
+    else:  # sparse: a distribution that is 0 outside its columns; columns outside A go to a dropped extra slot
+        c = t_cols.index_select(0, rows).long()
+        if remap is not None:
+            c = remap[c]
+            c = torch.where(c < 0, n_a, c)
+        x = torch.full((rows.numel(), n_a + 1), float("-inf"), dtype=md, device=t_vals.device).scatter_(
+            1, c, t_vals.index_select(0, rows).to(md))[:, :n_a]
+    if tau != 1.0:
+        x.div_(tau)
+    lse = torch.logsumexp(x, 1, keepdim=True)
+    x.sub_(torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))  # an all −inf row stays −inf
+    if chain_sum is not None:
+        return x.add_(chain_sum.to(md).unsqueeze(1))
+    if rows.numel() == K:
+        return x
+    return torch.zeros(K, n_a, dtype=md, device=x.device).index_add_(0, seg, x).div_(n.unsqueeze(1))
+
+
+def softmax_rows(s_logits: Tensor, rows: Tensor, tau: float, md, log: bool) -> Tensor:
+    """(log_)softmax(z/τ) of the given student rows, in the math dtype."""
+    x = s_logits.index_select(0, rows).to(md)
+    if tau != 1.0:
+        x.div_(tau)
+    return torch.log_softmax(x, 1) if log else torch.softmax(x, 1)
+
+
+def write_grad(grad, rows, seg, n, p, g, tau, merge, wrt_log_p: bool):
+    """Student logit gradient rows from g = ∂L/∂(merged vector) per chunk; g_r = g[chunk]/n (mean) or g[chunk]
+    (first row). wrt p (P-KL):  dz_r = p_r ⊙ (g_r − ⟨p_r, g_r⟩)/τ;  wrt ℓ = log p:  dz_r = (g_r − p_r Σ g_r)/τ."""
+    gr = g.index_select(0, seg) if rows.numel() != g.shape[0] else g
+    if merge == "mean" and rows.numel() != g.shape[0]:
+        gr = gr / n[seg].unsqueeze(1).to(gr.dtype)
+    r0, n_rows = int(rows[0]), rows.numel()
+    direct = grad.dtype == p.dtype and int(rows[-1]) - r0 + 1 == n_rows  # write straight into grad's rows
+    out = grad[r0:r0 + n_rows] if direct else None
+    if wrt_log_p:
+        dz = torch.sub(gr, p * gr.sum(1, keepdim=True), out=out)
+    else:
+        dz = torch.sub(gr, (p * gr).sum(1, keepdim=True), out=out).mul_(p)
+    if tau != 1.0:
+        dz.div_(tau)
+    if not direct:
+        grad.index_copy_(0, rows, dz.to(grad.dtype))
