@@ -28,6 +28,8 @@
 
 namespace xt {
 
+// The bindings bound band, lookahead and gram by kMaxParam, so index arithmetic with them cannot overflow.
+constexpr int64_t kMaxParam = (int64_t{1} << 31) - 1;
 struct Params {
   int64_t band = 64;              // band half-width (tokens) around the byte-offset guide path
   int64_t full_cells = 1 << 16;   // segments with n*m <= full_cells get the full DP (beyond: ~ the band cost)
@@ -61,6 +63,7 @@ struct Seq {
   std::string bytes;
   std::vector<int64_t> off{0};
   std::vector<uint64_t> h;
+  std::vector<uint8_t> cls;  // per token Special bits (see below); empty = all text (the bytes API)
 
   void add(const char* p, int64_t n) {
     bytes.append(p, static_cast<size_t>(n));
@@ -82,6 +85,19 @@ inline bool tok_eq(const Seq& S, int64_t i, const Seq& T, int64_t j) {
 }
 inline bool chunk_correct(const Seq& S, int64_t s0, int64_t s1, const Seq& T, int64_t t0, int64_t t1) {
   return s1 > s0 && t1 > t0 && span_eq(S, s0, s1, T, t0, t1);
+}
+
+// Special tokens (Vocab::cls, Seq::cls; 0 = text). A special's bytes are its literal text ("<|im_start|>"), so the
+// streams stay in sync where the other side spells the same markup as text pieces; kSpecial keeps it from ever
+// being equal to text (mark_specials). Role bits say which specials of two tokenizers stand for the same thing.
+enum Special : uint8_t { kSpecial = 1, kBos = 2, kEos = 4, kEot = 8, kUnk = 16, kSpecialBits = 31 };
+constexpr uint8_t kRoleBits = kBos | kEos | kEot;
+
+// Two specials with a common role (never <unk>): the DP scores them as a match, so <|eot_id|> meets <|im_end|>.
+inline bool role_eq(const Seq& S, int64_t i, const Seq& T, int64_t j) {
+  if (S.cls.empty() || T.cls.empty()) return false;
+  const uint8_t a = S.cls[i], b = T.cls[j];
+  return (a & b & kRoleBits) && !((a | b) & kUnk);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -134,7 +150,7 @@ inline Result merge_streams(const Seq& S, const Seq& T) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // DP (METHOD.md §4.1-4.2). Scores in half units so everything is exact integer math:
-// match +6 / mismatch -6 (alpha_exact 3), gap -3 (alpha_gap -1.5), 1-to-k / k-to-1 (k <= 4) +3k (alpha_comb*k),
+// match (equal bytes, or two specials sharing a role: role_eq) +6 / mismatch -6 (alpha_exact 3), gap -3 (alpha_gap -1.5), 1-to-k / k-to-1 (k <= 4) +3k (alpha_comb*k),
 // the latter only when the concatenations are equal. Tie-breaking: diag first, then up (student token unaligned),
 // left (teacher token unaligned), 1-to-k for k=2..4, k-to-1 for k=2..4, each replacing only if strictly greater.
 // Cell (i, j) = i student and j teacher tokens consumed. Row i is evaluated only for j in [lo[i], hi[i]].
@@ -213,8 +229,9 @@ inline int64_t dp_segment(const Seq& S, int64_t sa, int64_t n, const Seq& T, int
       };
       const bool up_row = i > 0;
       if (up_row && j > 0 && j - 1 >= RL[1] && j - 1 <= RH[1]) {
-        const bool eq = sh[i - 1] == th[j - 1] && sl == to[j] - to[j - 1] &&
-                        std::memcmp(S.at(so[i - 1]), T.at(to[j - 1]), static_cast<size_t>(sl)) == 0;
+        const bool eq = (sh[i - 1] == th[j - 1] && sl == to[j] - to[j - 1] &&
+                         std::memcmp(S.at(so[i - 1]), T.at(to[j - 1]), static_cast<size_t>(sl)) == 0) ||
+                        role_eq(S, sa + i - 1, T, ta + j - 1);
         offer(R[1][j - 1] + (eq ? 6 : -6), kDiag);
       }
       if (up_row && j >= RL[1] && j <= RH[1]) offer(R[1][j] - 3, kUp);
@@ -244,7 +261,7 @@ inline int64_t dp_segment(const Seq& S, int64_t sa, int64_t n, const Seq& T, int
     const int code = mv[row_at[i] + j - lo[i]];
     int64_t di = 1, dj = 1;
     bool ok = true;
-    if (code == kDiag) ok = tok_eq(S, sa + i - 1, T, ta + j - 1);
+    if (code == kDiag) ok = tok_eq(S, sa + i - 1, T, ta + j - 1) || role_eq(S, sa + i - 1, T, ta + j - 1);
     else if (code == kUp) { dj = 0; ok = false; }
     else if (code == kLeft) { di = 0; ok = false; }
     else if (code < kKToOne) dj = code - kOneToK + 2;
@@ -335,12 +352,25 @@ inline Result postprocess(const Seq& S, const Seq& T, const std::vector<Pair>& p
   auto emit = [&](int64_t l, int64_t h, bool ok) {
     r.push(pr[l].s0, pr[h - 1].s1, pr[l].t0, pr[h - 1].t1, ok);
   };
+  // Step 1 asks, for every k of a run, whether the run's suffix [k, e) is equal. The run end e and the common
+  // byte suffix of both sides ending at pair e-1 (`tail`) are computed once per run, so each question is O(1):
+  // [k, e) is equal iff both sides have the same byte length and that length is <= tail. Linear in the run.
+  int64_t e = 0, tail = 0;
   int64_t floor = 0;  // windows may not start before this pair index
   for (int64_t k = 0; k < P;) {
     if (pr[k].ok) { emit(k, k + 1, true); ++k; continue; }
-    int64_t e = k;
-    while (e < P && !pr[e].ok) ++e;
-    if (equal(k, e)) { emit(k, e, true); k = floor = e; continue; }
+    if (e <= k) {  // first visit of this run
+      for (e = k; e < P && !pr[e].ok;) ++e;
+      const int64_t se = S.off[pr[e - 1].s1], te = T.off[pr[e - 1].t1];
+      const int64_t lim = std::min(se - S.off[pr[k].s0], te - T.off[pr[k].t0]);
+      for (tail = 0; tail < lim && S.bytes[se - 1 - tail] == T.bytes[te - 1 - tail];) ++tail;
+    }
+    const int64_t ls = S.off[pr[e - 1].s1] - S.off[pr[k].s0], lt = T.off[pr[e - 1].t1] - T.off[pr[k].t0];
+    if (pr[k].s0 < pr[e - 1].s1 && pr[k].t0 < pr[e - 1].t1 && ls == lt && ls <= tail) {
+      emit(k, e, true);
+      k = floor = e;
+      continue;
+    }
     int64_t wl = -1, wh = -1;
     for (int64_t size = 2; size <= kMaxWindow && wl < 0; ++size)
       for (int64_t l = std::max(floor, k - size + 1); l <= k && l + size <= P; ++l)
@@ -373,6 +403,10 @@ inline Result dp_align(const Seq& S, int64_t sa, int64_t sb, const Seq& T, int64
 // At a chunk whose bytes differ, resync: among boundary pairs (i', j') != (i, j) with i' - i <= lookahead and
 // j' - j <= lookahead whose suffixes agree on their next `gram` bytes (or are equal and shorter than that),
 // take the one skipping the fewest bytes (bytes(S[i:i']) + bytes(T[j:j'])), ties -> smaller i', then smaller j'.
+// A candidate must skip at least `agree` bytes on one side, `agree` = the length of the common prefix of both
+// streams from (i, j): inside that prefix the streams are the same text, so a candidate there on another byte
+// diagonal is only a repeat of it (periodic text); skipping past it also bounds the work (each failed walk is paid
+// for by the bytes it lets the next step skip, where re-walking after a 1-token step made repeats quadratic).
 // The window [i, i') x [j, j') goes through dp_align. No resync point -> dp_align over the whole rest.
 
 // Key of the suffix starting at byte b of a stream of total length B: hash of its next min(gram, B-b) bytes.
@@ -386,7 +420,8 @@ inline bool suffix_eq(const Seq& S, int64_t a, const Seq& T, int64_t b, int64_t 
   return std::memcmp(S.at(a), T.at(b), static_cast<size_t>(gram)) == 0;
 }
 
-inline std::pair<int64_t, int64_t> resync(const Seq& S, int64_t i, const Seq& T, int64_t j, const Params& p) {
+inline std::pair<int64_t, int64_t> resync(const Seq& S, int64_t i, const Seq& T, int64_t j, int64_t agree,
+                                          const Params& p) {
   const int64_t ie = std::min(S.n(), i + p.lookahead), je = std::min(T.n(), j + p.lookahead);
   std::vector<uint64_t> ks;
   for (int64_t a = i; a <= ie; ++a) ks.push_back(suffix_key(S, S.off[a], p.gram));
@@ -396,9 +431,12 @@ inline std::pair<int64_t, int64_t> resync(const Seq& S, int64_t i, const Seq& T,
     if (bi >= 0 && ct > bcost) break;  // costs only grow with b
     const uint64_t kt = suffix_key(T, T.off[b], p.gram);
     for (int64_t a = i; a <= ie; ++a) {  // first (smallest-cost) verified match for this b
-      if ((a == i && b == j) || ks[a - i] != kt || !suffix_eq(S, S.off[a], T, T.off[b], p.gram)) continue;
-      const int64_t cost = S.off[a] - S.off[i] + ct;
-      if (bi < 0 || cost < bcost || (cost == bcost && a < bi)) { bi = a; bj = b; bcost = cost; }
+      const int64_t cs = S.off[a] - S.off[i], cost = cs + ct;
+      if (bi >= 0 && (cost > bcost || (cost == bcost && a >= bi))) break;  // costs only grow with a
+      if ((a == i && b == j) || (cs < agree && ct < agree) || ks[a - i] != kt ||
+          !suffix_eq(S, S.off[a], T, T.off[b], p.gram))
+        continue;
+      bi = a; bj = b; bcost = cost;
       break;
     }
   }
@@ -413,28 +451,32 @@ inline Result auto_align(const Seq& S, const Seq& T, const Params& p) {
   while (i < n || j < m) {
     if (i < n && S.len(i) == 0) { r.push(i, i + 1, j, j, false); ++i; continue; }
     if (j < m && T.len(j) == 0) { r.push(i, i, j, j + 1, false); ++j; continue; }
+    int64_t agree = 0;  // common prefix of both streams from (i, j), known when the walk below fails
     if (i < n && j < m) {  // try one merge chunk from (i, j); bytes checked as the two ends advance
-      int64_t a = i + 1, b = j + 1, ea = S.off[a] - S.off[i], eb = T.off[b] - T.off[j], checked = 0;
-      bool agree = true;
+      int64_t a = i + 1, b = j + 1, ea = S.off[a] - S.off[i], eb = T.off[b] - T.off[j];
+      bool ok = true;
       while (true) {
         const int64_t lim = std::min(ea, eb);
-        if (std::memcmp(S.at(S.off[i] + checked), T.at(T.off[j] + checked), static_cast<size_t>(lim - checked))) {
-          agree = false;
+        const char* x = S.at(S.off[i]);
+        const char* y = T.at(T.off[j]);
+        if (std::memcmp(x + agree, y + agree, static_cast<size_t>(lim - agree)) != 0) {
+          while (x[agree] == y[agree]) ++agree;
+          ok = false;
           break;
         }
-        checked = lim;
+        agree = lim;
         if (ea == eb) break;
         if (ea < eb) {
-          if (a == n) { agree = false; break; }
+          if (a == n) { ok = false; break; }
           ea = S.off[++a] - S.off[i];
         } else {
-          if (b == m) { agree = false; break; }
+          if (b == m) { ok = false; break; }
           eb = T.off[++b] - T.off[j];
         }
       }
-      if (agree) { r.push(i, a, j, b, true); i = a; j = b; continue; }
+      if (ok) { r.push(i, a, j, b, true); i = a; j = b; continue; }
     }
-    const auto [i2, j2] = resync(S, i, T, j, p);
+    const auto [i2, j2] = resync(S, i, T, j, agree, p);
     r.append(dp_align(S, i, i2, T, j, j2, p));
     i = i2;
     j = j2;
@@ -460,30 +502,55 @@ inline Result align_streams(const Seq& S, const Seq& T, Method method, const Par
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Vocabulary: canonical bytes of every id, so id sequences turn into Seqs without Python.
+// Vocabulary: canonical bytes (and special bits, if any) of every id, so id sequences turn into Seqs without Python.
 struct Vocab {
-  Seq table;  // token id -> bytes/hash
+  Seq table;  // token id -> bytes/hash; table.cls: empty (no specials) or one entry per id
 
   Seq sequence(const int64_t* ids, int64_t n) const {
     Seq s;
     s.bytes.reserve(static_cast<size_t>(n * 4));
     s.off.reserve(static_cast<size_t>(n + 1));
     s.h.reserve(static_cast<size_t>(n));
+    if (!table.cls.empty()) s.cls.reserve(static_cast<size_t>(n));
     for (int64_t k = 0; k < n; ++k) {
       const int64_t id = ids[k];
       s.bytes.append(table.at(table.off[id]), static_cast<size_t>(table.len(id)));
       s.off.push_back(static_cast<int64_t>(s.bytes.size()));
       s.h.push_back(table.h[id]);
+      if (!table.cls.empty()) s.cls.push_back(table.cls[id]);
     }
     return s;
   }
   int64_t size() const { return table.n(); }
+  uint8_t cls(int64_t id) const { return table.cls.empty() ? 0 : table.cls[id]; }
 };
 
-// First text token: the first non-empty token that is not a 0xFF role marker (-1 if none).
+// Two specials make a correct 1:1 chunk when they share a role (BOS, end of sequence, end of turn) or have the
+// same literal text; an unknown token never does (the texts behind two <unk>s need not be the same).
+inline bool special_pair_ok(const Vocab& vs, int64_t a, const Vocab& vt, int64_t b) {
+  const uint8_t cs = vs.cls(a), ct = vt.cls(b);
+  if (!(cs & ct & kSpecial) || ((cs | ct) & kUnk)) return false;
+  return (cs & ct & kRoleBits) || span_eq(vs.table, a, a + 1, vt.table, b, b + 1);
+}
+
+// Correct flags of the chunks that hold a special token on either side: a special is never equal to text, so
+// only a 1:1 chunk of two specials can be correct (special_pair_ok). Chunks are over the ids s and t.
+inline void mark_specials(Result& r, const Vocab& vs, const int64_t* s, const Vocab& vt, const int64_t* t) {
+  if (vs.table.cls.empty() && vt.table.cls.empty()) return;
+  for (int64_t k = 0; k < r.size(); ++k) {
+    const int64_t* c = &r.chunks[4 * k];
+    bool any = false;
+    for (int64_t q = c[0]; q < c[1] && !any; ++q) any = vs.cls(s[q]) != 0;
+    for (int64_t q = c[2]; q < c[3] && !any; ++q) any = vt.cls(t[q]) != 0;
+    if (any) r.correct[k] = c[1] - c[0] == 1 && c[3] - c[2] == 1 && special_pair_ok(vs, s[c[0]], vt, t[c[2]]);
+  }
+}
+
+// First text token: the first non-empty token that is neither a special nor a 0xFF role marker (-1 if none).
 inline int64_t first_text_token(const Seq& S) {
   for (int64_t k = 0; k < S.n(); ++k)
-    if (S.len(k) > 0 && static_cast<uint8_t>(S.bytes[S.off[k]]) != 0xFF) return k;
+    if (S.len(k) > 0 && (S.cls.empty() || S.cls[k] == 0) && static_cast<uint8_t>(S.bytes[S.off[k]]) != 0xFF)
+      return k;
   return -1;
 }
 inline bool starts_with_space(const Seq& S) {
@@ -512,13 +579,6 @@ inline void canonical_pair(Seq& S, int s_prefix, Seq& T, int t_prefix) {
     strip_leading_space(S);
   else if (t_prefix == kPrefixUnlessSpace && s_prefix != kPrefixUnlessSpace && !starts_with_space(S))
     strip_leading_space(T);
-}
-
-inline void check_ids(const int64_t* ids, int64_t n, int64_t vocab, const char* side) {
-  for (int64_t k = 0; k < n; ++k)
-    if (ids[k] < 0 || ids[k] >= vocab)
-      throw std::out_of_range(std::string(side) + " id " + std::to_string(ids[k]) + " at position " +
-                              std::to_string(k) + " is out of range for a vocabulary of " + std::to_string(vocab));
 }
 
 }  // namespace xt

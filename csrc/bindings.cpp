@@ -1,9 +1,13 @@
 // pybind11 face of the aligner (module xtoken_ext._C). Inputs are validated and copied/viewed with the GIL held;
 // the alignment work runs with the GIL released; outputs are numpy arrays that own their C++ buffers.
+// Token ids index C++ tables, so they are copied before they are checked: another thread writing the caller's
+// array after the check could otherwise make C++ read out of bounds. Offsets are only compared, never used as
+// indices, so they stay zero-copy views.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
@@ -65,9 +69,65 @@ xt::Seq seq_from_bytes(const py::sequence& toks, const char* side) {
   return s;
 }
 
+xt::Vocab make_vocab(const py::sequence& token_bytes, const py::object& special) {
+  xt::Vocab v;
+  v.table = seq_from_bytes(token_bytes, "vocabulary");
+  if (special.is_none()) return v;
+  const auto cls = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(special);
+  if (!cls || cls.ndim() != 1 || cls.shape(0) != v.size())
+    throw py::value_error("special must be 1-D integers, one per token (" + std::to_string(v.size()) + ")");
+  for (py::ssize_t k = 0; k < cls.shape(0); ++k) {
+    const int64_t c = cls.data()[k];
+    if (c < 0 || c > xt::kSpecialBits || (c != 0 && !(c & xt::kSpecial)))
+      throw py::value_error("special[" + std::to_string(k) + "] = " + std::to_string(c) +
+                            ": need 0 (text) or kSpecial (1) plus role bits (2 bos, 4 eos, 8 eot, 16 unk)");
+    v.table.cls.push_back(static_cast<uint8_t>(c));
+  }
+  return v;
+}
+
+// An owned int64 copy of one id sequence, checked against the vocabulary. Unsigned ids >= 2**63 are reported with
+// their value (a cast to int64 would show them as negative); non-integer dtypes are a TypeError.
+std::vector<int64_t> owned_ids(const py::handle& obj, int64_t vocab, const char* side) {
+  py::array a = py::array::ensure(obj);
+  if (!a) throw py::type_error(std::string(side) + " ids must be arrays or sequences of integers");
+  if (a.ndim() != 1) throw py::value_error(std::string(side) + " ids must be 1-D");
+  const char kind = a.dtype().kind();
+  if (a.size() > 0 && kind != 'i' && kind != 'u')
+    throw py::type_error(std::string(side) + " ids must be integers, got dtype " +
+                         std::string(py::str(a.dtype())));
+  std::vector<int64_t> ids(static_cast<size_t>(a.size()));
+  auto out_of_range = [&](const std::string& value, size_t k) {
+    return std::out_of_range(std::string(side) + " id " + value + " at position " + std::to_string(k) +
+                             " is out of range for a vocabulary of " + std::to_string(vocab));
+  };
+  if (kind == 'u') {
+    const auto u = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+    for (size_t k = 0; k < ids.size(); ++k) {
+      const uint64_t x = u.data()[k];
+      if (x >= static_cast<uint64_t>(vocab)) throw out_of_range(std::to_string(x), k);
+      ids[k] = static_cast<int64_t>(x);
+    }
+    return ids;
+  }
+  const auto v = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+  if (!ids.empty()) std::memcpy(ids.data(), v.data(), ids.size() * sizeof(int64_t));
+  for (size_t k = 0; k < ids.size(); ++k)
+    if (ids[k] < 0 || ids[k] >= vocab) throw out_of_range(std::to_string(ids[k]), k);
+  return ids;
+}
+
+std::vector<std::vector<int64_t>> owned_id_batch(const py::sequence& batch, int64_t vocab, const char* side) {
+  std::vector<std::vector<int64_t>> out;
+  for (const auto& item : batch) out.push_back(owned_ids(item, vocab, side));
+  return out;
+}
+
 xt::Params make_params(int64_t band, int64_t full_cells, int64_t lookahead, int64_t gram) {
-  if (band < 0 || full_cells < 0 || lookahead < 1 || gram < 1)
-    throw py::value_error("need band >= 0, full_cells >= 0, lookahead >= 1, gram >= 1");
+  if (band < 0 || full_cells < 0 || lookahead < 1 || gram < 1 || band > xt::kMaxParam ||
+      lookahead > xt::kMaxParam || gram > xt::kMaxParam)
+    throw py::value_error("need 0 <= band, 1 <= lookahead, 1 <= gram (each <= " + std::to_string(xt::kMaxParam) +
+                          ") and full_cells >= 0");
   return xt::Params{band, full_cells, lookahead, gram};
 }
 
@@ -92,20 +152,30 @@ void check_batch_len(size_t a, size_t b, const char* what) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "xtoken_ext native span aligner (torch-free C++17)";
 
-  py::class_<xt::Vocab>(m, "Vocab", "Canonical bytes of every token id of one tokenizer.")
-      .def(py::init([](const py::sequence& token_bytes) {
-             xt::Vocab v;
-             v.table = seq_from_bytes(token_bytes, "vocabulary");
-             return v;
-           }),
-           py::arg("token_bytes"))
+  py::class_<xt::Vocab>(m, "Vocab", "Canonical bytes (and special-token bits) of every token id of one tokenizer.")
+      .def(py::init(&make_vocab), py::arg("token_bytes"), py::arg("special") = py::none())
       .def_property_readonly("size", &xt::Vocab::size)
-      .def("__len__", &xt::Vocab::size);
+      .def("__len__", &xt::Vocab::size)
+      .def(py::pickle(  // (token bytes, special bits or None): DataLoader workers rebuild the table from it
+          [](const xt::Vocab& v) {
+            py::list toks;
+            for (int64_t k = 0; k < v.size(); ++k)
+              toks.append(py::bytes(v.table.at(v.table.off[k]), static_cast<size_t>(v.table.len(k))));
+            py::object cls = py::none();
+            if (!v.table.cls.empty())
+              cls = py::array_t<uint8_t>(static_cast<py::ssize_t>(v.table.cls.size()), v.table.cls.data());
+            return py::make_tuple(toks, cls);
+          },
+          [](const py::tuple& t) {
+            if (t.size() != 2) throw py::value_error("bad Vocab pickle state");
+            return make_vocab(t[0].cast<py::sequence>(), t[1]);
+          }));
 
   m.def(
       "merge_offsets_batch",
       [](const std::vector<I64>& ss, const std::vector<I64>& se, const std::vector<I64>& ts,
-         const std::vector<I64>& te, int64_t threads) {
+         const std::vector<I64>& te, int64_t threads, const xt::Vocab* vs, const xt::Vocab* vt,
+         const py::object& s_ids_obj, const py::object& t_ids_obj) {
         check_batch_len(ss.size(), se.size(), "student offsets");
         check_batch_len(ss.size(), ts.size(), "student/teacher offsets");
         check_batch_len(ts.size(), te.size(), "teacher offsets");
@@ -115,44 +185,61 @@ PYBIND11_MODULE(_C, m) {
           xt::check_offsets(ss[b].data(), se[b].data(), ss[b].shape(0), "student");
           xt::check_offsets(ts[b].data(), te[b].data(), ts[b].shape(0), "teacher");
         }
+        // Optional vocabularies + ids: chunks holding special tokens get the id path's rule (mark_specials).
+        const bool specials = vs != nullptr || vt != nullptr;
+        std::vector<std::vector<int64_t>> s_ids, t_ids;
+        if (specials) {
+          if (!vs || !vt || s_ids_obj.is_none() || t_ids_obj.is_none())
+            throw py::value_error("student_vocab, teacher_vocab, student_ids and teacher_ids go together");
+          s_ids = owned_id_batch(s_ids_obj.cast<py::sequence>(), vs->size(), "student");
+          t_ids = owned_id_batch(t_ids_obj.cast<py::sequence>(), vt->size(), "teacher");
+          check_batch_len(ss.size(), s_ids.size(), "student offsets/ids");
+          check_batch_len(ts.size(), t_ids.size(), "teacher offsets/ids");
+          for (size_t b = 0; b < ss.size(); ++b)
+            if (static_cast<py::ssize_t>(s_ids[b].size()) != ss[b].shape(0) ||
+                static_cast<py::ssize_t>(t_ids[b].size()) != ts[b].shape(0))
+              throw py::value_error("sequence " + std::to_string(b) + ": ids and offsets differ in length");
+        }
         std::vector<xt::Result> rs(ss.size());
         {
           py::gil_scoped_release nogil;
           xt::parallel_for(static_cast<int64_t>(rs.size()), threads, [&](int64_t b) {
             rs[b] = xt::merge_offsets(ss[b].data(), se[b].data(), ss[b].shape(0), ts[b].data(), te[b].data(),
                                       ts[b].shape(0));
+            if (specials) xt::mark_specials(rs[b], *vs, s_ids[b].data(), *vt, t_ids[b].data());
           });
         }
         return batch_to_numpy(std::move(rs), threads);
       },
       py::arg("student_starts"), py::arg("student_ends"), py::arg("teacher_starts"), py::arg("teacher_ends"),
-      py::arg("threads") = 0,
+      py::arg("threads") = 0, py::arg("student_vocab") = nullptr, py::arg("teacher_vocab") = nullptr,
+      py::arg("student_ids") = py::none(), py::arg("teacher_ids") = py::none(),
       "Offset merge of B sequence pairs (byte offsets). Returns (chunks [K,4], correct [K], offsets [B+1]).");
 
   m.def(
       "align_ids_batch",
-      [](const xt::Vocab& vs, const xt::Vocab& vt, const std::vector<I64>& s_ids, const std::vector<I64>& t_ids,
+      [](const xt::Vocab& vs, const xt::Vocab& vt, const py::sequence& s_ids_obj, const py::sequence& t_ids_obj,
          const std::string& method, int s_prefix, int t_prefix, int64_t threads, int64_t band,
          int64_t full_cells, int64_t lookahead, int64_t gram) {
         const xt::Method meth = xt::parse_method(method);
         const xt::Params p = make_params(band, full_cells, lookahead, gram);
-        check_batch_len(s_ids.size(), t_ids.size(), "student/teacher ids");
         for (int prefix : {s_prefix, t_prefix})
           if (prefix < xt::kPrefixNone || prefix > xt::kPrefixUnlessSpace)
             throw py::value_error("prefix modes are 0 (none), 1 (always) or 2 (unless the text starts with a space)");
-        for (size_t b = 0; b < s_ids.size(); ++b) {
-          if (s_ids[b].ndim() != 1 || t_ids[b].ndim() != 1) throw py::value_error("ids must be 1-D");
-          xt::check_ids(s_ids[b].data(), s_ids[b].shape(0), vs.size(), "student");
-          xt::check_ids(t_ids[b].data(), t_ids[b].shape(0), vt.size(), "teacher");
-        }
+        const auto s_ids = owned_id_batch(s_ids_obj, vs.size(), "student");
+        const auto t_ids = owned_id_batch(t_ids_obj, vt.size(), "teacher");
+        check_batch_len(s_ids.size(), t_ids.size(), "student/teacher ids");
         std::vector<xt::Result> rs(s_ids.size());
         {
           py::gil_scoped_release nogil;
           xt::parallel_for(static_cast<int64_t>(rs.size()), threads, [&](int64_t b) {
-            xt::Seq S = vs.sequence(s_ids[b].data(), s_ids[b].shape(0));
-            xt::Seq T = vt.sequence(t_ids[b].data(), t_ids[b].shape(0));
+            const int64_t* si = s_ids[b].data();
+            const int64_t* ti = t_ids[b].data();
+            xt::Seq S = vs.sequence(si, static_cast<int64_t>(s_ids[b].size()));
+            xt::Seq T = vt.sequence(ti, static_cast<int64_t>(t_ids[b].size()));
             xt::canonical_pair(S, s_prefix, T, t_prefix);
             rs[b] = xt::align_streams(S, T, meth, p);
+            xt::mark_specials(rs[b], vs, si, vt, ti);
           });
         }
         return batch_to_numpy(std::move(rs), threads);

@@ -8,14 +8,22 @@
 #include <cstdint>
 #include <exception>
 #include <mutex>
+#include <stdexcept>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
 namespace xt {
 
+// Threads used for `items` items: threads <= 0 means one per hardware thread; never more than the items, nor more
+// than kThreadsPerCore per hardware thread (more cannot speed up CPU-bound work, and each costs a stack).
+constexpr int64_t kThreadsPerCore = 4;
+
 inline int64_t resolve_threads(int64_t threads, int64_t items) {
-  if (threads <= 0) threads = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
-  return std::max<int64_t>(1, std::min(threads, items));
+  const int64_t hw = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
+  if (threads <= 0) threads = hw;
+  return std::max<int64_t>(1, std::min({threads, items, kThreadsPerCore * hw}));
 }
 
 template <class F>
@@ -39,7 +47,17 @@ void parallel_for_worker(int64_t items, int64_t threads, F&& f) {
     }
   };
   std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  try {
+    pool.reserve(static_cast<size_t>(threads - 1));
+    for (int64_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  } catch (const std::exception& e) {
+    // A thread that cannot start (resource limits) must not leave the started ones joinable (std::terminate):
+    // stop handing out items, join them, report it. The caller's outputs are then incomplete, hence an error.
+    next.store(items);
+    for (auto& th : pool) th.join();
+    throw std::runtime_error("could not start thread " + std::to_string(pool.size() + 1) + " of " +
+                             std::to_string(threads) + " (" + e.what() + "); pass fewer threads");
+  }
   work(0);
   for (auto& th : pool) th.join();
   if (error) std::rethrow_exception(error);

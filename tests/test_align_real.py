@@ -133,7 +133,8 @@ def test_aligner_bad_input(aligners):
 
 def test_auto_ids_with_different_chat_markup(offline_tok):
     """Different chat templates around the same messages: only chunks holding markup (specials or the newlines
-    around them) are incorrect; every message token lands in a correct chunk. auto == dp here."""
+    around them) are incorrect; every message token lands in a correct chunk, and both end-of-turn markers
+    (<|eot_id|> and <|im_end|>, one role) are correct 1:1 chunks. auto == dp here."""
     s_tok, t_tok = offline_tok("llama3"), offline_tok("qwen3")
     al = xt.Aligner(s_tok, t_tok)
     body = "Hello there, how are you? The answer is 12345.\n" * 3
@@ -147,8 +148,51 @@ def test_auto_ids_with_different_chat_markup(offline_tok):
         if not ok:
             pieces = [st[i] for i in s_ids[s0:s1]] + [tt[i] for i in t_ids[t0:t1]]
             assert all(p.startswith(b"\xff") or not p.strip() for p in pieces), pieces
-    assert int(correct.sum()) == len(chunks) - 10
+    eot = [(s_ids[s0], t_ids[t0]) for (s0, s1, t0, t1), ok in zip(chunks.tolist(), correct.tolist())
+           if ok and s1 - s0 == 1 and t1 - t0 == 1 and s_ids[s0] >= 128000]
+    assert eot == [(s_tok.convert_tokens_to_ids("<|eot_id|>"), t_tok.convert_tokens_to_ids("<|im_end|>"))] * 2
+    assert int(correct.sum()) == len(chunks) - 8
     al.method = "dp"
     dp_chunks, dp_correct = al.align_ids(s_ids, t_ids, return_correct=True)
     np.testing.assert_array_equal(chunks, dp_chunks)
     np.testing.assert_array_equal(correct, dp_correct)
+
+
+def test_chat_markup_as_specials_vs_text_pieces(offline_tok):
+    """Issue 10: a transcript in Qwen3 markup, tokenized with special-token parsing: Qwen3 sees <|im_start|> and
+    <|im_end|> as specials, Llama-3 as text pieces. The id path stays in sync across them (a special counts as its
+    literal text for synchronization): no correct chunk pairs unrelated pieces, no chunk pairs a special with text
+    as correct, and the offset path and the id path mark the same chunks correct. (Before: 36 of 401 chunks paired
+    unrelated pieces such as 'im' <-> '.'.)"""
+    s_tok, t_tok = offline_tok("llama3"), offline_tok("qwen3")
+    al = xt.Aligner(s_tok, t_tok)
+    msgs = [("system", "You are a helpful assistant."), ("user", "What is 12345 + 678? Answer briefly."),
+            ("assistant", "12345 + 678 = 13023."), ("user", "Thanks! Now <b>bold</b> and\nnew lines\n\n.")] * 4
+    text = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in msgs)
+    s_ids, t_ids = s_tok(text)["input_ids"], t_tok(text)["input_ids"]
+    t_special = set(t_tok.all_special_ids) | {t_tok.convert_tokens_to_ids(x) for x in ("<|im_start|>", "<|im_end|>")}
+    assert sum(i in t_special for i in t_ids) == 2 * len(msgs)  # the teacher really sees specials
+    offsets_path = al.align(text, return_correct=True)
+    for method in ("auto", "dp"):
+        al.method = method
+        chunks, correct = al.align_ids(s_ids, t_ids, return_correct=True)
+        assert _check_chat(s_tok, t_tok, s_ids, t_ids, chunks, correct, t_special) >= 0.8 * len(chunks)
+    al.method = "auto"
+    ids_path = al.align_ids(s_ids, t_ids, return_correct=True)
+    matched = [{tuple(c) for c, ok in zip(ch.tolist(), co.tolist()) if ok} for ch, co in (offsets_path, ids_path)]
+    assert matched[0] == matched[1]
+
+
+def _check_chat(s_tok, t_tok, s_ids, t_ids, chunks, correct, t_special):
+    """Every correct chunk decodes to the same text on both sides and holds no teacher special; every teacher
+    special sits in an incorrect chunk together with the student pieces of its literal text. Returns the number of
+    correct chunks."""
+    n_ok = 0
+    for (s0, s1, t0, t1), ok in zip(chunks.tolist(), correct.tolist()):
+        s_text, t_text = s_tok.decode(s_ids[s0:s1]), t_tok.decode(t_ids[t0:t1])
+        if ok:
+            n_ok += 1
+            assert s_text == t_text and not any(i in t_special for i in t_ids[t0:t1]), (s_text, t_text)
+        elif any(i in t_special for i in t_ids[t0:t1]):
+            assert s_text.replace("<|begin_of_text|>", "") == t_text, (s_text, t_text)
+    return n_ok

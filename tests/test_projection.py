@@ -1,5 +1,6 @@
 """Projection W without real tokenizers: METHOD.md oracles O-1, O-4, O-5, O-16, the ELL builder against a
-dict reference (Hypothesis), and the file format (round trip, corruption, validation)."""
+dict reference (Hypothesis), common sets with alias / exact row masks, and the file format (round trip, corruption,
+validation, version 1 files)."""
 import json
 import math
 
@@ -9,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xtoken_ext.projection import Projection, ProjectionFileError, _ell
+from xtoken_ext.projection import FORMAT_VERSION, Projection, ProjectionFileError, _ell
 
 O1 = {1: [1.0], 2: [0.909091, 0.090909], 3: [0.900901, 0.090090, 0.009009],
       4: [0.900090, 0.090009, 0.009001, 0.000900]}
@@ -44,6 +45,22 @@ def test_o4_exact_row_is_strict_common():
     P = Projection([[5, -1, -1, -1], [6, 7, -1, -1]], [[1, 0, 0, 0], [0.909091, 0.090909, 0, 0]], 8)
     s, t = P.common_pairs("strict")
     assert s.tolist() == [0] and t.tolist() == [5]
+
+
+def test_alias_rows_never_common_and_exact_rows_win_ties():
+    # Rows 0 (<0x30>, alias) and 2 ("0", emitted) both map exactly onto teacher 5; row 1 ("000" -> ["0","0","0"])
+    # is one-hot on teacher 5 too, but no string match; row 3 is a lone alias (its emitted twin is elsewhere).
+    idx = [[5, -1, -1, -1], [5, -1, -1, -1], [5, -1, -1, -1], [6, -1, -1, -1]]
+    w = [[1, 0, 0, 0]] * 4
+    P = Projection(idx, w, 8, alias_rows=[True, False, False, True], exact_rows=[True, False, True, True])
+    for mode in ("strict", "relaxed"):
+        s, t = P.common_pairs(mode)
+        assert list(zip(s.tolist(), t.tolist())) == [(2, 5)], mode
+    # Without the masks (hand-built W): the release rule, lowest student id.
+    s, t = Projection(idx, w, 8).common_pairs("strict")
+    assert list(zip(s.tolist(), t.tolist())) == [(0, 5), (3, 6)]
+    with pytest.raises(ValueError, match=r"alias_rows must be bool \[4\]"):
+        Projection(idx, w, 8, alias_rows=[True])
 
 
 def test_o5_row_stochastic_projection():
@@ -109,16 +126,30 @@ def test_save_load_round_trip_bit_exact(tmp_path_factory, V_S, V_T, seed, empty)
     P.save(path)
     Q = Projection.load(path)
     assert torch.equal(P.indices, Q.indices) and torch.equal(P.weights, Q.weights)
-    assert Q.teacher_vocab_size == V_T and Q.meta["seed"] == seed and Q.meta["format_version"] == 1
+    assert Q.teacher_vocab_size == V_T and Q.meta["seed"] == seed and Q.meta["format_version"] == FORMAT_VERSION == 2
 
 
-def test_exact_rows_round_trip(tmp_path):
+def test_exact_and_alias_rows_round_trip(tmp_path):
     P = Projection([[1, -1, -1, -1], [1, 2, -1, -1]], [[1, 0, 0, 0], [0.75, 0.25, 0, 0]], 3,
-                   exact_rows=[True, False])
+                   exact_rows=[True, False], alias_rows=[False, True])
     P.save(tmp_path / "w.safetensors")
     Q = Projection.load(tmp_path / "w.safetensors")
-    assert Q.exact_rows.tolist() == [True, False]
+    assert Q.exact_rows.tolist() == [True, False] and Q.alias_rows.tolist() == [False, True]
     assert Q.stats().exact == 1 and Q.stats().by_support == (1, 1, 0, 0)
+    assert Projection.load(_saved_plain(tmp_path)).alias_rows is None
+
+
+def _saved_plain(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    Projection([[0, 1, -1, -1], [2, -1, -1, -1]], [[0.5, 0.5, 0, 0], [1, 0, 0, 0]], 3).save(path)
+    return path
+
+
+def test_version_1_file_still_loads(tmp_path):
+    path = _saved_plain(tmp_path)
+    _resave(path, lambda t, m: m.__setitem__("format_version", 1))
+    Q = Projection.load(path)
+    assert Q.meta["format_version"] == 1 and Q.alias_rows is None and Q.row(0) == {0: 0.5, 1: 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +208,12 @@ def _resave(path, mutate):
     (lambda t, m: m.__setitem__("student_vocab_size", 5), r"indices must be int32 \[5, 4\]"),
     (lambda t, m: m.__setitem__("format_version", 99), "unsupported format version 99"),
     (lambda t, m: t.__setitem__("extra", np.zeros(3, np.float32)), "expected tensors"),
+    (lambda t, m: t.__setitem__("alias_rows", np.array([0, 2], np.uint8)), r"alias_rows must be uint8 0/1 \[2\]"),
+    (lambda t, m: (t.__setitem__("alias_rows", np.zeros(2, np.uint8)), m.__setitem__("format_version", 1)),
+     "expected tensors indices, weights\\[, exact_rows\\]"),  # version 1 had no alias_rows
 ])
 def test_invalid_content_is_rejected(tmp_path, mutate, message):
-    path = tmp_path / "w.safetensors"
-    Projection([[0, 1, -1, -1], [2, -1, -1, -1]], [[0.5, 0.5, 0, 0], [1, 0, 0, 0]], 3).save(path)
+    path = _saved_plain(tmp_path)
     _resave(path, mutate)
     with pytest.raises(ProjectionFileError, match=message):
         Projection.load(path)
@@ -195,22 +228,30 @@ def test_not_a_projection_file(tmp_path):
 
 
 def _reference_common(P, mode):
-    """Loop reference of common_pairs: candidates per row, then per teacher the highest weight, lowest student."""
+    """Loop reference of common_pairs: candidates per row (never an alias row; strict: exact rows only, when
+    known), then per teacher the highest weight, an exact row, the lowest student."""
+    alias = P.alias_rows.tolist() if P.alias_rows is not None else [False] * P.student_vocab_size
+    exact = P.exact_rows.tolist() if P.exact_rows is not None else None
     best = {}
     for s in range(P.student_vocab_size):
         row = P.row(s)
-        if not row:
+        if not row or alias[s]:
             continue
         t, w = max(row.items(), key=lambda kv: kv[1])  # ties: first slot (dict keeps slot order)
-        ok = (w == 1.0 and len(row) == 1) if mode == "strict" else w >= 0.6
-        if ok and (t not in best or w > best[t][0]):
-            best[t] = (w, s)
+        ok = (w == 1.0 and len(row) == 1 and (exact is None or exact[s])) if mode == "strict" else w >= 0.6
+        key = (w, exact is not None and exact[s])
+        if ok and (t not in best or key > best[t][0]):
+            best[t] = (key, s)
     return sorted((s, t) for t, (_, s) in best.items())
 
 
-@given(st.integers(1, 80), st.integers(4, 30), st.integers(0, 10**6), st.integers(1, 4), st.floats(0, 0.5))
-def test_views_match_dense_reference(V_S, V_T, seed, pieces, empty):
+@given(st.integers(1, 80), st.integers(4, 30), st.integers(0, 10**6), st.integers(1, 4), st.floats(0, 0.5),
+       st.sampled_from(["none", "alias", "exact", "both"]))
+def test_views_match_dense_reference(V_S, V_T, seed, pieces, empty, masks):
     P = Projection.random(V_S, V_T, seed=seed, empty_rows=empty, max_pieces=pieces)
+    g = np.random.default_rng(seed)
+    P = Projection(P.indices, P.weights, V_T, alias_rows=g.random(V_S) < 0.3 if masks in ("alias", "both") else None,
+                   exact_rows=g.random(V_S) < 0.5 if masks in ("exact", "both") else None)
     d = P.dense()
     col_ptr, row_idx, val = P.csc()
     assert col_ptr.dtype == torch.int64 and row_idx.dtype == torch.int32 and val.dtype == torch.float32

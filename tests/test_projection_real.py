@@ -1,6 +1,7 @@
 """Projection W on real tokenizers (offline): Llama-3 x Qwen3 (digit-splitting teacher), Llama-3 x cl100k
-(Phi-4 family), SentencePiece (Mistral 32k, byte fallback) on either side; coverage audit vs paper Table 8; the
-on-disk cache; the CLI."""
+(Phi-4 family), SentencePiece (Mistral 32k, byte fallback) on either side and on both; common sets and audit with
+byte-fallback duplicates; special tokens by role across families; coverage audit vs paper Table 8; the on-disk
+cache; the CLI."""
 import numpy as np
 import pytest
 
@@ -77,10 +78,11 @@ def test_llama_qwen_specials_padding_and_stats(llama, qwen, llama_qwen):
     assert P.row(reserved) == {}  # no teacher special of that name
     assert not bool(P.covered_columns()[len(qwen):].any())  # padded teacher logits are never reached
     st = P.stats()
-    assert st.empty == 1 + 254  # BOS + the reserved specials
+    assert st.empty == 1 + 253  # BOS + the specials without a role twin (reserved, header markers)
     assert st.exact + st.one_piece + sum(st.by_support[1:]) + st.empty == st.rows
-    # Every non-exact row is re-tokenized except the unmatched specials (BOS, 254 reserved); EOS is exact.
-    assert st.build["re-tokenized"] == st.rows - st.exact - 255 and st.build["unmappable"] == 0
+    # Every non-exact row is re-tokenized except the unmatched specials; EOS and end-of-turn are exact.
+    assert st.build["re-tokenized"] == st.rows - st.exact - 254 and st.build["unmappable"] == 0
+    assert st.build["duplicate bytes, not emitted"] == 0 and not bool(P.alias_rows.any())
 
 
 def test_llama_qwen_is_deterministic_and_has_valid_rows(llama, qwen, llama_qwen):
@@ -142,6 +144,84 @@ def test_sentencepiece_student(llama, spm):
     assert P.row(spm.unk_token_id) == {}
 
 
+DIGITS = "0123456789"
+
+
+def _emitted_digits(spm):
+    """The ids the Mistral tokenizer really produces for 0..9 (it prepends "▁" to the text)."""
+    ids = spm(DIGITS, add_special_tokens=False)["input_ids"]
+    assert spm.convert_ids_to_tokens(ids[:1]) == ["▁"]
+    return ids[1:]
+
+
+def test_byte_fallback_student_common_sets_hold_the_emitted_tokens(llama, spm):
+    P = _build(spm, llama)
+    digits, fallback = _emitted_digits(spm), spm.convert_tokens_to_ids([f"<0x{ord(d):02X}>" for d in DIGITS])
+    teacher_digits = llama.convert_tokens_to_ids(list(DIGITS))
+    # Both spellings map onto the teacher digit, but only the emitted one is paired with it.
+    assert [P.row(i) for i in fallback] == [P.row(i) for i in digits] == [{t: 1.0} for t in teacher_digits]
+    for mode in ("strict", "relaxed"):
+        pairs = dict(zip(*(x.tolist() for x in P.common_pairs(mode))))
+        assert [pairs.get(i) for i in digits] == teacher_digits and not set(fallback) & set(pairs), mode
+    pairs = dict(zip(*(x.tolist() for x in P.common_pairs("strict"))))
+    # "!" is the emitted 28808, not <0x21>; "\r" is "\r", not "\r\r" (one-hot {"\r": 1} by pass 2, no string match).
+    assert spm.convert_ids_to_tokens([k for k, v in pairs.items() if v == sid(llama, "\r")]) == ["\r"]
+    assert spm.convert_ids_to_tokens([k for k, v in pairs.items() if v == sid(llama, "!")]) == ["!"]
+    alias = np.flatnonzero(P.alias_rows.numpy())
+    assert set(spm.convert_ids_to_tokens(alias.tolist())) <= {f"<0x{b:02X}>" for b in range(256)}
+    assert len(alias) == P.stats().build["duplicate bytes, not emitted"] == 125
+    rep = P.audit()
+    by = {c.name: c for c in rep.classes}
+    # Was 1-digit 10/20 (each digit counted twice, the fallback twins in the common set) and P-KL.
+    assert (by["1-digit"].common, by["1-digit"].total) == (10, 10) and rep.recommendation == "hkl"
+    assert by["whitespace run"].total == 22 and by["whitespace run"].outside == ["'\\r\\r'"]  # Llama: "\r", "\r"
+
+
+def test_byte_fallback_teacher_common_sets_hold_the_emitted_tokens(llama, spm):
+    P = _build(llama, spm)
+    digits = _emitted_digits(spm)
+    assert [P.row(sid(llama, d)) for d in DIGITS] == [{t: 1.0} for t in digits]
+    for mode in ("strict", "relaxed"):
+        pairs = dict(zip(*(x.tolist() for x in P.common_pairs(mode))))
+        assert [pairs.get(sid(llama, d)) for d in DIGITS] == digits, mode
+    assert P.alias_rows is not None and not bool(P.alias_rows.any())  # Llama has no duplicate bytes
+
+
+def test_byte_fallback_on_both_sides(spm):
+    P = _build(spm, spm)
+    digits, fallback = _emitted_digits(spm), spm.convert_tokens_to_ids([f"<0x{ord(d):02X}>" for d in DIGITS])
+    assert [P.row(i) for i in fallback] == [{t: 1.0} for t in digits]  # the teacher's emitted twin, both rows
+    s, t = (x.numpy() for x in P.common_pairs("strict"))
+    alias = P.alias_rows.numpy()
+    # Identity on every emitted token: no alias row, and each pair is (i, i).
+    assert np.array_equal(s, t) and not alias[s].any() and set(digits) <= set(s.tolist())
+    table = token_table(spm)
+    normal = {b for b, r in zip(table.token_bytes, table.roles) if r == 0 and b}
+    rep = P.audit()
+    # Each distinct string counted once, all of them in the exact common set.
+    assert sum(c.total for c in rep.classes) == len(normal) == sum(c.common for c in rep.classes)
+
+
+def test_special_tokens_by_role_across_families(llama, qwen, spm, llama_qwen):
+    eot_l, eot_q = llama.convert_tokens_to_ids("<|eot_id|>"), qwen.convert_tokens_to_ids("<|im_end|>")
+    lq, ql = llama_qwen, _build(qwen, llama)
+    assert lq.row(eot_l) == {eot_q: 1.0} and ql.row(eot_q) == {eot_l: 1.0}
+    assert lq.row(llama.eos_token_id) == {qwen.eos_token_id: 1.0} and ql.row(qwen.eos_token_id) == {
+        llama.eos_token_id: 1.0}
+    assert bool(lq.exact_rows[eot_l]) and (eot_l, eot_q) in set(zip(*(x.tolist() for x in lq.common_pairs("strict"))))
+    # Mistral has no end-of-turn token: its </s> stands in (test_sentencepiece_teacher); </s> itself stays EOS <-> EOS
+    # (test_sentencepiece_student).
+    # An instruct config whose EOS is <|im_end|> (and <|endoftext|> the pad): <|im_end|> keeps the end-of-turn role
+    # and still meets <|eot_id|>, Mistral's </s> falls back onto it, and the pad row stays empty (DESIGN §2).
+    from transformers import PreTrainedTokenizerFast
+
+    instruct = PreTrainedTokenizerFast(tokenizer_object=qwen.backend_tokenizer, eos_token="<|im_end|>",
+                                       pad_token="<|endoftext|>")
+    assert _build(spm, instruct).row(spm.eos_token_id) == {eot_q: 1.0}
+    back = _build(instruct, llama)
+    assert back.row(eot_q) == {eot_l: 1.0} and back.row(instruct.pad_token_id) == {}
+
+
 def test_sentencepiece_teacher(llama, spm):
     P = _build(llama, spm)
     d = spm.convert_tokens_to_ids
@@ -150,6 +230,8 @@ def test_sentencepiece_teacher(llama, spm):
     assert P.row(sid(llama, b" \xd9")) == {d("▁"): pytest.approx(10 / 11), d("<0xD9>"): pytest.approx(1 / 11)}
     assert P.row(sid(llama, "\n\n")) == {d("<0x0A>"): 1.0}
     assert P.row(sid(llama, "!")) == {d("!"): 1.0} and d("<0x21>") < d("!")  # not the byte-fallback twin
+    # No end-of-turn token in Mistral: its EOS </s>, which ends turns there, stands in.
+    assert P.row(llama.convert_tokens_to_ids("<|eot_id|>")) == {spm.eos_token_id: 1.0}
     # The teacher's settings are restored after the build.
     assert spm.convert_ids_to_tokens(spm("the", add_special_tokens=False)["input_ids"]) == ["▁the"]
     assert spm("<s>", add_special_tokens=False)["input_ids"] == [spm.bos_token_id]

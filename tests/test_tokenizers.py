@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xtoken_ext.tokenizers import BOS, EOS, NORMAL, encode_batch_with_offsets, encode_with_offsets, load_tokenizer, \
-    token_table
+from xtoken_ext.tokenizers import BOS, EOS, EOT, NORMAL, encode_batch_with_offsets, encode_with_offsets, \
+    load_tokenizer, token_table
 
 BYTE_LEVEL = ["llama3", "qwen3", "cl100k", "o200k", "gpt2"]
 SAMPLES = [
@@ -48,6 +48,17 @@ def test_llama_bos_is_zero_width_role_marker(offline_tok):
     assert table.roles[tok.eos_token_id] == EOS and table.roles[9906] == NORMAL
     assert table.token_bytes[tok.convert_tokens_to_ids("Ġworld")] == b" world"
     assert table.token_bytes[tok.convert_tokens_to_ids("Ċ")] == b"\n"
+
+
+def test_end_of_turn_markers_share_one_role_across_families(offline_tok):
+    tables = {name: token_table(offline_tok(name)) for name in ("llama3", "qwen3", "mistral-spm")}
+    eot = {"llama3": "<|eot_id|>", "qwen3": "<|im_end|>"}
+    for name, text in eot.items():
+        i = offline_tok(name).convert_tokens_to_ids(text)
+        assert tables[name].roles[i] == EOT and tables[name].token_bytes[i] == b"\xff<eot>", name
+        assert int((tables[name].roles == EOT).sum()) == 1, name
+    assert not (tables["mistral-spm"].roles == EOT).any()  # no end-of-turn token; its </s> is EOS
+    assert tables["qwen3"].token_bytes[offline_tok("qwen3").convert_tokens_to_ids("<|im_start|>")] == b"\xff<|im_start|>"
 
 
 def test_sentencepiece_table_and_offsets(offline_tok):

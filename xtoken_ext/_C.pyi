@@ -10,9 +10,12 @@ import numpy.typing as npt
 _IntArray = npt.ArrayLike  # 1-D integers (converted to contiguous int64)
 
 class Vocab:
-    """Canonical bytes of every token id of one tokenizer (TokenTable.token_bytes)."""
+    """Canonical bytes of every token id of one tokenizer. ``special`` (optional, one int per id): 0 for text, else
+    1 (special) plus role bits 2 bos, 4 eos, 8 end of turn, 16 unk; a special's bytes should be its literal text.
+    A chunk holding a special is correct only as a 1:1 pair of specials sharing a role bit (never unk) or with
+    equal literal text; the DP scores role-sharing specials as a match. Picklable (token bytes + special bits)."""
 
-    def __init__(self, token_bytes: Sequence[bytes]) -> None: ...
+    def __init__(self, token_bytes: Sequence[bytes], special: _IntArray | None = None) -> None: ...
     @property
     def size(self) -> int: ...
     def __len__(self) -> int: ...
@@ -23,9 +26,15 @@ def merge_offsets_batch(
     teacher_starts: Sequence[_IntArray],
     teacher_ends: Sequence[_IntArray],
     threads: int = 0,
+    student_vocab: Vocab | None = None,
+    teacher_vocab: Vocab | None = None,
+    student_ids: Sequence[_IntArray] | None = None,
+    teacher_ids: Sequence[_IntArray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """O(n+m) merge on byte offsets of B pairs -> (chunks int64 [K, 4], correct bool [K], offsets int64 [B+1]).
-    threads <= 0: all hardware threads. ValueError on mismatched lengths, start > end, decreasing ends."""
+    With both vocabularies and the ids of every sequence, chunks holding special tokens follow the Vocab rule
+    (as align_ids_batch). threads <= 0: all hardware threads; at most 4 per hardware thread and one per pair.
+    ValueError on mismatched lengths, start > end, decreasing ends; RuntimeError if a thread cannot start."""
 
 def align_ids_batch(
     student_vocab: Vocab,
@@ -43,7 +52,10 @@ def align_ids_batch(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Align B id-sequence pairs over canonical bytes with method "auto" | "dp" | "offsets" ->
     (chunks, correct, offsets [B+1]). prefix: 0 none, 1 a space is prepended to every text, 2 prepended unless the
-    text starts with one (SentencePiece). IndexError on ids out of range, ValueError on bad shapes/arguments."""
+    text starts with one (SentencePiece). The ids are copied before they are checked (a concurrent writer cannot
+    make C++ read out of bounds). IndexError on ids out of range (unsigned ids with their value), TypeError on
+    non-integer ids, ValueError on bad shapes/arguments (band, lookahead, gram <= 2**31 - 1), RuntimeError if a
+    thread cannot start."""
 
 def align_tokens(
     student_tokens: Sequence[bytes],

@@ -18,10 +18,17 @@ _EXPORTS = {
     "gold_loss": "losses",
     "uld_loss": "losses",
     "LearnableProjection": "losses",
+    "PKLLoss": "losses",
+    "HKLLoss": "losses",
+    "GOLDLoss": "losses",
+    "ULDLoss": "losses",
     "load_tokenizer": "tokenizers",
     "token_table": "tokenizers",
+    "Collator": "data",
+    "Batch": "data",
 }
-_SUBMODULES = ("reference", "tokenizers", "projection", "alignment", "losses", "distill", "ops", "testing")
+_SUBMODULES = ("reference", "tokenizers", "projection", "alignment", "losses", "distill", "ops", "testing", "data",
+               "teacher_cache")
 
 __all__ = [*_EXPORTS, "reference", "__version__"]
 

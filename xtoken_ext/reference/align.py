@@ -222,18 +222,28 @@ def _dp_align(S, sa, sb, T, ta, tb, band, full_cells):
     return _postprocess(S, T, pairs)
 
 
-def _resync(S, i, T, j, lookahead, gram):
+def _common_prefix(x, y):
+    n = 0
+    while n < min(len(x), len(y)) and x[n] == y[n]:
+        n += 1
+    return n
+
+
+def _resync(S, i, T, j, lookahead, gram, agree):
     """Boundary pair (i', j') != (i, j) within `lookahead` tokens per side whose suffixes agree on the next `gram`
-    bytes (or are equal and shorter), skipping the fewest bytes; ties -> smaller i', then j'. Default: the ends."""
-    def agree(a, b):
+    bytes (or are equal and shorter), skipping the fewest bytes; ties -> smaller i', then j'. A candidate must skip
+    at least `agree` bytes (the common prefix of both streams from (i, j)) on one side: inside that prefix another
+    byte diagonal only repeats the same text. Default: the ends."""
+    def synced(a, b):
         x, y = S.stream[S.off[a]:], T.stream[T.off[b]:]
         return x[:gram] == y[:gram] if len(x) >= gram and len(y) >= gram else x == y
 
     best = None
     for a in range(i, min(len(S.toks), i + lookahead) + 1):
         for b in range(j, min(len(T.toks), j + lookahead) + 1):
-            if (a, b) != (i, j) and agree(a, b):
-                key = (S.off[a] - S.off[i] + T.off[b] - T.off[j], a, b)
+            skip_s, skip_t = S.off[a] - S.off[i], T.off[b] - T.off[j]
+            if (a, b) != (i, j) and (skip_s >= agree or skip_t >= agree) and synced(a, b):
+                key = (skip_s + skip_t, a, b)
                 best = key if best is None or key < best else best
     return (len(S.toks), len(T.toks)) if best is None else best[1:]
 
@@ -262,7 +272,8 @@ def _auto(S, T, band, full_cells, lookahead, gram):
                     b += 1
             if S.off[a] - S.off[i] == T.off[b] - T.off[j] and S.span(i, a) == T.span(j, b):
                 out.append((i, a, j, b)); ok.append(True); i, j = a, b; continue
-        i2, j2 = _resync(S, i, T, j, lookahead, gram)
+        agree = _common_prefix(S.stream[S.off[i]:], T.stream[T.off[j]:]) if i < n and j < m else 0
+        i2, j2 = _resync(S, i, T, j, lookahead, gram, agree)
         o, c = _dp_align(S, i, i2, T, j, j2, band, full_cells)
         out += o; ok += c
         i, j = i2, j2

@@ -1,0 +1,264 @@
+"""Aligner hardening (issue 12): racing writers, one-sided and periodic inputs that used to take quadratic time,
+special tokens against text, thread start failures, pickling / DataLoader workers, and clear errors for bad
+parameters, ids and hand-built Alignments."""
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from test_align import assert_same, assert_valid
+
+import xtoken_ext as xt
+from xtoken_ext import _C
+from xtoken_ext.alignment import Alignment
+from xtoken_ext.reference import align as ref
+
+
+def _run(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A fresh interpreter (a crash there fails the test instead of killing the session)."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env=env, check=False)
+
+
+# -- 1. TOCTOU: ids are copied before they are checked -----------------------------------------------------------
+
+def test_ids_rewritten_by_another_thread_never_crash():
+    """A thread flips the ids between valid and out of range while align_ids_batch runs with the GIL released;
+    before, the checked buffer was read again after the check (SIGSEGV in Vocab::sequence)."""
+    run = _run("""
+        import threading, numpy as np
+        from xtoken_ext import _C
+        v = _C.Vocab([b"a", b"b", b"ab"])
+        ids = np.zeros(400_000, np.int64)
+        stop = threading.Event()
+        def flip():
+            while not stop.is_set():
+                ids[::7] = 10**12
+                ids[::7] = 1
+        th = threading.Thread(target=flip)
+        th.start()
+        ok = bad = 0
+        for _ in range(60):
+            try:
+                _C.align_ids_batch(v, v, [ids], [ids[:1000]], "offsets", threads=1)
+                ok += 1
+            except IndexError as e:
+                assert "out of range" in str(e)
+                bad += 1
+        stop.set(); th.join()
+        print(ok, bad)
+    """)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    ok, bad = map(int, run.stdout.split())
+    assert ok + bad == 60
+
+
+# -- 2. work bounded by the input size ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [200_000, 3_000_000])
+@pytest.mark.parametrize("method", ["auto", "dp"])
+def test_one_sided_run_is_linear(n, method):
+    """n student tokens against one teacher token (a truncated side): one chunk per student token. Was quadratic in
+    the post-processing (100k: 2 s, 3M: > 300 s); the time bound is only a hang guard."""
+    v = _C.Vocab([b" the", b"x"])
+    t0 = time.perf_counter()
+    chunks, correct, _ = _C.align_ids_batch(v, v, [np.zeros(n, np.int64)], [np.ones(1, np.int64)], method)
+    assert time.perf_counter() - t0 < 5
+    assert len(chunks) == n and not correct.any()
+    assert chunks[-1].tolist() == [n - 1, n, 0, 1] and (chunks[:-1, 3] == 0).all()
+
+
+def test_periodic_text_with_no_common_boundary_is_linear():
+    """Same periodic text, boundaries never coincide, last byte differs: auto used to resync one token further
+    and re-walk the whole rest each time (20k tokens: 1 s, 200k: minutes). Small sizes == reference."""
+    def pair(n):
+        return [b"ab"] * n + [b"c"], [b"a"] + [b"ba"] * (n - 1) + [b"bd"]
+
+    for n in (3, 20, 60):
+        s, t = pair(n)
+        for method in ("auto", "dp"):
+            got = _C.align_tokens(s, t, method)
+            assert_same(got, ref.align_tokens(s, t, method))
+            assert_valid(s, t, *got)
+    s, t = pair(200_000)
+    t0 = time.perf_counter()
+    chunks, correct = _C.align_tokens(s, t, "auto")
+    assert time.perf_counter() - t0 < 5
+    assert_valid(s, t, chunks, correct)
+    assert not correct.any()
+
+
+def test_long_equal_run_suffix_is_still_found():
+    """Post-processing step 1 (now O(1) per pair from a per-run common suffix): a run whose suffix is equal after
+    a leading unequal pair still becomes one correct chunk; C++ == reference."""
+    s = [b"X", b"ab", b"c"] + [b"de", b"f"] * 50
+    t = [b"Y", b"a", b"bc"] + [b"d", b"ef"] * 50
+    for method in ("dp", "auto"):
+        got = _C.align_tokens(s, t, method)
+        assert_same(got, ref.align_tokens(s, t, method))
+        assert_valid(s, t, *got)
+        assert got[1].sum() >= 1
+
+
+# -- 3. special tokens are never equal to text (align / align_batch / align_ids agree) ---------------------------
+
+def test_special_token_from_text_is_not_equal_to_text_pieces(offline_tok):
+    s_tok, t_tok = offline_tok("llama3"), offline_tok("qwen3")
+    al = xt.Aligner(s_tok, t_tok)
+    text = "Hello.<|end_of_text|> world"
+    s_ids, t_ids = s_tok(text)["input_ids"], t_tok(text)["input_ids"]
+    eos = s_ids.index(s_tok.eos_token_id)
+    for chunks, correct in (al.align(text, return_correct=True), al.align_ids(s_ids, t_ids, return_correct=True)):
+        (k,) = [k for k, c in enumerate(chunks.tolist()) if c[0] <= eos < c[1]]
+        assert not correct[k]
+        ok = [c for c, good in zip(chunks.tolist(), correct.tolist()) if good]
+        assert all(s_tok.decode(s_ids[a:b]) == t_tok.decode(t_ids[c:d]) for a, b, c, d in ok)
+    batch = al.align_batch([text])
+    assert not batch.chunk_correct[0, k] and not batch.chunk_valid[0, k]
+    c_off = al.align(text, return_correct=True)
+    c_ids = al.align_ids(s_ids, t_ids, return_correct=True)
+    assert {tuple(c) for c, g in zip(c_off[0].tolist(), c_off[1]) if g} == \
+        {tuple(c) for c, g in zip(c_ids[0].tolist(), c_ids[1]) if g}
+
+
+def test_special_rule_on_a_hand_made_vocab():
+    """Role bits pair specials 1:1 (BOS|BOS, EOS|end of turn); <unk> never; same literal text yes; a special
+    against its own literal text as a text token never."""
+    toks = [b"<s>", b"<|begin|>", b"</s>", b"<|im_end|>", b"<unk>", b"<|x|>", b"<|x|>", b"hi"]
+    special = [3, 3, 13, 9, 17, 1, 0, 0]  # kSpecial=1, bos=2, eos=4, eot=8, unk=16; id 6 is text "<|x|>"
+    v = _C.Vocab(toks, special)
+    for s, t, want in [(0, 1, True), (2, 3, True), (0, 3, False), (4, 4, False), (5, 5, True), (5, 6, False),
+                       (6, 6, True)]:
+        for method in ("auto", "dp"):
+            chunks, correct, _ = _C.align_ids_batch(v, v, [[7, s, 7]], [[7, t, 7]], method)
+            assert chunks.tolist() == [[0, 1, 0, 1], [1, 2, 1, 2], [2, 3, 2, 3]], (s, t, method)
+            assert correct.tolist() == [True, want, True], (s, t, method)
+    with pytest.raises(ValueError, match="special"):
+        _C.Vocab(toks, [2] * len(toks))  # role bits without kSpecial
+    with pytest.raises(ValueError, match="one per token"):
+        _C.Vocab(toks, [0])
+
+
+# -- 4. thread start failure is an exception, not std::terminate -------------------------------------------------
+
+@pytest.mark.skipif(bool(os.environ.get("XTOKEN_SANITIZED")),
+                    reason="ASan reserves terabytes of address space: an RLIMIT_AS cannot target thread stacks")
+def test_thread_start_failure_raises():
+    """Address space for only a few thread stacks: the started threads are joined and a RuntimeError says so
+    (before: std::terminate, the process aborted)."""
+    run = _run("""
+        import resource, numpy as np
+        from xtoken_ext import _C
+        v = _C.Vocab([b"a", b"b"])
+        ids = [np.array([0, 1], np.int64)] * 64
+        size = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize")) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size + 40 * 2**20, resource.RLIM_INFINITY))
+        try:
+            _C.align_ids_batch(v, v, ids, ids, threads=64)
+            print("no failure")
+        except RuntimeError as e:
+            print(e)
+    """)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    assert "could not start thread" in run.stdout, run.stdout
+
+
+def test_huge_thread_counts_are_capped():
+    v = _C.Vocab([b"a", b"b"])
+    ids = [np.array([0, 1], np.int64)] * 3000
+    one = _C.align_ids_batch(v, v, ids, ids, threads=1)
+    many = _C.align_ids_batch(v, v, ids, ids, threads=10**9)
+    for x, y in zip(one, many):
+        np.testing.assert_array_equal(x, y)
+
+
+# -- 5. pickling and DataLoader workers --------------------------------------------------------------------------
+
+TEXTS = ["Hello world.", "Prices: 1234567, 3.14", "def f(x):\n    return x", "café naïve"]
+
+
+@pytest.fixture(scope="module")
+def aligner(offline_tok):
+    return xt.Aligner(offline_tok("llama3"), offline_tok("qwen3"))
+
+
+def test_vocab_aligner_and_alignment_pickle(aligner):
+    v = _C.Vocab([b"a", b"<|x|>"], [0, 1])
+    v2 = pickle.loads(pickle.dumps(v))
+    assert len(v2) == 2
+    assert_same(_C.align_ids_batch(v, v, [[0, 1]], [[1, 0]])[:2], _C.align_ids_batch(v2, v2, [[0, 1]], [[1, 0]])[:2])
+    al2 = pickle.loads(pickle.dumps(aligner))
+    for text in TEXTS:
+        assert_same(aligner.align(text, return_correct=True), al2.align(text, return_correct=True))
+    a = aligner.align_batch(TEXTS)
+    b = pickle.loads(pickle.dumps(a))
+    assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("chunks", "chunk_valid", "student_chunk_ids"))
+
+
+class _Collate:
+    def __init__(self, aligner):
+        self.aligner = aligner
+
+    def __call__(self, texts):
+        return self.aligner.align_batch(texts)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers(aligner, context):
+    want = [aligner.align_batch(TEXTS[i:i + 2]) for i in (0, 2)]
+    loader = torch.utils.data.DataLoader(TEXTS, batch_size=2, num_workers=2, collate_fn=_Collate(aligner),
+                                         multiprocessing_context=context)
+    got = list(loader)
+    assert len(got) == 2
+    for a, b in zip(got, want):
+        for f in ("chunks", "chunk_correct", "chunk_valid", "student_chunk_ids", "teacher_chunk_ids"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+
+
+# -- 6. clear errors ---------------------------------------------------------------------------------------------
+
+def test_parameters_are_validated_at_construction(aligner):
+    s, t = aligner.student_tok, aligner.teacher_tok
+    for kw, err in [({"band": "64"}, TypeError), ({"band": 64.0}, TypeError), ({"lookahead": True}, TypeError),
+                    ({"band": -1}, ValueError), ({"band": 2**40}, ValueError), ({"lookahead": 2**63}, ValueError),
+                    ({"gram": 0}, ValueError), ({"full_cells": None}, TypeError)]:
+        with pytest.raises(err, match=next(iter(kw))):
+            xt.Aligner(s, t, **kw)
+    with pytest.raises(TypeError, match="threads"):
+        aligner.align_batch(["a"], threads=1.5)
+    with pytest.raises(TypeError, match="max_length"):
+        aligner.align_batch(["a"], max_length="5")
+    for kw in ({"band": 2**40}, {"lookahead": 2**31}, {"gram": 2**62}):
+        with pytest.raises(ValueError, match="band"):
+            _C.align_tokens([b"a"], [b"a"], **kw)
+
+
+def test_uint64_ids_are_reported_with_their_value(aligner):
+    big = np.array([5, 2**63 + 7], dtype=np.uint64)
+    with pytest.raises(IndexError, match="9223372036854775815 at position 1"):
+        aligner.align_ids(big, [5])
+    v = _C.Vocab([b"a", b"b"])
+    with pytest.raises(IndexError, match="18446744073709551615 at position 0"):
+        _C.align_ids_batch(v, v, [np.array([2**64 - 1], np.uint64)], [[0]])
+    with pytest.raises(TypeError, match="integers"):
+        _C.align_ids_batch(v, v, [np.array([0.5])], [[0]])
+    assert _C.align_ids_batch(v, v, [np.array([1, 0], np.uint64)], [np.array([1, 0], np.uint32)])[1].all()
+
+
+def test_hand_built_alignment_with_bad_chunks_is_rejected():
+    good = Alignment.from_chunks([np.array([[0, 2, 0, 2], [2, 4, 2, 4]])], [[True, True]], [4], [4])
+    assert good.chunk_valid.tolist() == [[True, True]]
+    fields = {f: getattr(good, f) for f in good.__dataclass_fields__}
+    for bad in ([[0, 3, 0, 2], [2, 4, 2, 4]],     # overlapping
+                [[-1, 2, 0, 2], [2, 4, 2, 4]],    # negative
+                [[0, 2, 0, 2], [2, 6, 2, 4]]):    # past the sequence
+        with pytest.raises(ValueError, match="valid chunk"):
+            Alignment(**{**fields, "chunks": torch.tensor([bad])})
+    with pytest.raises(ValueError, match="partition"):
+        Alignment.from_chunks([np.array([[0, 2, 0, 2], [1, 3, 1, 3]])], [[True, True]], [3], [3])

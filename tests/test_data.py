@@ -1,0 +1,352 @@
+"""xt.Collator (xtoken_ext/data.py) with real offline tokenizers: Llama-3 student, Qwen3 and byte-fallback
+SentencePiece (Mistral) teachers; raw text, prompt/completion, each tokenizer's own chat template, packing, DataLoader
+workers, datasets.map precomputation and on-policy ids."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import xtoken_ext as xt
+from xtoken_ext.data import pack_plan
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+          "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+           "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+TEXTS = ["The year 2024 had 366 days; 12,345 apples cost $3.50 in total.",
+         "def area(r):\n    return 3.14159 * r ** 2  # 中文 🚀",
+         "Ünïcödé   whitespace\n\n\tand numbers 1234567890"]
+PAIRS = [{"prompt": "Question: what is 12 + 30?\nAnswer:", "completion": " 42 apples, and 7 pears."},
+         {"prompt": "Translate to French: good morning.", "completion": " Bonjour à tous !"}]
+CHATS = [{"messages": [{"role": "user", "content": "How many days had 2024?"},
+                       {"role": "assistant", "content": "It had 366 days, a leap year."},
+                       {"role": "user", "content": "And 2023?"},
+                       {"role": "assistant", "content": "365 days."}]}]
+
+
+@pytest.fixture(scope="module")
+def toks(offline_tok):
+    s, q, m = offline_tok("llama3"), offline_tok("qwen3"), offline_tok("mistral-spm")
+    return s, q, m
+
+
+@pytest.fixture
+def chat_toks(toks):
+    """The offline tokenizers ship no chat template: give each its family's template (restored afterwards)."""
+    s, q, m = toks
+    old = [t.chat_template for t in toks]
+    s.chat_template, q.chat_template, m.chat_template = LLAMA3, CHATML, MISTRAL
+    yield toks
+    for t, c in zip(toks, old):
+        t.chat_template = c
+
+
+def same_text(a: str, b: str) -> bool:
+    # SentencePiece decodes a lone "▁x" without its space; the rest must match exactly.
+    return a == b or a.lstrip(" ") == b.lstrip(" ")
+
+
+def valid_pairs(batch, teacher_toks):
+    """(teacher j, b, student text, teacher text, student range, teacher range) of every valid chunk."""
+    s_tok = teacher_toks[0]
+    out = []
+    for j, (td, tok) in enumerate(zip(batch["teachers"], teacher_toks[1:])):
+        a = td["alignment"]
+        for b, k in a.chunk_valid.nonzero().tolist():
+            s0, s1, t0, t1 = a.chunks[b, k].tolist()
+            out.append((j, b, s_tok.decode(batch["input_ids"][b, s0:s1]), tok.decode(td["input_ids"][b, t0:t1]),
+                        (s0, s1), (t0, t1)))
+    return out
+
+
+def test_raw_text_matches_align_batch_and_shares_the_student_side(toks):
+    s, q, m = toks
+    batch = xt.Collator(s, [q, m])(TEXTS)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "teachers"}
+    mask = batch["attention_mask"].bool()
+    assert torch.equal(batch["labels"], torch.where(mask, batch["input_ids"], -100))
+    for td, t in zip(batch["teachers"], (q, m)):
+        ref = xt.Aligner(s, t).align_batch(TEXTS)
+        a = td["alignment"]
+        for name in ("chunks", "chunk_valid", "chunk_correct", "num_chunks", "student_ids", "teacher_ids"):
+            assert torch.equal(getattr(a, name), getattr(ref, name)), name
+        assert torch.equal(a.student_ids, torch.where(mask, batch["input_ids"], 0))  # one student side
+        assert torch.equal(td["input_ids"][td["attention_mask"].bool()], ref.teacher_ids[ref.teacher_attention_mask])
+        assert a.chunk_valid.sum() > 20
+
+
+def test_completion_only_masks_kd_chunks_and_labels(toks):
+    s, q, m = toks
+    batch = xt.Collator(s, [q, m])(PAIRS)
+    full = xt.Collator(s, [q, m], completion_only=False)(PAIRS)
+    for b, ex in enumerate(PAIRS):
+        kept = batch["labels"][b][batch["labels"][b] >= 0]
+        assert s.decode(kept) == ex["completion"]
+        assert (full["labels"][b] >= 0).sum() > len(kept)
+    pairs = valid_pairs(batch, toks)
+    assert pairs and all(same_text(a, b) for _, _, a, b, _, _ in pairs)
+    for j, b, a, _, _, _ in pairs:
+        assert a in PAIRS[b]["completion"]
+    # every completion token's chunk is counted except those without a predictive row on both sides
+    assert sum(len(a) for j, b, a, _, _, _ in pairs if j == 0 and b == 0) >= len(PAIRS[0]["completion"]) - 3
+    for td, td_full in zip(batch["teachers"], full["teachers"]):
+        assert td_full["alignment"].chunk_valid.sum() > td["alignment"].chunk_valid.sum()
+        assert not (td["alignment"].chunk_valid & ~td_full["alignment"].chunk_valid).any()
+
+
+def test_a_token_straddling_prompt_and_completion_counts_nowhere(toks):
+    s, q, _ = toks
+    ex = {"prompt": "Hello wor", "completion": "ld peace and more"}
+    batch = xt.Collator(s, [q])([ex])
+    labels = batch["labels"][0]
+    assert s.decode(labels[labels >= 0]) == " peace and more"  # "world" is one token: not labelled
+    texts = [a for _, _, a, _, _, _ in valid_pairs(batch, (s, q))]
+    assert texts and "world" not in "".join(texts) and all(t in " peace and more" for t in texts)
+
+
+def test_chat_rendered_by_each_template_pairs_content_and_end_of_turn(chat_toks):
+    s, q, m = chat_toks
+    batch = xt.Collator(s, [q, m])(CHATS)
+    assert s.decode(batch["input_ids"][0]).startswith("<|begin_of_text|><|start_header_id|>user")
+    assert q.decode(batch["teachers"][0]["input_ids"][0]).startswith("<|im_start|>user\n")
+    assert m.decode(batch["teachers"][1]["input_ids"][0]).startswith("<s>[INST]")
+    answers = [x["content"] for x in CHATS[0]["messages"] if x["role"] == "assistant"]
+    labels = batch["labels"][0]
+    assert s.decode(labels[labels >= 0]) == "".join(a + "<|eot_id|>" for a in answers)
+    eot = {0: ("<|eot_id|>", "<|im_end|>"), 1: ("<|eot_id|>", "</s>")}
+    for j in (0, 1):
+        pairs = [p for p in valid_pairs(batch, chat_toks) if p[0] == j]
+        ends = [p for p in pairs if p[2:4] == eot[j]]
+        assert len(ends) == len(answers)  # end of turn distilled 1:1 across families
+        content = "".join(p[2] for p in pairs if p not in ends)
+        assert all(same_text(p[2], p[3]) for p in pairs if p not in ends)
+        assert "How many" not in content and "366 days" in content  # completion-only: assistant turns only
+    # Everything: user turns count too, template markup never does.
+    full = xt.Collator(s, [q, m], completion_only=False)(CHATS)
+    pairs = valid_pairs(full, chat_toks)
+    assert "How many days had 2024?" in "".join(p[2] for p in pairs if p[0] == 0)
+    for j, _, a, b, _, _ in pairs:
+        assert same_text(a, b) or (a, b) == eot[j] or (j == 0 and (a, b) == ("<|eot_id|>", "<|im_end|>"))
+        assert "header" not in a and "im_start" not in b and "INST" not in b
+
+
+def test_chat_markup_never_counts_even_with_include_mismatched(chat_toks):
+    s, q, m = chat_toks
+    # Mistral's "[INST] How" makes "▁How" straddle markup and content: an incorrect chunk, never counted.
+    batch = xt.Collator(s, [q, m], completion_only=False, include_mismatched=True)(CHATS)
+    a = batch["teachers"][1]["alignment"]
+    c = a.chunks[0, :a.num_chunks[0]]
+    non_gap = (c[:, 1] > c[:, 0]) & (c[:, 3] > c[:, 2])
+    straddling = non_gap & ~a.chunk_correct[0, :len(c)]
+    assert straddling.any() and not (a.chunk_valid[0, :len(c)] & straddling).any()
+    for j, _, x, y, _, _ in valid_pairs(batch, chat_toks):
+        assert same_text(x, y) or y in ("<|im_end|>", "</s>")
+
+
+def test_chat_content_trimmed_by_one_template_still_aligns(chat_toks):
+    s, q, _ = chat_toks
+    ex = {"messages": [{"role": "user", "content": "  Count to three.\n"},
+                       {"role": "assistant", "content": "\nOne, two, three.  "}]}
+    batch = xt.Collator(s, [q])([ex])
+    assert "\nOne, two, three.  <|im_end|>" in q.decode(batch["teachers"][0]["input_ids"][0])  # ChatML keeps it
+    pairs = [(x, y) for _, _, x, y, _, _ in valid_pairs(batch, (s, q))]
+    assert pairs[-1] == ("<|eot_id|>", "<|im_end|>") and all(x == y for x, y in pairs[:-1])
+    assert "".join(x for x, _ in pairs[:-1]) == "One, two, three."
+
+
+def test_chat_without_a_template_is_a_clear_error(toks):
+    s, q, _ = toks
+    with pytest.raises(ValueError, match="no chat template"):
+        xt.Collator(s, [q])(CHATS)
+
+
+def test_empty_and_whitespace_texts_give_zero_chunks_and_warn_once(toks):
+    s, q, m = toks
+    collator = xt.Collator(s, [q, m])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        batch = collator(["", "  \n\t ", TEXTS[0]])
+        collator(["   "])
+    assert len([w for w in rec if "whitespace-only" in str(w.message)]) == 1  # two calls, one warning
+    assert (batch["labels"][:2] == -100).all() and (batch["labels"][2] >= 0).any()
+    for td in batch["teachers"]:
+        assert td["alignment"].chunk_valid[:2].sum() == 0 and td["alignment"].chunk_valid[2].sum() > 0
+    only_empty = collator(["", ""])
+    assert only_empty["input_ids"].shape[1] >= 1 and only_empty["teachers"][0]["input_ids"].shape[1] >= 1
+
+
+def test_packing_in_lockstep_equals_unpacked(toks):
+    s, q, m = toks
+    examples = [*TEXTS, *PAIRS, "Short one.", "x = 1 + 2  # 3", {"prompt": "Say hi:", "completion": " hi!"}]
+    L = 48
+    unpacked = xt.Collator(s, [q, m], max_length=L)(examples)
+    packed = xt.Collator(s, [q, m], max_length=L, packing=True)(examples)
+    n_s = unpacked["attention_mask"].sum(1).tolist()
+    n_t = [td["attention_mask"].sum(1).tolist() for td in unpacked["teachers"]]
+    plan = pack_plan([[a, *(nt[i] for nt in n_t)] for i, a in enumerate(n_s)], L)
+    assert len(plan) < len(examples) == sum(len(r) for r in plan)
+    assert packed["input_ids"].shape[0] == len(plan) and packed["input_ids"].shape[1] <= L
+    # where each document went: (row, student offset, teacher offsets)
+    where = {}
+    for r, row in enumerate(plan):
+        offs = [0] * 3
+        for i in row:
+            where[i] = (r, *offs)
+            offs = [o + n for o, n in zip(offs, [n_s[i], *(nt[i] for nt in n_t)])]
+    for i, (r, os_, *ot) in where.items():
+        assert torch.equal(packed["input_ids"][r, os_:os_ + n_s[i]], unpacked["input_ids"][i, :n_s[i]])
+        assert torch.equal(packed["position_ids"][r, os_:os_ + n_s[i]], torch.arange(n_s[i]))
+        for j, td in enumerate(packed["teachers"]):
+            assert torch.equal(td["input_ids"][r, ot[j]:ot[j] + n_t[j][i]],
+                               unpacked["teachers"][j]["input_ids"][i, :n_t[j][i]])
+            assert torch.equal(td["position_ids"][r, ot[j]:ot[j] + n_t[j][i]], torch.arange(n_t[j][i]))
+    for r, row in enumerate(plan):
+        bounds = np.cumsum([0] + [n_s[i] for i in row])
+        assert packed["cu_seqlens"][r, :len(bounds)].tolist() == bounds.tolist()
+
+    g = torch.Generator().manual_seed(0)
+    V_S, V_T = 64, 80
+    zs_docs = [torch.randn(n, V_S, generator=g) for n in n_s]
+    zs_u = torch.zeros(len(examples), unpacked["input_ids"].shape[1], V_S)
+    zs_p = torch.zeros(*packed["input_ids"].shape, V_S)
+    for i, (r, os_, *_) in where.items():
+        zs_u[i, :n_s[i]] = zs_docs[i]
+        zs_p[r, os_:os_ + n_s[i]] = zs_docs[i]
+    for j in range(2):
+        proj = xt.Projection.random(V_S, V_T, seed=j)
+        zt_u = torch.zeros(len(examples), unpacked["teachers"][j]["input_ids"].shape[1], V_T)
+        zt_p = torch.zeros(*packed["teachers"][j]["input_ids"].shape, V_T)
+        for i, (r, _, *ot) in where.items():
+            z = 3 * torch.randn(n_t[j][i], V_T, generator=g)
+            zt_u[i, :n_t[j][i]] = z
+            zt_p[r, ot[j]:ot[j] + n_t[j][i]] = z
+        a_u, a_p = unpacked["teachers"][j]["alignment"], packed["teachers"][j]["alignment"]
+        assert a_p.chunk_valid.sum() == a_u.chunk_valid.sum() > 0
+        # no chunk crosses a document boundary on either side
+        for r, k in a_p.chunk_valid.nonzero().tolist():
+            s0, s1, t0, t1 = a_p.chunks[r, k].tolist()
+            doc_s = np.searchsorted(packed["cu_seqlens"][r].numpy(), [s0 - 1, s1 - 1], "right")
+            doc_t = np.searchsorted(packed["teachers"][j]["cu_seqlens"][r].numpy(), [t0 - 1, t1 - 1], "right")
+            assert doc_s[0] == doc_s[1] and doc_t[0] == doc_t[1]
+        for fn in (xt.pkl_loss, xt.hkl_loss):
+            ref = fn(zs_u, zt_u, a_u, proj, reduction="sum")
+            got = fn(zs_p, zt_p, a_p, proj, reduction="sum")
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+    def ce(z, labels):  # real ids folded into the small random vocabulary
+        labels = torch.where(labels >= 0, labels % V_S, -100)
+        return torch.nn.functional.cross_entropy(z[:, :-1].transpose(1, 2), labels[:, 1:], reduction="sum")
+
+    torch.testing.assert_close(ce(zs_p, packed["labels"]), ce(zs_u, unpacked["labels"]), rtol=1e-5, atol=1e-4)
+
+
+def test_pack_plan_first_fit_decreasing():
+    # by longest side: 1 (9), 0 (5), 2 (4), 3 (2); 0 does not fit beside 1 on the second side, 2 and 3 do
+    assert pack_plan([[5, 2], [3, 9], [4, 1], [2, 2]], 10) == [[1, 2], [0, 3]]
+    with pytest.raises(ValueError, match="capacity"):
+        pack_plan([[11, 1]], 10)
+
+
+def _same_batch(a, b):
+    for k in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(a[k], b[k]), k
+    for ta, tb in zip(a["teachers"], b["teachers"]):
+        assert torch.equal(ta["input_ids"], tb["input_ids"])
+        for name in ("chunks", "chunk_valid", "chunk_correct", "student_chunk_ids", "teacher_chunk_ids"):
+            assert torch.equal(getattr(ta["alignment"], name), getattr(tb["alignment"], name)), name
+
+
+@pytest.mark.filterwarnings("ignore:empty or whitespace-only")
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers(toks, offline_tok, context):
+    s, q, m = toks
+    # spawn pickles the collator into a fresh interpreter: small tokenizers keep that quick
+    collator = xt.Collator(s, [q, m], max_length=32) if context == "fork" else \
+        xt.Collator(offline_tok("gpt2"), [m], max_length=32)
+    data = [*TEXTS, *PAIRS, ""]
+    loader = torch.utils.data.DataLoader(data, batch_size=3, collate_fn=collator, num_workers=2 if context == "fork"
+                                         else 1, multiprocessing_context=context)
+    batches = list(loader)
+    assert len(batches) == 2
+    for i, batch in enumerate(batches):
+        _same_batch(batch, collator(data[3 * i:3 * i + 3]))
+
+
+@pytest.mark.filterwarnings("ignore:empty or whitespace-only")
+def test_datasets_map_precomputes_alignment_columns(toks, offline_tok):
+    import datasets  # the test extra installs it
+    s, q, m = toks
+    rows = [{"text": t} for t in TEXTS] + [{"text": "   "}]
+    ds = datasets.Dataset.from_list(rows)
+    # num_proc workers (small tokenizers: pickling Llama-3/Qwen3 to every worker costs seconds)
+    small = xt.Collator(offline_tok("gpt2"), [m], max_length=40)
+    pre = ds.map(small.preprocess, batched=True, batch_size=2, num_proc=2, remove_columns=["text"])
+    assert {"xt_key", "xt_student_ids", "xt_student_comp", "xt_teacher0_ids", "xt_teacher0_chunks",
+            "xt_teacher0_correct", "xt_teacher0_keep"} == set(pre.column_names)
+    _same_batch(small(list(pre)), small([r["text"] for r in rows]))
+    collator = xt.Collator(s, [q, m], max_length=40)
+    pre = ds.map(collator.preprocess, batched=True, batch_size=2, remove_columns=["text"])
+    _same_batch(collator(list(pre)), collator([r["text"] for r in rows]))
+    # A shorter max_length cuts the precomputed columns as it cuts fresh alignments.
+    short = xt.Collator(s, [q, m], max_length=12)
+    _same_batch(short(list(pre)), short([r["text"] for r in rows]))
+    pc = datasets.Dataset.from_list(PAIRS).map(collator.preprocess, batched=True)
+    _same_batch(collator(list(pc)), collator(PAIRS))
+    with pytest.raises(ValueError, match="other tokenizers, chat templates or options"):
+        xt.Collator(s, [q, m], completion_only=False)(list(pc))
+    with pytest.raises(ValueError, match="other tokenizers"):
+        small(list(pc))
+
+
+def test_on_policy_aligns_generated_ids(toks):
+    s, q, m = toks
+    collator = xt.Collator(s, [q, m])
+    prompts, answers = ["Q: 12 + 30 =", "Name a prime:"], [" 42, surely.", " 7"]
+    enc = [(s(p)["input_ids"], s(a, add_special_tokens=False)["input_ids"]) for p, a in zip(prompts, answers)]
+    P = max(len(pi) for pi, _ in enc) + 1
+    rows = [([0] * (P - len(pi)) + pi, ai) for pi, ai in enc]  # left-padded prompts of width P, then "generated"
+    width = P + max(len(a) for _, a in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, (pi, ai) in enumerate(rows):
+        ids[b, :P + len(ai)] = torch.tensor(pi + ai)
+        mask[b, P - sum(x != 0 for x in pi):P + len(ai)] = 1
+    batch = collator.on_policy(ids, attention_mask=mask, prompt_length=P)
+    for b, (p, a) in enumerate(zip(prompts, answers)):
+        real = ids[b][mask[b].bool()]
+        assert torch.equal(batch["input_ids"][b, :len(real)], real)
+        labels = batch["labels"][b]
+        assert s.decode(labels[labels >= 0]) == a
+        for j, t in enumerate((q, m)):
+            t_ids = batch["teachers"][j]["input_ids"][b][batch["teachers"][j]["attention_mask"][b].bool()]
+            assert t_ids.tolist() == t(p + a)["input_ids"]
+            ref = xt.Aligner(s, t).align_ids(real, t_ids)
+            got = batch["teachers"][j]["alignment"].chunks[b, :len(ref)]
+            assert torch.equal(got, torch.as_tensor(ref))
+    pairs = valid_pairs(batch, toks)
+    assert pairs and all(same_text(x, y) and x in answers[b] for _, b, x, y, _, _ in pairs)
+
+
+def test_batch_to_moves_alignments(toks):
+    s, q, _ = toks
+    batch = xt.Collator(s, [q])(TEXTS[:1]).to("meta")
+    assert batch["input_ids"].device.type == "meta"
+    assert batch["teachers"][0]["alignment"].chunks.device.type == "meta"
+
+
+def test_bad_input_is_rejected(toks):
+    s, q, _ = toks
+    with pytest.raises(TypeError, match="non-empty list"):
+        xt.Collator(s, q)
+    with pytest.raises(ValueError, match="packing needs max_length"):
+        xt.Collator(s, [q], packing=True)
+    collator = xt.Collator(s, [q])
+    with pytest.raises(ValueError, match="'text', 'prompt'"):
+        collator([{"body": "x"}])
+    with pytest.raises(TypeError, match="role"):
+        collator([{"messages": [{"role": "user"}]}])

@@ -1,0 +1,174 @@
+"""xt.teacher_cache: build (top-k log-probs in safetensors shards + manifest), resume, checksums, and the Collator
+serving the cache to the losses' sparse path (k = V reproduces the dense loss)."""
+import itertools
+import json
+import pickle
+
+import pytest
+import torch
+
+import xtoken_ext as xt
+from xtoken_ext.teacher_cache import TeacherCacheError
+
+TEXTS = ["The year 2024 had 366 days.", "def f(x):\n    return x ** 2", "Ünïcödé and 12,345 apples.", "Short.",
+         "A somewhat longer sentence about caches, shards and checksums.", "42", "Bonjour à tous !"]
+V_T = 61
+
+
+class TinyTeacher(torch.nn.Module):
+    """Causal toy LM over any token ids (hashed into buckets): position p sees tokens <= p only, so right padding
+    leaves real positions unchanged."""
+
+    def __init__(self, vocab: int = V_T, buckets: int = 1009, dim: int = 16):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.buckets = buckets
+        self.emb = torch.nn.Parameter(torch.randn(buckets, dim, generator=g))
+        self.head = torch.nn.Parameter(2 * torch.randn(dim, vocab, generator=g))
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls += 1
+        h = self.emb[input_ids % self.buckets].cumsum(1) / torch.arange(1, input_ids.shape[1] + 1)[:, None]
+        return h @ self.head
+
+
+@pytest.fixture(scope="module")
+def qwen(offline_tok):
+    return offline_tok("qwen3")
+
+
+def reference_topk(model, ids, k):
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.as_tensor(ids)[None])[0].float(), -1)
+    return lp.topk(k, -1)
+
+
+def test_round_trip_manifest_resume_and_checksums(tmp_path, qwen):
+    model = TinyTeacher()
+    path = tmp_path / "cache"
+    cache = xt.teacher_cache.build(model, qwen, TEXTS, path, k=5, name="tiny", shard_size=3, batch_size=2,
+                                   progress=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["teacher"] == "tiny" and manifest["k"] == 5 and manifest["dtype"] == "bfloat16"
+    assert manifest["tokenizer_fingerprint"] == xt.token_table(qwen).fingerprint == cache.fingerprint
+    assert manifest["complete"] and manifest["num_examples"] == len(TEXTS) == len(cache)
+    assert [s["num_examples"] for s in manifest["shards"]] == [3, 3, 1]
+    assert all(len(s["sha256"]) == 64 for s in manifest["shards"]) and manifest["vocab_size"] == V_T
+    for text in TEXTS:
+        ids = qwen(text)["input_ids"]
+        vals, idx = cache.get(ids)
+        ref = reference_topk(model, ids, 5)
+        assert vals.dtype == torch.bfloat16 and idx.dtype == torch.int64 and vals.shape == (len(ids), 5)
+        assert torch.equal(idx, ref.indices)
+        assert torch.equal(vals, ref.values.to(torch.bfloat16))
+    # Resume: finished shards are skipped; a missing shard alone is recomputed.
+    model.calls = 0
+    xt.teacher_cache.build(model, qwen, TEXTS, path, k=5, name="tiny", shard_size=3, batch_size=2, progress=False)
+    assert model.calls == 0
+    (path / "shard-00001.safetensors").unlink()
+    xt.teacher_cache.build(model, qwen, iter(TEXTS), path, k=5, name="tiny", shard_size=3, batch_size=2,
+                           progress=False)
+    assert model.calls == 2  # 3 examples in batches of 2
+    assert json.loads((path / "manifest.json").read_text())["shards"] == manifest["shards"]
+    with pytest.raises(TeacherCacheError, match="other settings"):
+        xt.teacher_cache.build(model, qwen, TEXTS, path, k=6, name="tiny", shard_size=3, progress=False)
+    # Pickles (DataLoader workers) and still serves.
+    again = pickle.loads(pickle.dumps(cache))
+    assert torch.equal(again.get(qwen(TEXTS[0])["input_ids"])[1], cache.get(qwen(TEXTS[0])["input_ids"])[1])
+    with pytest.raises(KeyError, match="no cached teacher output"):
+        cache.get([1, 2, 3])
+    # Corruption is caught on load.
+    shard = path / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TeacherCacheError, match="checksum"):
+        xt.teacher_cache.load(path)
+
+
+def test_bad_requests(tmp_path, qwen):
+    with pytest.raises(ValueError, match="exceeds"):
+        xt.teacher_cache.build(TinyTeacher(), qwen, TEXTS[:2], tmp_path / "a", k=V_T + 1, progress=False)
+    with pytest.raises(ValueError, match="dtype"):
+        xt.teacher_cache.build(TinyTeacher(), qwen, TEXTS[:2], tmp_path / "b", dtype=torch.int8, progress=False)
+    with pytest.raises(TeacherCacheError, match="not a teacher cache"):
+        xt.teacher_cache.load(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, offline_tok):
+    """A float32 cache at k = V of the teacher over prompt/completion and raw examples, built from the collator's
+    own teacher ids, and collators serving it unpacked and packed."""
+    s, q = offline_tok("llama3"), offline_tok("qwen3")
+    examples = [*TEXTS[:4], {"prompt": "Question: 12 + 30 =", "completion": " 42, of course."}]
+    plain = xt.Collator(s, [q], max_length=24)
+    model = TinyTeacher()
+    cache = xt.teacher_cache.build(model, q, plain.teacher_ids(examples), tmp_path_factory.mktemp("c") / "cache",
+                                   k=V_T, dtype=torch.float32, progress=False)
+    return s, q, examples, model, cache
+
+
+def test_sparse_cache_reproduces_the_dense_loss_at_full_k(served):
+    s, q, examples, model, cache = served
+    batch = xt.Collator(s, [q], max_length=24, teacher_caches=[cache])(examples)
+    td = batch["teachers"][0]
+    assert td["topk_logprobs"].shape == (*td["input_ids"].shape, V_T) and td["topk_indices"].dtype == torch.int64
+    g = torch.Generator().manual_seed(1)
+    V_S = 48
+    proj = xt.Projection.random(V_S, V_T, seed=3)
+    zs = torch.randn(*batch["input_ids"].shape, V_S, generator=g)
+    with torch.no_grad():
+        zt = model(td["input_ids"], td["attention_mask"])
+    ali = td["alignment"]
+    assert ali.chunk_valid.sum() > 10
+    for fn in (xt.pkl_loss, xt.hkl_loss):
+        dense = fn(zs, zt, ali, proj, reduction="sum")
+        sparse = fn(zs, td["topk_logprobs"], ali, proj, reduction="sum", teacher_indices=td["topk_indices"])
+        torch.testing.assert_close(sparse, dense, rtol=2e-5, atol=1e-5)
+
+
+def test_packed_batches_serve_each_documents_rows(served):
+    s, q, examples, _, cache = served
+    batch = xt.Collator(s, [q], max_length=24, packing=True, teacher_caches=[cache])(examples)
+    td = batch["teachers"][0]
+    assert td["input_ids"].shape[0] < len(examples)
+    served_docs = 0
+    for r in range(td["input_ids"].shape[0]):
+        cu = td["cu_seqlens"][r].tolist()
+        for a, b in itertools.pairwise(cu):
+            if b > a:
+                vals, idx = cache.get(td["input_ids"][r, a:b])
+                assert torch.equal(td["topk_logprobs"][r, a:b], vals) and torch.equal(td["topk_indices"][r, a:b], idx)
+                served_docs += 1
+    assert served_docs == len(examples)
+
+
+def test_collator_rejects_a_cache_of_another_tokenizer(served, offline_tok):
+    s, _, _, _, cache = served
+    with pytest.raises(ValueError, match="different tokenizer"):
+        xt.Collator(s, [offline_tok("gpt2")], teacher_caches=[cache])
+
+
+def test_cli_builds_a_cache_from_a_saved_model(tmp_path, offline_tok):
+    """`xtoken teacher-cache MODEL_DIR texts.jsonl -o DIR`: a real transformers model (a tiny random GPT-2 saved to
+    a folder) over a .jsonl file; the stored top-k equal the model's own log-probs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from xtoken_ext.cli import main
+
+    tok = offline_tok("gpt2")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=2)).eval()
+    model.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:3]))
+    assert main(["teacher-cache", str(tmp_path / "teacher"), str(tmp_path / "texts.jsonl"), "-o",
+                 str(tmp_path / "cache"), "-k", "5", "--tokenizer", "offline:gpt2", "--dtype", "float32"]) == 0
+    cache = xt.teacher_cache.load(tmp_path / "cache")
+    assert len(cache) == 3 and cache.k == 5
+    ids = tok(TEXTS[0])["input_ids"]
+    lp, idx = cache.get(ids)
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1).topk(5, -1)
+    torch.testing.assert_close(lp, want.values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(idx, want.indices)
