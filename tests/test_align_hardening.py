@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -22,8 +23,9 @@ from xtoken_ext.reference import align as ref
 def _run(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """A fresh interpreter (a crash there fails the test instead of killing the session)."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    # cwd outside the checkout: import the installed package (a plain source tree has no built _C)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env=env, check=False)
+                          timeout=timeout, env=env, check=False, cwd=tempfile.gettempdir())
 
 
 # -- 1. TOCTOU: ids are copied before they are checked -----------------------------------------------------------
