@@ -95,14 +95,12 @@ def test_backend_matches_reference(backend, loss_name, dtype):
     case()
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("loss_name", ["pkl_loss", "hkl_loss"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,loss_name,dtype", [
+    (b, loss, d) for b in BACKENDS for loss in ("pkl_loss", "hkl_loss") for d in ("fp32", "bf16")
+    if native_ok(loss, DTYPES[d], False) or b != "native"])  # the C++ H-KL kernel takes fp32 only
 def test_mutation_zeroing_small_gradient_entries_fails(backend, loss_name, dtype):
     """The per-entry bound rejects a gradient whose 90 % smallest nonzero entries are zeroed (a 'broken kernel')."""
     dt = DTYPES[dtype]
-    if backend == "native" and not native_ok(loss_name, dt, False):
-        pytest.skip("the C++ H-KL kernel takes fp32 only (covered by test_backend_matches_reference)")
     c = dict(seed=7, V_S=97 if dt == torch.float32 or loss_name == "pkl_loss" else 31, V_T=101, B=2, merge="mean",
              uncovered="renormalize", teacher_topk=None, uncommon_topk="default", temperature=1.0, sparse=False,
              empty_rows=0.0)
@@ -202,13 +200,19 @@ def test_pkl_is_plain_kl_for_identity_w(temperature):
     assert torch.allclose(out, temperature ** 2 * (lt.exp() * (lt - ls)).sum(-1), atol=1e-12)
 
 
+def small_inputs(seed: int, B: int, max_chunks: int, grad: bool = True):
+    """(proj 11 -> 13, alignment of B sequences, student logits [B, T_S, 11] (requiring grad), teacher logits)."""
+    g = torch.Generator().manual_seed(seed)
+    proj = xt.Projection.random(11, 13, seed=seed)
+    alignment = random_alignment(g, B, max_chunks=max_chunks)
+    z = torch.randn(B, alignment.student_chunk_ids.shape[1], 11, generator=g, requires_grad=grad)
+    t = torch.randn(B, alignment.teacher_chunk_ids.shape[1], 13, generator=g)
+    return proj, alignment, z, t
+
+
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_reductions_and_normalizer(loss_name):
-    g = torch.Generator().manual_seed(3)
-    proj = xt.Projection.random(11, 13, seed=3)
-    alignment = random_alignment(g, 2, max_chunks=6)
-    z = torch.randn(2, alignment.student_chunk_ids.shape[1], 11, generator=g, requires_grad=True)
-    t = torch.randn(2, alignment.teacher_chunk_ids.shape[1], 13, generator=g)
+    proj, alignment, z, t = small_inputs(3, 2, 6)
     fn = getattr(xt, loss_name)
     per = fn(z, t, alignment, proj, reduction="none")
     assert per.shape == (alignment.row_spans().shape[0],)
@@ -234,11 +238,7 @@ def test_no_valid_chunk_is_zero_with_zero_grad(loss_name, backend):
 
 
 def test_flattened_rows_match_batched():
-    g = torch.Generator().manual_seed(5)
-    proj = xt.Projection.random(11, 13, seed=5)
-    alignment = random_alignment(g, 1, max_chunks=6)
-    z = torch.randn(1, alignment.student_chunk_ids.shape[1], 11, generator=g)
-    t = torch.randn(1, alignment.teacher_chunk_ids.shape[1], 13, generator=g)
+    proj, alignment, z, t = small_inputs(5, 1, 6, grad=False)
     assert torch.equal(xt.pkl_loss(z, t, alignment, proj, reduction="none"),
                        xt.pkl_loss(z[0], t[0], alignment, proj, reduction="none"))
 
@@ -275,11 +275,7 @@ def test_input_validation():
 
 
 def test_module_forms_match_functions():
-    g = torch.Generator().manual_seed(2)
-    proj = xt.Projection.random(11, 13, seed=2)
-    alignment = random_alignment(g, 2, max_chunks=4)
-    z = torch.randn(2, alignment.student_chunk_ids.shape[1], 11, generator=g)
-    t = torch.randn(2, alignment.teacher_chunk_ids.shape[1], 13, generator=g)
+    proj, alignment, z, t = small_inputs(2, 2, 4, grad=False)
     for cls, fn in ((xt.PKLLoss, xt.pkl_loss), (xt.HKLLoss, xt.hkl_loss), (xt.GOLDLoss, xt.gold_loss),
                     (xt.ULDLoss, xt.uld_loss)):
         mod = cls(proj, temperature=1.5, merge="first")
@@ -294,11 +290,7 @@ def test_module_forms_match_functions():
 @pytest.mark.parametrize("op", ["pkl", "hkl"])
 def test_one_backward_per_forward(op):
     """backward scales the saved gradient in place; a second backward through the graph is refused clearly."""
-    g = torch.Generator().manual_seed(0)
-    proj = xt.Projection.random(11, 13, seed=0)
-    alignment = random_alignment(g, 1, max_chunks=4)
-    z = torch.randn(1, alignment.student_chunk_ids.shape[1], 11, generator=g, requires_grad=True)
-    t = torch.randn(1, alignment.teacher_chunk_ids.shape[1], 13, generator=g)
+    proj, alignment, z, t = small_inputs(0, 1, 4)
     out = getattr(xt, f"{op}_loss")(z, t, alignment, proj)
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
@@ -309,11 +301,9 @@ def test_one_backward_per_forward(op):
 # the custom ops themselves
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("backend,sparse", [(b, sp) for b in BACKENDS for sp in (False, True)
+                                            if not (b == "native" and sp)])  # no native kernel for a sparse teacher
 def test_opcheck_custom_ops(backend, sparse):
-    if backend == "native" and sparse:
-        pytest.skip("no native kernel for a sparse teacher (the op raises; test_input_validation checks it)")
     P = make_problem(5, 23, 29, 3, 2, 6 if sparse else 0, "covered", 0.1, False)
     z = P.z.requires_grad_()
     w_val = P.w_val.clone().requires_grad_()
@@ -333,11 +323,7 @@ def test_opcheck_custom_ops(backend, sparse):
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
 def test_torch_compile_traces_the_ops(backend):
-    g = torch.Generator().manual_seed(1)
-    proj = xt.Projection.random(11, 13, seed=1)
-    alignment = random_alignment(g, 2, max_chunks=4)
-    z = torch.randn(2, alignment.student_chunk_ids.shape[1], 11, generator=g, requires_grad=True)
-    t = torch.randn(2, alignment.teacher_chunk_ids.shape[1], 13, generator=g)
+    proj, alignment, z, t = small_inputs(1, 2, 4)
 
     def f(x):
         return xt.pkl_loss(x, t, alignment, proj, backend=backend) + xt.hkl_loss(x, t, alignment, proj,

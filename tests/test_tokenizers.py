@@ -1,6 +1,7 @@
 """Token tables and byte offsets on real tokenizers (offline, from the test extras)."""
 import numpy as np
 import pytest
+import quicktok  # pinned by the test extra (quicktok-v1): a broken install fails, never skips
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +21,6 @@ QUICKTOK = {"llama3": "llama3", "qwen3": "qwen3", "cl100k": "cl100k_base", "o200
 
 @pytest.mark.parametrize("name", list(QUICKTOK))
 def test_converted_tokenizer_matches_quicktok(offline_tok, name):
-    quicktok = pytest.importorskip("quicktok")
     enc, tok = quicktok.get_encoding(QUICKTOK[name]), offline_tok(name)
     for text in SAMPLES:
         assert tok(text, add_special_tokens=False)["input_ids"] == enc.encode_ordinary(text), text

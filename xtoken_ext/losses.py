@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .alignment import Alignment
-from .ops._common import BACKENDS, expand
+from .ops._common import BACKENDS, expand, math_dtype
 from .ops.hkl import hkl_rows
 from .ops.pkl import pkl_rows
 from .projection import Projection
@@ -208,7 +208,7 @@ def _run(kind, student_logits, teacher_logits, alignment, proj, temperature, red
             _check(not ids.is_floating_point() and ids.numel() == B * T,
                    f"{name} must be integer token ids with {B * T} entries (shape [B, T]), got {tuple(ids.shape)}")
     tau = float(temperature)
-    md = torch.float64 if z.dtype == torch.float64 else torch.float32  # the ops' math dtype
+    md = math_dtype(z.dtype)  # the ops' math dtype
 
     def rows(lo, n):  # concatenated row ranges, built where the spans live, used on the logits' device
         return expand(lo, n)[0].to(device, non_blocking=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -77,15 +78,15 @@ def row_scale(lo: Tensor, hi: Tensor, g: Tensor, n: int) -> Tensor:
     return torch.cat([g, g.new_zeros(1)])[chunk]
 
 
-def scale_grad(grad: Tensor, spans: Tensor, g_loss: Tensor) -> Tensor:
-    """The saved gradient with chunk k's student rows times g_loss[k]: IN PLACE in the logits' dtype in eager mode
-    (the product is formed per element in fp32/fp64 and rounded once; no second [N_s, V_S] buffer). The saved
-    gradient is then consumed, so a second backward through the same graph is refused. Under tracing (FakeTensor,
-    torch.compile) it is out of place, which the compiler fuses. Call it on ``saved(ctx)``'s gradient."""
-    scale = row_scale(spans[:, 0], spans[:, 1], g_loss.to(math_dtype(grad.dtype)), grad.shape[0]).unsqueeze(1)
+def scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
+    """The saved gradient times the row scale [N_s] (``row_scale`` of the incoming per-chunk gradient): IN PLACE in
+    the logits' dtype in eager mode (the product is formed per element in fp32/fp64 and rounded once; no second
+    [N_s, V_S] buffer). The saved gradient is then consumed, so a second backward through the same graph is refused.
+    Under tracing (FakeTensor, torch.compile) it is out of place, which the compiler fuses. Call it on
+    ``saved(ctx)``'s gradient."""
     if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
-        return (grad * scale).to(grad.dtype)
-    return grad.mul_(scale)
+        return (grad * scale.unsqueeze(1)).to(grad.dtype)
+    return grad.mul_(scale.unsqueeze(1))
 
 
 def saved(ctx):
@@ -151,6 +152,32 @@ def chain_sums(chain: Tensor | None, lo: Tensor, hi: Tensor, dtype) -> Tensor | 
         return None
     rows, seg = expand(lo + 1, (hi - lo - 1).clamp(min=0))
     return torch.zeros(lo.numel(), dtype=dtype, device=lo.device).index_add_(0, seg, chain.to(dtype)[rows])
+
+
+class TorchSetup(NamedTuple):
+    """What both torch backends derive first: math dtype, device, τ, V_S, K, the allowed columns (``allowed``), the
+    per-chunk merged row counts and blocks (``plan``), and the teacher chain sums per chunk (merge="chain")."""
+    md: torch.dtype
+    dev: torch.device
+    tau: float
+    V_S: int
+    K: int
+    cols: tuple
+    n_s: Tensor
+    n_t: Tensor
+    blocks: list
+    t_chain_sum: Tensor | None
+
+
+def torch_setup(s_logits: Tensor, spans: Tensor, merge: str, col_mask: Tensor, temperature: float,
+                t_chain: Tensor | None) -> TorchSetup:
+    md = math_dtype(s_logits.dtype)
+    V_S = s_logits.shape[1]
+    cols = allowed(col_mask)
+    n_s, n_t, blocks = plan(spans, merge, V_S, cols[2])
+    t_chain_sum = chain_sums(t_chain, spans[:, 2], spans[:, 3], md) if merge == "chain" else None
+    return TorchSetup(md, s_logits.device, float(temperature), V_S, spans.shape[0], cols, n_s, n_t, blocks,
+                      t_chain_sum)
 
 
 def teacher_block(t_vals, t_cols, rows, seg, n, K, cols, tau, md, chain_sum):

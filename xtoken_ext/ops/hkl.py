@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import allowed, chain_sums, expand, math_dtype, plan, resolve_backend, row_scale, saved, scale_grad, \
-    softmax_rows, teacher_block, top, write_grad
+from ._common import chain_sums, expand, math_dtype, resolve_backend, row_scale, saved, scale_grad, softmax_rows, \
+    teacher_block, top, torch_setup, write_grad
 
 __all__ = ["hkl_rows", "native_applies"]
 
@@ -53,15 +53,11 @@ def _native(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_cha
 def _torch(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_chain, t_chain, common_s, common_t,
            uncommon_topk):
     """Chunked torch ops over blocks of consecutive chunks, math in fp32 (fp64 for fp64 logits)."""
-    md = math_dtype(s_logits.dtype)
-    dev, tau = s_logits.device, float(temperature)
-    V_S, K = s_logits.shape[1], spans.shape[0]
-    cols = allowed(col_mask)
+    md, dev, tau, V_S, K, cols, n_s, n_t, blocks, t_chain_sum = torch_setup(s_logits, spans, merge, col_mask,
+                                                                            temperature, t_chain)
     _, remap, n_a = cols
-    n_s, n_t, blocks = plan(spans, merge, V_S, n_a)
     chain = merge == "chain"
     s_chain_sum = chain_sums(s_chain, spans[:, 0], spans[:, 1], md) if chain else None
-    t_chain_sum = chain_sums(t_chain, spans[:, 2], spans[:, 3], md) if chain else None
     cs, ct = (x.long() for x in _allowed_pairs(common_s, common_t, col_mask))
     if remap is not None:
         ct = remap[ct]  # positions in A
@@ -130,10 +126,10 @@ def hkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, col_mask: 
     loss, grad, gsum = _BACKENDS[backend](
         s_logits.contiguous(), t_vals.detach().contiguous(), None if t_cols is None else t_cols.long().contiguous(),
         col_mask, spans, temperature, merge, s_chain, t_chain, common_s.long(), common_t.long(), uncommon_topk)
-    md = math_dtype(s_logits.dtype)
-    if merge != "chain":
-        gsum = torch.zeros_like(gsum)
-    return loss.to(md), grad, row_scale(spans[:, 0] + 1, spans[:, 1], gsum.to(md), s_logits.shape[0])
+    md, N_s = math_dtype(s_logits.dtype), s_logits.shape[0]
+    if merge != "chain":  # no chain scalars: their gradient is 0
+        return loss.to(md), grad, torch.zeros(N_s, dtype=md, device=s_logits.device)
+    return loss.to(md), grad, row_scale(spans[:, 0] + 1, spans[:, 1], gsum.to(md), N_s)
 
 
 @hkl_rows.register_fake
@@ -156,10 +152,9 @@ def _backward(ctx, g_loss, _g_grad, _g_chain):
     if g_loss is None:
         return (None,) * 13
     spans, grad, grad_chain = saved(ctx)
-    d_chain = None
-    if ctx.has_chain:
-        d_chain = grad_chain * row_scale(spans[:, 0], spans[:, 1], g_loss.to(grad_chain.dtype), grad.shape[0])
-    return (scale_grad(grad, spans, g_loss),) + (None,) * 6 + (d_chain,) + (None,) * 5
+    scale = row_scale(spans[:, 0], spans[:, 1], g_loss.to(grad_chain.dtype), grad.shape[0])  # the loss's dtype
+    d_chain = grad_chain * scale if ctx.has_chain else None
+    return (scale_grad(grad, scale),) + (None,) * 6 + (d_chain,) + (None,) * 5
 
 
 hkl_rows.register_autograd(_backward, setup_context=_setup)

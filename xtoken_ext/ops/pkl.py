@@ -19,8 +19,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._common import SLOTS, allowed, chain_sums, expand, math_dtype, plan, resolve_backend, saved, scale_grad, \
-    softmax_rows, teacher_block, write_grad
+from ._common import SLOTS, expand, math_dtype, plan, resolve_backend, row_scale, saved, scale_grad, \
+    softmax_rows, teacher_block, torch_setup, write_grad
 
 __all__ = ["pkl_rows", "native_applies"]
 
@@ -92,13 +92,9 @@ def _csr_pair(s_j: Tensor, t_j: Tensor, w_j: Tensor, V_S: int, V_A: int) -> tupl
 def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain, chunk_scale,
            need_grad_w):
     """Chunked torch ops over blocks of consecutive chunks, math in fp32 (fp64 for fp64 logits)."""
-    md = math_dtype(s_logits.dtype)
-    dev, tau = s_logits.device, float(temperature)
-    V_S, K = s_logits.shape[1], spans.shape[0]
-    cols = allowed(col_mask)
+    md, dev, tau, V_S, K, cols, n_s, n_t, blocks, t_chain_sum = torch_setup(s_logits, spans, merge, col_mask,
+                                                                            temperature, t_chain)
     _, remap, n_a = cols
-    n_s, n_t, blocks = plan(spans, merge, V_S, n_a)
-    t_chain_sum = chain_sums(t_chain, spans[:, 2], spans[:, 3], md) if merge == "chain" else None
     # ELL as a flat (student s_j, column t_j in A, weight w_j) list of the non-empty slots that land in A
     keep = w_idx >= 0
     if remap is not None:
@@ -195,7 +191,8 @@ def _backward(ctx, g_loss, _g_grad, _g_grad_w):
         return (None,) * 14
     if not ctx.need_grad_w:
         spans, grad = saved(ctx)
-        return (scale_grad(grad, spans, g_loss),) + (None,) * 13
+        scale = row_scale(spans[:, 0], spans[:, 1], g_loss.to(math_dtype(grad.dtype)), grad.shape[0])
+        return (scale_grad(grad, scale),) + (None,) * 13
     s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, t_chain = saved(ctx)
     temperature, merge, eps, backend = ctx.consts
     _, grad, grad_w = pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps,
