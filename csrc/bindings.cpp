@@ -86,19 +86,19 @@ xt::Vocab make_vocab(const py::sequence& token_bytes, const py::object& special)
   return v;
 }
 
-// An owned int64 copy of one id sequence, checked against the vocabulary. Unsigned ids >= 2**63 are reported with
-// their value (a cast to int64 would show them as negative); non-integer dtypes are a TypeError.
-std::vector<int64_t> owned_ids(const py::handle& obj, int64_t vocab, const char* side) {
+// An owned int64 copy of id sequence `seq` of a batch, checked against the vocabulary. Unsigned ids >= 2**63 are
+// reported with their value (a cast to int64 would show them as negative); non-integer dtypes are a TypeError.
+std::vector<int64_t> owned_ids(const py::handle& obj, int64_t vocab, const char* side, size_t seq) {
+  const std::string where = std::string(side) + " ids[" + std::to_string(seq) + "]";
   py::array a = py::array::ensure(obj);
-  if (!a) throw py::type_error(std::string(side) + " ids must be arrays or sequences of integers");
-  if (a.ndim() != 1) throw py::value_error(std::string(side) + " ids must be 1-D");
+  if (!a) throw py::type_error(where + " must be an array or sequence of integers");
+  if (a.ndim() != 1) throw py::value_error(where + " must be 1-D");
   const char kind = a.dtype().kind();
   if (a.size() > 0 && kind != 'i' && kind != 'u')
-    throw py::type_error(std::string(side) + " ids must be integers, got dtype " +
-                         std::string(py::str(a.dtype())));
+    throw py::type_error(where + " must be integers, got dtype " + std::string(py::str(a.dtype())));
   std::vector<int64_t> ids(static_cast<size_t>(a.size()));
   auto out_of_range = [&](const std::string& value, size_t k) {
-    return std::out_of_range(std::string(side) + " id " + value + " at position " + std::to_string(k) +
+    return std::out_of_range(where + ": id " + value + " at position " + std::to_string(k) +
                              " is out of range for a vocabulary of " + std::to_string(vocab));
   };
   if (kind == 'u') {
@@ -119,7 +119,7 @@ std::vector<int64_t> owned_ids(const py::handle& obj, int64_t vocab, const char*
 
 std::vector<std::vector<int64_t>> owned_id_batch(const py::sequence& batch, int64_t vocab, const char* side) {
   std::vector<std::vector<int64_t>> out;
-  for (const auto& item : batch) out.push_back(owned_ids(item, vocab, side));
+  for (const auto& item : batch) out.push_back(owned_ids(item, vocab, side, out.size()));
   return out;
 }
 

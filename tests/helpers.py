@@ -1,6 +1,6 @@
 """Shared test helpers: tolerances, random problems, Hypothesis strategies and float64 row-space oracles.
 
-Tolerances (per entry; the reference is fed the SAME rounded inputs, upcast to float64, so input rounding is not an
+Tolerances (``xtoken_ext.testing``: kappa, grad_bound, loss_bound; per entry; the reference is fed the SAME rounded inputs, upcast to float64, so input rounding is not an
 error source). Every backend computes in fp32 (fp64 for fp64 logits; unit roundoff u_m), then rounds the gradient
 to the logits' dtype (u_d) in the forward and once more when backward scales it in place by grad_output.
 
@@ -22,7 +22,6 @@ Loss. L = τ² Σ P (T − log Q) (+ τ² Σ|a − b| ≤ 2τ²): |err| ≤ c·u
 from __future__ import annotations
 
 import math
-import os
 import types
 from collections import defaultdict
 
@@ -32,14 +31,12 @@ from hypothesis import strategies as st
 
 import xtoken_ext as xt
 from xtoken_ext.projection import Projection
+from xtoken_ext.testing import C, HALF_SPACING, UNIT_ROUNDOFF, grad_bound, kappa, loss_bound, math_roundoff, \
+    store_roundoff  # noqa: F401 (the bounds derived above live in the package: the GPU check uses them too)
 
 LOSSES = ["pkl_loss", "hkl_loss", "gold_loss", "uld_loss"]
 BACKENDS = ["torch", "native", "triton"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
-                 torch.float16: 2.0 ** -11}
-HALF_SPACING = {torch.float64: 0.0, torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2.0 ** -25}  # subnormals
-C = 8.0
 # Worst err / bound and largest absolute error seen per (check, backend, dtype); printed at the end of the session.
 MAX_ERR: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
 
@@ -51,44 +48,6 @@ def examples(n: int) -> int:
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def math_roundoff(dtype) -> float:
-    return UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32]
-
-
-def store_roundoff(dtype, backend) -> float:
-    """Rounding of an fp32 result to ``dtype`` by the backend (the interpreter truncates to bf16: one ulp)."""
-    u = UNIT_ROUNDOFF[dtype] if dtype != torch.float64 else 0.0
-    return 2 * u if backend == "triton" and dtype == torch.bfloat16 and interpreted() else u
-
-
-def kappa(z: torch.Tensor, t: torch.Tensor | None, tau: float) -> float:
-    """Condition factor κ = 4 + ln V_S + ln V_T + 2 (max|z| + max|t|)/τ of the log-sum-exp arguments."""
-    zmax = float(z.detach().double().abs().max()) if z.numel() else 0.0
-    tf = t[torch.isfinite(t)] if t is not None else torch.zeros(0)
-    tmax = float(tf.double().abs().max()) if tf.numel() else 0.0
-    V_T = t.shape[-1] if t is not None else 1
-    return 4 + math.log(z.shape[-1]) + math.log(max(V_T, 1)) + 2 * (zmax + tmax) / tau
-
-
-def grad_bound(ref: torch.Tensor, z: torch.Tensor, tau: float, kap: float, dtype, backend: str,
-               w_max: float = 1.0) -> torch.Tensor:
-    """Per-entry bound on |grad − ref| (module docstring); z the (rounded) logits, ref the float64 gradient."""
-    ref = ref.double()
-    p = torch.softmax(z.detach().double() / tau, -1)
-    um = C * math_roundoff(dtype) * kap
-    # fp16 subnormals: the forward's rounding (≤ half the spacing 2⁻²⁴) scaled by w, then the backward's own
-    return (2 * store_roundoff(dtype, backend) + um) * ref.abs() + um * 2 * tau * p * w_max \
-        + HALF_SPACING[dtype] * (1 + w_max)
-
-
-def loss_bound(ref: torch.Tensor, tau: float, kap: float, dtype) -> torch.Tensor:
-    return C * math_roundoff(dtype) * kap * (ref.double().abs() + tau * tau)
 
 
 def check(key: str, got: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, mask: torch.Tensor | None = None):

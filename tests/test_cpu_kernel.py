@@ -28,11 +28,10 @@ def native_spy():
 @given(seed=st.integers(0, 2 ** 31 - 1), V_S=st.sampled_from([257, 1031]), V_T=st.sampled_from([263, 1049]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        teacher_dtype=st.sampled_from([torch.float32, torch.bfloat16]), merge=st.sampled_from(["mean", "chain"]),
-       temperature=st.sampled_from([1.0, 0.6, 2.5]), logit_scale=st.sampled_from([1.0, 6.0]),
-       small_blocks=st.booleans())
+       temperature=st.sampled_from([1.0, 0.6, 2.5]), logit_scale=st.sampled_from([1.0, 6.0]))
 def test_native_pkl_large_vocab_matches_reference(seed, V_S, V_T, dtype, teacher_dtype, merge, temperature,
-                                                  logit_scale, small_blocks):
-    """Wide rows (p down to ~e^-70 at scale 6, τ = 0.6), low-precision inputs converted in blocks."""
+                                                  logit_scale):
+    """Wide rows (p down to ~e^-70 at scale 6, τ = 0.6), low-precision inputs converted row by row in the kernel."""
     g = torch.Generator().manual_seed(seed)
     proj = xt.Projection.random(V_S, V_T, seed=seed % 1000, empty_rows=0.1)
     alignment = random_alignment(g, 2, max_chunks=6)
@@ -44,12 +43,11 @@ def test_native_pkl_large_vocab_matches_reference(seed, V_S, V_T, dtype, teacher
               teacher_ids=torch.randint(0, V_T, (2, T_T), generator=g))
     zf, zr = z.clone().requires_grad_(), z.double().requires_grad_()
     patch, spy = native_spy()
-    with patch, mock.patch.object(pkl_op, "_NATIVE_BLOCK_BYTES", 1 if small_blocks else pkl_op._NATIVE_BLOCK_BYTES):
+    with patch:
         out = xt.pkl_loss(zf, t, alignment, proj, backend="native", **kw)
     assert spy.called
     exp = ref.pkl_loss(zr, t.double(), alignment, proj, **kw)
-    assert torch.equal(torch.isfinite(out), torch.isfinite(exp))
-    if not torch.isfinite(exp).all() or not exp.numel():
+    if not exp.numel():
         return
     w = torch.rand(exp.shape, generator=g, dtype=torch.float64) + 0.5
     (gf,) = torch.autograd.grad((out * w.float()).sum(), zf)

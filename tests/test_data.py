@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from test_teacher_cache import TinyTeacher
 
 import xtoken_ext as xt
 from xtoken_ext.data import pack_plan
@@ -332,11 +333,52 @@ def test_on_policy_aligns_generated_ids(toks):
     assert pairs and all(same_text(x, y) and x in answers[b] for _, b, x, y, _, _ in pairs)
 
 
-def test_batch_to_moves_alignments(toks):
+def test_on_policy_byte_fallback_student_padding_empty_rows_and_threads(toks, tmp_path):
+    """A SentencePiece byte-fallback student (Mistral) generates a right-padded, a left-padded and an empty row; the
+    batch equals Aligner.align_ids_batch on the real rows, does not depend on the thread count, and the student's
+    digits (never its <0xHH> duplicates) are paired with the teachers' digits. A teacher cache (which cannot hold
+    generated text) is skipped instead of failing the batch."""
+    s, q, m = toks
+    cache = xt.teacher_cache.build(TinyTeacher(), q, ["2024 had 366 days."], tmp_path / "q", k=4, progress=False)
+    collator = xt.Collator(m, [s, q], teacher_caches=[None, cache])
+    assert "topk_logprobs" in collator(["2024 had 366 days."])["teachers"][1]
+    texts = ["The answer is 42, not 7.", "2024 had 366 days.", ""]
+    enc = [m(x)["input_ids"] if x else [] for x in texts]
+    W = max(map(len, enc)) + 2
+    ids, mask = torch.zeros(3, W, dtype=torch.long), torch.zeros(3, W, dtype=torch.long)
+    ids[0, :len(enc[0])], mask[0, :len(enc[0])] = torch.tensor(enc[0]), 1
+    ids[1, W - len(enc[1]):], mask[1, W - len(enc[1]):] = torch.tensor(enc[1]), 1
+    batch = collator.on_policy(ids, attention_mask=mask, threads=1)
+    _same_batch(batch, collator.on_policy(ids, attention_mask=mask, threads=3))
+    assert batch["attention_mask"].sum(1).tolist() == [len(e) for e in enc]
+    _same_batch(batch, xt.Collator(m, [s, q]).on_policy(ids, attention_mask=mask))
+    for j, t in enumerate((s, q)):
+        td = batch["teachers"][j]
+        assert "topk_logprobs" not in td and "topk_indices" not in td
+        t_rows = [td["input_ids"][b][td["attention_mask"][b].bool()].tolist() for b in range(3)]
+        assert t_rows == [t(x)["input_ids"] for x in texts]
+        ref = xt.Aligner(m, t).align_ids_batch(enc, t_rows, threads=2)
+        for name in ("chunks", "chunk_valid", "chunk_correct", "num_chunks", "student_chunk_ids",
+                     "teacher_chunk_ids", "student_ids", "teacher_ids"):
+            assert torch.equal(getattr(td["alignment"], name), getattr(ref, name)), name
+    digits = [(b, p) for b, e in enumerate(enc) for p, i in enumerate(e) if m.decode([i]).strip().isdigit()]
+    assert len(digits) == 10 and all(m.convert_ids_to_tokens(enc[b][p]).isdigit() for b, p in digits)
+    a = batch["teachers"][1]["alignment"]  # Qwen3 splits digits one by one, like this student
+    for b, p in digits:
+        k = next(k for k in range(int(a.num_chunks[b])) if a.chunks[b, k, 0] <= p < a.chunks[b, k, 1])
+        s0, s1, t0, t1 = a.chunks[b, k].tolist()
+        assert (s1 - s0, t1 - t0) == (1, 1) and q.decode(a.teacher_ids[b, t0]) == m.decode(enc[b][p]).strip()
+        assert a.chunk_correct[b, k] and a.chunk_valid[b, k] == (t0 > 0)  # teacher token 0: no logit row predicts it
+    pairs = valid_pairs(batch, (m, s, q))
+    assert pairs and all(same_text(x, y) for *_, x, y, _, _ in pairs)
+
+
+def test_batch_to_moves_tensors_and_keeps_alignments_on_cpu(toks):
     s, q, _ = toks
     batch = xt.Collator(s, [q])(TEXTS[:1]).to("meta")
     assert batch["input_ids"].device.type == "meta"
-    assert batch["teachers"][0]["alignment"].chunks.device.type == "meta"
+    assert batch["teachers"][0]["input_ids"].device.type == "meta"
+    assert batch["teachers"][0]["alignment"].chunks.device.type == "cpu"  # the losses plan on the CPU copy
 
 
 def test_bad_input_is_rejected(toks):

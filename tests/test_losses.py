@@ -80,12 +80,8 @@ def test_backend_matches_reference(backend, loss_name, dtype):
             assume(c["V_S"] <= 97 and c["V_T"] <= 101)
         out, gf, exp, gr, z, t, kw, w_max = run_case(c, loss_name, backend, dt)
         assert out.shape == exp.shape and out.dtype == torch.float32 and gf.dtype == dt
-        assert torch.equal(torch.isfinite(out), torch.isfinite(exp))
-        if not torch.isfinite(exp).all():  # e.g. all student mass on empty W rows under "renormalize": both inf
-            return
-        # Z = 0 (no student mass reaches A) with P ≡ 0 gives loss 0 and a 0/0 reference gradient: undefined until
-        # the empty-W-row policy (hardening issue) lands; such draws are rejected, not passed.
-        assume(bool(torch.isfinite(gr).all()))
+        # Chunks with no projected student mass (e.g. all of it on empty W rows under "renormalize"): excluded, 0
+        # with no gradient on both sides; with no teacher mass on A as well: loss 0, zero gradient (policy).
         tau = kw["temperature"]
         kap = kappa(z, t, tau)
         key = f"{backend}/{dtype}"
@@ -142,7 +138,6 @@ def _learnable_case(backend, c):
     zf, zr = z.clone().requires_grad_(), z.double().requires_grad_()
     a = xt.pkl_loss(zf, t, alignment, lp_fast, backend=backend, **kw)
     b = ref.pkl_loss(zr, t.double(), alignment, lp_ref, **kw)
-    assume(bool(torch.isfinite(b).all()))
     v = torch.rand(b.shape, generator=g, dtype=torch.float64) + 0.5
     (a * v.float()).sum().backward()
     (b * v).sum().backward()
@@ -152,7 +147,9 @@ def _learnable_case(backend, c):
     check(f"{backend}/fp32/grad (learnable W)", zf.grad, zr.grad,
           grad_bound(zr.grad, z, tau, kap, torch.float32, backend, float(v.max())))
     # θ's gradient: Σ over chunks of p̄_s G[col] terms (each ≤ 2τ² by the bound in helpers.py) through W's softmax
-    gt, gt_ref = lp_fast.theta.grad.double(), lp_ref.theta.grad
+    # (no chunk with teacher and student mass, e.g. every chain scalar −inf: no gradient reaches θ, None = 0)
+    gt, gt_ref = (torch.zeros_like(lp.theta, dtype=torch.float64) if lp.theta.grad is None else lp.theta.grad.double()
+                  for lp in (lp_fast, lp_ref))
     bound = 8 * 2.0 ** -24 * kap * (gt_ref.abs() + 2 * tau * tau * float(v.max()) * 0.25 * b.numel())
     check(f"{backend}/fp32/grad_theta", gt, gt_ref, bound)
 
@@ -270,7 +267,7 @@ def test_input_validation():
     with pytest.raises(ValueError, match="pkl_loss only"):
         xt.hkl_loss(z, t, alignment, LearnableProjection(proj))
     with pytest.raises(ValueError, match="backend='native'"):  # sparse teacher: no native kernel
-        xt.hkl_loss(z, t.log_softmax(-1)[..., :3], alignment, proj, teacher_indices=torch.zeros(1, 2, 3).long(),
+        xt.hkl_loss(z, t.log_softmax(-1)[..., :3], alignment, proj, teacher_indices=torch.arange(3).expand(1, 2, 3),
                     backend="native")
 
 

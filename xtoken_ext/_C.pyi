@@ -52,10 +52,12 @@ def align_ids_batch(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Align B id-sequence pairs over canonical bytes with method "auto" | "dp" | "offsets" ->
     (chunks, correct, offsets [B+1]). prefix: 0 none, 1 a space is prepended to every text, 2 prepended unless the
-    text starts with one (SentencePiece). The ids are copied before they are checked (a concurrent writer cannot
-    make C++ read out of bounds). IndexError on ids out of range (unsigned ids with their value), TypeError on
-    non-integer ids, ValueError on bad shapes/arguments (band, lookahead, gram <= 2**31 - 1), RuntimeError if a
-    thread cannot start."""
+    text starts with one (SentencePiece). The ids are copied (with the GIL held) before they are checked, and the
+    threads read only those copies (a concurrent writer cannot make C++ read out of bounds). Errors name the
+    sequence, ``student ids[b]: id X at position k is out of range ...``: IndexError on ids out of range (unsigned
+    ids with their value), TypeError on non-integer ids, ValueError on bad shapes/arguments (band, lookahead,
+    gram <= 2**31 - 1), RuntimeError if a thread cannot start. Used by ``Aligner.align_ids`` (B = 1) and
+    ``Aligner.align_ids_batch``."""
 
 def align_tokens(
     student_tokens: Sequence[bytes],

@@ -22,13 +22,20 @@ _EXPORTS = {
     "HKLLoss": "losses",
     "GOLDLoss": "losses",
     "ULDLoss": "losses",
+    "pkl_loss_from_hidden": "linear_head",
+    "hkl_loss_from_hidden": "linear_head",
+    "gold_loss_from_hidden": "linear_head",
+    "uld_loss_from_hidden": "linear_head",
     "load_tokenizer": "tokenizers",
     "token_table": "tokenizers",
     "Collator": "data",
     "Batch": "data",
+    "Distiller": "distill",
+    "Teacher": "distill",
+    "DistillTrainer": "trainer",  # imports transformers on first use only
 }
 _SUBMODULES = ("reference", "tokenizers", "projection", "alignment", "losses", "distill", "ops", "testing", "data",
-               "teacher_cache")
+               "teacher_cache", "trainer")
 
 __all__ = [*_EXPORTS, "reference", "__version__"]
 

@@ -11,6 +11,10 @@ Methods (DESIGN.md §2, METHOD.md §4):
 - ``"auto"`` (default): for text, the offset merge (both encodings cover identical text spans); for ids, the merge
   where both canonical byte streams agree and the DP only over the windows where they differ.
 
+Batches: ``align_batch(texts)`` and ``align_ids_batch(student_ids, teacher_ids)`` (pre-tokenized or generated ids,
+the on-policy path) align every pair in C++ threads with the GIL released and return one ``Alignment``; the result
+does not depend on the thread count.
+
 Special tokens: in the id path a special stands for its literal text (``<|im_start|>``), so the streams stay in sync
 where the other tokenizer spells the same markup as text pieces, but a special is never equal to text: a chunk that
 holds one is correct only as a 1:1 pair of specials with the same role (BOS, end of sequence, end of turn -- a
@@ -100,6 +104,15 @@ def _check_text(text, where: str = "text") -> str:
     return text
 
 
+def _check_int_dtype(a: np.ndarray, what: str) -> None:
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{what} must be integers, got dtype {a.dtype}")
+    if a.dtype.kind == "u" and a.max() > np.iinfo(np.int64).max:  # would turn negative as int64
+        k = tuple(int(i) for i in np.unravel_index(int(np.argmax(a > np.iinfo(np.int64).max)), a.shape))
+        row = "".join(f"[{i}]" for i in k[:-1])  # 2-D: the row, as in "student_ids[1]"
+        raise IndexError(f"{what}{row}: id {int(a[k])} at position {k[-1]} is out of range")
+
+
 def _as_ids(x, side: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
@@ -108,12 +121,42 @@ def _as_ids(x, side: str) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if a.ndim != 1:
         raise ValueError(f"{side} ids must be 1-D, got shape {a.shape}")
-    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"{side} ids must be integers, got dtype {a.dtype}")
-    if a.dtype.kind == "u" and a.max() > np.iinfo(np.int64).max:  # would turn negative as int64
-        k = int(np.argmax(a > np.iinfo(np.int64).max))
-        raise IndexError(f"{side} id {int(a[k])} at position {k} is out of range")
+    _check_int_dtype(a, f"{side} ids")
     return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _id_rows(x, lengths, mask, side: str) -> list[np.ndarray]:
+    """One side of ``align_ids_batch`` -> a list of int64 id rows that this call owns (copies: the ids stored in
+    the Alignment are the ones aligned, whatever the caller does to its arrays meanwhile)."""
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{side}_ids must be a list of id sequences or a 2-D [B, T] array, got {type(x).__name__}")
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):  # a list of rows (possibly ragged)
+        if lengths is not None or mask is not None:
+            raise ValueError(f"{side}_lengths / {side}_attention_mask need 2-D {side}_ids [B, T]")
+        return [_as_ids(r, f"{side}[{b}]").copy() for b, r in enumerate(x)]
+    if x.ndim != 2:
+        raise ValueError(f"{side}_ids as an array must be 2-D [B, T], got shape {x.shape}")
+    if x.size:
+        _check_int_dtype(x, f"{side}_ids")
+    a = np.array(x, dtype=np.int64)  # our copy
+    B, T = a.shape
+    if lengths is not None and mask is not None:
+        raise ValueError(f"give {side}_lengths or {side}_attention_mask, not both")
+    if lengths is not None:  # right padding: row b is a[b, :lengths[b]]
+        n = np.asarray(lengths.detach().cpu() if isinstance(lengths, torch.Tensor) else lengths)
+        if n.shape != (B,) or (n.size and not np.issubdtype(n.dtype, np.integer)):
+            raise ValueError(f"{side}_lengths must be {B} integers, got shape {n.shape} dtype {n.dtype}")
+        if ((n < 0) | (n > T)).any():
+            raise ValueError(f"{side}_lengths must lie in [0, {T}], got {n.tolist()}")
+        return [a[b, :int(n[b])] for b in range(B)]
+    if mask is not None:  # any padding (left for generated ids): row b is a[b][mask[b] != 0]
+        m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
+        if m.shape != (B, T):
+            raise ValueError(f"{side}_attention_mask {m.shape} must match {side}_ids {(B, T)}")
+        return [a[b][m[b] != 0] for b in range(B)]
+    return list(a)
 
 
 class Aligner:
@@ -167,6 +210,27 @@ class Aligner:
         return (chunks, correct) if return_correct else chunks
 
     # -- batches -------------------------------------------------------------------------------------------------
+    def align_ids_batch(self, student_ids, teacher_ids, *, student_lengths=None, teacher_lengths=None,
+                        student_attention_mask=None, teacher_attention_mask=None,
+                        threads: int | None = None) -> Alignment:
+        """Align B pre-tokenized pairs in C++ threads (GIL released; ``threads=None``: all cores, the result does
+        not depend on it) -> one ``Alignment``, equal to aligning each pair with ``align_ids`` and batching.
+
+        Each side: a list of id sequences (lists, numpy or torch; ragged, empty allowed) or a 2-D integer array
+        [B, T] with optionally ``*_lengths`` [B] (row b = its first lengths[b] columns) or ``*_attention_mask``
+        [B, T] (row b = its columns where the mask is nonzero: left or right padding, e.g. ``generate`` output).
+        The Alignment holds the rows compacted and right-padded (its ``student_ids``/``teacher_ids`` and attention
+        masks): run the models on those."""
+        if threads is not None:
+            _check_int(threads, "threads", 0, None)
+        s = _id_rows(student_ids, student_lengths, student_attention_mask, "student")
+        t = _id_rows(teacher_ids, teacher_lengths, teacher_attention_mask, "teacher")
+        if len(s) != len(t):
+            raise ValueError(f"student and teacher batch sizes differ ({len(s)} vs {len(t)})")
+        chunks, correct, offsets = _C.align_ids_batch(self._vs, self._vt, s, t, self.method, *self._prefix,
+                                                      threads=threads or 0, **self._params)
+        return Alignment._from_flat(chunks, correct, offsets, s, t, include_mismatched=self.include_mismatched)
+
     def align_batch(self, texts, threads: int | None = None, max_length: int | None = None) -> Alignment:
         """Encode ``texts`` with both tokenizers (truncated to ``max_length`` tokens per side), align every pair in
         C++ threads (``threads=None``: all cores; the result does not depend on it) and build an ``Alignment``."""
@@ -203,26 +267,61 @@ def _pad(rows: list[np.ndarray], width: int, fill: int) -> np.ndarray:
     return out
 
 
-@dataclass
+@dataclass(repr=False)
 class Alignment:
-    """Chunk alignment of B sequence pairs, as CPU torch tensors (``.to(device)`` moves them).
+    """Chunk alignment of B sequence pairs, as CPU torch tensors (``.to(device)`` moves them). ``repr`` gives the
+    batch size, rows per side and chunk counts, never the tensors.
 
-    ``student_chunk_ids[b, p]`` is the chunk id of student token p+1 (the token logit row p predicts), -1 when
-    p+1 is padding, past the end or in a gap; likewise for the teacher. A chunk is valid when it is not a gap, is
-    correct (or ``include_mismatched``) and has >= 1 predictive row on both sides (rows [max(s-1, 0), e-1))."""
+    Chunk k of pair b is a pair of token ranges ``chunks[b, k] = (s_start, s_end, t_start, t_end)`` (end
+    exclusive); the chunks of a pair tile both sides in order, and a gap has one empty side. Logit row p predicts
+    token p+1, so a chunk's tokens [s, e) are predicted by rows [max(s-1, 0), e-1).
 
-    student_chunk_ids: torch.Tensor   # int64 [B, T_S]
-    teacher_chunk_ids: torch.Tensor   # int64 [B, T_T]
-    chunk_valid: torch.Tensor         # bool [B, K_max]
-    chunk_correct: torch.Tensor       # bool [B, K_max]
-    num_chunks: torch.Tensor          # int64 [B]
-    student_lengths: torch.Tensor     # int64 [B]
-    teacher_lengths: torch.Tensor     # int64 [B]
-    chunks: torch.Tensor              # int64 [B, K_max, 4] token ranges, -1 padded
-    student_ids: torch.Tensor | None = None              # int64 [B, T_S] input ids, 0 padded
+    Fields (B pairs, T_S / T_T padded widths, K_max = most chunks of any pair; padding positions hold -1/False/0):
+
+    - ``student_chunk_ids`` int64 [B, T_S]: chunk id of student token p+1 at row p; -1 when p+1 is padding, past
+      the end or in a gap. ``teacher_chunk_ids`` int64 [B, T_T]: the same for the teacher.
+    - ``chunk_valid`` bool [B, K_max]: the chunk enters the losses: not a gap, correct (or ``include_mismatched``),
+      and >= 1 predictive row on both sides; the Collator also clears chunks outside the completion or holding
+      chat markup.
+    - ``chunk_correct`` bool [B, K_max]: both sides non-empty with equal canonical bytes (specials: the same role
+      or literal text, 1:1).
+    - ``num_chunks`` int64 [B]: chunks of each pair (entries k < num_chunks[b] are real).
+    - ``student_lengths`` / ``teacher_lengths`` int64 [B]: tokens of each sequence.
+    - ``chunks`` int64 [B, K_max, 4]: the token ranges above, -1 padded.
+    - ``student_ids`` / ``teacher_ids`` int64 [B, T_S] / [B, T_T] or None: the aligned token ids, right-padded
+      with 0 (the models' inputs for these rows).
+    - ``student_attention_mask`` / ``teacher_attention_mask`` bool [B, T_S] / [B, T_T] or None: True at real
+      tokens.
+    """
+
+    student_chunk_ids: torch.Tensor
+    teacher_chunk_ids: torch.Tensor
+    chunk_valid: torch.Tensor
+    chunk_correct: torch.Tensor
+    num_chunks: torch.Tensor
+    student_lengths: torch.Tensor
+    teacher_lengths: torch.Tensor
+    chunks: torch.Tensor
+    student_ids: torch.Tensor | None = None
     teacher_ids: torch.Tensor | None = None
-    student_attention_mask: torch.Tensor | None = None   # bool [B, T_S]
+    student_attention_mask: torch.Tensor | None = None
     teacher_attention_mask: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        """``Alignment(B=2, T_S=14, T_T=17, chunks=23: valid=18, excluded=3, gaps=2)``: chunks = sum(num_chunks);
+        gaps have an empty side; excluded = non-gap chunks that are not valid (incorrect, no predictive row, or
+        masked out)."""
+        head = f"Alignment(B={self.batch_size}, T_S={self.student_chunk_ids.shape[1]}, " \
+               f"T_T={self.teacher_chunk_ids.shape[1]}"
+        dev = self.chunks.device
+        where = "" if dev.type == "cpu" else f", device={dev}"
+        if dev.type == "meta":  # shapes only: no values to count
+            return f"{head}, K_max={self.chunks.shape[1]}{where})"
+        real = torch.arange(self.chunks.shape[1], device=dev) < self.num_chunks[:, None]
+        c = self.chunks
+        gaps = int((real & ((c[..., 0] == c[..., 1]) | (c[..., 2] == c[..., 3]))).sum())
+        total, valid = int(self.num_chunks.sum()), int(self.chunk_valid.sum())
+        return f"{head}, chunks={total}: valid={valid}, excluded={total - gaps - valid}, gaps={gaps}{where})"
 
     def __post_init__(self):
         """A hand-built Alignment is checked where the losses would trust it: every valid chunk has non-empty,
@@ -248,6 +347,7 @@ class Alignment:
 
     @property
     def batch_size(self) -> int:
+        """B, the number of sequence pairs."""
         return self.num_chunks.shape[0]
 
     def row_spans(self) -> torch.Tensor:

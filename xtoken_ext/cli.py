@@ -12,24 +12,34 @@ _TOKENIZER_FORMS = "HF hub name, local folder, *.gguf file, or offline:NAME"
 
 
 def _bench(args) -> int:
-    from xtoken_ext.bench import SUITES
+    from xtoken_ext.bench import CHECKS, SUITES
 
-    suites = args.suite or list(SUITES)
-    unknown = sorted(set(suites) - set(SUITES))
+    suites = args.suite or list(CHECKS if args.dry else SUITES)
+    unknown = sorted(set(suites) - set(SUITES) - set(CHECKS))
     if unknown:
-        print(f"unknown suite(s) {unknown}; choose from {list(SUITES)}", file=sys.stderr)
+        print(f"unknown suite(s) {unknown}; choose from {list(SUITES + CHECKS)}", file=sys.stderr)
         return 2
-    import torch
+    if args.dry and not set(suites) <= set(CHECKS):
+        print(f"--dry applies to {list(CHECKS)} only", file=sys.stderr)
+        return 2
+    import torch  # does not import triton: --dry can still set TRITON_INTERPRET before the kernels load
 
     print(f"xtoken bench — python {platform.python_version()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, cuda={'yes' if torch.cuda.is_available() else 'no'}"
-          f"{' (quick)' if args.quick else ''}")
+          f"{' (quick)' if args.quick else ''}{' (dry)' if args.dry else ''}")
+    failed = []
     for name in suites:
         print(f"\n=== {name} ===", flush=True)
         t0 = time.perf_counter()
-        importlib.import_module(f"xtoken_ext.bench.{name}").run(quick=args.quick)
+        suite = importlib.import_module(f"xtoken_ext.bench.{name}")
+        if name not in CHECKS:
+            suite.run(quick=args.quick)
+        elif not suite.run(quick=args.quick, dry=args.dry):
+            failed.append(name)
         print(f"[{name}: {time.perf_counter() - t0:.1f} s]", flush=True)
-    return 0
+    if failed:
+        print(f"FAILED: {failed}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _projection(args):
@@ -132,9 +142,12 @@ def _add_pair_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xtoken", description="Cross-tokenizer distillation toolkit (X-Token).")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="run the microbenchmarks (offline, built-in defaults)")
+    bench = sub.add_parser("bench", help="run the microbenchmarks (offline, built-in defaults), or the GPU check "
+                                         "(--suite gpu: exits 1 when a check fails)")
     bench.add_argument("--suite", action="append", help="run only this suite (repeatable)")
     bench.add_argument("--quick", action="store_true", help="smoke-sized inputs")
+    bench.add_argument("--dry", action="store_true", help="the GPU check (--suite gpu, the default with --dry) on "
+                                                          "the CPU under the Triton interpreter at tiny sizes")
     bench.set_defaults(func=_bench)
     build = sub.add_parser("build", help="build the projection W for a student/teacher pair and save it")
     _add_pair_options(build)

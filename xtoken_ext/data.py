@@ -47,14 +47,13 @@ class Batch(dict):
     ``position_ids`` [B, T_S] and ``cu_seqlens`` int32 [B, D+1]); ``teachers``: one dict per teacher with
     ``input_ids``, ``attention_mask``, ``alignment`` (an ``xt.Alignment`` against the student side), the packed
     fields, and ``topk_logprobs``/``topk_indices`` [B, T_T, k] when the teacher is served from a cache.
-    ``.to(device)`` moves every tensor and alignment."""
+    ``.to(device)`` moves every tensor and leaves the alignments on the CPU: the losses move the few index tensors
+    they need and plan on the CPU copy, with no host sync (Accelerate / Trainer call ``.to`` on every batch)."""
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         def move(x):
             if isinstance(x, torch.Tensor):
                 return x.to(device, non_blocking=non_blocking)
-            if isinstance(x, Alignment):
-                return x.to(device)
             if isinstance(x, Mapping):
                 return {k: move(v) for k, v in x.items()}
             if isinstance(x, list):
@@ -492,12 +491,15 @@ class Collator:
         return [d.teachers[teacher].ids for d in self._docs(examples, range(len(examples)))]
 
     def on_policy(self, student_ids, *, attention_mask=None, prompt_length: int = 0,
-                  skip_special_tokens: bool = True) -> Batch:
+                  skip_special_tokens: bool = True, threads: int | None = None) -> Batch:
         """Student-generated ids [B, T] -> the same ``Batch`` as ``__call__``: each row's real tokens
         (``attention_mask``, default ``ids != pad_token_id``; left or right padding) stay the student side, their
-        decoded text is tokenized by every teacher (with its specials) and aligned to them through the C++ id
-        aligner (canonical bytes; specials and undecodable bytes become gaps). Columns ``>= prompt_length`` are the
-        completion: with ``prompt_length > 0`` only they count (CE labels and KD)."""
+        decoded text is tokenized by every teacher (with its specials) and aligned to them with
+        ``Aligner.align_ids_batch`` (canonical bytes; specials and undecodable bytes become gaps), the whole batch
+        per teacher in C++ threads (``threads``: None = all cores, as this runs in the training process, not in a
+        DataLoader worker). Columns ``>= prompt_length`` are the completion: with ``prompt_length > 0`` only they
+        count (CE labels and KD). Generated text is in no teacher cache: the batch carries no ``topk_*`` fields, so
+        run every teacher on its ``input_ids`` (a collator with ``teacher_caches`` still works here)."""
         ids = torch.as_tensor(student_ids)
         if ids.dim() != 2 or ids.is_floating_point():
             raise ValueError(f"student_ids must be integer [B, T], got {tuple(ids.shape)} {ids.dtype}")
@@ -516,16 +518,18 @@ class Collator:
         for j, tok in enumerate(self.teacher_toks):
             aligner = self._aligners.get(j) or self._aligners.setdefault(j, Aligner(self.student_tok, tok))
             t_ids = tok(texts, add_special_tokens=True)["input_ids"]
+            ali = aligner.align_ids_batch(rows, t_ids, threads=threads)
             docs_j = []
-            for s, comp, t in zip(rows, comps, t_ids):
-                chunks, correct = aligner.align_ids(s, t, return_correct=True)
+            for b, (comp, t) in enumerate(zip(comps, t_ids)):
+                k = int(ali.num_chunks[b])
+                chunks = ali.chunks[b, :k].numpy()
                 keep = _span_all(comp, chunks[:, 0], chunks[:, 1])
-                docs_j.append(_TeacherDoc(np.asarray(t, dtype=np.int64), np.asarray(chunks, dtype=np.int64),
-                                          np.asarray(correct, dtype=bool), keep))
+                docs_j.append(_TeacherDoc(np.asarray(t, dtype=np.int64), chunks, ali.chunk_correct[b, :k].numpy(),
+                                          keep))
             teachers.append(docs_j)
         docs = [_truncate(_Doc(s, comp, [t[b] for t in teachers]), self.max_length)
                 for b, (s, comp) in enumerate(zip(rows, comps))]
-        return self._batch(docs)
+        return self._batch(docs, use_caches=False)
 
     # -- internals -------------------------------------------------------------------------------------------------------
     def _key(self) -> str:
@@ -591,8 +595,10 @@ class Collator:
         m = self.pad_to_multiple_of
         return n if m is None else -(-n // m) * m
 
-    def _batch(self, docs: list[_Doc]) -> Batch:
-        for j, cache in enumerate(self.teacher_caches):
+    def _batch(self, docs: list[_Doc], use_caches: bool = True) -> Batch:
+        """``use_caches=False``: serve no cached top-k (generated text is in no cache; its teachers run live)."""
+        caches = self.teacher_caches if use_caches else [None] * len(self.teacher_toks)
+        for j, cache in enumerate(caches):
             if cache is not None:
                 for d in docs:
                     d.teachers[j].topk = cache.get(d.teachers[j].ids)
@@ -634,10 +640,10 @@ class Collator:
                   "alignment": ali}
             if row_lengths is not None:
                 td["position_ids"], td["cu_seqlens"] = _positions([r[1 + j] for r in row_lengths], Wt)
-            if self.teacher_caches[j] is not None:
-                k = self.teacher_caches[j].k
+            if caches[j] is not None:
+                k = caches[j].k
                 # padding rows: a uniform distribution over k distinct columns (finite, so no kernel sees -inf rows)
-                vals = torch.full((B, Wt, k), -float(np.log(k)), dtype=self.teacher_caches[j].dtype)
+                vals = torch.full((B, Wt, k), -float(np.log(k)), dtype=caches[j].dtype)
                 idx = torch.arange(k).expand(B, Wt, k).clone()
                 for b, t in enumerate(ts):
                     vals[b, :len(t.ids)], idx[b, :len(t.ids)] = t.topk[0], t.topk[1]

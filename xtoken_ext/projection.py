@@ -40,6 +40,9 @@ _ENCODE_CHUNK = 16384
 HKL_MIN_COVERAGE = 0.9
 
 
+_MAX_VOCAB = 2 ** 31 - 1  # W's teacher ids are int32
+
+
 class ProjectionFileError(ValueError):
     """A projection file that is corrupted, of another format version, or built for other tokenizers."""
 
@@ -524,8 +527,10 @@ def _validate(path, meta: dict, tensors: dict) -> None:
         raise ProjectionFileError(f"{path}: {msg}")
 
     for key in ("student_vocab_size", "teacher_vocab_size"):
-        if not isinstance(meta.get(key), int) or meta[key] < 0:
+        if not isinstance(meta.get(key), int) or isinstance(meta[key], bool) or meta[key] < 0:
             fail(f"metadata field {key!r} missing or not a non-negative int")
+        if meta[key] > _MAX_VOCAB:  # checked before anything is sized by it
+            fail(f"metadata field {key!r} = {meta[key]} exceeds {_MAX_VOCAB} (ids are stored as int32)")
     masks = ("exact_rows", "alias_rows") if meta["format_version"] >= 2 else ("exact_rows",)
     extra = set(tensors) - {"indices", "weights", *masks}
     if extra or not {"indices", "weights"} <= set(tensors):

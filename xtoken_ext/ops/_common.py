@@ -5,10 +5,18 @@ sparse: top-k values with their column ids t_cols [N_t, k]), chunk spans [K, 4] 
 disjoint student rows, the allowed teacher columns col_mask bool [V_T]. Each op returns the per-chunk loss together
 with the gradient of Σ_k loss_k wrt s_logits, computed in the forward pass (the loss is terminal); autograd's
 backward only rescales that gradient, in place, by the incoming per-chunk gradient.
+
+Non-finite input (every backend): a chunk whose merged rows hold NaN or +inf in any column (a sparse teacher: in
+its top-k values), or a student row without a finite value, or a NaN / +inf chain scalar, has loss NaN and exact-zero
+gradient rows (no W-gradient / chain-gradient part); −inf logits are zero probabilities. P-KL then: no teacher mass
+on A -> loss 0, zero gradient; projected student mass Z = 0 or an infinite KL (P > 0 where Q + eps = 0) -> loss
++inf, zero gradient. The public losses raise on or exclude such chunks (xtoken_ext.losses).
 """
 from __future__ import annotations
 
 import importlib.util
+import math
+import numbers
 import os
 from typing import NamedTuple
 
@@ -46,6 +54,57 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
         raise ValueError(f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
                          f"imported to run on {device.type} tensors")
     return backend
+
+
+TAU_RANGE = (2.0 ** -63, 2.0 ** 64)  # τ, τ² and 1/τ are finite normal fp32 numbers exactly for τ in [lo, hi)
+
+
+def check_temperature(temperature) -> float:
+    """τ as a float, checked as the kernels use it: fp32 τ, τ² and 1/τ finite and normal, i.e. 2⁻⁶³ ≤ τ < 2⁶⁴
+    (TypeError for bool / non-numbers, ValueError for NaN, ±inf, ≤ 0 or out of that range)."""
+    if isinstance(temperature, Tensor) and temperature.numel() == 1 and temperature.dtype != torch.bool:
+        temperature = temperature.item()
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    tau = float(temperature)
+    if not TAU_RANGE[0] <= tau < TAU_RANGE[1]:
+        raise ValueError(f"temperature must be a finite number in [2**-63, 2**64) (τ, τ² and 1/τ are used in "
+                         f"float32), got {temperature}")
+    return tau
+
+
+def check_data(cond: Tensor, msg: str) -> None:
+    """A data-dependent check: ValueError now for CPU tensors, asserted asynchronously on the device (no host
+    sync; it surfaces as a device-side assert with ``msg``)."""
+    if cond.device.type == "cpu":
+        if not bool(cond):
+            raise ValueError(msg)
+    else:
+        torch._assert_async(cond, msg)
+
+
+def check_spans(spans: Tensor, N_s: int, N_t: int) -> None:
+    """spans [K, 4] as every backend needs them: 0 ≤ lo < hi ≤ N on each side and disjoint student rows
+    (``check_data``: raised for CPU spans, asserted on the device)."""
+    if not spans.shape[0]:
+        return
+    s_lo, s_hi, t_lo, t_hi = spans.unbind(1)
+    ok = ((0 <= s_lo) & (s_lo < s_hi) & (s_hi <= N_s) & (0 <= t_lo) & (t_lo < t_hi) & (t_hi <= N_t)).all()
+    order = torch.argsort(s_lo)
+    ok &= (s_hi[order[:-1]] <= s_lo[order[1:]]).all()
+    check_data(ok, f"spans must have 0 <= lo < hi <= N (N_s = {N_s}, N_t = {N_t}) and disjoint student rows")
+
+
+def nonfinite_rows(x: Tensor, student: bool) -> Tensor:
+    """bool [N]: rows of x [N, C] with a NaN or +inf entry; for ``student`` rows also rows without a finite value
+    (all −inf). One max reduction per row, no copy: max is NaN (propagated), +inf or −inf exactly then."""
+    m = x.amax(1) if x.shape[1] else x.new_full((x.shape[0],), -math.inf)
+    return ~torch.isfinite(m) if student else ~(m < math.inf)
+
+
+def chunk_any(flags: Tensor, seg: Tensor, K: int) -> Tensor:
+    """bool [K]: chunk k has a flagged row (flags [n] of the rows whose chunk is seg [n])."""
+    return torch.zeros(K, dtype=torch.int32, device=flags.device).index_add_(0, seg, flags.to(torch.int32)) > 0
 
 
 def expand(lo: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:

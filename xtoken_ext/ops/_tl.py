@@ -67,23 +67,6 @@ def lse_step(m, l, x):
 
 
 @triton.jit
-def student_lse(row_ptr, w_ptr, V, inv_tau, WEIGHTED: tl.constexpr, BLOCK: tl.constexpr):
-    """-> (lse = LSE_v row[v]/τ, Σ_v softmax(row/τ)[v] w[v] if WEIGHTED else 0), online over V in BLOCK tiles."""
-    m = tl.full((), NEG, tl.float32)
-    l = tl.zeros((), tl.float32)
-    lw = tl.zeros((), tl.float32)
-    offs = tl.arange(0, BLOCK)
-    for v0 in range(0, V, BLOCK):
-        o = v0 + offs
-        om = o < V
-        x = tl.load(row_ptr + o, mask=om, other=float("-inf")).to(tl.float32) * inv_tau
-        m, l, e, alpha = lse_step(m, l, x)
-        if WEIGHTED:
-            lw = lw * alpha + tl.sum(e * tl.load(w_ptr + o, mask=om, other=0.0))
-    return m + tl.log(l), lw / l
-
-
-@triton.jit
 def softmax_tile(row_ptr, cols, mask, inv_tau, lse):
     """softmax(row/τ)[cols] from the row's lse (0 on masked lanes)."""
     return tl.exp(tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau - lse)
@@ -111,18 +94,6 @@ def col_tile(tc_row, mask_ptr, c0, C, SPARSE: tl.constexpr, BLOCK: tl.constexpr)
         v = o
         inside = o < C
     return o, v, inside, inside & (tl.load(mask_ptr + v, mask=inside, other=0) != 0)
-
-
-@triton.jit
-def teacher_lse(t_row, tc_row, mask_ptr, C, inv_tau, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
-    """LSE of t_row/τ over its allowed columns (dense: A; sparse: the row's columns ∩ A)."""
-    m = tl.full((), NEG, tl.float32)
-    l = tl.zeros((), tl.float32)
-    for c0 in range(0, C, BLOCK):
-        o, v, inside, ok = col_tile(tc_row, mask_ptr, c0, C, SPARSE, BLOCK)
-        x = tl.load(t_row + o, mask=ok, other=0.0).to(tl.float32) * inv_tau
-        m, l, e, alpha = lse_step(m, l, tl.where(ok, x, float("-inf")))
-    return m + tl.log(l)
 
 
 @triton.jit
@@ -168,18 +139,6 @@ def teacher_merged(t_ptr, stride_t, lse_t_ptr, tacc_row, tcnt_row, t_lo, t_hi, o
         tv = logp_sum(t_ptr, stride_t, lse_t_ptr, t_lo, t_hi, v, ok, inv_tau, BLOCK)
     tv = tv / n_t.to(tl.float32) + c_t
     return tv, tl.where(ok, tl.exp(tv), 0.0), ok
-
-
-@triton.jit
-def ell_gather(widx_ptr, wval_ptr, h_ptr, o, om, SLOTS: tl.constexpr, BLOCK: tl.constexpr):
-    """H_s = Σ_k W_sk h[col_sk] for the student ids o (ELL rows of SLOTS slots, −1 = empty)."""
-    hs = tl.zeros((BLOCK,), tl.float32)
-    for sl in tl.static_range(SLOTS):
-        ci = tl.load(widx_ptr + o * SLOTS + sl, mask=om, other=-1)
-        cm = ci >= 0
-        wv = tl.load(wval_ptr + o * SLOTS + sl, mask=cm, other=0.0)
-        hs += wv * tl.load(h_ptr + tl.where(cm, ci, 0), mask=cm, other=0.0)
-    return hs
 
 
 @triton.jit

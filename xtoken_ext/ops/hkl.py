@@ -11,14 +11,17 @@ Math for one chunk (student rows R_S, n_s; teacher rows R_T; temperature τ; all
   gS = ∂L/∂S: −τ² P[t_c] at s_c;  τ² sign(a_i − b_i) a_i at a_i's column
   dz_r = (gS − p_r Σ_v gS[v]) / (τ n_s)   (first/chain: the first row only, n_s = 1)
   ∂L/∂(s-chain scalar of chunk k) = Σ_v gS[v], returned at each of the chunk's later rows (merge="chain")
+A chunk with bad input (ops._common) has loss NaN, zero gradient rows and Σ gS = 0.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
-from ._common import chain_sums, expand, math_dtype, resolve_backend, row_scale, saved, scale_grad, softmax_rows, \
-    teacher_block, top, torch_setup, write_grad
+from ._common import chain_sums, check_spans, check_temperature, chunk_any, expand, math_dtype, nonfinite_rows, \
+    resolve_backend, row_scale, saved, scale_grad, softmax_rows, teacher_block, top, torch_setup, write_grad
 
 __all__ = ["hkl_rows", "native_applies"]
 
@@ -35,18 +38,20 @@ def _allowed_pairs(common_s: Tensor, common_t: Tensor, col_mask: Tensor) -> tupl
 
 def _native(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_chain, t_chain, common_s, common_t,
             uncommon_topk):
-    """``_C.hkl_rows`` (fp32 inputs as zero-copy numpy views) on ``torch.get_num_threads()`` threads."""
+    """``_C.hkl_rows`` on ``torch.get_num_threads()`` threads; logits and gradient as zero-copy numpy views (fp32,
+    or bf16 / fp16 as their 16-bit words, converted per row inside the kernel)."""
     from .. import _C
+    from .pkl import _DTYPE_NAMES, _words
 
     K = spans.shape[0]
     cs, ct = _allowed_pairs(common_s, common_t, col_mask)
     chains = [c.detach().float().contiguous().numpy() if merge == "chain" else None for c in (s_chain, t_chain)]
     loss, gsum = torch.empty(K, dtype=torch.float32), torch.empty(K, dtype=torch.float32)
     grad = torch.empty_like(s_logits)
-    _C.hkl_rows(s_logits.numpy(), t_vals.numpy(), col_mask.contiguous().numpy(), spans.numpy(), float(temperature),
+    _C.hkl_rows(_words(s_logits), _words(t_vals), col_mask.contiguous().numpy(), spans.numpy(), float(temperature),
                 merge, *chains, cs.long().contiguous().numpy(), ct.long().contiguous().numpy(),
-                -1 if uncommon_topk is None else int(uncommon_topk), loss.numpy(), grad.numpy(), gsum.numpy(),
-                torch.get_num_threads())
+                -1 if uncommon_topk is None else int(uncommon_topk), loss.numpy(), _words(grad), gsum.numpy(),
+                torch.get_num_threads(), _DTYPE_NAMES[s_logits.dtype], _DTYPE_NAMES[t_vals.dtype])
     return loss, grad, gsum
 
 
@@ -72,9 +77,14 @@ def _torch(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_chai
     gsum = torch.zeros(K, dtype=md, device=dev)
     tt = tau * tau
     zero = torch.zeros((), dtype=md, device=dev)
+    bad_s, bad_t = nonfinite_rows(s_logits, True), nonfinite_rows(t_vals, False)
     for k0, k1 in blocks:
         Kb = k1 - k0
         rows, seg = expand(spans[k0:k1, 0], n_s[k0:k1])
+        t_rows, t_seg = expand(spans[k0:k1, 2], n_t[k0:k1])
+        bad = chunk_any(bad_s[rows], seg, Kb) | chunk_any(bad_t[t_rows], t_seg, Kb)
+        for c in (s_chain_sum, t_chain_sum) if chain else ():
+            bad |= ~(c[k0:k1] < math.inf)
         ell = softmax_rows(s_logits, rows, tau, md, log=True)
         p = torch.exp(ell)
         if chain:
@@ -83,7 +93,6 @@ def _torch(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_chai
             S = ell
         else:
             S = torch.zeros(Kb, V_S, dtype=md, device=dev).index_add_(0, seg, ell).div_(n_s[k0:k1].unsqueeze(1))
-        t_rows, t_seg = expand(spans[k0:k1, 2], n_t[k0:k1])
         T = teacher_block(t_vals, t_cols, t_rows, t_seg, n_t[k0:k1], Kb, cols, tau, md,
                           None if t_chain_sum is None else t_chain_sum[k0:k1])
         P = torch.exp(T)
@@ -98,7 +107,10 @@ def _torch(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_chai
             diff = a - b
             l1 = diff.abs().sum(1)
             gS.scatter_add_(1, us_idx[a_pos], tt * torch.sign(diff) * a)
-        loss[k0:k1] = tt * (kl + l1)
+        loss[k0:k1] = torch.where(bad, math.nan, tt * (kl + l1))
+        if bool(bad.any()):  # no gradient: exact zeros, whatever gS and p hold for these chunks
+            gS.masked_fill_(bad.unsqueeze(1), 0.0)
+            p = p.masked_fill(bad[seg].unsqueeze(1), 0.0)
         gsum[k0:k1] = gS.sum(1)
         write_grad(grad, rows, seg, n_s[k0:k1], p, gS, tau, merge, wrt_log_p=True)
     return loss, grad, gsum
@@ -120,9 +132,12 @@ def hkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, col_mask: 
     """-> (loss [K] (fp64 for fp64 logits, else fp32), grad = d Σ_k loss_k / d s_logits in the logits' dtype,
     grad_chain [N_s] = d Σ_k loss_k / d s_chain in the loss dtype: nonzero only at a chunk's rows after its first,
     merge="chain"). ``backend``: "auto" | "triton" | "native" | "torch". Sparse teacher columns must be unique per
-    row; spans must have disjoint student rows."""
+    row; spans must have disjoint student rows. Bad input: module docstring."""
+    check_temperature(temperature)
     backend = resolve_backend(backend, s_logits.device, s_logits.dtype, native_applies(s_logits, t_vals, t_cols))
     spans = spans.long().contiguous()
+    if backend != "native":  # the C++ kernel checks its spans itself
+        check_spans(spans, s_logits.shape[0], t_vals.shape[0])
     loss, grad, gsum = _BACKENDS[backend](
         s_logits.contiguous(), t_vals.detach().contiguous(), None if t_cols is None else t_cols.long().contiguous(),
         col_mask, spans, temperature, merge, s_chain, t_chain, common_s.long(), common_t.long(), uncommon_topk)

@@ -11,21 +11,25 @@ Math for one chunk (student rows R_S, n_s = |R_S|; teacher rows R_T; temperature
   g_s = Σ_slot W_s,slot G[col]  (ELL gather);  dz_r = p_r ⊙ (g − ⟨p_r, g⟩)/(τ n_s);  ∂L/∂W_s,slot = p̄[s] G[col]
 Merge "first" uses the first row of each side; "chain" adds Σ_{r>first} t_chain[r] to T (the student's chain scalar
 multiplies Qu and cancels in its renormalization, so it has no gradient). Terms with P = 0 count as 0.
+Per chunk, in this order (ops._common): bad input -> loss NaN; Σ_A P = 0 -> loss 0; Z = 0 or P > 0 where
+Q + eps = 0 -> loss +inf; each with exact-zero gradient rows and no W-gradient part.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 from torch import Tensor
 
-from ._common import SLOTS, expand, math_dtype, plan, resolve_backend, row_scale, saved, scale_grad, \
-    softmax_rows, teacher_block, torch_setup, write_grad
+from ._common import SLOTS, check_spans, check_temperature, chunk_any, expand, math_dtype, nonfinite_rows, \
+    resolve_backend, row_scale, saved, scale_grad, softmax_rows, teacher_block, torch_setup, write_grad
 
 __all__ = ["pkl_rows", "native_applies"]
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_NATIVE_BLOCK_BYTES = 64 << 20  # fp32 copies of low-precision rows (student, its gradient, teacher) per native call
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+MAX_STUDENT_VOCAB = 2 ** 29  # native and Triton kernels: W slot indices 4·V_S are int32
 
 
 def native_applies(s_logits: Tensor, t_cols: Tensor | None) -> bool:
@@ -35,45 +39,30 @@ def native_applies(s_logits: Tensor, t_cols: Tensor | None) -> bool:
 
 def _native(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain,
             chunk_scale, need_grad_w):
-    """``_C.pkl_rows`` on ``torch.get_num_threads()`` threads. fp32 logits go in as zero-copy numpy views (the
-    kernel writes every gradient row); otherwise blocks of consecutive chunks are converted to fp32
-    (≤ _NATIVE_BLOCK_BYTES) and their fp32 gradient cast back."""
+    """``_C.pkl_rows`` on ``torch.get_num_threads()`` threads. The logits and the gradient go in as zero-copy
+    numpy views (bf16 / fp16 as their 16-bit words; the kernel converts each row where it reads it and writes the
+    gradient once, in the student's dtype); a teacher of another dtype is converted to fp32 first."""
     from .. import _C
 
     V_S, K = s_logits.shape[1], spans.shape[0]
-    t_chain = t_chain.detach().float().contiguous() if merge == "chain" else None
-    consts = (w_idx.to(torch.int32).contiguous().numpy(), w_val.detach().float().contiguous().numpy(),
-              col_mask.contiguous().numpy())
-    scale = chunk_scale.detach().float().contiguous() if chunk_scale is not None else None
+    if t_vals.dtype not in _NATIVE_DTYPES:
+        t_vals = t_vals.float()
+    t_chain = t_chain.detach().float().contiguous().numpy() if merge == "chain" else None
+    scale = chunk_scale.detach().float().contiguous().numpy() if chunk_scale is not None else None
     loss = torch.empty(K, dtype=torch.float32)
+    grad = torch.empty_like(s_logits)  # the kernel writes every row
     grad_w = torch.zeros(V_S, SLOTS, dtype=torch.float32) if need_grad_w else None
-
-    def call(z, t, sp, chain, cs, out_loss, out_grad, out_gw):
-        _C.pkl_rows(z.numpy(), t.numpy(), *consts, sp.numpy(), float(temperature), merge, float(eps),
-                    None if chain is None else chain.numpy(), None if cs is None else cs.numpy(), out_loss.numpy(),
-                    out_grad.numpy(), None if out_gw is None else out_gw.numpy(), torch.get_num_threads())
-
-    if s_logits.dtype == torch.float32 and t_vals.dtype == torch.float32:
-        grad = torch.empty_like(s_logits)
-        call(s_logits, t_vals, spans, t_chain, scale, loss, grad, grad_w)
-        return loss, grad, grad_w
-    grad = torch.zeros_like(s_logits)
-    n_s, n_t = spans[:, 1] - spans[:, 0], spans[:, 3] - spans[:, 2]
-    _, _, blocks = plan(spans, "mean", V_S, 0, max(1, _NATIVE_BLOCK_BYTES // (4 * (2 * V_S + t_vals.shape[1]))))
-    for k0, k1 in blocks:
-        s_rows, _ = expand(spans[k0:k1, 0], n_s[k0:k1])
-        t_rows, _ = expand(spans[k0:k1, 2], n_t[k0:k1])
-        s_end, t_end = torch.cumsum(n_s[k0:k1], 0), torch.cumsum(n_t[k0:k1], 0)
-        local = torch.stack([s_end - n_s[k0:k1], s_end, t_end - n_t[k0:k1], t_end], 1)
-        z = s_logits.index_select(0, s_rows).float()
-        g = torch.empty_like(z)
-        gw = torch.zeros(V_S, SLOTS, dtype=torch.float32) if need_grad_w else None
-        call(z, t_vals.index_select(0, t_rows).float(), local, None if t_chain is None else t_chain[t_rows],
-             None if scale is None else scale[k0:k1], loss[k0:k1], g, gw)
-        grad.index_copy_(0, s_rows, g.to(grad.dtype))
-        if need_grad_w:
-            grad_w += gw
+    _C.pkl_rows(_words(s_logits), _words(t_vals), w_idx.to(torch.int32).contiguous().numpy(),
+                w_val.detach().float().contiguous().numpy(), col_mask.contiguous().numpy(), spans.numpy(),
+                float(temperature), merge, float(eps), t_chain, scale, loss.numpy(), _words(grad),
+                None if grad_w is None else grad_w.numpy(), torch.get_num_threads(), _DTYPE_NAMES[s_logits.dtype],
+                _DTYPE_NAMES[t_vals.dtype])
     return loss, grad, grad_w
+
+
+def _words(x: Tensor):
+    """A numpy view of logits for the native kernels: fp32 as is, bf16 / fp16 as their 16-bit words."""
+    return (x if x.dtype == torch.float32 else x.view(torch.int16)).detach().numpy()
 
 
 def _csr_pair(s_j: Tensor, t_j: Tensor, w_j: Tensor, V_S: int, V_A: int) -> tuple[Tensor, Tensor]:
@@ -107,28 +96,40 @@ def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature,
     grad = torch.zeros_like(s_logits)
     grad_wj = torch.zeros_like(w_j) if need_grad_w else None
     tt = tau * tau
+    bad_s, bad_t = nonfinite_rows(s_logits, True), nonfinite_rows(t_vals, False)
     for k0, k1 in blocks:
         Kb = k1 - k0
         rows, seg = expand(spans[k0:k1, 0], n_s[k0:k1])
+        t_rows, t_seg = expand(spans[k0:k1, 2], n_t[k0:k1])
+        bad = chunk_any(bad_s[rows], seg, Kb) | chunk_any(bad_t[t_rows], t_seg, Kb)
+        if t_chain_sum is not None:
+            bad |= ~(t_chain_sum[k0:k1] < math.inf)
         p = softmax_rows(s_logits, rows, tau, md, log=False)
         pbar = p if rows.numel() == Kb else torch.zeros(Kb, V_S, dtype=md, device=dev).index_add_(
             0, seg, p).div_(n_s[k0:k1].unsqueeze(1))
         Q = (Wt @ pbar.t()).t().contiguous()  # [Kb, |A|] = (Wᵀ p̄ᵀ)ᵀ restricted to A
         sigma = Q.sum(1, keepdim=True)
         Q.div_(sigma)
-        t_rows, t_seg = expand(spans[k0:k1, 2], n_t[k0:k1])
         T = teacher_block(t_vals, t_cols, t_rows, t_seg, n_t[k0:k1], Kb, cols, tau, md,
                           None if t_chain_sum is None else t_chain_sum[k0:k1])
         P = torch.exp(T)
         zero_p = P <= 0  # terms with P = 0 count as 0 (also where T = −inf or Q = 0)
         Qe = Q + eps if eps else Q
+        no_mass = P.sum(1) == 0
+        degenerate = (sigma.squeeze(1) == 0) | (~zero_p & (Qe == 0)).any(1)
         buf = torch.log(Qe)
-        loss[k0:k1] = T.sub_(buf).mul_(P).masked_fill_(zero_p, 0.0).sum(1).mul_(tt)
+        lb = T.sub_(buf).mul_(P).masked_fill_(zero_p, 0.0).sum(1).mul_(tt)
+        loss[k0:k1] = torch.where(bad, math.nan, torch.where(no_mass, 0.0, torch.where(degenerate, math.inf, lb)))
         r = torch.div(P, Qe, out=buf).masked_fill_(zero_p, 0.0)  # h = P / (Q + eps)
         M = P.sum(1, keepdim=True) if not eps else (r * Q).sum(1, keepdim=True)
         G = r.neg_().add_(M).mul_(tt / sigma)  # ∂L/∂Qu
         if chunk_scale is not None:
             G.mul_(chunk_scale[k0:k1].to(md).unsqueeze(1))
+        drop = bad | no_mass | degenerate  # no gradient: exact zeros, whatever G and p hold for these chunks
+        if bool(drop.any()):
+            G.masked_fill_(drop.unsqueeze(1), 0.0)
+            pbar = pbar.masked_fill(drop.unsqueeze(1), 0.0)
+            p = p.masked_fill(drop[seg].unsqueeze(1), 0.0)
         g = (W @ G.t()).t()  # [Kb, V_S] ELL gather as a sparse-dense product
         if grad_wj is not None:
             grad_wj += (pbar.index_select(1, s_j) * G.index_select(1, t_j)).sum(0)
@@ -156,8 +157,14 @@ def pkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, w_idx: Ten
     """-> (loss [K] (fp64 for fp64 logits, else fp32), grad = d Σ_k c_k loss_k / d s_logits in the logits' dtype,
     grad_w = d Σ_k c_k loss_k / d w_val [V_S, 4] fp32 if ``need_grad_w`` else [0]), c = ``chunk_scale`` [K]
     (default 1). ``backend``: "auto" | "triton" | "native" | "torch". Sparse teacher columns must be unique per row;
-    spans must have disjoint student rows."""
+    spans must have disjoint student rows. Non-finite / degenerate chunks: module docstring."""
+    check_temperature(temperature)
     backend = resolve_backend(backend, s_logits.device, s_logits.dtype, native_applies(s_logits, t_cols))
+    if backend != "torch" and s_logits.shape[1] >= MAX_STUDENT_VOCAB:
+        raise ValueError(f"pkl_rows: backend {backend!r} needs a student vocabulary < 2**29 (its W slot indices "
+                         f"4·V_S are int32), got V_S = {s_logits.shape[1]}; use backend='torch'")
+    if backend != "native":  # the C++ kernel checks its spans itself
+        check_spans(spans, s_logits.shape[0], t_vals.shape[0])
     loss, grad, grad_w = _BACKENDS[backend](
         s_logits.contiguous(), t_vals.detach().contiguous(), None if t_cols is None else t_cols.long().contiguous(),
         w_idx, w_val, col_mask, spans.long().contiguous(), temperature, merge, eps, t_chain, chunk_scale,

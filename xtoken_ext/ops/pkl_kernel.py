@@ -1,13 +1,27 @@
-"""Fused P-KL Triton kernel: per-chunk loss and its gradient wrt the student logits (and, optionally, the W
-weights) in one launch. Imported lazily by ``ops.pkl`` (its ``triton`` backend); math in ``ops.pkl``'s docstring.
+"""Fused P-KL Triton kernels: per-chunk loss and its gradient wrt the student logits in one launch (and, for a
+learnable W, its gradient in a second kernel). Imported lazily by ``ops.pkl`` (its ``triton`` backend); math and
+notation in ``ops.pkl``'s docstring. Bad-input and degenerate chunks follow the op contract (``ops._common``).
 
-One program per chunk, persistent over chunks; all math fp32, int64 row offsets:
-  A: per student row, online LSE over V_S tiles and Z_r;  B: per teacher row, LSE over A (dense) or its columns ∩ A
-  (sparse);  C: over teacher-column tiles (all of V_T, or the first teacher row's k columns): Qu via the CSC
-  column lists, T, loss, M, and h into a per-program fp32 scratch row of |V_T| (sparse: rows after the first are
-  scattered into two more scratch rows first, to intersect their column sets);  D: per student tile, the ELL
-  gather H_s and the gradient (and the W gradient). Rows outside every chunk get a zero gradient.
-Sparse teacher columns must be unique per row.
+Structure derived once per W and device (cached): the ≤ 4 ELL slots of every student row (int32 ids and fp32
+weights with the slots outside A zeroed, ``w_eff``, read as one [BLOCK, 4] tile), and the same nonzeros sorted by
+teacher column as flat (student, column, weight) int32/int32/fp32 entry lists. Persistent programs, one chunk at a
+time, fp32 math, int64 row offsets, every per-row pass a fixed-length loop over tiles:
+  A  student rows: online LSE, Z_r = Σ_s p_r[s] a_s (a = row sums of w_eff), bad-input count   [reads z]
+  B  (sparse teacher, or several teacher rows) per-row teacher LSE over A, bad-input count       [reads t]
+  C1 Qu = Wᵀp̄ over the entry list in tiles of BLOCK_E: gather p̄ at the entries' students, a segmented scan per
+     column (no differences of a running sum), the column sums stored into a per-program scratch row; a column
+     cut by a tile boundary is completed by read-add-write in the next tile. Trip count ⌈nnz / BLOCK_E⌉, however
+     long the longest column is.
+  C2 teacher tiles, read once: the merged teacher x̄ (vectorized loads under the bounds mask, A applied with
+     tl.where) folded into an online pass with rescaling: running max m, l = Σe, e = exp(x̄ − m),
+     S1 = Σ e (x̄ − m − log(q + eps)), Mu = Σ e q/(q + eps), h_u = e/(q + eps) stored with the tile's max.
+     With c the teacher's log-normalizer (−LSE for one dense row, computed at the end; −mean_r LSE_r after B):
+     F = exp(m + c), L = τ² F (S1 + (m + c) l), M = F Mu, h = h_u · exp(m_tile − m) F.
+  C3 h rescaled in the scratch row (tile maxima -> the final m).
+  D  gradient rows, in the logits' dtype: g_s = Σ_slot w_eff (M − h[col]) (one ELL gather of the scratch row),
+     dz_r = τ/(n_s Z) p_r (g − d_r), d_r = ⟨p_r, g⟩; for one student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h).
+Bytes per single-row chunk from HBM: z twice (A, D), t once (C2), dz once; the entry lists, ELL, a, mask and the
+scratch row are shared or per-program and L2-resident (``xtoken_ext.bench.costmodel`` prints the model).
 """
 from __future__ import annotations
 
@@ -20,220 +34,393 @@ import triton.language as tl
 from . import _tl
 from ._common import SLOTS, covered_rows
 
+NEG = _tl.NEG
+_GRAD_W_BYTES = 256 << 20  # per-block h rows kept for the W gradient kernel
+
+
+@triton.jit
+def _seg_add(v1, f1, v2, f2):
+    """Segmented-sum combine: a lane flagged as a segment start restarts the sum."""
+    return tl.where(f2 != 0, v2, v1 + v2), f1 | f2
+
+
+@triton.jit
+def _row_stats(row_ptr, a_ptr, V, inv_tau, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """One student row -> (lse = LSE_v row[v]/τ, Σ_v softmax(row/τ)[v] a[v], bad = #NaN/+inf, +1 if no finite
+    value), online over V in BLOCK tiles."""
+    m = tl.full((), NEG, tl.float32)
+    l = tl.zeros((), tl.float32)
+    lw = tl.zeros((), tl.float32)
+    bad = tl.zeros((), tl.int32)
+    offs = tl.arange(0, BLOCK)
+    for v0 in tl.range(0, V, BLOCK, num_stages=STAGES):
+        o = v0 + offs
+        om = o < V
+        x = tl.load(row_ptr + o, mask=om, other=float("-inf")).to(tl.float32)
+        bad += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32))
+        m, l, e, alpha = _tl.lse_step(m, l, x * inv_tau)
+        lw = lw * alpha + tl.sum(e * tl.load(a_ptr + o, mask=om, other=0.0))
+    return m + tl.log(l), lw / l, bad + (l == 0).to(tl.int32)
+
+
+@triton.jit
+def _column_sums(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, e_hi, NNZ, qu_row, s_lo, s_hi,
+                 inv_tau, BLOCK_E: tl.constexpr):
+    """C1 on the column-sorted entries [e_lo, e_hi) (whole columns): qu_row[col] = Σ_{entries of col} w Σ_r p_r[s],
+    by a segmented scan per BLOCK_E tile; a column cut by a tile boundary is completed by read-add-write."""
+    offs = tl.arange(0, BLOCK_E)
+    for e0 in range(e_lo, e_hi, BLOCK_E):
+        e = e0 + offs
+        em = e < e_hi
+        s = tl.load(erow_ptr + e, mask=em, other=0)
+        col = tl.load(ecol_ptr + e, mask=em, other=-1)
+        prev = tl.load(ecol_ptr + e - 1, mask=em & (e > 0), other=-2)
+        nxt = tl.load(ecol_ptr + e + 1, mask=e + 1 < e_hi, other=-3)
+        pr = tl.zeros((BLOCK_E,), tl.float32)
+        for r in range(s_lo, s_hi):
+            pr += _tl.softmax_tile(z_ptr + r * stride_z, s, em, inv_tau, tl.load(lse_s_ptr + r))
+        val = tl.load(eval_ptr + e, mask=em, other=0.0) * pr
+        seg, _ = tl.associative_scan((val, ((col != prev) | (offs == 0)).to(tl.int32)), 0, _seg_add)
+        last = em & ((col != nxt) | (offs == BLOCK_E - 1))
+        # the tile's first column continues the previous tile's when the entry before e0 has it too
+        col0 = tl.load(ecol_ptr + e0)
+        cont = (col == col0) & (tl.load(ecol_ptr + e0 - 1, mask=e0 > e_lo, other=-2) == col0)
+        seg += tl.load(qu_row + col, mask=last & cont, other=0.0)
+        tl.store(qu_row + col, seg, mask=last)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _teacher_row_lse(t_row, tc_row, mask_ptr, C, inv_tau, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
+    """One teacher row -> (LSE of t/τ over its allowed columns (−inf if none), bad = #NaN/+inf over all its
+    columns)."""
+    m = tl.full((), NEG, tl.float32)
+    l = tl.zeros((), tl.float32)
+    bad = tl.zeros((), tl.int32)
+    for c0 in range(0, C, BLOCK):
+        o, v, inside, ok = _tl.col_tile(tc_row, mask_ptr, c0, C, SPARSE, BLOCK)
+        x = tl.load(t_row + o, mask=o < C, other=0.0).to(tl.float32)
+        bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
+        m, l, e, alpha = _tl.lse_step(m, l, tl.where(ok, x * inv_tau, float("-inf")))
+    return m + tl.log(l), bad
+
 
 @triton.jit
 def _pkl_kernel(
     z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc,
-    a_ptr, widx_ptr, wval_ptr, colptr_ptr, rowidx_ptr, cscval_ptr, mask_ptr,
-    spans_ptr, tchain_ptr, scale_ptr, covered_ptr,
-    loss_ptr, dz_ptr, stride_dz, gw_ptr, gw_prog_stride,
-    lse_s_ptr, zr_ptr, dr_ptr, lse_t_ptr, h_ptr, tacc_ptr, tcnt_ptr,
-    K, N_s, V_S, V_T, C, inv_tau, tau, eps,
-    MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr,
-    GRAD_W: tl.constexpr, ATOMIC_W: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_T: tl.constexpr, SLOTS: tl.constexpr,
+    a_ptr, widx_ptr, weff_ptr, erow_ptr, ecol_ptr, eval_ptr, colptr_ptr, NNZ, mask_ptr,
+    spans_ptr, tchain_ptr, scale_ptr,
+    loss_ptr, dz_ptr, stride_dz,
+    lse_s_ptr, dr_ptr, lse_t_ptr, qu_ptr, h_ptr, tm_ptr, n_tiles_max, tacc_ptr, tcnt_ptr, stat_ptr,
+    k0, k1, V_S, V_T, C, inv_tau, tau, eps,
+    MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr, GRAD_W: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    SLOTS: tl.constexpr, STAGES: tl.constexpr,
 ):
+    FOLD: tl.constexpr = not (SPARSE or GRAD_W)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    slot = pid.to(tl.int64) * V_T
-    h_row = h_ptr + slot
-    tacc_row = tacc_ptr + slot
-    tcnt_row = tcnt_ptr + slot
-    gw_row = gw_ptr + pid.to(tl.int64) * gw_prog_stride
+    row = pid.to(tl.int64) * V_T
+    qu_row = qu_ptr + row
+    tm_row = tm_ptr + pid.to(tl.int64) * n_tiles_max
+    tacc_row = tacc_ptr + row
+    tcnt_row = tcnt_ptr + row
     offs_s = tl.arange(0, BLOCK_S)
     offs_t = tl.arange(0, BLOCK_T)
-    for k in range(pid, K, nprog):
+    slot = tl.arange(0, SLOTS)
+    for k in range(k0 + pid, k1, nprog):
+        # GRAD_W: h rows of the block's chunks stay for the W-gradient kernel; else a per-program scratch row
+        # (dense: shared with Qu, each lane overwrites its own columns after reading them).
+        h_row = h_ptr + ((k - k0).to(tl.int64) * V_T if GRAD_W else row)
         c_t = _tl.chain_offset(tchain_ptr, spans_ptr + 4 * k + 2, CHAIN, BLOCK_T)
         s_lo, s_hi, t_lo, t_hi = _tl.chunk_rows(spans_ptr, k, MEAN)
         n_s = (s_hi - s_lo).to(tl.float32)
+        n_t = t_hi - t_lo
+        bad = ((c_t != c_t) | (c_t == float("inf"))).to(tl.int32)  # a NaN / +inf chain scalar is bad input
+        if SPARSE:
+            two_pass = n_t > 0
+        else:
+            two_pass = n_t > 1
 
-        # A: student rows, lse_r = LSE(z_r/τ) and Z_r = Σ p_r a (online over V_S tiles).
+        # A: student rows.
         z_sum = tl.zeros((), tl.float32)
         for r in range(s_lo, s_hi):
-            lse_r, z_r = _tl.student_lse(z_ptr + r * stride_z, a_ptr, V_S, inv_tau, True, BLOCK_S)
+            lse_r, z_r, bad_r = _row_stats(z_ptr + r * stride_z, a_ptr, V_S, inv_tau, BLOCK_S, STAGES)
             tl.store(lse_s_ptr + r, lse_r)
-            tl.store(zr_ptr + r, z_r)
             z_sum += z_r
+            bad += bad_r
         Z = z_sum / n_s
+        inv_qz = 1.0 / (n_s * tl.where(Z > 0, Z, 1.0))  # q = Σ_r (Wᵀp_r) / (n_s Z)
 
-        # B: teacher rows, LSE over the allowed columns of t_r/τ.
-        for r in range(t_lo, t_hi):
-            lse_r = _tl.teacher_lse(t_ptr + r * stride_t, tc_ptr + r * stride_tc, mask_ptr, C, inv_tau, SPARSE,
-                                    BLOCK_T)
-            tl.store(lse_t_ptr + r, lse_r)
-        if SPARSE:
-            _tl.scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row,
-                                   t_lo, t_hi, C, inv_tau, BLOCK_T)
+        # B: teacher row LSEs (sparse, or several rows), their sum, and for sparse the later rows' columns.
+        lse_sum = tl.zeros((), tl.float32)
+        if two_pass:
+            for r in range(t_lo, t_hi):
+                lse_r, bad_r = _teacher_row_lse(t_ptr + r * stride_t, tc_ptr + r * stride_tc, mask_ptr, C, inv_tau,
+                                                SPARSE, BLOCK_T)
+                tl.store(lse_t_ptr + r, lse_r)
+                lse_sum += lse_r
+                bad += bad_r
+            if SPARSE:
+                _tl.scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row,
+                                       t_lo, t_hi, C, inv_tau, BLOCK_T)
+        tl.debug_barrier()  # lse_s / lse_t were stored by single lanes and are read by every lane below
 
-        # lse_s / lse_t were stored by single lanes above and are read by every lane below.
-        tl.debug_barrier()
+        if SPARSE:  # C1 over all entries: the teacher's columns are anywhere in V_T
+            _column_sums(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, 0, NNZ, NNZ, qu_row, s_lo, s_hi,
+                         inv_tau, BLOCK_E)
 
-        # C: teacher-column tiles: T, P, Qu (CSC gather), loss, M, h.
-        loss = tl.zeros((), tl.float32)
-        M = tl.zeros((), tl.float32)
+        # C2: teacher tiles, one online pass.
+        m = tl.full((), NEG, tl.float32)
+        l = tl.zeros((), tl.float32)
+        s1 = tl.zeros((), tl.float32)
+        mu = tl.zeros((), tl.float32)
+        m_zero = tl.full((), NEG, tl.float32)  # largest x̄ among allowed columns with q + eps = 0
         for c0 in range(0, C, BLOCK_T):
             o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, c0, C, SPARSE, BLOCK_T)
-            tv, P, ok = _tl.teacher_merged(t_ptr, stride_t, lse_t_ptr, tacc_row, tcnt_row, t_lo, t_hi, o, v, ok,
-                                           c_t, inv_tau, SPARSE, BLOCK_T)
-            # Qu[v] = mean_r Σ_{s→v} W_sv p_r[s]: ragged column lists, masked lanes have length 0.
-            start = tl.load(colptr_ptr + v, mask=ok, other=0)
-            length = tl.load(colptr_ptr + v + 1, mask=ok, other=0) - start
-            qu = tl.zeros((BLOCK_T,), tl.float32)
-            for j in range(0, tl.max(length)):
-                jm = j < length
-                s = tl.load(rowidx_ptr + start + j, mask=jm, other=0)
-                w = tl.load(cscval_ptr + start + j, mask=jm, other=0.0)
-                pr = tl.zeros((BLOCK_T,), tl.float32)
-                for r in range(s_lo, s_hi):
-                    pr += _tl.softmax_tile(z_ptr + r * stride_z, s, jm, inv_tau, tl.load(lse_s_ptr + r))
-                qu += w * pr
-            q = qu / (n_s * Z)
-            live = P > 0
-            loss += tl.sum(tl.where(live, P * (tv - tl.log(q + eps)), 0.0))
-            h = tl.where(live, P / (q + eps), 0.0)
-            M += tl.sum(h * q)
-            # dense: every column is written (0 outside A); sparse: only this row's columns, the rest of
-            # the scratch row stays 0 and is cleared again below.
-            tl.store(h_row + v, h, mask=ok if SPARSE else inside)
-        tl.store(loss_ptr + k, loss * tau * tau)
+            inb = o < C
+            if SPARSE:
+                x = tl.load(t_ptr + t_lo * stride_t + o, mask=inb, other=0.0).to(tl.float32)
+                bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
+                xb = x * inv_tau - tl.load(lse_t_ptr + t_lo)
+                if n_t > 1:
+                    xb += tl.load(tacc_row + v, mask=ok, other=0.0)
+                    ok = ok & (tl.load(tcnt_row + v, mask=ok, other=0) == n_t - 1)
+            else:  # C1 for this tile's columns [c0, c0 + BLOCK_T), read back at once
+                _column_sums(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, tl.load(colptr_ptr + c0),
+                             tl.load(colptr_ptr + tl.minimum(c0 + BLOCK_T, V_T)), NNZ, qu_row, s_lo, s_hi, inv_tau,
+                             BLOCK_E)
+                xb = tl.zeros((BLOCK_T,), tl.float32)
+                for r in range(t_lo, t_hi):
+                    x = tl.load(t_ptr + r * stride_t + o, mask=inb, other=0.0).to(tl.float32)
+                    bad += tl.sum((inb & ((x != x) | (x == float("inf")))).to(tl.int32))
+                    xb += x
+                xb = xb * inv_tau
+            xb = xb / n_t.to(tl.float32)
+            live = ok & (xb > float("-inf"))
+            mk = tl.load(mask_ptr + v, mask=inside, other=0)
+            q = tl.load(qu_row + v, mask=live & (mk == 1), other=0.0) * inv_qz  # mk 2: allowed, no W entry
+            qe = q + eps
+            pos = live & (qe > 0)
+            m_zero = tl.maximum(m_zero, tl.max(tl.where(live & (qe <= 0), xb, NEG)))
+            m_new = tl.maximum(m, tl.max(tl.where(live, xb, NEG)))
+            alpha = tl.exp(m - m_new)
+            ex = tl.where(live, tl.exp(xb - m_new), 0.0)
+            s1 = alpha * (s1 + (m - m_new) * l) + tl.sum(tl.where(pos, ex * (xb - m_new - tl.log(qe)), 0.0))
+            l = alpha * l + tl.sum(ex)
+            mu = alpha * mu + tl.sum(tl.where(pos, ex * q / qe, 0.0))
+            m = m_new
+            tl.store(h_row + v, tl.where(pos, ex / qe, 0.0), mask=ok if SPARSE else inside)
+            tl.store(tm_row + c0 // BLOCK_T, m_new)
 
-        # D: gradient rows (and the W gradient).
-        tl.debug_barrier()
+        # log-normalizer: m + c = −log l (one dense row) or m − mean_r LSE_r (after B), plus the chain scalar
+        if SPARSE:  # x̄ is already normalized per row
+            mc = m + c_t
+        elif two_pass:
+            mc = m - lse_sum / n_t.to(tl.float32) + c_t
+        else:
+            mc = c_t - tl.log(l)
+        # P = 0 everywhere: a teacher row without allowed mass (LSE −inf), or a −inf chain scalar
+        l = tl.where((lse_sum > float("-inf")) & (c_t > float("-inf")), l, 0.0)
+        F = tl.exp(mc)
+        M = F * mu
+        # degenerate: Z = 0, or a column with P > 0 (in fp32) and Q + eps = 0 (an infinite KL)
+        inf_kl = tl.exp(m_zero - m) * F > 0
+        valid = (bad == 0) & (l > 0) & (Z > 0) & ~inf_kl
+        loss = tl.where(bad > 0, float("nan"), tl.where(l > 0, float("inf"), 0.0))
+        tl.store(loss_ptr + k, tl.where(valid, tau * tau * F * (s1 + mc * l), loss))
         if HAS_SCALE:
             scale = tl.load(scale_ptr + k)
         else:
             scale = 1.0
-        if s_hi - s_lo > 1:
-            # D_r = Σ_s p_r[s] H_s needs its own sweep over the row before the gradient is written.
+        coef = tl.where(valid, tau * scale / (n_s * tl.where(Z > 0, Z, 1.0)), 0.0)
+        if GRAD_W:
+            tl.store(stat_ptr + 2 * (k - k0), tau * coef * n_s)  # ∂L/∂W_sv = (τ² c/Z) p̄_s (M − h_v)
+            tl.store(stat_ptr + 2 * (k - k0) + 1, M)
+        tl.debug_barrier()
+
+        # C3: h = h_u exp(m_tile − m) F in place (dense without a W gradient: folded into D's gather instead).
+        if valid & (SPARSE or GRAD_W):
+            for c0 in range(0, C, BLOCK_T):
+                o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, c0, C, SPARSE, BLOCK_T)
+                f = tl.exp(tl.load(tm_row + c0 // BLOCK_T) - m) * F
+                wm = ok if SPARSE else inside
+                tl.store(h_row + v, tl.load(h_row + v, mask=wm, other=0.0) * f, mask=wm)
+        tl.debug_barrier()
+
+        # D: gradient rows (zero for an invalid chunk).
+        if valid & (s_hi - s_lo > 1):
             for r in range(s_lo, s_hi):
                 lse_r = tl.load(lse_s_ptr + r)
                 d = tl.zeros((), tl.float32)
                 for v0 in range(0, V_S, BLOCK_S):
                     o = v0 + offs_s
                     om = o < V_S
-                    hs = _tl.ell_gather(widx_ptr, wval_ptr, h_row, o, om, SLOTS, BLOCK_S)
-                    d += tl.sum(_tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, lse_r) * hs)
+                    g = _ell_g(widx_ptr, weff_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS, BLOCK_T, FOLD)
+                    d += tl.sum(_tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, lse_r) * g)
                 tl.store(dr_ptr + r, d)
         else:
-            tl.store(dr_ptr + s_lo, Z * M)
+            tl.store(dr_ptr + s_lo, 0.0)
         tl.debug_barrier()
-        # No teacher mass on A (M = 0): loss 0 and gradient 0, also when Z = 0 (as the other backends give).
-        coef = tl.where(M > 0, tau / (n_s * Z) * scale, 0.0)
-        for v0 in range(0, V_S, BLOCK_S):
+        for v0 in tl.range(0, V_S, BLOCK_S, num_stages=STAGES):
             o = v0 + offs_s
             om = o < V_S
-            a = tl.load(a_ptr + o, mask=om, other=0.0)
-            hs = _tl.ell_gather(widx_ptr, wval_ptr, h_row, o, om, SLOTS, BLOCK_S)
-            pbar = tl.zeros((BLOCK_S,), tl.float32)
+            g = _ell_g(widx_ptr, weff_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS, BLOCK_T, FOLD)
             for r in range(s_lo, s_hi):
                 p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r))
-                # (D_r − H_s) and (a_s − Z_r) are each formed before the product: the 1 − g
-                # cancellation stays in fp32 at the scale of its terms.
-                dz = coef * p * ((tl.load(dr_ptr + r) - hs) + M * (a - tl.load(zr_ptr + r)))
+                dz = tl.where(valid, coef * p * (g - tl.load(dr_ptr + r)), 0.0)  # 0, never NaN, when invalid
                 tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om)
-                pbar += p
-            if GRAD_W:
-                cw = tau * coef
-                for sl in tl.static_range(SLOTS):
-                    ci = tl.load(widx_ptr + o * SLOTS + sl, mask=om, other=-1)
-                    cm = ci >= 0
-                    ci = tl.where(cm, ci, 0)
-                    in_a = cm & (tl.load(mask_ptr + ci, mask=cm, other=0) != 0)
-                    gw = tl.where(in_a, cw * pbar * (M - tl.load(h_row + ci, mask=in_a, other=0.0)), 0.0)
-                    if ATOMIC_W:
-                        tl.atomic_add(gw_row + o * SLOTS + sl, gw, mask=om, sem="relaxed")
-                    else:  # this program's own partial row: plain read-modify-write, reduced later
-                        prev = tl.load(gw_row + o * SLOTS + sl, mask=om, other=0.0)
-                        tl.store(gw_row + o * SLOTS + sl, prev + gw, mask=om)
         tl.debug_barrier()
         if SPARSE:  # leave the scratch rows all-zero for the next chunk
-            for c0 in range(0, C, BLOCK_T):
-                o = c0 + offs_t
-                v = tl.load(tc_ptr + t_lo * stride_tc + o, mask=o < C, other=-1)
-                tl.store(h_row + v, tl.zeros((BLOCK_T,), tl.float32), mask=v >= 0)
-            _tl.clear_later_rows(tc_ptr, stride_tc, tacc_row, tcnt_row, t_lo, t_hi, C, BLOCK_T)
+            if not GRAD_W:
+                for c0 in range(0, C, BLOCK_T):
+                    o = c0 + offs_t
+                    v = tl.load(tc_ptr + t_lo * stride_tc + o, mask=o < C, other=-1)
+                    tl.store(h_row + v, tl.zeros((BLOCK_T,), tl.float32), mask=v >= 0)
+            if n_t > 1:
+                _tl.clear_later_rows(tc_ptr, stride_tc, tacc_row, tcnt_row, t_lo, t_hi, C, BLOCK_T)
             tl.debug_barrier()
 
-    # Rows that no chunk's (effective) span covers get a zero gradient.
-    _tl.zero_uncovered_rows(dz_ptr, stride_dz, covered_ptr, N_s, V_S, BLOCK_S)
+
+@triton.jit
+def _ell_g(widx_ptr, weff_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS: tl.constexpr, BLOCK_T: tl.constexpr,
+           FOLD: tl.constexpr):
+    """g_s = Σ_slot w_eff[s, slot] (M − h[col]) for the student ids o ([BLOCK, SLOTS] loads; w_eff = 0 off A);
+    FOLD: h = h_u[col] exp(m_tile(col) − m) F from the unscaled row and the tile maxima."""
+    at = o[:, None] * SLOTS + slot[None, :]
+    ci = tl.load(widx_ptr + at, mask=om[:, None], other=-1)
+    w = tl.load(weff_ptr + at, mask=om[:, None], other=0.0)
+    use = w != 0
+    ci = tl.where(use, ci, 0)
+    h = tl.load(h_row + ci, mask=use, other=0.0)
+    if FOLD:
+        h = h * tl.exp(tl.load(tm_row + ci // BLOCK_T, mask=use, other=0.0) - m) * F
+    return tl.sum(tl.where(use, w * (M - h), 0.0), axis=1)
 
 
-_launch = _tl.launcher(
-    _pkl_kernel, dict(BLOCK_S=128, BLOCK_T=64),
-    [triton.Config({"BLOCK_S": bs, "BLOCK_T": bt}, num_warps=nw)
-     for bs, bt, nw in ((1024, 256, 4), (2048, 256, 8), (4096, 512, 8), (4096, 512, 16))],
-    key=["V_S", "V_T", "C", "MEAN", "SPARSE", "GRAD_W"], reset_to_zero=["gw_ptr"])
+@triton.jit
+def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr, h_ptr, stat_ptr, gw_ptr,
+                       k0, k1, V_S, V_T, inv_tau, MEAN: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr):
+    """∂L/∂W[s, slot] += Σ_{k0 ≤ k < k1} (τ² c_k / Z_k) p̄_k[s] (M_k − h_k[col]) for one tile of student ids
+    (col ∈ A), from the h rows and (τ² c/Z, M) the main kernel kept; one program per tile: no atomics."""
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    om = o < V_S
+    at = o[:, None] * SLOTS + tl.arange(0, SLOTS)[None, :]
+    ci = tl.load(widx_ptr + at, mask=om[:, None], other=-1)
+    in_a = (ci >= 0) & (tl.load(mask_ptr + tl.where(ci >= 0, ci, 0), mask=ci >= 0, other=0) != 0)
+    ci = tl.where(in_a, ci, 0)
+    acc = tl.zeros((BLOCK, SLOTS), tl.float32)
+    for k in range(k0, k1):
+        cw = tl.load(stat_ptr + 2 * (k - k0))
+        if cw != 0:
+            s_lo, s_hi, _, _ = _tl.chunk_rows(spans_ptr, k, MEAN)
+            pbar = tl.zeros((BLOCK,), tl.float32)
+            for r in range(s_lo, s_hi):
+                pbar += _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r))
+            h = tl.load(h_ptr + (k - k0).to(tl.int64) * V_T + ci, mask=in_a, other=0.0)
+            M = tl.load(stat_ptr + 2 * (k - k0) + 1)
+            acc += tl.where(in_a, (cw / (s_hi - s_lo).to(tl.float32)) * pbar[:, None] * (M - h), 0.0)
+    tl.store(gw_ptr + at, tl.load(gw_ptr + at, mask=om[:, None], other=0.0) + acc, mask=om[:, None])
 
-_CSC_CACHE: dict[int, tuple] = {}
+
+# The student passes (A, D) are software-pipelined over STAGES tiles (cp.async). sm_90, bf16, offline ptxas
+# (tests/test_kernels_compile.py): ≈239 registers at 4 warps (2 CTAs/SM), ≈127 at 16 warps (1 CTA/SM); no variant
+# spills (4096-wide tiles at 16 warps spill when pipelined, and more than 8 elements per thread spill anyway).
+_CONFIGS = [triton.Config({"BLOCK_S": bs, "BLOCK_T": bt, "BLOCK_E": be, "STAGES": st}, num_warps=nw)
+            for bs, bt, be, st, nw in ((2048, 1024, 1024, 3, 4), (4096, 2048, 2048, 1, 16), (2048, 2048, 2048, 2, 16))]
+_MIN_BLOCK_T = 64  # the smallest BLOCK_T of any config (interpreter included): sizes the tile-maximum scratch
+_launch = _tl.launcher(_pkl_kernel, dict(BLOCK_S=128, BLOCK_T=64, BLOCK_E=64, STAGES=1), _CONFIGS,
+                       key=["V_S", "V_T", "C", "NNZ", "MEAN", "SPARSE", "GRAD_W"])
+_grad_w = _tl.launcher(_pkl_grad_w_kernel, dict(BLOCK=128), [triton.Config({"BLOCK": 1024}, num_warps=8)])
+_zero = _tl.launcher(_tl.zero_uncovered_rows, dict(BLOCK=128), [triton.Config({"BLOCK": 2048}, num_warps=8)])
+
+_STRUCT_CACHE: dict[int, tuple] = {}
 
 
-def _csc_structure(w_idx: torch.Tensor, V_T: int):
-    """(col_ptr int64 [V_T+1], row_idx int32 [4V_S], perm int64 [4V_S]) of the ELL slots sorted by column.
-
-    Empty slots sort last (key V_T), so entries past col_ptr[V_T] are never read and no host sync is needed.
-    The CSC values are w_val.flatten()[perm] (per call: W may be learnable). Cached per w_idx tensor."""
+def _w_structure(w_idx: torch.Tensor, V_T: int):
+    """W's nonzero slots sorted by teacher column: (student int32 [nnz], column int32 [nnz], first entry of each
+    column int32 [V_T + 1], flat slot int64 [nnz], has_entry bool [V_T]). Cached per w_idx tensor (one host sync for nnz when built)."""
     key = id(w_idx)
-    hit = _CSC_CACHE.get(key)
+    hit = _STRUCT_CACHE.get(key)
     if hit is not None and hit[0]() is w_idx and hit[1] == (w_idx._version, V_T):
         return hit[2]
     flat = w_idx.reshape(-1).long()
-    col = torch.where(flat >= 0, flat, V_T)
-    perm = torch.argsort(col, stable=True)
-    col_ptr = torch.searchsorted(col[perm], torch.arange(V_T + 1, device=w_idx.device))
-    out = (col_ptr, (perm // SLOTS).to(torch.int32), perm)
-    if len(_CSC_CACHE) >= 16:
-        _CSC_CACHE.clear()
-    _CSC_CACHE[key] = (weakref.ref(w_idx), (w_idx._version, V_T), out)
+    slot_ids = torch.nonzero(flat >= 0).squeeze(1)
+    cols = flat[slot_ids]
+    order = torch.argsort(cols, stable=True)
+    slot_ids, cols = slot_ids[order], cols[order]
+    has_entry = torch.zeros(V_T, dtype=torch.bool, device=w_idx.device)
+    has_entry[cols] = True
+    col_ptr = torch.searchsorted(cols, torch.arange(V_T + 1, device=w_idx.device)).to(torch.int32)
+    out = ((slot_ids // SLOTS).to(torch.int32), cols.to(torch.int32), col_ptr, slot_ids, has_entry)
+    if len(_STRUCT_CACHE) >= 16:
+        _STRUCT_CACHE.clear()
+    _STRUCT_CACHE[key] = (weakref.ref(w_idx), (w_idx._version, V_T), out)
     return out
 
 
 def _num_programs(K: int, device: torch.device) -> int:
+    """Two persistent programs per SM (each with a V_T fp32 scratch row), or 2 under the interpreter."""
     if device.type == "cuda":
-        return max(1, min(K, torch.cuda.get_device_properties(device).multi_processor_count))
+        return max(1, min(K, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
     return max(1, min(K, 2))
 
 
 def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain,
              chunk_scale, need_grad_w):
     """The ``triton`` backend of ``xtoken::pkl_rows`` (contract in ops.pkl): -> (loss [K] f32, grad in the logits'
-    dtype, grad_w [V_S, 4] f32 or None). Deterministic W gradient (per-program partials reduced in a fixed order)
-    when ``torch.are_deterministic_algorithms_enabled()``, relaxed fp32 atomics otherwise."""
+    dtype, grad_w [V_S, 4] f32 or None). Deterministic: no atomics outside the sparse teacher's later-row sums."""
     sparse = t_cols is not None
     device = s_logits.device
     t_cols = t_vals if t_cols is None else t_cols  # dense: a placeholder, unused with SPARSE=False
     (N_s, V_S), V_T, K, C = s_logits.shape, col_mask.numel(), spans.shape[0], t_vals.shape[1]
     f32 = dict(dtype=torch.float32, device=device)
-    deterministic = torch.are_deterministic_algorithms_enabled()
     loss = torch.zeros(K, **f32)
     grad = torch.empty_like(s_logits)
+    grad_w = torch.zeros(V_S, SLOTS, **f32) if need_grad_w else None
+    covered = covered_rows(spans, merge, N_s)
+    _zero((max(1, min(N_s, 1024 if device.type == "cuda" else 2)),), grad, grad.stride(0), covered, N_s, V_S)
     if K == 0:
-        return loss, grad.zero_(), (torch.zeros(V_S, SLOTS, **f32) if need_grad_w else None)
+        return loss, grad, grad_w
 
     w_idx = w_idx.to(torch.int32).contiguous()
-    w_val = w_val.detach().to(torch.float32).contiguous()
-    col_ptr, row_idx, perm = _csc_structure(w_idx, V_T)
-    csc_val = w_val.reshape(-1)[perm]
-    in_a = (w_idx >= 0) & (col_mask[w_idx.long().clamp(min=0)])
-    a = (w_val * in_a).sum(1)
+    e_row, e_col, col_ptr, e_slot, has_entry = _w_structure(w_idx, V_T)
+    in_a = (w_idx >= 0) & col_mask[w_idx.long().clamp(min=0)]
+    w_eff = torch.where(in_a, w_val.detach().to(torch.float32), 0.0).contiguous()
+    a = w_eff.sum(1)
+    e_val = w_eff.reshape(-1)[e_slot]
+    mask8 = torch.where(col_mask, torch.where(has_entry, 1, 2), 0).to(torch.int8)
     nprog = _num_programs(K, device)
-    h = torch.zeros(nprog, V_T, **f32)
+    qu = torch.zeros(nprog, V_T, **f32)
+    tm = torch.empty(nprog, triton.cdiv(C, _MIN_BLOCK_T), **f32)
     if sparse:
         tacc = torch.zeros(nprog, V_T, **f32)
         tcnt = torch.zeros(nprog, V_T, dtype=torch.int32, device=device)
     else:
-        tacc, tcnt = h, h  # unused placeholders (SPARSE=False)
-    grad_w_buf = torch.zeros(nprog if deterministic else 1, V_S, SLOTS, **f32) if need_grad_w else loss
-    row_stats = torch.empty(3, N_s, **f32)
+        tacc, tcnt = qu, qu  # unused placeholders (SPARSE=False)
+    lse_s, d_r = torch.empty(2, N_s, **f32)
     lse_t = torch.empty(t_vals.shape[0], **f32)
     chain = t_chain.to(**f32).contiguous() if merge == "chain" else loss
     scale = chunk_scale.to(**f32).contiguous() if chunk_scale is not None else loss
-    _launch((nprog,),
-            s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
-            a, w_idx, w_val, col_ptr, row_idx, csc_val, col_mask.to(torch.int8), spans, chain, scale,
-            covered_rows(spans, merge, N_s), loss, grad, grad.stride(0),
-            grad_w_buf, V_S * SLOTS if (need_grad_w and deterministic) else 0,
-            row_stats[0], row_stats[1], row_stats[2], lse_t, h, tacc, tcnt,
-            K, N_s, V_S, V_T, C, 1.0 / float(temperature), float(temperature), float(eps),
-            MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
-            ATOMIC_W=not deterministic, HAS_SCALE=chunk_scale is not None, SLOTS=SLOTS)
-    return loss, grad, (grad_w_buf.sum(0) if need_grad_w else None)  # fixed-order reduction of the partials
+    if need_grad_w:  # blocks of chunks whose h rows fit the budget, each followed by the W-gradient kernel
+        per_block = max(1, min(K, _GRAD_W_BYTES // (4 * V_T)))
+        blocks = [(k0, min(K, k0 + per_block)) for k0 in range(0, K, per_block)]
+    else:
+        per_block, blocks = 0, [(0, K)]
+    for k0, k1 in blocks:
+        if need_grad_w:
+            h, stat = torch.zeros(k1 - k0, V_T, **f32), torch.zeros(k1 - k0, 2, **f32)
+        else:
+            h, stat = (torch.zeros(nprog, V_T, **f32) if sparse else qu), loss
+        _launch((nprog,),
+                s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
+                a, w_idx, w_eff, e_row, e_col, e_val, col_ptr, e_row.numel(), mask8, spans, chain, scale,
+                loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc, tcnt, stat,
+                k0, k1, V_S, V_T, C, 1.0 / float(temperature), float(temperature), float(eps),
+                MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
+                HAS_SCALE=chunk_scale is not None, SLOTS=SLOTS)
+        if need_grad_w:
+            _grad_w(lambda meta: (triton.cdiv(V_S, meta["BLOCK"]),), s_logits, s_logits.stride(0), spans, w_idx,
+                    mask8, lse_s, h, stat, grad_w, k0, k1, V_S, V_T, 1.0 / float(temperature),
+                    MEAN=merge == "mean", SLOTS=SLOTS)
+    return loss, grad, grad_w

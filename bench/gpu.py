@@ -1,0 +1,446 @@
+"""The one-command GPU check of the fused Triton losses (issue 8): ``xtoken bench --suite gpu`` or
+``python -m xtoken_ext.bench.gpu`` [--quick] [--dry]. Exit status 0 when every check passes, 1 otherwise.
+
+1. Correctness. Every loss (P-KL, H-KL, GOLD, ULD) × merge (mean, first, chain) × dtype (bf16, fp16, fp32) × teacher
+   (dense, sparse top-k) through the public API with backend="triton", at multi-tile sizes (V_S 5,003 × V_T 6,007:
+   several tiles of every autotune config, partial last tiles; 300 chunks of 1–3 rows per side in 2 sequences, every
+   8th invalid; a teacher column that 300 W entries reach; τ = 0.7; H-KL family with a dense teacher at
+   uncommon_topk = 1,000, with a sparse one at the API default). The per-chunk losses and the gradient of
+   Σ_k w_k L_k (random w) are compared with the float64 torch backend on the same rounded inputs, per entry, against
+   the bounds of xtoken_ext.testing (from the dtype's unit roundoff); the table gives the worst error/bound ratio (≤ 1
+   passes). H-KL / GOLD / ULD: entries where the sorted-L1 term is not differentiable within rounding (rank or sign
+   ties, testing.sorted_l1_ambiguous) are skipped; "checked" is the share of gradient entries compared. The float64
+   oracle is itself checked against xt.reference (dense W, a Python loop over chunks) on a smaller problem.
+2. Repeatability. Every case runs three times; losses and gradients must be bitwise equal (races).
+3. Timing (skipped with --dry). fwd+bwd at 8,192 rows × V_S 128,256 × V_T 151,936 bf16 (bench.losses inputs) for
+   P-KL, H-KL and GOLD with Projection.random and the real Llama-3 × Qwen3 W (built from the offline tokenizers once,
+   then read from the on-disk W cache): first call (compile + autotune) and best of the next runs, the multiple of the
+   HBM floor (the bytes that must move: read the student and teacher rows, write the gradient rows, at the GPU's
+   nominal bandwidth, or a measured device copy for GPUs not in the table), achieved GB/s and peak extra memory;
+   beside the chunked torch backend and the unfused release-style baseline of bench.losses on the same GPU. The
+   fused per-chunk losses must also agree with the torch backend's within the bound (both compute in fp32).
+
+--quick: bf16 only in the correctness stage, one timed run after the first call.
+--dry: the CPU under TRITON_INTERPRET=1 (set here, before the kernels are imported) at tiny sizes that still give
+several tiles per row at the interpreter's BLOCK_S = 128 / BLOCK_T = 64 and more chunks than its 2 programs; every
+code path but timing (the interpreter runs programs one after another, so only P-KL and H-KL with merge="mean" in
+bf16 are repeated: the code path). CI runs it (tests/test_bench_gpu.py).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import platform
+import re
+import sys
+import time
+import warnings
+
+import torch
+
+LOSSES = ("pkl", "hkl", "gold", "uld")
+MERGES = ("mean", "first", "chain")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TEACHERS = ("dense", "sparse")
+TAU = 0.7
+REPEATS = 3  # runs of every case compared bitwise
+TIMED_LOSSES = ("pkl", "hkl", "gold")
+# Nominal HBM bandwidth (bytes/s) by device name; a plain H100 is the SXM part ("NVIDIA H100 80GB HBM3").
+NOMINAL_HBM = ((r"\bH200\b", 4.8e12), (r"\bH100\b.*\bNVL\b", 3.9e12), (r"\bH100\b.*\bPCIe\b", 2.0e12),
+               (r"\bH100\b", 3.35e12))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Problem sizes of the correctness stage."""
+    V_S: int
+    V_T: int
+    chunks: int  # chunks in all, over 2 sequences
+    sparse_k: int  # sparse teacher: columns per row
+    hub: int  # W entries in the hub column
+    topk: int  # uncommon_topk of H-KL / GOLD / ULD with a dense teacher
+    ref_chunks: int  # chunks of the problem on which the float64 oracle is checked against xt.reference
+    repeat_all: bool  # every case runs REPEATS times; else only P-KL and H-KL with merge="mean" in bf16
+
+
+FULL = Sizes(V_S=5003, V_T=6007, chunks=300, sparse_k=640, hub=300, topk=1000, ref_chunks=8, repeat_all=True)
+DRY = Sizes(V_S=160, V_T=100, chunks=7, sparse_k=80, hub=20, topk=24, ref_chunks=4, repeat_all=False)
+
+
+@dataclasses.dataclass
+class Row:
+    """One checked case: worst error/bound ratios (NaN: a NaN where the reference has none), the share of gradient
+    entries compared, whether the repeated runs were bitwise equal (None: not repeated), first-call seconds."""
+    name: str
+    loss: float
+    grad: float
+    checked: float
+    equal: bool | None
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.loss <= 1 and self.grad <= 1 and self.equal is not False
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _uncommon_topk(loss: str, prob, sizes: Sizes) -> int | None:
+    """m of the sorted-L1 term: ``sizes.topk`` with a dense teacher (m < |U|: the top-m selection), else the API
+    default (8,192 for H-KL / GOLD, None for ULD: all uncommon ids at these sizes)."""
+    if prob.teacher_indices is None:
+        return sizes.topk
+    return None if loss == "uld" else 8192
+
+
+def _api_kwargs(loss: str, merge: str, prob, sizes: Sizes) -> dict:
+    kw = {"temperature": TAU, "reduction": "none", "merge": merge, "student_ids": prob.student_ids,
+          "teacher_ids": prob.teacher_ids}
+    if loss != "pkl":
+        kw["uncommon_topk"] = _uncommon_topk(loss, prob, sizes)
+    return kw
+
+
+def _forward_backward(fn, z, t, prob, kw, dev, **extra):
+    """(per-chunk losses, d Σ_k w_k L_k / dz) of ``fn`` on ``dev``; the alignment and the token ids stay on the CPU
+    (the losses move what they need, no host sync)."""
+    x = z.detach().to(dev, copy=True).requires_grad_()
+    if prob.teacher_indices is not None:
+        kw = dict(kw, teacher_indices=prob.teacher_indices.to(dev))
+    out = fn(x, t.to(dev), prob.alignment, prob.proj, **kw, **extra)
+    (out * prob.weights.to(dev, out.dtype)).sum().backward()
+    return out.detach(), x.grad
+
+
+def _ambiguous(loss, prob, z, t, merge, sizes, rel, dev):
+    from xtoken_ext.testing import sorted_l1_ambiguous
+
+    if loss == "pkl":
+        return None
+    ti = None if prob.teacher_indices is None else prob.teacher_indices.to(dev)
+    return sorted_l1_ambiguous(loss, z.to(dev), t.to(dev), prob.alignment, prob.proj, TAU, merge,
+                               _uncommon_topk(loss, prob, sizes), rel, ti, prob.student_ids, prob.teacher_ids)
+
+
+def check_case(prob, loss: str, merge: str, dtype: torch.dtype, sizes: Sizes, dev: torch.device,
+               repeats: int = REPEATS, perturb: float = 0.0) -> Row:
+    """One case: the public ``{loss}_loss`` with backend="triton" on ``dev`` vs the float64 torch backend on the same
+    rounded inputs, then ``repeats`` − 1 more Triton runs compared bitwise with the first.
+
+    ``perturb`` (for tests only, default 0): adds perturb × bound to the Triton gradient at its largest-bound checked
+    entry, in the direction of its error, so that perturb > 1 must FAIL."""
+    import xtoken_ext as xt
+    from xtoken_ext.testing import C, grad_bound, kappa, loss_bound, math_roundoff, worst_ratio
+
+    fn = getattr(xt, f"{loss}_loss")
+    z, t = prob.z.to(dtype), prob.t.to(dtype)
+    kw = _api_kwargs(loss, merge, prob, sizes)
+    _sync(dev)
+    start = time.perf_counter()
+    out, grad = _forward_backward(fn, z, t, prob, kw, dev, backend="triton")
+    _sync(dev)
+    seconds = time.perf_counter() - start
+    ref, ref_grad = _forward_backward(fn, z.double(), t.double(), prob, kw, dev, backend="torch")
+    kap = kappa(z, t, TAU, prob.proj.teacher_vocab_size)
+    bound = grad_bound(ref_grad, z.to(dev), TAU, kap, dtype, "triton", float(prob.weights.max()))
+    skip = _ambiguous(loss, prob, z, t, merge, sizes, C * math_roundoff(dtype) * kap, dev)
+    g = grad.double()
+    if perturb:
+        i = int(bound.masked_fill(skip, 0.0).argmax() if skip is not None else bound.argmax())
+        direction = 1.0 if float(g.view(-1)[i]) >= float(ref_grad.view(-1)[i]) else -1.0
+        g.view(-1)[i] += direction * perturb * float(bound.view(-1)[i])
+    equal = None
+    if repeats > 1:
+        again = [_forward_backward(fn, z, t, prob, kw, dev, backend="triton") for _ in range(repeats - 1)]
+        equal = all(torch.equal(o, out) and torch.equal(gg, grad) for o, gg in again)
+    checked = 1.0 if skip is None else 1.0 - float(skip.double().mean())
+    return Row(f"{loss:<5}{merge:<6}{_dtype_name(dtype):<5}{'sparse' if prob.teacher_indices is not None else 'dense'}",
+               worst_ratio(out, ref, loss_bound(ref, TAU, kap, dtype)), worst_ratio(g, ref_grad, bound, skip),
+               checked, equal, seconds)
+
+
+def check_oracle(prob, loss: str, merge: str, sizes: Sizes, dev: torch.device) -> Row:
+    """The oracle of ``check_case`` (the float64 torch backend on ``dev``) against xt.reference (dense W, a Python loop
+    over chunks, CPU) on fp32-valued inputs, with float64 bounds."""
+    import xtoken_ext as xt
+    from xtoken_ext.testing import C, grad_bound, kappa, loss_bound, math_roundoff, worst_ratio
+
+    fn = getattr(xt, f"{loss}_loss")
+    z, t = prob.z.double(), prob.t.double()
+    kw = _api_kwargs(loss, merge, prob, sizes)
+    start = time.perf_counter()
+    out, grad = _forward_backward(fn, z, t, prob, kw, dev, backend="torch")
+    seconds = time.perf_counter() - start
+    ref, ref_grad = _forward_backward(getattr(xt.reference, f"{loss}_loss"), z, t, prob, kw, torch.device("cpu"))
+    kap = kappa(z, t, TAU, prob.proj.teacher_vocab_size)
+    bound = grad_bound(ref_grad, z, TAU, kap, torch.float64, "torch", float(prob.weights.max()))
+    skip = _ambiguous(loss, prob, z, t, merge, sizes, C * math_roundoff(torch.float64) * kap, torch.device("cpu"))
+    checked = 1.0 if skip is None else 1.0 - float(skip.double().mean())
+    return Row(f"{loss:<5}{merge:<6}fp64 {'sparse' if prob.teacher_indices is not None else 'dense'}",
+               worst_ratio(out.cpu(), ref, loss_bound(ref, TAU, kap, torch.float64)),
+               worst_ratio(grad.cpu(), ref_grad, bound, skip), checked, None, seconds)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).replace("torch.", ""))
+
+
+def _print_row(row: Row) -> None:
+    equal = {None: "-", True: "yes", False: "NO"}[row.equal]
+    print(f"{row.name:<24}{row.loss:>10.3f}{row.grad:>10.3f}{100 * row.checked:>9.1f}%{equal:>8}"
+          f"{row.seconds:>10.2f}  {'PASS' if row.ok else 'FAIL'}", flush=True)
+
+
+def report(title: str, rows: list[Row]) -> bool:
+    """Prints the summary of a finished table: the worst ratios and how many cases passed. -> all passed."""
+    ok = all(r.ok for r in rows)
+
+    def worst(attr):  # NaN counts as the worst
+        row = max(rows, key=lambda r: math.inf if math.isnan(getattr(r, attr)) else getattr(r, attr))
+        return f"{getattr(row, attr):.3f} ({' '.join(row.name.split())})"
+
+    print(f"{title}: {sum(r.ok for r in rows)}/{len(rows)} cases PASS; worst loss ratio {worst('loss')}, worst "
+          f"gradient ratio {worst('grad')} -> {'PASS' if ok else 'FAIL'}\n", flush=True)
+    return ok
+
+
+def _header(what: str) -> None:
+    print(f"{what}\n{'case':<24}{'loss':>10}{'grad':>10}{'checked':>10}{'equal':>8}{'first s':>10}")
+    print("-" * 72)
+
+
+def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
+    """Stages 1 and 2: the oracle check, then every case of the matrix (printed as it runs)."""
+    from xtoken_ext.testing import loss_problem
+
+    ok = True
+    for teacher in TEACHERS:
+        sparse_k = sizes.sparse_k if teacher == "sparse" else 0
+        small = loss_problem(1, sizes.V_S, sizes.V_T, sizes.ref_chunks, sparse_k=sparse_k, hub=sizes.hub)
+        _header(f"float64 oracle (torch backend on {dev.type}) vs xt.reference, {teacher} teacher, "
+                f"{sizes.ref_chunks} chunks; ratio = worst |err| / float64 bound")
+        ok &= report("oracle", [_printed(check_oracle(small, loss, merge, sizes, dev))
+                                for loss in LOSSES for merge in MERGES])
+    for teacher in TEACHERS:
+        prob = loss_problem(0, sizes.V_S, sizes.V_T, sizes.chunks, sparse_k=sizes.sparse_k if teacher == "sparse"
+                            else 0, hub=sizes.hub)
+        K, (B, T_S, _) = prob.alignment.row_spans().shape[0], prob.z.shape
+        _header(f"backend='triton' vs float64, {teacher} teacher: V_S {sizes.V_S:,} x V_T {sizes.V_T:,}, {K} valid "
+                f"chunks over {B} x {T_S} student rows, hub column with {int((prob.proj.indices == 0).sum())} W "
+                f"entries, tau {TAU}; ratio = worst |err| / bound; equal = {REPEATS} runs bitwise equal")
+        rows = [_printed(check_case(prob, loss, merge, dtype, sizes, dev, REPEATS if sizes.repeat_all or (
+            loss in ("pkl", "hkl") and merge == "mean" and dtype == torch.bfloat16) else 1))
+            for loss in LOSSES for merge in MERGES for dtype in dtypes]
+        ok &= report(f"triton, {teacher} teacher", rows)
+    return ok
+
+
+def _printed(row: Row) -> Row:
+    _print_row(row)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------------------------
+
+def nominal_bandwidth(device_name: str) -> float | None:
+    """Nominal HBM bytes/s of a GPU by its name (NOMINAL_HBM), None when it is not in the table."""
+    return next((bw for pattern, bw in NOMINAL_HBM if re.search(pattern, device_name)), None)
+
+
+def hbm_bandwidth(dev: torch.device) -> tuple[float, str]:
+    """(bytes/s, source): the nominal figure, else the best of 5 copies of a 2 GiB buffer (read + write)."""
+    bw = nominal_bandwidth(torch.cuda.get_device_name(dev))
+    if bw is not None:
+        return bw, "nominal"
+    x = torch.empty(2 << 30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    best = math.inf
+    for _ in range(5):
+        _sync(dev)
+        start = time.perf_counter()
+        y.copy_(x)
+        _sync(dev)
+        best = min(best, time.perf_counter() - start)
+    return 2 * x.numel() / best, "measured device copy"
+
+
+def floor_bytes(z: torch.Tensor, t: torch.Tensor) -> int:
+    """Bytes a fused fwd+bwd must move at least: read the student and teacher rows, write the gradient rows."""
+    return z.element_size() * 2 * z.numel() + t.element_size() * t.numel()
+
+
+def _time(step, runs: int, dev: torch.device):
+    """step() timed: (first call s, best of ``runs`` next calls s, peak bytes allocated beyond the state before
+    those calls, the last output), or the error text."""
+    try:
+        _sync(dev)
+        start = time.perf_counter()
+        step()
+        _sync(dev)
+        first = time.perf_counter() - start
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        best = math.inf
+        for _ in range(runs):
+            start = time.perf_counter()
+            out = step()
+            _sync(dev)
+            best = min(best, time.perf_counter() - start)
+        return first, best, torch.cuda.max_memory_allocated(dev) - base, out
+    except Exception as e:  # e.g. an out-of-memory baseline: reported in its row, the table goes on
+        torch.cuda.empty_cache()
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+
+
+def _step(z: torch.Tensor, loss):
+    """One fwd+bwd: the per-chunk losses (or their mean) summed and differentiated; -> the losses."""
+    z.grad = None
+    out = loss()
+    out.sum().backward()
+    return out.detach()
+
+
+def _real_projection():
+    """The Llama-3 -> Qwen3 W at the models' logit widths, from the offline tokenizers (on-disk W cache)."""
+    from xtoken_ext.projection import Projection
+    from xtoken_ext.testing import offline_tokenizer
+
+    start = time.perf_counter()
+    proj = Projection.from_tokenizers(offline_tokenizer("llama3"), offline_tokenizer("qwen3"), 128_256, 151_936,
+                                      progress=False)
+    return proj, time.perf_counter() - start
+
+
+def _column_lengths(proj) -> str:
+    n = torch.bincount(proj.indices[proj.indices >= 0].long().cpu(), minlength=proj.teacher_vocab_size)
+    return f"{int(n.sum()):,} nonzeros, longest column {int(n.max())}"
+
+
+def timing(dev: torch.device, runs: int) -> bool:
+    """Stage 3. -> False when the fused backend fails or its losses disagree with the torch backend's."""
+    import xtoken_ext as xt
+    from xtoken_ext.testing import kappa, loss_bound, worst_ratio
+
+    from .losses import GPU_SHAPE, _inputs, _release_style
+
+    _, V_S, V_T = GPU_SHAPE
+    bw, source = hbm_bandwidth(dev)
+    z, t, batch_dev, proj = _inputs(GPU_SHAPE, torch.bfloat16, dev)
+    batch = batch_dev.to("cpu")  # the losses plan on a CPU alignment (no host sync)
+    moved = floor_bytes(z, t)
+    floor = moved / bw
+    kap = kappa(z, t, 1.0)
+    print(f"timing: {z.shape[1]:,} student x {t.shape[1]:,} teacher rows, V_S {V_S:,} x V_T {V_T:,} bf16, "
+          f"{batch.row_spans().shape[0]:,} chunks; HBM floor {moved / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s ({source}) "
+          f"= {floor * 1e3:.2f} ms")
+    projections = [("random W", proj)]
+    try:
+        real, seconds = _real_projection()
+        projections.append(("real W", real.to(dev)))
+        print(f"real W (Llama-3 x Qwen3, offline tokenizers): {seconds:.1f} s to build or load; "
+              f"{_column_lengths(real)} (random W: {_column_lengths(proj)})")
+    except Exception as e:  # e.g. the bench extra's tokenizer packages are not installed
+        print(f"real W: skipped ({type(e).__name__}: {e})")
+    head = (f"{'W':<10}{'loss':<6}{'impl':<24}{'first s':>9}{'best ms':>10}{'x floor':>9}{'GB/s':>8}"
+            f"{'peak GiB':>10}{'loss vs torch':>15}")
+    print(f"first = first call (compile + autotune); best of {runs} next calls; loss vs torch = worst per-chunk "
+          f"|fused - torch| / (2 x bound)\n{head}\n{'-' * len(head)}", flush=True)
+    ok = True
+    for wname, pr in projections:
+        for kind in TIMED_LOSSES:
+            fn = getattr(xt, f"{kind}_loss")
+            torch_losses = None
+            for label, impl in (("chunked torch", "torch"), ("release-style unfused", "release"),
+                                ("xtoken fused (Triton)", "triton")):
+                if impl == "release":
+                    loss = functools.partial(_release_style, kind, z, t, batch_dev, pr)
+                else:
+                    loss = functools.partial(fn, z, t, batch, pr, reduction="none", backend=impl)
+                z.grad = None
+                r = _time(functools.partial(_step, z, loss), runs, dev)
+                if isinstance(r, str):
+                    print(f"{wname:<10}{kind:<6}{label:<24}  failed: {r}", flush=True)
+                    ok &= impl != "triton"
+                    continue
+                first, best, peak, out = r
+                agree = ""
+                if impl == "torch":
+                    torch_losses = out
+                elif impl == "triton" and torch_losses is not None:
+                    ratio = worst_ratio(out, torch_losses, 2 * loss_bound(torch_losses, 1.0, kap, torch.bfloat16))
+                    ok &= ratio <= 1
+                    agree = f"{ratio:.3f} {'PASS' if ratio <= 1 else 'FAIL'}"
+                print(f"{wname:<10}{kind:<6}{label:<24}{first:>9.2f}{best * 1e3:>10.1f}{best / floor:>8.3g}x"
+                      f"{moved / best / 1e9:>8.0f}{peak / 2**30:>10.2f}{agree:>15}", flush=True)
+    z.grad = None
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def _configuration(dev: torch.device, sizes: Sizes, dry: bool) -> None:
+    import triton
+
+    import xtoken_ext
+
+    if dry:
+        where = "CPU under the Triton interpreter (TRITON_INTERPRET=1; --dry: no timing)"
+    else:
+        p = torch.cuda.get_device_properties(dev)
+        where = (f"{torch.cuda.get_device_name(dev)}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, "
+                 f"CUDA {torch.version.cuda}")
+    print(f"GPU check: {where}\npython {platform.python_version()}, torch {torch.__version__}, triton "
+          f"{triton.__version__}, xtoken_ext {xtoken_ext.__version__}\ncorrectness sizes: {sizes}\n", flush=True)
+
+
+def run(quick: bool = False, dry: bool = False) -> bool:
+    """The whole check (module docstring); prints its tables and returns True when everything passed."""
+    if dry:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            if "xtoken_ext.ops._tl" in sys.modules:
+                raise RuntimeError("--dry needs TRITON_INTERPRET=1 before the Triton kernels are imported; run it in "
+                                   "a fresh process (python -m xtoken_ext.bench.gpu --dry)")
+            os.environ["TRITON_INTERPRET"] = "1"
+    elif not torch.cuda.is_available():
+        print("the GPU check needs a CUDA device; --dry runs it on the CPU under the Triton interpreter")
+        return False
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        print("TRITON_INTERPRET=1 is set: unset it for the GPU run, or use --dry")
+        return False
+    dev = torch.device("cpu" if dry else "cuda")
+    sizes = DRY if dry else FULL
+    _configuration(dev, sizes, dry)
+    start = time.perf_counter()
+    dtypes = [DTYPES["bf16"]] if quick else list(DTYPES.values())
+    with warnings.catch_warnings():
+        if dry:  # masked lanes of the interpreter evaluate log(0), 0·inf, ... in numpy before tl.where drops them
+            warnings.simplefilter("ignore", RuntimeWarning)
+        ok = correctness(sizes, dev, dtypes)
+    print(f"[correctness: {time.perf_counter() - start:.1f} s]\n", flush=True)
+    if not dry:
+        mid = time.perf_counter()
+        ok &= timing(dev, 1 if quick else 3)
+        print(f"[timing: {time.perf_counter() - mid:.1f} s]")
+    print(f"\nGPU check{' (dry)' if dry else ''}: {'PASS' if ok else 'FAIL'} in {time.perf_counter() - start:.1f} s",
+          flush=True)
+    return ok
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m xtoken_ext.bench.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="bf16 only in the correctness stage, one timed run")
+    parser.add_argument("--dry", action="store_true", help="CPU, Triton interpreter, tiny sizes, no timing (CI)")
+    args = parser.parse_args(argv)
+    return 0 if run(quick=args.quick, dry=args.dry) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The one-command GPU check (xtoken_ext.bench.gpu): its --dry mode end to end in a fresh process (CPU, Triton
+interpreter, every code path but timing), that a bound-sized error in a checked gradient FAILs, the tie mask of the
+sorted-L1 term, the bandwidth table and the CLI plumbing (`xtoken bench --suite gpu [--dry]`, exit status)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import device
+from xtoken_ext.bench import gpu
+from xtoken_ext.cli import main
+from xtoken_ext.testing import loss_problem, sorted_l1_ambiguous, worst_ratio
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # masked interpreter lanes evaluate log(0)
+
+
+def test_dry_run_passes_every_case(tmp_path):
+    """~1 min on 2 cores: the CI guard that keeps the GPU check runnable. A fresh process outside the checkout (the
+    installed package) without TRITON_INTERPRET: --dry must set it before the kernels are imported."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "xtoken_ext.bench.gpu", "--dry"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=600, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = re.findall(r"^(\w+) +(\w+) +(bf16|fp16|fp32|fp64) (dense|sparse) .* (PASS|FAIL)$", out.stdout, re.MULTILINE)
+    cases = {r[:4] for r in rows if r[2] != "fp64"}
+    assert len(cases) == len(gpu.LOSSES) * len(gpu.MERGES) * len(gpu.DTYPES) * len(gpu.TEACHERS)
+    assert len([r for r in rows if r[2] == "fp64"]) == len(gpu.LOSSES) * len(gpu.MERGES) * len(gpu.TEACHERS)
+    assert all(r[4] == "PASS" for r in rows) and "FAIL" not in out.stdout
+    assert re.search(r"^\w+ +mean +bf16 dense .* yes +[\d.]+ +PASS$", out.stdout, re.MULTILINE)  # the repeat check ran
+    assert re.search(r"GPU check \(dry\): PASS in [\d.]+ s$", out.stdout.rstrip())
+
+
+@pytest.mark.parametrize("loss,merge", [("pkl", "mean"), ("hkl", "first")])
+def test_bound_sized_gradient_error_fails(loss, merge, capsys):
+    """The same case passes as computed and fails once one checked gradient entry moves by 1.01 × its bound."""
+    prob = loss_problem(0, gpu.DRY.V_S, gpu.DRY.V_T, gpu.DRY.chunks, hub=gpu.DRY.hub)
+    good = gpu.check_case(prob, loss, merge, torch.bfloat16, gpu.DRY, device(), repeats=1)
+    bad = gpu.check_case(prob, loss, merge, torch.bfloat16, gpu.DRY, device(), repeats=1, perturb=1.01)
+    assert good.ok and good.grad <= 1 and good.checked > 0.9
+    assert not bad.ok and bad.grad > 1 and bad.loss == good.loss
+    assert gpu.report("t", [good])
+    capsys.readouterr()
+    assert not gpu.report("t", [good, bad])
+    assert capsys.readouterr().out.rstrip().endswith("-> FAIL")
+
+
+def test_nan_or_unequal_repeats_fail():
+    one = torch.ones(2)
+    assert worst_ratio(torch.tensor([float("nan"), 1.0]), one, one) != worst_ratio(one, one, one)  # NaN
+    assert not gpu.Row("x", float("nan"), 0.0, 1.0, None, 0.0).ok
+    assert not gpu.Row("x", 0.5, 0.5, 1.0, False, 0.0).ok
+    assert gpu.Row("x", 0.5, 1.0, 1.0, True, 0.0).ok
+
+
+def test_sorted_l1_mask_flags_ties_only():
+    """fp32 logits with distinct values: almost nothing is skipped; two top uncommon columns made equal in the
+    first row of a chunk are both flagged there (rank tie), and nowhere else because of it."""
+    S = gpu.DRY
+    prob = loss_problem(3, S.V_S, S.V_T, S.chunks, hub=S.hub)
+    kw = {"kind": "uld", "t": prob.t, "alignment": prob.alignment, "proj": prob.proj, "tau": gpu.TAU,
+          "merge": "first", "uncommon_topk": S.topk, "rel": 1e-6, "student_ids": prob.student_ids,
+          "teacher_ids": prob.teacher_ids}
+    base = sorted_l1_ambiguous(z=prob.z, **kw)
+    assert base.double().mean() < 0.02
+    b, s_lo = (int(x) for x in prob.alignment.row_spans()[0, :2])
+    z = prob.z.clone()
+    top2 = torch.topk(z[b, s_lo], 2).indices
+    z[b, s_lo, top2[1]] = z[b, s_lo, top2[0]]
+    tied = sorted_l1_ambiguous(z=z, **kw)
+    assert bool(tied[b, s_lo, top2].all())
+    rest = torch.ones_like(tied)
+    rest[b, s_lo] = False
+    assert torch.equal(tied[rest], base[rest])
+
+
+def test_nominal_bandwidth_table():
+    assert gpu.nominal_bandwidth("NVIDIA H200") == 4.8e12
+    assert gpu.nominal_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12  # SXM
+    assert gpu.nominal_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert gpu.nominal_bandwidth("NVIDIA H100 NVL") == 3.9e12
+    assert gpu.nominal_bandwidth("NVIDIA GH200 480GB") is None  # measured instead
+    assert gpu.nominal_bandwidth("NVIDIA A100-SXM4-80GB") is None
+
+
+def test_floor_bytes_reads_both_sides_and_writes_the_gradient():
+    z, t = torch.zeros(1, 3, 5, dtype=torch.bfloat16), torch.zeros(1, 2, 7, dtype=torch.bfloat16)
+    assert gpu.floor_bytes(z, t) == 2 * (2 * 15 + 14)
+
+
+def test_cli_passes_dry_and_maps_the_result_to_the_exit_status(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(gpu, "run", lambda quick, dry: calls.append((quick, dry)) or len(calls) == 1)
+    assert main(["bench", "--dry"]) == 0  # --dry alone runs the GPU check
+    assert main(["bench", "--suite", "gpu", "--quick"]) == 1
+    assert calls == [(False, True), (True, False)]
+    assert main(["bench", "--suite", "align", "--dry"]) == 2
+    assert "--dry applies to ['gpu'] only" in capsys.readouterr().err

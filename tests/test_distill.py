@@ -1,0 +1,333 @@
+"""xt.Distiller / xt.Teacher (xtoken_ext/distill.py) on real offline tokenizers and xt.Collator batches: the
+objective equals its composition from the public losses, "auto" follows the audit, a shared tokenizer gives the
+plain per-token KL, confidence weights, top-1 agreement, cached teachers, learnable W, teacher dtype/no-grad,
+packed batches and errors.
+
+Models are lookup tables (logits = table[ids mod M] · scale) unless a test needs a real transformer. Tolerances:
+two fp32 computations of the same per-row quantities that differ in how scalars are rounded and sums ordered;
+each value is bounded by C·u·κ relative to the magnitude of its parts (helpers.kappa: the log-sum-exp condition),
+a gradient entry by C·u·κ·(|KD part| + |CE part|)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import C, kappa
+
+import xtoken_ext as xt
+from xtoken_ext.distill import (Distiller, Teacher, combine_losses, identity_projection, next_token_ce,
+                                weighted_kd)
+
+U32 = 2.0 ** -24
+M = 211
+TEXTS = ["The year 2024 had 366 days; 12,345 apples cost $3.50 in total.",
+         "def area(r):\n    return 3.14159 * r ** 2",
+         "Q: what is 12 + 30? A: 42, and 7 pears."]
+
+
+class Table(torch.nn.Module):
+    """logits[b, p] = scale · table[ids[b, p] mod M]; records the dtype and grad mode it ran with."""
+
+    def __init__(self, V: int, seed: int, scale: float = 2.0, dtype=torch.float32):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter((scale * torch.randn(M, V, generator=g)).to(dtype))
+        self.seen = []
+
+    def forward(self, input_ids, attention_mask=None):
+        self.seen.append((self.table.dtype, torch.is_grad_enabled()))
+        return self.table[input_ids % M]
+
+
+@pytest.fixture(scope="module")
+def toks(offline_tok):
+    return offline_tok("gpt2"), offline_tok("mistral-spm"), offline_tok("qwen3")
+
+
+@pytest.fixture(scope="module")
+def batch(toks):
+    s, m, _ = toks
+    return xt.Collator(s, [m, s], max_length=32)(TEXTS)
+
+
+def only(batch, j: int):
+    """The batch with teacher j alone."""
+    return {**batch, "teachers": [batch["teachers"][j]]}
+
+
+def student_logits(toks, batch, seed=0):
+    table = Table(len(toks[0]), seed)
+    return table, table(batch["input_ids"])
+
+
+def test_objective_equals_its_composition_from_the_public_losses(toks, batch):
+    s, m, _ = toks
+    t_spm, t_same = Table(len(m), 1, 3.0), Table(len(s), 2, 3.0)
+    d = Distiller(s, [Teacher(t_spm, m, weight=0.2, name="spm"), Teacher(t_same, s, weight=0.8, name="same")])
+    table, z = student_logits(toks, batch)
+    loss, metrics = d(z, batch)
+    assert [t.kind for t in d.teachers] == ["pkl", "kl"]  # numerals outside GPT-2's exact common set; same tokenizer
+    (g,) = torch.autograd.grad(loss, z)
+
+    z2 = z.detach().requires_grad_()
+    tds = batch["teachers"]
+    with torch.no_grad():
+        zt = [t_spm(tds[0]["input_ids"]), t_same(tds[1]["input_ids"])]
+    proj = xt.Projection.from_tokenizers(s, m, len(s), len(m), progress=False)
+    kds = [xt.pkl_loss(z2, zt[0], tds[0]["alignment"], proj),
+           xt.pkl_loss(z2, zt[1], tds[1]["alignment"], identity_projection(len(s), len(s)))]
+    labels = batch["labels"]
+    ce = next_token_ce(z2, labels.clamp_min(0), labels != -100)
+    kd = weighted_kd(kds, [0.2, 0.8])
+    ref, scale = combine_losses(ce, kd)
+    g_kd, = torch.autograd.grad(scale * kd, z2, retain_graph=True)
+    g_ce, = torch.autograd.grad(ce, z2, retain_graph=True)
+    ref, ce, kd, kds = ref.detach(), ce.detach(), kd.detach(), [x.detach() for x in kds]
+    kap = kappa(z, torch.cat([x.reshape(-1) for x in zt])[None], 1.0)
+    for key, want in (("loss", ref), ("ce", ce), ("kd", kd), ("kd_scale", scale), ("kd/spm", kds[0]),
+                      ("kd/same", kds[1])):
+        assert abs(float(metrics[key]) - float(want)) <= C * U32 * kap * (abs(float(want)) + 1), key
+    assert math.isclose(float(loss), float(ref), rel_tol=C * U32 * kap)  # dynamic: 2·CE
+    bound = C * U32 * kap * (g_kd.abs() + g_ce.abs()) + 1e-30
+    assert bool(((g - g_kd - g_ce).abs() <= bound).all())
+    assert float(metrics["alpha/spm"]) == 0.2 and float(metrics["excluded/spm"]) == 0
+    for j, name in enumerate(("spm", "same")):
+        a = tds[j]["alignment"]
+        assert float(metrics[f"valid_frac/{name}"]) == a.chunk_valid.sum().item() / a.num_chunks.sum().item()
+
+
+def test_fixed_scaling_weights(toks, batch):
+    s, m, _ = toks
+    d = Distiller(s, [Teacher(Table(len(m), 1), m)], scaling="fixed", ce_weight=0.1, kd_weight=2.0)
+    _, z = student_logits(toks, batch)
+    loss, met = d(z, only(batch, 0))
+    want = 2.0 * met["kd"] + 0.1 * met["ce"]
+    assert abs(float(loss) - float(want)) <= C * U32 * float(want) and float(met["kd_scale"]) == 2.0
+
+
+def test_auto_follows_the_audit_per_teacher(toks, batch):
+    s, m, q = toks
+    # student GPT-2 (multi-digit numerals): P-KL for Mistral; student Mistral (single digits): H-KL for GPT-2 / Qwen3
+    for student, teacher in ((s, m), (m, s), (m, q)):
+        col = xt.Collator(student, [teacher], max_length=24)
+        b = col(TEXTS[:1])
+        d = Distiller(student, [Teacher(Table(len(teacher), 1), teacher)])
+        d(Table(len(student), 0)(b["input_ids"]), b)
+        proj = xt.Projection.from_tokenizers(student, teacher, len(student), len(teacher), progress=False)
+        assert d.teachers[0].kind == proj.audit().recommendation == ("pkl" if student is s else "hkl")
+    with pytest.raises(ValueError, match="loss='kl' needs the student's tokenizer"):
+        Distiller(s, [Teacher(Table(len(m), 1), m, loss="kl")])(Table(len(s), 0)(batch["input_ids"]),
+                                                                 only(batch, 0))
+
+
+def test_shared_tokenizer_is_the_plain_token_kl(toks, batch):
+    """KL(p_T ‖ p_S) per next-token position of the valid chunks (1:1 for a shared tokenizer), float64 by hand."""
+    s, _, _ = toks
+    teacher = Table(len(s), 2, 3.0)
+    td = batch["teachers"][1]
+    d = Distiller(s, [Teacher(teacher, s, temperature=2.0)])
+    _, z = student_logits(toks, batch)
+    _, met = d(z, only(batch, 1))
+    zt = teacher(td["input_ids"]).detach()
+    terms = []
+    for b, lo, hi, t_lo, t_hi in td["alignment"].row_spans().tolist():
+        assert hi - lo == 1 and t_hi - t_lo == 1 and lo == t_lo  # one token each side, same position
+        p = torch.softmax(zt[b, t_lo].double() / 2, -1)
+        terms.append(4 * (p * (p.log() - torch.log_softmax(z[b, lo].double() / 2, -1))).sum())
+    want = float(torch.stack(terms).mean())
+    assert abs(float(met["kd"]) - want) <= C * U32 * kappa(z, zt, 2.0) * (want + 4)
+
+
+@pytest.mark.parametrize("confidence", ["entropy", "max_prob", "ce"])
+def test_confidence_weights_are_a_softmax_of_teacher_scores(toks, batch, confidence):
+    s, m, _ = toks
+    teachers = [Table(len(m), 1, 3.0), Table(len(s), 2, 1.0)]
+    d = Distiller(s, [Teacher(t, tok) for t, tok in zip(teachers, (m, s))], weighting="confidence",
+                  confidence=confidence, confidence_temperature=0.5)
+    _, z = student_logits(toks, batch)
+    _, met = d(z, batch)
+    scores = []
+    for t, td in zip(teachers, batch["teachers"]):
+        zt = t(td["input_ids"]).detach().double()
+        vals = []
+        for b, _, _, t_lo, t_hi in td["alignment"].row_spans().tolist():
+            for p in range(t_lo, t_hi):
+                lp = torch.log_softmax(zt[b, p], -1)
+                vals.append({"entropy": (lp.exp() * lp).sum(), "max_prob": lp.max().exp(),
+                             "ce": lp[td["input_ids"][b, p + 1]]}[confidence])
+        scores.append(torch.stack(vals).mean())
+    alpha = torch.softmax(torch.stack(scores) / 0.5, 0)
+    kap = kappa(z, zt, 1.0)
+    for j, name in enumerate(("teacher0", "teacher1")):
+        assert abs(float(met[f"alpha/{name}"]) - float(alpha[j])) <= C * U32 * kap * 4
+    assert abs(float(alpha[0]) - 0.5) > 0.01
+    want = alpha[0] * met["kd/teacher0"] + alpha[1] * met["kd/teacher1"]
+    assert abs(float(met["kd"]) - float(want)) <= C * U32 * kap * float(want)
+
+
+class Fixed(torch.nn.Module):
+    """A teacher returning given logits."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.logits
+
+
+def test_top1_agreement_matches_the_dense_projection(toks, batch):
+    """On the first row pair of each valid chunk: argmax of Wᵀp_S (float64, sparse W by hand) vs the teacher's.
+    Half the chunks are made to agree through an exact row of W, the others to disagree."""
+    s, m, _ = toks
+    td = batch["teachers"][0]
+    W = xt.Projection.from_tokenizers(s, m, len(s), len(m), progress=False)
+    exact = torch.nonzero((W.weights[:, 0] == 1) & (W.indices[:, 1] < 0)).flatten()
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(*batch["input_ids"].shape, len(s), generator=g)
+    zt = torch.randn(*td["input_ids"].shape, len(m), generator=g)
+    rs = td["alignment"].row_spans()
+    for k, (b, lo, _, t_lo, _) in enumerate(rs.tolist()):
+        v = int(exact[(37 * k) % exact.numel()])
+        z[b, lo, v] += 30.0
+        zt[b, t_lo, int(W.indices[v, 0]) if k % 2 == 0 else (int(W.indices[v, 0]) + 1) % len(m)] += 30.0
+    _, met = Distiller(s, [Teacher(Fixed(zt), m)])(z, only(batch, 0))
+    keep = W.indices >= 0
+    rows_v = torch.arange(len(s))[:, None].expand_as(W.indices)[keep]
+    Wt = torch.sparse_coo_tensor(torch.stack([W.indices[keep].long(), rows_v]), W.weights[keep].double(),
+                                 (len(m), len(s)))  # Wᵀ, float64
+    p = torch.softmax(z[rs[:, 0], rs[:, 1]].double(), -1)
+    q = torch.sparse.mm(Wt, p.T).T  # [chunks, V_T]: Σ_v p_S(v) W[v, :]
+    hits = int((q.argmax(1) == zt[rs[:, 0], rs[:, 3]].argmax(1)).sum())
+    assert hits == (rs.shape[0] + 1) // 2
+    assert float(met["top1/teacher0"]) == hits / rs.shape[0]
+    # a student equal to a teacher with its tokenizer agrees everywhere (and KL = 0)
+    same = Distiller(s, [Teacher(Table(len(s), 0), s)])
+    _, met2 = same(Table(len(s), 0)(batch["input_ids"]), only(batch, 1))
+    assert float(met2["top1/teacher0"]) == 1.0 and float(met2["kd"]) < 1e-6
+
+
+def test_cached_teacher_reproduces_the_dense_teacher(toks, tmp_path):
+    s, m, _ = toks
+    teacher = Table(len(m), 1, 3.0)
+    plain = xt.Collator(s, [m], max_length=20)
+    cache = xt.teacher_cache.build(teacher, m, plain.teacher_ids(TEXTS[:2]), tmp_path / "c", k=len(m),
+                                   dtype=torch.float32, progress=False)
+    dense = Distiller(s, [Teacher(teacher, m)])
+    cached = Distiller(s, [Teacher(None, m, cache=cache)])
+    b_dense = plain(TEXTS[:2])
+    b_cached = cached.collator(max_length=20)(TEXTS[:2])
+    assert "topk_logprobs" in b_cached["teachers"][0] and "topk_logprobs" not in b_dense["teachers"][0]
+    _, z = student_logits(toks, b_dense)
+    _, a = dense(z, b_dense)
+    _, b = cached(z, b_cached)
+    kap = kappa(z, teacher.table.detach(), 1.0)
+    for k in ("kd", "ce", "top1/teacher0"):
+        assert abs(float(a[k]) - float(b[k])) <= C * U32 * kap * (abs(float(a[k])) + 1), k
+    with pytest.raises(ValueError, match="confidence='ce' needs the teacher's full distribution"):
+        Distiller(s, [Teacher(None, m, cache=cache)], weighting="confidence", confidence="ce")(z, b_cached)
+
+
+def test_learnable_w_has_its_own_param_group(toks, batch):
+    s, m, _ = toks
+    d = Distiller(s, [Teacher(Table(len(m), 1), m, learnable=True, vocab_size=len(m))], student_vocab_size=len(s))
+    groups = d.param_groups()
+    assert len(groups) == 1 and groups[0]["lr"] == 1e-2 and groups[0]["weight_decay"] == 0.0
+    (theta,) = groups[0]["params"]
+    assert theta.shape == (len(s), 4) and d.teachers[0].kind == "pkl"
+    _, z = student_logits(toks, only(batch, 0))
+    loss, _ = d(z, only(batch, 0))
+    loss.backward()
+    assert theta.grad is not None and float(theta.grad.abs().sum()) > 0
+    opt = torch.optim.AdamW(groups)
+    before = d.kd_losses["teacher0"].proj.weights.detach().clone()
+    opt.step()
+    assert not torch.equal(before, d.kd_losses["teacher0"].proj.weights.detach())
+    d.sync_grads()  # no process group: a no-op
+    assert Distiller(s, [Teacher(Table(len(m), 1), m)]).param_groups() == []
+    with pytest.raises(ValueError, match="learnable W"):
+        Teacher(Table(len(m), 1), m, loss="hkl", learnable=True)
+
+
+def test_teacher_runs_in_its_own_dtype_without_grad(toks, batch):
+    s, m, _ = toks
+    teacher = Table(len(m), 1, dtype=torch.bfloat16)
+    d = Distiller(s, [Teacher(teacher, m)])
+    table, z = student_logits(toks, batch)
+    loss, _ = d(z, only(batch, 0))
+    loss.backward()
+    assert teacher.seen == [(torch.bfloat16, False)] and teacher.table.grad is None
+    assert not teacher.training and not teacher.table.requires_grad
+    assert table.table.grad is not None and torch.isfinite(table.table.grad).all()
+
+
+def test_model_inputs_never_carry_alignment_keys(toks):
+    s, m, _ = toks
+    b = xt.Collator(s, [m], max_length=64)(TEXTS)
+    assert set(Distiller.model_inputs(b)) == {"input_ids", "attention_mask"}
+    packed = xt.Collator(s, [m], max_length=64, packing=True)(TEXTS)
+    assert set(Distiller.model_inputs(packed)) == {"input_ids", "position_ids"}  # per-document masks from positions
+    hf = type("HF", (), {"config": type("Config", (), {"use_cache": True})()})()
+    assert Distiller.model_inputs(packed, hf)["use_cache"] is False
+
+
+def test_packed_batches_give_the_unpacked_objective(toks):
+    """A real causal transformer (tiny GPT-2, float64) sees per-document attention through position_ids, so the
+    packed objective equals the unpacked one."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    s, m, _ = toks
+    torch.manual_seed(0)
+
+    def tiny(V):
+        return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0,
+                                          embd_pdrop=0, attn_pdrop=0)).double().eval()
+
+    student, teacher = tiny(len(s)), tiny(len(m))
+    d = Distiller(s, [Teacher(teacher, m)], scaling="fixed")
+    out = []
+    for packing in (False, True):
+        b = xt.Collator(s, [m], max_length=64, packing=packing)(TEXTS)
+        if packing:
+            assert b["input_ids"].shape[0] < len(TEXTS)
+        _, met = d(student(**Distiller.model_inputs(b, student)).logits, b)
+        out.append(met)
+    for k in ("ce", "kd", "top1/teacher0"):
+        assert abs(float(out[0][k]) - float(out[1][k])) <= 1e-9 * (abs(float(out[0][k])) + 1), k
+
+
+def test_errors(toks, batch):
+    s, m, _ = toks
+    with pytest.raises(ValueError, match="loss must be one of"):
+        Teacher(None, m, loss="kd", vocab_size=10)
+    with pytest.raises(ValueError, match="needs cache= or vocab_size="):
+        Teacher(None, m)
+    with pytest.raises(ValueError, match="apply to scaling='fixed'"):
+        Distiller(s, [Teacher(Table(3, 0), m)], ce_weight=0.1)
+    with pytest.raises(ValueError, match="unique"):
+        Distiller(s, [Teacher(Table(3, 0), m, name="a"), Teacher(Table(3, 0), m, name="a")])
+    d = Distiller(s, [Teacher(Table(len(m), 1), m)])
+    _, z = student_logits(toks, batch)
+    with pytest.raises(ValueError, match="2 teachers, the Distiller 1"):
+        d(z, batch)
+    with pytest.raises(ValueError, match="no model and the batch carries no cached"):
+        Distiller(s, [Teacher(None, m, vocab_size=len(m))])(z, only(batch, 0))
+
+
+def test_nonfinite_policy_is_passed_to_the_losses(toks, batch):
+    """With the losses' `nonfinite` keyword (POLICY.md), "mask" excludes a NaN teacher chunk and reports it."""
+    s, m, _ = toks
+    teacher = Table(len(m), 1)
+    with torch.no_grad():
+        teacher.table[batch["teachers"][0]["input_ids"][0, 3] % M] = float("nan")
+    one = only(batch, 0)
+    _, z = student_logits(toks, batch)
+    if "nonfinite" not in __import__("inspect").signature(xt.pkl_loss).parameters:
+        with pytest.raises(ValueError, match="nonfinite= needs losses"):
+            Distiller(s, [Teacher(teacher, m)], nonfinite="mask")
+        return
+    loss, met = Distiller(s, [Teacher(teacher, m)], nonfinite="mask")(z, one)
+    assert torch.isfinite(loss) and float(met["excluded/teacher0"]) >= 1
+    with pytest.raises(ValueError, match="teacher_logits"):
+        Distiller(s, [Teacher(teacher, m)])(z, one)  # the default policy raises

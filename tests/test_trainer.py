@@ -1,0 +1,202 @@
+"""xt.DistillTrainer (xtoken_ext/trainer.py) with tiny GPT-2 models on real offline tokenizers: exact gradient
+accumulation, metrics through Trainer logging, raw dataset columns kept and never passed to the model, a learnable
+W's optimizer group and saved file, evaluation, GGUF-dequantized models, TRL's SFTTrainer, and the examples/.
+
+Gradient-accumulation tolerance: the accumulated run and the one-batch run (float64 models) compute the same
+per-token quantities in batches of other shapes; every value is a sum or dot product of at most n = V_S + R terms
+(R = rows of the batch), so an entry differs by at most C·n·u₆₄ times the largest magnitude among the summands,
+bounded here by |g| + max|g| (C = 8)."""
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import xtoken_ext as xt
+from xtoken_ext.distill import Distiller, Teacher
+
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+U64 = 2.0 ** -53
+TEXTS = ["The year 2024 had 366 days; 12,345 apples cost $3.50.", "Q: what is 12 + 30? A: 42, and 7 pears.",
+         "def area(r):\n    return 3.14159 * r ** 2", "Short one."]
+
+
+def tiny(V: int, seed: int, dtype=torch.float32):
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=V, n_positions=64, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    return GPT2LMHeadModel(config).to(dtype)
+
+
+@pytest.fixture(scope="module")
+def toks(offline_tok):
+    return offline_tok("gpt2"), offline_tok("mistral-spm")
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", max_grad_norm=0.0,
+                learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1, seed=0, dataloader_num_workers=0)
+    return TrainingArguments(**(base | kw))
+
+
+class Grab(TrainerCallback):
+    """The accumulated gradient of every step, before the optimizer uses it."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+@pytest.mark.parametrize("scaling,batch,accumulation", [("fixed", 2, 2), ("dynamic", 4, 1)])
+def test_gradient_accumulation_is_exact(toks, tmp_path, scaling, batch, accumulation):
+    s, m = toks
+    student, teacher = tiny(len(s), 0, torch.float64), tiny(len(m), 1, torch.float64)
+    ref_student = tiny(len(s), 0, torch.float64)
+
+    def distiller():
+        return Distiller(s, [Teacher(teacher, m)], scaling=scaling)
+
+    grab = Grab()
+    trainer = xt.DistillTrainer(model=student, args=args(tmp_path, max_steps=1, per_device_train_batch_size=batch,
+                                                         gradient_accumulation_steps=accumulation),
+                                train_dataset=[{"text": t} for t in TEXTS], distiller=distiller(), max_length=24,
+                                callbacks=[grab])
+    trainer.train()
+    d = distiller()
+    full = d.collator(max_length=24)(TEXTS)  # the one-batch run: all 4 texts at once
+    loss, metrics = d(ref_student(**Distiller.model_inputs(full, ref_student)).logits, full)
+    loss.backward()
+    R = full["input_ids"].numel()
+    eps = 8 * (len(s) + R) * U64
+    for name, p in ref_student.named_parameters():
+        g, ref = grab.grads[0][name], p.grad
+        assert bool(((g - ref).abs() <= eps * (ref.abs() + ref.abs().max())).all()), name
+    logged = next(h for h in trainer.state.log_history if "ce" in h)
+    # Trainer accumulates the loss in float32: one rounding per micro-batch and per addition
+    assert math.isclose(logged["loss"], float(loss.detach()), rel_tol=2 * accumulation * 2.0 ** -24 + eps)
+    assert math.isclose(logged["ce"], float(metrics["ce"]), rel_tol=eps * 10)
+    if scaling == "fixed" or accumulation == 1:
+        assert math.isclose(logged["kd/teacher0"], float(metrics["kd/teacher0"]), rel_tol=eps * 10)
+
+
+def test_metrics_logged_columns_kept_and_model_inputs_clean(toks, tmp_path):
+    from datasets import Dataset
+
+    s, m = toks
+    student = tiny(len(s), 0)
+    seen = []
+    forward = student.forward
+
+    def spy(*a, **kw):
+        seen.append(set(kw) | {f"arg{i}" for i in range(len(a))})
+        return forward(*a, **kw)
+
+    student.forward = spy
+    d = Distiller(s, [Teacher(tiny(len(m), 1), m, name="spm", learnable=True), Teacher(tiny(len(s), 2), s,
+                                                                                      name="same")],
+                  student_vocab_size=len(s), weighting="confidence")
+    ds = Dataset.from_dict({"text": TEXTS, "source": ["a", "b", "c", "d"]})  # default remove_unused_columns=True
+    trainer = xt.DistillTrainer(model=student, args=args(tmp_path, max_steps=2, per_device_train_batch_size=2),
+                                train_dataset=ds, eval_dataset=ds, distiller=d, max_length=24)
+    trainer.train()
+    assert seen and all(keys == {"input_ids", "attention_mask", "use_cache"} for keys in seen)
+    logs = [h for h in trainer.state.log_history if "ce" in h]
+    assert len(logs) == 2
+    for h in logs:
+        for k in ("loss", "ce", "kd", "kd_scale", "step_time", *(f"{p}/{n}" for n in ("spm", "same") for p in
+                                                                  ("kd", "alpha", "valid_frac", "top1", "excluded"))):
+            assert k in h and math.isfinite(h[k]), k
+        assert math.isclose(h["loss"], 2 * h["ce"], rel_tol=1e-6)  # dynamic scaling: the loss is 2·CE ...
+        assert h["kd"] > 0 and h["kd_scale"] > 0  # ... so KD and its scale are logged beside it
+        assert math.isclose(h["alpha/spm"] + h["alpha/same"], 1.0, rel_tol=1e-9)
+    # the learnable W: its own optimizer group, updated, saved with the model
+    theta = d.kd_losses["spm"].proj.theta
+    group = next(g for g in trainer.optimizer.param_groups if any(p is theta for p in g["params"]))
+    assert group["lr"] == 1e-2 and group["weight_decay"] == 0.0
+    assert not torch.equal(d.kd_losses["spm"].proj.weights.detach(), d.kd_losses["spm"].proj.base.weights)
+    trainer.save_model(str(tmp_path / "out"))
+    saved = xt.Projection.load(tmp_path / "out" / "xtoken_W_spm.safetensors")
+    torch.testing.assert_close(saved.weights, d.kd_losses["spm"].proj.weights.detach(), rtol=0, atol=0)
+    ev = trainer.evaluate()
+    assert math.isfinite(ev["eval_loss"]) and "eval_ce" in ev and "eval_kd/spm" in ev
+
+
+def test_gguf_dequantized_model_trains(toks, tmp_path):
+    """A GGUF-loaded model keeps a GgufHfQuantizer (model.is_quantized) although its weights are float: Trainer
+    would refuse it. DistillTrainer clears the flag; a model that really holds quantized blocks keeps it."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig, QuantizationMethod
+
+    s, m = toks
+
+    def flagged(extra_int: bool):
+        model = tiny(len(s), 0)  # what from_pretrained(gguf_file=...) leaves on the model
+        model.hf_quantizer = GgufHfQuantizer(GgufConfig())
+        model.is_quantized, model.quantization_method = True, QuantizationMethod.GGUF
+        model.config.quantization_config = GgufConfig()
+        if extra_int:
+            model.register_parameter("blocks", torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8),
+                                                                  requires_grad=False))
+        return model
+
+    d = Distiller(s, [Teacher(tiny(len(m), 1), m)])
+    with pytest.raises(ValueError, match="quantized"):
+        transformers.Trainer(model=flagged(False), args=args(tmp_path, max_steps=1))
+    model = flagged(False)
+    trainer = xt.DistillTrainer(model=model, args=args(tmp_path, max_steps=1, per_device_train_batch_size=2),
+                                train_dataset=TEXTS, distiller=d, max_length=24)
+    assert not model.is_quantized and not hasattr(model.config, "quantization_config")
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))  # save_pretrained refused GGUF-flagged models too
+    assert (tmp_path / "saved" / "config.json").exists()
+    with pytest.raises(ValueError, match="quantized"):
+        xt.DistillTrainer(model=flagged(True), args=args(tmp_path, max_steps=1), train_dataset=TEXTS, distiller=d)
+
+
+def run_example(name: str, *argv: str) -> list[dict]:
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return importlib.import_module(name).main(list(argv))
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+TINY = ("--steps", "1", "--batch-size", "2", "--max-length", "32")
+SPM = "tiny-llama:mistral-spm"  # the examples' teachers at CI size: one W (GPT-2 -> Mistral) for all of them
+
+
+def test_example_plain_loop():
+    (h,) = run_example("plain_loop", *TINY, "--teacher", SPM)
+    assert math.isfinite(h["kd"]) and h["kd"] > 0 and math.isclose(h["loss"], 2 * h["ce"], rel_tol=1e-9)
+
+
+def test_example_accelerate_loop():
+    (h,) = run_example("accelerate_loop", *TINY, "--teacher", SPM, "--accumulation", "2")
+    assert math.isclose(h["loss"], 2 * h["ce"], rel_tol=1e-9)  # micro-batch contributions add up to 2·CE
+
+
+def test_example_hf_trainer_two_teachers_confidence():
+    (h,) = run_example("hf_trainer", *TINY, "--teacher", SPM, "--teacher", "tiny-gpt2:gpt2", "--weighting",
+                       "confidence")
+    assert {"kd/mistral-spm", "kd/gpt2", "alpha/gpt2", "top1/gpt2"} <= set(h)
+    assert math.isclose(h["alpha/mistral-spm"] + h["alpha/gpt2"], 1.0, rel_tol=1e-9)
+
+
+def test_example_two_teachers_learnable_w():
+    (h,) = run_example("two_teachers", *TINY, "--teacher", SPM, "--teacher2", "tiny-gpt2:gpt2", "--learnable-w")
+    assert h["alpha/t0"] == 0.8 and h["kd/t1"] >= 0
+
+
+def test_example_trl_sft():
+    pytest.importorskip("trl")  # the test extra installs it on Python >= 3.11 (TRL's own floor)
+    (h,) = run_example("trl_sft", *TINY, "--teacher", SPM)
+    assert math.isfinite(h["kd"]) and 0 < h["valid_frac/teacher0"] < 1  # completion-only chunks

@@ -1,0 +1,192 @@
+"""The Triton backend of xtoken::hkl_rows (ops/hkl_kernel.py) on the cases its in-kernel selection must get right,
+against the float64 oracle of helpers.py: exact ties in the top m, m = 0, m above a sparse teacher's entries, several
+sort windows and the overflow (exact) compaction (forced with a small window and no list slack), level-1 bins pushed
+to their ends (logits shifted by ±1000, the per-program shift carried across chunks), all-equal logits, and the
+non-finite input contract of notes/POLICY.md (bad chunks -> NaN loss, zero gradient rows and chain gradient)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import check, device, grad_bound, kappa, loss_bound, make_problem, oracle_hkl
+from xtoken_ext.ops import hkl_kernel
+from xtoken_ext.ops import pkl as _ops  # noqa: F401  (registers both xtoken:: ops)
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # masked interpreter lanes evaluate log(0)
+
+
+def pairs_of(P, pairs):
+    return (torch.zeros(0, dtype=torch.int64),) * 2 if pairs == "none" else P.proj.common_pairs(pairs)
+
+
+def run(P, merge, pairs, uncommon_topk, tau=0.7, dt=torch.float32, tie_sums=False):
+    """Op vs oracle: loss per chunk, gradient per entry off the tie columns; with tie_sums, also Σ over each row's tie
+    columns of the gradient (invariant to the order ties are taken in: each tie group shares one value)."""
+    dev = device()
+    cs, ct = pairs_of(P, pairs)
+    z = P.z.to(dt).to(dev).requires_grad_()
+    s_chain = P.s_chain.clone().to(dev).requires_grad_(merge == "chain")
+    args = [x.to(dev) if isinstance(x, torch.Tensor) else x
+            for x in (P.t.to(dt), P.t_cols, P.col_mask, P.spans, tau, merge, s_chain if merge == "chain" else None,
+                      P.t_chain, cs, ct)]
+    loss, _, _ = torch.ops.xtoken.hkl_rows(z, *args, uncommon_topk, "triton")
+    (loss * P.g_out.to(dev)).sum().backward()
+    zr = z.detach().cpu()
+    z64 = zr.double().requires_grad_()
+    sc64 = P.s_chain.double().requires_grad_()
+    ref, ties = oracle_hkl(z64, P.t.to(dt), P.t_cols, P.col_mask, P.spans, tau, merge, sc64, P.t_chain, cs, ct,
+                           uncommon_topk)
+    (ref * P.g_out.double()).sum().backward()
+    kap = kappa(zr, P.t.to(dt), tau)
+    key = f"triton/{str(dt)[6:]}/hkl select"
+    check(key + " loss", loss.cpu(), ref.detach(), loss_bound(ref, tau, kap, dt))
+    bound = grad_bound(z64.grad, zr, tau, kap, dt, "triton", float(P.g_out.abs().max()))
+    check(key + " grad", z.grad.cpu(), z64.grad, bound, mask=~ties)
+    if tie_sums:
+        assert bool(ties.any())
+        m = ties.double()
+        check(key + " grad tie sums", (z.grad.cpu().double() * m).sum(1), (z64.grad * m).sum(1), (bound * m).sum(1))
+    if merge == "chain":
+        check(key + " grad s_chain", s_chain.grad.cpu(), sc64.grad, loss_bound(sc64.grad, tau, kap, torch.float32))
+    return loss.detach().cpu(), ref.detach()
+
+
+def tie_problem(seed, merge, sparse_k):
+    """Logits on a coarse grid (exact ties everywhere, distinct values ≥ 0.5/τ apart); for "mean" every row of a
+    chunk is a copy of its first, so the merged S ties exactly where the rows do."""
+    P = make_problem(seed, 61, 97, 4, 3, sparse_k, "covered", 0.1, True)
+    g = torch.Generator().manual_seed(seed)
+    P.z = torch.randint(-4, 5, P.z.shape, generator=g).float() / 2
+    if merge == "mean":
+        for s_lo, s_hi, _, _ in P.spans.tolist():
+            P.z[s_lo:s_hi] = P.z[s_lo]
+    if not sparse_k:
+        P.t = torch.randint(-4, 5, P.t.shape, generator=g).float() / 2
+    return P
+
+
+@pytest.mark.parametrize("merge,sparse_k,topk", [("first", 0, 20), ("mean", 0, None), ("chain", 7, 20)])
+def test_exact_ties_in_top_m(merge, sparse_k, topk):
+    run(tie_problem(5, merge, sparse_k), merge, "relaxed", topk, tie_sums=True)
+
+
+@pytest.mark.parametrize("topk,sparse_k", [(0, 0), (0, 7), (3, 0), (None, 7), (10 ** 6, 0)])
+def test_m_zero_small_and_above_candidates(topk, sparse_k):
+    """m = 0 (the KL alone); m < candidates; m above a sparse teacher's k entries (b padded with zeros); an
+    uncommon_topk above |U| (m = min(|U_S|, |U_T|))."""
+    run(make_problem(7, 97, 61, 3, 2, sparse_k, "covered", 0.1, True), "mean", "relaxed", topk)
+
+
+@pytest.fixture
+def tiny_windows(monkeypatch):
+    """Sort windows of 16 lanes and no list slack: several windows per chunk, and the exact compaction whenever the
+    level-1 bin of the m-th largest holds more than 2 m keys."""
+    monkeypatch.setattr(hkl_kernel, "_SORT_CAP", 16)
+    monkeypatch.setattr(hkl_kernel, "_SLACK", 0)
+
+
+@pytest.mark.parametrize("merge,sparse_k,pairs,topk", [("mean", 0, "none", None), ("chain", 40, "strict", 37),
+                                                       ("first", 0, "relaxed", 23)])
+def test_several_windows_and_exact_compaction(tiny_windows, merge, sparse_k, pairs, topk):
+    run(make_problem(11, 131, 97, 5, 3, sparse_k, "all", 0.05, True), merge, pairs, topk)
+
+
+def test_several_windows_with_ties_bf16(tiny_windows):
+    P = tie_problem(13, "first", 0)
+    run(P, "first", "none", None, dt=torch.bfloat16, tie_sums=True)
+
+
+def test_shifted_logits_and_equal_logits(tiny_windows):
+    """Per chunk the student logits get +1000, −1000, 0 (the teacher's the opposite) or become all equal: the
+    level-1 bins clamp (every key in an end bin -> the exact compaction on both sides), the shift carried from the
+    previous chunk is far off, and all-equal values make one tie group of the whole row. Softmax is shift-invariant;
+    the rounded inputs go to the oracle."""
+    P = make_problem(17, 97, 61, 6, 1, 0, "all", 0.0, True)
+    for k, (s_lo, s_hi, t_lo, t_hi) in enumerate(P.spans.tolist()):
+        if k % 4 == 3:
+            P.z[s_lo:s_hi] = 0.25
+        else:
+            P.z[s_lo:s_hi] += (1000.0, -1000.0, 0.0)[k % 4]
+            P.t[t_lo:t_hi] -= (1000.0, -1000.0, 0.0)[k % 4]
+    loss, _ = run(P, "first", "none", 20, tau=1.0, tie_sums=True)
+    assert bool(torch.isfinite(loss).all())
+
+
+def poison(P, merge):
+    """Bad input in chunks 1-3 (NaN student value, +inf in a teacher column / entry, an all −inf student row);
+    chunk 0 gets values the contract does not call bad: NaN in a student row it does not read (merge "first": a
+    later row; else the gap row after the last chunk) and a first teacher row with no mass on A (all of A at −inf;
+    sparse: every entry), so P = 0."""
+    z, t = P.z.clone(), P.t.clone()
+    spans = P.spans.tolist()
+    z[spans[1][0], 3] = float("nan")
+    t[spans[2][2], 0] = float("inf")
+    z[spans[3][0]] = float("-inf")
+    if P.t_cols is None:
+        t[spans[0][2], P.col_mask] = float("-inf")
+    else:
+        t[spans[0][2]] = float("-inf")
+    unread = spans[0][0] + 1 if merge == "first" and spans[0][1] > spans[0][0] + 1 else z.shape[0] - 1
+    z[unread] = float("nan")
+    return z, t, unread
+
+
+def test_nonfinite_chain_sum_is_bad_input():
+    """merge="chain": a chunk whose student or teacher chain sum is NaN or +inf is bad input (as the torch backend)."""
+    P = make_problem(23, 61, 97, 4, 1, 0, "covered", 0.1, True)
+    P.spans[:, 1] += 1  # two student and two teacher rows per chunk: one chain scalar each (spans stay disjoint:
+    P.spans[:, 3] += 1  # make_problem leaves gap rows, and the last chunk ends before the trailing one)
+    P.spans[1:, [0, 2]] += torch.arange(1, P.spans.shape[0]).unsqueeze(1)
+    P.spans[1:, [1, 3]] += torch.arange(1, P.spans.shape[0]).unsqueeze(1)
+    P.z = torch.cat([P.z, P.z[:4]])
+    P.t = torch.cat([P.t, P.t[:4]])
+    s_chain, t_chain = torch.zeros(P.z.shape[0]) - 0.5, torch.zeros(P.t.shape[0]) - 0.5
+    s_chain[P.spans[1, 0] + 1] = float("nan")
+    t_chain[P.spans[2, 2] + 1] = float("inf")
+    dev = device()
+    cs, ct = P.proj.common_pairs("relaxed")
+    loss, grad, grad_chain = (x.cpu() for x in torch.ops.xtoken.hkl_rows(
+        P.z.to(dev), P.t.to(dev), None, P.col_mask.to(dev), P.spans.to(dev), 0.7, "chain", s_chain.to(dev),
+        t_chain.to(dev), cs.to(dev), ct.to(dev), 20, "triton"))
+    assert torch.isnan(loss).tolist() == [False, True, True, False]
+    for s_lo, s_hi, _, _ in P.spans[1:3].tolist():
+        assert not bool(grad[s_lo:s_hi].any()) and not bool(grad_chain[s_lo:s_hi].any())
+    assert bool(grad[P.spans[0, 0]].any()) and bool(grad_chain[P.spans[0, 0] + 1] != 0)
+
+
+@pytest.mark.parametrize("merge,sparse_k", [("first", 0), ("mean", 0), ("chain", 0), ("mean", 7)])
+def test_bad_input_chunks(merge, sparse_k):
+    P = make_problem(19, 61, 97, 5, 3, sparse_k, "covered", 0.1, True)
+    z, t, unread = poison(P, merge)
+    dev = device()
+    cs, ct = P.proj.common_pairs("relaxed")
+    s_chain = P.s_chain.to(dev) if merge == "chain" else None
+    args = (t.to(dev), None if P.t_cols is None else P.t_cols.to(dev), P.col_mask.to(dev), P.spans.to(dev), 0.7,
+            merge, s_chain, P.t_chain.to(dev), cs.to(dev), ct.to(dev), 20)
+    loss, grad, grad_chain = (x.cpu() for x in torch.ops.xtoken.hkl_rows(z.to(dev), *args, "triton"))
+    assert bool(torch.isnan(loss[1:4]).all()) and bool(torch.isfinite(loss[[0, 4]]).all())
+    for s_lo, s_hi, _, _ in P.spans[1:4].tolist():
+        assert torch.equal(grad[s_lo:s_hi], torch.zeros_like(grad[s_lo:s_hi]))
+        assert torch.equal(grad_chain[s_lo:s_hi], torch.zeros_like(grad_chain[s_lo:s_hi]))
+    assert bool(torch.isfinite(grad).all())
+    # chunks 0 and 4 against the oracle on the same inputs (the unread NaN row replaced: the oracle reads every row
+    # for κ, and chunks never read it)
+    good = [0, 4]
+    z_ok = z.clone()
+    z_ok[unread] = 0.0
+    z_ok[P.spans[1, 0], 3] = 0.0
+    z_ok[P.spans[3, 0]] = 0.0
+    z64 = z_ok.double().requires_grad_()
+    ref, ties = oracle_hkl(z64, t, P.t_cols, P.col_mask, P.spans, 0.7, merge, P.s_chain.double(), P.t_chain, cs, ct,
+                           20)
+    ref[good].sum().backward()
+    kap = kappa(z_ok, torch.where(torch.isfinite(t), t, 0.0), 0.7)
+    check("triton/float32/hkl bad-input loss", loss[good], ref.detach()[good], loss_bound(ref[good], 0.7, kap,
+                                                                                         torch.float32))
+    rows = torch.zeros(z.shape[0], dtype=torch.bool)
+    for k in good:
+        s_lo, s_hi = P.spans[k, :2].tolist()
+        rows[s_lo:s_hi if merge == "mean" else s_lo + 1] = True
+    mask = rows.unsqueeze(1) & ~ties
+    check("triton/float32/hkl bad-input grad", grad, z64.grad, grad_bound(z64.grad, z_ok, 0.7, kap, torch.float32,
+                                                                          "triton"), mask=mask)

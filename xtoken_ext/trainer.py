@@ -1,0 +1,175 @@
+"""Hugging Face Trainer integration: ``xt.DistillTrainer`` (a ``transformers.Trainer``) and ``DistillMixin`` for any
+Trainer subclass (TRL's ``SFTTrainer``: ``xt.trainer.with_distillation(trl.SFTTrainer)``).
+
+What the mixin changes:
+- the data collator defaults to ``distiller.collator(max_length=...)`` and the dataset's columns are left alone (the
+  collator reads ``text`` / ``prompt`` / ``completion`` / ``messages`` / ``xt_*``), whatever
+  ``remove_unused_columns`` says;
+- the student gets ``Distiller.model_inputs(batch)`` only (ids, mask or packed position ids): never labels,
+  alignments or teacher fields; the loss is the Distiller's CE + KD;
+- gradient accumulation is exact: each optimizer step's micro-batches are counted first (CE targets and valid chunks
+  per teacher, all-reduced over ranks: ``Distiller.normalizers``) and every micro-batch is normalized by those
+  counts, so the step's gradient equals the one of a single batch (the dynamic KD scale is per micro-batch, see
+  ``xtoken_ext.distill``);
+- every metric of the Distiller (CE, KD per teacher, KD scale, α, valid-chunk fraction, top-1 agreement, excluded
+  chunks) and the mean optimizer-step time go through ``Trainer.log``; additive metrics are summed over the step's
+  micro-batches, the others averaged, then both averaged over the logged steps;
+- a learnable W gets its own optimizer group (lr 1e-2, no weight decay, outside gradient clipping), its gradients
+  are averaged over ranks, and it is saved beside checkpoints (``xtoken_W_<teacher>.safetensors``);
+- a model loaded from a GGUF file with its weights dequantized to float is no longer flagged as quantized, so the
+  Trainer fine-tunes it (``clear_gguf_quantization``).
+
+This module imports ``transformers``; ``import xtoken_ext`` does not.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections import defaultdict
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .distill import Distiller
+
+__all__ = ["DistillTrainer", "DistillMixin", "with_distillation", "clear_gguf_quantization"]
+
+logger = logging.getLogger(__name__)
+_ADDITIVE = ("loss", "ce", "kd", "kd/", "excluded/")  # metrics that add up over a step's micro-batches
+
+
+def clear_gguf_quantization(model) -> bool:
+    """A model loaded with ``from_pretrained(..., gguf_file=...)`` whose weights were dequantized to float stays
+    flagged as quantized (``model.is_quantized``, ``hf_quantizer``): ``Trainer`` then refuses to fine-tune it ("purely
+    quantized models") and ``save_pretrained`` refuses to save it. When every parameter is floating point, remove the
+    flag with the quantizer's own ``remove_quantization_config`` and return True. A model that still holds GGUF
+    blocks (integer parameters, e.g. with the GGUF matmul kernels) is left as is."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or type(quantizer).__name__ != "GgufHfQuantizer":
+        return False
+    if not all(p.is_floating_point() for p in model.parameters()):
+        return False
+    quantizer.remove_quantization_config(model)
+    return True
+
+
+class _SyncLearnedW(TrainerCallback):
+    def __init__(self, distiller: Distiller):
+        self.distiller = distiller
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.distiller.sync_grads()
+
+
+class DistillMixin:
+    """Distillation for a ``transformers.Trainer`` subclass (put it first: ``class T(DistillMixin, SFTTrainer)``).
+    Extra arguments: ``distiller`` (an ``xt.Distiller``, required) and ``max_length`` (of the default collator)."""
+
+    loss_is_scaled_for_ga = True  # every micro-batch is already normalized by its optimizer step's counts
+
+    def __init__(self, *args, distiller: Distiller, max_length: int | None = None, **kwargs):
+        if not isinstance(distiller, Distiller):
+            raise TypeError(f"distiller must be an xt.Distiller, got {type(distiller).__name__}")
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None and clear_gguf_quantization(model):
+            logger.info("xtoken: the GGUF model's weights are float; cleared its quantization flag for training")
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = distiller.collator(max_length=max_length)
+        self.distiller = distiller
+        self._xt_window = None
+        self._xt_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._xt_steps = 0
+        self._xt_clock: float | None = None  # start of the first step since the last log
+        super().__init__(*args, **kwargs)
+        self.distiller.to(self.args.device)
+        if self.distiller.param_groups():
+            self.add_callback(_SyncLearnedW(self.distiller))
+
+    # -- data: the collator reads the raw columns --------------------------------------------------------------------
+    def _remove_unused_columns(self, dataset, description=None):
+        return dataset
+
+    def _get_collator_with_removed_columns(self, data_collator, description=None):
+        return data_collator
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """One optimizer step's micro-batches and their counts (all ranks) for exact accumulation."""
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        self._xt_window = self.distiller.normalizers(batches) if batches else None
+        self._xt_steps += bool(batches)
+        if self._xt_clock is None:
+            self._xt_clock = time.perf_counter()
+        return batches, None
+
+    # -- loss ---------------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**Distiller.model_inputs(inputs, self.accelerator.unwrap_model(model)))
+        mode = "train" if model.training else "eval"
+        loss, metrics = self.distiller(outputs.logits, inputs, normalizers=self._xt_window if mode == "train" else None)
+        for k, v in metrics.items():
+            if k != "loss":  # Trainer logs the loss itself
+                self._xt_metrics[mode][k].append(v.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # -- learnable W ---------------------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh:
+            for group in self.distiller.param_groups():
+                optimizer.add_param_group(group)
+        return optimizer
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            for name, module in self.distiller.kd_losses.items():
+                if hasattr(module.proj, "projection"):  # a LearnableProjection
+                    module.proj.projection().save(os.path.join(output_dir, f"xtoken_W_{name}.safetensors"))
+
+    # -- logging -------------------------------------------------------------------------------------------------------
+    def log(self, logs, start_time=None):
+        mode = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
+        if mode is not None and self._xt_metrics[mode]:
+            logs.update(self._flush(mode))  # in place: evaluate() returns this dict
+        super().log(logs, start_time)
+
+    def _flush(self, mode: str) -> dict[str, float]:
+        metrics, out = self._xt_metrics[mode], {}
+        steps = max(self._xt_steps, 1) if mode == "train" else None
+        for k, vals in metrics.items():
+            total = float(torch.stack(vals).sum())  # one host sync per metric and log
+            additive = steps is not None and any(k == a or (a.endswith("/") and k.startswith(a)) for a in _ADDITIVE)
+            out[("eval_" if mode == "eval" else "") + k] = total / (steps if additive else len(vals))
+        metrics.clear()
+        if mode == "train":
+            now = time.perf_counter()
+            out["step_time"] = (now - (self._xt_clock or now)) / max(self._xt_steps, 1)
+            self._xt_clock, self._xt_steps = now, 0
+        return out
+
+
+class DistillTrainer(DistillMixin, Trainer):
+    """``transformers.Trainer`` that distils into ``model`` with an ``xt.Distiller``:
+
+        trainer = xt.DistillTrainer(model=student, args=TrainingArguments(...), train_dataset=texts,
+                                    distiller=xt.Distiller(student_tok, [xt.Teacher(teacher, teacher_tok)]),
+                                    max_length=512)
+
+    See ``xtoken_ext.trainer`` for what changes relative to ``Trainer``."""
+
+
+def with_distillation(trainer_cls: type) -> type:
+    """``DistillMixin`` on any ``transformers.Trainer`` subclass, e.g. ``with_distillation(trl.SFTTrainer)``."""
+    if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer)):
+        raise TypeError(f"expected a transformers.Trainer subclass, got {trainer_cls!r}")
+    return type(f"Distill{trainer_cls.__name__}", (DistillMixin, trainer_cls), {})
