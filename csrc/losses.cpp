@@ -13,12 +13,20 @@
 //   G = ∂L/∂Qraw = τ²/Σ · (M − r), r = P/(Q + eps) (0 where P = 0), M = Σ r Q (= Σ P for eps = 0);
 //   g_s = Σ_slot W_s,slot G[col];  dz_r = c_r e_r ⊙ (g − c_r ⟨e_r, g⟩)/(n_s τ);  ∂L/∂W_s,slot = p̄_s G[col].
 // Layout: chunks run in groups of kR, one per fp32 SIMD lane, so each random access of the projection serves kR
-// chunks (one access per chunk and W entry, ≈ 1.3 ns each, was the largest cost). Per group: the kR p̄ rows are
-// transposed into pT[V_S][kR]; Qraw = Wᵀp̄ is built one teacher-column block at a time, in an L1-resident block,
-// from W's entries sorted by (column block, rank of the entry within its column, row): within one rank the columns
-// are distinct, so consecutive updates never wait on each other, and the rows ascend, so pT is read in order; the
-// teacher block is transposed to lanes and the KL terms computed lane-wise into rT[V_T][kR]; g = W G reads rT
-// through W's ELL rows (slots outside A read rT's zero row V_T) into pT; then back to rows for ⟨e_r, g⟩ and dz_r.
+// chunks (one access per chunk and W entry, ≈ 1.3 ns each, was the largest cost). Per group:
+//  - the student rows are scanned, e_r stored, and the kR p̄ rows transposed into pT[V_S][kR] (Σ on the way);
+//  - the column space is A's columns when A holds at most half of V_T (teacher_topk), else all V_T columns; it is
+//    cut into projection blocks of kPB columns, whose Qraw = Wᵀp̄ lanes (256 KiB) are accumulated in L2 from W's
+//    entries of the block in row order (pT is swept forward), and KL blocks of kCB columns: the lanes' teacher
+//    values of the block are scanned (bad input, max m_b) and transposed to lanes, and the KL terms summed
+//    lane-wise with P' = e^{(t − m_b)/τ} while the next block's rows are prefetched; r' = P'/(Q + eps) goes to
+//    rT[V_C][kR]. One teacher row is thus read once: the LSE, the blocks' scales f_b = e^{(m_b − max m_b)/τ} and
+//    the chain enter per lane afterwards (k = e^{chain − LSE}: L = k (Σ f_b (S1_b + δ_b S0_b) + shift Σ P')).
+//    Several teacher rows: Σ_r log π_r is formed first (one LSE pass per row), with f_b = 1;
+//  - g = W G lane-wise from W's ELL rows (slots outside A read rT's zero row V_C; r = f_b r'), overwriting pT,
+//    with ⟨p̄, g⟩ per lane on the way (= c ⟨e, g⟩ for a one-row chunk); for a small column space, from the list
+//    of W's entries in A by row instead;
+//  - g goes back to rows tile by tile for dz_r (a first sweep adds ⟨e_r, g⟩ up for chunks of several rows).
 //
 // Non-finite input (POLICY: issue 12): a chunk whose read rows hold NaN or +inf in any column (or a student row with
 // no finite value), or whose chain scalars are NaN / +inf, gets loss NaN and exact-zero gradient rows (no grad_w /
@@ -344,6 +352,12 @@ XT_HOT void add_log_probs(float* acc, const typename D::T* x, int64_t n, float m
 template <class D>
 XT_HOT void to_fp32(const typename D::T* x, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = D::get(x[i]);
+}
+
+// out[i] = x[cols[i]] in fp32.
+template <class D>
+XT_HOT void gather_fp32(const typename D::T* x, const int32_t* cols, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = D::get(x[cols[i]]);
 }
 
 // acc[i] (= if first, else +=) x[i]·f.
@@ -680,10 +694,10 @@ XT_HOT void kl_block(const float* const* src, const float* add, int64_t n, const
 }
 
 // g = W G lane-wise: g[s] = cg Σ_slot w (M − r[col]), r = fb[col's block] rT[col] (0 in lanes not kept), from W's
-// ELL rows (a slot outside A reads the zero row V_T), written over pT[s] after grad_w[4s + j] += Σ_l p̄_l[s] G_l[col]
+// ELL rows (a slot outside A reads the zero row V_C), written over pT[s] after grad_w[4s + j] += Σ_l p̄_l[s] G_l[col]
 // (lanes in order; slots outside A get none) when gw is given; dot[l] = Σ_s p̄_l[s] g_l[s] (= c ⟨e, g⟩ for a
 // one-row chunk; fp32 partials of ≤ kBlock rows, 4 per lane).
-XT_HOT void gather_lanes(const int32_t* col, const float* w, int64_t V_S, int32_t V_T, const VF* rT, const VF* fb,
+XT_HOT void gather_lanes(const int32_t* col, const float* w, int64_t V_S, int32_t V_C, const VF* rT, const VF* fb,
                          const VF& M, const VF& cg, const VI& keep, VF* pT, float* gw, double* dot) {
   for (int64_t s0 = 0; s0 < V_S; s0 += kBlock) {
     VF acc[4] = {};
@@ -698,7 +712,7 @@ XT_HOT void gather_lanes(const int32_t* col, const float* w, int64_t V_S, int32_
       if (gw) {
         const VF d[4] = {d0, d1, d2, d3};
         for (int j = 0; j < 4; ++j) {
-          if (c[j] == V_T) continue;
+          if (c[j] == V_C) continue;
           const VF pg = sel(keep, p * (d[j] * cg), VF{});
           float sum = pg[0];
           for (int l = 1; l < kR; ++l) sum += pg[l];
@@ -711,6 +725,39 @@ XT_HOT void gather_lanes(const int32_t* col, const float* w, int64_t V_S, int32_
     }
     const VF t = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     for (int l = 0; l < kR; ++l) dot[l] += t[l];
+  }
+}
+
+// gather_lanes over W's entries in A listed by row (row ascending; slot = 4 row + j), for a small column space:
+// rows without an entry get g = 0 without reading their p̄.
+XT_HOT void gather_rows(const int32_t* slot, const int32_t* col, const float* w, int64_t n_entries, int64_t V_S,
+                        const VF* rT, const VF* fb, const VF& M, const VF& cg, const VI& keep, VF* pT, float* gw,
+                        double* dot) {
+  int64_t e = 0;
+  for (int64_t s0 = 0; s0 < V_S; s0 += kBlock) {
+    VF part = {};
+    for (int64_t s = s0; s < std::min(V_S, s0 + kBlock); ++s) {
+      if (e == n_entries || slot[e] / 4 != s) {
+        pT[s] = VF{};
+        continue;
+      }
+      const VF p = pT[s];
+      VF acc = {};
+      for (; e < n_entries && slot[e] / 4 == s; ++e) {
+        const VF d = M - fb[col[e] / kCB] * rT[col[e]];
+        acc += w[e] * d;
+        if (gw) {
+          const VF pg = sel(keep, p * (d * cg), VF{});
+          float sum = pg[0];
+          for (int l = 1; l < kR; ++l) sum += pg[l];
+          gw[slot[e]] += sum;
+        }
+      }
+      const VF g = sel(keep, acc * cg, VF{});
+      part += sel(keep, p * g, VF{});
+      pT[s] = g;
+    }
+    for (int l = 0; l < kR; ++l) dot[l] += part[l];
   }
 }
 
@@ -736,18 +783,36 @@ struct PklCall {
   float tau, eps;
   Merge merge;
   std::vector<float> mask_add;        // [V_T]: 0 in A, −inf outside
-  std::vector<int32_t> ell_col;       // [V_S, 4]: the slot's column if it is in A, else V_T (rT's zero row)
+  // The column space of the lane arrays: all V_T columns (a_idx empty, add_c = mask_add), or, when A holds at most
+  // half of them, only A's (column j = teacher column a_idx[j], add_c = 0): the KL work then scales with |A|.
+  int64_t V_C;
+  std::vector<int32_t> a_idx;
+  std::vector<float> add_c;           // [V_C]
+  std::vector<int32_t> ell_col;       // [V_S, 4]: the slot's column (column space) if it is in A, else V_C
   std::vector<float> ell_w, wsum;     // [V_S, 4]: its weight if in A, else 0; [V_S]: Σ of the row's weights in A
   std::vector<int32_t> e_row, e_col;  // W's entries in A by (projection block, row); e_col within the block
   std::vector<float> e_w;
   std::vector<int64_t> e_blk;         // [blocks + 1]: block b's entries are [e_blk[b], e_blk[b + 1])
+  std::vector<int32_t> r_slot, r_col;  // small column space: W's entries in A by row (slot 4 s + j, column)
+  std::vector<float> r_w;
   float* loss;                 // [K]
 };
 
-// W in the two orders the group loops read (see PklCall).
+// The column space and W in the two orders the group loops read (see PklCall).
 void build_w(PklCall& a, const int32_t* idx, const float* wv, const bool* mask) {
-  const int64_t V_S = a.V_S, V_T = a.V_T, blocks = (V_T + kPB - 1) / kPB;
-  a.ell_col.assign(4 * V_S, static_cast<int32_t>(V_T));
+  const int64_t V_S = a.V_S, V_T = a.V_T;
+  std::vector<int32_t> remap(V_T, -1);  // teacher column -> column space, −1 outside A
+  for (int64_t v = 0; v < V_T; ++v)
+    if (mask[v]) remap[v] = static_cast<int32_t>(a.a_idx.size()), a.a_idx.push_back(static_cast<int32_t>(v));
+  if (2 * static_cast<int64_t>(a.a_idx.size()) > V_T) {
+    a.a_idx.clear();
+    for (int64_t v = 0; v < V_T; ++v) remap[v] = mask[v] ? static_cast<int32_t>(v) : -1;
+    a.V_C = V_T, a.add_c = a.mask_add;
+  } else {
+    a.V_C = static_cast<int64_t>(a.a_idx.size()), a.add_c.assign(a.V_C, 0.0f);
+  }
+  const int64_t V_C = a.V_C, blocks = (V_C + kPB - 1) / kPB;
+  a.ell_col.assign(4 * V_S, static_cast<int32_t>(V_C));
   a.ell_w.assign(4 * V_S, 0.0f);
   a.wsum.assign(V_S, 0.0f);
   a.e_blk.assign(blocks + 1, 0);
@@ -755,21 +820,25 @@ void build_w(PklCall& a, const int32_t* idx, const float* wv, const bool* mask) 
     for (int j = 0; j < 4; ++j) {
       const int32_t c = idx[4 * s + j];
       check(-1 <= c && c < V_T, "w_idx entries must lie in [-1, V_T)");
-      if (c >= 0 && mask[c]) {
-        a.ell_col[4 * s + j] = c;
+      if (c >= 0 && remap[c] >= 0) {
+        a.ell_col[4 * s + j] = remap[c];
         a.ell_w[4 * s + j] = wv[4 * s + j];
         a.wsum[s] += wv[4 * s + j];
-        ++a.e_blk[c / kPB + 1];
+        ++a.e_blk[remap[c] / kPB + 1];
       }
     }
   for (int64_t b = 0; b < blocks; ++b) a.e_blk[b + 1] += a.e_blk[b];
   const size_t E = static_cast<size_t>(a.e_blk[blocks]);
+  if (!a.a_idx.empty())
+    for (int64_t i = 0; i < 4 * V_S; ++i)
+      if (a.ell_col[i] != V_C)
+        a.r_slot.push_back(static_cast<int32_t>(i)), a.r_col.push_back(a.ell_col[i]), a.r_w.push_back(a.ell_w[i]);
   a.e_row.resize(E), a.e_col.resize(E), a.e_w.resize(E);
   std::vector<int64_t> at(a.e_blk.begin(), a.e_blk.end() - 1);
   for (int64_t s = 0; s < V_S; ++s)  // rows ascending within each block
     for (int j = 0; j < 4; ++j) {
       const int32_t c = a.ell_col[4 * s + j];
-      if (c == V_T) continue;
+      if (c == V_C) continue;
       const int64_t i = at[c / kPB]++;
       a.e_row[i] = static_cast<int32_t>(s), a.e_col[i] = static_cast<int32_t>(c % kPB), a.e_w[i] = a.ell_w[4 * s + j];
     }
@@ -800,7 +869,7 @@ class LaneArray {
 };
 
 struct PklScratch {
-  LaneArray pT, rT, q, fb;                   // [V_S], [V_T + 1], [kPB], [blocks + 1]
+  LaneArray pT, rT, q, fb;                   // [V_S], [V_C + 1], [kPB], [blocks + 1]
   std::vector<float> rows, tconv, gt, zero;  // lane rows (below), [kR·kCB], [kR·kBlock], [max(V_S, V_T)]
   std::vector<float> m, c;                   // row maxima; 1/Σ e_r of the group's merged student rows
   std::vector<double> dots, bsum;            // ⟨e_r, g⟩ of those rows; per block and lane: kl_block's sums
@@ -828,9 +897,11 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
   using ST = typename S::T;
   using TT = typename T::T;
   constexpr bool in_place = std::is_same<S, Fp32>::value;  // e_r lives in the fp32 gradient row
-  const int64_t V_S = a.V_S, V_T = a.V_T;
+  const int64_t V_S = a.V_S, V_T = a.V_T, V_C = a.V_C;
+  const bool compact = !a.a_idx.empty();
   const float inv_tau = 1.0f / a.tau;
-  const float* add = a.mask_add.data();
+  const float* mask = a.mask_add.data();  // over the teacher row
+  const float* add = a.add_c.data();      // over the column space
   const ST* z = static_cast<const ST*>(a.z);
   const TT* t = static_cast<const TT*>(a.t);
   ST* out = static_cast<ST*>(a.grad);
@@ -864,7 +935,7 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
   for (PklLane& L : lane) {
     if (L.state != PklLane::kLive) continue;
     L.chain = a.merge == Merge::kChain ? chain_sum(a.t_chain, L.t_lo, L.t_hi) : 0.0;
-    if (scan_rows<S, T>(z + L.s_lo * V_S, L.ns, V_S, t, 0, V_T, add, ws.m.data()) || !(L.chain < kInf)) {
+    if (scan_rows<S, T>(z + L.s_lo * V_S, L.ns, V_S, t, 0, V_T, mask, ws.m.data()) || !(L.chain < kInf)) {
       L.state = PklLane::kDrop, L.loss = kNaN;
       continue;
     }
@@ -909,9 +980,11 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
       if (L.state != PklLane::kLive) continue;
       if (L.nt == 1) {
         L.t = t + L.t_lo * V_T, L.tb = inv_tau, L.tc = 0.0f;
+        if (compact && row_scan<T>(t + L.t_lo * V_T, nullptr, V_T).nonfinite)  // the block scans see A only
+          L.state = PklLane::kDrop, L.loss = kNaN;
         continue;
       }
-      if (scan_rows<S, T>(z, 0, V_S, t + L.t_lo * V_T, L.nt, V_T, add, ws.m.data())) {
+      if (scan_rows<S, T>(z, 0, V_S, t + L.t_lo * V_T, L.nt, V_T, mask, ws.m.data())) {
         L.state = PklLane::kDrop, L.loss = kNaN;
         continue;
       }
@@ -921,7 +994,7 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
         const TT* ti = t + (L.t_lo + i) * V_T;
         float m = ws.m[i];
         if (!(m > -kInf)) m = 0.0f;  // no allowed column: every T is −inf through the mask, P = 0
-        const double sum = masked_exp_sum<T>(ti, add, nullptr, V_T, m, inv_tau);
+        const double sum = masked_exp_sum<T>(ti, mask, nullptr, V_T, m, inv_tau);
         add_log_probs<T>(L.tsum, ti, V_T, m, inv_tau, static_cast<float>(sum > 0.0 ? std::log(sum) : 0.0), i == 0);
       }
       L.ta = 0.0f, L.tb = 1.0f / static_cast<float>(L.nt), L.tc = 0.0f;
@@ -931,7 +1004,7 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
     // (bad input, masked max m_b) and sums P' = e^{T'}, T' = (t − m_b)/τ, P' (T' − log(Q + eps)) and r' Q with
     // r' = P'/(Q + eps) written to rT; f_b = e^{(m_b − max_b m_b)/τ} brings them to one scale afterwards (and
     // scales rT's block where g reads it).
-    const int64_t blocks = (V_T + kCB - 1) / kCB;
+    const int64_t blocks = (V_C + kCB - 1) / kCB;
     KlLanes<VF> kp{};
     kp.eps = a.eps;
     for (int l = 0; l < kR; ++l) {
@@ -942,19 +1015,19 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
       kp.qs[l] = tiny ? 0x1p64f : 1.0f;  // then Q = (Qraw·2⁶⁴)·(1/(Σ·2⁶⁴))
       kp.inv[l] = L.Z > 0.0 ? static_cast<float>(1.0 / (tiny ? L.Z * 0x1p64 : L.Z)) : 0.0f;
     }
-    VF* rT = ws.rT.resize(V_T + 1);
-    rT[V_T] = VF{};
+    VF* rT = ws.rT.resize(V_C + 1);
+    rT[V_C] = VF{};
     VF* q = ws.q.resize(kPB);
     VF* fb = ws.fb.resize(blocks + 1);  // per block: m_b, then f_b
     ws.tconv.resize(kR * kCB);
     ws.bsum.resize(3 * kR * blocks);
     bool bad[kR] = {};
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t v0 = b * kCB, n = std::min(kCB, V_T - v0);
+      const int64_t v0 = b * kCB, n = std::min(kCB, V_C - v0);
       if (v0 % kPB == 0) {  // Qraw of the next projection block
         const int64_t pb = v0 / kPB, e0 = a.e_blk[pb];
         block_project(a.e_row.data() + e0, a.e_col.data() + e0, a.e_w.data() + e0, a.e_blk[pb + 1] - e0, pT, q,
-                      std::min(kPB, V_T - v0));
+                      std::min(kPB, V_C - v0));
       }
       for (int l = 0; l < kR; ++l) {
         const PklLane& L = lane[l];
@@ -963,14 +1036,22 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
           src[l] = zero + v0;
           continue;
         }
-        if (L.nt > 1) {
+        float* conv = ws.tconv.data() + l * kCB;
+        if (compact) {
+          const int32_t* cols = a.a_idx.data() + v0;
+          if (L.nt > 1) {
+            gather_fp32<Fp32>(L.tsum, cols, conv, n);
+          } else {
+            gather_fp32<T>(static_cast<const TT*>(L.t), cols, conv, n);
+          }
+          src[l] = conv;
+          if (L.nt > 1) continue;
+        } else if (L.nt > 1) {
           src[l] = L.tsum + v0;
           continue;
-        }
-        if (std::is_same<T, Fp32>::value) {
+        } else if (std::is_same<T, Fp32>::value) {
           src[l] = static_cast<const float*>(L.t) + v0;
         } else {
-          float* conv = ws.tconv.data() + l * kCB;
           to_fp32<T>(static_cast<const TT*>(L.t) + v0, conv, n);
           src[l] = conv;
         }
@@ -979,13 +1060,14 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
         fb[b][l] = r.max;
         kp.a[l] = r.max > -kInf ? r.max : 0.0f;  // no allowed column in the block: every T' is −inf, P' = 0
       }
-      const char* next[kR];
+      const char* next[kR];  // the rows' next block, prefetched during this one (all columns only)
       for (int l = 0; l < kR; ++l)
-        next[l] = lane[l].state == PklLane::kLive && lane[l].nt == 1
-                      ? reinterpret_cast<const char*>(static_cast<const TT*>(lane[l].t) + std::min(v0 + kCB, V_T - 1))
+        next[l] = lane[l].state == PklLane::kLive && lane[l].nt == 1 && !compact
+                      ? reinterpret_cast<const char*>(static_cast<const TT*>(lane[l].t) + std::min(v0 + kCB, V_C - 1))
                       : reinterpret_cast<const char*>(zero);
       KlSums sums;
-      kl_block(src, add + v0, n, q + v0 % kPB, kp, rT + v0, &sums, next, std::min(kCB, V_T - v0 - kCB) * int64_t{sizeof(TT)});
+      kl_block(src, add + v0, n, q + v0 % kPB, kp, rT + v0, &sums, next,
+               compact ? 0 : std::min(kCB, V_C - v0 - kCB) * int64_t{sizeof(TT)});
       double* bs = ws.bsum.data() + 3 * kR * b;
       for (int l = 0; l < kR; ++l) bs[l] = sums.loss[l], bs[kR + l] = sums.p[l], bs[2 * kR + l] = sums.rq[l];
     }
@@ -1008,7 +1090,7 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
         fb[b][l] = static_cast<float>(f);
       }
     }
-    fb[blocks] = VF{};  // the zero row V_T's block when kCB divides V_T
+    fb[blocks] = VF{};  // the zero row V_C's block when kCB divides V_C
 
     // per chunk: the loss and what G needs
     const double tt = static_cast<double>(a.tau) * a.tau;
@@ -1038,8 +1120,13 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
     }
     if (any) {
       double dot[kR] = {};
-      gather_lanes(a.ell_col.data(), a.ell_w.data(), V_S, static_cast<int32_t>(V_T), rT, fb, M, cg, keep, pT, gw,
-                   dot);
+      if (compact) {
+        gather_rows(a.r_slot.data(), a.r_col.data(), a.r_w.data(), static_cast<int64_t>(a.r_slot.size()), V_S, rT, fb,
+                    M, cg, keep, pT, gw, dot);
+      } else {
+        gather_lanes(a.ell_col.data(), a.ell_w.data(), V_S, static_cast<int32_t>(V_C), rT, fb, M, cg, keep, pT, gw,
+                     dot);
+      }
       // dz_r = p_r ⊙ (g − ⟨p_r, g⟩)/(n_s τ), p_r = c_r e_r: g back to rows, one kBlock tile at a time; ⟨p_r, g⟩
       // came with g for one-row chunks, a first sweep adds it up for the rows of larger ones
       bool rows_dot = false;
@@ -1162,7 +1249,7 @@ struct HklCall {
   float tau;
   Merge merge;
   std::vector<float> mask_add;          // [V_T]: 0 in A, −inf outside
-  std::vector<int64_t> cs, ct, us, ut;  // common pairs (t_c ∈ A), U_S, U_T = A \ {t_c}
+  std::vector<int32_t> cs, ct, us, ut;  // common pairs (t_c ∈ A), U_S, U_T = A \ {t_c}
   float *loss, *gsum;                   // [K], [K] (Σ gS = ∂L/∂chain scalar)
 };
 
@@ -1174,29 +1261,37 @@ struct HklScratch {
 
 // Moves the m largest of x[0..n) (1 ≤ m ≤ n) to x[0..m), sorted descending. Keys hold the bits of a float ≥ 0
 // (ordered as the value) from bit Low up. A histogram of the top 12 of them (sign, exponent, 3 mantissa bits) finds
-// the bucket of the m-th largest; the keys from that bucket up are moved to the front and LSD-radix sorted on
-// the 32 value bits (3 stable passes of 11 complemented bits = descending; equal values keep an arbitrary order).
+// the bucket of the m-th largest; the keys from that bucket up are copied out and LSD-radix sorted on the 32 value
+// bits: 3 stable passes of 11 complemented bits = descending (equal values keep an arbitrary order), the three
+// digit histograms counted in one pass.
 template <int Low, typename Key>
 void top_sorted(Key* x, size_t n, int64_t m, std::vector<uint32_t>& hist, std::vector<Key>& tmp) {
-  hist.assign(4096, 0);
+  constexpr size_t kTop = 4096, kDigit = 2048;
+  hist.assign(kTop, 0);
   for (size_t j = 0; j < n; ++j) ++hist[x[j] >> (Low + 20)];
   int64_t count = 0;
-  size_t lo = 4096;
+  size_t lo = kTop;
   while (count < m) count += hist[--lo];
+  tmp.resize(n);
   size_t c = 0;
   for (size_t j = 0; j < n; ++j)
-    if ((x[j] >> (Low + 20)) >= lo) std::swap(x[c++], x[j]);
-  tmp.resize(c);
-  Key *src = x, *dst = tmp.data();
-  for (int pass = 0; pass < 3; ++pass) {
+    if ((x[j] >> (Low + 20)) >= lo) tmp[c++] = x[j];
+  hist.assign(3 * kDigit, 0);
+  for (size_t j = 0; j < c; ++j)
+    for (int pass = 0; pass < 3; ++pass) ++hist[pass * kDigit + (~(tmp[j] >> (Low + 11 * pass)) & 0x7ff)];
+  Key *src = tmp.data(), *dst = x;
+  for (int pass = 0; pass < 3; ++pass) {  // tmp -> x -> tmp -> x
+    uint32_t* h = hist.data() + pass * kDigit;
+    uint32_t sum = 0;
+    for (size_t d = 0; d < kDigit; ++d) {
+      const uint32_t here = h[d];
+      h[d] = sum;
+      sum += here;
+    }
     const int shift = Low + 11 * pass;
-    hist.assign(2049, 0);
-    for (size_t j = 0; j < c; ++j) ++hist[1 + (~(src[j] >> shift) & 0x7ff)];
-    for (int d = 0; d < 2048; ++d) hist[d + 1] += hist[d];
-    for (size_t j = 0; j < c; ++j) dst[hist[~(src[j] >> shift) & 0x7ff]++] = src[j];
+    for (size_t j = 0; j < c; ++j) dst[h[~(src[j] >> shift) & 0x7ff]++] = src[j];
     std::swap(src, dst);
   }
-  std::copy(src, src + c, x);  // 3 passes: the sorted keys are in tmp
 }
 
 template <class S, class T>
@@ -1222,52 +1317,68 @@ void hkl_chunk(const HklCall& a, int64_t k, HklScratch& ws) {
     a.gsum[k] = 0.0f;
     return zero_rows(out, sizeof(ST), 0, s_hi - s_lo, V_S);
   }
-  ws.S.resize(V_S);
   ws.gS.assign(V_S, 0.0f);
-  ws.T.resize(V_T);
   ws.c.resize(ns);
-  float *S_ = ws.S.data(), *gS = ws.gS.data(), *T_ = ws.T.data();
+  float* gS = ws.gS.data();
   if (!in_place) ws.e.resize(ns * V_S);
   float* e0 = in_place ? reinterpret_cast<float*>(out) : ws.e.data();
   zero_rows(out, sizeof(ST), ns, s_hi - s_lo, V_S);  // rows outside the merge get no gradient
 
+  // S = Σ_r ℓ_r / n_s, materialized for several rows; one row: S[v] = (z[v] − m)/τ − s_shift, read where needed
   const float fs = 1.0f / static_cast<float>(ns);
-  for (int64_t i = 0; i < ns; ++i) {  // S = Σ_r ℓ_r / n_s
+  float s_shift = 0.0f;
+  if (ns > 1) ws.S.resize(V_S);
+  for (int64_t i = 0; i < ns; ++i) {
     const ST* z = zk + i * V_S;
     const float m = ws.m[i];
     const double sum = exp_store<S>(z, e0 + i * V_S, V_S, m, inv_tau);
     ws.c[i] = static_cast<float>(1.0 / sum);
-    add_log_probs<S>(S_, z, V_S, m, inv_tau, static_cast<float>(std::log(sum) - s_chain), i == 0);
+    s_shift = static_cast<float>(std::log(sum) - s_chain);
+    if (ns > 1) add_log_probs<S>(ws.S.data(), z, V_S, m, inv_tau, s_shift, i == 0);
   }
   if (ns > 1)
-    for (int64_t v = 0; v < V_S; ++v) S_[v] *= fs;
+    for (int64_t v = 0; v < V_S; ++v) ws.S[v] *= fs;
 
-  const float ft = 1.0f / static_cast<float>(nt);
+  // T = Σ_r log π_r / n_t (−inf outside A) and P = e^T, materialized for several rows; one row: P = e^{(t − m)/τ}
+  // on A (the LSE pass's exponentials) · e^{chain − LSE}, T[v] = (t[v] − m)/τ − t_shift on A, read where needed
   ws.pe.resize(V_T);
   float* P = ws.pe.data();
-  double lse = 0.0;
-  for (int64_t i = 0; i < nt; ++i) {  // T = Σ_r log π_r / n_t, −inf outside A
+  float t_m = 0.0f, t_shift = 0.0f, p_scale = 1.0f;
+  if (nt > 1) ws.T.resize(V_T);
+  for (int64_t i = 0; i < nt; ++i) {
     const TT* t = tk + i * V_T;
     float m = ws.m[ns + i];
     if (!(m > -kInf)) m = 0.0f;  // no allowed column: T = −inf, P = 0
     const double sum = masked_exp_sum<T>(t, add, P, V_T, m, inv_tau);
-    lse = sum > 0.0 ? std::log(sum) : 0.0;
-    add_log_probs<T>(T_, t, V_T, m, inv_tau, static_cast<float>(lse - t_chain), i == 0);
+    const double lse = sum > 0.0 ? std::log(sum) : 0.0;
+    t_m = m, t_shift = static_cast<float>(lse - t_chain), p_scale = static_cast<float>(std::exp(t_chain - lse));
+    if (nt > 1) add_log_probs<T>(ws.T.data(), t, V_T, m, inv_tau, t_shift, i == 0);
   }
-  for (int64_t v = 0; v < V_T; ++v) T_[v] = (nt > 1 ? T_[v] * ft : T_[v]) + add[v];
   if (nt > 1) {
-    exp_all(T_, P, V_T);
-  } else {  // one row: P = e^{t/τ − m/τ} (the LSE pass's exponentials) · e^{chain − LSE}
-    scale_all(P, P, V_T, static_cast<float>(std::exp(t_chain - lse)));
+    const float ft = 1.0f / static_cast<float>(nt);
+    for (int64_t v = 0; v < V_T; ++v) ws.T[v] = ws.T[v] * ft + add[v];
+    exp_all(ws.T.data(), P, V_T);
+    p_scale = 1.0f;
   }
+  const float* S_ = ws.S.data();
+  const float* T_ = ws.T.data();
+  auto S_at = [&](int32_t v) { return ns > 1 ? S_[v] : (S::get(zk[v]) - ws.m[0]) * inv_tau - s_shift; };
+  auto T_at = [&](int32_t v) { return nt > 1 ? T_[v] : (T::get(tk[v]) - t_m) * inv_tau - t_shift; };
 
   const double tt = static_cast<double>(a.tau) * a.tau;
   const float ttf = static_cast<float>(tt);
+  float tmp[kBlock];
   double kl = 0.0;
-  for (size_t c = 0; c < a.cs.size(); ++c) {
-    const float Tc = T_[a.ct[c]], Pc = P[a.ct[c]];
-    if (Pc > 0.0f) kl += static_cast<double>(Pc) * (Tc - S_[a.cs[c]]);
-    gS[a.cs[c]] = -ttf * Pc;
+  const int32_t *cs = a.cs.data(), *ct = a.ct.data();
+  const int64_t C = static_cast<int64_t>(a.cs.size());
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {  // the common KL (t_c ∈ A), in fp32 partials of ≤ kBlock pairs
+    const int64_t len = std::min(kBlock, C - c0);
+    for (int64_t c = c0; c < c0 + len; ++c) {
+      const float Pc = P[ct[c]] * p_scale;
+      tmp[c - c0] = Pc > 0.0f ? Pc * (T_at(ct[c]) - S_at(cs[c])) : 0.0f;
+      gS[cs[c]] = -ttf * Pc;
+    }
+    kl += block_sum(tmp, len);
   }
   double l1 = 0.0;
   const int64_t m = a.m;
@@ -1275,25 +1386,28 @@ void hkl_chunk(const HklCall& a, int64_t k, HklScratch& ws) {
     // keys ordered as the values (bits of a float ≥ 0): b = bits of P on U_T; a = bits of e^S on U_S << 32 | id
     ws.b.resize(a.ut.size());
     uint32_t* b = ws.b.data();
-    for (size_t j = 0; j < a.ut.size(); ++j) b[j] = static_cast<uint32_t>(as_int(P[a.ut[j]]));
+    for (size_t j = 0; j < a.ut.size(); ++j) b[j] = as_uint(P[a.ut[j]] * p_scale);
     top_sorted<0>(b, a.ut.size(), m, ws.hist, ws.b_tmp);
-    ws.eS.resize(V_S);
-    float* ex = ws.eS.data();
+    const float* ex = e0;  // one row: e^S = c e · e^{chain}
+    float fx = static_cast<float>(ws.c[0] * std::exp(s_chain));
     if (ns > 1) {
-      exp_all(S_, ex, V_S);
-    } else {  // one row: e^S = c e · e^{chain}
-      scale_all(e0, ex, V_S, static_cast<float>(ws.c[0] * std::exp(s_chain)));
+      ws.eS.resize(V_S);
+      exp_all(S_, ws.eS.data(), V_S);
+      ex = ws.eS.data(), fx = 1.0f;
     }
     ws.key.resize(a.us.size());
     uint64_t* key = ws.key.data();
     for (size_t j = 0; j < a.us.size(); ++j)
-      key[j] = static_cast<uint64_t>(static_cast<uint32_t>(as_int(ex[a.us[j]]))) << 32 |
-               static_cast<uint64_t>(a.us[j]);
+      key[j] = static_cast<uint64_t>(as_uint(ex[a.us[j]] * fx)) << 32 | static_cast<uint64_t>(a.us[j]);
     top_sorted<32>(key, a.us.size(), m, ws.hist, ws.key_tmp);
-    for (int64_t i = 0; i < m; ++i) {
-      const float ai = as_float(static_cast<int32_t>(key[i] >> 32)), d = ai - as_float(static_cast<int32_t>(b[i]));
-      l1 += fabs_(d);
-      gS[key[i] & 0xffffffffu] += d > 0.0f ? ttf * ai : (d < 0.0f ? -ttf * ai : 0.0f);
+    for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
+      const int64_t len = std::min(kBlock, m - i0);
+      for (int64_t i = i0; i < i0 + len; ++i) {
+        const float ai = as_float(static_cast<int32_t>(key[i] >> 32)), d = ai - as_float(static_cast<int32_t>(b[i]));
+        tmp[i - i0] = fabs_(d);
+        gS[key[i] & 0xffffffffu] += d > 0.0f ? ttf * ai : (d < 0.0f ? -ttf * ai : 0.0f);
+      }
+      l1 += block_sum(tmp, len);
     }
   }
   a.loss[k] = static_cast<float>(tt * (kl + l1));
@@ -1312,7 +1426,7 @@ void hkl_rows(const py::array& s_logits, const py::array& t_vals, const Bool& co
   const Logits ts = logits_arg(t_vals, t_dtype, "t_vals", false);
   const Logits gs = logits_arg(grad, s_dtype, "grad", true);
   const int64_t N_s = zs.rows, V_S = zs.cols, N_t = ts.rows, V_T = ts.cols;
-  check(V_S < (int64_t{1} << 32), "V_S must be < 2^32");
+  check(V_S < (int64_t{1} << 31) && V_T < (int64_t{1} << 31), "V_S and V_T must be < 2^31");
   check(col_mask.ndim() == 1 && col_mask.shape(0) == V_T, "col_mask must be [V_T]");
   check(spans.ndim() == 2 && spans.shape(1) == 4, "spans must be [K, 4]");
   const int64_t K = spans.shape(0), C = common_s.ndim() == 1 ? common_s.shape(0) : -1;
@@ -1332,14 +1446,14 @@ void hkl_rows(const py::array& s_logits, const py::array& t_vals, const Bool& co
   for (int64_t c = 0; c < C; ++c) {
     const int64_t sc = common_s.data()[c], tc = common_t.data()[c];
     check(0 <= sc && sc < V_S && 0 <= tc && tc < V_T && mask[tc], "common pairs must lie in [0, V) with t_c in A");
-    a.cs.push_back(sc);
-    a.ct.push_back(tc);
+    a.cs.push_back(static_cast<int32_t>(sc));
+    a.ct.push_back(static_cast<int32_t>(tc));
     common_s_[sc] = common_t_[tc] = 1;
   }
   for (int64_t v = 0; v < V_S; ++v)
-    if (!common_s_[v]) a.us.push_back(v);
+    if (!common_s_[v]) a.us.push_back(static_cast<int32_t>(v));
   for (int64_t v = 0; v < V_T; ++v)
-    if (mask[v] && !common_t_[v]) a.ut.push_back(v);
+    if (mask[v] && !common_t_[v]) a.ut.push_back(static_cast<int32_t>(v));
   a.m = std::min<int64_t>(std::min(a.us.size(), a.ut.size()), uncommon_topk < 0 ? V_S : uncommon_topk);
   a.z = zs.data, a.t = ts.data, a.grad = gs.mut;
   a.s_chain = s_chain ? s_chain->data() : nullptr;

@@ -277,3 +277,39 @@ def fake_alignment(spans, N_s, N_t):
     return types.SimpleNamespace(
         student_chunk_ids=s_ids, teacher_chunk_ids=t_ids, chunk_valid=torch.ones(1, K, dtype=torch.bool),
         row_spans=lambda: torch.cat([torch.zeros(K, 1, dtype=torch.long), spans], 1))
+
+
+def pairs_of(P, pairs):
+    return (torch.zeros(0, dtype=torch.int64),) * 2 if pairs == "none" else P.proj.common_pairs(pairs)
+
+
+def run_hkl_triton(P, merge, pairs, uncommon_topk, tau=0.7, dt=torch.float32, tie_sums=False, what="select"):
+    """The Triton backend of xtoken::hkl_rows vs oracle_hkl (float64): loss per chunk, gradient per entry off the tie columns; with tie_sums, also Σ over each row's tie
+    columns of the gradient (invariant to the order ties are taken in: each tie group shares one value)."""
+    dev = device()
+    cs, ct = pairs_of(P, pairs)
+    z = P.z.to(dt).to(dev).requires_grad_()
+    s_chain = P.s_chain.clone().to(dev).requires_grad_(merge == "chain")
+    args = [x.to(dev) if isinstance(x, torch.Tensor) else x
+            for x in (P.t.to(dt), P.t_cols, P.col_mask, P.spans, tau, merge, s_chain if merge == "chain" else None,
+                      P.t_chain, cs, ct)]
+    loss, _, _ = torch.ops.xtoken.hkl_rows(z, *args, uncommon_topk, "triton")
+    (loss * P.g_out.to(dev)).sum().backward()
+    zr = z.detach().cpu()
+    z64 = zr.double().requires_grad_()
+    sc64 = P.s_chain.double().requires_grad_()
+    ref, ties = oracle_hkl(z64, P.t.to(dt), P.t_cols, P.col_mask, P.spans, tau, merge, sc64, P.t_chain, cs, ct,
+                           uncommon_topk)
+    (ref * P.g_out.double()).sum().backward()
+    kap = kappa(zr, P.t.to(dt), tau)
+    key = f"triton/{str(dt)[6:]}/hkl {what}"
+    check(key + " loss", loss.cpu(), ref.detach(), loss_bound(ref, tau, kap, dt))
+    bound = grad_bound(z64.grad, zr, tau, kap, dt, "triton", float(P.g_out.abs().max()))
+    check(key + " grad", z.grad.cpu(), z64.grad, bound, mask=~ties)
+    if tie_sums:
+        assert bool(ties.any())
+        m = ties.double()
+        check(key + " grad tie sums", (z.grad.cpu().double() * m).sum(1), (z64.grad * m).sum(1), (bound * m).sum(1))
+    if merge == "chain":
+        check(key + " grad s_chain", s_chain.grad.cpu(), sc64.grad, loss_bound(sc64.grad, tau, kap, torch.float32))
+    return loss.detach().cpu(), ref.detach()

@@ -1,6 +1,7 @@
 """The native C++ backends of xtoken::pkl_rows / xtoken::hkl_rows at the op level: larger vocabularies than the
-public-API property tests, shuffled spans, idle rows, chunk scales, W gradients, the low-precision block path and
-thread-count independence, against the float64 reference (bounds from helpers.py)."""
+public-API property tests, shuffled spans, idle rows, chunk scales, W gradients, a small allowed set (the kernel's
+compact column space), low-precision rows converted inside the kernels and thread-count independence, against the
+float64 reference (bounds from helpers.py)."""
 from __future__ import annotations
 
 from unittest import mock
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 import xtoken_ext as xt
 from helpers import check, examples, grad_bound, kappa, loss_bound, random_alignment
 from xtoken_ext import reference as ref
+from xtoken_ext.ops import hkl as hkl_op
 from xtoken_ext.ops import pkl as pkl_op  # registers both xtoken:: ops
 
 pkl_rows, hkl_rows = torch.ops.xtoken.pkl_rows, torch.ops.xtoken.hkl_rows
@@ -162,3 +164,66 @@ def test_native_hkl_op_matches_float64_torch_op(merge, uncommon_topk):
     check("native/fp32/op hkl grad_chain", got[2], want[2], loss_bound(want[2], 0.8, kap, torch.float32))
     idle = _idle(spans, z.shape[0])
     assert idle.any() and torch.equal(got[1][idle], torch.zeros_like(got[1][idle]))
+
+
+@pytest.mark.parametrize("merge", ["mean", "first", "chain"])
+@pytest.mark.parametrize("eps", [0.0, 1e-10])
+@pytest.mark.parametrize("keep", [0.03, 0.45])
+def test_native_pkl_small_allowed_set_matches_float64_torch_op(merge, eps, keep):
+    """A holding at most half of the teacher columns (teacher_topk) runs the kernel in A's compact column space:
+    same contract, W gradient included, rows with no slot in A included."""
+    z, t, proj, _, spans, chain, scale = _op_inputs(7, V_T=1499)
+    mask = proj.covered_columns() & (torch.rand(t.shape[1], generator=torch.Generator().manual_seed(8)) < keep)
+    args = (proj.indices, proj.weights, mask, spans, 0.8, merge, eps, chain, scale, True)
+    loss, grad, gw = pkl_rows(z, t, None, *args, "native")
+    e_loss, e_grad, e_gw = pkl_rows(z.double(), t.double(), None, proj.indices, proj.weights.double(), *args[2:],
+                                    "torch")
+    kap = kappa(z, t, 0.8)
+    check("native/fp32/op loss (small A)", loss, e_loss, loss_bound(e_loss, 0.8, kap, torch.float32))
+    check("native/fp32/op grad (small A)", grad, e_grad, grad_bound(e_grad, z, 0.8, kap, torch.float32, "native",
+                                                                      float(scale.max())))
+    check("native/fp32/op grad_w (small A)", gw, e_gw, 8 * 2.0 ** -24 * kap * (e_gw.abs() + 2 * 0.64 * 1.5 * 0.25 * 9))
+    for threads in (1, 3):
+        with mock.patch.object(torch, "get_num_threads", return_value=threads):
+            again = pkl_rows(z, t, None, *args, "native")
+        assert all(torch.equal(a, b) for a, b in zip((loss, grad, gw), again))
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.45])
+def test_native_pkl_wide_teacher_crosses_projection_blocks(keep):
+    """V_T beyond the kernel's 8,192-column projection block, with all columns or (keep 0.45) a compact column
+    space of more than 8,192 allowed columns."""
+    z, t, proj, _, spans, chain, scale = _op_inputs(11, V_S=24_000, V_T=20_011, K=5)
+    mask = proj.covered_columns() & (torch.rand(t.shape[1], generator=torch.Generator().manual_seed(12)) < keep)
+    args = (proj.indices, proj.weights, mask, spans, 1.0, "mean", 0.0, chain, scale, True)
+    loss, grad, gw = pkl_rows(z, t, None, *args, "native")
+    e_loss, e_grad, e_gw = pkl_rows(z.double(), t.double(), None, proj.indices, proj.weights.double(), *args[2:],
+                                    "torch")
+    kap = kappa(z, t, 1.0)
+    check("native/fp32/op loss (wide)", loss, e_loss, loss_bound(e_loss, 1.0, kap, torch.float32))
+    check("native/fp32/op grad (wide)", grad, e_grad, grad_bound(e_grad, z, 1.0, kap, torch.float32, "native",
+                                                                  float(scale.max())))
+    check("native/fp32/op grad_w (wide)", gw, e_gw, 8 * 2.0 ** -24 * kap * (e_gw.abs() + 2 * 0.64 * 1.5 * 0.25 * 9))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("keep", [1.0, 0.1])
+def test_native_low_precision_rows_are_the_fp32_computation_rounded(dtype, teacher_dtype, keep):
+    """bf16 / fp16 logits are converted row by row inside the kernels (no fp32 copy): the loss is bitwise the one
+    of the same values in fp32, and the gradient is that fp32 gradient rounded to nearest even (as torch rounds).
+    Logit scale 6 puts gradient entries down to fp16's subnormal range."""
+    z, t, proj, _, spans, chain, scale = _op_inputs(9, V_T=1201)
+    z, t = (z * 2).to(dtype), t.to(teacher_dtype)
+    mask = proj.covered_columns() & (torch.rand(t.shape[1], generator=torch.Generator().manual_seed(10)) < keep)
+    for merge in ("mean", "chain"):
+        args = (proj.indices, proj.weights, mask, spans, 1.3, merge, 0.0, chain, scale, True, "native")
+        low, ref32 = pkl_rows(z, t, None, *args), pkl_rows(z.float(), t.float(), None, *args)
+        assert torch.equal(low[0], ref32[0]) and torch.equal(low[2], ref32[2])
+        assert low[1].dtype == dtype and torch.equal(low[1], ref32[1].to(dtype))
+        cs, ct = proj.common_pairs("relaxed")
+        h_args = (mask, spans, 1.3, merge, s_chain(z, merge), chain, cs, ct, 50)
+        low = hkl_op._native(z, t, None, *h_args)  # the op sends only fp32 to this kernel so far
+        ref32 = hkl_op._native(z.float(), t.float(), None, *h_args)
+        assert torch.equal(low[0], ref32[0]) and torch.equal(low[2], ref32[2])
+        assert low[1].dtype == dtype and torch.equal(low[1], ref32[1].to(dtype))

@@ -8,47 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import check, device, grad_bound, kappa, loss_bound, make_problem, oracle_hkl
+from helpers import check, device, grad_bound, kappa, loss_bound, make_problem, oracle_hkl, run_hkl_triton
 from xtoken_ext.ops import hkl_kernel
 from xtoken_ext.ops import pkl as _ops  # noqa: F401  (registers both xtoken:: ops)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # masked interpreter lanes evaluate log(0)
-
-
-def pairs_of(P, pairs):
-    return (torch.zeros(0, dtype=torch.int64),) * 2 if pairs == "none" else P.proj.common_pairs(pairs)
-
-
-def run(P, merge, pairs, uncommon_topk, tau=0.7, dt=torch.float32, tie_sums=False):
-    """Op vs oracle: loss per chunk, gradient per entry off the tie columns; with tie_sums, also Σ over each row's tie
-    columns of the gradient (invariant to the order ties are taken in: each tie group shares one value)."""
-    dev = device()
-    cs, ct = pairs_of(P, pairs)
-    z = P.z.to(dt).to(dev).requires_grad_()
-    s_chain = P.s_chain.clone().to(dev).requires_grad_(merge == "chain")
-    args = [x.to(dev) if isinstance(x, torch.Tensor) else x
-            for x in (P.t.to(dt), P.t_cols, P.col_mask, P.spans, tau, merge, s_chain if merge == "chain" else None,
-                      P.t_chain, cs, ct)]
-    loss, _, _ = torch.ops.xtoken.hkl_rows(z, *args, uncommon_topk, "triton")
-    (loss * P.g_out.to(dev)).sum().backward()
-    zr = z.detach().cpu()
-    z64 = zr.double().requires_grad_()
-    sc64 = P.s_chain.double().requires_grad_()
-    ref, ties = oracle_hkl(z64, P.t.to(dt), P.t_cols, P.col_mask, P.spans, tau, merge, sc64, P.t_chain, cs, ct,
-                           uncommon_topk)
-    (ref * P.g_out.double()).sum().backward()
-    kap = kappa(zr, P.t.to(dt), tau)
-    key = f"triton/{str(dt)[6:]}/hkl select"
-    check(key + " loss", loss.cpu(), ref.detach(), loss_bound(ref, tau, kap, dt))
-    bound = grad_bound(z64.grad, zr, tau, kap, dt, "triton", float(P.g_out.abs().max()))
-    check(key + " grad", z.grad.cpu(), z64.grad, bound, mask=~ties)
-    if tie_sums:
-        assert bool(ties.any())
-        m = ties.double()
-        check(key + " grad tie sums", (z.grad.cpu().double() * m).sum(1), (z64.grad * m).sum(1), (bound * m).sum(1))
-    if merge == "chain":
-        check(key + " grad s_chain", s_chain.grad.cpu(), sc64.grad, loss_bound(sc64.grad, tau, kap, torch.float32))
-    return loss.detach().cpu(), ref.detach()
 
 
 def tie_problem(seed, merge, sparse_k):
@@ -67,14 +31,14 @@ def tie_problem(seed, merge, sparse_k):
 
 @pytest.mark.parametrize("merge,sparse_k,topk", [("first", 0, 20), ("mean", 0, None), ("chain", 7, 20)])
 def test_exact_ties_in_top_m(merge, sparse_k, topk):
-    run(tie_problem(5, merge, sparse_k), merge, "relaxed", topk, tie_sums=True)
+    run_hkl_triton(tie_problem(5, merge, sparse_k), merge, "relaxed", topk, tie_sums=True)
 
 
 @pytest.mark.parametrize("topk,sparse_k", [(0, 0), (0, 7), (3, 0), (None, 7), (10 ** 6, 0)])
 def test_m_zero_small_and_above_candidates(topk, sparse_k):
     """m = 0 (the KL alone); m < candidates; m above a sparse teacher's k entries (b padded with zeros); an
     uncommon_topk above |U| (m = min(|U_S|, |U_T|))."""
-    run(make_problem(7, 97, 61, 3, 2, sparse_k, "covered", 0.1, True), "mean", "relaxed", topk)
+    run_hkl_triton(make_problem(7, 97, 61, 3, 2, sparse_k, "covered", 0.1, True), "mean", "relaxed", topk)
 
 
 @pytest.fixture
@@ -88,12 +52,12 @@ def tiny_windows(monkeypatch):
 @pytest.mark.parametrize("merge,sparse_k,pairs,topk", [("mean", 0, "none", None), ("chain", 40, "strict", 37),
                                                        ("first", 0, "relaxed", 23)])
 def test_several_windows_and_exact_compaction(tiny_windows, merge, sparse_k, pairs, topk):
-    run(make_problem(11, 131, 97, 5, 3, sparse_k, "all", 0.05, True), merge, pairs, topk)
+    run_hkl_triton(make_problem(11, 131, 97, 5, 3, sparse_k, "all", 0.05, True), merge, pairs, topk)
 
 
 def test_several_windows_with_ties_bf16(tiny_windows):
     P = tie_problem(13, "first", 0)
-    run(P, "first", "none", None, dt=torch.bfloat16, tie_sums=True)
+    run_hkl_triton(P, "first", "none", None, dt=torch.bfloat16, tie_sums=True)
 
 
 def test_shifted_logits_and_equal_logits(tiny_windows):
@@ -108,7 +72,7 @@ def test_shifted_logits_and_equal_logits(tiny_windows):
         else:
             P.z[s_lo:s_hi] += (1000.0, -1000.0, 0.0)[k % 4]
             P.t[t_lo:t_hi] -= (1000.0, -1000.0, 0.0)[k % 4]
-    loss, _ = run(P, "first", "none", 20, tau=1.0, tie_sums=True)
+    loss, _ = run_hkl_triton(P, "first", "none", 20, tau=1.0, tie_sums=True)
     assert bool(torch.isfinite(loss).all())
 
 

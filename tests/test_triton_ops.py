@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import check, device, examples, grad_bound, kappa, loss_bound, make_problem, oracle_hkl, oracle_pkl
+from helpers import check, device, examples, grad_bound, kappa, loss_bound, make_problem, oracle_pkl, run_hkl_triton
 from xtoken_ext.ops import pkl as _ops  # noqa: F401  (registers both xtoken:: ops)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # masked interpreter lanes evaluate log(0)
@@ -52,29 +52,7 @@ def run_pkl(P, dt, merge, tau, learn_w, eps=0.0):
 
 
 def run_hkl(P, dt, merge, tau, pairs, uncommon_topk):
-    dev = device()
-    cs, ct = (torch.zeros(0, dtype=torch.int64),) * 2 if pairs == "none" else P.proj.common_pairs(pairs)
-    z = P.z.to(dt).to(dev).requires_grad_()
-    s_chain = P.s_chain.clone().to(dev).requires_grad_(merge == "chain")
-    args = [x.to(dev) if isinstance(x, torch.Tensor) else x
-            for x in (P.t.to(dt), P.t_cols, P.col_mask, P.spans, tau, merge, s_chain if merge == "chain" else None,
-                      P.t_chain, cs, ct)]
-    loss, _, _ = torch.ops.xtoken.hkl_rows(z, *args, uncommon_topk, "triton")
-    (loss * P.g_out.to(dev)).sum().backward()
-
-    zr = z.detach().cpu()
-    z64 = zr.double().requires_grad_()
-    sc64 = P.s_chain.double().requires_grad_()
-    ref, ties = oracle_hkl(z64, P.t.to(dt), P.t_cols, P.col_mask, P.spans, tau, merge, sc64, P.t_chain, cs, ct,
-                           uncommon_topk)
-    (ref * P.g_out.double()).sum().backward()
-    kap = kappa(zr, P.t.to(dt), tau)
-    key = f"triton/{str(dt)[6:]}/hkl op"
-    check(key + " loss", loss.cpu(), ref.detach(), loss_bound(ref, tau, kap, dt))
-    bound = grad_bound(z64.grad, zr, tau, kap, dt, "triton", float(P.g_out.abs().max()))
-    check(key + " grad", z.grad.cpu(), z64.grad, bound, mask=~ties)  # sorted-L1 ties: subgradients may differ
-    if merge == "chain":
-        check(key + " grad s_chain", s_chain.grad.cpu(), sc64.grad, loss_bound(sc64.grad, tau, kap, torch.float32))
+    run_hkl_triton(P, merge, pairs, uncommon_topk, tau, dt, what="op")
 
 
 VOCAB = st.one_of(st.sampled_from([61, 97, 131]), st.integers(5, 140))
