@@ -630,13 +630,22 @@ struct KlLanes {
   float eps;
 };
 
-// Two adjacent columns' lanes as one vector, and back.
+// Two adjacent columns' lanes as one vector, and back (register moves; GCC < 12 lacks __builtin_shufflevector).
 XT_INLINE V2 join(VF a, VF b) {
+#if defined(__clang__) || __GNUC__ >= 12
   return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  return V2{a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]};
+#endif
 }
 XT_INLINE VF half(V2 v, int h) {
+#if defined(__clang__) || __GNUC__ >= 12
   return h ? __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)
            : __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+#else
+  const int o = 8 * h;
+  return VF{v[o], v[o + 1], v[o + 2], v[o + 3], v[o + 4], v[o + 5], v[o + 6], v[o + 7]};
+#endif
 }
 
 // The KL terms of one column (W = VF) or two (W = V2): r, and the sums' terms added to loss, p, rq.
