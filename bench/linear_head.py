@@ -13,11 +13,7 @@ their gradient (8·T·V_S bytes in fp32); the fused path's extra memory does not
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
@@ -77,16 +73,6 @@ def measure(impl: str, T: int, d: int, V_S: int, V_T: int, repeats: int = 1) -> 
     return {"seconds": best, "peak_extra_bytes": plain._status("VmHWM") - base}
 
 
-def _subprocess(*args) -> dict:
-    code = ("import json; from xtoken_ext.bench.linear_head import measure; "
-            f"print(json.dumps(measure(*{args!r})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(),
-                         cwd=tempfile.gettempdir())  # outside a source checkout: import the installed package
-    if out.returncode:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _ratio(a: dict | None, b: dict | None, key: str) -> str:
     return f"{a[key] / b[key]:.2f}x" if a and b and key in a and b.get(key) else "-"  # 0: below RSS resolution
 
@@ -122,7 +108,7 @@ def run(quick: bool = False) -> None:
     results = {}
     for T in Ts:
         impls = ["fused"] + (["logits"] if T <= T_DEFAULT[-1] else []) + (["release"] if T == Ts[0] else [])
-        results[T] = {impl: _subprocess(impl, T, s["d"], s["V_S"], s["V_T"]) for impl in impls}
+        results[T] = {impl: plain._measure_subprocess(impl, T, s["d"], s["V_S"], s["V_T"], suite="linear_head") for impl in impls}
     _table(f"fused linear-head P-KL: d {s['d']}, V_S {s['V_S']:,}, V_T {s['V_T']:,} fp32, CPU ({threads} threads, "
            f"one measurement per cell)", results)
     # The logits path's extra memory is affine in T (logits and their gradient): fit it on the two measured T.

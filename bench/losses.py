@@ -268,8 +268,9 @@ def measure(impl: str, kind: str, shape, dtype: str = "float32", device: str = "
             "forward_peak_extra_bytes": marks[0][1], "work": w}
 
 
-def _measure_subprocess(*args) -> dict:
-    code = ("import json, sys; from xtoken_ext.bench.losses import measure; "
+def _measure_subprocess(*args, suite: str = "losses") -> dict:
+    """``xtoken_ext.bench.<suite>.measure(*args)`` in a fresh process (its own peak-RSS counter)."""
+    code = (f"import json; from xtoken_ext.bench.{suite} import measure; "
             f"print(json.dumps(measure(*{args!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(),
                          cwd=tempfile.gettempdir())  # outside a source checkout: import the installed package

@@ -19,7 +19,7 @@ import torch
 import xtoken_ext as xt
 from xtoken_ext.distill import Distiller, Teacher
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a core dependency)
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
