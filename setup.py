@@ -8,6 +8,7 @@ ext = Pybind11Extension(
     "xtoken_ext._C",
     sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")),
     include_dirs=["csrc"],
+    depends=sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".hpp")),  # rebuild on header edits
     cxx_std=17,
     extra_compile_args=["-O3", "-fvisibility=hidden"],
     extra_link_args=["-pthread"],

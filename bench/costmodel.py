@@ -16,66 +16,80 @@ import torch
 
 # Nominal H100 SXM figures: HBM3 bandwidth, L2 size, SMs. The model needs only their ratios to the bytes.
 GPU = dict(name="H100 SXM", hbm=3.35e12, l2=50 << 20, sms=132)
-CONFIG = dict(BLOCK_S=4096, BLOCK_T=2048, BLOCK_E=2048)  # an autotune config of ops.pkl_kernel
+CONFIG = dict(BLOCK_S=2048, BLOCK_T=2048, BLOCK_E=4096)  # ops.pkl_kernel: its BLOCK_S, its fixed TILES_GPU
 SECTOR = 32  # bytes an L2 request moves for one gathered element
 
 
 def w_stats(proj, block_t: int, block_e: int) -> dict:
-    """nnz, active ELL slots, per-BLOCK_T-tile entry counts of W, and the old kernel's ragged-loop length
-    (Σ over BLOCK_T=512 tiles of the longest column)."""
+    """nnz, longest column, the P-KL kernel's W tiles (``ops.pkl_kernel.column_tiles``: ≤ block_t columns and
+    ≤ block_e entries each; how many hold no column, i.e. split a column longer than a block), and the first
+    kernel's ragged-loop length (Σ over BLOCK_T=512 tiles of the longest column)."""
+    from xtoken_ext.ops.pkl_kernel import column_tiles
+
     idx = proj.indices
     V_T = proj.teacher_vocab_size
     cols = idx[idx >= 0].long()
     col_len = torch.bincount(cols, minlength=V_T)
-    tile_e = torch.zeros(math.ceil(V_T / block_t), dtype=torch.int64).index_add_(
-        0, torch.arange(V_T) // block_t, col_len)
+    col_ptr = torch.cat([col_len.new_zeros(1), torch.cumsum(col_len, 0)])
+    tiles = column_tiles(col_ptr, block_t, block_e)
     padded = torch.cat([col_len, col_len.new_zeros(-V_T % 512)])
     old = padded.view(-1, 512).amax(1).sum()
-    return dict(nnz=cols.numel(), max_col=int(col_len.max()), entry_iters=int(((tile_e + block_e - 1) // block_e).sum()),
-                old_loop=int(old))
+    return dict(nnz=cols.numel(), max_col=int(col_len.max()), tiles=tiles.shape[0] - 1,
+                entry_only=int((tiles[1:, 0] == tiles[:-1, 0]).sum()), old_loop=int(old))
 
 
 def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GPU) -> dict:
-    """Per-row model of ``_pkl_kernel`` (dense teacher, frozen W) for a 1-to-1 chunk."""
+    """Per-row model of ``_pkl_kernel`` (dense teacher, frozen W) for a 1-to-1 chunk: A streams z (online LSE),
+    C is one flat loop over the W tiles (per tile: one block of entries gathering p, a segmented scan, the teacher
+    window, the online KL pass, h_u and the tile maximum stored), D streams z again and writes dz (ELL gather of h).
+    "Vocab tiles" are the tiles a row must stream anyway: ⌈V_S/BLOCK_S⌉ + ⌈V_T/BLOCK_T⌉."""
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
     st = w_stats(proj, cfg["BLOCK_T"], cfg["BLOCK_E"])
     floor = elem * (2 * V_S + V_T)
-    stream = elem * (3 * V_S + V_T)  # z in A and D, t in C2, dz in D
-    scratch = 4 * V_T + min(4 * V_T, SECTOR * st["nnz"])  # h_u written in C2, gathered in D (≤ the whole row)
+    stream = elem * (3 * V_S + V_T)  # z in A and D, t in C, dz in D
+    scratch = 4 * V_T + min(4 * V_T, SECTOR * st["nnz"])  # h_u written in C, gathered in D (≤ the whole row)
     l2 = (4 * V_S  # a in A
-          + st["nnz"] * (12 + SECTOR) + 4 * (V_T // cfg["BLOCK_T"] + 1)  # C1: entries, p gathers, col_ptr
-          + V_T * (1 + 8)  # C2: mask, Qu written and read back
-          + V_S * 32 + st["nnz"] * SECTOR  # D: ELL [V_S, 4] int32 + fp32, h gathers (tile maxima: L1)
+          + st["nnz"] * (12 + SECTOR) + 8 * (st["tiles"] + 1)  # C: entries, p gathers (z row: L2), tile bounds
+          + V_T * (1 + 4) + st["tiles"] * 8 * elem  # C: mask, column ends; teacher window overhang ≤ 7 columns
+          + V_S * 48 + st["nnz"] * SECTOR  # D: ELL [V_S, 4] int32 + fp32 + tile ids, h gathers (tile maxima: L1)
           + scratch)
     tiles_s, tiles_t = math.ceil(V_S / cfg["BLOCK_S"]), math.ceil(V_T / cfg["BLOCK_T"])
-    loops = {"A (student LSE)": tiles_s, "C (teacher tiles + Qu entry tiles)": tiles_t + st["entry_iters"],
+    loops = {"A (student LSE)": tiles_s, f"C (W tiles, {st['entry_only']} entry-only)": st["tiles"],
              "D (gradient)": tiles_s}
-    nprog = min(rows, 2 * gpu["sms"])
+    nprog = min(rows, gpu["sms"])  # one resident program per SM (ops.pkl_kernel._num_programs)
     return dict(kernel="P-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + scratch, l2=l2, loops=loops,
-                vocab_tiles=tiles_s + tiles_t + math.ceil(st["nnz"] / cfg["BLOCK_E"]), old_loop=st["old_loop"],
-                footprint=nprog * 4 * V_T + st["nnz"] * 12 + V_S * 36 + V_T * 5, stats=st)
+                vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],
+                footprint=nprog * 4 * (V_T + st["tiles"]) + st["nnz"] * 12 + V_S * 52 + V_T * 5 + 8 * st["tiles"],
+                stats=st)
 
 
 def hkl_model(proj, rows: int, elem: int = 2, m: int = 8192, block: int = 4096, gpu: dict = GPU) -> dict:
     """Per-row model of ``_hkl_kernel`` (dense teacher, H-KL with the relaxed common set, uncommon_topk m) for a
-    1-to-1 chunk, from the pass table in ops.hkl_kernel's docstring: student rows read in S1 (LSE, histogram), S2
-    (compaction) and S3 (gradient, written), teacher rows in T1 and T2; the candidate lists L_a (8 B) / L_b (4 B)
-    written once and read three times, the gradient list G (8 B) written and read, the sort buffers; S3 gathers the
-    teacher at the common columns."""
+    1-to-1 chunk, from the pass table in ops.hkl_kernel's docstring. Common case (the single-pass compaction hits on
+    both sides): student rows read in S1 (LSE, histogram, candidate list) and S3 (gradient, written), the teacher
+    row in T1; the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~5 times (key range, ~3 bisection steps,
+    gather), |L| ≈ 2 m (m plus the keys within the hint radius; capacity 2 m + 4096), the gradient list G (8 B)
+    written and read, the sort buffers; S3 gathers the teacher at the common columns. The fallback (a miss on both
+    sides: S2 / T2 re-read the rows, |L| ≈ m, 4 list passes) is returned as hbm_l2_fallback / hbm_spill_fallback
+    and printed on its own line."""
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
     n_common = int(proj.common_pairs("relaxed")[0].numel())
     floor = elem * (2 * V_S + V_T)
-    stream = elem * (4 * V_S + 2 * V_T)
-    lists = 4 * 8 * m + 4 * 4 * m + 2 * 8 * m + 12 * min(m, 8192)  # |L| ≈ m per side
+    stream = elem * (3 * V_S + V_T)
+    l_len = 2 * m
+    lists = 5 * 8 * l_len + 5 * 4 * l_len + 2 * 8 * m + 12 * min(m, 8192)
+    stream_fb = elem * (4 * V_S + 2 * V_T)
+    lists_fb = 4 * 8 * m + 4 * 4 * m + 2 * 8 * m + 12 * min(m, 8192)
     l2 = lists + n_common * SECTOR + m * SECTOR  # common-column gathers (S3), fix-up gathers of the listed columns
     tiles_s, tiles_t = math.ceil(V_S / block), math.ceil(V_T / block)
     w = min(1 << (m - 1).bit_length(), 8192)
     stages = int(0.5 * math.log2(w) * (math.log2(w) + 1))
-    loops = {"S1/S2/S3 (student passes)": tiles_s, "T1/T2 (teacher passes)": tiles_t,
-             "window (3 list passes + bitonic stages)": 3 * math.ceil(m / block) + stages}
+    loops = {"S1/S3 (student passes)": tiles_s, "T1 (teacher pass)": tiles_t,
+             "window (5 list passes + bitonic stages)": 5 * math.ceil(l_len / block) + stages}
     return dict(kernel="H-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + lists, l2=l2, loops=loops,
-                vocab_tiles=tiles_s + tiles_t, old_loop=None,
-                footprint=min(rows, 2 * gpu["sms"]) * (12 * 2 * m + 8 * m + 12 * w + (32 << 10)),
+                vocab_tiles=tiles_s + tiles_t, old_loop=None, hbm_l2_fallback=stream_fb,
+                hbm_spill_fallback=stream_fb + lists_fb,
+                footprint=min(rows, gpu["sms"]) * (12 * 2 * m + 8 * m + 12 * w + (32 << 10)),  # 1 program per SM
                 stats=dict(nnz=n_common, max_col=0))
 
 
@@ -99,6 +113,10 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
         fits = "fits" if m["footprint"] <= gpu["l2"] else "does NOT fit"
         what = (f"W: nnz {st['nnz']:,}, longest column {st['max_col']}" if m["kernel"] == "P-KL"
                 else f"common pairs {st['nnz']:,}, m = 8192")
+        if "hbm_l2_fallback" in m:
+            print(f"    a miss of the single-pass compaction on both sides (S2 / T2 re-read the rows): "
+                  f"{_fmt_bytes(m['hbm_l2_fallback'])} ({m['hbm_l2_fallback'] / m['floor']:.2f}x), spilled "
+                  f"{_fmt_bytes(m['hbm_spill_fallback'])} ({m['hbm_spill_fallback'] / m['floor']:.2f}x)")
         print(f"    {what}; scratch + W footprint "
               f"{_fmt_bytes(m['footprint'])} {fits} in L2; floor time at {rows:,} rows "
               f"{rows * m['floor'] / gpu['hbm'] * 1e3:.2f} ms, model {rows * m['hbm_l2'] / gpu['hbm'] * 1e3:.2f}"

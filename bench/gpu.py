@@ -60,14 +60,15 @@ class Sizes:
     V_T: int
     chunks: int  # chunks in all, over 2 sequences
     sparse_k: int  # sparse teacher: columns per row
-    hub: int  # W entries in the hub column
+    hub: int  # W entries in the hub column: more than one entry block (BLOCK_E) of ops.pkl_kernel, on the GPU and
+    # under the interpreter, so entry-only tiles are exercised
     topk: int  # uncommon_topk of H-KL / GOLD / ULD with a dense teacher
     ref_chunks: int  # chunks of the problem on which the float64 oracle is checked against xt.reference
     repeat_all: bool  # every case runs REPEATS times; else only P-KL and H-KL with merge="mean" in bf16
 
 
-FULL = Sizes(V_S=5003, V_T=6007, chunks=300, sparse_k=640, hub=300, topk=1000, ref_chunks=8, repeat_all=True)
-DRY = Sizes(V_S=160, V_T=100, chunks=7, sparse_k=80, hub=20, topk=24, ref_chunks=4, repeat_all=False)
+FULL = Sizes(V_S=5003, V_T=6007, chunks=300, sparse_k=640, hub=4400, topk=1000, ref_chunks=8, repeat_all=True)
+DRY = Sizes(V_S=160, V_T=100, chunks=7, sparse_k=80, hub=100, topk=24, ref_chunks=4, repeat_all=False)
 
 
 @dataclasses.dataclass

@@ -10,6 +10,9 @@ dense fp32 teacher logits [1, T, V_T] (an input: not counted), one sequence of m
 Memory as in bench.losses: every measurement in a fresh subprocess, peak resident memory (VmHWM) after the inputs
 exist minus the resident memory then, gradients of h and W included. The logits path holds [T, V_S] logits and
 their gradient (8·T·V_S bytes in fp32); the fused path's extra memory does not grow with T.
+
+Besides the table, a plot of peak extra memory and time against T for the three methods (log-log) is written to
+``$XTOKEN_BENCH_DIR/linear_head.png`` (default ``./xtoken-bench/``; ``linear_head-quick.png`` for ``--quick``).
 """
 from __future__ import annotations
 
@@ -96,12 +99,38 @@ def _table(title: str, results: dict) -> None:
     print()
 
 
+def _plot(results: dict, name: str, title: str) -> None:
+    """Peak extra memory and fwd+bwd time against T, one line per method (the T it was run at)."""
+    from . import save_figure
+
+    def draw(fig):
+        axes = fig.subplots(1, 2)
+        for impl, label in IMPLS.items():
+            pts = [(T, per[impl]) for T, per in results.items() if impl in per and "error" not in per[impl]]
+            if not pts:
+                continue
+            mem = [(T, r["peak_extra_bytes"] / 2**20) for T, r in pts if r["peak_extra_bytes"] > 0]  # log axis
+            if mem:
+                axes[0].loglog(*zip(*mem), "o-", label=label)
+            axes[1].loglog([T for T, _ in pts], [r["seconds"] for _, r in pts], "o-", label=label)
+        for ax, ylabel in zip(axes, ("peak extra memory (MiB)", "forward + backward (s)")):
+            ax.set_xlabel("T (rows)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{title}; load average {os.getloadavg()[0]:.1f}", fontsize=9)
+
+    save_figure(name, draw)
+
+
 def run(quick: bool = False) -> None:
     threads = torch.get_num_threads()
     if quick:  # in-process smoke run at tiny sizes
         s = QUICK
         results = {T: {impl: measure(impl, T, s["d"], s["V_S"], s["V_T"]) for impl in IMPLS} for T in T_QUICK}
-        _table(f"fused linear-head P-KL (quick): d {s['d']}, V_S {s['V_S']:,}, V_T {s['V_T']:,} fp32, CPU", results)
+        title = f"fused linear-head P-KL (quick): d {s['d']}, V_S {s['V_S']:,}, V_T {s['V_T']:,} fp32, CPU"
+        _table(title, results)
+        _plot(results, "linear_head-quick", title)
         return
     s = SIZES
     Ts = T_DEFAULT + ((T_LONG,) if os.environ.get("XTOKEN_BENCH_LONG") == "1" else ())
@@ -109,8 +138,10 @@ def run(quick: bool = False) -> None:
     for T in Ts:
         impls = ["fused"] + (["logits"] if T <= T_DEFAULT[-1] else []) + (["release"] if T == Ts[0] else [])
         results[T] = {impl: plain._measure_subprocess(impl, T, s["d"], s["V_S"], s["V_T"], suite="linear_head") for impl in impls}
-    _table(f"fused linear-head P-KL: d {s['d']}, V_S {s['V_S']:,}, V_T {s['V_T']:,} fp32, CPU ({threads} threads, "
-           f"one measurement per cell)", results)
+    title = (f"fused linear-head P-KL: d {s['d']}, V_S {s['V_S']:,}, V_T {s['V_T']:,} fp32, CPU ({threads} threads, "
+             f"one measurement per cell)")
+    _table(title, results)
+    _plot(results, "linear_head", title)
     # The logits path's extra memory is affine in T (logits and their gradient): fit it on the two measured T.
     (T0, T1) = T_DEFAULT
     m0, m1 = (results[T].get("logits", {}).get("peak_extra_bytes") for T in (T0, T1))

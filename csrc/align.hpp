@@ -37,12 +37,40 @@ struct Params {
   int64_t gram = 16;              // auto: bytes that must agree after a resync point
 };
 
+// std::allocator whose resize() leaves new elements of trivial types uninitialized (they are written next).
+template <class T>
+struct NoInit : std::allocator<T> {
+  template <class U>
+  struct rebind { using other = NoInit<U>; };
+  NoInit() = default;
+  template <class U>
+  NoInit(const NoInit<U>&) noexcept {}
+  template <class U>
+  void construct(U* p) noexcept { ::new (static_cast<void*>(p)) U; }
+  template <class U, class... A>
+  void construct(U* p, A&&... a) { ::new (static_cast<void*>(p)) U(std::forward<A>(a)...); }
+};
+template <class T>
+using Buf = std::vector<T, NoInit<T>>;
+
 struct Result {
-  std::vector<int64_t> chunks;  // 4 per chunk
-  std::vector<uint8_t> correct;
+  Buf<int64_t> chunks;  // 4 per chunk
+  Buf<uint8_t> correct;
   void push(int64_t s0, int64_t s1, int64_t t0, int64_t t1, bool ok) {
-    chunks.insert(chunks.end(), {s0, s1, t0, t1});
+    chunks.push_back(s0);
+    chunks.push_back(s1);
+    chunks.push_back(t0);
+    chunks.push_back(t1);
     correct.push_back(ok ? 1 : 0);
+  }
+  void reserve(int64_t k) {
+    chunks.reserve(static_cast<size_t>(4 * k));
+    correct.reserve(static_cast<size_t>(k));
+  }
+  // Room for k more chunks, growing the capacity at least 2x when it must grow (amortized O(1) per chunk).
+  void make_room(int64_t k) {
+    const size_t need = correct.size() + static_cast<size_t>(k);
+    if (need > correct.capacity()) reserve(static_cast<int64_t>(std::max(need, 2 * correct.capacity())));
   }
   void append(const Result& o) {
     chunks.insert(chunks.end(), o.chunks.begin(), o.chunks.end());
@@ -51,25 +79,67 @@ struct Result {
   int64_t size() const { return static_cast<int64_t>(correct.size()); }
 };
 
+// x[0, n) == y[0, n). Short ranges (most tokens) without a library call: two possibly overlapping words cover them.
+inline bool bytes_eq(const char* x, const char* y, int64_t n) {
+  if (n > 16) return std::memcmp(x, y, static_cast<size_t>(n)) == 0;
+  if (n >= 8) {
+    uint64_t a, b, c, d;
+    std::memcpy(&a, x, 8), std::memcpy(&b, y, 8), std::memcpy(&c, x + n - 8, 8), std::memcpy(&d, y + n - 8, 8);
+    return ((a ^ b) | (c ^ d)) == 0;
+  }
+  if (n >= 4) {
+    uint32_t a, b, c, d;
+    std::memcpy(&a, x, 4), std::memcpy(&b, y, 4), std::memcpy(&c, x + n - 4, 4), std::memcpy(&d, y + n - 4, 4);
+    return ((a ^ b) | (c ^ d)) == 0;
+  }
+  for (int64_t k = 0; k < n; ++k)
+    if (x[k] != y[k]) return false;
+  return true;
+}
+
 inline uint64_t fnv1a(const char* p, int64_t n) {
   uint64_t h = 1469598103934665603ULL;
   for (int64_t i = 0; i < n; ++i) h = (h ^ static_cast<uint8_t>(p[i])) * 1099511628211ULL;
   return h;
 }
 
+constexpr int64_t kBlock = 16;  // bytes read at once by block_eq and copied at once by Vocab::sequence
+
+// x[0, n) == y[0, n) for n <= kBlock, reading kBlock bytes at x and at y (both must be readable): the first n bytes
+// of the XOR of two 16-byte blocks are zero; no branch on n (token lengths are too irregular to predict).
+inline bool block_eq(const char* x, const char* y, int64_t n) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  uint64_t a[2], b[2];
+  std::memcpy(a, x, kBlock), std::memcpy(b, y, kBlock);
+  auto low = [](int64_t k) {  // mask of the first k bytes of a word (byte q = bits [8q, 8q+8)), k clamped to [0, 8]
+    return k <= 0 ? uint64_t{0} : k >= 8 ? ~uint64_t{0} : (uint64_t{1} << (8 * k)) - 1;
+  };
+  return (((a[0] ^ b[0]) & low(n)) | ((a[1] ^ b[1]) & low(n - 8))) == 0;
+#else
+  return bytes_eq(x, y, n);
+#endif
+}
+
+// Bytes x[0, n) == y[0, n) inside padded streams (Seq::bytes): blocks may read up to kBlock bytes past a position.
+inline bool stream_eq(const char* x, const char* y, int64_t n) {
+  return n <= kBlock ? block_eq(x, y, n) : bytes_eq(x, y, n);
+}
+
 // Token sequence as one byte stream: token i is bytes[off[i], off[i+1]); h[i] hashes it (equality = hash, length
-// and memcmp, so a hash collision can never make unequal tokens equal).
+// and memcmp, so a hash collision can never make unequal tokens equal). `bytes` holds at least kBlock bytes past
+// the stream (padding: zeros, or whatever a reused buffer held), so block_eq may read a block at any position.
 struct Seq {
-  std::string bytes;
-  std::vector<int64_t> off{0};
-  std::vector<uint64_t> h;
-  std::vector<uint8_t> cls;  // per token Special bits (see below); empty = all text (the bytes API)
+  std::string bytes = std::string(kBlock, '\0');
+  Buf<int64_t> off{0};
+  Buf<uint64_t> h;
+  Buf<uint8_t> cls;  // per token Special bits (see below); empty = all text (the bytes API)
 
   void add(const char* p, int64_t n) {
-    bytes.append(p, static_cast<size_t>(n));
-    off.push_back(static_cast<int64_t>(bytes.size()));
+    bytes.insert(bytes.size() - kBlock, p, static_cast<size_t>(n));
+    off.push_back(off.back() + n);
     h.push_back(fnv1a(p, n));
   }
+  int64_t total() const { return off.back(); }  // bytes of the stream
   int64_t n() const { return static_cast<int64_t>(off.size()) - 1; }
   int64_t len(int64_t i) const { return off[i + 1] - off[i]; }
   const char* at(int64_t byte) const { return bytes.data() + byte; }
@@ -78,7 +148,7 @@ struct Seq {
 // Bytes of S tokens [a, b) == bytes of T tokens [c, d).
 inline bool span_eq(const Seq& S, int64_t a, int64_t b, const Seq& T, int64_t c, int64_t d) {
   int64_t n = S.off[b] - S.off[a];
-  return n == T.off[d] - T.off[c] && std::memcmp(S.at(S.off[a]), T.at(T.off[c]), static_cast<size_t>(n)) == 0;
+  return n == T.off[d] - T.off[c] && bytes_eq(S.at(S.off[a]), T.at(T.off[c]), n);
 }
 inline bool tok_eq(const Seq& S, int64_t i, const Seq& T, int64_t j) {
   return S.h[i] == T.h[j] && span_eq(S, i, i + 1, T, j, j + 1);
@@ -411,11 +481,11 @@ inline Result dp_align(const Seq& S, int64_t sa, int64_t sb, const Seq& T, int64
 
 // Key of the suffix starting at byte b of a stream of total length B: hash of its next min(gram, B-b) bytes.
 inline uint64_t suffix_key(const Seq& S, int64_t b, int64_t gram) {
-  const int64_t n = std::min(gram, static_cast<int64_t>(S.bytes.size()) - b);
+  const int64_t n = std::min(gram, S.total() - b);
   return fnv1a(S.at(b), n) ^ static_cast<uint64_t>(n);
 }
 inline bool suffix_eq(const Seq& S, int64_t a, const Seq& T, int64_t b, int64_t gram) {
-  const int64_t ra = static_cast<int64_t>(S.bytes.size()) - a, rb = static_cast<int64_t>(T.bytes.size()) - b;
+  const int64_t ra = S.total() - a, rb = T.total() - b;
   if (ra < gram || rb < gram) return ra == rb && std::memcmp(S.at(a), T.at(b), static_cast<size_t>(ra)) == 0;
   return std::memcmp(S.at(a), T.at(b), static_cast<size_t>(gram)) == 0;
 }
@@ -444,44 +514,73 @@ inline std::pair<int64_t, int64_t> resync(const Seq& S, int64_t i, const Seq& T,
   return {bi, bj};
 }
 
-inline Result auto_align(const Seq& S, const Seq& T, const Params& p) {
-  Result r;
+// Appends the chunks to r (the batch API collects all pairs in one Result).
+inline void auto_align(const Seq& S, const Seq& T, const Params& p, Result& r) {
   const int64_t n = S.n(), m = T.n();
+  r.make_room(std::max(n, m) + 16);  // typical K <= max(n, m); grows if not
+  const int64_t* so = S.off.data();
+  const int64_t* to = T.off.data();
   int64_t i = 0, j = 0;
-  while (i < n || j < m) {
-    if (i < n && S.len(i) == 0) { r.push(i, i + 1, j, j, false); ++i; continue; }
-    if (j < m && T.len(j) == 0) { r.push(i, i, j, j + 1, false); ++j; continue; }
-    int64_t agree = 0;  // common prefix of both streams from (i, j), known when the walk below fails
-    if (i < n && j < m) {  // try one merge chunk from (i, j); bytes checked as the two ends advance
-      int64_t a = i + 1, b = j + 1, ea = S.off[a] - S.off[i], eb = T.off[b] - T.off[j];
-      bool ok = true;
-      while (true) {
-        const int64_t lim = std::min(ea, eb);
-        const char* x = S.at(S.off[i]);
-        const char* y = T.at(T.off[j]);
-        if (std::memcmp(x + agree, y + agree, static_cast<size_t>(lim - agree)) != 0) {
-          while (x[agree] == y[agree]) ++agree;
-          ok = false;
-          break;
-        }
-        agree = lim;
-        if (ea == eb) break;
-        if (ea < eb) {
-          if (a == n) { ok = false; break; }
-          ea = S.off[++a] - S.off[i];
-        } else {
-          if (b == m) { ok = false; break; }
-          eb = T.off[++b] - T.off[j];
-        }
+  // A chunk of > 1 token on a side from (i, j): the ends advance until they coincide, bytes compared as they go
+  // (ea, eb = bytes of S[i, a), T[j, b)); false when they differ or a side runs out first.
+  auto walk = [&](const char* x, const char* y, int64_t ea, int64_t eb, int64_t& a, int64_t& b) {
+    for (int64_t done = 0;;) {
+      const int64_t lim = std::min(ea, eb);
+      if (!stream_eq(x + done, y + done, lim - done)) return false;
+      done = lim;
+      if (ea == eb) return true;
+      if (ea < eb) {
+        if (a == n) return false;
+        ea = so[++a] - so[i];
+      } else {
+        if (b == m) return false;
+        eb = to[++b] - to[j];
       }
-      if (ok) { r.push(i, a, j, b, true); i = a; j = b; continue; }
+    }
+  };
+  while (i < n || j < m) {
+    // The common case first: a run of chunks whose bytes agree, starting with non-empty tokens on both sides
+    // (1:1 equal tokens, or a successful walk). Each takes >= 1 token per side, so the run has at most `room`
+    // chunks: they are written straight into that room (no per-chunk capacity check).
+    const int64_t k0 = r.size(), room = std::min(n - i, m - j);
+    r.make_room(room);
+    r.chunks.resize(static_cast<size_t>(4 * (k0 + room)));
+    r.correct.resize(static_cast<size_t>(k0 + room));
+    int64_t* c = r.chunks.data() + 4 * k0;
+    uint8_t* okk = r.correct.data() + k0;
+    int64_t k = 0;
+    while (i < n && j < m) {
+      const int64_t sl = so[i + 1] - so[i], tl = to[j + 1] - to[j];
+      if (sl == 0 || tl == 0) break;
+      const char* x = S.at(so[i]);
+      const char* y = T.at(to[j]);
+      int64_t a = i + 1, b = j + 1;
+      if (sl == tl ? !stream_eq(x, y, sl) : !walk(x, y, sl, tl, a, b)) break;
+      c[4 * k] = i, c[4 * k + 1] = a, c[4 * k + 2] = j, c[4 * k + 3] = b;
+      okk[k++] = 1;
+      i = a;
+      j = b;
+    }
+    r.chunks.resize(static_cast<size_t>(4 * (k0 + k)));
+    r.correct.resize(static_cast<size_t>(k0 + k));
+    if (i == n && j == m) break;
+    if (i < n && S.len(i) == 0) { r.push(i, i + 1, j, j, false); ++i; continue; }  // zero-width: a gap
+    if (j < m && T.len(j) == 0) { r.push(i, i, j, j + 1, false); ++j; continue; }
+    // The run stopped at (i, j) on a chunk whose bytes differ (or a side ran out): resync from there. agree = the
+    // common prefix of both streams from (i, j), compared a block at a time.
+    int64_t agree = 0;
+    if (i < n && j < m) {
+      const char* x = S.at(so[i]);
+      const char* y = T.at(to[j]);
+      const int64_t lim = std::min(S.total() - so[i], T.total() - to[j]);
+      while (agree + kBlock <= lim && block_eq(x + agree, y + agree, kBlock)) agree += kBlock;
+      while (agree < lim && x[agree] == y[agree]) ++agree;
     }
     const auto [i2, j2] = resync(S, i, T, j, agree, p);
     r.append(dp_align(S, i, i2, T, j, j2, p));
     i = i2;
     j = j2;
   }
-  return r;
 }
 
 enum class Method { kAuto, kDp, kOffsets };
@@ -493,33 +592,80 @@ inline Method parse_method(const std::string& m) {
   throw std::invalid_argument("method must be 'auto', 'dp' or 'offsets', got '" + m + "'");
 }
 
-inline Result align_streams(const Seq& S, const Seq& T, Method method, const Params& p) {
+// Appends the chunks of S x T to r.
+inline void align_streams(const Seq& S, const Seq& T, Method method, const Params& p, Result& r) {
   switch (method) {
-    case Method::kDp: return dp_align(S, 0, S.n(), T, 0, T.n(), p);
-    case Method::kOffsets: return merge_streams(S, T);
-    default: return auto_align(S, T, p);
+    case Method::kDp: r.append(dp_align(S, 0, S.n(), T, 0, T.n(), p)); break;
+    case Method::kOffsets: r.append(merge_streams(S, T)); break;
+    default: auto_align(S, T, p, r);
   }
+}
+inline Result align_streams(const Seq& S, const Seq& T, Method method, const Params& p) {
+  Result r;
+  align_streams(S, T, method, p, r);
+  return r;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Vocabulary: canonical bytes (and special bits, if any) of every id, so id sequences turn into Seqs without Python.
 struct Vocab {
   Seq table;  // token id -> bytes/hash; table.cls: empty (no specials) or one entry per id
+  // What sequence() needs of a token, in one 32-byte aligned slot (one cache line): hash, place in table.bytes,
+  // length and, for tokens of <= kBlock bytes, the bytes themselves (zero-padded to kBlock).
+  struct alignas(32) Entry {
+    uint64_t h;
+    uint32_t from, len;
+    char head[kBlock];
+  };
+  Buf<Entry> entry;
 
-  Seq sequence(const int64_t* ids, int64_t n) const {
-    Seq s;
-    s.bytes.reserve(static_cast<size_t>(n * 4));
-    s.off.reserve(static_cast<size_t>(n + 1));
-    s.h.reserve(static_cast<size_t>(n));
-    if (!table.cls.empty()) s.cls.reserve(static_cast<size_t>(n));
+  Vocab() = default;
+  explicit Vocab(Seq t) : table(std::move(t)), entry(static_cast<size_t>(table.n())) {
+    if (table.total() > int64_t{UINT32_MAX}) throw std::length_error("vocabulary: over 4 GiB of token bytes");
+    for (int64_t id = 0; id < table.n(); ++id) {
+      Entry& e = entry[id];
+      e = {table.h[id], static_cast<uint32_t>(table.off[id]), static_cast<uint32_t>(table.len(id)), {}};
+      std::memcpy(e.head, table.at(table.off[id]), static_cast<size_t>(std::min(table.len(id), kBlock)));
+    }
+  }
+
+  // s = the Seq of ids [0, n) (in range), built in one pass over the ids into s's buffers (reused: no allocation
+  // when they are large enough); specials = the positions of the special tokens. Token k's bytes go to
+  // [off[k], off[k+1]), copied as one kBlock-byte block when short (the next token overwrites the excess).
+  void sequence(const int64_t* ids, int64_t n, Seq& s, std::vector<int64_t>& specials) const {
+    specials.clear();
+    s.off.resize(static_cast<size_t>(n + 1));
+    s.h.resize(static_cast<size_t>(n));
+    const bool has_cls = !table.cls.empty();
+    s.cls.resize(has_cls ? static_cast<size_t>(n) : 0);
+    if (static_cast<int64_t>(s.bytes.size()) < 4 * n + kBlock) s.bytes.resize(static_cast<size_t>(4 * n + kBlock));
+    // Locals, not members: the byte stores through char* could alias any member and force reloads.
+    const Entry* ent = entry.data();
+    const uint8_t* tcls = table.cls.data();
+    int64_t* off = s.off.data();
+    uint64_t* h = s.h.data();
+    uint8_t* cls = s.cls.data();
+    char* dst = &s.bytes[0];
+    int64_t cap = static_cast<int64_t>(s.bytes.size()), pos = 0;
+    off[0] = 0;
     for (int64_t k = 0; k < n; ++k) {
       const int64_t id = ids[k];
-      s.bytes.append(table.at(table.off[id]), static_cast<size_t>(table.len(id)));
-      s.off.push_back(static_cast<int64_t>(s.bytes.size()));
-      s.h.push_back(table.h[id]);
-      if (!table.cls.empty()) s.cls.push_back(table.cls[id]);
+      const Entry& e = ent[id];
+      const int64_t len = e.len;
+      if (pos + len + kBlock > cap) {  // room for this token's copy and, after it, a block of padding
+        s.bytes.resize(static_cast<size_t>(2 * (pos + len + kBlock)));
+        dst = &s.bytes[0];
+        cap = static_cast<int64_t>(s.bytes.size());
+      }
+      if (len <= kBlock) std::memcpy(dst + pos, e.head, kBlock);  // a constant size: one vector move, no call
+      else std::memcpy(dst + pos, table.at(e.from), static_cast<size_t>(len));
+      pos += len;
+      off[k + 1] = pos;
+      h[k] = e.h;
+      if (has_cls && (cls[k] = tcls[id]) != 0) specials.push_back(k);
     }
-    return s;
+    // The padding: cap >= pos + kBlock already. The buffer keeps its size (shrinking it would make the next call
+    // zero-fill it again).
   }
   int64_t size() const { return table.n(); }
   uint8_t cls(int64_t id) const { return table.cls.empty() ? 0 : table.cls[id]; }
@@ -533,17 +679,32 @@ inline bool special_pair_ok(const Vocab& vs, int64_t a, const Vocab& vt, int64_t
   return (cs & ct & kRoleBits) || span_eq(vs.table, a, a + 1, vt.table, b, b + 1);
 }
 
+// Positions of the special tokens among ids [0, n).
+inline std::vector<int64_t> special_positions(const Vocab& v, const int64_t* ids, int64_t n) {
+  std::vector<int64_t> pos;
+  if (!v.table.cls.empty())
+    for (int64_t k = 0; k < n; ++k)
+      if (v.table.cls[ids[k]] != 0) pos.push_back(k);
+  return pos;
+}
+
 // Correct flags of the chunks that hold a special token on either side: a special is never equal to text, so
-// only a 1:1 chunk of two specials can be correct (special_pair_ok). Chunks are over the ids s and t.
-inline void mark_specials(Result& r, const Vocab& vs, const int64_t* s, const Vocab& vt, const int64_t* t) {
-  if (vs.table.cls.empty() && vt.table.cls.empty()) return;
-  for (int64_t k = 0; k < r.size(); ++k) {
-    const int64_t* c = &r.chunks[4 * k];
-    bool any = false;
-    for (int64_t q = c[0]; q < c[1] && !any; ++q) any = vs.cls(s[q]) != 0;
-    for (int64_t q = c[2]; q < c[3] && !any; ++q) any = vt.cls(t[q]) != 0;
-    if (any) r.correct[k] = c[1] - c[0] == 1 && c[3] - c[2] == 1 && special_pair_ok(vs, s[c[0]], vt, t[c[2]]);
-  }
+// only a 1:1 chunk of two specials can be correct (special_pair_ok). Chunks [k0, K) of r are over the ids s and t
+// and tile both sides in order; s_pos / t_pos are the special positions (special_positions). Token q of a side
+// lies in the first chunk whose end on that side exceeds q (binary search), so the cost is O(specials * log K).
+inline void mark_specials(Result& r, const Vocab& vs, const int64_t* s, const std::vector<int64_t>& s_pos,
+                          const Vocab& vt, const int64_t* t, const std::vector<int64_t>& t_pos, int64_t k0 = 0) {
+  for (int side = 0; side < 2; ++side)
+    for (const int64_t q : side == 0 ? s_pos : t_pos) {
+      int64_t lo = k0, hi = r.size();  // first k in [lo, hi) with end_k > q
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (r.chunks[4 * mid + 2 * side + 1] > q) hi = mid;
+        else lo = mid + 1;
+      }
+      const int64_t* c = &r.chunks[4 * lo];
+      r.correct[lo] = c[1] - c[0] == 1 && c[3] - c[2] == 1 && special_pair_ok(vs, s[c[0]], vt, t[c[2]]);
+    }
 }
 
 // First text token: the first non-empty token that is neither a special nor a 0xFF role marker (-1 if none).
@@ -579,6 +740,34 @@ inline void canonical_pair(Seq& S, int s_prefix, Seq& T, int t_prefix) {
     strip_leading_space(S);
   else if (t_prefix == kPrefixUnlessSpace && s_prefix != kPrefixUnlessSpace && !starts_with_space(S))
     strip_leading_space(T);
+}
+
+// Per-thread buffers of align_ids, reused across calls (fresh ones cost page faults), dropped when they grow large.
+// Out of line: the caller keeps the returned address instead of a TLS lookup per use.
+struct IdScratch {
+  Seq S, T;
+  std::vector<int64_t> s_pos, t_pos;
+};
+[[gnu::noinline]] inline IdScratch& id_scratch() {
+  thread_local IdScratch w;
+  return w;
+}
+
+// Everything the id path does for one pair: ids (in range) -> canonical Seqs -> chunks (appended to r) ->
+// special-token rule.
+inline void align_ids(const Vocab& vs, const int64_t* s, int64_t n, const Vocab& vt, const int64_t* t, int64_t m,
+                      Method method, int s_prefix, int t_prefix, const Params& p, Result& r) {
+  IdScratch& w = id_scratch();
+  Seq &S = w.S, &T = w.T;
+  std::vector<int64_t> &s_pos = w.s_pos, &t_pos = w.t_pos;
+  constexpr size_t kKeep = size_t{1} << 18;  // tokens
+  vs.sequence(s, n, S, s_pos);
+  vt.sequence(t, m, T, t_pos);
+  canonical_pair(S, s_prefix, T, t_prefix);
+  const int64_t k0 = r.size();
+  align_streams(S, T, method, p, r);
+  mark_specials(r, vs, s, s_pos, vt, t, t_pos, k0);
+  if (S.off.capacity() > kKeep || T.off.capacity() > kKeep) S = Seq(), T = Seq();
 }
 
 }  // namespace xt

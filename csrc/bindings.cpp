@@ -22,10 +22,10 @@ using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 namespace {
 
 // Zero-copy: the numpy array's base is a capsule that deletes the vector.
-template <class T>
-py::array owned(std::vector<T>&& v, std::vector<py::ssize_t> shape, const py::dtype& dtype) {
-  auto* heap = new std::vector<T>(std::move(v));
-  py::capsule base(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+template <class T, class A>
+py::array owned(std::vector<T, A>&& v, std::vector<py::ssize_t> shape, const py::dtype& dtype) {
+  auto* heap = new std::vector<T, A>(std::move(v));
+  py::capsule base(heap, [](void* p) { delete static_cast<std::vector<T, A>*>(p); });
   return py::array(dtype, std::move(shape), heap->data(), base);
 }
 
@@ -40,6 +40,10 @@ py::tuple to_numpy(xt::Result&& r) {
 py::tuple batch_to_numpy(std::vector<xt::Result>&& rs, int64_t threads) {
   std::vector<int64_t> offsets{0};
   for (const auto& r : rs) offsets.push_back(offsets.back() + r.size());
+  if (rs.size() == 1) {  // nothing to concatenate
+    const py::tuple t = to_numpy(std::move(rs[0]));
+    return py::make_tuple(t[0], t[1], owned(std::move(offsets), {2}, py::dtype::of<int64_t>()));
+  }
   std::vector<int64_t> chunks;
   std::vector<uint8_t> correct;
   {
@@ -70,37 +74,62 @@ xt::Seq seq_from_bytes(const py::sequence& toks, const char* side) {
 }
 
 xt::Vocab make_vocab(const py::sequence& token_bytes, const py::object& special) {
-  xt::Vocab v;
-  v.table = seq_from_bytes(token_bytes, "vocabulary");
-  if (special.is_none()) return v;
+  xt::Seq table = seq_from_bytes(token_bytes, "vocabulary");
+  if (special.is_none()) return xt::Vocab(std::move(table));
   const auto cls = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(special);
-  if (!cls || cls.ndim() != 1 || cls.shape(0) != v.size())
-    throw py::value_error("special must be 1-D integers, one per token (" + std::to_string(v.size()) + ")");
+  if (!cls || cls.ndim() != 1 || cls.shape(0) != table.n())
+    throw py::value_error("special must be 1-D integers, one per token (" + std::to_string(table.n()) + ")");
   for (py::ssize_t k = 0; k < cls.shape(0); ++k) {
     const int64_t c = cls.data()[k];
     if (c < 0 || c > xt::kSpecialBits || (c != 0 && !(c & xt::kSpecial)))
       throw py::value_error("special[" + std::to_string(k) + "] = " + std::to_string(c) +
                             ": need 0 (text) or kSpecial (1) plus role bits (2 bos, 4 eos, 8 eot, 16 unk)");
-    v.table.cls.push_back(static_cast<uint8_t>(c));
+    table.cls.push_back(static_cast<uint8_t>(c));
   }
-  return v;
+  return xt::Vocab(std::move(table));
 }
 
-// An owned int64 copy of id sequence `seq` of a batch, checked against the vocabulary. Unsigned ids >= 2**63 are
-// reported with their value (a cast to int64 would show them as negative); non-integer dtypes are a TypeError.
-std::vector<int64_t> owned_ids(const py::handle& obj, int64_t vocab, const char* side, size_t seq) {
-  const std::string where = std::string(side) + " ids[" + std::to_string(seq) + "]";
+// A plain list of plain ints that fit in int64 (tokenizer output) -> ids, read directly (numpy's conversion of a
+// list costs ~10x more). False for anything else, which then takes the numpy route and its errors.
+bool ids_from_list(const py::handle& obj, std::vector<int64_t>& ids) {
+  if (!PyList_CheckExact(obj.ptr())) return false;
+  const Py_ssize_t n = PyList_GET_SIZE(obj.ptr());
+  ids.resize(static_cast<size_t>(n));
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    PyObject* x = PyList_GET_ITEM(obj.ptr(), k);
+    int overflow = 0;
+    if (!PyLong_CheckExact(x)) return false;
+    ids[static_cast<size_t>(k)] = PyLong_AsLongLongAndOverflow(x, &overflow);
+    if (overflow) return false;
+  }
+  return true;
+}
+
+// An owned int64 copy of id sequence `seq` of a batch (seq < 0: a single sequence), checked against the vocabulary.
+// Unsigned ids >= 2**63 are reported with their value (a cast to int64 would show them as negative); non-integer
+// dtypes are a TypeError.
+std::vector<int64_t> owned_ids(const py::handle& obj, int64_t vocab, const char* side, int64_t seq) {
+  const std::string where = std::string(side) + (seq < 0 ? " ids" : " ids[" + std::to_string(seq) + "]");
+  std::vector<int64_t> ids;
+  auto out_of_range = [&](const std::string& value, size_t k) {
+    return std::out_of_range(where + ": id " + value + " at position " + std::to_string(k) +
+                             " is out of range for a vocabulary of " + std::to_string(vocab));
+  };
+  auto check = [&]() {
+    for (size_t k = 0; k < ids.size(); ++k)
+      if (ids[k] < 0 || ids[k] >= vocab) throw out_of_range(std::to_string(ids[k]), k);
+  };
+  if (ids_from_list(obj, ids)) {
+    check();
+    return ids;
+  }
   py::array a = py::array::ensure(obj);
   if (!a) throw py::type_error(where + " must be an array or sequence of integers");
   if (a.ndim() != 1) throw py::value_error(where + " must be 1-D");
   const char kind = a.dtype().kind();
   if (a.size() > 0 && kind != 'i' && kind != 'u')
     throw py::type_error(where + " must be integers, got dtype " + std::string(py::str(a.dtype())));
-  std::vector<int64_t> ids(static_cast<size_t>(a.size()));
-  auto out_of_range = [&](const std::string& value, size_t k) {
-    return std::out_of_range(where + ": id " + value + " at position " + std::to_string(k) +
-                             " is out of range for a vocabulary of " + std::to_string(vocab));
-  };
+  ids.resize(static_cast<size_t>(a.size()));
   if (kind == 'u') {
     const auto u = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(a);
     for (size_t k = 0; k < ids.size(); ++k) {
@@ -112,15 +141,20 @@ std::vector<int64_t> owned_ids(const py::handle& obj, int64_t vocab, const char*
   }
   const auto v = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
   if (!ids.empty()) std::memcpy(ids.data(), v.data(), ids.size() * sizeof(int64_t));
-  for (size_t k = 0; k < ids.size(); ++k)
-    if (ids[k] < 0 || ids[k] >= vocab) throw out_of_range(std::to_string(ids[k]), k);
+  check();
   return ids;
 }
 
 std::vector<std::vector<int64_t>> owned_id_batch(const py::sequence& batch, int64_t vocab, const char* side) {
   std::vector<std::vector<int64_t>> out;
-  for (const auto& item : batch) out.push_back(owned_ids(item, vocab, side, out.size()));
+  for (const auto& item : batch) out.push_back(owned_ids(item, vocab, side, static_cast<int64_t>(out.size())));
   return out;
+}
+
+void check_batch_len(size_t a, size_t b, const char* what) {
+  if (a != b)
+    throw py::value_error(std::string(what) + ": batch sizes differ (" + std::to_string(a) + " vs " +
+                          std::to_string(b) + ")");
 }
 
 xt::Params make_params(int64_t band, int64_t full_cells, int64_t lookahead, int64_t gram) {
@@ -131,17 +165,71 @@ xt::Params make_params(int64_t band, int64_t full_cells, int64_t lookahead, int6
   return xt::Params{band, full_cells, lookahead, gram};
 }
 
+// Everything of an id alignment but the ids, checked once: Aligner.align_ids pays no per-call argument parsing.
+struct IdAligner {
+  const xt::Vocab* vs;
+  const xt::Vocab* vt;
+  xt::Method method;
+  int s_prefix, t_prefix;
+  xt::Params p;
+
+  IdAligner(const xt::Vocab& s, const xt::Vocab& t, const std::string& meth, int sp, int tp, int64_t band,
+            int64_t full_cells, int64_t lookahead, int64_t gram)
+      : vs(&s), vt(&t), method(xt::parse_method(meth)), s_prefix(sp), t_prefix(tp),
+        p(make_params(band, full_cells, lookahead, gram)) {
+    for (int prefix : {sp, tp})
+      if (prefix < xt::kPrefixNone || prefix > xt::kPrefixUnlessSpace)
+        throw py::value_error("prefix modes are 0 (none), 1 (always) or 2 (unless the text starts with a space)");
+  }
+
+  void pair(const std::vector<int64_t>& s, const std::vector<int64_t>& t, xt::Result& r) const {
+    xt::align_ids(*vs, s.data(), static_cast<int64_t>(s.size()), *vt, t.data(), static_cast<int64_t>(t.size()),
+                  method, s_prefix, t_prefix, p, r);
+  }
+
+  py::tuple align(const py::handle& s_obj, const py::handle& t_obj) const {
+    const auto s = owned_ids(s_obj, vs->size(), "student", -1);
+    const auto t = owned_ids(t_obj, vt->size(), "teacher", -1);
+    xt::Result r;
+    {
+      py::gil_scoped_release nogil;
+      pair(s, t, r);
+    }
+    return to_numpy(std::move(r));
+  }
+
+  py::tuple align_batch(const py::sequence& s_obj, const py::sequence& t_obj, int64_t threads) const {
+    const auto s = owned_id_batch(s_obj, vs->size(), "student");
+    const auto t = owned_id_batch(t_obj, vt->size(), "teacher");
+    check_batch_len(s.size(), t.size(), "student/teacher ids");
+    const auto B = static_cast<int64_t>(s.size());
+    if (xt::resolve_threads(threads, B) == 1) {  // in order into one Result: no per-pair buffers, no concatenation
+      std::vector<int64_t> offsets{0};
+      xt::Result r;
+      {
+        py::gil_scoped_release nogil;
+        for (int64_t b = 0; b < B; ++b) {
+          pair(s[b], t[b], r);
+          offsets.push_back(r.size());
+        }
+      }
+      const py::tuple out = to_numpy(std::move(r));
+      return py::make_tuple(out[0], out[1], owned(std::move(offsets), {B + 1}, py::dtype::of<int64_t>()));
+    }
+    std::vector<xt::Result> rs(s.size());
+    {
+      py::gil_scoped_release nogil;
+      xt::parallel_for(B, threads, [&](int64_t b) { pair(s[b], t[b], rs[b]); });
+    }
+    return batch_to_numpy(std::move(rs), threads);
+  }
+};
+
 void check_same_length(const I64& a, const I64& b, const char* what) {
   if (a.ndim() != 1 || b.ndim() != 1) throw py::value_error(std::string(what) + " must be 1-D");
   if (a.shape(0) != b.shape(0))
     throw py::value_error(std::string(what) + ": starts and ends differ in length (" + std::to_string(a.shape(0)) +
                           " vs " + std::to_string(b.shape(0)) + ")");
-}
-
-void check_batch_len(size_t a, size_t b, const char* what) {
-  if (a != b)
-    throw py::value_error(std::string(what) + ": batch sizes differ (" + std::to_string(a) + " vs " +
-                          std::to_string(b) + ")");
 }
 
 #define XT_PARAMS_ARGS py::arg("band") = 64, py::arg("full_cells") = 1 << 16, py::arg("lookahead") = 64, \
@@ -206,7 +294,11 @@ PYBIND11_MODULE(_C, m) {
           xt::parallel_for(static_cast<int64_t>(rs.size()), threads, [&](int64_t b) {
             rs[b] = xt::merge_offsets(ss[b].data(), se[b].data(), ss[b].shape(0), ts[b].data(), te[b].data(),
                                       ts[b].shape(0));
-            if (specials) xt::mark_specials(rs[b], *vs, s_ids[b].data(), *vt, t_ids[b].data());
+            if (specials) {
+              const int64_t *si = s_ids[b].data(), *ti = t_ids[b].data();
+              xt::mark_specials(rs[b], *vs, si, xt::special_positions(*vs, si, ss[b].shape(0)), *vt, ti,
+                                xt::special_positions(*vt, ti, ts[b].shape(0)));
+            }
           });
         }
         return batch_to_numpy(std::move(rs), threads);
@@ -221,33 +313,25 @@ PYBIND11_MODULE(_C, m) {
       [](const xt::Vocab& vs, const xt::Vocab& vt, const py::sequence& s_ids_obj, const py::sequence& t_ids_obj,
          const std::string& method, int s_prefix, int t_prefix, int64_t threads, int64_t band,
          int64_t full_cells, int64_t lookahead, int64_t gram) {
-        const xt::Method meth = xt::parse_method(method);
-        const xt::Params p = make_params(band, full_cells, lookahead, gram);
-        for (int prefix : {s_prefix, t_prefix})
-          if (prefix < xt::kPrefixNone || prefix > xt::kPrefixUnlessSpace)
-            throw py::value_error("prefix modes are 0 (none), 1 (always) or 2 (unless the text starts with a space)");
-        const auto s_ids = owned_id_batch(s_ids_obj, vs.size(), "student");
-        const auto t_ids = owned_id_batch(t_ids_obj, vt.size(), "teacher");
-        check_batch_len(s_ids.size(), t_ids.size(), "student/teacher ids");
-        std::vector<xt::Result> rs(s_ids.size());
-        {
-          py::gil_scoped_release nogil;
-          xt::parallel_for(static_cast<int64_t>(rs.size()), threads, [&](int64_t b) {
-            const int64_t* si = s_ids[b].data();
-            const int64_t* ti = t_ids[b].data();
-            xt::Seq S = vs.sequence(si, static_cast<int64_t>(s_ids[b].size()));
-            xt::Seq T = vt.sequence(ti, static_cast<int64_t>(t_ids[b].size()));
-            xt::canonical_pair(S, s_prefix, T, t_prefix);
-            rs[b] = xt::align_streams(S, T, meth, p);
-            xt::mark_specials(rs[b], vs, si, vt, ti);
-          });
-        }
-        return batch_to_numpy(std::move(rs), threads);
+        return IdAligner(vs, vt, method, s_prefix, t_prefix, band, full_cells, lookahead, gram)
+            .align_batch(s_ids_obj, t_ids_obj, threads);
       },
       py::arg("student_vocab"), py::arg("teacher_vocab"), py::arg("student_ids"), py::arg("teacher_ids"),
       py::arg("method") = "auto", py::arg("student_prefix") = 0, py::arg("teacher_prefix") = 0,
       py::arg("threads") = 0, XT_PARAMS_ARGS,
       "Align B pairs of id sequences over canonical bytes (prefix modes: see align.hpp Prefix). Returns (chunks [K,4], correct [K], offsets [B+1]).");
+
+  py::class_<IdAligner>(m, "IdAligner",
+                        "align_ids_batch with the vocabularies, method, prefix modes and parameters bound once.")
+      .def(py::init<const xt::Vocab&, const xt::Vocab&, const std::string&, int, int, int64_t, int64_t, int64_t,
+                    int64_t>(),
+           py::arg("student_vocab"), py::arg("teacher_vocab"), py::arg("method") = "auto",
+           py::arg("student_prefix") = 0, py::arg("teacher_prefix") = 0, XT_PARAMS_ARGS,
+           py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
+      .def("align", &IdAligner::align, py::arg("student_ids"), py::arg("teacher_ids"),
+           "One pair of id sequences -> (chunks [K,4], correct [K]).")
+      .def("align_batch", &IdAligner::align_batch, py::arg("student_ids"), py::arg("teacher_ids"),
+           py::arg("threads") = 0, "B pairs -> (chunks [K,4], correct [K], offsets [B+1]), as align_ids_batch.");
 
   m.def(
       "align_tokens",

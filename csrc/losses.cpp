@@ -1,7 +1,7 @@
 // Torch-free CPU loss kernels over chunks of logit rows, dense teacher: fused P-KL (the row-space op contract of
-// ops.fallback.pkl_rows) and H-KL / GOLD / ULD (ops.fallback.hkl_rows). Logits fp32, bf16 or fp16 (student and
-// teacher independently): math in fp32, every row converted where it is read, the gradient written once in the
-// student's dtype (round to nearest even), so low-precision inputs need no fp32 copy.
+// ops.fallback.pkl_rows), H-KL / GOLD / ULD (ops.fallback.hkl_rows), and teacher_topk's columns. Logits fp32,
+// bf16 or fp16 (student and teacher independently): math in fp32, every row converted where it is read, the gradient
+// written once in the student's dtype (round to nearest even), so low-precision inputs need no fp32 copy.
 // Chunk k = student rows [s_lo, s_hi), teacher rows [t_lo, t_hi); A = allowed teacher columns; merged rows: all
 // rows ("mean") or the first ("first", "chain"); n_s / n_t = number of merged rows.
 //
@@ -47,6 +47,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <new>
 #include <optional>
@@ -399,14 +400,14 @@ XT_HOT void exp_all(const float* x, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = fexp(x[i]);
 }
 
-XT_HOT void scale_all(const float* x, float* out, int64_t n, float f) {
-  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * f;
-}
-
 // ---- shared checks and helpers
 
 void check(bool ok, const std::string& msg) {
   if (!ok) throw py::value_error("loss kernel: " + msg);
+}
+// A literal message builds no std::string unless the check fails (checks in per-entry loops stay cheap).
+void check(bool ok, const char* msg) {
+  if (!ok) check(false, std::string(msg));
 }
 
 // τ is used as fp32, with τ² and 1/τ: all three must be finite normal fp32 numbers (NaN fails the comparison).
@@ -738,18 +739,19 @@ XT_HOT void gather_lanes(const int32_t* col, const float* w, int64_t V_S, int32_
 }
 
 // gather_lanes over W's entries in A listed by row (row ascending; slot = 4 row + j), for a small column space:
-// rows without an entry get g = 0 without reading their p̄.
+// runs of rows without an entry get g = 0 by a fill, without reading their p̄ (their p̄ g = 0 adds nothing to dot).
 XT_HOT void gather_rows(const int32_t* slot, const int32_t* col, const float* w, int64_t n_entries, int64_t V_S,
                         const VF* rT, const VF* fb, const VF& M, const VF& cg, const VI& keep, VF* pT, float* gw,
                         double* dot) {
   int64_t e = 0;
   for (int64_t s0 = 0; s0 < V_S; s0 += kBlock) {
+    const int64_t s1 = std::min(V_S, s0 + kBlock);
     VF part = {};
-    for (int64_t s = s0; s < std::min(V_S, s0 + kBlock); ++s) {
-      if (e == n_entries || slot[e] / 4 != s) {
-        pT[s] = VF{};
-        continue;
-      }
+    for (int64_t s = s0;; ++s) {
+      const int64_t next = e < n_entries ? std::min<int64_t>(slot[e] / 4, s1) : s1;  // the next row with an entry
+      std::fill(pT + s, pT + next, VF{});
+      if (next == s1) break;
+      s = next;
       const VF p = pT[s];
       VF acc = {};
       for (; e < n_entries && slot[e] / 4 == s; ++e) {
@@ -1485,6 +1487,82 @@ void hkl_rows(const py::array& s_logits, const py::array& t_vals, const Bool& co
     parallel_for_worker(K, threads, [&](int64_t k, int64_t w) { hkl_chunk<S, T>(a, k, scratch[w]); });
   });
 }
+
+// ---- teacher_topk's columns: the k columns c with the largest m[c] = max over the listed rows r of t[r][c], rows
+// holding NaN or +inf ignored (m = −inf when no row is left), ties -> lower c (the first k of a stable descending
+// sort). The rows are cut into one contiguous run per thread, each streamed once into its own maxima row (in L2); a
+// run that met a row with NaN / +inf is swept again without such rows, and the runs' maxima are merged (max is
+// exact, so m does not depend on the thread count). Selection: v = the k-th largest m (nth_element); every column
+// with m > v, then the lowest columns with m = v until there are k.
+
+// acc[i] = max(acc[i], x[i]) (a NaN x leaves acc as is); returns whether x holds NaN or +inf.
+template <class D>
+XT_HOT bool colmax_row(const typename D::T* x, float* acc, int64_t n) {
+  VI2 bad{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const V2 v = D::load16(x + i), a = loadu16(acc + i);
+    const V2 m = sel(a < v, v, a);
+    std::memcpy(acc + i, &m, sizeof m);
+    bad |= ~(v < kInf);
+  }
+  bool nonfinite = false;
+  for (int l = 0; l < 16; ++l) nonfinite |= bad[l] != 0;
+  for (; i < n; ++i) {
+    const float v = D::get(x[i]);
+    acc[i] = fmax_(acc[i], v);
+    nonfinite |= !(v < kInf);
+  }
+  return nonfinite;
+}
+
+XT_HOT void max_into(float* acc, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] = fmax_(acc[i], x[i]);
+}
+
+void teacher_topk_columns(const py::array& t_vals, const I64& rows, int64_t k, Bool out, int64_t threads,
+                          const std::string& t_dtype) {
+  const Logits ts = logits_arg(t_vals, t_dtype, "t_vals", false);
+  const int64_t N_t = ts.rows, V_T = ts.cols, n = rows.ndim() == 1 ? rows.shape(0) : -1;
+  check(n >= 0, "rows must be 1-D");
+  check(out.ndim() == 1 && out.shape(0) == V_T, "out must be [V_T]");
+  check(k >= 1, "need k >= 1");
+  const int64_t* r = rows.data();
+  for (int64_t i = 0; i < n; ++i) check(0 <= r[i] && r[i] < N_t, "rows must lie in [0, N_t)");
+  bool* mask = out.mutable_data();
+  py::gil_scoped_release nogil;
+  if (k >= V_T) {
+    std::fill(mask, mask + V_T, true);
+    return;
+  }
+  const int64_t runs = resolve_threads(threads, std::max<int64_t>(n, 1));
+  std::vector<std::vector<float>> part(static_cast<size_t>(runs));
+  dispatch(ts.dt, ts.dt, [&](auto tag, auto) {
+    using D = decltype(tag);
+    const auto* t = static_cast<const typename D::T*>(ts.data);
+    parallel_for(runs, threads, [&](int64_t b) {
+      std::vector<float>& acc = part[b];
+      const int64_t i0 = n * b / runs, i1 = n * (b + 1) / runs;
+      acc.assign(V_T, -kInf);
+      std::vector<uint8_t> bad(static_cast<size_t>(i1 - i0), 0);
+      bool any = false;
+      for (int64_t i = i0; i < i1; ++i) any |= bad[i - i0] = colmax_row<D>(t + r[i] * V_T, acc.data(), V_T);
+      if (!any) return;
+      acc.assign(V_T, -kInf);  // rare: again without the rows holding NaN / +inf
+      for (int64_t i = i0; i < i1; ++i)
+        if (!bad[i - i0]) colmax_row<D>(t + r[i] * V_T, acc.data(), V_T);
+    });
+  });
+  std::vector<float> m(static_cast<size_t>(V_T), -kInf);
+  for (const auto& acc : part) max_into(m.data(), acc.data(), V_T);
+  std::vector<float> order(m);
+  std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), std::greater<float>());
+  const float v = order[k - 1];
+  int64_t ties = k;  // k − #(m > v): the columns with m = v that are kept
+  for (int64_t c = 0; c < V_T; ++c) ties -= m[c] > v;
+  for (int64_t c = 0; c < V_T; ++c) mask[c] = m[c] > v || (m[c] == v && ties-- > 0);
+}
+
 }  // namespace
 
 void bind_losses(py::module_& m) {
@@ -1497,6 +1575,11 @@ void bind_losses(py::module_& m) {
         "Fused P-KL over chunks of logit rows (dense teacher): writes loss [K], grad [N_s, V_S] (every row, in the "
         "student's dtype) and, when given, grad_w [V_S, 4]. bf16 / fp16 logits and grad are passed as their 16-bit "
         "words (int16 arrays) with s_dtype / t_dtype. See csrc/losses.cpp for the math.");
+  m.def("teacher_topk_columns", &teacher_topk_columns, py::arg("t_vals").noconvert(), py::arg("rows").noconvert(),
+        py::arg("k"), py::arg("out").noconvert(), py::arg("threads") = 0, py::arg("t_dtype") = "float32",
+        "teacher_topk's column set: out[c] = whether column c is among the k with the largest max over the teacher "
+        "rows `rows` of t_vals[r, c] (rows holding NaN or +inf ignored), ties -> lower c. bf16 / fp16 rows as their "
+        "16-bit words with t_dtype.");
   m.def("hkl_rows", &hkl_rows, py::arg("s_logits").noconvert(), py::arg("t_vals").noconvert(),
         py::arg("col_mask").noconvert(), py::arg("spans").noconvert(), py::arg("temperature"), py::arg("merge"),
         py::arg("s_chain").noconvert(), py::arg("t_chain").noconvert(), py::arg("common_s").noconvert(),

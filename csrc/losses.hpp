@@ -5,7 +5,7 @@
 
 namespace xt {
 
-// Registers pkl_rows and hkl_rows on the extension module.
+// Registers pkl_rows, hkl_rows and teacher_topk_columns on the extension module.
 void bind_losses(pybind11::module_& m);
 
 }  // namespace xt

@@ -265,6 +265,28 @@ def test_batch_ids_equals_single_and_is_thread_independent(pairs, method):
         assert_same((chunks[lo:hi], correct[lo:hi]), _C.align_tokens(s, t, method))
 
 
+@st.composite
+def long_token_pair(draw):
+    """Two cuts of one text (sometimes edited) into tokens of 1..40 bytes: the id path copies and compares tokens of
+    up to 16 bytes as fixed 16-byte blocks and longer ones by length, so lengths near 4, 8, 16 and 17 are edges."""
+    text = draw(texts(max_size=160))
+    other = draw(edited(text)) if draw(st.booleans()) else text
+    return draw(split(text, max_piece=40)), draw(split(other, max_piece=40))
+
+
+@given(long_token_pair(), st.sampled_from(["auto", "dp", "offsets"]))
+def test_id_path_matches_reference_for_long_tokens(pair, method):
+    s, t = pair
+    vocab = sorted(set(s + t))
+    index = {tok: i for i, tok in enumerate(vocab)}
+    v = _C.Vocab(vocab)
+    s_ids, t_ids = [index[x] for x in s], [index[x] for x in t]
+    native = _C.IdAligner(v, v, method)
+    got = native.align(s_ids, t_ids)  # plain lists: read directly by C++
+    assert_same(got, ref.align_tokens(s, t, method))
+    assert_same(got, native.align(np.array(s_ids, np.int64), np.array(t_ids, np.int64)))
+
+
 def test_outputs_are_zero_copy_numpy():
     chunks, correct = _C.align_tokens([b"ab"], [b"a", b"b"], "auto")
     for a in (chunks, correct):

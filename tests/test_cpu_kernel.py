@@ -4,6 +4,7 @@ compact column space), low-precision rows converted inside the kernels and threa
 float64 reference (bounds from helpers.py)."""
 from __future__ import annotations
 
+import math
 from unittest import mock
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 import xtoken_ext as xt
 from helpers import check, examples, grad_bound, kappa, loss_bound, random_alignment
+from xtoken_ext import losses as L
 from xtoken_ext import reference as ref
 from xtoken_ext.ops import hkl as hkl_op
 from xtoken_ext.ops import pkl as pkl_op  # registers both xtoken:: ops
@@ -227,3 +229,35 @@ def test_native_low_precision_rows_are_the_fp32_computation_rounded(dtype, teach
         ref32 = hkl_op._native(z.float(), t.float(), None, *h_args)
         assert torch.equal(low[0], ref32[0]) and torch.equal(low[2], ref32[2])
         assert low[1].dtype == dtype and torch.equal(low[1], ref32[1].to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [1, 37, 4000, 9001, 20_000])
+def test_native_teacher_topk_ranking_is_the_stable_sort_of_the_torch_column_max(dtype, k):
+    """teacher_topk's columns of a dense CPU teacher (C++: column max over the rows read in place, O(V) selection)
+    and of the torch path: the same mask as the first k of a stable descending sort of the max over the listed
+    rows, with rows holding NaN or +inf ignored. Integer logits make many ties (broken by the lower id); −inf
+    entries and an all-−inf column included; the same for every thread count (rows cut into runs per thread)."""
+    g = torch.Generator().manual_seed(13)
+    t = torch.randint(-40, 40, (30, 9001), generator=g).float()
+    t[torch.rand(t.shape, generator=g) < 0.05] = -math.inf
+    t[:, 17] = -math.inf
+    t[3, 5], t[11, 8000], t[20, 40] = math.nan, math.inf, math.nan  # these rows are ignored
+    t = t.to(dtype)
+    rows = torch.tensor([0, 1, 3, 4, 7, 11, 12, 19, 20, 25, 29])
+    good = rows[~L.nonfinite_rows(t[rows], False)]
+    imp = t[good].float().amax(0)
+    want = torch.zeros(t.shape[1], dtype=torch.bool)
+    want[torch.sort(imp, descending=True, stable=True).indices[:k]] = True
+    fetch = L._fetch_rows(t, None)
+    assert fetch.dense is t
+    for threads in (1, 2, 3):
+        with mock.patch.object(torch, "get_num_threads", return_value=threads):
+            assert torch.equal(L._topk_columns(fetch, rows, t.shape[1], k, torch.float32, "cpu"), want)
+    torch_path = lambda r: fetch(r)  # noqa: E731  (no .dense: the block-wise torch path)
+    assert torch.equal(L._topk_columns(torch_path, rows, t.shape[1], k, torch.float64, "cpu"), want)
+    # every row bad: all maxima −inf, the k lowest ids
+    assert torch.equal(L._topk_columns(fetch, torch.tensor([3, 11]), t.shape[1], k, torch.float32, "cpu"),
+                       torch.arange(t.shape[1]) < k)
+    with pytest.raises(ValueError, match="rows must lie in"):
+        L._topk_columns(fetch, torch.tensor([0, 30]), t.shape[1], k, torch.float32, "cpu")

@@ -1,7 +1,8 @@
 """The Triton kernels compile for the GPU path (sm_90, no GPU needed): Triton's own compiler down to a cubin with
 the ptxas shipped in the triton wheel, for every constexpr variant and autotune config, with the 16-divisibility
 hints Triton's launcher gives real shapes. Checks what the interpreter cannot: the kernel lowers at all, no
-register spills, and the streamed rows are read with vectorized (v4) loads.
+register spills, shared memory within sm_90's per-block limit, and the streamed rows are read with vectorized (v4)
+loads.
 
 Runs in a subprocess: the test session may run Triton under TRITON_INTERPRET=1, which replaces compilation."""
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 
 import triton  # noqa: F401,E402  (the test extra pins it)
 
+from xtoken_ext.ops.pkl_kernel import _CONFIGS  # noqa: E402
+
 _SCRIPT = r"""
 import itertools, json, os, re, subprocess, sys, tempfile
 import triton
@@ -22,10 +25,11 @@ from triton.compiler import ASTSource
 from xtoken_ext.ops import pkl_kernel as P
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32", "erow_ptr": "*i32",
-       "ecol_ptr": "*i32", "colptr_ptr": "*i32", "mask_ptr": "*i8", "spans_ptr": "*i64", "tcnt_ptr": "*i32"}
+PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32", "wtile_ptr": "*i32",
+       "erow_ptr": "*i32", "ecol_ptr": "*i32", "tiles_ptr": "*i32", "colend_ptr": "*i32", "mask_ptr": "*i8",
+       "spans_ptr": "*i64", "tcnt_ptr": "*i32"}
 SCALARS_F32 = {"inv_tau", "tau", "eps"}
-NO_HINT = {"k0", "k1", "NNZ", "n_tiles_max", "K", "N", "N_s"}
+NO_HINT = {"k0", "k1", "NNZ", "n_tiles", "n_tiles_max", "K", "N", "N_s"}
 
 
 def compile_one(kernel, consts, num_warps, sparse):
@@ -52,20 +56,23 @@ def compile_one(kernel, consts, num_warps, sparse):
                               capture_output=True, text=True, check=True).stderr
     spill = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
-    return dict(regs=regs, spill=spill, v4=len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)))
+    return dict(smem=c.metadata.shared, regs=regs, spill=spill, v4=len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)))
 
 
 out = []
 for cfg in P._CONFIGS:
     for sparse, grad_w, mean in itertools.product((False, True), (False, True), (True, False)):
         consts = dict(MEAN=mean, CHAIN=not mean, SPARSE=sparse, GRAD_W=grad_w, HAS_SCALE=grad_w, SLOTS=4,
-                      **cfg.kwargs)
+                      ALIGN=P.ALIGN, **P.TILES_GPU, **cfg.kwargs)
         r = compile_one(P._pkl_kernel, consts, cfg.num_warps, sparse)
         out.append(dict(kernel="pkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, grad_w=grad_w, **r))
 r = compile_one(P._pkl_grad_w_kernel, dict(MEAN=True, BLOCK=1024, SLOTS=4), 8, False)
 out.append(dict(kernel="pkl_grad_w", cfg={}, warps=8, sparse=False, grad_w=True, **r))
 print(json.dumps(out))
 """
+
+
+_SMEM_SM90 = 227 << 10  # the largest dynamic shared memory a block may opt in to on sm_90
 
 
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
@@ -75,8 +82,9 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 3 * 8 + 1
+    assert len(results) == len(_CONFIGS) * 8 + 1
     for r in results:
         assert r["spill"] == 0, r
+        assert r["smem"] <= _SMEM_SM90, r  # the pipelined loops' buffers fit an H100 block's shared memory
         if r["kernel"] == "pkl" and not r["sparse"]:
             assert r["v4"] > 0, r  # dense rows streamed with 16-byte loads

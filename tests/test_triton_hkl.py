@@ -154,3 +154,64 @@ def test_bad_input_chunks(merge, sparse_k):
     mask = rows.unsqueeze(1) & ~ties
     check("triton/float32/hkl bad-input grad", grad, z64.grad, grad_bound(z64.grad, z_ok, 0.7, kap, torch.float32,
                                                                           "triton"), mask=mask)
+
+
+@pytest.fixture
+def no_slack(monkeypatch):
+    """L's capacity 2 m, below the rows' |U|: the first pass appends only the hinted bins (not the whole row)."""
+    monkeypatch.setattr(hkl_kernel, "_SLACK", 0)
+
+
+def test_single_pass_compaction_hits(no_slack):
+    """One-row chunks from one distribution, one of them sorted ascending (its top m at the end of the row): each
+    program's first two chunks have no |Δθ| yet (S2 / T2 compact); later chunks compact both sides in their first
+    pass (hkl_kernel.last_paths: bit 0 student, bit 1 teacher), the sorted one included, but for the rare θ that
+    moves past the hint radius."""
+    P = make_problem(31, 97, 61, 16, 1, 0, "all", 0.0, True)
+    s_lo, _, t_lo, _ = P.spans[6].tolist()
+    P.z[s_lo] = P.z[s_lo].sort().values
+    P.t[t_lo] = P.t[t_lo].sort().values
+    run_hkl_triton(P, "first", "none", 20, tau=1.0)
+    paths = hkl_kernel.last_paths.tolist()
+    assert paths[:4] == [0] * 4 and paths[6] == 3 and paths[4:].count(3) >= 10
+
+
+def test_single_pass_compaction_merged_rows(no_slack):
+    """Several-row chunks (merged S, sparse teacher keyed on T): the merged level-1 pass compacts too. A sparse row
+    (k entries ≤ the list) is always appended whole."""
+    P = make_problem(31, 97, 61, 16, 3, 7, "all", 0.0, True)
+    run_hkl_triton(P, "mean", "none", 20)
+    paths = hkl_kernel.last_paths.tolist()
+    assert all(p & 2 for p in paths)
+    assert any(p & 1 for p, (s_lo, s_hi, _, _) in zip(paths, P.spans.tolist()) if s_hi - s_lo > 1)
+
+
+def test_single_pass_misses_fall_back(no_slack):
+    """Program 0 (even chunks, the second one 0's hint already set) gets rows the hint cannot hold: student −2 /
+    teacher +2 (the student's list short of m keys, the teacher's past its capacity), all-equal rows (one bin), ±1000
+    (end bins: S2 / T2 then take the exact compaction). Those chunks must fall back and still match the oracle;
+    program 1 keeps compacting in one pass (but for a rare θ past the hint radius)."""
+    P = make_problem(31, 97, 61, 16, 1, 0, "all", 0.0, True)
+    spans = P.spans.tolist()
+    for k, (ds, dt) in ((6, (-2.0, 2.0)), (14, (1000.0, -1000.0))):
+        P.z[spans[k][0]] += ds
+        P.t[spans[k][2]] += dt
+    P.z[spans[10][0]] = 0.25
+    P.t[spans[10][2]] = -0.5
+    run_hkl_triton(P, "first", "none", 20, tau=1.0, tie_sums=True)
+    paths = hkl_kernel.last_paths.tolist()
+    assert paths[4] == 3 and [paths[k] for k in (6, 10, 14)] == [0, 0, 0]
+    assert paths[5::2].count(3) >= 5
+
+
+def test_single_pass_compaction_multi_tile(no_slack):
+    """Multi-tile rows in bf16 (hub column, relaxed pairs, m = 1000, L's capacity 2000 < |U|): one-pass hits from
+    each program's third chunk on; chunk 6 (student −2, teacher +2) falls back on the student side (the teacher's
+    list still holds all of its few uncommon columns: a hit)."""
+    P = make_problem(22, 4099, 4111, 10, 1, 0, "covered", 0.05, 300)
+    s_lo, _, t_lo, _ = P.spans[6].tolist()
+    P.z[s_lo] -= 2.0
+    P.t[t_lo] += 2.0
+    run_hkl_triton(P, "first", "relaxed", 1000, dt=torch.bfloat16)
+    paths = hkl_kernel.last_paths.tolist()
+    assert paths[:4] == [0] * 4 and paths[6] == 2 and paths[4] == 3 and paths[5::2] == [3] * 3

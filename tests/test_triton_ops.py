@@ -105,6 +105,50 @@ def test_hkl_multi_tile_matches_oracle(merge, sparse_k, dtype, pairs):
     run_hkl(make_problem(seed=22, sparse_k=sparse_k, **BIG), DTYPES[dtype], merge, 0.7, pairs, 1000)
 
 
+def test_column_tiles_bound_columns_and_entries():
+    """The dense P-KL W tiles partition columns and entries; each holds ≤ block_e entries and lies in the block_t
+    window from its first column rounded down to ALIGN; a column longer than block_e is split into entry-only tiles
+    that hold that column alone, before the tile that carries it (which then ends on a column boundary)."""
+    from xtoken_ext.ops.pkl_kernel import ALIGN, column_tiles
+
+    g = torch.Generator().manual_seed(0)
+    col_len = torch.randint(0, 4, (1000,), generator=g)
+    col_len[[0, 13, 14, 500, 999]] = torch.tensor([300, 1000, 64, 129, 200])  # hubs at and off ALIGN boundaries
+    ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(col_len, 0)])
+    bt, be = 64, 64
+    b = column_tiles(ptr, bt, be)
+    c_lo, e_lo, c_hi, e_hi = b[:-1, 0], b[:-1, 1], b[1:, 0], b[1:, 1]
+    assert b[0].tolist() == [0, 0] and b[-1].tolist() == [1000, int(ptr[-1])]
+    assert bool((c_hi >= c_lo).all() and (e_hi > e_lo).all() and (e_hi - e_lo <= be).all())
+    assert bool((c_hi - (c_lo - c_lo % ALIGN) <= bt).all())
+    only = c_hi == c_lo
+    assert bool((e_hi[~only] == ptr[c_hi[~only]]).all())  # column tiles end on a column boundary
+    assert bool((e_lo[only] >= ptr[c_lo[only]]).all() and (e_hi[only] < ptr[c_lo[only] + 1]).all())
+    assert int(only.sum()) == sum((n - 1) // be for n in (300, 1000, 64, 129, 200))  # 4 + 15 + 0 + 2 + 3
+
+
+@pytest.mark.parametrize("merge,dtype", [pytest.param("first", "fp32", id="first-fp32"),
+                                         pytest.param("mean", "bf16", id="mean-bf16")])
+def test_pkl_hub_longer_than_entry_block(merge, dtype):
+    """Dense teacher, a hub column with more than two blocks of W entries (at the active tile geometry) placed at an
+    unaligned column inside a window: entry-only tiles carry its partial sum into the tile holding it."""
+    from xtoken_ext.ops import pkl_kernel as K
+
+    bt, be = K._TILES["BLOCK_T"], K._TILES["BLOCK_E"]
+    hub = bt // 2 + 3
+    P = make_problem(seed=7, V_S=4 * be, V_T=2 * bt + 37, n_chunks=3, max_rows=2, sparse_k=0, mask_mode="covered",
+                     empty_rows=0.05, hub=True)
+    w = P.w_idx.clone()  # move the hub from column 0 to the unaligned column `hub`
+    P.w_idx[w == 0], P.w_idx[w == hub] = hub, 0
+    P.col_mask[[0, hub]] = P.col_mask[[hub, 0]].clone()
+    cols = P.w_idx[P.w_idx >= 0].long()
+    ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(torch.bincount(cols, minlength=2 * bt + 37), 0)])
+    b = K.column_tiles(ptr, bt, be)
+    assert hub % K.ALIGN and int((cols == hub).sum()) > 2 * be
+    assert int((b[1:, 0] == b[:-1, 0]).sum()) >= 2 and hub in b[:, 0].tolist()
+    run_pkl(P, DTYPES[dtype], merge, 0.7, False)
+
+
 def test_pkl_grad_w_deterministic_matches_atomic():
     P = make_problem(3, 61, 97, 5, 3, 0, "covered", 0.1, True)
     dev = device()

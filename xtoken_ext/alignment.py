@@ -125,6 +125,17 @@ def _as_ids(x, side: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
+_INT64 = np.dtype(np.int64)
+
+
+def _ids_arg(x, side: str):
+    """Ids of one side of ``align_ids`` as C++ takes them: a plain list (tokenizer output) or a 1-D int64 array
+    goes as is (C++ copies and checks it, naming the side in errors); anything else through ``_as_ids``."""
+    if type(x) is list or (type(x) is np.ndarray and x.dtype is _INT64 and x.ndim == 1):
+        return x
+    return _as_ids(x, side)
+
+
 def _id_rows(x, lengths, mask, side: str) -> list[np.ndarray]:
     """One side of ``align_ids_batch`` -> a list of int64 id rows that this call owns (copies: the ids stored in
     the Alignment are the ones aligned, whatever the caller does to its arrays meanwhile)."""
@@ -169,8 +180,6 @@ class Aligner:
 
     def __init__(self, student_tok, teacher_tok, method: str = "auto", include_mismatched: bool = False, *,
                  band: int = 64, full_cells: int = 1 << 16, lookahead: int = 64, gram: int = 16):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self._params = {"band": _check_int(band, "band", 0), "full_cells": _check_int(full_cells, "full_cells", 0, None),
                         "lookahead": _check_int(lookahead, "lookahead", 1), "gram": _check_int(gram, "gram", 1)}
         self.method = method
@@ -179,19 +188,37 @@ class Aligner:
         self.teacher_tok = load_tokenizer(teacher_tok)
         self.student_table = token_table(self.student_tok)
         self.teacher_table = token_table(self.teacher_tok)
-        self._vs, self._vt = _vocab(self.student_table), _vocab(self.teacher_table)
         self._prefix = (_prefix_mode(self.student_tok, self.student_table),
                         _prefix_mode(self.teacher_tok, self.teacher_table))
+        self._bind()
+
+    @property
+    def method(self) -> str:
+        """"auto" | "offsets" | "dp"; assigning it rebinds the native aligner."""
+        return self._method
+
+    @method.setter
+    def method(self, value: str) -> None:
+        if value not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {value!r}")
+        self._method = value
+        if "_native" in self.__dict__:
+            self._bind()
+
+    def _bind(self):
+        """The native vocabularies and the id aligner with this Aligner's method, prefix modes and parameters."""
+        self._vs, self._vt = _vocab(self.student_table), _vocab(self.teacher_table)
+        self._native = _C.IdAligner(self._vs, self._vt, self.method, *self._prefix, **self._params)
 
     # -- pickling: the native vocabularies are process-local caches, rebuilt from the token tables ---------------
     def __getstate__(self):
         state = dict(self.__dict__)
-        del state["_vs"], state["_vt"]
+        del state["_vs"], state["_vt"], state["_native"]
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._vs, self._vt = _vocab(self.student_table), _vocab(self.teacher_table)
+        self._bind()
 
     # -- one sequence pair ---------------------------------------------------------------------------------------
     def align(self, text, return_correct: bool = False):
@@ -204,9 +231,7 @@ class Aligner:
 
     def align_ids(self, student_ids, teacher_ids, return_correct: bool = False):
         """Chunks int64 [K, 4] for pre-tokenized ids (lists, numpy or torch), aligned over canonical bytes."""
-        s, t = _as_ids(student_ids, "student"), _as_ids(teacher_ids, "teacher")
-        chunks, correct, _ = _C.align_ids_batch(self._vs, self._vt, [s], [t], self.method, *self._prefix,
-                                                threads=1, **self._params)
+        chunks, correct = self._native.align(_ids_arg(student_ids, "student"), _ids_arg(teacher_ids, "teacher"))
         return (chunks, correct) if return_correct else chunks
 
     # -- batches -------------------------------------------------------------------------------------------------
@@ -227,8 +252,7 @@ class Aligner:
         t = _id_rows(teacher_ids, teacher_lengths, teacher_attention_mask, "teacher")
         if len(s) != len(t):
             raise ValueError(f"student and teacher batch sizes differ ({len(s)} vs {len(t)})")
-        chunks, correct, offsets = _C.align_ids_batch(self._vs, self._vt, s, t, self.method, *self._prefix,
-                                                      threads=threads or 0, **self._params)
+        chunks, correct, offsets = self._native.align_batch(s, t, threads or 0)
         return Alignment._from_flat(chunks, correct, offsets, s, t, include_mismatched=self.include_mismatched)
 
     def align_batch(self, texts, threads: int | None = None, max_length: int | None = None) -> Alignment:
@@ -334,14 +358,15 @@ class Alignment:
         if c.dim() != 3 or c.shape[0] != B or c.shape[2] != 4 or self.chunk_valid.shape != c.shape[:2]:
             raise ValueError(f"chunks must be [B, K, 4] with chunk_valid [B, K]; got {tuple(c.shape)} and "
                              f"{tuple(self.chunk_valid.shape)} for B={B}")
-        b, k = self.chunk_valid.nonzero(as_tuple=True)
-        v = c[b, k]
-        bad = (v[:, 0] < 0) | (v[:, 0] >= v[:, 1]) | (v[:, 1] > self.student_lengths[b]) \
-            | (v[:, 2] < 0) | (v[:, 2] >= v[:, 3]) | (v[:, 3] > self.teacher_lengths[b])
+        # numpy views of the CPU tensors: these elementwise checks cost ~100x less than as torch ops
+        b, k = self.chunk_valid.numpy().nonzero()
+        v = c.numpy()[b, k]
+        bad = (v[:, 0] < 0) | (v[:, 0] >= v[:, 1]) | (v[:, 1] > self.student_lengths.numpy()[b]) \
+            | (v[:, 2] < 0) | (v[:, 2] >= v[:, 3]) | (v[:, 3] > self.teacher_lengths.numpy()[b])
         same = b[1:] == b[:-1]
         bad[1:] |= same & ((v[1:, 0] < v[:-1, 1]) | (v[1:, 2] < v[:-1, 3]))
         if bad.any():
-            i = int(bad.nonzero()[0, 0])
+            i = int(np.argmax(bad))
             raise ValueError(f"sequence {int(b[i])}, chunk {int(k[i])}: valid chunk {v[i].tolist()} is negative, "
                              "empty, out of range or overlaps the previous valid chunk")
 
@@ -406,33 +431,37 @@ class Alignment:
         kidx = np.arange(len(chunks)) - offsets[:-1][bidx]
         _check_partition(chunks, bidx, counts, offsets, lengths)
         gap = (chunks[:, 0] == chunks[:, 1]) | (chunks[:, 2] == chunks[:, 3])
+        masks = [np.arange(w)[None, :] < L[:, None] for w, L in zip(widths, lengths)]
+        # The chunks tile every sequence in order (checked above), so each chunk's id (-1 for a gap) repeated over
+        # its tokens lists all tokens of all sequences in order: the True cells of the attention mask, row-major.
+        chunk_id = np.where(gap, -1, kidx)
         ids = []
         for side in (0, 1):
-            lo, hi = chunks[:, 2 * side], chunks[:, 2 * side + 1]
-            size = hi - lo
-            tok_b = np.repeat(bidx, size)
-            first = np.repeat(np.cumsum(size) - size, size)
-            tok_p = np.repeat(lo, size) + np.arange(len(tok_b)) - first
             unshifted = np.full((B, widths[side] + 1), -1, dtype=np.int64)
-            unshifted[tok_b, tok_p] = np.where(np.repeat(gap, size), -1, np.repeat(kidx, size))
+            unshifted[:, :-1][masks[side]] = np.repeat(chunk_id, chunks[:, 2 * side + 1] - chunks[:, 2 * side])
             ids.append(unshifted[:, 1:])  # row p <- token p+1 (next-token shift)
         rows_s = chunks[:, 1] - 1 - np.maximum(chunks[:, 0] - 1, 0)
         rows_t = chunks[:, 3] - 1 - np.maximum(chunks[:, 2] - 1, 0)
         valid = ~gap & (rows_s >= 1) & (rows_t >= 1) & (correct | include_mismatched)
         K = int(counts.max(initial=0))
         grid = np.full((B, K, 4), -1, dtype=np.int64)
-        grid[bidx, kidx] = chunks
         flags = np.zeros((2, B, K), dtype=bool)
-        flags[0, bidx, kidx] = valid
-        flags[1, bidx, kidx] = correct
+        for b in range(B):  # pair b's chunks are the flat rows offsets[b]:offsets[b+1]
+            lo, hi = offsets[b], offsets[b + 1]
+            grid[b, :hi - lo] = chunks[lo:hi]
+            flags[0, b, :hi - lo] = valid[lo:hi]
+            flags[1, b, :hi - lo] = correct[lo:hi]
         t = torch.from_numpy
-        masks = [np.arange(w)[None, :] < L[:, None] for w, L in zip(widths, lengths)]
-        return Alignment(
+        # _check_partition implies all that __post_init__ checks (a valid chunk is a non-gap chunk of a tiling, so
+        # non-empty, in range and in order), so the object is assembled without running that check again.
+        out = object.__new__(Alignment)
+        out.__dict__.update(
             student_chunk_ids=t(np.ascontiguousarray(ids[0])), teacher_chunk_ids=t(np.ascontiguousarray(ids[1])),
             chunk_valid=t(flags[0]), chunk_correct=t(flags[1]), num_chunks=t(counts.astype(np.int64)),
             student_lengths=t(lengths[0]), teacher_lengths=t(lengths[1]), chunks=t(grid),
             student_ids=t(_pad(s_ids, widths[0], 0)), teacher_ids=t(_pad(t_ids, widths[1], 0)),
             student_attention_mask=t(masks[0]), teacher_attention_mask=t(masks[1]))
+        return out
 
 
 def _check_partition(chunks, bidx, counts, offsets, lengths) -> None:

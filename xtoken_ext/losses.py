@@ -165,8 +165,13 @@ def _teacher_block(raw, cols, V_T, tau, col_mask, md):
 
 
 def _fetch_rows(t_vals: Tensor, t_cols: Tensor | None):
-    """``fetch(r)`` -> (values, sparse columns or None) of the teacher rows r of given logit rows."""
-    return lambda r: (t_vals.index_select(0, r), None if t_cols is None else t_cols.index_select(0, r))
+    """``fetch(r)`` -> (values, sparse columns or None) of the teacher rows r of given logit rows; ``fetch.dense`` is
+    the dense teacher [N_t, V_T] (None for a sparse one), which _topk_columns reads in place."""
+    def fetch(r):
+        return t_vals.index_select(0, r), None if t_cols is None else t_cols.index_select(0, r)
+
+    fetch.dense = t_vals if t_cols is None else None
+    return fetch
 
 
 def _row_blocks(fetch, rows):
@@ -176,17 +181,40 @@ def _row_blocks(fetch, rows):
         yield (i, r, *fetch(r))
 
 
+_NATIVE_TOPK_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
 @torch.no_grad()
 def _topk_columns(fetch, rows, V_T, k, md, device) -> Tensor:
     """bool [V_T]: the k columns with the largest max-over-rows teacher value (rows with NaN / +inf ignored);
-    ties -> lower id."""
+    ties -> lower id. A dense CPU teacher in fp32 / bf16 / fp16 goes to the C++ kernel (one pass over the rows in
+    place, selection in O(V); its fp32 maxima are exact, so they rank as in md), any other block by block in torch."""
+    dense = getattr(fetch, "dense", None)
+    if dense is not None and dense.device.type == "cpu" and dense.dtype in _NATIVE_TOPK_DTYPES:
+        from . import _C
+
+        out = torch.empty(V_T, dtype=torch.bool)
+        x = dense.contiguous()
+        _C.teacher_topk_columns((x if x.dtype == torch.float32 else x.view(torch.int16)).numpy(),
+                                rows.contiguous().numpy(), k, out.numpy(), torch.get_num_threads(),
+                                _NATIVE_TOPK_DTYPES[x.dtype])
+        return out
     imp = torch.full((V_T,), float("-inf"), dtype=md, device=device)
     for _, _, raw, cols in _row_blocks(fetch, rows):
         x = _teacher_block(raw, cols, V_T, 1.0, None, md)
         imp = torch.maximum(imp, x.masked_fill_(nonfinite_rows(raw, False).unsqueeze(1), float("-inf")).amax(0))
-    out = torch.zeros(V_T, dtype=torch.bool, device=device)
-    out[torch.sort(imp, descending=True, stable=True).indices[:k]] = True
-    return out
+    return _top_k_mask(imp, k)
+
+
+def _top_k_mask(imp: Tensor, k: int) -> Tensor:
+    """bool mask of the k largest entries of imp (no NaN), ties -> lower index: the first k of a stable descending
+    sort, in O(V) and without a host sync: v = the k-th largest value; every entry > v, and the first k − #(> v)
+    entries equal to v."""
+    if k >= imp.numel():
+        return torch.ones_like(imp, dtype=torch.bool)
+    v = torch.topk(imp, k, sorted=False).values.min()  # the k-th largest value (whichever tied entries topk took)
+    above, tie = imp > v, imp == v
+    return above | (tie & (torch.cumsum(tie, 0) <= k - above.sum()))
 
 
 @torch.no_grad()

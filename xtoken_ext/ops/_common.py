@@ -137,6 +137,9 @@ def row_scale(lo: Tensor, hi: Tensor, g: Tensor, n: int) -> Tensor:
     return torch.cat([g, g.new_zeros(1)])[chunk]
 
 
+_SCALE_BLOCK_BYTES = 16 << 20
+
+
 def scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
     """The saved gradient times the row scale [N_s] (``row_scale`` of the incoming per-chunk gradient): IN PLACE in
     the logits' dtype in eager mode (the product is formed per element in fp32/fp64 and rounded once; no second
@@ -145,7 +148,14 @@ def scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
     ``saved(ctx)``'s gradient."""
     if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
         return (grad * scale.unsqueeze(1)).to(grad.dtype)
-    return grad.mul_(scale.unsqueeze(1))
+    if grad.dtype == scale.dtype or grad.device.type != "cpu":
+        return grad.mul_(scale.unsqueeze(1))
+    # CPU bf16/fp16: mul_ with an fp32 scale forms the whole product in fp32 before rounding it back; row blocks
+    # keep that temporary at ≤ _SCALE_BLOCK_BYTES.
+    step = max(1, _SCALE_BLOCK_BYTES // (4 * max(1, grad.shape[1])))
+    for r0 in range(0, grad.shape[0], step):
+        grad[r0:r0 + step].mul_(scale[r0:r0 + step].unsqueeze(1))
+    return grad
 
 
 def saved(ctx):

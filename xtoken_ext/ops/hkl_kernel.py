@@ -11,12 +11,22 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     end bins beyond), c = this program's previous m-th largest x on that side (0 at first), so the threshold tends to
     fall in a fine bin near 0. 64 bins because Triton 3.7's tl.histogram keeps bins/32 counters per lane (4096 bins
     cost 128 registers and ~50 instructions per element). The bin b1 of the m-th largest gives a superset of the top
-    m, which a second pass (S2 / T2) compacts into a per-program list L in row order. If that superset exceeds L's
-    capacity (2m + _SLACK; e.g. equal or far-shifted logits), the exact m-th key is first found over the rows (the
-    bisection below, ≤ 5 more row passes) and only prefix(m) is compacted.
+    m (every key of bin ≥ b1) to compact into a per-program list L in row order, of capacity 2 m_up + _SLACK.
+  single-pass compaction (the common case): the same pass appends to L every key of bin ≥ b_h, a bin fixed before
+    the pass (_hint_bin: every key when the row fits L, else the bin of −3e, e ≈ the 80th percentile of |Δθ|
+    between this program's chunks, θ the m-th largest x, i.e. the next shift c). Since bins ascend with the key,
+    that list holds every key of bin ≥ b1 iff #(bin ≥ b_h) ≥ m (⟺ b_h ≤ b1; all keys when the side has fewer than
+    m), and it is complete iff that count ≤ capacity: both read off the histogram at the end of the pass, so the
+    check is exact; one pass over L then finds bin b1's key range. Otherwise (a miss: e.g. a row shifted far from the
+    previous one, equal logits, no e yet in a program's first two chunks) the exact path runs: a second pass (S2 /
+    T2, _compact) compacts bin ≥ b1, and if that exceeds the capacity (equal or far-shifted logits), the exact m-th
+    key is first found over the rows (the bisection below, ≤ 5 more row passes) and only prefix(m) is compacted.
+    ``last_paths`` records per chunk which sides hit.
   prefix(R) = {k > θ_R} ∪ the first R − #{k > θ_R} keys (in L order) equal to θ_R, θ_R the R-th largest key: ties
     are taken in one fixed order, so prefixes are nested. θ_R: 128-way bisection of a key interval known to hold it,
     one pass over L per step (≤ 5 steps; ~3 from the key range of bin b1, which the compaction records).
+    Everything below reads only L, which the two paths fill with the same keys of bin ≥ b1 in the same row order
+    (the single-pass list may hold more keys below bin b1), so both give bit-identical results.
   windows of W = min(next_pow2(m_up), _SORT_CAP) ranks: window w = prefix(R_{w+1}) \\ prefix(R_w), R_w = min(wW, m),
     gathered from L into a W-lane buffer and sorted (_sort_desc: tl.sort's bitonic network; a: k << 32 | column as
     int64, b: k as int32, descending); lane i of both sorted windows is rank R_w + i, so Σ|a_i − b_i| and
@@ -34,33 +44,42 @@ Bad input (notes/POLICY.md): NaN or +inf in any column of a row the chunk reads 
   -> loss NaN, gsum 0, gradient rows 0 (the selection and sort are skipped).
 
 Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T bytes; the cost model reads this block):
-  HBM floor = read S + read T + write S.    BLOCK = 2048 (config 0), m = 8192, |L| ≈ 1.2 m (bin b1 overshoot)
+  HBM floor = read S + read T + write S.    BLOCK = 2048 (config 0), m = 8192, |L| ≈ 2 m (hit: m + the keys within
+  the hint radius; miss: ≈ 1.2 m, bin b1's overshoot)
   pass         HBM reads / writes                         dependent loop per row
-  S1 student   S (online LSE, level-1 bins, bad check)     ⌈V_S/BLOCK⌉ tiles, pipelined (cp.async, 3 stages)
-  T1 teacher   T (online LSE + Σ_c P, level-1, bad check)  ⌈V_T/BLOCK⌉ tiles, pipelined
-  S2 student   S; writes L_a: 8 B × |L_a| ≈ 79 KB          ⌈V_S/BLOCK⌉ tiles
-  T2 teacher   T; writes L_b: 4 B × |L_b| ≈ 39 KB          ⌈V_T/BLOCK⌉ tiles
-  window (×1)  per side ~3 bisection passes + 1 gather     ~4 ⌈|L|/BLOCK⌉ tiles per side + 2 sorts of W lanes
-               over L, W-lane buffer, G: ≈ 0.9 MB total     (½ log₂W (log₂W + 1) = 91 compare-and-swap stages at
-               (per-program scratch, L2 if it stays there)  W = 8192)
+  S1 student   S (online LSE, level-1 bins, bad check);    ⌈V_S/BLOCK⌉ tiles, pipelined (cp.async, 3 stages)
+               writes L_a (bin ≥ b_h): 8 B × |L_a| ≈ 131 KB
+  T1 teacher   T (online LSE + Σ_c P, level-1, bad check);  ⌈V_T/BLOCK⌉ tiles, pipelined
+               writes L_b: 4 B × |L_b| ≈ 66 KB
+  S2 student   miss only: S; rewrites L_a                  ⌈V_S/BLOCK⌉ tiles
+  T2 teacher   miss only: T; rewrites L_b                  ⌈V_T/BLOCK⌉ tiles
+  window (×1)  per side (hit) 1 key-range pass, ~3         ~5 ⌈|L|/BLOCK⌉ tiles per side + 2 sorts of W lanes
+               bisection passes, 1 gather over L, W-lane   (½ log₂W (log₂W + 1) = 91 compare-and-swap stages at
+               buffer, G: ≈ 1.2 MB total (per-program      W = 8192)
+               scratch, L2 if it stays there)
   S3 gradient  S; writes S; the teacher gathered at the    ⌈V_S/BLOCK⌉ tiles, pipelined
                |C| common columns (32 B sectors, from L2:
-               T was streamed in T2 just before)
+               T was streamed in T1 (T2 on a miss) just before)
   fixup        G 64 KB, m gathers of S, m scattered stores ⌈m/BLOCK⌉ tiles
-  streamed: 4 S + 2 T = 2.0× the floor at V_S = 128,256 (floor 816.9 KB, streamed 1,633.8 KB) and at V_S = 256,000
-  (floor 1,327.9 KB, streamed 2,655.7 KB), V_T = 151,936. The ≈ 0.9 MB of list / buffer / G traffic stays in L2 when
-  the active scratch of all programs fits (≈ 0.4 MB per program); where it is evicted to HBM the total is up to
-  3.2× (V_S = 128,256) or 2.8× (V_S = 256,000). Several rows (mean): per side n LSE passes, one level-1 pass and one
-  compaction pass of n rows each; S3 reads n student rows (and n teacher rows at the common columns), writes n.
+  streamed, both sides hit: 3 S + 1 T = 1.31× the floor at V_S = 128,256 (floor 816.9 KB, streamed 1,073.4 KB) and
+  1.39× at V_S = 256,000 (floor 1,327.9 KB, streamed 1,839.9 KB), V_T = 151,936. A student miss adds S (1.63× /
+  1.77×), a teacher miss T (1.69× / 1.61×), both (the old bound) 4 S + 2 T = 2.0×. The ≈ 1.2 MB of list / buffer /
+  G traffic stays in L2 when the active scratch of all programs fits (≈ 0.4 MB per program); where it is evicted to
+  HBM the total is up to 2.8× (V_S = 128,256) or 2.3× (V_S = 256,000) on a hit. Several rows (mean): per side n LSE
+  passes and one level-1 pass of n rows that also compacts (a miss adds a compaction pass of n rows); S3 reads n
+  student rows (and n teacher rows at the common columns), writes n.
   Compute: the two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread (8 warps), ~40 µs of issue time
-  per row per SM, overlapped with streaming only by another program on the SM.
-Registers (offline sm_90 compile, W = 8192 / 1024, every merge, dense and sparse): config 0 (2048 lanes, 3 stages,
-  8 warps) 255 registers with 16-152 B of spills (one program per SM); config 1 (4096 lanes, 2 stages, 16 warps) 128
-  with 0.3-0.45 KB of spills. Occupancy versus spills is for autotuning on a GPU to settle.
+  per row per SM, about the time the SM's share of HBM bandwidth needs to stream the row (≈ 32 µs at 3.35 TB/s
+  over 132 SMs), and not overlapped with it: one program per SM (below).
+Registers (offline sm_90 compile, bf16; spill stores): config 0 (2048 lanes, 3 stages, 8 warps) 255 registers with
+  12-144 B of spills at W = 1024 (every merge, dense and sparse) and 316-336 B at W = 8192 (first / mean, dense);
+  config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.34-0.74 KB / 0.64-0.91 KB. The single-pass compaction about
+  doubled config 0's spills (before: 0-36 B / 168 B). Occupancy versus spills is for autotuning on a GPU to settle.
 Scratch (per program, bounded, independent of K): L_a min(V_S, 2 m_up + _SLACK) × 8 B, L_b min(C, 2 m_up + _SLACK)
-  × 4 B, G (m_up [+ k sparse]) × 8 B, buffers W × 12 B, histograms 512 B; a sparse teacher with several rows per
-  chunk adds the [V_T] fp32 + int32 intersection scratch of ops._tl.scatter_later_rows. Programs: 2 per SM, fewer if
-  the scratch would pass 1 GiB. Sparse teacher columns must be unique per row.
+  × 4 B, G (m_up [+ k sparse]) × 8 B, buffers W × 12 B, histograms 512 B, hint state 16 B; a sparse teacher with
+  several rows per chunk adds the [V_T] fp32 + int32 intersection scratch of ops._tl.scatter_later_rows. Programs: 1
+  per SM (both configs use the whole register file: 255 × 256 or 128 × 512 threads, so a second program would not
+  be resident), fewer if the scratch would pass 1 GiB. Sparse teacher columns must be unique per row.
 """
 from __future__ import annotations
 
@@ -72,11 +91,14 @@ from . import _tl
 from ._common import covered_rows, interpret
 
 _SORT_CAP = 8192  # largest sort window W (lanes); m above it takes several windows (module docstring)
-_SLACK = 4096  # L capacity beyond 2 m_up before the exact (two extra row passes) compaction is needed
-_PROGRAMS_PER_SM = 2
+_SLACK = 4096  # L capacity beyond 2 m_up (single-pass hits, and S2 / T2 before the exact compaction is needed)
+_PROGRAMS_PER_SM = 1  # resident programs per SM at the configs' register use (module docstring)
 _INT_MIN = tl.constexpr(-2 ** 31)
 _INT_MAX = tl.constexpr(2 ** 31 - 1)
 _I64_MIN = tl.constexpr(-2 ** 63)
+# per chunk of the last launch (on its device, no sync): bit 0 / 1 = the student / teacher candidate list came from
+# the single-pass compaction (no S2 / T2); 0 where no selection ran (bad input, m = 0). For tests and the bench.
+last_paths: torch.Tensor | None = None
 
 
 @triton.jit
@@ -296,17 +318,83 @@ def _compact(SRC: tl.constexpr, n, src, h1_ptr, m, cap, dst, PACK: tl.constexpr,
 
 
 @triton.jit
-def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, STUDENT: tl.constexpr, HIST: tl.constexpr,
+def _append(k, b, valid, col, b_h, cnt, dst, cap, PACK: tl.constexpr):
+    """Single-pass compaction, one tile: append its keys with level-1 bin ≥ b_h to dst in row order (PACK: k << 32 |
+    column as int64, else k); stores past ``cap`` are dropped, the count is not. -> the new count."""
+    sel = valid & (b >= b_h)
+    si = sel.to(tl.int32)
+    pos = cnt + tl.cumsum(si, 0) - si
+    if PACK:
+        tl.store(dst + pos, (k.to(tl.int64) << 32) | col.to(tl.int64), mask=sel & (pos < cap))
+    else:
+        tl.store(dst + pos, k, mask=sel & (pos < cap))
+    return cnt + tl.sum(si)
+
+
+@triton.jit
+def _hint_bin(e, n, cap):
+    """Level-1 bin b_h from which the first pass appends: 1 (every key) when the row fits the list (n ≤ cap), else
+    the bin of −3e, e ≈ the 80th percentile of |Δθ| between this program's chunks (_track; θ: the m-th largest
+    key-space value, which becomes the shift: the next θ is expected within 3e of it), or 64 (nothing) while e is
+    unknown."""
+    d = 3.0 * e
+    return tl.where(n <= cap, 1, tl.where(d < float("inf"), _bucket1(-d), 64))
+
+
+@triton.jit
+def _track(e, c, th):
+    """e ≈ the 80th percentile of |Δθ| = |θ − c| between this program's chunks (c: the shift used, the previous θ),
+    by multiplicative steps: ×1.5 when |Δθ| > e, else ×0.9 (at equilibrium P(|Δθ| > e) ln 1.5 = P(|Δθ| ≤ e)
+    ln(1/0.9), i.e. P(|Δθ| > e) ≈ 0.2), so an outlier row moves it by one bounded step. NaN = no θ yet -> +inf =
+    one θ, no Δθ yet -> |Δθ| (a non-finite one restarts this); a step up from 0 goes to |Δθ|."""
+    d = tl.abs(th - c)
+    step = tl.where(d > e, tl.where(e > 0, 1.5 * e, d), 0.9 * e)
+    return tl.where(e != e, float("inf"), tl.where(e == float("inf"), d, step))
+
+
+@triton.jit
+def _candidates(SRC: tl.constexpr, n, src, h1_ptr, m, cap, dst, cnt, c, PACK: tl.constexpr, ONE: tl.constexpr,
+                SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The candidate list of one side. The first pass appended its cnt keys with level-1 bin ≥ b_h to dst (c: the
+    level-1 shift). Those are a superset of the top m in row order, holding every key of bin b1 and above as
+    _compact's list does, iff cnt ≥ min(m, #keys) (for m ≤ #keys: ⟺ b_h ≤ b1) and none was dropped (cnt ≤ cap):
+    then one pass over the list finds the key ranges; else _compact (the exact path) rewrites it.
+    -> (_compact's results, hit)."""
+    LSRC: tl.constexpr = SRC - 2  # the list's source id in _keys
+    h1 = tl.load(h1_ptr + tl.arange(0, 64))
+    hit = (cnt >= tl.minimum(m, tl.sum(h1))) & (cnt <= cap)
+    if hit:
+        b1, c1 = _pick(h1, 0, m, 64)
+        k_min = tl.full((), _INT_MAX, tl.int32)
+        k_max = tl.full((), _INT_MIN, tl.int32)
+        b_lo = tl.full((), _INT_MAX, tl.int32)
+        b_hi = tl.full((), _INT_MIN, tl.int32)
+        for i0 in range(0, cnt, BLOCK_L):
+            k, _b, valid, _c = _keys(LSRC, i0, cnt, dst, ONE, SPARSE, BLOCK_L)
+            eq = valid & (_bucket1(_unkey(k) - c) == b1)  # the same bins as the first pass (x = unkey(k) exactly)
+            k_min = tl.minimum(k_min, tl.min(tl.where(valid, k, _INT_MAX)))
+            k_max = tl.maximum(k_max, tl.max(tl.where(valid, k, _INT_MIN)))
+            b_lo = tl.minimum(b_lo, tl.min(tl.where(eq, k, _INT_MAX)))
+            b_hi = tl.maximum(b_hi, tl.max(tl.where(eq, k, _INT_MIN)))
+        n_l = cnt
+    else:
+        n_l, k_min, k_max, b_lo, b_hi, c1 = _compact(SRC, n, src, h1_ptr, m, cap, dst, PACK, ONE, SPARSE, BLOCK)
+    return n_l, k_min, k_max, b_lo, b_hi, c1, hit
+
+
+@triton.jit
+def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, b_h, lst, cap, STUDENT: tl.constexpr, HIST: tl.constexpr,
               SPARSE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """One row over its C columns (dense: the vocabulary; sparse: its k entries, padding −1 skipped) -> (lse of x/τ
     (student: over all columns; teacher: over A, class ≠ 0), bad = NaN or +inf in any column, if HIST the level-1
     histogram of the raw values shifted by c over U (student: smap < 0; teacher: class 1), teacher:
-    Σ_{class 2} e^{x/τ − lse})."""
+    Σ_{class 2} e^{x/τ − lse}, if HIST the count of U's keys with bin ≥ b_h, appended to lst (_append))."""
     m = tl.full((), _tl.NEG, tl.float32)
     l = tl.full((), 0, tl.float32)
     lc = tl.full((), 0, tl.float32)
     bad = tl.full((), 0, tl.int32)
     h = tl.full((64,), 0, tl.int32)
+    cnt = tl.full((), 0, tl.int32)
     for c0 in tl.range(0, C, BLOCK, num_stages=STAGES):
         o = c0 + tl.arange(0, BLOCK)
         om = o < C
@@ -330,8 +418,10 @@ def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, STUDENT: tl.constexpr, HI
         if not STUDENT:
             lc = lc * alpha + tl.sum(tl.where(live & (cls == 2), e, 0.0))
         if HIST:
-            h += tl.histogram(_bucket1(x - c), 64, mask=hm)
-    return m + tl.log(l), bad, h, tl.where(l > 0, lc / l, 0.0)
+            bn = _bucket1(x - c)
+            h += tl.histogram(bn, 64, mask=hm)
+            cnt = _append(_key(x), bn, hm, o, b_h, cnt, lst, cap, STUDENT)
+    return m + tl.log(l), bad, h, tl.where(l > 0, lc / l, 0.0), cnt
 
 
 @triton.jit
@@ -382,8 +472,8 @@ def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexp
 def _hkl_kernel(
     z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc, smap_ptr, tmap_ptr, tcls_ptr, m_ptr,
     spans_ptr, schain_ptr, tchain_ptr, K,
-    loss_ptr, gsum_ptr, dz_ptr, stride_dz, lse_s_ptr, lse_t_ptr,
-    la_ptr, lb_ptr, wa_ptr, wb_ptr, gc_ptr, gv_ptr, hist_ptr, tacc_ptr, tcnt_ptr,
+    loss_ptr, gsum_ptr, path_ptr, dz_ptr, stride_dz, lse_s_ptr, lse_t_ptr,
+    la_ptr, lb_ptr, wa_ptr, wb_ptr, gc_ptr, gv_ptr, hist_ptr, e_ptr, tacc_ptr, tcnt_ptr,
     V_S, V_T, C, cap_a, cap_b, m_up, g_len, inv_tau, tau,
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr, STAGES: tl.constexpr,
@@ -407,6 +497,9 @@ def _hkl_kernel(
     ca_mrg = tl.full((), 0, tl.float32)
     cb_raw = tl.full((), 0, tl.float32)
     cb_mrg = tl.full((), 0, tl.float32)
+    # and the |Δθ| scales that place the single-pass compaction's bin b_h (_hint_bin, _track), in the same order
+    # (student raw / merged, teacher raw / merged): in scratch, off the registers the sort needs
+    es = e_ptr + pid * 4
     for k in range(pid, K, tl.num_programs(0)):
         c_s = _tl.chain_offset(schain_ptr, spans_ptr + 4 * k, CHAIN, BLOCK_L)
         c_t = _tl.chain_offset(tchain_ptr, spans_ptr + 4 * k + 2, CHAIN, BLOCK_L)
@@ -420,24 +513,32 @@ def _hkl_kernel(
             raw_b = n_t == 1
         sh_a = tl.where(raw_a, ca_raw, ca_mrg)
         sh_b = tl.where(raw_b, cb_raw, cb_mrg)
+        ea_ptr = es + tl.where(raw_a, 0, 1)
+        eb_ptr = es + tl.where(raw_b, 2, 3)
+        bh_a = _hint_bin(tl.load(ea_ptr), V_S, cap_a)
+        bh_b = _hint_bin(tl.load(eb_ptr), C, cap_b)
         tl.debug_barrier()  # the previous chunk's lists and G are no longer read
 
         # S1 / T1: per row the online LSE and the bad-input check; a single row also gives the level-1 histogram of
-        # its raw values, and a dense single teacher row the common mass Σ_c P[t_c] (rescaled online), in that pass.
+        # its raw values and the single-pass list (keys of bin ≥ b_h), and a dense single teacher row the common
+        # mass Σ_c P[t_c] (rescaled online), in that pass.
         bad = tl.full((), 0, tl.int32)
         if CHAIN:  # as the torch backend: a NaN or +inf chain sum makes the chunk bad too
             bad = ((c_s < float("inf")) & (c_t < float("inf")) == 0).to(tl.int32)
         bins = tl.arange(0, 64)
+        cnt_a = tl.full((), 0, tl.int32)  # keys appended to L_a / L_b by the first pass
+        cnt_b = tl.full((), 0, tl.int32)
         for r in range(s_lo, s_hi):
-            lse, b, h, _ = _row_pass(z_ptr + r * stride_z, z_ptr, smap_ptr, V_S, inv_tau, sh_a, True, True, False,
-                                     BLOCK_S, STAGES)
+            lse, b, h, _, cnt_a = _row_pass(z_ptr + r * stride_z, z_ptr, smap_ptr, V_S, inv_tau, sh_a,
+                                            tl.where(raw_a, bh_a, 64), la, cap_a, True, True, False, BLOCK_S, STAGES)
             bad |= b | (lse == float("-inf")).to(tl.int32)
             tl.store(lse_s_ptr + r, lse)
             tl.store(ha + bins, h)
         pc = tl.full((), 0, tl.float32)  # Σ_c P[t_c]
         for r in range(t_lo, t_hi):
-            lse, b, h, frac = _row_pass(t_ptr + r * stride_t, tc_ptr + r * stride_tc, tcls_ptr, C, inv_tau, sh_b,
-                                        False, not SPARSE, SPARSE, BLOCK_T, STAGES)
+            lse, b, h, frac, cnt_b = _row_pass(t_ptr + r * stride_t, tc_ptr + r * stride_tc, tcls_ptr, C, inv_tau,
+                                               sh_b, tl.where(raw_b, bh_b, 64), lb, cap_b, False, not SPARSE, SPARSE,
+                                               BLOCK_T, STAGES)
             bad |= b
             tl.store(lse_t_ptr + r, tl.where(lse == float("-inf"), float("inf"), lse))  # no mass on A: T = −inf
             tl.store(hb + bins, h)
@@ -456,25 +557,29 @@ def _hkl_kernel(
         l1 = tl.full((), 0, tl.float32)
         gsum = tl.full((), 0, tl.float32)
         n_sc = tl.full((), 0, tl.int32)  # a sparse teacher's common entries in G
+        path = tl.full((), 0, tl.int32)
         if bad == 0:
-            if n_s > 1:  # level-1 histogram of the merged S
+            if n_s > 1:  # level-1 histogram of the merged S, and its single-pass list
                 h = tl.full((64,), 0, tl.int32)
                 for v0 in range(0, V_S, BLOCK_S):
-                    _k, b, valid, _c = _keys(2, v0, V_S, a_src, False, SPARSE, BLOCK_S)
+                    ka, b, valid, col = _keys(2, v0, V_S, a_src, False, SPARSE, BLOCK_S)
                     h += tl.histogram(b, 64, mask=valid)
+                    cnt_a = _append(ka, b, valid, col, bh_a, cnt_a, la, cap_a, True)
                 tl.store(ha + bins, h)
             if SPARSE:
                 if n_t > 1:
                     _tl.scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, tcls_ptr, lse_t_ptr, tacc_row,
                                            tcnt_row, t_lo, t_hi, C, inv_tau, BLOCK_T)
-            if SPARSE or n_t > 1:  # level-1 histogram of T and Σ_c P; sparse: the common pairs' KL, gS -> G
-                h = tl.full((64,), 0, tl.int32)
+            if SPARSE or n_t > 1:  # level-1 histogram of T, its single-pass list and Σ_c P; sparse: the common
+                h = tl.full((64,), 0, tl.int32)  # pairs' KL, gS -> G
                 pc = tl.full((), 0, tl.float32)
                 for c0 in range(0, C, BLOCK_T):
                     x, tv, P, v, live, cls = _t_vals(t_ptr, stride_t, tc_ptr, stride_tc, tcls_ptr, lse_t_ptr,
                                                      tacc_row, tcnt_row, t_lo, n_t, c_t, inv_tau, C, c0, False,
                                                      SPARSE, BLOCK_T)
-                    h += tl.histogram(_bucket1(x - sh_b), 64, mask=live & (cls == 1))
+                    bn = _bucket1(x - sh_b)
+                    h += tl.histogram(bn, 64, mask=live & (cls == 1))
+                    cnt_b = _append(_key(x), bn, live & (cls == 1), v, bh_b, cnt_b, lb, cap_b, False)
                     com = live & (cls == 2)
                     pc += tl.sum(tl.where(com, P, 0.0))
                     if SPARSE:
@@ -491,10 +596,14 @@ def _hkl_kernel(
             gsum = -tt * pc
             if m > 0:
                 tl.debug_barrier()
-                n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a = _compact(2, V_S, a_src, ha, m, cap_a, la, True, False,
-                                                                    SPARSE, BLOCK_S)
-                n_b, lo_b, th_b_prev, blo_b, bhi_b, c1_b = _compact(3, C, b_src, hb, m, cap_b, lb, False, False,
-                                                                    SPARSE, BLOCK_T)
+                # S2 / T2 (_compact) only where the single-pass list is not provably a superset of the top m
+                n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, hit_a = _candidates(2, V_S, a_src, ha, m, cap_a, la, cnt_a,
+                                                                              sh_a, True, False, SPARSE, BLOCK_S,
+                                                                              BLOCK_L)
+                n_b, lo_b, th_b_prev, blo_b, bhi_b, c1_b, hit_b = _candidates(3, C, b_src, hb, m, cap_b, lb, cnt_b,
+                                                                              sh_b, False, False, SPARSE, BLOCK_T,
+                                                                              BLOCK_L)
+                path = hit_a.to(tl.int32) | (hit_b.to(tl.int32) << 1)
                 tot_b = tl.sum(tl.load(hb + bins))
                 gt_a = tl.full((), 0, tl.int32)  # #(keys > the previous window's θ); θ starts at the list's max
                 gt_b = tl.full((), 0, tl.int32)
@@ -541,9 +650,11 @@ def _hkl_kernel(
                     th_a, q_a, th_b, q_b = nth_a, nq_a, nth_b, nq_b
                     th_a_prev = nth_a
                     th_b_prev = tl.where(r1 <= tot_b, nth_b, th_b_prev)
+                tl.store(ea_ptr, _track(tl.load(ea_ptr), sh_a, _unkey(th_a)))
                 ca_raw = tl.where(raw_a, _unkey(th_a), ca_raw)
                 ca_mrg = tl.where(raw_a, ca_mrg, _unkey(th_a))
                 if m <= tot_b:
+                    tl.store(eb_ptr, _track(tl.load(eb_ptr), sh_b, _unkey(th_b)))
                     cb_raw = tl.where(raw_b, _unkey(th_b), cb_raw)
                     cb_mrg = tl.where(raw_b, cb_mrg, _unkey(th_b))
             if SPARSE:
@@ -574,6 +685,7 @@ def _hkl_kernel(
                              mask=im)
         tl.store(loss_ptr + k, tl.where(bad != 0, float("nan"), tt * (kl + l1)))
         tl.store(gsum_ptr + k, tl.where(bad != 0, 0.0, gsum))
+        tl.store(path_ptr + k, path)
 
 
 # Streaming loops (row passes, gradient pass) are software-pipelined over STAGES tiles (cp.async); the compaction and
@@ -598,7 +710,7 @@ def _programs(device: torch.device, K: int, per_program: int) -> int:
         n = 2
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        n = max(sms, min(_PROGRAMS_PER_SM * sms, (1 << 30) // max(per_program, 1)))
+        n = max(1, min(_PROGRAMS_PER_SM * sms, (1 << 30) // max(per_program, 1)))
     return max(1, min(n, K))
 
 
@@ -616,6 +728,7 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     loss = torch.zeros(K, **f32)
     grad = torch.empty_like(s_logits)
     gsum = torch.zeros(K, **f32)
+    paths = torch.zeros(K, **i32)
     lse_s = torch.empty(N_s, **f32)
     lse_t = torch.empty(t_vals.shape[0], **f32)
     s_ch = s_chain.to(**f32).contiguous() if chain else lse_s
@@ -635,7 +748,7 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     cap_a = max(1, min(V_S, 2 * m_up + _SLACK))
     cap_b = max(1, min(C, 2 * m_up + _SLACK))
     g_len = max(1, m_up + (C if sparse else 0))
-    per_program = 8 * cap_a + 4 * cap_b + 12 * W + 8 * g_len + 512 + (8 * V_T if sparse else 0)
+    per_program = 8 * cap_a + 4 * cap_b + 12 * W + 8 * g_len + 528 + (8 * V_T if sparse else 0)
     P = _programs(device, K, per_program)
     la = torch.empty(P, cap_a, dtype=torch.int64, device=device)
     lb = torch.empty(P, cap_b, **i32)
@@ -644,6 +757,7 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     gc = torch.empty(P, g_len, **i32)
     gv = torch.empty(P, g_len, **f32)
     hist = torch.empty(P, 128, **i32)
+    e_scale = torch.full((P, 4), float("nan"), **f32)  # _track's state: NaN = no θ yet
     if sparse:  # all-zero between chunks (scatter_later_rows / clear_later_rows)
         tacc = torch.zeros(P, V_T, **f32)
         tcnt = torch.zeros(P, V_T, **i32)
@@ -651,10 +765,12 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
         tacc, tcnt = lse_t, gc  # unused placeholders
     if K:
         _launch((P,), s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0), smap, tmap,
-                tcls, m_dev, spans, s_ch, t_ch, K, loss, gsum, grad, grad.stride(0), lse_s, lse_t, la, lb, wa, wb,
-                gc, gv, hist, tacc, tcnt, V_S, V_T, C, cap_a, cap_b, m_up, g_len, 1.0 / tau, tau,
+                tcls, m_dev, spans, s_ch, t_ch, K, loss, gsum, paths, grad, grad.stride(0), lse_s, lse_t, la, lb, wa,
+                wb, gc, gv, hist, e_scale, tacc, tcnt, V_S, V_T, C, cap_a, cap_b, m_up, g_len, 1.0 / tau, tau,
                 MEAN=merge == "mean", CHAIN=chain, SPARSE=sparse, W=W,
                 **(_interp_blocks(V_S, C, max(cap_a, cap_b)) if interpret() else {}))
+    global last_paths
+    last_paths = paths
     n_prog = max(1, min(N_s, 1024 if device.type == "cuda" else 2))
     _zero((n_prog,), grad, grad.stride(0), covered_rows(spans, merge, N_s), N_s, V_S)
     return loss, grad, gsum

@@ -2,29 +2,39 @@
 learnable W, its gradient in a second kernel). Imported lazily by ``ops.pkl`` (its ``triton`` backend); math and
 notation in ``ops.pkl``'s docstring. Bad-input and degenerate chunks follow the op contract (``ops._common``).
 
-Structure derived once per W and device (cached): the ≤ 4 ELL slots of every student row (int32 ids and fp32
-weights with the slots outside A zeroed, ``w_eff``, read as one [BLOCK, 4] tile), and the same nonzeros sorted by
-teacher column as flat (student, column, weight) int32/int32/fp32 entry lists. Persistent programs, one chunk at a
-time, fp32 math, int64 row offsets, every per-row pass a fixed-length loop over tiles:
+Structure derived once per W, device and tile geometry (cached): the ≤ 4 ELL slots of every student row (int32 ids
+and fp32 weights with the slots outside A zeroed, ``w_eff``, read as one [BLOCK, 4] tile), the same nonzeros sorted
+by teacher column as flat (student, column, weight) int32/int32/fp32 entry lists with each column's end, and the W
+tiles (``column_tiles``): runs of whole columns holding ≤ BLOCK_E entries inside a BLOCK_T-column window that starts
+on an ALIGN boundary; a column with more entries than a block first gets entry-only tiles of BLOCK_E of its entries
+(no columns). Each ELL slot also keeps the id of its column's tile. Persistent programs, one chunk at a time, fp32
+math, int64 row offsets, every per-row pass a fixed-length loop over tiles:
   A  student rows: online LSE, Z_r = Σ_s p_r[s] a_s (a = row sums of w_eff), bad-input count   [reads z]
   B  (sparse teacher, or several teacher rows) per-row teacher LSE over A, bad-input count       [reads t]
-  C1 Qu = Wᵀp̄ over the entry list in tiles of BLOCK_E: gather p̄ at the entries' students, a segmented scan per
-     column (no differences of a running sum), the column sums stored into a per-program scratch row; a column
-     cut by a tile boundary is completed by read-add-write in the next tile. Trip count ⌈nnz / BLOCK_E⌉, however
-     long the longest column is.
-  C2 teacher tiles, read once: the merged teacher x̄ (vectorized loads under the bounds mask, A applied with
-     tl.where) folded into an online pass with rescaling: running max m, l = Σe, e = exp(x̄ − m),
-     S1 = Σ e (x̄ − m − log(q + eps)), Mu = Σ e q/(q + eps), h_u = e/(q + eps) stored with the tile's max.
-     With c the teacher's log-normalizer (−LSE for one dense row, computed at the end; −mean_r LSE_r after B):
-     F = exp(m + c), L = τ² F (S1 + (m + c) l), M = F Mu, h = h_u · exp(m_tile − m) F.
-  C3 h rescaled in the scratch row (tile maxima -> the final m).
-  D  gradient rows, in the logits' dtype: g_s = Σ_slot w_eff (M − h[col]) (one ELL gather of the scratch row),
-     dz_r = τ/(n_s Z) p_r (g − d_r), d_r = ⟨p_r, g⟩; for one student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h).
-Bytes per single-row chunk from HBM: z twice (A, D), t once (C2), dz once; the entry lists, ELL, a, mask and the
-scratch row are shared or per-program and L2-resident (``xtoken_ext.bench.costmodel`` prints the model).
+  C  dense teacher: ONE flat loop over the W tiles, no loop nested per tile (for one-row chunks; merged rows add a
+     loop over the chunk's rows), software-pipelined over STAGES tiles. Per tile:
+     C1 Qu = Wᵀp̄ on its columns: its entry block gathers p̄ at the entries' students, a segmented scan per column
+        (no differences of a running sum) and a tl.gather of the scan at each column's last entry moves the column
+        sums to the teacher lanes (no scratch round trip, no barrier); an entry-only tile adds its sum to a carry
+        that the next tile adds to its first column.
+     C2 the teacher window, read once: the merged teacher x̄ (vectorized loads under the window mask, the tile's
+        columns and A selected with tl.where) folded into an online pass with rescaling: running max m, l = Σe,
+        e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)), Mu = Σ e q/(q + eps), h_u = e/(q + eps) stored with the
+        tile's max. With c the teacher's log-normalizer (−LSE for one dense row, computed at the end; −mean_r LSE_r
+        after B): F = exp(m + c), L = τ² F (S1 + (m + c) l), M = F Mu, h = h_u · exp(m_tile − m) F.
+     Sparse teacher: C1 first, over the whole entry list in blocks of BLOCK_E into a per-program scratch row (a
+     column cut by a block boundary completed by read-add-write), then C2 over fixed BLOCK_T tiles of its k columns.
+  C3 (sparse teacher or learnable W) h rescaled in the scratch row (tile maxima -> the final m).
+  D  gradient rows, in the logits' dtype: g_s = Σ_slot w_eff (M − h[col]) (one ELL gather of the scratch row, the
+     dense case folding exp(m_tile − m) F in through the slots' tile ids), dz_r = τ/(n_s Z) p_r (g − d_r),
+     d_r = ⟨p_r, g⟩; for one student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h).
+Bytes per single-row chunk from HBM: z twice (A, D), t once (C), dz once; the entry lists, ELL, a, mask and the
+scratch row are shared or per-program and L2-resident (``bench/costmodel.py`` prints the model, with C's trip count
+for a given W: the number of W tiles, ≈ max(⌈V_T/BLOCK_T⌉, ⌈nnz/BLOCK_E⌉) + the entry-only tiles).
 """
 from __future__ import annotations
 
+import bisect
 import weakref
 
 import torch
@@ -32,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import _tl
-from ._common import SLOTS, covered_rows
+from ._common import SLOTS, covered_rows, interpret
 
 NEG = _tl.NEG
 _GRAD_W_BYTES = 256 << 20  # per-block h rows kept for the W gradient kernel
@@ -64,30 +74,38 @@ def _row_stats(row_ptr, a_ptr, V, inv_tau, BLOCK: tl.constexpr, STAGES: tl.const
 
 
 @triton.jit
-def _column_sums(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, e_hi, NNZ, qu_row, s_lo, s_hi,
-                 inv_tau, BLOCK_E: tl.constexpr):
-    """C1 on the column-sorted entries [e_lo, e_hi) (whole columns): qu_row[col] = Σ_{entries of col} w Σ_r p_r[s],
-    by a segmented scan per BLOCK_E tile; a column cut by a tile boundary is completed by read-add-write."""
-    offs = tl.arange(0, BLOCK_E)
-    for e0 in range(e_lo, e_hi, BLOCK_E):
-        e = e0 + offs
-        em = e < e_hi
-        s = tl.load(erow_ptr + e, mask=em, other=0)
-        col = tl.load(ecol_ptr + e, mask=em, other=-1)
-        prev = tl.load(ecol_ptr + e - 1, mask=em & (e > 0), other=-2)
-        nxt = tl.load(ecol_ptr + e + 1, mask=e + 1 < e_hi, other=-3)
+def _entry_scan(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, e_hi, s_lo, s_hi, inv_tau,
+                MEAN: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The column-sorted entries [e_lo, e_lo + BLOCK_E) ∩ [e_lo, e_hi) -> (their columns, lanes ending a column in
+    the block, seg = segmented inclusive scan per column of w p̄'[s], p̄' = Σ_r p_r). No differences of a running
+    sum: a segment restarts at each column."""
+    e = e_lo + tl.arange(0, BLOCK_E)
+    em = e < e_hi
+    s = tl.load(erow_ptr + e, mask=em, other=0)
+    col = tl.load(ecol_ptr + e, mask=em, other=-1)
+    prev = tl.load(ecol_ptr + e - 1, mask=em & (e > e_lo), other=-2)
+    nxt = tl.load(ecol_ptr + e + 1, mask=e + 1 < e_hi, other=-3)
+    if MEAN:
         pr = tl.zeros((BLOCK_E,), tl.float32)
         for r in range(s_lo, s_hi):
             pr += _tl.softmax_tile(z_ptr + r * stride_z, s, em, inv_tau, tl.load(lse_s_ptr + r))
-        val = tl.load(eval_ptr + e, mask=em, other=0.0) * pr
-        seg, _ = tl.associative_scan((val, ((col != prev) | (offs == 0)).to(tl.int32)), 0, _seg_add)
-        last = em & ((col != nxt) | (offs == BLOCK_E - 1))
-        # the tile's first column continues the previous tile's when the entry before e0 has it too
-        col0 = tl.load(ecol_ptr + e0)
-        cont = (col == col0) & (tl.load(ecol_ptr + e0 - 1, mask=e0 > e_lo, other=-2) == col0)
-        seg += tl.load(qu_row + col, mask=last & cont, other=0.0)
-        tl.store(qu_row + col, seg, mask=last)
-        tl.debug_barrier()
+    else:  # one student row: no loop in the tile loop
+        pr = _tl.softmax_tile(z_ptr + s_lo * stride_z, s, em, inv_tau, tl.load(lse_s_ptr + s_lo))
+    val = tl.load(eval_ptr + e, mask=em, other=0.0) * pr
+    seg, _ = tl.associative_scan((val, (col != prev).to(tl.int32)), 0, _seg_add)
+    return col, em & (col != nxt), seg
+
+
+@triton.jit
+def _entry_block(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, e_hi, qu_row, s_lo, s_hi, inv_tau,
+                 MEAN: tl.constexpr, BLOCK_E: tl.constexpr):
+    """C1 (sparse teacher) on one block of entries: qu_row[col] = Σ_{entries of col} w p̄'[s]; a column begun
+    before e_lo is completed by read-add-write (the caller orders blocks with a barrier)."""
+    col, last, seg = _entry_scan(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, e_hi, s_lo, s_hi,
+                                 inv_tau, MEAN, BLOCK_E)
+    before = tl.load(ecol_ptr + e_lo - 1, mask=e_lo > 0, other=-2)  # the column of the entry before the block
+    seg += tl.load(qu_row + col, mask=last & (col == before), other=0.0)
+    tl.store(qu_row + col, seg, mask=last)
 
 
 @triton.jit
@@ -108,14 +126,14 @@ def _teacher_row_lse(t_row, tc_row, mask_ptr, C, inv_tau, SPARSE: tl.constexpr, 
 @triton.jit
 def _pkl_kernel(
     z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc,
-    a_ptr, widx_ptr, weff_ptr, erow_ptr, ecol_ptr, eval_ptr, colptr_ptr, NNZ, mask_ptr,
+    a_ptr, widx_ptr, weff_ptr, wtile_ptr, erow_ptr, ecol_ptr, eval_ptr, tiles_ptr, n_tiles, colend_ptr, NNZ, mask_ptr,
     spans_ptr, tchain_ptr, scale_ptr,
     loss_ptr, dz_ptr, stride_dz,
     lse_s_ptr, dr_ptr, lse_t_ptr, qu_ptr, h_ptr, tm_ptr, n_tiles_max, tacc_ptr, tcnt_ptr, stat_ptr,
     k0, k1, V_S, V_T, C, inv_tau, tau, eps,
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr, GRAD_W: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    SLOTS: tl.constexpr, STAGES: tl.constexpr,
+    ALIGN: tl.constexpr, SLOTS: tl.constexpr, STAGES: tl.constexpr,
 ):
     FOLD: tl.constexpr = not (SPARSE or GRAD_W)
     pid = tl.program_id(0)
@@ -127,10 +145,11 @@ def _pkl_kernel(
     tcnt_row = tcnt_ptr + row
     offs_s = tl.arange(0, BLOCK_S)
     offs_t = tl.arange(0, BLOCK_T)
+    lane_e = tl.arange(0, BLOCK_E)
     slot = tl.arange(0, SLOTS)
     for k in range(k0 + pid, k1, nprog):
         # GRAD_W: h rows of the block's chunks stay for the W-gradient kernel; else a per-program scratch row
-        # (dense: shared with Qu, each lane overwrites its own columns after reading them).
+        # (dense: the Qu row, which the dense pass does not use).
         h_row = h_ptr + ((k - k0).to(tl.int64) * V_T if GRAD_W else row)
         c_t = _tl.chain_offset(tchain_ptr, spans_ptr + 4 * k + 2, CHAIN, BLOCK_T)
         s_lo, s_hi, t_lo, t_hi = _tl.chunk_rows(spans_ptr, k, MEAN)
@@ -167,39 +186,68 @@ def _pkl_kernel(
         tl.debug_barrier()  # lse_s / lse_t were stored by single lanes and are read by every lane below
 
         if SPARSE:  # C1 over all entries: the teacher's columns are anywhere in V_T
-            _column_sums(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, 0, NNZ, NNZ, qu_row, s_lo, s_hi,
-                         inv_tau, BLOCK_E)
+            for e0 in range(0, NNZ, BLOCK_E):
+                _entry_block(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e0,
+                             tl.minimum(e0 + BLOCK_E, NNZ), qu_row, s_lo, s_hi, inv_tau, MEAN, BLOCK_E)
+                tl.debug_barrier()
+            n_c2 = tl.cdiv(C, BLOCK_T)
+        else:
+            n_c2 = n_tiles
 
-        # C2: teacher tiles, one online pass.
+        # C: one online pass over the teacher. Dense: a flat loop over the W tiles (≤ BLOCK_E entries: C1 for
+        # the tile's columns by one scan and a gather; its ≤ BLOCK_T columns: C2), pipelined: it only reads
+        # read-only inputs and writes h_u / tile maxima. Sparse: C2 over the k columns (Qu from the scratch row).
         m = tl.full((), NEG, tl.float32)
         l = tl.zeros((), tl.float32)
         s1 = tl.zeros((), tl.float32)
         mu = tl.zeros((), tl.float32)
         m_zero = tl.full((), NEG, tl.float32)  # largest x̄ among allowed columns with q + eps = 0
-        for c0 in range(0, C, BLOCK_T):
-            o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, c0, C, SPARSE, BLOCK_T)
-            inb = o < C
+        carry = tl.zeros((), tl.float32)  # dense: Σ w p̄' of the entry-only tiles so far of the next tile's column
+        for t in tl.range(0, n_c2, num_stages=1 if SPARSE else STAGES):
             if SPARSE:
-                x = tl.load(t_ptr + t_lo * stride_t + o, mask=inb, other=0.0).to(tl.float32)
+                o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, t * BLOCK_T, C, SPARSE, BLOCK_T)
+                x = tl.load(t_ptr + t_lo * stride_t + o, mask=o < C, other=0.0).to(tl.float32)
                 bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
                 xb = x * inv_tau - tl.load(lse_t_ptr + t_lo)
                 if n_t > 1:
                     xb += tl.load(tacc_row + v, mask=ok, other=0.0)
                     ok = ok & (tl.load(tcnt_row + v, mask=ok, other=0) == n_t - 1)
-            else:  # C1 for this tile's columns [c0, c0 + BLOCK_T), read back at once
-                _column_sums(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, tl.load(colptr_ptr + c0),
-                             tl.load(colptr_ptr + tl.minimum(c0 + BLOCK_T, V_T)), NNZ, qu_row, s_lo, s_hi, inv_tau,
-                             BLOCK_E)
-                xb = tl.zeros((BLOCK_T,), tl.float32)
-                for r in range(t_lo, t_hi):
-                    x = tl.load(t_ptr + r * stride_t + o, mask=inb, other=0.0).to(tl.float32)
-                    bad += tl.sum((inb & ((x != x) | (x == float("inf")))).to(tl.int32))
-                    xb += x
+            else:
+                c_lo = tl.load(tiles_ptr + 2 * t)
+                e_lo = tl.load(tiles_ptr + 2 * t + 1)
+                c_hi = tl.load(tiles_ptr + 2 * t + 2)
+                _, _, seg = _entry_scan(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo,
+                                        tl.load(tiles_ptr + 2 * t + 3), s_lo, s_hi, inv_tau, MEAN, BLOCK_E)
+                # the teacher window: BLOCK_T columns from c_lo rounded down to ALIGN (the builder keeps the tile
+                # inside it); loads under the window mask (constant over ALIGN lanes: vector loads), the tile's
+                # columns selected with `inside`
+                o = tl.multiple_of(c_lo - c_lo % ALIGN, ALIGN) + offs_t
+                win = (o < tl.multiple_of((c_hi + ALIGN - 1) // ALIGN * ALIGN, ALIGN)) & (o < C)
+                inside = (o >= c_lo) & (o < c_hi)
+                v = o
+                mk = tl.load(mask_ptr + o, mask=win, other=0)
+                ok = inside & (mk != 0)
+                if MEAN:
+                    xb = tl.zeros((BLOCK_T,), tl.float32)
+                    for r in range(t_lo, t_hi):
+                        x = tl.load(t_ptr + r * stride_t + o, mask=win, other=0.0).to(tl.float32)
+                        bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
+                        xb += x
+                else:
+                    xb = tl.load(t_ptr + t_lo * stride_t + o, mask=win, other=0.0).to(tl.float32)
+                    bad += tl.sum((inside & ((xb != xb) | (xb == float("inf")))).to(tl.int32))
                 xb = xb * inv_tau
+                # Qu of column c: the scan at its last entry in the block (colend[c] − e_lo − 1; columns without
+                # an entry have mk 2 and take 0), the first column plus the carry of its entry-only tiles
+                end = tl.load(colend_ptr + o, mask=win, other=0) - e_lo - 1
+                qu = tl.gather(seg, tl.minimum(tl.maximum(end, 0), BLOCK_E - 1), 0) + tl.where(o == c_lo, carry, 0.0)
+                carry = tl.where(c_hi == c_lo, carry + tl.sum(tl.where(lane_e == BLOCK_E - 1, seg, 0.0)), 0.0)
             xb = xb / n_t.to(tl.float32)
             live = ok & (xb > float("-inf"))
-            mk = tl.load(mask_ptr + v, mask=inside, other=0)
-            q = tl.load(qu_row + v, mask=live & (mk == 1), other=0.0) * inv_qz  # mk 2: allowed, no W entry
+            if SPARSE:
+                mk = tl.load(mask_ptr + v, mask=inside, other=0)
+                qu = tl.load(qu_row + v, mask=live & (mk == 1), other=0.0)
+            q = tl.where(live & (mk == 1), qu, 0.0) * inv_qz  # mk 2: allowed, no W entry
             qe = q + eps
             pos = live & (qe > 0)
             m_zero = tl.maximum(m_zero, tl.max(tl.where(live & (qe <= 0), xb, NEG)))
@@ -211,7 +259,7 @@ def _pkl_kernel(
             mu = alpha * mu + tl.sum(tl.where(pos, ex * q / qe, 0.0))
             m = m_new
             tl.store(h_row + v, tl.where(pos, ex / qe, 0.0), mask=ok if SPARSE else inside)
-            tl.store(tm_row + c0 // BLOCK_T, m_new)
+            tl.store(tm_row + t, m_new)  # entry-only tiles store m (no column refers to them)
 
         # log-normalizer: m + c = −log l (one dense row) or m − mean_r LSE_r (after B), plus the chain scalar
         if SPARSE:  # x̄ is already normalized per row
@@ -241,10 +289,13 @@ def _pkl_kernel(
 
         # C3: h = h_u exp(m_tile − m) F in place (dense without a W gradient: folded into D's gather instead).
         if valid & (SPARSE or GRAD_W):
-            for c0 in range(0, C, BLOCK_T):
-                o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, c0, C, SPARSE, BLOCK_T)
-                f = tl.exp(tl.load(tm_row + c0 // BLOCK_T) - m) * F
-                wm = ok if SPARSE else inside
+            for t in range(0, n_c2):
+                f = tl.exp(tl.load(tm_row + t) - m) * F
+                if SPARSE:
+                    _, v, _, wm = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, t * BLOCK_T, C, SPARSE, BLOCK_T)
+                else:
+                    v = tl.load(tiles_ptr + 2 * t) + offs_t
+                    wm = v < tl.load(tiles_ptr + 2 * t + 2)
                 tl.store(h_row + v, tl.load(h_row + v, mask=wm, other=0.0) * f, mask=wm)
         tl.debug_barrier()
 
@@ -256,7 +307,7 @@ def _pkl_kernel(
                 for v0 in range(0, V_S, BLOCK_S):
                     o = v0 + offs_s
                     om = o < V_S
-                    g = _ell_g(widx_ptr, weff_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS, BLOCK_T, FOLD)
+                    g = _ell_g(widx_ptr, weff_ptr, wtile_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS, FOLD)
                     d += tl.sum(_tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, lse_r) * g)
                 tl.store(dr_ptr + r, d)
         else:
@@ -265,7 +316,7 @@ def _pkl_kernel(
         for v0 in tl.range(0, V_S, BLOCK_S, num_stages=STAGES):
             o = v0 + offs_s
             om = o < V_S
-            g = _ell_g(widx_ptr, weff_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS, BLOCK_T, FOLD)
+            g = _ell_g(widx_ptr, weff_ptr, wtile_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS, FOLD)
             for r in range(s_lo, s_hi):
                 p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r))
                 dz = tl.where(valid, coef * p * (g - tl.load(dr_ptr + r)), 0.0)  # 0, never NaN, when invalid
@@ -283,10 +334,10 @@ def _pkl_kernel(
 
 
 @triton.jit
-def _ell_g(widx_ptr, weff_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS: tl.constexpr, BLOCK_T: tl.constexpr,
+def _ell_g(widx_ptr, weff_ptr, wtile_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS: tl.constexpr,
            FOLD: tl.constexpr):
     """g_s = Σ_slot w_eff[s, slot] (M − h[col]) for the student ids o ([BLOCK, SLOTS] loads; w_eff = 0 off A);
-    FOLD: h = h_u[col] exp(m_tile(col) − m) F from the unscaled row and the tile maxima."""
+    FOLD: h = h_u[col] exp(m_tile − m) F from the unscaled row and the maxima of the slots' tiles (wtile)."""
     at = o[:, None] * SLOTS + slot[None, :]
     ci = tl.load(widx_ptr + at, mask=om[:, None], other=-1)
     w = tl.load(weff_ptr + at, mask=om[:, None], other=0.0)
@@ -294,7 +345,7 @@ def _ell_g(widx_ptr, weff_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS: tl.co
     ci = tl.where(use, ci, 0)
     h = tl.load(h_row + ci, mask=use, other=0.0)
     if FOLD:
-        h = h * tl.exp(tl.load(tm_row + ci // BLOCK_T, mask=use, other=0.0) - m) * F
+        h = h * tl.exp(tl.load(tm_row + tl.load(wtile_ptr + at, mask=use, other=0), mask=use, other=0.0) - m) * F
     return tl.sum(tl.where(use, w * (M - h), 0.0), axis=1)
 
 
@@ -323,13 +374,15 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
     tl.store(gw_ptr + at, tl.load(gw_ptr + at, mask=om[:, None], other=0.0) + acc, mask=om[:, None])
 
 
-# The student passes (A, D) are software-pipelined over STAGES tiles (cp.async). sm_90, bf16, offline ptxas
-# (tests/test_kernels_compile.py): ≈239 registers at 4 warps (2 CTAs/SM), ≈127 at 16 warps (1 CTA/SM); no variant
-# spills (4096-wide tiles at 16 warps spill when pipelined, and more than 8 elements per thread spill anyway).
-_CONFIGS = [triton.Config({"BLOCK_S": bs, "BLOCK_T": bt, "BLOCK_E": be, "STAGES": st}, num_warps=nw)
-            for bs, bt, be, st, nw in ((2048, 1024, 1024, 3, 4), (4096, 2048, 2048, 1, 16), (2048, 2048, 2048, 2, 16))]
-_MIN_BLOCK_T = 64  # the smallest BLOCK_T of any config (interpreter included): sizes the tile-maximum scratch
-_launch = _tl.launcher(_pkl_kernel, dict(BLOCK_S=128, BLOCK_T=64, BLOCK_E=64, STAGES=1), _CONFIGS,
+# The tile geometry of the dense teacher pass (and the sparse teacher's tiles and entry blocks) is fixed across the
+# autotune configs: the W tiles are built for it once per W. The student passes (A, D) and the W-tile loop (C2) are
+# software-pipelined over STAGES tiles. Every config runs 16 warps (BLOCK_E 4096: 8 entries per thread); sm_90,
+# bf16, offline ptxas (tests/test_kernels_compile.py): no variant spills.
+TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
+_TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
+ALIGN = 8  # dense W tiles start on multiples of 8 columns: 16-byte teacher loads
+_CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=16) for st in (3, 2)]
+_launch = _tl.launcher(_pkl_kernel, dict(BLOCK_S=128, STAGES=1), _CONFIGS,
                        key=["V_S", "V_T", "C", "NNZ", "MEAN", "SPARSE", "GRAD_W"])
 _grad_w = _tl.launcher(_pkl_grad_w_kernel, dict(BLOCK=128), [triton.Config({"BLOCK": 1024}, num_warps=8)])
 _zero = _tl.launcher(_tl.zero_uncovered_rows, dict(BLOCK=128), [triton.Config({"BLOCK": 2048}, num_warps=8)])
@@ -337,12 +390,34 @@ _zero = _tl.launcher(_tl.zero_uncovered_rows, dict(BLOCK=128), [triton.Config({"
 _STRUCT_CACHE: dict[int, tuple] = {}
 
 
-def _w_structure(w_idx: torch.Tensor, V_T: int):
-    """W's nonzero slots sorted by teacher column: (student int32 [nnz], column int32 [nnz], first entry of each
-    column int32 [V_T + 1], flat slot int64 [nnz], has_entry bool [V_T]). Cached per w_idx tensor (one host sync for nnz when built)."""
+def column_tiles(col_ptr: torch.Tensor, block_t: int, block_e: int, align: int = ALIGN) -> torch.Tensor:
+    """Column-aligned tiles of W's column-sorted entries (col_ptr int [V_T + 1]: first entry of each column) ->
+    int64 [n_tiles + 1, 2]: tile i covers the columns [b[i, 0], b[i + 1, 0]) and the entries [b[i, 1], b[i + 1, 1]).
+    Greedy: a tile takes the most whole columns that fit in block_e entries and in the block_t-column window starting
+    at its first column rounded down to ``align``; a column whose remaining entries exceed block_e first gets
+    entry-only tiles (no columns) of block_e of its entries each, so every entry-only tile holds one column."""
+    assert block_t >= align  # the window then always reaches past its first column
+    ptr = col_ptr.tolist()
+    V_T = len(ptr) - 1
+    c, e, out = 0, 0, [(0, 0)]
+    while c < V_T:
+        hi = min(V_T, c - c % align + block_t, bisect.bisect_right(ptr, e + block_e) - 1)
+        if hi > c:
+            c, e = hi, ptr[hi]
+        else:  # column c alone has more than block_e entries from e on
+            e += block_e
+        out.append((c, e))
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
+    """W's nonzero slots sorted by teacher column: (student int32 [nnz], column int32 [nnz], flat slot int64 [nnz],
+    has_entry bool [V_T], the ``column_tiles`` int32 [n_tiles + 1, 2], the end of each column's entries int32 [V_T],
+    the tile of every slot's column int32 [V_S, SLOTS] (0 for an empty slot)). Cached per w_idx tensor and geometry
+    (one host sync when built)."""
     key = id(w_idx)
     hit = _STRUCT_CACHE.get(key)
-    if hit is not None and hit[0]() is w_idx and hit[1] == (w_idx._version, V_T):
+    if hit is not None and hit[0]() is w_idx and hit[1] == (w_idx._version, V_T, block_t, block_e):
         return hit[2]
     flat = w_idx.reshape(-1).long()
     slot_ids = torch.nonzero(flat >= 0).squeeze(1)
@@ -351,18 +426,24 @@ def _w_structure(w_idx: torch.Tensor, V_T: int):
     slot_ids, cols = slot_ids[order], cols[order]
     has_entry = torch.zeros(V_T, dtype=torch.bool, device=w_idx.device)
     has_entry[cols] = True
-    col_ptr = torch.searchsorted(cols, torch.arange(V_T + 1, device=w_idx.device)).to(torch.int32)
-    out = ((slot_ids // SLOTS).to(torch.int32), cols.to(torch.int32), col_ptr, slot_ids, has_entry)
+    col_ptr = torch.searchsorted(cols, torch.arange(V_T + 1, device=w_idx.device))
+    tiles = column_tiles(col_ptr.cpu(), block_t, block_e).to(w_idx.device)
+    # the tile holding column c: the last one starting at or before c (entry-only tiles share their start)
+    col_tile = torch.searchsorted(tiles[:-1, 0].contiguous(), torch.arange(V_T, device=w_idx.device), right=True) - 1
+    w_tile = torch.where(w_idx >= 0, col_tile[w_idx.long().clamp(min=0)], 0).to(torch.int32)
+    out = ((slot_ids // SLOTS).to(torch.int32), cols.to(torch.int32), slot_ids, has_entry,
+           tiles.to(torch.int32).contiguous(), col_ptr[1:].to(torch.int32), w_tile.contiguous())
     if len(_STRUCT_CACHE) >= 16:
         _STRUCT_CACHE.clear()
-    _STRUCT_CACHE[key] = (weakref.ref(w_idx), (w_idx._version, V_T), out)
+    _STRUCT_CACHE[key] = (weakref.ref(w_idx), (w_idx._version, V_T, block_t, block_e), out)
     return out
 
 
 def _num_programs(K: int, device: torch.device) -> int:
-    """Two persistent programs per SM (each with a V_T fp32 scratch row), or 2 under the interpreter."""
+    """One persistent program per SM (each with a V_T fp32 scratch row): at 16 warps and ~120 registers a second
+    one would not be resident (offline sm_90 compile, tests/test_kernels_compile.py). 2 under the interpreter."""
     if device.type == "cuda":
-        return max(1, min(K, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
+        return max(1, min(K, torch.cuda.get_device_properties(device).multi_processor_count))
     return max(1, min(K, 2))
 
 
@@ -384,7 +465,9 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
         return loss, grad, grad_w
 
     w_idx = w_idx.to(torch.int32).contiguous()
-    e_row, e_col, col_ptr, e_slot, has_entry = _w_structure(w_idx, V_T)
+    e_row, e_col, e_slot, has_entry, tiles, col_end, w_tile = _w_structure(w_idx, V_T, _TILES["BLOCK_T"],
+                                                                           _TILES["BLOCK_E"])
+    n_tiles = tiles.shape[0] - 1
     in_a = (w_idx >= 0) & col_mask[w_idx.long().clamp(min=0)]
     w_eff = torch.where(in_a, w_val.detach().to(torch.float32), 0.0).contiguous()
     a = w_eff.sum(1)
@@ -392,7 +475,7 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
     mask8 = torch.where(col_mask, torch.where(has_entry, 1, 2), 0).to(torch.int8)
     nprog = _num_programs(K, device)
     qu = torch.zeros(nprog, V_T, **f32)
-    tm = torch.empty(nprog, triton.cdiv(C, _MIN_BLOCK_T), **f32)
+    tm = torch.empty(nprog, max(1, triton.cdiv(C, _TILES["BLOCK_T"]) if sparse else n_tiles), **f32)
     if sparse:
         tacc = torch.zeros(nprog, V_T, **f32)
         tcnt = torch.zeros(nprog, V_T, dtype=torch.int32, device=device)
@@ -414,11 +497,11 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
             h, stat = (torch.zeros(nprog, V_T, **f32) if sparse else qu), loss
         _launch((nprog,),
                 s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
-                a, w_idx, w_eff, e_row, e_col, e_val, col_ptr, e_row.numel(), mask8, spans, chain, scale,
-                loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc, tcnt, stat,
+                a, w_idx, w_eff, w_tile, e_row, e_col, e_val, tiles, n_tiles, col_end, e_row.numel(), mask8, spans,
+                chain, scale, loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc, tcnt, stat,
                 k0, k1, V_S, V_T, C, 1.0 / float(temperature), float(temperature), float(eps),
                 MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
-                HAS_SCALE=chunk_scale is not None, SLOTS=SLOTS)
+                HAS_SCALE=chunk_scale is not None, ALIGN=ALIGN, SLOTS=SLOTS, **_TILES)
         if need_grad_w:
             _grad_w(lambda meta: (triton.cdiv(V_S, meta["BLOCK"]),), s_logits, s_logits.stride(0), spans, w_idx,
                     mask8, lse_s, h, stat, grad_w, k0, k1, V_S, V_T, 1.0 / float(temperature),
