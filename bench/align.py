@@ -64,12 +64,15 @@ def _offsets(toks):
     return ends - lens, ends
 
 
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
+def _best(fn, repeats: int, budget_s: float = 0.0) -> float:
+    """Best (smallest) seconds of one call of fn over at least `repeats` calls and about budget_s: the machine is
+    shared, and the best run is the one least disturbed by other processes."""
+    best, runs, end = float("inf"), 0, time.perf_counter() + budget_s
+    while runs < repeats or time.perf_counter() < end:
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
+        runs += 1
     return best
 
 
@@ -92,18 +95,6 @@ print(len(s), len(t), dt, (kib("VmHWM:") - before) / 1024)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=tempfile.gettempdir()).stdout.split()
     return int(out[0]), int(out[1]), float(out[2]), float(out[3])
-
-
-def _best_call(fn, budget_s: float, min_runs: int = 3) -> float:
-    """Best (smallest) seconds of one call of fn over repeated calls for about budget_s: the machine is shared, and
-    the best run is the one least disturbed by other processes."""
-    best, runs, end = float("inf"), 0, time.perf_counter() + budget_s
-    while runs < min_runs or time.perf_counter() < end:
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-        runs += 1
-    return best
 
 
 def py_merge(s_len: list[int], t_len: list[int]) -> list[tuple[int, int, int, int]]:
@@ -182,20 +173,20 @@ def _real_ids(quick: bool) -> None:
             (s,), (t,) = _real_pairs(al, text, size, 1)
             s_len, t_len = lens[0][s].tolist(), lens[1][t].tolist()
             n = len(s) + len(t)
-            py = _best_call(lambda: py_merge(s_len, t_len), budget)
-            row(f"align_ids, {size:,} tokens (numpy ids)", n, _best_call(lambda: al.align_ids(s, t), budget),
+            py = _best(lambda: py_merge(s_len, t_len), 3, budget)
+            row(f"align_ids, {size:,} tokens (numpy ids)", n, _best(lambda: al.align_ids(s, t), 3, budget),
                 py)
             s_list, t_list = s.tolist(), t.tolist()
             row(f"align_ids, {size:,} tokens (list ids)", n,
-                _best_call(lambda: al.align_ids(s_list, t_list), budget), py)
+                _best(lambda: al.align_ids(s_list, t_list), 3, budget), py)
         S, T = _real_pairs(al, text, sizes[0], B)
         n = sum(map(len, S)) + sum(map(len, T))
         s_lens, t_lens = [lens[0][x].tolist() for x in S], [lens[1][x].tolist() for x in T]
-        py = _best_call(lambda: [py_merge(a, b) for a, b in zip(s_lens, t_lens)], budget)
+        py = _best(lambda: [py_merge(a, b) for a, b in zip(s_lens, t_lens)], 3, budget)
         row(f"batch {B} x {sizes[0]:,}: chunks (native)", n,
-            _best_call(lambda: al._native.align_batch(S, T, 1), budget), py)
+            _best(lambda: al._native.align_batch(S, T, 1), 3, budget), py)
         row(f"batch {B} x {sizes[0]:,}: align_ids_batch", n,
-            _best_call(lambda: al.align_ids_batch(S, T, threads=1), budget), py)
+            _best(lambda: al.align_ids_batch(S, T, threads=1), 3, budget), py)
     print(f"  load average after: {os.getloadavg()[0]:.1f}. align_ids_batch also builds the Alignment (padded "
           "torch tensors); 'chunks (native)' is the C++ batch call alone.")
 
@@ -260,7 +251,7 @@ def run(quick: bool = False) -> None:
     ]
     budget = 0.3 if quick else 3.0  # seconds per cell: best of as many calls as fit
     for name, fn in batch_cases:
-        one, many = _best_call(lambda: fn(1), budget), _best_call(lambda: fn(threads), budget)
+        one, many = _best(lambda: fn(1), 3, budget), _best(lambda: fn(threads), 3, budget)
         print(f"{name:<28}{n:>10,}{_fmt_rate(n / one):>13}{_fmt_rate(n / many):>13}{one / many:>9.2f}x")
 
     if not quick:

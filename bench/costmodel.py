@@ -14,9 +14,11 @@ import math
 
 import torch
 
+from xtoken_ext.ops.pkl_kernel import _CONFIGS, TILES_GPU
+
 # Nominal H100 SXM figures: HBM3 bandwidth, L2 size, SMs. The model needs only their ratios to the bytes.
 GPU = dict(name="H100 SXM", hbm=3.35e12, l2=50 << 20, sms=132)
-CONFIG = dict(BLOCK_S=2048, BLOCK_T=2048, BLOCK_E=4096)  # ops.pkl_kernel: its BLOCK_S, its fixed TILES_GPU
+CONFIG = dict(BLOCK_S=_CONFIGS[0].kwargs["BLOCK_S"], **TILES_GPU)  # ops.pkl_kernel's GPU block sizes
 SECTOR = 32  # bytes an L2 request moves for one gathered element
 
 

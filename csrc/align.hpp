@@ -610,7 +610,7 @@ inline Result align_streams(const Seq& S, const Seq& T, Method method, const Par
 // Vocabulary: canonical bytes (and special bits, if any) of every id, so id sequences turn into Seqs without Python.
 struct Vocab {
   Seq table;  // token id -> bytes/hash; table.cls: empty (no specials) or one entry per id
-  // What sequence() needs of a token, in one 32-byte aligned slot (one cache line): hash, place in table.bytes,
+  // What sequence() needs of a token, in one 32-byte aligned slot (never split across cache lines): hash, place in table.bytes,
   // length and, for tokens of <= kBlock bytes, the bytes themselves (zero-padded to kBlock).
   struct alignas(32) Entry {
     uint64_t h;
@@ -722,7 +722,9 @@ inline bool starts_with_space(const Seq& S) {
 inline void strip_leading_space(Seq& S) {
   const int64_t k = first_text_token(S);
   if (k < 0 || S.bytes[S.off[k]] != ' ') return;
-  S.bytes.erase(static_cast<size_t>(S.off[k]), 1);
+  // shift the used bytes only: the reused buffer's size stays (its tail is block padding)
+  char* b = &S.bytes[0];
+  std::memmove(b + S.off[k], b + S.off[k] + 1, static_cast<size_t>(S.off[S.n()] - S.off[k] - 1));
   for (int64_t q = k + 1; q <= S.n(); ++q) --S.off[q];
   S.h[k] = fnv1a(S.at(S.off[k]), S.len(k));
 }

@@ -203,6 +203,17 @@ def test_vocab_aligner_and_alignment_pickle(aligner):
     assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("chunks", "chunk_valid", "student_chunk_ids"))
 
 
+def test_aligner_state_pickled_with_plain_method_attribute(aligner):
+    """An Aligner pickled before `method` became a property (its state has "method", not "_method") still loads."""
+    state = aligner.__getstate__()
+    old = {("method" if k == "_method" else k): v for k, v in state.items()}
+    al2 = xt.Aligner.__new__(xt.Aligner)
+    al2.__setstate__(old)
+    assert al2.method == aligner.method and "method" not in vars(al2)
+    for text in TEXTS:
+        assert_same(aligner.align(text, return_correct=True), al2.align(text, return_correct=True))
+
+
 class _Collate:
     def __init__(self, aligner):
         self.aligner = aligner

@@ -158,8 +158,11 @@ def test_bad_input_chunks(merge, sparse_k):
 
 @pytest.fixture
 def no_slack(monkeypatch):
-    """L's capacity 2 m, below the rows' |U|: the first pass appends only the hinted bins (not the whole row)."""
+    """L's capacity 2 m, below the rows' |U|: the first pass appends only the hinted bins (not the whole row). Two
+    programs, as under the interpreter, also on CUDA: the hint needs a program to run several chunks (k = pid,
+    pid + 2, ...), which the expected paths below assume."""
     monkeypatch.setattr(hkl_kernel, "_SLACK", 0)
+    monkeypatch.setattr(hkl_kernel, "_programs", lambda device, K, per_program: min(2, K))
 
 
 def test_single_pass_compaction_hits(no_slack):

@@ -155,10 +155,11 @@ def hkl_rows(
     t_dtype: str = "float32",
 ) -> None:
     """Fused H-KL / GOLD / ULD loss + gradient over chunks of logit rows (ops.fallback.hkl_rows contract; dense
-    fp32 teacher). Inputs: s_logits float32 [N_s, V_S], t_vals float32 [N_t, V_T], col_mask bool [V_T], spans int64
+    teacher). Inputs: s_logits [N_s, V_S], t_vals [N_t, V_T] (float32, or bf16 / fp16 as below), col_mask bool
+    [V_T], spans int64
     [K, 4] (student rows of different chunks disjoint), merge "mean" | "first" | "chain", s_chain float32 [N_s] |
     None, t_chain float32 [N_t] | None, common_s / common_t int64 [C] (every common_t in col_mask), uncommon_topk
-    (< 0: no cap). Writes loss float32 [K], grad float32 [N_s, V_S] (every row; rows outside the chunks get 0) and
+    (< 0: no cap). Writes loss float32 [K], grad [N_s, V_S] in s_logits' dtype (every row; rows outside the chunks get 0) and
     gsum float32 [K] (d loss_k / d chain scalar); bf16 / fp16 logits and grad as their 16-bit words per s_dtype /
     t_dtype, as for pkl_rows. All arrays C-contiguous with exactly these dtypes (never converted). Bitwise the same
     for every thread count (threads <= 0: all hardware threads); runs with the GIL released. ValueError on bad

@@ -217,6 +217,9 @@ class Aligner:
         return state
 
     def __setstate__(self, state):
+        if "method" in state:  # pickled before `method` became a property
+            state = {**state, "_method": state["method"]}
+            del state["method"]
         self.__dict__.update(state)
         self._bind()
 
