@@ -203,6 +203,13 @@ def test_vocab_aligner_and_alignment_pickle(aligner):
     assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("chunks", "chunk_valid", "student_chunk_ids"))
 
 
+def test_alignment_equality_is_identity(aligner):
+    """`==` on Alignments neither raises (tensor fields) nor compares contents; they stay hashable."""
+    a = aligner.align_batch(TEXTS)
+    b = pickle.loads(pickle.dumps(a))
+    assert a == a and a != b and len({a, b}) == 2
+
+
 def test_aligner_state_pickled_with_plain_method_attribute(aligner):
     """An Aligner pickled before `method` became a property (its state has "method", not "_method") still loads."""
     state = aligner.__getstate__()

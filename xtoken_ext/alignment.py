@@ -294,10 +294,11 @@ def _pad(rows: list[np.ndarray], width: int, fill: int) -> np.ndarray:
     return out
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class Alignment:
     """Chunk alignment of B sequence pairs, as CPU torch tensors (``.to(device)`` moves them). ``repr`` gives the
-    batch size, rows per side and chunk counts, never the tensors.
+    batch size, rows per side and chunk counts, never the tensors; ``==`` is identity (field-wise equality of
+    tensors has no single truth value: compare fields with ``torch.equal``).
 
     Chunk k of pair b is a pair of token ranges ``chunks[b, k] = (s_start, s_end, t_start, t_end)`` (end
     exclusive); the chunks of a pair tile both sides in order, and a gap has one empty side. Logit row p predicts
