@@ -65,9 +65,7 @@ def measure(impl: str, T: int, d: int, V_S: int, V_T: int, repeats: int = 1) -> 
 
     step(*_inputs(8, 16, 257, 263))
     args = _inputs(T, d, V_S, V_T)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = plain._status("VmRSS")
+    base = plain._reset_peak_rss()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -225,6 +225,14 @@ def _status(key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) * 1024
 
 
+def _reset_peak_rss() -> int:
+    """Reset this process's peak-RSS counter (VmHWM) to its current RSS (Linux) -> that RSS in bytes, the base of a
+    peak-extra measurement."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
 def measure(impl: str, kind: str, shape, dtype: str = "float32", device: str = "cpu", repeats: int = 1,
             opts: dict | None = None) -> dict:
     """Fwd+bwd seconds (best of ``repeats``; with that repeat's forward seconds), peak extra bytes (and after the
@@ -258,9 +266,7 @@ def measure(impl: str, kind: str, shape, dtype: str = "float32", device: str = "
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _status("VmRSS")
+        base = _reset_peak_rss()
     marks = []
     times = [_timed(lambda: step(z, t, batch, proj, marks)) for _ in range(repeats)]
     best = min(range(repeats), key=times.__getitem__)

@@ -60,14 +60,13 @@ MIB = 2 ** 20
 # measurement
 # ---------------------------------------------------------------------------------------------------------------
 
-def _release_memory() -> None:
-    """Return freed heap pages to the kernel (glibc), then reset the peak-RSS counter to the current RSS."""
+def _release_memory() -> int:
+    """Return freed heap pages to the kernel (glibc), then reset the peak-RSS counter to the current RSS -> it."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: freed pages may stay resident (the peak then reads low)
         pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    return plain._reset_peak_rss()
 
 
 def _series(xs, make, quick: bool) -> list[dict]:
@@ -82,8 +81,7 @@ def _series(xs, make, quick: bool) -> list[dict]:
     points = []
     for x in xs:
         step, info = make(x)
-        _release_memory()
-        base = plain._status("VmRSS")
+        base = _release_memory()
         times, result, peak = [], None, None
         gc.disable()
         try:

@@ -89,20 +89,28 @@ def _idle(spans, n):
     return idle
 
 
+def _native_vs_float64(label, z, t, proj, mask, spans, tau, merge, eps, chain, scale):
+    """The native P-KL op (W gradient on) against the torch op in float64 on the same inputs, per entry within the
+    fp32 bounds -> the native (loss, grad, grad_w) and the op's positional arguments."""
+    args = (proj.indices, proj.weights, mask, spans, tau, merge, eps, chain, scale, True)
+    loss, grad, gw = pkl_rows(z, t, None, *args, "native")
+    e_loss, e_grad, e_gw = pkl_rows(z.double(), t.double(), None, proj.indices, proj.weights.double(), *args[2:],
+                                    "torch")
+    kap = kappa(z, t, tau)
+    check(f"native/fp32/op loss{label}", loss, e_loss, loss_bound(e_loss, tau, kap, torch.float32))
+    check(f"native/fp32/op grad{label}", grad, e_grad, grad_bound(e_grad, z, tau, kap, torch.float32, "native",
+                                                                   float(scale.max())))
+    check(f"native/fp32/op grad_w{label}", gw, e_gw,
+          8 * 2.0 ** -24 * kap * (e_gw.abs() + 2 * 0.64 * 1.5 * 0.25 * 9))
+    return (loss, grad, gw), args
+
+
 @pytest.mark.parametrize("merge", ["mean", "first", "chain"])
 @pytest.mark.parametrize("eps", [0.0, 1e-10])
 def test_native_pkl_op_matches_float64_torch_op(merge, eps):
     """chunk_scale, grad_w, shuffled spans, idle rows (their gradient rows must be written as zeros)."""
     z, t, proj, mask, spans, chain, scale = _op_inputs(1)
-    args = (proj.indices, proj.weights, mask, spans, 0.8, merge, eps, chain, scale, True)
-    loss, grad, gw = pkl_rows(z, t, None, *args, "native")
-    e_loss, e_grad, e_gw = pkl_rows(z.double(), t.double(), None, proj.indices, proj.weights.double(), *args[2:],
-                                    "torch")
-    kap = kappa(z, t, 0.8)
-    check("native/fp32/op loss", loss, e_loss, loss_bound(e_loss, 0.8, kap, torch.float32))
-    check("native/fp32/op grad", grad, e_grad, grad_bound(e_grad, z, 0.8, kap, torch.float32, "native",
-                                                          float(scale.max())))
-    check("native/fp32/op grad_w", gw, e_gw, 8 * 2.0 ** -24 * kap * (e_gw.abs() + 2 * 0.64 * 1.5 * 0.25 * 9))
+    (_, grad, _), _ = _native_vs_float64("", z, t, proj, mask, spans, 0.8, merge, eps, chain, scale)
     idle = _idle(spans, z.shape[0])
     assert idle.any() and torch.equal(grad[idle], torch.zeros_like(grad[idle]))
 
@@ -176,19 +184,11 @@ def test_native_pkl_small_allowed_set_matches_float64_torch_op(merge, eps, keep)
     same contract, W gradient included, rows with no slot in A included."""
     z, t, proj, _, spans, chain, scale = _op_inputs(7, V_T=1499)
     mask = proj.covered_columns() & (torch.rand(t.shape[1], generator=torch.Generator().manual_seed(8)) < keep)
-    args = (proj.indices, proj.weights, mask, spans, 0.8, merge, eps, chain, scale, True)
-    loss, grad, gw = pkl_rows(z, t, None, *args, "native")
-    e_loss, e_grad, e_gw = pkl_rows(z.double(), t.double(), None, proj.indices, proj.weights.double(), *args[2:],
-                                    "torch")
-    kap = kappa(z, t, 0.8)
-    check("native/fp32/op loss (small A)", loss, e_loss, loss_bound(e_loss, 0.8, kap, torch.float32))
-    check("native/fp32/op grad (small A)", grad, e_grad, grad_bound(e_grad, z, 0.8, kap, torch.float32, "native",
-                                                                      float(scale.max())))
-    check("native/fp32/op grad_w (small A)", gw, e_gw, 8 * 2.0 ** -24 * kap * (e_gw.abs() + 2 * 0.64 * 1.5 * 0.25 * 9))
+    out, args = _native_vs_float64(" (small A)", z, t, proj, mask, spans, 0.8, merge, eps, chain, scale)
     for threads in (1, 3):
         with mock.patch.object(torch, "get_num_threads", return_value=threads):
             again = pkl_rows(z, t, None, *args, "native")
-        assert all(torch.equal(a, b) for a, b in zip((loss, grad, gw), again))
+        assert all(torch.equal(a, b) for a, b in zip(out, again))
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.45])
@@ -197,15 +197,7 @@ def test_native_pkl_wide_teacher_crosses_projection_blocks(keep):
     space of more than 8,192 allowed columns."""
     z, t, proj, _, spans, chain, scale = _op_inputs(11, V_S=24_000, V_T=20_011, K=5)
     mask = proj.covered_columns() & (torch.rand(t.shape[1], generator=torch.Generator().manual_seed(12)) < keep)
-    args = (proj.indices, proj.weights, mask, spans, 1.0, "mean", 0.0, chain, scale, True)
-    loss, grad, gw = pkl_rows(z, t, None, *args, "native")
-    e_loss, e_grad, e_gw = pkl_rows(z.double(), t.double(), None, proj.indices, proj.weights.double(), *args[2:],
-                                    "torch")
-    kap = kappa(z, t, 1.0)
-    check("native/fp32/op loss (wide)", loss, e_loss, loss_bound(e_loss, 1.0, kap, torch.float32))
-    check("native/fp32/op grad (wide)", grad, e_grad, grad_bound(e_grad, z, 1.0, kap, torch.float32, "native",
-                                                                  float(scale.max())))
-    check("native/fp32/op grad_w (wide)", gw, e_gw, 8 * 2.0 ** -24 * kap * (e_gw.abs() + 2 * 0.64 * 1.5 * 0.25 * 9))
+    _native_vs_float64(" (wide)", z, t, proj, mask, spans, 1.0, "mean", 0.0, chain, scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
