@@ -3,10 +3,11 @@ logit row (a 1-to-1 chunk, the common case), the bytes each kernel moves from HB
 the SMs, and the longest dependent loop, beside the HBM floor (read the student and teacher rows, write the
 gradient row once). Nothing here is timed; the GPU numbers come from ``xtoken bench --suite gpu`` on a GPU.
 
-HBM bytes are counted twice: with the per-program fp32 scratch row (h, V_T floats) held in L2 (its footprint, all
-programs together, is printed beside L2's size) and with every scratch access going to HBM (the bound when it does
-not fit). W-derived arrays (entry lists, ELL, a, masks) are shared by all programs and read from L2. L2<->SM bytes
-count one 32-byte sector per gathered element (an upper bound: gathers that hit L1 cost less).
+HBM bytes are counted twice: with the working set in L2 (W-derived arrays shared by all programs; per program the
+rows it reuses: P-KL's z row gathered in C and fp32 scratch row h, H-KL's lists; its size, all programs together, is
+printed beside L2's) and with every access to it going to HBM (the bound when it does not fit; P-KL: h written and
+read, and one 32-byte sector per gather of the z row). L2<->SM bytes count one 32-byte sector per gathered element
+(an upper bound: gathers that hit L1 cost less).
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import math
 
 import torch
 
-from xtoken_ext.ops.pkl_kernel import _CONFIGS, TILES_GPU
+from xtoken_ext.ops.pkl_kernel import _CONFIGS, SLICES_GPU, TILES_GPU
 
 # Nominal H100 SXM figures: HBM3 bandwidth, L2 size, SMs. The model needs only their ratios to the bytes.
 GPU = dict(name="H100 SXM", hbm=3.35e12, l2=50 << 20, sms=132)
-CONFIG = dict(BLOCK_S=_CONFIGS[0].kwargs["BLOCK_S"], **TILES_GPU)  # ops.pkl_kernel's GPU block sizes
+# ops.pkl_kernel's GPU block sizes and D-slice width (student tiles)
+CONFIG = dict(BLOCK_S=_CONFIGS[0].kwargs["BLOCK_S"], **TILES_GPU, SLICE=SLICES_GPU["SLICE"])
 SECTOR = 32  # bytes an L2 request moves for one gathered element
 
 
@@ -42,9 +44,15 @@ def w_stats(proj, block_t: int, block_e: int) -> dict:
 
 def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GPU) -> dict:
     """Per-row model of ``_pkl_kernel`` (dense teacher, frozen W) for a 1-to-1 chunk: A streams z (online LSE),
-    C is one flat loop over the W tiles (per tile: one block of entries gathering p, a segmented scan, the teacher
-    window, the online KL pass, h_u and the tile maximum stored), D streams z again and writes dz (ELL gather of h).
-    "Vocab tiles" are the tiles a row must stream anyway: ⌈V_S/BLOCK_S⌉ + ⌈V_T/BLOCK_T⌉."""
+    C is one flat loop over the W tiles (per tile: one block of entries gathering p from the z row, a segmented scan,
+    the teacher window, the online KL pass, h_u and the tile maximum stored), D streams z again and writes dz (ELL
+    gather of h) in G slices that any program may compute. "Vocab tiles" are the tiles a row must stream anyway:
+    ⌈V_S/BLOCK_S⌉ + ⌈V_T/BLOCK_T⌉.
+
+    L2 working set: W's structure, and per program the z row (gathered in C: live from A, half loaded on average,
+    through C) and the scratch row h (live from C, half written on average, until its last D slice is done), each
+    weighted by the share of a program's time (∝ its HBM bytes: A z, C t, D z + dz) it is live. With helping, the G
+    slices of a chunk run on G programs at once (D/G); without (each owner computes its own slices), D."""
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
     st = w_stats(proj, cfg["BLOCK_T"], cfg["BLOCK_E"])
     floor = elem * (2 * V_S + V_T)
@@ -56,13 +64,22 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
           + V_S * 48 + st["nnz"] * SECTOR  # D: ELL [V_S, 4] int32 + fp32 + tile ids, h gathers (tile maxima: L1)
           + scratch)
     tiles_s, tiles_t = math.ceil(V_S / cfg["BLOCK_S"]), math.ceil(V_T / cfg["BLOCK_T"])
+    slices = math.ceil(tiles_s / cfg["SLICE"])
     loops = {"A (student LSE)": tiles_s, f"C (W tiles, {st['entry_only']} entry-only)": st["tiles"],
              "D (gradient)": tiles_s}
     nprog = min(rows, gpu["sms"])  # one resident program per SM (ops.pkl_kernel._num_programs)
-    return dict(kernel="P-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + scratch, l2=l2, loops=loops,
-                vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],
-                footprint=nprog * 4 * (V_T + st["tiles"]) + st["nnz"] * 12 + V_S * 52 + V_T * 5 + 8 * st["tiles"],
-                stats=st)
+    t_a, t_c, t_d = elem * V_S, elem * V_T, 2 * elem * V_S
+    z_live = elem * V_S * (t_a / 2 + t_c) / (t_a + t_c + t_d)
+    h_row = 4 * (V_T + st["tiles"])
+
+    def h_live(d_share):
+        return h_row * (t_c / 2 + d_share) / (t_a + t_c + t_d)
+
+    w_bytes = st["nnz"] * 12 + V_S * 52 + V_T * 5 + 8 * st["tiles"]
+    return dict(kernel="P-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + scratch + SECTOR * st["nnz"], l2=l2,
+                loops=loops, vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],
+                footprint=nprog * (z_live + h_live(t_d / slices)) + w_bytes,
+                footprint_alone=nprog * (z_live + h_live(t_d)) + w_bytes, slices=slices, stats=st)
 
 
 def hkl_model(proj, rows: int, elem: int = 2, m: int = 8192, block: int = 4096, gpu: dict = GPU) -> dict:
@@ -71,7 +88,8 @@ def hkl_model(proj, rows: int, elem: int = 2, m: int = 8192, block: int = 4096, 
     both sides): student rows read in S1 (LSE, histogram, candidate list) and S3 (gradient, written), the teacher
     row in T1; the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~5 times (key range, ~3 bisection steps,
     gather), |L| ≈ 2 m (m plus the keys within the hint radius; capacity 2 m + 4096), the gradient list G (8 B)
-    written and read, the sort buffers; S3 gathers the teacher at the common columns. The fallback (a miss on both
+    written and read, the sort buffers; S3 gathers the teacher at the common columns (from L2: the teacher row is
+    part of the working set; spilled, each gather is a 32-byte sector from HBM). The fallback (a miss on both
     sides: S2 / T2 re-read the rows, |L| ≈ m, 4 list passes) is returned as hbm_l2_fallback / hbm_spill_fallback
     and printed on its own line."""
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
@@ -88,10 +106,13 @@ def hkl_model(proj, rows: int, elem: int = 2, m: int = 8192, block: int = 4096, 
     stages = int(0.5 * math.log2(w) * (math.log2(w) + 1))
     loops = {"S1/S3 (student passes)": tiles_s, "T1 (teacher pass)": tiles_t,
              "window (5 list passes + bitonic stages)": 5 * math.ceil(l_len / block) + stages}
-    return dict(kernel="H-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + lists, l2=l2, loops=loops,
+    gathers = SECTOR * (n_common + 2 * m)  # spilled: S3's teacher gathers, the fix-up's student gathers and stores
+    return dict(kernel="H-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + lists + gathers, l2=l2, loops=loops,
                 vocab_tiles=tiles_s + tiles_t, old_loop=None, hbm_l2_fallback=stream_fb,
-                hbm_spill_fallback=stream_fb + lists_fb,
-                footprint=min(rows, gpu["sms"]) * (12 * 2 * m + 8 * m + 12 * w + (32 << 10)),  # 1 program per SM
+                hbm_spill_fallback=stream_fb + lists_fb + gathers,
+                # 1 program per SM: its lists, buffers and histograms, and the teacher row S3 gathers from (streamed
+                # in T1, live through the window and S3)
+                footprint=min(rows, gpu["sms"]) * (12 * 2 * m + 8 * m + 12 * w + (32 << 10) + elem * V_T),
                 stats=dict(nnz=n_common, max_col=0))
 
 
@@ -102,7 +123,7 @@ def _fmt_bytes(b: float) -> str:
 def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) -> None:
     print(f"Cost model (no GPU needed), {rows:,} rows, bf16 logits, per 1-to-1 chunk; {gpu['name']}: "
           f"{gpu['hbm'] / 1e12:.2f} TB/s HBM, {gpu['l2'] >> 20} MiB L2; config {CONFIG}")
-    head = ("kernel", "W", "floor/row", "HBM/row (scratch in L2)", "x floor", "HBM/row (scratch spilled)", "x floor",
+    head = ("kernel", "W", "floor/row", "HBM/row (working set in L2)", "x floor", "HBM/row (spilled)", "x floor",
             "L2<->SM/row", "longest loop", "vocab tiles", "old loop")
     print(" | ".join(head))
     for wname, m in models:
@@ -119,7 +140,11 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
             print(f"    a miss of the single-pass compaction on both sides (S2 / T2 re-read the rows): "
                   f"{_fmt_bytes(m['hbm_l2_fallback'])} ({m['hbm_l2_fallback'] / m['floor']:.2f}x), spilled "
                   f"{_fmt_bytes(m['hbm_spill_fallback'])} ({m['hbm_spill_fallback'] / m['floor']:.2f}x)")
-        print(f"    {what}; scratch + W footprint "
+        if "footprint_alone" in m:
+            alone = "fits" if m["footprint_alone"] <= gpu["l2"] else "does NOT fit"
+            what += (f"; {m['slices']} D slices per chunk (without helping, each owner computing its own: "
+                     f"{_fmt_bytes(m['footprint_alone'])}, {alone})")
+        print(f"    {what}; working set "
               f"{_fmt_bytes(m['footprint'])} {fits} in L2; floor time at {rows:,} rows "
               f"{rows * m['floor'] / gpu['hbm'] * 1e3:.2f} ms, model {rows * m['hbm_l2'] / gpu['hbm'] * 1e3:.2f}"
               f"–{rows * m['hbm_spill'] / gpu['hbm'] * 1e3:.2f} ms")

@@ -27,7 +27,7 @@ from xtoken_ext.ops import pkl_kernel as P
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32", "wtile_ptr": "*i32",
        "erow_ptr": "*i32", "ecol_ptr": "*i32", "tiles_ptr": "*i32", "colend_ptr": "*i32", "mask_ptr": "*i8",
-       "spans_ptr": "*i64", "tcnt_ptr": "*i32"}
+       "spans_ptr": "*i64", "tcnt_ptr": "*i32", "sync_ptr": "*i32"}
 SCALARS_F32 = {"inv_tau", "tau", "eps"}
 NO_HINT = {"k0", "k1", "NNZ", "n_tiles", "n_tiles_max", "K", "N", "N_s"}
 
@@ -63,7 +63,7 @@ out = []
 for cfg in P._CONFIGS:
     for sparse, grad_w, mean in itertools.product((False, True), (False, True), (True, False)):
         consts = dict(MEAN=mean, CHAIN=not mean, SPARSE=sparse, GRAD_W=grad_w, HAS_SCALE=grad_w, SLOTS=4,
-                      ALIGN=P.ALIGN, **P.TILES_GPU, **cfg.kwargs)
+                      ALIGN=P.ALIGN, **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)
         r = compile_one(P._pkl_kernel, consts, cfg.num_warps, sparse)
         out.append(dict(kernel="pkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, grad_w=grad_w, **r))
 r = compile_one(P._pkl_grad_w_kernel, dict(MEAN=True, BLOCK=1024, SLOTS=4), 8, False)

@@ -27,10 +27,18 @@ math, int64 row offsets, every per-row pass a fixed-length loop over tiles:
   C3 (sparse teacher or learnable W) h rescaled in the scratch row (tile maxima -> the final m).
   D  gradient rows, in the logits' dtype: g_s = Σ_slot w_eff (M − h[col]) (one ELL gather of the scratch row, the
      dense case folding exp(m_tile − m) F in through the slots' tile ids), dz_r = τ/(n_s Z) p_r (g − d_r),
-     d_r = ⟨p_r, g⟩; for one student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h).
+     d_r = ⟨p_r, g⟩; for one student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h). The owner computes d_r, stores
+     (M, m, F, coef, valid) and publishes the chunk (a release); its dz rows are then G slices of SLICE student tiles
+     that ANY program may take (an acquire on the chunk's sync word, read past L1) and compute. Every program, before
+     its next chunk (whose C overwrites its scratch rows), takes open slices oldest first, its previous chunk's
+     included, then waits for that chunk's slices in flight (a take never waits, so neither does anything it waits
+     for). So a chunk's scratch row lives for about C/2 + D/G of a program's time instead of C/2 + D: what lets the
+     working set of 132 programs (z rows gathered in C, h rows read in D, W) fit in L2 (bench/costmodel.py). Results
+     are bitwise the same whoever computes a slice.
 Bytes per single-row chunk from HBM: z twice (A, D), t once (C), dz once; the entry lists, ELL, a, mask and the
-scratch row are shared or per-program and L2-resident (``bench/costmodel.py`` prints the model, with C's trip count
-for a given W: the number of W tiles, ≈ max(⌈V_T/BLOCK_T⌉, ⌈nnz/BLOCK_E⌉) + the entry-only tiles).
+scratch row are shared or per-program and L2-resident (the z row too, for C's gathers; streams read or written once
+carry evict_first hints) (``bench/costmodel.py`` prints the model, with C's trip count for a given W: the number of W
+tiles, ≈ max(⌈V_T/BLOCK_T⌉, ⌈nnz/BLOCK_E⌉) + the entry-only tiles).
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ from . import _tl
 from ._common import SLOTS, covered_rows, interpret
 
 NEG = _tl.NEG
+PUB = tl.constexpr(1 << 16)  # a published chunk's sync word: (owner + 1)·PUB, + 1 per slice taken
 _GRAD_W_BYTES = 256 << 20  # per-block h rows kept for the W gradient kernel
 
 
@@ -129,15 +138,17 @@ def _pkl_kernel(
     a_ptr, widx_ptr, weff_ptr, wtile_ptr, erow_ptr, ecol_ptr, eval_ptr, tiles_ptr, n_tiles, colend_ptr, NNZ, mask_ptr,
     spans_ptr, tchain_ptr, scale_ptr,
     loss_ptr, dz_ptr, stride_dz,
-    lse_s_ptr, dr_ptr, lse_t_ptr, qu_ptr, h_ptr, tm_ptr, n_tiles_max, tacc_ptr, tcnt_ptr, stat_ptr,
+    lse_s_ptr, dr_ptr, lse_t_ptr, qu_ptr, h_ptr, tm_ptr, n_tiles_max, tacc_ptr, tcnt_ptr, stat_ptr, sync_ptr, rs_ptr,
     k0, k1, V_S, V_T, C, inv_tau, tau, eps,
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr, GRAD_W: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    ALIGN: tl.constexpr, SLOTS: tl.constexpr, STAGES: tl.constexpr,
+    ALIGN: tl.constexpr, SLOTS: tl.constexpr, STAGES: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr,
 ):
     FOLD: tl.constexpr = not (SPARSE or GRAD_W)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    n_k = k1 - k0
+    G = tl.cdiv(tl.cdiv(V_S, BLOCK_S), SLICE)  # D slices per chunk
     row = pid.to(tl.int64) * V_T
     qu_row = qu_ptr + row
     tm_row = tm_ptr + pid.to(tl.int64) * n_tiles_max
@@ -147,190 +158,269 @@ def _pkl_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     lane_e = tl.arange(0, BLOCK_E)
     slot = tl.arange(0, SLOTS)
-    for k in range(k0 + pid, k1, nprog):
-        # GRAD_W: h rows of the block's chunks stay for the W-gradient kernel; else a per-program scratch row
-        # (dense: the Qu row, which the dense pass does not use).
-        h_row = h_ptr + ((k - k0).to(tl.int64) * V_T if GRAD_W else row)
-        c_t = _tl.chain_offset(tchain_ptr, spans_ptr + 4 * k + 2, CHAIN, BLOCK_T)
-        s_lo, s_hi, t_lo, t_hi = _tl.chunk_rows(spans_ptr, k, MEAN)
-        n_s = (s_hi - s_lo).to(tl.float32)
-        n_t = t_hi - t_lo
-        bad = ((c_t != c_t) | (c_t == float("inf"))).to(tl.int32)  # a NaN / +inf chain scalar is bad input
-        if SPARSE:
-            two_pass = n_t > 0
-        else:
-            two_pass = n_t > 1
-
-        # A: student rows.
-        z_sum = tl.zeros((), tl.float32)
-        for r in range(s_lo, s_hi):
-            lse_r, z_r, bad_r = _row_stats(z_ptr + r * stride_z, a_ptr, V_S, inv_tau, BLOCK_S, STAGES)
-            tl.store(lse_s_ptr + r, lse_r)
-            z_sum += z_r
-            bad += bad_r
-        Z = z_sum / n_s
-        inv_qz = 1.0 / (n_s * tl.where(Z > 0, Z, 1.0))  # q = Σ_r (Wᵀp_r) / (n_s Z)
-
-        # B: teacher row LSEs (sparse, or several rows), their sum, and for sparse the later rows' columns.
-        lse_sum = tl.zeros((), tl.float32)
-        if two_pass:
-            for r in range(t_lo, t_hi):
-                lse_r, bad_r = _teacher_row_lse(t_ptr + r * stride_t, tc_ptr + r * stride_tc, mask_ptr, C, inv_tau,
-                                                SPARSE, BLOCK_T)
-                tl.store(lse_t_ptr + r, lse_r)
-                lse_sum += lse_r
-                bad += bad_r
-            if SPARSE:
-                _tl.scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row,
-                                       t_lo, t_hi, C, inv_tau, BLOCK_T)
-        tl.debug_barrier()  # lse_s / lse_t were stored by single lanes and are read by every lane below
-
-        if SPARSE:  # C1 over all entries: the teacher's columns are anywhere in V_T
-            for e0 in range(0, NNZ, BLOCK_E):
-                _entry_block(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e0,
-                             tl.minimum(e0 + BLOCK_E, NNZ), qu_row, s_lo, s_hi, inv_tau, MEAN, BLOCK_E)
-                tl.debug_barrier()
-            n_c2 = tl.cdiv(C, BLOCK_T)
-        else:
-            n_c2 = n_tiles
-
-        # C: one online pass over the teacher. Dense: a flat loop over the W tiles (≤ BLOCK_E entries: C1 for
-        # the tile's columns by one scan and a gather; its ≤ BLOCK_T columns: C2), pipelined: it only reads
-        # read-only inputs and writes h_u / tile maxima. Sparse: C2 over the k columns (Qu from the scratch row).
-        m = tl.full((), NEG, tl.float32)
-        l = tl.zeros((), tl.float32)
-        s1 = tl.zeros((), tl.float32)
-        mu = tl.zeros((), tl.float32)
-        m_zero = tl.full((), NEG, tl.float32)  # largest x̄ among allowed columns with q + eps = 0
-        carry = tl.zeros((), tl.float32)  # dense: Σ w p̄' of the entry-only tiles so far of the next tile's column
-        for t in tl.range(0, n_c2, num_stages=1 if SPARSE else STAGES):
-            if SPARSE:
-                o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, t * BLOCK_T, C, SPARSE, BLOCK_T)
-                x = tl.load(t_ptr + t_lo * stride_t + o, mask=o < C, other=0.0).to(tl.float32)
-                bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
-                xb = x * inv_tau - tl.load(lse_t_ptr + t_lo)
-                if n_t > 1:
-                    xb += tl.load(tacc_row + v, mask=ok, other=0.0)
-                    ok = ok & (tl.load(tcnt_row + v, mask=ok, other=0) == n_t - 1)
-            else:
-                c_lo = tl.load(tiles_ptr + 2 * t)
-                e_lo = tl.load(tiles_ptr + 2 * t + 1)
-                c_hi = tl.load(tiles_ptr + 2 * t + 2)
-                _, _, seg = _entry_scan(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo,
-                                        tl.load(tiles_ptr + 2 * t + 3), s_lo, s_hi, inv_tau, MEAN, BLOCK_E)
-                # the teacher window: BLOCK_T columns from c_lo rounded down to ALIGN (the builder keeps the tile
-                # inside it); loads under the window mask (constant over ALIGN lanes: vector loads), the tile's
-                # columns selected with `inside`
-                o = tl.multiple_of(c_lo - c_lo % ALIGN, ALIGN) + offs_t
-                win = (o < tl.multiple_of((c_hi + ALIGN - 1) // ALIGN * ALIGN, ALIGN)) & (o < C)
-                inside = (o >= c_lo) & (o < c_hi)
-                v = o
-                mk = tl.load(mask_ptr + o, mask=win, other=0)
-                ok = inside & (mk != 0)
-                if MEAN:
-                    xb = tl.zeros((BLOCK_T,), tl.float32)
-                    for r in range(t_lo, t_hi):
-                        x = tl.load(t_ptr + r * stride_t + o, mask=win, other=0.0).to(tl.float32)
-                        bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
-                        xb += x
-                else:
-                    xb = tl.load(t_ptr + t_lo * stride_t + o, mask=win, other=0.0).to(tl.float32)
-                    bad += tl.sum((inside & ((xb != xb) | (xb == float("inf")))).to(tl.int32))
-                xb = xb * inv_tau
-                # Qu of column c: the scan at its last entry in the block (colend[c] − e_lo − 1; columns without
-                # an entry have mk 2 and take 0), the first column plus the carry of its entry-only tiles
-                end = tl.load(colend_ptr + o, mask=win, other=0) - e_lo - 1
-                qu = tl.gather(seg, tl.minimum(tl.maximum(end, 0), BLOCK_E - 1), 0) + tl.where(o == c_lo, carry, 0.0)
-                carry = tl.where(c_hi == c_lo, carry + tl.sum(tl.where(lane_e == BLOCK_E - 1, seg, 0.0)), 0.0)
-            xb = xb / n_t.to(tl.float32)
-            live = ok & (xb > float("-inf"))
-            if SPARSE:
-                mk = tl.load(mask_ptr + v, mask=inside, other=0)
-                qu = tl.load(qu_row + v, mask=live & (mk == 1), other=0.0)
-            q = tl.where(live & (mk == 1), qu, 0.0) * inv_qz  # mk 2: allowed, no W entry
-            qe = q + eps
-            pos = live & (qe > 0)
-            m_zero = tl.maximum(m_zero, tl.max(tl.where(live & (qe <= 0), xb, NEG)))
-            m_new = tl.maximum(m, tl.max(tl.where(live, xb, NEG)))
-            alpha = tl.exp(m - m_new)
-            ex = tl.where(live, tl.exp(xb - m_new), 0.0)
-            s1 = alpha * (s1 + (m - m_new) * l) + tl.sum(tl.where(pos, ex * (xb - m_new - tl.log(qe)), 0.0))
-            l = alpha * l + tl.sum(ex)
-            mu = alpha * mu + tl.sum(tl.where(pos, ex * q / qe, 0.0))
-            m = m_new
-            tl.store(h_row + v, tl.where(pos, ex / qe, 0.0), mask=ok if SPARSE else inside)
-            tl.store(tm_row + t, m_new)  # entry-only tiles store m (no column refers to them)
-
-        # log-normalizer: m + c = −log l (one dense row) or m − mean_r LSE_r (after B), plus the chain scalar
-        if SPARSE:  # x̄ is already normalized per row
-            mc = m + c_t
-        elif two_pass:
-            mc = m - lse_sum / n_t.to(tl.float32) + c_t
-        else:
-            mc = c_t - tl.log(l)
-        # P = 0 everywhere: a teacher row without allowed mass (LSE −inf), or a −inf chain scalar
-        l = tl.where((lse_sum > float("-inf")) & (c_t > float("-inf")), l, 0.0)
-        F = tl.exp(mc)
-        M = F * mu
-        # degenerate: Z = 0, or a column with P > 0 (in fp32) and Q + eps = 0 (an infinite KL)
-        inf_kl = tl.exp(m_zero - m) * F > 0
-        valid = (bad == 0) & (l > 0) & (Z > 0) & ~inf_kl
-        loss = tl.where(bad > 0, float("nan"), tl.where(l > 0, float("inf"), 0.0))
-        tl.store(loss_ptr + k, tl.where(valid, tau * tau * F * (s1 + mc * l), loss))
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr + k)
-        else:
-            scale = 1.0
-        coef = tl.where(valid, tau * scale / (n_s * tl.where(Z > 0, Z, 1.0)), 0.0)
-        if GRAD_W:
-            tl.store(stat_ptr + 2 * (k - k0), tau * coef * n_s)  # ∂L/∂W_sv = (τ² c/Z) p̄_s (M − h_v)
-            tl.store(stat_ptr + 2 * (k - k0) + 1, M)
-        tl.debug_barrier()
-
-        # C3: h = h_u exp(m_tile − m) F in place (dense without a W gradient: folded into D's gather instead).
-        if valid & (SPARSE or GRAD_W):
-            for t in range(0, n_c2):
-                f = tl.exp(tl.load(tm_row + t) - m) * F
-                if SPARSE:
-                    _, v, _, wm = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, t * BLOCK_T, C, SPARSE, BLOCK_T)
-                else:
-                    v = tl.load(tiles_ptr + 2 * t) + offs_t
-                    wm = v < tl.load(tiles_ptr + 2 * t + 2)
-                tl.store(h_row + v, tl.load(h_row + v, mask=wm, other=0.0) * f, mask=wm)
-        tl.debug_barrier()
-
-        # D: gradient rows (zero for an invalid chunk).
-        if valid & (s_hi - s_lo > 1):
-            for r in range(s_lo, s_hi):
-                lse_r = tl.load(lse_s_ptr + r)
-                d = tl.zeros((), tl.float32)
-                for v0 in range(0, V_S, BLOCK_S):
-                    o = v0 + offs_s
-                    om = o < V_S
-                    g = _ell_g(widx_ptr, weff_ptr, wtile_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS, FOLD)
-                    d += tl.sum(_tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, lse_r) * g)
-                tl.store(dr_ptr + r, d)
-        else:
-            tl.store(dr_ptr + s_lo, 0.0)
-        tl.debug_barrier()
-        for v0 in tl.range(0, V_S, BLOCK_S, num_stages=STAGES):
-            o = v0 + offs_s
-            om = o < V_S
-            g = _ell_g(widx_ptr, weff_ptr, wtile_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS, FOLD)
-            for r in range(s_lo, s_hi):
-                p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r))
-                dz = tl.where(valid, coef * p * (g - tl.load(dr_ptr + r)), 0.0)  # 0, never NaN, when invalid
-                tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om)
-        tl.debug_barrier()
-        if SPARSE:  # leave the scratch rows all-zero for the next chunk
-            if not GRAD_W:
+    for k in range(k0 + pid, k1 + nprog, nprog):  # one more round: the last chunk's guard
+        # guard: this program's scratch rows (h, tile maxima) are free once its previous chunk's D slices are done.
+        # Help with open slices (oldest first, this chunk's included) until none is open in the window and all of
+        # this chunk's are taken, then wait for those in flight (they wait for nothing); sparse: zero h at its
+        # columns.
+        if k - nprog >= k0:
+            c_p = k - nprog - k0
+            busy = True
+            while busy:
+                hd = tl.load(sync_ptr, volatile=True)
+                i = hd + tl.arange(0, WIN)
+                w = tl.load(sync_ptr + 1 + i, mask=i < n_k, other=0, volatile=True)
+                gone = (w >= PUB) & (w % PUB >= G)
+                tl.atomic_max(sync_ptr, tl.min(tl.where(gone, hd + WIN, i)), sem="relaxed", scope="gpu")
+                open_ = (w >= PUB) & ~gone
+                own_open = tl.load(sync_ptr + 1 + c_p, volatile=True) % PUB < G
+                busy = own_open | (tl.max(open_.to(tl.int32)) > 0)
+                oldest = tl.min(tl.where(open_, i, n_k))
+                if busy:
+                    _take_slice(tl.where(own_open, tl.minimum(oldest, c_p), oldest), sync_ptr, rs_ptr, n_k, G, z_ptr,
+                                stride_z, widx_ptr, weff_ptr, wtile_ptr, spans_ptr, lse_s_ptr, dr_ptr, h_ptr, tm_ptr,
+                                n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN, GRAD_W, FOLD, BLOCK_S,
+                                SLOTS, STAGES, SLICE)
+            n_done = 0
+            while n_done < G:
+                n_done = tl.atomic_add(sync_ptr + 1 + n_k + c_p, 0, sem="acquire", scope="gpu")
+            if SPARSE and not GRAD_W:
+                _, _, tp_lo, _ = _tl.chunk_rows(spans_ptr, k - nprog, MEAN)
                 for c0 in range(0, C, BLOCK_T):
                     o = c0 + offs_t
-                    v = tl.load(tc_ptr + t_lo * stride_tc + o, mask=o < C, other=-1)
-                    tl.store(h_row + v, tl.zeros((BLOCK_T,), tl.float32), mask=v >= 0)
-            if n_t > 1:
-                _tl.clear_later_rows(tc_ptr, stride_tc, tacc_row, tcnt_row, t_lo, t_hi, C, BLOCK_T)
+                    v = tl.load(tc_ptr + tp_lo * stride_tc + o, mask=o < C, other=-1)
+                    tl.store(h_ptr + row + v, tl.zeros((BLOCK_T,), tl.float32), mask=v >= 0)
             tl.debug_barrier()
+        if k < k1:
+            # GRAD_W: h rows of the block's chunks stay for the W-gradient kernel; else a per-program scratch row
+            # (dense: the Qu row, which the dense pass does not use).
+            h_row = h_ptr + ((k - k0).to(tl.int64) * V_T if GRAD_W else row)
+            c_t = _tl.chain_offset(tchain_ptr, spans_ptr + 4 * k + 2, CHAIN, BLOCK_T)
+            s_lo, s_hi, t_lo, t_hi = _tl.chunk_rows(spans_ptr, k, MEAN)
+            n_s = (s_hi - s_lo).to(tl.float32)
+            n_t = t_hi - t_lo
+            bad = ((c_t != c_t) | (c_t == float("inf"))).to(tl.int32)  # a NaN / +inf chain scalar is bad input
+            if SPARSE:
+                two_pass = n_t > 0
+            else:
+                two_pass = n_t > 1
+
+            # A: student rows.
+            z_sum = tl.zeros((), tl.float32)
+            for r in range(s_lo, s_hi):
+                lse_r, z_r, bad_r = _row_stats(z_ptr + r * stride_z, a_ptr, V_S, inv_tau, BLOCK_S, STAGES)
+                tl.store(lse_s_ptr + r, lse_r)
+                z_sum += z_r
+                bad += bad_r
+            Z = z_sum / n_s
+            inv_qz = 1.0 / (n_s * tl.where(Z > 0, Z, 1.0))  # q = Σ_r (Wᵀp_r) / (n_s Z)
+
+            # B: teacher row LSEs (sparse, or several rows), their sum, and for sparse the later rows' columns.
+            lse_sum = tl.zeros((), tl.float32)
+            if two_pass:
+                for r in range(t_lo, t_hi):
+                    lse_r, bad_r = _teacher_row_lse(t_ptr + r * stride_t, tc_ptr + r * stride_tc, mask_ptr, C, inv_tau,
+                                                    SPARSE, BLOCK_T)
+                    tl.store(lse_t_ptr + r, lse_r)
+                    lse_sum += lse_r
+                    bad += bad_r
+                if SPARSE:
+                    _tl.scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row,
+                                           t_lo, t_hi, C, inv_tau, BLOCK_T)
+            tl.debug_barrier()  # lse_s / lse_t were stored by single lanes and are read by every lane below
+
+            if SPARSE:  # C1 over all entries: the teacher's columns are anywhere in V_T
+                for e0 in range(0, NNZ, BLOCK_E):
+                    _entry_block(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e0,
+                                 tl.minimum(e0 + BLOCK_E, NNZ), qu_row, s_lo, s_hi, inv_tau, MEAN, BLOCK_E)
+                    tl.debug_barrier()
+                n_c2 = tl.cdiv(C, BLOCK_T)
+            else:
+                n_c2 = n_tiles
+
+            # C: one online pass over the teacher. Dense: a flat loop over the W tiles (≤ BLOCK_E entries: C1 for
+            # the tile's columns by one scan and a gather; its ≤ BLOCK_T columns: C2), pipelined: it only reads
+            # read-only inputs and writes h_u / tile maxima. Sparse: C2 over the k columns (Qu from the scratch row).
+            m = tl.full((), NEG, tl.float32)
+            l = tl.zeros((), tl.float32)
+            s1 = tl.zeros((), tl.float32)
+            mu = tl.zeros((), tl.float32)
+            m_zero = tl.full((), NEG, tl.float32)  # largest x̄ among allowed columns with q + eps = 0
+            carry = tl.zeros((), tl.float32)  # dense: Σ w p̄' of the entry-only tiles so far of the next tile's column
+            for t in tl.range(0, n_c2, num_stages=1 if SPARSE else STAGES):
+                if SPARSE:
+                    o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, t * BLOCK_T, C, SPARSE,
+                                                    BLOCK_T)
+                    x = tl.load(t_ptr + t_lo * stride_t + o, mask=o < C, other=0.0).to(tl.float32)
+                    bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
+                    xb = x * inv_tau - tl.load(lse_t_ptr + t_lo)
+                    if n_t > 1:
+                        xb += tl.load(tacc_row + v, mask=ok, other=0.0)
+                        ok = ok & (tl.load(tcnt_row + v, mask=ok, other=0) == n_t - 1)
+                else:
+                    c_lo = tl.load(tiles_ptr + 2 * t)
+                    e_lo = tl.load(tiles_ptr + 2 * t + 1)
+                    c_hi = tl.load(tiles_ptr + 2 * t + 2)
+                    _, _, seg = _entry_scan(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo,
+                                            tl.load(tiles_ptr + 2 * t + 3), s_lo, s_hi, inv_tau, MEAN, BLOCK_E)
+                    # the teacher window: BLOCK_T columns from c_lo rounded down to ALIGN (the builder keeps the tile
+                    # inside it); loads under the window mask (constant over ALIGN lanes: vector loads), the tile's
+                    # columns selected with `inside`
+                    o = tl.multiple_of(c_lo - c_lo % ALIGN, ALIGN) + offs_t
+                    win = (o < tl.multiple_of((c_hi + ALIGN - 1) // ALIGN * ALIGN, ALIGN)) & (o < C)
+                    inside = (o >= c_lo) & (o < c_hi)
+                    v = o
+                    mk = tl.load(mask_ptr + o, mask=win, other=0)
+                    ok = inside & (mk != 0)
+                    if MEAN:
+                        xb = tl.zeros((BLOCK_T,), tl.float32)
+                        for r in range(t_lo, t_hi):
+                            x = tl.load(t_ptr + r * stride_t + o, mask=win, other=0.0, eviction_policy="evict_first")
+                            x = x.to(tl.float32)
+                            bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
+                            xb += x
+                    else:
+                        xb = tl.load(t_ptr + t_lo * stride_t + o, mask=win, other=0.0, eviction_policy="evict_first")
+                        xb = xb.to(tl.float32)
+                        bad += tl.sum((inside & ((xb != xb) | (xb == float("inf")))).to(tl.int32))
+                    xb = xb * inv_tau
+                    # Qu of column c: the scan at its last entry in the block (colend[c] − e_lo − 1; columns without
+                    # an entry have mk 2 and take 0), the first column plus the carry of its entry-only tiles
+                    end = tl.load(colend_ptr + o, mask=win, other=0) - e_lo - 1
+                    qu = tl.gather(seg, tl.minimum(tl.maximum(end, 0), BLOCK_E - 1), 0)
+                    qu += tl.where(o == c_lo, carry, 0.0)
+                    carry = tl.where(c_hi == c_lo, carry + tl.sum(tl.where(lane_e == BLOCK_E - 1, seg, 0.0)), 0.0)
+                xb = xb / n_t.to(tl.float32)
+                live = ok & (xb > float("-inf"))
+                if SPARSE:
+                    mk = tl.load(mask_ptr + v, mask=inside, other=0)
+                    qu = tl.load(qu_row + v, mask=live & (mk == 1), other=0.0)
+                q = tl.where(live & (mk == 1), qu, 0.0) * inv_qz  # mk 2: allowed, no W entry
+                qe = q + eps
+                pos = live & (qe > 0)
+                m_zero = tl.maximum(m_zero, tl.max(tl.where(live & (qe <= 0), xb, NEG)))
+                m_new = tl.maximum(m, tl.max(tl.where(live, xb, NEG)))
+                alpha = tl.exp(m - m_new)
+                ex = tl.where(live, tl.exp(xb - m_new), 0.0)
+                s1 = alpha * (s1 + (m - m_new) * l) + tl.sum(tl.where(pos, ex * (xb - m_new - tl.log(qe)), 0.0))
+                l = alpha * l + tl.sum(ex)
+                mu = alpha * mu + tl.sum(tl.where(pos, ex * q / qe, 0.0))
+                m = m_new
+                tl.store(h_row + v, tl.where(pos, ex / qe, 0.0), mask=ok if SPARSE else inside)
+                tl.store(tm_row + t, m_new)  # entry-only tiles store m (no column refers to them)
+
+            # log-normalizer: m + c = −log l (one dense row) or m − mean_r LSE_r (after B), plus the chain scalar
+            if SPARSE:  # x̄ is already normalized per row
+                mc = m + c_t
+            elif two_pass:
+                mc = m - lse_sum / n_t.to(tl.float32) + c_t
+            else:
+                mc = c_t - tl.log(l)
+            # P = 0 everywhere: a teacher row without allowed mass (LSE −inf), or a −inf chain scalar
+            l = tl.where((lse_sum > float("-inf")) & (c_t > float("-inf")), l, 0.0)
+            F = tl.exp(mc)
+            M = F * mu
+            # degenerate: Z = 0, or a column with P > 0 (in fp32) and Q + eps = 0 (an infinite KL)
+            inf_kl = tl.exp(m_zero - m) * F > 0
+            valid = (bad == 0) & (l > 0) & (Z > 0) & ~inf_kl
+            loss = tl.where(bad > 0, float("nan"), tl.where(l > 0, float("inf"), 0.0))
+            tl.store(loss_ptr + k, tl.where(valid, tau * tau * F * (s1 + mc * l), loss))
+            if HAS_SCALE:
+                scale = tl.load(scale_ptr + k)
+            else:
+                scale = 1.0
+            coef = tl.where(valid, tau * scale / (n_s * tl.where(Z > 0, Z, 1.0)), 0.0)
+            if GRAD_W:
+                tl.store(stat_ptr + 2 * (k - k0), tau * coef * n_s)  # ∂L/∂W_sv = (τ² c/Z) p̄_s (M − h_v)
+                tl.store(stat_ptr + 2 * (k - k0) + 1, M)
+            tl.debug_barrier()
+
+            # C3: h = h_u exp(m_tile − m) F in place (dense without a W gradient: folded into D's gather instead).
+            if valid & (SPARSE or GRAD_W):
+                for t in range(0, n_c2):
+                    f = tl.exp(tl.load(tm_row + t) - m) * F
+                    if SPARSE:
+                        _, v, _, wm = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, t * BLOCK_T, C, SPARSE, BLOCK_T)
+                    else:
+                        v = tl.load(tiles_ptr + 2 * t) + offs_t
+                        wm = v < tl.load(tiles_ptr + 2 * t + 2)
+                    tl.store(h_row + v, tl.load(h_row + v, mask=wm, other=0.0) * f, mask=wm)
+            tl.debug_barrier()
+
+            # D: ⟨p_r, g⟩ for merged rows (0 for one row), then the chunk is published: its gradient rows are D slices
+            # of SLICE student tiles that any program may compute (_take_slice), so the scratch rows live only until
+            # they are done, not for the whole of D.
+            if valid & (s_hi - s_lo > 1):
+                for r in range(s_lo, s_hi):
+                    lse_r = tl.load(lse_s_ptr + r)
+                    d = tl.zeros((), tl.float32)
+                    for v0 in range(0, V_S, BLOCK_S):
+                        o = v0 + offs_s
+                        om = o < V_S
+                        g = _ell_g(widx_ptr, weff_ptr, wtile_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS, FOLD)
+                        d += tl.sum(_tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, lse_r) * g)
+                    tl.store(dr_ptr + r, d)
+            else:
+                tl.store(dr_ptr + s_lo, 0.0)
+            if SPARSE and n_t > 1:  # the later rows' scratch is C's only
+                _tl.clear_later_rows(tc_ptr, stride_tc, tacc_row, tcnt_row, t_lo, t_hi, C, BLOCK_T)
+            c = k - k0
+            tl.store(rs_ptr + 5 * c, M)
+            tl.store(rs_ptr + 5 * c + 1, m)
+            tl.store(rs_ptr + 5 * c + 2, F)
+            tl.store(rs_ptr + 5 * c + 3, coef)
+            tl.store(rs_ptr + 5 * c + 4, valid.to(tl.float32))
+            tl.debug_barrier()  # every lane's h, d_r and stats stores precede the release
+            tl.atomic_xchg(sync_ptr + 1 + c, (pid + 1) * PUB, sem="release", scope="gpu")
+
+
+@triton.jit
+def _d_slice(c, j, own, rs_ptr, z_ptr, stride_z, widx_ptr, weff_ptr, wtile_ptr, spans_ptr, lse_s_ptr, dr_ptr, h_ptr,
+             tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN: tl.constexpr,
+             GRAD_W: tl.constexpr, FOLD: tl.constexpr, BLOCK_S: tl.constexpr, SLOTS: tl.constexpr,
+             STAGES: tl.constexpr, SLICE: tl.constexpr):
+    """Slice j of chunk k0 + c's gradient rows (student tiles [j SLICE, (j + 1) SLICE)), from what its owner
+    program `own` published: dz_r = τ c/(n_s Z) p_r (g − d_r), zero for an invalid chunk. Everything the owner
+    wrote is read past L1 (.cg): another program may have cached an older chunk's values at the same addresses."""
+    s_lo, s_hi, _, _ = _tl.chunk_rows(spans_ptr, k0 + c, MEAN)
+    M = tl.load(rs_ptr + 5 * c, cache_modifier=".cg")
+    m = tl.load(rs_ptr + 5 * c + 1, cache_modifier=".cg")
+    F = tl.load(rs_ptr + 5 * c + 2, cache_modifier=".cg")
+    coef = tl.load(rs_ptr + 5 * c + 3, cache_modifier=".cg")
+    valid = tl.load(rs_ptr + 5 * c + 4, cache_modifier=".cg") != 0
+    h_row = h_ptr + (c.to(tl.int64) if GRAD_W else own.to(tl.int64)) * V_T
+    tm_row = tm_ptr + own.to(tl.int64) * n_tiles_max
+    offs = tl.arange(0, BLOCK_S)
+    slot = tl.arange(0, SLOTS)
+    for v0 in tl.range(j * SLICE * BLOCK_S, tl.minimum(V_S, (j + 1) * SLICE * BLOCK_S), BLOCK_S, num_stages=STAGES):
+        o = v0 + offs
+        om = o < V_S
+        g = _ell_g(widx_ptr, weff_ptr, wtile_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS, FOLD)
+        for r in range(s_lo, s_hi):
+            z = tl.load(z_ptr + r * stride_z + o, mask=om, other=float("-inf"), eviction_policy="evict_first")
+            p = tl.exp(z.to(tl.float32) * inv_tau - tl.load(lse_s_ptr + r, cache_modifier=".cg"))
+            dz = tl.where(valid, coef * p * (g - tl.load(dr_ptr + r, cache_modifier=".cg")), 0.0)  # never NaN
+            tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om, eviction_policy="evict_first")
+
+
+@triton.jit
+def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, widx_ptr, weff_ptr, wtile_ptr, spans_ptr, lse_s_ptr,
+                dr_ptr, h_ptr, tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN: tl.constexpr,
+                GRAD_W: tl.constexpr, FOLD: tl.constexpr, BLOCK_S: tl.constexpr, SLOTS: tl.constexpr,
+                STAGES: tl.constexpr, SLICE: tl.constexpr):
+    """Take the next open D slice of published chunk k0 + c and compute it -> its index (≥ G: none was open).
+    sync: [0] the help window's head, [1 + c] (owner + 1)·PUB once published + 1 per take, [1 + n_k + c] slices
+    done. The take is an acquire (it reads the owner's release or a later take), the done count a release (after
+    this program's loads of the owner's scratch rows)."""
+    old = tl.atomic_add(sync_ptr + 1 + c, 1, sem="acq_rel", scope="gpu")
+    j = old % PUB
+    if j < G:
+        _d_slice(c, j, old // PUB - 1, rs_ptr, z_ptr, stride_z, widx_ptr, weff_ptr, wtile_ptr, spans_ptr, lse_s_ptr,
+                 dr_ptr, h_ptr, tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN, GRAD_W, FOLD,
+                 BLOCK_S, SLOTS, STAGES, SLICE)
+        tl.debug_barrier()
+        tl.atomic_add(sync_ptr + 1 + n_k + c, 1, sem="release", scope="gpu")
+    return j
 
 
 @triton.jit
@@ -343,9 +433,10 @@ def _ell_g(widx_ptr, weff_ptr, wtile_ptr, h_row, tm_row, o, om, M, m, F, slot, S
     w = tl.load(weff_ptr + at, mask=om[:, None], other=0.0)
     use = w != 0
     ci = tl.where(use, ci, 0)
-    h = tl.load(h_row + ci, mask=use, other=0.0)
+    h = tl.load(h_row + ci, mask=use, other=0.0, cache_modifier=".cg")
     if FOLD:
-        h = h * tl.exp(tl.load(tm_row + tl.load(wtile_ptr + at, mask=use, other=0), mask=use, other=0.0) - m) * F
+        tm = tl.load(tm_row + tl.load(wtile_ptr + at, mask=use, other=0), mask=use, other=0.0, cache_modifier=".cg")
+        h = h * tl.exp(tm - m) * F
     return tl.sum(tl.where(use, w * (M - h), 0.0), axis=1)
 
 
@@ -380,6 +471,12 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # bf16, offline ptxas (tests/test_kernels_compile.py): no variant spills.
 TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
 _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
+# D slices of 16 student tiles (32,768 ids: 4 slices at V_S = 128,256; fewer, longer slices take fewer handshakes but
+# keep h live longer, bench/costmodel.py); the help window covers ≥ 2 chunks per program of a 132-SM grid. The
+# interpreter's 1-tile slices put several slices in every test (all run by their owner: the interpreter runs the
+# programs one after another, so a slice computed by another program is exercised on a GPU only, bench/gpu.py).
+SLICES_GPU = dict(SLICE=16, WIN=256)
+_SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 ALIGN = 8  # dense W tiles start on multiples of 8 columns: 16-byte teacher loads
 _CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=16) for st in (3, 2)]
 _launch = _tl.launcher(_pkl_kernel, dict(BLOCK_S=128, STAGES=1), _CONFIGS,
@@ -499,9 +596,10 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
                 s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
                 a, w_idx, w_eff, w_tile, e_row, e_col, e_val, tiles, n_tiles, col_end, e_row.numel(), mask8, spans,
                 chain, scale, loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc, tcnt, stat,
+                torch.zeros(1 + 2 * (k1 - k0), dtype=torch.int32, device=device), torch.empty(k1 - k0, 5, **f32),
                 k0, k1, V_S, V_T, C, 1.0 / float(temperature), float(temperature), float(eps),
                 MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
-                HAS_SCALE=chunk_scale is not None, ALIGN=ALIGN, SLOTS=SLOTS, **_TILES)
+                HAS_SCALE=chunk_scale is not None, ALIGN=ALIGN, SLOTS=SLOTS, **_TILES, **_SLICES)
         if need_grad_w:
             _grad_w(lambda meta: (triton.cdiv(V_S, meta["BLOCK"]),), s_logits, s_logits.stride(0), spans, w_idx,
                     mask8, lse_s, h, stat, grad_w, k0, k1, V_S, V_T, 1.0 / float(temperature),
