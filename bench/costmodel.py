@@ -18,28 +18,40 @@ import torch
 from xtoken_ext.ops.pkl_kernel import _CONFIGS, SLICES_GPU, TILES_GPU
 
 # Nominal H100 SXM figures: HBM3 bandwidth, L2 size, SMs. The model needs only their ratios to the bytes.
-GPU = dict(name="H100 SXM", hbm=3.35e12, l2=50 << 20, sms=132)
+# l2_bw: an assumed L2 -> SM bandwidth (not measured here; the order of public H100 microbenchmarks), only for the
+# L2-time line.
+GPU = dict(name="H100 SXM", hbm=3.35e12, l2=50 << 20, sms=132, l2_bw=5.5e12)
 # ops.pkl_kernel's GPU block sizes and D-slice width (student tiles)
 CONFIG = dict(BLOCK_S=_CONFIGS[0].kwargs["BLOCK_S"], **TILES_GPU, SLICE=SLICES_GPU["SLICE"])
 SECTOR = 32  # bytes an L2 request moves for one gathered element
 
 
-def w_stats(proj, block_t: int, block_e: int) -> dict:
+def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2) -> dict:
     """nnz, longest column, the P-KL kernel's W tiles (``ops.pkl_kernel.column_tiles``: ≤ block_t columns and
-    ≤ block_e entries each; how many hold no column, i.e. split a column longer than a block), and the first
-    kernel's ragged-loop length (Σ over BLOCK_T=512 tiles of the longest column)."""
+    ≤ block_e entries each; how many hold no column, i.e. split a column longer than a block), the first kernel's
+    ragged-loop length (Σ over BLOCK_T=512 tiles of the longest column), and the distinct 32-byte sectors its
+    gathers touch per tile (a lower bound of their L2 traffic: every repeat within a tile an L1 hit): C's gathers of
+    the z row (elem bytes) per W tile, D's gathers of the fp32 scratch row per block_s student tile."""
     from xtoken_ext.ops.pkl_kernel import column_tiles
 
     idx = proj.indices
     V_T = proj.teacher_vocab_size
-    cols = idx[idx >= 0].long()
+    flat = idx.reshape(-1).long()
+    slot = torch.nonzero(flat >= 0).squeeze(1)
+    cols, order = torch.sort(flat[slot], stable=True)
+    stud = (slot // idx.shape[1])[order]
     col_len = torch.bincount(cols, minlength=V_T)
     col_ptr = torch.cat([col_len.new_zeros(1), torch.cumsum(col_len, 0)])
     tiles = column_tiles(col_ptr, block_t, block_e)
     padded = torch.cat([col_len, col_len.new_zeros(-V_T % 512)])
     old = padded.view(-1, 512).amax(1).sum()
+    tile_of = torch.searchsorted(tiles[1:, 1].contiguous(), torch.arange(cols.numel()), right=True)
+    z_sect, h_sect = SECTOR // elem, SECTOR // 4
+    sect_c = torch.unique(tile_of * (idx.shape[0] // z_sect + 1) + stud // z_sect).numel()
+    sect_d = torch.unique(stud // block_s * (V_T // h_sect + 1) + cols // h_sect).numel()
     return dict(nnz=cols.numel(), max_col=int(col_len.max()), tiles=tiles.shape[0] - 1,
-                entry_only=int((tiles[1:, 0] == tiles[:-1, 0]).sum()), old_loop=int(old))
+                entry_only=int((tiles[1:, 0] == tiles[:-1, 0]).sum()), old_loop=int(old), sect_c=sect_c,
+                sect_d=sect_d)
 
 
 def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GPU) -> dict:
@@ -54,7 +66,7 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     weighted by the share of a program's time (∝ its HBM bytes: A z, C t, D z + dz) it is live. With helping, the G
     slices of a chunk run on G programs at once (D/G); without (each owner computes its own slices), D."""
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
-    st = w_stats(proj, cfg["BLOCK_T"], cfg["BLOCK_E"])
+    st = w_stats(proj, cfg["BLOCK_T"], cfg["BLOCK_E"], cfg["BLOCK_S"], elem)
     floor = elem * (2 * V_S + V_T)
     stream = elem * (3 * V_S + V_T)  # z in A and D, t in C, dz in D
     scratch = 4 * V_T + min(4 * V_T, SECTOR * st["nnz"])  # h_u written in C, gathered in D (≤ the whole row)
@@ -76,8 +88,12 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
         return h_row * (t_c / 2 + d_share) / (t_a + t_c + t_d)
 
     w_bytes = st["nnz"] * 12 + V_S * 52 + V_T * 5 + 8 * st["tiles"]
+    l2_lo = l2 - 2 * SECTOR * st["nnz"] + SECTOR * (st["sect_c"] + st["sect_d"])  # gathers: distinct sectors
+    w_reads = 4 * V_S + st["nnz"] * 12 + V_T * 5 + V_S * 48  # W's structure, re-read for every row
+    parts = {f"W structure (ELL {V_S * 48 / 2**20:.2f} MiB)": w_reads,
+             "p and h gathers": (SECTOR * (st["sect_c"] + st["sect_d"]), 2 * SECTOR * st["nnz"]), "scratch": scratch}
     return dict(kernel="P-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + scratch + SECTOR * st["nnz"], l2=l2,
-                loops=loops, vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],
+                l2_lo=l2_lo, l2_parts=parts, loops=loops, vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],
                 footprint=nprog * (z_live + h_live(t_d / slices)) + w_bytes,
                 footprint_alone=nprog * (z_live + h_live(t_d)) + w_bytes, slices=slices, stats=st)
 
@@ -104,10 +120,13 @@ def hkl_model(proj, rows: int, elem: int = 2, m: int = 8192, block: int = 4096, 
     tiles_s, tiles_t = math.ceil(V_S / block), math.ceil(V_T / block)
     w = min(1 << (m - 1).bit_length(), 8192)
     stages = int(0.5 * math.log2(w) * (math.log2(w) + 1))
+    # the window runs its list passes (key range, ~3 bisection steps, gather) and its sort side after side (one
+    # sorted window live at a time): 2 × 5 passes over ≈ 2 m keys and 2 × the bitonic stages, one dependent chain
     loops = {"S1/S3 (student passes)": tiles_s, "T1 (teacher pass)": tiles_t,
-             "window (5 list passes + bitonic stages)": 5 * math.ceil(l_len / block) + stages}
+             "window (2 x (5 list passes + bitonic stages))": 2 * (5 * math.ceil(l_len / block) + stages)}
     gathers = SECTOR * (n_common + 2 * m)  # spilled: S3's teacher gathers, the fix-up's student gathers and stores
-    return dict(kernel="H-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + lists + gathers, l2=l2, loops=loops,
+    return dict(kernel="H-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + lists + gathers, l2=l2, l2_lo=l2,
+                loops=loops,
                 vocab_tiles=tiles_s + tiles_t, old_loop=None, hbm_l2_fallback=stream_fb,
                 hbm_spill_fallback=stream_fb + lists_fb + gathers,
                 # 1 program per SM: its lists, buffers and histograms, and the teacher row S3 gathers from (streamed
@@ -120,6 +139,10 @@ def _fmt_bytes(b: float) -> str:
     return f"{b / 2**20:.2f} MiB"
 
 
+def _l2_range(m: dict) -> str:
+    return _fmt_bytes(m["l2"]) if m["l2_lo"] == m["l2"] else f"{m['l2_lo'] / 2**20:.2f}–{_fmt_bytes(m['l2'])}"
+
+
 def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) -> None:
     print(f"Cost model (no GPU needed), {rows:,} rows, bf16 logits, per 1-to-1 chunk; {gpu['name']}: "
           f"{gpu['hbm'] / 1e12:.2f} TB/s HBM, {gpu['l2'] >> 20} MiB L2; config {CONFIG}")
@@ -130,7 +153,7 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
         loop_name, loop = max(m["loops"].items(), key=lambda kv: kv[1])
         print(" | ".join((m["kernel"], wname, _fmt_bytes(m["floor"]), _fmt_bytes(m["hbm_l2"]),
                           f"{m['hbm_l2'] / m['floor']:.2f}x", _fmt_bytes(m["hbm_spill"]),
-                          f"{m['hbm_spill'] / m['floor']:.2f}x", _fmt_bytes(m["l2"]), f"{loop} ({loop_name})",
+                          f"{m['hbm_spill'] / m['floor']:.2f}x", _l2_range(m), f"{loop} ({loop_name})",
                           str(m["vocab_tiles"]), str(m["old_loop"] or "-"))))
         st = m["stats"]
         fits = "fits" if m["footprint"] <= gpu["l2"] else "does NOT fit"
@@ -148,6 +171,14 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
               f"{_fmt_bytes(m['footprint'])} {fits} in L2; floor time at {rows:,} rows "
               f"{rows * m['floor'] / gpu['hbm'] * 1e3:.2f} ms, model {rows * m['hbm_l2'] / gpu['hbm'] * 1e3:.2f}"
               f"–{rows * m['hbm_spill'] / gpu['hbm'] * 1e3:.2f} ms")
+        t_floor = rows * m["floor"] / gpu["hbm"]
+        t_lo, t_hi = rows * m["l2_lo"] / gpu["l2_bw"], rows * m["l2"] / gpu["l2_bw"]
+        if "l2_parts" in m:
+            print("    L2<->SM per row: " + ", ".join(
+                f"{k} {v[0] / 2**20:.2f}–{_fmt_bytes(v[1])}" if isinstance(v, tuple) else f"{k} {_fmt_bytes(v)}"
+                for k, v in m["l2_parts"].items()))
+        print(f"    L2<->SM traffic at an assumed {gpu['l2_bw'] / 1e12:.1f} TB/s: "
+              f"{t_lo * 1e3:.2f}–{t_hi * 1e3:.2f} ms ({t_lo / t_floor:.1f}–{t_hi / t_floor:.1f}x the floor time)")
 
 
 def _real_w(quick: bool):
