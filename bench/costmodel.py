@@ -49,9 +49,14 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     z_sect, h_sect = SECTOR // elem, SECTOR // 4
     sect_c = torch.unique(tile_of * (idx.shape[0] // z_sect + 1) + stud // z_sect).numel()
     sect_d = torch.unique(stud // block_s * (V_T // h_sect + 1) + cols // h_sect).numel()
+    # the gradient pass's compact ELL (ops.pkl_kernel._ell_g): nslot (1 B per student) and, per slot k, the 32-byte
+    # sectors (4 students' 8-byte words) where some student has more than k slots (the other loads are masked off)
+    nslot = (idx >= 0).sum(1)
+    nslot = torch.cat([nslot, nslot.new_zeros(-idx.shape[0] % 4)]).view(-1, 4).amax(1)
+    ell = idx.shape[0] + SECTOR * sum(int((nslot > k).sum()) for k in range(idx.shape[1]))
     return dict(nnz=cols.numel(), max_col=int(col_len.max()), tiles=tiles.shape[0] - 1,
                 entry_only=int((tiles[1:, 0] == tiles[:-1, 0]).sum()), old_loop=int(old), sect_c=sect_c,
-                sect_d=sect_d)
+                sect_d=sect_d, ell=ell)
 
 
 def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GPU) -> dict:
@@ -73,7 +78,7 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     l2 = (4 * V_S  # a in A
           + st["nnz"] * (12 + SECTOR) + 8 * (st["tiles"] + 1)  # C: entries, p gathers (z row: L2), tile bounds
           + V_T * (1 + 4) + st["tiles"] * 8 * elem  # C: mask, column ends; teacher window overhang ≤ 7 columns
-          + V_S * 48 + st["nnz"] * SECTOR  # D: ELL [V_S, 4] int32 + fp32 + tile ids, h gathers (tile maxima: L1)
+          + st["ell"] + st["nnz"] * SECTOR  # D: the compact ELL, h gathers (tile maxima: L1)
           + scratch)
     tiles_s, tiles_t = math.ceil(V_S / cfg["BLOCK_S"]), math.ceil(V_T / cfg["BLOCK_T"])
     slices = math.ceil(tiles_s / cfg["SLICE"])
@@ -87,10 +92,10 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     def h_live(d_share):
         return h_row * (t_c / 2 + d_share) / (t_a + t_c + t_d)
 
-    w_bytes = st["nnz"] * 12 + V_S * 52 + V_T * 5 + 8 * st["tiles"]
+    w_bytes = st["nnz"] * 12 + V_S * 4 + st["ell"] + V_T * 5 + 8 * st["tiles"]
     l2_lo = l2 - 2 * SECTOR * st["nnz"] + SECTOR * (st["sect_c"] + st["sect_d"])  # gathers: distinct sectors
-    w_reads = 4 * V_S + st["nnz"] * 12 + V_T * 5 + V_S * 48  # W's structure, re-read for every row
-    parts = {f"W structure (ELL {V_S * 48 / 2**20:.2f} MiB)": w_reads,
+    w_reads = 4 * V_S + st["nnz"] * 12 + V_T * 5 + st["ell"]  # W's structure, re-read for every row
+    parts = {f"W structure (ELL {st['ell'] / 2**20:.2f} MiB)": w_reads,
              "p and h gathers": (SECTOR * (st["sect_c"] + st["sect_d"]), 2 * SECTOR * st["nnz"]), "scratch": scratch}
     return dict(kernel="P-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + scratch + SECTOR * st["nnz"], l2=l2,
                 l2_lo=l2_lo, l2_parts=parts, loops=loops, vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],

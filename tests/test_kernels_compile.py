@@ -25,11 +25,11 @@ from triton.compiler import ASTSource
 from xtoken_ext.ops import pkl_kernel as P
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32", "wtile_ptr": "*i32",
+PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32", "ell_ptr": "*i64", "nslot_ptr": "*i8",
        "erow_ptr": "*i32", "ecol_ptr": "*i32", "tiles_ptr": "*i32", "colend_ptr": "*i32", "mask_ptr": "*i8",
        "spans_ptr": "*i64", "tcnt_ptr": "*i32", "sync_ptr": "*i32"}
 SCALARS_F32 = {"inv_tau", "tau", "eps"}
-NO_HINT = {"k0", "k1", "NNZ", "n_tiles", "n_tiles_max", "K", "N", "N_s"}
+NO_HINT = {"k0", "k1", "NNZ", "n_tiles", "n_tiles_max", "K", "N", "N_s", "colb"}
 
 
 def compile_one(kernel, consts, num_warps, sparse):
@@ -56,7 +56,9 @@ def compile_one(kernel, consts, num_warps, sparse):
                               capture_output=True, text=True, check=True).stderr
     spill = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
-    return dict(smem=c.metadata.shared, regs=regs, spill=spill, v4=len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)))
+    # 16-byte loads: direct (ld.global.v4) or the pipelined loops' asynchronous copies to shared memory
+    v4 = len(re.findall(r"ld\.global(?:\.\w+)*\.v4|cp\.async\.c[ag]\.shared\.global[^;]*, 0x10", ptx))
+    return dict(smem=c.metadata.shared, regs=regs, spill=spill, v4=v4)
 
 
 out = []

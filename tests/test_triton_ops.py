@@ -149,6 +149,22 @@ def test_pkl_hub_longer_than_entry_block(merge, dtype):
     run_pkl(P, DTYPES[dtype], merge, 0.7, False)
 
 
+@pytest.mark.parametrize("learn_w", [False, True], ids=["frozen", "learnable"])
+def test_pkl_slots_in_any_order(learn_w):
+    """The gradient pass reads a compact ELL (used slots first, masked per slot): W rows with empty slots before
+    used ones and slots outside A (a mask that drops some covered columns) give the oracle's loss, gradient and
+    (learnable W) ∂L/∂W in the caller's slot order."""
+    P = make_problem(seed=11, V_S=300, V_T=211, n_chunks=6, max_rows=2, sparse_k=0, mask_mode="covered",
+                     empty_rows=0.05, hub=False)
+    g = torch.Generator().manual_seed(5)
+    perm = torch.stack([torch.randperm(4, generator=g) for _ in range(P.w_idx.shape[0])])
+    P.w_idx, P.w_val = P.w_idx.gather(1, perm), P.w_val.gather(1, perm)
+    used = P.w_idx >= 0
+    assert bool((~used[:, :-1] & used[:, 1:]).any())  # some row has an empty slot before a used one
+    P.col_mask[P.w_idx[used][::5].long()] = False  # slots outside A: weight 0 in the kernel's ELL
+    run_pkl(P, DTYPES["fp32"], "mean", 0.7, learn_w)
+
+
 def test_pkl_grad_w_deterministic_matches_atomic():
     P = make_problem(3, 61, 97, 5, 3, 0, "covered", 0.1, True)
     dev = device()

@@ -2,13 +2,14 @@
 learnable W, its gradient in a second kernel). Imported lazily by ``ops.pkl`` (its ``triton`` backend); math and
 notation in ``ops.pkl``'s docstring. Bad-input and degenerate chunks follow the op contract (``ops._common``).
 
-Structure derived once per W, device and tile geometry (cached): the ≤ 4 ELL slots of every student row (int32 ids
-and fp32 weights with the slots outside A zeroed, ``w_eff``, read as one [BLOCK, 4] tile), the same nonzeros sorted
-by teacher column as flat (student, column, weight) int32/int32/fp32 entry lists with each column's end, and the W
-tiles (``column_tiles``): runs of whole columns holding ≤ BLOCK_E entries inside a BLOCK_T-column window that starts
-on an ALIGN boundary; a column with more entries than a block first gets entry-only tiles of BLOCK_E of its entries
-(no columns). Each ELL slot also keeps the id of its column's tile. Persistent programs, one chunk at a time, fp32
-math, int64 row offsets, every per-row pass a fixed-length loop over tiles:
+Structure derived once per W, device and tile geometry (cached): W's nonzeros sorted by teacher column as flat
+(student, column, weight) int32/int32/fp32 entry lists with each column's end, the W tiles (``column_tiles``): runs
+of whole columns holding ≤ BLOCK_E entries inside a BLOCK_T-column window that starts on an ALIGN boundary (a column
+with more entries than a block first gets entry-only tiles of BLOCK_E of its entries, no columns), and the gradient
+pass's compact ELL: per student its used slots first (nslot int8) and per slot one slot-major int64 word (the
+weight, with the slots outside A zeroed, ``w_eff``; the column; its tile) — 9 B per student plus the few multi-slot
+ids, against 48 B for [V_S, 4] ids, weights and tiles (every row of the batch reads it from L2). Persistent
+programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass a fixed-length loop over tiles:
   A  student rows: online LSE, Z_r = Σ_s p_r[s] a_s (a = row sums of w_eff), bad-input count   [reads z]
   B  (sparse teacher, or several teacher rows) per-row teacher LSE over A, bad-input count       [reads t]
   C  dense teacher: ONE flat loop over the W tiles, no loop nested per tile (for one-row chunks; merged rows add a
@@ -135,7 +136,8 @@ def _teacher_row_lse(t_row, tc_row, mask_ptr, C, inv_tau, SPARSE: tl.constexpr, 
 @triton.jit
 def _pkl_kernel(
     z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc,
-    a_ptr, widx_ptr, weff_ptr, wtile_ptr, erow_ptr, ecol_ptr, eval_ptr, tiles_ptr, n_tiles, colend_ptr, NNZ, mask_ptr,
+    a_ptr, ell_ptr, nslot_ptr, colb, erow_ptr, ecol_ptr, eval_ptr, tiles_ptr, n_tiles, colend_ptr, NNZ,
+    mask_ptr,
     spans_ptr, tchain_ptr, scale_ptr,
     loss_ptr, dz_ptr, stride_dz,
     lse_s_ptr, dr_ptr, lse_t_ptr, qu_ptr, h_ptr, tm_ptr, n_tiles_max, tacc_ptr, tcnt_ptr, stat_ptr, sync_ptr, rs_ptr,
@@ -157,7 +159,6 @@ def _pkl_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_t = tl.arange(0, BLOCK_T)
     lane_e = tl.arange(0, BLOCK_E)
-    slot = tl.arange(0, SLOTS)
     for k in range(k0 + pid, k1 + nprog, nprog):  # one more round: the last chunk's guard
         # guard: this program's scratch rows (h, tile maxima) are free once its previous chunk's D slices are done.
         # Help with open slices (oldest first, this chunk's included) until none is open in the window and all of
@@ -178,9 +179,9 @@ def _pkl_kernel(
                 oldest = tl.min(tl.where(open_, i, n_k))
                 if busy:
                     _take_slice(tl.where(own_open, tl.minimum(oldest, c_p), oldest), sync_ptr, rs_ptr, n_k, G, z_ptr,
-                                stride_z, widx_ptr, weff_ptr, wtile_ptr, spans_ptr, lse_s_ptr, dr_ptr, h_ptr, tm_ptr,
-                                n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN, GRAD_W, FOLD, BLOCK_S,
-                                SLOTS, STAGES, SLICE)
+                                stride_z, ell_ptr, nslot_ptr, colb, spans_ptr, lse_s_ptr, dr_ptr, h_ptr,
+                                tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN, GRAD_W, FOLD,
+                                BLOCK_S, SLOTS, STAGES, SLICE)
             n_done = 0
             while n_done < G:
                 n_done = tl.atomic_add(sync_ptr + 1 + n_k + c_p, 0, sem="acquire", scope="gpu")
@@ -357,7 +358,7 @@ def _pkl_kernel(
                     for v0 in range(0, V_S, BLOCK_S):
                         o = v0 + offs_s
                         om = o < V_S
-                        g = _ell_g(widx_ptr, weff_ptr, wtile_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS, FOLD)
+                        g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, m, F, V_S, SLOTS, FOLD)
                         d += tl.sum(_tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, lse_r) * g)
                     tl.store(dr_ptr + r, d)
             else:
@@ -375,8 +376,8 @@ def _pkl_kernel(
 
 
 @triton.jit
-def _d_slice(c, j, own, rs_ptr, z_ptr, stride_z, widx_ptr, weff_ptr, wtile_ptr, spans_ptr, lse_s_ptr, dr_ptr, h_ptr,
-             tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN: tl.constexpr,
+def _d_slice(c, j, own, rs_ptr, z_ptr, stride_z, ell_ptr, nslot_ptr, colb, spans_ptr, lse_s_ptr, dr_ptr,
+             h_ptr, tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN: tl.constexpr,
              GRAD_W: tl.constexpr, FOLD: tl.constexpr, BLOCK_S: tl.constexpr, SLOTS: tl.constexpr,
              STAGES: tl.constexpr, SLICE: tl.constexpr):
     """Slice j of chunk k0 + c's gradient rows (student tiles [j SLICE, (j + 1) SLICE)), from what its owner
@@ -391,11 +392,10 @@ def _d_slice(c, j, own, rs_ptr, z_ptr, stride_z, widx_ptr, weff_ptr, wtile_ptr, 
     h_row = h_ptr + (c.to(tl.int64) if GRAD_W else own.to(tl.int64)) * V_T
     tm_row = tm_ptr + own.to(tl.int64) * n_tiles_max
     offs = tl.arange(0, BLOCK_S)
-    slot = tl.arange(0, SLOTS)
     for v0 in tl.range(j * SLICE * BLOCK_S, tl.minimum(V_S, (j + 1) * SLICE * BLOCK_S), BLOCK_S, num_stages=STAGES):
         o = v0 + offs
         om = o < V_S
-        g = _ell_g(widx_ptr, weff_ptr, wtile_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS, FOLD)
+        g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, m, F, V_S, SLOTS, FOLD)
         for r in range(s_lo, s_hi):
             z = tl.load(z_ptr + r * stride_z + o, mask=om, other=float("-inf"), eviction_policy="evict_first")
             p = tl.exp(z.to(tl.float32) * inv_tau - tl.load(lse_s_ptr + r, cache_modifier=".cg"))
@@ -404,7 +404,7 @@ def _d_slice(c, j, own, rs_ptr, z_ptr, stride_z, widx_ptr, weff_ptr, wtile_ptr, 
 
 
 @triton.jit
-def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, widx_ptr, weff_ptr, wtile_ptr, spans_ptr, lse_s_ptr,
+def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr, colb, spans_ptr, lse_s_ptr,
                 dr_ptr, h_ptr, tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN: tl.constexpr,
                 GRAD_W: tl.constexpr, FOLD: tl.constexpr, BLOCK_S: tl.constexpr, SLOTS: tl.constexpr,
                 STAGES: tl.constexpr, SLICE: tl.constexpr):
@@ -415,29 +415,36 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, widx_ptr, weff_ptr
     old = tl.atomic_add(sync_ptr + 1 + c, 1, sem="acq_rel", scope="gpu")
     j = old % PUB
     if j < G:
-        _d_slice(c, j, old // PUB - 1, rs_ptr, z_ptr, stride_z, widx_ptr, weff_ptr, wtile_ptr, spans_ptr, lse_s_ptr,
-                 dr_ptr, h_ptr, tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN, GRAD_W, FOLD,
-                 BLOCK_S, SLOTS, STAGES, SLICE)
+        _d_slice(c, j, old // PUB - 1, rs_ptr, z_ptr, stride_z, ell_ptr, nslot_ptr, colb, spans_ptr,
+                 lse_s_ptr, dr_ptr, h_ptr, tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN, GRAD_W,
+                 FOLD, BLOCK_S, SLOTS, STAGES, SLICE)
         tl.debug_barrier()
         tl.atomic_add(sync_ptr + 1 + n_k + c, 1, sem="release", scope="gpu")
     return j
 
 
 @triton.jit
-def _ell_g(widx_ptr, weff_ptr, wtile_ptr, h_row, tm_row, o, om, M, m, F, slot, SLOTS: tl.constexpr,
+def _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, m, F, V_S, SLOTS: tl.constexpr,
            FOLD: tl.constexpr):
-    """g_s = Σ_slot w_eff[s, slot] (M − h[col]) for the student ids o ([BLOCK, SLOTS] loads; w_eff = 0 off A);
-    FOLD: h = h_u[col] exp(m_tile − m) F from the unscaled row and the maxima of the slots' tiles (wtile)."""
-    at = o[:, None] * SLOTS + slot[None, :]
-    ci = tl.load(widx_ptr + at, mask=om[:, None], other=-1)
-    w = tl.load(weff_ptr + at, mask=om[:, None], other=0.0)
-    use = w != 0
-    ci = tl.where(use, ci, 0)
-    h = tl.load(h_row + ci, mask=use, other=0.0, cache_modifier=".cg")
-    if FOLD:
-        tm = tl.load(tm_row + tl.load(wtile_ptr + at, mask=use, other=0), mask=use, other=0.0, cache_modifier=".cg")
-        h = h * tl.exp(tm - m) * F
-    return tl.sum(tl.where(use, w * (M - h), 0.0), axis=1)
+    """g_s = Σ_slot w_eff[slot, s] (M − h[col]) for the student ids o, from the compact slot-major ELL: nslot[s]
+    used slots first, one int64 per slot = w_eff's fp32 bits (0 off A) << 32 | col | tile << colb. A slot's load is
+    masked off for the students without it, so a 32-byte sector of slot k ≥ 1 is read only where one of its 4
+    students has k + 1 slots (86 % of Llama-3's ids have one). FOLD: h = h_u[col] exp(m_tile − m) F from the
+    unscaled row and its tiles' maxima."""
+    ns = tl.load(nslot_ptr + o, mask=om, other=0)
+    g = tl.zeros(o.shape, tl.float32)
+    for k in tl.static_range(SLOTS):
+        use = om & (ns > k)
+        e = tl.load(ell_ptr + k * V_S + o, mask=use, other=0)  # int64: w_eff's fp32 bits << 32 | key
+        key = e.to(tl.int32)
+        w = (e >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        use = use & (w != 0)
+        h = tl.load(h_row + (key & ((1 << colb) - 1)), mask=use, other=0.0, cache_modifier=".cg")
+        if FOLD:
+            tm = tl.load(tm_row + (key >> colb), mask=use, other=0.0, cache_modifier=".cg")
+            h = h * tl.exp(tm - m) * F
+        g += tl.where(use, w * (M - h), 0.0)
+    return g
 
 
 @triton.jit
@@ -509,9 +516,11 @@ def column_tiles(col_ptr: torch.Tensor, block_t: int, block_e: int, align: int =
 
 def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     """W's nonzero slots sorted by teacher column: (student int32 [nnz], column int32 [nnz], flat slot int64 [nnz],
-    has_entry bool [V_T], the ``column_tiles`` int32 [n_tiles + 1, 2], the end of each column's entries int32 [V_T],
-    the tile of every slot's column int32 [V_S, SLOTS] (0 for an empty slot)). Cached per w_idx tensor and geometry
-    (one host sync when built)."""
+    has_entry bool [V_T], the ``column_tiles`` int32 [n_tiles + 1, 2], the end of each column's entries int32 [V_T]),
+    then the compact ELL of the gradient pass: every row's used slots first (order int64 [V_S, SLOTS], the slot
+    permutation), nslot int8 [V_S], key int32 [SLOTS, V_S] slot-major = column | its tile << colb, and colb (the
+    weights, which depend on the call's column mask, are packed beside the keys by pkl_rows). Cached
+    per w_idx tensor and geometry (one host sync when built)."""
     key = id(w_idx)
     hit = _STRUCT_CACHE.get(key)
     if hit is not None and hit[0]() is w_idx and hit[1] == (w_idx._version, V_T, block_t, block_e):
@@ -527,9 +536,17 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     tiles = column_tiles(col_ptr.cpu(), block_t, block_e).to(w_idx.device)
     # the tile holding column c: the last one starting at or before c (entry-only tiles share their start)
     col_tile = torch.searchsorted(tiles[:-1, 0].contiguous(), torch.arange(V_T, device=w_idx.device), right=True) - 1
-    w_tile = torch.where(w_idx >= 0, col_tile[w_idx.long().clamp(min=0)], 0).to(torch.int32)
+    colb = max(1, (V_T - 1).bit_length())
+    if tiles.shape[0] - 1 >= 1 << (31 - colb):
+        raise ValueError(f"the triton P-KL kernel packs a teacher column and its W tile in 31 bits: {V_T} columns and "
+                         f"{tiles.shape[0] - 1} tiles do not fit; use backend='torch'")
+    slot_order = torch.argsort((w_idx < 0).to(torch.int8), dim=1, stable=True)
+    idx = w_idx.long().gather(1, slot_order)
+    used = idx >= 0
+    ell_key = torch.where(used, idx | (col_tile[idx.clamp(min=0)] << colb), 0).to(torch.int32).t().contiguous()
     out = ((slot_ids // SLOTS).to(torch.int32), cols.to(torch.int32), slot_ids, has_entry,
-           tiles.to(torch.int32).contiguous(), col_ptr[1:].to(torch.int32), w_tile.contiguous())
+           tiles.to(torch.int32).contiguous(), col_ptr[1:].to(torch.int32), slot_order, used.sum(1).to(torch.int8),
+           ell_key, colb)
     if len(_STRUCT_CACHE) >= 16:
         _STRUCT_CACHE.clear()
     _STRUCT_CACHE[key] = (weakref.ref(w_idx), (w_idx._version, V_T, block_t, block_e), out)
@@ -562,13 +579,15 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
         return loss, grad, grad_w
 
     w_idx = w_idx.to(torch.int32).contiguous()
-    e_row, e_col, e_slot, has_entry, tiles, col_end, w_tile = _w_structure(w_idx, V_T, _TILES["BLOCK_T"],
-                                                                           _TILES["BLOCK_E"])
+    e_row, e_col, e_slot, has_entry, tiles, col_end, slot_order, nslot, ell_key, colb = _w_structure(
+        w_idx, V_T, _TILES["BLOCK_T"], _TILES["BLOCK_E"])
     n_tiles = tiles.shape[0] - 1
     in_a = (w_idx >= 0) & col_mask[w_idx.long().clamp(min=0)]
     w_eff = torch.where(in_a, w_val.detach().to(torch.float32), 0.0).contiguous()
     a = w_eff.sum(1)
     e_val = w_eff.reshape(-1)[e_slot]
+    # the gradient pass's ELL: one 8-byte word per slot, slot-major (as ell_key): w_eff's fp32 bits << 32 | key
+    ell = (w_eff.gather(1, slot_order).t().contiguous().view(torch.int32).long() << 32) | ell_key.long()
     mask8 = torch.where(col_mask, torch.where(has_entry, 1, 2), 0).to(torch.int8)
     nprog = _num_programs(K, device)
     qu = torch.zeros(nprog, V_T, **f32)
@@ -594,9 +613,9 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
             h, stat = (torch.zeros(nprog, V_T, **f32) if sparse else qu), loss
         _launch((nprog,),
                 s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
-                a, w_idx, w_eff, w_tile, e_row, e_col, e_val, tiles, n_tiles, col_end, e_row.numel(), mask8, spans,
-                chain, scale, loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc, tcnt, stat,
-                torch.zeros(1 + 2 * (k1 - k0), dtype=torch.int32, device=device), torch.empty(k1 - k0, 5, **f32),
+                a, ell, nslot, colb, e_row, e_col, e_val, tiles, n_tiles, col_end, e_row.numel(), mask8,
+                spans, chain, scale, loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc, tcnt,
+                stat, torch.zeros(1 + 2 * (k1 - k0), dtype=torch.int32, device=device), torch.empty(k1 - k0, 5, **f32),
                 k0, k1, V_S, V_T, C, 1.0 / float(temperature), float(temperature), float(eps),
                 MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
                 HAS_SCALE=chunk_scale is not None, ALIGN=ALIGN, SLOTS=SLOTS, **_TILES, **_SLICES)
