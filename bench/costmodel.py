@@ -11,7 +11,9 @@ read, and one 32-byte sector per gather of the z row). L2<->SM bytes count one 3
 """
 from __future__ import annotations
 
+import heapq
 import math
+import random
 
 import torch
 
@@ -59,6 +61,51 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
                 sect_d=sect_d, ell=ell)
 
 
+def simulate_live_rows(n_prog: int, n_chunks: int, t_a: float, t_c: float, t_d: float, slices: int,
+                       help_others: bool = True, jitter: float = 0.1, seed: int = 0) -> tuple[float, float]:
+    """Discrete-event run of ops.pkl_kernel's chunk protocol: program p owns chunks p, p + P, ...; per chunk it runs
+    A and C and publishes the chunk, then, before its next chunk, takes open D slices of published chunks oldest
+    first (help_others=False: only its own) until none is open, and waits for its previous chunk's slices still in
+    flight. Phase times t_a, t_c and t_d / slices per slice, each scaled by a uniform ±jitter (seeded). -> the
+    time-averaged number of z rows (half during A, whole through C) and of scratch rows h (half during C, whole from
+    its publication to the end of its last slice) live at once."""
+    rng = random.Random(seed)
+
+    def dur(t):
+        return t * (1 + rng.uniform(-jitter, jitter))
+
+    own = [list(range(p, n_chunks, n_prog)) for p in range(n_prog)]
+    nxt = [0] * n_prog  # each program's next own chunk
+    taken, done_at = [0] * n_chunks, [0.0] * n_chunks
+    a_at, c_at, pub_at = [0.0] * n_chunks, [0.0] * n_chunks, [0.0] * n_chunks
+    published = []  # in publication order
+    events = [(0.0, p, False) for p in range(n_prog)]  # (time, program, it just published)
+    while events:
+        t, p, publishing = heapq.heappop(events)
+        prev = own[p][nxt[p] - 1] if nxt[p] else None
+        if publishing:
+            published.append(prev)
+        if prev is not None:  # the guard: one open slice, or wait for prev's slices and go on
+            open_ = [k for k in published if taken[k] < slices and (help_others or k == prev)]
+            if open_:
+                end = t + dur(t_d / slices)
+                taken[open_[0]] += 1
+                done_at[open_[0]] = max(done_at[open_[0]], end)
+                heapq.heappush(events, (end, p, False))
+                continue
+            t = max(t, done_at[prev])
+        if nxt[p] < len(own[p]):
+            k = own[p][nxt[p]]
+            nxt[p] += 1
+            a_at[k], c_at[k] = t, t + dur(t_a)
+            pub_at[k] = c_at[k] + dur(t_c)
+            heapq.heappush(events, (pub_at[k], p, True))
+    total = max(done_at)
+    z = sum((c_at[k] - a_at[k]) / 2 + pub_at[k] - c_at[k] for k in range(n_chunks)) / total
+    h = sum((pub_at[k] - c_at[k]) / 2 + done_at[k] - pub_at[k] for k in range(n_chunks)) / total
+    return z, h
+
+
 def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GPU) -> dict:
     """Per-row model of ``_pkl_kernel`` (dense teacher, frozen W) for a 1-to-1 chunk: A streams z (online LSE),
     C is one flat loop over the W tiles (per tile: one block of entries gathering p from the z row, a segmented scan,
@@ -66,10 +113,9 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     gather of h) in G slices that any program may compute. "Vocab tiles" are the tiles a row must stream anyway:
     ⌈V_S/BLOCK_S⌉ + ⌈V_T/BLOCK_T⌉.
 
-    L2 working set: W's structure, and per program the z row (gathered in C: live from A, half loaded on average,
-    through C) and the scratch row h (live from C, half written on average, until its last D slice is done), each
-    weighted by the share of a program's time (∝ its HBM bytes: A z, C t, D z + dz) it is live. With helping, the G
-    slices of a chunk run on G programs at once (D/G); without (each owner computes its own slices), D."""
+    L2 working set: W's structure, and the z rows (gathered in C) and scratch rows h live at once, time-averaged
+    over a simulated run of the kernel's protocol (simulate_live_rows; phase times ∝ their HBM bytes: A z, C t,
+    D z + dz), with helping and, for comparison, with each owner computing its own D slices."""
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
     st = w_stats(proj, cfg["BLOCK_T"], cfg["BLOCK_E"], cfg["BLOCK_S"], elem)
     floor = elem * (2 * V_S + V_T)
@@ -85,13 +131,10 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     loops = {"A (student LSE)": tiles_s, f"C (W tiles, {st['entry_only']} entry-only)": st["tiles"],
              "D (gradient)": tiles_s}
     nprog = min(rows, gpu["sms"])  # one resident program per SM (ops.pkl_kernel._num_programs)
-    t_a, t_c, t_d = elem * V_S, elem * V_T, 2 * elem * V_S
-    z_live = elem * V_S * (t_a / 2 + t_c) / (t_a + t_c + t_d)
-    h_row = 4 * (V_T + st["tiles"])
-
-    def h_live(d_share):
-        return h_row * (t_c / 2 + d_share) / (t_a + t_c + t_d)
-
+    t_a, t_c, t_d = elem * V_S, elem * V_T, 2 * elem * V_S  # phase times ∝ their HBM bytes
+    z_rows, h_rows = simulate_live_rows(nprog, rows, t_a, t_c, t_d, slices)
+    _, h_alone = simulate_live_rows(nprog, rows, t_a, t_c, t_d, slices, help_others=False)
+    z_row, h_row = elem * V_S, 4 * (V_T + st["tiles"])
     w_bytes = st["nnz"] * 12 + V_S * 4 + st["ell"] + V_T * 5 + 8 * st["tiles"]
     l2_lo = l2 - 2 * SECTOR * st["nnz"] + SECTOR * (st["sect_c"] + st["sect_d"])  # gathers: distinct sectors
     w_reads = 4 * V_S + st["nnz"] * 12 + V_T * 5 + st["ell"]  # W's structure, re-read for every row
@@ -99,8 +142,8 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
              "p and h gathers": (SECTOR * (st["sect_c"] + st["sect_d"]), 2 * SECTOR * st["nnz"]), "scratch": scratch}
     return dict(kernel="P-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + scratch + SECTOR * st["nnz"], l2=l2,
                 l2_lo=l2_lo, l2_parts=parts, loops=loops, vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],
-                footprint=nprog * (z_live + h_live(t_d / slices)) + w_bytes,
-                footprint_alone=nprog * (z_live + h_live(t_d)) + w_bytes, slices=slices, stats=st)
+                footprint=z_rows * z_row + h_rows * h_row + w_bytes,
+                footprint_alone=z_rows * z_row + h_alone * h_row + w_bytes, slices=slices, stats=st)
 
 
 def hkl_model(proj, rows: int, elem: int = 2, m: int = 8192, block: int = 4096, gpu: dict = GPU) -> dict:

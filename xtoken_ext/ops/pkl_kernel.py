@@ -33,9 +33,9 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      that ANY program may take (an acquire on the chunk's sync word, read past L1) and compute. Every program, before
      its next chunk (whose C overwrites its scratch rows), takes open slices oldest first, its previous chunk's
      included, then waits for that chunk's slices in flight (a take never waits, so neither does anything it waits
-     for). So a chunk's scratch row lives for about C/2 + D/G of a program's time instead of C/2 + D: what lets the
-     working set of 132 programs (z rows gathered in C, h rows read in D, W) fit in L2 (bench/costmodel.py). Results
-     are bitwise the same whoever computes a slice.
+     for). So a chunk's scratch row lives shorter than C/2 + D (a simulation of this protocol with 132 programs:
+     58 rows live on average instead of 80, bench/costmodel.py), which brings the working set (z rows gathered in C,
+     h rows read in D, W) to about L2's size. Results are bitwise the same whoever computes a slice.
 Bytes per single-row chunk from HBM: z twice (A, D), t once (C), dz once; the entry lists, ELL, a, mask and the
 scratch row are shared or per-program and L2-resident (the z row too, for C's gathers; streams read or written once
 carry evict_first hints) (``bench/costmodel.py`` prints the model, with C's trip count for a given W: the number of W
@@ -161,9 +161,9 @@ def _pkl_kernel(
     lane_e = tl.arange(0, BLOCK_E)
     for k in range(k0 + pid, k1 + nprog, nprog):  # one more round: the last chunk's guard
         # guard: this program's scratch rows (h, tile maxima) are free once its previous chunk's D slices are done.
-        # Help with open slices (oldest first, this chunk's included) until none is open in the window and all of
-        # this chunk's are taken, then wait for those in flight (they wait for nothing); sparse: zero h at its
-        # columns.
+        # Take open slices of published chunks, oldest first (the previous chunk's included), until none is open in
+        # the window and all of the previous chunk's are taken, then wait for those in flight (they wait for
+        # nothing); sparse: zero h at its columns.
         if k - nprog >= k0:
             c_p = k - nprog - k0
             busy = True
