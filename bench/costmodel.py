@@ -3,11 +3,12 @@ logit row (a 1-to-1 chunk, the common case), the bytes each kernel moves from HB
 the SMs, and the longest dependent loop, beside the HBM floor (read the student and teacher rows, write the
 gradient row once). Nothing here is timed; the GPU numbers come from ``xtoken bench --suite gpu`` on a GPU.
 
-HBM bytes are counted twice: with the working set in L2 (W-derived arrays shared by all programs; per program the
-rows it reuses: P-KL's z row gathered in C and fp32 scratch row h, H-KL's lists; its size, all programs together, is
-printed beside L2's) and with every access to it going to HBM (the bound when it does not fit; P-KL: h written and
-read, and one 32-byte sector per gather of the z row). L2<->SM bytes count one 32-byte sector per gathered element
-(an upper bound: gathers that hit L1 cost less).
+HBM bytes are counted twice: with the working set in L2 (W-derived arrays shared by all programs, and the rows
+reused while they are live: P-KL's z rows gathered in C and scratch rows h, counted by a simulation of its chunk
+protocol; H-KL's lists and the teacher row S3 gathers from; the total is printed beside L2's size) and with every
+access to it going to HBM (the bound when it does not fit: scratch written and read, one 32-byte sector per gather).
+L2<->SM bytes count one 32-byte sector per gathered element (the upper figure) or the distinct sectors per tile (the
+lower one, P-KL), and are timed at an assumed L2 bandwidth.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     ell = idx.shape[0] + SECTOR * sum(int((nslot > k).sum()) for k in range(idx.shape[1]))
     return dict(nnz=cols.numel(), max_col=int(col_len.max()), tiles=tiles.shape[0] - 1,
                 entry_only=int((tiles[1:, 0] == tiles[:-1, 0]).sum()), old_loop=int(old), sect_c=sect_c,
-                sect_d=sect_d, ell=ell)
+                sect_d=sect_d, ell=ell, cols=int((col_len > 0).sum()))
 
 
 def simulate_live_rows(n_prog: int, n_chunks: int, t_a: float, t_c: float, t_d: float, slices: int,
@@ -120,10 +121,11 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     st = w_stats(proj, cfg["BLOCK_T"], cfg["BLOCK_E"], cfg["BLOCK_S"], elem)
     floor = elem * (2 * V_S + V_T)
     stream = elem * (3 * V_S + V_T)  # z in A and D, t in C, dz in D
-    scratch = 4 * V_T + min(4 * V_T, SECTOR * st["nnz"])  # h_u written in C, gathered in D (≤ the whole row)
+    # h_u written in C at the ranks of the columns with W entries, gathered in D (≤ the whole row)
+    scratch = 4 * st["cols"] + min(4 * st["cols"], SECTOR * st["nnz"])
     l2 = (4 * V_S  # a in A
           + st["nnz"] * (12 + SECTOR) + 8 * (st["tiles"] + 1)  # C: entries, p gathers (z row: L2), tile bounds
-          + V_T * (1 + 4) + st["tiles"] * 8 * elem  # C: mask, column ends; teacher window overhang ≤ 7 columns
+          + V_T * (1 + 4 + 4) + st["tiles"] * 8 * elem  # C: mask, column ends, ranks; window overhang ≤ 7 columns
           + st["ell"] + st["nnz"] * SECTOR  # D: the compact ELL, h gathers (tile maxima: L1)
           + scratch)
     tiles_s, tiles_t = math.ceil(V_S / cfg["BLOCK_S"]), math.ceil(V_T / cfg["BLOCK_T"])
@@ -134,10 +136,10 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     t_a, t_c, t_d = elem * V_S, elem * V_T, 2 * elem * V_S  # phase times ∝ their HBM bytes
     z_rows, h_rows = simulate_live_rows(nprog, rows, t_a, t_c, t_d, slices)
     _, h_alone = simulate_live_rows(nprog, rows, t_a, t_c, t_d, slices, help_others=False)
-    z_row, h_row = elem * V_S, 4 * (V_T + st["tiles"])
-    w_bytes = st["nnz"] * 12 + V_S * 4 + st["ell"] + V_T * 5 + 8 * st["tiles"]
+    z_row, h_row = elem * V_S, 4 * (st["cols"] + st["tiles"])
+    w_bytes = st["nnz"] * 12 + V_S * 4 + st["ell"] + V_T * 9 + 8 * st["tiles"]
     l2_lo = l2 - 2 * SECTOR * st["nnz"] + SECTOR * (st["sect_c"] + st["sect_d"])  # gathers: distinct sectors
-    w_reads = 4 * V_S + st["nnz"] * 12 + V_T * 5 + st["ell"]  # W's structure, re-read for every row
+    w_reads = 4 * V_S + st["nnz"] * 12 + V_T * 9 + st["ell"]  # W's structure, re-read for every row
     parts = {f"W structure (ELL {st['ell'] / 2**20:.2f} MiB)": w_reads,
              "p and h gathers": (SECTOR * (st["sect_c"] + st["sect_d"]), 2 * SECTOR * st["nnz"]), "scratch": scratch}
     return dict(kernel="P-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + scratch + SECTOR * st["nnz"], l2=l2,

@@ -35,7 +35,9 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      included, then waits for that chunk's slices in flight (a take never waits, so neither does anything it waits
      for). So a chunk's scratch row lives shorter than C/2 + D (a simulation of this protocol with 132 programs:
      58 rows live on average instead of 80, bench/costmodel.py), which brings the working set (z rows gathered in C,
-     h rows read in D, W) to about L2's size. Results are bitwise the same whoever computes a slice.
+     h rows read in D, W) under L2's size for the real Llama-3 × Qwen3 W. Dense teacher, frozen W: h is kept at the
+     ranks of the columns with W entries (the ELL keys hold the rank), 72 % of V_T for that W. Results are bitwise
+     the same whoever computes a slice.
 Bytes per single-row chunk from HBM: z twice (A, D), t once (C), dz once; the entry lists, ELL, a, mask and the
 scratch row are shared or per-program and L2-resident (the z row too, for C's gathers; streams read or written once
 carry evict_first hints) (``bench/costmodel.py`` prints the model, with C's trip count for a given W: the number of W
@@ -136,7 +138,7 @@ def _teacher_row_lse(t_row, tc_row, mask_ptr, C, inv_tau, SPARSE: tl.constexpr, 
 @triton.jit
 def _pkl_kernel(
     z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc,
-    a_ptr, ell_ptr, nslot_ptr, colb, erow_ptr, ecol_ptr, eval_ptr, tiles_ptr, n_tiles, colend_ptr, NNZ,
+    a_ptr, ell_ptr, nslot_ptr, colb, erow_ptr, ecol_ptr, eval_ptr, tiles_ptr, n_tiles, colend_ptr, cidx_ptr, NNZ,
     mask_ptr,
     spans_ptr, tchain_ptr, scale_ptr,
     loss_ptr, dz_ptr, stride_dz,
@@ -307,7 +309,11 @@ def _pkl_kernel(
                 l = alpha * l + tl.sum(ex)
                 mu = alpha * mu + tl.sum(tl.where(pos, ex * q / qe, 0.0))
                 m = m_new
-                tl.store(h_row + v, tl.where(pos, ex / qe, 0.0), mask=ok if SPARSE else inside)
+                if FOLD:  # h_u at the column's rank among W's columns (the ELL's keys): only those are read
+                    rk = tl.load(cidx_ptr + o, mask=win, other=0)
+                    tl.store(h_row + rk, tl.where(pos, ex / qe, 0.0), mask=inside & (mk == 1))
+                else:
+                    tl.store(h_row + v, tl.where(pos, ex / qe, 0.0), mask=ok if SPARSE else inside)
                 tl.store(tm_row + t, m_new)  # entry-only tiles store m (no column refers to them)
 
             # log-normalizer: m + c = −log l (one dense row) or m − mean_r LSE_r (after B), plus the chain scalar
@@ -518,8 +524,10 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     """W's nonzero slots sorted by teacher column: (student int32 [nnz], column int32 [nnz], flat slot int64 [nnz],
     has_entry bool [V_T], the ``column_tiles`` int32 [n_tiles + 1, 2], the end of each column's entries int32 [V_T]),
     then the compact ELL of the gradient pass: every row's used slots first (order int64 [V_S, SLOTS], the slot
-    permutation), nslot int8 [V_S], key int32 [SLOTS, V_S] slot-major = column | its tile << colb, and colb (the
-    weights, which depend on the call's column mask, are packed beside the keys by pkl_rows). Cached
+    permutation), nslot int8 [V_S], keys int32 [SLOTS, V_S] slot-major = column | its tile << colb, and the same with
+    the column's rank among the columns with W entries (where the dense frozen-W pass keeps h) in place of the
+    column, that rank int32 [V_T], and colb (the weights, which depend on the call's column mask, are packed beside
+    the keys by pkl_rows). Cached
     per w_idx tensor and geometry (one host sync when built)."""
     key = id(w_idx)
     hit = _STRUCT_CACHE.get(key)
@@ -543,10 +551,13 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     slot_order = torch.argsort((w_idx < 0).to(torch.int8), dim=1, stable=True)
     idx = w_idx.long().gather(1, slot_order)
     used = idx >= 0
-    ell_key = torch.where(used, idx | (col_tile[idx.clamp(min=0)] << colb), 0).to(torch.int32).t().contiguous()
+    tile_bits = col_tile[idx.clamp(min=0)] << colb
+    rank = torch.cumsum(has_entry, 0) - 1  # a column's rank among the columns with W entries
+    ell_keys = tuple(torch.where(used, c | tile_bits, 0).to(torch.int32).t().contiguous()
+                     for c in (idx, rank[idx.clamp(min=0)]))
     out = ((slot_ids // SLOTS).to(torch.int32), cols.to(torch.int32), slot_ids, has_entry,
            tiles.to(torch.int32).contiguous(), col_ptr[1:].to(torch.int32), slot_order, used.sum(1).to(torch.int8),
-           ell_key, colb)
+           ell_keys, rank.to(torch.int32), colb)
     if len(_STRUCT_CACHE) >= 16:
         _STRUCT_CACHE.clear()
     _STRUCT_CACHE[key] = (weakref.ref(w_idx), (w_idx._version, V_T, block_t, block_e), out)
@@ -579,8 +590,9 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
         return loss, grad, grad_w
 
     w_idx = w_idx.to(torch.int32).contiguous()
-    e_row, e_col, e_slot, has_entry, tiles, col_end, slot_order, nslot, ell_key, colb = _w_structure(
+    e_row, e_col, e_slot, has_entry, tiles, col_end, slot_order, nslot, ell_keys, rank, colb = _w_structure(
         w_idx, V_T, _TILES["BLOCK_T"], _TILES["BLOCK_E"])
+    ell_key = ell_keys[not (sparse or need_grad_w)]  # the dense frozen-W pass keeps h by rank (FOLD in the kernel)
     n_tiles = tiles.shape[0] - 1
     in_a = (w_idx >= 0) & col_mask[w_idx.long().clamp(min=0)]
     w_eff = torch.where(in_a, w_val.detach().to(torch.float32), 0.0).contiguous()
@@ -613,7 +625,7 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
             h, stat = (torch.zeros(nprog, V_T, **f32) if sparse else qu), loss
         _launch((nprog,),
                 s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
-                a, ell, nslot, colb, e_row, e_col, e_val, tiles, n_tiles, col_end, e_row.numel(), mask8,
+                a, ell, nslot, colb, e_row, e_col, e_val, tiles, n_tiles, col_end, rank, e_row.numel(), mask8,
                 spans, chain, scale, loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc, tcnt,
                 stat, torch.zeros(1 + 2 * (k1 - k0), dtype=torch.int32, device=device), torch.empty(k1 - k0, 5, **f32),
                 k0, k1, V_S, V_T, C, 1.0 / float(temperature), float(temperature), float(eps),
