@@ -71,12 +71,21 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   Compute: the two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread (8 warps), ~40 µs of issue time
   per row per SM, about the time the SM's share of HBM bandwidth needs to stream the row (≈ 32 µs at 3.35 TB/s
   over 132 SMs), and not overlapped with it: one program per SM (below).
-Registers (offline sm_90 compile, bf16; spill stores): config 0 (2048 lanes, 3 stages, 8 warps) 255 registers with
-  12-144 B of spills at W = 1024 (every merge, dense and sparse) and 316-336 B at W = 8192 (first / mean, dense);
-  config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.34-0.74 KB / 0.64-0.91 KB. The single-pass compaction about
-  doubled config 0's spills (before: 0-36 B / 168 B). Occupancy versus spills is for autotuning on a GPU to settle.
+Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain × dense / sparse): config 0 (2048
+  lanes, 3 stages, 8 warps) 255 registers with 16-124 B at W = 8192, 4-64 B at W = 1024, 8-28 B at W = 16; config 1
+  (4096 lanes, 2 stages, 16 warps) 128 with 0.36-0.68 KB / 0.29-0.58 KB / 0.20-0.44 KB. What remains: LLVM hoists
+  the per-thread shared-memory addresses of every layout conversion, reduction and scan out of the persistent chunk
+  loop (~40-100 registers held throughout), and at W = 8192 the a-sort holds 32 int64 keys and their partner sums
+  per thread. Kept down by: no masked scatter stores (the compactions and a sparse teacher's G entries send their
+  unselected lanes to a spare slot past the capacity: a masked scatter moved its i1 mask through shared memory to
+  the store's layout, one more set of hoisted addresses); 16-entry-aligned per-program rows (strides rounded up on
+  the host, so Triton's 16-divisibility specialization applies: the window and G accesses vectorize from one base
+  register instead of a 64-bit pointer per element, which held ~40 registers of b-value addresses across the
+  a-sort); the sorted a-window's columns stored before a, d and g are formed. Occupancy versus spills is for
+  autotuning on a GPU to settle.
 Scratch (per program, bounded, independent of K): L_a min(V_S, 2 m_up + _SLACK) × 8 B, L_b min(C, 2 m_up + _SLACK)
-  × 4 B, G (m_up [+ k sparse]) × 8 B, buffers W × 12 B, histograms 512 B, hint state 16 B; a sparse teacher with
+  × 4 B, G (m_up [+ k sparse]) × 8 B, buffers W × 12 B, histograms 512 B, hint state 16 B (each list, buffer and G
+  with a spare slot, rows padded to 16 entries: see Registers); a sparse teacher with
   several rows per chunk adds the [V_T] fp32 + int32 intersection scratch of ops._tl.scatter_later_rows. Programs: 1
   per SM (both configs use the whole register file: 255 × 256 or 128 × 512 threads, so a second program would not
   be resident), fewer if the scratch would pass 1 GiB. Sparse teacher columns must be unique per row.
@@ -257,11 +266,12 @@ def _select(SRC: tl.constexpr, n, src, lo, hi, above, R, ONE: tl.constexpr, SPAR
 
 
 @triton.jit
-def _gather(SRC: tl.constexpr, n, src, th_hi, q_hi, th_lo, q_lo, b_min, b_eq, dst, PACK: tl.constexpr,
+def _gather(SRC: tl.constexpr, n, src, th_hi, q_hi, th_lo, q_lo, b_min, b_eq, dst, cap, PACK: tl.constexpr,
             HAS_LO: tl.constexpr, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
     """Append the source's keys in prefix(th_hi, q_hi) \\ prefix(th_lo, q_lo) (HAS_LO, else the empty set) with
-    level-1 bin ≥ b_min to dst, in source order (PACK: k << 32 | column as int64, else k). prefix(θ, q) = {k > θ} ∪
-    the first q keys equal to θ. -> (count, min and max of the keys written, min and max of those in bin b_eq)."""
+    level-1 bin ≥ b_min to dst, in source order (PACK: k << 32 | column as int64, else k); the other lanes store to
+    the spare slot dst[cap] (module docstring, Registers). prefix(θ, q) = {k > θ} ∪ the first q keys equal to θ.
+    -> (count, min and max of the keys written, min and max of those in bin b_eq)."""
     tl.debug_barrier()  # dst may still be read by other lanes (the previous window's sort)
     cnt = tl.full((), 0, tl.int32)
     e_hi = tl.full((), 0, tl.int32)
@@ -281,11 +291,11 @@ def _gather(SRC: tl.constexpr, n, src, th_hi, q_hi, th_lo, q_lo, b_min, b_eq, ds
             sel = sel & ~((k > th_lo) | ((eq_lo != 0) & (e_lo + tl.cumsum(eq_lo, 0) - eq_lo < q_lo)))
             e_lo += tl.sum(eq_lo)
         si = sel.to(tl.int32)
-        pos = cnt + tl.cumsum(si, 0) - si
+        pos = tl.where(sel, cnt + tl.cumsum(si, 0) - si, cap)
         if PACK:
-            tl.store(dst + pos, (k.to(tl.int64) << 32) | col.to(tl.int64), mask=sel)
+            tl.store(dst + pos, (k.to(tl.int64) << 32) | col.to(tl.int64))
         else:
-            tl.store(dst + pos, k, mask=sel)
+            tl.store(dst + pos, k)
         cnt += tl.sum(si)
         k_min = tl.minimum(k_min, tl.min(tl.where(sel, k, _INT_MAX)))
         k_max = tl.maximum(k_max, tl.max(tl.where(sel, k, _INT_MIN)))
@@ -312,22 +322,24 @@ def _compact(SRC: tl.constexpr, n, src, h1_ptr, m, cap, dst, PACK: tl.constexpr,
             th, c = _select(SRC, n, src, _INT_MIN, _INT_MAX, 0, m, ONE, SPARSE, BLOCK)
             q = m - c
             b_min = 0
-    cnt, k_min, k_max, b_lo, b_hi = _gather(SRC, n, src, th, q, 0, 0, b_min, b1, dst, PACK, False, ONE, SPARSE,
-                                           BLOCK)
+    cnt, k_min, k_max, b_lo, b_hi = _gather(SRC, n, src, th, q, 0, 0, b_min, b1, dst, cap, PACK, False, ONE,
+                                           SPARSE, BLOCK)
     return cnt, k_min, k_max, b_lo, b_hi, c1
 
 
 @triton.jit
 def _append(k, b, valid, col, b_h, cnt, dst, cap, PACK: tl.constexpr):
     """Single-pass compaction, one tile: append its keys with level-1 bin ≥ b_h to dst in row order (PACK: k << 32 |
-    column as int64, else k); stores past ``cap`` are dropped, the count is not. -> the new count."""
+    column as int64, else k); keys past ``cap`` go to the spare slot dst[cap] with the unselected lanes (they are
+    dropped), the count holds them. -> the new count."""
     sel = valid & (b >= b_h)
     si = sel.to(tl.int32)
     pos = cnt + tl.cumsum(si, 0) - si
+    pos = tl.where(sel & (pos < cap), pos, cap)
     if PACK:
-        tl.store(dst + pos, (k.to(tl.int64) << 32) | col.to(tl.int64), mask=sel & (pos < cap))
+        tl.store(dst + pos, (k.to(tl.int64) << 32) | col.to(tl.int64))
     else:
-        tl.store(dst + pos, k, mask=sel & (pos < cap))
+        tl.store(dst + pos, k)
     return cnt + tl.sum(si)
 
 
@@ -474,16 +486,17 @@ def _hkl_kernel(
     spans_ptr, schain_ptr, tchain_ptr, K,
     loss_ptr, gsum_ptr, path_ptr, dz_ptr, stride_dz, lse_s_ptr, lse_t_ptr,
     la_ptr, lb_ptr, wa_ptr, wb_ptr, gc_ptr, gv_ptr, hist_ptr, e_ptr, tacc_ptr, tcnt_ptr,
-    V_S, V_T, C, cap_a, cap_b, m_up, g_len, inv_tau, tau,
+    V_S, V_T, C, cap_a, cap_b, sl_a, sl_b, m_up, g_len, inv_tau, tau,
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    la = la_ptr + pid * cap_a  # per-program scratch (module docstring)
-    lb = lb_ptr + pid * cap_b
-    wa = wa_ptr + pid * W
-    wb = wb_ptr + pid * W
-    gc = gc_ptr + pid * g_len  # G: sorted-L1 entries at [0, m), a sparse teacher's common pairs from m_up on
+    la = la_ptr + pid * sl_a  # per-program scratch (module docstring)
+    lb = lb_ptr + pid * sl_b
+    wa = wa_ptr + pid * (W + 16)
+    wb = wb_ptr + pid * (W + 16)
+    gc = gc_ptr + pid * g_len  # G: sorted-L1 entries at [0, m), a sparse teacher's common pairs from m_up on, spare
+    # slot at g_len − 1
     gv = gv_ptr + pid * g_len
     ha = hist_ptr + pid * 128  # the level-1 histograms (tl.histogram's result layout holds every bin in every
     hb = ha + 64  # thread: they wait here rather than in registers)
@@ -588,9 +601,9 @@ def _hkl_kernel(
                             / n_s.to(tl.float32) + c_s
                         kl += tl.sum(tl.where(com & (P > 0), P * (tv - s_c), 0.0))
                         ci = com.to(tl.int32)
-                        pos = m_up + n_sc + tl.cumsum(ci, 0) - ci
-                        tl.store(gc + pos, sc, mask=com)
-                        tl.store(gv + pos, -tt * P, mask=com)
+                        pos = tl.where(com, m_up + n_sc + tl.cumsum(ci, 0) - ci, g_len - 1)
+                        tl.store(gc + pos, sc)
+                        tl.store(gv + pos, -tt * P)
                         n_sc += tl.sum(ci)
                 tl.store(hb + bins, h)
             gsum = -tt * pc
@@ -629,9 +642,9 @@ def _hkl_kernel(
                             nth_b, c = _select(1, n_b, lb, lo_b, th_b_prev, gt_b, r1, True, SPARSE, BLOCK_L)
                         nq_b = r1 - c
                         gt_b = c
-                    cnt_a, _x0, _x1, _x2, _x3 = _gather(0, n_a, la, nth_a, nq_a, th_a, q_a, 0, -1, wa, True, True,
-                                                        True, SPARSE, BLOCK_L)
-                    cnt_b, _x0, _x1, _x2, _x3 = _gather(1, n_b, lb, nth_b, nq_b, th_b, q_b, 0, -1, wb, False,
+                    cnt_a, _x0, _x1, _x2, _x3 = _gather(0, n_a, la, nth_a, nq_a, th_a, q_a, 0, -1, wa, W, True,
+                                                        True, True, SPARSE, BLOCK_L)
+                    cnt_b, _x0, _x1, _x2, _x3 = _gather(1, n_b, lb, nth_b, nq_b, th_b, q_b, 0, -1, wb, W, False,
                                                         True, True, SPARSE, BLOCK_L)
                     # one sorted window live at a time: b's values wait in G's value slots while a sorts
                     eb = _sort_desc(tl.load(wb + lanes, mask=lanes < cnt_b, other=_INT_MIN), W)
@@ -639,13 +652,14 @@ def _hkl_kernel(
                              mask=lanes < cnt_a)
                     tl.debug_barrier()
                     ea = _sort_desc(tl.load(wa + lanes, mask=lanes < cnt_a, other=_I64_MIN), W)
+                    # the columns first: ea's low words are dead before a, d and g are formed (Registers)
+                    tl.store(gc + r0 + lanes, (ea & 0xFFFFFFFF).to(tl.int32), mask=lanes < cnt_a)
                     av = tl.where(lanes < cnt_a, tl.exp(_unkey((ea >> 32).to(tl.int32)) * al_a + be_a), 0.0)
                     d = av - tl.load(gv + r0 + lanes, mask=lanes < cnt_a, other=0.0)
                     g = tl.where(d > 0, tt * av, tl.where(d < 0, -tt * av, 0.0))
                     l1 += tl.sum(tl.where(lanes < cnt_a, tl.abs(d), 0.0))
                     gsum += tl.sum(tl.where(lanes < cnt_a, g, 0.0))
                     tl.debug_barrier()
-                    tl.store(gc + r0 + lanes, (ea & 0xFFFFFFFF).to(tl.int32), mask=lanes < cnt_a)
                     tl.store(gv + r0 + lanes, g, mask=lanes < cnt_a)
                     th_a, q_a, th_b, q_b = nth_a, nq_a, nth_b, nq_b
                     th_a_prev = nth_a
@@ -747,13 +761,14 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     W = max(16, min(triton.next_power_of_2(max(m_up, 1)), _SORT_CAP))
     cap_a = max(1, min(V_S, 2 * m_up + _SLACK))
     cap_b = max(1, min(C, 2 * m_up + _SLACK))
-    g_len = max(1, m_up + (C if sparse else 0))
-    per_program = 8 * cap_a + 4 * cap_b + 12 * W + 8 * g_len + 528 + (8 * V_T if sparse else 0)
+    # row strides: a spare slot past the capacity, rounded up to 16 entries (aligned rows; module docstring)
+    sl_a, sl_b, g_len = ((n + 16) // 16 * 16 for n in (cap_a, cap_b, m_up + (C if sparse else 0)))
+    per_program = 8 * sl_a + 4 * sl_b + 12 * (W + 16) + 8 * g_len + 528 + (8 * V_T if sparse else 0)
     P = _programs(device, K, per_program)
-    la = torch.empty(P, cap_a, dtype=torch.int64, device=device)
-    lb = torch.empty(P, cap_b, **i32)
-    wa = torch.empty(P, W, dtype=torch.int64, device=device)
-    wb = torch.empty(P, W, **i32)
+    la = torch.empty(P, sl_a, dtype=torch.int64, device=device)
+    lb = torch.empty(P, sl_b, **i32)
+    wa = torch.empty(P, W + 16, dtype=torch.int64, device=device)
+    wb = torch.empty(P, W + 16, **i32)
     gc = torch.empty(P, g_len, **i32)
     gv = torch.empty(P, g_len, **f32)
     hist = torch.empty(P, 128, **i32)
@@ -766,7 +781,8 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     if K:
         _launch((P,), s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0), smap, tmap,
                 tcls, m_dev, spans, s_ch, t_ch, K, loss, gsum, paths, grad, grad.stride(0), lse_s, lse_t, la, lb, wa,
-                wb, gc, gv, hist, e_scale, tacc, tcnt, V_S, V_T, C, cap_a, cap_b, m_up, g_len, 1.0 / tau, tau,
+                wb, gc, gv, hist, e_scale, tacc, tcnt, V_S, V_T, C, cap_a, cap_b, sl_a, sl_b, m_up, g_len, 1.0 / tau,
+                tau,
                 MEAN=merge == "mean", CHAIN=chain, SPARSE=sparse, W=W,
                 **(_interp_blocks(V_S, C, max(cap_a, cap_b)) if interpret() else {}))
     global last_paths
