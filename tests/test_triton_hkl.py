@@ -207,14 +207,19 @@ def test_single_pass_misses_fall_back(no_slack):
     assert paths[5::2].count(3) >= 5
 
 
-def test_single_pass_compaction_multi_tile(no_slack):
-    """Multi-tile rows in bf16 (hub column, relaxed pairs, m = 1000, L's capacity 2000 < |U|): one-pass hits from
-    each program's third chunk on; chunk 6 (student −2, teacher +2) falls back on the student side (the teacher's
-    list still holds all of its few uncommon columns: a hit)."""
+@pytest.mark.parametrize("m", [600, 1000])
+def test_single_pass_compaction_multi_tile(no_slack, m):
+    """Multi-tile rows in bf16 (hub column, relaxed pairs: |U_S| = 1731, |U_T| = 1296). m = 600, L's capacity 1200
+    below both: one-pass hits from each program's third chunk on; chunk 6 (student −2, teacher +2) falls back on the
+    student side. m = 1000, capacity 2000: both uncommon sets fit their lists, so the first pass appends them whole
+    and every chunk hits on both sides, the first two of each program and the shifted one included."""
     P = make_problem(22, 4099, 4111, 10, 1, 0, "covered", 0.05, 300)
     s_lo, _, t_lo, _ = P.spans[6].tolist()
     P.z[s_lo] -= 2.0
     P.t[t_lo] += 2.0
-    run_hkl_triton(P, "first", "relaxed", 1000, dt=torch.bfloat16)
+    run_hkl_triton(P, "first", "relaxed", m, dt=torch.bfloat16)
     paths = hkl_kernel.last_paths.tolist()
-    assert paths[:4] == [0] * 4 and paths[6] == 2 and paths[4] == 3 and paths[5::2] == [3] * 3
+    if m == 600:
+        assert paths[:4] == [0] * 4 and paths[6] == 2 and paths[4] == 3 and paths[5::2] == [3] * 3
+    else:
+        assert paths == [3] * 10

@@ -13,7 +13,7 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     cost 128 registers and ~50 instructions per element). The bin b1 of the m-th largest gives a superset of the top
     m (every key of bin ≥ b1) to compact into a per-program list L in row order, of capacity 2 m_up + _SLACK.
   single-pass compaction (the common case): the same pass appends to L every key of bin ≥ b_h, a bin fixed before
-    the pass (_hint_bin: every key when the row fits L, else the bin of −3e, e ≈ the 80th percentile of |Δθ|
+    the pass (_hint_bin: every key when the side's uncommon set fits L, else the bin of −3e, e ≈ the 80th pct. of |Δθ|
     between this program's chunks, θ the m-th largest x, i.e. the next shift c). Since bins ascend with the key,
     that list holds every key of bin ≥ b1 iff #(bin ≥ b_h) ≥ m (⟺ b_h ≤ b1; all keys when the side has fewer than
     m), and it is complete iff that count ≤ capacity: both read off the histogram at the end of the pass, so the
@@ -345,7 +345,8 @@ def _append(k, b, valid, col, b_h, cnt, dst, cap, PACK: tl.constexpr):
 
 @triton.jit
 def _hint_bin(e, n, cap):
-    """Level-1 bin b_h from which the first pass appends: 1 (every key) when the row fits the list (n ≤ cap), else
+    """Level-1 bin b_h from which the first pass appends: 1 (every key) when the side's uncommon keys fit the list
+    (n = |U_S|, |U_T| or a sparse row's k ≤ cap: a hit in every chunk, a program's first ones included), else
     the bin of −3e, e ≈ the 80th percentile of |Δθ| between this program's chunks (_track; θ: the m-th largest
     key-space value, which becomes the shift: the next θ is expected within 3e of it), or 64 (nothing) while e is
     unknown."""
@@ -528,8 +529,8 @@ def _hkl_kernel(
         sh_b = tl.where(raw_b, cb_raw, cb_mrg)
         ea_ptr = es + tl.where(raw_a, 0, 1)
         eb_ptr = es + tl.where(raw_b, 2, 3)
-        bh_a = _hint_bin(tl.load(ea_ptr), V_S, cap_a)
-        bh_b = _hint_bin(tl.load(eb_ptr), C, cap_b)
+        bh_a = _hint_bin(tl.load(ea_ptr), tl.load(m_ptr + 1), cap_a)
+        bh_b = _hint_bin(tl.load(eb_ptr), tl.load(m_ptr + 2), cap_b)
         tl.debug_barrier()  # the previous chunk's lists and G are no longer read
 
         # S1 / T1: per row the online LSE and the bad-input check; a single row also gives the level-1 histogram of
@@ -756,7 +757,12 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     tcls = (col_mask.to(torch.int8) + (tmap >= 0).to(torch.int8)).contiguous()
     n_keep = keep.sum()
     cap = V_S if uncommon_topk is None else int(uncommon_topk)
-    m_dev = torch.minimum(V_S - n_keep, col_mask.sum() - n_keep).clamp(max=cap).to(torch.int32).reshape(1)
+    # [m, |U_S|, the teacher keys a row can list (|U_T| dense, k sparse)]: the hint appends every key of a side whose
+    # uncommon set fits its list
+    n_u = torch.stack([V_S - n_keep, col_mask.sum() - n_keep])
+    if sparse:
+        n_u[1] = C
+    m_dev = torch.cat([torch.minimum(n_u[0], col_mask.sum() - n_keep).clamp(max=cap).reshape(1), n_u]).to(torch.int32)
     m_up = max(0, min(V_S, V_T, cap))
     W = max(16, min(triton.next_power_of_2(max(m_up, 1)), _SORT_CAP))
     cap_a = max(1, min(V_S, 2 * m_up + _SLACK))
