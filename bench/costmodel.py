@@ -79,19 +79,21 @@ def simulate_live_rows(n_prog: int, n_chunks: int, t_a: float, t_c: float, t_d: 
     nxt = [0] * n_prog  # each program's next own chunk
     taken, done_at = [0] * n_chunks, [0.0] * n_chunks
     a_at, c_at, pub_at = [0.0] * n_chunks, [0.0] * n_chunks, [0.0] * n_chunks
-    published = []  # in publication order
+    open_ = []  # published chunks with a slice not yet taken, in publication order
     events = [(0.0, p, False) for p in range(n_prog)]  # (time, program, it just published)
     while events:
         t, p, publishing = heapq.heappop(events)
         prev = own[p][nxt[p] - 1] if nxt[p] else None
         if publishing:
-            published.append(prev)
+            open_.append(prev)
         if prev is not None:  # the guard: one open slice, or wait for prev's slices and go on
-            open_ = [k for k in published if taken[k] < slices and (help_others or k == prev)]
-            if open_:
+            k = open_[0] if open_ and help_others else prev if taken[prev] < slices else None
+            if k is not None:
                 end = t + dur(t_d / slices)
-                taken[open_[0]] += 1
-                done_at[open_[0]] = max(done_at[open_[0]], end)
+                taken[k] += 1
+                if taken[k] == slices:
+                    open_.remove(k)
+                done_at[k] = max(done_at[k], end)
                 heapq.heappush(events, (end, p, False))
                 continue
             t = max(t, done_at[prev])

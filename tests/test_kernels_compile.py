@@ -27,7 +27,7 @@ from xtoken_ext.ops import pkl_kernel as P
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32", "ell_ptr": "*i64", "nslot_ptr": "*i8",
        "erow_ptr": "*i32", "ecol_ptr": "*i32", "tiles_ptr": "*i32", "colend_ptr": "*i32", "mask_ptr": "*i8",
-       "spans_ptr": "*i64", "tcnt_ptr": "*i32", "sync_ptr": "*i32", "cidx_ptr": "*i32"}
+       "spans_ptr": "*i64", "tcnt_ptr": "*i32", "sync_ptr": "*i32", "rank_ptr": "*i32"}
 SCALARS_F32 = {"inv_tau", "tau", "eps"}
 NO_HINT = {"k0", "k1", "NNZ", "n_tiles", "n_tiles_max", "K", "N", "N_s", "colb"}
 

@@ -67,9 +67,11 @@ def lse_step(m, l, x):
 
 
 @triton.jit
-def softmax_tile(row_ptr, cols, mask, inv_tau, lse):
-    """softmax(row/τ)[cols] from the row's lse (0 on masked lanes)."""
-    return tl.exp(tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau - lse)
+def softmax_tile(row_ptr, cols, mask, inv_tau, lse, EVICT: tl.constexpr = ""):
+    """softmax(row/τ)[cols] from the row's lse (0 on masked lanes); EVICT: the load's eviction policy (a row's last
+    read: "evict_first")."""
+    x = tl.load(row_ptr + cols, mask=mask, other=float("-inf"), eviction_policy=EVICT)
+    return tl.exp(x.to(tl.float32) * inv_tau - lse)
 
 
 @triton.jit

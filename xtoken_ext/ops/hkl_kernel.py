@@ -12,15 +12,15 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     fall in a fine bin near 0. 64 bins because Triton 3.7's tl.histogram keeps bins/32 counters per lane (4096 bins
     cost 128 registers and ~50 instructions per element). The bin b1 of the m-th largest gives a superset of the top
     m (every key of bin ≥ b1) to compact into a per-program list L in row order, of capacity 2 m_up + _SLACK.
-  single-pass compaction (the common case): the same pass appends to L every key of bin ≥ b_h, a bin fixed before
-    the pass (_hint_bin: every key when the side's uncommon set fits L, else the bin of −3e, e ≈ the 80th pct. of |Δθ|
-    between this program's chunks, θ the m-th largest x, i.e. the next shift c). Since bins ascend with the key,
-    that list holds every key of bin ≥ b1 iff #(bin ≥ b_h) ≥ m (⟺ b_h ≤ b1; all keys when the side has fewer than
-    m), and it is complete iff that count ≤ capacity: both read off the histogram at the end of the pass, so the
-    check is exact; one pass over L then finds bin b1's key range. Otherwise (a miss: e.g. a row shifted far from the
-    previous one, equal logits, no e yet in a program's first two chunks) the exact path runs: a second pass (S2 /
-    T2, _compact) compacts bin ≥ b1, and if that exceeds the capacity (equal or far-shifted logits), the exact m-th
-    key is first found over the rows (the bisection below, ≤ 5 more row passes) and only prefix(m) is compacted.
+  single-pass compaction (the common case): the same pass appends to L every key of bin ≥ b_h, a bin fixed before the
+    pass (_hint_bin: every key when the side's uncommon set fits L, else the bin of −3e, e ≈ the 80th percentile of
+    |Δθ| between this program's chunks, θ the m-th largest x, i.e. the next shift c). Since bins ascend with the key,
+    that list holds every key of bin ≥ b1 iff #(bin ≥ b_h) ≥ m (⟺ b_h ≤ b1; all keys when the side has fewer than m),
+    and it is complete iff that count ≤ capacity: both read off the histogram at the end of the pass, so the check is
+    exact; one pass over L then finds bin b1's key range. Otherwise (a miss: e.g. a row shifted far from the previous
+    one, equal logits, no e yet in a program's first two chunks) the exact path runs: a second pass (S2 / T2,
+    _compact) compacts bin ≥ b1, and if that exceeds the capacity (equal or far-shifted logits), the exact m-th key is
+    first found over the rows (the bisection below, ≤ 5 more row passes) and only prefix(m) is compacted.
     ``last_paths`` records per chunk which sides hit.
   prefix(R) = {k > θ_R} ∪ the first R − #{k > θ_R} keys (in L order) equal to θ_R, θ_R the R-th largest key: ties
     are taken in one fixed order, so prefixes are nested. θ_R: 128-way bisection of a key interval known to hold it,
@@ -759,10 +759,9 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     cap = V_S if uncommon_topk is None else int(uncommon_topk)
     # [m, |U_S|, the teacher keys a row can list (|U_T| dense, k sparse)]: the hint appends every key of a side whose
     # uncommon set fits its list
-    n_u = torch.stack([V_S - n_keep, col_mask.sum() - n_keep])
-    if sparse:
-        n_u[1] = C
-    m_dev = torch.cat([torch.minimum(n_u[0], col_mask.sum() - n_keep).clamp(max=cap).reshape(1), n_u]).to(torch.int32)
+    u_s, u_t = V_S - n_keep, col_mask.sum() - n_keep
+    m_dev = torch.stack([torch.minimum(u_s, u_t).clamp(max=cap), u_s, torch.full_like(u_t, C) if sparse else u_t])
+    m_dev = m_dev.to(torch.int32)
     m_up = max(0, min(V_S, V_T, cap))
     W = max(16, min(triton.next_power_of_2(max(m_up, 1)), _SORT_CAP))
     cap_a = max(1, min(V_S, 2 * m_up + _SLACK))

@@ -138,7 +138,7 @@ def _teacher_row_lse(t_row, tc_row, mask_ptr, C, inv_tau, SPARSE: tl.constexpr, 
 @triton.jit
 def _pkl_kernel(
     z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc,
-    a_ptr, ell_ptr, nslot_ptr, colb, erow_ptr, ecol_ptr, eval_ptr, tiles_ptr, n_tiles, colend_ptr, cidx_ptr, NNZ,
+    a_ptr, ell_ptr, nslot_ptr, colb, erow_ptr, ecol_ptr, eval_ptr, tiles_ptr, n_tiles, colend_ptr, rank_ptr, NNZ,
     mask_ptr,
     spans_ptr, tchain_ptr, scale_ptr,
     loss_ptr, dz_ptr, stride_dz,
@@ -310,7 +310,7 @@ def _pkl_kernel(
                 mu = alpha * mu + tl.sum(tl.where(pos, ex * q / qe, 0.0))
                 m = m_new
                 if FOLD:  # h_u at the column's rank among W's columns (the ELL's keys): only those are read
-                    rk = tl.load(cidx_ptr + o, mask=win, other=0)
+                    rk = tl.load(rank_ptr + o, mask=win, other=0)
                     tl.store(h_row + rk, tl.where(pos, ex / qe, 0.0), mask=inside & (mk == 1))
                 else:
                     tl.store(h_row + v, tl.where(pos, ex / qe, 0.0), mask=ok if SPARSE else inside)
@@ -382,48 +382,40 @@ def _pkl_kernel(
 
 
 @triton.jit
-def _d_slice(c, j, own, rs_ptr, z_ptr, stride_z, ell_ptr, nslot_ptr, colb, spans_ptr, lse_s_ptr, dr_ptr,
-             h_ptr, tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN: tl.constexpr,
-             GRAD_W: tl.constexpr, FOLD: tl.constexpr, BLOCK_S: tl.constexpr, SLOTS: tl.constexpr,
-             STAGES: tl.constexpr, SLICE: tl.constexpr):
-    """Slice j of chunk k0 + c's gradient rows (student tiles [j SLICE, (j + 1) SLICE)), from what its owner
-    program `own` published: dz_r = τ c/(n_s Z) p_r (g − d_r), zero for an invalid chunk. Everything the owner
-    wrote is read past L1 (.cg): another program may have cached an older chunk's values at the same addresses."""
-    s_lo, s_hi, _, _ = _tl.chunk_rows(spans_ptr, k0 + c, MEAN)
-    M = tl.load(rs_ptr + 5 * c, cache_modifier=".cg")
-    m = tl.load(rs_ptr + 5 * c + 1, cache_modifier=".cg")
-    F = tl.load(rs_ptr + 5 * c + 2, cache_modifier=".cg")
-    coef = tl.load(rs_ptr + 5 * c + 3, cache_modifier=".cg")
-    valid = tl.load(rs_ptr + 5 * c + 4, cache_modifier=".cg") != 0
-    h_row = h_ptr + (c.to(tl.int64) if GRAD_W else own.to(tl.int64)) * V_T
-    tm_row = tm_ptr + own.to(tl.int64) * n_tiles_max
-    offs = tl.arange(0, BLOCK_S)
-    for v0 in tl.range(j * SLICE * BLOCK_S, tl.minimum(V_S, (j + 1) * SLICE * BLOCK_S), BLOCK_S, num_stages=STAGES):
-        o = v0 + offs
-        om = o < V_S
-        g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, m, F, V_S, SLOTS, FOLD)
-        for r in range(s_lo, s_hi):
-            z = tl.load(z_ptr + r * stride_z + o, mask=om, other=float("-inf"), eviction_policy="evict_first")
-            p = tl.exp(z.to(tl.float32) * inv_tau - tl.load(lse_s_ptr + r, cache_modifier=".cg"))
-            dz = tl.where(valid, coef * p * (g - tl.load(dr_ptr + r, cache_modifier=".cg")), 0.0)  # never NaN
-            tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om, eviction_policy="evict_first")
-
-
-@triton.jit
 def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr, colb, spans_ptr, lse_s_ptr,
                 dr_ptr, h_ptr, tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN: tl.constexpr,
                 GRAD_W: tl.constexpr, FOLD: tl.constexpr, BLOCK_S: tl.constexpr, SLOTS: tl.constexpr,
                 STAGES: tl.constexpr, SLICE: tl.constexpr):
-    """Take the next open D slice of published chunk k0 + c and compute it -> its index (≥ G: none was open).
-    sync: [0] the help window's head, [1 + c] (owner + 1)·PUB once published + 1 per take, [1 + n_k + c] slices
-    done. The take is an acquire (it reads the owner's release or a later take), the done count a release (after
-    this program's loads of the owner's scratch rows)."""
+    """Take the next open D slice j of published chunk k0 + c and compute it -> j (≥ G: none was open): its
+    gradient rows on student tiles [j SLICE, (j + 1) SLICE), dz_r = τ c/(n_s Z) p_r (g − d_r) (zero for an invalid
+    chunk), from what its owner program published. sync: [0] the help window's head, [1 + c] (owner + 1)·PUB once
+    published + 1 per take, [1 + n_k + c] slices done. The take is an acquire (it reads the owner's release or a
+    later take), the done count a release (after this program's loads of the owner's scratch rows). Everything the
+    owner wrote is read past L1 (.cg): this program may have cached an older chunk's values at the same addresses."""
     old = tl.atomic_add(sync_ptr + 1 + c, 1, sem="acq_rel", scope="gpu")
     j = old % PUB
     if j < G:
-        _d_slice(c, j, old // PUB - 1, rs_ptr, z_ptr, stride_z, ell_ptr, nslot_ptr, colb, spans_ptr,
-                 lse_s_ptr, dr_ptr, h_ptr, tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN, GRAD_W,
-                 FOLD, BLOCK_S, SLOTS, STAGES, SLICE)
+        own = old // PUB - 1
+        s_lo, s_hi, _, _ = _tl.chunk_rows(spans_ptr, k0 + c, MEAN)
+        M = tl.load(rs_ptr + 5 * c, cache_modifier=".cg")
+        m = tl.load(rs_ptr + 5 * c + 1, cache_modifier=".cg")
+        F = tl.load(rs_ptr + 5 * c + 2, cache_modifier=".cg")
+        coef = tl.load(rs_ptr + 5 * c + 3, cache_modifier=".cg")
+        valid = tl.load(rs_ptr + 5 * c + 4, cache_modifier=".cg") != 0
+        h_row = h_ptr + (c.to(tl.int64) if GRAD_W else own.to(tl.int64)) * V_T
+        tm_row = tm_ptr + own.to(tl.int64) * n_tiles_max
+        offs = tl.arange(0, BLOCK_S)
+        for v0 in tl.range(j * SLICE * BLOCK_S, tl.minimum(V_S, (j + 1) * SLICE * BLOCK_S), BLOCK_S,
+                           num_stages=STAGES):
+            o = v0 + offs
+            om = o < V_S
+            g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, m, F, V_S, SLOTS, FOLD)
+            for r in range(s_lo, s_hi):
+                p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r, cache_modifier=".cg"),
+                                     "evict_first")
+                dz = tl.where(valid, coef * p * (g - tl.load(dr_ptr + r, cache_modifier=".cg")), 0.0)  # never NaN
+                tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om,
+                         eviction_policy="evict_first")
         tl.debug_barrier()
         tl.atomic_add(sync_ptr + 1 + n_k + c, 1, sem="release", scope="gpu")
     return j
