@@ -5,8 +5,11 @@ gradient row once). Nothing here is timed; the GPU numbers come from ``xtoken be
 
 HBM bytes are counted twice: with the working set in L2 (W-derived arrays shared by all programs, and the rows
 reused while they are live: P-KL's z rows gathered in C and scratch rows h, counted by a simulation of its chunk
-protocol; H-KL's lists and the teacher row S3 gathers from; the total is printed beside L2's size) and with every
-access to it going to HBM (the bound when it does not fit: scratch written and read, one 32-byte sector per gather).
+protocol; H-KL's per-program lists, buffers and the teacher row S3 gathers from, each for the share of a chunk's
+time it is live; the total is printed beside L2's size) and with every access to it going to HBM (the bound when it
+does not fit: scratch written and read, one 32-byte sector per gather). H-KL is modelled at the m = min(|U_S|,
+|U_T|, 8192) that the W and the ``uncovered`` option give (the default, and "epsilon" for the real W), with the time
+its top-m window adds after the streams (list passes and the sorts' issue time).
 L2<->SM bytes count one 32-byte sector per gathered element (the upper figure) or the distinct sectors per tile (the
 lower one, P-KL), and are timed at an assumed L2 bandwidth.
 """
@@ -27,6 +30,13 @@ GPU = dict(name="H100 SXM", hbm=3.35e12, l2=50 << 20, sms=132, l2_bw=5.5e12)
 # ops.pkl_kernel's GPU block sizes and D-slice width (student tiles)
 CONFIG = dict(BLOCK_S=_CONFIGS[0].kwargs["BLOCK_S"], **TILES_GPU, SLICE=SLICES_GPU["SLICE"])
 SECTOR = 32  # bytes an L2 request moves for one gathered element
+# H-KL window sorts: SASS instructions per lane and merge stage (a: int64 keys, b: int32), from the offline sm_90
+# compile of the 8,192-lane network at 8 warps (≈ 26k + 14k per thread over 91 stages × 32 lanes per thread,
+# ops.hkl_kernel's docstring); issued at ISSUE warp-instructions per clock (4 schedulers) at CLOCK (H100 SXM boost)
+SORT_INSTR = (8.9, 4.8)
+SORT_THREADS = 256
+ISSUE, CLOCK = 4, 1.755e9
+SCRATCH_FIXED = 32 << 10  # per H-KL program: histograms, hint state, stream lines in flight
 
 
 def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2) -> dict:
@@ -150,41 +160,76 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
                 footprint_alone=z_rows * z_row + h_alone * h_row + w_bytes, slices=slices, stats=st)
 
 
-def hkl_model(proj, rows: int, elem: int = 2, m: int = 8192, block: int = 4096, gpu: dict = GPU) -> dict:
-    """Per-row model of ``_hkl_kernel`` (dense teacher, H-KL with the relaxed common set, uncommon_topk m) for a
-    1-to-1 chunk, from the pass table in ops.hkl_kernel's docstring. Common case (the single-pass compaction hits on
-    both sides): student rows read in S1 (LSE, histogram, candidate list) and S3 (gradient, written), the teacher
-    row in T1; the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~5 times (key range, ~3 bisection steps,
-    gather), |L| ≈ 2 m (m plus the keys within the hint radius; capacity 2 m + 4096), the gradient list G (8 B)
-    written and read, the sort buffers; S3 gathers the teacher at the common columns (from L2: the teacher row is
-    part of the working set; spilled, each gather is a 32-byte sector from HBM). The fallback (a miss on both
-    sides: S2 / T2 re-read the rows, |L| ≈ m, 4 list passes) is returned as hbm_l2_fallback / hbm_spill_fallback
-    and printed on its own line."""
+def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", topk: int = 8192,
+              gpu: dict = GPU) -> dict:
+    """Per-row model of ``_hkl_kernel`` (dense teacher, H-KL: the relaxed common pairs, uncommon_topk ``topk``) for
+    a 1-to-1 chunk, from the pass table in ops.hkl_kernel's docstring, with the m a user gets from this W and
+    ``uncovered`` (A = the covered columns, or all). Common case (the single-pass compaction hits on both sides):
+    student rows read in S1 (LSE, histogram, candidate list) and S3 (gradient, written), the teacher row in T1; the
+    lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~5 times (key range, ~3 bisection steps, gather), |L| =
+    the side's uncommon set when it fits the list (the first pass appends it whole), else ≈ 2 m (m plus the keys
+    within the hint radius); the sort buffers, the gradient list G (8 B × m); S3 gathers the teacher at the common
+    columns (from L2: the teacher row is part of the working set; spilled, each gather is a 32-byte sector from
+    HBM). The fallback (a miss on both sides: S2 / T2 re-read the rows) is returned as hbm_l2_fallback /
+    hbm_spill_fallback.
+
+    Time per row and SM: the streams at the SM's share of HBM bandwidth, then the window (not overlapped: one
+    program per SM): its list passes at the SM's share of the assumed L2 bandwidth and the two sorts' issue time
+    (SORT_INSTR per lane and stage; the network of W_SMALL lanes when m fits it, run for ⌈log₂ m⌉ merge stages).
+    The working set is time-averaged over these phases: each per-program buffer counts for the fraction of a
+    chunk's time it is live (L_a from its writes in S1 to the end of the window, L_b from T1, the sort buffers in
+    the window, G from the window to the end of S3, the teacher row from T1 to the end of S3)."""
+    from xtoken_ext.ops import hkl_kernel as H
+
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
-    n_common = int(proj.common_pairs("relaxed")[0].numel())
+    allowed = proj.covered_columns() if uncovered == "renormalize" else torch.ones(V_T, dtype=torch.bool)
+    cs, ct = proj.common_pairs("relaxed")
+    keep = allowed[ct.long()]
+    n_common = int(keep.sum())
+    u_s = V_S - int(torch.unique(cs[keep]).numel())
+    u_t = int(allowed.sum()) - int(torch.unique(ct[keep]).numel())
+    m = min(u_s, u_t, topk)
+    m_up = min(V_S, V_T, topk)  # the host's bound (m itself stays on the device)
+    w_big = max(16, min(1 << (m_up - 1).bit_length(), H._SORT_CAP))
+    w_net = min(H._SMALL_CAP, w_big // 4) if m <= min(H._SMALL_CAP, w_big // 4) else w_big
+    lg = math.ceil(math.log2(max(min(m, w_net), 1)))
+    stages = lg * (lg + 1) // 2
+    cap = 2 * m_up + H._SLACK
+    fit = min(cap, 2 * m + H._SLACK)  # an uncommon set this small is appended whole (ops.hkl_kernel._hint_bin)
+    l_a = u_s if u_s <= fit else min(2 * m, cap)
+    l_b = u_t if u_t <= fit else min(2 * m, cap)
     floor = elem * (2 * V_S + V_T)
     stream = elem * (3 * V_S + V_T)
-    l_len = 2 * m
-    lists = 5 * 8 * l_len + 5 * 4 * l_len + 2 * 8 * m + 12 * min(m, 8192)
+    lists = 6 * (8 * l_a + 4 * l_b)  # written once, read ~5 times
+    touched = min(m, w_net)
+    bufs = 2 * 12 * touched + 2 * 8 * m  # sort buffers and G, written and read
     stream_fb = elem * (4 * V_S + 2 * V_T)
-    lists_fb = 4 * 8 * m + 4 * 4 * m + 2 * 8 * m + 12 * min(m, 8192)
-    l2 = lists + n_common * SECTOR + m * SECTOR  # common-column gathers (S3), fix-up gathers of the listed columns
-    tiles_s, tiles_t = math.ceil(V_S / block), math.ceil(V_T / block)
-    w = min(1 << (m - 1).bit_length(), 8192)
-    stages = int(0.5 * math.log2(w) * (math.log2(w) + 1))
-    # the window runs its list passes (key range, ~3 bisection steps, gather) and its sort side after side (one
-    # sorted window live at a time): 2 × 5 passes over ≈ 2 m keys and 2 × the bitonic stages, one dependent chain
-    loops = {"S1/S3 (student passes)": tiles_s, "T1 (teacher pass)": tiles_t,
-             "window (2 x (5 list passes + bitonic stages))": 2 * (5 * math.ceil(l_len / block) + stages)}
+    lists_fb = 5 * (8 + 4) * min(2 * m, cap) + 12 * min(2 * m, cap)
+    l2 = lists + bufs + n_common * SECTOR + m * SECTOR  # S3's teacher gathers, the fix-up's student gathers
+    # time per row and SM (s)
+    bw_sm, l2_sm = gpu["hbm"] / gpu["sms"], gpu["l2_bw"] / gpu["sms"]
+    t_sort = sum(SORT_INSTR) * stages * max(w_net, SORT_THREADS) / 32 / ISSUE / CLOCK
+    t_s1, t_t1, t_s3 = elem * V_S / bw_sm, elem * V_T / bw_sm, 2 * elem * V_S / bw_sm
+    t_win = (lists + bufs) / l2_sm + t_sort
+    t_row = t_s1 + t_t1 + t_win + t_s3
+    live = (8 * l_a * (t_s1 / 2 + t_t1 + t_win) + 4 * l_b * (t_t1 / 2 + t_win) + 2 * 12 * touched * t_win
+            + 8 * m * (t_win / 2 + t_s3) + elem * V_T * (t_t1 / 2 + t_win + t_s3)) / t_row + SCRATCH_FIXED
+    shared = 4 * V_S + 5 * V_T  # smap, tmap, teacher classes
+    chains = {}
+    for cfg in H._CONFIGS:
+        b = cfg.kwargs["BLOCK_L"]
+        chains[b] = (5 * (math.ceil(l_a / b) + math.ceil(l_b / b)) + 2 * stages,
+                     math.ceil(V_S / b) + math.ceil(V_T / b))
+    block = H._CONFIGS[0].kwargs["BLOCK_L"]
+    loops = {"S1/S3 (student passes)": math.ceil(V_S / block), "T1 (teacher pass)": math.ceil(V_T / block),
+             f"window (5 passes per list + 2 x {stages} sort stages)": chains[block][0]}
     gathers = SECTOR * (n_common + 2 * m)  # spilled: S3's teacher gathers, the fix-up's student gathers and stores
-    return dict(kernel="H-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + lists + gathers, l2=l2, l2_lo=l2,
-                loops=loops,
-                vocab_tiles=tiles_s + tiles_t, old_loop=None, hbm_l2_fallback=stream_fb,
-                hbm_spill_fallback=stream_fb + lists_fb + gathers,
-                # 1 program per SM: its lists, buffers and histograms, and the teacher row S3 gathers from (streamed
-                # in T1, live through the window and S3)
-                footprint=min(rows, gpu["sms"]) * (12 * 2 * m + 8 * m + 12 * w + (32 << 10) + elem * V_T),
-                stats=dict(nnz=n_common, max_col=0))
+    return dict(kernel="H-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + lists + bufs + gathers, l2=l2, l2_lo=l2,
+                loops=loops, vocab_tiles=chains[block][1], chains=chains, old_loop=None,
+                hbm_l2_fallback=stream_fb, hbm_spill_fallback=stream_fb + lists_fb + bufs + gathers,
+                footprint=min(rows, gpu["sms"]) * live + shared, t_row=t_row, t_window=t_win, t_sort=t_sort,
+                stats=dict(nnz=n_common, max_col=0, m=m, u_s=u_s, u_t=u_t, l_a=l_a, l_b=l_b, w_net=w_net,
+                           uncovered=uncovered))
 
 
 def _fmt_bytes(b: float) -> str:
@@ -209,8 +254,18 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
                           str(m["vocab_tiles"]), str(m["old_loop"] or "-"))))
         st = m["stats"]
         fits = "fits" if m["footprint"] <= gpu["l2"] else "does NOT fit"
-        what = (f"W: nnz {st['nnz']:,}, longest column {st['max_col']}" if m["kernel"] == "P-KL"
-                else f"common pairs {st['nnz']:,}, m = 8192")
+        if m["kernel"] == "P-KL":
+            what = f"W: nnz {st['nnz']:,}, longest column {st['max_col']}"
+        else:
+            what = (f"uncovered={st['uncovered']!r}: common pairs {st['nnz']:,}, |U_S| {st['u_s']:,}, |U_T| "
+                    f"{st['u_t']:,}, m = {st['m']:,}; lists {st['l_a']:,} / {st['l_b']:,} keys, sort network "
+                    f"{st['w_net']:,} lanes")
+            print("    longest chain vs vocab tiles per config: " + ", ".join(
+                f"{b} lanes {c} vs {t} ({'met' if c <= t else 'NOT met'})" for b, (c, t) in m["chains"].items()))
+            t_model = rows / gpu["sms"] * m["t_row"]
+            print(f"    time per row and SM: window {m['t_window'] * 1e6:.1f} us (sorts {m['t_sort'] * 1e6:.1f} us) "
+                  f"after the streams, not overlapped; at {rows:,} rows {t_model * 1e3:.2f} ms "
+                  f"({t_model * gpu['hbm'] / (rows * m['floor']):.2f}x the floor time), working set in L2")
         if "hbm_l2_fallback" in m:
             print(f"    a miss of the single-pass compaction on both sides (S2 / T2 re-read the rows): "
                   f"{_fmt_bytes(m['hbm_l2_fallback'])} ({m['hbm_l2_fallback'] / m['floor']:.2f}x), spilled "
@@ -250,4 +305,5 @@ def run(quick: bool = False) -> None:
     name, real = _real_w(quick)
     rand = Projection.random(real.student_vocab_size, real.teacher_vocab_size, seed=0, empty_rows=0.01)
     report([("Projection.random", pkl_model(rand, 8192)), (name, pkl_model(real, 8192)),
-            ("Projection.random", hkl_model(rand, 8192)), (name, hkl_model(real, 8192))])
+            ("Projection.random", hkl_model(rand, 8192)), (name, hkl_model(real, 8192)),
+            (name, hkl_model(real, 8192, uncovered="epsilon"))])

@@ -47,6 +47,30 @@ def test_simulated_live_rows():
     assert h_help < 0.85 * h_alone and z_help == pytest.approx(z_alone, rel=0.02)
 
 
+@pytest.mark.parametrize("uncovered,topk", [("renormalize", 8192), ("epsilon", 8192), ("renormalize", 64)])
+def test_hkl_model_counts(proj, uncovered, topk):
+    """H-KL's m is the one the op computes (min(|U_S|, |U_T|, uncommon_topk) over the allowed pairs), its sort runs
+    in the small network when m fits it, for ⌈log₂ m⌉ merge stages, and the time-averaged working set is below
+    every per-program buffer held all the time."""
+    from xtoken_ext.ops import hkl_kernel as H
+
+    m = costmodel.hkl_model(proj, rows=64, uncovered=uncovered, topk=topk)
+    st = m["stats"]
+    allowed = proj.covered_columns() if uncovered == "renormalize" else torch.ones(3500, dtype=torch.bool)
+    cs, ct = proj.common_pairs("relaxed")
+    keep = allowed[ct.long()]
+    u_s, u_t = 3000 - torch.unique(cs[keep]).numel(), int(allowed.sum()) - torch.unique(ct[keep]).numel()
+    assert (st["u_s"], st["u_t"], st["m"]) == (u_s, u_t, min(u_s, u_t, topk))
+    w_big = min(1 << (min(3000, topk) - 1).bit_length(), H._SORT_CAP)
+    w_small = min(H._SMALL_CAP, w_big // 4)
+    assert st["w_net"] == (w_small if st["m"] <= w_small else w_big)
+    lg = math.ceil(math.log2(min(st["m"], st["w_net"])))
+    assert f"window (5 passes per list + 2 x {lg * (lg + 1) // 2} sort stages)" in m["loops"]
+    held = 64 * (8 * st["l_a"] + 4 * st["l_b"] + 12 * 2 * st["w_net"] + 8 * st["m"] + 2 * 3500)
+    assert m["footprint"] < held + 64 * costmodel.SCRATCH_FIXED + 9 * 3500 + 4 * 3000
+    assert m["hbm_l2"] == 2 * (3 * 3000 + 3500) and m["t_row"] > m["t_window"] > m["t_sort"] > 0
+
+
 def test_report_prints_both_kernels(proj, capsys):
     costmodel.report([("random", costmodel.pkl_model(proj, 64)), ("random", costmodel.hkl_model(proj, 64))])
     out = capsys.readouterr().out

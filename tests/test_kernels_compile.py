@@ -65,7 +65,7 @@ out = []
 for cfg in P._CONFIGS:
     for sparse, grad_w, mean in itertools.product((False, True), (False, True), (True, False)):
         consts = dict(MEAN=mean, CHAIN=not mean, SPARSE=sparse, GRAD_W=grad_w, HAS_SCALE=grad_w, SLOTS=4,
-                      ALIGN=P.ALIGN, **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)
+                      ALIGN=P.ALIGN, HELP=0, **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)
         r = compile_one(P._pkl_kernel, consts, cfg.num_warps, sparse)
         out.append(dict(kernel="pkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, grad_w=grad_w, **r))
 r = compile_one(P._pkl_grad_w_kernel, dict(MEAN=True, BLOCK=1024, SLOTS=4), 8, False)

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from helpers import check, device, grad_bound, kappa, loss_bound, make_problem, oracle_hkl, run_hkl_triton
+from helpers import check, device, grad_bound, kappa, loss_bound, make_problem, oracle_hkl, pairs_of, \
+    run_hkl_triton
 from xtoken_ext.ops import hkl_kernel
 from xtoken_ext.ops import pkl as _ops  # noqa: F401  (registers both xtoken:: ops)
 
@@ -154,6 +157,63 @@ def test_bad_input_chunks(merge, sparse_k):
     mask = rows.unsqueeze(1) & ~ties
     check("triton/float32/hkl bad-input grad", grad, z64.grad, grad_bound(z64.grad, z_ok, 0.7, kap, torch.float32,
                                                                           "triton"), mask=mask)
+
+
+@triton.jit
+def _sort_kernel(x_ptr, y_ptr, n, N: tl.constexpr, TRUNC: tl.constexpr):
+    lanes = tl.arange(0, N)
+    x = tl.load(x_ptr + lanes, mask=lanes < n, other=tl.full((), -2 ** 31, x_ptr.dtype.element_ty))
+    tl.store(y_ptr + lanes, hkl_kernel._sort_desc(x, N, n, TRUNC))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_sort_network(dtype):
+    """_sort_desc (the window sorts): n ≤ N keys (the other lanes padded with the smallest key) come out descending
+    in the first n lanes, with all N lanes' merge stages and with only the first ⌈log₂ n⌉ of them (TRUNC)."""
+    g = torch.Generator().manual_seed(0)
+    N = 64
+    for n in (1, 2, 3, 5, 8, 13, 16, 17, 31, 32, 33, 64):
+        x = torch.randint(-1000, 1000, (n,), generator=g).to(dtype)
+        x[n // 2:n // 2 + 2] = x[0]  # ties
+        for trunc in (False, True):
+            y = torch.empty(N, dtype=dtype, device=device())
+            _sort_kernel[(1,)](x.to(device()), y, n, N, trunc)
+            assert torch.equal(y[:n].cpu(), x.sort(descending=True).values), (n, trunc)
+
+
+@pytest.mark.parametrize("n_u,merge,dt", [(6, "first", torch.float32), (20, "mean", torch.bfloat16),
+                                          (6, "chain", torch.bfloat16), (20, "first", torch.float32)])
+def test_small_sort_network(n_u, merge, dt):
+    """m far below the host's bound (allowed columns: the paired teacher ids and n_u others, so m = |U_T| = n_u):
+    the kernel sorts in its W_SMALL-lane network, run for only ⌈log₂ m⌉ of its merge stages."""
+    P, u_s = _small_m_problem(n_u)
+    w_small = min(hkl_kernel._SMALL_CAP, triton.next_power_of_2(131) // 4)
+    assert 2 * n_u <= w_small and u_s > n_u  # m = n_u, a truncated network
+    run_hkl_triton(P, merge, "relaxed", None)
+
+
+def _small_m_problem(n_u):
+    """V_S = 131, V_T = 211; allowed columns: the teacher ids paired with a student id and n_u others, so
+    m = |U_T| = n_u. -> (problem, |U_S|)."""
+    P = make_problem(7, 131, 211, 6, 2, 0, "all", 0.02, False)
+    cs, ct = pairs_of(P, "relaxed")
+    mask = torch.zeros(211, dtype=torch.bool)
+    mask[ct.long()] = True
+    free = torch.nonzero(~mask).squeeze(1)
+    mask[free[torch.randperm(free.numel(), generator=torch.Generator().manual_seed(3))[:n_u]]] = True
+    P.col_mask = mask
+    return P, 131 - torch.unique(cs).numel()
+
+
+def test_uncommon_set_listed_whole_only_near_m(no_slack):
+    """The first pass appends a side's whole uncommon set only when it is at most 2 m + _SLACK keys (here 2 m): the
+    teacher's 6 (= m) are, so every chunk hits on that side; the student's 43 are not (more than 2 m = 12, though
+    within the list's capacity 2·131), so each program's first chunk, with no hint yet, compacts in a second pass."""
+    P, u_s = _small_m_problem(6)
+    assert 12 < u_s <= 2 * 131
+    run_hkl_triton(P, "first", "relaxed", None)
+    paths = hkl_kernel.last_paths.tolist()
+    assert paths[:2] == [2, 2] and all(p & 2 for p in paths)
 
 
 @pytest.fixture

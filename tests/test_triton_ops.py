@@ -165,6 +165,32 @@ def test_pkl_slots_in_any_order(learn_w):
     run_pkl(P, DTYPES["fp32"], "mean", 0.7, learn_w)
 
 
+@pytest.mark.parametrize("case", ["dense-first", "dense-mean", "sparse-chain", "dense-learnable"])
+def test_pkl_slices_computed_by_other_programs(case, monkeypatch):
+    """A chunk's gradient slices give bitwise the same results whichever program computes them. Under the
+    interpreter the programs run one after another, each computing its own slices; here the kernel runs as two
+    launches (one program per chunk: the chunks, published but with no slice taken, then only the guards), so that
+    program 0 computes every other program's slices from what their owners published (scalars, scratch rows,
+    tile maxima, d_r): the GPU path apart from its memory ordering."""
+    from xtoken_ext.ops import pkl_kernel as K
+
+    kind, merge = case.split("-")
+    learn_w = merge == "learnable"
+    merge = "mean" if learn_w else merge
+    P = make_problem(seed=13, V_S=300, V_T=211, n_chunks=4, max_rows=2, sparse_k=7 if kind == "sparse" else 0,
+                     mask_mode="covered", empty_rows=0.05, hub=True)
+    dev = device()
+    args = [x.to(dev) if isinstance(x, torch.Tensor) else x
+            for x in (P.z.to(torch.bfloat16), P.t.to(torch.bfloat16), P.t_cols, P.w_idx, P.w_val, P.col_mask,
+                      P.spans, 0.7, merge, 0.0, P.t_chain, None, learn_w)]
+    own = torch.ops.xtoken.pkl_rows(*args, "triton")
+    monkeypatch.setattr(K, "help_split", True)
+    helped = torch.ops.xtoken.pkl_rows(*args, "triton")
+    assert own[1].abs().amax() > 0 and bool(torch.isfinite(own[0]).all())
+    for a, b in zip(own, helped):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
 def test_pkl_grad_w_deterministic_matches_atomic():
     P = make_problem(3, 61, 97, 5, 3, 0, "covered", 0.1, True)
     dev = device()

@@ -37,7 +37,7 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      58 rows live on average instead of 80, bench/costmodel.py), which brings the working set (z rows gathered in C,
      h rows read in D, W) under L2's size for the real Llama-3 × Qwen3 W. Dense teacher, frozen W: h is kept at the
      ranks of the columns with W entries (the ELL keys hold the rank), 72 % of V_T for that W. Results are bitwise
-     the same whoever computes a slice.
+     the same whoever computes a slice (tests: help_split).
 Bytes per single-row chunk from HBM: z twice (A, D), t once (C), dz once; the entry lists, ELL, a, mask and the
 scratch row are shared or per-program and L2-resident (the z row too, for C's gathers; streams read or written once
 carry evict_first hints) (``bench/costmodel.py`` prints the model, with C's trip count for a given W: the number of W
@@ -58,6 +58,9 @@ from ._common import SLOTS, covered_rows, interpret
 NEG = _tl.NEG
 PUB = tl.constexpr(1 << 16)  # a published chunk's sync word: (owner + 1)·PUB, + 1 per slice taken
 _GRAD_W_BYTES = 256 << 20  # per-block h rows kept for the W gradient kernel
+# tests: one program per chunk, run as two launches (_pkl_kernel's HELP), so that slices are computed by programs
+# that do not own them, under the interpreter too
+help_split = False
 
 
 @triton.jit
@@ -147,10 +150,15 @@ def _pkl_kernel(
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr, GRAD_W: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     ALIGN: tl.constexpr, SLOTS: tl.constexpr, STAGES: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr,
+    HELP: tl.constexpr,
 ):
     FOLD: tl.constexpr = not (SPARSE or GRAD_W)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    # HELP (tests; one chunk per program): 1 runs the chunks without guards, 2 only the guards, so that under the
+    # interpreter program 0 computes the slices of the other programs' published chunks, as programs do on a GPU
+    k_run = k0 if HELP == 2 else k1  # chunks k < k_run run
+    k_guard = k1 + nprog if HELP == 1 else k0  # guards for previous chunks ≥ k_guard run
     n_k = k1 - k0
     G = tl.cdiv(tl.cdiv(V_S, BLOCK_S), SLICE)  # D slices per chunk
     row = pid.to(tl.int64) * V_T
@@ -166,7 +174,7 @@ def _pkl_kernel(
         # Take open slices of published chunks, oldest first (the previous chunk's included), until none is open in
         # the window and all of the previous chunk's are taken, then wait for those in flight (they wait for
         # nothing); sparse: zero h at its columns.
-        if k - nprog >= k0:
+        if k - nprog >= k_guard:
             c_p = k - nprog - k0
             busy = True
             while busy:
@@ -194,7 +202,7 @@ def _pkl_kernel(
                     v = tl.load(tc_ptr + tp_lo * stride_tc + o, mask=o < C, other=-1)
                     tl.store(h_ptr + row + v, tl.zeros((BLOCK_T,), tl.float32), mask=v >= 0)
             tl.debug_barrier()
-        if k < k1:
+        if k < k_run:
             # GRAD_W: h rows of the block's chunks stay for the W-gradient kernel; else a per-program scratch row
             # (dense: the Qu row, which the dense pass does not use).
             h_row = h_ptr + ((k - k0).to(tl.int64) * V_T if GRAD_W else row)
@@ -478,14 +486,16 @@ TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
 _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
 # D slices of 16 student tiles (32,768 ids: 4 slices at V_S = 128,256; fewer, longer slices take fewer handshakes but
 # keep h live longer, bench/costmodel.py); the help window covers ≥ 2 chunks per program of a 132-SM grid. The
-# interpreter's 1-tile slices put several slices in every test (all run by their owner: the interpreter runs the
-# programs one after another, so a slice computed by another program is exercised on a GPU only, bench/gpu.py).
+# interpreter's 1-tile slices put several slices in every test (run by their owner: the interpreter runs the
+# programs one after another; help_split makes other programs compute them, the memory ordering is a GPU's only).
 SLICES_GPU = dict(SLICE=16, WIN=256)
 _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 ALIGN = 8  # dense W tiles start on multiples of 8 columns: 16-byte teacher loads
 _CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=16) for st in (3, 2)]
+# the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
+# stale words would find no slice open to help with)
 _launch = _tl.launcher(_pkl_kernel, dict(BLOCK_S=128, STAGES=1), _CONFIGS,
-                       key=["V_S", "V_T", "C", "NNZ", "MEAN", "SPARSE", "GRAD_W"])
+                       key=["V_S", "V_T", "C", "NNZ", "MEAN", "SPARSE", "GRAD_W"], reset_to_zero=["sync_ptr"])
 _grad_w = _tl.launcher(_pkl_grad_w_kernel, dict(BLOCK=128), [triton.Config({"BLOCK": 1024}, num_warps=8)])
 _zero = _tl.launcher(_tl.zero_uncovered_rows, dict(BLOCK=128), [triton.Config({"BLOCK": 2048}, num_warps=8)])
 
@@ -593,7 +603,7 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
     # the gradient pass's ELL: one 8-byte word per slot, slot-major (as ell_key): w_eff's fp32 bits << 32 | key
     ell = (w_eff.gather(1, slot_order).t().contiguous().view(torch.int32).long() << 32) | ell_key.long()
     mask8 = torch.where(col_mask, torch.where(has_entry, 1, 2), 0).to(torch.int8)
-    nprog = _num_programs(K, device)
+    nprog = K if help_split else _num_programs(K, device)
     qu = torch.zeros(nprog, V_T, **f32)
     tm = torch.empty(nprog, max(1, triton.cdiv(C, _TILES["BLOCK_T"]) if sparse else n_tiles), **f32)
     if sparse:
@@ -615,14 +625,16 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
             h, stat = torch.zeros(k1 - k0, V_T, **f32), torch.zeros(k1 - k0, 2, **f32)
         else:
             h, stat = (torch.zeros(nprog, V_T, **f32) if sparse else qu), loss
-        _launch((nprog,),
-                s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
-                a, ell, nslot, colb, e_row, e_col, e_val, tiles, n_tiles, col_end, rank, e_row.numel(), mask8,
-                spans, chain, scale, loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc, tcnt,
-                stat, torch.zeros(1 + 2 * (k1 - k0), dtype=torch.int32, device=device), torch.empty(k1 - k0, 5, **f32),
-                k0, k1, V_S, V_T, C, 1.0 / float(temperature), float(temperature), float(eps),
-                MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
-                HAS_SCALE=chunk_scale is not None, ALIGN=ALIGN, SLOTS=SLOTS, **_TILES, **_SLICES)
+        sync, rs = torch.zeros(1 + 2 * (k1 - k0), dtype=torch.int32, device=device), torch.empty(k1 - k0, 5, **f32)
+        for help_ in (1, 2) if help_split else (0,):
+            _launch((nprog,),
+                    s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
+                    a, ell, nslot, colb, e_row, e_col, e_val, tiles, n_tiles, col_end, rank, e_row.numel(), mask8,
+                    spans, chain, scale, loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc,
+                    tcnt, stat, sync, rs,
+                    k0, k1, V_S, V_T, C, 1.0 / float(temperature), float(temperature), float(eps),
+                    MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
+                    HAS_SCALE=chunk_scale is not None, ALIGN=ALIGN, SLOTS=SLOTS, **_TILES, **_SLICES, HELP=help_)
         if need_grad_w:
             _grad_w(lambda meta: (triton.cdiv(V_S, meta["BLOCK"]),), s_logits, s_logits.stride(0), spans, w_idx,
                     mask8, lse_s, h, stat, grad_w, k0, k1, V_S, V_T, 1.0 / float(temperature),
