@@ -50,6 +50,7 @@ def tiny_windows(monkeypatch):
     level-1 bin of the m-th largest holds more than 2 m keys."""
     monkeypatch.setattr(hkl_kernel, "_SORT_CAP", 16)
     monkeypatch.setattr(hkl_kernel, "_SLACK", 0)
+    monkeypatch.setattr(hkl_kernel, "_hint_states", {})  # a fresh hint state: no program has seen a chunk
 
 
 @pytest.mark.parametrize("merge,sparse_k,pairs,topk", [("mean", 0, "none", None), ("chain", 40, "strict", 37),
@@ -216,12 +217,28 @@ def test_uncommon_set_listed_whole_only_near_m(no_slack):
     assert paths[:2] == [2, 2] and all(p & 2 for p in paths)
 
 
+def test_hint_state_outlives_the_launch(no_slack):
+    """Each program's hint state (the |Δθ| scales and the level-1 shifts) is kept from launch to launch: run again,
+    even the programs' first chunks hit on both sides, with bitwise the same results. Student logits near 40 and
+    m = 4 (the list's capacity 8 below |U_S|), every row a copy of one (θ does not move): a hint that lost its
+    shift (0) would list all of them and overflow."""
+    P, _ = _small_m_problem(6)
+    P.z = P.z[:1].expand_as(P.z) + 40.0
+    first = run_hkl_triton(P, "first", "relaxed", 4)[0]
+    paths = hkl_kernel.last_paths.tolist()
+    assert paths == [2, 2, 2, 2, 3, 3]  # no hint in each program's first two chunks (no θ, then no Δθ yet)
+    P.z = P.z.detach().clone()  # fp32 on the CPU: the first run's z is P.z itself, and holds its gradient
+    again = run_hkl_triton(P, "first", "relaxed", 4)[0]
+    assert hkl_kernel.last_paths.tolist() == [3] * len(paths) and torch.equal(first, again)
+
+
 @pytest.fixture
 def no_slack(monkeypatch):
     """L's capacity 2 m, below the rows' |U|: the first pass appends only the hinted bins (not the whole row). Two
     programs, as under the interpreter, also on CUDA: the hint needs a program to run several chunks (k = pid,
     pid + 2, ...), which the expected paths below assume."""
     monkeypatch.setattr(hkl_kernel, "_SLACK", 0)
+    monkeypatch.setattr(hkl_kernel, "_hint_states", {})  # a fresh hint state: no program has seen a chunk
     monkeypatch.setattr(hkl_kernel, "_programs", lambda device, K, per_program: min(2, K))
 
 

@@ -19,7 +19,8 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     that list holds every key of bin ≥ b1 iff #(bin ≥ b_h) ≥ m (⟺ b_h ≤ b1; all keys when the side has fewer than m),
     and it is complete iff that count ≤ capacity: both read off the histogram at the end of the pass, so the check is
     exact; one pass over L then finds bin b1's key range. Otherwise (a miss: e.g. a row shifted far from the previous
-    one, equal logits, no e yet in a program's first two chunks) the exact path runs: a second pass (S2 / T2,
+    one, equal logits, no e yet: a program's first two chunks since the hint state was created, which is kept
+    across launches) the exact path runs: a second pass (S2 / T2,
     _compact) compacts bin ≥ b1, and if that exceeds the capacity (equal or far-shifted logits), the exact m-th key is
     first found over the rows (the bisection below, ≤ 5 more row passes) and only prefix(m) is compacted.
     ``last_paths`` records per chunk which sides hit.
@@ -115,6 +116,7 @@ _I64_MIN = tl.constexpr(-2 ** 63)
 # per chunk of the last launch (on its device, no sync): bit 0 / 1 = the student / teacher candidate list came from
 # the single-pass compaction (no S2 / T2); 0 where no selection ran (bad input, m = 0). For tests and the bench.
 last_paths: torch.Tensor | None = None
+_hint_states: dict[str, torch.Tensor] = {}  # _hint_state's, per device
 
 
 @triton.jit
@@ -583,15 +585,16 @@ def _hkl_kernel(
     tcnt_row = tcnt_ptr + pid * V_T
     m = tl.load(m_ptr)
     tt = tau * tau
-    # level-1 shifts: the last m-th largest key-space value of this program, per side and per kind of value (raw
-    # logit of a single row / merged S or T), so that the next threshold tends to fall in a fine bin near 0
-    ca_raw = tl.full((), 0, tl.float32)
-    ca_mrg = tl.full((), 0, tl.float32)
-    cb_raw = tl.full((), 0, tl.float32)
-    cb_mrg = tl.full((), 0, tl.float32)
-    # and the |Δθ| scales that place the single-pass compaction's bin b_h (_hint_bin, _track), in the same order
-    # (student raw / merged, teacher raw / merged): in scratch, off the registers the sort needs
-    es = e_ptr + pid * 4
+    # hint state, kept across launches (hkl_rows): the |Δθ| scales that place the single-pass compaction's bin b_h
+    # (_hint_bin, _track; student raw / merged, teacher raw / merged: read and written in scratch, off the registers
+    # the sort needs), then the level-1 shifts in the same order: the last m-th largest key-space value of this
+    # program per side and kind of value (raw logit of a single row / merged S or T), so that the next threshold
+    # tends to fall in a fine bin near 0
+    es = e_ptr + pid * 8
+    ca_raw = tl.load(es + 4)
+    ca_mrg = tl.load(es + 5)
+    cb_raw = tl.load(es + 6)
+    cb_mrg = tl.load(es + 7)
     for k in range(pid, K, tl.num_programs(0)):
         c_s = _tl.chain_offset(schain_ptr, spans_ptr + 4 * k, CHAIN, BLOCK_L)
         c_t = _tl.chain_offset(tchain_ptr, spans_ptr + 4 * k + 2, CHAIN, BLOCK_L)
@@ -742,6 +745,10 @@ def _hkl_kernel(
         tl.store(loss_ptr + k, tl.where(bad != 0, float("nan"), tt * (kl + l1)))
         tl.store(gsum_ptr + k, tl.where(bad != 0, 0.0, gsum))
         tl.store(path_ptr + k, path)
+    tl.store(es + 4, ca_raw)
+    tl.store(es + 5, ca_mrg)
+    tl.store(es + 6, cb_raw)
+    tl.store(es + 7, cb_mrg)
 
 
 # Streaming loops (row passes, gradient pass) are software-pipelined over STAGES tiles (cp.async); the compaction and
@@ -758,6 +765,19 @@ def _interp_blocks(V_S: int, C: int, cap: int) -> dict:
     def b(n):
         return max(64, triton.next_power_of_2(max(n, 1)) // 8)
     return dict(BLOCK_S=b(V_S), BLOCK_T=b(C), BLOCK_L=b(cap), STAGES=1)
+
+
+def _hint_state(device: torch.device) -> torch.Tensor:
+    """Per device, [most programs, 8] fp32: each program's hint state (_hkl_kernel), kept from launch to launch so
+    that a training step's first chunks hit like the rest. Allocated once and never replaced (a captured CUDA graph
+    keeps its address). Only which path a chunk takes depends on it, never a result."""
+    key = str(device)
+    if key not in _hint_states:
+        n = 2 if interpret() or device.type != "cuda" else \
+            _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        e = torch.full((n, 4), float("nan"), dtype=torch.float32, device=device)  # _track's NaN: no θ yet
+        _hint_states[key] = torch.cat([e, torch.zeros_like(e)], 1)  # then the shifts c, 0 at first
+    return _hint_states[key]
 
 
 def _programs(device: torch.device, K: int, per_program: int) -> int:
@@ -820,7 +840,7 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     gc = torch.empty(P, g_len, **i32)
     gv = torch.empty(P, g_len, **f32)
     hist = torch.empty(P, 128, **i32)
-    e_scale = torch.full((P, 4), float("nan"), **f32)  # _track's state: NaN = no θ yet
+    hint = _hint_state(device)
     if sparse:  # all-zero between chunks (scatter_later_rows / clear_later_rows)
         tacc = torch.zeros(P, V_T, **f32)
         tcnt = torch.zeros(P, V_T, **i32)
@@ -829,7 +849,7 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     if K:
         _launch((P,), s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0), smap, tmap,
                 tcls, m_dev, spans, s_ch, t_ch, K, loss, gsum, paths, grad, grad.stride(0), lse_s, lse_t, la, lb, wa,
-                wb, gc, gv, hist, e_scale, tacc, tcnt, V_S, V_T, C, cap_a, cap_b, sl_a, sl_b, m_up, g_len, 1.0 / tau,
+                wb, gc, gv, hist, hint, tacc, tcnt, V_S, V_T, C, cap_a, cap_b, sl_a, sl_b, m_up, g_len, 1.0 / tau,
                 tau,
                 MEAN=merge == "mean", CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=min(_SMALL_CAP, W // 4),
                 **(_interp_blocks(V_S, C, max(cap_a, cap_b)) if interpret() else {}))
