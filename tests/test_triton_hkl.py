@@ -161,9 +161,9 @@ def test_bad_input_chunks(merge, sparse_k):
 
 
 @triton.jit
-def _sort_kernel(x_ptr, y_ptr, n, N: tl.constexpr, TRUNC: tl.constexpr):
+def _sort_kernel(x_ptr, y_ptr, n, N: tl.constexpr, PAD: tl.constexpr, TRUNC: tl.constexpr):
     lanes = tl.arange(0, N)
-    x = tl.load(x_ptr + lanes, mask=lanes < n, other=tl.full((), -2 ** 31, x_ptr.dtype.element_ty))
+    x = tl.load(x_ptr + lanes, mask=lanes < n, other=PAD)
     tl.store(y_ptr + lanes, hkl_kernel._sort_desc(x, N, n, TRUNC))
 
 
@@ -174,11 +174,12 @@ def test_sort_network(dtype):
     g = torch.Generator().manual_seed(0)
     N = 64
     for n in (1, 2, 3, 5, 8, 13, 16, 17, 31, 32, 33, 64):
-        x = torch.randint(-1000, 1000, (n,), generator=g).to(dtype)
+        info = torch.iinfo(dtype)  # full-range keys: the partner sums wrap around
+        x = torch.randint(info.min + 1, info.max, (n,), generator=g, dtype=dtype)
         x[n // 2:n // 2 + 2] = x[0]  # ties
         for trunc in (False, True):
             y = torch.empty(N, dtype=dtype, device=device())
-            _sort_kernel[(1,)](x.to(device()), y, n, N, trunc)
+            _sort_kernel[(1,)](x.to(device()), y, n, N, info.min, trunc)
             assert torch.equal(y[:n].cpu(), x.sort(descending=True).values), (n, trunc)
 
 
@@ -191,6 +192,10 @@ def test_small_sort_network(n_u, merge, dt):
     w_small = min(hkl_kernel._SMALL_CAP, triton.next_power_of_2(131) // 4)
     assert 2 * n_u <= w_small and u_s > n_u  # m = n_u, a truncated network
     run_hkl_triton(P, merge, "relaxed", None)
+    assert all(p & 4 for p in hkl_kernel.last_paths.tolist())  # bit 2: the small network
+    P.z = P.z.detach().clone()  # fp32 on the CPU: the first run's z is P.z itself, and holds its gradient
+    run_hkl_triton(P, merge, "relaxed", 2 * w_small)  # uncommon_topk 128: W 128, W_SMALL 32, the same m
+    assert all(p & 4 for p in hkl_kernel.last_paths.tolist())
 
 
 def _small_m_problem(n_u):
@@ -209,11 +214,12 @@ def _small_m_problem(n_u):
 def test_uncommon_set_listed_whole_only_near_m(no_slack):
     """The first pass appends a side's whole uncommon set only when it is at most 2 m + _SLACK keys (here 2 m): the
     teacher's 6 (= m) are, so every chunk hits on that side; the student's 43 are not (more than 2 m = 12, though
-    within the list's capacity 2·131), so each program's first chunk, with no hint yet, compacts in a second pass."""
+    within the list's capacity min(V_S, 2 m_up) = 131, where the rule before appended them whole), so each
+    program's first chunk, with no hint yet, compacts in a second pass."""
     P, u_s = _small_m_problem(6)
-    assert 12 < u_s <= 2 * 131
+    assert 12 < u_s <= 131
     run_hkl_triton(P, "first", "relaxed", None)
-    paths = hkl_kernel.last_paths.tolist()
+    paths = [p & 3 for p in hkl_kernel.last_paths.tolist()]
     assert paths[:2] == [2, 2] and all(p & 2 for p in paths)
 
 
@@ -225,11 +231,11 @@ def test_hint_state_outlives_the_launch(no_slack):
     P, _ = _small_m_problem(6)
     P.z = P.z[:1].expand_as(P.z) + 40.0
     first = run_hkl_triton(P, "first", "relaxed", 4)[0]
-    paths = hkl_kernel.last_paths.tolist()
+    paths = [p & 3 for p in hkl_kernel.last_paths.tolist()]
     assert paths == [2, 2, 2, 2, 3, 3]  # no hint in each program's first two chunks (no θ, then no Δθ yet)
     P.z = P.z.detach().clone()  # fp32 on the CPU: the first run's z is P.z itself, and holds its gradient
     again = run_hkl_triton(P, "first", "relaxed", 4)[0]
-    assert hkl_kernel.last_paths.tolist() == [3] * len(paths) and torch.equal(first, again)
+    assert [p & 3 for p in hkl_kernel.last_paths.tolist()] == [3] * 6 and torch.equal(first, again)
 
 
 @pytest.fixture

@@ -114,9 +114,10 @@ _INT_MIN = tl.constexpr(-2 ** 31)
 _INT_MAX = tl.constexpr(2 ** 31 - 1)
 _I64_MIN = tl.constexpr(-2 ** 63)
 # per chunk of the last launch (on its device, no sync): bit 0 / 1 = the student / teacher candidate list came from
-# the single-pass compaction (no S2 / T2); 0 where no selection ran (bad input, m = 0). For tests and the bench.
+# the single-pass compaction (no S2 / T2), bit 2 = sorted in the W_SMALL-lane network; 0 where no selection ran (bad
+# input, m = 0). For tests and the bench.
 last_paths: torch.Tensor | None = None
-_hint_states: dict[str, torch.Tensor] = {}  # _hint_state's, per device
+_hint_states: dict[tuple, torch.Tensor] = {}  # _hint_state's, per device and problem
 
 
 @triton.jit
@@ -134,11 +135,11 @@ def _unkey(k):
 @triton.jit
 def _sort_desc(x, N: tl.constexpr, n, TRUNC: tl.constexpr):
     """Bitonic sort, descending, of N (a power of two) integers: tl.sort's network, with each compare-and-swap
-    partner taken as (sum of the pair) − self (exact in wrap-around integer arithmetic). Same instructions as
-    tl.sort when compiled; the interpreter runs sums vectorized where tl.sort's xor_sum goes element by element.
-    TRUNC: only the first ⌈log₂ n⌉ merge stages (n on the device; the last of them descending on every lane), which
-    sort the first 2^⌈log₂ n⌉ lanes (the others come out in some order). Its runtime branches cost registers (the
-    8,192-lane network would spill): the small network's only."""
+    partner taken as (sum of the pair) − self (exact in wrap-around integer arithmetic). Without TRUNC the same
+    instructions as tl.sort when compiled; the interpreter runs sums vectorized where tl.sort's xor_sum goes element
+    by element. TRUNC: only the first ⌈log₂ n⌉ merge stages (n on the device; the last of them descending on every
+    lane), which sort the first 2^⌈log₂ n⌉ lanes (the others come out in some order). Its runtime branches cost
+    registers (the 8,192-lane network would spill): the small network's only."""
     LOG: tl.constexpr = N.bit_length() - 1
     h = tl.reshape(x, [2] * LOG)  # lane bit j on axis LOG − 1 − j
     bit = tl.arange(0, 2) == 1
@@ -702,6 +703,7 @@ def _hkl_kernel(
                 tot_b = tl.sum(tl.load(hb + bins))
                 # the sort network sized to m (on the device): W_SMALL lanes when m fits, else W
                 if m <= W_SMALL:
+                    path |= 4
                     l1, gsum, th_a, th_b = _windows(m, tot_b, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b,
                                                     lo_b, th_b_prev, blo_b, bhi_b, c1_b, wa, wb, gc, gv, al_a, be_a,
                                                     al_b, be_b, tt, gsum, SPARSE, BLOCK_L, W_SMALL, True)
@@ -767,17 +769,24 @@ def _interp_blocks(V_S: int, C: int, cap: int) -> dict:
     return dict(BLOCK_S=b(V_S), BLOCK_T=b(C), BLOCK_L=b(cap), STAGES=1)
 
 
-def _hint_state(device: torch.device) -> torch.Tensor:
-    """Per device, [most programs, 8] fp32: each program's hint state (_hkl_kernel), kept from launch to launch so
-    that a training step's first chunks hit like the rest. Allocated once and never replaced (a captured CUDA graph
-    keeps its address). Only which path a chunk takes depends on it, never a result."""
-    key = str(device)
+def _hint_state(device: torch.device, P: int, problem: tuple) -> torch.Tensor:
+    """[most programs, 8] fp32 per device and problem (vocabulary sizes and m's bound: losses of other shapes keep
+    their own): each program's hint state (_hkl_kernel), kept from launch to launch so that a training step's first
+    chunks hit like the rest. Allocated once and never replaced (a captured CUDA graph keeps its address); a call
+    under CUDA graph capture that finds none uses a state of its own (set up by each replay). Launches on several
+    streams may race on it. Only which path a chunk takes depends on it, never a result."""
+    key = (str(device), *problem)
     if key not in _hint_states:
         n = 2 if interpret() or device.type != "cuda" else \
             _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-        e = torch.full((n, 4), float("nan"), dtype=torch.float32, device=device)  # _track's NaN: no θ yet
-        _hint_states[key] = torch.cat([e, torch.zeros_like(e)], 1)  # then the shifts c, 0 at first
-    return _hint_states[key]
+        e = torch.full((max(n, P), 4), float("nan"), dtype=torch.float32, device=device)  # _track's NaN: no θ yet
+        state = torch.cat([e, torch.zeros_like(e)], 1)  # then the shifts c, 0 at first
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return state
+        _hint_states[key] = state
+    state = _hint_states[key]
+    assert state.shape[0] >= P, "more programs than hint-state rows"
+    return state
 
 
 def _programs(device: torch.device, K: int, per_program: int) -> int:
@@ -840,7 +849,7 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     gc = torch.empty(P, g_len, **i32)
     gv = torch.empty(P, g_len, **f32)
     hist = torch.empty(P, 128, **i32)
-    hint = _hint_state(device)
+    hint = _hint_state(device, P, (V_S, C, m_up))
     if sparse:  # all-zero between chunks (scatter_later_rows / clear_later_rows)
         tacc = torch.zeros(P, V_T, **f32)
         tcnt = torch.zeros(P, V_T, **i32)
