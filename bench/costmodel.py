@@ -161,21 +161,22 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
 
 
 def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", topk: int = 8192,
-              gpu: dict = GPU) -> dict:
-    """Per-row model of ``_hkl_kernel`` (dense teacher, H-KL: the relaxed common pairs, uncommon_topk ``topk``) for
-    a 1-to-1 chunk, from the pass table in ops.hkl_kernel's docstring, with the m a user gets from this W and
-    ``uncovered`` (A = the covered columns, or all). Common case (the single-pass compaction hits on both sides):
-    student rows read in S1 (LSE, histogram, candidate list) and S3 (gradient, written), the teacher row in T1; the
-    lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~5 times (key range, ~3 bisection steps, gather), |L| =
-    the side's uncommon set when it fits the list (the first pass appends it whole), else ≈ 2 m (m plus the keys
+              gpu: dict = GPU, loss: str = "H-KL") -> dict:
+    """Per-row model of ``_hkl_kernel`` (dense teacher, H-KL: the relaxed common pairs, or GOLD: the strict ones;
+    uncommon_topk ``topk``) for a 1-to-1 chunk, from the pass table in ops.hkl_kernel's docstring, with the m a user
+    gets from this W and ``uncovered`` (A = the covered columns, or all). Common case (the single-pass compaction hits
+    on both sides): student rows read in S1 (LSE, histogram, candidate list) and S3 (gradient, written), the teacher row
+    in T1; the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~5 times (key range, ~3 bisection steps, gather),
+    |L| = the side's uncommon set when it fits the list (the first pass appends it whole), else ≈ 2 m (m plus the keys
     within the hint radius); the sort buffers, the gradient list G (8 B × m); S3 gathers the teacher at the common
-    columns (from L2: the teacher row is part of the working set; spilled, each gather is a 32-byte sector from
-    HBM). The fallback (a miss on both sides: S2 / T2 re-read the rows) is returned as hbm_l2_fallback /
-    hbm_spill_fallback.
+    columns (from L2: the teacher row is part of the working set; spilled, each gather is a 32-byte sector from HBM).
+    The fallback (a miss on both sides: S2 / T2 re-read the rows) is returned as hbm_l2_fallback / hbm_spill_fallback.
 
     Time per row and SM: the streams at the SM's share of HBM bandwidth, then the window (not overlapped: one
     program per SM): its list passes at the SM's share of the assumed L2 bandwidth and the two sorts' issue time
-    (SORT_INSTR per lane and stage; the network of W_SMALL lanes when m fits it, run for ⌈log₂ m⌉ merge stages).
+    (SORT_INSTR per lane and stage; the network of W_SMALL lanes when m fits it, run for ⌈log₂ m⌉ merge stages,
+    both windows side by side in it: one chain of stages, the b keys at the int64 rate; else the W-lane network
+    twice, one window after the other).
     The working set is time-averaged over these phases: each per-program buffer counts for the fraction of a
     chunk's time it is live (L_a from its writes in S1 to the end of the window, L_b from T1, the sort buffers in
     the window, G from the window to the end of S3, the teacher row from T1 to the end of S3)."""
@@ -183,7 +184,7 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
 
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
     allowed = proj.covered_columns() if uncovered == "renormalize" else torch.ones(V_T, dtype=torch.bool)
-    cs, ct = proj.common_pairs("relaxed")
+    cs, ct = proj.common_pairs("relaxed" if loss == "H-KL" else "strict")
     keep = allowed[ct.long()]
     n_common = int(keep.sum())
     u_s = V_S - int(torch.unique(cs[keep]).numel())
@@ -208,7 +209,8 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     l2 = lists + bufs + n_common * SECTOR + m * SECTOR  # S3's teacher gathers, the fix-up's student gathers
     # time per row and SM (s)
     bw_sm, l2_sm = gpu["hbm"] / gpu["sms"], gpu["l2_bw"] / gpu["sms"]
-    t_sort = sum(SORT_INSTR) * stages * max(w_net, SORT_THREADS) / 32 / ISSUE / CLOCK
+    small = w_net < w_big  # the small network sorts both windows side by side, b's keys widened to int64
+    t_sort = (2 * SORT_INSTR[0] if small else sum(SORT_INSTR)) * stages * max(w_net, SORT_THREADS) / 32 / ISSUE / CLOCK
     t_s1, t_t1, t_s3 = elem * V_S / bw_sm, elem * V_T / bw_sm, 2 * elem * V_S / bw_sm
     t_win = (lists + bufs) / l2_sm + t_sort
     t_row = t_s1 + t_t1 + t_win + t_s3
@@ -218,13 +220,13 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     chains = {}
     for cfg in H._CONFIGS:
         b = cfg.kwargs["BLOCK_L"]
-        chains[b] = (5 * (math.ceil(l_a / b) + math.ceil(l_b / b)) + 2 * stages,
+        chains[b] = (5 * (math.ceil(l_a / b) + math.ceil(l_b / b)) + (1 if small else 2) * stages,
                      math.ceil(V_S / b) + math.ceil(V_T / b))
     block = H._CONFIGS[0].kwargs["BLOCK_L"]
     loops = {"S1/S3 (student passes)": math.ceil(V_S / block), "T1 (teacher pass)": math.ceil(V_T / block),
-             f"window (5 passes per list + 2 x {stages} sort stages)": chains[block][0]}
+             f"window (5 passes per list + {'1' if small else '2'} x {stages} sort stages)": chains[block][0]}
     gathers = SECTOR * (n_common + 2 * m)  # spilled: S3's teacher gathers, the fix-up's student gathers and stores
-    return dict(kernel="H-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + lists + bufs + gathers, l2=l2, l2_lo=l2,
+    return dict(kernel=loss, floor=floor, hbm_l2=stream, hbm_spill=stream + lists + bufs + gathers, l2=l2, l2_lo=l2,
                 loops=loops, vocab_tiles=chains[block][1], chains=chains, old_loop=None,
                 hbm_l2_fallback=stream_fb, hbm_spill_fallback=stream_fb + lists_fb + bufs + gathers,
                 footprint=min(rows, gpu["sms"]) * live + shared, t_row=t_row, t_window=t_win, t_sort=t_sort,
@@ -306,4 +308,4 @@ def run(quick: bool = False) -> None:
     rand = Projection.random(real.student_vocab_size, real.teacher_vocab_size, seed=0, empty_rows=0.01)
     report([("Projection.random", pkl_model(rand, 8192)), (name, pkl_model(real, 8192)),
             ("Projection.random", hkl_model(rand, 8192)), (name, hkl_model(real, 8192)),
-            (name, hkl_model(real, 8192, uncovered="epsilon"))])
+            (name, hkl_model(real, 8192, uncovered="epsilon")), (name, hkl_model(real, 8192, loss="GOLD"))])

@@ -167,10 +167,21 @@ def _sort_kernel(x_ptr, y_ptr, n, N: tl.constexpr, PAD: tl.constexpr, TRUNC: tl.
     tl.store(y_ptr + lanes, hkl_kernel._sort_desc(x, N, n, TRUNC))
 
 
+@triton.jit
+def _sort_pair_kernel(x_ptr, u_ptr, y_ptr, v_ptr, n, N: tl.constexpr, PAD: tl.constexpr):
+    lanes = tl.arange(0, N)
+    x = tl.load(x_ptr + lanes, mask=lanes < n, other=PAD)
+    u = tl.load(u_ptr + lanes, mask=lanes < n // 2, other=PAD)
+    y, v = tl.split(hkl_kernel._sort_desc(tl.join(x, u), N, n, True, True))
+    tl.store(y_ptr + lanes, y)
+    tl.store(v_ptr + lanes, v)
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_sort_network(dtype):
     """_sort_desc (the window sorts): n ≤ N keys (the other lanes padded with the smallest key) come out descending
-    in the first n lanes, with all N lanes' merge stages and with only the first ⌈log₂ n⌉ of them (TRUNC)."""
+    in the first n lanes, with all N lanes' merge stages and with only the first ⌈log₂ n⌉ of them (TRUNC), and
+    two columns sorted side by side (PAIR, as the small network sorts both windows)."""
     g = torch.Generator().manual_seed(0)
     N = 64
     for n in (1, 2, 3, 5, 8, 13, 16, 17, 31, 32, 33, 64):
@@ -181,6 +192,12 @@ def test_sort_network(dtype):
             y = torch.empty(N, dtype=dtype, device=device())
             _sort_kernel[(1,)](x.to(device()), y, n, N, info.min, trunc)
             assert torch.equal(y[:n].cpu(), x.sort(descending=True).values), (n, trunc)
+        # PAIR: two columns side by side (n and n // 2 keys), each sorted on its own
+        u = torch.randint(info.min + 1, info.max, (n // 2,), generator=g, dtype=dtype)
+        y, v = (torch.empty(N, dtype=dtype, device=device()) for _ in range(2))
+        _sort_pair_kernel[(1,)](x.to(device()), u.to(device()), y, v, n, N, info.min)
+        assert torch.equal(y[:n].cpu(), x.sort(descending=True).values), n
+        assert torch.equal(v[:n // 2].cpu(), u.sort(descending=True).values), n
 
 
 @pytest.mark.parametrize("n_u,merge,dt", [(6, "first", torch.float32), (20, "mean", torch.bfloat16),

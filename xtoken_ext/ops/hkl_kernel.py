@@ -35,9 +35,11 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     g_i = τ² sign(a_i − b_i) a_i come lane-wise (a side short of ranks, e.g. a sparse teacher, is padded with 0).
     The sizes are the host's (m_up, its bound on m); m itself stays on the device, where the kernel picks the
     network: m ≤ W_SMALL = min(_SMALL_CAP, W/4) sorts in a W_SMALL-lane network run for only its first ⌈log₂ m⌉
-    merge stages (_windows / _sort_desc with TRUNC; its runtime branches would make the W-lane network spill), else
-    the W-lane one. With the default uncovered="renormalize" most teacher columns are paired, so m = |U_T| is
-    small: 128 for H-KL with Llama-3 → Qwen3 (28 stages on 1,024 lanes instead of 91 on 8,192).
+    merge stages (_windows / _sort_desc with TRUNC; its runtime branches would make the W-lane network spill), both
+    windows side by side in it (PAIR: b's keys widened to int64, one chain of stages), else the W-lane one, a then b
+    (one sorted window live at a time). With the default uncovered="renormalize" most teacher columns are paired,
+    so m = |U_T| is small: 128 for H-KL with Llama-3 → Qwen3 (28 stages on 2 × 1,024 lanes instead of 2 × 91 on
+    8,192).
     H-KL / GOLD (m ≤ 8192): one window. ULD (m = |U| ~ 1e5, no cap) falls back to ⌈m/W⌉ windows, each a select
     (≤ 5 passes) and a gather over both whole lists: on the device, no host loop or sync, but O(m/W · |L|) traffic
     with |L| ~ V: the remaining gap (an MSD partition of L by bin would make it O(|L|)).
@@ -62,8 +64,8 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   T2 teacher   miss only: T; rewrites L_b                  ⌈V_T/BLOCK⌉ tiles
   window (×1)  per side (hit) 1 key-range pass, ~3         ~5 ⌈|L|/BLOCK⌉ tiles per side + 2 sorts of W lanes
                bisection passes, 1 gather over L, W-lane   (½ log₂W (log₂W + 1) = 91 compare-and-swap stages at
-               buffer, G: ≈ 1.2 MB total (per-program      W = 8192; m ≤ W_SMALL: ½ ⌈log₂m⌉ (⌈log₂m⌉ + 1), 28
-               scratch, L2 if it stays there)              at m = 128)
+               buffer, G: ≈ 1.2 MB total (per-program      W = 8192; m ≤ W_SMALL: one sort of both windows,
+               scratch, L2 if it stays there)              ½ ⌈log₂m⌉ (⌈log₂m⌉ + 1) stages, 28 at m = 128)
   S3 gradient  S; writes S; the teacher gathered at the    ⌈V_S/BLOCK⌉ tiles, pipelined
                |C| common columns (32 B sectors, from L2:
                T was streamed in T1 (T2 on a miss) just before)
@@ -77,10 +79,11 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   student rows (and n teacher rows at the common columns), writes n.
   Compute: the two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread (8 warps), ~40 µs of issue time
   per row per SM, about the time the SM's share of HBM bandwidth needs to stream the row (≈ 32 µs at 3.35 TB/s
-  over 132 SMs), and not overlapped with it: one program per SM (below). At m = 128 in the small network: ≈ 2 µs.
+  over 132 SMs), and not overlapped with it: one program per SM (below). At m = 128 in the small network: ≈ 2.3
+  µs (bench/costmodel.py).
 Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain × dense / sparse): config 0 (2048
-  lanes, 3 stages, 8 warps) 255 registers with 60-244 B at W = 8192 (24-124 B before the W_SMALL network was added);
-  config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.68 KB (first, dense; 0.44 KB before). What remains: LLVM hoists
+  lanes, 3 stages, 8 warps) 255 registers with 76-204 B at W = 8192 (24-124 B before the W_SMALL network was added);
+  config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.61 KB (first, dense; 0.44 KB before). What remains: LLVM hoists
   the per-thread shared-memory addresses of every layout conversion, reduction and scan out of the persistent chunk
   loop (~40-100 registers held throughout), and at W = 8192 the a-sort holds 32 int64 keys and their partner sums
   per thread. Kept down by: no masked scatter stores (the compactions and a sparse teacher's G entries send their
@@ -133,15 +136,18 @@ def _unkey(k):
 
 
 @triton.jit
-def _sort_desc(x, N: tl.constexpr, n, TRUNC: tl.constexpr):
+def _sort_desc(x, N: tl.constexpr, n, TRUNC: tl.constexpr, PAIR: tl.constexpr = False):
     """Bitonic sort, descending, of N (a power of two) integers: tl.sort's network, with each compare-and-swap
     partner taken as (sum of the pair) − self (exact in wrap-around integer arithmetic). Without TRUNC the same
     instructions as tl.sort when compiled; the interpreter runs sums vectorized where tl.sort's xor_sum goes element
     by element. TRUNC: only the first ⌈log₂ n⌉ merge stages (n on the device; the last of them descending on every
     lane), which sort the first 2^⌈log₂ n⌉ lanes (the others come out in some order). Its runtime branches cost
-    registers (the 8,192-lane network would spill): the small network's only."""
+    registers (the 8,192-lane network would spill): the small network's only. PAIR: x is [N, 2], its two columns
+    sorted side by side in one network (one chain of stages, not two)."""
     LOG: tl.constexpr = N.bit_length() - 1
-    h = tl.reshape(x, [2] * LOG)  # lane bit j on axis LOG − 1 − j
+    T: tl.constexpr = [2] if PAIR else []  # the pair axis, last: lane bit j on axis LOG − 1 − j either way
+    O: tl.constexpr = [1] if PAIR else []
+    h = tl.reshape(x, [2] * LOG + T)
     bit = tl.arange(0, 2) == 1
     if TRUNC:
         lg = tl.full((), 0, tl.int32)  # ⌈log₂ n⌉, at most LOG
@@ -152,16 +158,16 @@ def _sort_desc(x, N: tl.constexpr, n, TRUNC: tl.constexpr):
     for s in tl.static_range(1, LOG + 1):
         if s <= lg:
             if s < LOG:  # merge blocks of 2^s lanes, descending where lane bit s is set (all of them at s = lg)
-                desc = tl.reshape(bit, [1] * (LOG - s - 1) + [2] + [1] * s)
+                desc = tl.reshape(bit, [1] * (LOG - s - 1) + [2] + [1] * s + O)
                 if TRUNC:
                     desc = desc | (lg == s)
             else:
                 desc = True
             for i in tl.static_range(s):  # compare-and-swap across lane bit s − 1 − i
                 y = tl.sum(h, axis=LOG - s + i, keep_dims=True) - h
-                h = tl.where((h > y) != (desc ^ tl.reshape(bit, [1] * (LOG - s + i) + [2] + [1] * (s - 1 - i))), y,
-                             h)
-    return tl.reshape(h, [N])
+                h = tl.where((h > y) != (desc ^ tl.reshape(bit, [1] * (LOG - s + i) + [2] + [1] * (s - 1 - i) + O)),
+                             y, h)
+    return tl.reshape(h, [N] + T)
 
 
 @triton.jit
@@ -540,16 +546,23 @@ def _windows(m, tot_b, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b, lo
                                             True, True, SPARSE, BLOCK_L)
         cnt_b, _x0, _x1, _x2, _x3 = _gather(1, n_b, lb, nth_b, nq_b, th_b, q_b, 0, -1, wb, W, False,
                                             True, True, SPARSE, BLOCK_L)
-        # one sorted window live at a time: b's values wait in G's value slots while a sorts
-        eb = _sort_desc(tl.load(wb + lanes, mask=lanes < cnt_b, other=_INT_MIN), W, cnt_b, TRUNC)
-        tl.store(gv + r0 + lanes, tl.where(lanes < cnt_b, tl.exp(_unkey(eb) * al_b + be_b), 0.0),
-                 mask=lanes < cnt_a)
-        tl.debug_barrier()
-        ea = _sort_desc(tl.load(wa + lanes, mask=lanes < cnt_a, other=_I64_MIN), W, cnt_a, TRUNC)
+        kb = tl.load(wb + lanes, mask=lanes < cnt_b, other=_INT_MIN)
+        if TRUNC:  # the small network: both windows side by side in one network (b's keys widened to int64)
+            ka = tl.load(wa + lanes, mask=lanes < cnt_a, other=_I64_MIN)
+            ea, eb = tl.split(_sort_desc(tl.join(ka, kb.to(tl.int64)), W, tl.maximum(cnt_a, cnt_b), True, True))
+            bv = tl.where(lanes < cnt_b, tl.exp(_unkey(eb.to(tl.int32)) * al_b + be_b), 0.0)
+        else:  # one sorted window live at a time: b's values wait in G's value slots while a sorts
+            eb = _sort_desc(kb, W, cnt_b, False)
+            tl.store(gv + r0 + lanes, tl.where(lanes < cnt_b, tl.exp(_unkey(eb) * al_b + be_b), 0.0),
+                     mask=lanes < cnt_a)
+            tl.debug_barrier()
+            ea = _sort_desc(tl.load(wa + lanes, mask=lanes < cnt_a, other=_I64_MIN), W, cnt_a, False)
         # the columns first: ea's low words are dead before a, d and g are formed (Registers)
         tl.store(gc + r0 + lanes, (ea & 0xFFFFFFFF).to(tl.int32), mask=lanes < cnt_a)
         av = tl.where(lanes < cnt_a, tl.exp(_unkey((ea >> 32).to(tl.int32)) * al_a + be_a), 0.0)
-        d = av - tl.load(gv + r0 + lanes, mask=lanes < cnt_a, other=0.0)
+        if not TRUNC:
+            bv = tl.load(gv + r0 + lanes, mask=lanes < cnt_a, other=0.0)
+        d = av - bv
         g = tl.where(d > 0, tt * av, tl.where(d < 0, -tt * av, 0.0))
         l1 += tl.sum(tl.where(lanes < cnt_a, tl.abs(d), 0.0))
         gsum += tl.sum(tl.where(lanes < cnt_a, g, 0.0))
