@@ -136,7 +136,7 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     # h_u written in C at the ranks of the columns with W entries, gathered in D (≤ the whole row)
     scratch = 4 * st["cols"] + min(4 * st["cols"], SECTOR * st["nnz"])
     l2 = (4 * V_S  # a in A
-          + st["nnz"] * (12 + SECTOR) + 8 * (st["tiles"] + 1)  # C: entries, p gathers (z row: L2), tile bounds
+          + st["nnz"] * (8 + SECTOR) + 8 * (st["tiles"] + 1)  # C: entries (student, weight), p gathers, tiles
           + V_T * (1 + 4 + 4) + st["tiles"] * 8 * elem  # C: mask, column ends, ranks; window overhang ≤ 7 columns
           + st["ell"] + st["nnz"] * SECTOR  # D: the compact ELL, h gathers (tile maxima: L1)
           + scratch)
@@ -149,9 +149,9 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     z_rows, h_rows = simulate_live_rows(nprog, rows, t_a, t_c, t_d, slices)
     _, h_alone = simulate_live_rows(nprog, rows, t_a, t_c, t_d, slices, help_others=False)
     z_row, h_row = elem * V_S, 4 * (st["cols"] + st["tiles"])
-    w_bytes = st["nnz"] * 12 + V_S * 4 + st["ell"] + V_T * 9 + 8 * st["tiles"]
+    w_bytes = st["nnz"] * 8 + V_S * 4 + st["ell"] + V_T * 9 + 8 * st["tiles"]
     l2_lo = l2 - 2 * SECTOR * st["nnz"] + SECTOR * (st["sect_c"] + st["sect_d"])  # gathers: distinct sectors
-    w_reads = 4 * V_S + st["nnz"] * 12 + V_T * 9 + st["ell"]  # W's structure, re-read for every row
+    w_reads = 4 * V_S + st["nnz"] * 8 + V_T * 9 + st["ell"]  # W's structure, re-read for every row
     parts = {f"W structure (ELL {st['ell'] / 2**20:.2f} MiB)": w_reads,
              "p and h gathers": (SECTOR * (st["sect_c"] + st["sect_d"]), 2 * SECTOR * st["nnz"]), "scratch": scratch}
     return dict(kernel="P-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + scratch + SECTOR * st["nnz"], l2=l2,
@@ -255,7 +255,8 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
                           f"{m['hbm_spill'] / m['floor']:.2f}x", _l2_range(m), f"{loop} ({loop_name})",
                           str(m["vocab_tiles"]), str(m["old_loop"] or "-"))))
         st = m["stats"]
-        fits = "fits" if m["footprint"] <= gpu["l2"] else "does NOT fit"
+        spare = (gpu["l2"] - m["footprint"]) / 2**20
+        fits = f"fits ({spare:.1f} MiB to spare)" if spare >= 0 else "does NOT fit"
         if m["kernel"] == "P-KL":
             what = f"W: nnz {st['nnz']:,}, longest column {st['max_col']}"
         else:

@@ -93,12 +93,15 @@ def _entry_scan(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, 
                 MEAN: tl.constexpr, BLOCK_E: tl.constexpr):
     """The column-sorted entries [e_lo, e_lo + BLOCK_E) ∩ [e_lo, e_hi) -> (their columns, lanes ending a column in
     the block, seg = segmented inclusive scan per column of w p̄'[s], p̄' = Σ_r p_r). No differences of a running
-    sum: a segment restarts at each column."""
+    sum: a segment restarts at each column, flagged by the sign bit of the entry's student id (a column's first
+    entry) and at the block's start; the dense pass uses seg only, so its entries are 8 bytes (the column loads go
+    unused)."""
     e = e_lo + tl.arange(0, BLOCK_E)
     em = e < e_hi
     s = tl.load(erow_ptr + e, mask=em, other=0)
+    start = (s < 0) | (e == e_lo)
+    s = s & 0x7FFFFFFF
     col = tl.load(ecol_ptr + e, mask=em, other=-1)
-    prev = tl.load(ecol_ptr + e - 1, mask=em & (e > e_lo), other=-2)
     nxt = tl.load(ecol_ptr + e + 1, mask=e + 1 < e_hi, other=-3)
     if MEAN:
         pr = tl.zeros((BLOCK_E,), tl.float32)
@@ -107,7 +110,7 @@ def _entry_scan(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, 
     else:  # one student row: no loop in the tile loop
         pr = _tl.softmax_tile(z_ptr + s_lo * stride_z, s, em, inv_tau, tl.load(lse_s_ptr + s_lo))
     val = tl.load(eval_ptr + e, mask=em, other=0.0) * pr
-    seg, _ = tl.associative_scan((val, (col != prev).to(tl.int32)), 0, _seg_add)
+    seg, _ = tl.associative_scan((val, start.to(tl.int32)), 0, _seg_add)
     return col, em & (col != nxt), seg
 
 
@@ -523,7 +526,8 @@ def column_tiles(col_ptr: torch.Tensor, block_t: int, block_e: int, align: int =
 
 
 def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
-    """W's nonzero slots sorted by teacher column: (student int32 [nnz], column int32 [nnz], flat slot int64 [nnz],
+    """W's nonzero slots sorted by teacher column: (student int32 [nnz], its sign bit set on a column's first entry;
+    column int32 [nnz], flat slot int64 [nnz],
     has_entry bool [V_T], the ``column_tiles`` int32 [n_tiles + 1, 2], the end of each column's entries int32 [V_T]),
     then the compact ELL of the gradient pass: every row's used slots first (order int64 [V_S, SLOTS], the slot
     permutation), nslot int8 [V_S], keys int32 [SLOTS, V_S] slot-major = column | its tile << colb, and the same with
@@ -557,7 +561,10 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     rank = torch.cumsum(has_entry, 0) - 1  # a column's rank among the columns with W entries
     ell_keys = tuple(torch.where(used, c | tile_bits, 0).to(torch.int32).t().contiguous()
                      for c in (idx, rank[idx.clamp(min=0)]))
-    out = ((slot_ids // SLOTS).to(torch.int32), cols.to(torch.int32), slot_ids, has_entry,
+    first = torch.ones_like(cols, dtype=torch.bool)  # a column's first entry: the sign bit of its student id
+    first[1:] = cols[1:] != cols[:-1]
+    e_row = slot_ids // SLOTS - (first.long() << 31)
+    out = (e_row.to(torch.int32), cols.to(torch.int32), slot_ids, has_entry,
            tiles.to(torch.int32).contiguous(), col_ptr[1:].to(torch.int32), slot_order, used.sum(1).to(torch.int8),
            ell_keys, rank.to(torch.int32), colb)
     if len(_STRUCT_CACHE) >= 16:
