@@ -168,11 +168,11 @@ def _sort_kernel(x_ptr, y_ptr, n, N: tl.constexpr, PAD: tl.constexpr, TRUNC: tl.
 
 
 @triton.jit
-def _sort_pair_kernel(x_ptr, u_ptr, y_ptr, v_ptr, n, N: tl.constexpr, PAD: tl.constexpr):
+def _sort_pair_kernel(x_ptr, u_ptr, y_ptr, v_ptr, nx, nu, N: tl.constexpr, PAD: tl.constexpr):
     lanes = tl.arange(0, N)
-    x = tl.load(x_ptr + lanes, mask=lanes < n, other=PAD)
-    u = tl.load(u_ptr + lanes, mask=lanes < n // 2, other=PAD)
-    y, v = tl.split(hkl_kernel._sort_desc(tl.join(x, u), N, n, True, True))
+    x = tl.load(x_ptr + lanes, mask=lanes < nx, other=PAD)
+    u = tl.load(u_ptr + lanes, mask=lanes < nu, other=PAD)
+    y, v = tl.split(hkl_kernel._sort_desc(tl.join(x, u), N, tl.maximum(nx, nu), True, True))
     tl.store(y_ptr + lanes, y)
     tl.store(v_ptr + lanes, v)
 
@@ -192,12 +192,13 @@ def test_sort_network(dtype):
             y = torch.empty(N, dtype=dtype, device=device())
             _sort_kernel[(1,)](x.to(device()), y, n, N, info.min, trunc)
             assert torch.equal(y[:n].cpu(), x.sort(descending=True).values), (n, trunc)
-        # PAIR: two columns side by side (n and n // 2 keys), each sorted on its own
+        # PAIR: two columns side by side (n and n // 2 keys, either one first), each sorted on its own
         u = torch.randint(info.min + 1, info.max, (n // 2,), generator=g, dtype=dtype)
-        y, v = (torch.empty(N, dtype=dtype, device=device()) for _ in range(2))
-        _sort_pair_kernel[(1,)](x.to(device()), u.to(device()), y, v, n, N, info.min)
-        assert torch.equal(y[:n].cpu(), x.sort(descending=True).values), n
-        assert torch.equal(v[:n // 2].cpu(), u.sort(descending=True).values), n
+        for p, q in ((x, u), (u, x)):
+            y, v = (torch.empty(N, dtype=dtype, device=device()) for _ in range(2))
+            _sort_pair_kernel[(1,)](p.to(device()), q.to(device()), y, v, p.numel(), q.numel(), N, info.min)
+            assert torch.equal(y[:p.numel()].cpu(), p.sort(descending=True).values), n
+            assert torch.equal(v[:q.numel()].cpu(), q.sort(descending=True).values), n
 
 
 @pytest.mark.parametrize("n_u,merge,dt", [(6, "first", torch.float32), (20, "mean", torch.bfloat16),

@@ -94,12 +94,12 @@ def _entry_scan(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, 
     """The column-sorted entries [e_lo, e_lo + BLOCK_E) ∩ [e_lo, e_hi) -> (their columns, lanes ending a column in
     the block, seg = segmented inclusive scan per column of w p̄'[s], p̄' = Σ_r p_r). No differences of a running
     sum: a segment restarts at each column, flagged by the sign bit of the entry's student id (a column's first
-    entry) and at the block's start; the dense pass uses seg only, so its entries are 8 bytes (the column loads go
+    entry; lane 0 starts one anyway); the dense pass uses seg only, so its entries are 8 bytes (the column loads go
     unused)."""
     e = e_lo + tl.arange(0, BLOCK_E)
     em = e < e_hi
     s = tl.load(erow_ptr + e, mask=em, other=0)
-    start = (s < 0) | (e == e_lo)
+    start = s < 0
     s = s & 0x7FFFFFFF
     col = tl.load(ecol_ptr + e, mask=em, other=-1)
     nxt = tl.load(ecol_ptr + e + 1, mask=e + 1 < e_hi, other=-3)
