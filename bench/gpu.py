@@ -5,7 +5,9 @@
    (dense, sparse top-k) through the public API with backend="triton", at multi-tile sizes (V_S 5,003 × V_T 6,007:
    several tiles of every autotune config, partial last tiles; 300 chunks of 1–3 rows per side in 2 sequences, every
    8th invalid; a teacher column that 300 W entries reach; τ = 0.7; H-KL family with a dense teacher at
-   uncommon_topk = 1,000, with a sparse one at the API default). The per-chunk losses and the gradient of
+   uncommon_topk = 1,000, with a sparse one at the API default); then H-KL and GOLD on a narrow dense teacher (V_T
+   1,031, most of its columns paired) at the API default uncommon_topk, where m = |U_T| (9 / 342) takes the
+   kernel's small sort network. The per-chunk losses and the gradient of
    Σ_k w_k L_k (random w) are compared with the float64 torch backend on the same rounded inputs, per entry, against
    the bounds of xtoken_ext.testing (from the dtype's unit roundoff); the table gives the worst error/bound ratio (≤ 1
    passes). H-KL / GOLD / ULD: entries where the sorted-L1 term is not differentiable within rounding (rank or sign
@@ -63,12 +65,15 @@ class Sizes:
     hub: int  # W entries in the hub column: more than one entry block (BLOCK_E) of ops.pkl_kernel, on the GPU and
     # under the interpreter, so entry-only tiles are exercised
     topk: int  # uncommon_topk of H-KL / GOLD / ULD with a dense teacher
+    V_T_narrow: int  # the narrow-teacher problem: most teacher columns paired, so m = |U_T| is far below its bound
     ref_chunks: int  # chunks of the problem on which the float64 oracle is checked against xt.reference
     repeat_all: bool  # every case runs REPEATS times; else only P-KL and H-KL with merge="mean" in bf16
 
 
-FULL = Sizes(V_S=5003, V_T=6007, chunks=300, sparse_k=640, hub=4400, topk=1000, ref_chunks=8, repeat_all=True)
-DRY = Sizes(V_S=160, V_T=100, chunks=7, sparse_k=80, hub=100, topk=24, ref_chunks=4, repeat_all=False)
+FULL = Sizes(V_S=5003, V_T=6007, chunks=300, sparse_k=640, hub=4400, topk=1000, V_T_narrow=1031, ref_chunks=8,
+             repeat_all=True)
+DRY = Sizes(V_S=160, V_T=100, chunks=7, sparse_k=80, hub=100, topk=24, V_T_narrow=41, ref_chunks=4, repeat_all=False)
+NARROW = ("hkl", "gold")  # the losses of the narrow-teacher problem
 
 
 @dataclasses.dataclass
@@ -130,7 +135,7 @@ def _ambiguous(loss, prob, z, t, merge, sizes, rel, dev):
 
 
 def check_case(prob, loss: str, merge: str, dtype: torch.dtype, sizes: Sizes, dev: torch.device,
-               repeats: int = REPEATS, perturb: float = 0.0) -> Row:
+               repeats: int = REPEATS, perturb: float = 0.0, teacher: str | None = None) -> Row:
     """One case: the public ``{loss}_loss`` with backend="triton" on ``dev`` vs the float64 torch backend on the same
     rounded inputs, then ``repeats`` − 1 more Triton runs compared bitwise with the first.
 
@@ -161,7 +166,8 @@ def check_case(prob, loss: str, merge: str, dtype: torch.dtype, sizes: Sizes, de
         again = [_forward_backward(fn, z, t, prob, kw, dev, backend="triton") for _ in range(repeats - 1)]
         equal = all(torch.equal(o, out) and torch.equal(gg, grad) for o, gg in again)
     checked = 1.0 if skip is None else 1.0 - float(skip.double().mean())
-    return Row(f"{loss:<5}{merge:<6}{_dtype_name(dtype):<5}{'sparse' if prob.teacher_indices is not None else 'dense'}",
+    teacher = teacher or ("sparse" if prob.teacher_indices is not None else "dense")
+    return Row(f"{loss:<5}{merge:<6}{_dtype_name(dtype):<5}{teacher}",
                worst_ratio(out, ref, loss_bound(ref, TAU, kap, dtype)), worst_ratio(g, ref_grad, bound, skip),
                checked, equal, seconds)
 
@@ -239,7 +245,27 @@ def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
             loss in ("pkl", "hkl") and merge == "mean" and dtype == torch.bfloat16) else 1))
             for loss in LOSSES for merge in MERGES for dtype in dtypes]
         ok &= report(f"triton, {teacher} teacher", rows)
+    # H-KL / GOLD where m is set by the uncommon sets, not uncommon_topk (the API default, 8,192): a teacher narrower
+    # than the student, most of its columns paired, as with a real W and uncovered="renormalize"; m then fits the
+    # kernel's small sort network (ops.hkl_kernel: W_SMALL), which the problems above (m = topk) never take
+    narrow = dataclasses.replace(sizes, topk=8192)
+    prob = loss_problem(2, sizes.V_S, sizes.V_T_narrow, sizes.chunks)  # no hub: it would take the pairs of 4,400 ids
+    _header(f"backend='triton' vs float64, narrow dense teacher: V_S {sizes.V_S:,} x V_T {sizes.V_T_narrow:,}, "
+            f"uncommon_topk 8,192, m = min(|U_S|, |U_T|) = {_m_of(prob, 'relaxed')} (H-KL), {_m_of(prob, 'strict')} "
+            f"(GOLD); ratio = worst |err| / bound")
+    rows = [_printed(check_case(prob, loss, merge, dtype, narrow, dev, 1, teacher="narrow"))
+            for loss in NARROW for merge in MERGES for dtype in dtypes]
+    ok &= report("triton, narrow dense teacher", rows)
     return ok
+
+
+def _m_of(prob, pairs: str) -> int:
+    """m of the sorted-L1 term with uncovered="renormalize" and no cap: min(|U_S|, |U_T|) over the covered columns."""
+    allowed = prob.proj.covered_columns()
+    cs, ct = prob.proj.common_pairs(pairs)
+    keep = allowed[ct.long()]
+    return min(prob.proj.student_vocab_size - int(torch.unique(cs[keep]).numel()),
+               int(allowed.sum()) - int(torch.unique(ct[keep]).numel()))
 
 
 def _printed(row: Row) -> Row:
