@@ -149,15 +149,26 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     z_rows, h_rows = simulate_live_rows(nprog, rows, t_a, t_c, t_d, slices)
     _, h_alone = simulate_live_rows(nprog, rows, t_a, t_c, t_d, slices, help_others=False)
     z_row, h_row = elem * V_S, 4 * (st["cols"] + st["tiles"])
-    w_bytes = st["nnz"] * 8 + V_S * 4 + st["ell"] + V_T * 9 + 8 * st["tiles"]
     l2_lo = l2 - 2 * SECTOR * st["nnz"] + SECTOR * (st["sect_c"] + st["sect_d"])  # gathers: distinct sectors
     w_reads = 4 * V_S + st["nnz"] * 8 + V_T * 9 + st["ell"]  # W's structure, re-read for every row
+    w_bytes = w_reads + 8 * st["tiles"]  # and the tile bounds
     parts = {f"W structure (ELL {st['ell'] / 2**20:.2f} MiB)": w_reads,
              "p and h gathers": (SECTOR * (st["sect_c"] + st["sect_d"]), 2 * SECTOR * st["nnz"]), "scratch": scratch}
     return dict(kernel="P-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + scratch + SECTOR * st["nnz"], l2=l2,
                 l2_lo=l2_lo, l2_parts=parts, loops=loops, vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],
                 footprint=z_rows * z_row + h_rows * h_row + w_bytes,
                 footprint_alone=z_rows * z_row + h_alone * h_row + w_bytes, slices=slices, stats=st)
+
+
+def uncommon_sets(proj, pairs: str, uncovered: str = "renormalize") -> tuple[int, int, int]:
+    """(common pairs, |U_S|, |U_T|) of the H-KL family's sorted-L1 term with this W, ``pairs`` ("relaxed": H-KL,
+    "strict": GOLD) and ``uncovered`` (A = the covered columns, or all): m = min(|U_S|, |U_T|, uncommon_topk)."""
+    V_T = proj.teacher_vocab_size
+    allowed = proj.covered_columns() if uncovered == "renormalize" else torch.ones(V_T, dtype=torch.bool)
+    cs, ct = proj.common_pairs(pairs)
+    keep = allowed[ct.long()]
+    return (int(keep.sum()), proj.student_vocab_size - int(torch.unique(cs[keep]).numel()),
+            int(allowed.sum()) - int(torch.unique(ct[keep]).numel()))
 
 
 def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", topk: int = 8192,
@@ -183,16 +194,11 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     from xtoken_ext.ops import hkl_kernel as H
 
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
-    allowed = proj.covered_columns() if uncovered == "renormalize" else torch.ones(V_T, dtype=torch.bool)
-    cs, ct = proj.common_pairs("relaxed" if loss == "H-KL" else "strict")
-    keep = allowed[ct.long()]
-    n_common = int(keep.sum())
-    u_s = V_S - int(torch.unique(cs[keep]).numel())
-    u_t = int(allowed.sum()) - int(torch.unique(ct[keep]).numel())
+    n_common, u_s, u_t = uncommon_sets(proj, "relaxed" if loss == "H-KL" else "strict", uncovered)
     m = min(u_s, u_t, topk)
     m_up = min(V_S, V_T, topk)  # the host's bound (m itself stays on the device)
-    w_big = max(16, min(1 << (m_up - 1).bit_length(), H._SORT_CAP))
-    w_net = min(H._SMALL_CAP, w_big // 4) if m <= min(H._SMALL_CAP, w_big // 4) else w_big
+    w_big, w_small = H.sort_widths(m_up)
+    w_net = w_small if m <= w_small else w_big
     lg = math.ceil(math.log2(max(min(m, w_net), 1)))
     stages = lg * (lg + 1) // 2
     cap = 2 * m_up + H._SLACK

@@ -260,12 +260,10 @@ def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
 
 
 def _m_of(prob, pairs: str) -> int:
-    """m of the sorted-L1 term with uncovered="renormalize" and no cap: min(|U_S|, |U_T|) over the covered columns."""
-    allowed = prob.proj.covered_columns()
-    cs, ct = prob.proj.common_pairs(pairs)
-    keep = allowed[ct.long()]
-    return min(prob.proj.student_vocab_size - int(torch.unique(cs[keep]).numel()),
-               int(allowed.sum()) - int(torch.unique(ct[keep]).numel()))
+    """m of the sorted-L1 term with uncovered="renormalize" and no cap: min(|U_S|, |U_T|)."""
+    from xtoken_ext.bench.costmodel import uncommon_sets
+
+    return min(uncommon_sets(prob.proj, pairs)[1:])
 
 
 def _printed(row: Row) -> Row:

@@ -77,7 +77,7 @@ else:  # H-KL: its main variant at the 8,192-lane window (both sort networks), a
     from xtoken_ext.ops import hkl_kernel as H
     for ci, W, mean, chain, sparse in ((0, 8192, False, False, False), (1, 16, False, True, True)):
         cfg = H._CONFIGS[ci]
-        consts = dict(MEAN=mean, CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=min(H._SMALL_CAP, W // 4), **cfg.kwargs)
+        consts = dict(MEAN=mean, CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=H.sort_widths(W)[1], **cfg.kwargs)
         r = compile_one(H._hkl_kernel, consts, cfg.num_warps, sparse)
         out.append(dict(kernel="hkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, W=W, **r))
 print(json.dumps(out))

@@ -15,14 +15,13 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
   single-pass compaction (the common case): the same pass appends to L every key of bin ≥ b_h, a bin fixed before the
     pass (_hint_bin: every key when the side's uncommon set fits L and 2 m + _SLACK, else the bin of −3e, e ≈ the
     80th percentile of |Δθ| between this program's chunks, θ the m-th largest x, i.e. the next shift c). Since bins
-    ascend with the key,
-    that list holds every key of bin ≥ b1 iff #(bin ≥ b_h) ≥ m (⟺ b_h ≤ b1; all keys when the side has fewer than m),
-    and it is complete iff that count ≤ capacity: both read off the histogram at the end of the pass, so the check is
-    exact; one pass over L then finds bin b1's key range. Otherwise (a miss: e.g. a row shifted far from the previous
-    one, equal logits, no e yet: a program's first two chunks since the hint state was created, which is kept
-    across launches) the exact path runs: a second pass (S2 / T2,
-    _compact) compacts bin ≥ b1, and if that exceeds the capacity (equal or far-shifted logits), the exact m-th key is
-    first found over the rows (the bisection below, ≤ 5 more row passes) and only prefix(m) is compacted.
+    ascend with the key, that list holds every key of bin ≥ b1 iff #(bin ≥ b_h) ≥ m (⟺ b_h ≤ b1; all keys when the
+    side has fewer than m), and it is complete iff that count ≤ capacity: both read off the histogram at the end of
+    the pass, so the check is exact; one pass over L then finds bin b1's key range. Otherwise (a miss: e.g. a row
+    shifted far from the previous one, equal logits, no e yet: a program's first two chunks since the hint state was
+    created, which is kept across launches) the exact path runs: a second pass (S2 / T2, _compact) compacts bin ≥
+    b1, and if that exceeds the capacity (equal or far-shifted logits), the exact m-th key is first found over the
+    rows (the bisection below, ≤ 5 more row passes) and only prefix(m) is compacted.
     ``last_paths`` records per chunk which sides hit.
   prefix(R) = {k > θ_R} ∪ the first R − #{k > θ_R} keys (in L order) equal to θ_R, θ_R the R-th largest key: ties
     are taken in one fixed order, so prefixes are nested. θ_R: 128-way bisection of a key interval known to hold it,
@@ -94,11 +93,12 @@ Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain �
   a-sort); the sorted a-window's columns stored before a, d and g are formed. Occupancy versus spills is for
   autotuning on a GPU to settle.
 Scratch (per program, bounded, independent of K): L_a min(V_S, 2 m_up + _SLACK) × 8 B, L_b min(C, 2 m_up + _SLACK)
-  × 4 B, G (m_up [+ k sparse]) × 8 B, buffers W × 12 B, histograms 512 B, hint state 16 B (each list, buffer and G
-  with a spare slot, rows padded to 16 entries: see Registers); a sparse teacher with
-  several rows per chunk adds the [V_T] fp32 + int32 intersection scratch of ops._tl.scatter_later_rows. Programs: 1
-  per SM (both configs use the whole register file: 255 × 256 or 128 × 512 threads, so a second program would not
-  be resident), fewer if the scratch would pass 1 GiB. Sparse teacher columns must be unique per row.
+  × 4 B, G (m_up [+ k sparse]) × 8 B, buffers W × 12 B, histograms 512 B (each list, buffer and G with a spare
+  slot, rows padded to 16 entries: see Registers), and 32 B of hint state kept across launches (_hint_state); a
+  sparse teacher with several rows per chunk adds the [V_T] fp32 + int32 intersection scratch of
+  ops._tl.scatter_later_rows. Programs: 1 per SM (both configs use the whole register file: 255 × 256 or 128 × 512
+  threads, so a second program would not be resident), fewer if the scratch would pass 1 GiB. Sparse teacher columns
+  must be unique per row.
 """
 from __future__ import annotations
 
@@ -512,11 +512,11 @@ def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexp
 
 
 @triton.jit
-def _windows(m, tot_b, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b, lo_b, th_b_prev, blo_b, bhi_b, c1_b,
-             wa, wb, gc, gv, al_a, be_a, al_b, be_b, tt, gsum, SPARSE: tl.constexpr, BLOCK_L: tl.constexpr,
-             W: tl.constexpr, TRUNC: tl.constexpr):
+def _windows(args, SPARSE: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr, TRUNC: tl.constexpr):
     """The sorted-L1 term over rank windows of W lanes (module docstring): G's entries [0, m) (columns, g), and
     -> (Σ|a_i − b_i|, gsum + Σ g_i, θ_a, θ_b: the m-th largest keys)."""
+    (m, tot_b, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b, lo_b, th_b_prev, blo_b, bhi_b, c1_b, wa, wb, gc,
+     gv, al_a, be_a, al_b, be_b, tt, gsum) = args
     l1 = tl.full((), 0, tl.float32)
     gt_a = tl.full((), 0, tl.int32)  # #(keys > the previous window's θ); θ starts at the list's max
     gt_b = tl.full((), 0, tl.int32)
@@ -714,16 +714,14 @@ def _hkl_kernel(
                                                                               BLOCK_L)
                 path = hit_a.to(tl.int32) | (hit_b.to(tl.int32) << 1)
                 tot_b = tl.sum(tl.load(hb + bins))
+                w_args = (m, tot_b, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b, lo_b, th_b_prev, blo_b,
+                          bhi_b, c1_b, wa, wb, gc, gv, al_a, be_a, al_b, be_b, tt, gsum)
                 # the sort network sized to m (on the device): W_SMALL lanes when m fits, else W
                 if m <= W_SMALL:
                     path |= 4
-                    l1, gsum, th_a, th_b = _windows(m, tot_b, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b,
-                                                    lo_b, th_b_prev, blo_b, bhi_b, c1_b, wa, wb, gc, gv, al_a, be_a,
-                                                    al_b, be_b, tt, gsum, SPARSE, BLOCK_L, W_SMALL, True)
+                    l1, gsum, th_a, th_b = _windows(w_args, SPARSE, BLOCK_L, W_SMALL, True)
                 else:
-                    l1, gsum, th_a, th_b = _windows(m, tot_b, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b,
-                                                    lo_b, th_b_prev, blo_b, bhi_b, c1_b, wa, wb, gc, gv, al_a, be_a,
-                                                    al_b, be_b, tt, gsum, SPARSE, BLOCK_L, W, False)
+                    l1, gsum, th_a, th_b = _windows(w_args, SPARSE, BLOCK_L, W, False)
                 tl.store(ea_ptr, _track(tl.load(ea_ptr), sh_a, _unkey(th_a)))
                 ca_raw = tl.where(raw_a, _unkey(th_a), ca_raw)
                 ca_mrg = tl.where(raw_a, ca_mrg, _unkey(th_a))
@@ -790,9 +788,7 @@ def _hint_state(device: torch.device, P: int, problem: tuple) -> torch.Tensor:
     streams may race on it. Only which path a chunk takes depends on it, never a result."""
     key = (str(device), *problem)
     if key not in _hint_states:
-        n = 2 if interpret() or device.type != "cuda" else \
-            _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-        e = torch.full((max(n, P), 4), float("nan"), dtype=torch.float32, device=device)  # _track's NaN: no θ yet
+        e = torch.full((_max_programs(device), 4), float("nan"), dtype=torch.float32, device=device)  # NaN: no θ yet
         state = torch.cat([e, torch.zeros_like(e)], 1)  # then the shifts c, 0 at first
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return state
@@ -802,14 +798,25 @@ def _hint_state(device: torch.device, P: int, problem: tuple) -> torch.Tensor:
     return state
 
 
-def _programs(device: torch.device, K: int, per_program: int) -> int:
-    """Persistent grid: _PROGRAMS_PER_SM per SM (2 under the interpreter), fewer if the scratch would pass 1 GiB."""
+def _max_programs(device: torch.device) -> int:
+    """_PROGRAMS_PER_SM per SM (2 under the interpreter or off CUDA)."""
     if interpret() or device.type != "cuda":
-        n = 2
-    else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        n = max(1, min(_PROGRAMS_PER_SM * sms, (1 << 30) // max(per_program, 1)))
+        return 2
+    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs(device: torch.device, K: int, per_program: int) -> int:
+    """Persistent grid: _max_programs, fewer if the scratch would pass 1 GiB (not under the interpreter)."""
+    n = _max_programs(device)
+    if device.type == "cuda" and not interpret():
+        n = min(n, (1 << 30) // max(per_program, 1))
     return max(1, min(n, K))
+
+
+def sort_widths(m_up: int) -> tuple[int, int]:
+    """(W, W_SMALL): the sort networks' lanes for m ≤ m_up (module docstring; bench/costmodel.py models them)."""
+    W = max(16, min(triton.next_power_of_2(max(m_up, 1)), _SORT_CAP))
+    return W, min(_SMALL_CAP, W // 4)
 
 
 def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_chain, t_chain, common_s, common_t,
@@ -848,7 +855,7 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     n_u = torch.stack([u_s, torch.full_like(u_t, C) if sparse else u_t])
     m_dev = torch.cat([m_d[None], torch.where(n_u <= 2 * m_d + _SLACK, n_u, 2 ** 30)]).to(torch.int32)
     m_up = max(0, min(V_S, V_T, cap))
-    W = max(16, min(triton.next_power_of_2(max(m_up, 1)), _SORT_CAP))
+    W, W_SMALL = sort_widths(m_up)
     cap_a = max(1, min(V_S, 2 * m_up + _SLACK))
     cap_b = max(1, min(C, 2 * m_up + _SLACK))
     # row strides: a spare slot past the capacity, rounded up to 16 entries (aligned rows; module docstring)
@@ -873,7 +880,7 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
                 tcls, m_dev, spans, s_ch, t_ch, K, loss, gsum, paths, grad, grad.stride(0), lse_s, lse_t, la, lb, wa,
                 wb, gc, gv, hist, hint, tacc, tcnt, V_S, V_T, C, cap_a, cap_b, sl_a, sl_b, m_up, g_len, 1.0 / tau,
                 tau,
-                MEAN=merge == "mean", CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=min(_SMALL_CAP, W // 4),
+                MEAN=merge == "mean", CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=W_SMALL,
                 **(_interp_blocks(V_S, C, max(cap_a, cap_b)) if interpret() else {}))
     global last_paths
     last_paths = paths

@@ -527,14 +527,13 @@ def column_tiles(col_ptr: torch.Tensor, block_t: int, block_e: int, align: int =
 
 def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     """W's nonzero slots sorted by teacher column: (student int32 [nnz], its sign bit set on a column's first entry;
-    column int32 [nnz], flat slot int64 [nnz],
-    has_entry bool [V_T], the ``column_tiles`` int32 [n_tiles + 1, 2], the end of each column's entries int32 [V_T]),
-    then the compact ELL of the gradient pass: every row's used slots first (order int64 [V_S, SLOTS], the slot
-    permutation), nslot int8 [V_S], keys int32 [SLOTS, V_S] slot-major = column | its tile << colb, and the same with
-    the column's rank among the columns with W entries (where the dense frozen-W pass keeps h) in place of the
-    column, that rank int32 [V_T], and colb (the weights, which depend on the call's column mask, are packed beside
-    the keys by pkl_rows). Cached
-    per w_idx tensor and geometry (one host sync when built)."""
+    column int32 [nnz], flat slot int64 [nnz], has_entry bool [V_T], the ``column_tiles`` int32 [n_tiles + 1, 2], the
+    end of each column's entries int32 [V_T]), then the compact ELL of the gradient pass: every row's used slots first
+    (order int64 [V_S, SLOTS], the slot permutation), nslot int8 [V_S], keys int32 [SLOTS, V_S] slot-major = column |
+    its tile << colb, and the same with the column's rank among the columns with W entries (where the dense frozen-W
+    pass keeps h) in place of the column, that rank int32 [V_T], and colb (the weights, which depend on the call's
+    column mask, are packed beside the keys by pkl_rows). Cached per w_idx tensor and geometry (one host sync when
+    built)."""
     key = id(w_idx)
     hit = _STRUCT_CACHE.get(key)
     if hit is not None and hit[0]() is w_idx and hit[1] == (w_idx._version, V_T, block_t, block_e):
