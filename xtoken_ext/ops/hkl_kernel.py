@@ -7,21 +7,24 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
   keys: the fp32 bits of the key-space value x (one row: the raw logit, S or T being an increasing affine map of
     it; several rows: x = S or T), made signed-order-preserving (k = s ^ ((s >> 31) & 0x7fffffff)); a, b =
     exp(αx + β) are non-decreasing in k.
-  level 1, while streaming the row (S1 / T1): a 64-bin histogram of half-octaves of x − c (|x − c| in [2^-7, 2^8),
-    end bins beyond), c = this program's previous m-th largest x on that side (0 at first), so the threshold tends to
-    fall in a fine bin near 0. 64 bins because Triton 3.7's tl.histogram keeps bins/32 counters per lane (4096 bins
-    cost 128 registers and ~50 instructions per element). The bin b1 of the m-th largest gives a superset of the top
-    m (every key of bin ≥ b1) to compact into a per-program list L in row order, of capacity 2 m_up + _SLACK.
-  single-pass compaction (the common case): the same pass appends to L every key of bin ≥ b_h, a bin fixed before the
-    pass (_hint_bin: every key when the side's uncommon set fits L and 2 m + _SLACK, else the bin of −3e, e ≈ the
-    80th percentile of |Δθ| between this program's chunks, θ the m-th largest x, i.e. the next shift c). Since bins
-    ascend with the key, that list holds every key of bin ≥ b1 iff #(bin ≥ b_h) ≥ m (⟺ b_h ≤ b1; all keys when the
-    side has fewer than m), and it is complete iff that count ≤ capacity: both read off the histogram at the end of
-    the pass, so the check is exact; one pass over L then finds bin b1's key range. Otherwise (a miss: e.g. a row
-    shifted far from the previous one, equal logits, no e yet: a program's first two chunks since the hint state was
-    created, which is kept across launches) the exact path runs: a second pass (S2 / T2, _compact) compacts bin ≥
-    b1, and if that exceeds the capacity (equal or far-shifted logits), the exact m-th key is first found over the
-    rows (the bisection below, ≤ 5 more row passes) and only prefix(m) is compacted.
+  level 1: a 64-bin histogram of half-octaves of x − c (|x − c| in [2^-7, 2^8), end bins beyond), c = this
+    program's previous m-th largest x on that side (0 at first), so the threshold tends to fall in a fine bin near 0.
+    64 bins because Triton 3.7's tl.histogram keeps bins/32 counters per lane (4096 bins cost 128 registers and ~50
+    instructions per element). The bin b1 of the m-th largest gives a superset of the top m (every key of bin ≥ b1)
+    to compact into a per-program list L in row order, of capacity 2 m_up + _SLACK.
+  single-pass compaction (the common case): the row pass (S1 / T1) appends to L every key of bin ≥ b_h, a bin fixed
+    before the pass (_hint_bin: every key when the side's uncommon set fits L and 2 m + _SLACK, else the bin of −3e,
+    e ≈ the 80th percentile of |Δθ| between this program's chunks, θ the m-th largest x, i.e. the next shift c), as
+    one key compare per element (_bin_key), and counts the side's keys; no histogram in the row pass (~40
+    instructions per element of the row; the kernel is bound by instruction issue, bench/costmodel.py). Since bins
+    ascend with the key, that list holds every key of bin ≥ b1 iff it holds ≥ m keys (⟺ b_h ≤ b1; all keys when the
+    side has fewer than m), and it is complete iff that count ≤ capacity: both known at the end of the pass, so the
+    check is exact; the level-1 histogram of L (which holds every bin ≥ b_h) then gives b1, and a second pass over L
+    its key range. Otherwise (a miss: e.g. a row shifted far from the previous one, equal logits, no e yet: a
+    program's first two chunks since the hint state was created, which is kept across launches) the exact path runs:
+    the row's level-1 histogram (S2 / T2, _compact), a pass that compacts bin ≥ b1, and if that exceeds the capacity
+    (equal or far-shifted logits), the exact m-th key is first found over the rows (the bisection below, ≤ 5 more
+    row passes) and only prefix(m) is compacted.
     ``last_paths`` records per chunk which sides hit.
   prefix(R) = {k > θ_R} ∪ the first R − #{k > θ_R} keys (in L order) equal to θ_R, θ_R the R-th largest key: ties
     are taken in one fixed order, so prefixes are nested. θ_R: 128-way bisection of a key interval known to hold it,
@@ -55,14 +58,16 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   HBM floor = read S + read T + write S.    BLOCK = 2048 (config 0), m = 8192, |L| ≈ 2 m (hit: m + the keys within
   the hint radius; miss: ≈ 1.2 m, bin b1's overshoot)
   pass         HBM reads / writes                         dependent loop per row
-  S1 student   S (online LSE, level-1 bins, bad check);    ⌈V_S/BLOCK⌉ tiles, pipelined (cp.async, 3 stages)
-               writes L_a (bin ≥ b_h): 8 B × |L_a| ≈ 131 KB
-  T1 teacher   T (online LSE + Σ_c P, level-1, bad check);  ⌈V_T/BLOCK⌉ tiles, pipelined
+  S1 student   S (online LSE, bad check, keys of bin ≥ b_h   ⌈V_S/BLOCK⌉ tiles, pipelined (cp.async, 3 stages)
+               appended): writes L_a: 8 B × |L_a| ≈ 131 KB
+  T1 teacher   T (online LSE + Σ_c P, bad check, L_b);      ⌈V_T/BLOCK⌉ tiles, pipelined
                writes L_b: 4 B × |L_b| ≈ 66 KB
-  S2 student   miss only: S; rewrites L_a                  ⌈V_S/BLOCK⌉ tiles
-  T2 teacher   miss only: T; rewrites L_b                  ⌈V_T/BLOCK⌉ tiles
-  window (×1)  per side (hit) 1 key-range pass, ~3         ~5 ⌈|L|/BLOCK⌉ tiles per side + 2 sorts of W lanes
-               bisection passes, 1 gather over L, W-lane   (½ log₂W (log₂W + 1) = 91 compare-and-swap stages at
+  S2 student   miss only: S twice (level-1 histogram, then  2 ⌈V_S/BLOCK⌉ tiles
+               the compaction); rewrites L_a
+  T2 teacher   miss only: T twice; rewrites L_b            2 ⌈V_T/BLOCK⌉ tiles
+  window (×1)  per side (hit) 2 passes (level-1 histogram  ~6 ⌈|L|/BLOCK⌉ tiles per side + 2 sorts of W lanes
+               and key range, bin b1's range), ~3 bisection (½ log₂W (log₂W + 1) = 91 compare-and-swap stages at
+               passes, 1 gather over L, W-lane
                buffer, G: ≈ 1.2 MB total (per-program      W = 8192; m ≤ W_SMALL: one sort of both windows,
                scratch, L2 if it stays there)              ½ ⌈log₂m⌉ (⌈log₂m⌉ + 1) stages, 28 at m = 128)
   S3 gradient  S; writes S; the teacher gathered at the    ⌈V_S/BLOCK⌉ tiles, pipelined
@@ -70,16 +75,18 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
                T was streamed in T1 (T2 on a miss) just before)
   fixup        G 64 KB, m gathers of S, m scattered stores ⌈m/BLOCK⌉ tiles
   streamed, both sides hit: 3 S + 1 T = 1.31× the floor at V_S = 128,256 (floor 816.9 KB, streamed 1,073.4 KB) and
-  1.39× at V_S = 256,000 (floor 1,327.9 KB, streamed 1,839.9 KB), V_T = 151,936. A student miss adds S (1.63× /
-  1.77×), a teacher miss T (1.69× / 1.61×), both (the old bound) 4 S + 2 T = 2.0×. The ≈ 1.2 MB of list / buffer /
+  1.39× at V_S = 256,000 (floor 1,327.9 KB, streamed 1,839.9 KB), V_T = 151,936. A student miss adds 2 S (1.94× /
+  2.16×), a teacher miss 2 T (2.06× / 1.84×), both 5 S + 3 T = 2.7× / 2.6×. The ≈ 1.2 MB of list / buffer /
   G traffic stays in L2 when the active scratch of all programs fits (≈ 0.4 MB per program); where it is evicted to
   HBM the total is up to 2.8× (V_S = 128,256) or 2.3× (V_S = 256,000) on a hit. Several rows (mean): per side n LSE
-  passes and one level-1 pass of n rows that also compacts (a miss adds a compaction pass of n rows); S3 reads n
-  student rows (and n teacher rows at the common columns), writes n.
-  Compute: the two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread (8 warps), ~40 µs of issue time
-  per row per SM, about the time the SM's share of HBM bandwidth needs to stream the row (≈ 32 µs at 3.35 TB/s
-  over 132 SMs), and not overlapped with it: one program per SM (below). At m = 128 in the small network: ≈ 2.3
-  µs (bench/costmodel.py).
+  passes and one pass of n rows that compacts (a miss adds a level-1 histogram pass and a compaction pass of n
+  rows); S3 reads n student rows (and n teacher rows at the common columns), writes n.
+  Compute: the kernel is bound by instruction issue, not bytes (bench/costmodel.py reads the loop bodies from the
+  sm_90 SASS): S1 / T1 issue ~900 instructions per thread per 2048-lane tile (8 warps; 1,330 / 1,410 with the
+  level-1 histogram in the row pass), ~9× the time the SM's share of HBM bandwidth needs to stream the tile; a
+  third of it is the compaction's tl.cumsum. The two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread,
+  ~45 µs of issue time per row per SM, not overlapped with the streams: one program per SM (below). At m = 128 in
+  the small network: ≈ 2.3 µs.
 Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain × dense / sparse): config 0 (2048
   lanes, 3 stages, 8 warps) 255 registers with 76-204 B at W = 8192 (24-124 B before the W_SMALL network was added);
   config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.61 KB (first, dense; 0.44 KB before). What remains: LLVM hoists
@@ -335,12 +342,16 @@ def _gather(SRC: tl.constexpr, n, src, th_hi, q_hi, th_lo, q_lo, b_min, b_eq, ds
 
 
 @triton.jit
-def _compact(SRC: tl.constexpr, n, src, h1_ptr, m, cap, dst, PACK: tl.constexpr, ONE: tl.constexpr,
-             SPARSE: tl.constexpr, BLOCK: tl.constexpr):
+def _compact(SRC: tl.constexpr, n, src, m, cap, dst, PACK: tl.constexpr, ONE: tl.constexpr, SPARSE: tl.constexpr,
+             BLOCK: tl.constexpr):
     """Write a superset of the side's top m keys (all of them if it has fewer) to the list dst: the keys of the
-    level-1 bin b1 of the m-th largest and above (h1_ptr: the level-1 histogram), or exactly prefix(m) when those exceed
-    ``cap`` (found by _select over the rows). -> (length, min and max key, min and max key of bin b1, #(bins > b1))."""
-    h1 = tl.load(h1_ptr + tl.arange(0, 64))
+    level-1 bin b1 of the m-th largest and above (from the rows' level-1 histogram, one pass), or exactly prefix(m)
+    when those exceed ``cap`` (found by _select over the rows). -> (length, min and max key, min and max key of bin
+    b1, #(bins > b1))."""
+    h1 = tl.full((64,), 0, tl.int32)
+    for c0 in range(0, n, BLOCK):
+        _k, b, valid, _c = _keys(SRC, c0, n, src, ONE, SPARSE, BLOCK)
+        h1 += tl.histogram(b, 64, mask=valid)
     total = tl.sum(h1)
     b1, c1 = _pick(h1, 0, m, 64)
     th = tl.full((), _INT_MIN, tl.int32)  # prefix(INT_MIN, 0): every key
@@ -357,11 +368,10 @@ def _compact(SRC: tl.constexpr, n, src, h1_ptr, m, cap, dst, PACK: tl.constexpr,
 
 
 @triton.jit
-def _append(k, b, valid, col, b_h, cnt, dst, cap, PACK: tl.constexpr):
-    """Single-pass compaction, one tile: append its keys with level-1 bin ≥ b_h to dst in row order (PACK: k << 32 |
-    column as int64, else k); keys past ``cap`` go to the spare slot dst[cap] with the unselected lanes (they are
-    dropped), the count holds them. -> the new count."""
-    sel = valid & (b >= b_h)
+def _append(k, sel, col, cnt, dst, cap, PACK: tl.constexpr):
+    """Single-pass compaction, one tile: append its selected keys to dst in row order (PACK: k << 32 | column as
+    int64, else k); keys past ``cap`` go to the spare slot dst[cap] with the unselected lanes (they are dropped), the
+    count holds them. -> the new count."""
     si = sel.to(tl.int32)
     pos = cnt + tl.cumsum(si, 0) - si
     pos = tl.where(sel & (pos < cap), pos, cap)
@@ -385,6 +395,15 @@ def _hint_bin(e, n, cap):
 
 
 @triton.jit
+def _bin_key(b):
+    """The smallest key (_key) of a value v with _bucket1(v) ≥ b: bins ascend with the key's top 10 bits
+    (_bucket1), so _bucket1(v) ≥ b ⟺ _key(v) ≥ _bin_key(b), one compare per element where a bin costs ~17
+    instructions (b ≤ 1: every key; b ≥ 64: none)."""
+    u = tl.where(b > 32, b + 207, b - 272)
+    return tl.where(b <= 1, _INT_MIN, tl.where(b >= 64, _INT_MAX, u << 22))
+
+
+@triton.jit
 def _track(e, c, th):
     """e ≈ the 80th percentile of |Δθ| = |θ − c| between this program's chunks (c: the shift used, the previous θ),
     by multiplicative steps: ×1.5 when |Δθ| > e, else ×0.9 (at equilibrium P(|Δθ| > e) ln 1.5 = P(|Δθ| ≤ e)
@@ -396,47 +415,51 @@ def _track(e, c, th):
 
 
 @triton.jit
-def _candidates(SRC: tl.constexpr, n, src, h1_ptr, m, cap, dst, cnt, c, PACK: tl.constexpr, ONE: tl.constexpr,
+def _candidates(SRC: tl.constexpr, n, src, n_u, m, cap, dst, cnt, c, PACK: tl.constexpr, ONE: tl.constexpr,
                 SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_L: tl.constexpr):
     """The candidate list of one side. The first pass appended its cnt keys with level-1 bin ≥ b_h to dst (c: the
-    level-1 shift). Those are a superset of the top m in row order, holding every key of bin b1 and above as
-    _compact's list does, iff cnt ≥ min(m, #keys) (for m ≤ #keys: ⟺ b_h ≤ b1) and none was dropped (cnt ≤ cap):
-    then one pass over the list finds the key ranges; else _compact (the exact path) rewrites it.
-    -> (_compact's results, hit)."""
+    level-1 shift) out of the side's n_u keys. Those are a superset of the top m in row order, holding every key of
+    bin b1 and above as _compact's list does, iff cnt ≥ min(m, n_u) (for m ≤ n_u: ⟺ b_h ≤ b1) and none was dropped
+    (cnt ≤ cap): then two passes over the list find bin b1 (the list's level-1 histogram: the bins ≥ b_h are all
+    there) and the key ranges; else _compact (the exact path) rewrites it. -> (_compact's results, hit)."""
     LSRC: tl.constexpr = SRC - 2  # the list's source id in _keys
-    h1 = tl.load(h1_ptr + tl.arange(0, 64))
-    hit = (cnt >= tl.minimum(m, tl.sum(h1))) & (cnt <= cap)
+    hit = (cnt >= tl.minimum(m, n_u)) & (cnt <= cap)
     if hit:
-        b1, c1 = _pick(h1, 0, m, 64)
+        h1 = tl.full((64,), 0, tl.int32)
         k_min = tl.full((), _INT_MAX, tl.int32)
         k_max = tl.full((), _INT_MIN, tl.int32)
+        for i0 in range(0, cnt, BLOCK_L):
+            k, _b, valid, _c = _keys(LSRC, i0, cnt, dst, ONE, SPARSE, BLOCK_L)
+            h1 += tl.histogram(_bucket1(_unkey(k) - c), 64, mask=valid)  # the first pass's bins (x = unkey(k))
+            k_min = tl.minimum(k_min, tl.min(tl.where(valid, k, _INT_MAX)))
+            k_max = tl.maximum(k_max, tl.max(tl.where(valid, k, _INT_MIN)))
+        b1, c1 = _pick(h1, 0, m, 64)
         b_lo = tl.full((), _INT_MAX, tl.int32)
         b_hi = tl.full((), _INT_MIN, tl.int32)
         for i0 in range(0, cnt, BLOCK_L):
             k, _b, valid, _c = _keys(LSRC, i0, cnt, dst, ONE, SPARSE, BLOCK_L)
-            eq = valid & (_bucket1(_unkey(k) - c) == b1)  # the same bins as the first pass (x = unkey(k) exactly)
-            k_min = tl.minimum(k_min, tl.min(tl.where(valid, k, _INT_MAX)))
-            k_max = tl.maximum(k_max, tl.max(tl.where(valid, k, _INT_MIN)))
+            eq = valid & (_bucket1(_unkey(k) - c) == b1)
             b_lo = tl.minimum(b_lo, tl.min(tl.where(eq, k, _INT_MAX)))
             b_hi = tl.maximum(b_hi, tl.max(tl.where(eq, k, _INT_MIN)))
         n_l = cnt
     else:
-        n_l, k_min, k_max, b_lo, b_hi, c1 = _compact(SRC, n, src, h1_ptr, m, cap, dst, PACK, ONE, SPARSE, BLOCK)
+        n_l, k_min, k_max, b_lo, b_hi, c1 = _compact(SRC, n, src, m, cap, dst, PACK, ONE, SPARSE, BLOCK)
     return n_l, k_min, k_max, b_lo, b_hi, c1, hit
 
 
 @triton.jit
-def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, b_h, lst, cap, STUDENT: tl.constexpr, HIST: tl.constexpr,
+def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, k_h, lst, cap, STUDENT: tl.constexpr, HIST: tl.constexpr,
               SPARSE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """One row over its C columns (dense: the vocabulary; sparse: its k entries, padding −1 skipped) -> (lse of x/τ
-    (student: over all columns; teacher: over A, class ≠ 0), bad = NaN or +inf in any column, if HIST the level-1
-    histogram of the raw values shifted by c over U (student: smap < 0; teacher: class 1), teacher:
-    Σ_{class 2} e^{x/τ − lse}, if HIST the count of U's keys with bin ≥ b_h, appended to lst (_append))."""
+    (student: over all columns; teacher: over A, class ≠ 0), bad = NaN or +inf in any column, if HIST the number of
+    U's keys (student: smap < 0; teacher: class 1), teacher: Σ_{class 2} e^{x/τ − lse}, if HIST the count of U's keys
+    with _key(x − c) ≥ k_h (level-1 bin ≥ b_h: _bin_key), appended to lst (_append)). No histogram here: it would
+    cost ~40 instructions per element of the row (bench/costmodel.py); _candidates takes it over the list."""
     m = tl.full((), _tl.NEG, tl.float32)
     l = tl.full((), 0, tl.float32)
     lc = tl.full((), 0, tl.float32)
     bad = tl.full((), 0, tl.int32)
-    h = tl.full((64,), 0, tl.int32)
+    nu = tl.full((BLOCK,), 0, tl.int32)
     cnt = tl.full((), 0, tl.int32)
     for c0 in tl.range(0, C, BLOCK, num_stages=STAGES):
         o = c0 + tl.arange(0, BLOCK)
@@ -461,10 +484,9 @@ def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, b_h, lst, cap, STUDENT: t
         if not STUDENT:
             lc = lc * alpha + tl.sum(tl.where(live & (cls == 2), e, 0.0))
         if HIST:
-            bn = _bucket1(x - c)
-            h += tl.histogram(bn, 64, mask=hm)
-            cnt = _append(_key(x), bn, hm, o, b_h, cnt, lst, cap, STUDENT)
-    return m + tl.log(l), bad, h, tl.where(l > 0, lc / l, 0.0), cnt
+            nu += hm.to(tl.int32)
+            cnt = _append(_key(x), hm & (_key(x - c) >= k_h), o, cnt, lst, cap, STUDENT)
+    return m + tl.log(l), bad, tl.sum(nu), tl.where(l > 0, lc / l, 0.0), cnt
 
 
 @triton.jit
@@ -579,7 +601,7 @@ def _hkl_kernel(
     z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc, smap_ptr, tmap_ptr, tcls_ptr, m_ptr,
     spans_ptr, schain_ptr, tchain_ptr, K,
     loss_ptr, gsum_ptr, path_ptr, dz_ptr, stride_dz, lse_s_ptr, lse_t_ptr,
-    la_ptr, lb_ptr, wa_ptr, wb_ptr, gc_ptr, gv_ptr, hist_ptr, e_ptr, tacc_ptr, tcnt_ptr,
+    la_ptr, lb_ptr, wa_ptr, wb_ptr, gc_ptr, gv_ptr, e_ptr, tacc_ptr, tcnt_ptr,
     V_S, V_T, C, cap_a, cap_b, sl_a, sl_b, m_up, g_len, inv_tau, tau,
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr, W_SMALL: tl.constexpr,
@@ -593,8 +615,6 @@ def _hkl_kernel(
     gc = gc_ptr + pid * g_len  # G: sorted-L1 entries at [0, m), a sparse teacher's common pairs from m_up on, spare
     # slot at g_len − 1
     gv = gv_ptr + pid * g_len
-    ha = hist_ptr + pid * 128  # the level-1 histograms (tl.histogram's result layout holds every bin in every
-    hb = ha + 64  # thread: they wait here rather than in registers)
     tacc_row = tacc_ptr + pid * V_T
     tcnt_row = tcnt_ptr + pid * V_T
     m = tl.load(m_ptr)
@@ -628,29 +648,29 @@ def _hkl_kernel(
         bh_b = _hint_bin(tl.load(eb_ptr), tl.load(m_ptr + 2), cap_b)
         tl.debug_barrier()  # the previous chunk's lists and G are no longer read
 
-        # S1 / T1: per row the online LSE and the bad-input check; a single row also gives the level-1 histogram of
-        # its raw values and the single-pass list (keys of bin ≥ b_h), and a dense single teacher row the common
-        # mass Σ_c P[t_c] (rescaled online), in that pass.
+        # S1 / T1: per row the online LSE and the bad-input check; a single row also gives its number of uncommon
+        # keys and the single-pass list (keys of level-1 bin ≥ b_h, of its raw values), and a dense single teacher
+        # row the common mass Σ_c P[t_c] (rescaled online), in that pass.
         bad = tl.full((), 0, tl.int32)
         if CHAIN:  # as the torch backend: a NaN or +inf chain sum makes the chunk bad too
             bad = ((c_s < float("inf")) & (c_t < float("inf")) == 0).to(tl.int32)
-        bins = tl.arange(0, 64)
         cnt_a = tl.full((), 0, tl.int32)  # keys appended to L_a / L_b by the first pass
         cnt_b = tl.full((), 0, tl.int32)
+        nu_a = tl.full((), 0, tl.int32)  # |U| keys of the side's (merged) row
+        nu_b = tl.full((), 0, tl.int32)
         for r in range(s_lo, s_hi):
-            lse, b, h, _, cnt_a = _row_pass(z_ptr + r * stride_z, z_ptr, smap_ptr, V_S, inv_tau, sh_a,
-                                            tl.where(raw_a, bh_a, 64), la, cap_a, True, True, False, BLOCK_S, STAGES)
+            lse, b, nu_a, _, cnt_a = _row_pass(z_ptr + r * stride_z, z_ptr, smap_ptr, V_S, inv_tau, sh_a,
+                                               _bin_key(tl.where(raw_a, bh_a, 64)), la, cap_a, True, True, False,
+                                               BLOCK_S, STAGES)
             bad |= b | (lse == float("-inf")).to(tl.int32)
             tl.store(lse_s_ptr + r, lse)
-            tl.store(ha + bins, h)
         pc = tl.full((), 0, tl.float32)  # Σ_c P[t_c]
         for r in range(t_lo, t_hi):
-            lse, b, h, frac, cnt_b = _row_pass(t_ptr + r * stride_t, tc_ptr + r * stride_tc, tcls_ptr, C, inv_tau,
-                                               sh_b, tl.where(raw_b, bh_b, 64), lb, cap_b, False, not SPARSE, SPARSE,
-                                               BLOCK_T, STAGES)
+            lse, b, nu_b, frac, cnt_b = _row_pass(t_ptr + r * stride_t, tc_ptr + r * stride_tc, tcls_ptr, C,
+                                                  inv_tau, sh_b, _bin_key(tl.where(raw_b, bh_b, 64)), lb, cap_b,
+                                                  False, not SPARSE, SPARSE, BLOCK_T, STAGES)
             bad |= b
             tl.store(lse_t_ptr + r, tl.where(lse == float("-inf"), float("inf"), lse))  # no mass on A: T = −inf
-            tl.store(hb + bins, h)
             pc = frac * tl.exp(c_t)
         tl.debug_barrier()  # the lse were stored by single lanes and are read by all below
 
@@ -668,27 +688,26 @@ def _hkl_kernel(
         n_sc = tl.full((), 0, tl.int32)  # a sparse teacher's common entries in G
         path = tl.full((), 0, tl.int32)
         if bad == 0:
-            if n_s > 1:  # level-1 histogram of the merged S, and its single-pass list
-                h = tl.full((64,), 0, tl.int32)
+            if n_s > 1:  # the merged S: its uncommon keys and single-pass list
+                nu_a = tl.full((), 0, tl.int32)
                 for v0 in range(0, V_S, BLOCK_S):
                     ka, b, valid, col = _keys(2, v0, V_S, a_src, False, SPARSE, BLOCK_S)
-                    h += tl.histogram(b, 64, mask=valid)
-                    cnt_a = _append(ka, b, valid, col, bh_a, cnt_a, la, cap_a, True)
-                tl.store(ha + bins, h)
+                    nu_a += tl.sum(valid.to(tl.int32))
+                    cnt_a = _append(ka, valid & (b >= bh_a), col, cnt_a, la, cap_a, True)
             if SPARSE:
                 if n_t > 1:
                     _tl.scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, tcls_ptr, lse_t_ptr, tacc_row,
                                            tcnt_row, t_lo, t_hi, C, inv_tau, BLOCK_T)
-            if SPARSE or n_t > 1:  # level-1 histogram of T, its single-pass list and Σ_c P; sparse: the common
-                h = tl.full((64,), 0, tl.int32)  # pairs' KL, gS -> G
+            if SPARSE or n_t > 1:  # T's uncommon keys, its single-pass list and Σ_c P; sparse: the common pairs'
+                nu_b = tl.full((), 0, tl.int32)  # KL, gS -> G
                 pc = tl.full((), 0, tl.float32)
                 for c0 in range(0, C, BLOCK_T):
                     x, tv, P, v, live, cls = _t_vals(t_ptr, stride_t, tc_ptr, stride_tc, tcls_ptr, lse_t_ptr,
                                                      tacc_row, tcnt_row, t_lo, n_t, c_t, inv_tau, C, c0, False,
                                                      SPARSE, BLOCK_T)
-                    bn = _bucket1(x - sh_b)
-                    h += tl.histogram(bn, 64, mask=live & (cls == 1))
-                    cnt_b = _append(_key(x), bn, live & (cls == 1), v, bh_b, cnt_b, lb, cap_b, False)
+                    u = live & (cls == 1)
+                    nu_b += tl.sum(u.to(tl.int32))
+                    cnt_b = _append(_key(x), u & (_bucket1(x - sh_b) >= bh_b), v, cnt_b, lb, cap_b, False)
                     com = live & (cls == 2)
                     pc += tl.sum(tl.where(com, P, 0.0))
                     if SPARSE:
@@ -701,19 +720,18 @@ def _hkl_kernel(
                         tl.store(gc + pos, sc)
                         tl.store(gv + pos, -tt * P)
                         n_sc += tl.sum(ci)
-                tl.store(hb + bins, h)
             gsum = -tt * pc
             if m > 0:
                 tl.debug_barrier()
                 # S2 / T2 (_compact) only where the single-pass list is not provably a superset of the top m
-                n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, hit_a = _candidates(2, V_S, a_src, ha, m, cap_a, la, cnt_a,
-                                                                              sh_a, True, False, SPARSE, BLOCK_S,
-                                                                              BLOCK_L)
-                n_b, lo_b, th_b_prev, blo_b, bhi_b, c1_b, hit_b = _candidates(3, C, b_src, hb, m, cap_b, lb, cnt_b,
+                n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, hit_a = _candidates(2, V_S, a_src, nu_a, m, cap_a, la,
+                                                                              cnt_a, sh_a, True, False, SPARSE,
+                                                                              BLOCK_S, BLOCK_L)
+                n_b, lo_b, th_b_prev, blo_b, bhi_b, c1_b, hit_b = _candidates(3, C, b_src, nu_b, m, cap_b, lb, cnt_b,
                                                                               sh_b, False, False, SPARSE, BLOCK_T,
                                                                               BLOCK_L)
                 path = hit_a.to(tl.int32) | (hit_b.to(tl.int32) << 1)
-                tot_b = tl.sum(tl.load(hb + bins))
+                tot_b = nu_b
                 w_args = (m, tot_b, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b, lo_b, th_b_prev, blo_b,
                           bhi_b, c1_b, wa, wb, gc, gv, al_a, be_a, al_b, be_b, tt, gsum)
                 # the sort network sized to m (on the device): W_SMALL lanes when m fits, else W
@@ -868,7 +886,6 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     wb = torch.empty(P, W + 16, **i32)
     gc = torch.empty(P, g_len, **i32)
     gv = torch.empty(P, g_len, **f32)
-    hist = torch.empty(P, 128, **i32)
     hint = _hint_state(device, P, (V_S, C, m_up))
     if sparse:  # all-zero between chunks (scatter_later_rows / clear_later_rows)
         tacc = torch.zeros(P, V_T, **f32)
@@ -878,7 +895,7 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     if K:
         _launch((P,), s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0), smap, tmap,
                 tcls, m_dev, spans, s_ch, t_ch, K, loss, gsum, paths, grad, grad.stride(0), lse_s, lse_t, la, lb, wa,
-                wb, gc, gv, hist, hint, tacc, tcnt, V_S, V_T, C, cap_a, cap_b, sl_a, sl_b, m_up, g_len, 1.0 / tau,
+                wb, gc, gv, hint, tacc, tcnt, V_S, V_T, C, cap_a, cap_b, sl_a, sl_b, m_up, g_len, 1.0 / tau,
                 tau,
                 MEAN=merge == "mean", CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=W_SMALL,
                 **(_interp_blocks(V_S, C, max(cap_a, cap_b)) if interpret() else {}))

@@ -25,11 +25,12 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
         after B): F = exp(m + c), L = τ² F (S1 + (m + c) l), M = F Mu, h = h_u · exp(m_tile − m) F.
      Sparse teacher: C1 first, over the whole entry list in blocks of BLOCK_E into a per-program scratch row (a
      column cut by a block boundary completed by read-add-write), then C2 over fixed BLOCK_T tiles of its k columns.
-  C3 (sparse teacher or learnable W) h rescaled in the scratch row (tile maxima -> the final m).
+  C3 (sparse teacher or learnable W) h rescaled in the scratch row (tile maxima -> the final m); dense, frozen W:
+     the tile maxima replaced by the factors exp(m_tile − m) F.
   D  gradient rows, in the logits' dtype: g_s = Σ_slot w_eff (M − h[col]) (one ELL gather of the scratch row, the
-     dense case folding exp(m_tile − m) F in through the slots' tile ids), dz_r = τ/(n_s Z) p_r (g − d_r),
+     dense case folding its tile's factor in through the slots' tile ids), dz_r = τ/(n_s Z) p_r (g − d_r),
      d_r = ⟨p_r, g⟩; for one student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h). The owner computes d_r, stores
-     (M, m, F, coef, valid) and publishes the chunk (a release); its dz rows are then G slices of SLICE student tiles
+     (M, coef, valid) and publishes the chunk (a release); its dz rows are then G slices of SLICE student tiles
      that ANY program may take (an acquire on the chunk's sync word, read past L1) and compute. Every program, before
      its next chunk (whose C overwrites its scratch rows), takes open slices oldest first, its previous chunk's
      included, then waits for that chunk's slices in flight (a take never waits, so neither does anything it waits
@@ -353,8 +354,14 @@ def _pkl_kernel(
                 tl.store(stat_ptr + 2 * (k - k0) + 1, M)
             tl.debug_barrier()
 
-            # C3: h = h_u exp(m_tile − m) F in place (dense without a W gradient: folded into D's gather instead).
-            if valid & (SPARSE or GRAD_W):
+            # C3: h = h_u exp(m_tile − m) F in place; dense without a W gradient: each tile's factor exp(m_tile − m) F
+            # in place of its maximum instead, folded into D's gather (one exp per tile, not one per ELL slot)
+            if FOLD:
+                for t0 in range(0, n_c2, BLOCK_T):
+                    ti = t0 + offs_t
+                    tl.store(tm_row + ti, tl.exp(tl.load(tm_row + ti, mask=ti < n_c2, other=0.0) - m) * F,
+                             mask=ti < n_c2)
+            elif valid & (SPARSE or GRAD_W):
                 for t in range(0, n_c2):
                     f = tl.exp(tl.load(tm_row + t) - m) * F
                     if SPARSE:
@@ -375,7 +382,7 @@ def _pkl_kernel(
                     for v0 in range(0, V_S, BLOCK_S):
                         o = v0 + offs_s
                         om = o < V_S
-                        g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, m, F, V_S, SLOTS, FOLD)
+                        g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, SLOTS, FOLD)
                         d += tl.sum(_tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, lse_r) * g)
                     tl.store(dr_ptr + r, d)
             else:
@@ -383,11 +390,9 @@ def _pkl_kernel(
             if SPARSE and n_t > 1:  # the later rows' scratch is C's only
                 _tl.clear_later_rows(tc_ptr, stride_tc, tacc_row, tcnt_row, t_lo, t_hi, C, BLOCK_T)
             c = k - k0
-            tl.store(rs_ptr + 5 * c, M)
-            tl.store(rs_ptr + 5 * c + 1, m)
-            tl.store(rs_ptr + 5 * c + 2, F)
-            tl.store(rs_ptr + 5 * c + 3, coef)
-            tl.store(rs_ptr + 5 * c + 4, valid.to(tl.float32))
+            tl.store(rs_ptr + 3 * c, M)
+            tl.store(rs_ptr + 3 * c + 1, coef)
+            tl.store(rs_ptr + 3 * c + 2, valid.to(tl.float32))
             tl.debug_barrier()  # every lane's h, d_r and stats stores precede the release
             tl.atomic_xchg(sync_ptr + 1 + c, (pid + 1) * PUB, sem="release", scope="gpu")
 
@@ -408,11 +413,9 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr
     if j < G:
         own = old // PUB - 1
         s_lo, s_hi, _, _ = _tl.chunk_rows(spans_ptr, k0 + c, MEAN)
-        M = tl.load(rs_ptr + 5 * c, cache_modifier=".cg")
-        m = tl.load(rs_ptr + 5 * c + 1, cache_modifier=".cg")
-        F = tl.load(rs_ptr + 5 * c + 2, cache_modifier=".cg")
-        coef = tl.load(rs_ptr + 5 * c + 3, cache_modifier=".cg")
-        valid = tl.load(rs_ptr + 5 * c + 4, cache_modifier=".cg") != 0
+        M = tl.load(rs_ptr + 3 * c, cache_modifier=".cg")
+        coef = tl.load(rs_ptr + 3 * c + 1, cache_modifier=".cg")
+        valid = tl.load(rs_ptr + 3 * c + 2, cache_modifier=".cg") != 0
         h_row = h_ptr + (c.to(tl.int64) if GRAD_W else own.to(tl.int64)) * V_T
         tm_row = tm_ptr + own.to(tl.int64) * n_tiles_max
         offs = tl.arange(0, BLOCK_S)
@@ -420,7 +423,7 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr
                            num_stages=STAGES):
             o = v0 + offs
             om = o < V_S
-            g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, m, F, V_S, SLOTS, FOLD)
+            g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, SLOTS, FOLD)
             for r in range(s_lo, s_hi):
                 p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r, cache_modifier=".cg"),
                                      "evict_first")
@@ -433,13 +436,12 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr
 
 
 @triton.jit
-def _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, m, F, V_S, SLOTS: tl.constexpr,
-           FOLD: tl.constexpr):
+def _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, SLOTS: tl.constexpr, FOLD: tl.constexpr):
     """g_s = Σ_slot w_eff[slot, s] (M − h[col]) for the student ids o, from the compact slot-major ELL: nslot[s]
     used slots first, one int64 per slot = w_eff's fp32 bits (0 off A) << 32 | col | tile << colb. A slot's load is
     masked off for the students without it, so a 32-byte sector of slot k ≥ 1 is read only where one of its 4
-    students has k + 1 slots (86 % of Llama-3's ids have one). FOLD: h = h_u[col] exp(m_tile − m) F from the
-    unscaled row and its tiles' maxima."""
+    students has k + 1 slots (86 % of Llama-3's ids have one). FOLD: h = h_u[col] f_tile from the unscaled row
+    and its tiles' factors f = exp(m_tile − m) F (stored in place of the tile maxima after C)."""
     ns = tl.load(nslot_ptr + o, mask=om, other=0)
     g = tl.zeros(o.shape, tl.float32)
     for k in tl.static_range(SLOTS):
@@ -450,8 +452,7 @@ def _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, m, F, V_S, SLOTS: 
         use = use & (w != 0)
         h = tl.load(h_row + (key & ((1 << colb) - 1)), mask=use, other=0.0, cache_modifier=".cg")
         if FOLD:
-            tm = tl.load(tm_row + (key >> colb), mask=use, other=0.0, cache_modifier=".cg")
-            h = h * tl.exp(tm - m) * F
+            h = h * tl.load(tm_row + (key >> colb), mask=use, other=0.0, cache_modifier=".cg")
         g += tl.where(use, w * (M - h), 0.0)
     return g
 
@@ -483,8 +484,11 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 
 # The tile geometry of the dense teacher pass (and the sparse teacher's tiles and entry blocks) is fixed across the
 # autotune configs: the W tiles are built for it once per W. The student passes (A, D) and the W-tile loop (C2) are
-# software-pipelined over STAGES tiles. Every config runs 16 warps (BLOCK_E 4096: 8 entries per thread); sm_90,
-# bf16, offline ptxas (tests/test_kernels_compile.py): no variant spills.
+# software-pipelined over STAGES tiles. The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from
+# the SASS): per tile much of the work is per-thread overhead (the scan's and reductions' cross-warp steps), so
+# fewer warps issue fewer instructions: at 8 warps (16 entries per thread) a row issues 22 % fewer than at 16 (4
+# warps: 28 %, but they spill); 16 warps stay a config for latency hiding, for the autotuner to weigh on a GPU.
+# sm_90, bf16, offline ptxas (tests/test_kernels_compile.py): no variant spills.
 TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
 _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
 # D slices of 16 student tiles (32,768 ids: 4 slices at V_S = 128,256; fewer, longer slices take fewer handshakes but
@@ -494,7 +498,7 @@ _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
 SLICES_GPU = dict(SLICE=16, WIN=256)
 _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 ALIGN = 8  # dense W tiles start on multiples of 8 columns: 16-byte teacher loads
-_CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=16) for st in (3, 2)]
+_CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": 3}, num_warps=nw) for nw in (8, 16)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
 # stale words would find no slice open to help with)
 _launch = _tl.launcher(_pkl_kernel, dict(BLOCK_S=128, STAGES=1), _CONFIGS,
@@ -573,8 +577,9 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
 
 
 def _num_programs(K: int, device: torch.device) -> int:
-    """One persistent program per SM (each with a V_T fp32 scratch row): at 16 warps and ~120 registers a second
-    one would not be resident (offline sm_90 compile, tests/test_kernels_compile.py). 2 under the interpreter."""
+    """One persistent program per SM (each with a V_T fp32 scratch row): at 8 warps and ~200 registers (16 warps:
+    ~120) a second one would not be resident (offline sm_90 compile, tests/test_kernels_compile.py). 2 under the
+    interpreter."""
     if device.type == "cuda":
         return max(1, min(K, torch.cuda.get_device_properties(device).multi_processor_count))
     return max(1, min(K, 2))
@@ -631,7 +636,7 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
             h, stat = torch.zeros(k1 - k0, V_T, **f32), torch.zeros(k1 - k0, 2, **f32)
         else:
             h, stat = (torch.zeros(nprog, V_T, **f32) if sparse else qu), loss
-        sync, rs = torch.zeros(1 + 2 * (k1 - k0), dtype=torch.int32, device=device), torch.empty(k1 - k0, 5, **f32)
+        sync, rs = torch.zeros(1 + 2 * (k1 - k0), dtype=torch.int32, device=device), torch.empty(k1 - k0, 3, **f32)
         for help_ in (1, 2) if help_split else (0,):
             _launch((nprog,),
                     s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
