@@ -15,9 +15,14 @@ lower one, P-KL), and are timed at an assumed L2 bandwidth.
 """
 from __future__ import annotations
 
+import functools
 import heapq
+import json
 import math
+import os
 import random
+import subprocess
+import sys
 
 import torch
 
@@ -37,6 +42,25 @@ SORT_INSTR = (8.9, 4.8)
 SORT_THREADS = 256
 ISSUE, CLOCK = 4, 1.755e9
 SCRATCH_FIXED = 32 << 10  # per H-KL program: histograms, hint state, stream lines in flight
+
+
+@functools.lru_cache(maxsize=None)
+def issue_counts() -> dict | None:
+    """Instructions per thread per tile of each streaming pass (bench.sass: the kernels compiled offline for sm_90,
+    loops read from their SASS), or None where that cannot run (no NVIDIA tools in the triton wheel). In a subprocess:
+    this process may run Triton under its interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "xtoken_ext.bench.sass"], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"(instruction issue not modelled: the offline sm_90 compile failed: {proc.stderr.strip()[-300:]})")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def issue_time(body: int, warps: int, tiles: int) -> float:
+    """Seconds an SM needs to issue ``tiles`` iterations of a loop of ``body`` instructions per thread (every warp
+    issues the body once per iteration, ISSUE warp-instructions per clock)."""
+    return body * warps * tiles / ISSUE / CLOCK
 
 
 def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2) -> dict:
@@ -119,7 +143,15 @@ def simulate_live_rows(n_prog: int, n_chunks: int, t_a: float, t_c: float, t_d: 
     return z, h
 
 
-def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GPU) -> dict:
+def _pass_times(passes: dict, gpu: dict) -> tuple[dict, float]:
+    """{pass: (HBM bytes, issue seconds or None)} -> ({pass: (stream seconds at the SM's share of HBM bandwidth,
+    issue seconds)}, seconds per row: each pass the longer of the two, the passes one after another)."""
+    bw_sm = gpu["hbm"] / gpu["sms"]
+    out = {k: (b / bw_sm, t) for k, (b, t) in passes.items()}
+    return out, sum(max(a, b or 0.0) for a, b in out.values())
+
+
+def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GPU, issue: dict | None = None) -> dict:
     """Per-row model of ``_pkl_kernel`` (dense teacher, frozen W) for a 1-to-1 chunk: A streams z (online LSE),
     C is one flat loop over the W tiles (per tile: one block of entries gathering p from the z row, a segmented scan,
     the teacher window, the online KL pass, h_u and the tile maximum stored), D streams z again and writes dz (ELL
@@ -128,7 +160,10 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
 
     L2 working set: W's structure, and the z rows (gathered in C) and scratch rows h live at once, time-averaged
     over a simulated run of the kernel's protocol (simulate_live_rows; phase times ∝ their HBM bytes: A z, C t,
-    D z + dz), with helping and, for comparison, with each owner computing its own D slices."""
+    D z + dz), with helping and, for comparison, with each owner computing its own D slices.
+
+    Time per row and SM (``issue``: issue_counts()["P-KL"], for the first config's tiles): each pass the longer of
+    its HBM stream and its instruction issue (loop body × warps × tiles), passes back to back."""
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
     st = w_stats(proj, cfg["BLOCK_T"], cfg["BLOCK_E"], cfg["BLOCK_S"], elem)
     floor = elem * (2 * V_S + V_T)
@@ -154,7 +189,11 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     w_bytes = w_reads + 8 * st["tiles"]  # and the tile bounds
     parts = {f"W structure (ELL {st['ell'] / 2**20:.2f} MiB)": w_reads,
              "p and h gathers": (SECTOR * (st["sect_c"] + st["sect_d"]), 2 * SECTOR * st["nnz"]), "scratch": scratch}
-    return dict(kernel="P-KL", floor=floor, hbm_l2=stream, hbm_spill=stream + scratch + SECTOR * st["nnz"], l2=l2,
+    iss = {k: None for k in "ACD"} if issue is None else {
+        k: issue_time(issue[k], issue["warps"], n) for k, n in (("A", tiles_s), ("C", st["tiles"]), ("D", tiles_s))}
+    passes, t_row = _pass_times({"A": (elem * V_S, iss["A"]), "C": (elem * V_T, iss["C"]),
+                                 "D": (2 * elem * V_S, iss["D"])}, gpu)
+    return dict(kernel="P-KL", floor=floor, hbm_l2=stream, passes=passes, t_row=t_row, issue=issue, hbm_spill=stream + scratch + SECTOR * st["nnz"], l2=l2,
                 l2_lo=l2_lo, l2_parts=parts, loops=loops, vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],
                 footprint=z_rows * z_row + h_rows * h_row + w_bytes,
                 footprint_alone=z_rows * z_row + h_alone * h_row + w_bytes, slices=slices, stats=st)
@@ -172,19 +211,23 @@ def uncommon_sets(proj, pairs: str, uncovered: str = "renormalize") -> tuple[int
 
 
 def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", topk: int = 8192,
-              gpu: dict = GPU, loss: str = "H-KL") -> dict:
+              gpu: dict = GPU, loss: str = "H-KL", issue: dict | None = None) -> dict:
     """Per-row model of ``_hkl_kernel`` (dense teacher, H-KL: the relaxed common pairs, or GOLD: the strict ones;
     uncommon_topk ``topk``) for a 1-to-1 chunk, from the pass table in ops.hkl_kernel's docstring, with the m a user
     gets from this W and ``uncovered`` (A = the covered columns, or all). Common case (the single-pass compaction hits
-    on both sides): student rows read in S1 (LSE, histogram, candidate list) and S3 (gradient, written), the teacher row
-    in T1; the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~5 times (key range, ~3 bisection steps, gather),
+    on both sides): student rows read in S1 (LSE, candidate list) and S3 (gradient, written), the teacher row in T1;
+    the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~6 times (level-1 histogram and key range, bin b1's
+    range, ~3 bisection steps, gather),
     |L| = the side's uncommon set when it fits the list (the first pass appends it whole), else ≈ 2 m (m plus the keys
     within the hint radius); the sort buffers, the gradient list G (8 B × m); S3 gathers the teacher at the common
     columns (from L2: the teacher row is part of the working set; spilled, each gather is a 32-byte sector from HBM).
-    The fallback (a miss on both sides: S2 / T2 re-read the rows) is returned as hbm_l2_fallback / hbm_spill_fallback.
+    The fallback (a miss on both sides: S2 / T2 read the rows twice, for the level-1 histogram and the compaction)
+    is returned as hbm_l2_fallback / hbm_spill_fallback.
 
-    Time per row and SM: the streams at the SM's share of HBM bandwidth, then the window (not overlapped: one
-    program per SM): its list passes at the SM's share of the assumed L2 bandwidth and the two sorts' issue time
+    Time per row and SM: the streams S1, T1 and S3, each the longer of its bytes at the SM's share of HBM bandwidth
+    and its instruction issue (``issue``: issue_counts()["H-KL"], the first config's tiles), then the window (not
+    overlapped: one program per SM): its list passes at the SM's share of the assumed L2 bandwidth and the two sorts'
+    issue time
     (SORT_INSTR per lane and stage; the network of W_SMALL lanes when m fits it, run for ⌈log₂ m⌉ merge stages,
     both windows side by side in it: one chain of stages, the b keys at the int64 rate; else the W-lane network
     twice, one window after the other).
@@ -207,35 +250,41 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     l_b = u_t if u_t <= fit else min(2 * m, cap)
     floor = elem * (2 * V_S + V_T)
     stream = elem * (3 * V_S + V_T)
-    lists = 6 * (8 * l_a + 4 * l_b)  # written once, read ~5 times
+    lists = 7 * (8 * l_a + 4 * l_b)  # written once, read ~6 times
     touched = min(m, w_net)
     bufs = 2 * 12 * touched + 2 * 8 * m  # sort buffers and G, written and read
-    stream_fb = elem * (4 * V_S + 2 * V_T)
+    stream_fb = elem * (5 * V_S + 3 * V_T)
     lists_fb = 5 * (8 + 4) * min(2 * m, cap) + 12 * min(2 * m, cap)
     l2 = lists + bufs + n_common * SECTOR + m * SECTOR  # S3's teacher gathers, the fix-up's student gathers
     # time per row and SM (s)
-    bw_sm, l2_sm = gpu["hbm"] / gpu["sms"], gpu["l2_bw"] / gpu["sms"]
+    l2_sm = gpu["l2_bw"] / gpu["sms"]
     small = w_net < w_big  # the small network sorts both windows side by side, b's keys widened to int64
     t_sort = (2 * SORT_INSTR[0] if small else sum(SORT_INSTR)) * stages * max(w_net, SORT_THREADS) / 32 / ISSUE / CLOCK
-    t_s1, t_t1, t_s3 = elem * V_S / bw_sm, elem * V_T / bw_sm, 2 * elem * V_S / bw_sm
+    block = H._CONFIGS[0].kwargs["BLOCK_L"]
+    tiles_s, tiles_t = math.ceil(V_S / block), math.ceil(V_T / block)
+    iss = {k: None for k in ("S1", "T1", "S3")} if issue is None else {
+        k: issue_time(issue[k], issue["warps"], n) for k, n in (("S1", tiles_s), ("T1", tiles_t), ("S3", tiles_s))}
+    passes, t_streams = _pass_times({"S1": (elem * V_S, iss["S1"]), "T1": (elem * V_T, iss["T1"]),
+                                     "S3": (2 * elem * V_S, iss["S3"])}, gpu)
+    t_s1, t_t1, t_s3 = (max(a, b or 0.0) for a, b in passes.values())
     t_win = (lists + bufs) / l2_sm + t_sort
-    t_row = t_s1 + t_t1 + t_win + t_s3
+    t_row = t_streams + t_win
     live = (8 * l_a * (t_s1 / 2 + t_t1 + t_win) + 4 * l_b * (t_t1 / 2 + t_win) + 2 * 12 * touched * t_win
             + 8 * m * (t_win / 2 + t_s3) + elem * V_T * (t_t1 / 2 + t_win + t_s3)) / t_row + SCRATCH_FIXED
     shared = 4 * V_S + 5 * V_T  # smap, tmap, teacher classes
     chains = {}
     for cfg in H._CONFIGS:
         b = cfg.kwargs["BLOCK_L"]
-        chains[b] = (5 * (math.ceil(l_a / b) + math.ceil(l_b / b)) + (1 if small else 2) * stages,
+        chains[b] = (6 * (math.ceil(l_a / b) + math.ceil(l_b / b)) + (1 if small else 2) * stages,
                      math.ceil(V_S / b) + math.ceil(V_T / b))
-    block = H._CONFIGS[0].kwargs["BLOCK_L"]
     loops = {"S1/S3 (student passes)": math.ceil(V_S / block), "T1 (teacher pass)": math.ceil(V_T / block),
-             f"window (5 passes per list + {'1' if small else '2'} x {stages} sort stages)": chains[block][0]}
+             f"window (6 passes per list + {'1' if small else '2'} x {stages} sort stages)": chains[block][0]}
     gathers = SECTOR * (n_common + 2 * m)  # spilled: S3's teacher gathers, the fix-up's student gathers and stores
     return dict(kernel=loss, floor=floor, hbm_l2=stream, hbm_spill=stream + lists + bufs + gathers, l2=l2, l2_lo=l2,
                 loops=loops, vocab_tiles=chains[block][1], chains=chains, old_loop=None,
                 hbm_l2_fallback=stream_fb, hbm_spill_fallback=stream_fb + lists_fb + bufs + gathers,
                 footprint=min(rows, gpu["sms"]) * live + shared, t_row=t_row, t_window=t_win, t_sort=t_sort,
+                passes=passes, issue=issue,
                 stats=dict(nnz=n_common, max_col=0, m=m, u_s=u_s, u_t=u_t, l_a=l_a, l_b=l_b, w_net=w_net,
                            uncovered=uncovered))
 
@@ -246,6 +295,20 @@ def _fmt_bytes(b: float) -> str:
 
 def _l2_range(m: dict) -> str:
     return _fmt_bytes(m["l2"]) if m["l2_lo"] == m["l2"] else f"{m['l2_lo'] / 2**20:.2f}–{_fmt_bytes(m['l2'])}"
+
+
+def _time_line(m: dict, rows: int, gpu: dict) -> str:
+    """Time per row and SM, pass by pass (stream vs instruction issue), and the total against the floor time."""
+    us = 1e6
+    parts = [f"{k} {max(a, b or 0.0) * us:.1f}" + (f" ({'issue' if b > a else 'stream'}; stream {a * us:.1f}, issue "
+                                                     f"{b * us:.1f})" if b is not None else "")
+             for k, (a, b) in m["passes"].items()]
+    if "t_window" in m:
+        parts.append(f"window {m['t_window'] * us:.1f} (sorts {m['t_sort'] * us:.1f}) after the streams, not overlapped")
+    t_model = rows / gpu["sms"] * m["t_row"]
+    how = ("instruction issue from the sm_90 SASS" if m["issue"] else "bytes only: instruction issue NOT modelled")
+    return (f"time per row and SM in us ({how}): " + ", ".join(parts) + f"; at {rows:,} rows {t_model * 1e3:.2f} ms "
+            f"({t_model * gpu['hbm'] / (rows * m['floor']):.2f}x the floor time), working set in L2")
 
 
 def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) -> None:
@@ -271,12 +334,9 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
                     f"{st['w_net']:,} lanes")
             print("    longest chain vs vocab tiles per config: " + ", ".join(
                 f"{b} lanes {c} vs {t} ({'met' if c <= t else 'NOT met'})" for b, (c, t) in m["chains"].items()))
-            t_model = rows / gpu["sms"] * m["t_row"]
-            print(f"    time per row and SM: window {m['t_window'] * 1e6:.1f} us (sorts {m['t_sort'] * 1e6:.1f} us) "
-                  f"after the streams, not overlapped; at {rows:,} rows {t_model * 1e3:.2f} ms "
-                  f"({t_model * gpu['hbm'] / (rows * m['floor']):.2f}x the floor time), working set in L2")
+        print("    " + _time_line(m, rows, gpu))
         if "hbm_l2_fallback" in m:
-            print(f"    a miss of the single-pass compaction on both sides (S2 / T2 re-read the rows): "
+            print(f"    a miss of the single-pass compaction on both sides (S2 / T2 read the rows twice): "
                   f"{_fmt_bytes(m['hbm_l2_fallback'])} ({m['hbm_l2_fallback'] / m['floor']:.2f}x), spilled "
                   f"{_fmt_bytes(m['hbm_spill_fallback'])} ({m['hbm_spill_fallback'] / m['floor']:.2f}x)")
         if "footprint_alone" in m:
@@ -313,6 +373,12 @@ def run(quick: bool = False) -> None:
 
     name, real = _real_w(quick)
     rand = Projection.random(real.student_vocab_size, real.teacher_vocab_size, seed=0, empty_rows=0.01)
-    report([("Projection.random", pkl_model(rand, 8192)), (name, pkl_model(real, 8192)),
-            ("Projection.random", hkl_model(rand, 8192)), (name, hkl_model(real, 8192)),
-            (name, hkl_model(real, 8192, uncovered="epsilon")), (name, hkl_model(real, 8192, loss="GOLD"))])
+    iss = issue_counts() or {}
+    p, h = iss.get("P-KL"), iss.get("H-KL")
+    if iss:
+        print(f"instructions per thread per tile (sm_90 SASS, bench/sass.py; P-KL {p['warps']} warps, H-KL "
+              f"{h['warps']}): P-KL A {p['A']}, C {p['C']}, D {p['D']}; H-KL S1 {h['S1']}, T1 {h['T1']}, S3 {h['S3']}")
+    report([("Projection.random", pkl_model(rand, 8192, issue=p)), (name, pkl_model(real, 8192, issue=p)),
+            ("Projection.random", hkl_model(rand, 8192, issue=h)), (name, hkl_model(real, 8192, issue=h)),
+            (name, hkl_model(real, 8192, uncovered="epsilon", issue=h)),
+            (name, hkl_model(real, 8192, loss="GOLD", issue=h))])

@@ -66,7 +66,7 @@ def test_hkl_model_counts(proj, uncovered, topk):
     assert st["w_net"] == (w_small if st["m"] <= w_small else w_big)
     lg = math.ceil(math.log2(min(st["m"], st["w_net"])))
     sorts = 1 if st["w_net"] < w_big else 2  # the small network sorts both windows side by side
-    assert f"window (5 passes per list + {sorts} x {lg * (lg + 1) // 2} sort stages)" in m["loops"]
+    assert f"window (6 passes per list + {sorts} x {lg * (lg + 1) // 2} sort stages)" in m["loops"]
     touched = min(st["m"], st["w_net"])
     held = 64 * (8 * st["l_a"] + 4 * st["l_b"] + 24 * touched + 8 * st["m"] + 2 * 3500 + costmodel.SCRATCH_FIXED)
     shared = 4 * 3000 + 5 * 3500
@@ -78,3 +78,28 @@ def test_report_prints_both_kernels(proj, capsys):
     costmodel.report([("random", costmodel.pkl_model(proj, 64)), ("random", costmodel.hkl_model(proj, 64))])
     out = capsys.readouterr().out
     assert "P-KL | random" in out and "H-KL | random" in out and "D slices per chunk" in out
+
+
+def test_issue_from_sass(proj):
+    """bench.sass reads each streaming pass's loop out of the kernels' sm_90 SASS (compiled offline, in a
+    subprocess), named by the source line of its backward branch: every pass is found once (a multi-line ``for``
+    header included), and the model times each pass as the longer of its HBM stream and its issue."""
+    from xtoken_ext.bench import sass
+    from xtoken_ext.ops import hkl_kernel as H
+    from xtoken_ext.ops import pkl_kernel as P
+
+    lines = sass.header_lines(P._take_slice, "for v0 in tl.range(")
+    assert len(lines) == 2 and {f for f, _ in lines} == {"pkl_kernel.py"}
+    iss = costmodel.issue_counts()
+    assert iss is not None
+    p, h = iss["P-KL"], iss["H-KL"]
+    assert (p["warps"], h["warps"]) == (P._CONFIGS[0].num_warps, H._CONFIGS[0].num_warps)
+    assert all(100 < p[k] < 20_000 for k in "ACD") and all(100 < h[k] < 20_000 for k in ("S1", "T1", "S3"))
+    assert p["C"] > p["A"] and h["T1"] > h["S3"]  # C scans and gathers the W entries; S3 only gathers
+    m = costmodel.pkl_model(proj, 64, issue=p)
+    tiles = m["stats"]["tiles"]
+    assert m["passes"]["C"] == (2 * 3500 / (costmodel.GPU["hbm"] / costmodel.GPU["sms"]),
+                                costmodel.issue_time(p["C"], p["warps"], tiles))
+    assert m["t_row"] == sum(max(a, b) for a, b in m["passes"].values())
+    mh = costmodel.hkl_model(proj, 64, issue=h)
+    assert mh["t_row"] == pytest.approx(sum(max(a, b) for a, b in mh["passes"].values()) + mh["t_window"])

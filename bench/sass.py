@@ -1,0 +1,156 @@
+"""Instructions per loop iteration of the fused Triton kernels, read from their SASS for sm_90: the cost model's issue
+time. No GPU needed: Triton compiles the kernel for sm_90, the ptxas shipped in the triton wheel assembles it with line
+info, and nvdisasm (same place) prints every instruction with its source line. A loop is a backward branch, named by
+the source line of that branch (its ``for`` header); its body is counted per thread: each warp issues it once per
+iteration, so a pass costs body × warps × iterations warp-instructions on its SM."""
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+BIN_NAMES = ("ptxas", "nvdisasm")
+# pointer arguments' element types (others fp32); scalars named here are fp32 (others i32)
+PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32", "ell_ptr": "*i64", "nslot_ptr": "*i8",
+       "erow_ptr": "*i32", "ecol_ptr": "*i32", "tiles_ptr": "*i32", "colend_ptr": "*i32", "mask_ptr": "*i8",
+       "spans_ptr": "*i64", "tcnt_ptr": "*i32", "sync_ptr": "*i32", "rank_ptr": "*i32", "smap_ptr": "*i32",
+       "tmap_ptr": "*i32", "tcls_ptr": "*i8", "m_ptr": "*i32", "path_ptr": "*i32", "la_ptr": "*i64", "lb_ptr": "*i32",
+       "wa_ptr": "*i64", "wb_ptr": "*i32", "gc_ptr": "*i32", "hist_ptr": "*i32"}
+F32 = {"inv_tau", "tau", "eps"}
+# integer arguments Triton's launcher would not see as multiples of 16 at real shapes (no divisibility hint)
+NO_HINT = {"k0", "k1", "NNZ", "n_tiles", "n_tiles_max", "K", "N", "N_s", "colb", "m_up", "cap_a", "cap_b", "g_len"}
+
+
+def _bin(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def available() -> bool:
+    """The triton wheel ships the NVIDIA tools for this platform."""
+    return all(os.access(_bin(n), os.X_OK) for n in BIN_NAMES)
+
+
+def compile_sm90(kernel, consts: dict, num_warps: int, sparse: bool = False, lineinfo: bool = False):
+    """``kernel`` compiled by Triton for sm_90 with these constexprs (other arguments typed by PTR / F32, with the
+    16-divisibility hints Triton's launcher gives real shapes) and assembled by ptxas -> (compiled kernel, cubin
+    bytes, ptxas -v report)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n == "tc_ptr":
+            sig[n] = "*i64" if sparse else "*bf16"
+        elif n.endswith("_ptr"):
+            sig[n] = PTR.get(n, "*fp32")
+        else:
+            sig[n] = "fp32" if n in F32 else "i32"
+    hints = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n] not in ("constexpr", "fp32") and n not in NO_HINT}
+    src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=hints)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    with tempfile.TemporaryDirectory() as d:
+        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(c.asm["ptx"])
+        info = subprocess.run([_bin("ptxas"), "-v", *(["-lineinfo"] if lineinfo else []), "--gpu-name", "sm_90a",
+                               ptx, "-o", cubin], capture_output=True, text=True, check=True).stderr
+        with open(cubin, "rb") as f:
+            return c, f.read(), info
+
+
+@functools.lru_cache(maxsize=None)
+def _loops(kernel, consts: tuple, num_warps: int, sparse: bool) -> dict[tuple[str, int], list[int]]:
+    _, cubin, _ = compile_sm90(kernel, dict(consts), num_warps, sparse, lineinfo=True)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([_bin("nvdisasm"), "-g", "-c", path], capture_output=True, text=True, check=True).stdout
+    src, ins, labels, pending = None, [], {}, []
+    for line in sass.splitlines():
+        m = re.match(r'\s*//## File "(.*)", line (\d+)', line)
+        if m:
+            src = (os.path.basename(m.group(1)), int(m.group(2)))
+            continue
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]+)\*/\s+(.*?)\s*;", line)
+        if m:
+            addr = int(m.group(1), 16)
+            labels.update((p, addr) for p in pending)
+            pending = []
+            ins.append((addr, m.group(2), src))
+    out: dict[tuple[str, int], list[int]] = {}
+    for addr, text, where in ins:
+        m = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", text)
+        if m and labels.get(m.group(1), addr) < addr:
+            start = labels[m.group(1)]
+            out.setdefault(where, []).append(sum(1 for a, _, _ in ins if start <= a <= addr))
+    return out
+
+
+def loop_bodies(kernel, consts: dict, num_warps: int, sparse: bool = False) -> dict[tuple[str, int], list[int]]:
+    """{(source file name, line of the loop's backward branch): [instructions per thread of each such loop's body,
+    in code order]} (a helper's loop appears once per inlined call). Inner loops count once in their outer loop's
+    body."""
+    return _loops(kernel, tuple(sorted(consts.items())), num_warps, sparse)
+
+
+def header_lines(fn, marker: str) -> set[tuple[str, int]]:
+    """The source lines of the ``for`` header in ``fn`` (a @triton.jit function) that contains ``marker``."""
+    py = getattr(fn, "fn", fn)
+    lines, first = inspect.getsourcelines(py)
+    name = os.path.basename(inspect.getsourcefile(py))
+    i = next(i for i, s in enumerate(lines) if marker in s)
+    out = {(name, first + i)}
+    while not lines[i].rstrip().endswith(":"):
+        i += 1
+        out.add((name, first + i))
+    return out
+
+
+def body(bodies: dict, fn, marker: str) -> list[int]:
+    """The bodies of the loops whose branch lies on the ``for`` header of ``fn`` containing ``marker``."""
+    return [n for line in sorted(header_lines(fn, marker)) for n in bodies.get(line, [])]
+
+
+def pass_bodies() -> dict:
+    """The cost model's per-pass loop bodies (instructions per thread per tile) of both kernels in the variant a
+    1-to-1 chunk runs by default (merge="mean", dense teacher, frozen W), first autotune config: P-KL A (student
+    LSE), C (W tiles), D (gradient tiles); H-KL S1 / T1 (student / teacher row pass, the same helper inlined twice,
+    in that order) and S3 (gradient pass: the single-row, pipelined instantiation, the smaller of its two)."""
+    from xtoken_ext.ops import hkl_kernel as H
+    from xtoken_ext.ops import pkl_kernel as P
+
+    cfg = P._CONFIGS[0]
+    b = loop_bodies(P._pkl_kernel, dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False,
+                                        SLOTS=4, ALIGN=P.ALIGN, HELP=0, **P.TILES_GPU, **P.SLICES_GPU,
+                                        **cfg.kwargs), cfg.num_warps)
+    (a,), (c,), (d,) = (body(b, P._row_stats, "for v0 in tl.range"),
+                        body(b, P._pkl_kernel, "for t in tl.range(0, n_c2"), body(b, P._take_slice, "for v0 in tl.range("))
+    out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, D=d)}
+    cfg = H._CONFIGS[0]
+    w = H.sort_widths(H._SORT_CAP)
+    b = loop_bodies(H._hkl_kernel, dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], **cfg.kwargs),
+                    cfg.num_warps)
+    s1, t1 = body(b, H._row_pass, "for c0 in tl.range")
+    out["H-KL"] = dict(warps=cfg.num_warps, S1=s1, T1=t1, S3=min(body(b, H._grad_pass, "for v0 in tl.range")))
+    return out
+
+
+if __name__ == "__main__":  # run by bench.costmodel in a subprocess (no TRITON_INTERPRET there)
+    import json
+
+    print(json.dumps(pass_bodies()))
