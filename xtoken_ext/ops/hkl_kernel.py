@@ -371,15 +371,19 @@ def _compact(SRC: tl.constexpr, n, src, m, cap, dst, PACK: tl.constexpr, ONE: tl
 def _append(k, sel, col, cnt, dst, cap, PACK: tl.constexpr):
     """Single-pass compaction, one tile: append its selected keys to dst in row order (PACK: k << 32 | column as
     int64, else k); keys past ``cap`` go to the spare slot dst[cap] with the unselected lanes (they are dropped), the
-    count holds them. -> the new count."""
-    si = sel.to(tl.int32)
-    pos = cnt + tl.cumsum(si, 0) - si
+    count holds them. The positions are an exclusive prefix count in two levels, rows of 8 lanes and across rows: a
+    flat tl.cumsum here runs in the scatter store's one-lane-per-thread layout, a warp scan per lane held (~23 % of
+    the row pass's instructions, sm_90 SASS). -> the new count."""
+    N: tl.constexpr = sel.shape[0]
+    si = tl.reshape(sel.to(tl.int32), [N // 8, 8])
+    rows = tl.sum(si, 1)
+    pos = cnt + tl.reshape((tl.cumsum(rows, 0) - rows)[:, None] + tl.cumsum(si, 1) - si, [N])
     pos = tl.where(sel & (pos < cap), pos, cap)
     if PACK:
         tl.store(dst + pos, (k.to(tl.int64) << 32) | col.to(tl.int64))
     else:
         tl.store(dst + pos, k)
-    return cnt + tl.sum(si)
+    return cnt + tl.sum(rows)
 
 
 @triton.jit
