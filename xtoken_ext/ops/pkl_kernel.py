@@ -71,6 +71,23 @@ def _seg_add(v1, f1, v2, f2):
 
 
 @triton.jit
+def _seg_scan(v, f, N: tl.constexpr):
+    """Segmented inclusive sum of v (a segment restarts where f ≠ 0) in two levels: within rows of 4 lanes, then the
+    rows' totals across rows, each row's carry (the scan up to the row before) added to its lanes before their first
+    segment start. A flat associative_scan runs in the entry loads' one-lane-per-thread layout, a warp scan per lane
+    held (C: 2,784 instructions per thread per tile with it, 2,476 with this; sm_90 SASS, bench/sass.py)."""
+    S: tl.constexpr = 4
+    R: tl.constexpr = N // S
+    s_in, f_in = tl.associative_scan((tl.reshape(v, [R, S]), tl.reshape(f, [R, S])), 1, _seg_add)
+    last = tl.arange(0, S)[None, :] == S - 1
+    inc, _ = tl.associative_scan((tl.sum(tl.where(last, s_in, 0.0), 1), tl.max(tl.where(last, f_in, 0), 1)), 0,
+                                 _seg_add)
+    r = tl.arange(0, R)
+    cin = tl.where(r > 0, tl.gather(inc, tl.maximum(r - 1, 0), 0), 0.0)
+    return tl.reshape(s_in + tl.where(f_in == 0, cin[:, None], 0.0), [N])
+
+
+@triton.jit
 def _row_stats(row_ptr, a_ptr, V, inv_tau, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """One student row -> (lse = LSE_v row[v]/τ, Σ_v softmax(row/τ)[v] a[v], bad = #NaN/+inf, +1 if no finite
     value), online over V in BLOCK tiles."""
@@ -111,7 +128,7 @@ def _entry_scan(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, 
     else:  # one student row: no loop in the tile loop
         pr = _tl.softmax_tile(z_ptr + s_lo * stride_z, s, em, inv_tau, tl.load(lse_s_ptr + s_lo))
     val = tl.load(eval_ptr + e, mask=em, other=0.0) * pr
-    seg, _ = tl.associative_scan((val, start.to(tl.int32)), 0, _seg_add)
+    seg = _seg_scan(val, start.to(tl.int32), BLOCK_E)
     return col, em & (col != nxt), seg
 
 
