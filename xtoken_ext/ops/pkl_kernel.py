@@ -273,18 +273,23 @@ def _pkl_kernel(
             # C: one online pass over the teacher. Dense: a flat loop over the W tiles (≤ BLOCK_E entries: C1 for
             # the tile's columns by one scan and a gather; its ≤ BLOCK_T columns: C2), pipelined: it only reads
             # read-only inputs and writes h_u / tile maxima. Sparse: C2 over the k columns (Qu from the scratch row).
+            # the running max m is per tile; l, S1, Mu, the zero-mass max and the bad count are kept per lane (with
+            # the common rescaling) and reduced once after the loop: a reduction per tile and sum costs more
+            # instructions than the lane-wise updates (sm_90 SASS)
             m = tl.full((), NEG, tl.float32)
-            l = tl.zeros((), tl.float32)
-            s1 = tl.zeros((), tl.float32)
-            mu = tl.zeros((), tl.float32)
-            m_zero = tl.full((), NEG, tl.float32)  # largest x̄ among allowed columns with q + eps = 0
+            l_v = tl.zeros((BLOCK_T,), tl.float32)
+            s1_v = tl.zeros((BLOCK_T,), tl.float32)
+            mu_v = tl.zeros((BLOCK_T,), tl.float32)
+            mz_v = tl.full((BLOCK_T,), NEG, tl.float32)  # largest x̄ among allowed columns with q + eps = 0
+            bad_v = tl.zeros((BLOCK_T,), tl.int32)
+            inv_nt = 1.0 / n_t.to(tl.float32)
             carry = tl.zeros((), tl.float32)  # dense: Σ w p̄' of the entry-only tiles so far of the next tile's column
             for t in tl.range(0, n_c2, num_stages=1 if SPARSE else STAGES):
                 if SPARSE:
                     o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, t * BLOCK_T, C, SPARSE,
                                                     BLOCK_T)
                     x = tl.load(t_ptr + t_lo * stride_t + o, mask=o < C, other=0.0).to(tl.float32)
-                    bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
+                    bad_v += (inside & ((x != x) | (x == float("inf")))).to(tl.int32)
                     xb = x * inv_tau - tl.load(lse_t_ptr + t_lo)
                     if n_t > 1:
                         xb += tl.load(tacc_row + v, mask=ok, other=0.0)
@@ -309,12 +314,12 @@ def _pkl_kernel(
                         for r in range(t_lo, t_hi):
                             x = tl.load(t_ptr + r * stride_t + o, mask=win, other=0.0, eviction_policy="evict_first")
                             x = x.to(tl.float32)
-                            bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
+                            bad_v += (inside & ((x != x) | (x == float("inf")))).to(tl.int32)
                             xb += x
                     else:
                         xb = tl.load(t_ptr + t_lo * stride_t + o, mask=win, other=0.0, eviction_policy="evict_first")
                         xb = xb.to(tl.float32)
-                        bad += tl.sum((inside & ((xb != xb) | (xb == float("inf")))).to(tl.int32))
+                        bad_v += (inside & ((xb != xb) | (xb == float("inf")))).to(tl.int32)
                     xb = xb * inv_tau
                     # Qu of column c: the scan at its last entry in the block (colend[c] − e_lo − 1; columns without
                     # an entry have mk 2 and take 0), the first column plus the carry of its entry-only tiles
@@ -322,7 +327,7 @@ def _pkl_kernel(
                     qu = tl.gather(seg, tl.minimum(tl.maximum(end, 0), BLOCK_E - 1), 0)
                     qu += tl.where(o == c_lo, carry, 0.0)
                     carry = tl.where(c_hi == c_lo, carry + tl.sum(tl.where(lane_e == BLOCK_E - 1, seg, 0.0)), 0.0)
-                xb = xb / n_t.to(tl.float32)
+                xb = xb * inv_nt
                 live = ok & (xb > float("-inf"))
                 if SPARSE:
                     mk = tl.load(mask_ptr + v, mask=inside, other=0)
@@ -330,21 +335,27 @@ def _pkl_kernel(
                 q = tl.where(live & (mk == 1), qu, 0.0) * inv_qz  # mk 2: allowed, no W entry
                 qe = q + eps
                 pos = live & (qe > 0)
-                m_zero = tl.maximum(m_zero, tl.max(tl.where(live & (qe <= 0), xb, NEG)))
+                mz_v = tl.maximum(mz_v, tl.where(live & (qe <= 0), xb, NEG))
                 m_new = tl.maximum(m, tl.max(tl.where(live, xb, NEG)))
                 alpha = tl.exp(m - m_new)
                 ex = tl.where(live, tl.exp(xb - m_new), 0.0)
-                s1 = alpha * (s1 + (m - m_new) * l) + tl.sum(tl.where(pos, ex * (xb - m_new - tl.log(qe)), 0.0))
-                l = alpha * l + tl.sum(ex)
-                mu = alpha * mu + tl.sum(tl.where(pos, ex * q / qe, 0.0))
+                hu = tl.where(pos, ex / qe, 0.0)
+                s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * (xb - m_new - tl.log(qe)), 0.0)
+                l_v = alpha * l_v + ex
+                mu_v = alpha * mu_v + hu * q
                 m = m_new
                 if FOLD:  # h_u at the column's rank among W's columns (the ELL's keys): only those are read
                     rk = tl.load(rank_ptr + o, mask=win, other=0)
-                    tl.store(h_row + rk, tl.where(pos, ex / qe, 0.0), mask=inside & (mk == 1))
+                    tl.store(h_row + rk, hu, mask=inside & (mk == 1))
                 else:
-                    tl.store(h_row + v, tl.where(pos, ex / qe, 0.0), mask=ok if SPARSE else inside)
+                    tl.store(h_row + v, hu, mask=ok if SPARSE else inside)
                 tl.store(tm_row + t, m_new)  # entry-only tiles store m (no column refers to them)
 
+            l = tl.sum(l_v)
+            s1 = tl.sum(s1_v)
+            mu = tl.sum(mu_v)
+            m_zero = tl.max(mz_v)
+            bad += tl.sum(bad_v)
             # log-normalizer: m + c = −log l (one dense row) or m − mean_r LSE_r (after B), plus the chain scalar
             if SPARSE:  # x̄ is already normalized per row
                 mc = m + c_t
