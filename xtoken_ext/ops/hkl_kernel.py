@@ -15,7 +15,7 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
   single-pass compaction (the common case): the row pass (S1 / T1) appends to L every key of bin ≥ b_h, a bin fixed
     before the pass (_hint_bin: every key when the side's uncommon set fits L and 2 m + _SLACK, else the bin of −3e,
     e ≈ the 80th percentile of |Δθ| between this program's chunks, θ the m-th largest x, i.e. the next shift c), as
-    one key compare per element (_bin_key), and counts the side's keys; no histogram in the row pass (~40
+    one compare per element (_bin_edge), and counts the side's keys; no histogram in the row pass (~40
     instructions per element of the row; the kernel is bound by instruction issue, bench/costmodel.py). Since bins
     ascend with the key, that list holds every key of bin ≥ b1 iff it holds ≥ m keys (⟺ b_h ≤ b1; all keys when the
     side has fewer than m), and it is complete iff that count ≤ capacity: both known at the end of the pass, so the
@@ -399,12 +399,13 @@ def _hint_bin(e, n, cap):
 
 
 @triton.jit
-def _bin_key(b):
-    """The smallest key (_key) of a value v with _bucket1(v) ≥ b: bins ascend with the key's top 10 bits
-    (_bucket1), so _bucket1(v) ≥ b ⟺ _key(v) ≥ _bin_key(b), one compare per element where a bin costs ~17
-    instructions (b ≤ 1: every key; b ≥ 64: none)."""
+def _bin_edge(b):
+    """The smallest value v with _bucket1(v) ≥ b: bins ascend with the key's top 10 bits (_bucket1), so for a
+    non-NaN v, _bucket1(v) ≥ b ⟺ v ≥ _bin_edge(b), one compare per element where a bin costs ~17 instructions.
+    b ≤ 1: −inf (every value); b ≥ 64: NaN (none); else the float of key u << 22, never ±0 (|u| ≥ 240), so the
+    float compare agrees with the key order."""
     u = tl.where(b > 32, b + 207, b - 272)
-    return tl.where(b <= 1, _INT_MIN, tl.where(b >= 64, _INT_MAX, u << 22))
+    return tl.where(b <= 1, float("-inf"), _unkey(tl.where(b >= 64, _INT_MAX, u << 22)))
 
 
 @triton.jit
@@ -452,17 +453,18 @@ def _candidates(SRC: tl.constexpr, n, src, n_u, m, cap, dst, cnt, c, PACK: tl.co
 
 
 @triton.jit
-def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, k_h, lst, cap, STUDENT: tl.constexpr, HIST: tl.constexpr,
+def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, edge, lst, cap, STUDENT: tl.constexpr, HIST: tl.constexpr,
               SPARSE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """One row over its C columns (dense: the vocabulary; sparse: its k entries, padding −1 skipped) -> (lse of x/τ
     (student: over all columns; teacher: over A, class ≠ 0), bad = NaN or +inf in any column, if HIST the number of
     U's keys (student: smap < 0; teacher: class 1), teacher: Σ_{class 2} e^{x/τ − lse}, if HIST the count of U's keys
-    with _key(x − c) ≥ k_h (level-1 bin ≥ b_h: _bin_key), appended to lst (_append)). No histogram here: it would
-    cost ~40 instructions per element of the row (bench/costmodel.py); _candidates takes it over the list."""
+    with x − c ≥ edge (level-1 bin ≥ b_h: _bin_edge), appended to lst (_append)). No histogram here: it would cost
+    ~40 instructions per element of the row (bench/costmodel.py); _candidates takes it over the list. Only the
+    running max is reduced per tile; the sums and counts are kept per lane and reduced once."""
     m = tl.full((), _tl.NEG, tl.float32)
-    l = tl.full((), 0, tl.float32)
-    lc = tl.full((), 0, tl.float32)
-    bad = tl.full((), 0, tl.int32)
+    l = tl.full((BLOCK,), 0, tl.float32)
+    lc = tl.full((BLOCK,), 0, tl.float32)
+    bad = tl.full((BLOCK,), 0, tl.int32)
     nu = tl.full((BLOCK,), 0, tl.int32)
     cnt = tl.full((), 0, tl.int32)
     for c0 in tl.range(0, C, BLOCK, num_stages=STAGES):
@@ -476,7 +478,7 @@ def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, k_h, lst, cap, STUDENT: t
         else:
             v = o
             inside = om
-        bad |= tl.max(((inside & ((x != x) | (x == float("inf")))).to(tl.int32)))
+        bad |= (inside & ((x != x) | (x == float("inf")))).to(tl.int32)
         cls = tl.load(cls_ptr + v, mask=inside, other=0)
         if STUDENT:
             live = inside
@@ -484,13 +486,19 @@ def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, k_h, lst, cap, STUDENT: t
         else:
             live = inside & (cls != 0)
             hm = live & (cls == 1)
-        m, l, e, alpha = _tl.lse_step(m, l, tl.where(live, x * inv_tau, float("-inf")))
+        xs = tl.where(live, x * inv_tau, float("-inf"))
+        m_new = tl.maximum(m, tl.max(xs))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(xs - m_new)
+        l = l * alpha + e
         if not STUDENT:
-            lc = lc * alpha + tl.sum(tl.where(live & (cls == 2), e, 0.0))
+            lc = lc * alpha + tl.where(live & (cls == 2), e, 0.0)
+        m = m_new
         if HIST:
             nu += hm.to(tl.int32)
-            cnt = _append(_key(x), hm & (_key(x - c) >= k_h), o, cnt, lst, cap, STUDENT)
-    return m + tl.log(l), bad, tl.sum(nu), tl.where(l > 0, lc / l, 0.0), cnt
+            cnt = _append(_key(x), hm & (x - c >= edge), o, cnt, lst, cap, STUDENT)
+    l = tl.sum(l)
+    return m + tl.log(l), tl.max(bad), tl.sum(nu), tl.where(l > 0, tl.sum(lc) / l, 0.0), cnt
 
 
 @triton.jit
@@ -664,14 +672,14 @@ def _hkl_kernel(
         nu_b = tl.full((), 0, tl.int32)
         for r in range(s_lo, s_hi):
             lse, b, nu_a, _, cnt_a = _row_pass(z_ptr + r * stride_z, z_ptr, smap_ptr, V_S, inv_tau, sh_a,
-                                               _bin_key(tl.where(raw_a, bh_a, 64)), la, cap_a, True, True, False,
+                                               _bin_edge(tl.where(raw_a, bh_a, 64)), la, cap_a, True, True, False,
                                                BLOCK_S, STAGES)
             bad |= b | (lse == float("-inf")).to(tl.int32)
             tl.store(lse_s_ptr + r, lse)
         pc = tl.full((), 0, tl.float32)  # Σ_c P[t_c]
         for r in range(t_lo, t_hi):
             lse, b, nu_b, frac, cnt_b = _row_pass(t_ptr + r * stride_t, tc_ptr + r * stride_tc, tcls_ptr, C,
-                                                  inv_tau, sh_b, _bin_key(tl.where(raw_b, bh_b, 64)), lb, cap_b,
+                                                  inv_tau, sh_b, _bin_edge(tl.where(raw_b, bh_b, 64)), lb, cap_b,
                                                   False, not SPARSE, SPARSE, BLOCK_T, STAGES)
             bad |= b
             tl.store(lse_t_ptr + r, tl.where(lse == float("-inf"), float("inf"), lse))  # no mass on A: T = −inf
