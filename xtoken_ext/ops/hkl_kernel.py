@@ -510,10 +510,12 @@ def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexp
         c_t, V_S, inv_tau, tt, gsum, bad = args
     coef = inv_tau / n_s.to(tl.float32)
     lse0 = tl.load(lse_s_ptr + s_lo)
-    kl = tl.full((), 0, tl.float32)
+    kl = tl.full((BLOCK,), 0, tl.float32)  # per lane, reduced once
     for v0 in tl.range(0, V_S, BLOCK, num_stages=STAGES):
         o = v0 + tl.arange(0, BLOCK)
         om = o < V_S
+        if ONE:  # log p of the single row, read once for S and p
+            lp = tl.load(z_ptr + s_lo * stride_z + o, mask=om, other=float("-inf")).to(tl.float32) * inv_tau - lse0
         gS = tl.full((BLOCK,), 0, tl.float32)
         if not SPARSE:
             tcol = tl.load(smap_ptr + o, mask=om, other=-1)
@@ -522,27 +524,24 @@ def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexp
             if ONE:
                 tv = tl.load(t_ptr + t_lo * stride_t + tcol, mask=com, other=0.0).to(tl.float32) * inv_tau \
                     - tl.load(lse_t_ptr + t_lo) + c_t
+                S = lp + c_s
             else:
                 tv = _tl.logp_sum(t_ptr, stride_t, lse_t_ptr, t_lo, t_lo + n_t, tcol, com, inv_tau, BLOCK) \
                     / n_t.to(tl.float32)
-            P = tl.where(com, tl.exp(tv), 0.0)
-            S = _s_vals(z_ptr, stride_z, lse_s_ptr, s_lo, n_s, o, om, inv_tau, ONE, BLOCK)
-            if ONE:  # the raw logit -> S
-                S = S * inv_tau - lse0 + c_s
-            else:
+                S = _s_vals(z_ptr, stride_z, lse_s_ptr, s_lo, n_s, o, om, inv_tau, ONE, BLOCK)
                 S = tl.where(n_s == 1, S * inv_tau - lse0 + c_s, S)
-            kl += tl.sum(tl.where(com & (P > 0), P * (tv - S), 0.0))
+            P = tl.where(com, tl.exp(tv), 0.0)
+            kl += tl.where(com & (P > 0), P * (tv - S), 0.0)
             gS = -tt * P
         if ONE:
-            p = _tl.softmax_tile(z_ptr + s_lo * stride_z, o, om, inv_tau, lse0)
-            dz = tl.where(bad != 0, 0.0, (gS - p * gsum) * coef)
+            dz = tl.where(bad != 0, 0.0, (gS - tl.exp(lp) * gsum) * coef)
             tl.store(dz_ptr + s_lo * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om)
         else:
             for r in range(s_lo, s_lo + n_s):
                 p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r))
                 dz = tl.where(bad != 0, 0.0, (gS - p * gsum) * coef)
                 tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om)
-    return kl
+    return tl.sum(kl)
 
 
 @triton.jit

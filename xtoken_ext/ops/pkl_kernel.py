@@ -90,20 +90,25 @@ def _seg_scan(v, f, N: tl.constexpr):
 @triton.jit
 def _row_stats(row_ptr, a_ptr, V, inv_tau, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """One student row -> (lse = LSE_v row[v]/τ, Σ_v softmax(row/τ)[v] a[v], bad = #NaN/+inf, +1 if no finite
-    value), online over V in BLOCK tiles."""
+    value), online over V in BLOCK tiles: the running max reduced per tile, the sums and the count per lane."""
     m = tl.full((), NEG, tl.float32)
-    l = tl.zeros((), tl.float32)
-    lw = tl.zeros((), tl.float32)
-    bad = tl.zeros((), tl.int32)
+    l = tl.zeros((BLOCK,), tl.float32)
+    lw = tl.zeros((BLOCK,), tl.float32)
+    bad = tl.zeros((BLOCK,), tl.int32)
     offs = tl.arange(0, BLOCK)
     for v0 in tl.range(0, V, BLOCK, num_stages=STAGES):
         o = v0 + offs
         om = o < V
-        x = tl.load(row_ptr + o, mask=om, other=float("-inf")).to(tl.float32)
-        bad += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32))
-        m, l, e, alpha = _tl.lse_step(m, l, x * inv_tau)
-        lw = lw * alpha + tl.sum(e * tl.load(a_ptr + o, mask=om, other=0.0))
-    return m + tl.log(l), lw / l, bad + (l == 0).to(tl.int32)
+        x = tl.load(row_ptr + o, mask=om, other=float("-inf")).to(tl.float32) * inv_tau
+        bad += ((x != x) | (x == float("inf"))).to(tl.int32)
+        m_new = tl.maximum(m, tl.max(x))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)
+        l = l * alpha + e
+        lw = lw * alpha + e * tl.load(a_ptr + o, mask=om, other=0.0)
+        m = m_new
+    l = tl.sum(l)
+    return m + tl.log(l), tl.sum(lw) / l, tl.sum(bad) + (l == 0).to(tl.int32)
 
 
 @triton.jit
