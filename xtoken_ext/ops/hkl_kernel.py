@@ -82,9 +82,9 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   passes and one pass of n rows that compacts (a miss adds a level-1 histogram pass and a compaction pass of n
   rows); S3 reads n student rows (and n teacher rows at the common columns), writes n.
   Compute: the kernel is bound by instruction issue, not bytes (bench/costmodel.py reads the loop bodies from the
-  sm_90 SASS): S1 / T1 issue ~900 instructions per thread per 2048-lane tile (8 warps; 1,330 / 1,410 with the
-  level-1 histogram in the row pass), ~9× the time the SM's share of HBM bandwidth needs to stream the tile; a
-  third of it is the compaction's tl.cumsum. The two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread,
+  sm_90 SASS): S1 / T1 issue ~590 / 620 instructions per thread per 2048-lane tile (8 warps; 1,330 / 1,410 with
+  the level-1 histogram, a flat tl.cumsum and per-tile sums in the row pass), ~4× the time the SM's share of HBM
+  bandwidth needs to stream the tile. The two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread,
   ~45 µs of issue time per row per SM, not overlapped with the streams: one program per SM (below). At m = 128 in
   the small network: ≈ 2.3 µs.
 Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain × dense / sparse): config 0 (2048
