@@ -23,6 +23,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -50,7 +51,9 @@ def issue_counts() -> dict | None:
     loops read from their SASS), or None where that cannot run (no NVIDIA tools in the triton wheel). In a subprocess:
     this process may run Triton under its interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "xtoken_ext.bench.sass"], capture_output=True, text=True, env=env)
+    with tempfile.TemporaryDirectory() as cwd:  # not a source checkout's root, whose xtoken_ext has no bench
+        proc = subprocess.run([sys.executable, "-m", "xtoken_ext.bench.sass"], capture_output=True, text=True,
+                              env=env, cwd=cwd)
     if proc.returncode != 0:
         print(f"(instruction issue not modelled: the offline sm_90 compile failed: {proc.stderr.strip()[-300:]})")
         return None

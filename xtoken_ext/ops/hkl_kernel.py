@@ -88,8 +88,9 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   ~45 µs of issue time per row per SM, not overlapped with the streams: one program per SM (below). At m = 128 in
   the small network: ≈ 2.3 µs.
 Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain × dense / sparse): config 0 (2048
-  lanes, 3 stages, 8 warps) 255 registers with 76-204 B at W = 8192 (24-124 B before the W_SMALL network was added);
-  config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.61 KB (first, dense; 0.44 KB before). What remains: LLVM hoists
+  lanes, 3 stages, 8 warps) 255 registers with 104-252 B at W = 8192 (76-204 B while the row passes built the level-1
+  histogram, 24-124 B before the W_SMALL network was added); config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.71
+  KB (first, dense; 0.61 / 0.44 KB before). What remains: LLVM hoists
   the per-thread shared-memory addresses of every layout conversion, reduction and scan out of the persistent chunk
   loop (~40-100 registers held throughout), and at W = 8192 the a-sort holds 32 int64 keys and their partner sums
   per thread. Kept down by: no masked scatter stores (the compactions and a sparse teacher's G entries send their

@@ -278,15 +278,14 @@ def _pkl_kernel(
             # C: one online pass over the teacher. Dense: a flat loop over the W tiles (≤ BLOCK_E entries: C1 for
             # the tile's columns by one scan and a gather; its ≤ BLOCK_T columns: C2), pipelined: it only reads
             # read-only inputs and writes h_u / tile maxima. Sparse: C2 over the k columns (Qu from the scratch row).
-            # the running max m is per tile; l, S1, Mu, the zero-mass max and the bad count are kept per lane (with
-            # the common rescaling) and reduced once after the loop: a reduction per tile and sum costs more
-            # instructions than the lane-wise updates (sm_90 SASS)
+            # the running max m and the bad count are per tile; l, S1, Mu and the zero-mass max are kept per lane
+            # (with the common rescaling) and reduced once after the loop: a reduction per tile and sum costs more
+            # instructions than the lane-wise updates (sm_90 SASS; a per-lane bad count too would spill at 8 warps)
             m = tl.full((), NEG, tl.float32)
             l_v = tl.zeros((BLOCK_T,), tl.float32)
             s1_v = tl.zeros((BLOCK_T,), tl.float32)
             mu_v = tl.zeros((BLOCK_T,), tl.float32)
             mz_v = tl.full((BLOCK_T,), NEG, tl.float32)  # largest x̄ among allowed columns with q + eps = 0
-            bad_v = tl.zeros((BLOCK_T,), tl.int32)
             inv_nt = 1.0 / n_t.to(tl.float32)
             carry = tl.zeros((), tl.float32)  # dense: Σ w p̄' of the entry-only tiles so far of the next tile's column
             for t in tl.range(0, n_c2, num_stages=1 if SPARSE else STAGES):
@@ -294,7 +293,7 @@ def _pkl_kernel(
                     o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, t * BLOCK_T, C, SPARSE,
                                                     BLOCK_T)
                     x = tl.load(t_ptr + t_lo * stride_t + o, mask=o < C, other=0.0).to(tl.float32)
-                    bad_v += (inside & ((x != x) | (x == float("inf")))).to(tl.int32)
+                    bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
                     xb = x * inv_tau - tl.load(lse_t_ptr + t_lo)
                     if n_t > 1:
                         xb += tl.load(tacc_row + v, mask=ok, other=0.0)
@@ -319,12 +318,12 @@ def _pkl_kernel(
                         for r in range(t_lo, t_hi):
                             x = tl.load(t_ptr + r * stride_t + o, mask=win, other=0.0, eviction_policy="evict_first")
                             x = x.to(tl.float32)
-                            bad_v += (inside & ((x != x) | (x == float("inf")))).to(tl.int32)
+                            bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
                             xb += x
                     else:
                         xb = tl.load(t_ptr + t_lo * stride_t + o, mask=win, other=0.0, eviction_policy="evict_first")
                         xb = xb.to(tl.float32)
-                        bad_v += (inside & ((xb != xb) | (xb == float("inf")))).to(tl.int32)
+                        bad += tl.sum((inside & ((xb != xb) | (xb == float("inf")))).to(tl.int32))
                     xb = xb * inv_tau
                     # Qu of column c: the scan at its last entry in the block (colend[c] − e_lo − 1; columns without
                     # an entry have mk 2 and take 0), the first column plus the carry of its entry-only tiles
@@ -360,7 +359,6 @@ def _pkl_kernel(
             s1 = tl.sum(s1_v)
             mu = tl.sum(mu_v)
             m_zero = tl.max(mz_v)
-            bad += tl.sum(bad_v)
             # log-normalizer: m + c = −log l (one dense row) or m − mean_r LSE_r (after B), plus the chain scalar
             if SPARSE:  # x̄ is already normalized per row
                 mc = m + c_t
@@ -519,9 +517,10 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # autotune configs: the W tiles are built for it once per W. The student passes (A, D) and the W-tile loop (C2) are
 # software-pipelined over STAGES tiles. The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from
 # the SASS): per tile much of the work is per-thread overhead (the scan's and reductions' cross-warp steps), so
-# fewer warps issue fewer instructions: at 8 warps (16 entries per thread) a row issues 22 % fewer than at 16 (4
-# warps: 28 %, but they spill); 16 warps stay a config for latency hiding, for the autotuner to weigh on a GPU.
-# sm_90, bf16, offline ptxas (tests/test_kernels_compile.py): no variant spills.
+# fewer warps issue fewer instructions: at 8 warps (16 entries per thread) a row issued 22 % fewer than at 16 when
+# measured (4 warps: 28 %, but they spill; 16 warps now spill too, 8 B, with C's per-lane accumulators). The configs
+# differ in pipeline depth, for the autotuner to weigh on a GPU. sm_90, bf16, offline ptxas
+# (tests/test_kernels_compile.py): no variant spills.
 TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
 _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
 # D slices of 16 student tiles (32,768 ids: 4 slices at V_S = 128,256; fewer, longer slices take fewer handshakes but
@@ -531,7 +530,7 @@ _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
 SLICES_GPU = dict(SLICE=16, WIN=256)
 _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 ALIGN = 8  # dense W tiles start on multiples of 8 columns: 16-byte teacher loads
-_CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": 3}, num_warps=nw) for nw in (8, 16)]
+_CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=8) for st in (3, 2)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
 # stale words would find no slice open to help with)
 _launch = _tl.launcher(_pkl_kernel, dict(BLOCK_S=128, STAGES=1), _CONFIGS,
@@ -610,9 +609,8 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
 
 
 def _num_programs(K: int, device: torch.device) -> int:
-    """One persistent program per SM (each with a V_T fp32 scratch row): at 8 warps and ~200 registers (16 warps:
-    ~120) a second one would not be resident (offline sm_90 compile, tests/test_kernels_compile.py). 2 under the
-    interpreter."""
+    """One persistent program per SM (each with a V_T fp32 scratch row): at 8 warps and 190-255 registers a second
+    one would not be resident (offline sm_90 compile, tests/test_kernels_compile.py). 2 under the interpreter."""
     if device.type == "cuda":
         return max(1, min(K, torch.cuda.get_device_properties(device).multi_processor_count))
     return max(1, min(K, 2))
