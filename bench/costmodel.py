@@ -12,6 +12,8 @@ does not fit: scratch written and read, one 32-byte sector per gather). H-KL is 
 its top-m window adds after the streams (list passes and the sorts' issue time).
 L2<->SM bytes count one 32-byte sector per gathered element (the upper figure) or the distinct sectors per tile (the
 lower one, P-KL), and are timed at an assumed L2 bandwidth.
+Time per row: each streaming pass takes the longer of its HBM bytes at the SM's share of bandwidth and its
+instruction issue, read from the kernels' sm_90 SASS (bench/sass.py, issue_counts): both kernels are issue-bound.
 """
 from __future__ import annotations
 
@@ -196,7 +198,8 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
         k: issue_time(issue[k], issue["warps"], n) for k, n in (("A", tiles_s), ("C", st["tiles"]), ("D", tiles_s))}
     passes, t_row = _pass_times({"A": (elem * V_S, iss["A"]), "C": (elem * V_T, iss["C"]),
                                  "D": (2 * elem * V_S, iss["D"])}, gpu)
-    return dict(kernel="P-KL", floor=floor, hbm_l2=stream, passes=passes, t_row=t_row, issue=issue, hbm_spill=stream + scratch + SECTOR * st["nnz"], l2=l2,
+    return dict(kernel="P-KL", floor=floor, hbm_l2=stream, passes=passes, t_row=t_row, issue=issue,
+                hbm_spill=stream + scratch + SECTOR * st["nnz"], l2=l2,
                 l2_lo=l2_lo, l2_parts=parts, loops=loops, vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],
                 footprint=z_rows * z_row + h_rows * h_row + w_bytes,
                 footprint_alone=z_rows * z_row + h_alone * h_row + w_bytes, slices=slices, stats=st)
@@ -307,7 +310,8 @@ def _time_line(m: dict, rows: int, gpu: dict) -> str:
                                                      f"{b * us:.1f})" if b is not None else "")
              for k, (a, b) in m["passes"].items()]
     if "t_window" in m:
-        parts.append(f"window {m['t_window'] * us:.1f} (sorts {m['t_sort'] * us:.1f}) after the streams, not overlapped")
+        parts.append(f"window {m['t_window'] * us:.1f} (sorts {m['t_sort'] * us:.1f}) after the streams, "
+                     "not overlapped")
     t_model = rows / gpu["sms"] * m["t_row"]
     how = ("instruction issue from the sm_90 SASS" if m["issue"] else "bytes only: instruction issue NOT modelled")
     return (f"time per row and SM in us ({how}): " + ", ".join(parts) + f"; at {rows:,} rows {t_model * 1e3:.2f} ms "

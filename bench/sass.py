@@ -138,8 +138,8 @@ def pass_bodies() -> dict:
     b = loop_bodies(P._pkl_kernel, dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False,
                                         SLOTS=4, ALIGN=P.ALIGN, HELP=0, **P.TILES_GPU, **P.SLICES_GPU,
                                         **cfg.kwargs), cfg.num_warps)
-    (a,), (c,), (d,) = (body(b, P._row_stats, "for v0 in tl.range"),
-                        body(b, P._pkl_kernel, "for t in tl.range(0, n_c2"), body(b, P._take_slice, "for v0 in tl.range("))
+    (a,), (c,), (d,) = (body(b, P._row_stats, "for v0 in tl.range"), body(b, P._pkl_kernel, "for t in tl.range(0, n_c2"),
+                        body(b, P._take_slice, "for v0 in tl.range("))
     out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, D=d)}
     cfg = H._CONFIGS[0]
     w = H.sort_widths(H._SORT_CAP)
