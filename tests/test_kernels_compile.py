@@ -18,48 +18,17 @@ import triton  # noqa: F401,E402  (the test extra pins it)
 from xtoken_ext.ops.pkl_kernel import _CONFIGS  # noqa: E402
 
 _SCRIPT = r"""
-import itertools, json, os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import itertools, json, re, sys
+from xtoken_ext.bench.sass import compile_sm90
 from xtoken_ext.ops import pkl_kernel as P
-
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32", "ell_ptr": "*i64", "nslot_ptr": "*i8",
-       "erow_ptr": "*i32", "ecol_ptr": "*i32", "tiles_ptr": "*i32", "colend_ptr": "*i32", "mask_ptr": "*i8",
-       "spans_ptr": "*i64", "tcnt_ptr": "*i32", "sync_ptr": "*i32", "rank_ptr": "*i32",
-       "smap_ptr": "*i32", "tmap_ptr": "*i32", "tcls_ptr": "*i8", "m_ptr": "*i32", "path_ptr": "*i32", "la_ptr": "*i64",
-       "lb_ptr": "*i32", "wa_ptr": "*i64", "wb_ptr": "*i32", "gc_ptr": "*i32", "hist_ptr": "*i32"}
-SCALARS_F32 = {"inv_tau", "tau", "eps"}
-NO_HINT = {"k0", "k1", "NNZ", "n_tiles", "n_tiles_max", "K", "N", "N_s", "colb"}
 
 
 def compile_one(kernel, consts, num_warps, sparse):
-    names = kernel.arg_names
-    sig = {}
-    for n in names:
-        if n in consts:
-            sig[n] = "constexpr"
-        elif n == "tc_ptr":
-            sig[n] = "*i64" if sparse else "*bf16"
-        elif n.endswith("_ptr"):
-            sig[n] = PTR.get(n, "*fp32")
-        else:
-            sig[n] = "fp32" if n in SCALARS_F32 else "i32"
-    hints = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if sig[n] not in ("constexpr", "fp32") and n not in NO_HINT}
-    src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=hints)
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-    ptx = c.asm["ptx"]
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        open(path, "w").write(ptx)
-        info = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(d, "k.cubin")],
-                              capture_output=True, text=True, check=True).stderr
+    c, _, info = compile_sm90(kernel, consts, num_warps, sparse)
     spill = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     # 16-byte loads: direct (ld.global.v4) or the pipelined loops' asynchronous copies to shared memory
-    v4 = len(re.findall(r"ld\.global(?:\.\w+)*\.v4|cp\.async\.c[ag]\.shared\.global[^;]*, 0x10", ptx))
+    v4 = len(re.findall(r"ld\.global(?:\.\w+)*\.v4|cp\.async\.c[ag]\.shared\.global[^;]*, 0x10", c.asm["ptx"]))
     return dict(smem=c.metadata.shared, regs=regs, spill=spill, v4=v4)
 
 
