@@ -44,7 +44,7 @@ SECTOR = 32  # bytes an L2 request moves for one gathered element
 SORT_INSTR = (8.9, 4.8)
 SORT_THREADS = 256
 ISSUE, CLOCK = 4, 1.755e9
-SCRATCH_FIXED = 32 << 10  # per H-KL program: histograms, hint state, stream lines in flight
+SCRATCH_FIXED = 32 << 10  # per H-KL program: hint state, stream lines in flight
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,26 +220,24 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
               gpu: dict = GPU, loss: str = "H-KL", issue: dict | None = None) -> dict:
     """Per-row model of ``_hkl_kernel`` (dense teacher, H-KL: the relaxed common pairs, or GOLD: the strict ones;
     uncommon_topk ``topk``) for a 1-to-1 chunk, from the pass table in ops.hkl_kernel's docstring, with the m a user
-    gets from this W and ``uncovered`` (A = the covered columns, or all). Common case (the single-pass compaction hits
-    on both sides): student rows read in S1 (LSE, candidate list) and S3 (gradient, written), the teacher row in T1;
-    the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~6 times (level-1 histogram and key range, bin b1's
-    range, ~3 bisection steps, gather),
-    |L| = the side's uncommon set when it fits the list (the first pass appends it whole), else ≈ 2 m (m plus the keys
-    within the hint radius); the sort buffers, the gradient list G (8 B × m); S3 gathers the teacher at the common
-    columns (from L2: the teacher row is part of the working set; spilled, each gather is a 32-byte sector from HBM).
-    The fallback (a miss on both sides: S2 / T2 read the rows twice, for the level-1 histogram and the compaction)
-    is returned as hbm_l2_fallback / hbm_spill_fallback.
+    gets from this W and ``uncovered`` (A = the covered columns, or all). Common case (the single-pass compaction
+    hits on both sides): student rows read in S1 (LSE, candidate list) and S3 (gradient, written), the teacher row
+    in T1; the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~6 times (level-1 histogram and key range,
+    bin b1's range, ~3 bisection steps, gather), |L| = the side's uncommon set when it fits the list (the first pass
+    appends it whole), else ≈ 2 m (m plus the keys within the hint radius); the sort buffers, the gradient list G (8
+    B × m); S3 gathers the teacher at the common columns (from L2: the teacher row is part of the working set;
+    spilled, each gather is a 32-byte sector from HBM). The fallback (a miss on both sides: S2 / T2 read the rows
+    twice, for the level-1 histogram and the compaction) is returned as hbm_l2_fallback / hbm_spill_fallback.
 
     Time per row and SM: the streams S1, T1 and S3, each the longer of its bytes at the SM's share of HBM bandwidth
     and its instruction issue (``issue``: issue_counts()["H-KL"], the first config's tiles), then the window (not
-    overlapped: one program per SM): its list passes at the SM's share of the assumed L2 bandwidth and the two sorts'
-    issue time
-    (SORT_INSTR per lane and stage; the network of W_SMALL lanes when m fits it, run for ⌈log₂ m⌉ merge stages,
-    both windows side by side in it: one chain of stages, the b keys at the int64 rate; else the W-lane network
-    twice, one window after the other).
-    The working set is time-averaged over these phases: each per-program buffer counts for the fraction of a
-    chunk's time it is live (L_a from its writes in S1 to the end of the window, L_b from T1, the sort buffers in
-    the window, G from the window to the end of S3, the teacher row from T1 to the end of S3)."""
+    overlapped: one program per SM): its list passes at the SM's share of the assumed L2 bandwidth and the two
+    sorts' issue time (SORT_INSTR per lane and stage; the network of W_SMALL lanes when m fits it, run for ⌈log₂ m⌉
+    merge stages, both windows side by side in it: one chain of stages, the b keys at the int64 rate; else the
+    W-lane network twice, one window after the other). The working set is time-averaged over these phases: each
+    per-program buffer counts for the fraction of a chunk's time it is live (L_a from its writes in S1 to the end of
+    the window, L_b from T1, the sort buffers in the window, G from the window to the end of S3, the teacher row
+    from T1 to the end of S3)."""
     from xtoken_ext.ops import hkl_kernel as H
 
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size

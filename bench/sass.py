@@ -12,13 +12,12 @@ import re
 import subprocess
 import tempfile
 
-BIN_NAMES = ("ptxas", "nvdisasm")
 # pointer arguments' element types (others fp32); scalars named here are fp32 (others i32)
 PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32", "ell_ptr": "*i64", "nslot_ptr": "*i8",
        "erow_ptr": "*i32", "ecol_ptr": "*i32", "tiles_ptr": "*i32", "colend_ptr": "*i32", "mask_ptr": "*i8",
        "spans_ptr": "*i64", "tcnt_ptr": "*i32", "sync_ptr": "*i32", "rank_ptr": "*i32", "smap_ptr": "*i32",
        "tmap_ptr": "*i32", "tcls_ptr": "*i8", "m_ptr": "*i32", "path_ptr": "*i32", "la_ptr": "*i64", "lb_ptr": "*i32",
-       "wa_ptr": "*i64", "wb_ptr": "*i32", "gc_ptr": "*i32", "hist_ptr": "*i32"}
+       "wa_ptr": "*i64", "wb_ptr": "*i32", "gc_ptr": "*i32"}
 F32 = {"inv_tau", "tau", "eps"}
 # integer arguments Triton's launcher would not see as multiples of 16 at real shapes (no divisibility hint)
 NO_HINT = {"k0", "k1", "NNZ", "n_tiles", "n_tiles_max", "K", "N", "N_s", "colb", "m_up", "cap_a", "cap_b", "g_len"}
@@ -28,11 +27,6 @@ def _bin(name: str) -> str:
     import triton
 
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-
-
-def available() -> bool:
-    """The triton wheel ships the NVIDIA tools for this platform."""
-    return all(os.access(_bin(n), os.X_OK) for n in BIN_NAMES)
 
 
 def compile_sm90(kernel, consts: dict, num_warps: int, sparse: bool = False, lineinfo: bool = False):
@@ -75,6 +69,7 @@ def _loops(kernel, consts: tuple, num_warps: int, sparse: bool) -> dict[tuple[st
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
+        # -g: each instruction's own source line (-gi would name the outermost inlined call site instead)
         sass = subprocess.run([_bin("nvdisasm"), "-g", "-c", path], capture_output=True, text=True, check=True).stdout
     src, ins, labels, pending = None, [], {}, []
     for line in sass.splitlines():

@@ -101,8 +101,7 @@ Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain �
   a-sort); the sorted a-window's columns stored before a, d and g are formed. Occupancy versus spills is for
   autotuning on a GPU to settle.
 Scratch (per program, bounded, independent of K): L_a min(V_S, 2 m_up + _SLACK) × 8 B, L_b min(C, 2 m_up + _SLACK)
-  × 4 B, G (m_up [+ k sparse]) × 8 B, buffers W × 12 B, histograms 512 B (each list, buffer and G with a spare
-  slot, rows padded to 16 entries: see Registers), and 32 B of hint state kept across launches (_hint_state); a
+  × 4 B, G (m_up [+ k sparse]) × 8 B, buffers W × 12 B (each list, buffer and G with a spare slot, rows padded to 16 entries: see Registers), and 32 B of hint state kept across launches (_hint_state); a
   sparse teacher with several rows per chunk adds the [V_T] fp32 + int32 intersection scratch of
   ops._tl.scatter_later_rows. Programs: 1 per SM (both configs use the whole register file: 255 × 256 or 128 × 512
   threads, so a second program would not be resident), fewer if the scratch would pass 1 GiB. Sparse teacher columns
@@ -652,8 +651,9 @@ def _hkl_kernel(
             raw_b = n_t < 0  # a sparse teacher is keyed on T
         else:
             raw_b = n_t == 1
-        sh_a = tl.where(raw_a, ca_raw, ca_mrg)
-        sh_b = tl.where(raw_b, cb_raw, cb_mrg)
+        # finite shifts: x − c is then never NaN (a θ of −inf, e.g. rows padded with −inf, would make x = −inf NaN)
+        sh_a = tl.minimum(tl.maximum(tl.where(raw_a, ca_raw, ca_mrg), -3.0e38), 3.0e38)
+        sh_b = tl.minimum(tl.maximum(tl.where(raw_b, cb_raw, cb_mrg), -3.0e38), 3.0e38)
         ea_ptr = es + tl.where(raw_a, 0, 1)
         eb_ptr = es + tl.where(raw_b, 2, 3)
         bh_a = _hint_bin(tl.load(ea_ptr), tl.load(m_ptr + 1), cap_a)

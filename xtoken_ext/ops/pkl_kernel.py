@@ -99,8 +99,9 @@ def _row_stats(row_ptr, a_ptr, V, inv_tau, BLOCK: tl.constexpr, STAGES: tl.const
     for v0 in tl.range(0, V, BLOCK, num_stages=STAGES):
         o = v0 + offs
         om = o < V
-        x = tl.load(row_ptr + o, mask=om, other=float("-inf")).to(tl.float32) * inv_tau
-        bad += ((x != x) | (x == float("inf"))).to(tl.int32)
+        x = tl.load(row_ptr + o, mask=om, other=float("-inf")).to(tl.float32)
+        bad += ((x != x) | (x == float("inf"))).to(tl.int32)  # the logit itself (x/τ may overflow)
+        x = x * inv_tau
         m_new = tl.maximum(m, tl.max(x))
         alpha = tl.exp(m - m_new)
         e = tl.exp(x - m_new)
@@ -388,10 +389,11 @@ def _pkl_kernel(
             # C3: h = h_u exp(m_tile − m) F in place; dense without a W gradient: each tile's factor exp(m_tile − m) F
             # in place of its maximum instead, folded into D's gather (one exp per tile, not one per ELL slot)
             if FOLD:
-                for t0 in range(0, n_c2, BLOCK_T):
-                    ti = t0 + offs_t
-                    tl.store(tm_row + ti, tl.exp(tl.load(tm_row + ti, mask=ti < n_c2, other=0.0) - m) * F,
-                             mask=ti < n_c2)
+                if valid:  # D writes zeros for an invalid chunk
+                    for t0 in range(0, n_c2, BLOCK_T):
+                        ti = t0 + offs_t
+                        tl.store(tm_row + ti, tl.exp(tl.load(tm_row + ti, mask=ti < n_c2, other=0.0) - m) * F,
+                                 mask=ti < n_c2)
             elif valid & (SPARSE or GRAD_W):
                 for t in range(0, n_c2):
                     f = tl.exp(tl.load(tm_row + t) - m) * F
