@@ -59,11 +59,12 @@ def chain_offset(chain_ptr, span_ptr, CHAIN: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def lse_step(m, l, x):
-    """Fold tile x into an online LSE (running max m, l = Σ exp(x − m)) -> (m', l', exp(x − m'), exp(m − m'))."""
+    """Fold tile x into an online LSE (running max m, reduced per tile; l per lane, Σ_lanes l = Σ exp(x − m): the
+    LSE is m + log Σ l, one sum after the loop instead of one per tile) -> (m', l', exp(x − m'), exp(m − m'))."""
     m_new = tl.maximum(m, tl.max(x))
     alpha = tl.exp(m - m_new)
     e = tl.exp(x - m_new)
-    return m_new, l * alpha + tl.sum(e), e, alpha
+    return m_new, l * alpha + e, e, alpha
 
 
 @triton.jit

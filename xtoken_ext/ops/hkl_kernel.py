@@ -486,14 +486,9 @@ def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, edge, lst, cap, STUDENT: 
         else:
             live = inside & (cls != 0)
             hm = live & (cls == 1)
-        xs = tl.where(live, x * inv_tau, float("-inf"))
-        m_new = tl.maximum(m, tl.max(xs))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(xs - m_new)
-        l = l * alpha + e
+        m, l, e, alpha = _tl.lse_step(m, l, tl.where(live, x * inv_tau, float("-inf")))
         if not STUDENT:
             lc = lc * alpha + tl.where(live & (cls == 2), e, 0.0)
-        m = m_new
         if HIST:
             nu += hm.to(tl.int32)
             cnt = _append(_key(x), hm & (x - c >= edge), o, cnt, lst, cap, STUDENT)
@@ -719,7 +714,7 @@ def _hkl_kernel(
                                                      SPARSE, BLOCK_T)
                     u = live & (cls == 1)
                     nu_b += tl.sum(u.to(tl.int32))
-                    cnt_b = _append(_key(x), u & (_bucket1(x - sh_b) >= bh_b), v, cnt_b, lb, cap_b, False)
+                    cnt_b = _append(_key(x), u & (x - sh_b >= _bin_edge(bh_b)), v, cnt_b, lb, cap_b, False)
                     com = live & (cls == 2)
                     pc += tl.sum(tl.where(com, P, 0.0))
                     if SPARSE:

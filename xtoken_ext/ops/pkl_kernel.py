@@ -101,13 +101,8 @@ def _row_stats(row_ptr, a_ptr, V, inv_tau, BLOCK: tl.constexpr, STAGES: tl.const
         om = o < V
         x = tl.load(row_ptr + o, mask=om, other=float("-inf")).to(tl.float32)
         bad += ((x != x) | (x == float("inf"))).to(tl.int32)  # the logit itself (x/τ may overflow)
-        x = x * inv_tau
-        m_new = tl.maximum(m, tl.max(x))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(x - m_new)
-        l = l * alpha + e
+        m, l, e, alpha = _tl.lse_step(m, l, x * inv_tau)
         lw = lw * alpha + e * tl.load(a_ptr + o, mask=om, other=0.0)
-        m = m_new
     l = tl.sum(l)
     return m + tl.log(l), tl.sum(lw) / l, tl.sum(bad) + (l == 0).to(tl.int32)
 
@@ -155,14 +150,14 @@ def _teacher_row_lse(t_row, tc_row, mask_ptr, C, inv_tau, SPARSE: tl.constexpr, 
     """One teacher row -> (LSE of t/τ over its allowed columns (−inf if none), bad = #NaN/+inf over all its
     columns)."""
     m = tl.full((), NEG, tl.float32)
-    l = tl.zeros((), tl.float32)
+    l = tl.zeros((BLOCK,), tl.float32)
     bad = tl.zeros((), tl.int32)
     for c0 in range(0, C, BLOCK):
         o, v, inside, ok = _tl.col_tile(tc_row, mask_ptr, c0, C, SPARSE, BLOCK)
         x = tl.load(t_row + o, mask=o < C, other=0.0).to(tl.float32)
         bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
         m, l, e, alpha = _tl.lse_step(m, l, tl.where(ok, x * inv_tau, float("-inf")))
-    return m + tl.log(l), bad
+    return m + tl.log(tl.sum(l)), bad
 
 
 @triton.jit
@@ -341,14 +336,11 @@ def _pkl_kernel(
                 qe = q + eps
                 pos = live & (qe > 0)
                 mz_v = tl.maximum(mz_v, tl.where(live & (qe <= 0), xb, NEG))
-                m_new = tl.maximum(m, tl.max(tl.where(live, xb, NEG)))
-                alpha = tl.exp(m - m_new)
-                ex = tl.where(live, tl.exp(xb - m_new), 0.0)
+                m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, tl.where(live, xb, float("-inf")))
                 hu = tl.where(pos, ex / qe, 0.0)
                 s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * (xb - m_new - tl.log(qe)), 0.0)
-                l_v = alpha * l_v + ex
                 mu_v = alpha * mu_v + hu * q
-                m = m_new
+                m, l_v = m_new, l_new
                 if FOLD:  # h_u at the column's rank among W's columns (the ELL's keys): only those are read
                     rk = tl.load(rank_ptr + o, mask=win, other=0)
                     tl.store(h_row + rk, hu, mask=inside & (mk == 1))
