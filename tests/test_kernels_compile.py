@@ -84,3 +84,26 @@ def test_hkl_kernel_compiles_for_sm90(tmp_path):
     for r in results:
         assert r["smem"] <= _SMEM_SM90, r
         assert r["spill"] <= (512 if r["warps"] == 8 else 1536), r
+
+
+def test_jit_helpers_take_no_defaulted_constexpr():
+    """No Triton function of the package gives a constexpr parameter a default: Triton 3.6 (the GPU machines' image)
+    fails to compile a call that omits one ("'str' object has no attribute 'type'"), while the pinned 3.7.1 accepts
+    it, so the interpreter tests and the sm_90 compile here would not notice."""
+    import inspect
+
+    import triton.language as tl
+
+    from xtoken_ext.ops import _tl, hkl_kernel, pkl_kernel
+
+    found = []
+    for mod in (_tl, hkl_kernel, pkl_kernel):
+        for name, obj in vars(mod).items():
+            fn = getattr(obj, "fn", None)
+            if fn is None or getattr(fn, "__module__", None) != mod.__name__:
+                continue
+            for p in inspect.signature(fn).parameters.values():
+                if p.default is not p.empty and p.annotation in (tl.constexpr, "tl.constexpr"):
+                    found.append(f"{mod.__name__}.{name}({p.name}=...)")
+    assert not found, found
+    assert len([1 for mod in (_tl, hkl_kernel, pkl_kernel) for o in vars(mod).values() if hasattr(o, "fn")]) > 20

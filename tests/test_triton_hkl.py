@@ -164,7 +164,7 @@ def test_bad_input_chunks(merge, sparse_k):
 def _sort_kernel(x_ptr, y_ptr, n, N: tl.constexpr, PAD: tl.constexpr, TRUNC: tl.constexpr):
     lanes = tl.arange(0, N)
     x = tl.load(x_ptr + lanes, mask=lanes < n, other=PAD)
-    tl.store(y_ptr + lanes, hkl_kernel._sort_desc(x, N, n, TRUNC))
+    tl.store(y_ptr + lanes, hkl_kernel._sort_desc(x, N, n, TRUNC, False))
 
 
 @triton.jit

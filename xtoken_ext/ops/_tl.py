@@ -68,7 +68,7 @@ def lse_step(m, l, x):
 
 
 @triton.jit
-def softmax_tile(row_ptr, cols, mask, inv_tau, lse, EVICT: tl.constexpr = ""):
+def softmax_tile(row_ptr, cols, mask, inv_tau, lse, EVICT: tl.constexpr):
     """softmax(row/τ)[cols] from the row's lse (0 on masked lanes); EVICT: the load's eviction policy (a row's last
     read: "evict_first")."""
     x = tl.load(row_ptr + cols, mask=mask, other=float("-inf"), eviction_policy=EVICT)

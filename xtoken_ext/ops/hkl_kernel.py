@@ -143,7 +143,7 @@ def _unkey(k):
 
 
 @triton.jit
-def _sort_desc(x, N: tl.constexpr, n, TRUNC: tl.constexpr, PAIR: tl.constexpr = False):
+def _sort_desc(x, N: tl.constexpr, n, TRUNC: tl.constexpr, PAIR: tl.constexpr):
     """Bitonic sort, descending, of N (a power of two) integers: tl.sort's network, with each compare-and-swap
     partner taken as (sum of the pair) − self (exact in wrap-around integer arithmetic). Without TRUNC the same
     instructions as tl.sort when compiled; the interpreter runs sums vectorized where tl.sort's xor_sum goes element
@@ -456,16 +456,16 @@ def _candidates(SRC: tl.constexpr, n, src, n_u, m, cap, dst, cnt, c, PACK: tl.co
 def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, edge, lst, cap, STUDENT: tl.constexpr, HIST: tl.constexpr,
               SPARSE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """One row over its C columns (dense: the vocabulary; sparse: its k entries, padding −1 skipped) -> (lse of x/τ
-    (student: over all columns; teacher: over A, class ≠ 0), bad = NaN or +inf in any column, if HIST the number of
-    U's keys (student: smap < 0; teacher: class 1), teacher: Σ_{class 2} e^{x/τ − lse}, if HIST the count of U's keys
-    with x − c ≥ edge (level-1 bin ≥ b_h: _bin_edge), appended to lst (_append)). No histogram here: it would cost
+    (student: over all columns; teacher: over A, class ≠ 0), bad = NaN or +inf in any column, teacher:
+    Σ_{class 2} e^{x/τ − lse}, if HIST the count of U's keys (student: smap < 0; teacher: class 1) with x − c ≥ edge
+    (level-1 bin ≥ b_h: _bin_edge), appended to lst (_append)). The number of U's keys of a dense row is W's (the
+    host's count), not counted here (~4 % of the pass's instructions). No histogram here: it would cost
     ~40 instructions per element of the row (bench/costmodel.py); _candidates takes it over the list. Only the
     running max is reduced per tile; the sums and counts are kept per lane and reduced once."""
     m = tl.full((), _tl.NEG, tl.float32)
     l = tl.full((BLOCK,), 0, tl.float32)
     lc = tl.full((BLOCK,), 0, tl.float32)
     bad = tl.full((BLOCK,), 0, tl.int32)
-    nu = tl.full((BLOCK,), 0, tl.int32)
     cnt = tl.full((), 0, tl.int32)
     for c0 in tl.range(0, C, BLOCK, num_stages=STAGES):
         o = c0 + tl.arange(0, BLOCK)
@@ -490,10 +490,9 @@ def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, edge, lst, cap, STUDENT: 
         if not STUDENT:
             lc = lc * alpha + tl.where(live & (cls == 2), e, 0.0)
         if HIST:
-            nu += hm.to(tl.int32)
             cnt = _append(_key(x), hm & (x - c >= edge), o, cnt, lst, cap, STUDENT)
     l = tl.sum(l)
-    return m + tl.log(l), tl.max(bad), tl.sum(nu), tl.where(l > 0, tl.sum(lc) / l, 0.0), cnt
+    return m + tl.log(l), tl.max(bad), tl.where(l > 0, tl.sum(lc) / l, 0.0), cnt
 
 
 @triton.jit
@@ -533,7 +532,7 @@ def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexp
             tl.store(dz_ptr + s_lo * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om)
         else:
             for r in range(s_lo, s_lo + n_s):
-                p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r))
+                p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r), "")
                 dz = tl.where(bad != 0, 0.0, (gS - p * gsum) * coef)
                 tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om)
     return tl.sum(kl)
@@ -580,11 +579,11 @@ def _windows(args, SPARSE: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr,
             ea, eb = tl.split(_sort_desc(tl.join(ka, kb.to(tl.int64)), W, tl.maximum(cnt_a, cnt_b), True, True))
             bv = tl.where(lanes < cnt_b, tl.exp(_unkey(eb.to(tl.int32)) * al_b + be_b), 0.0)
         else:  # one sorted window live at a time: b's values wait in G's value slots while a sorts
-            eb = _sort_desc(kb, W, cnt_b, False)
+            eb = _sort_desc(kb, W, cnt_b, False, False)
             tl.store(gv + r0 + lanes, tl.where(lanes < cnt_b, tl.exp(_unkey(eb) * al_b + be_b), 0.0),
                      mask=lanes < cnt_a)
             tl.debug_barrier()
-            ea = _sort_desc(tl.load(wa + lanes, mask=lanes < cnt_a, other=_I64_MIN), W, cnt_a, False)
+            ea = _sort_desc(tl.load(wa + lanes, mask=lanes < cnt_a, other=_I64_MIN), W, cnt_a, False, False)
         # the columns first: ea's low words are dead before a, d and g are formed (Registers)
         tl.store(gc + r0 + lanes, (ea & 0xFFFFFFFF).to(tl.int32), mask=lanes < cnt_a)
         av = tl.where(lanes < cnt_a, tl.exp(_unkey((ea >> 32).to(tl.int32)) * al_a + be_a), 0.0)
@@ -663,17 +662,17 @@ def _hkl_kernel(
             bad = ((c_s < float("inf")) & (c_t < float("inf")) == 0).to(tl.int32)
         cnt_a = tl.full((), 0, tl.int32)  # keys appended to L_a / L_b by the first pass
         cnt_b = tl.full((), 0, tl.int32)
-        nu_a = tl.full((), 0, tl.int32)  # |U| keys of the side's (merged) row
-        nu_b = tl.full((), 0, tl.int32)
+        nu_a = tl.load(m_ptr + 3)  # |U| keys of the side's (merged) row: W's |U_S|, |U_T| for a dense row
+        nu_b = tl.load(m_ptr + 4)
         for r in range(s_lo, s_hi):
-            lse, b, nu_a, _, cnt_a = _row_pass(z_ptr + r * stride_z, z_ptr, smap_ptr, V_S, inv_tau, sh_a,
+            lse, b, _, cnt_a = _row_pass(z_ptr + r * stride_z, z_ptr, smap_ptr, V_S, inv_tau, sh_a,
                                                _bin_edge(tl.where(raw_a, bh_a, 64)), la, cap_a, True, True, False,
                                                BLOCK_S, STAGES)
             bad |= b | (lse == float("-inf")).to(tl.int32)
             tl.store(lse_s_ptr + r, lse)
         pc = tl.full((), 0, tl.float32)  # Σ_c P[t_c]
         for r in range(t_lo, t_hi):
-            lse, b, nu_b, frac, cnt_b = _row_pass(t_ptr + r * stride_t, tc_ptr + r * stride_tc, tcls_ptr, C,
+            lse, b, frac, cnt_b = _row_pass(t_ptr + r * stride_t, tc_ptr + r * stride_tc, tcls_ptr, C,
                                                   inv_tau, sh_b, _bin_edge(tl.where(raw_b, bh_b, 64)), lb, cap_b,
                                                   False, not SPARSE, SPARSE, BLOCK_T, STAGES)
             bad |= b
@@ -777,7 +776,7 @@ def _hkl_kernel(
                 col = tl.load(gc + j, mask=im, other=0)
                 g = tl.load(gv + j, mask=im, other=0.0)
                 for r in range(s_lo, s_hi):
-                    p = _tl.softmax_tile(z_ptr + r * stride_z, col, im, inv_tau, tl.load(lse_s_ptr + r))
+                    p = _tl.softmax_tile(z_ptr + r * stride_z, col, im, inv_tau, tl.load(lse_s_ptr + r), "")
                     tl.store(dz_ptr + r * stride_dz + col, ((g - p * gsum) * coef).to(dz_ptr.dtype.element_ty),
                              mask=im)
         tl.store(loss_ptr + k, tl.where(bad != 0, float("nan"), tt * (kl + l1)))
@@ -870,15 +869,15 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     smap = torch.full((V_S,), -1, **i32).scatter_(0, cs, torch.where(keep, ct, -1).int())
     tmap = torch.full((V_T,), -1, **i32).scatter_(0, ct, torch.where(keep, cs, -1).int())
     tcls = (col_mask.to(torch.int8) + (tmap >= 0).to(torch.int8)).contiguous()
-    n_keep = keep.sum()
     cap = V_S if uncommon_topk is None else int(uncommon_topk)
-    # [m, |U_S|, the teacher keys a row can list (|U_T| dense, k sparse)]: the hint appends every key of a side
-    # whose uncommon set fits its list and 2 m + _SLACK (beyond that, list passes over |U| ≫ m keys cost more L2
-    # traffic than a program's warm-up misses: bench/costmodel.py); 2^30 = does not
-    u_s, u_t = V_S - n_keep, col_mask.sum() - n_keep
+    # [m, n_a, n_b, |U_S|, |U_T|]: n = the keys a row can list (|U_S|; |U_T| dense, k sparse), or 2^30 where that
+    # exceeds 2 m + _SLACK: the hint appends every key of a side whose uncommon set fits its list (beyond that, list
+    # passes over |U| ≫ m keys cost more L2 traffic than a program's warm-up misses: bench/costmodel.py)
+    u_s, u_t = (smap < 0).sum(), (tcls == 1).sum()
     m_d = torch.minimum(u_s, u_t).clamp(max=cap)
     n_u = torch.stack([u_s, torch.full_like(u_t, C) if sparse else u_t])
-    m_dev = torch.cat([m_d[None], torch.where(n_u <= 2 * m_d + _SLACK, n_u, 2 ** 30)]).to(torch.int32)
+    m_dev = torch.cat([m_d[None], torch.where(n_u <= 2 * m_d + _SLACK, n_u, 2 ** 30), u_s[None], u_t[None]])
+    m_dev = m_dev.to(torch.int32)
     m_up = max(0, min(V_S, V_T, cap))
     W, W_SMALL = sort_widths(m_up)
     cap_a = max(1, min(V_S, 2 * m_up + _SLACK))

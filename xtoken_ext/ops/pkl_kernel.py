@@ -125,9 +125,9 @@ def _entry_scan(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, 
     if MEAN:
         pr = tl.zeros((BLOCK_E,), tl.float32)
         for r in range(s_lo, s_hi):
-            pr += _tl.softmax_tile(z_ptr + r * stride_z, s, em, inv_tau, tl.load(lse_s_ptr + r))
+            pr += _tl.softmax_tile(z_ptr + r * stride_z, s, em, inv_tau, tl.load(lse_s_ptr + r), "")
     else:  # one student row: no loop in the tile loop
-        pr = _tl.softmax_tile(z_ptr + s_lo * stride_z, s, em, inv_tau, tl.load(lse_s_ptr + s_lo))
+        pr = _tl.softmax_tile(z_ptr + s_lo * stride_z, s, em, inv_tau, tl.load(lse_s_ptr + s_lo), "")
     val = tl.load(eval_ptr + e, mask=em, other=0.0) * pr
     seg = _seg_scan(val, start.to(tl.int32), BLOCK_E)
     return col, em & (col != nxt), seg
@@ -408,7 +408,7 @@ def _pkl_kernel(
                         o = v0 + offs_s
                         om = o < V_S
                         g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, SLOTS, FOLD)
-                        d += tl.sum(_tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, lse_r) * g)
+                        d += tl.sum(_tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, lse_r, "") * g)
                     tl.store(dr_ptr + r, d)
             else:
                 tl.store(dr_ptr + s_lo, 0.0)
@@ -500,7 +500,7 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
             s_lo, s_hi, _, _ = _tl.chunk_rows(spans_ptr, k, MEAN)
             pbar = tl.zeros((BLOCK,), tl.float32)
             for r in range(s_lo, s_hi):
-                pbar += _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r))
+                pbar += _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r), "")
             h = tl.load(h_ptr + (k - k0).to(tl.int64) * V_T + ci, mask=in_a, other=0.0)
             M = tl.load(stat_ptr + 2 * (k - k0) + 1)
             acc += tl.where(in_a, (cw / (s_hi - s_lo).to(tl.float32)) * pbar[:, None] * (M - h), 0.0)
