@@ -69,12 +69,14 @@ def issue_time(body: int, warps: int, tiles: int) -> float:
 
 
 def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2) -> dict:
-    """nnz, longest column, the P-KL kernel's W tiles (``ops.pkl_kernel.column_tiles``: ≤ block_t columns and
-    ≤ block_e entries each; how many hold no column, i.e. split a column longer than a block), the first kernel's
-    ragged-loop length (Σ over BLOCK_T=512 tiles of the longest column), and the distinct 32-byte sectors its
-    gathers touch per tile (a lower bound of their L2 traffic: every repeat within a tile an L1 hit): C's gathers of
-    the z row (elem bytes) per W tile, D's gathers of the fp32 scratch row per block_s student tile."""
-    from xtoken_ext.ops.pkl_kernel import column_tiles
+    """nnz, longest column, the P-KL kernel's dense teacher pass for this W (``ops.pkl_kernel._w_structure``): the
+    column ELL's width K, the teacher tiles, the residual entries (past a column's first K) and their entry blocks,
+    the bytes of the column ELL's slot loads (per slot k, the 32-byte sectors, 4 columns' 8-byte words, where some
+    column has more than k entries: the other loads are masked off), the first kernel's ragged-loop length (Σ over
+    BLOCK_T=512 tiles of the longest column), and the distinct 32-byte sectors the gathers touch (a lower bound of
+    their L2 traffic: every repeat within a tile an L1 hit): C's gathers of the z row (elem bytes) per teacher tile
+    and R's per residual block, D's gathers of the fp32 scratch row per block_s student tile."""
+    from xtoken_ext.ops.pkl_kernel import _column_slots
 
     idx = proj.indices
     V_T = proj.teacher_vocab_size
@@ -83,22 +85,31 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     cols, order = torch.sort(flat[slot], stable=True)
     stud = (slot // idx.shape[1])[order]
     col_len = torch.bincount(cols, minlength=V_T)
-    col_ptr = torch.cat([col_len.new_zeros(1), torch.cumsum(col_len, 0)])
-    tiles = column_tiles(col_ptr, block_t, block_e)
+    K = _column_slots(col_len, block_t, block_e)
+    j = torch.arange(cols.numel()) - (torch.cumsum(col_len, 0) - col_len)[cols]  # position in its column
+    res = j >= K
     padded = torch.cat([col_len, col_len.new_zeros(-V_T % 512)])
     old = padded.view(-1, 512).amax(1).sum()
-    tile_of = torch.searchsorted(tiles[1:, 1].contiguous(), torch.arange(cols.numel()), right=True)
     z_sect, h_sect = SECTOR // elem, SECTOR // 4
-    sect_c = torch.unique(tile_of * (idx.shape[0] // z_sect + 1) + stud // z_sect).numel()
+    n_z = idx.shape[0] // z_sect + 1
+    grp = torch.where(res, V_T // block_t + 1 + torch.cumsum(res, 0) // block_e, cols // block_t)  # tile / R block
+    sect_c = torch.unique(grp * n_z + stud // z_sect).numel()
     sect_d = torch.unique(stud // block_s * (V_T // h_sect + 1) + cols // h_sect).numel()
+
+    def sectors(n_per, mask):  # 32-byte sectors of n_per entries holding some masked one
+        m = torch.cat([mask, mask.new_zeros(-mask.numel() % n_per)]).view(-1, n_per).any(1)
+        return SECTOR * int(m.sum())
+
+    cell = sum(sectors(4, col_len > k) for k in range(K))
     # the gradient pass's compact ELL (ops.pkl_kernel._ell_g): nslot (1 B per student) and, per slot k, the 32-byte
     # sectors (4 students' 8-byte words) where some student has more than k slots (the other loads are masked off)
     nslot = (idx >= 0).sum(1)
-    nslot = torch.cat([nslot, nslot.new_zeros(-idx.shape[0] % 4)]).view(-1, 4).amax(1)
-    ell = idx.shape[0] + SECTOR * sum(int((nslot > k).sum()) for k in range(idx.shape[1]))
-    return dict(nnz=cols.numel(), max_col=int(col_len.max()), tiles=tiles.shape[0] - 1,
-                entry_only=int((tiles[1:, 0] == tiles[:-1, 0]).sum()), old_loop=int(old), sect_c=sect_c,
-                sect_d=sect_d, ell=ell, cols=int((col_len > 0).sum()))
+    ell = idx.shape[0] + sum(sectors(4, nslot > k) for k in range(idx.shape[1]))
+    n_res = int(res.sum())
+    return dict(nnz=cols.numel(), max_col=int(col_len.max()), K=K, tiles=math.ceil(V_T / block_t), res=n_res,
+                r_blocks=math.ceil(n_res / block_e), n_long=int((col_len > K).sum()), cell=cell, old_loop=int(old),
+                sect_c=sect_c, sect_d=sect_d, ell=ell,
+                cols=int((col_len > 0).sum()))
 
 
 def simulate_live_rows(n_prog: int, n_chunks: int, t_a: float, t_c: float, t_d: float, slices: int,
@@ -158,9 +169,10 @@ def _pass_times(passes: dict, gpu: dict) -> tuple[dict, float]:
 
 def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GPU, issue: dict | None = None) -> dict:
     """Per-row model of ``_pkl_kernel`` (dense teacher, frozen W) for a 1-to-1 chunk: A streams z (online LSE),
-    C is one flat loop over the W tiles (per tile: one block of entries gathering p from the z row, a segmented scan,
-    the teacher window, the online KL pass, h_u and the tile maximum stored), D streams z again and writes dz (ELL
-    gather of h) in G slices that any program may compute. "Vocab tiles" are the tiles a row must stream anyway:
+    R sums the long columns' residual entries (entry blocks gathering p from the z row, a segmented scan), C is one
+    loop over the teacher tiles (per tile: the column ELL's K slots gathering p, R's sums of its long columns, the
+    online KL pass, h_u and the tile maximum stored), D streams z again and writes dz (ELL gather of h) in G slices
+    that any program may compute. "Vocab tiles" are the tiles a row must stream anyway:
     ⌈V_S/BLOCK_S⌉ + ⌈V_T/BLOCK_T⌉.
 
     L2 working set: W's structure, and the z rows (gathered in C) and scratch rows h live at once, time-averaged
@@ -175,31 +187,37 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     stream = elem * (3 * V_S + V_T)  # z in A and D, t in C, dz in D
     # h_u written in C at the ranks of the columns with W entries, gathered in D (≤ the whole row)
     scratch = 4 * st["cols"] + min(4 * st["cols"], SECTOR * st["nnz"])
-    l2 = (4 * V_S  # a in A
-          + st["nnz"] * (8 + SECTOR) + 8 * (st["tiles"] + 1)  # C: entries (student, weight), p gathers, tiles
-          + V_T * (1 + 4 + 4) + st["tiles"] * 8 * elem  # C: mask, column ends, ranks; window overhang ≤ 7 columns
-          + st["ell"] + st["nnz"] * SECTOR  # D: the compact ELL, h gathers (tile maxima: L1)
-          + scratch)
+    res_row = 2 * SECTOR * st["n_long"]  # R's sums in the h row: written, read in C before h_u replaces them
+    w_reads = (4 * V_S  # a in A
+               + st["cell"] + V_T * (1 + 1 + 4)  # C: column ELL slots, cinfo, mask, ranks
+               + 12 * st["res"]  # R: residual entries (student, compact column, weight)
+               + st["ell"])  # D: the compact ELL
+    l2 = (w_reads + st["nnz"] * SECTOR  # p gathers in C and R
+          + st["nnz"] * SECTOR  # D: h gathers (tile factors: L1)
+          + scratch + res_row)
     tiles_s, tiles_t = math.ceil(V_S / cfg["BLOCK_S"]), math.ceil(V_T / cfg["BLOCK_T"])
     slices = math.ceil(tiles_s / cfg["SLICE"])
-    loops = {"A (student LSE)": tiles_s, f"C (W tiles, {st['entry_only']} entry-only)": st["tiles"],
-             "D (gradient)": tiles_s}
+    loops = {"A (student LSE)": tiles_s,
+             f"R + C ({st['r_blocks']} residual blocks, {st['tiles']} tiles of a {st['K']}-slot column ELL)":
+             st["r_blocks"] + st["tiles"], "D (gradient)": tiles_s}
     nprog = min(rows, gpu["sms"])  # one resident program per SM (ops.pkl_kernel._num_programs)
     t_a, t_c, t_d = elem * V_S, elem * V_T, 2 * elem * V_S  # phase times ∝ their HBM bytes
     z_rows, h_rows = simulate_live_rows(nprog, rows, t_a, t_c, t_d, slices)
     _, h_alone = simulate_live_rows(nprog, rows, t_a, t_c, t_d, slices, help_others=False)
     z_row, h_row = elem * V_S, 4 * (st["cols"] + st["tiles"])
     l2_lo = l2 - 2 * SECTOR * st["nnz"] + SECTOR * (st["sect_c"] + st["sect_d"])  # gathers: distinct sectors
-    w_reads = 4 * V_S + st["nnz"] * 8 + V_T * 9 + st["ell"]  # W's structure, re-read for every row
-    w_bytes = w_reads + 8 * st["tiles"]  # and the tile bounds
-    parts = {f"W structure (ELL {st['ell'] / 2**20:.2f} MiB)": w_reads,
-             "p and h gathers": (SECTOR * (st["sect_c"] + st["sect_d"]), 2 * SECTOR * st["nnz"]), "scratch": scratch}
+    w_bytes = w_reads  # W's structure, re-read for every row
+    parts = {f"W structure (column ELL {st['cell'] / 2**20:.2f} MiB, ELL {st['ell'] / 2**20:.2f} MiB)": w_reads,
+             "p and h gathers": (SECTOR * (st["sect_c"] + st["sect_d"]), 2 * SECTOR * st["nnz"]),
+             "scratch": scratch + res_row}
+    w = issue["warps"] if issue else 0
     iss = {k: None for k in "ACD"} if issue is None else {
-        k: issue_time(issue[k], issue["warps"], n) for k, n in (("A", tiles_s), ("C", st["tiles"]), ("D", tiles_s))}
+        "A": issue_time(issue["A"], w, tiles_s), "D": issue_time(issue["D"], w, tiles_s),
+        "C": issue_time(issue["C"][str(st["K"])], w, st["tiles"]) + issue_time(issue["R"], w, st["r_blocks"])}
     passes, t_row = _pass_times({"A": (elem * V_S, iss["A"]), "C": (elem * V_T, iss["C"]),
                                  "D": (2 * elem * V_S, iss["D"])}, gpu)
     return dict(kernel="P-KL", floor=floor, hbm_l2=stream, passes=passes, t_row=t_row, issue=issue,
-                hbm_spill=stream + scratch + SECTOR * st["nnz"], l2=l2,
+                hbm_spill=stream + scratch + res_row + SECTOR * st["nnz"], l2=l2,
                 l2_lo=l2_lo, l2_parts=parts, loops=loops, vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],
                 footprint=z_rows * z_row + h_rows * h_row + w_bytes,
                 footprint_alone=z_rows * z_row + h_alone * h_row + w_bytes, slices=slices, stats=st)
@@ -382,7 +400,8 @@ def run(quick: bool = False) -> None:
     p, h = iss.get("P-KL"), iss.get("H-KL")
     if iss:
         print(f"instructions per thread per tile (sm_90 SASS, bench/sass.py; P-KL {p['warps']} warps, H-KL "
-              f"{h['warps']}): P-KL A {p['A']}, C {p['C']}, D {p['D']}; H-KL S1 {h['S1']}, T1 {h['T1']}, S3 {h['S3']}")
+              f"{h['warps']}): P-KL A {p['A']}, C {' / '.join(str(v) for v in p['C'].values())} (column ELL of "
+              f"{' / '.join(p['C'])} slots), R {p['R']}, D {p['D']}; H-KL S1 {h['S1']}, T1 {h['T1']}, S3 {h['S3']}")
     report([("Projection.random", pkl_model(rand, 8192, issue=p)), (name, pkl_model(real, 8192, issue=p)),
             ("Projection.random", hkl_model(rand, 8192, issue=h)), (name, hkl_model(real, 8192, issue=h)),
             (name, hkl_model(real, 8192, uncovered="epsilon", issue=h)),

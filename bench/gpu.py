@@ -63,7 +63,7 @@ class Sizes:
     chunks: int  # chunks in all, over 2 sequences
     sparse_k: int  # sparse teacher: columns per row
     hub: int  # W entries in the hub column: more than one entry block (BLOCK_E) of ops.pkl_kernel, on the GPU and
-    # under the interpreter, so entry-only tiles are exercised
+    # under the interpreter, so the dense pass's residual sums span several blocks
     topk: int  # uncommon_topk of H-KL / GOLD / ULD with a dense teacher
     V_T_narrow: int  # the narrow-teacher problem: most teacher columns paired, so m = |U_T| is far below its bound
     ref_chunks: int  # chunks of the problem on which the float64 oracle is checked against xt.reference

@@ -13,14 +13,15 @@ import subprocess
 import tempfile
 
 # pointer arguments' element types (others fp32); scalars named here are fp32 (others i32)
-PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32", "ell_ptr": "*i64", "nslot_ptr": "*i8",
-       "erow_ptr": "*i32", "ecol_ptr": "*i32", "tiles_ptr": "*i32", "colend_ptr": "*i32", "mask_ptr": "*i8",
-       "spans_ptr": "*i64", "tcnt_ptr": "*i32", "sync_ptr": "*i32", "rank_ptr": "*i32", "smap_ptr": "*i32",
-       "tmap_ptr": "*i32", "tcls_ptr": "*i8", "m_ptr": "*i32", "path_ptr": "*i32", "la_ptr": "*i64", "lb_ptr": "*i32",
-       "wa_ptr": "*i64", "wb_ptr": "*i32", "gc_ptr": "*i32"}
+PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32", "ell_ptr": "*i64",
+       "nslot_ptr": "*i8", "erow_ptr": "*i32", "ecol_ptr": "*i32", "cell_ptr": "*i64", "cinfo_ptr": "*i8",
+       "rrow_ptr": "*i32", "rcol_ptr": "*i32", "mask_ptr": "*i8", "spans_ptr": "*i64",
+       "tcnt_ptr": "*i32", "sync_ptr": "*i32", "rank_ptr": "*i32", "smap_ptr": "*i32", "tmap_ptr": "*i32",
+       "tcls_ptr": "*i8", "m_ptr": "*i32", "path_ptr": "*i32", "la_ptr": "*i64", "lb_ptr": "*i32", "wa_ptr": "*i64",
+       "wb_ptr": "*i32", "gc_ptr": "*i32"}
 F32 = {"inv_tau", "tau", "eps"}
 # integer arguments Triton's launcher would not see as multiples of 16 at real shapes (no divisibility hint)
-NO_HINT = {"k0", "k1", "NNZ", "n_tiles", "n_tiles_max", "K", "N", "N_s", "colb", "m_up", "cap_a", "cap_b", "g_len"}
+NO_HINT = {"k0", "k1", "NNZ", "NRES", "n_tiles_max", "K", "N", "N_s", "colb", "m_up", "cap_a", "cap_b", "g_len"}
 
 
 def _bin(name: str) -> str:
@@ -63,8 +64,13 @@ def compile_sm90(kernel, consts: dict, num_warps: int, sparse: bool = False, lin
 
 
 @functools.lru_cache(maxsize=None)
-def _loops(kernel, consts: tuple, num_warps: int, sparse: bool) -> dict[tuple[str, int], list[int]]:
-    _, cubin, _ = compile_sm90(kernel, dict(consts), num_warps, sparse, lineinfo=True)
+def _loops(kernel, consts: tuple, num_warps: int, sparse: bool) -> dict[tuple[str, int], list[tuple[int, int]]]:
+    return cubin_loops(compile_sm90(kernel, dict(consts), num_warps, sparse, lineinfo=True)[1])
+
+
+def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int]]]:
+    """{(source file, line of a loop's backward branch): [(instructions, local-memory loads and stores) of each such
+    loop's body]} of a cubin compiled with line info."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
@@ -87,20 +93,22 @@ def _loops(kernel, consts: tuple, num_warps: int, sparse: bool) -> dict[tuple[st
             labels.update((p, addr) for p in pending)
             pending = []
             ins.append((addr, m.group(2), src))
-    out: dict[tuple[str, int], list[int]] = {}
+    out: dict[tuple[str, int], list[tuple[int, int]]] = {}
     for addr, text, where in ins:
         m = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", text)
         if m and labels.get(m.group(1), addr) < addr:
-            start = labels[m.group(1)]
-            out.setdefault(where, []).append(sum(1 for a, _, _ in ins if start <= a <= addr))
+            body = [t for a, t, _ in ins if labels[m.group(1)] <= a <= addr]
+            out.setdefault(where, []).append((len(body), sum(bool(re.search(r"\b(STL|LDL)\b", t)) for t in body)))
     return out
 
 
-def loop_bodies(kernel, consts: dict, num_warps: int, sparse: bool = False) -> dict[tuple[str, int], list[int]]:
+def loop_bodies(kernel, consts: dict, num_warps: int, sparse: bool = False,
+                spills: bool = False) -> dict[tuple[str, int], list[int]]:
     """{(source file name, line of the loop's backward branch): [instructions per thread of each such loop's body,
     in code order]} (a helper's loop appears once per inlined call). Inner loops count once in their outer loop's
-    body."""
-    return _loops(kernel, tuple(sorted(consts.items())), num_warps, sparse)
+    body. spills: the local-memory loads and stores (register spills) in each body instead."""
+    return {k: [v[spills] for v in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps,
+                                                             sparse).items()}
 
 
 def header_lines(fn, marker: str) -> set[tuple[str, int]]:
@@ -124,18 +132,24 @@ def body(bodies: dict, fn, marker: str) -> list[int]:
 def pass_bodies() -> dict:
     """The cost model's per-pass loop bodies (instructions per thread per tile) of both kernels in the variant a
     1-to-1 chunk runs by default (merge="mean", dense teacher, frozen W), first autotune config: P-KL A (student
-    LSE), C (W tiles), D (gradient tiles); H-KL S1 / T1 (student / teacher row pass, the same helper inlined twice,
-    in that order) and S3 (gradient pass: the single-row, pipelined instantiation, the smaller of its two)."""
+    LSE), C (teacher tiles, per column-ELL width 1..SLOTS), R (residual entry blocks), D (gradient tiles); H-KL
+    S1 / T1 (student / teacher row pass, the same helper inlined twice, in that order) and S3 (gradient pass: the
+    single-row, pipelined instantiation, the smaller of its two)."""
     from xtoken_ext.ops import hkl_kernel as H
     from xtoken_ext.ops import pkl_kernel as P
 
     cfg = P._CONFIGS[0]
-    b = loop_bodies(P._pkl_kernel, dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False,
-                                        SLOTS=4, ALIGN=P.ALIGN, HELP=0, **P.TILES_GPU, **P.SLICES_GPU,
-                                        **cfg.kwargs), cfg.num_warps)
-    (a,), (c,), (d,) = (body(b, P._row_stats, "for v0 in tl.range"), body(b, P._pkl_kernel, "for t in tl.range(0, n_c2"),
-                        body(b, P._take_slice, "for v0 in tl.range("))
-    out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, D=d)}
+    c = {}
+    for k in range(1, P.SLOTS + 1):  # the column ELL's width: C's body grows with it
+        b = loop_bodies(P._pkl_kernel, dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False,
+                                            SLOTS=P.SLOTS, CSLOTS=k, HELP=0, **P.TILES_GPU, **P.SLICES_GPU,
+                                            **cfg.kwargs), cfg.num_warps)
+        (c[k],) = body(b, P._pkl_kernel, "for t in tl.range(0, n_c2")
+        if k == 1:
+            (a,), (r,), (d,) = (body(b, P._row_stats, "for v0 in tl.range"),
+                                body(b, P._pkl_kernel, "for e0 in range(0, NRES"),
+                                body(b, P._take_slice, "for v0 in tl.range("))
+    out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D=d)}
     cfg = H._CONFIGS[0]
     w = H.sort_widths(H._SORT_CAP)
     b = loop_bodies(H._hkl_kernel, dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], **cfg.kwargs),

@@ -1,5 +1,5 @@
 """The cost model (`xtoken bench --suite costmodel`, bench/costmodel.py) on a small W: its byte counts follow the
-kernels' pass structure, the W-tile loop is the kernel's own tile count, and the simulation of the P-KL chunk
+kernels' pass structure, the teacher loop and residual blocks are the kernel's own, and the simulation of the P-KL chunk
 protocol behind its working set keeps its books and shows helping with the D slices shortening the scratch rows'
 life."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from xtoken_ext.bench import costmodel
-from xtoken_ext.ops.pkl_kernel import column_tiles
+from xtoken_ext.ops.pkl_kernel import _w_structure
 from xtoken_ext.projection import Projection
 
 
@@ -24,10 +24,11 @@ def test_pkl_model_counts(proj):
     m = costmodel.pkl_model(proj, rows=64, cfg=cfg)
     V_S, V_T = 3000, 3500
     assert m["floor"] == 2 * (2 * V_S + V_T) and m["hbm_l2"] == 2 * (3 * V_S + V_T)
-    idx = proj.indices
-    col_len = torch.bincount(idx[idx >= 0].long(), minlength=V_T)
-    tiles = column_tiles(torch.cat([col_len.new_zeros(1), col_len.cumsum(0)]), 256, 512)
-    assert m["loops"][f"C (W tiles, {m['stats']['entry_only']} entry-only)"] == tiles.shape[0] - 1
+    w = _w_structure(proj.indices.to(torch.int32).contiguous(), V_T, 256, 512)  # the kernel's own structure
+    st = m["stats"]
+    assert (st["K"], st["res"]) == (w["cslots"], w["r_row"].numel())
+    assert m["loops"][f"R + C ({st['r_blocks']} residual blocks, {st['tiles']} tiles of a {st['K']}-slot column "
+                      f"ELL)"] == math.ceil(st["res"] / 512) + math.ceil(V_T / 256)
     assert m["vocab_tiles"] == math.ceil(V_S / 256) + math.ceil(V_T / 256)
     assert m["slices"] == math.ceil(math.ceil(V_S / 256) / 2) == 6
     assert m["footprint"] < m["footprint_alone"]
@@ -94,12 +95,14 @@ def test_issue_from_sass(proj):
     assert iss is not None
     p, h = iss["P-KL"], iss["H-KL"]
     assert (p["warps"], h["warps"]) == (P._CONFIGS[0].num_warps, H._CONFIGS[0].num_warps)
-    assert all(100 < p[k] < 20_000 for k in "ACD") and all(100 < h[k] < 20_000 for k in ("S1", "T1", "S3"))
-    assert p["C"] > p["A"] and h["T1"] > h["S3"]  # C scans and gathers the W entries; S3 only gathers
+    c = [p["C"][str(k)] for k in range(1, P.SLOTS + 1)]
+    assert all(100 < x < 20_000 for x in [p["A"], p["R"], p["D"], *c, h["S1"], h["T1"], h["S3"]])
+    assert c == sorted(set(c)) and c[0] > p["A"] and h["T1"] > h["S3"]  # each column-ELL slot adds gathers
     m = costmodel.pkl_model(proj, 64, issue=p)
-    tiles = m["stats"]["tiles"]
+    st = m["stats"]
     assert m["passes"]["C"] == (2 * 3500 / (costmodel.GPU["hbm"] / costmodel.GPU["sms"]),
-                                costmodel.issue_time(p["C"], p["warps"], tiles))
+                                costmodel.issue_time(p["C"][str(st["K"])], p["warps"], st["tiles"])
+                                + costmodel.issue_time(p["R"], p["warps"], st["r_blocks"]))
     assert m["t_row"] == sum(max(a, b) for a, b in m["passes"].values())
     mh = costmodel.hkl_model(proj, 64, issue=h)
     assert mh["t_row"] == pytest.approx(sum(max(a, b) for a, b in mh["passes"].values()) + mh["t_window"])

@@ -105,48 +105,76 @@ def test_hkl_multi_tile_matches_oracle(merge, sparse_k, dtype, pairs):
     run_hkl(make_problem(seed=22, sparse_k=sparse_k, **BIG), DTYPES[dtype], merge, 0.7, pairs, 1000)
 
 
-def test_column_tiles_bound_columns_and_entries():
-    """The dense P-KL W tiles partition columns and entries; each holds ≤ block_e entries and lies in the block_t
-    window from its first column rounded down to ALIGN; a column longer than block_e is split into entry-only tiles
-    that hold that column alone, before the tile that carries it (which then ends on a column boundary)."""
-    from xtoken_ext.ops.pkl_kernel import ALIGN, column_tiles
+def test_column_ell_and_residual_hold_every_entry():
+    """The dense P-KL pass's W structure: each column's first min(length, K) entries in the slot-major column ELL
+    (cinfo's low bits give that count, bit 3 a longer column), the rest as residual entries keyed by their column
+    and its rank, in W's column order, a residual segment flagged by the sign bit of its first entry's student;
+    _column_slots takes K = 1 when a few long columns hold the extra entries and a larger K when many
+    columns have 2-3 entries."""
+    from xtoken_ext.ops.pkl_kernel import SLOTS, _column_slots, _w_structure
 
     g = torch.Generator().manual_seed(0)
-    col_len = torch.randint(0, 4, (1000,), generator=g)
-    col_len[[0, 13, 14, 500, 999]] = torch.tensor([300, 1000, 64, 129, 200])  # hubs at and off ALIGN boundaries
-    ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(col_len, 0)])
-    bt, be = 64, 64
-    b = column_tiles(ptr, bt, be)
-    c_lo, e_lo, c_hi, e_hi = b[:-1, 0], b[:-1, 1], b[1:, 0], b[1:, 1]
-    assert b[0].tolist() == [0, 0] and b[-1].tolist() == [1000, int(ptr[-1])]
-    assert bool((c_hi >= c_lo).all() and (e_hi > e_lo).all() and (e_hi - e_lo <= be).all())
-    assert bool((c_hi - (c_lo - c_lo % ALIGN) <= bt).all())
-    only = c_hi == c_lo
-    assert bool((e_hi[~only] == ptr[c_hi[~only]]).all())  # column tiles end on a column boundary
-    assert bool((e_lo[only] >= ptr[c_lo[only]]).all() and (e_hi[only] < ptr[c_lo[only] + 1]).all())
-    assert int(only.sum()) == sum((n - 1) // be for n in (300, 1000, 64, 129, 200))  # 4 + 15 + 0 + 2 + 3
+    V_S, V_T = 700, 1000
+    w_idx = torch.randint(0, V_T, (V_S, SLOTS), generator=g, dtype=torch.int32)
+    w_idx[torch.rand(V_S, SLOTS, generator=g) < 0.3] = -1
+    w_idx[:300, 0] = 13  # a hub longer than several entry blocks
+    st = _w_structure(w_idx, V_T, 64, 64)
+    K = st["cslots"]
+    flat = w_idx.reshape(-1).long()
+    col_len = torch.bincount(flat[flat >= 0], minlength=V_T)
+    assert st["cinfo"].tolist() == (col_len.clamp(max=K) | ((col_len > K).long() << 3)).tolist()
+    res_stud = (st["r_row"] & 0x7FFFFFFF).long()
+    for c in range(V_T):
+        want = torch.nonzero(flat == c).squeeze(1)  # W's slots of column c, in order
+        got = st["cell_slot"][:, c][st["cell_slot"][:, c] >= 0]
+        assert got.tolist() == want[:K].tolist()
+        r = torch.nonzero(st["r_keys"][0] == c).squeeze(1)
+        assert len(r) == max(0, int(col_len[c]) - K) and bool((st["r_keys"][1][r] == st["rank"][c]).all())
+        if len(r):
+            assert (st["r_slot"][r]).tolist() == want[K:].tolist()
+            assert res_stud[r].tolist() == (want[K:] // SLOTS).tolist()
+            assert (st["r_row"][r] < 0).tolist() == [True] + [False] * (len(r) - 1)
+    assert int((col_len[13] - K)) > 2 * 64
+    few_long = torch.zeros(4096, dtype=torch.int64)
+    few_long[:20] = 300
+    few_long[20:3000] = 1
+    many_short = torch.randint(1, 4, (4096,), generator=g)
+    assert _column_slots(few_long, 2048, 4096) == 1 and _column_slots(many_short, 2048, 4096) > 1
 
 
 @pytest.mark.parametrize("merge,dtype", [pytest.param("first", "fp32", id="first-fp32"),
                                          pytest.param("mean", "bf16", id="mean-bf16")])
 def test_pkl_hub_longer_than_entry_block(merge, dtype):
-    """Dense teacher, a hub column with more than two blocks of W entries (at the active tile geometry) placed at an
-    unaligned column inside a window: entry-only tiles carry its partial sum into the tile holding it."""
+    """Dense teacher, a hub column with more than two blocks of residual W entries (at the active tile geometry)
+    inside a teacher tile: the residual pass sums it over several blocks (read-add-write across blocks) and the
+    tile adds that sum to its column ELL's slots."""
     from xtoken_ext.ops import pkl_kernel as K
 
     bt, be = K._TILES["BLOCK_T"], K._TILES["BLOCK_E"]
     hub = bt // 2 + 3
     P = make_problem(seed=7, V_S=4 * be, V_T=2 * bt + 37, n_chunks=3, max_rows=2, sparse_k=0, mask_mode="covered",
                      empty_rows=0.05, hub=True)
-    w = P.w_idx.clone()  # move the hub from column 0 to the unaligned column `hub`
+    w = P.w_idx.clone()  # move the hub from column 0 to column `hub`, inside the first tile
     P.w_idx[w == 0], P.w_idx[w == hub] = hub, 0
     P.col_mask[[0, hub]] = P.col_mask[[hub, 0]].clone()
-    cols = P.w_idx[P.w_idx >= 0].long()
-    ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(torch.bincount(cols, minlength=2 * bt + 37), 0)])
-    b = K.column_tiles(ptr, bt, be)
-    assert hub % K.ALIGN and int((cols == hub).sum()) > 2 * be
-    assert int((b[1:, 0] == b[:-1, 0]).sum()) >= 2 and hub in b[:, 0].tolist()
+    st = K._w_structure(P.w_idx.to(torch.int32).contiguous(), 2 * bt + 37, bt, be)
+    assert int((st["r_keys"][0] == hub).sum()) > 2 * be and int(st["cinfo"][hub]) >= 8
     run_pkl(P, DTYPES[dtype], merge, 0.7, False)
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+def test_pkl_any_column_ell_width(width, monkeypatch):
+    """Every column-ELL width K the W structure may choose (forced here): the dense pass's C1 (K slots plus the
+    residual entries of longer columns) gives the oracle's loss and gradient, one row and merged rows."""
+    from xtoken_ext.ops import pkl_kernel as K
+
+    monkeypatch.setattr(K, "_column_slots", lambda *a: width)
+    for merge in ("first", "mean"):  # a fresh problem per run: run_pkl sets requires_grad on fp32 logits in place
+        P = make_problem(seed=30 + width, V_S=300, V_T=150, n_chunks=5, max_rows=2, sparse_k=0, mask_mode="covered",
+                         empty_rows=0.05, hub=True)
+        st = K._w_structure(P.w_idx.to(torch.int32).contiguous(), 150, K._TILES["BLOCK_T"], K._TILES["BLOCK_E"])
+        assert st["cslots"] == width and st["r_row"].numel() > 0 and int((st["cinfo"] & 7).max()) == width
+        run_pkl(P, DTYPES["fp32"], merge, 0.7, False)
 
 
 @pytest.mark.parametrize("learn_w", [False, True], ids=["frozen", "learnable"])

@@ -2,27 +2,29 @@
 learnable W, its gradient in a second kernel). Imported lazily by ``ops.pkl`` (its ``triton`` backend); math and
 notation in ``ops.pkl``'s docstring. Bad-input and degenerate chunks follow the op contract (``ops._common``).
 
-Structure derived once per W, device and tile geometry (cached): W's nonzeros sorted by teacher column as flat
-(student, column, weight) int32/int32/fp32 entry lists with each column's end, the W tiles (``column_tiles``): runs
-of whole columns holding ≤ BLOCK_E entries inside a BLOCK_T-column window that starts on an ALIGN boundary (a column
-with more entries than a block first gets entry-only tiles of BLOCK_E of its entries, no columns), and the gradient
-pass's compact ELL: per student its used slots first (nslot int8) and per slot one slot-major int64 word (the
-weight, with the slots outside A zeroed, ``w_eff``; the column; its tile) — 9 B per student plus the few multi-slot
+Structure derived once per W, device and tile geometry (cached, ``_w_structure``): W's nonzeros sorted by teacher
+column; for the dense teacher pass a column ELL of K slots (each column's first min(length, K) entries, slot-major
+8-byte words with the call's weight) and the residual entries of the longer columns (past their first K), K chosen
+per W (``_column_slots``: 1 for the real Llama-3 × Qwen3 W, whose extra entries sit in a few long columns, 2 for
+``Projection.random``); for a sparse teacher the flat (student, column, weight) entry lists; and the gradient pass's
+compact ELL: per student its used slots first (nslot int8) and per slot one slot-major int64 word (the weight, with
+the slots outside A zeroed, ``w_eff``; the column or its rank; its tile) — 9 B per student plus the few multi-slot
 ids, against 48 B for [V_S, 4] ids, weights and tiles (every row of the batch reads it from L2). Persistent
 programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass a fixed-length loop over tiles:
   A  student rows: online LSE, Z_r = Σ_s p_r[s] a_s (a = row sums of w_eff), bad-input count   [reads z]
   B  (sparse teacher, or several teacher rows) per-row teacher LSE over A, bad-input count       [reads t]
-  C  dense teacher: ONE flat loop over the W tiles, no loop nested per tile (for one-row chunks; merged rows add a
-     loop over the chunk's rows), software-pipelined over STAGES tiles. Per tile:
-     C1 Qu = Wᵀp̄ on its columns: its entry block gathers p̄ at the entries' students, a segmented scan per column
-        (no differences of a running sum) and a tl.gather of the scan at each column's last entry moves the column
-        sums to the teacher lanes (no scratch round trip, no barrier); an entry-only tile adds its sum to a carry
-        that the next tile adds to its first column.
-     C2 the teacher window, read once: the merged teacher x̄ (vectorized loads under the window mask, the tile's
-        columns and A selected with tl.where) folded into an online pass with rescaling: running max m, l = Σe,
-        e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)), Mu = Σ e q/(q + eps), h_u = e/(q + eps) stored with the
-        tile's max. With c the teacher's log-normalizer (−LSE for one dense row, computed at the end; −mean_r LSE_r
-        after B): F = exp(m + c), L = τ² F (S1 + (m + c) l), M = F Mu, h = h_u · exp(m_tile − m) F.
+  R  dense teacher: the residual entries in blocks of BLOCK_E, gathering p̄' = Σ_r p_r at their students, a
+     segmented scan per column (no differences of a running sum: cancellation would wipe out a small column sum),
+     each column's sum stored where C keeps its h_u (the scratch row), read back by C before h_u replaces it.
+  C  ONE flat loop over the teacher in BLOCK_T tiles (merged rows add a loop over the chunk's rows), software-
+     pipelined over STAGES tiles. Per tile:
+     C1 Qu = Wᵀp̄ on its columns: the column ELL's K slots gather p̄' at their students (a slot's load masked off
+        where the column is shorter) and sum in order, plus R's sum of a longer column.
+     C2 the teacher tile, read once: the merged teacher x̄ (vectorized loads, A selected with tl.where) folded into
+        an online pass with rescaling: running max m, l = Σe, e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)),
+        Mu = Σ e q/(q + eps), h_u = e/(q + eps) stored with the tile's max. With c the teacher's log-normalizer
+        (−LSE for one dense row, computed at the end; −mean_r LSE_r after B): F = exp(m + c), L = τ² F (S1 +
+        (m + c) l), M = F Mu, h = h_u · exp(m_tile − m) F.
      Sparse teacher: C1 first, over the whole entry list in blocks of BLOCK_E into a per-program scratch row (a
      column cut by a block boundary completed by read-add-write), then C2 over fixed BLOCK_T tiles of its k columns.
   C3 (sparse teacher or learnable W) h rescaled in the scratch row (tile maxima -> the final m); dense, frozen W:
@@ -35,18 +37,17 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      its next chunk (whose C overwrites its scratch rows), takes open slices oldest first, its previous chunk's
      included, then waits for that chunk's slices in flight (a take never waits, so neither does anything it waits
      for). So a chunk's scratch row lives shorter than C/2 + D (a simulation of this protocol with 132 programs:
-     58 rows live on average instead of 80, bench/costmodel.py), which brings the working set (z rows gathered in C,
+     54 rows live on average instead of 80, bench/costmodel.py), which brings the working set (z rows gathered in C,
      h rows read in D, W) under L2's size for the real Llama-3 × Qwen3 W. Dense teacher, frozen W: h is kept at the
      ranks of the columns with W entries (the ELL keys hold the rank), 72 % of V_T for that W. Results are bitwise
      the same whoever computes a slice (tests: help_split).
-Bytes per single-row chunk from HBM: z twice (A, D), t once (C), dz once; the entry lists, ELL, a, mask and the
-scratch row are shared or per-program and L2-resident (the z row too, for C's gathers; streams read or written once
-carry evict_first hints) (``bench/costmodel.py`` prints the model, with C's trip count for a given W: the number of W
-tiles, ≈ max(⌈V_T/BLOCK_T⌉, ⌈nnz/BLOCK_E⌉) + the entry-only tiles).
+Bytes per single-row chunk from HBM: z twice (A, D), t once (C), dz once; W's structure, a, mask and the scratch row
+are shared or per-program and L2-resident (the z row too, for R's and C's gathers; streams read or written once
+carry evict_first hints) (``bench/costmodel.py`` prints the model: C's tiles and R's blocks for a given W, and the
+instructions each issues, from the sm_90 SASS).
 """
 from __future__ import annotations
 
-import bisect
 import weakref
 
 import torch
@@ -108,38 +109,35 @@ def _row_stats(row_ptr, a_ptr, V, inv_tau, BLOCK: tl.constexpr, STAGES: tl.const
 
 
 @triton.jit
-def _entry_scan(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, e_hi, s_lo, s_hi, inv_tau,
-                MEAN: tl.constexpr, BLOCK_E: tl.constexpr):
-    """The column-sorted entries [e_lo, e_lo + BLOCK_E) ∩ [e_lo, e_hi) -> (their columns, lanes ending a column in
-    the block, seg = segmented inclusive scan per column of w p̄'[s], p̄' = Σ_r p_r). No differences of a running
-    sum: a segment restarts at each column, flagged by the sign bit of the entry's student id (a column's first
-    entry; lane 0 starts one anyway); the dense pass uses seg only, so its entries are 8 bytes (the column loads go
-    unused)."""
-    e = e_lo + tl.arange(0, BLOCK_E)
-    em = e < e_hi
-    s = tl.load(erow_ptr + e, mask=em, other=0)
-    start = s < 0
-    s = s & 0x7FFFFFFF
-    col = tl.load(ecol_ptr + e, mask=em, other=-1)
-    nxt = tl.load(ecol_ptr + e + 1, mask=e + 1 < e_hi, other=-3)
+def _p_bar(z_ptr, stride_z, lse_s_ptr, s, mask, s_lo, s_hi, inv_tau, MEAN: tl.constexpr):
+    """p̄'[s] = Σ_r p_r[s] over the chunk's student rows, gathered at the ids s (0 where masked)."""
     if MEAN:
-        pr = tl.zeros((BLOCK_E,), tl.float32)
+        pr = tl.zeros(s.shape, tl.float32)
         for r in range(s_lo, s_hi):
-            pr += _tl.softmax_tile(z_ptr + r * stride_z, s, em, inv_tau, tl.load(lse_s_ptr + r), "")
+            pr += _tl.softmax_tile(z_ptr + r * stride_z, s, mask, inv_tau, tl.load(lse_s_ptr + r), "")
     else:  # one student row: no loop in the tile loop
-        pr = _tl.softmax_tile(z_ptr + s_lo * stride_z, s, em, inv_tau, tl.load(lse_s_ptr + s_lo), "")
-    val = tl.load(eval_ptr + e, mask=em, other=0.0) * pr
-    seg = _seg_scan(val, start.to(tl.int32), BLOCK_E)
-    return col, em & (col != nxt), seg
+        pr = _tl.softmax_tile(z_ptr + s_lo * stride_z, s, mask, inv_tau, tl.load(lse_s_ptr + s_lo), "")
+    return pr
 
 
 @triton.jit
 def _entry_block(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, e_hi, qu_row, s_lo, s_hi, inv_tau,
                  MEAN: tl.constexpr, BLOCK_E: tl.constexpr):
-    """C1 (sparse teacher) on one block of entries: qu_row[col] = Σ_{entries of col} w p̄'[s]; a column begun
-    before e_lo is completed by read-add-write (the caller orders blocks with a barrier)."""
-    col, last, seg = _entry_scan(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, e_hi, s_lo, s_hi,
-                                 inv_tau, MEAN, BLOCK_E)
+    """One block [e_lo, e_lo + BLOCK_E) ∩ [e_lo, e_hi) of column-sorted entries (sparse teacher: all of W's; dense:
+    the residual entries of the columns longer than the column ELL, their columns numbered compactly) ->
+    qu_row[col] = Σ_{entries of col} w p̄'[s], by a segmented scan per column (no differences of a running sum: a
+    segment restarts at each column, flagged by the sign bit of the entry's student id, a column's first entry;
+    lane 0 starts one anyway) stored at each column's last entry in the block; a column begun before e_lo is
+    completed by read-add-write (the caller orders blocks with a barrier)."""
+    e = e_lo + tl.arange(0, BLOCK_E)
+    em = e < e_hi
+    s = tl.load(erow_ptr + e, mask=em, other=0)
+    start = s < 0
+    col = tl.load(ecol_ptr + e, mask=em, other=-1)
+    last = em & (col != tl.load(ecol_ptr + e + 1, mask=e + 1 < e_hi, other=-3))
+    val = tl.load(eval_ptr + e, mask=em, other=0.0) * _p_bar(z_ptr, stride_z, lse_s_ptr, s & 0x7FFFFFFF, em, s_lo,
+                                                             s_hi, inv_tau, MEAN)
+    seg = _seg_scan(val, start.to(tl.int32), BLOCK_E)
     before = tl.load(ecol_ptr + e_lo - 1, mask=e_lo > 0, other=-2)  # the column of the entry before the block
     seg += tl.load(qu_row + col, mask=last & (col == before), other=0.0)
     tl.store(qu_row + col, seg, mask=last)
@@ -163,15 +161,15 @@ def _teacher_row_lse(t_row, tc_row, mask_ptr, C, inv_tau, SPARSE: tl.constexpr, 
 @triton.jit
 def _pkl_kernel(
     z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc,
-    a_ptr, ell_ptr, nslot_ptr, colb, erow_ptr, ecol_ptr, eval_ptr, tiles_ptr, n_tiles, colend_ptr, rank_ptr, NNZ,
-    mask_ptr,
+    a_ptr, ell_ptr, nslot_ptr, colb, erow_ptr, ecol_ptr, eval_ptr, NNZ, cell_ptr, cinfo_ptr, rrow_ptr, rcol_ptr,
+    rval_ptr, NRES, rank_ptr, mask_ptr,
     spans_ptr, tchain_ptr, scale_ptr,
     loss_ptr, dz_ptr, stride_dz,
     lse_s_ptr, dr_ptr, lse_t_ptr, qu_ptr, h_ptr, tm_ptr, n_tiles_max, tacc_ptr, tcnt_ptr, stat_ptr, sync_ptr, rs_ptr,
     k0, k1, V_S, V_T, C, inv_tau, tau, eps,
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr, GRAD_W: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    ALIGN: tl.constexpr, SLOTS: tl.constexpr, STAGES: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr,
+    CSLOTS: tl.constexpr, SLOTS: tl.constexpr, STAGES: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr,
     HELP: tl.constexpr,
 ):
     FOLD: tl.constexpr = not (SPARSE or GRAD_W)
@@ -190,7 +188,6 @@ def _pkl_kernel(
     tcnt_row = tcnt_ptr + row
     offs_s = tl.arange(0, BLOCK_S)
     offs_t = tl.arange(0, BLOCK_T)
-    lane_e = tl.arange(0, BLOCK_E)
     for k in range(k0 + pid, k1 + nprog, nprog):  # one more round: the last chunk's guard
         # guard: this program's scratch rows (h, tile maxima) are free once its previous chunk's D slices are done.
         # Take open slices of published chunks, oldest first (the previous chunk's included), until none is open in
@@ -267,13 +264,17 @@ def _pkl_kernel(
                     _entry_block(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e0,
                                  tl.minimum(e0 + BLOCK_E, NNZ), qu_row, s_lo, s_hi, inv_tau, MEAN, BLOCK_E)
                     tl.debug_barrier()
-                n_c2 = tl.cdiv(C, BLOCK_T)
-            else:
-                n_c2 = n_tiles
+            else:  # R: the sums of the long columns' residual entries (past their first CSLOTS), kept in the h row
+                # where C stores the column's h_u (its rank, FOLD, or the column), which reads them first
+                for e0 in range(0, NRES, BLOCK_E):
+                    _entry_block(z_ptr, stride_z, lse_s_ptr, rrow_ptr, rcol_ptr, rval_ptr, e0,
+                                 tl.minimum(e0 + BLOCK_E, NRES), h_row, s_lo, s_hi, inv_tau, MEAN, BLOCK_E)
+                    tl.debug_barrier()
+            n_c2 = tl.cdiv(C, BLOCK_T)
 
-            # C: one online pass over the teacher. Dense: a flat loop over the W tiles (≤ BLOCK_E entries: C1 for
-            # the tile's columns by one scan and a gather; its ≤ BLOCK_T columns: C2), pipelined: it only reads
-            # read-only inputs and writes h_u / tile maxima. Sparse: C2 over the k columns (Qu from the scratch row).
+            # C: one online pass over the teacher in BLOCK_T tiles. Dense: per tile C1 from the column ELL (and R's
+            # sums) and C2, pipelined: it only reads read-only inputs and writes h_u / tile maxima. Sparse: C2 over
+            # the k columns (Qu from the scratch row).
             # the running max m and the bad count are per tile; l, S1, Mu and the zero-mass max are kept per lane
             # (with the common rescaling) and reduced once after the loop: a reduction per tile and sum costs more
             # instructions than the lane-wise updates (sm_90 SASS; a per-lane bad count too would spill at 8 warps)
@@ -283,7 +284,6 @@ def _pkl_kernel(
             mu_v = tl.zeros((BLOCK_T,), tl.float32)
             mz_v = tl.full((BLOCK_T,), NEG, tl.float32)  # largest x̄ among allowed columns with q + eps = 0
             inv_nt = 1.0 / n_t.to(tl.float32)
-            carry = tl.zeros((), tl.float32)  # dense: Σ w p̄' of the entry-only tiles so far of the next tile's column
             for t in tl.range(0, n_c2, num_stages=1 if SPARSE else STAGES):
                 if SPARSE:
                     o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, t * BLOCK_T, C, SPARSE,
@@ -295,38 +295,40 @@ def _pkl_kernel(
                         xb += tl.load(tacc_row + v, mask=ok, other=0.0)
                         ok = ok & (tl.load(tcnt_row + v, mask=ok, other=0) == n_t - 1)
                 else:
-                    c_lo = tl.load(tiles_ptr + 2 * t)
-                    e_lo = tl.load(tiles_ptr + 2 * t + 1)
-                    c_hi = tl.load(tiles_ptr + 2 * t + 2)
-                    _, _, seg = _entry_scan(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo,
-                                            tl.load(tiles_ptr + 2 * t + 3), s_lo, s_hi, inv_tau, MEAN, BLOCK_E)
-                    # the teacher window: BLOCK_T columns from c_lo rounded down to ALIGN (the builder keeps the tile
-                    # inside it); loads under the window mask (constant over ALIGN lanes: vector loads), the tile's
-                    # columns selected with `inside`
-                    o = tl.multiple_of(c_lo - c_lo % ALIGN, ALIGN) + offs_t
-                    win = (o < tl.multiple_of((c_hi + ALIGN - 1) // ALIGN * ALIGN, ALIGN)) & (o < C)
-                    inside = (o >= c_lo) & (o < c_hi)
+                    o = t * BLOCK_T + offs_t
+                    inside = o < C
                     v = o
-                    mk = tl.load(mask_ptr + o, mask=win, other=0)
+                    mk = tl.load(mask_ptr + o, mask=inside, other=0)
                     ok = inside & (mk != 0)
                     if MEAN:
                         xb = tl.zeros((BLOCK_T,), tl.float32)
                         for r in range(t_lo, t_hi):
-                            x = tl.load(t_ptr + r * stride_t + o, mask=win, other=0.0, eviction_policy="evict_first")
+                            x = tl.load(t_ptr + r * stride_t + o, mask=inside, other=0.0, eviction_policy="evict_first")
                             x = x.to(tl.float32)
                             bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
                             xb += x
                     else:
-                        xb = tl.load(t_ptr + t_lo * stride_t + o, mask=win, other=0.0, eviction_policy="evict_first")
+                        xb = tl.load(t_ptr + t_lo * stride_t + o, mask=inside, other=0.0, eviction_policy="evict_first")
                         xb = xb.to(tl.float32)
                         bad += tl.sum((inside & ((xb != xb) | (xb == float("inf")))).to(tl.int32))
                     xb = xb * inv_tau
-                    # Qu of column c: the scan at its last entry in the block (colend[c] − e_lo − 1; columns without
-                    # an entry have mk 2 and take 0), the first column plus the carry of its entry-only tiles
-                    end = tl.load(colend_ptr + o, mask=win, other=0) - e_lo - 1
-                    qu = tl.gather(seg, tl.minimum(tl.maximum(end, 0), BLOCK_E - 1), 0)
-                    qu += tl.where(o == c_lo, carry, 0.0)
-                    carry = tl.where(c_hi == c_lo, carry + tl.sum(tl.where(lane_e == BLOCK_E - 1, seg, 0.0)), 0.0)
+                    # C1: Qu[c] = Σ w p̄'[s] over column c's first min(len, CSLOTS) entries, one slot-major word each
+                    # (w's fp32 bits << 32 | s; a slot's load masked off where the column is shorter: cinfo's low
+                    # bits), summed in order, plus R's sum of the rest of a longer column (cinfo bit 3), read from
+                    # the h row before h_u replaces it
+                    ci = tl.load(cinfo_ptr + o, mask=inside, other=0)
+                    qu = tl.zeros((BLOCK_T,), tl.float32)
+                    for j in tl.static_range(CSLOTS):
+                        use = (ci & 7) > j
+                        ew = tl.load(cell_ptr + j * C + o, mask=use, other=0)
+                        w = (ew >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+                        qu += w * _p_bar(z_ptr, stride_z, lse_s_ptr, ew.to(tl.int32), use, s_lo, s_hi, inv_tau, MEAN)
+                    longer = ci >= 8
+                    if FOLD:  # h_u at the column's rank among W's columns (the ELL's keys): only those are read
+                        hk = tl.load(rank_ptr + o, mask=longer, other=0)
+                    else:
+                        hk = o
+                    qu += tl.load(h_row + hk, mask=longer, other=0.0)
                 xb = xb * inv_nt
                 live = ok & (xb > float("-inf"))
                 if SPARSE:
@@ -341,12 +343,11 @@ def _pkl_kernel(
                 s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * (xb - m_new - tl.log(qe)), 0.0)
                 mu_v = alpha * mu_v + hu * q
                 m, l_v = m_new, l_new
-                if FOLD:  # h_u at the column's rank among W's columns (the ELL's keys): only those are read
-                    rk = tl.load(rank_ptr + o, mask=win, other=0)
-                    tl.store(h_row + rk, hu, mask=inside & (mk == 1))
+                if FOLD:
+                    tl.store(h_row + tl.load(rank_ptr + o, mask=inside, other=0), hu, mask=inside & (mk == 1))
                 else:
                     tl.store(h_row + v, hu, mask=ok if SPARSE else inside)
-                tl.store(tm_row + t, m_new)  # entry-only tiles store m (no column refers to them)
+                tl.store(tm_row + t, m_new)
 
             l = tl.sum(l_v)
             s1 = tl.sum(s1_v)
@@ -392,8 +393,8 @@ def _pkl_kernel(
                     if SPARSE:
                         _, v, _, wm = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, t * BLOCK_T, C, SPARSE, BLOCK_T)
                     else:
-                        v = tl.load(tiles_ptr + 2 * t) + offs_t
-                        wm = v < tl.load(tiles_ptr + 2 * t + 2)
+                        v = t * BLOCK_T + offs_t
+                        wm = v < C
                     tl.store(h_row + v, tl.load(h_row + v, mask=wm, other=0.0) * f, mask=wm)
             tl.debug_barrier()
 
@@ -507,8 +508,8 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
     tl.store(gw_ptr + at, tl.load(gw_ptr + at, mask=om[:, None], other=0.0) + acc, mask=om[:, None])
 
 
-# The tile geometry of the dense teacher pass (and the sparse teacher's tiles and entry blocks) is fixed across the
-# autotune configs: the W tiles are built for it once per W. The student passes (A, D) and the W-tile loop (C2) are
+# The tile geometry of the teacher pass and the entry blocks is fixed across the autotune configs: W's column ELL
+# and residual entries are built for it once per W. The student passes (A, D) and the teacher loop (C) are
 # software-pipelined over STAGES tiles. The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from
 # the SASS): per tile much of the work is per-thread overhead (the scan's and reductions' cross-warp steps), so
 # fewer warps issue fewer instructions: at 8 warps (16 entries per thread) a row issued 22 % fewer than at 16 when
@@ -517,13 +518,16 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # (tests/test_kernels_compile.py): no variant spills.
 TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
 _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
-# D slices of 16 student tiles (32,768 ids: 4 slices at V_S = 128,256; fewer, longer slices take fewer handshakes but
-# keep h live longer, bench/costmodel.py); the help window covers ≥ 2 chunks per program of a 132-SM grid. The
+# D slices of 8 student tiles (16,384 ids: 8 slices at V_S = 128,256; fewer, longer slices take fewer handshakes but
+# keep h live longer: 16 tiles put Projection.random's modelled working set 0.3 MiB over an H100's L2,
+# bench/costmodel.py); the help window covers ≥ 2 chunks per program of a 132-SM grid. The
 # interpreter's 1-tile slices put several slices in every test (run by their owner: the interpreter runs the
 # programs one after another; help_split makes other programs compute them, the memory ordering is a GPU's only).
-SLICES_GPU = dict(SLICE=16, WIN=256)
+SLICES_GPU = dict(SLICE=8, WIN=256)
 _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
-ALIGN = 8  # dense W tiles start on multiples of 8 columns: 16-byte teacher loads
+# C's cost per teacher column and column-ELL slot and R's per residual entry lane, in instructions per thread
+# (sm_90 SASS, bench/sass.py, 8 warps; ×256 threads / lanes per tile): _column_slots weighs them per W
+SLOT_COST, ENTRY_COST = 27, 75
 _CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=8) for st in (3, 2)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
 # stale words would find no slice open to help with)
@@ -535,67 +539,75 @@ _zero = _tl.launcher(_tl.zero_uncovered_rows, dict(BLOCK=128), [triton.Config({"
 _STRUCT_CACHE: dict[int, tuple] = {}
 
 
-def column_tiles(col_ptr: torch.Tensor, block_t: int, block_e: int, align: int = ALIGN) -> torch.Tensor:
-    """Column-aligned tiles of W's column-sorted entries (col_ptr int [V_T + 1]: first entry of each column) ->
-    int64 [n_tiles + 1, 2]: tile i covers the columns [b[i, 0], b[i + 1, 0]) and the entries [b[i, 1], b[i + 1, 1]).
-    Greedy: a tile takes the most whole columns that fit in block_e entries and in the block_t-column window starting
-    at its first column rounded down to ``align``; a column whose remaining entries exceed block_e first gets
-    entry-only tiles (no columns) of block_e of its entries each, so every entry-only tile holds one column."""
-    assert block_t >= align  # the window then always reaches past its first column
-    ptr = col_ptr.tolist()
-    V_T = len(ptr) - 1
-    c, e, out = 0, 0, [(0, 0)]
-    while c < V_T:
-        hi = min(V_T, c - c % align + block_t, bisect.bisect_right(ptr, e + block_e) - 1)
-        if hi > c:
-            c, e = hi, ptr[hi]
-        else:  # column c alone has more than block_e entries from e on
-            e += block_e
-        out.append((c, e))
-    return torch.tensor(out, dtype=torch.int64)
+def _column_slots(col_len: torch.Tensor, block_t: int, block_e: int) -> int:
+    """The column ELL's width K for W's column lengths: the K in 1..SLOTS that issues the fewest instructions per
+    row, C's K slots on every column (SLOT_COST each) against R's blocks of the entries past K (ENTRY_COST per
+    lane): K = 1 for the real Llama-3 × Qwen3 W (few long columns hold its extra entries), 2 for Projection.random."""
+    n_col = -(-col_len.numel() // block_t) * block_t
+
+    def cost(k):
+        res = int((col_len - k).clamp(min=0).sum())
+        return n_col * k * SLOT_COST + -(-res // block_e) * block_e * ENTRY_COST
+
+    return min(range(1, SLOTS + 1), key=cost)
 
 
 def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
-    """W's nonzero slots sorted by teacher column: (student int32 [nnz], its sign bit set on a column's first entry;
-    column int32 [nnz], flat slot int64 [nnz], has_entry bool [V_T], the ``column_tiles`` int32 [n_tiles + 1, 2], the
-    end of each column's entries int32 [V_T]), then the compact ELL of the gradient pass: every row's used slots first
-    (order int64 [V_S, SLOTS], the slot permutation), nslot int8 [V_S], keys int32 [SLOTS, V_S] slot-major = column |
-    its tile << colb, and the same with the column's rank among the columns with W entries (where the dense frozen-W
-    pass keeps h) in place of the column, that rank int32 [V_T], and colb (the weights, which depend on the call's
-    column mask, are packed beside the keys by pkl_rows). Cached per w_idx tensor and geometry (one host sync when
-    built)."""
+    """W's nonzero slots sorted by teacher column -> a dict of the kernel's structure arrays, cached per w_idx tensor
+    and geometry (one host sync when built):
+    - the entry lists of C1 for a sparse teacher: e_row (student int32, its sign bit set on a column's first
+      entry), e_col (column int32), e_slot (flat slot int64, for the call's weights);
+    - the dense pass's column ELL: K = cslots (_column_slots), cell_slot int64 [K, V_T] slot-major (the flat slot of
+      each column's j-th entry, −1 past its length), cinfo int8 [V_T] = min(length, K) | 8 if longer; the residual
+      entries (each longer column's entries past K) as r_row / r_slot and r_keys = (their column, its rank): where
+      R keeps their sums in the h row;
+    - the gradient pass's compact ELL: every row's used slots first (slot_order int64 [V_S, SLOTS], the slot
+      permutation), nslot int8 [V_S], keys int32 [SLOTS, V_S] slot-major = column | its tile << colb, and the same
+      with the column's rank among the columns with W entries (where the dense frozen-W pass keeps h) in place of
+      the column (rank int32 [V_T]); has_entry bool [V_T]. The weights, which depend on the call's column mask, are
+      packed beside slots and keys by pkl_rows."""
     key = id(w_idx)
     hit = _STRUCT_CACHE.get(key)
     if hit is not None and hit[0]() is w_idx and hit[1] == (w_idx._version, V_T, block_t, block_e):
         return hit[2]
+    dev = w_idx.device
     flat = w_idx.reshape(-1).long()
     slot_ids = torch.nonzero(flat >= 0).squeeze(1)
     cols = flat[slot_ids]
     order = torch.argsort(cols, stable=True)
     slot_ids, cols = slot_ids[order], cols[order]
-    has_entry = torch.zeros(V_T, dtype=torch.bool, device=w_idx.device)
-    has_entry[cols] = True
-    col_ptr = torch.searchsorted(cols, torch.arange(V_T + 1, device=w_idx.device))
-    tiles = column_tiles(col_ptr.cpu(), block_t, block_e).to(w_idx.device)
-    # the tile holding column c: the last one starting at or before c (entry-only tiles share their start)
-    col_tile = torch.searchsorted(tiles[:-1, 0].contiguous(), torch.arange(V_T, device=w_idx.device), right=True) - 1
-    colb = max(1, (V_T - 1).bit_length())
-    if tiles.shape[0] - 1 >= 1 << (31 - colb):
-        raise ValueError(f"the triton P-KL kernel packs a teacher column and its W tile in 31 bits: {V_T} columns and "
-                         f"{tiles.shape[0] - 1} tiles do not fit; use backend='torch'")
-    slot_order = torch.argsort((w_idx < 0).to(torch.int8), dim=1, stable=True)
-    idx = w_idx.long().gather(1, slot_order)
-    used = idx >= 0
-    tile_bits = col_tile[idx.clamp(min=0)] << colb
-    rank = torch.cumsum(has_entry, 0) - 1  # a column's rank among the columns with W entries
-    ell_keys = tuple(torch.where(used, c | tile_bits, 0).to(torch.int32).t().contiguous()
-                     for c in (idx, rank[idx.clamp(min=0)]))
+    col_len = torch.bincount(cols, minlength=V_T)
+    has_entry = col_len > 0
     first = torch.ones_like(cols, dtype=torch.bool)  # a column's first entry: the sign bit of its student id
     first[1:] = cols[1:] != cols[:-1]
     e_row = slot_ids // SLOTS - (first.long() << 31)
-    out = (e_row.to(torch.int32), cols.to(torch.int32), slot_ids, has_entry,
-           tiles.to(torch.int32).contiguous(), col_ptr[1:].to(torch.int32), slot_order, used.sum(1).to(torch.int8),
-           ell_keys, rank.to(torch.int32), colb)
+    # the column ELL and the residual entries
+    K = _column_slots(col_len.cpu(), block_t, block_e)
+    start = torch.cumsum(col_len, 0) - col_len  # each column's first entry in the sorted list
+    j = torch.arange(cols.numel(), device=dev) - start[cols]  # an entry's position in its column
+    cell_slot = torch.full((K, V_T), -1, dtype=torch.int64, device=dev)
+    in_ell = j < K
+    cell_slot[j[in_ell], cols[in_ell]] = slot_ids[in_ell]
+    cinfo = (col_len.clamp(max=K) | ((col_len > K).long() << 3)).to(torch.int8)
+    r_first = j[~in_ell] == K  # entry K starts its column's residual segment
+    r_row = slot_ids[~in_ell] // SLOTS - (r_first.long() << 31)
+    n_tiles = -(-V_T // block_t)
+    colb = max(1, (V_T - 1).bit_length())
+    if n_tiles >= 1 << (31 - colb):
+        raise ValueError(f"the triton P-KL kernel packs a teacher column and its tile in 31 bits: {V_T} columns and "
+                         f"{n_tiles} tiles do not fit; use backend='torch'")
+    slot_order = torch.argsort((w_idx < 0).to(torch.int8), dim=1, stable=True)
+    idx = w_idx.long().gather(1, slot_order)
+    used = idx >= 0
+    tile_bits = (idx.clamp(min=0) // block_t) << colb
+    rank = torch.cumsum(has_entry, 0) - 1  # a column's rank among the columns with W entries
+    ell_keys = tuple(torch.where(used, c | tile_bits, 0).to(torch.int32).t().contiguous()
+                     for c in (idx, rank[idx.clamp(min=0)]))
+    r_col = cols[~in_ell]
+    out = dict(e_row=e_row.to(torch.int32), e_col=cols.to(torch.int32), e_slot=slot_ids, has_entry=has_entry,
+               cslots=K, cell_slot=cell_slot, cinfo=cinfo, r_row=r_row.to(torch.int32), r_slot=slot_ids[~in_ell],
+               r_keys=(r_col.to(torch.int32), rank[r_col].to(torch.int32)), slot_order=slot_order,
+               nslot=used.sum(1).to(torch.int8), ell_keys=ell_keys, rank=rank.to(torch.int32), colb=colb)
     if len(_STRUCT_CACHE) >= 16:
         _STRUCT_CACHE.clear()
     _STRUCT_CACHE[key] = (weakref.ref(w_idx), (w_idx._version, V_T, block_t, block_e), out)
@@ -628,20 +640,26 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
         return loss, grad, grad_w
 
     w_idx = w_idx.to(torch.int32).contiguous()
-    e_row, e_col, e_slot, has_entry, tiles, col_end, slot_order, nslot, ell_keys, rank, colb = _w_structure(
-        w_idx, V_T, _TILES["BLOCK_T"], _TILES["BLOCK_E"])
-    ell_key = ell_keys[not (sparse or need_grad_w)]  # the dense frozen-W pass keeps h by rank (FOLD in the kernel)
-    n_tiles = tiles.shape[0] - 1
+    st = _w_structure(w_idx, V_T, _TILES["BLOCK_T"], _TILES["BLOCK_E"])
+    fold = not (sparse or need_grad_w)  # the dense frozen-W pass keeps h by rank (FOLD in the kernel)
+    ell_key, r_key = st["ell_keys"][fold], st["r_keys"][fold]
     in_a = (w_idx >= 0) & col_mask[w_idx.long().clamp(min=0)]
     w_eff = torch.where(in_a, w_val.detach().to(torch.float32), 0.0).contiguous()
     a = w_eff.sum(1)
-    e_val = w_eff.reshape(-1)[e_slot]
-    # the gradient pass's ELL: one 8-byte word per slot, slot-major (as ell_key): w_eff's fp32 bits << 32 | key
-    ell = (w_eff.gather(1, slot_order).t().contiguous().view(torch.int32).long() << 32) | ell_key.long()
-    mask8 = torch.where(col_mask, torch.where(has_entry, 1, 2), 0).to(torch.int8)
+    w_flat = w_eff.reshape(-1)
+    e_val, r_val = w_flat[st["e_slot"]], w_flat[st["r_slot"]]
+
+    def words(w, key):  # 8-byte words w_eff's fp32 bits << 32 | key (int32 ≥ 0)
+        return (w.contiguous().view(torch.int32).long() << 32) | key.long()
+
+    # the gradient pass's ELL, slot-major (as ell_key); the column ELL (slot-major): weight and student
+    ell = words(w_eff.gather(1, st["slot_order"]).t(), ell_key)
+    cs = st["cell_slot"]
+    cell = torch.where(cs >= 0, words(w_flat[cs.clamp(min=0)], cs.clamp(min=0) // SLOTS), 0)
+    mask8 = torch.where(col_mask, torch.where(st["has_entry"], 1, 2), 0).to(torch.int8)
     nprog = K if help_split else _num_programs(K, device)
     qu = torch.zeros(nprog, V_T, **f32)
-    tm = torch.empty(nprog, max(1, triton.cdiv(C, _TILES["BLOCK_T"]) if sparse else n_tiles), **f32)
+    tm = torch.empty(nprog, max(1, triton.cdiv(C, _TILES["BLOCK_T"])), **f32)
     if sparse:
         tacc = torch.zeros(nprog, V_T, **f32)
         tcnt = torch.zeros(nprog, V_T, dtype=torch.int32, device=device)
@@ -665,12 +683,14 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
         for help_ in (1, 2) if help_split else (0,):
             _launch((nprog,),
                     s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
-                    a, ell, nslot, colb, e_row, e_col, e_val, tiles, n_tiles, col_end, rank, e_row.numel(), mask8,
+                    a, ell, st["nslot"], st["colb"], st["e_row"], st["e_col"], e_val, e_val.numel(), cell,
+                    st["cinfo"], st["r_row"], r_key, r_val, r_val.numel(), st["rank"], mask8,
                     spans, chain, scale, loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc,
                     tcnt, stat, sync, rs,
                     k0, k1, V_S, V_T, C, 1.0 / float(temperature), float(temperature), float(eps),
                     MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
-                    HAS_SCALE=chunk_scale is not None, ALIGN=ALIGN, SLOTS=SLOTS, **_TILES, **_SLICES, HELP=help_)
+                    HAS_SCALE=chunk_scale is not None, CSLOTS=st["cslots"], SLOTS=SLOTS, **_TILES, **_SLICES,
+                    HELP=help_)
         if need_grad_w:
             _grad_w(lambda meta: (triton.cdiv(V_S, meta["BLOCK"]),), s_logits, s_logits.stride(0), spans, w_idx,
                     mask8, lse_s, h, stat, grad_w, k0, k1, V_S, V_T, 1.0 / float(temperature),
