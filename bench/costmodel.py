@@ -92,7 +92,7 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     old = padded.view(-1, 512).amax(1).sum()
     z_sect, h_sect = SECTOR // elem, SECTOR // 4
     n_z = idx.shape[0] // z_sect + 1
-    grp = torch.where(res, V_T // block_t + 1 + torch.cumsum(res, 0) // block_e, cols // block_t)  # tile / R block
+    grp = torch.where(res, V_T // block_t + 1 + (torch.cumsum(res, 0) - 1) // block_e, cols // block_t)  # tile / block
     sect_c = torch.unique(grp * n_z + stud // z_sect).numel()
     sect_d = torch.unique(stud // block_s * (V_T // h_sect + 1) + cols // h_sect).numel()
 

@@ -126,15 +126,15 @@ def test_column_ell_and_residual_hold_every_entry():
     res_stud = (st["r_row"] & 0x7FFFFFFF).long()
     for c in range(V_T):
         want = torch.nonzero(flat == c).squeeze(1)  # W's slots of column c, in order
-        got = st["cell_slot"][:, c][st["cell_slot"][:, c] >= 0]
-        assert got.tolist() == want[:K].tolist()
+        assert st["cell_slot"][:, c].tolist() == want[:K].tolist() + [-1] * (K - min(K, len(want)))
         r = torch.nonzero(st["r_keys"][0] == c).squeeze(1)
         assert len(r) == max(0, int(col_len[c]) - K) and bool((st["r_keys"][1][r] == st["rank"][c]).all())
         if len(r):
             assert (st["r_slot"][r]).tolist() == want[K:].tolist()
             assert res_stud[r].tolist() == (want[K:] // SLOTS).tolist()
             assert (st["r_row"][r] < 0).tolist() == [True] + [False] * (len(r) - 1)
-    assert int((col_len[13] - K)) > 2 * 64
+    r_cols = st["r_keys"][0]
+    assert int((col_len[13] - K)) > 2 * 64 and bool((r_cols[1:] >= r_cols[:-1]).all())  # column-sorted
     few_long = torch.zeros(4096, dtype=torch.int64)
     few_long[:20] = 300
     few_long[20:3000] = 1
@@ -165,16 +165,18 @@ def test_pkl_hub_longer_than_entry_block(merge, dtype):
 @pytest.mark.parametrize("width", [1, 2, 3, 4])
 def test_pkl_any_column_ell_width(width, monkeypatch):
     """Every column-ELL width K the W structure may choose (forced here): the dense pass's C1 (K slots plus the
-    residual entries of longer columns) gives the oracle's loss and gradient, one row and merged rows."""
+    residual entries of longer columns) gives the oracle's loss and gradient, one row with a frozen W (h kept by
+    rank) and merged rows with a learnable one (h kept by column)."""
     from xtoken_ext.ops import pkl_kernel as K
 
     monkeypatch.setattr(K, "_column_slots", lambda *a: width)
-    for merge in ("first", "mean"):  # a fresh problem per run: run_pkl sets requires_grad on fp32 logits in place
+    for merge, learn_w in (("first", False), ("mean", True)):  # a fresh problem per run: run_pkl sets
+        # requires_grad on fp32 logits in place
         P = make_problem(seed=30 + width, V_S=300, V_T=150, n_chunks=5, max_rows=2, sparse_k=0, mask_mode="covered",
                          empty_rows=0.05, hub=True)
         st = K._w_structure(P.w_idx.to(torch.int32).contiguous(), 150, K._TILES["BLOCK_T"], K._TILES["BLOCK_E"])
         assert st["cslots"] == width and st["r_row"].numel() > 0 and int((st["cinfo"] & 7).max()) == width
-        run_pkl(P, DTYPES["fp32"], merge, 0.7, False)
+        run_pkl(P, DTYPES["fp32"], merge, 0.7, learn_w)
 
 
 @pytest.mark.parametrize("learn_w", [False, True], ids=["frozen", "learnable"])

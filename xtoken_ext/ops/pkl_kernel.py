@@ -124,7 +124,7 @@ def _p_bar(z_ptr, stride_z, lse_s_ptr, s, mask, s_lo, s_hi, inv_tau, MEAN: tl.co
 def _entry_block(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, e_hi, qu_row, s_lo, s_hi, inv_tau,
                  MEAN: tl.constexpr, BLOCK_E: tl.constexpr):
     """One block [e_lo, e_lo + BLOCK_E) ∩ [e_lo, e_hi) of column-sorted entries (sparse teacher: all of W's; dense:
-    the residual entries of the columns longer than the column ELL, their columns numbered compactly) ->
+    the residual entries of the columns longer than the column ELL, keyed by the column's rank (FOLD) or column) ->
     qu_row[col] = Σ_{entries of col} w p̄'[s], by a segmented scan per column (no differences of a running sum: a
     segment restarts at each column, flagged by the sign bit of the entry's student id, a column's first entry;
     lane 0 starts one anyway) stored at each column's last entry in the block; a column begun before e_lo is
@@ -320,7 +320,7 @@ def _pkl_kernel(
                     qu = tl.zeros((BLOCK_T,), tl.float32)
                     for j in tl.static_range(CSLOTS):
                         use = (ci & 7) > j
-                        ew = tl.load(cell_ptr + j * C + o, mask=use, other=0)
+                        ew = tl.load(cell_ptr + j * V_T + o, mask=use, other=0)
                         w = (ew >> 32).to(tl.int32).to(tl.float32, bitcast=True)
                         qu += w * _p_bar(z_ptr, stride_z, lse_s_ptr, ew.to(tl.int32), use, s_lo, s_hi, inv_tau, MEAN)
                     longer = ci >= 8
