@@ -108,8 +108,7 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     n_res = int(res.sum())
     return dict(nnz=cols.numel(), max_col=int(col_len.max()), K=K, tiles=math.ceil(V_T / block_t), res=n_res,
                 r_blocks=math.ceil(n_res / block_e), n_long=int((col_len > K).sum()), cell=cell, old_loop=int(old),
-                sect_c=sect_c, sect_d=sect_d, ell=ell,
-                cols=int((col_len > 0).sum()))
+                sect_c=sect_c, sect_d=sect_d, ell=ell, cols=int((col_len > 0).sum()))
 
 
 def simulate_live_rows(n_prog: int, n_chunks: int, t_a: float, t_c: float, t_d: float, slices: int,
@@ -190,7 +189,7 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     res_row = 2 * SECTOR * st["n_long"]  # R's sums in the h row: written, read in C before h_u replaces them
     w_reads = (4 * V_S  # a in A
                + st["cell"] + V_T * (1 + 1 + 4)  # C: column ELL slots, cinfo, mask, ranks
-               + 12 * st["res"]  # R: residual entries (student, compact column, weight)
+               + 12 * st["res"]  # R: residual entries (student, key, weight)
                + st["ell"])  # D: the compact ELL
     l2 = (w_reads + st["nnz"] * SECTOR  # p gathers in C and R
           + st["nnz"] * SECTOR  # D: h gathers (tile factors: L1)

@@ -102,13 +102,11 @@ def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int]]]:
     return out
 
 
-def loop_bodies(kernel, consts: dict, num_warps: int, sparse: bool = False,
-                spills: bool = False) -> dict[tuple[str, int], list[int]]:
+def loop_bodies(kernel, consts: dict, num_warps: int, sparse: bool = False) -> dict[tuple[str, int], list[int]]:
     """{(source file name, line of the loop's backward branch): [instructions per thread of each such loop's body,
     in code order]} (a helper's loop appears once per inlined call). Inner loops count once in their outer loop's
-    body. spills: the local-memory loads and stores (register spills) in each body instead."""
-    return {k: [v[spills] for v in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps,
-                                                             sparse).items()}
+    body."""
+    return {k: [n for n, _ in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps, sparse).items()}
 
 
 def header_lines(fn, marker: str) -> set[tuple[str, int]]:
