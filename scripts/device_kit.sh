@@ -17,5 +17,4 @@ from xtoken_ext.testing import offline_tokenizer
 Projection.from_tokenizers(offline_tokenizer("llama3"), offline_tokenizer("qwen3"), 128_256, 151_936, progress=False)
 PY
 )
-grep -qx '.devkit/' "$repo/.gitignore" || echo '.devkit/' >> "$repo/.gitignore"
 du -sh "$repo/.devkit"

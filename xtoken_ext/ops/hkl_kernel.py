@@ -101,7 +101,8 @@ Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain �
   a-sort); the sorted a-window's columns stored before a, d and g are formed. Occupancy versus spills is for
   autotuning on a GPU to settle.
 Scratch (per program, bounded, independent of K): L_a min(V_S, 2 m_up + _SLACK) × 8 B, L_b min(C, 2 m_up + _SLACK)
-  × 4 B, G (m_up [+ k sparse]) × 8 B, buffers W × 12 B (each list, buffer and G with a spare slot, rows padded to 16 entries: see Registers), and 32 B of hint state kept across launches (_hint_state); a
+  × 4 B, G (m_up [+ k sparse]) × 8 B, buffers W × 12 B (each list, buffer and G with a spare slot, rows padded to
+  16 entries: see Registers), and 32 B of hint state kept across launches (_hint_state); a
   sparse teacher with several rows per chunk adds the [V_T] fp32 + int32 intersection scratch of
   ops._tl.scatter_later_rows. Programs: 1 per SM (both configs use the whole register file: 255 × 256 or 128 × 512
   threads, so a second program would not be resident), fewer if the scratch would pass 1 GiB. Sparse teacher columns
@@ -666,15 +667,15 @@ def _hkl_kernel(
         nu_b = tl.load(m_ptr + 4)
         for r in range(s_lo, s_hi):
             lse, b, _, cnt_a = _row_pass(z_ptr + r * stride_z, z_ptr, smap_ptr, V_S, inv_tau, sh_a,
-                                               _bin_edge(tl.where(raw_a, bh_a, 64)), la, cap_a, True, True, False,
-                                               BLOCK_S, STAGES)
+                                         _bin_edge(tl.where(raw_a, bh_a, 64)), la, cap_a, True, True, False, BLOCK_S,
+                                         STAGES)
             bad |= b | (lse == float("-inf")).to(tl.int32)
             tl.store(lse_s_ptr + r, lse)
         pc = tl.full((), 0, tl.float32)  # Σ_c P[t_c]
         for r in range(t_lo, t_hi):
-            lse, b, frac, cnt_b = _row_pass(t_ptr + r * stride_t, tc_ptr + r * stride_tc, tcls_ptr, C,
-                                                  inv_tau, sh_b, _bin_edge(tl.where(raw_b, bh_b, 64)), lb, cap_b,
-                                                  False, not SPARSE, SPARSE, BLOCK_T, STAGES)
+            lse, b, frac, cnt_b = _row_pass(t_ptr + r * stride_t, tc_ptr + r * stride_tc, tcls_ptr, C, inv_tau,
+                                            sh_b, _bin_edge(tl.where(raw_b, bh_b, 64)), lb, cap_b, False, not SPARSE,
+                                            SPARSE, BLOCK_T, STAGES)
             bad |= b
             tl.store(lse_t_ptr + r, tl.where(lse == float("-inf"), float("inf"), lse))  # no mass on A: T = −inf
             pc = frac * tl.exp(c_t)
@@ -694,29 +695,29 @@ def _hkl_kernel(
         n_sc = tl.full((), 0, tl.int32)  # a sparse teacher's common entries in G
         path = tl.full((), 0, tl.int32)
         if bad == 0:
-            if n_s > 1:  # the merged S: its uncommon keys and single-pass list
-                nu_a = tl.full((), 0, tl.int32)
+            if n_s > 1:  # the merged S: its single-pass list (its uncommon keys are W's |U_S|, as for one row)
                 for v0 in range(0, V_S, BLOCK_S):
                     ka, b, valid, col = _keys(2, v0, V_S, a_src, False, SPARSE, BLOCK_S)
-                    nu_a += tl.sum(valid.to(tl.int32))
                     cnt_a = _append(ka, valid & (b >= bh_a), col, cnt_a, la, cap_a, True)
             if SPARSE:
                 if n_t > 1:
                     _tl.scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, tcls_ptr, lse_t_ptr, tacc_row,
                                            tcnt_row, t_lo, t_hi, C, inv_tau, BLOCK_T)
-            if SPARSE or n_t > 1:  # T's uncommon keys, its single-pass list and Σ_c P; sparse: the common pairs'
-                nu_b = tl.full((), 0, tl.int32)  # KL, gS -> G
+            if SPARSE or n_t > 1:  # T's single-pass list and Σ_c P; sparse: its uncommon keys (a dense T has W's
+                # |U_T|), the common pairs' KL, gS -> G
+                if SPARSE:
+                    nu_b = tl.full((), 0, tl.int32)
                 pc = tl.full((), 0, tl.float32)
                 for c0 in range(0, C, BLOCK_T):
                     x, tv, P, v, live, cls = _t_vals(t_ptr, stride_t, tc_ptr, stride_tc, tcls_ptr, lse_t_ptr,
                                                      tacc_row, tcnt_row, t_lo, n_t, c_t, inv_tau, C, c0, False,
                                                      SPARSE, BLOCK_T)
                     u = live & (cls == 1)
-                    nu_b += tl.sum(u.to(tl.int32))
                     cnt_b = _append(_key(x), u & (x - sh_b >= _bin_edge(bh_b)), v, cnt_b, lb, cap_b, False)
                     com = live & (cls == 2)
                     pc += tl.sum(tl.where(com, P, 0.0))
                     if SPARSE:
+                        nu_b += tl.sum(u.to(tl.int32))
                         sc = tl.load(tmap_ptr + v, mask=com, other=0)
                         s_c = _tl.logp_sum(z_ptr, stride_z, lse_s_ptr, s_lo, s_hi, sc, com, inv_tau, BLOCK_T) \
                             / n_s.to(tl.float32) + c_s

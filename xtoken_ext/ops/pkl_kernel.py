@@ -616,7 +616,7 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
 
 
 def _num_programs(K: int, device: torch.device) -> int:
-    """One persistent program per SM (each with a V_T fp32 scratch row): at 8 warps and 190-255 registers a second
+    """One persistent program per SM (each with a V_T fp32 scratch row): at 8 warps and 195-255 registers a second
     one would not be resident (offline sm_90 compile, tests/test_kernels_compile.py). 2 under the interpreter."""
     if device.type == "cuda":
         return max(1, min(K, torch.cuda.get_device_properties(device).multi_processor_count))
@@ -648,15 +648,18 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
     w_eff = torch.where(in_a, w_val.detach().to(torch.float32), 0.0).contiguous()
     a = w_eff.sum(1)
     w_flat = w_eff.reshape(-1)
-    e_val, r_val = w_flat[st["e_slot"]], w_flat[st["r_slot"]]
 
     def words(w, key):  # 8-byte words w_eff's fp32 bits << 32 | key (int32 ≥ 0)
         return (w.contiguous().view(torch.int32).long() << 32) | key.long()
 
-    # the gradient pass's ELL, slot-major (as ell_key); the column ELL (slot-major): weight and student
+    # the gradient pass's ELL, slot-major (as ell_key)
     ell = words(w_eff.gather(1, st["slot_order"]).t(), ell_key)
-    cs = st["cell_slot"]
-    cell = torch.where(cs >= 0, words(w_flat[cs.clamp(min=0)], cs.clamp(min=0) // SLOTS), 0)
+    if sparse:  # C1 reads all of W's entries; the dense pass the column ELL and the residual entries (empty: unused)
+        e_val, r_val, cell = w_flat[st["e_slot"]], w_flat[:0], ell[:0]
+    else:  # the column ELL (slot-major): weight and student
+        e_val, r_val = w_flat[:0], w_flat[st["r_slot"]]
+        cs = st["cell_slot"]
+        cell = torch.where(cs >= 0, words(w_flat[cs.clamp(min=0)], cs.clamp(min=0) // SLOTS), 0)
     mask8 = torch.where(col_mask, torch.where(st["has_entry"], 1, 2), 0).to(torch.int8)
     nprog = K if help_split else _num_programs(K, device)
     qu = torch.zeros(nprog, V_T, **f32)
