@@ -29,7 +29,7 @@ import tempfile
 
 import torch
 
-from xtoken_ext.ops.pkl_kernel import _CONFIGS, SLICES_GPU, TILES_GPU
+from xtoken_ext.ops.pkl_kernel import _CONFIGS, SLICES_GPU, SLOTS, TILES_GPU
 
 # Nominal H100 SXM figures: HBM3 bandwidth, L2 size, SMs. The model needs only their ratios to the bytes.
 # l2_bw: an assumed L2 -> SM bandwidth (not measured here; the order of public H100 microbenchmarks), only for the
@@ -68,14 +68,15 @@ def issue_time(body: int, warps: int, tiles: int) -> float:
     return body * warps * tiles / ISSUE / CLOCK
 
 
-def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2) -> dict:
+def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2, slice_: int = 8) -> dict:
     """nnz, longest column, the P-KL kernel's dense teacher pass for this W (``ops.pkl_kernel._w_structure``): the
     column ELL's width K, the teacher tiles, the residual entries (past a column's first K) and their entry blocks,
     the bytes of the column ELL's slot loads (per slot k, the 32-byte sectors, 4 columns' 8-byte words, where some
     column has more than k entries: the other loads are masked off), the first kernel's ragged-loop length (Σ over
     BLOCK_T=512 tiles of the longest column), and the distinct 32-byte sectors the gathers touch (a lower bound of
     their L2 traffic: every repeat within a tile an L1 hit): C's gathers of the z row (elem bytes) per teacher tile
-    and R's per residual block, D's gathers of the fp32 scratch row per block_s student tile."""
+    and R's per residual block, D's gathers of the fp32 scratch row per block_s student tile; and D's student tiles
+    in slices (slice_ tiles) with a multi-slot student, which run all of the ELL's slots (the others one)."""
     from xtoken_ext.ops.pkl_kernel import _column_slots
 
     idx = proj.indices
@@ -105,10 +106,13 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     # sectors (4 students' 8-byte words) where some student has more than k slots (the other loads are masked off)
     nslot = (idx >= 0).sum(1)
     ell = idx.shape[0] + sum(sectors(4, nslot > k) for k in range(idx.shape[1]))
+    span = block_s * slice_
+    multi = torch.cat([nslot, nslot.new_zeros(-nslot.numel() % span)]).view(-1, span).amax(1) > 1
+    tiles_multi = multi[torch.arange(math.ceil(idx.shape[0] / block_s)) // slice_].sum()
     n_res = int(res.sum())
     return dict(nnz=cols.numel(), max_col=int(col_len.max()), K=K, tiles=math.ceil(V_T / block_t), res=n_res,
                 r_blocks=math.ceil(n_res / block_e), n_long=int((col_len > K).sum()), cell=cell, old_loop=int(old),
-                sect_c=sect_c, sect_d=sect_d, ell=ell, cols=int((col_len > 0).sum()))
+                sect_c=sect_c, sect_d=sect_d, ell=ell, cols=int((col_len > 0).sum()), d_multi=int(tiles_multi))
 
 
 def simulate_live_rows(n_prog: int, n_chunks: int, t_a: float, t_c: float, t_d: float, slices: int,
@@ -181,7 +185,7 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     Time per row and SM (``issue``: issue_counts()["P-KL"], for the first config's tiles): each pass the longer of
     its HBM stream and its instruction issue (loop body × warps × tiles), passes back to back."""
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
-    st = w_stats(proj, cfg["BLOCK_T"], cfg["BLOCK_E"], cfg["BLOCK_S"], elem)
+    st = w_stats(proj, cfg["BLOCK_T"], cfg["BLOCK_E"], cfg["BLOCK_S"], elem, cfg["SLICE"])
     floor = elem * (2 * V_S + V_T)
     stream = elem * (3 * V_S + V_T)  # z in A and D, t in C, dz in D
     # h_u written in C at the ranks of the columns with W entries, gathered in D (≤ the whole row)
@@ -211,7 +215,9 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
              "scratch": scratch + res_row}
     w = issue["warps"] if issue else 0
     iss = {k: None for k in "ACD"} if issue is None else {
-        "A": issue_time(issue["A"], w, tiles_s), "D": issue_time(issue["D"], w, tiles_s),
+        "A": issue_time(issue["A"], w, tiles_s),
+        "D": issue_time(issue["D"]["1"], w, tiles_s - st["d_multi"]) + issue_time(issue["D"][str(SLOTS)], w,
+                                                                                  st["d_multi"]),
         "C": issue_time(issue["C"][str(st["K"])], w, st["tiles"]) + issue_time(issue["R"], w, st["r_blocks"])}
     passes, t_row = _pass_times({"A": (elem * V_S, iss["A"]), "C": (elem * V_T, iss["C"]),
                                  "D": (2 * elem * V_S, iss["D"])}, gpu)
@@ -349,7 +355,8 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
         spare = (gpu["l2"] - m["footprint"]) / 2**20
         fits = f"fits ({spare:.1f} MiB to spare)" if spare >= 0 else "does NOT fit"
         if m["kernel"] == "P-KL":
-            what = f"W: nnz {st['nnz']:,}, longest column {st['max_col']}"
+            what = (f"W: nnz {st['nnz']:,}, longest column {st['max_col']}; D runs all {SLOTS} ELL slots on "
+                    f"{st['d_multi']} of {m['loops']['D (gradient)']} student tiles (slices with a multi-slot id)")
         else:
             what = (f"uncovered={st['uncovered']!r}: common pairs {st['nnz']:,}, |U_S| {st['u_s']:,}, |U_T| "
                     f"{st['u_t']:,}, m = {st['m']:,}; lists {st['l_a']:,} / {st['l_b']:,} keys, sort network "
@@ -400,7 +407,8 @@ def run(quick: bool = False) -> None:
     if iss:
         print(f"instructions per thread per tile (sm_90 SASS, bench/sass.py; P-KL {p['warps']} warps, H-KL "
               f"{h['warps']}): P-KL A {p['A']}, C {' / '.join(str(v) for v in p['C'].values())} (column ELL of "
-              f"{' / '.join(p['C'])} slots), R {p['R']}, D {p['D']}; H-KL S1 {h['S1']}, T1 {h['T1']}, S3 {h['S3']}")
+              f"{' / '.join(p['C'])} slots), R {p['R']}, D {' / '.join(str(v) for v in p['D'].values())} (ELL "
+              f"slots {' / '.join(p['D'])}); H-KL S1 {h['S1']}, T1 {h['T1']}, S3 {h['S3']}")
     report([("Projection.random", pkl_model(rand, 8192, issue=p)), (name, pkl_model(real, 8192, issue=p)),
             ("Projection.random", hkl_model(rand, 8192, issue=h)), (name, hkl_model(real, 8192, issue=h)),
             (name, hkl_model(real, 8192, uncovered="epsilon", issue=h)),

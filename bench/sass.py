@@ -130,7 +130,8 @@ def body(bodies: dict, fn, marker: str) -> list[int]:
 def pass_bodies() -> dict:
     """The cost model's per-pass loop bodies (instructions per thread per tile) of both kernels in the variant a
     1-to-1 chunk runs by default (merge="mean", dense teacher, frozen W), first autotune config: P-KL A (student
-    LSE), C (teacher tiles, per column-ELL width 1..SLOTS), R (residual entry blocks), D (gradient tiles); H-KL
+    LSE), C (teacher tiles, per column-ELL width 1..SLOTS), R (residual entry blocks), D (gradient tiles, per ELL
+    slots run: a slice of one-slot students runs 1, others SLOTS); H-KL
     S1 / T1 (student / teacher row pass, the same helper inlined twice, in that order) and S3 (gradient pass: the
     single-row, pipelined instantiation, the smaller of its two)."""
     from xtoken_ext.ops import hkl_kernel as H
@@ -144,10 +145,9 @@ def pass_bodies() -> dict:
                                             **cfg.kwargs), cfg.num_warps)
         (c[k],) = body(b, P._pkl_kernel, "for t in tl.range(0, n_c2")
         if k == 1:
-            (a,), (r,), (d,) = (body(b, P._row_stats, "for v0 in tl.range"),
-                                body(b, P._pkl_kernel, "for e0 in range(0, NRES"),
-                                body(b, P._take_slice, "for v0 in tl.range("))
-    out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D=d)}
+            (a,), (r,) = body(b, P._row_stats, "for v0 in tl.range"), body(b, P._pkl_kernel, "for e0 in range(0, NRES")
+            d1, dk = sorted(body(b, P._slice_rows, "for v0 in tl.range("))  # the 1- and SLOTS-slot instantiations
+    out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D={1: d1, P.SLOTS: dk})}
     cfg = H._CONFIGS[0]
     w = H.sort_widths(H._SORT_CAP)
     b = loop_bodies(H._hkl_kernel, dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], **cfg.kwargs),

@@ -32,6 +32,16 @@ def test_pkl_model_counts(proj):
     assert m["vocab_tiles"] == math.ceil(V_S / 256) + math.ceil(V_T / 256)
     assert m["slices"] == math.ceil(math.ceil(V_S / 256) / 2) == 6
     assert m["footprint"] < m["footprint_alone"]
+    # D's tiles that run every ELL slot: those of the slices (2 tiles of 256 ids) holding a student with several,
+    # from the kernel's own slot counts; here the slices over ids [512, 1536) are made one-slot
+    idx = proj.indices.clone()
+    used = idx[512:1536] >= 0
+    idx[512:1536][used & (used.cumsum(1) > 1)] = -1
+    one = Projection(idx, torch.where(idx >= 0, proj.weights, 0.0), V_T)
+    nslot = _w_structure(idx.to(torch.int32).contiguous(), V_T, 256, 512)["nslot"]
+    multi = [int(nslot[i:i + 512].max()) > 1 for i in range(0, V_S, 512)]
+    assert multi == [True, False, False, True, True, True]
+    assert costmodel.pkl_model(one, rows=64, cfg=cfg)["stats"]["d_multi"] == 12 - 4 == st["d_multi"] - 4
 
 
 def test_simulated_live_rows():
@@ -83,21 +93,27 @@ def test_report_prints_both_kernels(proj, capsys):
 
 def test_issue_from_sass(proj):
     """bench.sass reads each streaming pass's loop out of the kernels' sm_90 SASS (compiled offline, in a
-    subprocess), named by the source line of its backward branch: every pass is found once (a multi-line ``for``
-    header included), and the model times each pass as the longer of its HBM stream and its issue."""
+    subprocess), named by the source line of its backward branch: every pass is found once (D once per ELL width
+    it is instantiated for), and the model times each pass as the longer of its HBM stream and its issue."""
     from xtoken_ext.bench import sass
     from xtoken_ext.ops import hkl_kernel as H
     from xtoken_ext.ops import pkl_kernel as P
 
-    lines = sass.header_lines(P._take_slice, "for v0 in tl.range(")
-    assert len(lines) == 2 and {f for f, _ in lines} == {"pkl_kernel.py"}
+    lines = sass.header_lines(P._slice_rows, "for v0 in tl.range(")
+    assert len(lines) == 1 and {f for f, _ in lines} == {"pkl_kernel.py"}
     iss = costmodel.issue_counts()
     assert iss is not None
     p, h = iss["P-KL"], iss["H-KL"]
     assert (p["warps"], h["warps"]) == (P._CONFIGS[0].num_warps, H._CONFIGS[0].num_warps)
     c = [p["C"][str(k)] for k in range(1, P.SLOTS + 1)]
-    assert all(100 < x < 20_000 for x in [p["A"], p["R"], p["D"], *c, h["S1"], h["T1"], h["S3"]])
+    d = [p["D"][str(k)] for k in (1, P.SLOTS)]
+    assert all(100 < x < 20_000 for x in [p["A"], p["R"], *d, *c, h["S1"], h["T1"], h["S3"]])
     assert c == sorted(set(c)) and c[0] > p["A"] and h["T1"] > h["S3"]  # each column-ELL slot adds gathers
+    assert d[1] > d[0] + 100 * (P.SLOTS - 1)  # so does each ELL slot of the gradient pass
+    # the per-column-slot and per-residual-entry costs by which the kernel picks the column ELL's width K
+    lanes = 32 * p["warps"]
+    assert abs((c[-1] - c[0]) / (P.SLOTS - 1) / (P.TILES_GPU["BLOCK_T"] / lanes) - P.SLOT_COST) < 1
+    assert abs(p["R"] / (P.TILES_GPU["BLOCK_E"] / lanes) - P.ENTRY_COST) < 1
     m = costmodel.pkl_model(proj, 64, issue=p)
     st = m["stats"]
     assert m["passes"]["C"] == (2 * 3500 / (costmodel.GPU["hbm"] / costmodel.GPU["sms"]),

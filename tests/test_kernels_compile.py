@@ -26,7 +26,7 @@ from xtoken_ext.ops import pkl_kernel as P
 # P-KL's per-tile passes: A (student LSE), C (teacher tiles), D (gradient slices), in every variant; R (residual
 # entry blocks, dense) or C1 (entry blocks, sparse); C3 (factors or rescaling); the owner's ⟨p_r, g⟩ (merged rows)
 PASSES = ((P._row_stats, "for v0 in tl.range"), (P._pkl_kernel, "for t in tl.range(0, n_c2"),
-          (P._take_slice, "for v0 in tl.range("), (P._pkl_kernel, "for e0 in range(0, NRES"),
+          (P._slice_rows, "for v0 in tl.range("), (P._pkl_kernel, "for e0 in range(0, NRES"),
           (P._pkl_kernel, "for e0 in range(0, NNZ"), (P._pkl_kernel, "for t0 in range(0, n_c2"),
           (P._pkl_kernel, "for t in range(0, n_c2)"), (P._pkl_kernel, "for v0 in range(0, V_S, BLOCK_S)"))
 
@@ -40,7 +40,7 @@ def compile_one(kernel, consts, num_warps, sparse):
     loops = {k: [n for _, n in v] for k, v in cubin_loops(cubin).items()}
     found = [body(loops, fn, marker) for fn, marker in PASSES] if kernel is P._pkl_kernel else []
     return dict(smem=c.metadata.shared, regs=regs, spill=spill, v4=v4, pass_spills=sum(map(sum, found)),
-                passes=[bool(b) for b in found])
+                passes=[bool(b) for b in found], sfu_log=len(re.findall(r"lg2\.approx", c.asm["ptx"])))
 
 
 out = []
@@ -86,6 +86,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         assert r["pass_spills"] == 0 and r["spill"] <= 64, r
         if r["kernel"] == "pkl":  # the passes every variant has, and R (dense) or C1 (sparse), are found
             assert all(r["passes"][:3]) and r["passes"][3:5] == [not r["sparse"], r["sparse"]], r
+            assert r["sfu_log"] > 0, r  # C's ln(q + eps) on the SFU (ops._tl.fast_log), not a libm-style logf
         assert r["smem"] <= _SMEM_SM90, r  # the pipelined loops' buffers fit an H100 block's shared memory
         if r["kernel"] == "pkl" and not r["sparse"]:
             assert r["v4"] > 0, r  # dense rows streamed with 16-byte loads

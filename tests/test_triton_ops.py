@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import check, device, examples, grad_bound, kappa, loss_bound, make_problem, oracle_pkl, run_hkl_triton
+from xtoken_ext.ops import _tl
 from xtoken_ext.ops import pkl as _ops  # noqa: F401  (registers both xtoken:: ops)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # masked interpreter lanes evaluate log(0)
@@ -195,6 +198,27 @@ def test_pkl_slots_in_any_order(learn_w):
     run_pkl(P, DTYPES["fp32"], "mean", 0.7, learn_w)
 
 
+@pytest.mark.parametrize("learn_w", [False, True], ids=["frozen", "learnable"])
+def test_pkl_one_slot_slices(learn_w):
+    """A gradient slice whose students all have one W slot runs the one-slot instantiation (the real Llama-3 W:
+    half of its slices), the others every slot: W with one-slot rows on the second slice only gives the oracle's
+    loss and gradient on both kinds."""
+    from xtoken_ext.ops import pkl_kernel as K
+    from xtoken_ext.ops._common import interpret
+
+    span = K._SLICES["SLICE"] * (128 if interpret() else K._CONFIGS[0].kwargs["BLOCK_S"])  # students per slice
+    P = make_problem(seed=17, V_S=2 * span + 37, V_T=150, n_chunks=5, max_rows=2, sparse_k=0, mask_mode="covered",
+                     empty_rows=0.05, hub=False)
+    used = P.w_idx[span:2 * span] >= 0
+    drop = used & (used.cumsum(1) > 1)  # every slot after a row's first used one
+    P.w_idx[span:2 * span][drop], P.w_val[span:2 * span][drop] = -1, 0.0
+    P.col_mask = torch.zeros_like(P.col_mask)  # "covered": the columns W still reaches
+    P.col_mask[P.w_idx[(P.w_idx >= 0) & (P.w_val > 0)].long()] = True
+    nslot = (P.w_idx >= 0).sum(1)
+    assert int(nslot[:span].max()) > 1 and int(nslot[span:2 * span].max()) == 1 and int(nslot[2 * span:].max()) > 1
+    run_pkl(P, DTYPES["fp32"], "mean", 0.7, learn_w)
+
+
 @pytest.mark.parametrize("case", ["dense-first", "dense-mean", "sparse-chain", "dense-learnable"])
 def test_pkl_slices_computed_by_other_programs(case, monkeypatch):
     """A chunk's gradient slices give bitwise the same results whichever program computes them. Under the
@@ -270,3 +294,27 @@ def test_public_losses_make_no_host_sync_on_cuda():
             fn(z, t, alignment, proj).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@triton.jit
+def _fast_log_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(y_ptr + o, _tl.fast_log(tl.load(x_ptr + o)))
+
+
+def test_fast_log():
+    """P-KL's per-column ln(q + eps) (ops._tl.fast_log; on a GPU the SFU's lg2.approx, exact under the
+    interpreter) against float64, subnormal arguments included (lg2.approx.ftz would flush them to 0: ln → −inf):
+    within CUDA's documented bound for __logf (2^-21.41 absolute on [0.5, 2], 3 ulp elsewhere) plus an ulp for the
+    2^24 rescaling."""
+    g = torch.Generator().manual_seed(0)
+    N = 1024
+    x = torch.cat([torch.tensor([0.0, 1e-45, 3e-42, 1e-39, 1.1e-38, 1.2e-38, 0.5, 1.0, 2.0, 1e30]),
+                   torch.exp(torch.empty(N - 10).uniform_(-100, 20, generator=g))]).float()
+    dev = device()
+    y = torch.empty(N, device=dev)
+    _fast_log_kernel[(1,)](x.to(dev), y, N=N)
+    ref, got, ulp = torch.log(x.double()), y.cpu().double(), 2.0 ** -23
+    assert got[0] == float("-inf") and bool(torch.isfinite(got[1:]).all())
+    bound = torch.where((x >= 0.5) & (x <= 2), 2 ** -21.41, 3 * ulp * ref.abs()) + ulp * ref.abs()
+    assert bool(((got - ref).abs()[1:] <= bound[1:]).all())

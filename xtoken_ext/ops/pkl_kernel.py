@@ -22,15 +22,18 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
         where the column is shorter) and sum in order, plus R's sum of a longer column.
      C2 the teacher tile, read once: the merged teacher x̄ (vectorized loads, A selected with tl.where) folded into
         an online pass with rescaling: running max m, l = Σe, e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)),
-        Mu = Σ e q/(q + eps), h_u = e/(q + eps) stored with the tile's max. With c the teacher's log-normalizer
-        (−LSE for one dense row, computed at the end; −mean_r LSE_r after B): F = exp(m + c), L = τ² F (S1 +
-        (m + c) l), M = F Mu, h = h_u · exp(m_tile − m) F.
+        Mu = Σ e q/(q + eps), h_u = e/(q + eps) = exp(x̄ − m − log(q + eps)) stored with the tile's max (the log
+        on the SFU, ops._tl.fast_log, and no division: a correctly rounded log and division cost 23 % more
+        instructions per tile).
+        With c the teacher's log-normalizer (−LSE for one dense row, computed at the end; −mean_r LSE_r after B):
+        F = exp(m + c), L = τ² F (S1 + (m + c) l), M = F Mu, h = h_u · exp(m_tile − m) F.
      Sparse teacher: C1 first, over the whole entry list in blocks of BLOCK_E into a per-program scratch row (a
      column cut by a block boundary completed by read-add-write), then C2 over fixed BLOCK_T tiles of its k columns.
   C3 (sparse teacher or learnable W) h rescaled in the scratch row (tile maxima -> the final m); dense, frozen W:
      the tile maxima replaced by the factors exp(m_tile − m) F.
   D  gradient rows, in the logits' dtype: g_s = Σ_slot w_eff (M − h[col]) (one ELL gather of the scratch row, the
-     dense case folding its tile's factor in through the slots' tile ids), dz_r = τ/(n_s Z) p_r (g − d_r),
+     dense case folding its tile's factor in through the slots' tile ids; a slice whose students all have one
+     slot runs a one-slot instantiation: half of the real Llama-3 W's slices), dz_r = τ/(n_s Z) p_r (g − d_r),
      d_r = ⟨p_r, g⟩; for one student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h). The owner computes d_r, stores
      (M, coef, valid) and publishes the chunk (a release); its dz rows are then G slices of SLICE student tiles
      that ANY program may take (an acquire on the chunk's sync word, read past L1) and compute. Every program, before
@@ -340,8 +343,9 @@ def _pkl_kernel(
                 pos = live & (qe > 0)
                 mz_v = tl.maximum(mz_v, tl.where(live & (qe <= 0), xb, NEG))
                 m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, tl.where(live, xb, float("-inf")))
-                hu = tl.where(pos, ex / qe, 0.0)
-                s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * (xb - m_new - tl.log(qe)), 0.0)
+                d = xb - m_new - _tl.fast_log(qe)
+                hu = tl.where(pos, tl.exp(d), 0.0)  # e/(q + eps), without a division
+                s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * d, 0.0)
                 mu_v = alpha * mu_v + hu * q
                 m, l_v = m_new, l_new
                 if FOLD:
@@ -409,7 +413,7 @@ def _pkl_kernel(
                     for v0 in range(0, V_S, BLOCK_S):
                         o = v0 + offs_s
                         om = o < V_S
-                        g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, SLOTS, FOLD)
+                        g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, FOLD, SLOTS)
                         d += tl.sum(_tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, lse_r, "") * g)
                     tl.store(dr_ptr + r, d)
             else:
@@ -445,33 +449,48 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr
         valid = tl.load(rs_ptr + 3 * c + 2, cache_modifier=".cg") != 0
         h_row = h_ptr + (c.to(tl.int64) if GRAD_W else own.to(tl.int64)) * V_T
         tm_row = tm_ptr + own.to(tl.int64) * n_tiles_max
-        offs = tl.arange(0, BLOCK_S)
-        for v0 in tl.range(j * SLICE * BLOCK_S, tl.minimum(V_S, (j + 1) * SLICE * BLOCK_S), BLOCK_S,
-                           num_stages=STAGES):
-            o = v0 + offs
-            om = o < V_S
-            g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, SLOTS, FOLD)
-            for r in range(s_lo, s_hi):
-                p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r, cache_modifier=".cg"),
-                                     "evict_first")
-                dz = tl.where(valid, coef * p * (g - tl.load(dr_ptr + r, cache_modifier=".cg")), 0.0)  # never NaN
-                tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om,
-                         eviction_policy="evict_first")
+        # the slice's widest student: a slice of one-slot students runs the one-slot instantiation
+        v_lo = j * SLICE * BLOCK_S
+        sv = v_lo + tl.arange(0, SLICE * BLOCK_S)
+        args = (v_lo, tl.minimum(V_S, v_lo + SLICE * BLOCK_S), ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, valid,
+                s_lo, s_hi, z_ptr, stride_z, lse_s_ptr, dr_ptr, dz_ptr, stride_dz, V_S, inv_tau)
+        if tl.max(tl.load(nslot_ptr + sv, mask=sv < V_S, other=0)) > 1:
+            _slice_rows(args, FOLD, SLOTS, BLOCK_S, STAGES)
+        else:
+            _slice_rows(args, FOLD, 1, BLOCK_S, STAGES)
         tl.debug_barrier()
         tl.atomic_add(sync_ptr + 1 + n_k + c, 1, sem="release", scope="gpu")
     return j
 
 
 @triton.jit
-def _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, SLOTS: tl.constexpr, FOLD: tl.constexpr):
+def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
+    """dz rows on the student ids [v_lo, v_hi) (_take_slice), g from the ELL's first K slots."""
+    (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, valid, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr,
+     dr_ptr, dz_ptr, stride_dz, V_S, inv_tau) = args
+    offs = tl.arange(0, BLOCK_S)
+    for v0 in tl.range(v_lo, v_hi, BLOCK_S, num_stages=STAGES):
+        o = v0 + offs
+        om = o < V_S
+        g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, FOLD, K)
+        for r in range(s_lo, s_hi):
+            p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r, cache_modifier=".cg"),
+                                 "evict_first")
+            dz = tl.where(valid, coef * p * (g - tl.load(dr_ptr + r, cache_modifier=".cg")), 0.0)  # never NaN
+            tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om, eviction_policy="evict_first")
+
+
+@triton.jit
+def _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, FOLD: tl.constexpr, K: tl.constexpr):
     """g_s = Σ_slot w_eff[slot, s] (M − h[col]) for the student ids o, from the compact slot-major ELL: nslot[s]
     used slots first, one int64 per slot = w_eff's fp32 bits (0 off A) << 32 | col | tile << colb. A slot's load is
     masked off for the students without it, so a 32-byte sector of slot k ≥ 1 is read only where one of its 4
-    students has k + 1 slots (86 % of Llama-3's ids have one). FOLD: h = h_u[col] f_tile from the unscaled row
-    and its tiles' factors f = exp(m_tile − m) F (stored in place of the tile maxima after C)."""
+    students has k + 1 slots (86 % of Llama-3's ids have one); K: the slots run (students with more must not be
+    in o). FOLD: h = h_u[col] f_tile from the unscaled row and its tiles' factors f = exp(m_tile − m) F (stored in
+    place of the tile maxima after C)."""
     ns = tl.load(nslot_ptr + o, mask=om, other=0)
     g = tl.zeros(o.shape, tl.float32)
-    for k in tl.static_range(SLOTS):
+    for k in tl.static_range(K):
         use = om & (ns > k)
         e = tl.load(ell_ptr + k * V_S + o, mask=use, other=0)  # int64: w_eff's fp32 bits << 32 | key
         key = e.to(tl.int32)
@@ -528,7 +547,7 @@ SLICES_GPU = dict(SLICE=8, WIN=256)
 _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 # C's cost per teacher column and column-ELL slot and R's per residual entry lane, in instructions per thread
 # (sm_90 SASS, bench/sass.py, 8 warps; ×256 threads / lanes per tile): _column_slots weighs them per W
-SLOT_COST, ENTRY_COST = 27, 75
+SLOT_COST, ENTRY_COST = 28, 74
 _CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=8) for st in (3, 2)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
 # stale words would find no slice open to help with)
