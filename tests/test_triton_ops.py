@@ -297,24 +297,30 @@ def test_public_losses_make_no_host_sync_on_cuda():
 
 
 @triton.jit
-def _fast_log_kernel(x_ptr, y_ptr, N: tl.constexpr):
+def _fast_math_kernel(x_ptr, log_ptr, exp_ptr, N: tl.constexpr):
     o = tl.arange(0, N)
-    tl.store(y_ptr + o, _tl.fast_log(tl.load(x_ptr + o)))
+    x = tl.load(x_ptr + o)
+    tl.store(log_ptr + o, _tl.fast_log(x))
+    tl.store(exp_ptr + o, _tl.fast_exp(-tl.abs(_tl.fast_log(x))))
 
 
-def test_fast_log():
-    """P-KL's per-column ln(q + eps) (ops._tl.fast_log; on a GPU the SFU's lg2.approx, exact under the
-    interpreter) against float64, subnormal arguments included (lg2.approx.ftz would flush them to 0: ln → −inf):
-    within CUDA's documented bound for __logf (2^-21.41 absolute on [0.5, 2], 3 ulp elsewhere) plus an ulp for the
-    2^24 rescaling."""
+def test_fast_log_and_exp():
+    """ops._tl.fast_log (P-KL's per-column ln(q + eps)) and fast_exp (the online softmax's terms; on a GPU the SFU's
+    lg2.approx and ex2.approx.ftz, exact under the interpreter) against float64, subnormals included: ln of a
+    subnormal is finite (lg2.approx.ftz alone would flush it to 0: −inf), within CUDA's documented bound for __logf
+    (2^-21.41 absolute on [0.5, 2], 3 ulp elsewhere) plus an ulp for the 2^24 rescaling; e^y (y = −|ln x| down to
+    −103) within 2 ulp plus the rounding of y·log₂e, or below 2^-126 where the GPU flushes it."""
     g = torch.Generator().manual_seed(0)
     N = 1024
     x = torch.cat([torch.tensor([0.0, 1e-45, 3e-42, 1e-39, 1.1e-38, 1.2e-38, 0.5, 1.0, 2.0, 1e30]),
                    torch.exp(torch.empty(N - 10).uniform_(-100, 20, generator=g))]).float()
     dev = device()
-    y = torch.empty(N, device=dev)
-    _fast_log_kernel[(1,)](x.to(dev), y, N=N)
-    ref, got, ulp = torch.log(x.double()), y.cpu().double(), 2.0 ** -23
+    log, exp = torch.empty(2, N, device=dev)
+    _fast_math_kernel[(1,)](x.to(dev), log, exp, N=N)
+    ref, got, ulp = torch.log(x.double()), log.cpu().double(), 2.0 ** -23
     assert got[0] == float("-inf") and bool(torch.isfinite(got[1:]).all())
     bound = torch.where((x >= 0.5) & (x <= 2), 2 ** -21.41, 3 * ulp * ref.abs()) + ulp * ref.abs()
     assert bool(((got - ref).abs()[1:] <= bound[1:]).all())
+    y = -got.abs()  # the arguments fast_exp got, down to −103
+    ref_e, got_e = torch.exp(y), exp.cpu().double()
+    assert got_e[0] == 0 and bool(((got_e - ref_e).abs() <= (2 + y.abs()) * ulp * ref_e + 2.0 ** -126)[1:].all())

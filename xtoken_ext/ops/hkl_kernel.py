@@ -82,7 +82,7 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   passes and one pass of n rows that compacts (a miss adds a level-1 histogram pass and a compaction pass of n
   rows); S3 reads n student rows (and n teacher rows at the common columns), writes n.
   Compute: the kernel is bound by instruction issue, not bytes (bench/costmodel.py reads the loop bodies from the
-  sm_90 SASS): S1 / T1 issue ~590 / 620 instructions per thread per 2048-lane tile (8 warps; 1,330 / 1,410 with
+  sm_90 SASS): S1 / T1 issue ~550 / 570 instructions per thread per 2048-lane tile (8 warps; 1,330 / 1,410 with
   the level-1 histogram, a flat tl.cumsum and per-tile sums in the row pass), ~4× the time the SM's share of HBM
   bandwidth needs to stream the tile. The two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread,
   ~45 µs of issue time per row per SM, not overlapped with the streams: one program per SM (below). At m = 128 in
