@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -16,7 +17,9 @@ from triton.language.extra import libdevice
 from ._common import interpret
 
 NEG = tl.constexpr(-1.0e30)  # finite running-max seed: exp(-inf - NEG) = 0, never inf - inf
-SFU = tl.constexpr(not interpret())  # the interpreter runs no extern (libdevice) call
+# the SFU forms (fast_exp, fast_log) on NVIDIA GPUs: the interpreter runs no extern (libdevice) call, and ROCm's
+# libdevice has no fast_logf
+SFU = tl.constexpr(not interpret() and torch.version.hip is None)
 
 
 def launcher(kernel, interp_meta, configs, key=(), **autotune_kw):
