@@ -17,7 +17,8 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      segmented scan per column (no differences of a running sum: cancellation would wipe out a small column sum),
      each column's sum stored where C keeps its h_u (the scratch row), read back by C before h_u replaces it.
   C  ONE flat loop over the teacher in BLOCK_T tiles (merged rows add a loop over the chunk's rows), software-
-     pipelined over STAGES tiles. Per tile:
+     pipelined over STAGES tiles where the rows are single at compile time (merge "first" / "chain"; merge="mean"'s
+     row loops inside the tile loop keep Triton from pipelining it: one tile's loads in flight). Per tile:
      C1 Qu = Wᵀp̄ on its columns: the column ELL's K slots gather p̄' at their students (a slot's load masked off
         where the column is shorter) and sum in order, plus R's sum of a longer column.
      C2 the teacher tile, read once: the merged teacher x̄ (vectorized loads, A selected with tl.where) folded into
@@ -276,9 +277,9 @@ def _pkl_kernel(
             n_c2 = tl.cdiv(C, BLOCK_T)
 
             # C: one online pass over the teacher in BLOCK_T tiles. Dense: per tile C1 from the column ELL (and R's
-            # sums) and C2, pipelined: it reads what was written before the loop and writes h_u / tile maxima (a
-            # long column's R sum is read by the lane that then overwrites it). Sparse: C2 over the k columns (Qu
-            # from the scratch row).
+            # sums) and C2, pipelined (single rows): it reads what was written before the loop and writes h_u / tile
+            # maxima (a long column's R sum is read by the lane that then overwrites it). Sparse: C2 over the k
+            # columns (Qu from the scratch row).
             # the running max m and the bad count are per tile; l, S1, Mu and the zero-mass max are kept per lane
             # (with the common rescaling) and reduced once after the loop: a reduction per tile and sum costs more
             # instructions than the lane-wise updates (sm_90 SASS; a per-lane bad count too would spill at 8 warps)
@@ -528,14 +529,17 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
     tl.store(gw_ptr + at, tl.load(gw_ptr + at, mask=om[:, None], other=0.0) + acc, mask=om[:, None])
 
 
-# The tile geometry of the teacher pass and the entry blocks is fixed across the autotune configs: W's column ELL
-# and residual entries are built for it once per W. The student passes (A, D) and the teacher loop (C) are
-# software-pipelined over STAGES tiles. The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from
-# the SASS): per tile much of the work is per-thread overhead (the scans' and reductions' cross-warp steps), so
-# fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when measured (4 warps: 28 %,
-# but they spill; 16 warps spill too, with C's per-lane accumulators). The configs differ in pipeline depth, for the
-# autotuner to weigh on a GPU. sm_90, bf16, offline ptxas (tests/test_kernels_compile.py): no spill inside a per-tile
-# pass; at 255 registers a few scalars live across the teacher loop may be spilled once per chunk.
+# The tile geometry of the teacher pass and the entry blocks is fixed across the autotune configs: W's column ELL and
+# residual entries are built for it once per W. A is software-pipelined over STAGES tiles (cp.async in its SASS), C
+# only where the rows are single at compile time, D not (its loop over the chunk's rows). A single-row instantiation
+# for 1-to-1 chunks would pipeline both, the gathers included (cp.async per element), at 30 % (C) and 37-55 % (D) more
+# instructions per tile (sm_90 SASS): whether that pays is for a GPU to tell. The kernel is bound by instruction
+# issue, not bytes (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans'
+# and reductions' cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than
+# at 16 when measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators). The configs
+# differ in pipeline depth, for the autotuner to weigh on a GPU. sm_90, bf16, offline ptxas
+# (tests/test_kernels_compile.py): no spill inside a per-tile pass; at 255 registers a few scalars live across the
+# teacher loop may be spilled once per chunk.
 TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
 _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
 # D slices of 8 student tiles (16,384 ids: 8 slices at V_S = 128,256; fewer, longer slices take fewer handshakes but
