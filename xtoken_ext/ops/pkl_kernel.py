@@ -520,9 +520,7 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
         cw = tl.load(stat_ptr + 2 * (k - k0))
         if cw != 0:
             s_lo, s_hi, _, _ = _tl.chunk_rows(spans_ptr, k, MEAN)
-            pbar = tl.zeros((BLOCK,), tl.float32)
-            for r in range(s_lo, s_hi):
-                pbar += _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r), "")
+            pbar = _p_bar(z_ptr, stride_z, lse_s_ptr, o, om, s_lo, s_hi, inv_tau, MEAN)
             h = tl.load(h_ptr + (k - k0).to(tl.int64) * V_T + ci, mask=in_a, other=0.0)
             M = tl.load(stat_ptr + 2 * (k - k0) + 1)
             acc += tl.where(in_a, (cw / (s_hi - s_lo).to(tl.float32)) * pbar[:, None] * (M - h), 0.0)
