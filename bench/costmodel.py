@@ -228,15 +228,30 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
                 footprint_alone=z_rows * z_row + h_alone * h_row + w_bytes, slices=slices, stats=st)
 
 
-def uncommon_sets(proj, pairs: str, uncovered: str = "renormalize") -> tuple[int, int, int]:
-    """(common pairs, |U_S|, |U_T|) of the H-KL family's sorted-L1 term with this W, ``pairs`` ("relaxed": H-KL,
-    "strict": GOLD) and ``uncovered`` (A = the covered columns, or all): m = min(|U_S|, |U_T|, uncommon_topk)."""
+def uncommon_masks(proj, pairs: str, uncovered: str = "renormalize") -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(common pairs, U_S, U_T as bool masks over the ids) of the H-KL family's sorted-L1 term with this W, ``pairs``
+    ("relaxed": H-KL, "strict": GOLD) and ``uncovered`` (A = the covered columns, or all)."""
     V_T = proj.teacher_vocab_size
     allowed = proj.covered_columns() if uncovered == "renormalize" else torch.ones(V_T, dtype=torch.bool)
     cs, ct = proj.common_pairs(pairs)
     keep = allowed[ct.long()]
-    return (int(keep.sum()), proj.student_vocab_size - int(torch.unique(cs[keep]).numel()),
-            int(allowed.sum()) - int(torch.unique(ct[keep]).numel()))
+    u_s = torch.ones(proj.student_vocab_size, dtype=torch.bool)
+    u_s[cs[keep].long()] = False
+    u_t = allowed.clone()
+    u_t[ct[keep].long()] = False
+    return int(keep.sum()), u_s, u_t
+
+
+def uncommon_sets(proj, pairs: str, uncovered: str = "renormalize") -> tuple[int, int, int]:
+    """(common pairs, |U_S|, |U_T|) (uncommon_masks): m = min(|U_S|, |U_T|, uncommon_topk)."""
+    n_common, u_s, u_t = uncommon_masks(proj, pairs, uncovered)
+    return n_common, int(u_s.sum()), int(u_t.sum())
+
+
+def tiles_with(mask: torch.Tensor, block: int) -> int:
+    """The tiles of ``block`` ids holding a True of ``mask``."""
+    n = -(-mask.numel() // block)
+    return int(torch.nn.functional.pad(mask, (0, n * block - mask.numel())).view(n, block).any(1).sum())
 
 
 def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", topk: int = 8192,
@@ -253,7 +268,8 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     twice, for the level-1 histogram and the compaction) is returned as hbm_l2_fallback / hbm_spill_fallback.
 
     Time per row and SM: the streams S1, T1 and S3, each the longer of its bytes at the SM's share of HBM bandwidth
-    and its instruction issue (``issue``: issue_counts()["H-KL"], the first config's tiles), then the window (not
+    and its instruction issue (``issue``: issue_counts()["H-KL"], the first config's tiles; S1 / T1 skip their
+    append in the tiles without an id of U_S / U_T, which cluster in a real W), then the window (not
     overlapped: one program per SM): its list passes at the SM's share of the assumed L2 bandwidth and the two
     sorts' issue time (SORT_INSTR per lane and stage; the network of W_SMALL lanes when m fits it, run for ⌈log₂ m⌉
     merge stages, both windows side by side in it: one chain of stages, the b keys at the int64 rate; else the
@@ -264,7 +280,8 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     from xtoken_ext.ops import hkl_kernel as H
 
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
-    n_common, u_s, u_t = uncommon_sets(proj, "relaxed" if loss == "H-KL" else "strict", uncovered)
+    n_common, us_mask, ut_mask = uncommon_masks(proj, "relaxed" if loss == "H-KL" else "strict", uncovered)
+    u_s, u_t = int(us_mask.sum()), int(ut_mask.sum())
     m = min(u_s, u_t, topk)
     m_up = min(V_S, V_T, topk)  # the host's bound (m itself stays on the device)
     w_big, w_small = H.sort_widths(m_up)
@@ -289,8 +306,13 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     t_sort = (2 * SORT_INSTR[0] if small else sum(SORT_INSTR)) * stages * max(w_net, SORT_THREADS) / 32 / ISSUE / CLOCK
     block = H._CONFIGS[0].kwargs["BLOCK_L"]
     tiles_s, tiles_t = math.ceil(V_S / block), math.ceil(V_T / block)
-    iss = {k: None for k in ("S1", "T1", "S3")} if issue is None else {
-        k: issue_time(issue[k], issue["warps"], n) for k, n in (("S1", tiles_s), ("T1", tiles_t), ("S3", tiles_s))}
+    app_s, app_t = tiles_with(us_mask, block), tiles_with(ut_mask, block)  # the row passes' tiles that append
+    iss = {k: None for k in ("S1", "T1", "S3")}
+    if issue is not None:
+        w = issue["warps"]
+        iss = {"S1": issue_time(issue["S1"], w, tiles_s) - issue_time(issue["S1_skip"], w, tiles_s - app_s),
+               "T1": issue_time(issue["T1"], w, tiles_t) - issue_time(issue["T1_skip"], w, tiles_t - app_t),
+               "S3": issue_time(issue["S3"], w, tiles_s)}
     passes, t_streams = _pass_times({"S1": (elem * V_S, iss["S1"]), "T1": (elem * V_T, iss["T1"]),
                                      "S3": (2 * elem * V_S, iss["S3"])}, gpu)
     t_s1, t_t1, t_s3 = (max(a, b or 0.0) for a, b in passes.values())
@@ -313,7 +335,7 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
                 footprint=min(rows, gpu["sms"]) * live + shared, t_row=t_row, t_window=t_win, t_sort=t_sort,
                 passes=passes, issue=issue,
                 stats=dict(nnz=n_common, max_col=0, m=m, u_s=u_s, u_t=u_t, l_a=l_a, l_b=l_b, w_net=w_net,
-                           uncovered=uncovered))
+                           uncovered=uncovered, app=(app_s, app_t), tiles=(tiles_s, tiles_t)))
 
 
 def _fmt_bytes(b: float) -> str:
@@ -359,8 +381,9 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
                     f"{st['d_multi']} of {m['loops']['D (gradient)']} student tiles (slices with a multi-slot id)")
         else:
             what = (f"uncovered={st['uncovered']!r}: common pairs {st['nnz']:,}, |U_S| {st['u_s']:,}, |U_T| "
-                    f"{st['u_t']:,}, m = {st['m']:,}; lists {st['l_a']:,} / {st['l_b']:,} keys, sort network "
-                    f"{st['w_net']:,} lanes")
+                    f"{st['u_t']:,} (in {st['app'][0]} / {st['app'][1]} of {st['tiles'][0]} / {st['tiles'][1]} "
+                    f"tiles: the others skip the append), m = {st['m']:,}; lists {st['l_a']:,} / {st['l_b']:,} "
+                    f"keys, sort network {st['w_net']:,} lanes")
             print("    longest chain vs vocab tiles per config: " + ", ".join(
                 f"{b} lanes {c} vs {t} ({'met' if c <= t else 'NOT met'})" for b, (c, t) in m["chains"].items()))
         print("    " + _time_line(m, rows, gpu))
@@ -408,7 +431,8 @@ def run(quick: bool = False) -> None:
         print(f"instructions per thread per tile (sm_90 SASS, bench/sass.py; P-KL {p['warps']} warps, H-KL "
               f"{h['warps']}): P-KL A {p['A']}, C {' / '.join(str(v) for v in p['C'].values())} (column ELL of "
               f"{' / '.join(p['C'])} slots), R {p['R']}, D {' / '.join(str(v) for v in p['D'].values())} (ELL "
-              f"slots {' / '.join(p['D'])}); H-KL S1 {h['S1']}, T1 {h['T1']}, S3 {h['S3']}")
+              f"slots {' / '.join(p['D'])}); H-KL S1 {h['S1']}, T1 {h['T1']} ({h['S1_skip']} / {h['T1_skip']} of "
+              f"them the append, skipped in a tile without an uncommon id), S3 {h['S3']}")
     report([("Projection.random", pkl_model(rand, 8192, issue=p)), (name, pkl_model(real, 8192, issue=p)),
             ("Projection.random", hkl_model(rand, 8192, issue=h)), (name, hkl_model(real, 8192, issue=h)),
             (name, hkl_model(real, 8192, uncovered="epsilon", issue=h)),

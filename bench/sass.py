@@ -18,7 +18,7 @@ PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32"
        "rrow_ptr": "*i32", "rcol_ptr": "*i32", "mask_ptr": "*i8", "spans_ptr": "*i64",
        "tcnt_ptr": "*i32", "sync_ptr": "*i32", "rank_ptr": "*i32", "smap_ptr": "*i32", "tmap_ptr": "*i32",
        "tcls_ptr": "*i8", "m_ptr": "*i32", "path_ptr": "*i32", "la_ptr": "*i64", "lb_ptr": "*i32", "wa_ptr": "*i64",
-       "wb_ptr": "*i32", "gc_ptr": "*i32"}
+       "wb_ptr": "*i32", "gc_ptr": "*i32", "ubs_ptr": "*i64", "ubt_ptr": "*i64"}
 F32 = {"inv_tau", "tau", "eps"}
 # integer arguments Triton's launcher would not see as multiples of 16 at real shapes (no divisibility hint)
 NO_HINT = {"k0", "k1", "NNZ", "NRES", "n_tiles_max", "K", "N", "N_s", "colb", "m_up", "cap_a", "cap_b", "g_len"}
@@ -68,9 +68,10 @@ def _loops(kernel, consts: tuple, num_warps: int, sparse: bool) -> dict[tuple[st
     return cubin_loops(compile_sm90(kernel, dict(consts), num_warps, sparse, lineinfo=True)[1])
 
 
-def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int]]]:
-    """{(source file, line of a loop's backward branch): [(instructions, local-memory loads and stores) of each such
-    loop's body]} of a cubin compiled with line info."""
+def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int, dict]]]:
+    """{(source file, line of a loop's backward branch): [(instructions, local-memory loads and stores, {source line
+    of a forward branch inside the body: the instructions it jumps over}) of each such loop's body]} of a cubin
+    compiled with line info."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
@@ -93,12 +94,19 @@ def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int]]]:
             labels.update((p, addr) for p in pending)
             pending = []
             ins.append((addr, m.group(2), src))
-    out: dict[tuple[str, int], list[tuple[int, int]]] = {}
-    for addr, text, where in ins:
+    def target(text):
         m = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", text)
-        if m and labels.get(m.group(1), addr) < addr:
-            body = [t for a, t, _ in ins if labels[m.group(1)] <= a <= addr]
-            out.setdefault(where, []).append((len(body), sum(bool(re.search(r"\b(STL|LDL)\b", t)) for t in body)))
+        return labels.get(m.group(1)) if m else None
+
+    out: dict[tuple[str, int], list[tuple[int, int, dict]]] = {}
+    for addr, text, where in ins:
+        lo = target(text)
+        if lo is not None and lo < addr:
+            body = [(a, t, w) for a, t, w in ins if lo <= a <= addr]
+            skips = {w: sum(a < b < to for b, _, _ in body) for a, t, w in body
+                     if (to := target(t)) is not None and a < to <= addr}
+            out.setdefault(where, []).append((len(body), sum(bool(re.search(r"\b(STL|LDL)\b", t)) for _, t, _ in body),
+                                              skips))
     return out
 
 
@@ -106,11 +114,19 @@ def loop_bodies(kernel, consts: dict, num_warps: int, sparse: bool = False) -> d
     """{(source file name, line of the loop's backward branch): [instructions per thread of each such loop's body,
     in code order]} (a helper's loop appears once per inlined call). Inner loops count once in their outer loop's
     body."""
-    return {k: [n for n, _ in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps, sparse).items()}
+    return {k: [n for n, _, _ in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps,
+                                                          sparse).items()}
+
+
+def loop_skips(kernel, consts: dict, num_warps: int, sparse: bool = False) -> dict[tuple[str, int], list[dict]]:
+    """As loop_bodies, each body's {source line of a forward branch inside it: the instructions it jumps over}."""
+    return {k: [sk for _, _, sk in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps,
+                                                           sparse).items()}
 
 
 def header_lines(fn, marker: str) -> set[tuple[str, int]]:
-    """The source lines of the ``for`` header in ``fn`` (a @triton.jit function) that contains ``marker``."""
+    """The source lines of the ``for`` (or ``if``) header in ``fn`` (a @triton.jit function) that contains
+    ``marker``."""
     py = getattr(fn, "fn", fn)
     lines, first = inspect.getsourcelines(py)
     name = os.path.basename(inspect.getsourcefile(py))
@@ -132,8 +148,9 @@ def pass_bodies() -> dict:
     1-to-1 chunk runs by default (merge="mean", dense teacher, frozen W), first autotune config: P-KL A (student
     LSE), C (teacher tiles, per column-ELL width 1..SLOTS), R (residual entry blocks), D (gradient tiles, per ELL
     slots run: a slice of one-slot students runs 1, others SLOTS); H-KL
-    S1 / T1 (student / teacher row pass, the same helper inlined twice, in that order) and S3 (gradient pass: the
-    single-row, pipelined instantiation, the smaller of its two)."""
+    S1 / T1 (student / teacher row pass, the same helper inlined twice, in that order; S1_skip / T1_skip the
+    instructions of their append, which a tile without an uncommon id skips) and S3 (gradient pass: the single-row,
+    pipelined instantiation, the smaller of its two)."""
     from xtoken_ext.ops import hkl_kernel as H
     from xtoken_ext.ops import pkl_kernel as P
 
@@ -150,10 +167,14 @@ def pass_bodies() -> dict:
     out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D={1: d1, P.SLOTS: dk})}
     cfg = H._CONFIGS[0]
     w = H.sort_widths(H._SORT_CAP)
-    b = loop_bodies(H._hkl_kernel, dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], **cfg.kwargs),
-                    cfg.num_warps)
+    consts = dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], **cfg.kwargs)
+    b, skips = loop_bodies(H._hkl_kernel, consts, cfg.num_warps), loop_skips(H._hkl_kernel, consts, cfg.num_warps)
     s1, t1 = body(b, H._row_pass, "for c0 in tl.range")
-    out["H-KL"] = dict(warps=cfg.num_warps, S1=s1, T1=t1, S3=min(body(b, H._grad_pass, "for v0 in tl.range")))
+    (branch,) = header_lines(H._row_pass, "if _tile_has(")
+    s1_skip, t1_skip = [sk[branch] for line in sorted(header_lines(H._row_pass, "for c0 in tl.range"))
+                        for sk in skips.get(line, [])]
+    out["H-KL"] = dict(warps=cfg.num_warps, S1=s1, T1=t1, S1_skip=s1_skip, T1_skip=t1_skip,
+                       S3=min(body(b, H._grad_pass, "for v0 in tl.range")))
     return out
 
 

@@ -37,7 +37,7 @@ def compile_one(kernel, consts, num_warps, sparse):
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     # 16-byte loads: direct (ld.global.v4) or the pipelined loops' asynchronous copies to shared memory
     v4 = len(re.findall(r"ld\.global(?:\.\w+)*\.v4|cp\.async\.c[ag]\.shared\.global[^;]*, 0x10", c.asm["ptx"]))
-    loops = {k: [n for _, n in v] for k, v in cubin_loops(cubin).items()}
+    loops = {k: [n for _, n, _ in v] for k, v in cubin_loops(cubin).items()}
     found = [body(loops, fn, marker) for fn, marker in PASSES] if kernel is P._pkl_kernel else []
     return dict(smem=c.metadata.shared, regs=regs, spill=spill, v4=v4, pass_spills=sum(map(sum, found)),
                 passes=[bool(b) for b in found], sfu_log=len(re.findall(r"lg2\.approx", c.asm["ptx"])))

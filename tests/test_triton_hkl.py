@@ -5,6 +5,8 @@ to their ends (logits shifted by ±1000, the per-program shift carried across ch
 non-finite input contract of notes/POLICY.md (bad chunks -> NaN loss, zero gradient rows and chain gradient)."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import triton
@@ -324,3 +326,42 @@ def test_single_pass_compaction_multi_tile(no_slack, m):
         assert paths[:4] == [0] * 4 and paths[6] == 2 and paths[4] == 3 and paths[5::2] == [3] * 3
     else:
         assert paths == [3] * 10
+
+
+@triton.jit
+def _tile_has_kernel(ub_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    tl.store(out_ptr + t, hkl_kernel._tile_has(ub_ptr, t * BLOCK, n, BLOCK).to(tl.int32))
+
+
+@pytest.mark.parametrize("block", [64, 2048, 4096, 8192])
+def test_tile_has(block):
+    """_uncommon_bits (64-id blocks, 64 per int64 word) and the row passes' per-tile test read from it: against
+    `any` per tile of a mask whose True ids cluster (long empty runs, single ids at word and tile edges), one id past
+    a tile's end and before its start included."""
+    n = 3 * 8192 + 517
+    u = torch.zeros(n, dtype=torch.bool)
+    u[torch.randperm(n, generator=torch.Generator().manual_seed(1))[:40]] = True
+    u[:9000] = False
+    for i in (12287, 12288, 16383, 16384 + 63, 16384 + 64, n - 1):
+        u[i] = True
+    dev = device()
+    tiles = triton.cdiv(n, block)
+    out = torch.zeros(tiles, dtype=torch.int32, device=dev)
+    _tile_has_kernel[(tiles,)](hkl_kernel._uncommon_bits(u.to(dev)), out, n, BLOCK=block)
+    ref = torch.nn.functional.pad(u, (0, tiles * block - n)).view(tiles, block).any(1)
+    assert ref.any() and not ref.all()
+    assert torch.equal(out.cpu().bool(), ref)
+
+
+@pytest.mark.parametrize("merge,rows", [("first", 1), ("mean", 3)])
+def test_single_pass_skips_tiles_without_uncommon_ids(no_slack, merge, rows):
+    """Common pairs s = t for the ids below 3,000: the uncommon ids of both sides lie in the last of their 1,024-id
+    interpreter tiles (2,048 on a GPU), the first ones skip the append (_tile_has). The one-pass lists must still
+    hold every key of bin ≥ b1: the results match the oracle, and chunks past each program's first two hit."""
+    P = make_problem(23, 4099, 4111, 10, rows, 0, "all", 0.0, False)
+    ids = torch.arange(3000)
+    P.proj = types.SimpleNamespace(common_pairs=lambda pairs: (ids, ids))
+    run_hkl_triton(P, merge, "relaxed", 600, dt=torch.bfloat16)
+    paths = [p & 3 for p in hkl_kernel.last_paths.tolist()]
+    assert paths[4:] == [3] * 6

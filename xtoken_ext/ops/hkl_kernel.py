@@ -16,7 +16,10 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     before the pass (_hint_bin: every key when the side's uncommon set fits L and 2 m + _SLACK, else the bin of −3e,
     e ≈ the 80th percentile of |Δθ| between this program's chunks, θ the m-th largest x, i.e. the next shift c), as
     one compare per element (_bin_edge), and counts the side's keys; no histogram in the row pass (~40
-    instructions per element of the row; the kernel is bound by instruction issue, bench/costmodel.py). Since bins
+    instructions per element of the row; the kernel is bound by instruction issue, bench/costmodel.py). A tile
+    without an uncommon id skips the append (half of the row pass's instructions): one test of a bit per 64 ids
+    (_tile_has), W's (the host's _uncommon_bits); a real W's uncommon ids cluster (Llama-3 → Qwen3: U_S in 29 of
+    63 student tiles, U_T in 13 of 75 teacher tiles). Since bins
     ascend with the key, that list holds every key of bin ≥ b1 iff it holds ≥ m keys (⟺ b_h ≤ b1; all keys when the
     side has fewer than m), and it is complete iff that count ≤ capacity: both known at the end of the pass, so the
     check is exact; the level-1 histogram of L (which holds every bin ≥ b_h) then gives b1, and a second pass over L
@@ -82,11 +85,11 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   passes and one pass of n rows that compacts (a miss adds a level-1 histogram pass and a compaction pass of n
   rows); S3 reads n student rows (and n teacher rows at the common columns), writes n.
   Compute: the kernel is bound by instruction issue, not bytes (bench/costmodel.py reads the loop bodies from the
-  sm_90 SASS): S1 / T1 issue ~550 / 570 instructions per thread per 2048-lane tile (8 warps; 1,330 / 1,410 with
-  the level-1 histogram, a flat tl.cumsum and per-tile sums in the row pass), ~4× the time the SM's share of HBM
-  bandwidth needs to stream the tile. The two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread,
-  ~45 µs of issue time per row per SM, not overlapped with the streams: one program per SM (below). At m = 128 in
-  the small network: ≈ 2.3 µs.
+  sm_90 SASS): S1 / T1 issue ~420 / 455 instructions per thread per 2048-lane tile that appends, ~195 / 245 per
+  tile that skips (8 warps; 1,330 / 1,410 with the level-1 histogram, a flat tl.cumsum and per-tile sums in the row
+  pass, ~550 / 570 with a plain scatter store), 1.5-3× the time the SM's share of HBM bandwidth needs to stream the
+  tile. The two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread, ~45 µs of issue time per row per
+  SM, not overlapped with the streams: one program per SM (below). At m = 128 in the small network: ≈ 2.3 µs.
 Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain × dense / sparse): config 0 (2048
   lanes, 3 stages, 8 warps) 255 registers with 104-252 B at W = 8192 (76-204 B while the row passes built the level-1
   histogram, 24-124 B before the W_SMALL network was added); config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.71
@@ -372,18 +375,19 @@ def _compact(SRC: tl.constexpr, n, src, m, cap, dst, PACK: tl.constexpr, ONE: tl
 def _append(k, sel, col, cnt, dst, cap, PACK: tl.constexpr):
     """Single-pass compaction, one tile: append its selected keys to dst in row order (PACK: k << 32 | column as
     int64, else k); keys past ``cap`` go to the spare slot dst[cap] with the unselected lanes (they are dropped), the
-    count holds them. The positions are an exclusive prefix count in two levels, rows of 8 lanes and across rows: a
-    flat tl.cumsum here runs in the scatter store's one-lane-per-thread layout, a warp scan per lane held (~23 % of
-    the row pass's instructions, sm_90 SASS). -> the new count."""
+    count holds them. The positions are an exclusive prefix count in two levels, rows of 8 lanes (a thread's, as the
+    row's 16-byte loads leave them) and across rows, and the store keeps that layout (_tl.scatter): a plain scatter
+    store took one lane per thread, converting or recomputing the keys, positions and the scan in it (S1 546 → 397
+    instructions per thread per tile with both, sm_90 SASS). -> the new count."""
     N: tl.constexpr = sel.shape[0]
     si = tl.reshape(sel.to(tl.int32), [N // 8, 8])
     rows = tl.sum(si, 1)
     pos = cnt + tl.reshape((tl.cumsum(rows, 0) - rows)[:, None] + tl.cumsum(si, 1) - si, [N])
     pos = tl.where(sel & (pos < cap), pos, cap)
     if PACK:
-        tl.store(dst + pos, (k.to(tl.int64) << 32) | col.to(tl.int64))
+        _tl.scatter(dst + pos, (k.to(tl.int64) << 32) | col.to(tl.int64), None, 8)
     else:
-        tl.store(dst + pos, k)
+        _tl.scatter(dst + pos, k, None, 8)
     return cnt + tl.sum(rows)
 
 
@@ -454,8 +458,23 @@ def _candidates(SRC: tl.constexpr, n, src, n_u, m, cap, dst, cnt, c, PACK: tl.co
 
 
 @triton.jit
-def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, edge, lst, cap, STUDENT: tl.constexpr, HIST: tl.constexpr,
-              SPARSE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+def _tile_has(ub_ptr, c0, n, BLOCK: tl.constexpr):
+    """Whether the ids [c0, c0 + BLOCK) ∩ [0, n) hold one of the side's uncommon ids (c0 a multiple of BLOCK, a power
+    of two ≥ 64): bit j of ub's word w is set iff the 64 ids from 4096 w + 64 j hold one (_uncommon_bits)."""
+    if BLOCK <= 4096:  # one word (the GPU configs): a scalar load and test
+        w = tl.load(ub_ptr + c0 // 4096)
+        if BLOCK < 4096:
+            w = (w >> ((c0 % 4096) // 64)) & ((1 << (BLOCK // 64)) - 1)
+        has = w != 0
+    else:
+        i = c0 + 4096 * tl.arange(0, BLOCK // 4096)
+        has = tl.sum((tl.load(ub_ptr + i // 4096, mask=i < n, other=0) != 0).to(tl.int32)) > 0
+    return has
+
+
+@triton.jit
+def _row_pass(row_ptr, tc_row, cls_ptr, ub_ptr, C, inv_tau, c, edge, lst, cap, STUDENT: tl.constexpr,
+              HIST: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """One row over its C columns (dense: the vocabulary; sparse: its k entries, padding −1 skipped) -> (lse of x/τ
     (student: over all columns; teacher: over A, class ≠ 0), bad = NaN or +inf in any column, teacher:
     Σ_{class 2} e^{x/τ − lse}, if HIST the count of U's keys (student: smap < 0; teacher: class 1) with x − c ≥ edge
@@ -490,8 +509,9 @@ def _row_pass(row_ptr, tc_row, cls_ptr, C, inv_tau, c, edge, lst, cap, STUDENT: 
         m, l, e, alpha = _tl.lse_step(m, l, tl.where(live, x * inv_tau, float("-inf")))
         if not STUDENT:
             lc = lc * alpha + tl.where(live & (cls == 2), e, 0.0)
-        if HIST:
-            cnt = _append(_key(x), hm & (x - c >= edge), o, cnt, lst, cap, STUDENT)
+        if HIST:  # a tile without uncommon ids has no key to append (W's uncommon ids cluster: bench/costmodel.py)
+            if _tile_has(ub_ptr, c0, C, BLOCK):
+                cnt = _append(_key(x), hm & (x - c >= edge), o, cnt, lst, cap, STUDENT)
     l = tl.sum(l)
     return m + tl.log(l), tl.max(bad), tl.where(l > 0, tl.sum(lc) / l, 0.0), cnt
 
@@ -604,7 +624,7 @@ def _windows(args, SPARSE: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr,
 
 @triton.jit
 def _hkl_kernel(
-    z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc, smap_ptr, tmap_ptr, tcls_ptr, m_ptr,
+    z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc, smap_ptr, tmap_ptr, tcls_ptr, ubs_ptr, ubt_ptr, m_ptr,
     spans_ptr, schain_ptr, tchain_ptr, K,
     loss_ptr, gsum_ptr, path_ptr, dz_ptr, stride_dz, lse_s_ptr, lse_t_ptr,
     la_ptr, lb_ptr, wa_ptr, wb_ptr, gc_ptr, gv_ptr, e_ptr, tacc_ptr, tcnt_ptr,
@@ -666,14 +686,14 @@ def _hkl_kernel(
         nu_a = tl.load(m_ptr + 3)  # |U| keys of the side's (merged) row: W's |U_S|, |U_T| for a dense row
         nu_b = tl.load(m_ptr + 4)
         for r in range(s_lo, s_hi):
-            lse, b, _, cnt_a = _row_pass(z_ptr + r * stride_z, z_ptr, smap_ptr, V_S, inv_tau, sh_a,
+            lse, b, _, cnt_a = _row_pass(z_ptr + r * stride_z, z_ptr, smap_ptr, ubs_ptr, V_S, inv_tau, sh_a,
                                          _bin_edge(tl.where(raw_a, bh_a, 64)), la, cap_a, True, True, False, BLOCK_S,
                                          STAGES)
             bad |= b | (lse == float("-inf")).to(tl.int32)
             tl.store(lse_s_ptr + r, lse)
         pc = tl.full((), 0, tl.float32)  # Σ_c P[t_c]
         for r in range(t_lo, t_hi):
-            lse, b, frac, cnt_b = _row_pass(t_ptr + r * stride_t, tc_ptr + r * stride_tc, tcls_ptr, C, inv_tau,
+            lse, b, frac, cnt_b = _row_pass(t_ptr + r * stride_t, tc_ptr + r * stride_tc, tcls_ptr, ubt_ptr, C, inv_tau,
                                             sh_b, _bin_edge(tl.where(raw_b, bh_b, 64)), lb, cap_b, False, not SPARSE,
                                             SPARSE, BLOCK_T, STAGES)
             bad |= b
@@ -697,8 +717,9 @@ def _hkl_kernel(
         if bad == 0:
             if n_s > 1:  # the merged S: its single-pass list (its uncommon keys are W's |U_S|, as for one row)
                 for v0 in range(0, V_S, BLOCK_S):
-                    ka, b, valid, col = _keys(2, v0, V_S, a_src, False, SPARSE, BLOCK_S)
-                    cnt_a = _append(ka, valid & (b >= bh_a), col, cnt_a, la, cap_a, True)
+                    if _tile_has(ubs_ptr, v0, V_S, BLOCK_S):
+                        ka, b, valid, col = _keys(2, v0, V_S, a_src, False, SPARSE, BLOCK_S)
+                        cnt_a = _append(ka, valid & (b >= bh_a), col, cnt_a, la, cap_a, True)
             if SPARSE:
                 if n_t > 1:
                     _tl.scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, tcls_ptr, lse_t_ptr, tacc_row,
@@ -805,6 +826,14 @@ def _interp_blocks(V_S: int, C: int, cap: int) -> dict:
     return dict(BLOCK_S=b(V_S), BLOCK_T=b(C), BLOCK_L=b(cap), STAGES=1)
 
 
+def _uncommon_bits(u: torch.Tensor) -> torch.Tensor:
+    """int64 words, bit j of word w set iff the ids [4096 w + 64 j, + 64) hold a True of u (one bool per id): the
+    row passes' per-tile test (_tile_has) whether a tile can append a key."""
+    n = -(-u.numel() // 4096) * 4096
+    blocks = torch.nn.functional.pad(u, (0, n - u.numel())).view(-1, 64, 64).any(2).long()
+    return (blocks << torch.arange(64, device=u.device)).sum(1)
+
+
 def _hint_state(device: torch.device, P: int, problem: tuple) -> torch.Tensor:
     """[most programs, 8] fp32 per device and problem (vocabulary sizes and m's bound: losses of other shapes keep
     their own): each program's hint state (_hkl_kernel), kept from launch to launch so that a training step's first
@@ -901,9 +930,9 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
         tacc, tcnt = lse_t, gc  # unused placeholders
     if K:
         _launch((P,), s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0), smap, tmap,
-                tcls, m_dev, spans, s_ch, t_ch, K, loss, gsum, paths, grad, grad.stride(0), lse_s, lse_t, la, lb, wa,
-                wb, gc, gv, hint, tacc, tcnt, V_S, V_T, C, cap_a, cap_b, sl_a, sl_b, m_up, g_len, 1.0 / tau,
-                tau,
+                tcls, _uncommon_bits(smap < 0), _uncommon_bits(tcls == 1), m_dev, spans, s_ch, t_ch, K, loss, gsum,
+                paths, grad, grad.stride(0), lse_s, lse_t, la, lb, wa, wb, gc, gv, hint, tacc, tcnt, V_S, V_T, C,
+                cap_a, cap_b, sl_a, sl_b, m_up, g_len, 1.0 / tau, tau,
                 MEAN=merge == "mean", CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=W_SMALL,
                 **(_interp_blocks(V_S, C, max(cap_a, cap_b)) if interpret() else {}))
     global last_paths

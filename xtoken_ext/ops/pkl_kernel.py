@@ -144,7 +144,7 @@ def _entry_block(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo,
     seg = _seg_scan(val, start.to(tl.int32), BLOCK_E)
     before = tl.load(ecol_ptr + e_lo - 1, mask=e_lo > 0, other=-2)  # the column of the entry before the block
     seg += tl.load(qu_row + col, mask=last & (col == before), other=0.0)
-    tl.store(qu_row + col, seg, mask=last)
+    _tl.scatter(qu_row + col, seg, last, 4)
 
 
 @triton.jit
@@ -350,7 +350,7 @@ def _pkl_kernel(
                 mu_v = alpha * mu_v + hu * q
                 m, l_v = m_new, l_new
                 if FOLD:
-                    tl.store(h_row + tl.load(rank_ptr + o, mask=inside, other=0), hu, mask=inside & (mk == 1))
+                    _tl.scatter(h_row + tl.load(rank_ptr + o, mask=inside, other=0), hu, inside & (mk == 1), 8)
                 else:
                     tl.store(h_row + v, hu, mask=ok if SPARSE else inside)
                 tl.store(tm_row + t, m_new)
@@ -549,7 +549,7 @@ SLICES_GPU = dict(SLICE=8, WIN=256)
 _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 # C's cost per teacher column and column-ELL slot and R's per residual entry lane, in instructions per thread
 # (sm_90 SASS, bench/sass.py, 8 warps; ×256 threads / lanes per tile): _column_slots weighs them per W
-SLOT_COST, ENTRY_COST = 28, 74
+SLOT_COST, ENTRY_COST = 25, 67
 _CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=8) for st in (3, 2)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
 # stale words would find no slice open to help with)
