@@ -261,19 +261,20 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     gets from this W and ``uncovered`` (A = the covered columns, or all). Common case (the single-pass compaction
     hits on both sides): student rows read in S1 (LSE, candidate list) and S3 (gradient, written), the teacher row
     in T1; the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~6 times (level-1 histogram and key range,
-    bin b1's range, ~3 bisection steps, gather), |L| = the side's uncommon set when it fits the list (the first pass
-    appends it whole), else ≈ 2 m (m plus the keys within the hint radius); the sort buffers, the gradient list G (8
-    B × m); S3 gathers the teacher at the common columns (from L2: the teacher row is part of the working set;
+    bin b1's range, ~3 bisection steps, gather), or once where the small network (m ≤ W_SMALL) sorts the whole
+    list (|L| ≤ W_SMALL), |L| = the side's uncommon set when it fits the list (the first pass appends it whole), else
+    ≈ 2 m (m plus the keys within the hint radius); the sort buffers, the gradient list G (8 B × m); S3 gathers the teacher at the common columns (from L2: the teacher row is part of the working set;
     spilled, each gather is a 32-byte sector from HBM). The fallback (a miss on both sides: S2 / T2 read the rows
     twice, for the level-1 histogram and the compaction) is returned as hbm_l2_fallback / hbm_spill_fallback.
 
     Time per row and SM: the streams S1, T1 and S3, each the longer of its bytes at the SM's share of HBM bandwidth
     and its instruction issue (``issue``: issue_counts()["H-KL"], the first config's tiles; S1 / T1 skip their
     append in the tiles without an id of U_S / U_T, which cluster in a real W), then the window (not
-    overlapped: one program per SM): its list passes at the SM's share of the assumed L2 bandwidth and the two
-    sorts' issue time (SORT_INSTR per lane and stage; the network of W_SMALL lanes when m fits it, run for ⌈log₂ m⌉
-    merge stages, both windows side by side in it: one chain of stages, the b keys at the int64 rate; else the
-    W-lane network twice, one window after the other). The working set is time-averaged over these phases: each
+    overlapped: one program per SM): its list passes, the longer of their bytes at the SM's share of the assumed L2
+    bandwidth and their instruction issue (issue["L"] per tile), and the sorts' issue time (SORT_INSTR per lane and
+    stage; the network of W_SMALL lanes when m fits it, run for the ⌈log₂ n⌉ merge stages that sort its first n
+    lanes, n the longer of a whole list and a window of m, both sides in it: one chain of stages, the b keys at the
+    int64 rate; else the W-lane network twice, one window after the other). The working set is time-averaged over these phases: each
     per-program buffer counts for the fraction of a chunk's time it is live (L_a from its writes in S1 to the end of
     the window, L_b from T1, the sort buffers in the window, G from the window to the end of S3, the teacher row
     from T1 to the end of S3)."""
@@ -286,23 +287,27 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     m_up = min(V_S, V_T, topk)  # the host's bound (m itself stays on the device)
     w_big, w_small = H.sort_widths(m_up)
     w_net = w_small if m <= w_small else w_big
-    lg = math.ceil(math.log2(max(min(m, w_net), 1)))
-    stages = lg * (lg + 1) // 2
+    small = w_net < w_big  # the small network sorts both windows side by side, b's keys widened to int64
     cap = 2 * m_up + H._SLACK
     fit = min(cap, 2 * m + H._SLACK)  # an uncommon set this small is appended whole (ops.hkl_kernel._hint_bin)
     l_a = u_s if u_s <= fit else min(2 * m, cap)
     l_b = u_t if u_t <= fit else min(2 * m, cap)
+    touched = min(m, w_net)
+    # per list (a: 8 B keys, b: 4 B): sorted whole in the small network where both fit it (no pass over them),
+    # else ~6 passes (level-1 histogram and key range, bin b1's range, ~3 bisection steps, the gather of its window)
+    whole = small and max(l_a, l_b) <= w_small
+    sides = [dict(n=l, size=sz, direct=whole) for l, sz in ((l_a, 8), (l_b, 4))]
+    lg = math.ceil(math.log2(max(max(d["n"] if d["direct"] else touched for d in sides), 1)))
+    stages = lg * (lg + 1) // 2
     floor = elem * (2 * V_S + V_T)
     stream = elem * (3 * V_S + V_T)
-    lists = 7 * (8 * l_a + 4 * l_b)  # written once, read ~6 times
-    touched = min(m, w_net)
-    bufs = 2 * 12 * touched + 2 * 8 * m  # sort buffers and G, written and read
+    lists = sum((2 if d["direct"] else 7) * d["size"] * d["n"] for d in sides)  # written once, read once or ~6 times
+    bufs = sum(2 * d["size"] * touched for d in sides if not d["direct"]) + 2 * 8 * m  # sort buffers and G
     stream_fb = elem * (5 * V_S + 3 * V_T)
     lists_fb = 5 * (8 + 4) * min(2 * m, cap) + 12 * min(2 * m, cap)
     l2 = lists + bufs + n_common * SECTOR + m * SECTOR  # S3's teacher gathers, the fix-up's student gathers
     # time per row and SM (s)
     l2_sm = gpu["l2_bw"] / gpu["sms"]
-    small = w_net < w_big  # the small network sorts both windows side by side, b's keys widened to int64
     t_sort = (2 * SORT_INSTR[0] if small else sum(SORT_INSTR)) * stages * max(w_net, SORT_THREADS) / 32 / ISSUE / CLOCK
     block = H._CONFIGS[0].kwargs["BLOCK_L"]
     tiles_s, tiles_t = math.ceil(V_S / block), math.ceil(V_T / block)
@@ -316,23 +321,31 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     passes, t_streams = _pass_times({"S1": (elem * V_S, iss["S1"]), "T1": (elem * V_T, iss["T1"]),
                                      "S3": (2 * elem * V_S, iss["S3"])}, gpu)
     t_s1, t_t1, t_s3 = (max(a, b or 0.0) for a, b in passes.values())
-    t_win = (lists + bufs) / l2_sm + t_sort
+    t_lists = 0.0  # the list passes' instruction issue (tiles of BLOCK_L keys)
+    if issue is not None:
+        per_tile = issue["L"]["hist"] + issue["L"]["b1"] + 3 * issue["L"]["select"] + issue["L"]["gather"]
+        t_lists = sum(issue_time(per_tile, issue["warps"], math.ceil(d["n"] / block)) for d in sides
+                      if not d["direct"])
+    t_win = max(lists / l2_sm, t_lists) + bufs / l2_sm + t_sort
     t_row = t_streams + t_win
-    live = (8 * l_a * (t_s1 / 2 + t_t1 + t_win) + 4 * l_b * (t_t1 / 2 + t_win) + 2 * 12 * touched * t_win
+    live = (8 * l_a * (t_s1 / 2 + t_t1 + t_win) + 4 * l_b * (t_t1 / 2 + t_win)
+            + sum(d["size"] * touched for d in sides if not d["direct"]) * t_win
             + 8 * m * (t_win / 2 + t_s3) + elem * V_T * (t_t1 / 2 + t_win + t_s3)) / t_row + SCRATCH_FIXED
     shared = 4 * V_S + 5 * V_T  # smap, tmap, teacher classes
     chains = {}
     for cfg in H._CONFIGS:
         b = cfg.kwargs["BLOCK_L"]
-        chains[b] = (6 * (math.ceil(l_a / b) + math.ceil(l_b / b)) + (1 if small else 2) * stages,
+        chains[b] = (sum(6 * math.ceil(d["n"] / b) for d in sides if not d["direct"]) + (1 if small else 2) * stages,
                      math.ceil(V_S / b) + math.ceil(V_T / b))
+    lists_how = "both lists sorted whole" if whole else "6 passes per list"
     loops = {"S1/S3 (student passes)": math.ceil(V_S / block), "T1 (teacher pass)": math.ceil(V_T / block),
-             f"window (6 passes per list + {'1' if small else '2'} x {stages} sort stages)": chains[block][0]}
+             f"window ({lists_how} + {'1' if small else '2'} x {stages} sort stages)": chains[block][0]}
     gathers = SECTOR * (n_common + 2 * m)  # spilled: S3's teacher gathers, the fix-up's student gathers and stores
     return dict(kernel=loss, floor=floor, hbm_l2=stream, hbm_spill=stream + lists + bufs + gathers, l2=l2, l2_lo=l2,
                 loops=loops, vocab_tiles=chains[block][1], chains=chains, old_loop=None,
                 hbm_l2_fallback=stream_fb, hbm_spill_fallback=stream_fb + lists_fb + bufs + gathers,
                 footprint=min(rows, gpu["sms"]) * live + shared, t_row=t_row, t_window=t_win, t_sort=t_sort,
+                t_lists=t_lists,
                 passes=passes, issue=issue,
                 stats=dict(nnz=n_common, max_col=0, m=m, u_s=u_s, u_t=u_t, l_a=l_a, l_b=l_b, w_net=w_net,
                            uncovered=uncovered, app=(app_s, app_t), tiles=(tiles_s, tiles_t)))
@@ -353,7 +366,8 @@ def _time_line(m: dict, rows: int, gpu: dict) -> str:
                                                      f"{b * us:.1f})" if b is not None else "")
              for k, (a, b) in m["passes"].items()]
     if "t_window" in m:
-        parts.append(f"window {m['t_window'] * us:.1f} (sorts {m['t_sort'] * us:.1f}) after the streams, "
+        parts.append(f"window {m['t_window'] * us:.1f} (sorts {m['t_sort'] * us:.1f}, list passes' issue "
+                     f"{m['t_lists'] * us:.1f}) after the streams, "
                      "not overlapped")
     t_model = rows / gpu["sms"] * m["t_row"]
     how = ("instruction issue from the sm_90 SASS" if m["issue"] else "bytes only: instruction issue NOT modelled")

@@ -124,23 +124,19 @@ def loop_skips(kernel, consts: dict, num_warps: int, sparse: bool = False) -> di
                                                            sparse).items()}
 
 
-def header_lines(fn, marker: str) -> set[tuple[str, int]]:
-    """The source lines of the ``for`` (or ``if``) header in ``fn`` (a @triton.jit function) that contains
-    ``marker``."""
+def header_lines(fn, marker: str) -> list[tuple[str, int]]:
+    """The source lines, in order, of the ``for`` / ``if`` headers in ``fn`` (a @triton.jit function) that contain
+    ``marker`` (a header on one line)."""
     py = getattr(fn, "fn", fn)
     lines, first = inspect.getsourcelines(py)
     name = os.path.basename(inspect.getsourcefile(py))
-    i = next(i for i, s in enumerate(lines) if marker in s)
-    out = {(name, first + i)}
-    while not lines[i].rstrip().endswith(":"):
-        i += 1
-        out.add((name, first + i))
-    return out
+    return [(name, first + i) for i, s in enumerate(lines) if marker in s and s.split("#")[0].rstrip().endswith(":")]
 
 
 def body(bodies: dict, fn, marker: str) -> list[int]:
-    """The bodies of the loops whose branch lies on the ``for`` header of ``fn`` containing ``marker``."""
-    return [n for line in sorted(header_lines(fn, marker)) for n in bodies.get(line, [])]
+    """The bodies of the loops whose branch lies on a ``for`` header of ``fn`` containing ``marker``, in code order
+    (header by header)."""
+    return [n for line in header_lines(fn, marker) for n in bodies.get(line, [])]
 
 
 def pass_bodies() -> dict:
@@ -149,8 +145,8 @@ def pass_bodies() -> dict:
     LSE), C (teacher tiles, per column-ELL width 1..SLOTS), R (residual entry blocks), D (gradient tiles, per ELL
     slots run: a slice of one-slot students runs 1, others SLOTS); H-KL
     S1 / T1 (student / teacher row pass, the same helper inlined twice, in that order; S1_skip / T1_skip the
-    instructions of their append, which a tile without an uncommon id skips) and S3 (gradient pass: the single-row,
-    pipelined instantiation, the smaller of its two)."""
+    instructions of their append, which a tile without an uncommon id skips), S3 (gradient pass: the single-row,
+    pipelined instantiation, the smaller of its two) and L (the window's passes over a candidate list)."""
     from xtoken_ext.ops import hkl_kernel as H
     from xtoken_ext.ops import pkl_kernel as P
 
@@ -171,10 +167,18 @@ def pass_bodies() -> dict:
     b, skips = loop_bodies(H._hkl_kernel, consts, cfg.num_warps), loop_skips(H._hkl_kernel, consts, cfg.num_warps)
     s1, t1 = body(b, H._row_pass, "for c0 in tl.range")
     (branch,) = header_lines(H._row_pass, "if _tile_has(")
-    s1_skip, t1_skip = [sk[branch] for line in sorted(header_lines(H._row_pass, "for c0 in tl.range"))
+    s1_skip, t1_skip = [sk[branch] for line in header_lines(H._row_pass, "for c0 in tl.range")
                         for sk in skips.get(line, [])]
+    # the window's passes over a candidate list, per tile of BLOCK_L keys (the costliest instantiation): level-1
+    # histogram and key range, bin b1's key range (_candidates' two loops, student and teacher list each), a
+    # bisection step, the gather into the sort buffer; the two largest of _select's and _gather's bodies are
+    # _compact's over the rows (which compute the key-space values too), the others the lists'
+    cand = body(b, H._candidates, "for i0 in range(0, cnt, BLOCK_L)")
+    lst = dict(hist=max(cand[:2]), b1=max(cand[2:]),
+               **{k: sorted(body(b, fn, "for c0 in range(0, n, BLOCK)"))[-3] for k, fn in (("select", H._select),
+                                                                                        ("gather", H._gather))})
     out["H-KL"] = dict(warps=cfg.num_warps, S1=s1, T1=t1, S1_skip=s1_skip, T1_skip=t1_skip,
-                       S3=min(body(b, H._grad_pass, "for v0 in tl.range")))
+                       S3=min(body(b, H._grad_pass, "for v0 in tl.range")), L=lst)
     return out
 
 

@@ -61,8 +61,9 @@ def test_simulated_live_rows():
 @pytest.mark.parametrize("uncovered,topk", [("renormalize", 8192), ("epsilon", 8192), ("renormalize", 64)])
 def test_hkl_model_counts(proj, uncovered, topk):
     """H-KL's m is the one the op computes (min(|U_S|, |U_T|, uncommon_topk) over the allowed pairs), its sort runs
-    in the small network when m fits it, for ⌈log₂ m⌉ merge stages, and the time-averaged working set is below
-    every per-program buffer held all the time."""
+    in the small network when m fits it, for the ⌈log₂ n⌉ merge stages that sort n lanes (the whole lists where both
+    fit it too, else a window of m), and the time-averaged working set is below every per-program buffer held all
+    the time."""
     from xtoken_ext.ops import hkl_kernel as H
 
     m = costmodel.hkl_model(proj, rows=64, uncovered=uncovered, topk=topk)
@@ -75,9 +76,11 @@ def test_hkl_model_counts(proj, uncovered, topk):
     w_big = min(1 << (min(3000, topk) - 1).bit_length(), H._SORT_CAP)
     w_small = min(H._SMALL_CAP, w_big // 4)
     assert st["w_net"] == (w_small if st["m"] <= w_small else w_big)
-    lg = math.ceil(math.log2(min(st["m"], st["w_net"])))
+    whole = st["w_net"] < w_big and max(st["l_a"], st["l_b"]) <= w_small
+    lg = math.ceil(math.log2(max(st["l_a"], st["l_b"]) if whole else min(st["m"], st["w_net"])))
     sorts = 1 if st["w_net"] < w_big else 2  # the small network sorts both windows side by side
-    assert f"window (6 passes per list + {sorts} x {lg * (lg + 1) // 2} sort stages)" in m["loops"]
+    how = "both lists sorted whole" if whole else "6 passes per list"
+    assert f"window ({how} + {sorts} x {lg * (lg + 1) // 2} sort stages)" in m["loops"]
     touched = min(st["m"], st["w_net"])
     held = 64 * (8 * st["l_a"] + 4 * st["l_b"] + 24 * touched + 8 * st["m"] + 2 * 3500 + costmodel.SCRATCH_FIXED)
     shared = 4 * 3000 + 5 * 3500
@@ -122,3 +125,19 @@ def test_issue_from_sass(proj):
     assert m["t_row"] == sum(max(a, b) for a, b in m["passes"].values())
     mh = costmodel.hkl_model(proj, 64, issue=h)
     assert mh["t_row"] == pytest.approx(sum(max(a, b) for a, b in mh["passes"].values()) + mh["t_window"])
+
+
+def test_hkl_model_whole_lists():
+    """A W pairing all but 100 student and 150 teacher ids one to one (uncovered="epsilon": every teacher column
+    allowed): m = 100, and both uncommon sets (the lists) fit the small network, which sorts them whole (the
+    ⌈log₂ 150⌉ = 8 merge stages that sort 256 lanes, no pass over the lists)."""
+    from xtoken_ext.projection import Projection
+
+    idx = torch.full((3000, 4), -1, dtype=torch.int32)
+    idx[:2900, 0] = torch.arange(2900, dtype=torch.int32)
+    proj = Projection(idx, (idx >= 0).float(), 3050)
+    m = costmodel.hkl_model(proj, rows=64, uncovered="epsilon", issue=costmodel.issue_counts()["H-KL"])
+    st = m["stats"]
+    assert (st["m"], st["l_a"], st["l_b"], st["w_net"]) == (100, 100, 150, 1024)
+    assert "window (both lists sorted whole + 1 x 36 sort stages)" in m["loops"]
+    assert m["t_lists"] == 0 and m["chains"][2048][0] == 36

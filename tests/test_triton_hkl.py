@@ -207,15 +207,19 @@ def test_sort_network(dtype):
                                           (6, "chain", torch.bfloat16), (20, "first", torch.float32)])
 def test_small_sort_network(n_u, merge, dt):
     """m far below the host's bound (allowed columns: the paired teacher ids and n_u others, so m = |U_T| = n_u):
-    the kernel sorts in its W_SMALL-lane network, run for only ⌈log₂ m⌉ of its merge stages."""
+    the kernel sorts in its W_SMALL-lane network, run for only ⌈log₂ m⌉ of its merge stages. First with W_SMALL
+    = 64: both lists (the student's 43 uncommon ids, the teacher's n_u) fit it and are sorted whole, no selection
+    pass; then with W_SMALL = 32, where the student's single-pass list (43 keys) hit: both windows are selected and
+    gathered into the network."""
     P, u_s = _small_m_problem(n_u)
     w_small = min(hkl_kernel._SMALL_CAP, triton.next_power_of_2(131) // 4)
-    assert 2 * n_u <= w_small and u_s > n_u  # m = n_u, a truncated network
+    assert 2 * n_u <= w_small and n_u < u_s <= w_small  # m = n_u, a truncated network
     run_hkl_triton(P, merge, "relaxed", None)
-    assert all(p & 4 for p in hkl_kernel.last_paths.tolist())  # bit 2: the small network
+    assert all(p & 12 == 12 for p in hkl_kernel.last_paths.tolist())  # bit 2: the small network, 3: whole lists
     P.z = P.z.detach().clone()  # fp32 on the CPU: the first run's z is P.z itself, and holds its gradient
     run_hkl_triton(P, merge, "relaxed", 2 * w_small)  # uncommon_topk 128: W 128, W_SMALL 32, the same m
-    assert all(p & 4 for p in hkl_kernel.last_paths.tolist())
+    paths = hkl_kernel.last_paths.tolist()
+    assert all(p & 4 for p in paths) and 0 < sum(p & 1 for p in paths) == sum(p & 9 == 1 for p in paths)
 
 
 def _small_m_problem(n_u):

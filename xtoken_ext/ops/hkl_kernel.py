@@ -44,7 +44,11 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     windows side by side in it (PAIR: b's keys widened to int64, one chain of stages), else the W-lane one, a then b
     (one sorted window live at a time). With the default uncovered="renormalize" most teacher columns are paired,
     so m = |U_T| is small: 128 for H-KL with Llama-3 → Qwen3 (28 stages on 2 × 1,024 lanes instead of 2 × 91 on
-    8,192).
+    8,192). Where both single-pass lists hit and hold ≤ W_SMALL keys too (that W: 256 and 128), the small network
+    sorts the whole lists instead, ⌈log₂ |L|⌉ merge stages, with no pass over them (no level-1 histogram, key range,
+    bisection or gather: ~6 passes of ~540 instructions per thread per tile, bench/costmodel.py): their first m lanes
+    are the top m, the keys equal to θ taken in the network's order (column descending) instead of prefix's row
+    order, which only the tied columns' split of the gradient can tell.
     H-KL / GOLD (m ≤ 8192): one window. ULD (m = |U| ~ 1e5, no cap) falls back to ⌈m/W⌉ windows, each a select
     (≤ 5 passes) and a gather over both whole lists: on the device, no host loop or sync, but O(m/W · |L|) traffic
     with |L| ~ V: the remaining gap (an MSD partition of L by bin would make it O(|L|)).
@@ -91,9 +95,11 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   tile. The two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread, ~45 µs of issue time per row per
   SM, not overlapped with the streams: one program per SM (below). At m = 128 in the small network: ≈ 2.3 µs.
 Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain × dense / sparse): config 0 (2048
-  lanes, 3 stages, 8 warps) 255 registers with 104-252 B at W = 8192 (76-204 B while the row passes built the level-1
-  histogram, 24-124 B before the W_SMALL network was added); config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.71
-  KB (first, dense; 0.61 / 0.44 KB before). What remains: LLVM hoists
+  lanes, 3 stages, 8 warps) 255 registers with 240-396 B at W = 8192 (104-252 B before the row passes' tile skip,
+  scatter layout and the small network's whole-list path, 76-204 B while the row passes built the level-1
+  histogram, 24-124 B before the W_SMALL network was added), outside the per-tile passes but for the ~4-12 local
+  accesses per tile they had before; config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.76 KB (first, dense;
+  0.71 / 0.61 / 0.44 KB before). What remains: LLVM hoists
   the per-thread shared-memory addresses of every layout conversion, reduction and scan out of the persistent chunk
   loop (~40-100 registers held throughout), and at W = 8192 the a-sort holds 32 int64 keys and their partner sums
   per thread. Kept down by: no masked scatter stores (the compactions and a sparse teacher's G entries send their
@@ -128,8 +134,8 @@ _INT_MIN = tl.constexpr(-2 ** 31)
 _INT_MAX = tl.constexpr(2 ** 31 - 1)
 _I64_MIN = tl.constexpr(-2 ** 63)
 # per chunk of the last launch (on its device, no sync): bit 0 / 1 = the student / teacher candidate list came from
-# the single-pass compaction (no S2 / T2), bit 2 = sorted in the W_SMALL-lane network; 0 where no selection ran (bad
-# input, m = 0). For tests and the bench.
+# the single-pass compaction (no S2 / T2), bit 2 = sorted in the W_SMALL-lane network, bit 3 = both lists sorted
+# whole there (no selection passes); 0 where no selection ran (bad input, m = 0). For tests and the bench.
 last_paths: torch.Tensor | None = None
 _hint_states: dict[tuple, torch.Tensor] = {}  # _hint_state's, per device and problem
 
@@ -425,36 +431,44 @@ def _track(e, c, th):
 
 
 @triton.jit
-def _candidates(SRC: tl.constexpr, n, src, n_u, m, cap, dst, cnt, c, PACK: tl.constexpr, ONE: tl.constexpr,
+def _candidates(SRC: tl.constexpr, n, src, m, cap, dst, cnt, c, hit, whole, PACK: tl.constexpr, ONE: tl.constexpr,
                 SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_L: tl.constexpr):
     """The candidate list of one side. The first pass appended its cnt keys with level-1 bin ≥ b_h to dst (c: the
     level-1 shift) out of the side's n_u keys. Those are a superset of the top m in row order, holding every key of
     bin b1 and above as _compact's list does, iff cnt ≥ min(m, n_u) (for m ≤ n_u: ⟺ b_h ≤ b1) and none was dropped
-    (cnt ≤ cap): then two passes over the list find bin b1 (the list's level-1 histogram: the bins ≥ b_h are all
-    there) and the key ranges; else _compact (the exact path) rewrites it. -> (_compact's results, hit)."""
+    (cnt ≤ cap): hit (the caller's, _hit). Then two passes over the list find bin b1 (the list's level-1 histogram:
+    the bins ≥ b_h are all there) and the key ranges, unless the small network sorts both whole lists (whole:
+    _windows; c1 = −1 then); else _compact (the exact path) rewrites it. -> _compact's results."""
     LSRC: tl.constexpr = SRC - 2  # the list's source id in _keys
-    hit = (cnt >= tl.minimum(m, n_u)) & (cnt <= cap)
     if hit:
-        h1 = tl.full((64,), 0, tl.int32)
         k_min = tl.full((), _INT_MAX, tl.int32)
         k_max = tl.full((), _INT_MIN, tl.int32)
-        for i0 in range(0, cnt, BLOCK_L):
-            k, _b, valid, _c = _keys(LSRC, i0, cnt, dst, ONE, SPARSE, BLOCK_L)
-            h1 += tl.histogram(_bucket1(_unkey(k) - c), 64, mask=valid)  # the first pass's bins (x = unkey(k))
-            k_min = tl.minimum(k_min, tl.min(tl.where(valid, k, _INT_MAX)))
-            k_max = tl.maximum(k_max, tl.max(tl.where(valid, k, _INT_MIN)))
-        b1, c1 = _pick(h1, 0, m, 64)
         b_lo = tl.full((), _INT_MAX, tl.int32)
         b_hi = tl.full((), _INT_MIN, tl.int32)
-        for i0 in range(0, cnt, BLOCK_L):
-            k, _b, valid, _c = _keys(LSRC, i0, cnt, dst, ONE, SPARSE, BLOCK_L)
-            eq = valid & (_bucket1(_unkey(k) - c) == b1)
-            b_lo = tl.minimum(b_lo, tl.min(tl.where(eq, k, _INT_MAX)))
-            b_hi = tl.maximum(b_hi, tl.max(tl.where(eq, k, _INT_MIN)))
+        c1 = tl.full((), -1, tl.int32)  # whole (_windows reads it so)
+        if not whole:
+            h1 = tl.full((64,), 0, tl.int32)
+            for i0 in range(0, cnt, BLOCK_L):
+                k, _b, valid, _c = _keys(LSRC, i0, cnt, dst, ONE, SPARSE, BLOCK_L)
+                h1 += tl.histogram(_bucket1(_unkey(k) - c), 64, mask=valid)  # the first pass's bins (x = unkey(k))
+                k_min = tl.minimum(k_min, tl.min(tl.where(valid, k, _INT_MAX)))
+                k_max = tl.maximum(k_max, tl.max(tl.where(valid, k, _INT_MIN)))
+            b1, c1 = _pick(h1, 0, m, 64)
+            for i0 in range(0, cnt, BLOCK_L):
+                k, _b, valid, _c = _keys(LSRC, i0, cnt, dst, ONE, SPARSE, BLOCK_L)
+                eq = valid & (_bucket1(_unkey(k) - c) == b1)
+                b_lo = tl.minimum(b_lo, tl.min(tl.where(eq, k, _INT_MAX)))
+                b_hi = tl.maximum(b_hi, tl.max(tl.where(eq, k, _INT_MIN)))
         n_l = cnt
     else:
         n_l, k_min, k_max, b_lo, b_hi, c1 = _compact(SRC, n, src, m, cap, dst, PACK, ONE, SPARSE, BLOCK)
-    return n_l, k_min, k_max, b_lo, b_hi, c1, hit
+    return n_l, k_min, k_max, b_lo, b_hi, c1
+
+
+@triton.jit
+def _hit(cnt, n_u, m, cap):
+    """Whether a side's single-pass list (cnt keys appended of its n_u) holds every key of bin ≥ b1 (_candidates)."""
+    return (cnt >= tl.minimum(m, n_u)) & (cnt <= cap)
 
 
 @triton.jit
@@ -575,29 +589,48 @@ def _windows(args, SPARSE: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr,
     for r0 in range(0, m, W):  # rank windows [r0, r1)
         lanes = tl.arange(0, W)
         r1 = tl.minimum(r0 + W, m)
-        if r1 == m:  # the m-th largest lies in bin b1: bisect that bin's key range
-            nth_a, c = _select(0, n_a, la, blo_a, bhi_a, c1_a, r1, True, SPARSE, BLOCK_L)
+        # whole: the small network (TRUNC: m ≤ W, one window) sorts both whole single-pass lists, whose first m
+        # lanes are then the top m (keys equal to θ in the network's order), with no selection or gather
+        if TRUNC:
+            direct = c1_a < 0  # _candidates' mark of whole lists
         else:
-            nth_a, c = _select(0, n_a, la, lo_a, th_a_prev, gt_a, r1, True, SPARSE, BLOCK_L)
-        nq_a = r1 - c
-        gt_a = c
+            direct = False
+        nth_a = tl.full((), _INT_MIN, tl.int32)  # θ_a; direct: from the sorted lanes below
+        nq_a = tl.full((), 0, tl.int32)
         nth_b = tl.full((), _INT_MIN, tl.int32)  # fewer than r1 keys: all of them
         nq_b = tl.full((), 0, tl.int32)
-        if r1 <= tot_b:
-            if r1 == m:
-                nth_b, c = _select(1, n_b, lb, blo_b, bhi_b, c1_b, r1, True, SPARSE, BLOCK_L)
+        if direct:
+            cnt_a, cnt_b = n_a, n_b
+            ka = tl.load(la + lanes, mask=lanes < cnt_a, other=_I64_MIN)
+            kb = tl.load(lb + lanes, mask=lanes < cnt_b, other=_INT_MIN)
+        else:
+            if r1 == m:  # the m-th largest lies in bin b1: bisect that bin's key range
+                nth_a, c = _select(0, n_a, la, blo_a, bhi_a, c1_a, r1, True, SPARSE, BLOCK_L)
             else:
-                nth_b, c = _select(1, n_b, lb, lo_b, th_b_prev, gt_b, r1, True, SPARSE, BLOCK_L)
-            nq_b = r1 - c
-            gt_b = c
-        cnt_a, _x0, _x1, _x2, _x3 = _gather(0, n_a, la, nth_a, nq_a, th_a, q_a, 0, -1, wa, W, True,
-                                            True, True, SPARSE, BLOCK_L)
-        cnt_b, _x0, _x1, _x2, _x3 = _gather(1, n_b, lb, nth_b, nq_b, th_b, q_b, 0, -1, wb, W, False,
-                                            True, True, SPARSE, BLOCK_L)
-        kb = tl.load(wb + lanes, mask=lanes < cnt_b, other=_INT_MIN)
+                nth_a, c = _select(0, n_a, la, lo_a, th_a_prev, gt_a, r1, True, SPARSE, BLOCK_L)
+            nq_a = r1 - c
+            gt_a = c
+            if r1 <= tot_b:
+                if r1 == m:
+                    nth_b, c = _select(1, n_b, lb, blo_b, bhi_b, c1_b, r1, True, SPARSE, BLOCK_L)
+                else:
+                    nth_b, c = _select(1, n_b, lb, lo_b, th_b_prev, gt_b, r1, True, SPARSE, BLOCK_L)
+                nq_b = r1 - c
+                gt_b = c
+            cnt_a, _x0, _x1, _x2, _x3 = _gather(0, n_a, la, nth_a, nq_a, th_a, q_a, 0, -1, wa, W, True,
+                                                True, True, SPARSE, BLOCK_L)
+            cnt_b, _x0, _x1, _x2, _x3 = _gather(1, n_b, lb, nth_b, nq_b, th_b, q_b, 0, -1, wb, W, False,
+                                                True, True, SPARSE, BLOCK_L)
+            kb = tl.load(wb + lanes, mask=lanes < cnt_b, other=_INT_MIN)
+            if TRUNC:
+                ka = tl.load(wa + lanes, mask=lanes < cnt_a, other=_I64_MIN)
         if TRUNC:  # the small network: both windows side by side in one network (b's keys widened to int64)
-            ka = tl.load(wa + lanes, mask=lanes < cnt_a, other=_I64_MIN)
             ea, eb = tl.split(_sort_desc(tl.join(ka, kb.to(tl.int64)), W, tl.maximum(cnt_a, cnt_b), True, True))
+            cnt_a = tl.minimum(cnt_a, r1)  # a whole list's window: its first m lanes
+            cnt_b = tl.minimum(cnt_b, r1)
+            if direct:
+                nth_a = tl.max(tl.where(lanes == r1 - 1, (ea >> 32).to(tl.int32), _INT_MIN))
+                nth_b = tl.max(tl.where((lanes == r1 - 1) & (r1 <= tot_b), eb.to(tl.int32), _INT_MIN))
             bv = tl.where(lanes < cnt_b, tl.exp(_unkey(eb.to(tl.int32)) * al_b + be_b), 0.0)
         else:  # one sorted window live at a time: b's values wait in G's value slots while a sorts
             eb = _sort_desc(kb, W, cnt_b, False, False)
@@ -752,13 +785,15 @@ def _hkl_kernel(
             if m > 0:
                 tl.debug_barrier()
                 # S2 / T2 (_compact) only where the single-pass list is not provably a superset of the top m
-                n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, hit_a = _candidates(2, V_S, a_src, nu_a, m, cap_a, la,
-                                                                              cnt_a, sh_a, True, False, SPARSE,
-                                                                              BLOCK_S, BLOCK_L)
-                n_b, lo_b, th_b_prev, blo_b, bhi_b, c1_b, hit_b = _candidates(3, C, b_src, nu_b, m, cap_b, lb, cnt_b,
-                                                                              sh_b, False, False, SPARSE, BLOCK_T,
-                                                                              BLOCK_L)
-                path = hit_a.to(tl.int32) | (hit_b.to(tl.int32) << 1)
+                hit_a = _hit(cnt_a, nu_a, m, cap_a)
+                hit_b = _hit(cnt_b, nu_b, m, cap_b)
+                # both single-pass lists fit the small network: it sorts them whole, no pass over them (_windows)
+                whole = (m <= W_SMALL) & hit_a & hit_b & (cnt_a <= W_SMALL) & (cnt_b <= W_SMALL)
+                n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a = _candidates(2, V_S, a_src, m, cap_a, la, cnt_a, sh_a, hit_a,
+                                                                       whole, True, False, SPARSE, BLOCK_S, BLOCK_L)
+                n_b, lo_b, th_b_prev, blo_b, bhi_b, c1_b = _candidates(3, C, b_src, m, cap_b, lb, cnt_b, sh_b, hit_b,
+                                                                       whole, False, False, SPARSE, BLOCK_T, BLOCK_L)
+                path = hit_a.to(tl.int32) | (hit_b.to(tl.int32) << 1) | (whole.to(tl.int32) << 3)
                 tot_b = nu_b
                 w_args = (m, tot_b, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b, lo_b, th_b_prev, blo_b,
                           bhi_b, c1_b, wa, wb, gc, gv, al_a, be_a, al_b, be_b, tt, gsum)
