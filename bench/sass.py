@@ -68,10 +68,10 @@ def _loops(kernel, consts: tuple, num_warps: int, sparse: bool) -> dict[tuple[st
     return cubin_loops(compile_sm90(kernel, dict(consts), num_warps, sparse, lineinfo=True)[1])
 
 
-def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int, dict]]]:
+def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int, dict, frozenset]]]:
     """{(source file, line of a loop's backward branch): [(instructions, local-memory loads and stores, {source line
-    of a forward branch inside the body: the instructions it jumps over}) of each such loop's body]} of a cubin
-    compiled with line info."""
+    of a forward branch inside the body: the instructions it jumps over}, the source lines of its instructions) of
+    each such loop's body]} of a cubin compiled with line info."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
@@ -98,7 +98,7 @@ def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int, dict
         m = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", text)
         return labels.get(m.group(1)) if m else None
 
-    out: dict[tuple[str, int], list[tuple[int, int, dict]]] = {}
+    out: dict[tuple[str, int], list[tuple[int, int, dict, frozenset]]] = {}
     for addr, text, where in ins:
         lo = target(text)
         if lo is not None and lo < addr:
@@ -106,7 +106,7 @@ def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int, dict
             skips = {w: sum(a < b < to for b, _, _ in body) for a, t, w in body
                      if (to := target(t)) is not None and a < to <= addr}
             out.setdefault(where, []).append((len(body), sum(bool(re.search(r"\b(STL|LDL)\b", t)) for _, t, _ in body),
-                                              skips))
+                                              skips, frozenset(w for _, _, w in body)))
     return out
 
 
@@ -114,36 +114,50 @@ def loop_bodies(kernel, consts: dict, num_warps: int, sparse: bool = False) -> d
     """{(source file name, line of the loop's backward branch): [instructions per thread of each such loop's body,
     in code order]} (a helper's loop appears once per inlined call). Inner loops count once in their outer loop's
     body."""
-    return {k: [n for n, _, _ in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps,
-                                                          sparse).items()}
+    return {k: [v[0] for v in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps,
+                                                       sparse).items()}
 
 
 def loop_skips(kernel, consts: dict, num_warps: int, sparse: bool = False) -> dict[tuple[str, int], list[dict]]:
     """As loop_bodies, each body's {source line of a forward branch inside it: the instructions it jumps over}."""
-    return {k: [sk for _, _, sk in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps,
-                                                           sparse).items()}
+    return {k: [v[2] for v in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps,
+                                                       sparse).items()}
 
 
-def header_lines(fn, marker: str) -> list[tuple[str, int]]:
-    """The source lines, in order, of the ``for`` / ``if`` headers in ``fn`` (a @triton.jit function) that contain
-    ``marker`` (a header on one line)."""
+def loop_lines(kernel, consts: dict, num_warps: int, sparse: bool = False) -> dict[tuple[str, int], list[frozenset]]:
+    """As loop_bodies, the source lines of each body's instructions: which instantiation of an inlined helper a body
+    is (the lines of a branch only one of them compiles)."""
+    return {k: [v[3] for v in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps,
+                                                       sparse).items()}
+
+
+def source_lines(fn, marker: str, headers: bool = False) -> list[tuple[str, int]]:
+    """The source lines, in order, of ``fn`` (a @triton.jit function) that contain ``marker``; ``headers``: only
+    ``for`` / ``if`` headers (a header on one line)."""
     py = getattr(fn, "fn", fn)
     lines, first = inspect.getsourcelines(py)
     name = os.path.basename(inspect.getsourcefile(py))
-    return [(name, first + i) for i, s in enumerate(lines) if marker in s and s.split("#")[0].rstrip().endswith(":")]
+    return [(name, first + i) for i, s in enumerate(lines)
+            if marker in s and (not headers or s.split("#")[0].rstrip().endswith(":"))]
 
 
-def body(bodies: dict, fn, marker: str) -> list[int]:
+def header_lines(fn, marker: str) -> list[tuple[str, int]]:
+    """The source lines, in order, of the ``for`` / ``if`` headers in ``fn`` that contain ``marker``."""
+    return source_lines(fn, marker, headers=True)
+
+
+def body(bodies: dict, fn, marker: str, lines: dict | None = None, keep=None) -> list[int]:
     """The bodies of the loops whose branch lies on a ``for`` header of ``fn`` containing ``marker``, in code order
-    (header by header)."""
-    return [n for line in header_lines(fn, marker) for n in bodies.get(line, [])]
+    (header by header); with ``lines`` (loop_lines) only those whose source lines ``keep`` accepts."""
+    return [n for line in header_lines(fn, marker)
+            for i, n in enumerate(bodies.get(line, [])) if keep is None or keep(lines[line][i])]
 
 
 def pass_bodies() -> dict:
     """The cost model's per-pass loop bodies (instructions per thread per tile) of both kernels in the variant a
     1-to-1 chunk runs by default (merge="mean", dense teacher, frozen W), first autotune config: P-KL A (student
     LSE), C (teacher tiles, per column-ELL width 1..SLOTS), R (residual entry blocks), D (gradient tiles, per ELL
-    slots run: a slice of one-slot students runs 1, others SLOTS); H-KL
+    slots run: a slice of one-slot students runs 1, others SLOTS), C and D in their single-row instantiations; H-KL
     S1 / T1 (student / teacher row pass, the same helper inlined twice, in that order; S1_skip / T1_skip the
     instructions of their append, which a tile without an uncommon id skips), S3 (gradient pass: the single-row,
     pipelined instantiation, the smaller of its two) and L (the window's passes over a candidate list)."""
@@ -152,14 +166,19 @@ def pass_bodies() -> dict:
 
     cfg = P._CONFIGS[0]
     c = {}
+    # C and D run a 1-to-1 chunk in their single-row instantiations: C's without the merged rows' loop, D's with
+    # the single-row branch
+    merged = set(source_lines(P._teacher_pass, "for r in range(t_lo + 1, t_hi)"))
+    single = set(source_lines(P._slice_rows, "coef * p * g, 0.0"))
     for k in range(1, P.SLOTS + 1):  # the column ELL's width: C's body grows with it
-        b = loop_bodies(P._pkl_kernel, dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False,
-                                            SLOTS=P.SLOTS, CSLOTS=k, HELP=0, **P.TILES_GPU, **P.SLICES_GPU,
-                                            **cfg.kwargs), cfg.num_warps)
-        (c[k],) = body(b, P._pkl_kernel, "for t in tl.range(0, n_c2")
+        consts = dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False, SLOTS=P.SLOTS, CSLOTS=k,
+                      HELP=0, **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)
+        b, ls = loop_bodies(P._pkl_kernel, consts, cfg.num_warps), loop_lines(P._pkl_kernel, consts, cfg.num_warps)
+        (c[k],) = body(b, P._teacher_pass, "for t in tl.range(0, tl.cdiv(C", ls, lambda x: not x & merged)
         if k == 1:
             (a,), (r,) = body(b, P._row_stats, "for v0 in tl.range"), body(b, P._pkl_kernel, "for e0 in range(0, NRES")
-            d1, dk = sorted(body(b, P._slice_rows, "for v0 in tl.range("))  # the 1- and SLOTS-slot instantiations
+            # the 1- and SLOTS-slot instantiations
+            d1, dk = sorted(body(b, P._slice_rows, "for v0 in tl.range(", ls, lambda x: bool(x & single)))
     out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D={1: d1, P.SLOTS: dk})}
     cfg = H._CONFIGS[0]
     w = H.sort_widths(H._SORT_CAP)

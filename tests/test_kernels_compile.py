@@ -25,7 +25,7 @@ from xtoken_ext.ops import pkl_kernel as P
 
 # P-KL's per-tile passes: A (student LSE), C (teacher tiles), D (gradient slices), in every variant; R (residual
 # entry blocks, dense) or C1 (entry blocks, sparse); C3 (factors or rescaling); the owner's ⟨p_r, g⟩ (merged rows)
-PASSES = ((P._row_stats, "for v0 in tl.range"), (P._pkl_kernel, "for t in tl.range(0, n_c2"),
+PASSES = ((P._row_stats, "for v0 in tl.range"), (P._teacher_pass, "for t in tl.range(0, tl.cdiv(C"),
           (P._slice_rows, "for v0 in tl.range("), (P._pkl_kernel, "for e0 in range(0, NRES"),
           (P._pkl_kernel, "for e0 in range(0, NNZ"), (P._pkl_kernel, "for t0 in range(0, n_c2"),
           (P._pkl_kernel, "for t in range(0, n_c2)"), (P._pkl_kernel, "for v0 in range(0, V_S, BLOCK_S)"))
@@ -37,7 +37,7 @@ def compile_one(kernel, consts, num_warps, sparse):
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     # 16-byte loads: direct (ld.global.v4) or the pipelined loops' asynchronous copies to shared memory
     v4 = len(re.findall(r"ld\.global(?:\.\w+)*\.v4|cp\.async\.c[ag]\.shared\.global[^;]*, 0x10", c.asm["ptx"]))
-    loops = {k: [n for _, n, _ in v] for k, v in cubin_loops(cubin).items()}
+    loops = {k: [v[1] for v in vs] for k, vs in cubin_loops(cubin).items()}
     found = [body(loops, fn, marker) for fn, marker in PASSES] if kernel is P._pkl_kernel else []
     return dict(smem=c.metadata.shared, regs=regs, spill=spill, v4=v4, pass_spills=sum(map(sum, found)),
                 passes=[bool(b) for b in found], sfu_log=len(re.findall(r"lg2\.approx", c.asm["ptx"])))

@@ -92,6 +92,10 @@ SPECIAL = {
     "chain merge: NaN in later rows, a -inf chain scalar": (_edit(  # t[0, 2, 4]: the realized token's logit
         ("t", (1, 2, UNCOVERED), NAN), ("z", (0, 1, 5), NAN), ("t", (0, 2, 4), -INF)), 1.0, "chain",
         torch.float32),
+    "one teacher row (1-to-1 chunks): NaN, +inf outside A": (_edit(
+        ("t", (0, 3, UNCOVERED), NAN), ("t", (1, 0, UNCOVERED - 1), INF)), 1.0, "mean", torch.float32),
+    "one teacher row (first merge): +inf, NaN outside A": (_edit(
+        ("t", (0, 1, UNCOVERED), INF), ("t", (1, 3, UNCOVERED - 1), NAN)), 0.7, "first", torch.float32),
     "tiny temperature 2**-63": (_edit(), 2.0 ** -63, "mean", torch.float32),
     "large temperature 1e3": (_edit(), 1e3, "first", torch.float32),
 }

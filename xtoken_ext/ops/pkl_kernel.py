@@ -16,16 +16,19 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
   R  dense teacher: the residual entries in blocks of BLOCK_E, gathering p̄' = Σ_r p_r at their students, a
      segmented scan per column (no differences of a running sum: cancellation would wipe out a small column sum),
      each column's sum stored where C keeps its h_u (the scratch row), read back by C before h_u replaces it.
-  C  ONE flat loop over the teacher in BLOCK_T tiles (merged rows add a loop over the chunk's rows), software-
-     pipelined over STAGES tiles where the rows are single at compile time (merge "first" / "chain"; merge="mean"'s
-     row loops inside the tile loop keep Triton from pipelining it: one tile's loads in flight). Per tile:
+  C  ONE flat loop over the teacher in BLOCK_T tiles (_teacher_pass; merged rows add a loop over the chunk's rows),
+     software-pipelined over STAGES tiles where the rows are single at compile time (merge "first" / "chain");
+     merge="mean" runs a 1-to-1 chunk in a single-row instantiation without the row loops (and without pipelining,
+     as the merged rows' loop, whose row loops keep Triton from pipelining it: one tile's loads in flight). Per tile:
      C1 Qu = Wᵀp̄ on its columns: the column ELL's K slots gather p̄' at their students (a slot's load masked off
         where the column is shorter) and sum in order, plus R's sum of a longer column.
      C2 the teacher tile, read once: the merged teacher x̄ (vectorized loads, A selected with tl.where) folded into
         an online pass with rescaling: running max m, l = Σe, e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)),
         Mu = Σ e q/(q + eps), h_u = e/(q + eps) = exp(x̄ − m − log(q + eps)) stored with the tile's max (the log
         on the SFU, ops._tl.fast_log, and no division: a correctly rounded log and division cost 23 % more
-        instructions per tile).
+        instructions per tile; the exp flushes an h_u below 2^-126 to 0, an absolute error that D's g = Σ w (M − h)
+        carries at ≤ 2^-126 w). A single dense row's NaN / +inf (bad input; B checks the rows where it runs) makes
+        its lane's S1 term NaN: no per-tile count and reduction.
         With c the teacher's log-normalizer (−LSE for one dense row, computed at the end; −mean_r LSE_r after B):
         F = exp(m + c), L = τ² F (S1 + (m + c) l), M = F Mu, h = h_u · exp(m_tile − m) F.
      Sparse teacher: C1 first, over the whole entry list in blocks of BLOCK_E into a per-program scratch row (a
@@ -280,83 +283,24 @@ def _pkl_kernel(
             # sums) and C2, pipelined (single rows): it reads what was written before the loop and writes h_u / tile
             # maxima (a long column's R sum is read by the lane that then overwrites it). Sparse: C2 over the k
             # columns (Qu from the scratch row).
-            # the running max m and the bad count are per tile; l, S1, Mu and the zero-mass max are kept per lane
-            # (with the common rescaling) and reduced once after the loop: a reduction per tile and sum costs more
-            # instructions than the lane-wise updates (sm_90 SASS; a per-lane bad count too would spill at 8 warps)
-            m = tl.full((), NEG, tl.float32)
-            l_v = tl.zeros((BLOCK_T,), tl.float32)
-            s1_v = tl.zeros((BLOCK_T,), tl.float32)
-            mu_v = tl.zeros((BLOCK_T,), tl.float32)
-            mz_v = tl.full((BLOCK_T,), NEG, tl.float32)  # largest x̄ among allowed columns with q + eps = 0
-            inv_nt = 1.0 / n_t.to(tl.float32)
-            for t in tl.range(0, n_c2, num_stages=1 if SPARSE else STAGES):
-                if SPARSE:
-                    o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, t * BLOCK_T, C, SPARSE,
-                                                    BLOCK_T)
-                    x = tl.load(t_ptr + t_lo * stride_t + o, mask=o < C, other=0.0).to(tl.float32)
-                    bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
-                    xb = x * inv_tau - tl.load(lse_t_ptr + t_lo)
-                    if n_t > 1:
-                        xb += tl.load(tacc_row + v, mask=ok, other=0.0)
-                        ok = ok & (tl.load(tcnt_row + v, mask=ok, other=0) == n_t - 1)
+            # the running max m is per tile; l, S1, Mu and the zero-mass max are kept per lane (with the common
+            # rescaling) and reduced once after the loop: a reduction per tile and sum costs more instructions than
+            # the lane-wise updates (sm_90 SASS). Bad input: B checked every teacher row where it ran (sparse, or
+            # several rows); a single dense row is checked here, a NaN or +inf x̄ making its lane's S1 term NaN
+            c_args = (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, cinfo_ptr, cell_ptr,
+                      rank_ptr, z_ptr, stride_z, lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T,
+                      inv_tau, inv_qz, eps, two_pass)
+            if MEAN and not SPARSE:  # a 1-to-1 chunk runs the single-row instantiation: no row loops, pipelined
+                if (s_hi - s_lo == 1) & (n_t == 1):
+                    m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, False, SPARSE, FOLD, CSLOTS, BLOCK_T, STAGES)
                 else:
-                    o = t * BLOCK_T + offs_t
-                    inside = o < C
-                    v = o
-                    mk = tl.load(mask_ptr + o, mask=inside, other=0)
-                    ok = inside & (mk != 0)
-                    if MEAN:
-                        xb = tl.zeros((BLOCK_T,), tl.float32)
-                        for r in range(t_lo, t_hi):
-                            x = tl.load(t_ptr + r * stride_t + o, mask=inside, other=0.0, eviction_policy="evict_first")
-                            x = x.to(tl.float32)
-                            bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
-                            xb += x
-                    else:
-                        xb = tl.load(t_ptr + t_lo * stride_t + o, mask=inside, other=0.0, eviction_policy="evict_first")
-                        xb = xb.to(tl.float32)
-                        bad += tl.sum((inside & ((xb != xb) | (xb == float("inf")))).to(tl.int32))
-                    xb = xb * inv_tau
-                    # C1: Qu[c] = Σ w p̄'[s] over column c's first min(len, CSLOTS) entries, one slot-major word each
-                    # (w's fp32 bits << 32 | s; a slot's load masked off where the column is shorter: cinfo's low
-                    # bits), summed in order, plus R's sum of the rest of a longer column (cinfo bit 3), read from
-                    # the h row before h_u replaces it
-                    ci = tl.load(cinfo_ptr + o, mask=inside, other=0)
-                    qu = tl.zeros((BLOCK_T,), tl.float32)
-                    for j in tl.static_range(CSLOTS):
-                        use = (ci & 7) > j
-                        ew = tl.load(cell_ptr + j * V_T + o, mask=use, other=0)
-                        w = (ew >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-                        qu += w * _p_bar(z_ptr, stride_z, lse_s_ptr, ew.to(tl.int32), use, s_lo, s_hi, inv_tau, MEAN)
-                    longer = ci >= 8
-                    if FOLD:  # h_u at the column's rank among W's columns (the ELL's keys): only those are read
-                        hk = tl.load(rank_ptr + o, mask=longer, other=0)
-                    else:
-                        hk = o
-                    qu += tl.load(h_row + hk, mask=longer, other=0.0)
-                xb = xb * inv_nt
-                live = ok & (xb > float("-inf"))
-                if SPARSE:
-                    mk = tl.load(mask_ptr + v, mask=inside, other=0)
-                    qu = tl.load(qu_row + v, mask=live & (mk == 1), other=0.0)
-                q = tl.where(live & (mk == 1), qu, 0.0) * inv_qz  # mk 2: allowed, no W entry
-                qe = q + eps
-                pos = live & (qe > 0)
-                mz_v = tl.maximum(mz_v, tl.where(live & (qe <= 0), xb, NEG))
-                m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, tl.where(live, xb, float("-inf")))
-                d = xb - m_new - _tl.fast_log(qe)
-                hu = tl.where(pos, tl.exp(d), 0.0)  # e/(q + eps), without a division
-                s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * d, 0.0)
-                mu_v = alpha * mu_v + hu * q
-                m, l_v = m_new, l_new
-                if FOLD:
-                    _tl.scatter(h_row + tl.load(rank_ptr + o, mask=inside, other=0), hu, inside & (mk == 1), 8)
-                else:
-                    tl.store(h_row + v, hu, mask=ok if SPARSE else inside)
-                tl.store(tm_row + t, m_new)
+                    m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, True, SPARSE, FOLD, CSLOTS, BLOCK_T, STAGES)
+            else:
+                m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, MEAN, SPARSE, FOLD, CSLOTS, BLOCK_T, STAGES)
 
             l = tl.sum(l_v)
             s1 = tl.sum(s1_v)
+            bad += (s1 != s1).to(tl.int32)
             mu = tl.sum(mu_v)
             m_zero = tl.max(mz_v)
             # log-normalizer: m + c = −log l (one dense row) or m − mean_r LSE_r (after B), plus the chain scalar
@@ -430,6 +374,88 @@ def _pkl_kernel(
 
 
 @triton.jit
+def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.constexpr, CSLOTS: tl.constexpr,
+                  BLOCK_T: tl.constexpr, STAGES: tl.constexpr):
+    """C over the chunk's teacher (_pkl_kernel) -> the running max m and the per-lane l, S1, Mu and zero-mass max."""
+    (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, cinfo_ptr, cell_ptr, rank_ptr, z_ptr,
+     stride_z, lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T, inv_tau, inv_qz, eps, two_pass) = args
+    n_t = t_hi - t_lo
+    offs_t = tl.arange(0, BLOCK_T)
+    m = tl.full((), NEG, tl.float32)
+    l_v = tl.zeros((BLOCK_T,), tl.float32)
+    s1_v = tl.zeros((BLOCK_T,), tl.float32)
+    mu_v = tl.zeros((BLOCK_T,), tl.float32)
+    mz_v = tl.full((BLOCK_T,), NEG, tl.float32)  # largest x̄ among allowed columns with q + eps = 0
+    inv_nt = 1.0 / n_t.to(tl.float32)
+    poison = tl.where(two_pass, 0.0, float("nan"))
+    for t in tl.range(0, tl.cdiv(C, BLOCK_T), num_stages=1 if SPARSE else STAGES):
+        if SPARSE:
+            o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, t * BLOCK_T, C, SPARSE, BLOCK_T)
+            x = tl.load(t_ptr + t_lo * stride_t + o, mask=o < C, other=0.0).to(tl.float32)
+            xb = x * inv_tau - tl.load(lse_t_ptr + t_lo)
+            if n_t > 1:
+                xb += tl.load(tacc_row + v, mask=ok, other=0.0)
+                ok = ok & (tl.load(tcnt_row + v, mask=ok, other=0) == n_t - 1)
+        else:
+            o = t * BLOCK_T + offs_t
+            inside = o < C
+            v = o
+            mk = tl.load(mask_ptr + o, mask=inside, other=0)
+            ok = inside & (mk != 0)
+            xb = tl.load(t_ptr + t_lo * stride_t + o, mask=inside, other=0.0, eviction_policy="evict_first")
+            xb = xb.to(tl.float32)
+            if MEAN:  # a chunk's later teacher rows (B checked them)
+                if two_pass:
+                    for r in range(t_lo + 1, t_hi):
+                        x = tl.load(t_ptr + r * stride_t + o, mask=inside, other=0.0, eviction_policy="evict_first")
+                        xb += x.to(tl.float32)
+            poison_x = tl.where(xb < float("inf"), 0.0, poison)  # NaN: one row's NaN or +inf (not B's)
+            xb = xb * inv_tau
+            # C1: Qu[c] = Σ w p̄'[s] over column c's first min(len, CSLOTS) entries, one slot-major word each (w's
+            # fp32 bits << 32 | s; a slot's load masked off where the column is shorter: cinfo's low bits), summed
+            # in order, plus R's sum of the rest of a longer column (cinfo bit 3), read from the h row before h_u
+            # replaces it
+            ci = tl.load(cinfo_ptr + o, mask=inside, other=0)
+            qu = tl.zeros((BLOCK_T,), tl.float32)
+            for j in tl.static_range(CSLOTS):
+                use = (ci & 7) > j
+                ew = tl.load(cell_ptr + j * V_T + o, mask=use, other=0)
+                w = (ew >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+                qu += w * _p_bar(z_ptr, stride_z, lse_s_ptr, ew.to(tl.int32), use, s_lo, s_hi, inv_tau, MEAN)
+            longer = ci >= 8
+            if FOLD:  # h_u at the column's rank among W's columns (the ELL's keys): only those are read
+                hk = tl.load(rank_ptr + o, mask=inside, other=0)
+            else:
+                hk = o
+            qu += tl.load(h_row + hk, mask=longer, other=0.0)
+        xb = xb * inv_nt
+        live = ok & (xb > float("-inf"))
+        if SPARSE:
+            mk = tl.load(mask_ptr + v, mask=inside, other=0)
+            qu = tl.load(qu_row + v, mask=live & (mk == 1), other=0.0)
+        q = qu * inv_qz  # 0 without a W entry; a column outside A (mk 0) enters no sum below
+        qe = q + eps
+        pos = live & (qe > 0)
+        xl = tl.where(live, xb, float("-inf"))
+        mz_v = tl.maximum(mz_v, tl.where(qe > 0, float("-inf"), xl))
+        m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, xl)
+        d = xb - m_new - _tl.fast_log(qe)
+        hu = tl.where(pos, _tl.fast_exp(d), 0.0)  # e/(q + eps), without a division
+        if SPARSE:
+            s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * d, 0.0)
+        else:  # a pos lane's own term is NaN at x̄ = +inf (the tile max is then +inf)
+            s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * d, poison_x)
+        mu_v = alpha * mu_v + hu * q
+        m, l_v = m_new, l_new
+        if FOLD:
+            _tl.scatter(h_row + hk, hu, inside & (mk == 1), 8)
+        else:
+            tl.store(h_row + v, hu, mask=ok if SPARSE else inside)
+        tl.store(tm_row + t, m_new)
+    return m, l_v, s1_v, mu_v, mz_v
+
+
+@triton.jit
 def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr, colb, spans_ptr, lse_s_ptr,
                 dr_ptr, h_ptr, tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN: tl.constexpr,
                 GRAD_W: tl.constexpr, FOLD: tl.constexpr, BLOCK_S: tl.constexpr, SLOTS: tl.constexpr,
@@ -455,30 +481,55 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr
         sv = v_lo + tl.arange(0, SLICE * BLOCK_S)
         args = (v_lo, tl.minimum(V_S, v_lo + SLICE * BLOCK_S), ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, valid,
                 s_lo, s_hi, z_ptr, stride_z, lse_s_ptr, dr_ptr, dz_ptr, stride_dz, V_S, inv_tau)
-        if tl.max(tl.load(nslot_ptr + sv, mask=sv < V_S, other=0)) > 1:
-            _slice_rows(args, FOLD, SLOTS, BLOCK_S, STAGES)
+        wide = tl.max(tl.load(nslot_ptr + sv, mask=sv < V_S, other=0)) > 1
+        if MEAN:  # a 1-to-1 chunk runs the single-row instantiation
+            if s_hi - s_lo == 1:
+                _slices(args, wide, FOLD, SLOTS, BLOCK_S, STAGES, True)
+            else:
+                _slices(args, wide, FOLD, SLOTS, BLOCK_S, STAGES, False)
         else:
-            _slice_rows(args, FOLD, 1, BLOCK_S, STAGES)
+            _slices(args, wide, FOLD, SLOTS, BLOCK_S, STAGES, True)
         tl.debug_barrier()
         tl.atomic_add(sync_ptr + 1 + n_k + c, 1, sem="release", scope="gpu")
     return j
 
 
 @triton.jit
-def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
-    """dz rows on the student ids [v_lo, v_hi) (_take_slice), g from the ELL's first K slots."""
+def _slices(args, wide, FOLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr,
+            SINGLE: tl.constexpr):
+    """_slice_rows with all SLOTS slots where the slice has a wider student, else the one-slot instantiation."""
+    if wide:
+        _slice_rows(args, FOLD, SLOTS, BLOCK_S, STAGES, SINGLE)
+    else:
+        _slice_rows(args, FOLD, 1, BLOCK_S, STAGES, SINGLE)
+
+
+@triton.jit
+def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr,
+                SINGLE: tl.constexpr):
+    """dz rows on the student ids [v_lo, v_hi) (_take_slice), g from the ELL's first K slots. SINGLE (one student
+    row, d_r = 0): no row loop, not pipelined either (that would cost 55-73 % more instructions per tile, sm_90 SASS;
+    the merged rows' loop keeps Triton from pipelining the other instantiation)."""
     (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, valid, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr,
      dr_ptr, dz_ptr, stride_dz, V_S, inv_tau) = args
     offs = tl.arange(0, BLOCK_S)
-    for v0 in tl.range(v_lo, v_hi, BLOCK_S, num_stages=STAGES):
+    for v0 in tl.range(v_lo, v_hi, BLOCK_S, num_stages=1 if SINGLE else STAGES):
         o = v0 + offs
         om = o < V_S
         g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, FOLD, K)
-        for r in range(s_lo, s_hi):
-            p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r, cache_modifier=".cg"),
-                                 "evict_first")
-            dz = tl.where(valid, coef * p * (g - tl.load(dr_ptr + r, cache_modifier=".cg")), 0.0)  # never NaN
-            tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om, eviction_policy="evict_first")
+        if SINGLE:
+            p = _tl.softmax_tile(z_ptr + s_lo * stride_z, o, om, inv_tau,
+                                 tl.load(lse_s_ptr + s_lo, cache_modifier=".cg"), "evict_first")
+            dz = tl.where(valid, coef * p * g, 0.0)
+            tl.store(dz_ptr + s_lo * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om,
+                     eviction_policy="evict_first")
+        else:
+            for r in range(s_lo, s_hi):
+                p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau,
+                                     tl.load(lse_s_ptr + r, cache_modifier=".cg"), "evict_first")
+                dz = tl.where(valid, coef * p * (g - tl.load(dr_ptr + r, cache_modifier=".cg")), 0.0)  # never NaN
+                tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om,
+                         eviction_policy="evict_first")
 
 
 @triton.jit
@@ -528,10 +579,11 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 
 
 # The tile geometry of the teacher pass and the entry blocks is fixed across the autotune configs: W's column ELL and
-# residual entries are built for it once per W. A is software-pipelined over STAGES tiles (cp.async in its SASS), C
-# only where the rows are single at compile time, D not (its loop over the chunk's rows). A single-row instantiation
-# for 1-to-1 chunks would pipeline both, the gathers included (cp.async per element), at 30 % (C) and 37-55 % (D) more
-# instructions per tile (sm_90 SASS): whether that pays is for a GPU to tell. The kernel is bound by instruction
+# residual entries are built for it once per W. A is software-pipelined over STAGES tiles (cp.async in its SASS), C in
+# its single-row instantiation (merge "first" / "chain", and merge="mean"'s 1-to-1 chunks), D not. Per thread and
+# 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): C 830 pipelined (616 unpipelined, 989 for merged rows), D 297
+# (pipelined 472; 347 for merged rows): pipelining the gathers costs a cp.async per element; whether C's pays is for
+# a GPU to tell (latency: 8 warps per SM, one tile's loads in flight unpipelined). The kernel is bound by instruction
 # issue, not bytes (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans'
 # and reductions' cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than
 # at 16 when measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators). The configs
