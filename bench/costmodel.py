@@ -261,23 +261,24 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     gets from this W and ``uncovered`` (A = the covered columns, or all). Common case (the single-pass compaction
     hits on both sides): student rows read in S1 (LSE, candidate list) and S3 (gradient, written), the teacher row
     in T1; the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~6 times (level-1 histogram and key range,
-    bin b1's range, ~3 bisection steps, gather), or once where the small network (m ≤ W_SMALL) sorts the whole
-    list (|L| ≤ W_SMALL), |L| = the side's uncommon set when it fits the list (the first pass appends it whole), else
-    ≈ 2 m (m plus the keys within the hint radius); the sort buffers, the gradient list G (8 B × m); S3 gathers the teacher at the common columns (from L2: the teacher row is part of the working set;
-    spilled, each gather is a 32-byte sector from HBM). The fallback (a miss on both sides: S2 / T2 read the rows
-    twice, for the level-1 histogram and the compaction) is returned as hbm_l2_fallback / hbm_spill_fallback.
+    bin b1's range, ~3 bisection steps, gather), or once where the small network (m ≤ W_SMALL) sorts the whole list
+    (|L| ≤ W_SMALL), |L| = the side's uncommon set when it fits the list (the first pass appends it whole), else
+    ≈ 2 m (m plus the keys within the hint radius); the sort buffers, the gradient list G (8 B × m); S3 gathers the
+    teacher at the common columns (from L2: the teacher row is part of the working set; spilled, each gather is a
+    32-byte sector from HBM). The fallback (a miss on both sides: S2 / T2 read the rows twice, for the level-1
+    histogram and the compaction) is returned as hbm_l2_fallback / hbm_spill_fallback.
 
     Time per row and SM: the streams S1, T1 and S3, each the longer of its bytes at the SM's share of HBM bandwidth
     and its instruction issue (``issue``: issue_counts()["H-KL"], the first config's tiles; S1 / T1 skip their
-    append in the tiles without an id of U_S / U_T, which cluster in a real W), then the window (not
-    overlapped: one program per SM): its list passes, the longer of their bytes at the SM's share of the assumed L2
-    bandwidth and their instruction issue (issue["L"] per tile), and the sorts' issue time (SORT_INSTR per lane and
+    append in the tiles without an id of U_S / U_T, which cluster in a real W), then the window (not overlapped: one
+    program per SM): its list passes, the longer of their bytes at the SM's share of the assumed L2 bandwidth and
+    their instruction issue (issue["L"] per list and tile), and the sorts' issue time (SORT_INSTR per lane and
     stage; the network of W_SMALL lanes when m fits it, run for the ⌈log₂ n⌉ merge stages that sort its first n
     lanes, n the longer of a whole list and a window of m, both sides in it: one chain of stages, the b keys at the
-    int64 rate; else the W-lane network twice, one window after the other). The working set is time-averaged over these phases: each
-    per-program buffer counts for the fraction of a chunk's time it is live (L_a from its writes in S1 to the end of
-    the window, L_b from T1, the sort buffers in the window, G from the window to the end of S3, the teacher row
-    from T1 to the end of S3)."""
+    int64 rate; else the W-lane network twice, one window after the other). The working set is time-averaged over
+    these phases: each per-program buffer counts for the fraction of a chunk's time it is live (L_a from its writes
+    in S1 to the end of the window, L_b from T1, the sort buffers in the window, G from the window to the end of S3,
+    the teacher row from T1 to the end of S3)."""
     from xtoken_ext.ops import hkl_kernel as H
 
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
@@ -323,8 +324,8 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     t_s1, t_t1, t_s3 = (max(a, b or 0.0) for a, b in passes.values())
     t_lists = 0.0  # the list passes' instruction issue (tiles of BLOCK_L keys)
     if issue is not None:
-        per_tile = issue["L"]["hist"] + issue["L"]["b1"] + 3 * issue["L"]["select"] + issue["L"]["gather"]
-        t_lists = sum(issue_time(per_tile, issue["warps"], math.ceil(d["n"] / block)) for d in sides
+        t_lists = sum(issue_time(L["hist"] + L["b1"] + 3 * L["select"] + L["gather"], issue["warps"],
+                                 math.ceil(d["n"] / block)) for d, L in zip(sides, (issue["L"]["a"], issue["L"]["b"]))
                       if not d["direct"])
     t_win = max(lists / l2_sm, t_lists) + bufs / l2_sm + t_sort
     t_row = t_streams + t_win

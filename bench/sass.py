@@ -160,7 +160,7 @@ def pass_bodies() -> dict:
     slots run: a slice of one-slot students runs 1, others SLOTS), C and D in their single-row instantiations; H-KL
     S1 / T1 (student / teacher row pass, the same helper inlined twice, in that order; S1_skip / T1_skip the
     instructions of their append, which a tile without an uncommon id skips), S3 (gradient pass: the single-row,
-    pipelined instantiation, the smaller of its two) and L (the window's passes over a candidate list)."""
+    pipelined instantiation, the smaller of its two) and L (the window's passes over each candidate list)."""
     from xtoken_ext.ops import hkl_kernel as H
     from xtoken_ext.ops import pkl_kernel as P
 
@@ -188,14 +188,20 @@ def pass_bodies() -> dict:
     (branch,) = header_lines(H._row_pass, "if _tile_has(")
     s1_skip, t1_skip = [sk[branch] for line in header_lines(H._row_pass, "for c0 in tl.range")
                         for sk in skips.get(line, [])]
-    # the window's passes over a candidate list, per tile of BLOCK_L keys (the costliest instantiation): level-1
-    # histogram and key range, bin b1's key range (_candidates' two loops, student and teacher list each), a
-    # bisection step, the gather into the sort buffer; the two largest of _select's and _gather's bodies are
-    # _compact's over the rows (which compute the key-space values too), the others the lists'
-    cand = body(b, H._candidates, "for i0 in range(0, cnt, BLOCK_L)")
-    lst = dict(hist=max(cand[:2]), b1=max(cand[2:]),
-               **{k: sorted(body(b, fn, "for c0 in range(0, n, BLOCK)"))[-3] for k, fn in (("select", H._select),
-                                                                                        ("gather", H._gather))})
+    # the window's passes over each candidate list (a: the student's, b: the teacher's), per tile of BLOCK_L keys:
+    # level-1 histogram and key range, bin b1's key range (_candidates' two loops), a bisection step (_select), the
+    # gather into the sort buffer (_gather); a list's bodies are those that load its keys (_keys' line for that
+    # source; _select's and _gather's others are _compact's over the rows), the costliest where it has several
+    ls = loop_lines(H._hkl_kernel, consts, cfg.num_warps)
+    hist, b1 = header_lines(H._candidates, "for i0 in range(0, cnt, BLOCK_L)")
+    lst = {}
+    for side, load in (("a", "e = tl.load(src + o, mask=valid, other=0)"), ("b", "k = tl.load(src + o, mask=valid")):
+        (key,) = source_lines(H._keys, load)
+        mine = lambda x, key=key: key in x  # noqa: E731
+        lst[side] = dict(hist=max(n for n, x in zip(b[hist], ls[hist]) if mine(x)),
+                         b1=max(n for n, x in zip(b[b1], ls[b1]) if mine(x)),
+                         **{k: max(body(b, fn, "for c0 in range(0, n, BLOCK)", ls, mine))
+                            for k, fn in (("select", H._select), ("gather", H._gather))})
     out["H-KL"] = dict(warps=cfg.num_warps, S1=s1, T1=t1, S1_skip=s1_skip, T1_skip=t1_skip,
                        S3=min(body(b, H._grad_pass, "for v0 in tl.range")), L=lst)
     return out

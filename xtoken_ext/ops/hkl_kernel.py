@@ -438,14 +438,14 @@ def _candidates(SRC: tl.constexpr, n, src, m, cap, dst, cnt, c, hit, whole, PACK
     bin b1 and above as _compact's list does, iff cnt ≥ min(m, n_u) (for m ≤ n_u: ⟺ b_h ≤ b1) and none was dropped
     (cnt ≤ cap): hit (the caller's, _hit). Then two passes over the list find bin b1 (the list's level-1 histogram:
     the bins ≥ b_h are all there) and the key ranges, unless the small network sorts both whole lists (whole:
-    _windows; c1 = −1 then); else _compact (the exact path) rewrites it. -> _compact's results."""
+    _windows, which then reads neither); else _compact (the exact path) rewrites it. -> _compact's results."""
     LSRC: tl.constexpr = SRC - 2  # the list's source id in _keys
     if hit:
         k_min = tl.full((), _INT_MAX, tl.int32)
         k_max = tl.full((), _INT_MIN, tl.int32)
         b_lo = tl.full((), _INT_MAX, tl.int32)
         b_hi = tl.full((), _INT_MIN, tl.int32)
-        c1 = tl.full((), -1, tl.int32)  # whole (_windows reads it so)
+        c1 = tl.full((), 0, tl.int32)
         if not whole:
             h1 = tl.full((64,), 0, tl.int32)
             for i0 in range(0, cnt, BLOCK_L):
@@ -577,8 +577,8 @@ def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexp
 def _windows(args, SPARSE: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr, TRUNC: tl.constexpr):
     """The sorted-L1 term over rank windows of W lanes (module docstring): G's entries [0, m) (columns, g), and
     -> (Σ|a_i − b_i|, gsum + Σ g_i, θ_a, θ_b: the m-th largest keys)."""
-    (m, tot_b, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b, lo_b, th_b_prev, blo_b, bhi_b, c1_b, wa, wb, gc,
-     gv, al_a, be_a, al_b, be_b, tt, gsum) = args
+    (m, tot_b, whole, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b, lo_b, th_b_prev, blo_b, bhi_b, c1_b, wa,
+     wb, gc, gv, al_a, be_a, al_b, be_b, tt, gsum) = args
     l1 = tl.full((), 0, tl.float32)
     gt_a = tl.full((), 0, tl.int32)  # #(keys > the previous window's θ); θ starts at the list's max
     gt_b = tl.full((), 0, tl.int32)
@@ -592,7 +592,7 @@ def _windows(args, SPARSE: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr,
         # whole: the small network (TRUNC: m ≤ W, one window) sorts both whole single-pass lists, whose first m
         # lanes are then the top m (keys equal to θ in the network's order), with no selection or gather
         if TRUNC:
-            direct = c1_a < 0  # _candidates' mark of whole lists
+            direct = whole
         else:
             direct = False
         nth_a = tl.full((), _INT_MIN, tl.int32)  # θ_a; direct: from the sorted lanes below
@@ -795,8 +795,8 @@ def _hkl_kernel(
                                                                        whole, False, False, SPARSE, BLOCK_T, BLOCK_L)
                 path = hit_a.to(tl.int32) | (hit_b.to(tl.int32) << 1) | (whole.to(tl.int32) << 3)
                 tot_b = nu_b
-                w_args = (m, tot_b, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b, lo_b, th_b_prev, blo_b,
-                          bhi_b, c1_b, wa, wb, gc, gv, al_a, be_a, al_b, be_b, tt, gsum)
+                w_args = (m, tot_b, whole, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b, lo_b, th_b_prev,
+                          blo_b, bhi_b, c1_b, wa, wb, gc, gv, al_a, be_a, al_b, be_b, tt, gsum)
                 # the sort network sized to m (on the device): W_SMALL lanes when m fits, else W
                 if m <= W_SMALL:
                     path |= 4
