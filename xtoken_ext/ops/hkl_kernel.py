@@ -532,12 +532,15 @@ def _row_pass(row_ptr, tc_row, cls_ptr, ub_ptr, C, inv_tau, c, edge, lst, cap, S
 
 @triton.jit
 def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    """dz_r = (gS − p_r Σ gS)/(τ n_s) at every column of the chunk's student rows (0 for bad input), gS = −τ² P[t_c]
-    at the common columns of a dense teacher (gathered at t_c = smap[s]) and 0 elsewhere -> the dense teacher's KL
-    Σ_c [P > 0] P (T − S) at t_c. ONE: single student and teacher rows (no inner row loops: pipelined)."""
+    """dz_r = (gS − p_r Σ gS)/(τ n_s) = −(τ² P[t_c] + p_r Σ gS) c at every column of the chunk's student rows (c =
+    1/(τ n_s); the caller zeroes a bad chunk's rows instead), gS = −τ² P[t_c] at the common columns of a dense
+    teacher (gathered at t_c = smap[s]) and 0 elsewhere -> the dense teacher's KL Σ_c [P > 0] P (T − S) at t_c. ONE:
+    single student and teacher rows (no inner row loops: pipelined)."""
     z_ptr, stride_z, t_ptr, stride_t, smap_ptr, lse_s_ptr, lse_t_ptr, dz_ptr, stride_dz, s_lo, n_s, t_lo, n_t, c_s, \
-        c_t, V_S, inv_tau, tt, gsum, bad = args
+        c_t, V_S, inv_tau, tt, gsum = args
     coef = inv_tau / n_s.to(tl.float32)
+    ttc = tt * coef
+    gsc = gsum * coef
     lse0 = tl.load(lse_s_ptr + s_lo)
     kl = tl.full((BLOCK,), 0, tl.float32)  # per lane, reduced once
     for v0 in tl.range(0, V_S, BLOCK, num_stages=STAGES):
@@ -548,7 +551,7 @@ def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexp
         gS = tl.full((BLOCK,), 0, tl.float32)
         if not SPARSE:
             tcol = tl.load(smap_ptr + o, mask=om, other=-1)
-            com = (tcol >= 0) & (bad == 0)
+            com = tcol >= 0
             tcol = tl.where(com, tcol, 0)
             if ONE:
                 tv = tl.load(t_ptr + t_lo * stride_t + tcol, mask=com, other=0.0).to(tl.float32) * inv_tau \
@@ -560,15 +563,15 @@ def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexp
                 S = _s_vals(z_ptr, stride_z, lse_s_ptr, s_lo, n_s, o, om, inv_tau, ONE, BLOCK)
                 S = tl.where(n_s == 1, S * inv_tau - lse0 + c_s, S)
             P = tl.where(com, tl.exp(tv), 0.0)
-            kl += tl.where(com & (P > 0), P * (tv - S), 0.0)
-            gS = -tt * P
+            kl += tl.where(P > 0, P * (tv - S), 0.0)  # P > 0: a common column
+            gS = -ttc * P  # gS c
         if ONE:
-            dz = tl.where(bad != 0, 0.0, (gS - tl.exp(lp) * gsum) * coef)
+            dz = gS - tl.exp(lp) * gsc
             tl.store(dz_ptr + s_lo * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om)
         else:
             for r in range(s_lo, s_lo + n_s):
                 p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r), "")
-                dz = tl.where(bad != 0, 0.0, (gS - p * gsum) * coef)
+                dz = gS - p * gsc
                 tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om)
     return tl.sum(kl)
 
@@ -818,8 +821,13 @@ def _hkl_kernel(
         # S3: dz_r = (gS − p_r Σ gS)/(τ n_s) at every column, gS = −τ² P[t_c] at the common columns (dense teacher:
         # gathered at t_c = smap[s], with the KL), else 0; the columns listed in G are overwritten below.
         g_args = (z_ptr, stride_z, t_ptr, stride_t, smap_ptr, lse_s_ptr, lse_t_ptr, dz_ptr, stride_dz, s_lo, n_s, t_lo,
-                  n_t, c_s, c_t, V_S, inv_tau, tt, gsum, bad)
-        if raw_a & (raw_b | SPARSE):  # single rows: the pipelined instantiation
+                  n_t, c_s, c_t, V_S, inv_tau, tt, gsum)
+        if bad != 0:  # bad input: zero gradient rows
+            for r in range(s_lo, s_lo + n_s):
+                for v0 in range(0, V_S, BLOCK_S):
+                    o = v0 + tl.arange(0, BLOCK_S)
+                    tl.store(dz_ptr + r * stride_dz + o, tl.zeros((BLOCK_S,), dz_ptr.dtype.element_ty), mask=o < V_S)
+        elif raw_a & (raw_b | SPARSE):  # single rows: the pipelined instantiation
             kl += _grad_pass(g_args, True, SPARSE, BLOCK_S, STAGES)
         else:
             kl += _grad_pass(g_args, False, SPARSE, BLOCK_S, STAGES)

@@ -17,9 +17,9 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      segmented scan per column (no differences of a running sum: cancellation would wipe out a small column sum),
      each column's sum stored where C keeps its h_u (the scratch row), read back by C before h_u replaces it.
   C  ONE flat loop over the teacher in BLOCK_T tiles (_teacher_pass; merged rows add a loop over the chunk's rows),
-     software-pipelined over STAGES tiles where the rows are single at compile time (merge "first" / "chain");
-     merge="mean" runs a 1-to-1 chunk in a single-row instantiation without the row loops (and without pipelining,
-     as the merged rows' loop, whose row loops keep Triton from pipelining it: one tile's loads in flight). Per tile:
+     software-pipelined over STAGES tiles where the rows are single: merge "first" / "chain", and merge="mean"'s
+     1-to-1 chunks, which run a single-row instantiation (the merged rows' loops inside the tile loop keep Triton
+     from pipelining their instantiation: one tile's loads in flight). Per tile:
      C1 Qu = Wᵀp̄ on its columns: the column ELL's K slots gather p̄' at their students (a slot's load masked off
         where the column is shorter) and sum in order, plus R's sum of a longer column.
      C2 the teacher tile, read once: the merged teacher x̄ (vectorized loads, A selected with tl.where) folded into
