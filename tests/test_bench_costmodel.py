@@ -111,7 +111,7 @@ def test_issue_from_sass(proj):
     c = [p["C"][str(k)] for k in range(1, P.SLOTS + 1)]
     d = [p["D"][str(k)] for k in (1, P.SLOTS)]
     assert all(100 < x < 20_000 for x in [p["A"], p["R"], *d, *c, h["S1"], h["T1"], h["S3"]])
-    # the window's passes over each list (its own instantiations: _select's and _gather's over the rows cost more)
+    # the window's passes over each list: the instantiations that load that list's keys (bench.sass.pass_bodies)
     assert sorted(h["L"]) == ["a", "b"] and all(sorted(v) == ["b1", "gather", "hist", "select"] and
                                                 all(100 < x < 1_000 for x in v.values()) for v in h["L"].values())
     assert c == sorted(set(c)) and c[0] > p["A"] and h["T1"] > h["S3"]  # each column-ELL slot adds gathers

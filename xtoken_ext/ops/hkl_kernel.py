@@ -445,7 +445,7 @@ def _candidates(SRC: tl.constexpr, n, src, m, cap, dst, cnt, c, hit, whole, PACK
         k_max = tl.full((), _INT_MIN, tl.int32)
         b_lo = tl.full((), _INT_MAX, tl.int32)
         b_hi = tl.full((), _INT_MIN, tl.int32)
-        c1 = tl.full((), 0, tl.int32)
+        c1 = tl.full((), 0, tl.int32)  # whole: not read
         if not whole:
             h1 = tl.full((64,), 0, tl.int32)
             for i0 in range(0, cnt, BLOCK_L):
