@@ -71,8 +71,8 @@ def issue_time(body: int, warps: int, tiles: int) -> float:
 def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2, slice_: int = 8) -> dict:
     """nnz, longest column, the P-KL kernel's dense teacher pass for this W (``ops.pkl_kernel._w_structure``): the
     column ELL's width K, the teacher tiles, the residual entries (past a column's first K) and their entry blocks,
-    the bytes of the column ELL's slot loads (per slot k, the 32-byte sectors, 4 columns' 8-byte words, where some
-    column has more than k entries: the other loads are masked off), the first kernel's ragged-loop length (Σ over
+    the bytes of the column ELL's slot loads (every 32-byte sector of its K slot rows: 4 columns' 8-byte words, a
+    column's words past its length 0, loaded masked by the tile only), the first kernel's ragged-loop length (Σ over
     BLOCK_T=512 tiles of the longest column), and the distinct 32-byte sectors the gathers touch (a lower bound of
     their L2 traffic: every repeat within a tile an L1 hit): C's gathers of the z row (elem bytes) per teacher tile
     and R's per residual block, D's gathers of the fp32 scratch row per block_s student tile; and D's student tiles
@@ -101,7 +101,7 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
         m = torch.cat([mask, mask.new_zeros(-mask.numel() % n_per)]).view(-1, n_per).any(1)
         return SECTOR * int(m.sum())
 
-    cell = sum(sectors(4, col_len > k) for k in range(K))
+    cell = K * sectors(4, col_len >= 0)
     # the gradient pass's compact ELL (ops.pkl_kernel._ell_g): nslot (1 B per student) and, per slot k, the 32-byte
     # sectors (4 students' 8-byte words) where some student has more than k slots (the other loads are masked off)
     nslot = (idx >= 0).sum(1)

@@ -5,7 +5,7 @@ notation in ``ops.pkl``'s docstring. Bad-input and degenerate chunks follow the 
 Structure derived once per W, device and tile geometry (cached, ``_w_structure``): W's nonzeros sorted by teacher
 column; for the dense teacher pass a column ELL of K slots (each column's first min(length, K) entries, slot-major
 8-byte words with the call's weight) and the residual entries of the longer columns (past their first K), K chosen
-per W (``_column_slots``: 1 for the real Llama-3 × Qwen3 W, whose extra entries sit in a few long columns, 2 for
+per W (``_column_slots``: 1 for the real Llama-3 × Qwen3 W, whose extra entries sit in a few long columns, 3 for
 ``Projection.random``); for a sparse teacher the flat (student, column, weight) entry lists; and the gradient pass's
 compact ELL: per student its used slots first (nslot int8) and per slot one slot-major int64 word (the weight, with
 the slots outside A zeroed, ``w_eff``; the column or its rank; its tile) — 9 B per student plus the few multi-slot
@@ -20,7 +20,7 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      software-pipelined over STAGES tiles where the rows are single: merge "first" / "chain", and merge="mean"'s
      1-to-1 chunks, which run a single-row instantiation (the merged rows' loops inside the tile loop keep Triton
      from pipelining their instantiation: one tile's loads in flight). Per tile:
-     C1 Qu = Wᵀp̄ on its columns: the column ELL's K slots gather p̄' at their students (a slot's load masked off
+     C1 Qu = Wᵀp̄ on its columns: the column ELL's K slots gather p̄' at their students (a slot's gather masked off
         where the column is shorter) and sum in order, plus R's sum of a longer column.
      C2 the teacher tile, read once: the merged teacher x̄ (vectorized loads, A selected with tl.where) folded into
         an online pass with rescaling: running max m, l = Σe, e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)),
@@ -412,14 +412,15 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
             poison_x = tl.where(xb < float("inf"), 0.0, poison)  # NaN: one row's NaN or +inf (not B's)
             xb = xb * inv_tau
             # C1: Qu[c] = Σ w p̄'[s] over column c's first min(len, CSLOTS) entries, one slot-major word each (w's
-            # fp32 bits << 32 | s; a slot's load masked off where the column is shorter: cinfo's low bits), summed
-            # in order, plus R's sum of the rest of a longer column (cinfo bit 3), read from the h row before h_u
-            # replaces it
+            # fp32 bits << 32 | s, 0 past the column's length: loaded masked by the tile only, a 16-byte vector load
+            # where a per-column mask made one 8-byte copy per column, 10 instructions a column and slot; the gather
+            # masked off by cinfo's low bits), summed in order, plus R's sum of the rest of a longer column (cinfo
+            # bit 3), read from the h row before h_u replaces it
             ci = tl.load(cinfo_ptr + o, mask=inside, other=0)
             qu = tl.zeros((BLOCK_T,), tl.float32)
             for j in tl.static_range(CSLOTS):
                 use = (ci & 7) > j
-                ew = tl.load(cell_ptr + j * V_T + o, mask=use, other=0)
+                ew = tl.load(cell_ptr + j * V_T + o, mask=inside, other=0)  # 0 past a column's length
                 w = (ew >> 32).to(tl.int32).to(tl.float32, bitcast=True)
                 qu += w * _p_bar(z_ptr, stride_z, lse_s_ptr, ew.to(tl.int32), use, s_lo, s_hi, inv_tau, MEAN)
             longer = ci >= 8
@@ -601,7 +602,7 @@ SLICES_GPU = dict(SLICE=8, WIN=256)
 _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 # C's cost per teacher column and column-ELL slot and R's per residual entry lane, in instructions per thread
 # (sm_90 SASS, bench/sass.py, 8 warps; ×256 threads / lanes per tile): _column_slots weighs them per W
-SLOT_COST, ENTRY_COST = 25, 67
+SLOT_COST, ENTRY_COST = 16, 67
 _CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=8) for st in (3, 2)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
 # stale words would find no slice open to help with)
@@ -616,7 +617,7 @@ _STRUCT_CACHE: dict[int, tuple] = {}
 def _column_slots(col_len: torch.Tensor, block_t: int, block_e: int) -> int:
     """The column ELL's width K for W's column lengths: the K in 1..SLOTS that issues the fewest instructions per
     row, C's K slots on every column (SLOT_COST each) against R's blocks of the entries past K (ENTRY_COST per
-    lane): K = 1 for the real Llama-3 × Qwen3 W (few long columns hold its extra entries), 2 for Projection.random."""
+    lane): K = 1 for the real Llama-3 × Qwen3 W (few long columns hold its extra entries), 3 for Projection.random."""
     n_col = -(-col_len.numel() // block_t) * block_t
 
     def cost(k):
