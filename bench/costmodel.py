@@ -242,6 +242,19 @@ def uncommon_masks(proj, pairs: str, uncovered: str = "renormalize") -> tuple[in
     return int(keep.sum()), u_s, u_t
 
 
+def common_sectors(proj, pairs: str, uncovered: str, block: int, elem: int = 2) -> int:
+    """The distinct 32-byte sectors of the teacher row that the gradient pass's gathers at the common pairs' teacher
+    columns touch, per tile of ``block`` student ids (a lower bound of their L2 traffic: every repeat within a tile
+    an L1 hit; a real W maps neighbouring ids to neighbouring ones: Llama-3 → Qwen3's 109,701 gathers touch 13,557
+    sectors)."""
+    V_T = proj.teacher_vocab_size
+    allowed = proj.covered_columns() if uncovered == "renormalize" else torch.ones(V_T, dtype=torch.bool)
+    cs, ct = proj.common_pairs(pairs)
+    keep = allowed[ct.long()]
+    per = SECTOR // elem
+    return torch.unique(cs[keep].long() // block * (V_T // per + 1) + ct[keep].long() // per).numel()
+
+
 def uncommon_sets(proj, pairs: str, uncovered: str = "renormalize") -> tuple[int, int, int]:
     """(common pairs, |U_S|, |U_T|) (uncommon_masks): m = min(|U_S|, |U_T|, uncommon_topk)."""
     n_common, u_s, u_t = uncommon_masks(proj, pairs, uncovered)
@@ -264,8 +277,9 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     bin b1's range, ~3 bisection steps, gather), or once where the small network (m ≤ W_SMALL) sorts the whole list
     (|L| ≤ W_SMALL), |L| = the side's uncommon set when it fits the list (the first pass appends it whole), else
     ≈ 2 m (m plus the keys within the hint radius); the sort buffers, the gradient list G (8 B × m); S3 gathers the
-    teacher at the common columns (from L2: the teacher row is part of the working set; spilled, each gather is a
-    32-byte sector from HBM). The fallback (a miss on both sides: S2 / T2 read the rows twice, for the level-1
+    teacher at the common columns (from L2: the teacher row is part of the working set; a 32-byte sector per gather,
+    or the distinct sectors per student tile, common_sectors, the lower figure; spilled, each gather is a sector from
+    HBM). The fallback (a miss on both sides: S2 / T2 read the rows twice, for the level-1
     histogram and the compaction) is returned as hbm_l2_fallback / hbm_spill_fallback.
 
     Time per row and SM: the streams S1, T1 and S3, each the longer of its bytes at the SM's share of HBM bandwidth
@@ -307,6 +321,8 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     stream_fb = elem * (5 * V_S + 3 * V_T)
     lists_fb = 5 * (8 + 4) * min(2 * m, cap) + 12 * min(2 * m, cap)
     l2 = lists + bufs + n_common * SECTOR + m * SECTOR  # S3's teacher gathers, the fix-up's student gathers
+    l2_lo = l2 - n_common * SECTOR + SECTOR * common_sectors(proj, "relaxed" if loss == "H-KL" else "strict", uncovered,
+                                                             H._CONFIGS[0].kwargs["BLOCK_S"], elem)
     # time per row and SM (s)
     l2_sm = gpu["l2_bw"] / gpu["sms"]
     t_sort = (2 * SORT_INSTR[0] if small else sum(SORT_INSTR)) * stages * max(w_net, SORT_THREADS) / 32 / ISSUE / CLOCK
@@ -342,7 +358,7 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     loops = {"S1/S3 (student passes)": math.ceil(V_S / block), "T1 (teacher pass)": math.ceil(V_T / block),
              f"window ({lists_how} + {'1' if small else '2'} x {stages} sort stages)": chains[block][0]}
     gathers = SECTOR * (n_common + 2 * m)  # spilled: S3's teacher gathers, the fix-up's student gathers and stores
-    return dict(kernel=loss, floor=floor, hbm_l2=stream, hbm_spill=stream + lists + bufs + gathers, l2=l2, l2_lo=l2,
+    return dict(kernel=loss, floor=floor, hbm_l2=stream, hbm_spill=stream + lists + bufs + gathers, l2=l2, l2_lo=l2_lo,
                 loops=loops, vocab_tiles=chains[block][1], chains=chains, old_loop=None,
                 hbm_l2_fallback=stream_fb, hbm_spill_fallback=stream_fb + lists_fb + bufs + gathers,
                 footprint=min(rows, gpu["sms"]) * live + shared, t_row=t_row, t_window=t_win, t_sort=t_sort,

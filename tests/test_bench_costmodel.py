@@ -144,3 +144,7 @@ def test_hkl_model_whole_lists():
     assert (st["m"], st["l_a"], st["l_b"], st["w_net"]) == (100, 100, 150, 1024)
     assert "window (both lists sorted whole + 1 x 36 sort stages)" in m["loops"]
     assert m["t_lists"] == 0 and m["chains"][2048][0] == 36
+    # S3's 2,900 teacher gathers, one sector each or the distinct ones per 2,048-student tile: columns 0..2,047
+    # (128 sectors of 16 bf16) and 2,048..2,899 (sectors 128..181)
+    assert costmodel.common_sectors(proj, "relaxed", "epsilon", 2048) == 128 + 54
+    assert m["l2"] - m["l2_lo"] == costmodel.SECTOR * (2900 - 182)
