@@ -582,7 +582,7 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # The tile geometry of the teacher pass and the entry blocks is fixed across the autotune configs: W's column ELL and
 # residual entries are built for it once per W. A is software-pipelined over STAGES tiles (cp.async in its SASS), C in
 # its single-row instantiation (merge "first" / "chain", and merge="mean"'s 1-to-1 chunks), D not. Per thread and
-# 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): C 830 pipelined (616 unpipelined, 989 for merged rows), D 297
+# 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): C 747 pipelined (610 unpipelined, 987 for merged rows), D 297
 # (pipelined 472; 347 for merged rows): pipelining the gathers costs a cp.async per element; whether C's pays is for
 # a GPU to tell (latency: 8 warps per SM, one tile's loads in flight unpipelined). The kernel is bound by instruction
 # issue, not bytes (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans'
