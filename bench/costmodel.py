@@ -101,7 +101,7 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
         m = torch.cat([mask, mask.new_zeros(-mask.numel() % n_per)]).view(-1, n_per).any(1)
         return SECTOR * int(m.sum())
 
-    cell = K * sectors(4, col_len >= 0)
+    cell = K * SECTOR * math.ceil(V_T / 4)
     # the gradient pass's compact ELL (ops.pkl_kernel._ell_g): nslot (1 B per student) and, per slot k, the 32-byte
     # sectors (4 students' 8-byte words) where some student has more than k slots (the other loads are masked off)
     nslot = (idx >= 0).sum(1)
@@ -228,18 +228,25 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
                 footprint_alone=z_rows * z_row + h_alone * h_row + w_bytes, slices=slices, stats=st)
 
 
-def uncommon_masks(proj, pairs: str, uncovered: str = "renormalize") -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(common pairs, U_S, U_T as bool masks over the ids) of the H-KL family's sorted-L1 term with this W, ``pairs``
-    ("relaxed": H-KL, "strict": GOLD) and ``uncovered`` (A = the covered columns, or all)."""
-    V_T = proj.teacher_vocab_size
-    allowed = proj.covered_columns() if uncovered == "renormalize" else torch.ones(V_T, dtype=torch.bool)
+def _common(proj, pairs: str, uncovered: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The allowed teacher columns A (the covered ones, or all) and the common pairs (student, teacher ids) on A of
+    the H-KL family's sorted-L1 term with this W, ``pairs`` ("relaxed": H-KL, "strict": GOLD)."""
+    allowed = (proj.covered_columns() if uncovered == "renormalize"
+               else torch.ones(proj.teacher_vocab_size, dtype=torch.bool))
     cs, ct = proj.common_pairs(pairs)
     keep = allowed[ct.long()]
+    return allowed, cs[keep].long(), ct[keep].long()
+
+
+def uncommon_masks(proj, pairs: str, uncovered: str = "renormalize") -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(common pairs, U_S, U_T as bool masks over the ids) of the H-KL family's sorted-L1 term with this W, ``pairs``
+    and ``uncovered`` (_common)."""
+    allowed, cs, ct = _common(proj, pairs, uncovered)
     u_s = torch.ones(proj.student_vocab_size, dtype=torch.bool)
-    u_s[cs[keep].long()] = False
+    u_s[cs] = False
     u_t = allowed.clone()
-    u_t[ct[keep].long()] = False
-    return int(keep.sum()), u_s, u_t
+    u_t[ct] = False
+    return cs.numel(), u_s, u_t
 
 
 def common_sectors(proj, pairs: str, uncovered: str, block: int, elem: int = 2) -> int:
@@ -247,12 +254,9 @@ def common_sectors(proj, pairs: str, uncovered: str, block: int, elem: int = 2) 
     columns touch, per tile of ``block`` student ids (a lower bound of their L2 traffic: every repeat within a tile
     an L1 hit; a real W maps neighbouring ids to neighbouring ones: Llama-3 → Qwen3's 109,701 gathers touch 13,557
     sectors)."""
-    V_T = proj.teacher_vocab_size
-    allowed = proj.covered_columns() if uncovered == "renormalize" else torch.ones(V_T, dtype=torch.bool)
-    cs, ct = proj.common_pairs(pairs)
-    keep = allowed[ct.long()]
+    _, cs, ct = _common(proj, pairs, uncovered)
     per = SECTOR // elem
-    return torch.unique(cs[keep].long() // block * (V_T // per + 1) + ct[keep].long() // per).numel()
+    return torch.unique(cs // block * (proj.teacher_vocab_size // per + 1) + ct // per).numel()
 
 
 def uncommon_sets(proj, pairs: str, uncovered: str = "renormalize") -> tuple[int, int, int]:
@@ -271,16 +275,16 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
               gpu: dict = GPU, loss: str = "H-KL", issue: dict | None = None) -> dict:
     """Per-row model of ``_hkl_kernel`` (dense teacher, H-KL: the relaxed common pairs, or GOLD: the strict ones;
     uncommon_topk ``topk``) for a 1-to-1 chunk, from the pass table in ops.hkl_kernel's docstring, with the m a user
-    gets from this W and ``uncovered`` (A = the covered columns, or all). Common case (the single-pass compaction
-    hits on both sides): student rows read in S1 (LSE, candidate list) and S3 (gradient, written), the teacher row
-    in T1; the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~6 times (level-1 histogram and key range,
-    bin b1's range, ~3 bisection steps, gather), or once where the small network (m ≤ W_SMALL) sorts the whole list
-    (|L| ≤ W_SMALL), |L| = the side's uncommon set when it fits the list (the first pass appends it whole), else
-    ≈ 2 m (m plus the keys within the hint radius); the sort buffers, the gradient list G (8 B × m); S3 gathers the
-    teacher at the common columns (from L2: the teacher row is part of the working set; a 32-byte sector per gather,
-    or the distinct sectors per student tile, common_sectors, the lower figure; spilled, each gather is a sector from
-    HBM). The fallback (a miss on both sides: S2 / T2 read the rows twice, for the level-1
-    histogram and the compaction) is returned as hbm_l2_fallback / hbm_spill_fallback.
+    gets from this W and ``uncovered`` (A = the covered columns, or all). Common case (the single-pass compaction hits
+    on both sides): student rows read in S1 (LSE, candidate list) and S3 (gradient, written), the teacher row in T1; the
+    lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~6 times (level-1 histogram and key range, bin b1's range,
+    ~3 bisection steps, gather), or once where the small network (m ≤ W_SMALL) sorts the whole list (|L| ≤ W_SMALL),
+    |L| = the side's uncommon set when it fits the list (the first pass appends it whole), else ≈ 2 m (m plus the keys
+    within the hint radius); the sort buffers, the gradient list G (8 B × m); S3 gathers the teacher at the common
+    columns (from L2: the teacher row is part of the working set; a 32-byte sector per gather, or the distinct sectors
+    per student tile, common_sectors, the lower figure; spilled, each gather is a sector from HBM). The fallback (a miss
+    on both sides: S2 / T2 read the rows twice, for the level-1 histogram and the compaction) is returned as
+    hbm_l2_fallback / hbm_spill_fallback.
 
     Time per row and SM: the streams S1, T1 and S3, each the longer of its bytes at the SM's share of HBM bandwidth
     and its instruction issue (``issue``: issue_counts()["H-KL"], the first config's tiles; S1 / T1 skip their
