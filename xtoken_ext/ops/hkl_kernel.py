@@ -95,7 +95,7 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   tile. The two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread, ~45 µs of issue time per row per
   SM, not overlapped with the streams: one program per SM (below). At m = 128 in the small network: ≈ 2.3 µs.
 Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain × dense / sparse): config 0 (2048
-  lanes, 3 stages, 8 warps) 255 registers with 240-396 B at W = 8192 (104-252 B before the row passes' tile skip,
+  lanes, 3 stages, 8 warps) 255 registers with 236-400 B at W = 8192 (104-252 B before the row passes' tile skip,
   scatter layout and the small network's whole-list path, 76-204 B while the row passes built the level-1
   histogram, 24-124 B before the W_SMALL network was added), outside the per-tile passes but for the ~4-12 local
   accesses per tile they had before; config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.76 KB (first, dense;
