@@ -315,13 +315,14 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     # per list (a: 8 B keys, b: 4 B): sorted whole in the small network where both fit it (no pass over them),
     # else ~6 passes (level-1 histogram and key range, bin b1's range, ~3 bisection steps, the gather of its window)
     whole = small and max(l_a, l_b) <= w_small
-    sides = [dict(n=l, size=sz, direct=whole) for l, sz in ((l_a, 8), (l_b, 4))]
-    lg = math.ceil(math.log2(max(max(d["n"] if d["direct"] else touched for d in sides), 1)))
+    sides = ((l_a, 8), (l_b, 4))  # (keys, bytes per key)
+    passed = () if whole else sides  # the lists the window passes over
+    lg = math.ceil(math.log2(max(max(l_a, l_b) if whole else touched, 1)))
     stages = lg * (lg + 1) // 2
     floor = elem * (2 * V_S + V_T)
     stream = elem * (3 * V_S + V_T)
-    lists = sum((2 if d["direct"] else 7) * d["size"] * d["n"] for d in sides)  # written once, read once or ~6 times
-    bufs = sum(2 * d["size"] * touched for d in sides if not d["direct"]) + 2 * 8 * m  # sort buffers and G
+    lists = sum((2 if whole else 7) * size * n for n, size in sides)  # written once, read once or ~6 times
+    bufs = sum(2 * size * touched for _, size in passed) + 2 * 8 * m  # sort buffers and G
     stream_fb = elem * (5 * V_S + 3 * V_T)
     lists_fb = 5 * (8 + 4) * min(2 * m, cap) + 12 * min(2 * m, cap)
     l2 = lists + bufs + n_common * SECTOR + m * SECTOR  # S3's teacher gathers, the fix-up's student gathers
@@ -345,18 +346,17 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     t_lists = 0.0  # the list passes' instruction issue (tiles of BLOCK_L keys)
     if issue is not None:
         t_lists = sum(issue_time(L["hist"] + L["b1"] + 3 * L["select"] + L["gather"], issue["warps"],
-                                 math.ceil(d["n"] / block)) for d, L in zip(sides, (issue["L"]["a"], issue["L"]["b"]))
-                      if not d["direct"])
+                                 math.ceil(n / block)) for (n, _), L in zip(passed, (issue["L"]["a"], issue["L"]["b"])))
     t_win = max(lists / l2_sm, t_lists) + bufs / l2_sm + t_sort
     t_row = t_streams + t_win
     live = (8 * l_a * (t_s1 / 2 + t_t1 + t_win) + 4 * l_b * (t_t1 / 2 + t_win)
-            + sum(d["size"] * touched for d in sides if not d["direct"]) * t_win
+            + sum(size * touched for _, size in passed) * t_win
             + 8 * m * (t_win / 2 + t_s3) + elem * V_T * (t_t1 / 2 + t_win + t_s3)) / t_row + SCRATCH_FIXED
     shared = 4 * V_S + 5 * V_T  # smap, tmap, teacher classes
     chains = {}
     for cfg in H._CONFIGS:
         b = cfg.kwargs["BLOCK_L"]
-        chains[b] = (sum(6 * math.ceil(d["n"] / b) for d in sides if not d["direct"]) + (1 if small else 2) * stages,
+        chains[b] = (sum(6 * math.ceil(n / b) for n, _ in passed) + (1 if small else 2) * stages,
                      math.ceil(V_S / b) + math.ceil(V_T / b))
     lists_how = "both lists sorted whole" if whole else "6 passes per list"
     loops = {"S1/S3 (student passes)": math.ceil(V_S / block), "T1 (teacher pass)": math.ceil(V_T / block),

@@ -110,25 +110,28 @@ def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int, dict
     return out
 
 
+def _field(i: int, kernel, consts: dict, num_warps: int, sparse: bool) -> dict:
+    """Field i of cubin_loops' tuples for every loop body of the compiled kernel (cached per variant)."""
+    return {k: [v[i] for v in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps,
+                                                       sparse).items()}
+
+
 def loop_bodies(kernel, consts: dict, num_warps: int, sparse: bool = False) -> dict[tuple[str, int], list[int]]:
     """{(source file name, line of the loop's backward branch): [instructions per thread of each such loop's body,
     in code order]} (a helper's loop appears once per inlined call). Inner loops count once in their outer loop's
     body."""
-    return {k: [v[0] for v in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps,
-                                                       sparse).items()}
+    return _field(0, kernel, consts, num_warps, sparse)
 
 
 def loop_skips(kernel, consts: dict, num_warps: int, sparse: bool = False) -> dict[tuple[str, int], list[dict]]:
     """As loop_bodies, each body's {source line of a forward branch inside it: the instructions it jumps over}."""
-    return {k: [v[2] for v in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps,
-                                                       sparse).items()}
+    return _field(2, kernel, consts, num_warps, sparse)
 
 
 def loop_lines(kernel, consts: dict, num_warps: int, sparse: bool = False) -> dict[tuple[str, int], list[frozenset]]:
     """As loop_bodies, the source lines of each body's instructions: which instantiation of an inlined helper a body
     is (the lines of a branch only one of them compiles)."""
-    return {k: [v[3] for v in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps,
-                                                       sparse).items()}
+    return _field(3, kernel, consts, num_warps, sparse)
 
 
 def source_lines(fn, marker: str, headers: bool = False) -> list[tuple[str, int]]:

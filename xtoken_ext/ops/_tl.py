@@ -193,12 +193,16 @@ def teacher_merged(t_ptr, stride_t, lse_t_ptr, tacc_row, tcnt_row, t_lo, t_hi, o
 
 
 @triton.jit
+def zero_row(row_ptr, V, BLOCK: tl.constexpr):
+    """row[0:V] = 0 in BLOCK tiles."""
+    for v0 in range(0, V, BLOCK):
+        o = v0 + tl.arange(0, BLOCK)
+        tl.store(row_ptr + o, tl.zeros((BLOCK,), tl.float32).to(row_ptr.dtype.element_ty), mask=o < V)
+
+
+@triton.jit
 def zero_uncovered_rows(dz_ptr, stride_dz, covered_ptr, N, V, BLOCK: tl.constexpr):
     """dz_r = 0 for the rows r < N with covered[r] == 0, rows strided over the programs (also a kernel)."""
-    offs = tl.arange(0, BLOCK)
     for r in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
         if tl.load(covered_ptr + r) == 0:
-            for v0 in range(0, V, BLOCK):
-                o = v0 + offs
-                tl.store(dz_ptr + r * stride_dz + o, tl.zeros((BLOCK,), tl.float32).to(dz_ptr.dtype.element_ty),
-                         mask=o < V)
+            zero_row(dz_ptr + r * stride_dz, V, BLOCK)

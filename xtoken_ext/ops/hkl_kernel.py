@@ -824,9 +824,7 @@ def _hkl_kernel(
                   n_t, c_s, c_t, V_S, inv_tau, tt, gsum)
         if bad != 0:  # bad input: zero gradient rows
             for r in range(s_lo, s_lo + n_s):
-                for v0 in range(0, V_S, BLOCK_S):
-                    o = v0 + tl.arange(0, BLOCK_S)
-                    tl.store(dz_ptr + r * stride_dz + o, tl.zeros((BLOCK_S,), dz_ptr.dtype.element_ty), mask=o < V_S)
+                _tl.zero_row(dz_ptr + r * stride_dz, V_S, BLOCK_S)
         elif raw_a & (raw_b | SPARSE):  # single rows: the pipelined instantiation
             kl += _grad_pass(g_args, True, SPARSE, BLOCK_S, STAGES)
         else:
