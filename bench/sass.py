@@ -30,7 +30,8 @@ def _bin(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_sm90(kernel, consts: dict, num_warps: int, sparse: bool = False, lineinfo: bool = False):
+def compile_sm90(kernel, consts: dict, num_warps: int, sparse: bool = False, lineinfo: bool = False,
+                 maxnreg: int | None = None):
     """``kernel`` compiled by Triton for sm_90 with these constexprs (other arguments typed by PTR / F32, with the
     16-divisibility hints Triton's launcher gives real shapes) and assembled by ptxas -> (compiled kernel, cubin
     bytes, ptxas -v report)."""
@@ -52,7 +53,7 @@ def compile_sm90(kernel, consts: dict, num_warps: int, sparse: bool = False, lin
     hints = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n] not in ("constexpr", "fp32") and n not in NO_HINT}
     src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=hints)
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, maxnreg=maxnreg))
     with tempfile.TemporaryDirectory() as d:
         ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
         with open(ptx, "w") as f:
@@ -64,8 +65,9 @@ def compile_sm90(kernel, consts: dict, num_warps: int, sparse: bool = False, lin
 
 
 @functools.lru_cache(maxsize=None)
-def _loops(kernel, consts: tuple, num_warps: int, sparse: bool) -> dict[tuple[str, int], list[tuple[int, int]]]:
-    return cubin_loops(compile_sm90(kernel, dict(consts), num_warps, sparse, lineinfo=True)[1])
+def _loops(kernel, consts: tuple, num_warps: int, sparse: bool, maxnreg: int | None
+           ) -> dict[tuple[str, int], list[tuple[int, int]]]:
+    return cubin_loops(compile_sm90(kernel, dict(consts), num_warps, sparse, lineinfo=True, maxnreg=maxnreg)[1])
 
 
 def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int, dict, frozenset]]]:
@@ -110,28 +112,31 @@ def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int, dict
     return out
 
 
-def _field(i: int, kernel, consts: dict, num_warps: int, sparse: bool) -> dict:
+def _field(i: int, kernel, consts: dict, num_warps: int, sparse: bool, maxnreg: int | None) -> dict:
     """Field i of cubin_loops' tuples for every loop body of the compiled kernel (cached per variant)."""
     return {k: [v[i] for v in vs] for k, vs in _loops(kernel, tuple(sorted(consts.items())), num_warps,
-                                                       sparse).items()}
+                                                       sparse, maxnreg).items()}
 
 
-def loop_bodies(kernel, consts: dict, num_warps: int, sparse: bool = False) -> dict[tuple[str, int], list[int]]:
+def loop_bodies(kernel, consts: dict, num_warps: int, sparse: bool = False, maxnreg: int | None = None
+                ) -> dict[tuple[str, int], list[int]]:
     """{(source file name, line of the loop's backward branch): [instructions per thread of each such loop's body,
     in code order]} (a helper's loop appears once per inlined call). Inner loops count once in their outer loop's
     body."""
-    return _field(0, kernel, consts, num_warps, sparse)
+    return _field(0, kernel, consts, num_warps, sparse, maxnreg)
 
 
-def loop_skips(kernel, consts: dict, num_warps: int, sparse: bool = False) -> dict[tuple[str, int], list[dict]]:
+def loop_skips(kernel, consts: dict, num_warps: int, sparse: bool = False, maxnreg: int | None = None
+                ) -> dict[tuple[str, int], list[dict]]:
     """As loop_bodies, each body's {source line of a forward branch inside it: the instructions it jumps over}."""
-    return _field(2, kernel, consts, num_warps, sparse)
+    return _field(2, kernel, consts, num_warps, sparse, maxnreg)
 
 
-def loop_lines(kernel, consts: dict, num_warps: int, sparse: bool = False) -> dict[tuple[str, int], list[frozenset]]:
+def loop_lines(kernel, consts: dict, num_warps: int, sparse: bool = False, maxnreg: int | None = None
+                ) -> dict[tuple[str, int], list[frozenset]]:
     """As loop_bodies, the source lines of each body's instructions: which instantiation of an inlined helper a body
     is (the lines of a branch only one of them compiles)."""
-    return _field(3, kernel, consts, num_warps, sparse)
+    return _field(3, kernel, consts, num_warps, sparse, maxnreg)
 
 
 def source_lines(fn, marker: str, headers: bool = False) -> list[tuple[str, int]]:
@@ -169,19 +174,16 @@ def pass_bodies() -> dict:
 
     cfg = P._CONFIGS[0]
     c = {}
-    # C and D run a 1-to-1 chunk in their single-row instantiations: C's without the merged rows' loop, D's with
-    # the single-row branch
-    merged = set(source_lines(P._teacher_pass, "for r in range(t_lo + 1, t_hi)"))
-    single = set(source_lines(P._slice_rows, "coef * p * g, 0.0"))
+    # C and D run a 1-to-1 chunk in their single-row loops (_single_pass, _slice_single: the latter instantiated
+    # for one slot and for SLOTS)
     for k in range(1, P.SLOTS + 1):  # the column ELL's width: C's body grows with it
         consts = dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False, SLOTS=P.SLOTS, CSLOTS=k,
                       HELP=0, **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)
-        b, ls = loop_bodies(P._pkl_kernel, consts, cfg.num_warps), loop_lines(P._pkl_kernel, consts, cfg.num_warps)
-        (c[k],) = body(b, P._teacher_pass, "for t in tl.range(0, tl.cdiv(C", ls, lambda x: not x & merged)
+        b = loop_bodies(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg)
+        (c[k],) = body(b, P._single_pass, "for t in range(0, tl.cdiv(C")
         if k == 1:
-            (a,), (r,) = body(b, P._row_stats, "for v0 in tl.range"), body(b, P._pkl_kernel, "for e0 in range(0, NRES")
-            # the 1- and SLOTS-slot instantiations
-            d1, dk = sorted(body(b, P._slice_rows, "for v0 in tl.range(", ls, lambda x: bool(x & single)))
+            (a,), (r,) = body(b, P._row_stats, "for v0 in range"), body(b, P._pkl_kernel, "for e0 in range(0, NRES")
+            d1, dk = sorted(body(b, P._slice_single, "for v0 in range("))
     out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D={1: d1, P.SLOTS: dk})}
     cfg = H._CONFIGS[0]
     w = H.sort_widths(H._SORT_CAP)

@@ -23,16 +23,18 @@ import itertools, json, re, sys
 from xtoken_ext.bench.sass import body, compile_sm90, cubin_loops
 from xtoken_ext.ops import pkl_kernel as P
 
-# P-KL's per-tile passes: A (student LSE), C (teacher tiles), D (gradient slices), in every variant; R (residual
-# entry blocks, dense) or C1 (entry blocks, sparse); C3 (factors or rescaling); the owner's ⟨p_r, g⟩ (merged rows)
-PASSES = ((P._row_stats, "for v0 in tl.range"), (P._teacher_pass, "for t in tl.range(0, tl.cdiv(C"),
-          (P._slice_rows, "for v0 in tl.range("), (P._pkl_kernel, "for e0 in range(0, NRES"),
+# P-KL's per-tile passes: A (student LSE); C (teacher tiles: sparse or merged rows, single dense rows); D (gradient
+# slices: merged rows, a single row); R (residual entry blocks, dense) or C1 (entry blocks, sparse); C3 (factors or
+# rescaling); the owner's ⟨p_r, g⟩ (merged rows)
+PASSES = ((P._row_stats, "for v0 in range"), (P._teacher_pass, "for t in range(0, tl.cdiv(C"),
+          (P._single_pass, "for t in range(0, tl.cdiv(C"), (P._slice_rows, "for v0 in tl.range("),
+          (P._slice_single, "for v0 in range("), (P._pkl_kernel, "for e0 in range(0, NRES"),
           (P._pkl_kernel, "for e0 in range(0, NNZ"), (P._pkl_kernel, "for t0 in range(0, n_c2"),
           (P._pkl_kernel, "for t in range(0, n_c2)"), (P._pkl_kernel, "for v0 in range(0, V_S, BLOCK_S)"))
 
 
-def compile_one(kernel, consts, num_warps, sparse):
-    c, cubin, info = compile_sm90(kernel, consts, num_warps, sparse, lineinfo=True)
+def compile_one(kernel, consts, num_warps, sparse, maxnreg=None):
+    c, cubin, info = compile_sm90(kernel, consts, num_warps, sparse, lineinfo=True, maxnreg=maxnreg)
     spill = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     # 16-byte loads: direct (ld.global.v4) or the pipelined loops' asynchronous copies to shared memory
@@ -50,8 +52,9 @@ if sys.argv[1] == "pkl":
             consts = dict(MEAN=mean, CHAIN=not mean, SPARSE=sparse, GRAD_W=grad_w, HAS_SCALE=grad_w, SLOTS=4,
                           CSLOTS=1 + (sparse + 2 * grad_w + mean) % 4, HELP=0, **P.TILES_GPU, **P.SLICES_GPU,
                           **cfg.kwargs)  # every column-ELL width among the variants
-            r = compile_one(P._pkl_kernel, consts, cfg.num_warps, sparse)
-            out.append(dict(kernel="pkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, grad_w=grad_w, **r))
+            r = compile_one(P._pkl_kernel, consts, cfg.num_warps, sparse, cfg.maxnreg)
+            out.append(dict(kernel="pkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, grad_w=grad_w, mean=mean,
+                            **r))
     r = compile_one(P._pkl_grad_w_kernel, dict(MEAN=True, BLOCK=1024, SLOTS=4), 8, False)
     out.append(dict(kernel="pkl_grad_w", cfg={}, warps=8, sparse=False, grad_w=True, **r))
 else:  # H-KL: its main variant at the 8,192-lane window (both sort networks), and the smallest window
@@ -84,8 +87,10 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         # at 8 warps the kernel uses the whole register file (255): a few scalars live across the teacher loop
         # (A's results, the chunk's sums) may be spilled once per chunk, never an instruction in a per-tile pass
         assert r["pass_spills"] == 0 and r["spill"] <= 64, r
-        if r["kernel"] == "pkl":  # the passes every variant has, and R (dense) or C1 (sparse), are found
-            assert all(r["passes"][:3]) and r["passes"][3:5] == [not r["sparse"], r["sparse"]], r
+        if r["kernel"] == "pkl":  # the passes the variant has are found: C's merged-rows loop where sparse or
+            # merged rows run (merge="mean"), D's where merged rows do, R where dense, C1 where sparse
+            sparse, mean = r["sparse"], r["mean"]
+            assert r["passes"][:7] == [True, sparse or mean, not sparse, mean, True, not sparse, sparse], r
             assert r["sfu_log"] > 0, r  # C's ln(q + eps) on the SFU (ops._tl.fast_log), not a libm-style logf
         assert r["smem"] <= _SMEM_SM90, r  # the pipelined loops' buffers fit an H100 block's shared memory
         if r["kernel"] == "pkl" and not r["sparse"]:

@@ -16,10 +16,9 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
   R  dense teacher: the residual entries in blocks of BLOCK_E, gathering p̄' = Σ_r p_r at their students, a
      segmented scan per column (no differences of a running sum: cancellation would wipe out a small column sum),
      each column's sum stored where C keeps its h_u (the scratch row), read back by C before h_u replaces it.
-  C  ONE flat loop over the teacher in BLOCK_T tiles (_teacher_pass; merged rows add a loop over the chunk's rows),
-     software-pipelined over STAGES tiles where the rows are single: merge "first" / "chain", and merge="mean"'s
-     1-to-1 chunks, which run a single-row instantiation (the merged rows' loops inside the tile loop keep Triton
-     from pipelining their instantiation: one tile's loads in flight). Per tile:
+  C  ONE flat loop over the teacher in BLOCK_T tiles: _single_pass for one student and one dense teacher row (merge
+     "first" / "chain", and merge="mean"'s 1-to-1 chunks), software-pipelined by hand; _teacher_pass for a sparse
+     teacher or merged rows (a loop over the chunk's rows inside the tile loop), unpipelined. Per tile:
      C1 Qu = Wᵀp̄ on its columns: the column ELL's K slots gather p̄' at their students (a slot's gather masked off
         where the column is shorter) and sum in order, plus R's sum of a longer column.
      C2 the teacher tile, read once: the merged teacher x̄ (vectorized loads, A selected with tl.where) folded into
@@ -38,7 +37,8 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
   D  gradient rows, in the logits' dtype: g_s = Σ_slot w_eff (M − h[col]) (one ELL gather of the scratch row, the
      dense case folding its tile's factor in through the slots' tile ids; a slice whose students all have one
      slot runs a one-slot instantiation: half of the real Llama-3 W's slices), dz_r = τ/(n_s Z) p_r (g − d_r),
-     d_r = ⟨p_r, g⟩; for one student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h). The owner computes d_r, stores
+     d_r = ⟨p_r, g⟩; for one student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h: _slice_single, pipelined by
+     hand; merged rows _slice_rows, over STAGES tiles). The owner computes d_r, stores
      (M, coef, valid) and publishes the chunk (a release); its dz rows are then G slices of SLICE student tiles
      that ANY program may take (an acquire on the chunk's sync word, read past L1) and compute. Every program, before
      its next chunk (whose C overwrites its scratch rows), takes open slices oldest first, its previous chunk's
@@ -96,21 +96,26 @@ def _seg_scan(v, f, N: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(row_ptr, a_ptr, V, inv_tau, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+def _row_stats(row_ptr, a_ptr, V, inv_tau, BLOCK: tl.constexpr):
     """One student row -> (lse = LSE_v row[v]/τ, Σ_v softmax(row/τ)[v] a[v], bad = #NaN/+inf, +1 if no finite
-    value), online over V in BLOCK tiles: the running max reduced per tile, the sums and the count per lane."""
+    value), online over V in BLOCK tiles: the running max reduced per tile, the sums and the count per lane. The
+    next tile's logits and a are loaded before this one is folded (pipelined by hand, carried in registers)."""
     m = tl.full((), NEG, tl.float32)
     l = tl.zeros((BLOCK,), tl.float32)
     lw = tl.zeros((BLOCK,), tl.float32)
     bad = tl.zeros((BLOCK,), tl.int32)
     offs = tl.arange(0, BLOCK)
-    for v0 in tl.range(0, V, BLOCK, num_stages=STAGES):
-        o = v0 + offs
-        om = o < V
-        x = tl.load(row_ptr + o, mask=om, other=float("-inf")).to(tl.float32)
-        bad += ((x != x) | (x == float("inf"))).to(tl.int32)  # the logit itself (x/τ may overflow)
-        m, l, e, alpha = _tl.lse_step(m, l, x * inv_tau)
-        lw = lw * alpha + e * tl.load(a_ptr + o, mask=om, other=0.0)
+    x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
+    a = tl.load(a_ptr + offs, mask=offs < V, other=0.0)
+    for v0 in range(0, V, BLOCK):
+        o = v0 + BLOCK + offs
+        xf = x.to(tl.float32)
+        aw = a
+        x = tl.load(row_ptr + o, mask=o < V, other=float("-inf"))
+        a = tl.load(a_ptr + o, mask=o < V, other=0.0)
+        bad += ((xf != xf) | (xf == float("inf"))).to(tl.int32)  # the logit itself (x/τ may overflow)
+        m, l, e, alpha = _tl.lse_step(m, l, xf * inv_tau)
+        lw = lw * alpha + e * aw
     l = tl.sum(l)
     return m + tl.log(l), tl.sum(lw) / l, tl.sum(bad) + (l == 0).to(tl.int32)
 
@@ -245,7 +250,7 @@ def _pkl_kernel(
             # A: student rows.
             z_sum = tl.zeros((), tl.float32)
             for r in range(s_lo, s_hi):
-                lse_r, z_r, bad_r = _row_stats(z_ptr + r * stride_z, a_ptr, V_S, inv_tau, BLOCK_S, STAGES)
+                lse_r, z_r, bad_r = _row_stats(z_ptr + r * stride_z, a_ptr, V_S, inv_tau, BLOCK_S)
                 tl.store(lse_s_ptr + r, lse_r)
                 z_sum += z_r
                 bad += bad_r
@@ -280,9 +285,9 @@ def _pkl_kernel(
             n_c2 = tl.cdiv(C, BLOCK_T)
 
             # C: one online pass over the teacher in BLOCK_T tiles. Dense: per tile C1 from the column ELL (and R's
-            # sums) and C2, pipelined (single rows): it reads what was written before the loop and writes h_u / tile
-            # maxima (a long column's R sum is read by the lane that then overwrites it). Sparse: C2 over the k
-            # columns (Qu from the scratch row).
+            # sums) and C2, pipelined by hand for single rows (_single_pass): it reads what was written before the
+            # loop and writes h_u / tile maxima (a long column's R sum is read by the lane that then overwrites it).
+            # Sparse: C2 over the k columns (Qu from the scratch row).
             # the running max m is per tile; l, S1, Mu and the zero-mass max are kept per lane (with the common
             # rescaling) and reduced once after the loop: a reduction per tile and sum costs more instructions than
             # the lane-wise updates (sm_90 SASS). Bad input: B checked every teacher row where it ran (sparse, or
@@ -290,14 +295,15 @@ def _pkl_kernel(
             c_args = (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, cinfo_ptr, cell_ptr,
                       rank_ptr, z_ptr, stride_z, lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T,
                       inv_tau, inv_qz, eps, two_pass)
-            if MEAN and not SPARSE:  # a 1-to-1 chunk runs the single-row instantiation: no row loops, pipelined
-                if (s_hi - s_lo == 1) & (n_t == 1):
-                    m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, False, SPARSE, FOLD, CSLOTS, BLOCK_T, STAGES)
-                else:
-                    m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, True, SPARSE, FOLD, CSLOTS, BLOCK_T, STAGES)
-            else:
-                m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, MEAN, SPARSE, FOLD, CSLOTS, BLOCK_T, STAGES)
-
+            if SPARSE:
+                m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, MEAN, SPARSE, FOLD, CSLOTS, BLOCK_T)
+            elif MEAN:
+                if (s_hi - s_lo > 1) | (n_t > 1):  # merged rows
+                    m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, True, SPARSE, FOLD, CSLOTS, BLOCK_T)
+                else:  # a 1-to-1 chunk
+                    m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, BLOCK_T)
+            else:  # merge "first" / "chain": one student and one teacher row
+                m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, BLOCK_T)
             l = tl.sum(l_v)
             s1 = tl.sum(s1_v)
             bad += (s1 != s1).to(tl.int32)
@@ -375,8 +381,9 @@ def _pkl_kernel(
 
 @triton.jit
 def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.constexpr, CSLOTS: tl.constexpr,
-                  BLOCK_T: tl.constexpr, STAGES: tl.constexpr):
-    """C over the chunk's teacher (_pkl_kernel) -> the running max m and the per-lane l, S1, Mu and zero-mass max."""
+                  BLOCK_T: tl.constexpr):
+    """C over the chunk's teacher (_pkl_kernel) -> the running max m and the per-lane l, S1, Mu and zero-mass max.
+    Sparse teacher or merged rows (one student and one dense teacher row run _single_pass), unpipelined."""
     (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, cinfo_ptr, cell_ptr, rank_ptr, z_ptr,
      stride_z, lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T, inv_tau, inv_qz, eps, two_pass) = args
     n_t = t_hi - t_lo
@@ -388,7 +395,7 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
     mz_v = tl.full((BLOCK_T,), NEG, tl.float32)  # largest x̄ among allowed columns with q + eps = 0
     inv_nt = 1.0 / n_t.to(tl.float32)
     poison = tl.where(two_pass, 0.0, float("nan"))
-    for t in tl.range(0, tl.cdiv(C, BLOCK_T), num_stages=1 if SPARSE else STAGES):
+    for t in range(0, tl.cdiv(C, BLOCK_T)):
         if SPARSE:
             o, v, inside, ok = _tl.col_tile(tc_ptr + t_lo * stride_tc, mask_ptr, t * BLOCK_T, C, SPARSE, BLOCK_T)
             x = tl.load(t_ptr + t_lo * stride_t + o, mask=o < C, other=0.0).to(tl.float32)
@@ -396,6 +403,7 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
             if n_t > 1:
                 xb += tl.load(tacc_row + v, mask=ok, other=0.0)
                 ok = ok & (tl.load(tcnt_row + v, mask=ok, other=0) == n_t - 1)
+            poison_x = 0.0
         else:
             o = t * BLOCK_T + offs_t
             inside = o < C
@@ -404,56 +412,162 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
             ok = inside & (mk != 0)
             xb = tl.load(t_ptr + t_lo * stride_t + o, mask=inside, other=0.0, eviction_policy="evict_first")
             xb = xb.to(tl.float32)
-            if MEAN:  # a chunk's later teacher rows (B checked them)
-                if two_pass:
-                    for r in range(t_lo + 1, t_hi):
-                        x = tl.load(t_ptr + r * stride_t + o, mask=inside, other=0.0, eviction_policy="evict_first")
-                        xb += x.to(tl.float32)
+            if two_pass:  # a chunk's later teacher rows (B checked them)
+                for r in range(t_lo + 1, t_hi):
+                    x = tl.load(t_ptr + r * stride_t + o, mask=inside, other=0.0, eviction_policy="evict_first")
+                    xb += x.to(tl.float32)
             poison_x = tl.where(xb < float("inf"), 0.0, poison)  # NaN: one row's NaN or +inf (not B's)
             xb = xb * inv_tau
-            # C1: Qu[c] = Σ w p̄'[s] over column c's first min(len, CSLOTS) entries, one slot-major word each (w's
-            # fp32 bits << 32 | s, 0 past the column's length: loaded masked by the tile only, a 16-byte vector load
-            # where a per-column mask made one 8-byte copy per column, 10 instructions a column and slot; the gather
-            # masked off by cinfo's low bits), summed in order, plus R's sum of the rest of a longer column (cinfo
-            # bit 3), read from the h row before h_u replaces it
+            # C1 (as _single_pass's, each merged row's p gathered where the slot is used)
             ci = tl.load(cinfo_ptr + o, mask=inside, other=0)
             qu = tl.zeros((BLOCK_T,), tl.float32)
             for j in tl.static_range(CSLOTS):
-                use = (ci & 7) > j
-                ew = tl.load(cell_ptr + j * V_T + o, mask=inside, other=0)  # 0 past a column's length
+                ew = tl.load(cell_ptr + j * V_T + o, mask=inside, other=0)
                 w = (ew >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-                qu += w * _p_bar(z_ptr, stride_z, lse_s_ptr, ew.to(tl.int32), use, s_lo, s_hi, inv_tau, MEAN)
-            longer = ci >= 8
-            if FOLD:  # h_u at the column's rank among W's columns (the ELL's keys): only those are read
-                hk = tl.load(rank_ptr + o, mask=inside, other=0)
-            else:
-                hk = o
-            qu += tl.load(h_row + hk, mask=longer, other=0.0)
+                qu += w * _p_bar(z_ptr, stride_z, lse_s_ptr, ew.to(tl.int32), (ci & 7) > j, s_lo, s_hi, inv_tau, MEAN)
+            hk = _h_keys(rank_ptr, o, inside, FOLD)
+            qu += tl.load(h_row + hk, mask=ci >= 8, other=0.0)
         xb = xb * inv_nt
         live = ok & (xb > float("-inf"))
         if SPARSE:
             mk = tl.load(mask_ptr + v, mask=inside, other=0)
             qu = tl.load(qu_row + v, mask=live & (mk == 1), other=0.0)
-        q = qu * inv_qz  # 0 without a W entry; a column outside A (mk 0) enters no sum below
-        qe = q + eps
-        pos = live & (qe > 0)
-        xl = tl.where(live, xb, float("-inf"))
-        mz_v = tl.maximum(mz_v, tl.where(qe > 0, float("-inf"), xl))
-        m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, xl)
-        d = xb - m_new - _tl.fast_log(qe)
-        hu = tl.where(pos, _tl.fast_exp(d), 0.0)  # e/(q + eps), without a division
-        if SPARSE:
-            s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * d, 0.0)
-        else:  # a pos lane's own term is NaN at x̄ = +inf (the tile max is then +inf)
-            s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * d, poison_x)
-        mu_v = alpha * mu_v + hu * q
+        m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, tl.where(live, xb, float("-inf")))
+        s1_v, mu_v, mz_v, hu = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu * inv_qz, eps,
+                                         poison_x)
         m, l_v = m_new, l_new
-        if FOLD:
-            _tl.scatter(h_row + hk, hu, inside & (mk == 1), 8)
+        if SPARSE:
+            tl.store(h_row + v, hu, mask=ok)
         else:
-            tl.store(h_row + v, hu, mask=ok if SPARSE else inside)
-        tl.store(tm_row + t, m_new)
+            _h_store(h_row, hk, hu, _h_kept(inside, mk, FOLD), FOLD)
+        tl.store(tm_row + t, m)
     return m, l_v, s1_v, mu_v, mz_v
+
+
+@triton.jit
+def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """C for one dense teacher row and one student row, software-pipelined by hand: tile t + 1's teacher logits and
+    mask are loaded once tile t's have been folded into the running max and sum, its structure words once tile t's
+    Qu is summed, each carried in registers to the next tile, whose gathers (p at its slots' students, R's sums)
+    are issued before its teacher logits are folded (the bottom of the file: Triton's own pipelining costs more)."""
+    (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, cinfo_ptr, cell_ptr, rank_ptr, z_ptr,
+     stride_z, lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T, inv_tau, inv_qz, eps, two_pass) = args
+    offs_t = tl.arange(0, BLOCK_T)
+    m = tl.full((), NEG, tl.float32)
+    l_v = tl.zeros((BLOCK_T,), tl.float32)
+    s1_v = tl.zeros((BLOCK_T,), tl.float32)
+    mu_v = tl.zeros((BLOCK_T,), tl.float32)
+    mz_v = tl.full((BLOCK_T,), NEG, tl.float32)
+    t_row = t_ptr + t_lo * stride_t
+    z_row = z_ptr + s_lo * stride_z
+    lse_s = tl.load(lse_s_ptr + s_lo)
+    PRE: tl.constexpr = CSLOTS <= 2  # wider column ELLs' words, carried, would spill
+    if PRE:
+        ci, ew, hk = _c_words(cinfo_ptr, cell_ptr, rank_ptr, offs_t, C, V_T, FOLD, CSLOTS, BLOCK_T)
+    mk, x = _c_teacher(t_row, mask_ptr, offs_t, C, BLOCK_T)
+    for t in range(0, tl.cdiv(C, BLOCK_T)):
+        o = t * BLOCK_T + offs_t
+        if not PRE:
+            ci, ew, hk = _c_words(cinfo_ptr, cell_ptr, rank_ptr, o, C, V_T, FOLD, CSLOTS, BLOCK_T)
+        # the tile's gathers: p at the used slots' students (−inf off them), R's sum of a longer column
+        zs = ()
+        for j in tl.static_range(CSLOTS):
+            zs = zs + (tl.load(z_row + ew[j].to(tl.int32), mask=(ci & 7) > j, other=float("-inf")),)
+        hr = tl.load(h_row + hk, mask=ci >= 8, other=0.0)
+        inside = o < C
+        xb = x.to(tl.float32)
+        poison_x = tl.where(xb < float("inf"), 0.0, float("nan"))  # NaN: the row's NaN or +inf
+        xb = xb * inv_tau
+        live = inside & (mk != 0) & (xb > float("-inf"))
+        keep = _h_kept(inside, mk, FOLD)
+        m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, tl.where(live, xb, float("-inf")))
+        mk, x = _c_teacher(t_row, mask_ptr, o + BLOCK_T, C, BLOCK_T)
+        # C1: Qu[c] = Σ_j w_j p[s_j] over the column's first min(len, CSLOTS) entries (in order), + R's sum
+        qu = tl.zeros((BLOCK_T,), tl.float32)
+        for j in tl.static_range(CSLOTS):
+            w = (ew[j] >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            qu += w * tl.exp(zs[j].to(tl.float32) * inv_tau - lse_s)
+        qu += hr
+        hk_t = hk
+        if PRE:
+            ci, ew, hk = _c_words(cinfo_ptr, cell_ptr, rank_ptr, o + BLOCK_T, C, V_T, FOLD, CSLOTS, BLOCK_T)
+        s1_v, mu_v, mz_v, hu = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu * inv_qz, eps,
+                                         poison_x)
+        m, l_v = m_new, l_new
+        _h_store(h_row, hk_t, hu, keep, FOLD)
+        tl.store(tm_row + t, m)
+    return m, l_v, s1_v, mu_v, mz_v
+
+
+@triton.jit
+def _c_teacher(t_row, mask_ptr, o, C, BLOCK_T: tl.constexpr):
+    """The dense teacher tile at columns o (none past C): its mask bytes and logits."""
+    inside = o < C
+    return (tl.load(mask_ptr + o, mask=inside, other=0),
+            tl.load(t_row + o, mask=inside, other=0.0, eviction_policy="evict_first"))
+
+
+@triton.jit
+def _c_words(cinfo_ptr, cell_ptr, rank_ptr, o, C, V_T, FOLD: tl.constexpr, CSLOTS: tl.constexpr,
+             BLOCK_T: tl.constexpr):
+    """W's structure words of the dense teacher tile at columns o (none past C): cinfo (slots used in the low 3
+    bits; bit 3: a longer column, R's sum in the h row), the column ELL's CSLOTS slot words (w's fp32 bits << 32 |
+    s, 0 past the column's length: loaded masked by the tile only, 16-byte vector loads, where a per-column mask
+    made one 8-byte copy per column and slot) and the h row's keys (_h_keys)."""
+    inside = o < C
+    ew = ()
+    for j in tl.static_range(CSLOTS):
+        ew = ew + (tl.load(cell_ptr + j * V_T + o, mask=inside, other=0),)
+    return tl.load(cinfo_ptr + o, mask=inside, other=0), ew, _h_keys(rank_ptr, o, inside, FOLD)
+
+
+@triton.jit
+def _h_keys(rank_ptr, o, inside, FOLD: tl.constexpr):
+    """Where the h row keeps column o's h_u (and R's sum before it): its rank among W's columns (FOLD: the ELL's
+    keys, only those are read), else o."""
+    if FOLD:
+        hk = tl.load(rank_ptr + o, mask=inside, other=0)
+    else:
+        hk = o
+    return hk
+
+
+@triton.jit
+def _h_kept(inside, mk, FOLD: tl.constexpr):
+    """The lanes of a dense tile whose h_u the h row keeps: FOLD, the allowed columns with W entries (mask 1)."""
+    if FOLD:
+        keep = inside & (mk == 1)
+    else:
+        keep = inside
+    return keep
+
+
+@triton.jit
+def _h_store(h_row, hk, hu, keep, FOLD: tl.constexpr):
+    """h_u of a dense tile into the h row at its keys (_h_keys), on the lanes kept (_h_kept)."""
+    if FOLD:
+        _tl.scatter(h_row + hk, hu, keep, 8)
+    else:
+        tl.store(h_row + hk, hu, mask=keep)
+
+
+@triton.jit
+def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, q, eps, poison_x):
+    """Fold a tile's q = Qu/(n_s Z) into the online state, its x̄ (the merged teacher logits / τ, live on its allowed
+    finite lanes) already folded into the running max and sum (_tl.lse_step: m -> m_new, ex = exp(x̄ − m_new),
+    alpha = exp(m − m_new)) -> (S1, Mu, zero-mass max, h_u): S1 = Σ e (x̄ − m − log(q + eps)), Mu = Σ e q/(q + eps),
+    h_u = e/(q + eps) = exp(x̄ − m − log(q + eps)) (the log on the SFU, ops._tl.fast_log, and no division: a
+    correctly rounded log and division cost 23 % more instructions per tile; the exp flushes an h_u below 2^-126 to
+    0, an absolute error that D's g = Σ w (M − h) carries at ≤ 2^-126 w). poison_x: NaN in the S1 term of a lane
+    whose (single dense row's) x̄ is NaN or +inf, else 0."""
+    qe = q + eps
+    pos = live & (qe > 0)
+    mz_v = tl.maximum(mz_v, tl.where(qe > 0, float("-inf"), tl.where(live, xb, float("-inf"))))
+    d = xb - m_new - _tl.fast_log(qe)
+    hu = tl.where(pos, _tl.fast_exp(d), 0.0)  # e/(q + eps), without a division
+    s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * d, poison_x)
+    mu_v = alpha * mu_v + hu * q
+    return s1_v, mu_v, mz_v, hu
 
 
 @triton.jit
@@ -498,61 +612,117 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr
 @triton.jit
 def _slices(args, wide, FOLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr,
             SINGLE: tl.constexpr):
-    """_slice_rows with all SLOTS slots where the slice has a wider student, else the one-slot instantiation."""
-    if wide:
-        _slice_rows(args, FOLD, SLOTS, BLOCK_S, STAGES, SINGLE)
+    """The slice's dz rows (one student row: _slice_single, else _slice_rows) with all SLOTS slots where the slice
+    has a wider student, else the one-slot instantiation."""
+    if SINGLE:
+        if wide:
+            _slice_single(args, FOLD, SLOTS, BLOCK_S)
+        else:
+            _slice_single(args, FOLD, 1, BLOCK_S)
     else:
-        _slice_rows(args, FOLD, 1, BLOCK_S, STAGES, SINGLE)
+        if wide:
+            _slice_rows(args, FOLD, SLOTS, BLOCK_S, STAGES)
+        else:
+            _slice_rows(args, FOLD, 1, BLOCK_S, STAGES)
 
 
 @triton.jit
-def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr,
-                SINGLE: tl.constexpr):
-    """dz rows on the student ids [v_lo, v_hi) (_take_slice), g from the ELL's first K slots. SINGLE (one student
-    row, d_r = 0): no row loop, not pipelined either (that would cost 55-73 % more instructions per tile, sm_90 SASS;
-    the merged rows' loop keeps Triton from pipelining the other instantiation)."""
+def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
+    """dz rows of a chunk's merged student rows on the student ids [v_lo, v_hi) (_take_slice), g from the ELL's
+    first K slots, pipelined over STAGES tiles."""
     (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, valid, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr,
      dr_ptr, dz_ptr, stride_dz, V_S, inv_tau) = args
     offs = tl.arange(0, BLOCK_S)
-    for v0 in tl.range(v_lo, v_hi, BLOCK_S, num_stages=1 if SINGLE else STAGES):
+    for v0 in tl.range(v_lo, v_hi, BLOCK_S, num_stages=STAGES):
         o = v0 + offs
         om = o < V_S
         g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, FOLD, K)
-        if SINGLE:
-            p = _tl.softmax_tile(z_ptr + s_lo * stride_z, o, om, inv_tau,
-                                 tl.load(lse_s_ptr + s_lo, cache_modifier=".cg"), "evict_first")
-            dz = tl.where(valid, coef * p * g, 0.0)
-            tl.store(dz_ptr + s_lo * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om,
+        for r in range(s_lo, s_hi):
+            p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau,
+                                 tl.load(lse_s_ptr + r, cache_modifier=".cg"), "evict_first")
+            dz = tl.where(valid, coef * p * (g - tl.load(dr_ptr + r, cache_modifier=".cg")), 0.0)  # never NaN
+            tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om,
                      eviction_policy="evict_first")
-        else:
-            for r in range(s_lo, s_hi):
-                p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau,
-                                     tl.load(lse_s_ptr + r, cache_modifier=".cg"), "evict_first")
-                dz = tl.where(valid, coef * p * (g - tl.load(dr_ptr + r, cache_modifier=".cg")), 0.0)  # never NaN
-                tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om,
-                         eviction_policy="evict_first")
+
+
+@triton.jit
+def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The dz row of a chunk's one student row on the student ids [v_lo, v_hi) (d_r = 0: dz = τ c/Z p g),
+    software-pipelined by hand: a tile's gathers of the h row are issued before its p is computed from the logits
+    loaded during the tile before; then the next tile's logits are loaded, and (one slot) its ELL words, carried in
+    registers (K slots: loaded at the tile's start, 4 × 8 B per student would spill; the bottom of the file)."""
+    (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, valid, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr,
+     dr_ptr, dz_ptr, stride_dz, V_S, inv_tau) = args
+    offs = tl.arange(0, BLOCK_S)
+    z_row = z_ptr + s_lo * stride_z
+    dz_row = dz_ptr + s_lo * stride_dz
+    lse = tl.load(lse_s_ptr + s_lo, cache_modifier=".cg")
+    o = v_lo + offs
+    if K == 1:
+        e = _ell_words(ell_ptr, nslot_ptr, o, o < v_hi, V_S, K)
+    x = tl.load(z_row + o, mask=o < v_hi, other=float("-inf"), eviction_policy="evict_first")
+    for v0 in range(v_lo, v_hi, BLOCK_S):
+        o = v0 + offs
+        if K > 1:
+            e = _ell_words(ell_ptr, nslot_ptr, o, o < v_hi, V_S, K)
+        ws, hs, fs = _ell_gathers(e, h_row, tm_row, colb, FOLD, K)
+        p = tl.exp(x.to(tl.float32) * inv_tau - lse)
+        x = tl.load(z_row + o + BLOCK_S, mask=o + BLOCK_S < v_hi, other=float("-inf"), eviction_policy="evict_first")
+        if K == 1:
+            e = _ell_words(ell_ptr, nslot_ptr, o + BLOCK_S, o + BLOCK_S < v_hi, V_S, K)
+        dz = tl.where(valid, coef * p * _ell_sum(ws, hs, fs, M, FOLD, K), 0.0)
+        tl.store(dz_row + o, dz.to(dz_ptr.dtype.element_ty), mask=o < v_hi, eviction_policy="evict_first")
 
 
 @triton.jit
 def _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, FOLD: tl.constexpr, K: tl.constexpr):
-    """g_s = Σ_slot w_eff[slot, s] (M − h[col]) for the student ids o, from the compact slot-major ELL: nslot[s]
-    used slots first, one int64 per slot = w_eff's fp32 bits (0 off A) << 32 | col | tile << colb. A slot's load is
-    masked off for the students without it, so a 32-byte sector of slot k ≥ 1 is read only where one of its 4
-    students has k + 1 slots (86 % of Llama-3's ids have one); K: the slots run (students with more must not be
-    in o). FOLD: h = h_u[col] f_tile from the unscaled row and its tiles' factors f = exp(m_tile − m) F (stored in
-    place of the tile maxima after C)."""
+    """g_s = Σ_slot w_eff[slot, s] (M − h[col]) for the student ids o (lanes om), from the compact slot-major ELL's
+    first K slots (students with more must not be in o): _ell_words, _ell_gathers, _ell_sum."""
+    ws, hs, fs = _ell_gathers(_ell_words(ell_ptr, nslot_ptr, o, om, V_S, K), h_row, tm_row, colb, FOLD, K)
+    return _ell_sum(ws, hs, fs, M, FOLD, K)
+
+
+@triton.jit
+def _ell_words(ell_ptr, nslot_ptr, o, om, V_S, K: tl.constexpr):
+    """The ELL words of the student ids o (lanes om): per slot k < K one int64 = w_eff's fp32 bits (0 off A) << 32 |
+    col | tile << colb, 0 where the student has at most k slots (nslot[s] used slots first): the load is masked off
+    there, so a 32-byte sector of slot k ≥ 1 is read only where one of its 4 students has k + 1 slots (86 % of
+    Llama-3's ids have one)."""
     ns = tl.load(nslot_ptr + o, mask=om, other=0)
-    g = tl.zeros(o.shape, tl.float32)
+    e = ()
     for k in tl.static_range(K):
-        use = om & (ns > k)
-        e = tl.load(ell_ptr + k * V_S + o, mask=use, other=0)  # int64: w_eff's fp32 bits << 32 | key
-        key = e.to(tl.int32)
-        w = (e >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        use = use & (w != 0)
-        h = tl.load(h_row + (key & ((1 << colb) - 1)), mask=use, other=0.0, cache_modifier=".cg")
+        e = e + (tl.load(ell_ptr + k * V_S + o, mask=om & (ns > k), other=0),)
+    return e
+
+
+@triton.jit
+def _ell_gathers(e, h_row, tm_row, colb, FOLD: tl.constexpr, K: tl.constexpr):
+    """Per slot of the ELL words e: (w, h[col], the factor of col's tile (FOLD: stored in place of the tile maxima
+    after C; else 1)), the gathers masked off where w = 0 (no slot, or off A) and read past L1 (.cg: another
+    program's chunk may have left older values at these addresses in this SM's L1)."""
+    ws = ()
+    hs = ()
+    fs = ()
+    for k in tl.static_range(K):
+        w = (e[k] >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        key = e[k].to(tl.int32)
+        ws = ws + (w,)
+        hs = hs + (tl.load(h_row + (key & ((1 << colb) - 1)), mask=w != 0, other=0.0, cache_modifier=".cg"),)
         if FOLD:
-            h = h * tl.load(tm_row + (key >> colb), mask=use, other=0.0, cache_modifier=".cg")
-        g += tl.where(use, w * (M - h), 0.0)
+            fs = fs + (tl.load(tm_row + (key >> colb), mask=w != 0, other=0.0, cache_modifier=".cg"),)
+    return ws, hs, fs
+
+
+@triton.jit
+def _ell_sum(ws, hs, fs, M, FOLD: tl.constexpr, K: tl.constexpr):
+    """g = Σ_slot w (M − h f) over the gathered slots (_ell_gathers; FOLD: h = h_u f, the unscaled row times its
+    tile's factor exp(m_tile − m) F)."""
+    g = tl.zeros(ws[0].shape, tl.float32)
+    for k in tl.static_range(K):
+        h = hs[k]
+        if FOLD:
+            h = h * fs[k]
+        g += tl.where(ws[k] != 0, ws[k] * (M - h), 0.0)
     return g
 
 
@@ -580,15 +750,17 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 
 
 # The tile geometry of the teacher pass and the entry blocks is fixed across the autotune configs: W's column ELL and
-# residual entries are built for it once per W. A is software-pipelined over STAGES tiles (cp.async in its SASS), C in
-# its single-row instantiation (merge "first" / "chain", and merge="mean"'s 1-to-1 chunks), D not. Per thread and
-# 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): C 747 pipelined (610 unpipelined, 987 for merged rows), D 297
-# (pipelined 472; 347 for merged rows): pipelining the gathers costs a cp.async per element; whether C's pays is for
-# a GPU to tell (latency: 8 warps per SM, one tile's loads in flight unpipelined). The kernel is bound by instruction
+# residual entries are built for it once per W. A and the single-row loops of C and D are software-pipelined by
+# hand: the next tile's loads are issued before this one is computed and carried in registers (Triton's num_stages
+# pipelining stages every load through shared memory with cp.async, the gathers included: per thread per tile, C
+# 747 where unpipelined it was 610 and by hand it is 641, A 192 where by hand 161, D 472 where unpipelined it was
+# 297 and by hand 301; sm_90 SASS); merged rows' D over STAGES tiles.
+# Per thread and 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): A 161, C 641 (1,016 for merged rows), D 301 / 765
+# (one / four ELL slots; 344 / 820 for merged rows). The kernel is bound by instruction
 # issue, not bytes (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans'
 # and reductions' cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than
 # at 16 when measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators). The configs
-# differ in pipeline depth, for the autotuner to weigh on a GPU. sm_90, bf16, offline ptxas
+# differ in pipeline depth of the merged rows' D, for the autotuner to weigh on a GPU. sm_90, bf16, offline ptxas
 # (tests/test_kernels_compile.py): no spill inside a per-tile pass; at 255 registers a few scalars live across the
 # teacher loop may be spilled once per chunk.
 TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
@@ -602,8 +774,9 @@ SLICES_GPU = dict(SLICE=8, WIN=256)
 _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 # C's cost per teacher column and column-ELL slot and R's per residual entry lane, in instructions per thread
 # (sm_90 SASS, bench/sass.py, 8 warps; ×256 threads / lanes per tile): _column_slots weighs them per W
-SLOT_COST, ENTRY_COST = 16, 67
-_CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=8) for st in (3, 2)]
+SLOT_COST, ENTRY_COST = 16, 69
+# maxnreg: without it ptxas held some variants (sparse teacher, merge "first" / "chain") to 128 registers and spilled
+_CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=8, maxnreg=255) for st in (3, 2)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
 # stale words would find no slice open to help with)
 _launch = _tl.launcher(_pkl_kernel, dict(BLOCK_S=128, STAGES=1), _CONFIGS,
