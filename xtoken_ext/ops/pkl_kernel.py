@@ -469,10 +469,12 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, BLOCK_T: tl.con
         o = t * BLOCK_T + offs_t
         if not PRE:
             ci, ew, hk = _c_words(cinfo_ptr, cell_ptr, rank_ptr, o, C, V_T, FOLD, CSLOTS, BLOCK_T)
-        # the tile's gathers: p at the used slots' students (−inf off them), R's sum of a longer column
+        # the tile's gathers: the logits at the slots' students (unmasked: a word past the column's length is 0,
+        # w = 0 times the finite p of student 0 — a NaN or +inf student logit makes the chunk bad input anyway) and
+        # R's sum of a longer column
         zs = ()
         for j in tl.static_range(CSLOTS):
-            zs = zs + (tl.load(z_row + ew[j].to(tl.int32), mask=(ci & 7) > j, other=float("-inf")),)
+            zs = zs + (tl.load(z_row + ew[j].to(tl.int32)),)
         hr = tl.load(h_row + hk, mask=ci >= 8, other=0.0)
         inside = o < C
         xb = x.to(tl.float32)
@@ -755,8 +757,8 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # pipelining stages every load through shared memory with cp.async, the gathers included: per thread per tile, C
 # 747 where unpipelined it was 610 and by hand it is 641, A 192 where by hand 161, D 472 where unpipelined it was
 # 297 and by hand 301; sm_90 SASS); merged rows' D over STAGES tiles.
-# Per thread and 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): A 161, C 641 (1,016 for merged rows), D 301 / 765
-# (one / four ELL slots; 344 / 820 for merged rows). The kernel is bound by instruction
+# Per thread and 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): A 161, C 619 (its p gathers unmasked; 1,016 for
+# merged rows), D 301 / 763 (one / four ELL slots; 344 / 820 for merged rows). The kernel is bound by instruction
 # issue, not bytes (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans'
 # and reductions' cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than
 # at 16 when measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators). The configs
@@ -774,7 +776,7 @@ SLICES_GPU = dict(SLICE=8, WIN=256)
 _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 # C's cost per teacher column and column-ELL slot and R's per residual entry lane, in instructions per thread
 # (sm_90 SASS, bench/sass.py, 8 warps; ×256 threads / lanes per tile): _column_slots weighs them per W
-SLOT_COST, ENTRY_COST = 16, 69
+SLOT_COST, ENTRY_COST = 14, 69
 # maxnreg: without it ptxas held some variants (sparse teacher, merge "first" / "chain") to 128 registers and spilled
 _CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=8, maxnreg=255) for st in (3, 2)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
