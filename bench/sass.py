@@ -167,8 +167,8 @@ def pass_bodies() -> dict:
     LSE), C (teacher tiles, per column-ELL width 1..SLOTS), R (residual entry blocks), D (gradient tiles, per ELL
     slots run: a slice of one-slot students runs 1, others SLOTS), C and D in their single-row instantiations; H-KL
     S1 / T1 (student / teacher row pass, the same helper inlined twice, in that order; S1_skip / T1_skip the
-    instructions of their append, which a tile without an uncommon id skips), S3 (gradient pass: the single-row,
-    pipelined instantiation, the smaller of its two) and L (the window's passes over each candidate list)."""
+    instructions of their append, which a tile without an uncommon id skips), S3 (gradient pass: single rows and a
+    dense teacher, _grad_one) and L (the window's passes over each candidate list)."""
     from xtoken_ext.ops import hkl_kernel as H
     from xtoken_ext.ops import pkl_kernel as P
 
@@ -189,9 +189,9 @@ def pass_bodies() -> dict:
     w = H.sort_widths(H._SORT_CAP)
     consts = dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], **cfg.kwargs)
     b, skips = loop_bodies(H._hkl_kernel, consts, cfg.num_warps), loop_skips(H._hkl_kernel, consts, cfg.num_warps)
-    s1, t1 = body(b, H._row_pass, "for c0 in tl.range")
+    s1, t1 = body(b, H._row_pass, "for c0 in range(0, C, BLOCK)")
     (branch,) = header_lines(H._row_pass, "if _tile_has(")
-    s1_skip, t1_skip = [sk[branch] for line in header_lines(H._row_pass, "for c0 in tl.range")
+    s1_skip, t1_skip = [sk[branch] for line in header_lines(H._row_pass, "for c0 in range(0, C, BLOCK)")
                         for sk in skips.get(line, [])]
     # the window's passes over each candidate list (a: the student's, b: the teacher's), per tile of BLOCK_L keys:
     # level-1 histogram and key range, bin b1's key range (_candidates' two loops), a bisection step (_select), the
@@ -208,7 +208,7 @@ def pass_bodies() -> dict:
                          **{k: max(body(b, fn, "for c0 in range(0, n, BLOCK)", ls, mine))
                             for k, fn in (("select", H._select), ("gather", H._gather))})
     out["H-KL"] = dict(warps=cfg.num_warps, S1=s1, T1=t1, S1_skip=s1_skip, T1_skip=t1_skip,
-                       S3=min(body(b, H._grad_pass, "for v0 in tl.range")), L=lst)
+                       S3=body(b, H._grad_one, "for v0 in range")[0], L=lst)
     return out
 
 

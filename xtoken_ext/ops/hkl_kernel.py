@@ -65,7 +65,7 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   HBM floor = read S + read T + write S.    BLOCK = 2048 (config 0), m = 8192, |L| ≈ 2 m (hit: m + the keys within
   the hint radius; miss: ≈ 1.2 m, bin b1's overshoot)
   pass         HBM reads / writes                         dependent loop per row
-  S1 student   S (online LSE, bad check, keys of bin ≥ b_h   ⌈V_S/BLOCK⌉ tiles, pipelined (cp.async, 3 stages)
+  S1 student   S (online LSE, bad check, keys of bin ≥ b_h   ⌈V_S/BLOCK⌉ tiles, pipelined (by hand, a tile ahead)
                appended): writes L_a: 8 B × |L_a| ≈ 131 KB
   T1 teacher   T (online LSE + Σ_c P, bad check, L_b);      ⌈V_T/BLOCK⌉ tiles, pipelined
                writes L_b: 4 B × |L_b| ≈ 66 KB
@@ -488,32 +488,36 @@ def _tile_has(ub_ptr, c0, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _row_pass(row_ptr, tc_row, cls_ptr, ub_ptr, C, inv_tau, c, edge, lst, cap, STUDENT: tl.constexpr,
-              HIST: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+              HIST: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
     """One row over its C columns (dense: the vocabulary; sparse: its k entries, padding −1 skipped) -> (lse of x/τ
     (student: over all columns; teacher: over A, class ≠ 0), bad = NaN or +inf in any column, teacher:
     Σ_{class 2} e^{x/τ − lse}, if HIST the count of U's keys (student: smap < 0; teacher: class 1) with x − c ≥ edge
     (level-1 bin ≥ b_h: _bin_edge), appended to lst (_append)). The number of U's keys of a dense row is W's (the
     host's count), not counted here (~4 % of the pass's instructions). No histogram here: it would cost
     ~40 instructions per element of the row (bench/costmodel.py); _candidates takes it over the list. Only the
-    running max is reduced per tile; the sums and counts are kept per lane and reduced once."""
+    running max is reduced per tile; the sums and counts are kept per lane and reduced once. Pipelined by hand:
+    the next tile's logits and (dense) classes or (sparse) column ids are loaded before this tile is folded, carried
+    in registers (Triton's pipelining stages them through shared memory: more instructions per tile)."""
     m = tl.full((), _tl.NEG, tl.float32)
     l = tl.full((BLOCK,), 0, tl.float32)
     lc = tl.full((BLOCK,), 0, tl.float32)
     bad = tl.full((BLOCK,), 0, tl.int32)
     cnt = tl.full((), 0, tl.int32)
-    for c0 in tl.range(0, C, BLOCK, num_stages=STAGES):
+    o = tl.arange(0, BLOCK)
+    xn, kn = _row_words(row_ptr, tc_row, cls_ptr, o, C, SPARSE)
+    for c0 in range(0, C, BLOCK):
         o = c0 + tl.arange(0, BLOCK)
         om = o < C
-        x = tl.load(row_ptr + o, mask=om, other=0.0).to(tl.float32)
+        x = xn.to(tl.float32)
         if SPARSE:
-            v = tl.load(tc_row + o, mask=om, other=-1)
-            inside = v >= 0
-            v = tl.where(inside, v, 0)
+            inside = kn >= 0
+            v = tl.where(inside, kn, 0)
+            cls = tl.load(cls_ptr + v, mask=inside, other=0)
         else:
-            v = o
             inside = om
+            cls = kn
+        xn, kn = _row_words(row_ptr, tc_row, cls_ptr, o + BLOCK, C, SPARSE)
         bad |= (inside & ((x != x) | (x == float("inf")))).to(tl.int32)
-        cls = tl.load(cls_ptr + v, mask=inside, other=0)
         if STUDENT:
             live = inside
             hm = inside & (cls < 0)
@@ -531,16 +535,27 @@ def _row_pass(row_ptr, tc_row, cls_ptr, ub_ptr, C, inv_tau, c, edge, lst, cap, S
 
 
 @triton.jit
+def _row_words(row_ptr, tc_row, cls_ptr, o, C, SPARSE: tl.constexpr):
+    """A row tile's streamed words at positions o (none past C): its logits and, dense, the columns' classes, sparse,
+    its column ids (−1 padded)."""
+    om = o < C
+    x = tl.load(row_ptr + o, mask=om, other=0.0)
+    if SPARSE:
+        k = tl.load(tc_row + o, mask=om, other=-1)
+    else:
+        k = tl.load(cls_ptr + o, mask=om, other=0)
+    return x, k
+
+
+@triton.jit
 def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """dz_r = (gS − p_r Σ gS)/(τ n_s) = −(τ² P[t_c] + p_r Σ gS) c at every column of the chunk's student rows (c =
     1/(τ n_s); the caller zeroes a bad chunk's rows instead), gS = −τ² P[t_c] at the common columns of a dense
     teacher (gathered at t_c = smap[s]) and 0 elsewhere -> the dense teacher's KL Σ_c [P > 0] P (T − S) at t_c. ONE:
-    single student and teacher rows (no inner row loops: pipelined)."""
+    single rows of a sparse teacher (no inner row loops: pipelined; a dense teacher's run _grad_one)."""
     z_ptr, stride_z, t_ptr, stride_t, smap_ptr, lse_s_ptr, lse_t_ptr, dz_ptr, stride_dz, s_lo, n_s, t_lo, n_t, c_s, \
         c_t, V_S, inv_tau, tt, gsum = args
-    coef = inv_tau / n_s.to(tl.float32)
-    ttc = tt * coef
-    gsc = gsum * coef
+    ttc, gsc = _grad_scales(tt, gsum, n_s, inv_tau)
     lse0 = tl.load(lse_s_ptr + s_lo)
     kl = tl.full((BLOCK,), 0, tl.float32)  # per lane, reduced once
     for v0 in tl.range(0, V_S, BLOCK, num_stages=STAGES):
@@ -553,15 +568,10 @@ def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexp
             tcol = tl.load(smap_ptr + o, mask=om, other=-1)
             com = tcol >= 0
             tcol = tl.where(com, tcol, 0)
-            if ONE:
-                tv = tl.load(t_ptr + t_lo * stride_t + tcol, mask=com, other=0.0).to(tl.float32) * inv_tau \
-                    - tl.load(lse_t_ptr + t_lo) + c_t
-                S = lp + c_s
-            else:
-                tv = _tl.logp_sum(t_ptr, stride_t, lse_t_ptr, t_lo, t_lo + n_t, tcol, com, inv_tau, BLOCK) \
-                    / n_t.to(tl.float32)
-                S = _s_vals(z_ptr, stride_z, lse_s_ptr, s_lo, n_s, o, om, inv_tau, ONE, BLOCK)
-                S = tl.where(n_s == 1, S * inv_tau - lse0 + c_s, S)
+            tv = _tl.logp_sum(t_ptr, stride_t, lse_t_ptr, t_lo, t_lo + n_t, tcol, com, inv_tau, BLOCK) \
+                / n_t.to(tl.float32)
+            S = _s_vals(z_ptr, stride_z, lse_s_ptr, s_lo, n_s, o, om, inv_tau, ONE, BLOCK)
+            S = tl.where(n_s == 1, S * inv_tau - lse0 + c_s, S)
             P = tl.where(com, tl.exp(tv), 0.0)
             kl += tl.where(P > 0, P * (tv - S), 0.0)  # P > 0: a common column
             gS = -ttc * P  # gS c
@@ -573,6 +583,46 @@ def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexp
                 p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r), "")
                 dz = gS - p * gsc
                 tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om)
+    return tl.sum(kl)
+
+
+@triton.jit
+def _grad_scales(tt, gsum, n_s, inv_tau):
+    """(τ² c, Σ gS c) with c = 1/(τ n_s): the gradient pass's factors (tt = τ², gsum = Σ gS)."""
+    coef = inv_tau / n_s.to(tl.float32)
+    return tt * coef, gsum * coef
+
+
+@triton.jit
+def _grad_one(args, BLOCK: tl.constexpr):
+    """_grad_pass for a single student and a single dense teacher row, software-pipelined by hand: a tile's teacher
+    gather (at t_c = smap[s]) is issued before its log p is formed from the logits loaded during the tile before;
+    then the next tile's logits and smap are loaded, carried in registers (Triton's pipelining stages every load,
+    the gather included, through shared memory)."""
+    z_ptr, stride_z, t_ptr, stride_t, smap_ptr, lse_s_ptr, lse_t_ptr, dz_ptr, stride_dz, s_lo, n_s, t_lo, n_t, c_s, \
+        c_t, V_S, inv_tau, tt, gsum = args
+    ttc, gsc = _grad_scales(tt, gsum, n_s, inv_tau)
+    lse0 = tl.load(lse_s_ptr + s_lo)
+    lse_t = tl.load(lse_t_ptr + t_lo)
+    z_row = z_ptr + s_lo * stride_z
+    t_row = t_ptr + t_lo * stride_t
+    dz_row = dz_ptr + s_lo * stride_dz
+    kl = tl.full((BLOCK,), 0, tl.float32)  # per lane, reduced once
+    o = tl.arange(0, BLOCK)
+    x = tl.load(z_row + o, mask=o < V_S, other=float("-inf"))
+    tcol = tl.load(smap_ptr + o, mask=o < V_S, other=-1)
+    for v0 in range(0, V_S, BLOCK):
+        o = v0 + tl.arange(0, BLOCK)
+        com = tcol >= 0
+        tv = tl.load(t_row + tl.where(com, tcol, 0), mask=com, other=0.0)
+        lp = x.to(tl.float32) * inv_tau - lse0  # log p, read once for S and p
+        x = tl.load(z_row + o + BLOCK, mask=o + BLOCK < V_S, other=float("-inf"))
+        tcol = tl.load(smap_ptr + o + BLOCK, mask=o + BLOCK < V_S, other=-1)
+        tv = tv.to(tl.float32) * inv_tau - lse_t + c_t
+        P = tl.where(com, tl.exp(tv), 0.0)
+        kl += tl.where(P > 0, P * (tv - (lp + c_s)), 0.0)  # P > 0: a common column
+        dz = -ttc * P - tl.exp(lp) * gsc
+        tl.store(dz_row + o, dz.to(dz_ptr.dtype.element_ty), mask=o < V_S)
     return tl.sum(kl)
 
 
@@ -723,15 +773,14 @@ def _hkl_kernel(
         nu_b = tl.load(m_ptr + 4)
         for r in range(s_lo, s_hi):
             lse, b, _, cnt_a = _row_pass(z_ptr + r * stride_z, z_ptr, smap_ptr, ubs_ptr, V_S, inv_tau, sh_a,
-                                         _bin_edge(tl.where(raw_a, bh_a, 64)), la, cap_a, True, True, False, BLOCK_S,
-                                         STAGES)
+                                         _bin_edge(tl.where(raw_a, bh_a, 64)), la, cap_a, True, True, False, BLOCK_S)
             bad |= b | (lse == float("-inf")).to(tl.int32)
             tl.store(lse_s_ptr + r, lse)
         pc = tl.full((), 0, tl.float32)  # Σ_c P[t_c]
         for r in range(t_lo, t_hi):
             lse, b, frac, cnt_b = _row_pass(t_ptr + r * stride_t, tc_ptr + r * stride_tc, tcls_ptr, ubt_ptr, C, inv_tau,
                                             sh_b, _bin_edge(tl.where(raw_b, bh_b, 64)), lb, cap_b, False, not SPARSE,
-                                            SPARSE, BLOCK_T, STAGES)
+                                            SPARSE, BLOCK_T)
             bad |= b
             tl.store(lse_t_ptr + r, tl.where(lse == float("-inf"), float("inf"), lse))  # no mass on A: T = −inf
             pc = frac * tl.exp(c_t)
@@ -825,8 +874,11 @@ def _hkl_kernel(
         if bad != 0:  # bad input: zero gradient rows
             for r in range(s_lo, s_lo + n_s):
                 _tl.zero_row(dz_ptr + r * stride_dz, V_S, BLOCK_S)
-        elif raw_a & (raw_b | SPARSE):  # single rows: the pipelined instantiation
-            kl += _grad_pass(g_args, True, SPARSE, BLOCK_S, STAGES)
+        elif raw_a & (raw_b | SPARSE):  # single rows: the pipelined instantiations
+            if SPARSE:
+                kl += _grad_pass(g_args, True, SPARSE, BLOCK_S, STAGES)
+            else:
+                kl += _grad_one(g_args, BLOCK_S)
         else:
             kl += _grad_pass(g_args, False, SPARSE, BLOCK_S, STAGES)
         if bad == 0:
@@ -851,8 +903,10 @@ def _hkl_kernel(
     tl.store(es + 7, cb_mrg)
 
 
-# Streaming loops (row passes, gradient pass) are software-pipelined over STAGES tiles (cp.async); the compaction and
-# list passes are not (pipelining them adds ~60 registers; the lists are L2-resident).
+# Streaming loops: the row passes and the single rows' gradient pass are software-pipelined by hand (the next tile's
+# loads carried in registers; Triton's cp.async staging issued more: S1 / T1 421 / 457 -> 391 / 423, S3 354 -> 305
+# per thread per 2,048-lane tile at 8 warps, sm_90 SASS), the other gradient passes over STAGES tiles; the
+# compaction and list passes are not (pipelining them adds ~60 registers; the lists are L2-resident).
 _CONFIGS = [triton.Config({"BLOCK_S": b, "BLOCK_T": b, "BLOCK_L": b, "STAGES": st}, num_warps=nw)
             for b, st, nw in ((2048, 3, 8), (4096, 2, 16))]
 _launch = _tl.launcher(_hkl_kernel, {}, _CONFIGS, key=["V_S", "C", "W", "MEAN", "SPARSE"])

@@ -700,8 +700,9 @@ def _ell_words(ell_ptr, nslot_ptr, o, om, V_S, K: tl.constexpr):
 @triton.jit
 def _ell_gathers(e, h_row, tm_row, colb, FOLD: tl.constexpr, K: tl.constexpr):
     """Per slot of the ELL words e: (w, h[col], the factor of col's tile (FOLD: stored in place of the tile maxima
-    after C; else 1)), the gathers masked off where w = 0 (no slot, or off A) and read past L1 (.cg: another
-    program's chunk may have left older values at these addresses in this SM's L1)."""
+    after C; else none)), the gathers read past L1 (.cg: another program's chunk may have left older values at these
+    addresses in this SM's L1) and unmasked: a slot without a weight (w = 0: no slot, a zero word, or off A) reads
+    h[0] and the first tile's factor, valid addresses whose values _ell_sum's select drops."""
     ws = ()
     hs = ()
     fs = ()
@@ -709,16 +710,16 @@ def _ell_gathers(e, h_row, tm_row, colb, FOLD: tl.constexpr, K: tl.constexpr):
         w = (e[k] >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         key = e[k].to(tl.int32)
         ws = ws + (w,)
-        hs = hs + (tl.load(h_row + (key & ((1 << colb) - 1)), mask=w != 0, other=0.0, cache_modifier=".cg"),)
+        hs = hs + (tl.load(h_row + (key & ((1 << colb) - 1)), cache_modifier=".cg"),)
         if FOLD:
-            fs = fs + (tl.load(tm_row + (key >> colb), mask=w != 0, other=0.0, cache_modifier=".cg"),)
+            fs = fs + (tl.load(tm_row + (key >> colb), cache_modifier=".cg"),)
     return ws, hs, fs
 
 
 @triton.jit
 def _ell_sum(ws, hs, fs, M, FOLD: tl.constexpr, K: tl.constexpr):
-    """g = Σ_slot w (M − h f) over the gathered slots (_ell_gathers; FOLD: h = h_u f, the unscaled row times its
-    tile's factor exp(m_tile − m) F)."""
+    """g = Σ_slot w (M − h f) over the gathered slots with w ≠ 0 (_ell_gathers; FOLD: h = h_u f, the unscaled row
+    times its tile's factor exp(m_tile − m) F; a select, not a product with w = 0: an h_u may be +inf)."""
     g = tl.zeros(ws[0].shape, tl.float32)
     for k in tl.static_range(K):
         h = hs[k]
