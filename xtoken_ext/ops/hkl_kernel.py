@@ -89,17 +89,18 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   passes and one pass of n rows that compacts (a miss adds a level-1 histogram pass and a compaction pass of n
   rows); S3 reads n student rows (and n teacher rows at the common columns), writes n.
   Compute: the kernel is bound by instruction issue, not bytes (bench/costmodel.py reads the loop bodies from the
-  sm_90 SASS): S1 / T1 issue ~420 / 455 instructions per thread per 2048-lane tile that appends, ~195 / 245 per
-  tile that skips (8 warps; 1,330 / 1,410 with the level-1 histogram, a flat tl.cumsum and per-tile sums in the row
-  pass, ~550 / 570 with a plain scatter store), 1.5-3× the time the SM's share of HBM bandwidth needs to stream the
-  tile. The two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread, ~45 µs of issue time per row per
+  sm_90 SASS): S1 / T1 issue ~390 / 425 instructions per thread per 2048-lane tile that appends, ~170 / 215 per
+  tile that skips (8 warps; ~420 / 455 and ~195 / 245 pipelined by Triton, 1,330 / 1,410 with the level-1
+  histogram, a flat tl.cumsum and per-tile sums in the row pass, ~550 / 570 with a plain scatter store), S3 ~305,
+  1.1-3.0× the time the SM's share of HBM bandwidth needs to stream the tile. The two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread, ~45 µs of issue time per row per
   SM, not overlapped with the streams: one program per SM (below). At m = 128 in the small network: ≈ 2.3 µs.
 Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain × dense / sparse): config 0 (2048
-  lanes, 3 stages, 8 warps) 255 registers with 236-400 B at W = 8192 (104-252 B before the row passes' tile skip,
+  lanes, 3 stages, 8 warps) 255 registers with 164-232 B at W = 8192 (236-400 B before the row passes and S3 were
+  pipelined by hand, 104-252 B before the row passes' tile skip,
   scatter layout and the small network's whole-list path, 76-204 B while the row passes built the level-1
   histogram, 24-124 B before the W_SMALL network was added), outside the per-tile passes but for the ~4-12 local
-  accesses per tile they had before; config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.76 KB (first, dense;
-  0.71 / 0.61 / 0.44 KB before). What remains: LLVM hoists
+  accesses per tile they had before; config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.72 KB (first, dense;
+  0.76 / 0.71 / 0.61 / 0.44 KB before). What remains: LLVM hoists
   the per-thread shared-memory addresses of every layout conversion, reduction and scan out of the persistent chunk
   loop (~40-100 registers held throughout), and at W = 8192 the a-sort holds 32 int64 keys and their partner sums
   per thread. Kept down by: no masked scatter stores (the compactions and a sparse teacher's G entries send their
