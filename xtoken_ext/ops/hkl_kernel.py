@@ -92,8 +92,9 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   sm_90 SASS): S1 / T1 issue ~390 / 425 instructions per thread per 2048-lane tile that appends, ~170 / 215 per
   tile that skips (8 warps; ~420 / 455 and ~195 / 245 pipelined by Triton, 1,330 / 1,410 with the level-1
   histogram, a flat tl.cumsum and per-tile sums in the row pass, ~550 / 570 with a plain scatter store), S3 ~305,
-  1.1-3.0× the time the SM's share of HBM bandwidth needs to stream the tile. The two sorts at W = 8192 are ~26k + ~14k SASS instructions per thread, ~45 µs of issue time per row per
-  SM, not overlapped with the streams: one program per SM (below). At m = 128 in the small network: ≈ 2.3 µs.
+  1.1-3.0× the time the SM's share of HBM bandwidth needs to stream the tile. The two sorts at W = 8192 are
+  ~26k + ~14k SASS instructions per thread, ~45 µs of issue time per row per SM, not overlapped with the streams:
+  one program per SM (below). At m = 128 in the small network: ≈ 2.3 µs.
 Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain × dense / sparse): config 0 (2048
   lanes, 3 stages, 8 warps) 255 registers with 164-232 B at W = 8192 (236-400 B before the row passes and S3 were
   pipelined by hand, 104-252 B before the row passes' tile skip,
