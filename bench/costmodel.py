@@ -29,7 +29,7 @@ import tempfile
 
 import torch
 
-from xtoken_ext.ops.pkl_kernel import _CONFIGS, SLICES_GPU, SLOTS, TILES_GPU
+from xtoken_ext.ops.pkl_kernel import _CONFIGS, SLICES_GPU, TILES_GPU
 
 # Nominal H100 SXM figures: HBM3 bandwidth, L2 size, SMs. The model needs only their ratios to the bytes.
 # l2_bw: an assumed L2 -> SM bandwidth (not measured here; the order of public H100 microbenchmarks), only for the
@@ -76,7 +76,7 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     BLOCK_T=512 tiles of the longest column), and the distinct 32-byte sectors the gathers touch (a lower bound of
     their L2 traffic: every repeat within a tile an L1 hit): C's gathers of the z row (elem bytes) per teacher tile
     and R's per residual block, D's gathers of the fp32 scratch row per block_s student tile; and D's student tiles
-    in slices (slice_ tiles) with a multi-slot student, which run all of the ELL's slots (the others one)."""
+    per ELL width run ({K: tiles}): a slice (slice_ tiles) runs as many slots as its widest student has (≥ 1)."""
     from xtoken_ext.ops.pkl_kernel import _column_slots
 
     idx = proj.indices
@@ -107,12 +107,14 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     nslot = (idx >= 0).sum(1)
     ell = idx.shape[0] + sum(sectors(4, nslot > k) for k in range(idx.shape[1]))
     span = block_s * slice_
-    multi = torch.cat([nslot, nslot.new_zeros(-nslot.numel() % span)]).view(-1, span).amax(1) > 1
-    tiles_multi = multi[torch.arange(math.ceil(idx.shape[0] / block_s)) // slice_].sum()
+    widest = torch.cat([nslot, nslot.new_zeros(-nslot.numel() % span)]).view(-1, span).amax(1).clamp(min=1)
+    d_tiles = torch.bincount(widest[torch.arange(math.ceil(idx.shape[0] / block_s)) // slice_],
+                             minlength=idx.shape[1] + 1)
     n_res = int(res.sum())
     return dict(nnz=cols.numel(), max_col=int(col_len.max()), K=K, tiles=math.ceil(V_T / block_t), res=n_res,
                 r_blocks=math.ceil(n_res / block_e), n_long=int((col_len > K).sum()), cell=cell, old_loop=int(old),
-                sect_c=sect_c, sect_d=sect_d, ell=ell, cols=int((col_len > 0).sum()), d_multi=int(tiles_multi))
+                sect_c=sect_c, sect_d=sect_d, ell=ell, cols=int((col_len > 0).sum()),
+                d_tiles={k: int(d_tiles[k]) for k in range(1, idx.shape[1] + 1)})
 
 
 def simulate_live_rows(n_prog: int, n_chunks: int, t_a: float, t_c: float, t_d: float, slices: int,
@@ -216,8 +218,7 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     w = issue["warps"] if issue else 0
     iss = {k: None for k in "ACD"} if issue is None else {
         "A": issue_time(issue["A"], w, tiles_s),
-        "D": issue_time(issue["D"]["1"], w, tiles_s - st["d_multi"]) + issue_time(issue["D"][str(SLOTS)], w,
-                                                                                  st["d_multi"]),
+        "D": sum(issue_time(issue["D"][str(k)], w, n) for k, n in st["d_tiles"].items()),
         "C": issue_time(issue["C"][str(st["K"])], w, st["tiles"]) + issue_time(issue["R"], w, st["r_blocks"])}
     passes, t_row = _pass_times({"A": (elem * V_S, iss["A"]), "C": (elem * V_T, iss["C"]),
                                  "D": (2 * elem * V_S, iss["D"])}, gpu)
@@ -412,8 +413,10 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
         spare = (gpu["l2"] - m["footprint"]) / 2**20
         fits = f"fits ({spare:.1f} MiB to spare)" if spare >= 0 else "does NOT fit"
         if m["kernel"] == "P-KL":
-            what = (f"W: nnz {st['nnz']:,}, longest column {st['max_col']}; D runs all {SLOTS} ELL slots on "
-                    f"{st['d_multi']} of {m['loops']['D (gradient)']} student tiles (slices with a multi-slot id)")
+            what = (f"W: nnz {st['nnz']:,}, longest column {st['max_col']}; D runs "
+                    f"{' / '.join(map(str, st['d_tiles']))} ELL slots on "
+                    f"{' / '.join(str(n) for n in st['d_tiles'].values())} of "
+                    f"{m['loops']['D (gradient)']} student tiles (its slice's widest id)")
         else:
             what = (f"uncovered={st['uncovered']!r}: common pairs {st['nnz']:,}, |U_S| {st['u_s']:,}, |U_T| "
                     f"{st['u_t']:,} (in {st['app'][0]} / {st['app'][1]} of {st['tiles'][0]} / {st['tiles'][1]} "

@@ -162,20 +162,20 @@ def body(bodies: dict, fn, marker: str, lines: dict | None = None, keep=None) ->
 
 
 def pass_bodies() -> dict:
-    """The cost model's per-pass loop bodies (instructions per thread per tile) of both kernels in the variant a
-    1-to-1 chunk runs by default (merge="mean", dense teacher, frozen W), first autotune config: P-KL A (student
-    LSE), C (teacher tiles, per column-ELL width 1..SLOTS), R (residual entry blocks), D (gradient tiles, per ELL
-    slots run: a slice of one-slot students runs 1, others SLOTS), C and D in their single-row instantiations; H-KL
-    S1 / T1 (student / teacher row pass, the same helper inlined twice, in that order; S1_skip / T1_skip the
-    instructions of their append, which a tile without an uncommon id skips), S3 (gradient pass: single rows and a
-    dense teacher, _grad_one) and L (the window's passes over each candidate list)."""
+    """The cost model's per-pass loop bodies (instructions per thread per tile) of both kernels in the variant a 1-to-1
+    chunk runs by default (merge="mean", dense teacher, frozen W), first autotune config: P-KL A (student LSE), C
+    (teacher tiles, per column-ELL width 1..SLOTS), R (residual entry blocks), D (gradient tiles, per ELL slots run,
+    1..SLOTS: a slice runs as many as its widest student has), C and D in their single-row instantiations; H-KL S1 /
+    T1 (student / teacher row pass, the same helper inlined twice, in that order; S1_skip / T1_skip the instructions
+    of their append, which a tile without an uncommon id skips), S3 (gradient pass: single rows and a dense teacher,
+    _grad_one) and L (the window's passes over each candidate list)."""
     from xtoken_ext.ops import hkl_kernel as H
     from xtoken_ext.ops import pkl_kernel as P
 
     cfg = P._CONFIGS[0]
     c = {}
     # C and D run a 1-to-1 chunk in their single-row loops (_single_pass, _slice_single: the latter instantiated
-    # for one slot and for SLOTS)
+    # for each ELL width 1..SLOTS)
     for k in range(1, P.SLOTS + 1):  # the column ELL's width: C's body grows with it
         consts = dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False, SLOTS=P.SLOTS, CSLOTS=k,
                       HELP=0, **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)
@@ -183,8 +183,8 @@ def pass_bodies() -> dict:
         (c[k],) = body(b, P._single_pass, "for t in range(0, tl.cdiv(C")
         if k == 1:
             (a,), (r,) = body(b, P._row_stats, "for v0 in range"), body(b, P._pkl_kernel, "for e0 in range(0, NRES")
-            d1, dk = sorted(body(b, P._slice_single, "for v0 in range("))
-    out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D={1: d1, P.SLOTS: dk})}
+            d = sorted(body(b, P._slice_single, "for v0 in range("))  # more slots issue more
+    out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D=dict(zip(range(1, P.SLOTS + 1), d, strict=True)))}
     cfg = H._CONFIGS[0]
     w = H.sort_widths(H._SORT_CAP)
     consts = dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], **cfg.kwargs)

@@ -288,7 +288,7 @@ def run_hkl_triton(P, merge, pairs, uncommon_topk, tau=0.7, dt=torch.float32, ti
     columns of the gradient (invariant to the order ties are taken in: each tie group shares one value)."""
     dev = device()
     cs, ct = pairs_of(P, pairs)
-    z = P.z.to(dt).to(dev).requires_grad_()
+    z = P.z.to(dt).to(dev).clone().requires_grad_()  # a copy: P.z (fp32 on the CPU) would keep .grad
     s_chain = P.s_chain.clone().to(dev).requires_grad_(merge == "chain")
     args = [x.to(dev) if isinstance(x, torch.Tensor) else x
             for x in (P.t.to(dt), P.t_cols, P.col_mask, P.spans, tau, merge, s_chain if merge == "chain" else None,

@@ -35,8 +35,8 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
   C3 (sparse teacher or learnable W) h rescaled in the scratch row (tile maxima -> the final m); dense, frozen W:
      the tile maxima replaced by the factors exp(m_tile − m) F.
   D  gradient rows, in the logits' dtype: g_s = Σ_slot w_eff (M − h[col]) (one ELL gather of the scratch row, the
-     dense case folding its tile's factor in through the slots' tile ids; a slice whose students all have one
-     slot runs a one-slot instantiation: half of the real Llama-3 W's slices), dz_r = τ/(n_s Z) p_r (g − d_r),
+     dense case folding its tile's factor in through the slots' tile ids; a slice runs as many slots as its widest
+     student has: one on half of the real Llama-3 W's slices), dz_r = τ/(n_s Z) p_r (g − d_r),
      d_r = ⟨p_r, g⟩; for one student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h: _slice_single, pipelined by
      hand; merged rows _slice_rows, over STAGES tiles). The owner computes d_r, stores
      (M, coef, valid) and publishes the chunk (a release); its dz rows are then G slices of SLICE student tiles
@@ -593,36 +593,42 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr
         valid = tl.load(rs_ptr + 3 * c + 2, cache_modifier=".cg") != 0
         h_row = h_ptr + (c.to(tl.int64) if GRAD_W else own.to(tl.int64)) * V_T
         tm_row = tm_ptr + own.to(tl.int64) * n_tiles_max
-        # the slice's widest student: a slice of one-slot students runs the one-slot instantiation
+        # the slice's widest student: the slice runs the instantiation with that many ELL slots
         v_lo = j * SLICE * BLOCK_S
         sv = v_lo + tl.arange(0, SLICE * BLOCK_S)
         args = (v_lo, tl.minimum(V_S, v_lo + SLICE * BLOCK_S), ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, valid,
                 s_lo, s_hi, z_ptr, stride_z, lse_s_ptr, dr_ptr, dz_ptr, stride_dz, V_S, inv_tau)
-        wide = tl.max(tl.load(nslot_ptr + sv, mask=sv < V_S, other=0)) > 1
+        ks = tl.max(tl.load(nslot_ptr + sv, mask=sv < V_S, other=0).to(tl.int32))
         if MEAN:  # a 1-to-1 chunk runs the single-row instantiation
             if s_hi - s_lo == 1:
-                _slices(args, wide, FOLD, SLOTS, BLOCK_S, STAGES, True)
+                _slices(args, ks, FOLD, SLOTS, BLOCK_S, STAGES, True)
             else:
-                _slices(args, wide, FOLD, SLOTS, BLOCK_S, STAGES, False)
+                _slices(args, ks, FOLD, SLOTS, BLOCK_S, STAGES, False)
         else:
-            _slices(args, wide, FOLD, SLOTS, BLOCK_S, STAGES, True)
+            _slices(args, ks, FOLD, SLOTS, BLOCK_S, STAGES, True)
         tl.debug_barrier()
         tl.atomic_add(sync_ptr + 1 + n_k + c, 1, sem="release", scope="gpu")
     return j
 
 
 @triton.jit
-def _slices(args, wide, FOLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr,
+def _slices(args, ks, FOLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr,
             SINGLE: tl.constexpr):
-    """The slice's dz rows (one student row: _slice_single, else _slice_rows) with all SLOTS slots where the slice
-    has a wider student, else the one-slot instantiation."""
+    """The slice's dz rows, g from the first ks ELL slots (ks: the slice's widest student): one student row,
+    _slice_single instantiated for 1, 2, 3 and SLOTS = 4 slots (the real Llama-3 W's 8 slices take 3, 3, 1, 1, 1,
+    1, 4, 4); merged rows, _slice_rows for 1 or SLOTS."""
+    tl.static_assert(SLOTS == 4)
     if SINGLE:
-        if wide:
-            _slice_single(args, FOLD, SLOTS, BLOCK_S)
-        else:
+        if ks <= 1:
             _slice_single(args, FOLD, 1, BLOCK_S)
+        elif ks == 2:
+            _slice_single(args, FOLD, 2, BLOCK_S)
+        elif ks == 3:
+            _slice_single(args, FOLD, 3, BLOCK_S)
+        else:
+            _slice_single(args, FOLD, SLOTS, BLOCK_S)
     else:
-        if wide:
+        if ks > 1:
             _slice_rows(args, FOLD, SLOTS, BLOCK_S, STAGES)
         else:
             _slice_rows(args, FOLD, 1, BLOCK_S, STAGES)
@@ -753,19 +759,18 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 
 
 # The tile geometry of the teacher pass and the entry blocks is fixed across the autotune configs: W's column ELL and
-# residual entries are built for it once per W. A and the single-row loops of C and D are software-pipelined by
-# hand: the next tile's loads are issued before this one is computed and carried in registers (Triton's num_stages
-# pipelining stages every load through shared memory with cp.async, the gathers included: per thread per tile, C
-# 747 where unpipelined it was 610 and by hand it is 641, A 192 where by hand 161, D 472 where unpipelined it was
-# 297 and by hand 301; sm_90 SASS); merged rows' D over STAGES tiles.
-# Per thread and 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): A 161, C 619 (its p gathers unmasked; 1,016 for
-# merged rows), D 301 / 763 (one / four ELL slots; 344 / 820 for merged rows). The kernel is bound by instruction
-# issue, not bytes (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans'
-# and reductions' cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than
-# at 16 when measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators). The configs
-# differ in pipeline depth of the merged rows' D, for the autotuner to weigh on a GPU. sm_90, bf16, offline ptxas
-# (tests/test_kernels_compile.py): no spill inside a per-tile pass; at 255 registers a few scalars live across the
-# teacher loop may be spilled once per chunk.
+# residual entries are built for it once per W. A and the single-row loops of C and D are software-pipelined by hand:
+# the next tile's loads are issued before this one is computed and carried in registers (Triton's num_stages pipelining
+# stages every load through shared memory with cp.async, the gathers included: per thread per tile, C 747 where
+# unpipelined it was 610 and by hand it is 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand
+# 301; sm_90 SASS); merged rows' D over STAGES tiles. Per thread and 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): A
+# 161, C 626 (its p gathers unmasked; 1,005 for merged rows), D 289 / 422 / 564 / 701 (1-4 ELL slots; merged rows 325 /
+# 751, one / four). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the SASS): per tile
+# much of the work is per-thread overhead (the scans' and reductions' cross-warp steps), so fewer warps issue fewer
+# instructions: at 8 warps a row issued 22 % fewer than at 16 when measured (4 warps: 28 %, but they spill; 16 warps
+# spill too, with C's per-lane accumulators). The configs differ in pipeline depth of the merged rows' D, for the
+# autotuner to weigh on a GPU. sm_90, bf16, offline ptxas (tests/test_kernels_compile.py): no spill inside a per-tile
+# pass; at 255 registers a few scalars live across the teacher loop may be spilled once per chunk.
 TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
 _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
 # D slices of 8 student tiles (16,384 ids: 8 slices at V_S = 128,256; fewer, longer slices take fewer handshakes but
