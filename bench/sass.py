@@ -182,7 +182,11 @@ def pass_bodies() -> dict:
         b = loop_bodies(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg)
         (c[k],) = body(b, P._single_pass, "for t in range(0, tl.cdiv(C")
         if k == 1:
-            (a,), (r,) = body(b, P._row_stats, "for v0 in range"), body(b, P._pkl_kernel, "for e0 in range(0, NRES")
+            # R: _entries' single-row instantiation (without _p_bar's loop over the merged rows)
+            ls = loop_lines(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg)
+            merged = set(source_lines(P._p_bar, "for r in range(s_lo, s_hi)"))
+            (a,), (r,) = body(b, P._row_stats, "for v0 in range"), body(b, P._entries, "for e0 in range(0, n", ls,
+                                                                       lambda x: not x & merged)
             d = sorted(body(b, P._slice_single, "for v0 in range("))  # more slots issue more
     out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D=dict(zip(range(1, P.SLOTS + 1), d, strict=True)))}
     cfg = H._CONFIGS[0]

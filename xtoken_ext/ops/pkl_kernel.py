@@ -151,8 +151,21 @@ def _entry_block(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo,
                                                              s_hi, inv_tau, MEAN)
     seg = _seg_scan(val, start.to(tl.int32), BLOCK_E)
     before = tl.load(ecol_ptr + e_lo - 1, mask=e_lo > 0, other=-2)  # the column of the entry before the block
-    seg += tl.load(qu_row + col, mask=last & (col == before), other=0.0)
+    carry = tl.load(qu_row + before, mask=before >= 0, other=0.0)  # its sum so far (one load, not one per lane)
+    seg += tl.where(last & (col == before), carry, 0.0)
     _tl.scatter(qu_row + col, seg, last, 4)
+
+
+@triton.jit
+def _entries(args, lists, MEAN: tl.constexpr, BLOCK_E: tl.constexpr):
+    """_entry_block over the entries [0, n) of lists = (rows, columns, values, n, target row), block after block (a
+    barrier between them: the read-add-write of a column cut by a block boundary)."""
+    z_ptr, stride_z, lse_s_ptr, s_lo, s_hi, inv_tau = args
+    erow_ptr, ecol_ptr, eval_ptr, n, qu_row = lists
+    for e0 in range(0, n, BLOCK_E):
+        _entry_block(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e0, tl.minimum(e0 + BLOCK_E, n), qu_row,
+                     s_lo, s_hi, inv_tau, MEAN, BLOCK_E)
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -272,16 +285,18 @@ def _pkl_kernel(
             tl.debug_barrier()  # lse_s / lse_t were stored by single lanes and are read by every lane below
 
             if SPARSE:  # C1 over all entries: the teacher's columns are anywhere in V_T
-                for e0 in range(0, NNZ, BLOCK_E):
-                    _entry_block(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e0,
-                                 tl.minimum(e0 + BLOCK_E, NNZ), qu_row, s_lo, s_hi, inv_tau, MEAN, BLOCK_E)
-                    tl.debug_barrier()
+                lists = (erow_ptr, ecol_ptr, eval_ptr, NNZ, qu_row)
             else:  # R: the sums of the long columns' residual entries (past their first CSLOTS), kept in the h row
                 # where C stores the column's h_u (its rank, FOLD, or the column), which reads them first
-                for e0 in range(0, NRES, BLOCK_E):
-                    _entry_block(z_ptr, stride_z, lse_s_ptr, rrow_ptr, rcol_ptr, rval_ptr, e0,
-                                 tl.minimum(e0 + BLOCK_E, NRES), h_row, s_lo, s_hi, inv_tau, MEAN, BLOCK_E)
-                    tl.debug_barrier()
+                lists = (rrow_ptr, rcol_ptr, rval_ptr, NRES, h_row)
+            e_args = (z_ptr, stride_z, lse_s_ptr, s_lo, s_hi, inv_tau)
+            if MEAN:  # one student row: the single-row instantiation (no row loop per gathered entry)
+                if s_hi - s_lo > 1:
+                    _entries(e_args, lists, True, BLOCK_E)
+                else:
+                    _entries(e_args, lists, False, BLOCK_E)
+            else:
+                _entries(e_args, lists, False, BLOCK_E)
             n_c2 = tl.cdiv(C, BLOCK_T)
 
             # C: one online pass over the teacher in BLOCK_T tiles. Dense: per tile C1 from the column ELL (and R's
@@ -764,13 +779,14 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # stages every load through shared memory with cp.async, the gathers included: per thread per tile, C 747 where
 # unpipelined it was 610 and by hand it is 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand
 # 301; sm_90 SASS); merged rows' D over STAGES tiles. Per thread and 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): A
-# 161, C 626 (its p gathers unmasked; 1,005 for merged rows), D 289 / 422 / 564 / 701 (1-4 ELL slots; merged rows 325 /
-# 751, one / four). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the SASS): per tile
-# much of the work is per-thread overhead (the scans' and reductions' cross-warp steps), so fewer warps issue fewer
-# instructions: at 8 warps a row issued 22 % fewer than at 16 when measured (4 warps: 28 %, but they spill; 16 warps
-# spill too, with C's per-lane accumulators). The configs differ in pipeline depth of the merged rows' D, for the
-# autotuner to weigh on a GPU. sm_90, bf16, offline ptxas (tests/test_kernels_compile.py): no spill inside a per-tile
-# pass; at 255 registers a few scalars live across the teacher loop may be spilled once per chunk.
+# 161, C 626 (its p gathers unmasked; 999 for merged rows), D 295 / 422 / 564 / 700 (1-4 ELL slots; merged rows 325 /
+# 752, one / four), R 961 per entry block (1,103 for merged rows). The kernel is bound by instruction issue, not bytes
+# (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans' and reductions'
+# cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when
+# measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators). The configs differ in
+# pipeline depth of the merged rows' D, for the autotuner to weigh on a GPU. sm_90, bf16, offline ptxas
+# (tests/test_kernels_compile.py): no spill inside a per-tile pass; at 255 registers a few scalars live across the
+# teacher loop may be spilled once per chunk.
 TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
 _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
 # D slices of 8 student tiles (16,384 ids: 8 slices at V_S = 128,256; fewer, longer slices take fewer handshakes but
@@ -782,7 +798,7 @@ SLICES_GPU = dict(SLICE=8, WIN=256)
 _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 # C's cost per teacher column and column-ELL slot and R's per residual entry lane, in instructions per thread
 # (sm_90 SASS, bench/sass.py, 8 warps; ×256 threads / lanes per tile): _column_slots weighs them per W
-SLOT_COST, ENTRY_COST = 14, 69
+SLOT_COST, ENTRY_COST = 14, 60
 # maxnreg: without it ptxas held some variants (sparse teacher, merge "first" / "chain") to 128 registers and spilled
 _CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=8, maxnreg=255) for st in (3, 2)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
