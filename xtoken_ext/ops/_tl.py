@@ -120,6 +120,12 @@ def softmax_tile(row_ptr, cols, mask, inv_tau, lse, EVICT: tl.constexpr):
     """softmax(row/τ)[cols] from the row's lse (0 on masked lanes); EVICT: the load's eviction policy (a row's last
     read: "evict_first")."""
     x = tl.load(row_ptr + cols, mask=mask, other=float("-inf"), eviction_policy=EVICT)
+    return softmax_of(x, inv_tau, lse)
+
+
+@triton.jit
+def softmax_of(x, inv_tau, lse):
+    """softmax(row/τ) at logits x of the row (any float dtype) from its lse: exp(x/τ − lse)."""
     return tl.exp(x.to(tl.float32) * inv_tau - lse)
 
 

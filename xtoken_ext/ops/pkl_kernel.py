@@ -434,13 +434,11 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
             poison_x = tl.where(xb < float("inf"), 0.0, poison)  # NaN: one row's NaN or +inf (not B's)
             xb = xb * inv_tau
             # C1 (as _single_pass's, each merged row's p gathered where the slot is used)
-            ci = tl.load(cinfo_ptr + o, mask=inside, other=0)
+            ci, ew, hk = _c_words(cinfo_ptr, cell_ptr, rank_ptr, o, C, V_T, FOLD, CSLOTS, BLOCK_T)
             qu = tl.zeros((BLOCK_T,), tl.float32)
             for j in tl.static_range(CSLOTS):
-                ew = tl.load(cell_ptr + j * V_T + o, mask=inside, other=0)
-                w = (ew >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-                qu += w * _p_bar(z_ptr, stride_z, lse_s_ptr, ew.to(tl.int32), (ci & 7) > j, s_lo, s_hi, inv_tau, MEAN)
-            hk = _h_keys(rank_ptr, o, inside, FOLD)
+                qu += _weight(ew[j]) * _p_bar(z_ptr, stride_z, lse_s_ptr, ew[j].to(tl.int32), (ci & 7) > j, s_lo, s_hi,
+                                              inv_tau, MEAN)
             qu += tl.load(h_row + hk, mask=ci >= 8, other=0.0)
         xb = xb * inv_nt
         live = ok & (xb > float("-inf"))
@@ -502,8 +500,7 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, BLOCK_T: tl.con
         # C1: Qu[c] = Σ_j w_j p[s_j] over the column's first min(len, CSLOTS) entries (in order), + R's sum
         qu = tl.zeros((BLOCK_T,), tl.float32)
         for j in tl.static_range(CSLOTS):
-            w = (ew[j] >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            qu += w * tl.exp(zs[j].to(tl.float32) * inv_tau - lse_s)
+            qu += _weight(ew[j]) * _tl.softmax_of(zs[j], inv_tau, lse_s)
         qu += hr
         hk_t = hk
         if PRE:
@@ -536,6 +533,12 @@ def _c_words(cinfo_ptr, cell_ptr, rank_ptr, o, C, V_T, FOLD: tl.constexpr, CSLOT
     for j in tl.static_range(CSLOTS):
         ew = ew + (tl.load(cell_ptr + j * V_T + o, mask=inside, other=0),)
     return tl.load(cinfo_ptr + o, mask=inside, other=0), ew, _h_keys(rank_ptr, o, inside, FOLD)
+
+
+@triton.jit
+def _weight(word):
+    """The fp32 weight a structure word (column ELL, gradient ELL) carries in its high 32 bits."""
+    return (word >> 32).to(tl.int32).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -689,7 +692,7 @@ def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constex
         if K > 1:
             e = _ell_words(ell_ptr, nslot_ptr, o, o < v_hi, V_S, K)
         ws, hs, fs = _ell_gathers(e, h_row, tm_row, colb, FOLD, K)
-        p = tl.exp(x.to(tl.float32) * inv_tau - lse)
+        p = _tl.softmax_of(x, inv_tau, lse)
         x = tl.load(z_row + o + BLOCK_S, mask=o + BLOCK_S < v_hi, other=float("-inf"), eviction_policy="evict_first")
         if K == 1:
             e = _ell_words(ell_ptr, nslot_ptr, o + BLOCK_S, o + BLOCK_S < v_hi, V_S, K)
@@ -728,7 +731,7 @@ def _ell_gathers(e, h_row, tm_row, colb, FOLD: tl.constexpr, K: tl.constexpr):
     hs = ()
     fs = ()
     for k in tl.static_range(K):
-        w = (e[k] >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        w = _weight(e[k])
         key = e[k].to(tl.int32)
         ws = ws + (w,)
         hs = hs + (tl.load(h_row + (key & ((1 << colb) - 1)), cache_modifier=".cg"),)
@@ -779,8 +782,8 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # stages every load through shared memory with cp.async, the gathers included: per thread per tile, C 747 where
 # unpipelined it was 610 and by hand it is 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand
 # 301; sm_90 SASS); merged rows' D over STAGES tiles. Per thread and 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): A
-# 161, C 626 (its p gathers unmasked; 999 for merged rows), D 295 / 422 / 564 / 700 (1-4 ELL slots; merged rows 325 /
-# 752, one / four), R 961 per entry block (1,103 for merged rows). The kernel is bound by instruction issue, not bytes
+# 161, C 627 (its p gathers unmasked; 1,009 for merged rows), D 291 / 423 / 564 / 695 (1-4 ELL slots; merged rows 326 /
+# 754, one / four), R 962 per entry block (1,102 for merged rows). The kernel is bound by instruction issue, not bytes
 # (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans' and reductions'
 # cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when
 # measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators). The configs differ in
@@ -798,7 +801,7 @@ SLICES_GPU = dict(SLICE=8, WIN=256)
 _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 # C's cost per teacher column and column-ELL slot and R's per residual entry lane, in instructions per thread
 # (sm_90 SASS, bench/sass.py, 8 warps; ×256 threads / lanes per tile): _column_slots weighs them per W
-SLOT_COST, ENTRY_COST = 14, 60
+SLOT_COST, ENTRY_COST = 12, 60
 # maxnreg: without it ptxas held some variants (sparse teacher, merge "first" / "chain") to 128 registers and spilled
 _CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=8, maxnreg=255) for st in (3, 2)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
