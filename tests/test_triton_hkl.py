@@ -222,6 +222,35 @@ def test_small_sort_network(n_u, merge, dt):
     assert all(p & 4 for p in paths) and 0 < sum(p & 1 for p in paths) == sum(p & 9 == 1 for p in paths)
 
 
+
+def test_tied_keys_take_the_same_columns_on_both_paths():
+    """Student logits tied at the m-th largest uncommon value (in every row ranks 4-9 share a value, 2 of them
+    inside the top m = 6): the small network's sort of the whole lists (W_SMALL = 64) and the selected windows
+    (uncommon_topk 128: W_SMALL = 32 below the student's 43 keys) take the same tied columns, the lowest (prefix's
+    row order), in the same order: bitwise the same loss and gradient. A whole-list sort that took other tied
+    columns would put the sorted-L1 gradient on them, so the result would depend on the hint state, which picks
+    the path."""
+    P, _ = _small_m_problem(6)
+    cs, ct = pairs_of(P, "relaxed")
+    u = torch.ones(P.z.shape[1], dtype=torch.bool)
+    u[cs.long()] = False
+    ids = torch.nonzero(u).squeeze(1)
+    z = P.z.clone()
+    for r in range(z.shape[0]):
+        top = ids[torch.sort(z[r, ids], descending=True, stable=True).indices]
+        z[r, top[4:10]] = float(z[r, top[7]])
+    dev = device()
+    out = []
+    for topk, whole in ((None, True), (128, False)):
+        zz = z.to(dev).clone().requires_grad_()  # a copy per run: z itself would accumulate both gradients
+        args = [x.to(dev) if isinstance(x, torch.Tensor) else x
+                for x in (P.t, P.t_cols, P.col_mask, P.spans, 0.7, "first", None, P.t_chain, cs, ct)]
+        loss, _, _ = torch.ops.xtoken.hkl_rows(zz, *args, topk, "triton")
+        assert all(bool(p & 8) == whole and p & 3 == 3 for p in hkl_kernel.last_paths.tolist())
+        (loss * P.g_out.to(dev)).sum().backward()
+        out.append((loss.detach().cpu(), zz.grad.cpu().clone()))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
 def _small_m_problem(n_u):
     """V_S = 131, V_T = 211; allowed columns: the teacher ids paired with a student id and n_u others, so
     m = |U_T| = n_u. -> (problem, |U_S|)."""

@@ -157,15 +157,17 @@ def col_tile(tc_row, mask_ptr, c0, C, SPARSE: tl.constexpr, BLOCK: tl.constexpr)
 def scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, t_lo, t_hi, C,
                        inv_tau, BLOCK: tl.constexpr):
     """Sparse teacher, rows after the first: tacc[v] += t_r[v]/τ − lse_r and tcnt[v] += 1 on each row's allowed
-    columns, so the merged T is finite only where every row of the chunk has column v."""
+    columns, so the merged T is finite only where every row of the chunk has column v. A row's columns are unique:
+    plain read-add-writes, one row after the other (a barrier between rows), so each sum is added in row order on
+    every run (float atomics would add three or more rows in an order that varies from run to run)."""
     for r in range(t_lo + 1, t_hi):
         lse_r = tl.load(lse_t_ptr + r)
         for c0 in range(0, C, BLOCK):
             o, v, inside, ok = col_tile(tc_ptr + r * stride_tc, mask_ptr, c0, C, True, BLOCK)
             x = tl.load(t_ptr + r * stride_t + o, mask=ok, other=0.0).to(tl.float32) * inv_tau - lse_r
-            tl.atomic_add(tacc_row + v, x, mask=ok, sem="relaxed")  # sums only: no ordering needed
-            tl.atomic_add(tcnt_row + v, 1, mask=ok, sem="relaxed")
-    tl.debug_barrier()
+            tl.store(tacc_row + v, tl.load(tacc_row + v, mask=ok, other=0.0) + x, mask=ok)
+            tl.store(tcnt_row + v, tl.load(tcnt_row + v, mask=ok, other=0) + 1, mask=ok)
+        tl.debug_barrier()  # row r's sums are read by other lanes at row r + 1 and after
 
 
 @triton.jit

@@ -35,8 +35,9 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     Everything below reads only L, which the two paths fill with the same keys of bin ≥ b1 in the same row order
     (the single-pass list may hold more keys below bin b1), so both give bit-identical results.
   windows of W = min(next_pow2(m_up), _SORT_CAP) ranks: window w = prefix(R_{w+1}) \\ prefix(R_w), R_w = min(wW, m),
-    gathered from L into a W-lane buffer and sorted (_sort_desc: tl.sort's bitonic network; a: k << 32 | column as
-    int64, b: k as int32, descending); lane i of both sorted windows is rank R_w + i, so Σ|a_i − b_i| and
+    gathered from L into a W-lane buffer and sorted (_sort_desc: tl.sort's bitonic network; a: _pack(k, column) as
+    int64, so that keys tie in ascending column, L's row order; b: k as int32, descending); lane i of both sorted
+    windows is rank R_w + i, so Σ|a_i − b_i| and
     g_i = τ² sign(a_i − b_i) a_i come lane-wise (a side short of ranks, e.g. a sparse teacher, is padded with 0).
     The sizes are the host's (m_up, its bound on m); m itself stays on the device, where the kernel picks the
     network: m ≤ W_SMALL = min(_SMALL_CAP, W/4) sorts in a W_SMALL-lane network run for only its first ⌈log₂ m⌉
@@ -47,8 +48,8 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     8,192). Where both single-pass lists hit and hold ≤ W_SMALL keys too (that W: 256 and 128), the small network
     sorts the whole lists instead, ⌈log₂ |L|⌉ merge stages, with no pass over them (no level-1 histogram, key range,
     bisection or gather: ~6 passes of ~540 instructions per thread per tile, bench/costmodel.py): their first m lanes
-    are the top m, the keys equal to θ taken in the network's order (column descending) instead of prefix's row
-    order, which only the tied columns' split of the gradient can tell.
+    are the top m, the keys equal to θ taken in ascending column (_pack) as prefix takes them in row order: the
+    same columns in the same order, so both paths give bit-identical results.
     H-KL / GOLD (m ≤ 8192): one window. ULD (m = |U| ~ 1e5, no cap) falls back to ⌈m/W⌉ windows, each a select
     (≤ 5 passes) and a gather over both whole lists: on the device, no host loop or sync, but O(m/W · |L|) traffic
     with |L| ~ V: the remaining gap (an MSD partition of L by bin would make it O(|L|)).
@@ -89,7 +90,7 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   passes and one pass of n rows that compacts (a miss adds a level-1 histogram pass and a compaction pass of n
   rows); S3 reads n student rows (and n teacher rows at the common columns), writes n.
   Compute: the kernel is bound by instruction issue, not bytes (bench/costmodel.py reads the loop bodies from the
-  sm_90 SASS): S1 / T1 issue ~390 / 425 instructions per thread per 2048-lane tile that appends, ~170 / 215 per
+  sm_90 SASS): S1 / T1 issue ~405 / 430 instructions per thread per 2048-lane tile that appends, ~170 / 215 per
   tile that skips (8 warps; ~420 / 455 and ~195 / 245 pipelined by Triton, 1,330 / 1,410 with the level-1
   histogram, a flat tl.cumsum and per-tile sums in the row pass, ~550 / 570 with a plain scatter store), S3 ~305,
   1.1-3.0× the time the SM's share of HBM bandwidth needs to stream the tile. The two sorts at W = 8192 are
@@ -152,6 +153,19 @@ def _key(x):
 @triton.jit
 def _unkey(k):
     return (k ^ ((k >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pack(k, col):
+    """An a-list word: key k (int32) high, 2^31 − 1 − column low, so that a descending sort orders equal keys by
+    ascending column (the lists' row order, in which prefix takes them)."""
+    return (k.to(tl.int64) << 32) | (0x7FFFFFFF - col).to(tl.int64)
+
+
+@triton.jit
+def _column(e):
+    """The column of an a-list word (_pack)."""
+    return 0x7FFFFFFF - (e & 0xFFFFFFFF).to(tl.int32)
 
 
 @triton.jit
@@ -247,7 +261,7 @@ def _bucket1(x):
 @triton.jit
 def _keys(SRC: tl.constexpr, c0, n, src, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
     """One tile of a source -> (keys k int32, level-1 bins (rows only), valid, student column). SRC 0: the a-list
-    (int64 k << 32 | column), 1: the b-list (int32 k), 2: the student row(s) on U_S, 3: the teacher row(s) on U_T.
+    (int64 _pack(k, column)), 1: the b-list (int32 k), 2: the student row(s) on U_S, 3: the teacher row(s) on U_T.
     ``src``: the list pointer, or the row's pointers and scalars ending with the level-1 shift; n: list length or
     row width; ONE: the rows are single (no loop over rows: the tile loops stay innermost, hence pipelined)."""
     o = c0 + tl.arange(0, BLOCK)
@@ -255,7 +269,7 @@ def _keys(SRC: tl.constexpr, c0, n, src, ONE: tl.constexpr, SPARSE: tl.constexpr
         valid = o < n
         e = tl.load(src + o, mask=valid, other=0)
         k = (e >> 32).to(tl.int32)
-        col = (e & 0xFFFFFFFF).to(tl.int32)
+        col = _column(e)
         b = o * 0
     elif SRC == 1:
         valid = o < n
@@ -317,7 +331,7 @@ def _select(SRC: tl.constexpr, n, src, lo, hi, above, R, ONE: tl.constexpr, SPAR
 def _gather(SRC: tl.constexpr, n, src, th_hi, q_hi, th_lo, q_lo, b_min, b_eq, dst, cap, PACK: tl.constexpr,
             HAS_LO: tl.constexpr, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
     """Append the source's keys in prefix(th_hi, q_hi) \\ prefix(th_lo, q_lo) (HAS_LO, else the empty set) with
-    level-1 bin ≥ b_min to dst, in source order (PACK: k << 32 | column as int64, else k); the other lanes store to
+    level-1 bin ≥ b_min to dst, in source order (PACK: _pack(k, column) as int64, else k); the other lanes store to
     the spare slot dst[cap] (module docstring, Registers). prefix(θ, q) = {k > θ} ∪ the first q keys equal to θ.
     -> (count, min and max of the keys written, min and max of those in bin b_eq)."""
     tl.debug_barrier()  # dst may still be read by other lanes (the previous window's sort)
@@ -341,7 +355,7 @@ def _gather(SRC: tl.constexpr, n, src, th_hi, q_hi, th_lo, q_lo, b_min, b_eq, ds
         si = sel.to(tl.int32)
         pos = tl.where(sel, cnt + tl.cumsum(si, 0) - si, cap)
         if PACK:
-            tl.store(dst + pos, (k.to(tl.int64) << 32) | col.to(tl.int64))
+            tl.store(dst + pos, _pack(k, col))
         else:
             tl.store(dst + pos, k)
         cnt += tl.sum(si)
@@ -381,7 +395,7 @@ def _compact(SRC: tl.constexpr, n, src, m, cap, dst, PACK: tl.constexpr, ONE: tl
 
 @triton.jit
 def _append(k, sel, col, cnt, dst, cap, PACK: tl.constexpr):
-    """Single-pass compaction, one tile: append its selected keys to dst in row order (PACK: k << 32 | column as
+    """Single-pass compaction, one tile: append its selected keys to dst in row order (PACK: _pack(k, column) as
     int64, else k); keys past ``cap`` go to the spare slot dst[cap] with the unselected lanes (they are dropped), the
     count holds them. The positions are an exclusive prefix count in two levels, rows of 8 lanes (a thread's, as the
     row's 16-byte loads leave them) and across rows, and the store keeps that layout (_tl.scatter): a plain scatter
@@ -393,7 +407,7 @@ def _append(k, sel, col, cnt, dst, cap, PACK: tl.constexpr):
     pos = cnt + tl.reshape((tl.cumsum(rows, 0) - rows)[:, None] + tl.cumsum(si, 1) - si, [N])
     pos = tl.where(sel & (pos < cap), pos, cap)
     if PACK:
-        _tl.scatter(dst + pos, (k.to(tl.int64) << 32) | col.to(tl.int64), None, 8)
+        _tl.scatter(dst + pos, _pack(k, col), None, 8)
     else:
         _tl.scatter(dst + pos, k, None, 8)
     return cnt + tl.sum(rows)
@@ -645,7 +659,7 @@ def _windows(args, SPARSE: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr,
         lanes = tl.arange(0, W)
         r1 = tl.minimum(r0 + W, m)
         # whole: the small network (TRUNC: m ≤ W, one window) sorts both whole single-pass lists, whose first m
-        # lanes are then the top m (keys equal to θ in the network's order), with no selection or gather
+        # lanes are then the top m (keys equal to θ in ascending column, as prefix's), with no selection or gather
         if TRUNC:
             direct = whole
         else:
@@ -694,7 +708,7 @@ def _windows(args, SPARSE: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr,
             tl.debug_barrier()
             ea = _sort_desc(tl.load(wa + lanes, mask=lanes < cnt_a, other=_I64_MIN), W, cnt_a, False, False)
         # the columns first: ea's low words are dead before a, d and g are formed (Registers)
-        tl.store(gc + r0 + lanes, (ea & 0xFFFFFFFF).to(tl.int32), mask=lanes < cnt_a)
+        tl.store(gc + r0 + lanes, _column(ea), mask=lanes < cnt_a)
         av = tl.where(lanes < cnt_a, tl.exp(_unkey((ea >> 32).to(tl.int32)) * al_a + be_a), 0.0)
         if not TRUNC:
             bv = tl.load(gv + r0 + lanes, mask=lanes < cnt_a, other=0.0)

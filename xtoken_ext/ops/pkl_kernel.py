@@ -191,7 +191,7 @@ def _pkl_kernel(
     spans_ptr, tchain_ptr, scale_ptr,
     loss_ptr, dz_ptr, stride_dz,
     lse_s_ptr, dr_ptr, lse_t_ptr, qu_ptr, h_ptr, tm_ptr, n_tiles_max, tacc_ptr, tcnt_ptr, stat_ptr, sync_ptr, rs_ptr,
-    k0, k1, V_S, V_T, C, inv_tau, tau, eps,
+    k0, k1, V_S, V_T, row_len, C, inv_tau, tau, eps,
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr, GRAD_W: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     CSLOTS: tl.constexpr, SLOTS: tl.constexpr, STAGES: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr,
@@ -206,7 +206,7 @@ def _pkl_kernel(
     k_guard = k1 + nprog if HELP == 1 else k0  # guards for previous chunks ≥ k_guard run
     n_k = k1 - k0
     G = tl.cdiv(tl.cdiv(V_S, BLOCK_S), SLICE)  # D slices per chunk
-    row = pid.to(tl.int64) * V_T
+    row = pid.to(tl.int64) * row_len  # the per-program scratch rows: V_T entries and a spare (_w_structure)
     qu_row = qu_ptr + row
     tm_row = tm_ptr + pid.to(tl.int64) * n_tiles_max
     tacc_row = tacc_ptr + row
@@ -222,20 +222,23 @@ def _pkl_kernel(
             c_p = k - nprog - k0
             busy = True
             while busy:
-                hd = tl.load(sync_ptr, volatile=True)
+                # the head and the own chunk's count by scalar atomics: one thread reads, every thread gets its value
+                # (per-thread volatile loads could differ between warps, which would then disagree on busy and
+                # reach different barriers); the window's words are per lane and only reduced
+                hd = tl.atomic_add(sync_ptr, 0, sem="relaxed", scope="gpu")
                 i = hd + tl.arange(0, WIN)
                 w = tl.load(sync_ptr + 1 + i, mask=i < n_k, other=0, volatile=True)
                 gone = (w >= PUB) & (w % PUB >= G)
                 tl.atomic_max(sync_ptr, tl.min(tl.where(gone, hd + WIN, i)), sem="relaxed", scope="gpu")
                 open_ = (w >= PUB) & ~gone
-                own_open = tl.load(sync_ptr + 1 + c_p, volatile=True) % PUB < G
+                own_open = tl.atomic_add(sync_ptr + 1 + c_p, 0, sem="relaxed", scope="gpu") % PUB < G
                 busy = own_open | (tl.max(open_.to(tl.int32)) > 0)
                 oldest = tl.min(tl.where(open_, i, n_k))
                 if busy:
                     _take_slice(tl.where(own_open, tl.minimum(oldest, c_p), oldest), sync_ptr, rs_ptr, n_k, G, z_ptr,
                                 stride_z, ell_ptr, nslot_ptr, colb, spans_ptr, lse_s_ptr, dr_ptr, h_ptr,
-                                tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN, GRAD_W, FOLD,
-                                BLOCK_S, SLOTS, STAGES, SLICE)
+                                tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, row_len, inv_tau, MEAN, GRAD_W,
+                                FOLD, BLOCK_S, SLOTS, STAGES, SLICE)
             n_done = 0
             while n_done < G:
                 n_done = tl.atomic_add(sync_ptr + 1 + n_k + c_p, 0, sem="acquire", scope="gpu")
@@ -592,9 +595,9 @@ def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, q, eps, pois
 
 @triton.jit
 def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr, colb, spans_ptr, lse_s_ptr,
-                dr_ptr, h_ptr, tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, inv_tau, MEAN: tl.constexpr,
-                GRAD_W: tl.constexpr, FOLD: tl.constexpr, BLOCK_S: tl.constexpr, SLOTS: tl.constexpr,
-                STAGES: tl.constexpr, SLICE: tl.constexpr):
+                dr_ptr, h_ptr, tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, row_len, inv_tau,
+                MEAN: tl.constexpr, GRAD_W: tl.constexpr, FOLD: tl.constexpr, BLOCK_S: tl.constexpr,
+                SLOTS: tl.constexpr, STAGES: tl.constexpr, SLICE: tl.constexpr):
     """Take the next open D slice j of published chunk k0 + c and compute it -> j (≥ G: none was open): its
     gradient rows on student tiles [j SLICE, (j + 1) SLICE), dz_r = τ c/(n_s Z) p_r (g − d_r) (zero for an invalid
     chunk), from what its owner program published. sync: [0] the help window's head, [1 + c] (owner + 1)·PUB once
@@ -609,7 +612,7 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr
         M = tl.load(rs_ptr + 3 * c, cache_modifier=".cg")
         coef = tl.load(rs_ptr + 3 * c + 1, cache_modifier=".cg")
         valid = tl.load(rs_ptr + 3 * c + 2, cache_modifier=".cg") != 0
-        h_row = h_ptr + (c.to(tl.int64) if GRAD_W else own.to(tl.int64)) * V_T
+        h_row = h_ptr + (c.to(tl.int64) * V_T if GRAD_W else own.to(tl.int64) * row_len)
         tm_row = tm_ptr + own.to(tl.int64) * n_tiles_max
         # the slice's widest student: the slice runs the instantiation with that many ELL slots
         v_lo = j * SLICE * BLOCK_S
@@ -725,8 +728,9 @@ def _ell_words(ell_ptr, nslot_ptr, o, om, V_S, K: tl.constexpr):
 def _ell_gathers(e, h_row, tm_row, colb, FOLD: tl.constexpr, K: tl.constexpr):
     """Per slot of the ELL words e: (w, h[col], the factor of col's tile (FOLD: stored in place of the tile maxima
     after C; else none)), the gathers read past L1 (.cg: another program's chunk may have left older values at these
-    addresses in this SM's L1) and unmasked: a slot without a weight (w = 0: no slot, a zero word, or off A) reads
-    h[0] and the first tile's factor, valid addresses whose values _ell_sum's select drops."""
+    addresses in this SM's L1) and unmasked: a slot without a weight (w = 0: no slot, or off A) has the zero word
+    and reads h[0] and the first tile's factor, valid addresses: FOLD, h[0] is the h row's spare, always 0 (ranks
+    start at 1, _w_structure), so its term w (M − h f) is an exact 0; else _ell_sum's select drops it."""
     ws = ()
     hs = ()
     fs = ()
@@ -742,14 +746,16 @@ def _ell_gathers(e, h_row, tm_row, colb, FOLD: tl.constexpr, K: tl.constexpr):
 
 @triton.jit
 def _ell_sum(ws, hs, fs, M, FOLD: tl.constexpr, K: tl.constexpr):
-    """g = Σ_slot w (M − h f) over the gathered slots with w ≠ 0 (_ell_gathers; FOLD: h = h_u f, the unscaled row
-    times its tile's factor exp(m_tile − m) F; a select, not a product with w = 0: an h_u may be +inf)."""
+    """g = Σ_slot w (M − h f) over the gathered slots with w ≠ 0 (_ell_gathers). FOLD: h = h_u f, the unscaled row
+    times its tile's factor exp(m_tile − m) F, and a weightless slot reads the spare h = 0, a term 0 (M is finite
+    in a valid chunk; D writes zeros for the others); else a select, not a product with w = 0: a column's h may be
+    +inf (2 instructions per slot and student, sm_90 SASS)."""
     g = tl.zeros(ws[0].shape, tl.float32)
     for k in tl.static_range(K):
-        h = hs[k]
         if FOLD:
-            h = h * fs[k]
-        g += tl.where(ws[k] != 0, ws[k] * (M - h), 0.0)
+            g += ws[k] * (M - hs[k] * fs[k])
+        else:
+            g += tl.where(ws[k] != 0, ws[k] * (M - hs[k]), 0.0)
     return g
 
 
@@ -782,8 +788,8 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # stages every load through shared memory with cp.async, the gathers included: per thread per tile, C 747 where
 # unpipelined it was 610 and by hand it is 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand
 # 301; sm_90 SASS); merged rows' D over STAGES tiles. Per thread and 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): A
-# 161, C 627 (its p gathers unmasked; 1,009 for merged rows), D 291 / 423 / 564 / 695 (1-4 ELL slots; merged rows 326 /
-# 754, one / four), R 962 per entry block (1,102 for merged rows). The kernel is bound by instruction issue, not bytes
+# 161, C 629 (its p gathers unmasked; 1,007 for merged rows), D 284 / 384 / 501 / 608 (1-4 ELL slots; merged rows 310 /
+# 664, one / four), R 958 per entry block (1,092 for merged rows). The kernel is bound by instruction issue, not bytes
 # (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans' and reductions'
 # cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when
 # measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators). The configs differ in
@@ -838,8 +844,9 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
       R keeps their sums in the h row;
     - the gradient pass's compact ELL: every row's used slots first (slot_order int64 [V_S, SLOTS], the slot
       permutation), nslot int8 [V_S], keys int32 [SLOTS, V_S] slot-major = column | its tile << colb, and the same
-      with the column's rank among the columns with W entries (where the dense frozen-W pass keeps h) in place of
-      the column (rank int32 [V_T]); has_entry bool [V_T]. The weights, which depend on the call's column mask, are
+      with the column's rank among the columns with W entries, from 1 (where the dense frozen-W pass keeps h: its
+      entry 0 is a spare that stays 0, read by weightless slots) in place of the column (rank int32 [V_T]);
+      has_entry bool [V_T]. The weights, which depend on the call's column mask, are
       packed beside slots and keys by pkl_rows."""
     key = id(w_idx)
     hit = _STRUCT_CACHE.get(key)
@@ -875,7 +882,7 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     idx = w_idx.long().gather(1, slot_order)
     used = idx >= 0
     tile_bits = (idx.clamp(min=0) // block_t) << colb
-    rank = torch.cumsum(has_entry, 0) - 1  # a column's rank among the columns with W entries
+    rank = torch.cumsum(has_entry, 0)  # a column's rank among the columns with W entries, from 1 (0: the spare)
     ell_keys = tuple(torch.where(used, c | tile_bits, 0).to(torch.int32).t().contiguous()
                      for c in (idx, rank[idx.clamp(min=0)]))
     r_col = cols[~in_ell]
@@ -900,7 +907,7 @@ def _num_programs(K: int, device: torch.device) -> int:
 def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain,
              chunk_scale, need_grad_w):
     """The ``triton`` backend of ``xtoken::pkl_rows`` (contract in ops.pkl): -> (loss [K] f32, grad in the logits'
-    dtype, grad_w [V_S, 4] f32 or None). Deterministic: no atomics outside the sparse teacher's later-row sums."""
+    dtype, grad_w [V_S, 4] f32 or None). Deterministic: no float atomics (the sums are added in a fixed order)."""
     sparse = t_cols is not None
     device = s_logits.device
     t_cols = t_vals if t_cols is None else t_cols  # dense: a placeholder, unused with SPARSE=False
@@ -926,8 +933,9 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
     def words(w, key):  # 8-byte words w_eff's fp32 bits << 32 | key (int32 ≥ 0)
         return (w.contiguous().view(torch.int32).long() << 32) | key.long()
 
-    # the gradient pass's ELL, slot-major (as ell_key)
-    ell = words(w_eff.gather(1, st["slot_order"]).t(), ell_key)
+    # the gradient pass's ELL, slot-major (as ell_key); a weightless slot (off A) the zero word: FOLD, the spare
+    w_ell = w_eff.gather(1, st["slot_order"]).t().contiguous()
+    ell = torch.where(w_ell != 0, words(w_ell, ell_key), 0)
     if sparse:  # C1 reads all of W's entries; the dense pass the column ELL and the residual entries (empty: unused)
         e_val, r_val, cell = w_flat[st["e_slot"]], w_flat[:0], ell[:0]
     else:  # the column ELL (slot-major): weight and student
@@ -936,11 +944,12 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
         cell = torch.where(cs >= 0, words(w_flat[cs.clamp(min=0)], cs.clamp(min=0) // SLOTS), 0)
     mask8 = torch.where(col_mask, torch.where(st["has_entry"], 1, 2), 0).to(torch.int8)
     nprog = K if help_split else _num_programs(K, device)
-    qu = torch.zeros(nprog, V_T, **f32)
+    row_len = (V_T + 16) // 16 * 16  # scratch rows: V_T entries and the spare (ranks 1..V_T), 16-entry aligned
+    qu = torch.zeros(nprog, row_len, **f32)
     tm = torch.empty(nprog, max(1, triton.cdiv(C, _TILES["BLOCK_T"])), **f32)
     if sparse:
-        tacc = torch.zeros(nprog, V_T, **f32)
-        tcnt = torch.zeros(nprog, V_T, dtype=torch.int32, device=device)
+        tacc = torch.zeros(nprog, row_len, **f32)
+        tcnt = torch.zeros(nprog, row_len, dtype=torch.int32, device=device)
     else:
         tacc, tcnt = qu, qu  # unused placeholders (SPARSE=False)
     lse_s, d_r = torch.empty(2, N_s, **f32)
@@ -956,7 +965,7 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
         if need_grad_w:
             h, stat = torch.zeros(k1 - k0, V_T, **f32), torch.zeros(k1 - k0, 2, **f32)
         else:
-            h, stat = (torch.zeros(nprog, V_T, **f32) if sparse else qu), loss
+            h, stat = (torch.zeros(nprog, row_len, **f32) if sparse else qu), loss
         sync, rs = torch.zeros(1 + 2 * (k1 - k0), dtype=torch.int32, device=device), torch.empty(k1 - k0, 3, **f32)
         for help_ in (1, 2) if help_split else (0,):
             _launch((nprog,),
@@ -965,7 +974,7 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
                     st["cinfo"], st["r_row"], r_key, r_val, r_val.numel(), st["rank"], mask8,
                     spans, chain, scale, loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc,
                     tcnt, stat, sync, rs,
-                    k0, k1, V_S, V_T, C, 1.0 / float(temperature), float(temperature), float(eps),
+                    k0, k1, V_S, V_T, row_len, C, 1.0 / float(temperature), float(temperature), float(eps),
                     MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
                     HAS_SCALE=chunk_scale is not None, CSLOTS=st["cslots"], SLOTS=SLOTS, **_TILES, **_SLICES,
                     HELP=help_)
