@@ -104,7 +104,7 @@ def test_issue_from_sass(proj):
     from xtoken_ext.ops import hkl_kernel as H
     from xtoken_ext.ops import pkl_kernel as P
 
-    lines = sass.header_lines(P._slice_rows, "for v0 in tl.range(")
+    lines = sass.header_lines(P._slice_rows, "for v0 in range(v_lo")
     assert len(lines) == 1 and {f for f, _ in lines} == {"pkl_kernel.py"}
     iss = costmodel.issue_counts()
     assert iss is not None

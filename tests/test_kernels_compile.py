@@ -27,7 +27,7 @@ from xtoken_ext.ops import pkl_kernel as P
 # slices: merged rows, a single row); R (residual entry blocks, dense) or C1 (entry blocks, sparse); C3 (factors or
 # rescaling); the owner's ⟨p_r, g⟩ (merged rows)
 PASSES = ((P._row_stats, "for v0 in range"), (P._teacher_pass, "for t in range(0, tl.cdiv(C"),
-          (P._single_pass, "for t in range(0, tl.cdiv(C"), (P._slice_rows, "for v0 in tl.range("),
+          (P._single_pass, "for t in range(0, tl.cdiv(C"), (P._slice_rows, "for v0 in range(v_lo"),
           (P._slice_single, "for v0 in range("), (P._entries, "for e0 in range(0, n, BLOCK_E)"),
           (P._pkl_kernel, "for t0 in range(0, n_c2"),
           (P._pkl_kernel, "for t in range(0, n_c2)"), (P._pkl_kernel, "for v0 in range(0, V_S, BLOCK_S)"))

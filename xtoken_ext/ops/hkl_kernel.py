@@ -921,10 +921,12 @@ def _hkl_kernel(
     tl.store(es + 7, cb_mrg)
 
 
-# Streaming loops: the row passes and the single rows' gradient pass are software-pipelined by hand (the next tile's
-# loads carried in registers; Triton's cp.async staging issued more: S1 / T1 421 / 457 -> 391 / 423, S3 354 -> 305
-# per thread per 2,048-lane tile at 8 warps, sm_90 SASS), the other gradient passes over STAGES tiles; the
-# compaction and list passes are not (pipelining them adds ~60 registers; the lists are L2-resident).
+# Streaming loops: the row passes and the dense single rows' gradient pass are software-pipelined by hand (the next
+# tile's loads carried in registers; Triton's cp.async staging issued more: S1 / T1 421 / 457 -> 391 / 423, S3 354 -> 305
+# per thread per 2,048-lane tile at 8 warps, sm_90 SASS), a sparse teacher's single rows' gradient pass over STAGES
+# tiles by Triton; merged rows' gradient passes are not pipelined (their row loop sits inside the tile loop: Triton
+# pipelines innermost loops only), nor are the compaction and list passes (pipelining them adds ~60 registers; the
+# lists are L2-resident).
 _CONFIGS = [triton.Config({"BLOCK_S": b, "BLOCK_T": b, "BLOCK_L": b, "STAGES": st}, num_warps=nw)
             for b, st, nw in ((2048, 3, 8), (4096, 2, 16))]
 _launch = _tl.launcher(_hkl_kernel, {}, _CONFIGS, key=["V_S", "C", "W", "MEAN", "SPARSE"])

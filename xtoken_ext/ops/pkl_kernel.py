@@ -38,7 +38,7 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      dense case folding its tile's factor in through the slots' tile ids; a slice runs as many slots as its widest
      student has: one on half of the real Llama-3 W's slices), dz_r = τ/(n_s Z) p_r (g − d_r),
      d_r = ⟨p_r, g⟩; for one student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h: _slice_single, pipelined by
-     hand; merged rows _slice_rows, over STAGES tiles). The owner computes d_r, stores
+     hand; merged rows _slice_rows, unpipelined). The owner computes d_r, stores
      (M, coef, valid) and publishes the chunk (a release); its dz rows are then G slices of SLICE student tiles
      that ANY program may take (an acquire on the chunk's sync word, read past L1) and compute. Every program, before
      its next chunk (whose C overwrites its scratch rows), takes open slices oldest first, its previous chunk's
@@ -194,7 +194,7 @@ def _pkl_kernel(
     k0, k1, V_S, V_T, row_len, C, inv_tau, tau, eps,
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr, GRAD_W: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    CSLOTS: tl.constexpr, SLOTS: tl.constexpr, STAGES: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr,
+    CSLOTS: tl.constexpr, SLOTS: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr,
     HELP: tl.constexpr,
 ):
     FOLD: tl.constexpr = not (SPARSE or GRAD_W)
@@ -238,7 +238,7 @@ def _pkl_kernel(
                     _take_slice(tl.where(own_open, tl.minimum(oldest, c_p), oldest), sync_ptr, rs_ptr, n_k, G, z_ptr,
                                 stride_z, ell_ptr, nslot_ptr, colb, spans_ptr, lse_s_ptr, dr_ptr, h_ptr,
                                 tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, row_len, inv_tau, MEAN, GRAD_W,
-                                FOLD, BLOCK_S, SLOTS, STAGES, SLICE)
+                                FOLD, BLOCK_S, SLOTS, SLICE)
             n_done = 0
             while n_done < G:
                 n_done = tl.atomic_add(sync_ptr + 1 + n_k + c_p, 0, sem="acquire", scope="gpu")
@@ -597,7 +597,7 @@ def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, q, eps, pois
 def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr, colb, spans_ptr, lse_s_ptr,
                 dr_ptr, h_ptr, tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, row_len, inv_tau,
                 MEAN: tl.constexpr, GRAD_W: tl.constexpr, FOLD: tl.constexpr, BLOCK_S: tl.constexpr,
-                SLOTS: tl.constexpr, STAGES: tl.constexpr, SLICE: tl.constexpr):
+                SLOTS: tl.constexpr, SLICE: tl.constexpr):
     """Take the next open D slice j of published chunk k0 + c and compute it -> j (≥ G: none was open): its
     gradient rows on student tiles [j SLICE, (j + 1) SLICE), dz_r = τ c/(n_s Z) p_r (g − d_r) (zero for an invalid
     chunk), from what its owner program published. sync: [0] the help window's head, [1 + c] (owner + 1)·PUB once
@@ -622,19 +622,18 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr
         ks = tl.max(tl.load(nslot_ptr + sv, mask=sv < V_S, other=0).to(tl.int32))
         if MEAN:  # a 1-to-1 chunk runs the single-row instantiation
             if s_hi - s_lo == 1:
-                _slices(args, ks, FOLD, SLOTS, BLOCK_S, STAGES, True)
+                _slices(args, ks, FOLD, SLOTS, BLOCK_S, True)
             else:
-                _slices(args, ks, FOLD, SLOTS, BLOCK_S, STAGES, False)
+                _slices(args, ks, FOLD, SLOTS, BLOCK_S, False)
         else:
-            _slices(args, ks, FOLD, SLOTS, BLOCK_S, STAGES, True)
+            _slices(args, ks, FOLD, SLOTS, BLOCK_S, True)
         tl.debug_barrier()
         tl.atomic_add(sync_ptr + 1 + n_k + c, 1, sem="release", scope="gpu")
     return j
 
 
 @triton.jit
-def _slices(args, ks, FOLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr,
-            SINGLE: tl.constexpr):
+def _slices(args, ks, FOLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr):
     """The slice's dz rows, g from the first ks ELL slots (ks: the slice's widest student): one student row,
     _slice_single instantiated for 1, 2, 3 and SLOTS = 4 slots (the real Llama-3 W's 8 slices take 3, 3, 1, 1, 1,
     1, 4, 4); merged rows, _slice_rows for 1 or SLOTS."""
@@ -650,19 +649,19 @@ def _slices(args, ks, FOLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_S: tl.const
             _slice_single(args, FOLD, SLOTS, BLOCK_S)
     else:
         if ks > 1:
-            _slice_rows(args, FOLD, SLOTS, BLOCK_S, STAGES)
+            _slice_rows(args, FOLD, SLOTS, BLOCK_S)
         else:
-            _slice_rows(args, FOLD, 1, BLOCK_S, STAGES)
+            _slice_rows(args, FOLD, 1, BLOCK_S)
 
 
 @triton.jit
-def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
+def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr):
     """dz rows of a chunk's merged student rows on the student ids [v_lo, v_hi) (_take_slice), g from the ELL's
-    first K slots, pipelined over STAGES tiles."""
+    first K slots (the row loop inside the tile loop: Triton pipelines innermost loops only, so this one is not)."""
     (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, valid, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr,
      dr_ptr, dz_ptr, stride_dz, V_S, inv_tau) = args
     offs = tl.arange(0, BLOCK_S)
-    for v0 in tl.range(v_lo, v_hi, BLOCK_S, num_stages=STAGES):
+    for v0 in range(v_lo, v_hi, BLOCK_S):
         o = v0 + offs
         om = o < V_S
         g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, FOLD, K)
@@ -782,20 +781,21 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
     tl.store(gw_ptr + at, tl.load(gw_ptr + at, mask=om[:, None], other=0.0) + acc, mask=om[:, None])
 
 
-# The tile geometry of the teacher pass and the entry blocks is fixed across the autotune configs: W's column ELL and
-# residual entries are built for it once per W. A and the single-row loops of C and D are software-pipelined by hand:
-# the next tile's loads are issued before this one is computed and carried in registers (Triton's num_stages pipelining
-# stages every load through shared memory with cp.async, the gathers included: per thread per tile, C 747 where
-# unpipelined it was 610 and by hand it is 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand
-# 301; sm_90 SASS); merged rows' D over STAGES tiles. Per thread and 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): A
-# 161, C 629 (its p gathers unmasked; 1,007 for merged rows), D 284 / 384 / 501 / 608 (1-4 ELL slots; merged rows 310 /
-# 664, one / four), R 958 per entry block (1,092 for merged rows). The kernel is bound by instruction issue, not bytes
-# (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans' and reductions'
-# cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when
-# measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators). The configs differ in
-# pipeline depth of the merged rows' D, for the autotuner to weigh on a GPU. sm_90, bf16, offline ptxas
-# (tests/test_kernels_compile.py): no spill inside a per-tile pass; at 255 registers a few scalars live across the
-# teacher loop may be spilled once per chunk.
+# The tile geometry of the teacher pass and the entry blocks is fixed: W's column ELL and residual entries are built
+# for it once per W. A and the single-row loops of C and D are software-pipelined by hand: the next tile's loads are
+# issued before this one is computed and carried in registers (Triton's num_stages pipelining stages every load
+# through shared memory with cp.async, the gathers included: per thread per tile, C 747 where unpipelined it was 610
+# and by hand it is 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand 301; sm_90 SASS);
+# merged rows' C and D are not pipelined (their row loops sit inside the tile loops, and Triton pipelines innermost
+# loops only). Per thread and 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): A 161, C 629 (its p gathers unmasked;
+# 1,007 for merged rows), D 284 / 384 / 501 / 608 (1-4 ELL slots; merged rows 310 / 664, one / four), R 958 per entry
+# block (1,092 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the
+# SASS): per tile much of the work is per-thread overhead (the scans' and reductions' cross-warp steps), so fewer
+# warps issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when measured (4 warps: 28 %, but they
+# spill; 16 warps spill too, with C's per-lane accumulators). One config: the two there were differed only in the
+# merged rows' D's num_stages, which compiled to the same code (above), so autotuning timed one kernel twice. sm_90,
+# bf16, offline ptxas (tests/test_kernels_compile.py): no spill inside a per-tile pass; at 255 registers a few scalars
+# live across the teacher loop may be spilled once per chunk.
 TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
 _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
 # D slices of 8 student tiles (16,384 ids: 8 slices at V_S = 128,256; fewer, longer slices take fewer handshakes but
@@ -809,10 +809,10 @@ _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 # (sm_90 SASS, bench/sass.py, 8 warps; ×256 threads / lanes per tile): _column_slots weighs them per W
 SLOT_COST, ENTRY_COST = 12, 60
 # maxnreg: without it ptxas held some variants (sparse teacher, merge "first" / "chain") to 128 registers and spilled
-_CONFIGS = [triton.Config({"BLOCK_S": 2048, "STAGES": st}, num_warps=8, maxnreg=255) for st in (3, 2)]
+_CONFIGS = [triton.Config({"BLOCK_S": 2048}, num_warps=8, maxnreg=255)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
 # stale words would find no slice open to help with)
-_launch = _tl.launcher(_pkl_kernel, dict(BLOCK_S=128, STAGES=1), _CONFIGS,
+_launch = _tl.launcher(_pkl_kernel, dict(BLOCK_S=128), _CONFIGS,
                        key=["V_S", "V_T", "C", "NNZ", "MEAN", "SPARSE", "GRAD_W"], reset_to_zero=["sync_ptr"])
 _grad_w = _tl.launcher(_pkl_grad_w_kernel, dict(BLOCK=128), [triton.Config({"BLOCK": 1024}, num_warps=8)])
 _zero = _tl.launcher(_tl.zero_uncovered_rows, dict(BLOCK=128), [triton.Config({"BLOCK": 2048}, num_warps=8)])
