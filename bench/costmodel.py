@@ -45,6 +45,9 @@ SORT_INSTR = (8.9, 4.8)
 SORT_THREADS = 256
 ISSUE, CLOCK = 4, 1.755e9
 SCRATCH_FIXED = 32 << 10  # per H-KL program: hint state, stream lines in flight
+# the window's bisection passes over a list (128-way, ops.hkl_kernel._select): ~3 within the key range of bin b1 (the
+# last window's), ~4 over the wider key interval an earlier window of several bisects (an assumption: ≤ 5 for 32 bits)
+SELECT_STEPS = (3, 4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -272,10 +275,10 @@ def tiles_with(mask: torch.Tensor, block: int) -> int:
     return int(torch.nn.functional.pad(mask, (0, n * block - mask.numel())).view(n, block).any(1).sum())
 
 
-def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", topk: int = 8192,
+def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", topk: int | None = 8192,
               gpu: dict = GPU, loss: str = "H-KL", issue: dict | None = None) -> dict:
-    """Per-row model of ``_hkl_kernel`` (dense teacher, H-KL: the relaxed common pairs, or GOLD: the strict ones;
-    uncommon_topk ``topk``) for a 1-to-1 chunk, from the pass table in ops.hkl_kernel's docstring, with the m a user
+    """Per-row model of ``_hkl_kernel`` (dense teacher, H-KL: the relaxed common pairs, GOLD: the strict ones, ULD:
+    none, the whole vocabularies uncommon; uncommon_topk ``topk``, None: uncapped) for a 1-to-1 chunk, from the pass table in ops.hkl_kernel's docstring, with the m a user
     gets from this W and ``uncovered`` (A = the covered columns, or all). Common case (the single-pass compaction hits
     on both sides): student rows read in S1 (LSE, candidate list) and S3 (gradient, written), the teacher row in T1; the
     lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~6 times (level-1 histogram and key range, bin b1's range,
@@ -301,10 +304,16 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     from xtoken_ext.ops import hkl_kernel as H
 
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
-    n_common, us_mask, ut_mask = uncommon_masks(proj, "relaxed" if loss == "H-KL" else "strict", uncovered)
+    pairs = "relaxed" if loss == "H-KL" else "strict"
+    if loss == "ULD":  # no common pairs: every student id and every allowed teacher column is uncommon
+        allowed, _, _ = _common(proj, pairs, uncovered)
+        n_common, us_mask, ut_mask = 0, torch.ones(V_S, dtype=torch.bool), allowed
+    else:
+        n_common, us_mask, ut_mask = uncommon_masks(proj, pairs, uncovered)
     u_s, u_t = int(us_mask.sum()), int(ut_mask.sum())
-    m = min(u_s, u_t, topk)
-    m_up = min(V_S, V_T, topk)  # the host's bound (m itself stays on the device)
+    cap_m = V_S if topk is None else topk
+    m = min(u_s, u_t, cap_m)
+    m_up = min(V_S, V_T, cap_m)  # the host's bound (m itself stays on the device)
     w_big, w_small = H.sort_widths(m_up)
     w_net = w_small if m <= w_small else w_big
     small = w_net < w_big  # the small network sorts both windows side by side, b's keys widened to int64
@@ -313,6 +322,10 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     l_a = u_s if u_s <= fit else min(2 * m, cap)
     l_b = u_t if u_t <= fit else min(2 * m, cap)
     touched = min(m, w_net)
+    n_win = math.ceil(m / w_net)  # rank windows (several only where m exceeds the largest network: ULD)
+    # passes over each list: level-1 histogram and key range, bin b1's range, then per window the bisection steps
+    # (SELECT_STEPS) and the gather of its window
+    n_pass = 2 + SELECT_STEPS[0] + 1 + (n_win - 1) * (SELECT_STEPS[1] + 1)
     # per list (a: 8 B keys, b: 4 B): sorted whole in the small network where both fit it (no pass over them),
     # else ~6 passes (level-1 histogram and key range, bin b1's range, ~3 bisection steps, the gather of its window)
     whole = small and max(l_a, l_b) <= w_small
@@ -322,16 +335,17 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     stages = lg * (lg + 1) // 2
     floor = elem * (2 * V_S + V_T)
     stream = elem * (3 * V_S + V_T)
-    lists = sum((2 if whole else 7) * size * n for n, size in sides)  # written once, read once or ~6 times
-    bufs = sum(2 * size * touched for _, size in passed) + 2 * 8 * m  # sort buffers and G
+    lists = sum((2 if whole else 1 + n_pass) * size * n for n, size in sides)  # written once, read once or n_pass
+    bufs = n_win * sum(2 * size * touched for _, size in passed) + 2 * 8 * m  # sort buffers and G
     stream_fb = elem * (5 * V_S + 3 * V_T)
     lists_fb = 5 * (8 + 4) * min(2 * m, cap) + 12 * min(2 * m, cap)
     l2 = lists + bufs + n_common * SECTOR + m * SECTOR  # S3's teacher gathers, the fix-up's student gathers
-    l2_lo = l2 - n_common * SECTOR + SECTOR * common_sectors(proj, "relaxed" if loss == "H-KL" else "strict", uncovered,
-                                                             H._CONFIGS[0].kwargs["BLOCK_S"], elem)
+    l2_lo = l2 - n_common * SECTOR + (SECTOR * common_sectors(proj, pairs, uncovered, H._CONFIGS[0].kwargs["BLOCK_S"],
+                                                              elem) if n_common else 0)
     # time per row and SM (s)
     l2_sm = gpu["l2_bw"] / gpu["sms"]
-    t_sort = (2 * SORT_INSTR[0] if small else sum(SORT_INSTR)) * stages * max(w_net, SORT_THREADS) / 32 / ISSUE / CLOCK
+    t_sort = (n_win * (2 * SORT_INSTR[0] if small else sum(SORT_INSTR)) * stages * max(w_net, SORT_THREADS) / 32
+              / ISSUE / CLOCK)
     block = H._CONFIGS[0].kwargs["BLOCK_L"]
     tiles_s, tiles_t = math.ceil(V_S / block), math.ceil(V_T / block)
     app_s, app_t = tiles_with(us_mask, block), tiles_with(ut_mask, block)  # the row passes' tiles that append
@@ -346,7 +360,8 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     t_s1, t_t1, t_s3 = (max(a, b or 0.0) for a, b in passes.values())
     t_lists = 0.0  # the list passes' instruction issue (tiles of BLOCK_L keys)
     if issue is not None:
-        t_lists = sum(issue_time(L["hist"] + L["b1"] + 3 * L["select"] + L["gather"], issue["warps"],
+        sel = SELECT_STEPS[0] + (n_win - 1) * SELECT_STEPS[1]
+        t_lists = sum(issue_time(L["hist"] + L["b1"] + sel * L["select"] + n_win * L["gather"], issue["warps"],
                                  math.ceil(n / block)) for (n, _), L in zip(passed, (issue["L"]["a"], issue["L"]["b"])))
     t_win = max(lists / l2_sm, t_lists) + bufs / l2_sm + t_sort
     t_row = t_streams + t_win
@@ -357,11 +372,13 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     chains = {}
     for cfg in H._CONFIGS:
         b = cfg.kwargs["BLOCK_L"]
-        chains[b] = (sum(6 * math.ceil(n / b) for n, _ in passed) + (1 if small else 2) * stages,
+        chains[b] = (sum(n_pass * math.ceil(n / b) for n, _ in passed) + n_win * (1 if small else 2) * stages,
                      math.ceil(V_S / b) + math.ceil(V_T / b))
-    lists_how = "both lists sorted whole" if whole else "6 passes per list"
+    lists_how = "both lists sorted whole" if whole else f"{n_pass} passes per list"
+    if n_win > 1:
+        lists_how += f", {n_win} windows"
     loops = {"S1/S3 (student passes)": math.ceil(V_S / block), "T1 (teacher pass)": math.ceil(V_T / block),
-             f"window ({lists_how} + {'1' if small else '2'} x {stages} sort stages)": chains[block][0]}
+             f"window ({lists_how} + {n_win * (1 if small else 2)} x {stages} sort stages)": chains[block][0]}
     gathers = SECTOR * (n_common + 2 * m)  # spilled: S3's teacher gathers, the fix-up's student gathers and stores
     return dict(kernel=loss, floor=floor, hbm_l2=stream, hbm_spill=stream + lists + bufs + gathers, l2=l2, l2_lo=l2_lo,
                 loops=loops, vocab_tiles=chains[block][1], chains=chains, old_loop=None,
@@ -474,4 +491,5 @@ def run(quick: bool = False) -> None:
     report([("Projection.random", pkl_model(rand, 8192, issue=p)), (name, pkl_model(real, 8192, issue=p)),
             ("Projection.random", hkl_model(rand, 8192, issue=h)), (name, hkl_model(real, 8192, issue=h)),
             (name, hkl_model(real, 8192, uncovered="epsilon", issue=h)),
-            (name, hkl_model(real, 8192, loss="GOLD", issue=h))])
+            (name, hkl_model(real, 8192, loss="GOLD", issue=h)),
+            (name, hkl_model(real, 8192, loss="ULD", topk=None, issue=h))])

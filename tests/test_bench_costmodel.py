@@ -96,6 +96,26 @@ def test_report_prints_both_kernels(proj, capsys):
     assert "P-KL | random" in out and "H-KL | random" in out and "D slices per chunk" in out
 
 
+
+def test_uld_model_counts_every_window():
+    """ULD (no common pairs, m uncapped) past the largest sort network: the model counts one selection (the bisection
+    steps and the gather) over each whole list and two sorts per rank window of 8,192, not the one window of a capped
+    m; the chain grows by exactly that per extra window."""
+    from xtoken_ext.ops import hkl_kernel as H
+
+    proj = Projection.random(20_000, 18_000, seed=0)
+    capped = costmodel.hkl_model(proj, 64, loss="ULD", topk=8192)
+    full = costmodel.hkl_model(proj, 64, loss="ULD", topk=None)
+    st = full["stats"]
+    assert st["nnz"] == 0 and st["u_s"] == 20_000 and st["m"] == min(20_000, st["u_t"]) > 2 * 8192
+    n_win = math.ceil(st["m"] / 8192)
+    block = H._CONFIGS[0].kwargs["BLOCK_L"]
+    tiles = math.ceil(st["l_a"] / block) + math.ceil(st["l_b"] / block)
+    stages = 13 * 14 // 2  # an 8,192-lane bitonic network
+    extra = (n_win - 1) * ((costmodel.SELECT_STEPS[1] + 1) * tiles + 2 * stages)
+    assert full["chains"][block][0] - capped["chains"][block][0] == extra
+    assert full["t_sort"] == pytest.approx(n_win * capped["t_sort"])
+
 def test_issue_from_sass(proj):
     """bench.sass reads each streaming pass's loop out of the kernels' sm_90 SASS (compiled offline, in a
     subprocess), named by the source line of its backward branch: every pass is found once (D once per ELL width

@@ -222,7 +222,6 @@ def test_small_sort_network(n_u, merge, dt):
     assert all(p & 4 for p in paths) and 0 < sum(p & 1 for p in paths) == sum(p & 9 == 1 for p in paths)
 
 
-
 def test_tied_keys_take_the_same_columns_on_both_paths():
     """Student logits tied at the m-th largest uncommon value (in every row ranks 4-9 share a value, 2 of them
     inside the top m = 6): the small network's sort of the whole lists (W_SMALL = 64) and the selected windows
@@ -250,6 +249,7 @@ def test_tied_keys_take_the_same_columns_on_both_paths():
         (loss * P.g_out.to(dev)).sum().backward()
         out.append((loss.detach().cpu(), zz.grad.cpu().clone()))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
 
 def _small_m_problem(n_u):
     """V_S = 131, V_T = 211; allowed columns: the teacher ids paired with a student id and n_u others, so

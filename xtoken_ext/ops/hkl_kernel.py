@@ -922,8 +922,8 @@ def _hkl_kernel(
 
 
 # Streaming loops: the row passes and the dense single rows' gradient pass are software-pipelined by hand (the next
-# tile's loads carried in registers; Triton's cp.async staging issued more: S1 / T1 421 / 457 -> 391 / 423, S3 354 -> 305
-# per thread per 2,048-lane tile at 8 warps, sm_90 SASS), a sparse teacher's single rows' gradient pass over STAGES
+# tile's loads carried in registers; Triton's cp.async staging issued more: S1 / T1 421 / 457 -> 391 / 423, S3 354 ->
+# 305 per thread per 2,048-lane tile at 8 warps, sm_90 SASS), a sparse teacher's single rows' gradient pass over STAGES
 # tiles by Triton; merged rows' gradient passes are not pipelined (their row loop sits inside the tile loop: Triton
 # pipelines innermost loops only), nor are the compaction and list passes (pipelining them adds ~60 registers; the
 # lists are L2-resident).
