@@ -278,8 +278,10 @@ def tiles_with(mask: torch.Tensor, block: int) -> int:
 def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", topk: int | None = 8192,
               gpu: dict = GPU, loss: str = "H-KL", issue: dict | None = None) -> dict:
     """Per-row model of ``_hkl_kernel`` (dense teacher, H-KL: the relaxed common pairs, GOLD: the strict ones, ULD:
-    none, the whole vocabularies uncommon; uncommon_topk ``topk``, None: uncapped) for a 1-to-1 chunk, from the pass table in ops.hkl_kernel's docstring, with the m a user
-    gets from this W and ``uncovered`` (A = the covered columns, or all). Common case (the single-pass compaction hits
+    none, the whole vocabularies uncommon; uncommon_topk ``topk``, None: uncapped) for a 1-to-1 chunk, from the pass
+    table in ops.hkl_kernel's docstring, with the m a user gets from this W and ``uncovered`` (A = the covered
+    columns, or all); an m above the largest sort network takes ⌈m/W⌉ rank windows, each SELECT_STEPS[1] more
+    bisection passes and a gather over both lists and two W-lane sorts. Common case (the single-pass compaction hits
     on both sides): student rows read in S1 (LSE, candidate list) and S3 (gradient, written), the teacher row in T1; the
     lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~6 times (level-1 histogram and key range, bin b1's range,
     ~3 bisection steps, gather), or once where the small network (m ≤ W_SMALL) sorts the whole list (|L| ≤ W_SMALL),
