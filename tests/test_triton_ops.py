@@ -198,6 +198,21 @@ def test_pkl_slots_in_any_order(learn_w):
     run_pkl(P, DTYPES["fp32"], "mean", 0.7, learn_w)
 
 
+@pytest.mark.parametrize("V_T", [64, 65])
+def test_pkl_every_column_ranked(V_T):
+    """Every teacher column has a W entry, so the dense frozen-W pass keeps h at ranks 1..V_T (0 is the spare): the
+    ELL keys' column field (colb bits, the tile above it) must hold the rank V_T, one bit more than V_T − 1 needs
+    when V_T is a power of two; with one bit too few that column's students read the spare and another tile's
+    factor."""
+    from xtoken_ext.ops import pkl_kernel as K
+
+    P = make_problem(seed=3, V_S=300, V_T=V_T, n_chunks=3, max_rows=2, sparse_k=0, mask_mode="covered",
+                     empty_rows=0.0, hub=False)
+    st = K._w_structure(P.w_idx.contiguous(), V_T, K._TILES["BLOCK_T"], K._TILES["BLOCK_E"])
+    assert bool(st["has_entry"].all()) and int(st["rank"].max()) == V_T
+    for merge in ("first", "mean"):
+        run_pkl(P, DTYPES["fp32"], merge, 0.7, False)
+
 @pytest.mark.parametrize("learn_w", [False, True], ids=["frozen", "learnable"])
 def test_pkl_slices_by_slot_count(learn_w):
     """A gradient slice runs the instantiation with as many W slots as its widest student has (single rows: 1, 2, 3

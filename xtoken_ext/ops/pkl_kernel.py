@@ -874,7 +874,7 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     r_first = j[~in_ell] == K  # entry K starts its column's residual segment
     r_row = slot_ids[~in_ell] // SLOTS - (r_first.long() << 31)
     n_tiles = -(-V_T // block_t)
-    colb = max(1, (V_T - 1).bit_length())
+    colb = max(1, V_T.bit_length())  # ranks run to V_T (from 1; 0 is the spare)
     if n_tiles >= 1 << (31 - colb):
         raise ValueError(f"the triton P-KL kernel packs a teacher column and its tile in 31 bits: {V_T} columns and "
                          f"{n_tiles} tiles do not fit; use backend='torch'")
