@@ -114,6 +114,15 @@ def _api_kwargs(loss: str, merge: str, prob, sizes: Sizes) -> dict:
     return kw
 
 
+def _poison_free_blocks(dev) -> None:
+    """NaN into the CUDA caching allocator's free blocks of the small pool (≤ 1 MiB), where a call's small scratch
+    (torch.empty: per-row LSEs, counters) comes from: a kernel that reads such scratch before its own threads'
+    stores are visible (a missing barrier) reads NaN, not the equal values a previous run left there."""
+    if dev.type == "cuda":
+        blocks = [torch.full((1 << 17,), float("nan"), device=dev) for _ in range(64)]  # 512 KiB each
+        del blocks
+
+
 def _forward_backward(fn, z, t, prob, kw, dev, **extra):
     """(per-chunk losses, d Σ_k w_k L_k / dz) of ``fn`` on ``dev``; the alignment and the token ids stay on the CPU
     (the losses move what they need, no host sync)."""
@@ -148,6 +157,7 @@ def check_case(prob, loss: str, merge: str, dtype: torch.dtype, sizes: Sizes, de
     fn = getattr(xt, f"{loss}_loss")
     z, t = prob.z.to(dtype), prob.t.to(dtype)
     kw = _api_kwargs(loss, merge, prob, sizes)
+    _poison_free_blocks(dev)
     _sync(dev)
     start = time.perf_counter()
     out, grad = _forward_backward(fn, z, t, prob, kw, dev, backend="triton")
@@ -164,7 +174,10 @@ def check_case(prob, loss: str, merge: str, dtype: torch.dtype, sizes: Sizes, de
         g.view(-1)[i] += direction * perturb * float(bound.view(-1)[i])
     equal = None
     if repeats > 1:
-        again = [_forward_backward(fn, z, t, prob, kw, dev, backend="triton") for _ in range(repeats - 1)]
+        again = []
+        for _ in range(repeats - 1):
+            _poison_free_blocks(dev)
+            again.append(_forward_backward(fn, z, t, prob, kw, dev, backend="triton"))
         equal = all(torch.equal(o, out) and torch.equal(gg, grad) for o, gg in again)
     checked = 1.0 if skip is None else 1.0 - float(skip.double().mean())
     teacher = teacher or ("sparse" if prob.teacher_indices is not None else "dense")

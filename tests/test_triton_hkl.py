@@ -291,6 +291,18 @@ def test_hint_state_outlives_the_launch(no_slack):
     assert [p & 3 for p in hkl_kernel.last_paths.tolist()] == [3] * 6 and torch.equal(first, again)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams (the CPU has one state per problem)")
+def test_hint_state_per_stream(monkeypatch):
+    """Launches on two CUDA streams keep two hint states: running at once on one, they would interleave a program's
+    reads and writes (each thread reads the state for itself), so its warps could append with different hints."""
+    monkeypatch.setattr(hkl_kernel, "_hint_states", {})
+    dev = torch.device("cuda")
+    a = hkl_kernel._hint_state(dev, 1, (64, 64, 8))
+    with torch.cuda.stream(torch.cuda.Stream(dev)):
+        b = hkl_kernel._hint_state(dev, 1, (64, 64, 8))
+    assert b.data_ptr() != a.data_ptr() and hkl_kernel._hint_state(dev, 1, (64, 64, 8)) is a
+
+
 @pytest.fixture
 def no_slack(monkeypatch):
     """L's capacity 2 m, below the rows' |U|: the first pass appends only the hinted bins (not the whole row). Two

@@ -126,11 +126,32 @@ def softmax_tile(row_ptr, cols, mask, inv_tau, lse, EVICT: tl.constexpr):
 @triton.jit
 def softmax_of(x, inv_tau, lse):
     """softmax(row/τ) at logits x of the row (any float dtype) from its lse: exp(x/τ − lse). tl.exp: ex2.approx
-    without .ftz, a p below 2^-126 kept (tl.exp2 and libdevice.exp2 of the folded x·(log₂e/τ) − lse·log₂e would save
-    a multiply and the range scaling, ~40 instructions per C tile and slot, but compile to the .ftz form: a flushed
-    p makes Q = 0 at a column only such students reach, so with eps = 0 the chunk's loss would read +inf and its
-    gradient, the student's signal there, would be dropped)."""
+    without .ftz, a p below 2^-126 kept (tl.exp2 of x·(log₂e/τ) − lse·log₂e compiles to the .ftz form, which would
+    flush it: a p of 0 makes Q = 0 at a column only such students reach, with eps = 0 a loss of +inf; softmax_exp2
+    shifts the exponent instead, where the caller can take the scale)."""
     return tl.exp(x.to(tl.float32) * inv_tau - lse)
+
+
+LOG2E = tl.constexpr(1.4426950408889634)
+P_SHIFT = tl.constexpr(24)  # softmax_exp2 returns 2^24 p; its callers fold P_UNIT = 2^-24 into a scalar factor
+P_UNIT = tl.constexpr(2.0 ** -24)
+
+
+@triton.jit
+def softmax_exp2(x, a, b):
+    """2^24 softmax(row/τ) at logits x (any float dtype) of a row from a = log₂e/τ and b = lse·log₂e − 24 (exp2_args):
+    2^(x a − b), one multiply-add and ex2. On a GPU tl.exp2 is ex2.approx.ftz, which flushes a result below 2^-126:
+    scaled by 2^24, only a p below 2^-150 is flushed, one that rounds to 0 in fp32 anyway, so the range is tl.exp's
+    (ex2 without .ftz: ~5 more instructions per element) and the caller folds 2^-24 into a scalar factor. The shift
+    costs argument bits: |x a − b| ≤ 24 + |log₂ p|, an error ≤ u (24 + |log₂ p|) ln 2 relative in p, against the
+    u (|x|/τ + |lse|) log₂e that rounding x/τ − lse costs either way."""
+    return tl.exp2(x.to(tl.float32) * a - b)
+
+
+@triton.jit
+def exp2_args(inv_tau, lse):
+    """(a, b) of softmax_exp2 for a row of log-sum-exp lse at temperature 1/inv_tau."""
+    return inv_tau * LOG2E, lse * LOG2E - P_SHIFT
 
 
 @triton.jit

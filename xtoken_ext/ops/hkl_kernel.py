@@ -90,10 +90,10 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   passes and one pass of n rows that compacts (a miss adds a level-1 histogram pass and a compaction pass of n
   rows); S3 reads n student rows (and n teacher rows at the common columns), writes n.
   Compute: the kernel is bound by instruction issue, not bytes (bench/costmodel.py reads the loop bodies from the
-  sm_90 SASS): S1 / T1 issue ~405 / 430 instructions per thread per 2048-lane tile that appends, ~170 / 215 per
+  sm_90 SASS): S1 / T1 issue ~400 / 400 instructions per thread per 2048-lane tile that appends, ~170 / 200 per
   tile that skips (8 warps; ~420 / 455 and ~195 / 245 pipelined by Triton, 1,330 / 1,410 with the level-1
-  histogram, a flat tl.cumsum and per-tile sums in the row pass, ~550 / 570 with a plain scatter store), S3 ~305,
-  1.1-3.0× the time the SM's share of HBM bandwidth needs to stream the tile. The two sorts at W = 8192 are
+  histogram, a flat tl.cumsum and per-tile sums in the row pass, ~550 / 570 with a plain scatter store), S3 ~230,
+  0.8-2.9× the time the SM's share of HBM bandwidth needs to stream the tile. The two sorts at W = 8192 are
   ~26k + ~14k SASS instructions per thread, ~45 µs of issue time per row per SM, not overlapped with the streams:
   one program per SM (below). At m = 128 in the small network: ≈ 2.3 µs.
 Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain × dense / sparse): config 0 (2048
@@ -536,12 +536,13 @@ def _row_pass(row_ptr, tc_row, cls_ptr, ub_ptr, C, inv_tau, c, edge, lst, cap, S
             cls = kn
         xn, kn = _row_words(row_ptr, tc_row, cls_ptr, o + BLOCK, C, SPARSE)
         bad |= (inside & ((x != x) | (x == float("inf")))).to(tl.int32)
+        # past C a dense tile loads x = 0 and class 0 (cls is then the lane's own test of inside)
         if STUDENT:
             live = inside
-            hm = inside & (cls < 0)
+            hm = (cls < 0) if not SPARSE else inside & (cls < 0)
         else:
-            live = inside & (cls != 0)
-            hm = live & (cls == 1)
+            live = cls != 0
+            hm = cls == 1
         m, l, e, alpha = _tl.lse_step(m, l, tl.where(live, x * inv_tau, float("-inf")))
         if not STUDENT:
             lc = lc * alpha + tl.where(live & (cls == 2), e, 0.0)
@@ -614,14 +615,19 @@ def _grad_scales(tt, gsum, n_s, inv_tau):
 @triton.jit
 def _grad_one(args, BLOCK: tl.constexpr):
     """_grad_pass for a single student and a single dense teacher row, software-pipelined by hand: a tile's teacher
-    gather (at t_c = smap[s]) is issued before its log p is formed from the logits loaded during the tile before;
-    then the next tile's logits and smap are loaded, carried in registers (Triton's pipelining stages every load,
-    the gather included, through shared memory)."""
+    gather (at t_c = smap[s]) is issued first, then the next tile's logits and smap are loaded, carried in registers
+    (Triton's pipelining stages every load, the gather included, through shared memory), while this tile's p (from
+    the logits loaded during the tile before) and P are formed: as 2^24 p and 2^24 P (_tl.softmax_exp2, a
+    multiply-add and an ex2 each; 2^-24 folded into the factors and the KL sum), and the KL term P (T − S) from
+    the difference of the logits."""
     z_ptr, stride_z, t_ptr, stride_t, smap_ptr, lse_s_ptr, lse_t_ptr, dz_ptr, stride_dz, s_lo, n_s, t_lo, n_t, c_s, \
         c_t, V_S, inv_tau, tt, gsum = args
-    ttc, gsc = _grad_scales(tt, gsum, n_s, inv_tau)
+    ttc, gsc = _grad_scales(tt * _tl.P_UNIT, gsum * _tl.P_UNIT, n_s, inv_tau)
     lse0 = tl.load(lse_s_ptr + s_lo)
     lse_t = tl.load(lse_t_ptr + t_lo)
+    a_s, b_s = _tl.exp2_args(inv_tau, lse0)
+    a_t, b_t = _tl.exp2_args(inv_tau, lse_t - c_t)
+    d0 = lse_t - c_t - lse0 + c_s  # T − S = (t − z)/τ − d0 at a common column
     z_row = z_ptr + s_lo * stride_z
     t_row = t_ptr + t_lo * stride_t
     dz_row = dz_ptr + s_lo * stride_dz
@@ -633,15 +639,14 @@ def _grad_one(args, BLOCK: tl.constexpr):
         o = v0 + tl.arange(0, BLOCK)
         com = tcol >= 0
         tv = tl.load(t_row + tl.where(com, tcol, 0), mask=com, other=0.0)
-        lp = x.to(tl.float32) * inv_tau - lse0  # log p, read once for S and p
+        xz = x.to(tl.float32)
         x = tl.load(z_row + o + BLOCK, mask=o + BLOCK < V_S, other=float("-inf"))
         tcol = tl.load(smap_ptr + o + BLOCK, mask=o + BLOCK < V_S, other=-1)
-        tv = tv.to(tl.float32) * inv_tau - lse_t + c_t
-        P = tl.where(com, tl.exp(tv), 0.0)
-        kl += tl.where(P > 0, P * (tv - (lp + c_s)), 0.0)  # P > 0: a common column
-        dz = -ttc * P - tl.exp(lp) * gsc
+        P = tl.where(com, _tl.softmax_exp2(tv, a_t, b_t), 0.0)
+        kl += tl.where(P > 0, P * ((tv.to(tl.float32) - xz) * inv_tau - d0), 0.0)  # P > 0: a common column
+        dz = -ttc * P - _tl.softmax_exp2(xz, a_s, b_s) * gsc
         tl.store(dz_row + o, dz.to(dz_ptr.dtype.element_ty), mask=o < V_S)
-    return tl.sum(kl)
+    return tl.sum(kl) * _tl.P_UNIT
 
 
 @triton.jit
@@ -929,7 +934,9 @@ def _hkl_kernel(
 # lists are L2-resident).
 _CONFIGS = [triton.Config({"BLOCK_S": b, "BLOCK_T": b, "BLOCK_L": b, "STAGES": st}, num_warps=nw)
             for b, st, nw in ((2048, 3, 8), (4096, 2, 16))]
-_launch = _tl.launcher(_hkl_kernel, {}, _CONFIGS, key=["V_S", "C", "W", "MEAN", "SPARSE"])
+# the configs round differently (tile sums), and timing picks one per process: kept in Triton's on-disk cache
+# (cache_results), so that later processes on the machine take the same and give bitwise the same results
+_launch = _tl.launcher(_hkl_kernel, {}, _CONFIGS, key=["V_S", "C", "W", "MEAN", "SPARSE"], cache_results=True)
 _zero = _tl.launcher(_tl.zero_uncovered_rows, dict(BLOCK=128), [triton.Config({"BLOCK": 2048}, num_warps=8)])
 
 
@@ -950,12 +957,15 @@ def _uncommon_bits(u: torch.Tensor) -> torch.Tensor:
 
 
 def _hint_state(device: torch.device, P: int, problem: tuple) -> torch.Tensor:
-    """[most programs, 8] fp32 per device and problem (vocabulary sizes and m's bound: losses of other shapes keep
-    their own): each program's hint state (_hkl_kernel), kept from launch to launch so that a training step's first
-    chunks hit like the rest. Allocated once and never replaced (a captured CUDA graph keeps its address); a call
-    under CUDA graph capture that finds none uses a state of its own (set up by each replay). Launches on several
-    streams may race on it. Only which path a chunk takes depends on it, never a result."""
-    key = (str(device), *problem)
+    """[most programs, 8] fp32 per device, stream and problem (vocabulary sizes and m's bound: losses of other shapes
+    keep their own): each program's hint state (_hkl_kernel), kept from launch to launch so that a training step's
+    first chunks hit like the rest. Allocated once and never replaced (a captured CUDA graph keeps its address); a
+    call under CUDA graph capture that finds none uses a state of its own (set up by each replay). Per stream: two
+    launches running at once would write a program's row while the other reads it, every thread its own loads, so
+    the warps of one program could append with different hint bins, and a list short of a top-m key would still pass
+    the hit check (found by a review). Which path a chunk takes depends on the state, never a result."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream, *problem)
     if key not in _hint_states:
         e = torch.full((_max_programs(device), 4), float("nan"), dtype=torch.float32, device=device)  # NaN: no θ yet
         state = torch.cat([e, torch.zeros_like(e)], 1)  # then the shifts c, 0 at first

@@ -20,7 +20,8 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      "first" / "chain", and merge="mean"'s 1-to-1 chunks), software-pipelined by hand; _teacher_pass for a sparse
      teacher or merged rows (a loop over the chunk's rows inside the tile loop), unpipelined. Per tile:
      C1 Qu = Wᵀp̄ on its columns: the column ELL's K slots gather p̄' at their students (a slot's gather masked off
-        where the column is shorter) and sum in order, plus R's sum of a longer column.
+        where the column is shorter) and sum in order, plus R's sum of a longer column. Every Qu is summed as 2^24 Qu
+        (ops._tl.softmax_exp2: 2^24 p is one multiply-add and ex2) and q = Qu/(n_s Z) takes the 2^-24 back.
      C2 the teacher tile, read once: the merged teacher x̄ (vectorized loads, A selected with tl.where) folded into
         an online pass with rescaling: running max m, l = Σe, e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)),
         Mu = Σ e q/(q + eps), h_u = e/(q + eps) = exp(x̄ − m − log(q + eps)) stored with the tile's max (the log
@@ -122,13 +123,16 @@ def _row_stats(row_ptr, a_ptr, V, inv_tau, BLOCK: tl.constexpr):
 
 @triton.jit
 def _p_bar(z_ptr, stride_z, lse_s_ptr, s, mask, s_lo, s_hi, inv_tau, MEAN: tl.constexpr):
-    """p̄'[s] = Σ_r p_r[s] over the chunk's student rows, gathered at the ids s (0 where masked)."""
+    """2^24 p̄'[s] = 2^24 Σ_r p_r[s] over the chunk's student rows, gathered at the ids s (0 where masked;
+    _tl.softmax_exp2: every Qu the kernel sums is scaled by 2^24, inv_qz takes it out)."""
     if MEAN:
         pr = tl.zeros(s.shape, tl.float32)
         for r in range(s_lo, s_hi):
-            pr += _tl.softmax_tile(z_ptr + r * stride_z, s, mask, inv_tau, tl.load(lse_s_ptr + r), "")
+            a, b = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + r))
+            pr += _tl.softmax_exp2(tl.load(z_ptr + r * stride_z + s, mask=mask, other=float("-inf")), a, b)
     else:  # one student row: no loop in the tile loop
-        pr = _tl.softmax_tile(z_ptr + s_lo * stride_z, s, mask, inv_tau, tl.load(lse_s_ptr + s_lo), "")
+        a, b = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + s_lo))
+        pr = _tl.softmax_exp2(tl.load(z_ptr + s_lo * stride_z + s, mask=mask, other=float("-inf")), a, b)
     return pr
 
 
@@ -271,7 +275,7 @@ def _pkl_kernel(
                 z_sum += z_r
                 bad += bad_r
             Z = z_sum / n_s
-            inv_qz = 1.0 / (n_s * tl.where(Z > 0, Z, 1.0))  # q = Σ_r (Wᵀp_r) / (n_s Z)
+            inv_qz = _tl.P_UNIT / (n_s * tl.where(Z > 0, Z, 1.0))  # q = 2^-24 Qu / (n_s Z), Qu = 2^24 Σ_r Wᵀp_r
 
             # B: teacher row LSEs (sparse, or several rows), their sum, and for sparse the later rows' columns.
             lse_sum = tl.zeros((), tl.float32)
@@ -283,6 +287,7 @@ def _pkl_kernel(
                     lse_sum += lse_r
                     bad += bad_r
                 if SPARSE:
+                    tl.debug_barrier()  # the lse_t above were stored by single lanes: the later rows' are read next
                     _tl.scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row,
                                            t_lo, t_hi, C, inv_tau, BLOCK_T)
             tl.debug_barrier()  # lse_s / lse_t were stored by single lanes and are read by every lane below
@@ -476,7 +481,7 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, BLOCK_T: tl.con
     mz_v = tl.full((BLOCK_T,), NEG, tl.float32)
     t_row = t_ptr + t_lo * stride_t
     z_row = z_ptr + s_lo * stride_z
-    lse_s = tl.load(lse_s_ptr + s_lo)
+    a_s, b_s = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + s_lo))
     PRE: tl.constexpr = CSLOTS <= 2  # wider column ELLs' words, carried, would spill
     if PRE:
         ci, ew, hk = _c_words(cinfo_ptr, cell_ptr, rank_ptr, offs_t, C, V_T, FOLD, CSLOTS, BLOCK_T)
@@ -496,14 +501,14 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, BLOCK_T: tl.con
         xb = x.to(tl.float32)
         poison_x = tl.where(xb < float("inf"), 0.0, float("nan"))  # NaN: the row's NaN or +inf
         xb = xb * inv_tau
-        live = inside & (mk != 0) & (xb > float("-inf"))
+        live = (mk != 0) & (xb > float("-inf"))  # mk = 0 past C
         keep = _h_kept(inside, mk, FOLD)
         m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, tl.where(live, xb, float("-inf")))
         mk, x = _c_teacher(t_row, mask_ptr, o + BLOCK_T, C, BLOCK_T)
-        # C1: Qu[c] = Σ_j w_j p[s_j] over the column's first min(len, CSLOTS) entries (in order), + R's sum
+        # C1: Qu[c] = 2^24 Σ_j w_j p[s_j] over the column's first min(len, CSLOTS) entries (in order), + R's sum
         qu = tl.zeros((BLOCK_T,), tl.float32)
         for j in tl.static_range(CSLOTS):
-            qu += _weight(ew[j]) * _tl.softmax_of(zs[j], inv_tau, lse_s)
+            qu += _weight(ew[j]) * _tl.softmax_exp2(zs[j], a_s, b_s)
         qu += hr
         hk_t = hk
         if PRE:
@@ -557,9 +562,10 @@ def _h_keys(rank_ptr, o, inside, FOLD: tl.constexpr):
 
 @triton.jit
 def _h_kept(inside, mk, FOLD: tl.constexpr):
-    """The lanes of a dense tile whose h_u the h row keeps: FOLD, the allowed columns with W entries (mask 1)."""
+    """The lanes of a dense tile whose h_u the h row keeps: FOLD, the allowed columns with W entries (mask 1; the
+    mask bytes are loaded as 0 past C), else those inside."""
     if FOLD:
-        keep = inside & (mk == 1)
+        keep = mk == 1
     else:
         keep = inside
     return keep
@@ -684,7 +690,8 @@ def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constex
     offs = tl.arange(0, BLOCK_S)
     z_row = z_ptr + s_lo * stride_z
     dz_row = dz_ptr + s_lo * stride_dz
-    lse = tl.load(lse_s_ptr + s_lo, cache_modifier=".cg")
+    a, b = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + s_lo, cache_modifier=".cg"))
+    coef = coef * _tl.P_UNIT  # p comes as 2^24 p (_tl.softmax_exp2)
     o = v_lo + offs
     if K == 1:
         e = _ell_words(ell_ptr, nslot_ptr, o, o < v_hi, V_S, K)
@@ -694,7 +701,7 @@ def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constex
         if K > 1:
             e = _ell_words(ell_ptr, nslot_ptr, o, o < v_hi, V_S, K)
         ws, hs, fs = _ell_gathers(e, h_row, tm_row, colb, FOLD, K)
-        p = _tl.softmax_of(x, inv_tau, lse)
+        p = _tl.softmax_exp2(x, a, b)
         x = tl.load(z_row + o + BLOCK_S, mask=o + BLOCK_S < v_hi, other=float("-inf"), eviction_policy="evict_first")
         if K == 1:
             e = _ell_words(ell_ptr, nslot_ptr, o + BLOCK_S, o + BLOCK_S < v_hi, V_S, K)
@@ -777,7 +784,8 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
             pbar = _p_bar(z_ptr, stride_z, lse_s_ptr, o, om, s_lo, s_hi, inv_tau, MEAN)
             h = tl.load(h_ptr + (k - k0).to(tl.int64) * V_T + ci, mask=in_a, other=0.0)
             M = tl.load(stat_ptr + 2 * (k - k0) + 1)
-            acc += tl.where(in_a, (cw / (s_hi - s_lo).to(tl.float32)) * pbar[:, None] * (M - h), 0.0)
+            c = cw * _tl.P_UNIT / (s_hi - s_lo).to(tl.float32)  # pbar comes as 2^24 p̄' (_p_bar)
+            acc += tl.where(in_a, c * pbar[:, None] * (M - h), 0.0)
     tl.store(gw_ptr + at, tl.load(gw_ptr + at, mask=om[:, None], other=0.0) + acc, mask=om[:, None])
 
 
@@ -787,9 +795,9 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # through shared memory with cp.async, the gathers included: per thread per tile, C 747 where unpipelined it was 610
 # and by hand it is 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand 301; sm_90 SASS);
 # merged rows' C and D are not pipelined (their row loops sit inside the tile loops, and Triton pipelines innermost
-# loops only). Per thread and 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): A 161, C 629 (its p gathers unmasked;
-# 1,007 for merged rows), D 284 / 384 / 501 / 608 (1-4 ELL slots; merged rows 310 / 664, one / four), R 958 per entry
-# block (1,092 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the
+# loops only). Per thread and 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): A 162, C 558 (its p gathers unmasked;
+# 974 for merged rows), D 243 / 352 / 470 / 576 (1-4 ELL slots; merged rows 309 / 664, one / four), R 904 per entry
+# block (1,051 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the
 # SASS): per tile much of the work is per-thread overhead (the scans' and reductions' cross-warp steps), so fewer
 # warps issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when measured (4 warps: 28 %, but they
 # spill; 16 warps spill too, with C's per-lane accumulators). One config: the two there were differed only in the
@@ -807,7 +815,7 @@ SLICES_GPU = dict(SLICE=8, WIN=256)
 _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 # C's cost per teacher column and column-ELL slot and R's per residual entry lane, in instructions per thread
 # (sm_90 SASS, bench/sass.py, 8 warps; ×256 threads / lanes per tile): _column_slots weighs them per W
-SLOT_COST, ENTRY_COST = 12, 60
+SLOT_COST, ENTRY_COST = 8, 56
 # maxnreg: without it ptxas held some variants (sparse teacher, merge "first" / "chain") to 128 registers and spilled
 _CONFIGS = [triton.Config({"BLOCK_S": 2048}, num_warps=8, maxnreg=255)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
