@@ -171,6 +171,12 @@ def _column(e):
 
 
 @triton.jit
+def _key_of(e):
+    """The key of an a-list word (_pack)."""
+    return (e >> 32).to(tl.int32)
+
+
+@triton.jit
 def _sort_desc(x, N: tl.constexpr, n, TRUNC: tl.constexpr, PAIR: tl.constexpr):
     """Bitonic sort, descending, of N (a power of two) integers: tl.sort's network, with each compare-and-swap
     partner taken as (sum of the pair) − self (exact in wrap-around integer arithmetic). Without TRUNC the same
@@ -270,7 +276,7 @@ def _keys(SRC: tl.constexpr, c0, n, src, ONE: tl.constexpr, SPARSE: tl.constexpr
     if SRC == 0:
         valid = o < n
         e = tl.load(src + o, mask=valid, other=0)
-        k = (e >> 32).to(tl.int32)
+        k = _key_of(e)
         col = _column(e)
         b = o * 0
     elif SRC == 1:
@@ -571,17 +577,18 @@ def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexp
     """dz_r = (gS − p_r Σ gS)/(τ n_s) = −(τ² P[t_c] + p_r Σ gS) c at every column of the chunk's student rows (c =
     1/(τ n_s); the caller zeroes a bad chunk's rows instead), gS = −τ² P[t_c] at the common columns of a dense
     teacher (gathered at t_c = smap[s]) and 0 elsewhere -> the dense teacher's KL Σ_c [P > 0] P (T − S) at t_c. ONE:
-    single rows of a sparse teacher (no inner row loops: pipelined; a dense teacher's run _grad_one)."""
+    single rows of a sparse teacher (no inner row loops: pipelined; a dense teacher's run _grad_one). p as 2^24 p
+    (_tl.softmax_exp2), the 2^-24 in the factor."""
     z_ptr, stride_z, t_ptr, stride_t, smap_ptr, lse_s_ptr, lse_t_ptr, dz_ptr, stride_dz, s_lo, n_s, t_lo, n_t, c_s, \
         c_t, V_S, inv_tau, tt, gsum = args
     ttc, gsc = _grad_scales(tt, gsum, n_s, inv_tau)
+    gsc = gsc * _tl.P_UNIT
     lse0 = tl.load(lse_s_ptr + s_lo)
+    a0, b0 = _tl.exp2_args(inv_tau, lse0)
     kl = tl.full((BLOCK,), 0, tl.float32)  # per lane, reduced once
     for v0 in tl.range(0, V_S, BLOCK, num_stages=STAGES):
         o = v0 + tl.arange(0, BLOCK)
         om = o < V_S
-        if ONE:  # log p of the single row, read once for S and p
-            lp = tl.load(z_ptr + s_lo * stride_z + o, mask=om, other=float("-inf")).to(tl.float32) * inv_tau - lse0
         gS = tl.full((BLOCK,), 0, tl.float32)
         if not SPARSE:
             tcol = tl.load(smap_ptr + o, mask=om, other=-1)
@@ -589,17 +596,19 @@ def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexp
             tcol = tl.where(com, tcol, 0)
             tv = _tl.logp_sum(t_ptr, stride_t, lse_t_ptr, t_lo, t_lo + n_t, tcol, com, inv_tau, BLOCK) \
                 / n_t.to(tl.float32)
-            S = _s_vals(z_ptr, stride_z, lse_s_ptr, s_lo, n_s, o, om, inv_tau, ONE, BLOCK)
+            S = _s_vals(z_ptr, stride_z, lse_s_ptr, s_lo, n_s, o, om, inv_tau, False, BLOCK)
             S = tl.where(n_s == 1, S * inv_tau - lse0 + c_s, S)
             P = tl.where(com, tl.exp(tv), 0.0)
             kl += tl.where(P > 0, P * (tv - S), 0.0)  # P > 0: a common column
             gS = -ttc * P  # gS c
         if ONE:
-            dz = gS - tl.exp(lp) * gsc
+            x = tl.load(z_ptr + s_lo * stride_z + o, mask=om, other=float("-inf"))
+            dz = gS - _tl.softmax_exp2(x, a0, b0) * gsc
             tl.store(dz_ptr + s_lo * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om)
         else:
             for r in range(s_lo, s_lo + n_s):
-                p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r), "")
+                a, b = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + r))
+                p = _tl.softmax_exp2(tl.load(z_ptr + r * stride_z + o, mask=om, other=float("-inf")), a, b)
                 dz = gS - p * gsc
                 tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om)
     return tl.sum(kl)
@@ -705,7 +714,7 @@ def _windows(args, SPARSE: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr,
             cnt_a = tl.minimum(cnt_a, r1)  # a whole list's window: its first m lanes
             cnt_b = tl.minimum(cnt_b, r1)
             if direct:
-                nth_a = tl.max(tl.where(lanes == r1 - 1, (ea >> 32).to(tl.int32), _INT_MIN))
+                nth_a = tl.max(tl.where(lanes == r1 - 1, _key_of(ea), _INT_MIN))
                 nth_b = tl.max(tl.where((lanes == r1 - 1) & (r1 <= tot_b), eb.to(tl.int32), _INT_MIN))
             bv = tl.where(lanes < cnt_b, tl.exp(_unkey(eb.to(tl.int32)) * al_b + be_b), 0.0)
         else:  # one sorted window live at a time: b's values wait in G's value slots while a sorts
@@ -716,7 +725,7 @@ def _windows(args, SPARSE: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr,
             ea = _sort_desc(tl.load(wa + lanes, mask=lanes < cnt_a, other=_I64_MIN), W, cnt_a, False, False)
         # the columns first: ea's low words are dead before a, d and g are formed (Registers)
         tl.store(gc + r0 + lanes, _column(ea), mask=lanes < cnt_a)
-        av = tl.where(lanes < cnt_a, tl.exp(_unkey((ea >> 32).to(tl.int32)) * al_a + be_a), 0.0)
+        av = tl.where(lanes < cnt_a, tl.exp(_unkey(_key_of(ea)) * al_a + be_a), 0.0)
         if not TRUNC:
             bv = tl.load(gv + r0 + lanes, mask=lanes < cnt_a, other=0.0)
         d = av - bv
