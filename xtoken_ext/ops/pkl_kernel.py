@@ -623,10 +623,14 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr
         # the slice's widest student: the slice runs the instantiation with that many ELL slots
         v_lo = j * SLICE * BLOCK_S
         sv = v_lo + tl.arange(0, SLICE * BLOCK_S)
-        args = (v_lo, tl.minimum(V_S, v_lo + SLICE * BLOCK_S), ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, valid,
-                s_lo, s_hi, z_ptr, stride_z, lse_s_ptr, dr_ptr, dz_ptr, stride_dz, V_S, inv_tau)
+        v_hi = tl.minimum(V_S, v_lo + SLICE * BLOCK_S)
+        args = (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, s_lo, s_hi, z_ptr, stride_z,
+                lse_s_ptr, dr_ptr, dz_ptr, stride_dz, V_S, inv_tau)
         ks = tl.max(tl.load(nslot_ptr + sv, mask=sv < V_S, other=0).to(tl.int32))
-        if MEAN:  # a 1-to-1 chunk runs the single-row instantiation
+        if not valid:  # zero rows (M, h and the tile factors may be anything)
+            for r in range(s_lo, s_hi):
+                _tl.zero_row(dz_ptr + r * stride_dz + v_lo, v_hi - v_lo, BLOCK_S)
+        elif MEAN:  # a 1-to-1 chunk runs the single-row instantiation
             if s_hi - s_lo == 1:
                 _slices(args, ks, FOLD, SLOTS, BLOCK_S, True)
             else:
@@ -664,8 +668,8 @@ def _slices(args, ks, FOLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_S: tl.const
 def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr):
     """dz rows of a chunk's merged student rows on the student ids [v_lo, v_hi) (_take_slice), g from the ELL's
     first K slots (the row loop inside the tile loop: Triton pipelines innermost loops only, so this one is not)."""
-    (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, valid, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr,
-     dr_ptr, dz_ptr, stride_dz, V_S, inv_tau) = args
+    (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr, dr_ptr,
+     dz_ptr, stride_dz, V_S, inv_tau) = args
     offs = tl.arange(0, BLOCK_S)
     for v0 in range(v_lo, v_hi, BLOCK_S):
         o = v0 + offs
@@ -674,7 +678,7 @@ def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr
         for r in range(s_lo, s_hi):
             p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau,
                                  tl.load(lse_s_ptr + r, cache_modifier=".cg"), "evict_first")
-            dz = tl.where(valid, coef * p * (g - tl.load(dr_ptr + r, cache_modifier=".cg")), 0.0)  # never NaN
+            dz = coef * p * (g - tl.load(dr_ptr + r, cache_modifier=".cg"))
             tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om,
                      eviction_policy="evict_first")
 
@@ -685,8 +689,8 @@ def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constex
     software-pipelined by hand: a tile's gathers of the h row are issued before its p is computed from the logits
     loaded during the tile before; then the next tile's logits are loaded, and (one slot) its ELL words, carried in
     registers (K slots: loaded at the tile's start, 4 × 8 B per student would spill; the bottom of the file)."""
-    (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, valid, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr,
-     dr_ptr, dz_ptr, stride_dz, V_S, inv_tau) = args
+    (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr, dr_ptr,
+     dz_ptr, stride_dz, V_S, inv_tau) = args
     offs = tl.arange(0, BLOCK_S)
     z_row = z_ptr + s_lo * stride_z
     dz_row = dz_ptr + s_lo * stride_dz
@@ -705,7 +709,7 @@ def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constex
         x = tl.load(z_row + o + BLOCK_S, mask=o + BLOCK_S < v_hi, other=float("-inf"), eviction_policy="evict_first")
         if K == 1:
             e = _ell_words(ell_ptr, nslot_ptr, o + BLOCK_S, o + BLOCK_S < v_hi, V_S, K)
-        dz = tl.where(valid, coef * p * _ell_sum(ws, hs, fs, M, FOLD, K), 0.0)
+        dz = coef * p * _ell_sum(ws, hs, fs, M, FOLD, K)
         tl.store(dz_row + o, dz.to(dz_ptr.dtype.element_ty), mask=o < v_hi, eviction_policy="evict_first")
 
 
@@ -796,8 +800,8 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # and by hand it is 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand 301; sm_90 SASS);
 # merged rows' C and D are not pipelined (their row loops sit inside the tile loops, and Triton pipelines innermost
 # loops only). Per thread and 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): A 162, C 558 (its p gathers unmasked;
-# 974 for merged rows), D 243 / 352 / 470 / 576 (1-4 ELL slots; merged rows 309 / 664, one / four), R 904 per entry
-# block (1,051 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the
+# 973 for merged rows), D 226 / 334 / 452 / 564 (1-4 ELL slots; merged rows 292 / 647, one / four), R 899 per entry
+# block (1,042 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the
 # SASS): per tile much of the work is per-thread overhead (the scans' and reductions' cross-warp steps), so fewer
 # warps issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when measured (4 warps: 28 %, but they
 # spill; 16 warps spill too, with C's per-lane accumulators). One config: the two there were differed only in the
