@@ -155,6 +155,13 @@ def exp2_args(inv_tau, lse):
 
 
 @triton.jit
+def softmax_tile_exp2(row_ptr, cols, mask, inv_tau, lse):
+    """2^24 softmax(row/τ)[cols] from the row's lse (0 on masked lanes): softmax_tile's scaled twin."""
+    a, b = exp2_args(inv_tau, lse)
+    return softmax_exp2(tl.load(row_ptr + cols, mask=mask, other=float("-inf")), a, b)
+
+
+@triton.jit
 def logp_sum(x_ptr, stride, lse_ptr, lo, hi, cols, mask, inv_tau, BLOCK: tl.constexpr):
     """Σ_{lo≤r<hi} (x_r[cols]/τ − lse_r) on one tile (the row merge of log-softmax values, before the mean)."""
     acc = tl.zeros((BLOCK,), tl.float32)
@@ -184,7 +191,9 @@ def scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, 
     """Sparse teacher, rows after the first: tacc[v] += t_r[v]/τ − lse_r and tcnt[v] += 1 on each row's allowed
     columns, so the merged T is finite only where every row of the chunk has column v. A row's columns are unique:
     plain read-add-writes, one row after the other (a barrier between rows), so each sum is added in row order on
-    every run (float atomics would add three or more rows in an order that varies from run to run)."""
+    every run (float atomics would add three or more rows in an order that varies from run to run). The rows' lse
+    were stored by single lanes: a barrier first."""
+    tl.debug_barrier()
     for r in range(t_lo + 1, t_hi):
         lse_r = tl.load(lse_t_ptr + r)
         for c0 in range(0, C, BLOCK):

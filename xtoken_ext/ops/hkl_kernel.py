@@ -607,8 +607,7 @@ def _grad_pass(args, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexp
             tl.store(dz_ptr + s_lo * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om)
         else:
             for r in range(s_lo, s_lo + n_s):
-                a, b = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + r))
-                p = _tl.softmax_exp2(tl.load(z_ptr + r * stride_z + o, mask=om, other=float("-inf")), a, b)
+                p = _tl.softmax_tile_exp2(z_ptr + r * stride_z, o, om, inv_tau, tl.load(lse_s_ptr + r))
                 dz = gS - p * gsc
                 tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om)
     return tl.sum(kl)
@@ -634,8 +633,8 @@ def _grad_one(args, BLOCK: tl.constexpr):
     ttc, gsc = _grad_scales(tt * _tl.P_UNIT, gsum * _tl.P_UNIT, n_s, inv_tau)
     lse0 = tl.load(lse_s_ptr + s_lo)
     lse_t = tl.load(lse_t_ptr + t_lo)
-    a_s, b_s = _tl.exp2_args(inv_tau, lse0)
-    a_t, b_t = _tl.exp2_args(inv_tau, lse_t - c_t)
+    a, b_s = _tl.exp2_args(inv_tau, lse0)
+    _, b_t = _tl.exp2_args(inv_tau, lse_t - c_t)
     d0 = lse_t - c_t - lse0 + c_s  # T − S = (t − z)/τ − d0 at a common column
     z_row = z_ptr + s_lo * stride_z
     t_row = t_ptr + t_lo * stride_t
@@ -651,9 +650,9 @@ def _grad_one(args, BLOCK: tl.constexpr):
         xz = x.to(tl.float32)
         x = tl.load(z_row + o + BLOCK, mask=o + BLOCK < V_S, other=float("-inf"))
         tcol = tl.load(smap_ptr + o + BLOCK, mask=o + BLOCK < V_S, other=-1)
-        P = tl.where(com, _tl.softmax_exp2(tv, a_t, b_t), 0.0)
+        P = tl.where(com, _tl.softmax_exp2(tv, a, b_t), 0.0)
         kl += tl.where(P > 0, P * ((tv.to(tl.float32) - xz) * inv_tau - d0), 0.0)  # P > 0: a common column
-        dz = -ttc * P - _tl.softmax_exp2(xz, a_s, b_s) * gsc
+        dz = -ttc * P - _tl.softmax_exp2(xz, a, b_s) * gsc
         tl.store(dz_row + o, dz.to(dz_ptr.dtype.element_ty), mask=o < V_S)
     return tl.sum(kl) * _tl.P_UNIT
 

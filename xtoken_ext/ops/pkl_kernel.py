@@ -128,11 +128,9 @@ def _p_bar(z_ptr, stride_z, lse_s_ptr, s, mask, s_lo, s_hi, inv_tau, MEAN: tl.co
     if MEAN:
         pr = tl.zeros(s.shape, tl.float32)
         for r in range(s_lo, s_hi):
-            a, b = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + r))
-            pr += _tl.softmax_exp2(tl.load(z_ptr + r * stride_z + s, mask=mask, other=float("-inf")), a, b)
+            pr += _tl.softmax_tile_exp2(z_ptr + r * stride_z, s, mask, inv_tau, tl.load(lse_s_ptr + r))
     else:  # one student row: no loop in the tile loop
-        a, b = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + s_lo))
-        pr = _tl.softmax_exp2(tl.load(z_ptr + s_lo * stride_z + s, mask=mask, other=float("-inf")), a, b)
+        pr = _tl.softmax_tile_exp2(z_ptr + s_lo * stride_z, s, mask, inv_tau, tl.load(lse_s_ptr + s_lo))
     return pr
 
 
@@ -287,7 +285,6 @@ def _pkl_kernel(
                     lse_sum += lse_r
                     bad += bad_r
                 if SPARSE:
-                    tl.debug_barrier()  # the lse_t above were stored by single lanes: the later rows' are read next
                     _tl.scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row,
                                            t_lo, t_hi, C, inv_tau, BLOCK_T)
             tl.debug_barrier()  # lse_s / lse_t were stored by single lanes and are read by every lane below
