@@ -105,14 +105,16 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
         return SECTOR * int(m.sum())
 
     cell = K * SECTOR * math.ceil(V_T / 4)
-    # the gradient pass's compact ELL (ops.pkl_kernel._ell_g): nslot (1 B per student) and, per slot k, the 32-byte
-    # sectors (4 students' 8-byte words) where some student has more than k slots (the other loads are masked off)
     nslot = (idx >= 0).sum(1)
-    ell = idx.shape[0] + sum(sectors(4, nslot > k) for k in range(idx.shape[1]))
     span = block_s * slice_
     widest = torch.cat([nslot, nslot.new_zeros(-nslot.numel() % span)]).view(-1, span).amax(1).clamp(min=1)
     d_tiles = torch.bincount(widest[torch.arange(math.ceil(idx.shape[0] / block_s)) // slice_],
                              minlength=idx.shape[1] + 1)
+    # the gradient pass's compact ELL (ops.pkl_kernel._ell_words): slot 0's words of every student (a vector load),
+    # and in the tiles of slices with more slots nslot (1 B per student) and, per slot k ≥ 1, the 32-byte sectors (4
+    # students' 8-byte words) where some student has more than k slots (the other loads are masked off)
+    ell = (SECTOR * math.ceil(idx.shape[0] / 4) + block_s * int(d_tiles[2:].sum())
+           + sum(sectors(4, nslot > k) for k in range(1, idx.shape[1])))
     n_res = int(res.sum())
     return dict(nnz=cols.numel(), max_col=int(col_len.max()), K=K, tiles=math.ceil(V_T / block_t), res=n_res,
                 r_blocks=math.ceil(n_res / block_e), n_long=int((col_len > K).sum()), cell=cell, old_loop=int(old),
@@ -197,7 +199,7 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     scratch = 4 * st["cols"] + min(4 * st["cols"], SECTOR * st["nnz"])
     res_row = 2 * SECTOR * st["n_long"]  # R's sums in the h row: written, read in C before h_u replaces them
     w_reads = (4 * V_S  # a in A
-               + st["cell"] + V_T * (1 + 1 + 4)  # C: column ELL slots, cinfo, mask, ranks
+               + st["cell"] + V_T * (1 + 4)  # C: column ELL slots, mask, ranks
                + 12 * st["res"]  # R: residual entries (student, key, weight)
                + st["ell"])  # D: the compact ELL
     l2 = (w_reads + st["nnz"] * SECTOR  # p gathers in C and R

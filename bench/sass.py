@@ -14,14 +14,15 @@ import tempfile
 
 # pointer arguments' element types (others fp32); scalars named here are fp32 (others i32)
 PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32", "ell_ptr": "*i64",
-       "nslot_ptr": "*i8", "erow_ptr": "*i32", "ecol_ptr": "*i32", "cell_ptr": "*i64", "cinfo_ptr": "*i8",
+       "nslot_ptr": "*i8", "erow_ptr": "*i32", "ecol_ptr": "*i32", "cell_ptr": "*i64", "rank_ptr": "*i32",
        "rrow_ptr": "*i32", "rcol_ptr": "*i32", "mask_ptr": "*i8", "spans_ptr": "*i64",
-       "tcnt_ptr": "*i32", "sync_ptr": "*i32", "rank_ptr": "*i32", "smap_ptr": "*i32", "tmap_ptr": "*i32",
+       "tcnt_ptr": "*i32", "sync_ptr": "*i32", "smap_ptr": "*i32", "tmap_ptr": "*i32",
        "tcls_ptr": "*i8", "m_ptr": "*i32", "path_ptr": "*i32", "la_ptr": "*i64", "lb_ptr": "*i32", "wa_ptr": "*i64",
        "wb_ptr": "*i32", "gc_ptr": "*i32", "ubs_ptr": "*i64", "ubt_ptr": "*i64"}
 F32 = {"inv_tau", "tau", "eps"}
 # integer arguments Triton's launcher would not see as multiples of 16 at real shapes (no divisibility hint)
-NO_HINT = {"k0", "k1", "NNZ", "NRES", "n_tiles_max", "K", "N", "N_s", "colb", "m_up", "cap_a", "cap_b", "g_len"}
+NO_HINT = {"k0", "k1", "NNZ", "NRES", "r_spare", "n_tiles_max", "K", "N", "N_s", "colb", "m_up", "cap_a", "cap_b",
+           "g_len"}
 
 
 def _bin(name: str) -> str:

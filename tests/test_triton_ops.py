@@ -110,7 +110,7 @@ def test_hkl_multi_tile_matches_oracle(merge, sparse_k, dtype, pairs):
 
 def test_column_ell_and_residual_hold_every_entry():
     """The dense P-KL pass's W structure: each column's first min(length, K) entries in the slot-major column ELL
-    (cinfo's low bits give that count, bit 3 a longer column), the rest as residual entries keyed by their column
+    (the longer columns ranked first, 1 .. n_long, then the spare, then the others), the rest as residual entries keyed by their column
     and its rank, in W's column order, a residual segment flagged by the sign bit of its first entry's student;
     _column_slots takes K = 1 when a few long columns hold the extra entries and a larger K when many
     columns have 2-3 entries."""
@@ -125,7 +125,10 @@ def test_column_ell_and_residual_hold_every_entry():
     K = st["cslots"]
     flat = w_idx.reshape(-1).long()
     col_len = torch.bincount(flat[flat >= 0], minlength=V_T)
-    assert st["cinfo"].tolist() == (col_len.clamp(max=K) | ((col_len > K).long() << 3)).tolist()
+    assert (st["rank"] < st["r_spare"]).tolist() == (col_len > K).tolist() and st["r_spare"] == int((col_len > K).sum()) + 1
+    ranked = st["rank"][col_len > 0]  # the columns with W entries: distinct ranks, the spare skipped
+    assert ranked.unique().numel() == ranked.numel() and int((ranked == st["r_spare"]).sum()) == 0
+    assert bool((st["rank"][col_len == 0] == st["r_spare"]).all())
     res_stud = (st["r_row"] & 0x7FFFFFFF).long()
     for c in range(V_T):
         want = torch.nonzero(flat == c).squeeze(1)  # W's slots of column c, in order
@@ -161,7 +164,7 @@ def test_pkl_hub_longer_than_entry_block(merge, dtype):
     P.w_idx[w == 0], P.w_idx[w == hub] = hub, 0
     P.col_mask[[0, hub]] = P.col_mask[[hub, 0]].clone()
     st = K._w_structure(P.w_idx.to(torch.int32).contiguous(), 2 * bt + 37, bt, be)
-    assert int((st["r_keys"][0] == hub).sum()) > 2 * be and int(st["cinfo"][hub]) >= 8
+    assert int((st["r_keys"][0] == hub).sum()) > 2 * be and int(st["rank"][hub]) < st["r_spare"]
     run_pkl(P, DTYPES[dtype], merge, 0.7, False)
 
 
@@ -178,7 +181,7 @@ def test_pkl_any_column_ell_width(width, monkeypatch):
         P = make_problem(seed=30 + width, V_S=300, V_T=150, n_chunks=5, max_rows=2, sparse_k=0, mask_mode="covered",
                          empty_rows=0.05, hub=True)
         st = K._w_structure(P.w_idx.to(torch.int32).contiguous(), 150, K._TILES["BLOCK_T"], K._TILES["BLOCK_E"])
-        assert st["cslots"] == width and st["r_row"].numel() > 0 and int((st["cinfo"] & 7).max()) == width
+        assert st["cslots"] == width and st["r_row"].numel() > 0 and int((st["cell_slot"] >= 0).sum(0).max()) == width
         run_pkl(P, DTYPES["fp32"], merge, 0.7, learn_w)
 
 
@@ -198,18 +201,18 @@ def test_pkl_slots_in_any_order(learn_w):
     run_pkl(P, DTYPES["fp32"], "mean", 0.7, learn_w)
 
 
-@pytest.mark.parametrize("V_T", [64, 65])
+@pytest.mark.parametrize("V_T", [63, 64])
 def test_pkl_every_column_ranked(V_T):
-    """Every teacher column has a W entry, so the dense frozen-W pass keeps h at ranks 1..V_T (0 is the spare): the
-    ELL keys' column field (colb bits, the tile above it) must hold the rank V_T, one bit more than V_T − 1 needs
-    when V_T is a power of two; with one bit too few that column's students read the spare and another tile's
-    factor."""
+    """Every teacher column has a W entry, so the dense frozen-W pass keeps h at ranks up to V_T + 1 (0 and r_spare
+    are spares, _w_structure): the ELL keys' column field (colb bits, the tile above it) must hold the rank V_T + 1,
+    one bit more than V_T needs when V_T + 1 is a power of two; with one bit too few that column's students read
+    the spare and another tile's factor."""
     from xtoken_ext.ops import pkl_kernel as K
 
     P = make_problem(seed=3, V_S=300, V_T=V_T, n_chunks=3, max_rows=2, sparse_k=0, mask_mode="covered",
                      empty_rows=0.0, hub=False)
     st = K._w_structure(P.w_idx.contiguous(), V_T, K._TILES["BLOCK_T"], K._TILES["BLOCK_E"])
-    assert bool(st["has_entry"].all()) and int(st["rank"].max()) == V_T
+    assert bool(st["has_entry"].all()) and int(st["rank"].max()) == V_T + 1
     for merge in ("first", "mean"):
         run_pkl(P, DTYPES["fp32"], merge, 0.7, False)
 

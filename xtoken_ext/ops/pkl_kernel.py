@@ -188,8 +188,8 @@ def _teacher_row_lse(t_row, tc_row, mask_ptr, C, inv_tau, SPARSE: tl.constexpr, 
 @triton.jit
 def _pkl_kernel(
     z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc,
-    a_ptr, ell_ptr, nslot_ptr, colb, erow_ptr, ecol_ptr, eval_ptr, NNZ, cell_ptr, cinfo_ptr, rrow_ptr, rcol_ptr,
-    rval_ptr, NRES, rank_ptr, mask_ptr,
+    a_ptr, ell_ptr, nslot_ptr, colb, erow_ptr, ecol_ptr, eval_ptr, NNZ, cell_ptr, rank_ptr, rrow_ptr, rcol_ptr,
+    rval_ptr, NRES, r_spare, mask_ptr,
     spans_ptr, tchain_ptr, scale_ptr,
     loss_ptr, dz_ptr, stride_dz,
     lse_s_ptr, dr_ptr, lse_t_ptr, qu_ptr, h_ptr, tm_ptr, n_tiles_max, tacc_ptr, tcnt_ptr, stat_ptr, sync_ptr, rs_ptr,
@@ -312,9 +312,9 @@ def _pkl_kernel(
             # rescaling) and reduced once after the loop: a reduction per tile and sum costs more instructions than
             # the lane-wise updates (sm_90 SASS). Bad input: B checked every teacher row where it ran (sparse, or
             # several rows); a single dense row is checked here, a NaN or +inf x̄ making its lane's S1 term NaN
-            c_args = (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, cinfo_ptr, cell_ptr,
-                      rank_ptr, z_ptr, stride_z, lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T,
-                      inv_tau, inv_qz, eps, two_pass)
+            c_args = (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, rank_ptr, cell_ptr,
+                      z_ptr, stride_z, lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T,
+                      inv_tau, inv_qz, eps, two_pass, r_spare)
             if SPARSE:
                 m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, MEAN, SPARSE, FOLD, CSLOTS, BLOCK_T)
             elif MEAN:
@@ -404,8 +404,9 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
                   BLOCK_T: tl.constexpr):
     """C over the chunk's teacher (_pkl_kernel) -> the running max m and the per-lane l, S1, Mu and zero-mass max.
     Sparse teacher or merged rows (one student and one dense teacher row run _single_pass), unpipelined."""
-    (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, cinfo_ptr, cell_ptr, rank_ptr, z_ptr,
-     stride_z, lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T, inv_tau, inv_qz, eps, two_pass) = args
+    (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, rank_ptr, cell_ptr, z_ptr, stride_z,
+     lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T, inv_tau, inv_qz, eps, two_pass,
+     r_spare) = args
     n_t = t_hi - t_lo
     offs_t = tl.arange(0, BLOCK_T)
     m = tl.full((), NEG, tl.float32)
@@ -439,12 +440,13 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
             poison_x = tl.where(xb < float("inf"), 0.0, poison)  # NaN: one row's NaN or +inf (not B's)
             xb = xb * inv_tau
             # C1 (as _single_pass's, each merged row's p gathered where the slot is used)
-            ci, ew, hk = _c_words(cinfo_ptr, cell_ptr, rank_ptr, o, C, V_T, FOLD, CSLOTS, BLOCK_T)
+            rk, ew = _c_words(rank_ptr, cell_ptr, o, C, V_T, r_spare, CSLOTS)
+            hk = _h_key(rk, o, FOLD)
             qu = tl.zeros((BLOCK_T,), tl.float32)
-            for j in tl.static_range(CSLOTS):
-                qu += _weight(ew[j]) * _p_bar(z_ptr, stride_z, lse_s_ptr, ew[j].to(tl.int32), (ci & 7) > j, s_lo, s_hi,
+            for j in tl.static_range(CSLOTS):  # a slot past the column's length: the zero word
+                qu += _weight(ew[j]) * _p_bar(z_ptr, stride_z, lse_s_ptr, ew[j].to(tl.int32), ew[j] != 0, s_lo, s_hi,
                                               inv_tau, MEAN)
-            qu += tl.load(h_row + hk, mask=ci >= 8, other=0.0)
+            qu += _r_sum(h_row, rk, hk, r_spare, FOLD)
         xb = xb * inv_nt
         live = ok & (xb > float("-inf"))
         if SPARSE:
@@ -468,8 +470,9 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, BLOCK_T: tl.con
     mask are loaded once tile t's have been folded into the running max and sum, its structure words once tile t's
     Qu is summed, each carried in registers to the next tile, whose gathers (p at its slots' students, R's sums)
     are issued before its teacher logits are folded (the bottom of the file: Triton's own pipelining costs more)."""
-    (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, cinfo_ptr, cell_ptr, rank_ptr, z_ptr,
-     stride_z, lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T, inv_tau, inv_qz, eps, two_pass) = args
+    (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, rank_ptr, cell_ptr, z_ptr, stride_z,
+     lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T, inv_tau, inv_qz, eps, two_pass,
+     r_spare) = args
     offs_t = tl.arange(0, BLOCK_T)
     m = tl.full((), NEG, tl.float32)
     l_v = tl.zeros((BLOCK_T,), tl.float32)
@@ -481,19 +484,20 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, BLOCK_T: tl.con
     a_s, b_s = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + s_lo))
     PRE: tl.constexpr = CSLOTS <= 2  # wider column ELLs' words, carried, would spill
     if PRE:
-        ci, ew, hk = _c_words(cinfo_ptr, cell_ptr, rank_ptr, offs_t, C, V_T, FOLD, CSLOTS, BLOCK_T)
+        rk, ew = _c_words(rank_ptr, cell_ptr, offs_t, C, V_T, r_spare, CSLOTS)
     mk, x = _c_teacher(t_row, mask_ptr, offs_t, C, BLOCK_T)
     for t in range(0, tl.cdiv(C, BLOCK_T)):
         o = t * BLOCK_T + offs_t
         if not PRE:
-            ci, ew, hk = _c_words(cinfo_ptr, cell_ptr, rank_ptr, o, C, V_T, FOLD, CSLOTS, BLOCK_T)
+            rk, ew = _c_words(rank_ptr, cell_ptr, o, C, V_T, r_spare, CSLOTS)
+        hk = _h_key(rk, o, FOLD)
         # the tile's gathers: the logits at the slots' students (unmasked: a word past the column's length is 0,
         # w = 0 times the finite p of student 0 — a NaN or +inf student logit makes the chunk bad input anyway) and
         # R's sum of a longer column
         zs = ()
         for j in tl.static_range(CSLOTS):
-            zs = zs + (tl.load(z_row + ew[j].to(tl.int32)),)
-        hr = tl.load(h_row + hk, mask=ci >= 8, other=0.0)
+            zs = zs + (tl.load(z_row + ew[j].to(tl.uint32)),)  # unsigned: no sign extension
+        hr = _r_sum(h_row, rk, hk, r_spare, FOLD)
         inside = o < C
         xb = x.to(tl.float32)
         poison_x = tl.where(xb < float("inf"), 0.0, float("nan"))  # NaN: the row's NaN or +inf
@@ -507,13 +511,12 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, BLOCK_T: tl.con
         for j in tl.static_range(CSLOTS):
             qu += _weight(ew[j]) * _tl.softmax_exp2(zs[j], a_s, b_s)
         qu += hr
-        hk_t = hk
         if PRE:
-            ci, ew, hk = _c_words(cinfo_ptr, cell_ptr, rank_ptr, o + BLOCK_T, C, V_T, FOLD, CSLOTS, BLOCK_T)
+            rk, ew = _c_words(rank_ptr, cell_ptr, o + BLOCK_T, C, V_T, r_spare, CSLOTS)
         s1_v, mu_v, mz_v, hu = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu * inv_qz, eps,
                                          poison_x)
         m, l_v = m_new, l_new
-        _h_store(h_row, hk_t, hu, keep, FOLD)
+        _h_store(h_row, hk, hu, keep, FOLD)
         tl.store(tm_row + t, m)
     return m, l_v, s1_v, mu_v, mz_v
 
@@ -527,17 +530,16 @@ def _c_teacher(t_row, mask_ptr, o, C, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _c_words(cinfo_ptr, cell_ptr, rank_ptr, o, C, V_T, FOLD: tl.constexpr, CSLOTS: tl.constexpr,
-             BLOCK_T: tl.constexpr):
-    """W's structure words of the dense teacher tile at columns o (none past C): cinfo (slots used in the low 3
-    bits; bit 3: a longer column, R's sum in the h row), the column ELL's CSLOTS slot words (w's fp32 bits << 32 |
-    s, 0 past the column's length: loaded masked by the tile only, 16-byte vector loads, where a per-column mask
-    made one 8-byte copy per column and slot) and the h row's keys (_h_keys)."""
+def _c_words(rank_ptr, cell_ptr, o, C, V_T, r_spare, CSLOTS: tl.constexpr):
+    """W's structure words of the dense teacher tile at columns o: the columns' ranks (_w_structure: those longer
+    than the column ELL, whose R sums are in the h row, first; r_spare past C) and the column ELL's CSLOTS slot
+    words (w's fp32 bits << 32 | s, 0 past the column's length: loaded masked by the tile only, 16-byte vector
+    loads, where a per-column mask made one 8-byte copy per column and slot)."""
     inside = o < C
     ew = ()
     for j in tl.static_range(CSLOTS):
         ew = ew + (tl.load(cell_ptr + j * V_T + o, mask=inside, other=0),)
-    return tl.load(cinfo_ptr + o, mask=inside, other=0), ew, _h_keys(rank_ptr, o, inside, FOLD)
+    return tl.load(rank_ptr + o, mask=inside, other=r_spare), ew
 
 
 @triton.jit
@@ -547,14 +549,26 @@ def _weight(word):
 
 
 @triton.jit
-def _h_keys(rank_ptr, o, inside, FOLD: tl.constexpr):
-    """Where the h row keeps column o's h_u (and R's sum before it): its rank among W's columns (FOLD: the ELL's
-    keys, only those are read), else o."""
+def _h_key(rk, o, FOLD: tl.constexpr):
+    """Where the h row keeps column o's h_u (and R's sum before it): its rank rk (FOLD: the ELL's keys, only those
+    are read), else o."""
     if FOLD:
-        hk = tl.load(rank_ptr + o, mask=inside, other=0)
+        hk = rk
     else:
         hk = o
     return hk
+
+
+@triton.jit
+def _r_sum(h_row, rk, hk, r_spare, FOLD: tl.constexpr):
+    """R's sum of the residual entries of the tile's longer columns (ranks below r_spare), 0 for the others: FOLD,
+    an unmasked gather at min(rank, r_spare), the spare entry r_spare never written (0); else a masked load at the
+    columns."""
+    if FOLD:
+        r = tl.load(h_row + tl.minimum(hk, r_spare).to(tl.uint32))
+    else:
+        r = tl.load(h_row + hk, mask=rk < r_spare, other=0.0)
+    return r
 
 
 @triton.jit
@@ -570,7 +584,7 @@ def _h_kept(inside, mk, FOLD: tl.constexpr):
 
 @triton.jit
 def _h_store(h_row, hk, hu, keep, FOLD: tl.constexpr):
-    """h_u of a dense tile into the h row at its keys (_h_keys), on the lanes kept (_h_kept)."""
+    """h_u of a dense tile into the h row at its keys (_h_key), on the lanes kept (_h_kept)."""
     if FOLD:
         _tl.scatter(h_row + hk, hu, keep, 8)
     else:
@@ -721,13 +735,16 @@ def _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, FOLD: tl.cons
 @triton.jit
 def _ell_words(ell_ptr, nslot_ptr, o, om, V_S, K: tl.constexpr):
     """The ELL words of the student ids o (lanes om): per slot k < K one int64 = w_eff's fp32 bits (0 off A) << 32 |
-    col | tile << colb, 0 where the student has at most k slots (nslot[s] used slots first): the load is masked off
-    there, so a 32-byte sector of slot k ≥ 1 is read only where one of its 4 students has k + 1 slots (86 % of
-    Llama-3's ids have one)."""
-    ns = tl.load(nslot_ptr + o, mask=om, other=0)
-    e = ()
-    for k in tl.static_range(K):
-        e = e + (tl.load(ell_ptr + k * V_S + o, mask=om & (ns > k), other=0),)
+    col | tile << colb, 0 where the student has at most k slots (nslot[s] used slots first). Slot 0 is loaded by the
+    tile's mask (a student without slots has the zero word there too): vector loads, where a per-student mask made
+    one 8-byte load per student and 3 more instructions; a slot k ≥ 1 is masked off where the student has at most k
+    slots, so its 32-byte sector is read only where one of its 4 students has k + 1 (86 % of Llama-3's ids have
+    one)."""
+    e = (tl.load(ell_ptr + o, mask=om, other=0),)
+    if K > 1:
+        ns = tl.load(nslot_ptr + o, mask=om, other=0)
+        for k in tl.static_range(1, K):
+            e = e + (tl.load(ell_ptr + k * V_S + o, mask=om & (ns > k), other=0),)
     return e
 
 
@@ -848,15 +865,16 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     - the entry lists of C1 for a sparse teacher: e_row (student int32, its sign bit set on a column's first
       entry), e_col (column int32), e_slot (flat slot int64, for the call's weights);
     - the dense pass's column ELL: K = cslots (_column_slots), cell_slot int64 [K, V_T] slot-major (the flat slot of
-      each column's j-th entry, −1 past its length), cinfo int8 [V_T] = min(length, K) | 8 if longer; the residual
-      entries (each longer column's entries past K) as r_row / r_slot and r_keys = (their column, its rank): where
-      R keeps their sums in the h row;
+      each column's j-th entry, −1 past its length); the residual entries (each longer column's entries past K) as
+      r_row / r_slot and r_keys = (their column, its rank): where R keeps their sums in the h row;
     - the gradient pass's compact ELL: every row's used slots first (slot_order int64 [V_S, SLOTS], the slot
       permutation), nslot int8 [V_S], keys int32 [SLOTS, V_S] slot-major = column | its tile << colb, and the same
-      with the column's rank among the columns with W entries, from 1 (where the dense frozen-W pass keeps h: its
-      entry 0 is a spare that stays 0, read by weightless slots) in place of the column (rank int32 [V_T]);
-      has_entry bool [V_T]. The weights, which depend on the call's column mask, are
-      packed beside slots and keys by pkl_rows."""
+      with the column's rank in place of the column;
+    - rank int32 [V_T]: where the dense frozen-W pass keeps a column's h: the n_long columns longer than K at 1 ..
+      n_long, the other columns with W entries from n_long + 2 on (in column order), the spare r_spare = n_long + 1
+      for the columns without; the h row's entries 0 (read by the ELL's weightless slots) and r_spare (C's read of
+      a short column's R sum, at min(rank, r_spare)) are never written and stay 0; has_entry bool [V_T].
+    The weights, which depend on the call's column mask, are packed beside slots and keys by pkl_rows."""
     key = id(w_idx)
     hit = _STRUCT_CACHE.get(key)
     if hit is not None and hit[0]() is w_idx and hit[1] == (w_idx._version, V_T, block_t, block_e):
@@ -879,11 +897,10 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     cell_slot = torch.full((K, V_T), -1, dtype=torch.int64, device=dev)
     in_ell = j < K
     cell_slot[j[in_ell], cols[in_ell]] = slot_ids[in_ell]
-    cinfo = (col_len.clamp(max=K) | ((col_len > K).long() << 3)).to(torch.int8)
     r_first = j[~in_ell] == K  # entry K starts its column's residual segment
     r_row = slot_ids[~in_ell] // SLOTS - (r_first.long() << 31)
     n_tiles = -(-V_T // block_t)
-    colb = max(1, V_T.bit_length())  # ranks run to V_T (from 1; 0 is the spare)
+    colb = max(1, (V_T + 1).bit_length())  # ranks run to V_T + 1 (rank, below)
     if n_tiles >= 1 << (31 - colb):
         raise ValueError(f"the triton P-KL kernel packs a teacher column and its tile in 31 bits: {V_T} columns and "
                          f"{n_tiles} tiles do not fit; use backend='torch'")
@@ -891,14 +908,18 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     idx = w_idx.long().gather(1, slot_order)
     used = idx >= 0
     tile_bits = (idx.clamp(min=0) // block_t) << colb
-    rank = torch.cumsum(has_entry, 0)  # a column's rank among the columns with W entries, from 1 (0: the spare)
+    long = col_len > K
+    r_spare = int(long.sum()) + 1
+    rank = torch.where(long, torch.cumsum(long, 0), torch.cumsum(has_entry & ~long, 0) + r_spare)
+    rank = torch.where(has_entry, rank, r_spare)
     ell_keys = tuple(torch.where(used, c | tile_bits, 0).to(torch.int32).t().contiguous()
                      for c in (idx, rank[idx.clamp(min=0)]))
     r_col = cols[~in_ell]
     out = dict(e_row=e_row.to(torch.int32), e_col=cols.to(torch.int32), e_slot=slot_ids, has_entry=has_entry,
-               cslots=K, cell_slot=cell_slot, cinfo=cinfo, r_row=r_row.to(torch.int32), r_slot=slot_ids[~in_ell],
+               cslots=K, cell_slot=cell_slot, r_row=r_row.to(torch.int32), r_slot=slot_ids[~in_ell],
                r_keys=(r_col.to(torch.int32), rank[r_col].to(torch.int32)), slot_order=slot_order,
-               nslot=used.sum(1).to(torch.int8), ell_keys=ell_keys, rank=rank.to(torch.int32), colb=colb)
+               nslot=used.sum(1).to(torch.int8), ell_keys=ell_keys, rank=rank.to(torch.int32), r_spare=r_spare,
+               colb=colb)
     if len(_STRUCT_CACHE) >= 16:
         _STRUCT_CACHE.clear()
     _STRUCT_CACHE[key] = (weakref.ref(w_idx), (w_idx._version, V_T, block_t, block_e), out)
@@ -953,7 +974,7 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
         cell = torch.where(cs >= 0, words(w_flat[cs.clamp(min=0)], cs.clamp(min=0) // SLOTS), 0)
     mask8 = torch.where(col_mask, torch.where(st["has_entry"], 1, 2), 0).to(torch.int8)
     nprog = K if help_split else _num_programs(K, device)
-    row_len = (V_T + 16) // 16 * 16  # scratch rows: V_T entries and the spare (ranks 1..V_T), 16-entry aligned
+    row_len = (V_T + 17) // 16 * 16  # scratch rows: ranks 0 .. V_T + 1 (_w_structure), 16-entry aligned
     qu = torch.zeros(nprog, row_len, **f32)
     tm = torch.empty(nprog, max(1, triton.cdiv(C, _TILES["BLOCK_T"])), **f32)
     if sparse:
@@ -980,7 +1001,7 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
             _launch((nprog,),
                     s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
                     a, ell, st["nslot"], st["colb"], st["e_row"], st["e_col"], e_val, e_val.numel(), cell,
-                    st["cinfo"], st["r_row"], r_key, r_val, r_val.numel(), st["rank"], mask8,
+                    st["rank"], st["r_row"], r_key, r_val, r_val.numel(), st["r_spare"], mask8,
                     spans, chain, scale, loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc,
                     tcnt, stat, sync, rs,
                     k0, k1, V_S, V_T, row_len, C, 1.0 / float(temperature), float(temperature), float(eps),
