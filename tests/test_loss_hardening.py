@@ -96,6 +96,10 @@ SPECIAL = {
         ("t", (0, 3, UNCOVERED), NAN), ("t", (1, 0, UNCOVERED - 1), INF)), 1.0, "mean", torch.float32),
     "one teacher row (first merge): +inf, NaN outside A": (_edit(
         ("t", (0, 1, UNCOVERED), INF), ("t", (1, 3, UNCOVERED - 1), NAN)), 0.7, "first", torch.float32),
+    "bf16: NaN / +inf student entries, NaN teacher outside A (mean)": (_edit(
+        ("z", (0, 1, 3), NAN), ("z", (1, 2, 0), INF), ("t", (1, 1, UNCOVERED), NAN)), 0.7, "mean", torch.bfloat16),
+    "bf16: NaN / +inf student entries (first merge)": (_edit(
+        ("z", (1, 1, 3), NAN), ("z", (0, 2, 5), INF)), 1.0, "first", torch.bfloat16),
     "tiny temperature 2**-63": (_edit(), 2.0 ** -63, "mean", torch.float32),
     "large temperature 1e3": (_edit(), 1e3, "first", torch.float32),
 }

@@ -541,7 +541,8 @@ def _row_pass(row_ptr, tc_row, cls_ptr, ub_ptr, C, inv_tau, c, edge, lst, cap, S
             inside = om
             cls = kn
         xn, kn = _row_words(row_ptr, tc_row, cls_ptr, o + BLOCK, C, SPARSE)
-        bad |= (inside & ((x != x) | (x == float("inf")))).to(tl.int32)
+        if not STUDENT:  # the student's (every column live): _tl.row_bad after the loop
+            bad |= (inside & ((x != x) | (x == float("inf")))).to(tl.int32)
         # past C a dense tile loads x = 0 and class 0 (cls is then the lane's own test of inside)
         if STUDENT:
             live = inside
@@ -556,7 +557,11 @@ def _row_pass(row_ptr, tc_row, cls_ptr, ub_ptr, C, inv_tau, c, edge, lst, cap, S
             if _tile_has(ub_ptr, c0, C, BLOCK):
                 cnt = _append(_key(x), hm & (x - c >= edge), o, cnt, lst, cap, STUDENT)
     l = tl.sum(l)
-    return m + tl.log(l), tl.max(bad), tl.where(l > 0, tl.sum(lc) / l, 0.0), cnt
+    if STUDENT:
+        b = _tl.row_bad(row_ptr, C, l, BLOCK)
+    else:
+        b = tl.max(bad)
+    return m + tl.log(l), b, tl.where(l > 0, tl.sum(lc) / l, 0.0), cnt
 
 
 @triton.jit

@@ -5,13 +5,14 @@ notation in ``ops.pkl``'s docstring. Bad-input and degenerate chunks follow the 
 Structure derived once per W, device and tile geometry (cached, ``_w_structure``): W's nonzeros sorted by teacher
 column; for the dense teacher pass a column ELL of K slots (each column's first min(length, K) entries, slot-major
 8-byte words with the call's weight) and the residual entries of the longer columns (past their first K), K chosen
-per W (``_column_slots``: 1 for the real Llama-3 × Qwen3 W, whose extra entries sit in a few long columns, 3 for
+per W (``_column_slots``: 1 for the real Llama-3 × Qwen3 W, whose extra entries sit in a few long columns, 4 for
 ``Projection.random``); for a sparse teacher the flat (student, column, weight) entry lists; and the gradient pass's
 compact ELL: per student its used slots first (nslot int8) and per slot one slot-major int64 word (the weight, with
 the slots outside A zeroed, ``w_eff``; the column or its rank; its tile) — 9 B per student plus the few multi-slot
 ids, against 48 B for [V_S, 4] ids, weights and tiles (every row of the batch reads it from L2). Persistent
 programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass a fixed-length loop over tiles:
-  A  student rows: online LSE, Z_r = Σ_s p_r[s] a_s (a = row sums of w_eff), bad-input count   [reads z]
+  A  student rows: online LSE, Z_r = Σ_s p_r[s] a_s (a = row sums of w_eff); bad input makes the sums NaN, then
+     the row is scanned (ops._tl.row_bad)                                                      [reads z]
   B  (sparse teacher, or several teacher rows) per-row teacher LSE over A, bad-input count       [reads t]
   R  dense teacher: the residual entries in blocks of BLOCK_E, gathering p̄' = Σ_r p_r at their students, a
      segmented scan per column (no differences of a running sum: cancellation would wipe out a small column sum),
@@ -19,8 +20,10 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
   C  ONE flat loop over the teacher in BLOCK_T tiles: _single_pass for one student and one dense teacher row (merge
      "first" / "chain", and merge="mean"'s 1-to-1 chunks), software-pipelined by hand; _teacher_pass for a sparse
      teacher or merged rows (a loop over the chunk's rows inside the tile loop), unpipelined. Per tile:
-     C1 Qu = Wᵀp̄ on its columns: the column ELL's K slots gather p̄' at their students (a slot's gather masked off
-        where the column is shorter) and sum in order, plus R's sum of a longer column. Every Qu is summed as 2^24 Qu
+     C1 Qu = Wᵀp̄ on its columns: the column ELL's K slots gather p̄' at their students (a slot past the column's
+        length holds the zero word: weight 0) and sum in order, plus R's sum of a longer column (the longer columns
+        hold the ranks below the spare r_spare, whose never-written h entry is 0: an unmasked gather at
+        min(rank, r_spare), _w_structure). Every Qu is summed as 2^24 Qu
         (ops._tl.softmax_exp2: 2^24 p is one multiply-add and ex2) and q = Qu/(n_s Z) takes the 2^-24 back.
      C2 the teacher tile, read once: the merged teacher x̄ (vectorized loads, A selected with tl.where) folded into
         an online pass with rescaling: running max m, l = Σe, e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)),
@@ -47,7 +50,7 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      for). So a chunk's scratch row lives shorter than C/2 + D (a simulation of this protocol with 132 programs:
      54 rows live on average instead of 80, bench/costmodel.py), which brings the working set (z rows gathered in C,
      h rows read in D, W) under L2's size for the real Llama-3 × Qwen3 W. Dense teacher, frozen W: h is kept at the
-     ranks of the columns with W entries (the ELL keys hold the rank), 72 % of V_T for that W. Results are bitwise
+     ranks of the columns with W entries (the ELL keys hold the rank; _w_structure), 72 % of V_T for that W. Results are bitwise
      the same whoever computes a slice (tests: help_split).
 Bytes per single-row chunk from HBM: z twice (A, D), t once (C), dz once; W's structure, a, mask and the scratch row
 are shared or per-program and L2-resident (the z row too, for R's and C's gathers; streams read or written once
@@ -98,13 +101,13 @@ def _seg_scan(v, f, N: tl.constexpr):
 
 @triton.jit
 def _row_stats(row_ptr, a_ptr, V, inv_tau, BLOCK: tl.constexpr):
-    """One student row -> (lse = LSE_v row[v]/τ, Σ_v softmax(row/τ)[v] a[v], bad = #NaN/+inf, +1 if no finite
-    value), online over V in BLOCK tiles: the running max reduced per tile, the sums and the count per lane. The
-    next tile's logits and a are loaded before this one is folded (pipelined by hand, carried in registers)."""
+    """One student row -> (lse = LSE_v row[v]/τ, Σ_v softmax(row/τ)[v] a[v], bad = 1 if a NaN / +inf logit (_tl.
+    row_bad), + 1 if no finite value), online over V in BLOCK tiles: the running max reduced per tile, the sums per
+    lane. The next tile's logits and a are loaded before this one is folded (pipelined by hand, carried in
+    registers)."""
     m = tl.full((), NEG, tl.float32)
     l = tl.zeros((BLOCK,), tl.float32)
     lw = tl.zeros((BLOCK,), tl.float32)
-    bad = tl.zeros((BLOCK,), tl.int32)
     offs = tl.arange(0, BLOCK)
     x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
     a = tl.load(a_ptr + offs, mask=offs < V, other=0.0)
@@ -114,11 +117,10 @@ def _row_stats(row_ptr, a_ptr, V, inv_tau, BLOCK: tl.constexpr):
         aw = a
         x = tl.load(row_ptr + o, mask=o < V, other=float("-inf"))
         a = tl.load(a_ptr + o, mask=o < V, other=0.0)
-        bad += ((xf != xf) | (xf == float("inf"))).to(tl.int32)  # the logit itself (x/τ may overflow)
         m, l, e, alpha = _tl.lse_step(m, l, xf * inv_tau)
         lw = lw * alpha + e * aw
     l = tl.sum(l)
-    return m + tl.log(l), tl.sum(lw) / l, tl.sum(bad) + (l == 0).to(tl.int32)
+    return m + tl.log(l), tl.sum(lw) / l, _tl.row_bad(row_ptr, V, l, BLOCK) + (l == 0).to(tl.int32)
 
 
 @triton.jit
