@@ -110,10 +110,10 @@ def test_hkl_multi_tile_matches_oracle(merge, sparse_k, dtype, pairs):
 
 def test_column_ell_and_residual_hold_every_entry():
     """The dense P-KL pass's W structure: each column's first min(length, K) entries in the slot-major column ELL
-    (the longer columns ranked first, 1 .. n_long, then the spare, then the others), the rest as residual entries keyed by their column
-    and its rank, in W's column order, a residual segment flagged by the sign bit of its first entry's student;
-    _column_slots takes K = 1 when a few long columns hold the extra entries and a larger K when many
-    columns have 2-3 entries."""
+    (the longer columns ranked first, 1 .. n_long, then the spare r_spare, then the others), the rest as residual
+    entries keyed by their column and its rank, in W's column order, a residual segment flagged by the sign bit of
+    its first entry's student; _column_slots takes K = 1 when a few long columns hold the extra entries and a larger
+    K when many columns have 2-3 entries."""
     from xtoken_ext.ops.pkl_kernel import SLOTS, _column_slots, _w_structure
 
     g = torch.Generator().manual_seed(0)
@@ -125,7 +125,8 @@ def test_column_ell_and_residual_hold_every_entry():
     K = st["cslots"]
     flat = w_idx.reshape(-1).long()
     col_len = torch.bincount(flat[flat >= 0], minlength=V_T)
-    assert (st["rank"] < st["r_spare"]).tolist() == (col_len > K).tolist() and st["r_spare"] == int((col_len > K).sum()) + 1
+    assert st["r_spare"] == int((col_len > K).sum()) + 1
+    assert (st["rank"] < st["r_spare"]).tolist() == (col_len > K).tolist()
     ranked = st["rank"][col_len > 0]  # the columns with W entries: distinct ranks, the spare skipped
     assert ranked.unique().numel() == ranked.numel() and int((ranked == st["r_spare"]).sum()) == 0
     assert bool((st["rank"][col_len == 0] == st["r_spare"]).all())

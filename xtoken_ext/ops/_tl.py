@@ -83,9 +83,24 @@ def row_bad(row_ptr, C, l, BLOCK: tl.constexpr):
     if l != l:
         for c0 in range(0, C, BLOCK):
             o = c0 + tl.arange(0, BLOCK)
-            x = tl.load(row_ptr + o, mask=o < C, other=0.0).to(tl.float32)  # (the interpreter's bf16 x != x is False)
+            # fp32: the interpreter evaluates a bf16 NaN's x != x as False
+            x = tl.load(row_ptr + o, mask=o < C, other=0.0).to(tl.float32)
             bad |= ((x != x) | (x == float("inf"))).to(tl.int32)
     return tl.max(bad)
+
+
+@triton.jit
+def probe_max(probe, x):
+    """Fold x (fp32) into a per-lane running max that propagates NaN (max.NaN, one instruction per element): a NaN or
+    +inf x leaves its lane NaN or +inf (probe_bad), −inf and finite values do not — the bad-input test of rows whose
+    every column is not in the online sum (a teacher's outside A), where a compare per element cost ~2.4."""
+    return tl.maximum(probe, x, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def probe_bad(probe):
+    """1 if a lane of probe_max's running max is NaN or +inf, else 0 (one reduction per row)."""
+    return tl.max(((probe != probe) | (probe == float("inf"))).to(tl.int32))
 
 
 @triton.jit

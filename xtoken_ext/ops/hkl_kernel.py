@@ -525,7 +525,7 @@ def _row_pass(row_ptr, tc_row, cls_ptr, ub_ptr, C, inv_tau, c, edge, lst, cap, S
     m = tl.full((), _tl.NEG, tl.float32)
     l = tl.full((BLOCK,), 0, tl.float32)
     lc = tl.full((BLOCK,), 0, tl.float32)
-    bad = tl.full((BLOCK,), 0, tl.int32)
+    probe = tl.full((BLOCK,), float("-inf"), tl.float32)  # the teacher's bad-input test (_tl.probe_max)
     cnt = tl.full((), 0, tl.int32)
     o = tl.arange(0, BLOCK)
     xn, kn = _row_words(row_ptr, tc_row, cls_ptr, o, C, SPARSE)
@@ -542,7 +542,10 @@ def _row_pass(row_ptr, tc_row, cls_ptr, ub_ptr, C, inv_tau, c, edge, lst, cap, S
             cls = kn
         xn, kn = _row_words(row_ptr, tc_row, cls_ptr, o + BLOCK, C, SPARSE)
         if not STUDENT:  # the student's (every column live): _tl.row_bad after the loop
-            bad |= (inside & ((x != x) | (x == float("inf")))).to(tl.int32)
+            if SPARSE:  # padding entries (column −1) are not the row's
+                probe = _tl.probe_max(probe, tl.where(inside, x, float("-inf")))
+            else:  # past C: x = 0
+                probe = _tl.probe_max(probe, x)
         # past C a dense tile loads x = 0 and class 0 (cls is then the lane's own test of inside)
         if STUDENT:
             live = inside
@@ -560,7 +563,7 @@ def _row_pass(row_ptr, tc_row, cls_ptr, ub_ptr, C, inv_tau, c, edge, lst, cap, S
     if STUDENT:
         b = _tl.row_bad(row_ptr, C, l, BLOCK)
     else:
-        b = tl.max(bad)
+        b = _tl.probe_bad(probe)
     return m + tl.log(l), b, tl.where(l > 0, tl.sum(lc) / l, 0.0), cnt
 
 

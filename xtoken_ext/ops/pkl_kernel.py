@@ -13,7 +13,7 @@ ids, against 48 B for [V_S, 4] ids, weights and tiles (every row of the batch re
 programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass a fixed-length loop over tiles:
   A  student rows: online LSE, Z_r = Σ_s p_r[s] a_s (a = row sums of w_eff); bad input makes the sums NaN, then
      the row is scanned (ops._tl.row_bad)                                                      [reads z]
-  B  (sparse teacher, or several teacher rows) per-row teacher LSE over A, bad-input count       [reads t]
+  B  (sparse teacher, or several teacher rows) per-row teacher LSE over A, bad-input flag        [reads t]
   R  dense teacher: the residual entries in blocks of BLOCK_E, gathering p̄' = Σ_r p_r at their students, a
      segmented scan per column (no differences of a running sum: cancellation would wipe out a small column sum),
      each column's sum stored where C keeps its h_u (the scratch row), read back by C before h_u replaces it.
@@ -50,8 +50,8 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      for). So a chunk's scratch row lives shorter than C/2 + D (a simulation of this protocol with 132 programs:
      54 rows live on average instead of 80, bench/costmodel.py), which brings the working set (z rows gathered in C,
      h rows read in D, W) under L2's size for the real Llama-3 × Qwen3 W. Dense teacher, frozen W: h is kept at the
-     ranks of the columns with W entries (the ELL keys hold the rank; _w_structure), 72 % of V_T for that W. Results are bitwise
-     the same whoever computes a slice (tests: help_split).
+     ranks of the columns with W entries (the ELL keys hold the rank; _w_structure), 72 % of V_T for that W.
+     Results are bitwise the same whoever computes a slice (tests: help_split).
 Bytes per single-row chunk from HBM: z twice (A, D), t once (C), dz once; W's structure, a, mask and the scratch row
 are shared or per-program and L2-resident (the z row too, for R's and C's gathers; streams read or written once
 carry evict_first hints) (``bench/costmodel.py`` prints the model: C's tiles and R's blocks for a given W, and the
@@ -174,17 +174,17 @@ def _entries(args, lists, MEAN: tl.constexpr, BLOCK_E: tl.constexpr):
 
 @triton.jit
 def _teacher_row_lse(t_row, tc_row, mask_ptr, C, inv_tau, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
-    """One teacher row -> (LSE of t/τ over its allowed columns (−inf if none), bad = #NaN/+inf over all its
-    columns)."""
+    """One teacher row -> (LSE of t/τ over its allowed columns (−inf if none), bad = 1 if a NaN / +inf in any of
+    its columns (_tl.probe_max), else 0)."""
     m = tl.full((), NEG, tl.float32)
     l = tl.zeros((BLOCK,), tl.float32)
-    bad = tl.zeros((), tl.int32)
+    probe = tl.full((BLOCK,), float("-inf"), tl.float32)
     for c0 in range(0, C, BLOCK):
         o, v, inside, ok = _tl.col_tile(tc_row, mask_ptr, c0, C, SPARSE, BLOCK)
         x = tl.load(t_row + o, mask=o < C, other=0.0).to(tl.float32)
-        bad += tl.sum((inside & ((x != x) | (x == float("inf")))).to(tl.int32))
+        probe = _tl.probe_max(probe, tl.where(inside, x, float("-inf")))
         m, l, e, alpha = _tl.lse_step(m, l, tl.where(ok, x * inv_tau, float("-inf")))
-    return m + tl.log(tl.sum(l)), bad
+    return m + tl.log(tl.sum(l)), _tl.probe_bad(probe)
 
 
 @triton.jit
