@@ -73,23 +73,6 @@ def lse_step(m, l, x):
 
 
 @triton.jit
-def row_bad(row_ptr, C, l, BLOCK: tl.constexpr):
-    """1 if a dense row's C logits hold a NaN or +inf, else 0, from l, the sum of its online softmax over every
-    column (lse_step): such a logit makes it NaN (exp(NaN), exp(inf − inf) once the max is +inf; the sums only
-    grow, never overflow), so the row is scanned only then — as it is when x/τ overflows a finite x, which is not
-    bad input — instead of testing every element in the streaming pass (~2.4 instructions per element, 12 % of
-    P-KL's A, sm_90 SASS)."""
-    bad = tl.zeros((BLOCK,), tl.int32)
-    if l != l:
-        for c0 in range(0, C, BLOCK):
-            o = c0 + tl.arange(0, BLOCK)
-            # fp32: the interpreter evaluates a bf16 NaN's x != x as False
-            x = tl.load(row_ptr + o, mask=o < C, other=0.0).to(tl.float32)
-            bad |= ((x != x) | (x == float("inf"))).to(tl.int32)
-    return tl.max(bad)
-
-
-@triton.jit
 def probe_max(probe, x):
     """Fold x (fp32) into a per-lane running max that propagates NaN (max.NaN, one instruction per element): a NaN or
     +inf x leaves its lane NaN or +inf (probe_bad), −inf and finite values do not — the bad-input test of rows whose
@@ -101,6 +84,22 @@ def probe_max(probe, x):
 def probe_bad(probe):
     """1 if a lane of probe_max's running max is NaN or +inf, else 0 (one reduction per row)."""
     return tl.max(((probe != probe) | (probe == float("inf"))).to(tl.int32))
+
+
+@triton.jit
+def row_bad(row_ptr, C, l, BLOCK: tl.constexpr):
+    """1 if a dense row's C logits hold a NaN or +inf, else 0, from l, the sum of its online softmax over every
+    column (lse_step): such a logit makes it NaN (exp(NaN), exp(inf − inf) once the max is +inf; the sums only
+    grow, never overflow), so the row is scanned only then — as it is when x/τ overflows a finite x, which is not
+    bad input — instead of testing every element in the streaming pass (~2.4 instructions per element, 12 % of
+    P-KL's A, sm_90 SASS)."""
+    probe = tl.full((BLOCK,), float("-inf"), tl.float32)
+    if l != l:
+        for c0 in range(0, C, BLOCK):
+            o = c0 + tl.arange(0, BLOCK)
+            # fp32: the interpreter evaluates a bf16 NaN's x != x as False
+            probe = probe_max(probe, tl.load(row_ptr + o, mask=o < C, other=0.0).to(tl.float32))
+    return probe_bad(probe)
 
 
 @triton.jit
