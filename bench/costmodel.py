@@ -12,8 +12,11 @@ does not fit: scratch written and read, one 32-byte sector per gather). H-KL is 
 its top-m window adds after the streams (list passes and the sorts' issue time).
 L2<->SM bytes count one 32-byte sector per gathered element (the upper figure) or the distinct sectors per tile (the
 lower one, P-KL), and are timed at an assumed L2 bandwidth.
-Time per row: each streaming pass takes the longer of its HBM bytes at the SM's share of bandwidth and its
-instruction issue, read from the kernels' sm_90 SASS (bench/sass.py, issue_counts): both kernels are issue-bound.
+Time per row: each streaming pass takes the longest of its HBM bytes at the SM's share of bandwidth, its
+instruction issue and its special-function unit's time (the MUFU instructions: ex2, lg2), both read from the kernels'
+sm_90 SASS (bench/sass.py, issue_counts): both kernels are issue-bound. The SFU's time alone with the streams (each
+pass the longer of the two) is printed as a bound: what the kernels' transcendentals allow however few instructions
+the rest of a pass issued.
 """
 from __future__ import annotations
 
@@ -44,6 +47,9 @@ SECTOR = 32  # bytes an L2 request moves for one gathered element
 SORT_INSTR = (8.9, 4.8)
 SORT_THREADS = 256
 ISSUE, CLOCK = 4, 1.755e9
+# results per clock and SM of the special-function unit (MUFU: ex2, lg2, rcp) on sm_90 (the CUDA C++ Programming
+# Guide's arithmetic-instruction throughput table, compute capability 9.0): a warp's MUFU occupies it 32 / SFU clocks
+SFU = 16
 SCRATCH_FIXED = 32 << 10  # per H-KL program: hint state, stream lines in flight
 # the window's bisection passes over a list (128-way, ops.hkl_kernel._select): ~3 within the key range of bin b1 (the
 # last window's), ~4 over the wider key interval an earlier window of several bisects (an assumption: ≤ 5 for 32 bits)
@@ -69,6 +75,12 @@ def issue_time(body: int, warps: int, tiles: int) -> float:
     """Seconds an SM needs to issue ``tiles`` iterations of a loop of ``body`` instructions per thread (every warp
     issues the body once per iteration, ISSUE warp-instructions per clock)."""
     return body * warps * tiles / ISSUE / CLOCK
+
+
+def sfu_time(mufu: int, warps: int, tiles: int) -> float:
+    """Seconds an SM's special-function unit needs for ``tiles`` iterations of a loop of ``mufu`` MUFU instructions
+    per thread (SFU results per clock)."""
+    return mufu * 32 * warps * tiles / SFU / CLOCK
 
 
 def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2, slice_: int = 8) -> dict:
@@ -169,12 +181,14 @@ def simulate_live_rows(n_prog: int, n_chunks: int, t_a: float, t_c: float, t_d: 
     return z, h
 
 
-def _pass_times(passes: dict, gpu: dict) -> tuple[dict, float]:
-    """{pass: (HBM bytes, issue seconds or None)} -> ({pass: (stream seconds at the SM's share of HBM bandwidth,
-    issue seconds)}, seconds per row: each pass the longer of the two, the passes one after another)."""
+def _pass_times(passes: dict, gpu: dict) -> tuple[dict, float, float]:
+    """{pass: (HBM bytes, issue seconds or None, SFU seconds or None)} -> ({pass: (stream seconds at the SM's share of
+    HBM bandwidth, issue seconds, SFU seconds)}, seconds per row: each pass the longest of the three, the passes one
+    after another, and the bound the SFU sets: each pass the longer of its stream and its SFU time)."""
     bw_sm = gpu["hbm"] / gpu["sms"]
-    out = {k: (b / bw_sm, t) for k, (b, t) in passes.items()}
-    return out, sum(max(a, b or 0.0) for a, b in out.values())
+    out = {k: (b / bw_sm, t, f) for k, (b, t, f) in passes.items()}
+    return (out, sum(max(a, b or 0.0, c or 0.0) for a, b, c in out.values()),
+            sum(max(a, c or 0.0) for a, _, c in out.values()))
 
 
 def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GPU, issue: dict | None = None) -> dict:
@@ -189,8 +203,9 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     over a simulated run of the kernel's protocol (simulate_live_rows; phase times ∝ their HBM bytes: A z, C t,
     D z + dz), with helping and, for comparison, with each owner computing its own D slices.
 
-    Time per row and SM (``issue``: issue_counts()["P-KL"], for the first config's tiles): each pass the longer of
-    its HBM stream and its instruction issue (loop body × warps × tiles), passes back to back."""
+    Time per row and SM (``issue``: issue_counts()["P-KL"], for the first config's tiles): each pass the longest of
+    its HBM stream, its instruction issue (loop body × warps × tiles) and its SFU time (MUFU instructions, sfu_time),
+    passes back to back."""
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size
     st = w_stats(proj, cfg["BLOCK_T"], cfg["BLOCK_E"], cfg["BLOCK_S"], elem, cfg["SLICE"])
     floor = elem * (2 * V_S + V_T)
@@ -225,9 +240,14 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
         "A": issue_time(issue["A"], w, tiles_s),
         "D": sum(issue_time(issue["D"][str(k)], w, n) for k, n in st["d_tiles"].items()),
         "C": issue_time(issue["C"][str(st["K"])], w, st["tiles"]) + issue_time(issue["R"], w, st["r_blocks"])}
-    passes, t_row = _pass_times({"A": (elem * V_S, iss["A"]), "C": (elem * V_T, iss["C"]),
-                                 "D": (2 * elem * V_S, iss["D"])}, gpu)
-    return dict(kernel="P-KL", floor=floor, hbm_l2=stream, passes=passes, t_row=t_row, issue=issue,
+    f = issue["sfu"] if issue else None
+    sfu = {k: None for k in "ACD"} if issue is None else {
+        "A": sfu_time(f["A"], w, tiles_s),
+        "D": sum(sfu_time(f["D"][str(k)], w, n) for k, n in st["d_tiles"].items()),
+        "C": sfu_time(f["C"][str(st["K"])], w, st["tiles"]) + sfu_time(f["R"], w, st["r_blocks"])}
+    passes, t_row, t_sfu = _pass_times({"A": (elem * V_S, iss["A"], sfu["A"]), "C": (elem * V_T, iss["C"], sfu["C"]),
+                                        "D": (2 * elem * V_S, iss["D"], sfu["D"])}, gpu)
+    return dict(kernel="P-KL", floor=floor, hbm_l2=stream, passes=passes, t_row=t_row, t_sfu=t_sfu, issue=issue,
                 hbm_spill=stream + scratch + res_row + SECTOR * st["nnz"], l2=l2,
                 l2_lo=l2_lo, l2_parts=parts, loops=loops, vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],
                 footprint=z_rows * z_row + h_rows * h_row + w_bytes,
@@ -353,15 +373,17 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     block = H._CONFIGS[0].kwargs["BLOCK_L"]
     tiles_s, tiles_t = math.ceil(V_S / block), math.ceil(V_T / block)
     app_s, app_t = tiles_with(us_mask, block), tiles_with(ut_mask, block)  # the row passes' tiles that append
-    iss = {k: None for k in ("S1", "T1", "S3")}
+    iss = sfu = {k: None for k in ("S1", "T1", "S3")}
     if issue is not None:
-        w = issue["warps"]
+        w, f = issue["warps"], issue["sfu"]
         iss = {"S1": issue_time(issue["S1"], w, tiles_s) - issue_time(issue["S1_skip"], w, tiles_s - app_s),
                "T1": issue_time(issue["T1"], w, tiles_t) - issue_time(issue["T1_skip"], w, tiles_t - app_t),
                "S3": issue_time(issue["S3"], w, tiles_s)}
-    passes, t_streams = _pass_times({"S1": (elem * V_S, iss["S1"]), "T1": (elem * V_T, iss["T1"]),
-                                     "S3": (2 * elem * V_S, iss["S3"])}, gpu)
-    t_s1, t_t1, t_s3 = (max(a, b or 0.0) for a, b in passes.values())
+        sfu = {"S1": sfu_time(f["S1"], w, tiles_s), "T1": sfu_time(f["T1"], w, tiles_t),
+               "S3": sfu_time(f["S3"], w, tiles_s)}
+    passes, t_streams, t_sfu = _pass_times({k: (elem * n, iss[k], sfu[k]) for k, n in
+                                            (("S1", V_S), ("T1", V_T), ("S3", 2 * V_S))}, gpu)
+    t_s1, t_t1, t_s3 = (max(a, b or 0.0, c or 0.0) for a, b, c in passes.values())
     t_lists = 0.0  # the list passes' instruction issue (tiles of BLOCK_L keys)
     if issue is not None:
         sel = SELECT_STEPS[0] + (n_win - 1) * SELECT_STEPS[1]
@@ -387,7 +409,8 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     return dict(kernel=loss, floor=floor, hbm_l2=stream, hbm_spill=stream + lists + bufs + gathers, l2=l2, l2_lo=l2_lo,
                 loops=loops, vocab_tiles=chains[block][1], chains=chains, old_loop=None,
                 hbm_l2_fallback=stream_fb, hbm_spill_fallback=stream_fb + lists_fb + bufs + gathers,
-                footprint=min(rows, gpu["sms"]) * live + shared, t_row=t_row, t_window=t_win, t_sort=t_sort,
+                footprint=min(rows, gpu["sms"]) * live + shared, t_row=t_row, t_sfu=t_sfu, t_window=t_win,
+                t_sort=t_sort,
                 t_lists=t_lists,
                 passes=passes, issue=issue,
                 stats=dict(nnz=n_common, max_col=0, m=m, u_s=u_s, u_t=u_t, l_a=l_a, l_b=l_b, w_net=w_net,
@@ -403,19 +426,28 @@ def _l2_range(m: dict) -> str:
 
 
 def _time_line(m: dict, rows: int, gpu: dict) -> str:
-    """Time per row and SM, pass by pass (stream vs instruction issue), and the total against the floor time."""
+    """Time per row and SM, pass by pass (stream vs instruction issue vs SFU), the total against the floor time, and
+    the SFU's bound (the streaming passes, each the longer of its stream and its SFU time; H-KL's window, which has no
+    MUFU, left out)."""
     us = 1e6
-    parts = [f"{k} {max(a, b or 0.0) * us:.1f}" + (f" ({'issue' if b > a else 'stream'}; stream {a * us:.1f}, issue "
-                                                     f"{b * us:.1f})" if b is not None else "")
-             for k, (a, b) in m["passes"].items()]
+    parts = []
+    for k, (a, b, c) in m["passes"].items():
+        t = {"stream": a, "issue": b or 0.0, "SFU": c or 0.0}
+        parts.append(f"{k} {max(t.values()) * us:.1f}" + (
+            f" ({max(t, key=t.get)}; " + ", ".join(f"{n} {v * us:.1f}" for n, v in t.items()) + ")"
+            if b is not None else ""))
     if "t_window" in m:
         parts.append(f"window {m['t_window'] * us:.1f} (sorts {m['t_sort'] * us:.1f}, list passes' issue "
                      f"{m['t_lists'] * us:.1f}) after the streams, "
                      "not overlapped")
     t_model = rows / gpu["sms"] * m["t_row"]
-    how = ("instruction issue from the sm_90 SASS" if m["issue"] else "bytes only: instruction issue NOT modelled")
+    how = ("instruction issue and SFU time from the sm_90 SASS" if m["issue"]
+           else "bytes only: instruction issue NOT modelled")
+    floor = rows * m["floor"] / gpu["hbm"]
+    bound = (f"; the SFU's bound (the streaming passes, each the longer of its stream and its SFU time): "
+             f"{rows / gpu['sms'] * m['t_sfu'] / floor:.2f}x" if m["issue"] else "")
     return (f"time per row and SM in us ({how}): " + ", ".join(parts) + f"; at {rows:,} rows {t_model * 1e3:.2f} ms "
-            f"({t_model * gpu['hbm'] / (rows * m['floor']):.2f}x the floor time), working set in L2")
+            f"({t_model / floor:.2f}x the floor time), working set in L2" + bound)
 
 
 def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) -> None:

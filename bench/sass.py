@@ -71,10 +71,10 @@ def _loops(kernel, consts: tuple, num_warps: int, sparse: bool, maxnreg: int | N
     return cubin_loops(compile_sm90(kernel, dict(consts), num_warps, sparse, lineinfo=True, maxnreg=maxnreg)[1])
 
 
-def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int, dict, frozenset]]]:
+def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int, dict, frozenset, int]]]:
     """{(source file, line of a loop's backward branch): [(instructions, local-memory loads and stores, {source line
-    of a forward branch inside the body: the instructions it jumps over}, the source lines of its instructions) of
-    each such loop's body]} of a cubin compiled with line info."""
+    of a forward branch inside the body: the instructions it jumps over}, the source lines of its instructions, its
+    MUFU instructions: the SFU's ex2 / lg2 / rcp) of each such loop's body]} of a cubin compiled with line info."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
@@ -101,7 +101,7 @@ def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int, dict
         m = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", text)
         return labels.get(m.group(1)) if m else None
 
-    out: dict[tuple[str, int], list[tuple[int, int, dict, frozenset]]] = {}
+    out: dict[tuple[str, int], list[tuple[int, int, dict, frozenset, int]]] = {}
     for addr, text, where in ins:
         lo = target(text)
         if lo is not None and lo < addr:
@@ -109,7 +109,8 @@ def cubin_loops(cubin: bytes) -> dict[tuple[str, int], list[tuple[int, int, dict
             skips = {w: sum(a < b < to for b, _, _ in body) for a, t, w in body
                      if (to := target(t)) is not None and a < to <= addr}
             out.setdefault(where, []).append((len(body), sum(bool(re.search(r"\b(STL|LDL)\b", t)) for _, t, _ in body),
-                                              skips, frozenset(w for _, _, w in body)))
+                                              skips, frozenset(w for _, _, w in body),
+                                              sum(bool(re.search(r"\bMUFU\b", t)) for _, t, _ in body)))
     return out
 
 
@@ -125,6 +126,13 @@ def loop_bodies(kernel, consts: dict, num_warps: int, sparse: bool = False, maxn
     in code order]} (a helper's loop appears once per inlined call). Inner loops count once in their outer loop's
     body."""
     return _field(0, kernel, consts, num_warps, sparse, maxnreg)
+
+
+def loop_sfu(kernel, consts: dict, num_warps: int, sparse: bool = False, maxnreg: int | None = None
+             ) -> dict[tuple[str, int], list[int]]:
+    """As loop_bodies, each body's MUFU instructions per thread (the special-function unit's, which sm_90 runs at 16
+    results per clock and SM: a warp's MUFU occupies it 2 clocks, the time of 8 issued instructions)."""
+    return _field(4, kernel, consts, num_warps, sparse, maxnreg)
 
 
 def loop_skips(kernel, consts: dict, num_warps: int, sparse: bool = False, maxnreg: int | None = None
@@ -169,32 +177,37 @@ def pass_bodies() -> dict:
     1..SLOTS: a slice runs as many as its widest student has), C and D in their single-row instantiations; H-KL S1 /
     T1 (student / teacher row pass, the same helper inlined twice, in that order; S1_skip / T1_skip the instructions
     of their append, which a tile without an uncommon id skips), S3 (gradient pass: single rows and a dense teacher,
-    _grad_one) and L (the window's passes over each candidate list)."""
+    _grad_one) and L (the window's passes over each candidate list). Under "sfu", the same loops' MUFU instructions
+    per thread per tile (the streaming passes; the appends S1 / T1 skip hold none)."""
     from xtoken_ext.ops import hkl_kernel as H
     from xtoken_ext.ops import pkl_kernel as P
 
     cfg = P._CONFIGS[0]
-    c = {}
+    c, cs = {}, {}
     # C and D run a 1-to-1 chunk in their single-row loops (_single_pass, _slice_single: the latter instantiated
     # for each ELL width 1..SLOTS)
     for k in range(1, P.SLOTS + 1):  # the column ELL's width: C's body grows with it
         consts = dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False, SLOTS=P.SLOTS, CSLOTS=k,
-                      HELP=0, **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)
-        b = loop_bodies(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg)
-        (c[k],) = body(b, P._single_pass, "for t in range(0, tl.cdiv(C")
+                      EPS0=True, HELP=0, **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)
+        b, f = (get(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg) for get in (loop_bodies, loop_sfu))
+        (c[k],), (cs[k],) = (body(x, P._single_pass, "for t in range(0, tl.cdiv(C") for x in (b, f))
         if k == 1:
             # R: _entries' single-row instantiation (without _p_bar's loop over the merged rows)
             ls = loop_lines(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg)
             merged = set(source_lines(P._p_bar, "for r in range(s_lo, s_hi)"))
-            (a,), (r,) = body(b, P._row_stats, "for v0 in range"), body(b, P._entries, "for e0 in range(0, n", ls,
-                                                                       lambda x: not x & merged)
-            d = sorted(body(b, P._slice_single, "for v0 in range("))  # more slots issue more
-    out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D=dict(zip(range(1, P.SLOTS + 1), d, strict=True)))}
+            (a, r), (sa, sr) = ((body(x, P._row_stats, "for v0 in range")[0],
+                                 body(x, P._entries, "for e0 in range(0, n", ls, lambda y: not y & merged)[0])
+                                for x in (b, f))
+            # D per ELL width: more slots issue more (the MUFU counts go with their bodies)
+            d, sd = (dict(zip(range(1, P.SLOTS + 1), v, strict=True)) for v in zip(*sorted(
+                zip(*(body(x, P._slice_single, "for v0 in range(") for x in (b, f))))))
+    out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D=d, sfu=dict(A=sa, C=cs, R=sr, D=sd))}
     cfg = H._CONFIGS[0]
     w = H.sort_widths(H._SORT_CAP)
     consts = dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], **cfg.kwargs)
     b, skips = loop_bodies(H._hkl_kernel, consts, cfg.num_warps), loop_skips(H._hkl_kernel, consts, cfg.num_warps)
-    s1, t1 = body(b, H._row_pass, "for c0 in range(0, C, BLOCK)")
+    f = loop_sfu(H._hkl_kernel, consts, cfg.num_warps)
+    (s1, t1), (fs1, ft1) = (body(x, H._row_pass, "for c0 in range(0, C, BLOCK)") for x in (b, f))
     (branch,) = header_lines(H._row_pass, "if _tile_has(")
     s1_skip, t1_skip = [sk[branch] for line in header_lines(H._row_pass, "for c0 in range(0, C, BLOCK)")
                         for sk in skips.get(line, [])]
@@ -212,8 +225,9 @@ def pass_bodies() -> dict:
                          b1=max(n for n, x in zip(b[b1], ls[b1]) if mine(x)),
                          **{k: max(body(b, fn, "for c0 in range(0, n, BLOCK)", ls, mine))
                             for k, fn in (("select", H._select), ("gather", H._gather))})
-    out["H-KL"] = dict(warps=cfg.num_warps, S1=s1, T1=t1, S1_skip=s1_skip, T1_skip=t1_skip,
-                       S3=body(b, H._grad_one, "for v0 in range")[0], L=lst)
+    (s3,), (fs3,) = (body(x, H._grad_one, "for v0 in range") for x in (b, f))
+    out["H-KL"] = dict(warps=cfg.num_warps, S1=s1, T1=t1, S1_skip=s1_skip, T1_skip=t1_skip, S3=s3, L=lst,
+                       sfu=dict(S1=fs1, T1=ft1, S3=fs3))
     return out
 
 

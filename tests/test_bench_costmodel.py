@@ -119,7 +119,8 @@ def test_uld_model_counts_every_window():
 def test_issue_from_sass(proj):
     """bench.sass reads each streaming pass's loop out of the kernels' sm_90 SASS (compiled offline, in a
     subprocess), named by the source line of its backward branch: every pass is found once (D once per ELL width
-    it is instantiated for), and the model times each pass as the longer of its HBM stream and its issue."""
+    it is instantiated for), and the model times each pass as the longest of its HBM stream, its issue and its SFU
+    time (MUFU instructions, as many as the math's transcendentals)."""
     from xtoken_ext.bench import sass
     from xtoken_ext.ops import hkl_kernel as H
     from xtoken_ext.ops import pkl_kernel as P
@@ -142,14 +143,28 @@ def test_issue_from_sass(proj):
     lanes = 32 * p["warps"]
     assert abs((c[-1] - c[0]) / (P.SLOTS - 1) / (P.TILES_GPU["BLOCK_T"] / lanes) - P.SLOT_COST) < 1
     assert abs(p["R"] / (P.TILES_GPU["BLOCK_E"] / lanes) - P.ENTRY_COST) < 1
+    # the SFU's MUFU instructions are the math's transcendentals, per lane (a thread holds BLOCK / lanes of a tile)
+    # and one per tile for the running max's rescale: A exp(x/τ − m); C per column e = exp(x̄ − m), log(q + eps),
+    # h_u = exp(x̄ − m − log(q + eps)) and p = exp2 per column-ELL slot; R p per entry; D p per student; H-KL S1 / T1
+    # the row's exp, S3 the student's p and the teacher's P at a common column
+    f, per_t, per_s = p["sfu"], P.TILES_GPU["BLOCK_T"] // lanes, P._CONFIGS[0].kwargs["BLOCK_S"] // lanes
+    assert f["C"] == {str(k): per_t * (3 + k) + 1 for k in range(1, P.SLOTS + 1)}
+    assert (f["A"], f["R"], f["D"]) == (per_s + 1, P.TILES_GPU["BLOCK_E"] // lanes, {str(k): per_s for k in
+                                                                                   range(1, P.SLOTS + 1)})
+    hs, ht = (H._CONFIGS[0].kwargs[k] // (32 * h["warps"]) for k in ("BLOCK_S", "BLOCK_T"))
+    assert h["sfu"] == dict(S1=hs + 1, T1=ht + 1, S3=2 * hs)
     m = costmodel.pkl_model(proj, 64, issue=p)
     st = m["stats"]
     assert m["passes"]["C"] == (2 * 3500 / (costmodel.GPU["hbm"] / costmodel.GPU["sms"]),
                                 costmodel.issue_time(p["C"][str(st["K"])], p["warps"], st["tiles"])
-                                + costmodel.issue_time(p["R"], p["warps"], st["r_blocks"]))
-    assert m["t_row"] == sum(max(a, b) for a, b in m["passes"].values())
+                                + costmodel.issue_time(p["R"], p["warps"], st["r_blocks"]),
+                                costmodel.sfu_time(f["C"][str(st["K"])], p["warps"], st["tiles"])
+                                + costmodel.sfu_time(f["R"], p["warps"], st["r_blocks"]))
+    assert costmodel.sfu_time(1, 1, 1) == 8 * costmodel.issue_time(1, 1, 1)  # 32 lanes at 16 per clock vs 4 warps
+    assert m["t_row"] == sum(max(a, b, c) for a, b, c in m["passes"].values())
+    assert m["t_sfu"] == sum(max(a, c) for a, _, c in m["passes"].values()) < m["t_row"]
     mh = costmodel.hkl_model(proj, 64, issue=h)
-    assert mh["t_row"] == pytest.approx(sum(max(a, b) for a, b in mh["passes"].values()) + mh["t_window"])
+    assert mh["t_row"] == pytest.approx(sum(max(a, b, c) for a, b, c in mh["passes"].values()) + mh["t_window"])
 
 
 def test_hkl_model_whole_lists():

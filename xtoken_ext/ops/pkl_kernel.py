@@ -27,11 +27,11 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
         (ops._tl.softmax_exp2: 2^24 p is one multiply-add and ex2) and q = Qu/(n_s Z) takes the 2^-24 back.
      C2 the teacher tile, read once: the merged teacher x̄ (vectorized loads, A selected with tl.where) folded into
         an online pass with rescaling: running max m, l = Σe, e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)),
-        Mu = Σ e q/(q + eps), h_u = e/(q + eps) = exp(x̄ − m − log(q + eps)) stored with the tile's max (the log
-        on the SFU, ops._tl.fast_log, and no division: a correctly rounded log and division cost 23 % more
-        instructions per tile; the exp flushes an h_u below 2^-126 to 0, an absolute error that D's g = Σ w (M − h)
-        carries at ≤ 2^-126 w). A single dense row's NaN / +inf (bad input; B checks the rows where it runs) makes
-        its lane's S1 term NaN: no per-tile count and reduction.
+        Mu = Σ e q/(q + eps) (eps = 0: l, _c_update), h_u = e/(q + eps) = exp(x̄ − m − log(q + eps)) stored with
+        the tile's max (the log on the SFU, ops._tl.fast_log, and no division: a correctly rounded log and division
+        cost 23 % more instructions per tile; the exp flushes an h_u below 2^-126 to 0, an absolute error that D's
+        g = Σ w (M − h) carries at ≤ 2^-126 w). A single dense row's NaN / +inf (bad input; B checks the rows where
+        it runs) makes its lane's S1 term NaN: no per-tile count and reduction.
         With c the teacher's log-normalizer (−LSE for one dense row, computed at the end; −mean_r LSE_r after B):
         F = exp(m + c), L = τ² F (S1 + (m + c) l), M = F Mu, h = h_u · exp(m_tile − m) F.
      Sparse teacher: C1 first, over the whole entry list in blocks of BLOCK_E into a per-program scratch row (a
@@ -198,7 +198,7 @@ def _pkl_kernel(
     k0, k1, V_S, V_T, row_len, C, inv_tau, tau, eps,
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr, GRAD_W: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    CSLOTS: tl.constexpr, SLOTS: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr,
+    CSLOTS: tl.constexpr, SLOTS: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr, EPS0: tl.constexpr,
     HELP: tl.constexpr,
 ):
     FOLD: tl.constexpr = not (SPARSE or GRAD_W)
@@ -318,18 +318,23 @@ def _pkl_kernel(
                       z_ptr, stride_z, lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T,
                       inv_tau, inv_qz, eps, two_pass, r_spare)
             if SPARSE:
-                m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, MEAN, SPARSE, FOLD, CSLOTS, BLOCK_T)
+                m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, MEAN, SPARSE, FOLD, CSLOTS, EPS0, BLOCK_T)
             elif MEAN:
                 if (s_hi - s_lo > 1) | (n_t > 1):  # merged rows
-                    m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, True, SPARSE, FOLD, CSLOTS, BLOCK_T)
+                    m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, True, SPARSE, FOLD, CSLOTS, EPS0, BLOCK_T)
                 else:  # a 1-to-1 chunk
-                    m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, BLOCK_T)
+                    m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, EPS0, BLOCK_T)
             else:  # merge "first" / "chain": one student and one teacher row
-                m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, BLOCK_T)
+                m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, EPS0, BLOCK_T)
             l = tl.sum(l_v)
             s1 = tl.sum(s1_v)
             bad += (s1 != s1).to(tl.int32)
-            mu = tl.sum(mu_v)
+            # eps = 0: Mu = Σ e over the lanes with q > 0, i.e. l but for lanes with q = 0, an infinite KL unless
+            # their P is 0 in fp32 (e < 2^-149 l: a relative error below 2^-149 per such lane)
+            if EPS0:
+                mu = l
+            else:
+                mu = tl.sum(mu_v)
             m_zero = tl.max(mz_v)
             # log-normalizer: m + c = −log l (one dense row) or m − mean_r LSE_r (after B), plus the chain scalar
             if SPARSE:  # x̄ is already normalized per row
@@ -403,7 +408,7 @@ def _pkl_kernel(
 
 @triton.jit
 def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.constexpr, CSLOTS: tl.constexpr,
-                  BLOCK_T: tl.constexpr):
+                  EPS0: tl.constexpr, BLOCK_T: tl.constexpr):
     """C over the chunk's teacher (_pkl_kernel) -> the running max m and the per-lane l, S1, Mu and zero-mass max.
     Sparse teacher or merged rows (one student and one dense teacher row run _single_pass), unpipelined."""
     (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, rank_ptr, cell_ptr, z_ptr, stride_z,
@@ -456,7 +461,7 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
             qu = tl.load(qu_row + v, mask=live & (mk == 1), other=0.0)
         m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, tl.where(live, xb, float("-inf")))
         s1_v, mu_v, mz_v, hu = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu * inv_qz, eps,
-                                         poison_x)
+                                         poison_x, EPS0)
         m, l_v = m_new, l_new
         if SPARSE:
             tl.store(h_row + v, hu, mask=ok)
@@ -467,7 +472,7 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
 
 
 @triton.jit
-def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, BLOCK_T: tl.constexpr):
+def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS0: tl.constexpr, BLOCK_T: tl.constexpr):
     """C for one dense teacher row and one student row, software-pipelined by hand: tile t + 1's teacher logits and
     mask are loaded once tile t's have been folded into the running max and sum, its structure words once tile t's
     Qu is summed, each carried in registers to the next tile, whose gathers (p at its slots' students, R's sums)
@@ -516,7 +521,7 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, BLOCK_T: tl.con
         if PRE:
             rk, ew = _c_words(rank_ptr, cell_ptr, o + BLOCK_T, C, V_T, r_spare, CSLOTS)
         s1_v, mu_v, mz_v, hu = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu * inv_qz, eps,
-                                         poison_x)
+                                         poison_x, EPS0)
         m, l_v = m_new, l_new
         _h_store(h_row, hk, hu, keep, FOLD)
         tl.store(tm_row + t, m)
@@ -594,21 +599,29 @@ def _h_store(h_row, hk, hu, keep, FOLD: tl.constexpr):
 
 
 @triton.jit
-def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, q, eps, poison_x):
+def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, q, eps, poison_x, EPS0: tl.constexpr):
     """Fold a tile's q = Qu/(n_s Z) into the online state, its x̄ (the merged teacher logits / τ, live on its allowed
     finite lanes) already folded into the running max and sum (_tl.lse_step: m -> m_new, ex = exp(x̄ − m_new),
     alpha = exp(m − m_new)) -> (S1, Mu, zero-mass max, h_u): S1 = Σ e (x̄ − m − log(q + eps)), Mu = Σ e q/(q + eps),
+    each kept where it can differ: EPS0 (eps = 0), Mu = Σ e over q > 0 is taken from l after the loop; eps > 0, no
+    lane has q + eps = 0, so the zero-mass max stays −inf (C at K = 1: 541 → 517 instructions per thread per tile
+    with eps = 0, → 495 with eps > 0; sm_90 SASS),
     h_u = e/(q + eps) = exp(x̄ − m − log(q + eps)) (the log on the SFU, ops._tl.fast_log, and no division: a
     correctly rounded log and division cost 23 % more instructions per tile; the exp flushes an h_u below 2^-126 to
     0, an absolute error that D's g = Σ w (M − h) carries at ≤ 2^-126 w). poison_x: NaN in the S1 term of a lane
     whose (single dense row's) x̄ is NaN or +inf, else 0."""
-    qe = q + eps
-    pos = live & (qe > 0)
-    mz_v = tl.maximum(mz_v, tl.where(qe > 0, float("-inf"), tl.where(live, xb, float("-inf"))))
+    if EPS0:
+        qe = q
+        pos = live & (qe > 0)
+        mz_v = tl.maximum(mz_v, tl.where(qe > 0, float("-inf"), tl.where(live, xb, float("-inf"))))
+    else:
+        qe = q + eps
+        pos = live
     d = xb - m_new - _tl.fast_log(qe)
     hu = tl.where(pos, _tl.fast_exp(d), 0.0)  # e/(q + eps), without a division
     s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * d, poison_x)
-    mu_v = alpha * mu_v + hu * q
+    if not EPS0:
+        mu_v = alpha * mu_v + hu * q
     return s1_v, mu_v, mz_v, hu
 
 
@@ -809,21 +822,21 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
     tl.store(gw_ptr + at, tl.load(gw_ptr + at, mask=om[:, None], other=0.0) + acc, mask=om[:, None])
 
 
-# The tile geometry of the teacher pass and the entry blocks is fixed: W's column ELL and residual entries are built
-# for it once per W. A and the single-row loops of C and D are software-pipelined by hand: the next tile's loads are
-# issued before this one is computed and carried in registers (Triton's num_stages pipelining stages every load
-# through shared memory with cp.async, the gathers included: per thread per tile, C 747 where unpipelined it was 610
-# and by hand it is 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand 301; sm_90 SASS);
-# merged rows' C and D are not pipelined (their row loops sit inside the tile loops, and Triton pipelines innermost
-# loops only). Per thread and 2048-lane tile at K = 1 (sm_90 SASS, 8 warps): A 162, C 558 (its p gathers unmasked;
-# 973 for merged rows), D 226 / 334 / 452 / 564 (1-4 ELL slots; merged rows 292 / 647, one / four), R 899 per entry
-# block (1,042 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the
-# SASS): per tile much of the work is per-thread overhead (the scans' and reductions' cross-warp steps), so fewer
-# warps issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when measured (4 warps: 28 %, but they
-# spill; 16 warps spill too, with C's per-lane accumulators). One config: the two there were differed only in the
-# merged rows' D's num_stages, which compiled to the same code (above), so autotuning timed one kernel twice. sm_90,
-# bf16, offline ptxas (tests/test_kernels_compile.py): no spill inside a per-tile pass; at 255 registers a few scalars
-# live across the teacher loop may be spilled once per chunk.
+# The tile geometry of the teacher pass and the entry blocks is fixed: W's column ELL and residual entries are built for
+# it once per W. A and the single-row loops of C and D are software-pipelined by hand: the next tile's loads are issued
+# before this one is computed and carried in registers (Triton's num_stages pipelining stages every load through shared
+# memory with cp.async, the gathers included: per thread per tile, C 747 where unpipelined it was 610 and by hand it is
+# 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand 301; sm_90 SASS); merged rows' C and D
+# are not pipelined (their row loops sit inside the tile loops, and Triton pipelines innermost loops only). Per thread
+# and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 133, C 517 (its p gathers unmasked; 940 for merged rows;
+# 495 with eps > 0), D 195 / 318 / 438 / 556 (1-4 ELL slots; merged rows 261 / 634, one / four), R 905 per entry block
+# (1,048 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the SASS): per
+# tile much of the work is per-thread overhead (the scans' and reductions' cross-warp steps), so fewer warps issue fewer
+# instructions: at 8 warps a row issued 22 % fewer than at 16 when measured (4 warps: 28 %, but they spill; 16 warps
+# spill too, with C's per-lane accumulators). One config: the two there were differed only in the merged rows' D's
+# num_stages, which compiled to the same code (above), so autotuning timed one kernel twice. sm_90, bf16, offline ptxas
+# (tests/test_kernels_compile.py): no spill inside a per-tile pass; at 255 registers a few scalars live across the
+# teacher loop may be spilled once per chunk.
 TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
 _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
 # D slices of 8 student tiles (16,384 ids: 8 slices at V_S = 128,256; fewer, longer slices take fewer handshakes but
@@ -841,7 +854,8 @@ _CONFIGS = [triton.Config({"BLOCK_S": 2048}, num_warps=8, maxnreg=255)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
 # stale words would find no slice open to help with)
 _launch = _tl.launcher(_pkl_kernel, dict(BLOCK_S=128), _CONFIGS,
-                       key=["V_S", "V_T", "C", "NNZ", "MEAN", "SPARSE", "GRAD_W"], reset_to_zero=["sync_ptr"])
+                       key=["V_S", "V_T", "C", "NNZ", "MEAN", "SPARSE", "GRAD_W", "EPS0"],
+                       reset_to_zero=["sync_ptr"])
 _grad_w = _tl.launcher(_pkl_grad_w_kernel, dict(BLOCK=128), [triton.Config({"BLOCK": 1024}, num_warps=8)])
 _zero = _tl.launcher(_tl.zero_uncovered_rows, dict(BLOCK=128), [triton.Config({"BLOCK": 2048}, num_warps=8)])
 
@@ -1008,8 +1022,8 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
                     tcnt, stat, sync, rs,
                     k0, k1, V_S, V_T, row_len, C, 1.0 / float(temperature), float(temperature), float(eps),
                     MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
-                    HAS_SCALE=chunk_scale is not None, CSLOTS=st["cslots"], SLOTS=SLOTS, **_TILES, **_SLICES,
-                    HELP=help_)
+                    HAS_SCALE=chunk_scale is not None, CSLOTS=st["cslots"], SLOTS=SLOTS, EPS0=float(eps) == 0.0,
+                    **_TILES, **_SLICES, HELP=help_)
         if need_grad_w:
             _grad_w(lambda meta: (triton.cdiv(V_S, meta["BLOCK"]),), s_logits, s_logits.stride(0), spans, w_idx,
                     mask8, lse_s, h, stat, grad_w, k0, k1, V_S, V_T, 1.0 / float(temperature),
