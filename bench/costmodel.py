@@ -314,9 +314,9 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     on both sides: S2 / T2 read the rows twice, for the level-1 histogram and the compaction) is returned as
     hbm_l2_fallback / hbm_spill_fallback.
 
-    Time per row and SM: the streams S1, T1 and S3, each the longer of its bytes at the SM's share of HBM bandwidth
-    and its instruction issue (``issue``: issue_counts()["H-KL"], the first config's tiles; S1 / T1 skip their
-    append in the tiles without an id of U_S / U_T, which cluster in a real W), then the window (not overlapped: one
+    Time per row and SM: the streams S1, T1 and S3, each the longest of its bytes at the SM's share of HBM bandwidth,
+    its instruction issue (``issue``: issue_counts()["H-KL"], the first config's tiles; S1 / T1 skip their append in
+    the tiles without an id of U_S / U_T, which cluster in a real W) and its SFU time (issue["sfu"]), then the window (not overlapped: one
     program per SM): its list passes, the longer of their bytes at the SM's share of the assumed L2 bandwidth and
     their instruction issue (issue["L"] per list and tile), and the sorts' issue time (SORT_INSTR per lane and
     stage; the network of W_SMALL lanes when m fits it, run for the ⌈log₂ n⌉ merge stages that sort its first n

@@ -188,16 +188,15 @@ def pass_bodies() -> dict:
     # for each ELL width 1..SLOTS)
     for k in range(1, P.SLOTS + 1):  # the column ELL's width: C's body grows with it
         consts = dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False, SLOTS=P.SLOTS, CSLOTS=k,
-                      EPS0=True, HELP=0, **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)
+                      EPS=0, HELP=0, **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)
         b, f = (get(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg) for get in (loop_bodies, loop_sfu))
         (c[k],), (cs[k],) = (body(x, P._single_pass, "for t in range(0, tl.cdiv(C") for x in (b, f))
         if k == 1:
             # R: _entries' single-row instantiation (without _p_bar's loop over the merged rows)
             ls = loop_lines(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg)
             merged = set(source_lines(P._p_bar, "for r in range(s_lo, s_hi)"))
-            (a, r), (sa, sr) = ((body(x, P._row_stats, "for v0 in range")[0],
-                                 body(x, P._entries, "for e0 in range(0, n", ls, lambda y: not y & merged)[0])
-                                for x in (b, f))
+            (a,), (sa,) = (body(x, P._row_stats, "for v0 in range") for x in (b, f))
+            (r,), (sr,) = (body(x, P._entries, "for e0 in range(0, n", ls, lambda y: not y & merged) for x in (b, f))
             # D per ELL width: more slots issue more (the MUFU counts go with their bodies)
             d, sd = (dict(zip(range(1, P.SLOTS + 1), v, strict=True)) for v in zip(*sorted(
                 zip(*(body(x, P._slice_single, "for v0 in range(") for x in (b, f))))))

@@ -72,6 +72,39 @@ def test_pkl_small_matches_oracle(pb, dtype, merge, tau, learn_w):
     run_pkl(make_problem(**pb), DTYPES[dtype], merge, tau, learn_w, eps=1e-10 if pb["mask_mode"] == "all" else 0.0)
 
 
+@pytest.mark.parametrize("eps,kind", [(0.0, 0), (1e-40, 1), (2.0 ** -126, 2), (1e-10, 2)])
+def test_pkl_eps_kinds(eps, kind):
+    """The KL pass is specialized by eps (ops.pkl_kernel._eps_kind): 0 (Mu taken from l), a positive eps below the
+    smallest normal fp32 (q + eps may be subnormal: the SFU log keeps its subnormal scaling) and a normal one (the log
+    without it). Most students and the teacher columns only they reach sit 90 below the rest, so q + eps is
+    subnormal at those columns for eps = 0 and 1e-40 (their P tiny too: h stays finite): on a GPU the unscaled log
+    would flush it to 0 and make the loss +inf there. Each matches the float64 oracle (eps = 0 on the covered columns:
+    a column without W entries has q = 0, an infinite KL)."""
+    from xtoken_ext.ops.pkl_kernel import _eps_kind
+
+    assert _eps_kind(eps) == kind
+    P = make_problem(seed=3, V_S=97, V_T=61, n_chunks=3, max_rows=2, sparse_k=0,
+                     mask_mode="covered" if eps == 0 else "all", empty_rows=0.0, hub=False)
+    keep = torch.arange(P.z.shape[1]) < 8
+    reached = torch.zeros(P.t.shape[1], dtype=torch.bool)
+    reached[P.w_idx[keep][P.w_idx[keep] >= 0].long()] = True
+    P.z[:, ~keep] -= 90.0
+    P.t[:, ~reached] -= 90.0
+    dev = device()
+    args = [x.to(dev) if isinstance(x, torch.Tensor) else x
+            for x in (P.t, P.t_cols, P.w_idx, P.w_val, P.col_mask, P.spans, 1.0, "mean", eps, P.t_chain)]
+    loss, grad, _ = torch.ops.xtoken.pkl_rows(P.z.to(dev), *args, None, False, "triton")
+    z64 = P.z.double().requires_grad_()
+    ref = oracle_pkl(z64, P.t, P.t_cols, P.w_idx, P.w_val.double(), P.col_mask, P.spans, 1.0, "mean", eps, P.t_chain)
+    ref.sum().backward()
+    kap = kappa(P.z, P.t, 1.0)
+    check("triton/eps kinds/loss", loss.cpu(), ref.detach(), loss_bound(ref.detach(), 1.0, kap, torch.float32))
+    # the shifted students' gradients are subnormal (p ~ 1e-40), with absolute errors of that order on every backend
+    # (torch and native too): below the normal range the bound is 2^-126 absolute
+    check("triton/eps kinds/grad", grad.cpu(), z64.grad,
+          grad_bound(z64.grad, P.z, 1.0, kap, torch.float32, "triton") + 2.0 ** -126)
+
+
 @settings(max_examples=examples(20))
 @given(pb=problems, dtype=st.sampled_from(list(DTYPES)), merge=st.sampled_from(["mean", "first", "chain"]),
        tau=st.sampled_from([1.0, 0.7, 2.0]), pairs=st.sampled_from(["relaxed", "strict", "none"]),

@@ -198,7 +198,7 @@ def _pkl_kernel(
     k0, k1, V_S, V_T, row_len, C, inv_tau, tau, eps,
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr, GRAD_W: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    CSLOTS: tl.constexpr, SLOTS: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr, EPS0: tl.constexpr,
+    CSLOTS: tl.constexpr, SLOTS: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr, EPS: tl.constexpr,
     HELP: tl.constexpr,
 ):
     FOLD: tl.constexpr = not (SPARSE or GRAD_W)
@@ -318,20 +318,20 @@ def _pkl_kernel(
                       z_ptr, stride_z, lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T,
                       inv_tau, inv_qz, eps, two_pass, r_spare)
             if SPARSE:
-                m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, MEAN, SPARSE, FOLD, CSLOTS, EPS0, BLOCK_T)
+                m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, MEAN, SPARSE, FOLD, CSLOTS, EPS, BLOCK_T)
             elif MEAN:
                 if (s_hi - s_lo > 1) | (n_t > 1):  # merged rows
-                    m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, True, SPARSE, FOLD, CSLOTS, EPS0, BLOCK_T)
+                    m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, True, SPARSE, FOLD, CSLOTS, EPS, BLOCK_T)
                 else:  # a 1-to-1 chunk
-                    m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, EPS0, BLOCK_T)
+                    m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, EPS, BLOCK_T)
             else:  # merge "first" / "chain": one student and one teacher row
-                m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, EPS0, BLOCK_T)
+                m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, EPS, BLOCK_T)
             l = tl.sum(l_v)
             s1 = tl.sum(s1_v)
             bad += (s1 != s1).to(tl.int32)
             # eps = 0: Mu = Σ e over the lanes with q > 0, i.e. l but for lanes with q = 0, an infinite KL unless
             # their P is 0 in fp32 (e < 2^-149 l: a relative error below 2^-149 per such lane)
-            if EPS0:
+            if EPS == 0:
                 mu = l
             else:
                 mu = tl.sum(mu_v)
@@ -408,7 +408,7 @@ def _pkl_kernel(
 
 @triton.jit
 def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.constexpr, CSLOTS: tl.constexpr,
-                  EPS0: tl.constexpr, BLOCK_T: tl.constexpr):
+                  EPS: tl.constexpr, BLOCK_T: tl.constexpr):
     """C over the chunk's teacher (_pkl_kernel) -> the running max m and the per-lane l, S1, Mu and zero-mass max.
     Sparse teacher or merged rows (one student and one dense teacher row run _single_pass), unpipelined."""
     (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, rank_ptr, cell_ptr, z_ptr, stride_z,
@@ -461,7 +461,7 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
             qu = tl.load(qu_row + v, mask=live & (mk == 1), other=0.0)
         m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, tl.where(live, xb, float("-inf")))
         s1_v, mu_v, mz_v, hu = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu * inv_qz, eps,
-                                         poison_x, EPS0)
+                                         poison_x, EPS)
         m, l_v = m_new, l_new
         if SPARSE:
             tl.store(h_row + v, hu, mask=ok)
@@ -472,7 +472,7 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
 
 
 @triton.jit
-def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS0: tl.constexpr, BLOCK_T: tl.constexpr):
+def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constexpr, BLOCK_T: tl.constexpr):
     """C for one dense teacher row and one student row, software-pipelined by hand: tile t + 1's teacher logits and
     mask are loaded once tile t's have been folded into the running max and sum, its structure words once tile t's
     Qu is summed, each carried in registers to the next tile, whose gathers (p at its slots' students, R's sums)
@@ -521,7 +521,7 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS0: tl.conste
         if PRE:
             rk, ew = _c_words(rank_ptr, cell_ptr, o + BLOCK_T, C, V_T, r_spare, CSLOTS)
         s1_v, mu_v, mz_v, hu = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu * inv_qz, eps,
-                                         poison_x, EPS0)
+                                         poison_x, EPS)
         m, l_v = m_new, l_new
         _h_store(h_row, hk, hu, keep, FOLD)
         tl.store(tm_row + t, m)
@@ -599,28 +599,32 @@ def _h_store(h_row, hk, hu, keep, FOLD: tl.constexpr):
 
 
 @triton.jit
-def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, q, eps, poison_x, EPS0: tl.constexpr):
+def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, q, eps, poison_x, EPS: tl.constexpr):
     """Fold a tile's q = Qu/(n_s Z) into the online state, its x̄ (the merged teacher logits / τ, live on its allowed
     finite lanes) already folded into the running max and sum (_tl.lse_step: m -> m_new, ex = exp(x̄ − m_new),
     alpha = exp(m − m_new)) -> (S1, Mu, zero-mass max, h_u): S1 = Σ e (x̄ − m − log(q + eps)), Mu = Σ e q/(q + eps),
-    each kept where it can differ: EPS0 (eps = 0), Mu = Σ e over q > 0 is taken from l after the loop; eps > 0, no
-    lane has q + eps = 0, so the zero-mass max stays −inf (C at K = 1: 541 → 517 instructions per thread per tile
-    with eps = 0, → 495 with eps > 0; sm_90 SASS),
+    each kept where it can differ (EPS, pkl_rows' _eps_kind): eps = 0, Mu = Σ e over q > 0 is taken from l after the
+    loop; eps > 0, no lane has q + eps = 0, so the zero-mass max stays −inf, and for eps ≥ 2^-126 the log needs no
+    subnormal scaling (C at K = 1: 541 → 517 instructions per thread per tile with eps = 0, → 463 with eps = 1e-10;
+    sm_90 SASS),
     h_u = e/(q + eps) = exp(x̄ − m − log(q + eps)) (the log on the SFU, ops._tl.fast_log, and no division: a
     correctly rounded log and division cost 23 % more instructions per tile; the exp flushes an h_u below 2^-126 to
     0, an absolute error that D's g = Σ w (M − h) carries at ≤ 2^-126 w). poison_x: NaN in the S1 term of a lane
     whose (single dense row's) x̄ is NaN or +inf, else 0."""
-    if EPS0:
+    if EPS == 0:
         qe = q
         pos = live & (qe > 0)
         mz_v = tl.maximum(mz_v, tl.where(qe > 0, float("-inf"), tl.where(live, xb, float("-inf"))))
     else:
         qe = q + eps
         pos = live
-    d = xb - m_new - _tl.fast_log(qe)
+    if EPS == 2:
+        d = xb - m_new - _tl.fast_log_normal(qe)
+    else:
+        d = xb - m_new - _tl.fast_log(qe)
     hu = tl.where(pos, _tl.fast_exp(d), 0.0)  # e/(q + eps), without a division
     s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * d, poison_x)
-    if not EPS0:
+    if EPS != 0:
         mu_v = alpha * mu_v + hu * q
     return s1_v, mu_v, mz_v, hu
 
@@ -829,13 +833,13 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand 301; sm_90 SASS); merged rows' C and D
 # are not pipelined (their row loops sit inside the tile loops, and Triton pipelines innermost loops only). Per thread
 # and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 133, C 517 (its p gathers unmasked; 940 for merged rows;
-# 495 with eps > 0), D 195 / 318 / 438 / 556 (1-4 ELL slots; merged rows 261 / 634, one / four), R 905 per entry block
-# (1,048 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the SASS): per
-# tile much of the work is per-thread overhead (the scans' and reductions' cross-warp steps), so fewer warps issue fewer
-# instructions: at 8 warps a row issued 22 % fewer than at 16 when measured (4 warps: 28 %, but they spill; 16 warps
-# spill too, with C's per-lane accumulators). One config: the two there were differed only in the merged rows' D's
-# num_stages, which compiled to the same code (above), so autotuning timed one kernel twice. sm_90, bf16, offline ptxas
-# (tests/test_kernels_compile.py): no spill inside a per-tile pass; at 255 registers a few scalars live across the
+# 463 with eps = 1e-10), D 195 / 318 / 438 / 556 (1-4 ELL slots; merged rows 261 / 634, one / four), R 905 per entry
+# block (1,048 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the
+# SASS): per tile much of the work is per-thread overhead (the scans' and reductions' cross-warp steps), so fewer warps
+# issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when measured (4 warps: 28 %, but they spill;
+# 16 warps spill too, with C's per-lane accumulators). One config: the two there were differed only in the merged rows'
+# D's num_stages, which compiled to the same code (above), so autotuning timed one kernel twice. sm_90, bf16, offline
+# ptxas (tests/test_kernels_compile.py): no spill inside a per-tile pass; at 255 registers a few scalars live across the
 # teacher loop may be spilled once per chunk.
 TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
 _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
@@ -854,7 +858,7 @@ _CONFIGS = [triton.Config({"BLOCK_S": 2048}, num_warps=8, maxnreg=255)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
 # stale words would find no slice open to help with)
 _launch = _tl.launcher(_pkl_kernel, dict(BLOCK_S=128), _CONFIGS,
-                       key=["V_S", "V_T", "C", "NNZ", "MEAN", "SPARSE", "GRAD_W", "EPS0"],
+                       key=["V_S", "V_T", "C", "NNZ", "MEAN", "SPARSE", "GRAD_W", "EPS"],
                        reset_to_zero=["sync_ptr"])
 _grad_w = _tl.launcher(_pkl_grad_w_kernel, dict(BLOCK=128), [triton.Config({"BLOCK": 1024}, num_warps=8)])
 _zero = _tl.launcher(_tl.zero_uncovered_rows, dict(BLOCK=128), [triton.Config({"BLOCK": 2048}, num_warps=8)])
@@ -950,6 +954,11 @@ def _num_programs(K: int, device: torch.device) -> int:
     return max(1, min(K, 2))
 
 
+def _eps_kind(eps: float) -> int:
+    """The kernel's EPS: 0 for eps = 0, 2 for eps ≥ 2^-126 (q + eps is never subnormal), else 1."""
+    return 0 if float(eps) == 0.0 else 2 if float(eps) >= 2.0 ** -126 else 1
+
+
 def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain,
              chunk_scale, need_grad_w):
     """The ``triton`` backend of ``xtoken::pkl_rows`` (contract in ops.pkl): -> (loss [K] f32, grad in the logits'
@@ -1022,7 +1031,7 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
                     tcnt, stat, sync, rs,
                     k0, k1, V_S, V_T, row_len, C, 1.0 / float(temperature), float(temperature), float(eps),
                     MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
-                    HAS_SCALE=chunk_scale is not None, CSLOTS=st["cslots"], SLOTS=SLOTS, EPS0=float(eps) == 0.0,
+                    HAS_SCALE=chunk_scale is not None, CSLOTS=st["cslots"], SLOTS=SLOTS, EPS=_eps_kind(eps),
                     **_TILES, **_SLICES, HELP=help_)
         if need_grad_w:
             _grad_w(lambda meta: (triton.cdiv(V_S, meta["BLOCK"]),), s_logits, s_logits.stride(0), spans, w_idx,
