@@ -15,8 +15,8 @@ lower one, P-KL), and are timed at an assumed L2 bandwidth.
 Time per row: each streaming pass takes the longest of its HBM bytes at the SM's share of bandwidth, its
 instruction issue and its special-function unit's time (the MUFU instructions: ex2, lg2), both read from the kernels'
 sm_90 SASS (bench/sass.py, issue_counts): both kernels are issue-bound. The SFU's time alone with the streams (each
-pass the longer of the two) is printed as a bound: what the kernels' transcendentals allow however few instructions
-the rest of a pass issued.
+pass the longer of the two, the passes back to back as the kernels run them) is printed as a bound: what the kernels'
+transcendentals allow in this structure however few instructions the rest of a pass issued.
 """
 from __future__ import annotations
 
@@ -316,8 +316,8 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
 
     Time per row and SM: the streams S1, T1 and S3, each the longest of its bytes at the SM's share of HBM bandwidth,
     its instruction issue (``issue``: issue_counts()["H-KL"], the first config's tiles; S1 / T1 skip their append in
-    the tiles without an id of U_S / U_T, which cluster in a real W) and its SFU time (issue["sfu"]), then the window (not overlapped: one
-    program per SM): its list passes, the longer of their bytes at the SM's share of the assumed L2 bandwidth and
+    the tiles without an id of U_S / U_T, which cluster in a real W) and its SFU time (issue["sfu"]), then the window
+    (not overlapped: one program per SM): its list passes, the longer of their bytes at the SM's share of the assumed L2 bandwidth and
     their instruction issue (issue["L"] per list and tile), and the sorts' issue time (SORT_INSTR per lane and
     stage; the network of W_SMALL lanes when m fits it, run for the ⌈log₂ n⌉ merge stages that sort its first n
     lanes, n the longer of a whole list and a window of m, both sides in it: one chain of stages, the b keys at the
@@ -444,7 +444,8 @@ def _time_line(m: dict, rows: int, gpu: dict) -> str:
     how = ("instruction issue and SFU time from the sm_90 SASS" if m["issue"]
            else "bytes only: instruction issue NOT modelled")
     floor = rows * m["floor"] / gpu["hbm"]
-    bound = (f"; the SFU's bound (the streaming passes, each the longer of its stream and its SFU time): "
+    bound = (f"; the SFU's bound (the streaming passes back to back, each the longer of its stream and its SFU "
+             f"time): "
              f"{rows / gpu['sms'] * m['t_sfu'] / floor:.2f}x" if m["issue"] else "")
     return (f"time per row and SM in us ({how}): " + ", ".join(parts) + f"; at {rows:,} rows {t_model * 1e3:.2f} ms "
             f"({t_model / floor:.2f}x the floor time), working set in L2" + bound)

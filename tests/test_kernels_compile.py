@@ -50,8 +50,8 @@ if sys.argv[1] == "pkl":
     for cfg in P._CONFIGS:
         for sparse, grad_w, mean in itertools.product((False, True), (False, True), (True, False)):
             consts = dict(MEAN=mean, CHAIN=not mean, SPARSE=sparse, GRAD_W=grad_w, HAS_SCALE=grad_w, SLOTS=4,
-                          CSLOTS=1 + (sparse + 2 * grad_w + mean) % 4, EPS=0 if mean else 2, HELP=0, **P.TILES_GPU, **P.SLICES_GPU,
-                          **cfg.kwargs)  # every column-ELL width among the variants
+                          CSLOTS=1 + (sparse + 2 * grad_w + mean) % 4, EPS=0 if mean else 1 + sparse, HELP=0,
+                          **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)  # every column-ELL width and eps kind
             r = compile_one(P._pkl_kernel, consts, cfg.num_warps, sparse, cfg.maxnreg)
             out.append(dict(kernel="pkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, grad_w=grad_w, mean=mean,
                             **r))

@@ -310,8 +310,8 @@ def _pkl_kernel(
             # sums) and C2, pipelined by hand for single rows (_single_pass): it reads what was written before the
             # loop and writes h_u / tile maxima (a long column's R sum is read by the lane that then overwrites it).
             # Sparse: C2 over the k columns (Qu from the scratch row).
-            # the running max m is per tile; l, S1, Mu and the zero-mass max are kept per lane (with the common
-            # rescaling) and reduced once after the loop: a reduction per tile and sum costs more instructions than
+            # the running max m is per tile; l, S1, Mu and the zero-mass max (the last two as eps needs, _c_update)
+            # are kept per lane (with the common rescaling) and reduced once after the loop: a reduction per tile and sum costs more instructions than
             # the lane-wise updates (sm_90 SASS). Bad input: B checked every teacher row where it ran (sparse, or
             # several rows); a single dense row is checked here, a NaN or +inf x̄ making its lane's S1 term NaN
             c_args = (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, rank_ptr, cell_ptr,
@@ -329,8 +329,8 @@ def _pkl_kernel(
             l = tl.sum(l_v)
             s1 = tl.sum(s1_v)
             bad += (s1 != s1).to(tl.int32)
-            # eps = 0: Mu = Σ e over the lanes with q > 0, i.e. l but for lanes with q = 0, an infinite KL unless
-            # their P is 0 in fp32 (e < 2^-149 l: a relative error below 2^-149 per such lane)
+            # eps = 0: Mu = Σ e over the lanes with q > 0, i.e. l but for lanes with q = 0, an infinite KL (inf_kl)
+            # unless their P = e F is 0 in fp32: M = F l is then off by less than 2^-149 per such lane
             if EPS == 0:
                 mu = l
             else:
@@ -409,8 +409,9 @@ def _pkl_kernel(
 @triton.jit
 def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.constexpr, CSLOTS: tl.constexpr,
                   EPS: tl.constexpr, BLOCK_T: tl.constexpr):
-    """C over the chunk's teacher (_pkl_kernel) -> the running max m and the per-lane l, S1, Mu and zero-mass max.
-    Sparse teacher or merged rows (one student and one dense teacher row run _single_pass), unpipelined."""
+    """C over the chunk's teacher (_pkl_kernel) -> the running max m and the per-lane l, S1, Mu and zero-mass max
+    (the last two as eps needs, _c_update). Sparse teacher or merged rows (one student and one dense teacher row run
+    _single_pass), unpipelined."""
     (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, rank_ptr, cell_ptr, z_ptr, stride_z,
      lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T, inv_tau, inv_qz, eps, two_pass,
      r_spare) = args
@@ -603,9 +604,9 @@ def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, q, eps, pois
     """Fold a tile's q = Qu/(n_s Z) into the online state, its x̄ (the merged teacher logits / τ, live on its allowed
     finite lanes) already folded into the running max and sum (_tl.lse_step: m -> m_new, ex = exp(x̄ − m_new),
     alpha = exp(m − m_new)) -> (S1, Mu, zero-mass max, h_u): S1 = Σ e (x̄ − m − log(q + eps)), Mu = Σ e q/(q + eps),
-    each kept where it can differ (EPS, pkl_rows' _eps_kind): eps = 0, Mu = Σ e over q > 0 is taken from l after the
-    loop; eps > 0, no lane has q + eps = 0, so the zero-mass max stays −inf, and for eps ≥ 2^-126 the log needs no
-    subnormal scaling (C at K = 1: 541 → 517 instructions per thread per tile with eps = 0, → 463 with eps = 1e-10;
+    each kept where it can differ (EPS, _eps_kind): eps = 0, Mu = Σ e over q > 0 is taken from l after the loop;
+    eps > 0, no lane has q + eps = 0, so the zero-mass max stays at its initial NEG, and for eps ≥ 2^-126 the log
+    needs no subnormal scaling (C at K = 1: 541 → 517 instructions per thread per tile with eps = 0, → 463 with eps = 1e-10;
     sm_90 SASS),
     h_u = e/(q + eps) = exp(x̄ − m − log(q + eps)) (the log on the SFU, ops._tl.fast_log, and no division: a
     correctly rounded log and division cost 23 % more instructions per tile; the exp flushes an h_u below 2^-126 to
@@ -833,8 +834,8 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand 301; sm_90 SASS); merged rows' C and D
 # are not pipelined (their row loops sit inside the tile loops, and Triton pipelines innermost loops only). Per thread
 # and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 133, C 517 (its p gathers unmasked; 940 for merged rows;
-# 463 with eps = 1e-10), D 195 / 318 / 438 / 556 (1-4 ELL slots; merged rows 261 / 634, one / four), R 905 per entry
-# block (1,048 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the
+# 463 with eps = 1e-10), D 197 / 318 / 438 / 556 (1-4 ELL slots; merged rows 261 / 634, one / four), R 902 per entry
+# block (1,045 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the
 # SASS): per tile much of the work is per-thread overhead (the scans' and reductions' cross-warp steps), so fewer warps
 # issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when measured (4 warps: 28 %, but they spill;
 # 16 warps spill too, with C's per-lane accumulators). One config: the two there were differed only in the merged rows'
@@ -955,8 +956,10 @@ def _num_programs(K: int, device: torch.device) -> int:
 
 
 def _eps_kind(eps: float) -> int:
-    """The kernel's EPS: 0 for eps = 0, 2 for eps ≥ 2^-126 (q + eps is never subnormal), else 1."""
-    return 0 if float(eps) == 0.0 else 2 if float(eps) >= 2.0 ** -126 else 1
+    """The kernel's EPS for the fp32 eps it receives: 0 for eps = 0 (an eps below 2^-150 rounds to it), 2 for eps ≥
+    2^-126 (q + eps is never subnormal), else 1."""
+    e = float(torch.tensor(float(eps), dtype=torch.float32))
+    return 0 if e == 0.0 else 2 if e >= 2.0 ** -126 else 1
 
 
 def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain,
