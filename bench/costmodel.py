@@ -315,16 +315,16 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     hbm_l2_fallback / hbm_spill_fallback.
 
     Time per row and SM: the streams S1, T1 and S3, each the longest of its bytes at the SM's share of HBM bandwidth,
-    its instruction issue (``issue``: issue_counts()["H-KL"], the first config's tiles; S1 / T1 skip their append in
-    the tiles without an id of U_S / U_T, which cluster in a real W) and its SFU time (issue["sfu"]), then the window
-    (not overlapped: one program per SM): its list passes, the longer of their bytes at the SM's share of the assumed L2 bandwidth and
-    their instruction issue (issue["L"] per list and tile), and the sorts' issue time (SORT_INSTR per lane and
-    stage; the network of W_SMALL lanes when m fits it, run for the ⌈log₂ n⌉ merge stages that sort its first n
+    its instruction issue (``issue``: issue_counts()["H-KL"], the first config's tiles; S1 / T1 skip their append in the
+    tiles without an id of U_S / U_T, which cluster in a real W) and its SFU time (issue["sfu"]), then the window (not
+    overlapped: one program per SM): its list passes, the longer of their bytes at the SM's share of the assumed L2
+    bandwidth and their instruction issue (issue["L"] per list and tile), and the sorts' issue time (SORT_INSTR per lane
+    and stage; the network of W_SMALL lanes when m fits it, run for the ⌈log₂ n⌉ merge stages that sort its first n
     lanes, n the longer of a whole list and a window of m, both sides in it: one chain of stages, the b keys at the
-    int64 rate; else the W-lane network twice, one window after the other). The working set is time-averaged over
-    these phases: each per-program buffer counts for the fraction of a chunk's time it is live (L_a from its writes
-    in S1 to the end of the window, L_b from T1, the sort buffers in the window, G from the window to the end of S3,
-    the teacher row from T1 to the end of S3)."""
+    int64 rate; else the W-lane network twice, one window after the other). The working set is time-averaged over these
+    phases: each per-program buffer counts for the fraction of a chunk's time it is live (L_a from its writes in S1 to
+    the end of the window, L_b from T1, the sort buffers in the window, G from the window to the end of S3, the teacher
+    row from T1 to the end of S3)."""
     from xtoken_ext.ops import hkl_kernel as H
 
     V_S, V_T = proj.student_vocab_size, proj.teacher_vocab_size

@@ -307,13 +307,13 @@ def _pkl_kernel(
             n_c2 = tl.cdiv(C, BLOCK_T)
 
             # C: one online pass over the teacher in BLOCK_T tiles. Dense: per tile C1 from the column ELL (and R's
-            # sums) and C2, pipelined by hand for single rows (_single_pass): it reads what was written before the
-            # loop and writes h_u / tile maxima (a long column's R sum is read by the lane that then overwrites it).
-            # Sparse: C2 over the k columns (Qu from the scratch row).
-            # the running max m is per tile; l, S1, Mu and the zero-mass max (the last two as eps needs, _c_update)
-            # are kept per lane (with the common rescaling) and reduced once after the loop: a reduction per tile and sum costs more instructions than
-            # the lane-wise updates (sm_90 SASS). Bad input: B checked every teacher row where it ran (sparse, or
-            # several rows); a single dense row is checked here, a NaN or +inf x̄ making its lane's S1 term NaN
+            # sums) and C2, pipelined by hand for single rows (_single_pass): it reads what was written before the loop
+            # and writes h_u / tile maxima (a long column's R sum is read by the lane that then overwrites it). Sparse:
+            # C2 over the k columns (Qu from the scratch row). The running max m is per tile; l, S1, Mu and the
+            # zero-mass max (the last two as eps needs, _c_update) are kept per lane (with the common rescaling) and
+            # reduced once after the loop: a reduction per tile and sum costs more instructions than the lane-wise
+            # updates (sm_90 SASS). Bad input: B checked every teacher row where it ran (sparse, or several rows); a
+            # single dense row is checked here, a NaN or +inf x̄ making its lane's S1 term NaN
             c_args = (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, rank_ptr, cell_ptr,
                       z_ptr, stride_z, lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T,
                       inv_tau, inv_qz, eps, two_pass, r_spare)
@@ -606,8 +606,8 @@ def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, q, eps, pois
     alpha = exp(m − m_new)) -> (S1, Mu, zero-mass max, h_u): S1 = Σ e (x̄ − m − log(q + eps)), Mu = Σ e q/(q + eps),
     each kept where it can differ (EPS, _eps_kind): eps = 0, Mu = Σ e over q > 0 is taken from l after the loop;
     eps > 0, no lane has q + eps = 0, so the zero-mass max stays at its initial NEG, and for eps ≥ 2^-126 the log
-    needs no subnormal scaling (C at K = 1: 541 → 517 instructions per thread per tile with eps = 0, → 463 with eps = 1e-10;
-    sm_90 SASS),
+    needs no subnormal scaling (C at K = 1: 541 → 517 instructions per thread per tile with eps = 0, → 463 with
+    eps = 1e-10; sm_90 SASS),
     h_u = e/(q + eps) = exp(x̄ − m − log(q + eps)) (the log on the SFU, ops._tl.fast_log, and no division: a
     correctly rounded log and division cost 23 % more instructions per tile; the exp flushes an h_u below 2^-126 to
     0, an absolute error that D's g = Σ w (M − h) carries at ≤ 2^-126 w). poison_x: NaN in the S1 term of a lane
