@@ -235,16 +235,16 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     parts = {f"W structure (column ELL {st['cell'] / 2**20:.2f} MiB, ELL {st['ell'] / 2**20:.2f} MiB)": w_reads,
              "p and h gathers": (SECTOR * (st["sect_c"] + st["sect_d"]), 2 * SECTOR * st["nnz"]),
              "scratch": scratch + res_row}
-    w = issue["warps"] if issue else 0
-    iss = {k: None for k in "ACD"} if issue is None else {
-        "A": issue_time(issue["A"], w, tiles_s),
-        "D": sum(issue_time(issue["D"][str(k)], w, n) for k, n in st["d_tiles"].items()),
-        "C": issue_time(issue["C"][str(st["K"])], w, st["tiles"]) + issue_time(issue["R"], w, st["r_blocks"])}
-    f = issue["sfu"] if issue else None
-    sfu = {k: None for k in "ACD"} if issue is None else {
-        "A": sfu_time(f["A"], w, tiles_s),
-        "D": sum(sfu_time(f["D"][str(k)], w, n) for k, n in st["d_tiles"].items()),
-        "C": sfu_time(f["C"][str(st["K"])], w, st["tiles"]) + sfu_time(f["R"], w, st["r_blocks"])}
+
+    def per_pass(time, counts):  # {pass: seconds} of a loop's per-tile counts (instructions or MUFU)
+        if counts is None:
+            return {k: None for k in "ACD"}
+        w = issue["warps"]
+        return {"A": time(counts["A"], w, tiles_s),
+                "D": sum(time(counts["D"][str(k)], w, n) for k, n in st["d_tiles"].items()),
+                "C": time(counts["C"][str(st["K"])], w, st["tiles"]) + time(counts["R"], w, st["r_blocks"])}
+
+    iss, sfu = per_pass(issue_time, issue), per_pass(sfu_time, issue and issue["sfu"])
     passes, t_row, t_sfu = _pass_times({"A": (elem * V_S, iss["A"], sfu["A"]), "C": (elem * V_T, iss["C"], sfu["C"]),
                                         "D": (2 * elem * V_S, iss["D"], sfu["D"])}, gpu)
     return dict(kernel="P-KL", floor=floor, hbm_l2=stream, passes=passes, t_row=t_row, t_sfu=t_sfu, issue=issue,
