@@ -51,9 +51,9 @@ ISSUE, CLOCK = 4, 1.755e9
 # Guide's arithmetic-instruction throughput table, compute capability 9.0): a warp's MUFU occupies it 32 / SFU clocks
 SFU = 16
 SCRATCH_FIXED = 32 << 10  # per H-KL program: hint state, stream lines in flight
-# the window's bisection passes over a list (128-way, ops.hkl_kernel._select): ~3 within the key range of bin b1 (the
-# last window's), ~4 over the wider key interval an earlier window of several bisects (an assumption: ≤ 5 for 32 bits)
-SELECT_STEPS = (3, 4)
+# the window's bisection passes over a list (128-way, ops.hkl_kernel._select): ~3 within the key range of bin b1 (an
+# assumption: ≤ 5 for 32 bits)
+SELECT_STEPS = 3
 
 
 @functools.lru_cache(maxsize=None)
@@ -302,8 +302,9 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     """Per-row model of ``_hkl_kernel`` (dense teacher, H-KL: the relaxed common pairs, GOLD: the strict ones, ULD:
     none, the whole vocabularies uncommon; uncommon_topk ``topk``, None: uncapped) for a 1-to-1 chunk, from the pass
     table in ops.hkl_kernel's docstring, with the m a user gets from this W and ``uncovered`` (A = the covered
-    columns, or all); an m above the largest sort network takes ⌈m/W⌉ rank windows, each SELECT_STEPS[1] more
-    bisection passes and a gather over both lists and two W-lane sorts. Common case (the single-pass compaction hits
+    columns, or all); an m above the largest sort network W (ULD) sorts both lists whole instead: ⌈|L|/W⌉ blocks in
+    the W-lane network, then ⌈log₂ blocks⌉ merge rounds of as many W-key tiles, each the network's last merge stage
+    (log₂ W steps; ops.hkl_kernel._sort_list), each round a read and a write of the list. Common case (the single-pass compaction hits
     on both sides): student rows read in S1 (LSE, candidate list) and S3 (gradient, written), the teacher row in T1; the
     lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~6 times (level-1 histogram and key range, bin b1's range,
     ~3 bisection steps, gather), or once where the small network (m ≤ W_SMALL) sorts the whole list (|L| ≤ W_SMALL),
@@ -346,21 +347,30 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     l_a = u_s if u_s <= fit else min(2 * m, cap)
     l_b = u_t if u_t <= fit else min(2 * m, cap)
     touched = min(m, w_net)
-    n_win = math.ceil(m / w_net)  # rank windows (several only where m exceeds the largest network: ULD)
-    # passes over each list: level-1 histogram and key range, bin b1's range, then per window the bisection steps
-    # (SELECT_STEPS) and the gather of its window
-    n_pass = 2 + SELECT_STEPS[0] + 1 + (n_win - 1) * (SELECT_STEPS[1] + 1)
+    merge = m > w_net  # m above the largest network (ULD): both lists merge-sorted whole
     # per list (a: 8 B keys, b: 4 B): sorted whole in the small network where both fit it (no pass over them),
-    # else ~6 passes (level-1 histogram and key range, bin b1's range, ~3 bisection steps, the gather of its window)
+    # merge-sorted (m > W: no pass but the sort's), else ~6 passes (level-1 histogram, bin b1's key range, ~3
+    # bisection steps, the gather of the window)
+    n_pass = 0 if merge else 2 + SELECT_STEPS + 1
     whole = small and max(l_a, l_b) <= w_small
     sides = ((l_a, 8), (l_b, 4))  # (keys, bytes per key)
-    passed = () if whole else sides  # the lists the window passes over
+    passed = () if whole or merge else sides  # the lists the window passes over
     lg = math.ceil(math.log2(max(max(l_a, l_b) if whole else touched, 1)))
     stages = lg * (lg + 1) // 2
+    # merge sort per list: (blocks, merge rounds, network stages in sequence: a full sort per block, the last merge
+    # stage's lg steps per tile and round)
+    msort = []
+    for n, _ in sides if merge else ():
+        k = math.ceil(n / w_net)
+        r = math.ceil(math.log2(k)) if k > 1 else 0
+        msort.append((k, r, k * stages + r * k * lg))
     floor = elem * (2 * V_S + V_T)
     stream = elem * (3 * V_S + V_T)
-    lists = sum((2 if whole else 1 + n_pass) * size * n for n, size in sides)  # written once, read once or n_pass
-    bufs = n_win * sum(2 * size * touched for _, size in passed) + 2 * 8 * m  # sort buffers and G
+    if merge:  # written once; read and written by the block sorts and each round; read once where paired
+        lists = sum(size * (n + 2 * n * (1 + r) + min(n, m)) for (n, size), (_, r, _) in zip(sides, msort))
+    else:  # written once, read once or n_pass times
+        lists = sum((2 if whole else 1 + n_pass) * size * n for n, size in sides)
+    bufs = sum(2 * size * touched for _, size in passed) + 2 * 8 * m  # the window's sort buffers and G
     stream_fb = elem * (5 * V_S + 3 * V_T)
     lists_fb = 5 * (8 + 4) * min(2 * m, cap) + 12 * min(2 * m, cap)
     l2 = lists + bufs + n_common * SECTOR + m * SECTOR  # S3's teacher gathers, the fix-up's student gathers
@@ -368,8 +378,11 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
                                                               elem) if n_common else 0)
     # time per row and SM (s)
     l2_sm = gpu["l2_bw"] / gpu["sms"]
-    t_sort = (n_win * (2 * SORT_INSTR[0] if small else sum(SORT_INSTR)) * stages * max(w_net, SORT_THREADS) / 32
-              / ISSUE / CLOCK)
+    lanes = max(w_net, SORT_THREADS) / 32 / ISSUE / CLOCK  # seconds per instruction per lane
+    if merge:
+        t_sort = sum(f * st for f, (_, _, st) in zip(SORT_INSTR, msort)) * lanes
+    else:
+        t_sort = (2 * SORT_INSTR[0] if small else sum(SORT_INSTR)) * stages * lanes
     block = H._CONFIGS[0].kwargs["BLOCK_L"]
     tiles_s, tiles_t = math.ceil(V_S / block), math.ceil(V_T / block)
     app_s, app_t = tiles_with(us_mask, block), tiles_with(ut_mask, block)  # the row passes' tiles that append
@@ -386,25 +399,27 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     t_s1, t_t1, t_s3 = (max(a, b or 0.0, c or 0.0) for a, b, c in passes.values())
     t_lists = 0.0  # the list passes' instruction issue (tiles of BLOCK_L keys)
     if issue is not None:
-        sel = SELECT_STEPS[0] + (n_win - 1) * SELECT_STEPS[1]
-        t_lists = sum(issue_time(L["hist"] + L["b1"] + sel * L["select"] + n_win * L["gather"], issue["warps"],
+        t_lists = sum(issue_time(L["hist"] + L["b1"] + SELECT_STEPS * L["select"] + L["gather"], issue["warps"],
                                  math.ceil(n / block)) for (n, _), L in zip(passed, (issue["L"]["a"], issue["L"]["b"])))
     t_win = max(lists / l2_sm, t_lists) + bufs / l2_sm + t_sort
     t_row = t_streams + t_win
-    live = (8 * l_a * (t_s1 / 2 + t_t1 + t_win) + 4 * l_b * (t_t1 / 2 + t_win)
+    live = ((1 + merge) * (8 * l_a * (t_s1 / 2 + t_t1 + t_win) + 4 * l_b * (t_t1 / 2 + t_win))
             + sum(size * touched for _, size in passed) * t_win
             + 8 * m * (t_win / 2 + t_s3) + elem * V_T * (t_t1 / 2 + t_win + t_s3)) / t_row + SCRATCH_FIXED
     shared = 4 * V_S + 5 * V_T  # smap, tmap, teacher classes
     chains = {}
     for cfg in H._CONFIGS:
         b = cfg.kwargs["BLOCK_L"]
-        chains[b] = (sum(n_pass * math.ceil(n / b) for n, _ in passed) + n_win * (1 if small else 2) * stages,
-                     math.ceil(V_S / b) + math.ceil(V_T / b))
-    lists_how = "both lists sorted whole" if whole else f"{n_pass} passes per list"
-    if n_win > 1:
-        lists_how += f", {n_win} windows"
+        sorts = sum(st for _, _, st in msort) if merge else (1 if small else 2) * stages
+        chains[b] = (sum(n_pass * math.ceil(n / b) for n, _ in passed) + sorts, math.ceil(V_S / b) + math.ceil(V_T / b))
+    if merge:
+        how = "both lists merge-sorted: " + " and ".join(
+            f"{k} blocks x {stages} + {r} rounds x {k} tiles x {lg} stages" for k, r, _ in msort)
+    else:
+        how = ("both lists sorted whole" if whole else f"{n_pass} passes per list") + \
+            f" + {1 if small else 2} x {stages} sort stages"
     loops = {"S1/S3 (student passes)": math.ceil(V_S / block), "T1 (teacher pass)": math.ceil(V_T / block),
-             f"window ({lists_how} + {n_win * (1 if small else 2)} x {stages} sort stages)": chains[block][0]}
+             f"window ({how})": chains[block][0]}
     gathers = SECTOR * (n_common + 2 * m)  # spilled: S3's teacher gathers, the fix-up's student gathers and stores
     return dict(kernel=loss, floor=floor, hbm_l2=stream, hbm_spill=stream + lists + bufs + gathers, l2=l2, l2_lo=l2_lo,
                 loops=loops, vocab_tiles=chains[block][1], chains=chains, old_loop=None,

@@ -203,7 +203,7 @@ def pass_bodies() -> dict:
     out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D=d, sfu=dict(A=sa, C=cs, R=sr, D=sd))}
     cfg = H._CONFIGS[0]
     w = H.sort_widths(H._SORT_CAP)
-    consts = dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], **cfg.kwargs)
+    consts = dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], MERGE=False, **cfg.kwargs)
     b, skips = loop_bodies(H._hkl_kernel, consts, cfg.num_warps), loop_skips(H._hkl_kernel, consts, cfg.num_warps)
     f = loop_sfu(H._hkl_kernel, consts, cfg.num_warps)
     (s1, t1), (fs1, ft1) = (body(x, H._row_pass, "for c0 in range(0, C, BLOCK)") for x in (b, f))

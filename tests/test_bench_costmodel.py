@@ -97,10 +97,10 @@ def test_report_prints_both_kernels(proj, capsys):
 
 
 
-def test_uld_model_counts_every_window():
-    """ULD (no common pairs, m uncapped) past the largest sort network: the model counts one selection (the bisection
-    steps and the gather) over each whole list and two sorts per rank window of 8,192, not the one window of a capped
-    m; the chain grows by exactly that per extra window."""
+def test_uld_model_merge_sorts_both_lists():
+    """ULD (no common pairs, m uncapped) past the largest sort network: the model sorts both whole lists (no
+    selection pass over them): per list ⌈|L|/W⌉ blocks in the 8,192-lane network (91 stages each) and ⌈log₂ blocks⌉
+    merge rounds of as many tiles of 13 steps, all in one chain; a capped m (8,192) takes the one window."""
     from xtoken_ext.ops import hkl_kernel as H
 
     proj = Projection.random(20_000, 18_000, seed=0)
@@ -108,13 +108,19 @@ def test_uld_model_counts_every_window():
     full = costmodel.hkl_model(proj, 64, loss="ULD", topk=None)
     st = full["stats"]
     assert st["nnz"] == 0 and st["u_s"] == 20_000 and st["m"] == min(20_000, st["u_t"]) > 2 * 8192
-    n_win = math.ceil(st["m"] / 8192)
     block = H._CONFIGS[0].kwargs["BLOCK_L"]
-    tiles = math.ceil(st["l_a"] / block) + math.ceil(st["l_b"] / block)
-    stages = 13 * 14 // 2  # an 8,192-lane bitonic network
-    extra = (n_win - 1) * ((costmodel.SELECT_STEPS[1] + 1) * tiles + 2 * stages)
-    assert full["chains"][block][0] - capped["chains"][block][0] == extra
-    assert full["t_sort"] == pytest.approx(n_win * capped["t_sort"])
+    per_list = []
+    for n in (st["l_a"], st["l_b"]):
+        k = math.ceil(n / 8192)
+        per_list.append(k * 91 + math.ceil(math.log2(k)) * k * 13)
+    assert (st["l_a"], st["l_b"]) == (20_000, st["u_t"]) and min(per_list) > 91 * 2  # several blocks and rounds
+    assert full["chains"][block][0] == sum(per_list)
+    lanes = 8192 / 32 / costmodel.ISSUE / costmodel.CLOCK
+    assert full["t_sort"] == pytest.approx(sum(f * n for f, n in zip(costmodel.SORT_INSTR, per_list)) * lanes)
+    assert full["t_lists"] == 0 and capped["t_lists"] == 0  # no issue counts given
+    assert "6 passes per list + 2 x 91 sort stages" in " ".join(capped["loops"])
+    assert "merge-sorted" in " ".join(full["loops"])
+
 
 def test_issue_from_sass(proj):
     """bench.sass reads each streaming pass's loop out of the kernels' sm_90 SASS (compiled offline, in a

@@ -58,7 +58,9 @@ def tiny_windows(monkeypatch):
 @pytest.mark.parametrize("merge,sparse_k,pairs,topk", [("mean", 0, "none", None), ("chain", 40, "strict", 37),
                                                        ("first", 0, "relaxed", 23)])
 def test_several_windows_and_exact_compaction(tiny_windows, merge, sparse_k, pairs, topk):
+    """m above the sort network (W = 16): both lists merge-sorted whole (path bit 4), hits and misses."""
     run_hkl_triton(make_problem(11, 131, 97, 5, 3, sparse_k, "all", 0.05, True), merge, pairs, topk)
+    assert all(p & 16 for p in hkl_kernel.last_paths.tolist())
 
 
 def test_several_windows_with_ties_bf16(tiny_windows):
@@ -166,7 +168,7 @@ def test_bad_input_chunks(merge, sparse_k):
 def _sort_kernel(x_ptr, y_ptr, n, N: tl.constexpr, PAD: tl.constexpr, TRUNC: tl.constexpr):
     lanes = tl.arange(0, N)
     x = tl.load(x_ptr + lanes, mask=lanes < n, other=PAD)
-    tl.store(y_ptr + lanes, hkl_kernel._sort_desc(x, N, n, TRUNC, False))
+    tl.store(y_ptr + lanes, hkl_kernel._sort_desc(x, N, n, TRUNC, False, 1))
 
 
 @triton.jit
@@ -174,9 +176,20 @@ def _sort_pair_kernel(x_ptr, u_ptr, y_ptr, v_ptr, nx, nu, N: tl.constexpr, PAD: 
     lanes = tl.arange(0, N)
     x = tl.load(x_ptr + lanes, mask=lanes < nx, other=PAD)
     u = tl.load(u_ptr + lanes, mask=lanes < nu, other=PAD)
-    y, v = tl.split(hkl_kernel._sort_desc(tl.join(x, u), N, tl.maximum(nx, nu), True, True))
+    y, v = tl.split(hkl_kernel._sort_desc(tl.join(x, u), N, tl.maximum(nx, nu), True, True, 1))
     tl.store(y_ptr + lanes, y)
     tl.store(v_ptr + lanes, v)
+
+
+@triton.jit
+def _merge_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    lanes = tl.arange(0, N)
+    tl.store(y_ptr + lanes, hkl_kernel._sort_desc(tl.load(x_ptr + lanes), N, N, False, False, N.bit_length() - 1))
+
+
+@triton.jit
+def _sort_list_kernel(x_ptr, n, PAD: tl.constexpr, W: tl.constexpr):
+    tl.store(x_ptr - 1, hkl_kernel._sort_list(x_ptr, n + 3, n, PAD, W))  # the result's buffer, before the list
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
@@ -201,6 +214,35 @@ def test_sort_network(dtype):
             _sort_pair_kernel[(1,)](p.to(device()), q.to(device()), y, v, p.numel(), q.numel(), N, info.min)
             assert torch.equal(y[:p.numel()].cpu(), p.sort(descending=True).values), n
             assert torch.equal(v[:q.numel()].cpu(), q.sort(descending=True).values), n
+        # FIRST = log₂ N, the last merge stage alone: a bitonic sequence (n keys descending, then the rest ascending,
+        # as _sort_list loads a merge tile) comes out descending
+        w = torch.randint(info.min + 1, info.max, (N,), generator=g, dtype=dtype)
+        w[n // 2] = w[0]
+        w = torch.cat([w[:n].sort(descending=True).values, w[n:].sort().values])
+        y = torch.empty(N, dtype=dtype, device=device())
+        _merge_kernel[(1,)](w.to(device()), y, N)
+        assert torch.equal(y.cpu(), w.sort(descending=True).values), n
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_sort_list(dtype):
+    """_sort_list (the merge sort of whole lists, m above the largest network): lists of 1 to 9 blocks of W = 16 keys
+    (full and partial blocks, an odd run left over in a round, a single block) with many ties and the extreme keys
+    come out descending, in the buffer it returns; the padding (the smallest key) never enters the list."""
+    g = torch.Generator().manual_seed(3)
+    info = torch.iinfo(dtype)
+    for n in (1, 16, 17, 31, 32, 33, 48, 64, 65, 100, 129, 144):
+        x = torch.randint(-6, 6, (n,), generator=g, dtype=dtype) * (info.max // 8)  # ties, both signs
+        x[n // 3] = info.max
+        x[n // 2] = info.min + 1
+        buf = torch.full((1 + 2 * n + 3,), 7, dtype=dtype)
+        buf[1:1 + n] = x
+        buf = buf.to(device())
+        _sort_list_kernel[(1,)](buf[1:], n, info.min, 16)
+        buf = buf.cpu()
+        off = 1 + int(buf[0]) * (n + 3)
+        assert torch.equal(buf[off:off + n], x.sort(descending=True).values), n
+        assert bool((buf[1 + n:4 + n] == 7).all()), n  # nothing stored past either buffer's n keys
 
 
 @pytest.mark.parametrize("n_u,merge,dt", [(6, "first", torch.float32), (20, "mean", torch.bfloat16),

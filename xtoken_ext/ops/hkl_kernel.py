@@ -34,10 +34,9 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     one pass over L per step (≤ 5 steps; ~3 from the key range of bin b1, which the compaction records).
     Everything below reads only L, which the two paths fill with the same keys of bin ≥ b1 in the same row order
     (the single-pass list may hold more keys below bin b1), so both give bit-identical results.
-  windows of W = min(next_pow2(m_up), _SORT_CAP) ranks: window w = prefix(R_{w+1}) \\ prefix(R_w), R_w = min(wW, m),
-    gathered from L into a W-lane buffer and sorted (_sort_desc: tl.sort's bitonic network; a: _pack(k, column) as
-    int64, so that keys tie in ascending column, L's row order; b: k as int32, descending); lane i of both sorted
-    windows is rank R_w + i, so Σ|a_i − b_i| and
+  the window of W = min(next_pow2(m_up), _SORT_CAP) lanes (m ≤ W): prefix(m) gathered from L into a W-lane buffer
+    and sorted (_sort_desc: tl.sort's bitonic network; a: _pack(k, column) as int64, so that keys tie in ascending
+    column, L's row order; b: k as int32, descending); lane i of both sorted windows is rank i, so Σ|a_i − b_i| and
     g_i = τ² sign(a_i − b_i) a_i come lane-wise (a side short of ranks, e.g. a sparse teacher, is padded with 0).
     The sizes are the host's (m_up, its bound on m); m itself stays on the device, where the kernel picks the
     network: m ≤ W_SMALL = min(_SMALL_CAP, W/4) sorts in a W_SMALL-lane network run for only its first ⌈log₂ m⌉
@@ -50,9 +49,14 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     bisection or gather: ~6 passes of ~540 instructions per thread per tile, bench/costmodel.py): their first m lanes
     are the top m, the keys equal to θ taken in ascending column (_pack) as prefix takes them in row order: the
     same columns in the same order, so both paths give bit-identical results.
-    H-KL / GOLD (m ≤ 8192): one window. ULD (m = |U| ~ 1e5, no cap) falls back to ⌈m/W⌉ windows, each a select
-    (≤ 5 passes) and a gather over both whole lists: on the device, no host loop or sync, but O(m/W · |L|) traffic
-    with |L| ~ V: the remaining gap (an MSD partition of L by bin would make it O(|L|)).
+    H-KL / GOLD (m ≤ 8192): one window. m > W (ULD: m = |U| ~ 1e5, no cap; the constexpr MERGE where the host's
+    m_up exceeds W): no selection; both lists are sorted whole (_sort_list: blocks of W keys in the W-lane network,
+    then ⌈log₂(|L|/W)⌉ rounds merging sorted runs pairwise, each W-key output tile found by a merge-path search and
+    sorted by the network's last merge stage; a second buffer per list) and paired rank window by rank window of W
+    (_sorted_lists). A full sort in the same order (a's keys tie in ascending column) has prefix(m) first, so each
+    window holds the ranks a selected window would: O(|L| log(|L|/W)) traffic, where a selection (≤ 5 passes) and
+    a gather over both whole lists per window would cost O(m/W · |L|) (~71 passes per list for the real Llama-3 ×
+    Qwen3 ULD, bench/costmodel.py).
   the gradient list G (column, g_i) is kept per program; after the dense gradient pass (S3) has written every column
     with the common part, the m listed columns are overwritten with their full value (rounded once).
 Common pairs: dense teacher: in S3, gathering the teacher at t_c = smap[s] (KL and gS = −τ²P); sparse teacher: in the
@@ -73,11 +77,15 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   S2 student   miss only: S twice (level-1 histogram, then  2 ⌈V_S/BLOCK⌉ tiles
                the compaction); rewrites L_a
   T2 teacher   miss only: T twice; rewrites L_b            2 ⌈V_T/BLOCK⌉ tiles
-  window (×1)  per side (hit) 2 passes (level-1 histogram  ~6 ⌈|L|/BLOCK⌉ tiles per side + 2 sorts of W lanes
-               and key range, bin b1's range), ~3 bisection (½ log₂W (log₂W + 1) = 91 compare-and-swap stages at
+  window (×1)  per side (hit) 2 passes (level-1 histogram, ~6 ⌈|L|/BLOCK⌉ tiles per side + 2 sorts of W lanes
+               bin b1's key range), ~3 bisection        (½ log₂W (log₂W + 1) = 91 compare-and-swap stages at
                passes, 1 gather over L, W-lane
                buffer, G: ≈ 1.2 MB total (per-program      W = 8192; m ≤ W_SMALL: one sort of both windows,
                scratch, L2 if it stays there)              ½ ⌈log₂m⌉ (⌈log₂m⌉ + 1) stages, 28 at m = 128)
+  merge sort   m > W (ULD), per list instead of the window: blocks = ⌈|L|/W⌉ sorts of W lanes, then ⌈log₂ blocks⌉
+               rounds of blocks merge tiles (log₂W = 13 stages each), each round reading the list from one of its
+               two buffers and writing it to the other (L2 if they stay there); chain: blocks × 91 + rounds ×
+               blocks × 13 stages per list
   S3 gradient  S; writes S; the teacher gathered at the    ⌈V_S/BLOCK⌉ tiles, pipelined
                |C| common columns (32 B sectors, from L2:
                T was streamed in T1 (T2 on a miss) just before)
@@ -113,7 +121,7 @@ Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain �
   a-sort); the sorted a-window's columns stored before a, d and g are formed. Occupancy versus spills is for
   autotuning on a GPU to settle.
 Scratch (per program, bounded, independent of K): L_a min(V_S, 2 m_up + _SLACK) × 8 B, L_b min(C, 2 m_up + _SLACK)
-  × 4 B, G (m_up [+ k sparse]) × 8 B, buffers W × 12 B (each list, buffer and G with a spare slot, rows padded to
+  × 4 B (each twice with MERGE: the merge sort's second buffer), G (m_up [+ k sparse]) × 8 B, buffers W × 12 B (each list, buffer and G with a spare slot, rows padded to
   16 entries: see Registers), and 32 B of hint state kept across launches (_hint_state); a
   sparse teacher with several rows per chunk adds the [V_T] fp32 + int32 intersection scratch of
   ops._tl.scatter_later_rows. Programs: 1 per SM (both configs use the whole register file: 255 × 256 or 128 × 512
@@ -177,14 +185,16 @@ def _key_of(e):
 
 
 @triton.jit
-def _sort_desc(x, N: tl.constexpr, n, TRUNC: tl.constexpr, PAIR: tl.constexpr):
+def _sort_desc(x, N: tl.constexpr, n, TRUNC: tl.constexpr, PAIR: tl.constexpr, FIRST: tl.constexpr):
     """Bitonic sort, descending, of N (a power of two) integers: tl.sort's network, with each compare-and-swap
     partner taken as (sum of the pair) − self (exact in wrap-around integer arithmetic). Without TRUNC the same
     instructions as tl.sort when compiled; the interpreter runs sums vectorized where tl.sort's xor_sum goes element
     by element. TRUNC: only the first ⌈log₂ n⌉ merge stages (n on the device; the last of them descending on every
     lane), which sort the first 2^⌈log₂ n⌉ lanes (the others come out in some order). Its runtime branches cost
     registers (the 8,192-lane network would spill): the small network's only. PAIR: x is [N, 2], its two columns
-    sorted side by side in one network (one chain of stages, not two)."""
+    sorted side by side in one network (one chain of stages, not two). FIRST: the first merge stage run, 1 for a
+    sort; log₂ N runs only the last one (log₂ N compare-and-swap steps), which sorts a bitonic x (descending, then
+    ascending: _sort_list's merges)."""
     LOG: tl.constexpr = N.bit_length() - 1
     T: tl.constexpr = [2] if PAIR else []  # the pair axis, last: lane bit j on axis LOG − 1 − j either way
     O: tl.constexpr = [1] if PAIR else []
@@ -196,7 +206,7 @@ def _sort_desc(x, N: tl.constexpr, n, TRUNC: tl.constexpr, PAIR: tl.constexpr):
             lg += (n > (1 << j)).to(tl.int32)
     else:
         lg = LOG
-    for s in tl.static_range(1, LOG + 1):
+    for s in tl.static_range(FIRST, LOG + 1):
         if s <= lg:
             if s < LOG:  # merge blocks of 2^s lanes, descending where lane bit s is set (all of them at s = lg)
                 desc = tl.reshape(bit, [1] * (LOG - s - 1) + [2] + [1] * s + O)
@@ -336,30 +346,22 @@ def _select(SRC: tl.constexpr, n, src, lo, hi, above, R, ONE: tl.constexpr, SPAR
 
 
 @triton.jit
-def _gather(SRC: tl.constexpr, n, src, th_hi, q_hi, th_lo, q_lo, b_min, b_eq, dst, cap, PACK: tl.constexpr,
-            HAS_LO: tl.constexpr, ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
-    """Append the source's keys in prefix(th_hi, q_hi) \\ prefix(th_lo, q_lo) (HAS_LO, else the empty set) with
-    level-1 bin ≥ b_min to dst, in source order (PACK: _pack(k, column) as int64, else k); the other lanes store to
-    the spare slot dst[cap] (module docstring, Registers). prefix(θ, q) = {k > θ} ∪ the first q keys equal to θ.
-    -> (count, min and max of the keys written, min and max of those in bin b_eq)."""
-    tl.debug_barrier()  # dst may still be read by other lanes (the previous window's sort)
+def _gather(SRC: tl.constexpr, n, src, th, q, b_min, b_eq, dst, cap, PACK: tl.constexpr, ONE: tl.constexpr,
+            SPARSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Append the source's keys in prefix(th, q) with level-1 bin ≥ b_min to dst, in source order (PACK: _pack(k,
+    column) as int64, else k); the other lanes store to the spare slot dst[cap] (module docstring, Registers).
+    prefix(θ, q) = {k > θ} ∪ the first q keys equal to θ. -> (count, min and max key of those in bin b_eq)."""
+    tl.debug_barrier()  # dst may still be read by other lanes (the previous chunk's sort)
     cnt = tl.full((), 0, tl.int32)
     e_hi = tl.full((), 0, tl.int32)
-    e_lo = tl.full((), 0, tl.int32)
-    k_min = tl.full((), _INT_MAX, tl.int32)
-    k_max = tl.full((), _INT_MIN, tl.int32)
     b_lo = tl.full((), _INT_MAX, tl.int32)
     b_hi = tl.full((), _INT_MIN, tl.int32)
     for c0 in range(0, n, BLOCK):
         k, b, valid, col = _keys(SRC, c0, n, src, ONE, SPARSE, BLOCK)
         valid = valid & (b >= b_min)
-        eq_hi = (valid & (k == th_hi)).to(tl.int32)
-        sel = valid & ((k > th_hi) | ((eq_hi != 0) & (e_hi + tl.cumsum(eq_hi, 0) - eq_hi < q_hi)))
+        eq_hi = (valid & (k == th)).to(tl.int32)
+        sel = valid & ((k > th) | ((eq_hi != 0) & (e_hi + tl.cumsum(eq_hi, 0) - eq_hi < q)))
         e_hi += tl.sum(eq_hi)
-        if HAS_LO:
-            eq_lo = (valid & (k == th_lo)).to(tl.int32)
-            sel = sel & ~((k > th_lo) | ((eq_lo != 0) & (e_lo + tl.cumsum(eq_lo, 0) - eq_lo < q_lo)))
-            e_lo += tl.sum(eq_lo)
         si = sel.to(tl.int32)
         pos = tl.where(sel, cnt + tl.cumsum(si, 0) - si, cap)
         if PACK:
@@ -367,12 +369,10 @@ def _gather(SRC: tl.constexpr, n, src, th_hi, q_hi, th_lo, q_lo, b_min, b_eq, ds
         else:
             tl.store(dst + pos, k)
         cnt += tl.sum(si)
-        k_min = tl.minimum(k_min, tl.min(tl.where(sel, k, _INT_MAX)))
-        k_max = tl.maximum(k_max, tl.max(tl.where(sel, k, _INT_MIN)))
         b_lo = tl.minimum(b_lo, tl.min(tl.where(sel & (b == b_eq), k, _INT_MAX)))
         b_hi = tl.maximum(b_hi, tl.max(tl.where(sel & (b == b_eq), k, _INT_MIN)))
     tl.debug_barrier()  # the list is read by other lanes next
-    return cnt, k_min, k_max, b_lo, b_hi
+    return cnt, b_lo, b_hi
 
 
 @triton.jit
@@ -380,8 +380,8 @@ def _compact(SRC: tl.constexpr, n, src, m, cap, dst, PACK: tl.constexpr, ONE: tl
              BLOCK: tl.constexpr):
     """Write a superset of the side's top m keys (all of them if it has fewer) to the list dst: the keys of the
     level-1 bin b1 of the m-th largest and above (from the rows' level-1 histogram, one pass), or exactly prefix(m)
-    when those exceed ``cap`` (found by _select over the rows). -> (length, min and max key, min and max key of bin
-    b1, #(bins > b1))."""
+    when those exceed ``cap`` (found by _select over the rows). -> (length, min and max key of bin b1,
+    #(bins > b1))."""
     h1 = tl.full((64,), 0, tl.int32)
     for c0 in range(0, n, BLOCK):
         _k, b, valid, _c = _keys(SRC, c0, n, src, ONE, SPARSE, BLOCK)
@@ -396,9 +396,8 @@ def _compact(SRC: tl.constexpr, n, src, m, cap, dst, PACK: tl.constexpr, ONE: tl
             th, c = _select(SRC, n, src, _INT_MIN, _INT_MAX, 0, m, ONE, SPARSE, BLOCK)
             q = m - c
             b_min = 0
-    cnt, k_min, k_max, b_lo, b_hi = _gather(SRC, n, src, th, q, 0, 0, b_min, b1, dst, cap, PACK, False, ONE,
-                                           SPARSE, BLOCK)
-    return cnt, k_min, k_max, b_lo, b_hi, c1
+    cnt, b_lo, b_hi = _gather(SRC, n, src, th, q, b_min, b1, dst, cap, PACK, ONE, SPARSE, BLOCK)
+    return cnt, b_lo, b_hi, c1
 
 
 @triton.jit
@@ -461,12 +460,11 @@ def _candidates(SRC: tl.constexpr, n, src, m, cap, dst, cnt, c, hit, whole, PACK
     level-1 shift) out of the side's n_u keys. Those are a superset of the top m in row order, holding every key of
     bin b1 and above as _compact's list does, iff cnt ≥ min(m, n_u) (for m ≤ n_u: ⟺ b_h ≤ b1) and none was dropped
     (cnt ≤ cap): hit (the caller's, _hit). Then two passes over the list find bin b1 (the list's level-1 histogram:
-    the bins ≥ b_h are all there) and the key ranges, unless the small network sorts both whole lists (whole:
-    _windows, which then reads neither); else _compact (the exact path) rewrites it. -> _compact's results."""
+    the bins ≥ b_h are all there) and its key range, unless the lists are sorted whole (whole: the small network's
+    both lists, _windows, or m > W, _sorted_lists, which then read neither); else _compact (the exact path) rewrites
+    it. -> _compact's results."""
     LSRC: tl.constexpr = SRC - 2  # the list's source id in _keys
     if hit:
-        k_min = tl.full((), _INT_MAX, tl.int32)
-        k_max = tl.full((), _INT_MIN, tl.int32)
         b_lo = tl.full((), _INT_MAX, tl.int32)
         b_hi = tl.full((), _INT_MIN, tl.int32)
         c1 = tl.full((), 0, tl.int32)  # whole: not read
@@ -475,8 +473,6 @@ def _candidates(SRC: tl.constexpr, n, src, m, cap, dst, cnt, c, hit, whole, PACK
             for i0 in range(0, cnt, BLOCK_L):
                 k, _b, valid, _c = _keys(LSRC, i0, cnt, dst, ONE, SPARSE, BLOCK_L)
                 h1 += tl.histogram(_bucket1(_unkey(k) - c), 64, mask=valid)  # the first pass's bins (x = unkey(k))
-                k_min = tl.minimum(k_min, tl.min(tl.where(valid, k, _INT_MAX)))
-                k_max = tl.maximum(k_max, tl.max(tl.where(valid, k, _INT_MIN)))
             b1, c1 = _pick(h1, 0, m, 64)
             for i0 in range(0, cnt, BLOCK_L):
                 k, _b, valid, _c = _keys(LSRC, i0, cnt, dst, ONE, SPARSE, BLOCK_L)
@@ -485,8 +481,8 @@ def _candidates(SRC: tl.constexpr, n, src, m, cap, dst, cnt, c, hit, whole, PACK
                 b_hi = tl.maximum(b_hi, tl.max(tl.where(eq, k, _INT_MIN)))
         n_l = cnt
     else:
-        n_l, k_min, k_max, b_lo, b_hi, c1 = _compact(SRC, n, src, m, cap, dst, PACK, ONE, SPARSE, BLOCK)
-    return n_l, k_min, k_max, b_lo, b_hi, c1
+        n_l, b_lo, b_hi, c1 = _compact(SRC, n, src, m, cap, dst, PACK, ONE, SPARSE, BLOCK)
+    return n_l, b_lo, b_hi, c1
 
 
 @triton.jit
@@ -666,84 +662,171 @@ def _grad_one(args, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _pair(ea, bv, cnt, gc, gv, al_a, be_a, tt, W: tl.constexpr):
+    """One rank window: lane i of the sorted a-window ea (_pack words) against b's value bv at the same rank, on
+    lanes < cnt: G's columns and g_i = τ² sign(a_i − b_i) a_i at gc / gv -> (Σ|a_i − b_i|, Σ g_i)."""
+    lanes = tl.arange(0, W)
+    # the columns first: ea's low words are dead before a, d and g are formed (Registers)
+    tl.store(gc + lanes, _column(ea), mask=lanes < cnt)
+    av = tl.where(lanes < cnt, tl.exp(_unkey(_key_of(ea)) * al_a + be_a), 0.0)
+    d = av - bv
+    g = tl.where(d > 0, tt * av, tl.where(d < 0, -tt * av, 0.0))
+    l1 = tl.sum(tl.where(lanes < cnt, tl.abs(d), 0.0))
+    gs = tl.sum(tl.where(lanes < cnt, g, 0.0))
+    tl.debug_barrier()  # bv may have been read from gv by other lanes (_windows)
+    tl.store(gv + lanes, g, mask=lanes < cnt)
+    return l1, gs
+
+
+@triton.jit
 def _windows(args, SPARSE: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr, TRUNC: tl.constexpr):
-    """The sorted-L1 term over rank windows of W lanes (module docstring): G's entries [0, m) (columns, g), and
-    -> (Σ|a_i − b_i|, gsum + Σ g_i, θ_a, θ_b: the m-th largest keys)."""
-    (m, tot_b, whole, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b, lo_b, th_b_prev, blo_b, bhi_b, c1_b, wa,
-     wb, gc, gv, al_a, be_a, al_b, be_b, tt, gsum) = args
-    l1 = tl.full((), 0, tl.float32)
-    gt_a = tl.full((), 0, tl.int32)  # #(keys > the previous window's θ); θ starts at the list's max
-    gt_b = tl.full((), 0, tl.int32)
-    th_a = tl.full((), _INT_MAX, tl.int32)  # prefix(R_w) of each side as (θ, q); empty at w = 0
+    """The sorted-L1 term for m ≤ W, one rank window of W lanes (module docstring): G's entries [0, m) (columns, g),
+    and -> (Σ|a_i − b_i|, gsum + Σ g_i, θ_a, θ_b: the m-th largest keys)."""
+    (m, tot_b, whole, la, n_a, blo_a, bhi_a, c1_a, lb, n_b, blo_b, bhi_b, c1_b, wa, wb, gc, gv, al_a, be_a, al_b,
+     be_b, tt, gsum) = args
+    lanes = tl.arange(0, W)
+    # whole: the small network (TRUNC) sorts both whole single-pass lists, whose first m lanes are then the top m
+    # (keys equal to θ in ascending column, as prefix's), with no selection or gather
+    if TRUNC:
+        direct = whole
+    else:
+        direct = False
+    th_a = tl.full((), _INT_MIN, tl.int32)  # θ_a; direct: from the sorted lanes below
     q_a = tl.full((), 0, tl.int32)
-    th_b = tl.full((), _INT_MAX, tl.int32)
+    th_b = tl.full((), _INT_MIN, tl.int32)  # fewer than m keys: all of them
     q_b = tl.full((), 0, tl.int32)
-    for r0 in range(0, m, W):  # rank windows [r0, r1)
-        lanes = tl.arange(0, W)
-        r1 = tl.minimum(r0 + W, m)
-        # whole: the small network (TRUNC: m ≤ W, one window) sorts both whole single-pass lists, whose first m
-        # lanes are then the top m (keys equal to θ in ascending column, as prefix's), with no selection or gather
+    if direct:
+        cnt_a, cnt_b = n_a, n_b
+        ka = tl.load(la + lanes, mask=lanes < cnt_a, other=_I64_MIN)
+        kb = tl.load(lb + lanes, mask=lanes < cnt_b, other=_INT_MIN)
+    else:  # the m-th largest lies in bin b1: bisect that bin's key range, then gather prefix(m)
+        th_a, c = _select(0, n_a, la, blo_a, bhi_a, c1_a, m, True, SPARSE, BLOCK_L)
+        q_a = m - c
+        if m <= tot_b:
+            th_b, c = _select(1, n_b, lb, blo_b, bhi_b, c1_b, m, True, SPARSE, BLOCK_L)
+            q_b = m - c
+        cnt_a, _x0, _x1 = _gather(0, n_a, la, th_a, q_a, 0, -1, wa, W, True, True, SPARSE, BLOCK_L)
+        cnt_b, _x0, _x1 = _gather(1, n_b, lb, th_b, q_b, 0, -1, wb, W, False, True, SPARSE, BLOCK_L)
+        kb = tl.load(wb + lanes, mask=lanes < cnt_b, other=_INT_MIN)
         if TRUNC:
-            direct = whole
-        else:
-            direct = False
-        nth_a = tl.full((), _INT_MIN, tl.int32)  # θ_a; direct: from the sorted lanes below
-        nq_a = tl.full((), 0, tl.int32)
-        nth_b = tl.full((), _INT_MIN, tl.int32)  # fewer than r1 keys: all of them
-        nq_b = tl.full((), 0, tl.int32)
+            ka = tl.load(wa + lanes, mask=lanes < cnt_a, other=_I64_MIN)
+    if TRUNC:  # the small network: both windows side by side in one network (b's keys widened to int64)
+        ea, eb = tl.split(_sort_desc(tl.join(ka, kb.to(tl.int64)), W, tl.maximum(cnt_a, cnt_b), True, True, 1))
+        cnt_a = tl.minimum(cnt_a, m)  # a whole list's window: its first m lanes
+        cnt_b = tl.minimum(cnt_b, m)
         if direct:
-            cnt_a, cnt_b = n_a, n_b
-            ka = tl.load(la + lanes, mask=lanes < cnt_a, other=_I64_MIN)
-            kb = tl.load(lb + lanes, mask=lanes < cnt_b, other=_INT_MIN)
-        else:
-            if r1 == m:  # the m-th largest lies in bin b1: bisect that bin's key range
-                nth_a, c = _select(0, n_a, la, blo_a, bhi_a, c1_a, r1, True, SPARSE, BLOCK_L)
-            else:
-                nth_a, c = _select(0, n_a, la, lo_a, th_a_prev, gt_a, r1, True, SPARSE, BLOCK_L)
-            nq_a = r1 - c
-            gt_a = c
-            if r1 <= tot_b:
-                if r1 == m:
-                    nth_b, c = _select(1, n_b, lb, blo_b, bhi_b, c1_b, r1, True, SPARSE, BLOCK_L)
-                else:
-                    nth_b, c = _select(1, n_b, lb, lo_b, th_b_prev, gt_b, r1, True, SPARSE, BLOCK_L)
-                nq_b = r1 - c
-                gt_b = c
-            cnt_a, _x0, _x1, _x2, _x3 = _gather(0, n_a, la, nth_a, nq_a, th_a, q_a, 0, -1, wa, W, True,
-                                                True, True, SPARSE, BLOCK_L)
-            cnt_b, _x0, _x1, _x2, _x3 = _gather(1, n_b, lb, nth_b, nq_b, th_b, q_b, 0, -1, wb, W, False,
-                                                True, True, SPARSE, BLOCK_L)
-            kb = tl.load(wb + lanes, mask=lanes < cnt_b, other=_INT_MIN)
-            if TRUNC:
-                ka = tl.load(wa + lanes, mask=lanes < cnt_a, other=_I64_MIN)
-        if TRUNC:  # the small network: both windows side by side in one network (b's keys widened to int64)
-            ea, eb = tl.split(_sort_desc(tl.join(ka, kb.to(tl.int64)), W, tl.maximum(cnt_a, cnt_b), True, True))
-            cnt_a = tl.minimum(cnt_a, r1)  # a whole list's window: its first m lanes
-            cnt_b = tl.minimum(cnt_b, r1)
-            if direct:
-                nth_a = tl.max(tl.where(lanes == r1 - 1, _key_of(ea), _INT_MIN))
-                nth_b = tl.max(tl.where((lanes == r1 - 1) & (r1 <= tot_b), eb.to(tl.int32), _INT_MIN))
-            bv = tl.where(lanes < cnt_b, tl.exp(_unkey(eb.to(tl.int32)) * al_b + be_b), 0.0)
-        else:  # one sorted window live at a time: b's values wait in G's value slots while a sorts
-            eb = _sort_desc(kb, W, cnt_b, False, False)
-            tl.store(gv + r0 + lanes, tl.where(lanes < cnt_b, tl.exp(_unkey(eb) * al_b + be_b), 0.0),
-                     mask=lanes < cnt_a)
-            tl.debug_barrier()
-            ea = _sort_desc(tl.load(wa + lanes, mask=lanes < cnt_a, other=_I64_MIN), W, cnt_a, False, False)
-        # the columns first: ea's low words are dead before a, d and g are formed (Registers)
-        tl.store(gc + r0 + lanes, _column(ea), mask=lanes < cnt_a)
-        av = tl.where(lanes < cnt_a, tl.exp(_unkey(_key_of(ea)) * al_a + be_a), 0.0)
-        if not TRUNC:
-            bv = tl.load(gv + r0 + lanes, mask=lanes < cnt_a, other=0.0)
-        d = av - bv
-        g = tl.where(d > 0, tt * av, tl.where(d < 0, -tt * av, 0.0))
-        l1 += tl.sum(tl.where(lanes < cnt_a, tl.abs(d), 0.0))
-        gsum += tl.sum(tl.where(lanes < cnt_a, g, 0.0))
+            th_a = tl.max(tl.where(lanes == m - 1, _key_of(ea), _INT_MIN))
+            th_b = tl.max(tl.where((lanes == m - 1) & (m <= tot_b), eb.to(tl.int32), _INT_MIN))
+        bv = tl.where(lanes < cnt_b, tl.exp(_unkey(eb.to(tl.int32)) * al_b + be_b), 0.0)
+    else:  # one sorted window live at a time: b's values wait in G's value slots while a sorts
+        eb = _sort_desc(kb, W, cnt_b, False, False, 1)
+        tl.store(gv + lanes, tl.where(lanes < cnt_b, tl.exp(_unkey(eb) * al_b + be_b), 0.0), mask=lanes < cnt_a)
         tl.debug_barrier()
-        tl.store(gv + r0 + lanes, g, mask=lanes < cnt_a)
-        th_a, q_a, th_b, q_b = nth_a, nq_a, nth_b, nq_b
-        th_a_prev = nth_a
-        th_b_prev = tl.where(r1 <= tot_b, nth_b, th_b_prev)
+        ea = _sort_desc(tl.load(wa + lanes, mask=lanes < cnt_a, other=_I64_MIN), W, cnt_a, False, False, 1)
+        bv = tl.load(gv + lanes, mask=lanes < cnt_a, other=0.0)
+    l1, gs = _pair(ea, bv, cnt_a, gc, gv, al_a, be_a, tt, W)
+    return l1, gsum + gs, th_a, th_b
+
+
+@triton.jit
+def _splits(src, n, run, t0, MIN, W: tl.constexpr, NT: tl.constexpr):
+    """Merge path for the W-key output tiles t0 .. t0 + NT − 1 of a merge round over src[0, n) (sorted runs of
+    ``run`` keys, merged pairwise): per tile (its pair's start p0, the lengths of the pair's runs A = src[p0, p0 +
+    run) and B after it, the tile's first and end rank d0, d1 in the pair, i0, i1 = #A among the first d0 / d1
+    merged keys, ties to A): i = the largest i ≤ min(d, |A|) with A[i − 1] ≥ B[d − i] (a vectorized binary
+    search, ⌈log₂(run + 1)⌉ steps)."""
+    t = t0 + tl.arange(0, NT)
+    g = t * W
+    p0 = g // (2 * run) * (2 * run)
+    na = tl.minimum(tl.maximum(n - p0, 0), run)
+    nb = tl.minimum(tl.maximum(n - p0 - run, 0), run)
+    d0 = tl.minimum(g - p0, na + nb)
+    d1 = tl.minimum(d0 + W, na + nb)
+    lo0 = tl.maximum(d0 - nb, 0)
+    hi0 = tl.minimum(d0, na)
+    lo1 = tl.maximum(d1 - nb, 0)
+    hi1 = tl.minimum(d1, na)
+    while tl.max(tl.maximum(hi0 - lo0, hi1 - lo1)) > 0:
+        for h in tl.static_range(2):
+            lo = lo0 if h == 0 else lo1
+            hi = hi0 if h == 0 else hi1
+            d = d0 if h == 0 else d1
+            act = lo < hi
+            mid = (lo + hi) >> 1
+            a = tl.load(src + p0 + mid, mask=act, other=MIN)
+            b = tl.load(src + p0 + na + d - 1 - mid, mask=act, other=MIN)
+            lo = tl.where(act & (a >= b), mid + 1, lo)
+            hi = tl.where(act & (a < b), mid, hi)
+            if h == 0:
+                lo0, hi0 = lo, hi
+            else:
+                lo1, hi1 = lo, hi
+    return p0, na, d0, d1, lo0, lo1
+
+
+@triton.jit
+def _sort_list(lst, off, n, MIN, W: tl.constexpr):
+    """Sort lst[0, n) descending (a-lists: _pack words, whose order ties keys in ascending column, L's order; b-lists:
+    int32 keys) with lst[off, off + n) as the second buffer -> 0 / 1: the result is at lst / lst + off. Blocks of W
+    keys are sorted in place in the W-lane network, then sorted runs of W, 2 W, ... keys merged pairwise: each W-key
+    output tile takes A[i0, i1) ∪ B[j0, j1) of its pair (_splits), loaded as A descending, padding (MIN), B ascending
+    — a bitonic sequence — and sorted by the network's last merge stage (log₂ W steps)."""
+    LOG: tl.constexpr = W.bit_length() - 1
+    NT: tl.constexpr = 32  # tiles whose merge paths are searched at once
+    lanes = tl.arange(0, W)
+    for b0 in range(0, n, W):
+        o = b0 + lanes
+        x = tl.load(lst + o, mask=o < n, other=MIN)
+        tl.store(lst + o, _sort_desc(x, W, n, False, False, 1), mask=o < n)
+    par = tl.full((), 0, tl.int32)
+    run = tl.full((), W, tl.int32)
+    while run < n:
+        tl.debug_barrier()  # the previous round's tiles were stored by other lanes
+        src = lst + par * off
+        dst = lst + (1 - par) * off
+        for t0 in range(0, tl.cdiv(n, W), NT):
+            p0v, nav, d0v, d1v, i0v, i1v = _splits(src, n, run, t0, MIN, W, NT)
+            for u in range(0, tl.minimum(NT, tl.cdiv(n, W) - t0)):
+                sel = tl.arange(0, NT) == u
+                p0 = tl.sum(tl.where(sel, p0v, 0))
+                na = tl.sum(tl.where(sel, nav, 0))
+                d0 = tl.sum(tl.where(sel, d0v, 0))
+                d1 = tl.sum(tl.where(sel, d1v, 0))
+                i0 = tl.sum(tl.where(sel, i0v, 0))
+                i1 = tl.sum(tl.where(sel, i1v, 0))
+                n_a = i1 - i0
+                n_b = (d1 - i1) - (d0 - i0)
+                xa = tl.load(src + p0 + i0 + lanes, mask=lanes < n_a, other=MIN)
+                xb = tl.load(src + p0 + na + (d0 - i0) + (W - 1 - lanes), mask=lanes >= W - n_b, other=MIN)
+                y = _sort_desc(tl.where(lanes < n_a, xa, xb), W, n, False, False, LOG)
+                tl.store(dst + p0 + d0 + lanes, y, mask=lanes < d1 - d0)
+        par = 1 - par
+        run = run * 2
+    tl.debug_barrier()  # the sorted list is read by other lanes next
+    return par
+
+
+@triton.jit
+def _sorted_lists(args, W: tl.constexpr):
+    """The sorted-L1 term for m > W (ULD: m ~ |U|): both lists sorted whole (_sort_list, O(|L| log |L|)), then
+    paired rank window by rank window of W lanes (_pair); G's entries [0, m), and -> (Σ|a_i − b_i|, gsum + Σ g_i,
+    θ_a, θ_b)."""
+    (m, tot_b, la, n_a, sl_a, lb, n_b, sl_b, gc, gv, al_a, be_a, al_b, be_b, tt, gsum) = args
+    lanes = tl.arange(0, W)
+    sa = la + _sort_list(la, sl_a, n_a, _I64_MIN, W) * sl_a
+    sb = lb + _sort_list(lb, sl_b, n_b, _INT_MIN, W) * sl_b
+    l1 = tl.full((), 0, tl.float32)
+    n_pb = tl.minimum(n_b, m)  # b's ranks past its list are padded with 0 (a sparse teacher)
+    for r0 in range(0, m, W):
+        cnt = tl.minimum(m - r0, W)
+        ea = tl.load(sa + r0 + lanes, mask=lanes < cnt, other=_I64_MIN)
+        kb = tl.load(sb + r0 + lanes, mask=r0 + lanes < n_pb, other=_INT_MIN)
+        bv = tl.where(r0 + lanes < n_pb, tl.exp(_unkey(kb) * al_b + be_b), 0.0)
+        l, gs = _pair(ea, bv, cnt, gc + r0, gv + r0, al_a, be_a, tt, W)
+        l1 += l
+        gsum += gs
+    th_a = _key_of(tl.load(sa + m - 1))
+    th_b = tl.load(sb + m - 1, mask=(m <= tot_b) & (m <= n_b), other=_INT_MIN)
     return l1, gsum, th_a, th_b
 
 
@@ -756,11 +839,11 @@ def _hkl_kernel(
     V_S, V_T, C, cap_a, cap_b, sl_a, sl_b, m_up, g_len, inv_tau, tau,
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr, W_SMALL: tl.constexpr,
-    STAGES: tl.constexpr,
+    MERGE: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    la = la_ptr + pid * sl_a  # per-program scratch (module docstring)
-    lb = lb_ptr + pid * sl_b
+    la = la_ptr + pid * sl_a * (1 + MERGE)  # per-program scratch (module docstring); MERGE: two buffers per list
+    lb = lb_ptr + pid * sl_b * (1 + MERGE)
     wa = wa_ptr + pid * (W + 16)
     wb = wb_ptr + pid * (W + 16)
     gc = gc_ptr + pid * g_len  # G: sorted-L1 entries at [0, m), a sparse teacher's common pairs from m_up on, spare
@@ -880,18 +963,24 @@ def _hkl_kernel(
                 hit_b = _hit(cnt_b, nu_b, m, cap_b)
                 # both single-pass lists fit the small network: it sorts them whole, no pass over them (_windows)
                 whole = (m <= W_SMALL) & hit_a & hit_b & (cnt_a <= W_SMALL) & (cnt_b <= W_SMALL)
-                n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a = _candidates(2, V_S, a_src, m, cap_a, la, cnt_a, sh_a, hit_a,
-                                                                       whole, True, False, SPARSE, BLOCK_S, BLOCK_L)
-                n_b, lo_b, th_b_prev, blo_b, bhi_b, c1_b = _candidates(3, C, b_src, m, cap_b, lb, cnt_b, sh_b, hit_b,
-                                                                       whole, False, False, SPARSE, BLOCK_T, BLOCK_L)
+                merge = MERGE & (m > W)  # m above the largest network: both lists sorted whole (_sorted_lists)
+                n_a, blo_a, bhi_a, c1_a = _candidates(2, V_S, a_src, m, cap_a, la, cnt_a, sh_a, hit_a, whole | merge,
+                                                      True, False, SPARSE, BLOCK_S, BLOCK_L)
+                n_b, blo_b, bhi_b, c1_b = _candidates(3, C, b_src, m, cap_b, lb, cnt_b, sh_b, hit_b, whole | merge,
+                                                      False, False, SPARSE, BLOCK_T, BLOCK_L)
                 path = hit_a.to(tl.int32) | (hit_b.to(tl.int32) << 1) | (whole.to(tl.int32) << 3)
                 tot_b = nu_b
-                w_args = (m, tot_b, whole, la, n_a, lo_a, th_a_prev, blo_a, bhi_a, c1_a, lb, n_b, lo_b, th_b_prev,
-                          blo_b, bhi_b, c1_b, wa, wb, gc, gv, al_a, be_a, al_b, be_b, tt, gsum)
-                # the sort network sized to m (on the device): W_SMALL lanes when m fits, else W
+                w_args = (m, tot_b, whole, la, n_a, blo_a, bhi_a, c1_a, lb, n_b, blo_b, bhi_b, c1_b, wa, wb, gc, gv,
+                          al_a, be_a, al_b, be_b, tt, gsum)
+                # the sort network sized to m (on the device): W_SMALL lanes when m fits, else W; above W (ULD)
+                # the merge sort of both lists
                 if m <= W_SMALL:
                     path |= 4
                     l1, gsum, th_a, th_b = _windows(w_args, SPARSE, BLOCK_L, W_SMALL, True)
+                elif merge:
+                    path |= 16
+                    l1, gsum, th_a, th_b = _sorted_lists((m, tot_b, la, n_a, sl_a, lb, n_b, sl_b, gc, gv, al_a, be_a,
+                                                          al_b, be_b, tt, gsum), W)
                 else:
                     l1, gsum, th_a, th_b = _windows(w_args, SPARSE, BLOCK_L, W, False)
                 tl.store(ea_ptr, _track(tl.load(ea_ptr), sh_a, _unkey(th_a)))
@@ -952,7 +1041,7 @@ _CONFIGS = [triton.Config({"BLOCK_S": b, "BLOCK_T": b, "BLOCK_L": b, "STAGES": s
             for b, st, nw in ((2048, 3, 8), (4096, 2, 16))]
 # the configs round differently (tile sums), and timing picks one per process: kept in Triton's on-disk cache
 # (cache_results), so that later processes on the machine take the same and give bitwise the same results
-_launch = _tl.launcher(_hkl_kernel, {}, _CONFIGS, key=["V_S", "C", "W", "MEAN", "SPARSE"], cache_results=True)
+_launch = _tl.launcher(_hkl_kernel, {}, _CONFIGS, key=["V_S", "C", "W", "MEAN", "SPARSE", "MERGE"], cache_results=True)
 _zero = _tl.launcher(_tl.zero_uncovered_rows, dict(BLOCK=128), [triton.Config({"BLOCK": 2048}, num_warps=8)])
 
 
@@ -1055,10 +1144,11 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     cap_b = max(1, min(C, 2 * m_up + _SLACK))
     # row strides: a spare slot past the capacity, rounded up to 16 entries (aligned rows; module docstring)
     sl_a, sl_b, g_len = ((n + 16) // 16 * 16 for n in (cap_a, cap_b, m_up + (C if sparse else 0)))
-    per_program = 8 * sl_a + 4 * sl_b + 12 * (W + 16) + 8 * g_len + 528 + (8 * V_T if sparse else 0)
+    nbuf = 1 + (W < m_up)  # m may exceed the largest network: a second buffer per list (_sorted_lists)
+    per_program = (8 * sl_a + 4 * sl_b) * nbuf + 12 * (W + 16) + 8 * g_len + 528 + (8 * V_T if sparse else 0)
     P = _programs(device, K, per_program)
-    la = torch.empty(P, sl_a, dtype=torch.int64, device=device)
-    lb = torch.empty(P, sl_b, **i32)
+    la = torch.empty(P, sl_a * nbuf, dtype=torch.int64, device=device)
+    lb = torch.empty(P, sl_b * nbuf, **i32)
     wa = torch.empty(P, W + 16, dtype=torch.int64, device=device)
     wb = torch.empty(P, W + 16, **i32)
     gc = torch.empty(P, g_len, **i32)
@@ -1074,7 +1164,7 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
                 tcls, _uncommon_bits(smap < 0), _uncommon_bits(tcls == 1), m_dev, spans, s_ch, t_ch, K, loss, gsum,
                 paths, grad, grad.stride(0), lse_s, lse_t, la, lb, wa, wb, gc, gv, hint, tacc, tcnt, V_S, V_T, C,
                 cap_a, cap_b, sl_a, sl_b, m_up, g_len, 1.0 / tau, tau,
-                MEAN=merge == "mean", CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=W_SMALL,
+                MEAN=merge == "mean", CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=W_SMALL, MERGE=nbuf == 2,
                 **(_interp_blocks(V_S, C, max(cap_a, cap_b)) if interpret() else {}))
     global last_paths
     last_paths = paths
