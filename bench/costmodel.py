@@ -41,10 +41,14 @@ GPU = dict(name="H100 SXM", hbm=3.35e12, l2=50 << 20, sms=132, l2_bw=5.5e12)
 # ops.pkl_kernel's GPU block sizes and D-slice width (student tiles)
 CONFIG = dict(BLOCK_S=_CONFIGS[0].kwargs["BLOCK_S"], **TILES_GPU, SLICE=SLICES_GPU["SLICE"])
 SECTOR = 32  # bytes an L2 request moves for one gathered element
-# H-KL window sorts: SASS instructions per lane and merge stage (a: int64 keys, b: int32), from the offline sm_90
-# compile of the 8,192-lane network at 8 warps (≈ 26k + 14k per thread over 91 stages × 32 lanes per thread,
-# ops.hkl_kernel's docstring); issued at ISSUE warp-instructions per clock (4 schedulers) at CLOCK (H100 SXM boost)
-SORT_INSTR = (8.9, 4.8)
+# H-KL sorts: SASS instructions per lane and compare-and-swap stage (a: int64 keys, b: int32), from the offline sm_90
+# compile at 8 warps of ops.hkl_kernel._sort_list's loops (the MERGE variant): its block sort, the 8,192-lane network
+# (20,264 / 11,179 per thread per block over 91 stages × 32 lanes per thread; the window's and the small network's
+# sorts are taken at the same rate), and a merge tile (3,620 / 2,043 per thread over the last merge stage's 13 steps,
+# its loads and merge-path extraction included); issued at ISSUE warp-instructions per clock (4 schedulers) at CLOCK
+# (H100 SXM boost)
+SORT_INSTR = (7.0, 3.8)
+MERGE_INSTR = (8.7, 4.9)
 SORT_THREADS = 256
 ISSUE, CLOCK = 4, 1.755e9
 # results per clock and SM of the special-function unit (MUFU: ex2, lg2, rcp) on sm_90 (the CUDA C++ Programming
@@ -301,19 +305,19 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
               gpu: dict = GPU, loss: str = "H-KL", issue: dict | None = None) -> dict:
     """Per-row model of ``_hkl_kernel`` (dense teacher, H-KL: the relaxed common pairs, GOLD: the strict ones, ULD:
     none, the whole vocabularies uncommon; uncommon_topk ``topk``, None: uncapped) for a 1-to-1 chunk, from the pass
-    table in ops.hkl_kernel's docstring, with the m a user gets from this W and ``uncovered`` (A = the covered
-    columns, or all); an m above the largest sort network W (ULD) sorts both lists whole instead: ⌈|L|/W⌉ blocks in
-    the W-lane network, then ⌈log₂ blocks⌉ merge rounds of as many W-key tiles, each the network's last merge stage
-    (log₂ W steps; ops.hkl_kernel._sort_list), each round a read and a write of the list. Common case (the single-pass compaction hits
-    on both sides): student rows read in S1 (LSE, candidate list) and S3 (gradient, written), the teacher row in T1; the
-    lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~6 times (level-1 histogram and key range, bin b1's range,
-    ~3 bisection steps, gather), or once where the small network (m ≤ W_SMALL) sorts the whole list (|L| ≤ W_SMALL),
-    |L| = the side's uncommon set when it fits the list (the first pass appends it whole), else ≈ 2 m (m plus the keys
-    within the hint radius); the sort buffers, the gradient list G (8 B × m); S3 gathers the teacher at the common
-    columns (from L2: the teacher row is part of the working set; a 32-byte sector per gather, or the distinct sectors
-    per student tile, common_sectors, the lower figure; spilled, each gather is a sector from HBM). The fallback (a miss
-    on both sides: S2 / T2 read the rows twice, for the level-1 histogram and the compaction) is returned as
-    hbm_l2_fallback / hbm_spill_fallback.
+    table in ops.hkl_kernel's docstring, with the m a user gets from this W and ``uncovered`` (A = the covered columns,
+    or all); an m above the largest sort network W (ULD) sorts both lists whole instead: ⌈|L|/W⌉ blocks in the W-lane
+    network, then ⌈log₂ blocks⌉ merge rounds of as many W-key tiles, each the network's last merge stage (log₂ W steps;
+    ops.hkl_kernel._sort_list; MERGE_INSTR per lane and step), each round a read and a write of the list. Common case
+    (the single-pass compaction hits on both sides): student rows read in S1 (LSE, candidate list) and S3 (gradient,
+    written), the teacher row in T1; the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~6 times (level-1
+    histogram, bin b1's key range, ~3 bisection steps, gather), or once where the small network (m ≤ W_SMALL) sorts the
+    whole list (|L| ≤ W_SMALL), |L| = the side's uncommon set when it fits the list (the first pass appends it whole),
+    else ≈ 2 m (m plus the keys within the hint radius); the sort buffers, the gradient list G (8 B × m); S3 gathers the
+    teacher at the common columns (from L2: the teacher row is part of the working set; a 32-byte sector per gather, or
+    the distinct sectors per student tile, common_sectors, the lower figure; spilled, each gather is a sector from HBM).
+    The fallback (a miss on both sides: S2 / T2 read the rows twice, for the level-1 histogram and the compaction) is
+    returned as hbm_l2_fallback / hbm_spill_fallback.
 
     Time per row and SM: the streams S1, T1 and S3, each the longest of its bytes at the SM's share of HBM bandwidth,
     its instruction issue (``issue``: issue_counts()["H-KL"], the first config's tiles; S1 / T1 skip their append in the
@@ -357,17 +361,16 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     passed = () if whole or merge else sides  # the lists the window passes over
     lg = math.ceil(math.log2(max(max(l_a, l_b) if whole else touched, 1)))
     stages = lg * (lg + 1) // 2
-    # merge sort per list: (blocks, merge rounds, network stages in sequence: a full sort per block, the last merge
-    # stage's lg steps per tile and round)
+    # merge sort per list: (blocks, merge rounds, the block sorts' stages, the merge tiles' steps)
     msort = []
     for n, _ in sides if merge else ():
         k = math.ceil(n / w_net)
         r = math.ceil(math.log2(k)) if k > 1 else 0
-        msort.append((k, r, k * stages + r * k * lg))
+        msort.append((k, r, k * stages, r * k * lg))
     floor = elem * (2 * V_S + V_T)
     stream = elem * (3 * V_S + V_T)
     if merge:  # written once; read and written by the block sorts and each round; read once where paired
-        lists = sum(size * (n + 2 * n * (1 + r) + min(n, m)) for (n, size), (_, r, _) in zip(sides, msort))
+        lists = sum(size * (n + 2 * n * (1 + r) + min(n, m)) for (n, size), (_, r, _, _) in zip(sides, msort))
     else:  # written once, read once or n_pass times
         lists = sum((2 if whole else 1 + n_pass) * size * n for n, size in sides)
     bufs = sum(2 * size * touched for _, size in passed) + 2 * 8 * m  # the window's sort buffers and G
@@ -380,7 +383,7 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     l2_sm = gpu["l2_bw"] / gpu["sms"]
     lanes = max(w_net, SORT_THREADS) / 32 / ISSUE / CLOCK  # seconds per instruction per lane
     if merge:
-        t_sort = sum(f * st for f, (_, _, st) in zip(SORT_INSTR, msort)) * lanes
+        t_sort = sum(f * st + g * sm for f, g, (_, _, st, sm) in zip(SORT_INSTR, MERGE_INSTR, msort)) * lanes
     else:
         t_sort = (2 * SORT_INSTR[0] if small else sum(SORT_INSTR)) * stages * lanes
     block = H._CONFIGS[0].kwargs["BLOCK_L"]
@@ -410,11 +413,11 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     chains = {}
     for cfg in H._CONFIGS:
         b = cfg.kwargs["BLOCK_L"]
-        sorts = sum(st for _, _, st in msort) if merge else (1 if small else 2) * stages
+        sorts = sum(st + sm for _, _, st, sm in msort) if merge else (1 if small else 2) * stages
         chains[b] = (sum(n_pass * math.ceil(n / b) for n, _ in passed) + sorts, math.ceil(V_S / b) + math.ceil(V_T / b))
     if merge:
         how = "both lists merge-sorted: " + " and ".join(
-            f"{k} blocks x {stages} + {r} rounds x {k} tiles x {lg} stages" for k, r, _ in msort)
+            f"{k} blocks x {stages} + {r} rounds x {k} tiles x {lg} stages" for k, r, _, _ in msort)
     else:
         how = ("both lists sorted whole" if whole else f"{n_pass} passes per list") + \
             f" + {1 if small else 2} x {stages} sort stages"

@@ -3,16 +3,17 @@
 
 1. Correctness. Every loss (P-KL, H-KL, GOLD, ULD) × merge (mean, first, chain) × dtype (bf16, fp16, fp32) × teacher
    (dense, sparse top-k) through the public API with backend="triton", at multi-tile sizes (V_S 5,003 × V_T 6,007:
-   several tiles of every autotune config, partial last tiles; 300 chunks of 1–4 rows per side in 2 sequences, every
-   8th invalid; a teacher column that 300 W entries reach; τ = 0.7; H-KL family with a dense teacher at
-   uncommon_topk = 1,000, with a sparse one at the API default); then H-KL and GOLD on a narrow dense teacher (V_T
-   1,031, most of its columns paired) at the API default uncommon_topk, where m = |U_T| (9 / 342) takes the
-   kernel's small sort network. The per-chunk losses and the gradient of
-   Σ_k w_k L_k (random w) are compared with the float64 torch backend on the same rounded inputs, per entry, against
-   the bounds of xtoken_ext.testing (from the dtype's unit roundoff); the table gives the worst error/bound ratio (≤ 1
-   passes). H-KL / GOLD / ULD: entries where the sorted-L1 term is not differentiable within rounding (rank or sign
-   ties, testing.sorted_l1_ambiguous) are skipped; "checked" is the share of gradient entries compared. The float64
-   oracle is itself checked against xt.reference (dense W, a Python loop over chunks) on a smaller problem.
+   several tiles of every autotune config, partial last tiles; 300 chunks of 1–4 rows per side in 2 sequences, every 8th
+   invalid; a teacher column that 300 W entries reach; τ = 0.7; H-KL family with a dense teacher at uncommon_topk =
+   1,000, with a sparse one at the API default); then H-KL and GOLD on a narrow dense teacher (V_T 1,031, most of its
+   columns paired) at the API default uncommon_topk, where m = |U_T| (9 / 342) takes the kernel's small sort network;
+   then ULD uncapped on a wider dense problem (V_S 20,011 × V_T 17,989, 40 chunks), where m exceeds the 8,192-lane
+   network and the kernel merge-sorts both whole lists. The per-chunk losses and the gradient of Σ_k w_k L_k (random w)
+   are compared with the float64 torch backend on the same rounded inputs, per entry, against the bounds of
+   xtoken_ext.testing (from the dtype's unit roundoff); the table gives the worst error/bound ratio (≤ 1 passes). H-KL /
+   GOLD / ULD: entries where the sorted-L1 term is not differentiable within rounding (rank or sign ties,
+   testing.sorted_l1_ambiguous) are skipped; "checked" is the share of gradient entries compared. The float64 oracle is
+   itself checked against xt.reference (dense W, a Python loop over chunks) on a smaller problem.
 2. Repeatability. Every case runs three times; losses and gradients must be bitwise equal (races; chunks of 4
    teacher rows sum 3 later sparse rows per column, an order that float atomics would vary).
 3. Timing (skipped with --dry). fwd+bwd at 8,192 rows × V_S 128,256 × V_T 151,936 bf16 (bench.losses inputs) for
@@ -27,7 +28,8 @@
 --dry: the CPU under TRITON_INTERPRET=1 (set here, before the kernels are imported) at tiny sizes that still give
 several tiles per row at the interpreter's BLOCK_S = 128 / BLOCK_T = 64 and more chunks than its 2 programs; every
 code path but timing (the interpreter runs programs one after another, so only P-KL and H-KL with merge="mean" in
-bf16 are repeated: the code path). CI runs it (tests/test_bench_gpu.py).
+bf16 are repeated: the code path; the ULD stage lowers the sort network to 16 lanes, so that its tiny problem takes
+the merge sort). CI runs it (tests/test_bench_gpu.py).
 """
 from __future__ import annotations
 
@@ -69,11 +71,14 @@ class Sizes:
     V_T_narrow: int  # the narrow-teacher problem: most teacher columns paired, so m = |U_T| is far below its bound
     ref_chunks: int  # chunks of the problem on which the float64 oracle is checked against xt.reference
     repeat_all: bool  # every case runs REPEATS times; else only P-KL and H-KL with merge="mean" in bf16
+    wide: tuple[int, int, int]  # ULD past the largest sort network: (V_S, V_T, chunks)
+    sort_cap: int | None  # the kernel's largest sort network for that problem (None: ops.hkl_kernel's, 8,192)
 
 
 FULL = Sizes(V_S=5003, V_T=6007, chunks=300, sparse_k=640, hub=4400, topk=1000, V_T_narrow=1031, ref_chunks=8,
-             repeat_all=True)
-DRY = Sizes(V_S=160, V_T=100, chunks=7, sparse_k=80, hub=100, topk=24, V_T_narrow=41, ref_chunks=4, repeat_all=False)
+             repeat_all=True, wide=(20011, 17989, 40), sort_cap=None)
+DRY = Sizes(V_S=160, V_T=100, chunks=7, sparse_k=80, hub=100, topk=24, V_T_narrow=41, ref_chunks=4, repeat_all=False,
+            wide=(96, 64, 5), sort_cap=16)
 NARROW = ("hkl", "gold")  # the losses of the narrow-teacher problem
 
 
@@ -270,6 +275,26 @@ def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
     rows = [_printed(check_case(prob, loss, merge, dtype, narrow, dev, 1, teacher="narrow"))
             for loss in NARROW for merge in MERGES for dtype in dtypes]
     ok &= report("triton, narrow dense teacher", rows)
+    # ULD where m = min(|U_S|, |U_T|) exceeds the largest sort network: both whole lists merge-sorted
+    # (ops.hkl_kernel._sorted_lists), which the problems above (m ≤ 1,000) never take; --dry lowers the network to
+    # 16 lanes so that the interpreter's tiny problem takes it too
+    from xtoken_ext.ops import hkl_kernel
+
+    V_S, V_T, chunks = sizes.wide
+    prob = loss_problem(3, V_S, V_T, chunks)
+    cap = hkl_kernel._SORT_CAP
+    hkl_kernel._SORT_CAP = sizes.sort_cap or cap
+    try:
+        _header(f"backend='triton' vs float64, ULD past the sort network: V_S {V_S:,} x V_T {V_T:,}, dense teacher, "
+                f"{chunks} chunks, uncommon_topk None: m = {min(V_S, int(prob.proj.covered_columns().sum())):,} > "
+                f"{hkl_kernel._SORT_CAP:,} lanes "
+                f"(merge-sorted lists); ratio = worst |err| / bound")
+        wide = dataclasses.replace(sizes, topk=None)
+        rows = [_printed(check_case(prob, "uld", merge, dtype, wide, dev, 1, teacher="wide"))
+                for merge in MERGES for dtype in dtypes]
+    finally:
+        hkl_kernel._SORT_CAP = cap
+    ok &= report("triton, ULD past the sort network", rows)
     return ok
 
 

@@ -109,14 +109,16 @@ def test_uld_model_merge_sorts_both_lists():
     st = full["stats"]
     assert st["nnz"] == 0 and st["u_s"] == 20_000 and st["m"] == min(20_000, st["u_t"]) > 2 * 8192
     block = H._CONFIGS[0].kwargs["BLOCK_L"]
-    per_list = []
+    blocks, merges = [], []  # per list: block sorts' stages, merge tiles' steps
     for n in (st["l_a"], st["l_b"]):
         k = math.ceil(n / 8192)
-        per_list.append(k * 91 + math.ceil(math.log2(k)) * k * 13)
-    assert (st["l_a"], st["l_b"]) == (20_000, st["u_t"]) and min(per_list) > 91 * 2  # several blocks and rounds
-    assert full["chains"][block][0] == sum(per_list)
+        blocks.append(k * 91)
+        merges.append(math.ceil(math.log2(k)) * k * 13)
+    assert (st["l_a"], st["l_b"]) == (20_000, st["u_t"]) and min(merges) > 0  # several blocks and rounds
+    assert full["chains"][block][0] == sum(blocks) + sum(merges)
     lanes = 8192 / 32 / costmodel.ISSUE / costmodel.CLOCK
-    assert full["t_sort"] == pytest.approx(sum(f * n for f, n in zip(costmodel.SORT_INSTR, per_list)) * lanes)
+    assert full["t_sort"] == pytest.approx(sum(f * b + g * m for f, g, b, m in zip(
+        costmodel.SORT_INSTR, costmodel.MERGE_INSTR, blocks, merges)) * lanes)
     assert full["t_lists"] == 0 and capped["t_lists"] == 0  # no issue counts given
     assert "6 passes per list + 2 x 91 sort stages" in " ".join(capped["loops"])
     assert "merge-sorted" in " ".join(full["loops"])

@@ -102,28 +102,28 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   tile that skips (8 warps; ~420 / 455 and ~195 / 245 pipelined by Triton, 1,330 / 1,410 with the level-1
   histogram, a flat tl.cumsum and per-tile sums in the row pass, ~550 / 570 with a plain scatter store), S3 ~230,
   0.8-2.9× the time the SM's share of HBM bandwidth needs to stream the tile. The two sorts at W = 8192 are
-  ~26k + ~14k SASS instructions per thread, ~45 µs of issue time per row per SM, not overlapped with the streams:
+  ~20k + ~11k SASS instructions per thread, ~36 µs of issue time per row per SM, not overlapped with the streams:
   one program per SM (below). At m = 128 in the small network: ≈ 2.3 µs.
-Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain × dense / sparse): config 0 (2048
-  lanes, 3 stages, 8 warps) 255 registers with 164-232 B at W = 8192 (236-400 B before the row passes and S3 were
-  pipelined by hand, 104-252 B before the row passes' tile skip,
-  scatter layout and the small network's whole-list path, 76-204 B while the row passes built the level-1
-  histogram, 24-124 B before the W_SMALL network was added), outside the per-tile passes but for the ~4-12 local
-  accesses per tile they had before; config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.72 KB (first, dense;
-  0.76 / 0.71 / 0.61 / 0.44 KB before). What remains: LLVM hoists
-  the per-thread shared-memory addresses of every layout conversion, reduction and scan out of the persistent chunk
-  loop (~40-100 registers held throughout), and at W = 8192 the a-sort holds 32 int64 keys and their partner sums
-  per thread. Kept down by: no masked scatter stores (the compactions and a sparse teacher's G entries send their
-  unselected lanes to a spare slot past the capacity: a masked scatter moved its i1 mask through shared memory to
-  the store's layout, one more set of hoisted addresses); 16-entry-aligned per-program rows (strides rounded up on
-  the host, so Triton's 16-divisibility specialization applies: the window and G accesses vectorize from one base
-  register instead of a 64-bit pointer per element, which held ~40 registers of b-value addresses across the
-  a-sort); the sorted a-window's columns stored before a, d and g are formed. Occupancy versus spills is for
-  autotuning on a GPU to settle.
-Scratch (per program, bounded, independent of K): L_a min(V_S, 2 m_up + _SLACK) × 8 B, L_b min(C, 2 m_up + _SLACK)
-  × 4 B (each twice with MERGE: the merge sort's second buffer), G (m_up [+ k sparse]) × 8 B, buffers W × 12 B (each list, buffer and G with a spare slot, rows padded to
-  16 entries: see Registers), and 32 B of hint state kept across launches (_hint_state); a
-  sparse teacher with several rows per chunk adds the [V_T] fp32 + int32 intersection scratch of
+Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain × dense / sparse): config 0 (2048 lanes,
+  3 stages, 8 warps) 255 registers with 60-128 B at W = 8192, none in a per-tile loop (164-232 B, with 2-12 local
+  accesses per tile in the row and list passes, while the window kept the prefix state of several rank windows; 236-400
+  B before the row passes and S3 were pipelined by hand, 104-252 B before the row passes' tile skip, scatter layout and
+  the small network's whole-list path, 76-204 B while the row passes built the level-1 histogram, 24-124 B before the
+  W_SMALL network was added); with MERGE (ULD's merge sort compiled in) 340 B (first, dense) and 4 local accesses per
+  tile in the row passes; config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.56 KB (first, dense; 0.72 / 0.76 / 0.71 /
+  0.61 / 0.44 KB before). What remains: LLVM hoists the per-thread shared-memory addresses of every layout conversion,
+  reduction and scan out of the persistent chunk loop (~40-100 registers held throughout), and at W = 8192 the a-sort
+  holds 32 int64 keys and their partner sums per thread. Kept down by: no masked scatter stores (the compactions and a
+  sparse teacher's G entries send their unselected lanes to a spare slot past the capacity: a masked scatter moved its
+  i1 mask through shared memory to the store's layout, one more set of hoisted addresses); 16-entry-aligned per-program
+  rows (strides rounded up on the host, so Triton's 16-divisibility specialization applies: the window and G accesses
+  vectorize from one base register instead of a 64-bit pointer per element, which held ~40 registers of b-value
+  addresses across the a-sort); the sorted a-window's columns stored before a, d and g are formed. Occupancy versus
+  spills is for autotuning on a GPU to settle.
+Scratch (per program, bounded, independent of K): L_a min(V_S, 2 m_up + _SLACK) × 8 B, L_b min(C, 2 m_up + _SLACK) × 4 B
+  (each twice with MERGE: the merge sort's second buffer), G (m_up [+ k sparse]) × 8 B, buffers W × 12 B (each list,
+  buffer and G with a spare slot, rows padded to 16 entries: see Registers), and 32 B of hint state kept across launches
+  (_hint_state); a sparse teacher with several rows per chunk adds the [V_T] fp32 + int32 intersection scratch of
   ops._tl.scatter_later_rows. Programs: 1 per SM (both configs use the whole register file: 255 × 256 or 128 × 512
   threads, so a second program would not be resident), fewer if the scratch would pass 1 GiB. Sparse teacher columns
   must be unique per row.
@@ -146,7 +146,8 @@ _INT_MAX = tl.constexpr(2 ** 31 - 1)
 _I64_MIN = tl.constexpr(-2 ** 63)
 # per chunk of the last launch (on its device, no sync): bit 0 / 1 = the student / teacher candidate list came from
 # the single-pass compaction (no S2 / T2), bit 2 = sorted in the W_SMALL-lane network, bit 3 = both lists sorted
-# whole there (no selection passes); 0 where no selection ran (bad input, m = 0). For tests and the bench.
+# whole there (no selection passes), bit 4 = both lists merge-sorted whole (m > W); 0 where no selection ran (bad
+# input, m = 0). For tests and the bench.
 last_paths: torch.Tensor | None = None
 _hint_states: dict[tuple, torch.Tensor] = {}  # _hint_state's, per device and problem
 
