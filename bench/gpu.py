@@ -14,8 +14,10 @@
    GOLD / ULD: entries where the sorted-L1 term is not differentiable within rounding (rank or sign ties,
    testing.sorted_l1_ambiguous) are skipped; "checked" is the share of gradient entries compared. The float64 oracle is
    itself checked against xt.reference (dense W, a Python loop over chunks) on a smaller problem.
-2. Repeatability. Every case runs three times; losses and gradients must be bitwise equal (races; chunks of 4
-   teacher rows sum 3 later sparse rows per column, an order that float atomics would vary).
+2. Repeatability. Every case of the main matrix and of the ULD stage runs three times (the narrow-teacher cases
+   once); losses and gradients must be bitwise equal (races; chunks of 4 teacher rows sum 3 later sparse rows per
+   column, an order that float atomics would vary; the merge sort's rounds). The ULD stage also checks that every
+   chunk took the merge sort (hkl_kernel.last_paths).
 3. Timing (skipped with --dry). fwd+bwd at 8,192 rows × V_S 128,256 × V_T 151,936 bf16 (bench.losses inputs) for
    P-KL, H-KL and GOLD with Projection.random and the real Llama-3 × Qwen3 W (built from the offline tokenizers once,
    then read from the on-disk W cache): first call (compile + autotune) and best of the next runs, the multiple of the
@@ -290,8 +292,14 @@ def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
                 f"{hkl_kernel._SORT_CAP:,} lanes "
                 f"(merge-sorted lists); ratio = worst |err| / bound")
         wide = dataclasses.replace(sizes, topk=None)
-        rows = [_printed(check_case(prob, "uld", merge, dtype, wide, dev, 1, teacher="wide"))
-                for merge in MERGES for dtype in dtypes]
+        rows = []
+        for merge in MERGES:
+            for dtype in dtypes:
+                rows.append(_printed(check_case(prob, "uld", merge, dtype, wide, dev, REPEATS if sizes.repeat_all or (
+                    merge == "mean" and dtype == torch.bfloat16) else 1, teacher="wide")))
+                if not all(p & 16 for p in hkl_kernel.last_paths.tolist() if p):  # bit 4: both lists merge-sorted
+                    print(f"{rows[-1].name}: a chunk did not take the merge sort (hkl_kernel.last_paths) -> FAIL")
+                    ok = False
     finally:
         hkl_kernel._SORT_CAP = cap
     ok &= report("triton, ULD past the sort network", rows)

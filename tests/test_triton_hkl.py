@@ -1,8 +1,9 @@
 """The Triton backend of xtoken::hkl_rows (ops/hkl_kernel.py) on the cases its in-kernel selection must get right,
-against the float64 oracle of helpers.py: exact ties in the top m, m = 0, m above a sparse teacher's entries, several
-sort windows and the overflow (exact) compaction (forced with a small window and no list slack), level-1 bins pushed
-to their ends (logits shifted by ±1000, the per-program shift carried across chunks), all-equal logits, and the
-non-finite input contract of notes/POLICY.md (bad chunks -> NaN loss, zero gradient rows and chain gradient)."""
+against the float64 oracle of helpers.py: exact ties in the top m, m = 0, m above a sparse teacher's entries, m above
+the sort network (merge sort) and the overflow (exact) compaction (forced with a small window and no list slack), the
+merge sort and the network's stages on their own, level-1 bins pushed to their ends (logits shifted by ±1000, the
+per-program shift carried across chunks), all-equal logits, and the non-finite input contract of notes/POLICY.md (bad
+chunks -> NaN loss, zero gradient rows and chain gradient)."""
 from __future__ import annotations
 
 import types
@@ -48,8 +49,8 @@ def test_m_zero_small_and_above_candidates(topk, sparse_k):
 
 @pytest.fixture
 def tiny_windows(monkeypatch):
-    """Sort windows of 16 lanes and no list slack: several windows per chunk, and the exact compaction whenever the
-    level-1 bin of the m-th largest holds more than 2 m keys."""
+    """Sort windows of 16 lanes and no list slack: m above the network (both lists merge-sorted), and the exact
+    compaction whenever the level-1 bin of the m-th largest holds more than 2 m keys."""
     monkeypatch.setattr(hkl_kernel, "_SORT_CAP", 16)
     monkeypatch.setattr(hkl_kernel, "_SLACK", 0)
     monkeypatch.setattr(hkl_kernel, "_hint_states", {})  # a fresh hint state: no program has seen a chunk
@@ -57,13 +58,13 @@ def tiny_windows(monkeypatch):
 
 @pytest.mark.parametrize("merge,sparse_k,pairs,topk", [("mean", 0, "none", None), ("chain", 40, "strict", 37),
                                                        ("first", 0, "relaxed", 23)])
-def test_several_windows_and_exact_compaction(tiny_windows, merge, sparse_k, pairs, topk):
+def test_merge_sort_and_exact_compaction(tiny_windows, merge, sparse_k, pairs, topk):
     """m above the sort network (W = 16): both lists merge-sorted whole (path bit 4), hits and misses."""
     run_hkl_triton(make_problem(11, 131, 97, 5, 3, sparse_k, "all", 0.05, True), merge, pairs, topk)
     assert all(p & 16 for p in hkl_kernel.last_paths.tolist())
 
 
-def test_several_windows_with_ties_bf16(tiny_windows):
+def test_merge_sort_with_ties_bf16(tiny_windows):
     P = tie_problem(13, "first", 0)
     run_hkl_triton(P, "first", "none", None, dt=torch.bfloat16, tie_sums=True)
 

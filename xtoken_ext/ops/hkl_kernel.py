@@ -56,7 +56,7 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     (_sorted_lists). A full sort in the same order (a's keys tie in ascending column) has prefix(m) first, so each
     window holds the ranks a selected window would: O(|L| log(|L|/W)) traffic, where a selection (≤ 5 passes) and
     a gather over both whole lists per window would cost O(m/W · |L|) (~71 passes per list for the real Llama-3 ×
-    Qwen3 ULD, bench/costmodel.py).
+    Qwen3 ULD, by the cost model as it stood for that design).
   the gradient list G (column, g_i) is kept per program; after the dense gradient pass (S3) has written every column
     with the common part, the m listed columns are overwritten with their full value (rounded once).
 Common pairs: dense teacher: in S3, gathering the teacher at t_c = smap[s] (KL and gS = −τ²P); sparse teacher: in the
@@ -104,22 +104,23 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   0.8-2.9× the time the SM's share of HBM bandwidth needs to stream the tile. The two sorts at W = 8192 are
   ~20k + ~11k SASS instructions per thread, ~36 µs of issue time per row per SM, not overlapped with the streams:
   one program per SM (below). At m = 128 in the small network: ≈ 2.3 µs.
-Registers (offline sm_90 compile, bf16; spill stores over first / mean / chain × dense / sparse): config 0 (2048 lanes,
-  3 stages, 8 warps) 255 registers with 60-128 B at W = 8192, none in a per-tile loop (164-232 B, with 2-12 local
-  accesses per tile in the row and list passes, while the window kept the prefix state of several rank windows; 236-400
-  B before the row passes and S3 were pipelined by hand, 104-252 B before the row passes' tile skip, scatter layout and
-  the small network's whole-list path, 76-204 B while the row passes built the level-1 histogram, 24-124 B before the
-  W_SMALL network was added); with MERGE (ULD's merge sort compiled in) 340 B (first, dense) and 4 local accesses per
-  tile in the row passes; config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.56 KB (first, dense; 0.72 / 0.76 / 0.71 /
-  0.61 / 0.44 KB before). What remains: LLVM hoists the per-thread shared-memory addresses of every layout conversion,
-  reduction and scan out of the persistent chunk loop (~40-100 registers held throughout), and at W = 8192 the a-sort
-  holds 32 int64 keys and their partner sums per thread. Kept down by: no masked scatter stores (the compactions and a
-  sparse teacher's G entries send their unselected lanes to a spare slot past the capacity: a masked scatter moved its
-  i1 mask through shared memory to the store's layout, one more set of hoisted addresses); 16-entry-aligned per-program
-  rows (strides rounded up on the host, so Triton's 16-divisibility specialization applies: the window and G accesses
-  vectorize from one base register instead of a 64-bit pointer per element, which held ~40 registers of b-value
-  addresses across the a-sort); the sorted a-window's columns stored before a, d and g are formed. Occupancy versus
-  spills is for autotuning on a GPU to settle.
+Registers (offline sm_90 compile with Triton 3.7.1, bf16; spill stores over first / mean / chain × dense / sparse;
+  Triton 3.6.0, a GPU image's, spills more: 340 B of stores for the first-row dense variant, none in a per-tile loop
+  either): config 0 (2048 lanes, 3 stages, 8 warps) 255 registers with 60-128 B at W = 8192, none in a per-tile loop
+  (164-232 B, with 2-12 local accesses per tile in the row and list passes, while the window kept the prefix state of
+  several rank windows; 236-400 B before the row passes and S3 were pipelined by hand, 104-252 B before the row passes'
+  tile skip, scatter layout and the small network's whole-list path, 76-204 B while the row passes built the level-1
+  histogram, 24-124 B before the W_SMALL network was added); with MERGE (ULD's merge sort compiled in) 340 B (first,
+  dense) and 4 local accesses per tile in the row passes; config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.56 KB
+  (first, dense; 0.72 / 0.76 / 0.71 / 0.61 / 0.44 KB before). What remains: LLVM hoists the per-thread shared-memory
+  addresses of every layout conversion, reduction and scan out of the persistent chunk loop (~40-100 registers held
+  throughout), and at W = 8192 the a-sort holds 32 int64 keys and their partner sums per thread. Kept down by: no masked
+  scatter stores (the compactions and a sparse teacher's G entries send their unselected lanes to a spare slot past the
+  capacity: a masked scatter moved its i1 mask through shared memory to the store's layout, one more set of hoisted
+  addresses); 16-entry-aligned per-program rows (strides rounded up on the host, so Triton's 16-divisibility
+  specialization applies: the window and G accesses vectorize from one base register instead of a 64-bit pointer per
+  element, which held ~40 registers of b-value addresses across the a-sort); the sorted a-window's columns stored before
+  a, d and g are formed. Occupancy versus spills is for autotuning on a GPU to settle.
 Scratch (per program, bounded, independent of K): L_a min(V_S, 2 m_up + _SLACK) × 8 B, L_b min(C, 2 m_up + _SLACK) × 4 B
   (each twice with MERGE: the merge sort's second buffer), G (m_up [+ k sparse]) × 8 B, buffers W × 12 B (each list,
   buffer and G with a spare slot, rows padded to 16 entries: see Registers), and 32 B of hint state kept across launches
@@ -137,7 +138,7 @@ import triton.language as tl
 from . import _tl
 from ._common import covered_rows, interpret
 
-_SORT_CAP = 8192  # largest sort window W (lanes); m above it takes several windows (module docstring)
+_SORT_CAP = 8192  # largest sort window W (lanes); m above it merge-sorts both lists whole (module docstring)
 _SMALL_CAP = 1024  # the second, smaller sort network (W_SMALL lanes) for m ≤ W_SMALL
 _SLACK = 4096  # L capacity beyond 2 m_up (single-pass hits, and S2 / T2 before the exact compaction is needed)
 _PROGRAMS_PER_SM = 1  # resident programs per SM at the configs' register use (module docstring)
@@ -964,7 +965,10 @@ def _hkl_kernel(
                 hit_b = _hit(cnt_b, nu_b, m, cap_b)
                 # both single-pass lists fit the small network: it sorts them whole, no pass over them (_windows)
                 whole = (m <= W_SMALL) & hit_a & hit_b & (cnt_a <= W_SMALL) & (cnt_b <= W_SMALL)
-                merge = MERGE & (m > W)  # m above the largest network: both lists sorted whole (_sorted_lists)
+                if MERGE:  # m above the largest network: both lists sorted whole (_sorted_lists)
+                    merge = m > W
+                else:  # the path is not compiled in (constexpr)
+                    merge = False
                 n_a, blo_a, bhi_a, c1_a = _candidates(2, V_S, a_src, m, cap_a, la, cnt_a, sh_a, hit_a, whole | merge,
                                                       True, False, SPARSE, BLOCK_S, BLOCK_L)
                 n_b, blo_b, bhi_b, c1_b = _candidates(3, C, b_src, m, cap_b, lb, cnt_b, sh_b, hit_b, whole | merge,
