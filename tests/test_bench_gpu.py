@@ -20,7 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # masked inte
 
 
 def test_dry_run_passes_every_case(tmp_path):
-    """~1 min on 2 cores: the CI guard that keeps the GPU check runnable. A fresh process outside the checkout (the
+    """~2 min on 2 cores: the CI guard that keeps the GPU check runnable. A fresh process outside the checkout (the
     installed package) without TRITON_INTERPRET: --dry must set it before the kernels are imported."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "xtoken_ext.bench.gpu", "--dry"], capture_output=True, text=True,
