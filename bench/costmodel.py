@@ -411,9 +411,9 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
             + 8 * m * (t_win / 2 + t_s3) + elem * V_T * (t_t1 / 2 + t_win + t_s3)) / t_row + SCRATCH_FIXED
     shared = 4 * V_S + 5 * V_T  # smap, tmap, teacher classes
     chains = {}
+    sorts = sum(st + sm for _, _, st, sm in msort) if merge else (1 if small else 2) * stages
     for cfg in H._CONFIGS:
         b = cfg.kwargs["BLOCK_L"]
-        sorts = sum(st + sm for _, _, st, sm in msort) if merge else (1 if small else 2) * stages
         chains[b] = (sum(n_pass * math.ceil(n / b) for n, _ in passed) + sorts, math.ceil(V_S / b) + math.ceil(V_T / b))
     if merge:
         how = "both lists merge-sorted: " + " and ".join(

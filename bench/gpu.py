@@ -262,9 +262,9 @@ def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
         _header(f"backend='triton' vs float64, {teacher} teacher: V_S {sizes.V_S:,} x V_T {sizes.V_T:,}, {K} valid "
                 f"chunks over {B} x {T_S} student rows, hub column with {int((prob.proj.indices == 0).sum())} W "
                 f"entries, tau {TAU}; ratio = worst |err| / bound; equal = {REPEATS} runs bitwise equal")
-        rows = [_printed(check_case(prob, loss, merge, dtype, sizes, dev, REPEATS if sizes.repeat_all or (
-            loss in ("pkl", "hkl") and merge == "mean" and dtype == torch.bfloat16) else 1))
-            for loss in LOSSES for merge in MERGES for dtype in dtypes]
+        rows = [_printed(check_case(prob, loss, merge, dtype, sizes, dev,
+                                    _repeats(sizes, merge, dtype, loss in ("pkl", "hkl"))))
+                for loss in LOSSES for merge in MERGES for dtype in dtypes]
         ok &= report(f"triton, {teacher} teacher", rows)
     # H-KL / GOLD where m is set by the uncommon sets, not uncommon_topk (the API default, 8,192): a teacher narrower
     # than the student, most of its columns paired, as with a real W and uncovered="renormalize"; m then fits the
@@ -295,8 +295,8 @@ def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
         rows = []
         for merge in MERGES:
             for dtype in dtypes:
-                rows.append(_printed(check_case(prob, "uld", merge, dtype, wide, dev, REPEATS if sizes.repeat_all or (
-                    merge == "mean" and dtype == torch.bfloat16) else 1, teacher="wide")))
+                rows.append(_printed(check_case(prob, "uld", merge, dtype, wide, dev, _repeats(sizes, merge, dtype),
+                                                teacher="wide")))
                 if not all(p & 16 for p in hkl_kernel.last_paths.tolist() if p):  # bit 4: both lists merge-sorted
                     print(f"{rows[-1].name}: a chunk did not take the merge sort (hkl_kernel.last_paths) -> FAIL")
                     ok = False
@@ -304,6 +304,12 @@ def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
         hkl_kernel._SORT_CAP = cap
     ok &= report("triton, ULD past the sort network", rows)
     return ok
+
+
+def _repeats(sizes: Sizes, merge: str, dtype: torch.dtype, repeated_loss: bool = True) -> int:
+    """Runs of a case: REPEATS in a full run; under --dry (the interpreter runs programs one after another) only
+    merge="mean" in bf16 of a repeated loss, the code path, else 1."""
+    return REPEATS if sizes.repeat_all or (repeated_loss and merge == "mean" and dtype == torch.bfloat16) else 1
 
 
 def _m_of(prob, pairs: str) -> int:
