@@ -150,14 +150,15 @@ XT_INLINE V2 exp2_bits(VI2 e) { return (V2)((VU2)e << 23); }
 // e^x = 2^n e^r: n = rint(x/ln 2) (adding 1.5·2²³ rounds to an integer), r = x − n ln 2 ∈ [−ln2/2, ln2/2] in two
 // exact-product steps, e^r by its degree-7 Taylor polynomial (truncation < 1e-8 relative), times 2^⌊n/2⌋ 2^⌈n/2⌉
 // built in exponent bits (two factors, so results down to the subnormal range come out as libm's do). x < −104
-// (e^x below half the smallest subnormal) gives 0, NaN stays NaN. Branch-free, so loops over it vectorize.
+// (e^x below half the smallest subnormal) gives 0, NaN stays NaN. Branch-free, so loops over it vectorize. shift:
+// e^x 2^shift, exact (n + shift), for x ≤ −shift ln 2 (P-KL's 2^24 p: normal where p is subnormal).
 template <class F>
-XT_INLINE F fexp(F x) {
+XT_INLINE F fexp(F x, int shift = 0) {
   using I = typename IntOf<F>::type;
   const F xc = fmin_(fmax_(x, F{} - 104.0f), F{} + 88.0f);
   const F t = xc * 1.44269504f + 12582912.0f;
   const F n = t - 12582912.0f;
-  const I ni = as_int(t) - as_int(12582912.0f), n1 = ni >> 1;
+  const I ni = as_int(t) - as_int(12582912.0f) + shift, n1 = ni >> 1;
   F r = xc - n * kLn2Hi;
   r = r - n * kLn2Lo;
   F p = F{} + 1.0f / 5040.0f;
@@ -312,13 +313,13 @@ XT_HOT RowScan row_scan(const typename D::T* x, const float* add, int64_t n) {
   return r;
 }
 
-// out[i] = exp((x[i] − m)/τ); returns Σ out.
+// out[i] = exp((x[i] − m)/τ) 2^shift (fexp); returns Σ out.
 template <class D>
-XT_HOT double exp_store(const typename D::T* x, float* out, int64_t n, float m, float inv_tau) {
+XT_HOT double exp_store(const typename D::T* x, float* out, int64_t n, float m, float inv_tau, int shift = 0) {
   double total = 0.0;
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const int64_t len = std::min(kBlock, n - i0);
-    for (int64_t i = i0; i < i0 + len; ++i) out[i] = fexp((D::get(x[i]) - m) * inv_tau);
+    for (int64_t i = i0; i < i0 + len; ++i) out[i] = fexp((D::get(x[i]) - m) * inv_tau, shift);
     total += block_sum(out + i0, len);
   }
   return total;
@@ -383,11 +384,11 @@ XT_HOT float block_dot(const float* a, const float* b, int64_t n) {
   return block_sum(tmp, n);
 }
 
-// out[i] ← (g[i] − d) · (e[i] f): the softmax Jacobian, the g − ⟨p, g⟩ difference taken before the product
-// (out may be e).
+// out[i] ← ((g[i] − d) · (e[i] f)) c: the softmax Jacobian, the g − ⟨p, g⟩ difference taken before the product
+// (out may be e). P-KL: e f = 2^24 p and g, d scaled by 2^-24 / c, their product bounded where g is not.
 template <class D>
-XT_HOT void write_grad(typename D::T* out, const float* e, const float* g, int64_t n, float f, float d) {
-  for (int64_t i = 0; i < n; ++i) out[i] = D::put((g[i] - d) * (e[i] * f));
+XT_HOT void write_grad(typename D::T* out, const float* e, const float* g, int64_t n, float f, float d, float c) {
+  for (int64_t i = 0; i < n; ++i) out[i] = D::put(((g[i] - d) * (e[i] * f)) * c);
 }
 
 // out[i] ← (g[i] − d e[i]) f: the log-softmax Jacobian, d = p-scale · Σ g (out may be e).
@@ -624,10 +625,10 @@ XT_HOT void block_project(const int32_t* row, const int32_t* col, const float* w
   }
 }
 
-// Per-lane teacher parameters of a P-KL group: T = (src − a)·b + c + mask; Q = q·qs·inv.
+// Per-lane teacher parameters of a P-KL group: T = (src − a)·b + c + mask; Q = q·qs·inv, 2^24 Q = q·qs·inv24.
 template <class W>
 struct KlLanes {
-  W a, b, c, qs, inv;
+  W a, b, c, qs, inv, inv24;
   float eps;
 };
 
@@ -656,7 +657,8 @@ XT_INLINE W kl_terms(W x, W add, W q, const KlLanes<W>& k, W& loss, W& p, W& rq)
   const W P = fexp(T);
   const W Q = q * k.qs * k.inv, Qe = Q + k.eps;
   const auto pos = P > 0.0f;
-  const W r = sel(pos, P / Qe, W{});
+  // r = 2^-24 P/(Q + eps) ≤ 2^125, from 2^24 Q (normal where Q is subnormal: no bits lost to its rounding)
+  const W r = sel(pos, P / (q * k.qs * k.inv24 + k.eps * 0x1p24f), W{});
   loss += sel(pos, P * (T - flog(Qe)), W{});
   p += P;
   rq += sel(pos, r * Q, W{});
@@ -673,7 +675,8 @@ struct KlSums {
 
 XT_HOT void kl_block(const float* const* src, const float* add, int64_t n, const VF* q, const KlLanes<VF>& k,
                      VF* rT, KlSums* out, const char* const* next, int64_t next_bytes) {
-  const KlLanes<V2> k2{join(k.a, k.a), join(k.b, k.b), join(k.c, k.c), join(k.qs, k.qs), join(k.inv, k.inv), k.eps};
+  const KlLanes<V2> k2{join(k.a, k.a),   join(k.b, k.b),     join(k.c, k.c),
+                      join(k.qs, k.qs), join(k.inv, k.inv), join(k.inv24, k.inv24), k.eps};
   V2 loss[2] = {}, p[2] = {}, rq[2] = {};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -703,10 +706,11 @@ XT_HOT void kl_block(const float* const* src, const float* add, int64_t n, const
   out->rq = total(rq, tail_rq);
 }
 
-// g = W G lane-wise: g[s] = cg Σ_slot w (M − r[col]), r = fb[col's block] rT[col] (0 in lanes not kept), from W's
-// ELL rows (a slot outside A reads the zero row V_C), written over pT[s] after grad_w[4s + j] += Σ_l p̄_l[s] G_l[col]
-// (lanes in order; slots outside A get none) when gw is given; dot[l] = Σ_s p̄_l[s] g_l[s] (= c ⟨e, g⟩ for a
-// one-row chunk; fp32 partials of ≤ kBlock rows, 4 per lane).
+// g = W G lane-wise, scaled by 2^-24/cg: g[s] = Σ_slot w (M − r[col]), r = fb[col's block] rT[col] (0 in lanes not
+// kept; M, r scaled by 2^-24: r reaches 2^125 where Q is subnormal), from W's ELL rows (a slot outside A reads the
+// zero row V_C), written over pT[s] (= 2^24 p̄[s]: the products pT g stay bounded) after grad_w[4s + j] += Σ_l
+// (pT_l[s] (M − r_l[col])) cg_l (lanes in order; slots outside A get none) when gw is given; dot[l] = Σ_s pT_l[s]
+// g_l[s] (fp32 partials of ≤ kBlock rows, 4 per lane).
 XT_HOT void gather_lanes(const int32_t* col, const float* w, int64_t V_S, int32_t V_C, const VF* rT, const VF* fb,
                          const VF& M, const VF& cg, const VI& keep, VF* pT, float* gw, double* dot) {
   for (int64_t s0 = 0; s0 < V_S; s0 += kBlock) {
@@ -723,13 +727,13 @@ XT_HOT void gather_lanes(const int32_t* col, const float* w, int64_t V_S, int32_
         const VF d[4] = {d0, d1, d2, d3};
         for (int j = 0; j < 4; ++j) {
           if (c[j] == V_C) continue;
-          const VF pg = sel(keep, p * (d[j] * cg), VF{});
+          const VF pg = sel(keep, (p * d[j]) * cg, VF{});
           float sum = pg[0];
           for (int l = 1; l < kR; ++l) sum += pg[l];
           gw[4 * s + j] += sum;
         }
       }
-      const VF g = sel(keep, (((ws[0] * d0 + ws[1] * d1) + ws[2] * d2) + ws[3] * d3) * cg, VF{});
+      const VF g = sel(keep, ((ws[0] * d0 + ws[1] * d1) + ws[2] * d2) + ws[3] * d3, VF{});
       acc[s & 3] += sel(keep, p * g, VF{});
       pT[s] = g;
     }
@@ -758,13 +762,13 @@ XT_HOT void gather_rows(const int32_t* slot, const int32_t* col, const float* w,
         const VF d = M - fb[col[e] / kCB] * rT[col[e]];
         acc += w[e] * d;
         if (gw) {
-          const VF pg = sel(keep, p * (d * cg), VF{});
+          const VF pg = sel(keep, (p * d) * cg, VF{});
           float sum = pg[0];
           for (int l = 1; l < kR; ++l) sum += pg[l];
           gw[slot[e]] += sum;
         }
       }
-      const VF g = sel(keep, acc * cg, VF{});
+      const VF g = sel(keep, acc, VF{});
       part += sel(keep, p * g, VF{});
       pT[s] = g;
     }
@@ -957,16 +961,18 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
       L.e = next_row;
       next_row += L.ns * V_S;
     }
+    // e_r = 2^24 e^{(z − m)/τ}, c_r = 1/Σ e_r, p_r = c_r e_r; p̄ and every sum of it below are 2^24 p̄ (normal where
+    // p̄ is subnormal: Q = Wᵀp̄/Z keeps its bits, and its products with h, which reaches 2^149, stay bounded)
     float* c = ws.c.data() + L.c0;
     for (int64_t i = 0; i < L.ns; ++i)
-      c[i] = static_cast<float>(1.0 / exp_store<S>(z + (L.s_lo + i) * V_S, L.e + i * V_S, V_S, ws.m[i], inv_tau));
+      c[i] = static_cast<float>(1.0 / exp_store<S>(z + (L.s_lo + i) * V_S, L.e + i * V_S, V_S, ws.m[i], inv_tau, 24));
     if (L.ns == 1) {
-      L.p = L.e, L.p_scale = c[0];
+      L.p = L.e, L.p_scale = c[0] * 0x1p24f;
     } else {
       float* pbar = next_row;
       next_row += V_S;
       for (int64_t i = 0; i < L.ns; ++i)
-        add_scaled(pbar, L.e + i * V_S, V_S, c[i] / static_cast<float>(L.ns), i == 0);
+        add_scaled(pbar, L.e + i * V_S, V_S, c[i] * 0x1p24f / static_cast<float>(L.ns), i == 0);
       L.p = pbar, L.p_scale = 1.0f;
     }
   }
@@ -1021,10 +1027,11 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
     for (int l = 0; l < kR; ++l) {
       PklLane& L = lane[l];
       L.Z = Z[l];
-      const bool tiny = L.Z > 0.0 && L.Z < std::numeric_limits<float>::min();  // 1/Σ overflows fp32
+      const bool tiny = L.Z > 0.0 && L.Z < 0x1p-100;  // 2^24/Σ would overflow fp32 (Σ: of 2^24 p̄, 2^24 Z)
       kp.a[l] = L.ta, kp.b[l] = L.tb, kp.c[l] = L.state == PklLane::kLive ? L.tc : -kInf;
       kp.qs[l] = tiny ? 0x1p64f : 1.0f;  // then Q = (Qraw·2⁶⁴)·(1/(Σ·2⁶⁴))
       kp.inv[l] = L.Z > 0.0 ? static_cast<float>(1.0 / (tiny ? L.Z * 0x1p64 : L.Z)) : 0.0f;
+      kp.inv24[l] = L.Z > 0.0 ? static_cast<float>(0x1p24 / (tiny ? L.Z * 0x1p64 : L.Z)) : 0.0f;
     }
     VF* rT = ws.rT.resize(V_C + 1);
     rT[V_C] = VF{};
@@ -1112,7 +1119,8 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
       PklLane& L = lane[l];
       if (L.state != PklLane::kLive) continue;
       // the sums are of P' = P/k, k = e^shift: one teacher row, shift = chain − LSE (LSE = log Σ_A P');
-      // several, shift = 0. L = k (Σ P' (T' − log(Q + eps)) + shift Σ P'), r = k r', G = cg k (M/k − r')
+      // several, shift = 0. L = k (Σ P' (T' − log(Q + eps)) + shift Σ P'), r = k r', G = cg (M/k − r'), formed as
+      // 2^-24 (M/k − r') with cg applied after the products with p (gather_lanes, write_grad)
       const double shift = L.nt == 1 && L.sum_p > 0.0 ? L.chain - std::log(L.sum_p) : 0.0, k = std::exp(shift);
       if (k * L.sum_p == 0.0) {  // no teacher mass on A
         L.state = PklLane::kDrop, L.loss = 0.0f;
@@ -1123,8 +1131,8 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
         L.state = PklLane::kDrop, L.loss = kInf;
       } else {
         a.loss[L.k] = static_cast<float>(tt * kl);
-        M[l] = static_cast<float>(a.eps > 0.0f ? L.sum_rq : L.sum_p);
-        cg[l] = static_cast<float>(tt / L.Z * k * (a.chunk_scale ? a.chunk_scale[L.k] : 1.0f));
+        M[l] = static_cast<float>(a.eps > 0.0f ? L.sum_rq : 0x1p-24 * L.sum_p);  // 2^-24 M, as r
+        cg[l] = static_cast<float>(tt * 0x1p24 / L.Z * k * (a.chunk_scale ? a.chunk_scale[L.k] : 1.0f));  // Z: 2^24 Z
         keep[l] = -1;
         any = true;
       }
@@ -1158,8 +1166,9 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
                 ws.dots[r] += block_dot(e, gl, n);
               } else {
                 const float c = ws.c[r];
-                const float d = static_cast<float>(L.ns == 1 ? dot[l] : c * ws.dots[r]);
-                write_grad<S>(out + (L.s_lo + i) * V_S + s0, e, gl, n, c / (static_cast<float>(L.ns) * a.tau), d);
+                const float d = static_cast<float>(L.ns == 1 ? 0x1p-24 * dot[l] : c * ws.dots[r]);
+                write_grad<S>(out + (L.s_lo + i) * V_S + s0, e, gl, n, c * 0x1p24f, d,
+                              cg[l] / (static_cast<float>(L.ns) * a.tau));
               }
             }
           }

@@ -176,6 +176,41 @@ def oracle_pkl(z, t, t_cols, w_idx, w_val, col_mask, spans, tau, merge, eps, t_c
     return torch.stack(out) if out else z.new_zeros(0)
 
 
+def run_pkl(P, dt, merge, tau, learn_w, eps=0.0, grad_floor=0.0, backend="triton"):
+    """The op's loss, gradient (forward and through backward) and W gradient on ``backend`` (native: on the CPU)
+    against the float64 oracle; grad_floor: an absolute term added to the gradient bounds (scaled by the incoming
+    gradient through backward)."""
+    dev = torch.device("cpu") if backend == "native" else device()
+    z = P.z.to(dt).to(dev).clone().requires_grad_()  # a copy: P.z (fp32 on the CPU) would keep .grad
+    w_val = P.w_val.clone().to(dev).requires_grad_(learn_w)
+    args = [x.to(dev) if isinstance(x, torch.Tensor) else x
+            for x in (P.t.to(dt), P.t_cols, P.w_idx, w_val, P.col_mask, P.spans, tau, merge, eps, P.t_chain)]
+    loss, grad, grad_w = torch.ops.xtoken.pkl_rows(z, *args, None, learn_w, backend)
+    grad_fwd = grad.detach().cpu().clone()  # backward scales the saved gradient in place
+    (loss * P.g_out.to(dev)).sum().backward()
+
+    z64 = z.detach().cpu().double().requires_grad_()
+    w64 = P.w_val.double().requires_grad_()
+    zr = z.detach().cpu()
+    ref = oracle_pkl(z64, P.t.to(dt), P.t_cols, P.w_idx, w64, P.col_mask, P.spans, tau, merge, eps, P.t_chain)
+    (ref * P.g_out.double()).sum().backward()
+    kap = kappa(zr, P.t.to(dt), tau)
+    key = f"{backend}/{str(dt)[6:]}/pkl op"
+    check(key + " loss", loss.cpu(), ref.detach(), loss_bound(ref, tau, kap, dt))
+    g_max = float(P.g_out.abs().max())
+    check(key + " grad", z.grad.cpu(), z64.grad, grad_bound(z64.grad, zr, tau, kap, dt, backend, g_max)
+          + grad_floor * g_max)
+    z1 = zr.double().requires_grad_()  # the forward's own gradient, d Σ_k loss_k / dz
+    torch.autograd.backward(oracle_pkl(z1, P.t.to(dt), P.t_cols, P.w_idx, P.w_val.double(), P.col_mask, P.spans,
+                                       tau, merge, eps, P.t_chain).sum())
+    check(key + " grad (forward)", grad_fwd, z1.grad, grad_bound(z1.grad, zr, tau, kap, dt, backend) + grad_floor)
+    if learn_w:
+        check(key + " grad_w", w_val.grad.cpu(), w64.grad,
+              8 * 2.0 ** -24 * kap * (w64.grad.abs() + 2 * tau * tau * P.spans.shape[0]))
+    else:
+        assert w_val.grad is None and grad_w.numel() == 0
+
+
 def oracle_hkl(z, t, t_cols, col_mask, spans, tau, merge, s_chain, t_chain, cs, ct, uncommon_topk):
     """-> (loss [K], tie_columns bool [N_s, V_S]): columns whose student values (nearly) tie within the top m, where
     the sorted-L1 subgradient may legitimately differ between implementations; gradient checks skip them."""

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import xtoken_ext as xt
-from helpers import BACKENDS, LOSSES, check, device, grad_bound, kappa, loss_bound
+from helpers import BACKENDS, LOSSES, check, dense_w, device, grad_bound, kappa, loss_bound, make_problem, \
+    run_pkl, teacher_logpi
 from xtoken_ext import reference as ref
 from xtoken_ext.losses import LearnableProjection
 from xtoken_ext.projection import Projection, ProjectionFileError
@@ -328,6 +329,28 @@ def test_native_pkl_tiny_projected_mass_keeps_a_finite_loss():
     native = pkl_rows(z, t, *args, "native")[0]
     want = pkl_rows(z.double(), t.double(), *args, "torch")[0]
     assert torch.allclose(native.double(), want, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("merge,learn_w", [("mean", True), ("first", False)])
+def test_pkl_gradient_where_q_is_below_the_normal_range(backend, merge, learn_w):
+    """Most student ids 85 below the rest (τ = 1), the teacher unshifted: at the columns only they reach, Q is
+    below the smallest normal fp32 where P is not small, so h = P/Q (up to 2^149) and τ²/Z (M − h) passed fp32's
+    range although the loss is finite: the gradient came out inf / NaN on every backend (README "Limit" before).
+    Now h, M and G are formed scaled by 2^-24 and only their products with 2^24 p (bounded) take the factors,
+    and p and Q are formed as 2^24 p, 2^24 Q (normal where p, Q are not): loss, gradient and W gradient match the
+    float64 oracle on every backend. fp32 logits: many of these gradient entries are subnormal, where a bf16 store
+    is exact to 2^-134 only (and the Triton interpreter's fp32 -> bf16 conversion is wrong: 5.9e-40 -> 7.0e-39)."""
+    P = make_problem(seed=3, V_S=97, V_T=61, n_chunks=3, max_rows=2, sparse_k=0, mask_mode="covered",
+                     empty_rows=0.0, hub=False)
+    P.z[:, 8:] -= 85.0
+    z = P.z.double()
+    W = dense_w(P.w_idx, P.w_val.double(), P.col_mask.numel())
+    logpi = teacher_logpi(P.t.double(), None, P.col_mask, 1.0)
+    h = [logpi[t_lo] - torch.log(torch.softmax(z[s_lo], 0) @ W / (torch.softmax(z[s_lo], 0) @ W).sum())
+         for s_lo, _, t_lo, _ in P.spans.tolist()]
+    assert float(torch.cat(h)[P.col_mask.repeat(len(h))].max()) > 128 * math.log(2)  # log h: past fp32's range
+    run_pkl(P, torch.float32, merge, 1.0, learn_w, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------

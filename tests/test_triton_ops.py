@@ -8,6 +8,8 @@ sparse teacher, bf16 and fp32. The interpreter runs a representative subset of t
 ``large`` run on a GPU (or with XTOKEN_TEST_LARGE=1)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import triton
@@ -15,46 +17,12 @@ import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import check, device, examples, grad_bound, kappa, loss_bound, make_problem, oracle_pkl, run_hkl_triton
+from helpers import device, examples, make_problem, run_hkl_triton, run_pkl
 from xtoken_ext.ops import _tl
 from xtoken_ext.ops import pkl as _ops  # noqa: F401  (registers both xtoken:: ops)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # masked interpreter lanes evaluate log(0)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def run_pkl(P, dt, merge, tau, learn_w, eps=0.0, grad_floor=0.0):
-    """The op's loss, gradient (forward and through backward) and W gradient against the float64 oracle; grad_floor:
-    an absolute term added to the gradient bounds (scaled by the incoming gradient through backward)."""
-    dev = device()
-    z = P.z.to(dt).to(dev).clone().requires_grad_()  # a copy: P.z (fp32 on the CPU) would keep .grad
-    w_val = P.w_val.clone().to(dev).requires_grad_(learn_w)
-    args = [x.to(dev) if isinstance(x, torch.Tensor) else x
-            for x in (P.t.to(dt), P.t_cols, P.w_idx, w_val, P.col_mask, P.spans, tau, merge, eps, P.t_chain)]
-    loss, grad, grad_w = torch.ops.xtoken.pkl_rows(z, *args, None, learn_w, "triton")
-    grad_fwd = grad.detach().cpu().clone()  # backward scales the saved gradient in place
-    (loss * P.g_out.to(dev)).sum().backward()
-
-    z64 = z.detach().cpu().double().requires_grad_()
-    w64 = P.w_val.double().requires_grad_()
-    zr = z.detach().cpu()
-    ref = oracle_pkl(z64, P.t.to(dt), P.t_cols, P.w_idx, w64, P.col_mask, P.spans, tau, merge, eps, P.t_chain)
-    (ref * P.g_out.double()).sum().backward()
-    kap = kappa(zr, P.t.to(dt), tau)
-    key = f"triton/{str(dt)[6:]}/pkl op"
-    check(key + " loss", loss.cpu(), ref.detach(), loss_bound(ref, tau, kap, dt))
-    g_max = float(P.g_out.abs().max())
-    check(key + " grad", z.grad.cpu(), z64.grad, grad_bound(z64.grad, zr, tau, kap, dt, "triton", g_max)
-          + grad_floor * g_max)
-    z1 = zr.double().requires_grad_()  # the forward's own gradient, d Σ_k loss_k / dz
-    torch.autograd.backward(oracle_pkl(z1, P.t.to(dt), P.t_cols, P.w_idx, P.w_val.double(), P.col_mask, P.spans,
-                                       tau, merge, eps, P.t_chain).sum())
-    check(key + " grad (forward)", grad_fwd, z1.grad, grad_bound(z1.grad, zr, tau, kap, dt, "triton") + grad_floor)
-    if learn_w:
-        check(key + " grad_w", w_val.grad.cpu(), w64.grad,
-              8 * 2.0 ** -24 * kap * (w64.grad.abs() + 2 * tau * tau * P.spans.shape[0]))
-    else:
-        assert w_val.grad is None and grad_w.numel() == 0
 
 
 def run_hkl(P, dt, merge, tau, pairs, uncommon_topk):
@@ -80,8 +48,8 @@ def test_pkl_eps_kinds(eps, kind):
     """The KL pass is specialized by the fp32 eps the kernel receives (ops.pkl_kernel._eps_kind): 0 (Mu taken from
     l; 1e-50 rounds to it), a positive eps below the smallest normal fp32 (q + eps may be subnormal: the SFU log keeps
     its subnormal scaling) and a normal one (the log without it). Most students and the teacher columns only they
-    reach sit 90 below the rest, so q + eps is subnormal at those columns for eps = 0 and 1e-40 (their P tiny too: h
-    stays finite): on a GPU the unscaled log would flush it to 0 and make the loss NaN or +inf there (under the
+    reach sit 90 below the rest, so q + eps is subnormal at those columns for eps = 0 and 1e-40 (their P tiny too;
+    test_pkl_gradient_where_q_is_below_the_normal_range has P large there): on a GPU the unscaled log would flush it to 0 and make the loss NaN or +inf there (under the
     interpreter both logs are tl.log: there the kinds are checked by _eps_kind). Each matches the float64 oracle
     (eps = 0 on the covered columns: a column without W entries has q = 0, an infinite KL)."""
     from xtoken_ext.ops.pkl_kernel import _eps_kind
@@ -375,3 +343,36 @@ def test_fast_log_and_exp():
     y = -got.abs()  # the arguments fast_exp got, down to −103
     ref_e, got_e = torch.exp(y), exp.cpu().double()
     assert got_e[0] == 0 and bool(((got_e - ref_e).abs() <= (2 + y.abs()) * ulp * ref_e + 2.0 ** -126)[1:].all())
+
+
+@triton.jit
+def _pair_div_kernel(x_ptr, x24_ptr, a_ptr, log_ptr, div_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    x24 = tl.load(x24_ptr + o)
+    tl.store(log_ptr + o, _tl.fast_log_pair(tl.load(x_ptr + o), x24))
+    tl.store(div_ptr + o, _tl.fast_div(tl.load(a_ptr + o), x24))
+
+
+def test_fast_log_pair_and_div():
+    """ops._tl.fast_log_pair (P-KL's ln q from q and q_s = 2^24 q, q_s formed without q's rounding) and fast_div
+    (h_u = e / q_s; on a GPU the SFU's reciprocal, div.approx.ftz) against float64 at the exact value the pair
+    carries: a subnormal q's log comes from q_s, so it keeps the bits q lost (the log of the rounded q would not:
+    3e-45 rounds to 2^-148, 7 % off); a / b within 2 ulp, or below 2^-126 where the GPU flushes it."""
+    g = torch.Generator().manual_seed(1)
+    N = 1024
+    f64 = torch.float64
+    xd = torch.cat([torch.tensor([3e-45, 1e-42, 7e-40, 1e-39, 1.17e-38, 1.2e-38, 0.5, 1.0, 2.0, 1.0], dtype=f64),
+                    torch.exp(torch.empty(N - 10, dtype=f64).uniform_(-103, 0, generator=g))])
+    x, x24 = xd.float(), (xd * 2.0 ** 24).float()
+    a = torch.exp(torch.empty(N, dtype=f64).uniform_(-120, 0, generator=g)).float()
+    a[:10] = 1.0
+    dev = device()
+    log, div = torch.empty(2, N, device=dev)
+    _pair_div_kernel[(1,)](x.to(dev), x24.to(dev), a.to(dev), log, div, N=N)
+    ulp, exact = 2.0 ** -23, x24.double() * 2.0 ** -24  # the value x24 carries (xd up to its fp32 rounding)
+    ref, got = torch.log(exact), log.cpu().double()
+    bound = torch.where((exact >= 0.5) & (exact <= 2), 2 ** -21.41, 3 * ulp * ref.abs()) + ulp * ref.abs()
+    assert bool(((got - ref).abs() <= bound).all())
+    assert abs(math.log(float(x[0])) - float(ref[0])) > 1000 * float(bound[0])  # the rounded q's log: far off
+    ref_d, got_d = a.double() / x24.double(), div.cpu().double()
+    assert bool(((got_d - ref_d).abs() <= 2 * ulp * ref_d + 2.0 ** -126).all())

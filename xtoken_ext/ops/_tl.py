@@ -114,6 +114,17 @@ def fast_exp(x):
 
 
 @triton.jit
+def fast_div(a, b):
+    """a/b (fp32, b in [2^-126, 2^126]): on a GPU the SFU's reciprocal times a (libdevice fast_dividef,
+    div.approx.ftz: ~2 ulp, a result below 2^-126 becomes 0) where a correctly rounded division takes ~10
+    instructions; a / b under the interpreter."""
+    if SFU:
+        return libdevice.fast_dividef(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
 def fast_log(x):
     """ln x (fp32, x ≥ 0), per element: on a GPU the SFU's lg2.approx times ln 2 (libdevice fast_logf; CUDA's __logf
     bound: absolute error ≤ 2^-21.41 on [0.5, 2], ≤ 3 ulp elsewhere), ~6 instructions where tl.log's correctly
@@ -121,6 +132,15 @@ def fast_log(x):
     0 (ln = −inf): such x is scaled by 2^24 first, as logf does. (Triton's own tl.exp is the SFU's ex2.approx.)"""
     small = x < 1.1754943508222875e-38  # 2^-126
     y = fast_log_normal(tl.where(small, x * 16777216.0, x))
+    return y - tl.where(small, 16.635532333438686, 0.0)  # 24 ln 2
+
+
+@triton.jit
+def fast_log_pair(x, x24):
+    """fast_log(x) given x24 = 2^24 x as well, formed without x's rounding (a subnormal x keeps its bits there):
+    the scaling's multiply saved, a subnormal x's log taken from x24."""
+    small = x24 < 1.9721522630525295e-31  # 2^-102: x < 2^-126
+    y = fast_log_normal(tl.where(small, x24, x))
     return y - tl.where(small, 16.635532333438686, 0.0)  # 24 ln 2
 
 

@@ -11,6 +11,8 @@ Math for one chunk (student rows R_S, n_s = |R_S|; teacher rows R_T; temperature
   g_s = Σ_slot W_s,slot G[col]  (ELL gather);  dz_r = p_r ⊙ (g − ⟨p_r, g⟩)/(τ n_s);  ∂L/∂W_s,slot = p̄[s] G[col]
 Merge "first" uses the first row of each side; "chain" adds Σ_{r>first} t_chain[r] to T (the student's chain scalar
 multiplies Qu and cancels in its renormalization, so it has no gradient). Terms with P = 0 count as 0.
+fp32: P/Q reaches 2^149 where Q is subnormal and P is not, so every backend forms h, M and G scaled by 2^-24 and p, Q
+as 2^24 p, 2^24 Q (normal where p, Q are not) and applies τ²/Z only to their products with p, which stay bounded.
 Per chunk, in this order (ops._common): bad input -> loss NaN; Σ_A P = 0 -> loss 0; Z = 0 or P > 0 where
 Q + eps = 0 -> loss +inf; each with exact-zero gradient rows and no W-gradient part.
 """
@@ -104,11 +106,16 @@ def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature,
         bad = chunk_any(bad_s[rows], seg, Kb) | chunk_any(bad_t[t_rows], t_seg, Kb)
         if t_chain_sum is not None:
             bad |= ~(t_chain_sum[k0:k1] < math.inf)
-        p = softmax_rows(s_logits, rows, tau, md, log=False)
+        # p as 2^24 p, normal where p is subnormal (there from log p): every Qu and σ below is 2^24 Qu, 2^24 Σ_A Qu
+        p = softmax_rows(s_logits, rows, tau, md, log=False).mul_(2.0 ** 24)
+        tiny = (p < 2.0 ** -102) & (p > 0)
+        if bool(tiny.any()):
+            p = torch.where(tiny, softmax_rows(s_logits, rows, tau, md, log=True).add_(24 * math.log(2)).exp_(), p)
         pbar = p if rows.numel() == Kb else torch.zeros(Kb, V_S, dtype=md, device=dev).index_add_(
             0, seg, p).div_(n_s[k0:k1].unsqueeze(1))
         Q = (Wt @ pbar.t()).t().contiguous()  # [Kb, |A|] = (Wᵀ p̄ᵀ)ᵀ restricted to A
         sigma = Q.sum(1, keepdim=True)
+        Qs = Q * (2.0 ** 24 / sigma)  # 2^24 Q, from the unrounded 2^24 Qu
         Q.div_(sigma)
         T = teacher_block(t_vals, t_cols, t_rows, t_seg, n_t[k0:k1], Kb, cols, tau, md,
                           None if t_chain_sum is None else t_chain_sum[k0:k1])
@@ -120,20 +127,24 @@ def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature,
         buf = torch.log(Qe)
         lb = T.sub_(buf).mul_(P).masked_fill_(zero_p, 0.0).sum(1).mul_(tt)
         loss[k0:k1] = torch.where(bad, math.nan, torch.where(no_mass, 0.0, torch.where(degenerate, math.inf, lb)))
-        r = torch.div(P, Qe, out=buf).masked_fill_(zero_p, 0.0)  # h = P / (Q + eps)
-        M = P.sum(1, keepdim=True) if not eps else (r * Q).sum(1, keepdim=True)
-        G = r.neg_().add_(M).mul_(tt / sigma)  # ∂L/∂Qu
+        # h = P/(Q + eps) reaches 2^149 where Q + eps is subnormal: G = ∂L/∂Qu = coef (M − h) is formed as G' = M' − h'
+        # (M', h' = 2^-24 M, h), its factor coef = τ² c/Z applied only to its products with 2^24 p (bounded)
+        r = torch.div(P, Qs.add_(eps * 2.0 ** 24) if eps else Qs, out=Qs).masked_fill_(zero_p, 0.0)  # h'
+        M = P.sum(1, keepdim=True).mul_(2.0 ** -24) if not eps else (r * Q).sum(1, keepdim=True)
+        G = r.neg_().add_(M)
+        coef = tt * 2.0 ** 24 / sigma.squeeze(1)  # σ = 2^24 Z
         if chunk_scale is not None:
-            G.mul_(chunk_scale[k0:k1].to(md).unsqueeze(1))
+            coef = coef * chunk_scale[k0:k1].to(md)
         drop = bad | no_mass | degenerate  # no gradient: exact zeros, whatever G and p hold for these chunks
+        coef = torch.where(drop, 0.0, coef)
         if bool(drop.any()):
             G.masked_fill_(drop.unsqueeze(1), 0.0)
             pbar = pbar.masked_fill(drop.unsqueeze(1), 0.0)
             p = p.masked_fill(drop[seg].unsqueeze(1), 0.0)
         g = (W @ G.t()).t()  # [Kb, V_S] ELL gather as a sparse-dense product
-        if grad_wj is not None:
-            grad_wj += (pbar.index_select(1, s_j) * G.index_select(1, t_j)).sum(0)
-        write_grad(grad, rows, seg, n_s[k0:k1], p, g, tau, merge, wrt_log_p=False)
+        if grad_wj is not None:  # Σ_k coef_k (2^24 p̄_k[s]) G'_k[t]
+            grad_wj += (pbar.index_select(1, s_j) * G.index_select(1, t_j)).mul_(coef.unsqueeze(1)).sum(0)
+        write_grad(grad, rows, seg, n_s[k0:k1], p, g, tau, merge, wrt_log_p=False, scale=coef)
     grad_w = None
     if grad_wj is not None:
         grad_w = torch.zeros(w_val.shape, dtype=torch.float32, device=dev)

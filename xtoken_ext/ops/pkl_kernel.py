@@ -24,24 +24,27 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
         length holds the zero word: weight 0) and sum in order, plus R's sum of a longer column (the longer columns
         hold the ranks below the spare r_spare, whose never-written h entry is 0: an unmasked gather at
         min(rank, r_spare), _w_structure). Every Qu is summed as 2^24 Qu
-        (ops._tl.softmax_exp2: 2^24 p is one multiply-add and ex2) and q = Qu/(n_s Z) takes the 2^-24 back.
+        (ops._tl.softmax_exp2: 2^24 p is one multiply-add and ex2) and q = Qu/(n_s Z) takes the 2^-24 back; q_s =
+        2^24 q keeps the bits a subnormal q loses.
      C2 the teacher tile, read once: the merged teacher x̄ (vectorized loads, A selected with tl.where) folded into
         an online pass with rescaling: running max m, l = Σe, e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)),
-        Mu = Σ e q/(q + eps) (eps = 0: l, _c_update), h_u = e/(q + eps) = exp(x̄ − m − log(q + eps)) stored with
-        the tile's max (the log on the SFU, ops._tl.fast_log, and no division: a correctly rounded log and division
-        cost 23 % more instructions per tile; the exp flushes an h_u below 2^-126 to 0, an absolute error that D's
-        g = Σ w (M − h) carries at ≤ 2^-126 w). A single dense row's NaN / +inf (bad input; B checks the rows where
-        it runs) makes its lane's S1 term NaN: no per-tile count and reduction.
+        Mu = Σ e q/(q + eps) (eps = 0: l, _c_update), h_u = 2^-24 e/(q + eps) = e/(q_s + 2^24 eps) stored with the
+        tile's max (the SFU's log and reciprocal, ops._tl.fast_log_pair / fast_div: a correctly rounded log and
+        division cost 23 % more instructions per tile; scaled by 2^-24, h_u stays finite where q is subnormal and e
+        is not: e/q reaches 2^149). A single dense row's NaN / +inf (bad input; B checks the rows where it runs)
+        makes its lane's S1 term NaN: no per-tile count and reduction.
         With c the teacher's log-normalizer (−LSE for one dense row, computed at the end; −mean_r LSE_r after B):
-        F = exp(m + c), L = τ² F (S1 + (m + c) l), M = F Mu, h = h_u · exp(m_tile − m) F.
+        F = exp(m + c), L = τ² F (S1 + (m + c) l), M' = 2^-24 F Mu, h' = h_u · exp(m_tile − m) F (M and h scaled
+        by 2^-24, and so is g below).
      Sparse teacher: C1 first, over the whole entry list in blocks of BLOCK_E into a per-program scratch row (a
      column cut by a block boundary completed by read-add-write), then C2 over fixed BLOCK_T tiles of its k columns.
   C3 (sparse teacher or learnable W) h rescaled in the scratch row (tile maxima -> the final m); dense, frozen W:
      the tile maxima replaced by the factors exp(m_tile − m) F.
-  D  gradient rows, in the logits' dtype: g_s = Σ_slot w_eff (M − h[col]) (one ELL gather of the scratch row, the
-     dense case folding its tile's factor in through the slots' tile ids; a slice runs as many slots as its widest
-     student has: one on half of the real Llama-3 W's slices), dz_r = τ/(n_s Z) p_r (g − d_r),
-     d_r = ⟨p_r, g⟩; for one student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h: _slice_single, pipelined by
+  D  gradient rows, in the logits' dtype: g'_s = Σ_slot w_eff (M' − h'[col]) (one ELL gather of the scratch row,
+     the dense case folding its tile's factor in through the slots' tile ids; a slice runs as many slots as its
+     widest student has: one on half of the real Llama-3 W's slices), dz_r = τ/(n_s Z) ((2^24 p_r)(g' − d_r)), the
+     product of the 2^24- and 2^-24-scaled factors bounded where g' alone reaches 2^127, d_r = ⟨p_r, g'⟩; for one
+     student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h: _slice_single, pipelined by
      hand; merged rows _slice_rows, unpipelined). The owner computes d_r, stores
      (M, coef, valid) and publishes the chunk (a release); its dz rows are then G slices of SLICE student tiles
      that ANY program may take (an acquire on the chunk's sync word, read past L1) and compute. Every program, before
@@ -346,7 +349,7 @@ def _pkl_kernel(
             # P = 0 everywhere: a teacher row without allowed mass (LSE −inf), or a −inf chain scalar
             l = tl.where((lse_sum > float("-inf")) & (c_t > float("-inf")), l, 0.0)
             F = tl.exp(mc)
-            M = F * mu
+            M = F * mu * _tl.P_UNIT  # 2^-24 M, in h_u's scale (_c_update): g = Σ w (M − h) is formed scaled by 2^-24
             # degenerate: Z = 0, or a column with P > 0 (in fp32) and Q + eps = 0 (an infinite KL)
             inf_kl = tl.exp(m_zero - m) * F > 0
             valid = (bad == 0) & (l > 0) & (Z > 0) & ~inf_kl
@@ -461,7 +464,7 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
             mk = tl.load(mask_ptr + v, mask=inside, other=0)
             qu = tl.load(qu_row + v, mask=live & (mk == 1), other=0.0)
         m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, tl.where(live, xb, float("-inf")))
-        s1_v, mu_v, mz_v, hu = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu * inv_qz, eps,
+        s1_v, mu_v, mz_v, hu = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps,
                                          poison_x, EPS)
         m, l_v = m_new, l_new
         if SPARSE:
@@ -521,7 +524,7 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constex
         qu += hr
         if PRE:
             rk, ew = _c_words(rank_ptr, cell_ptr, o + BLOCK_T, C, V_T, r_spare, CSLOTS)
-        s1_v, mu_v, mz_v, hu = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu * inv_qz, eps,
+        s1_v, mu_v, mz_v, hu = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps,
                                          poison_x, EPS)
         m, l_v = m_new, l_new
         _h_store(h_row, hk, hu, keep, FOLD)
@@ -600,33 +603,41 @@ def _h_store(h_row, hk, hu, keep, FOLD: tl.constexpr):
 
 
 @triton.jit
-def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, q, eps, poison_x, EPS: tl.constexpr):
-    """Fold a tile's q = Qu/(n_s Z) into the online state, its x̄ (the merged teacher logits / τ, live on its allowed
-    finite lanes) already folded into the running max and sum (_tl.lse_step: m -> m_new, ex = exp(x̄ − m_new),
-    alpha = exp(m − m_new)) -> (S1, Mu, zero-mass max, h_u): S1 = Σ e (x̄ − m − log(q + eps)), Mu = Σ e q/(q + eps),
-    each kept where it can differ (EPS, _eps_kind): eps = 0, Mu = Σ e over q > 0 is taken from l after the loop;
-    eps > 0, no lane has q + eps = 0, so the zero-mass max stays at its initial NEG, and for eps ≥ 2^-126 the log
-    needs no subnormal scaling (C at K = 1: 541 → 517 instructions per thread per tile with eps = 0, → 463 with
-    eps = 1e-10; sm_90 SASS),
-    h_u = e/(q + eps) = exp(x̄ − m − log(q + eps)) (the log on the SFU, ops._tl.fast_log, and no division: a
-    correctly rounded log and division cost 23 % more instructions per tile; the exp flushes an h_u below 2^-126 to
-    0, an absolute error that D's g = Σ w (M − h) carries at ≤ 2^-126 w). poison_x: NaN in the S1 term of a lane
-    whose (single dense row's) x̄ is NaN or +inf, else 0."""
+def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps, poison_x, EPS: tl.constexpr):
+    """Fold a tile's q = Qu/(n_s Z) (q = qu inv_qz, qu = 2^24 Qu) into the online state, its x̄ (the merged teacher
+    logits / τ, live on its allowed finite lanes) already folded into the running max and sum (_tl.lse_step: m ->
+    m_new, ex = e = exp(x̄ − m_new), alpha = exp(m − m_new)) -> (S1, Mu, zero-mass max, h_u): S1 = Σ e (x̄ − m −
+    log(q + eps)), Mu = Σ e q/(q + eps), each kept where it can differ (EPS, _eps_kind): eps = 0, Mu = Σ e over q > 0
+    is taken from l after the loop and the log from q and q_s (_tl.fast_log_pair: no scaling multiply, a subnormal
+    q's bits kept); eps > 0, no lane has q + eps = 0, so the zero-mass max stays at its initial NEG, and for eps ≥
+    2^-126 the log needs no subnormal scaling (C at K = 1: 541 → 517 instructions per thread per tile with eps = 0,
+    → 463 with eps = 1e-10; sm_90 SASS; 512 with the pair and h_u's reciprocal below),
+    h_u = 2^-24 e/(q + eps) = e/(q_s + 2^24 eps), q_s = 2^24 q formed from qu without q's subnormal rounding:
+    scaled, h_u stays finite where q + eps is subnormal (e/q reaches 2^149; D's products p h are bounded, h is not),
+    and the SFU's reciprocal (_tl.fast_div: q_s + 2^24 eps in [2^-125, 2^25] where q > 0 or eps > 0) takes the
+    place of the exp of x̄ − m − log(q + eps) (the same count, without the log's error). On a GPU an e or h_u below
+    2^-126 is flushed to 0: a dropped term of D's g, below τ 2^-126 in dz (p_s w h ≤ Z P with P < 2^-126).
+    poison_x: NaN in the S1 term of a lane whose (single dense row's) x̄ is NaN or +inf, else 0."""
+    q = qu * inv_qz
+    q_s = qu * (inv_qz * 16777216.0)  # 2^24 q
     if EPS == 0:
         qe = q
         pos = live & (qe > 0)
         mz_v = tl.maximum(mz_v, tl.where(qe > 0, float("-inf"), tl.where(live, xb, float("-inf"))))
+        hu = tl.where(pos, _tl.fast_div(ex, q_s), 0.0)
     else:
         qe = q + eps
         pos = live
-    if EPS == 2:
+        hu = tl.where(pos, _tl.fast_div(ex, q_s + eps * 16777216.0), 0.0)
+    if EPS == 0:
+        d = xb - m_new - _tl.fast_log_pair(q, q_s)
+    elif EPS == 2:
         d = xb - m_new - _tl.fast_log_normal(qe)
     else:
         d = xb - m_new - _tl.fast_log(qe)
-    hu = tl.where(pos, _tl.fast_exp(d), 0.0)  # e/(q + eps), without a division
     s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * d, poison_x)
     if EPS != 0:
-        mu_v = alpha * mu_v + hu * q
+        mu_v = alpha * mu_v + hu * q_s
     return s1_v, mu_v, mz_v, hu
 
 
@@ -707,9 +718,10 @@ def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr
         om = o < V_S
         g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, FOLD, K)
         for r in range(s_lo, s_hi):
-            p = _tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau,
-                                 tl.load(lse_s_ptr + r, cache_modifier=".cg"), "evict_first")
-            dz = coef * p * (g - tl.load(dr_ptr + r, cache_modifier=".cg"))
+            a, b = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + r, cache_modifier=".cg"))
+            p = _tl.softmax_exp2(tl.load(z_ptr + r * stride_z + o, mask=om, other=float("-inf"),
+                                         eviction_policy="evict_first"), a, b)
+            dz = coef * (p * (g - tl.load(dr_ptr + r, cache_modifier=".cg")))  # (2^24 p)(2^-24 (g − d_r))
             tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om,
                      eviction_policy="evict_first")
 
@@ -726,7 +738,6 @@ def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constex
     z_row = z_ptr + s_lo * stride_z
     dz_row = dz_ptr + s_lo * stride_dz
     a, b = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + s_lo, cache_modifier=".cg"))
-    coef = coef * _tl.P_UNIT  # p comes as 2^24 p (_tl.softmax_exp2)
     o = v_lo + offs
     if K == 1:
         e = _ell_words(ell_ptr, nslot_ptr, o, o < v_hi, V_S, K)
@@ -740,7 +751,7 @@ def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constex
         x = tl.load(z_row + o + BLOCK_S, mask=o + BLOCK_S < v_hi, other=float("-inf"), eviction_policy="evict_first")
         if K == 1:
             e = _ell_words(ell_ptr, nslot_ptr, o + BLOCK_S, o + BLOCK_S < v_hi, V_S, K)
-        dz = coef * p * _ell_sum(ws, hs, fs, M, FOLD, K)
+        dz = coef * (p * _ell_sum(ws, hs, fs, M, FOLD, K))  # (2^24 p)(2^-24 g): bounded, unlike g
         tl.store(dz_row + o, dz.to(dz_ptr.dtype.element_ty), mask=o < v_hi, eviction_policy="evict_first")
 
 
@@ -822,8 +833,8 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
             pbar = _p_bar(z_ptr, stride_z, lse_s_ptr, o, om, s_lo, s_hi, inv_tau, MEAN)
             h = tl.load(h_ptr + (k - k0).to(tl.int64) * V_T + ci, mask=in_a, other=0.0)
             M = tl.load(stat_ptr + 2 * (k - k0) + 1)
-            c = cw * _tl.P_UNIT / (s_hi - s_lo).to(tl.float32)  # pbar comes as 2^24 p̄' (_p_bar)
-            acc += tl.where(in_a, c * pbar[:, None] * (M - h), 0.0)
+            c = cw / (s_hi - s_lo).to(tl.float32)  # (2^24 p̄' (_p_bar)) (2^-24 (M − h)): bounded, unlike h
+            acc += tl.where(in_a, c * (pbar[:, None] * (M - h)), 0.0)
     tl.store(gw_ptr + at, tl.load(gw_ptr + at, mask=om[:, None], other=0.0) + acc, mask=om[:, None])
 
 
@@ -833,8 +844,8 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # memory with cp.async, the gathers included: per thread per tile, C 747 where unpipelined it was 610 and by hand it is
 # 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand 301; sm_90 SASS); merged rows' C and D
 # are not pipelined (their row loops sit inside the tile loops, and Triton pipelines innermost loops only). Per thread
-# and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 133, C 517 (its p gathers unmasked; 940 for merged rows;
-# 463 with eps = 1e-10), D 197 / 318 / 438 / 556 (1-4 ELL slots; merged rows 261 / 634, one / four), R 902 per entry
+# and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 133, C 512 (its p gathers unmasked; 933 for merged rows;
+# 472 with eps = 1e-10), D 196 / 318 / 438 / 556 (1-4 ELL slots; merged rows 229 / 602, one / four), R 903 per entry
 # block (1,045 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the
 # SASS): per tile much of the work is per-thread overhead (the scans' and reductions' cross-warp steps), so fewer warps
 # issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when measured (4 warps: 28 %, but they spill;
