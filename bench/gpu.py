@@ -8,12 +8,14 @@
    1,000, with a sparse one at the API default); then H-KL and GOLD on a narrow dense teacher (V_T 1,031, most of its
    columns paired) at the API default uncommon_topk, where m = |U_T| (9 / 342) takes the kernel's small sort network;
    then ULD uncapped on a wider dense problem (V_S 20,011 × V_T 17,989, 40 chunks), where m exceeds the 8,192-lane
-   network and the kernel merge-sorts both whole lists. The per-chunk losses and the gradient of Σ_k w_k L_k (random w)
-   are compared with the float64 torch backend on the same rounded inputs, per entry, against the bounds of
-   xtoken_ext.testing (from the dtype's unit roundoff); the table gives the worst error/bound ratio (≤ 1 passes). H-KL /
-   GOLD / ULD: entries where the sorted-L1 term is not differentiable within rounding (rank or sign ties,
-   testing.sorted_l1_ambiguous) are skipped; "checked" is the share of gradient entries compared. The float64 oracle is
-   itself checked against xt.reference (dense W, a Python loop over chunks) on a smaller problem.
+   network and the kernel merge-sorts both whole lists; then P-KL in fp32 with most student ids 85 nats below the rest
+   (at τ) and the teacher unshifted, where Q is subnormal and P is not (h = P/Q up to 2^149). The per-chunk losses and
+   the gradient of Σ_k w_k L_k (random w) are compared with the float64 torch backend on the same rounded inputs, per
+   entry, against the bounds of xtoken_ext.testing (from the dtype's unit roundoff); the table gives the worst
+   error/bound ratio (≤ 1 passes). H-KL / GOLD / ULD: entries where the sorted-L1 term is not differentiable within
+   rounding (rank or sign ties, testing.sorted_l1_ambiguous) are skipped; "checked" is the share of gradient entries
+   compared. The float64 oracle is itself checked against xt.reference (dense W, a Python loop over chunks) on a
+   smaller problem.
 2. Repeatability. Every case of the main matrix and of the ULD stage runs three times (the narrow-teacher cases
    once); losses and gradients must be bitwise equal (races; chunks of 4 teacher rows sum 3 later sparse rows per
    column, an order that float atomics would vary; the merge sort's rounds). The ULD stage also checks that every
@@ -303,6 +305,17 @@ def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
     finally:
         hkl_kernel._SORT_CAP = cap
     ok &= report("triton, ULD past the sort network", rows)
+    # P-KL where Q is below the normal fp32 range and P is not: student ids from 8 on 85 nats below the rest (at τ),
+    # the teacher unshifted, so h = P/Q reaches 2^149 (ops.pkl: only its scaled forms stay finite; on a GPU the SFU's
+    # reciprocal, which the interpreter does not run); fp32 logits: those gradient entries are subnormal, where a
+    # 16-bit store is exact to its own subnormal spacing only
+    prob = loss_problem(4, sizes.V_S, sizes.V_T, sizes.chunks)
+    prob.z[..., 8:] -= 85 * TAU
+    _header(f"backend='triton' vs float64, P-KL with subnormal Q: V_S {sizes.V_S:,} x V_T {sizes.V_T:,}, dense "
+            f"teacher, student ids >= 8 shifted by -85 tau; ratio = worst |err| / bound")
+    rows = [_printed(check_case(prob, "pkl", merge, DTYPES["fp32"], sizes, dev, _repeats(sizes, merge, DTYPES["fp32"]),
+                                teacher="tinyq")) for merge in MERGES]
+    ok &= report("triton, P-KL with subnormal Q", rows)
     return ok
 
 

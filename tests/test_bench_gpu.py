@@ -26,13 +26,15 @@ def test_dry_run_passes_every_case(tmp_path):
     out = subprocess.run([sys.executable, "-m", "xtoken_ext.bench.gpu", "--dry"], capture_output=True, text=True,
                          cwd=tmp_path, env=env, timeout=600, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    rows = re.findall(r"^(\w+) +(\w+) +(bf16|fp16|fp32|fp64) (dense|sparse|narrow|wide) .* (PASS|FAIL)$", out.stdout,
-                      re.MULTILINE)
+    rows = re.findall(r"^(\w+) +(\w+) +(bf16|fp16|fp32|fp64) (dense|sparse|narrow|wide|tinyq) .* (PASS|FAIL)$",
+                      out.stdout, re.MULTILINE)
     cases = {r[:4] for r in rows if r[2] != "fp64" and r[3] in ("dense", "sparse")}
     assert len(cases) == len(gpu.LOSSES) * len(gpu.MERGES) * len(gpu.DTYPES) * len(gpu.TEACHERS)
     assert len({r[:3] for r in rows if r[3] == "narrow"}) == len(gpu.NARROW) * len(gpu.MERGES) * len(gpu.DTYPES)
     # ULD past the (lowered) sort network: the merge sort of both whole lists
     assert {r[:3] for r in rows if r[3] == "wide"} == {("uld", m, d) for m in gpu.MERGES for d in gpu.DTYPES}
+    # P-KL where Q is subnormal (fp32)
+    assert {r[:3] for r in rows if r[3] == "tinyq"} == {("pkl", m, "fp32") for m in gpu.MERGES}
     assert len([r for r in rows if r[2] == "fp64"]) == len(gpu.LOSSES) * len(gpu.MERGES) * len(gpu.TEACHERS)
     assert all(r[4] == "PASS" for r in rows) and "FAIL" not in out.stdout
     assert re.search(r"^\w+ +mean +bf16 dense .* yes +[\d.]+ +PASS$", out.stdout, re.MULTILINE)  # the repeat check ran
