@@ -151,7 +151,7 @@ XT_INLINE V2 exp2_bits(VI2 e) { return (V2)((VU2)e << 23); }
 // exact-product steps, e^r by its degree-7 Taylor polynomial (truncation < 1e-8 relative), times 2^⌊n/2⌋ 2^⌈n/2⌉
 // built in exponent bits (two factors, so results down to the subnormal range come out as libm's do). x < −104
 // (e^x below half the smallest subnormal) gives 0, NaN stays NaN. Branch-free, so loops over it vectorize. shift:
-// e^x 2^shift, exact (n + shift), for x ≤ −shift ln 2 (P-KL's 2^24 p: normal where p is subnormal).
+// e^x 2^shift, exact (n + shift), for x ≤ 88 − shift ln 2 (P-KL's 2^24 p: normal where p is subnormal).
 template <class F>
 XT_INLINE F fexp(F x, int shift = 0) {
   using I = typename IntOf<F>::type;
@@ -384,11 +384,16 @@ XT_HOT float block_dot(const float* a, const float* b, int64_t n) {
   return block_sum(tmp, n);
 }
 
-// out[i] ← ((g[i] − d) · (e[i] f)) c: the softmax Jacobian, the g − ⟨p, g⟩ difference taken before the product
-// (out may be e). P-KL: e f = 2^24 p and g, d scaled by 2^-24 / c, their product bounded where g is not.
+// out[i] ← (g[i] p − p d u) c, p = e[i] f: P-KL's softmax Jacobian p ⊙ (g − ⟨p, g⟩) with e f = p/u (u = 2^-24, or
+// 2^-88 where Z is tiny), g scaled by 2^-24 / c and d = ⟨p, g⟩/u (unscaled it underflows where Z is tiny): the
+// products are bounded where g is not (out may be e).
 template <class D>
-XT_HOT void write_grad(typename D::T* out, const float* e, const float* g, int64_t n, float f, float d, float c) {
-  for (int64_t i = 0; i < n; ++i) out[i] = D::put(((g[i] - d) * (e[i] * f)) * c);
+XT_HOT void write_grad(typename D::T* out, const float* e, const float* g, int64_t n, float f, float d, float u,
+                       float c) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float p = e[i] * f;
+    out[i] = D::put((g[i] * p - (p * d) * u) * c);
+  }
 }
 
 // out[i] ← (g[i] − d e[i]) f: the log-softmax Jacobian, d = p-scale · Σ g (out may be e).
@@ -656,10 +661,13 @@ XT_INLINE W kl_terms(W x, W add, W q, const KlLanes<W>& k, W& loss, W& p, W& rq)
   const W T = (x - k.a) * k.b + k.c + add;
   const W P = fexp(T);
   const W Q = q * k.qs * k.inv, Qe = Q + k.eps;
+  // 2^24 (Q + eps) from the unrounded product: normal where Q + eps is subnormal (no bits lost to its rounding),
+  // for r = 2^-24 P/(Q + eps) ≤ 2^125 and the log of a subnormal Q + eps (Q + eps = 0 keeps its −inf)
+  const W Qse = q * k.qs * k.inv24 + k.eps * 0x1p24f;
   const auto pos = P > 0.0f;
-  // r = 2^-24 P/(Q + eps) ≤ 2^125, from 2^24 Q (normal where Q is subnormal: no bits lost to its rounding)
-  const W r = sel(pos, P / (q * k.qs * k.inv24 + k.eps * 0x1p24f), W{});
-  loss += sel(pos, P * (T - flog(Qe)), W{});
+  const auto sub = (Qe < 0x1p-126f) & (Qe > 0.0f);
+  const W r = sel(pos, P / Qse, W{});
+  loss += sel(pos, P * (T - (flog(sel(sub, Qse, Qe)) - sel(sub, W{} + 16.635532f, W{}))), W{});
   p += P;
   rq += sel(pos, r * Q, W{});
   return r;
@@ -708,7 +716,7 @@ XT_HOT void kl_block(const float* const* src, const float* add, int64_t n, const
 
 // g = W G lane-wise, scaled by 2^-24/cg: g[s] = Σ_slot w (M − r[col]), r = fb[col's block] rT[col] (0 in lanes not
 // kept; M, r scaled by 2^-24: r reaches 2^125 where Q is subnormal), from W's ELL rows (a slot outside A reads the
-// zero row V_C), written over pT[s] (= 2^24 p̄[s]: the products pT g stay bounded) after grad_w[4s + j] += Σ_l
+// zero row V_C), written over pT[s] (= 2^24 p̄[s]/unit: the products pT g stay bounded) after grad_w[4s + j] += Σ_l
 // (pT_l[s] (M − r_l[col])) cg_l (lanes in order; slots outside A get none) when gw is given; dot[l] = Σ_s pT_l[s]
 // g_l[s] (fp32 partials of ≤ kBlock rows, 4 per lane).
 XT_HOT void gather_lanes(const int32_t* col, const float* w, int64_t V_S, int32_t V_C, const VF* rT, const VF* fb,
@@ -990,6 +998,17 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
     }
     VF* pT = ws.pT.resize(V_S);
     build_lanes(src, scale, V_S, a.wsum.data(), pT, Z);
+    // Z below 2^-64 (the mass almost all on ids W maps nowhere, e.g. an empty W row's <|eot_id|>): that lane's p̄
+    // as 2^88 p̄ from here on (its products with g would be subnormal), unit = 2^-64 (Z here: 2^24 Z, then 2^88 Z)
+    float unit[kR];
+    VF up{};
+    bool biased = false;
+    for (int l = 0; l < kR; ++l) {
+      unit[l] = Z[l] > 0.0 && Z[l] < 0x1p-40 ? 0x1p-64f : 1.0f;
+      up[l] = 1.0f / unit[l], Z[l] /= unit[l], biased |= unit[l] != 1.0f;
+    }
+    if (biased)
+      for (int64_t j = 0; j < V_S; ++j) pT[j] *= up;
 
     // several teacher rows: scans, then Σ_r log π_r (one LSE pass each); a bad row drops the chunk (its lane's
     // results are discarded)
@@ -1132,7 +1151,7 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
       } else {
         a.loss[L.k] = static_cast<float>(tt * kl);
         M[l] = static_cast<float>(a.eps > 0.0f ? L.sum_rq : 0x1p-24 * L.sum_p);  // 2^-24 M, as r
-        cg[l] = static_cast<float>(tt * 0x1p24 / L.Z * k * (a.chunk_scale ? a.chunk_scale[L.k] : 1.0f));  // Z: 2^24 Z
+        cg[l] = static_cast<float>(tt * 0x1p24 / L.Z * k * (a.chunk_scale ? a.chunk_scale[L.k] : 1.0f));  // unit τ² c/Z
         keep[l] = -1;
         any = true;
       }
@@ -1165,9 +1184,9 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
               if (pass == 0) {
                 ws.dots[r] += block_dot(e, gl, n);
               } else {
-                const float c = ws.c[r];
-                const float d = static_cast<float>(L.ns == 1 ? 0x1p-24 * dot[l] : c * ws.dots[r]);
-                write_grad<S>(out + (L.s_lo + i) * V_S + s0, e, gl, n, c * 0x1p24f, d,
+                const float f = ws.c[r] * 0x1p24f / unit[l];  // e f = 2^24 p_r / unit
+                const float d = static_cast<float>(L.ns == 1 ? dot[l] : f * ws.dots[r]);  // 2^24 ⟨p_r, g⟩ / unit
+                write_grad<S>(out + (L.s_lo + i) * V_S + s0, e, gl, n, f, d, 0x1p-24f * unit[l],
                               cg[l] / (static_cast<float>(L.ns) * a.tau));
               }
             }

@@ -153,7 +153,7 @@ def test_issue_from_sass(proj):
     assert abs(p["R"] / (P.TILES_GPU["BLOCK_E"] / lanes) - P.ENTRY_COST) < 1
     # the SFU's MUFU instructions are the math's transcendentals, per lane (a thread holds BLOCK / lanes of a tile)
     # and one per tile for the running max's rescale: A exp(x/τ − m); C per column e = exp(x̄ − m), log(q + eps),
-    # h_u = exp(x̄ − m − log(q + eps)) and p = exp2 per column-ELL slot; R p per entry; D p per student; H-KL S1 / T1
+    # h_u = e/(q + eps) (the reciprocal) and p = exp2 per column-ELL slot; R p per entry; D p per student; H-KL S1 / T1
     # the row's exp, S3 the student's p and the teacher's P at a common column
     f, per_t, per_s = p["sfu"], P.TILES_GPU["BLOCK_T"] // lanes, P._CONFIGS[0].kwargs["BLOCK_S"] // lanes
     assert f["C"] == {str(k): per_t * (3 + k) + 1 for k in range(1, P.SLOTS + 1)}

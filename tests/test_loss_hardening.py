@@ -21,6 +21,7 @@ from helpers import BACKENDS, LOSSES, check, dense_w, device, grad_bound, kappa,
 from xtoken_ext import reference as ref
 from xtoken_ext.losses import LearnableProjection
 from xtoken_ext.projection import Projection, ProjectionFileError
+from xtoken_ext.testing import C, math_roundoff
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's masked lanes
 pkl_rows, hkl_rows = torch.ops.xtoken.pkl_rows, torch.ops.xtoken.hkl_rows
@@ -319,8 +320,8 @@ def test_hkl_op_policy(backend):
 
 def test_native_pkl_tiny_projected_mass_keeps_a_finite_loss():
     """0 < Z < the smallest normal fp32 (student logit gaps ~95 to the empty W row): 1/Z overflows fp32, which made
-    the native loss NaN (then reported as bad input); now it agrees with the torch op and float64. (The fp32
-    gradient τ²/Z·(M − h) still overflows there, in every backend: a documented limit.)"""
+    the native loss NaN (then reported as bad input); now it agrees with the torch op and float64 (the gradient:
+    test_pkl_gradient_where_z_is_below_the_normal_range)."""
     z = torch.full((2, V_S), -95.0)
     z[:, EMPTY_ROW] = 0.0
     t = torch.randn(2, V_T, generator=torch.Generator().manual_seed(13))
@@ -351,6 +352,40 @@ def test_pkl_gradient_where_q_is_below_the_normal_range(backend, merge, learn_w)
          for s_lo, _, t_lo, _ in P.spans.tolist()]
     assert float(torch.cat(h)[P.col_mask.repeat(len(h))].max()) > 128 * math.log(2)  # log h: past fp32's range
     run_pkl(P, torch.float32, merge, 1.0, learn_w, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("merge,learn_w,tau,compact", [("mean", True, 1.0, False), ("first", False, 0.25, True)])
+def test_pkl_gradient_where_z_is_below_the_normal_range(backend, merge, learn_w, tau, compact):
+    """The student's mass almost all on an id whose W row is empty (as <|eot_id|> in the real Llama-3 -> Qwen3 W),
+    every other id 95 nats below it: Z = Σ_A Wᵀp̄ (~1e-40) is below the smallest normal fp32 and the loss (of the
+    renormalized Q) finite. Before: τ²/Z passed fp32's range (the gradient inf / NaN; with τ < 1 2^24/Z alone did, a
+    finite wrong gradient), ⟨p, g⟩ ~ Z g underflowed (Triton's merged rows: 4.6× the gradient bound here), and the
+    torch and C++ losses took the log of the rounded subnormal Q (7-8× the loss bound). Now the chunk's p are formed
+    as 2^88 p (unit 2^-64 in the factors), ⟨p, g⟩ is kept scaled and the log of a subnormal Q comes from 2^24 Q:
+    loss, gradient and W gradient match the float64 oracle on every backend. compact: A is at most half of the
+    teacher columns (the C++ kernel's column space is then A's). Bound: the gradient bound's p term stands for the M
+    term τ (p/Z) w M of dz at Z ~ 1; here it is taken at p/Z, and the subnormal entries to 2^-126 (flush-to-zero, as
+    test_pkl_eps_kinds)."""
+    P = make_problem(seed=5, V_S=97, V_T=61, n_chunks=3, max_rows=2, sparse_k=0, mask_mode="covered",
+                     empty_rows=0.1, hub=False)
+    if compact:
+        P.col_mask[30:] = False
+    empty = int(torch.nonzero((P.w_idx < 0).all(1))[0])
+    P.z.mul_(tau).sub_(95.0 * tau)  # z/τ as at τ = 1: every other id 95 nats below it, within ±6
+    P.z[:, empty] += 95.0 * tau
+    P.t.mul_(tau)
+    W = dense_w(P.w_idx, P.w_val.double(), P.col_mask.numel())[:, P.col_mask]
+    inv_z = torch.zeros(P.z.shape[0], dtype=torch.float64)
+    for s_lo, s_hi, _, _ in P.spans.tolist():
+        rows = range(s_lo, s_hi if merge == "mean" else s_lo + 1)
+        Z = float(torch.stack([torch.softmax(P.z[r].double() / tau, 0) @ W for r in rows]).mean(0).sum())
+        assert 0 < Z < 2.0 ** -126
+        inv_z[list(rows)] = 1 / Z
+    p = torch.softmax(P.z.double() / tau, 1)
+    um = C * math_roundoff(torch.float32) * kappa(P.z, P.t, tau)
+    run_pkl(P, torch.float32, merge, tau, learn_w, backend=backend,
+            grad_floor=um * 2 * tau * p * inv_z.unsqueeze(1) + 2.0 ** -126)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -281,11 +281,12 @@ def softmax_rows(s_logits: Tensor, rows: Tensor, tau: float, md, log: bool) -> T
     return torch.log_softmax(x, 1) if log else torch.softmax(x, 1)
 
 
-def write_grad(grad, rows, seg, n, p, g, tau, merge, wrt_log_p: bool, scale=None):
+def write_grad(grad, rows, seg, n, p, g, tau, merge, wrt_log_p: bool, scale=None, p_unit=None):
     """Student logit gradient rows from g = ∂L/∂(merged vector) per chunk; g_r = g[chunk]/n (mean) or g[chunk]
-    (first row). wrt p (P-KL):  dz_r = p_r ⊙ (g_r − ⟨p_r, g_r⟩)/τ;  wrt ℓ = log p:  dz_r = (g_r − p_r Σ g_r)/τ.
-    scale (P-KL, [K]): p comes as 2^24 p and g as 2^-24 g / scale (h reaches 2^149 where Q is subnormal: ops.pkl),
-    dz_r = ((2^24 p_r) ⊙ (g_r − ⟨p_r, g_r⟩)) scale/τ: the product is bounded where g is not."""
+    (first row). wrt ℓ = log p (H-KL): dz_r = (g_r − p_r Σ g_r)/τ. wrt p (P-KL): dz_r = p_r ⊙ (g_r − ⟨p_r, g_r⟩)/τ,
+    with p as p/u and g as 2^-24 g / scale (per chunk [K]: u = p_unit, 2^-24 or less; h reaches 2^149 where Q is
+    subnormal, ops.pkl), formed as ((p_r/u) ⊙ g_r − (p_r/u) ⟨p_r/u, g_r⟩ u) scale/τ: the products are bounded where
+    g is not, and ⟨p_r, g_r⟩ is not formed unscaled (~ Z g, it underflows where Z is tiny)."""
     multi = rows.numel() != g.shape[0]
     gr = g.index_select(0, seg) if multi else g
     if merge == "mean" and multi:
@@ -293,15 +294,16 @@ def write_grad(grad, rows, seg, n, p, g, tau, merge, wrt_log_p: bool, scale=None
     r0, n_rows = int(rows[0]), rows.numel()
     direct = grad.dtype == p.dtype and int(rows[-1]) - r0 + 1 == n_rows  # write straight into grad's rows
     out = grad[r0:r0 + n_rows] if direct else None
+
+    def per_row(f):
+        return (f.index_select(0, seg) if multi else f).unsqueeze(1)
+
     if wrt_log_p:
         dz = torch.sub(gr, p * gr.sum(1, keepdim=True), out=out)
-    elif scale is None:
-        dz = torch.sub(gr, (p * gr).sum(1, keepdim=True), out=out).mul_(p)
+        if tau != 1.0:
+            dz.div_(tau)
     else:
-        dz = torch.sub(gr, (p * gr).sum(1, keepdim=True).mul_(2.0 ** -24), out=out).mul_(p)
-        f = scale / tau
-        dz.mul_((f.index_select(0, seg) if multi else f).unsqueeze(1))
-    if tau != 1.0 and scale is None:
-        dz.div_(tau)
+        d = (p * gr).sum(1, keepdim=True)  # ⟨p_r, g_r⟩ / u
+        dz = torch.mul(gr, p, out=out).sub_((p * d).mul_(per_row(p_unit))).mul_(per_row(scale / tau))
     if not direct:
         grad.index_copy_(0, rows, dz.to(grad.dtype))

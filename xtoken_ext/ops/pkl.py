@@ -12,7 +12,8 @@ Math for one chunk (student rows R_S, n_s = |R_S|; teacher rows R_T; temperature
 Merge "first" uses the first row of each side; "chain" adds Σ_{r>first} t_chain[r] to T (the student's chain scalar
 multiplies Qu and cancels in its renormalization, so it has no gradient). Terms with P = 0 count as 0.
 fp32: P/Q reaches 2^149 where Q is subnormal and P is not, so every backend forms h, M and G scaled by 2^-24 and p, Q
-as 2^24 p, 2^24 Q (normal where p, Q are not) and applies τ²/Z only to their products with p, which stay bounded.
+as 2^24 p, 2^24 Q (normal where p, Q are not; p as 2^88 p where Z < 2^-64, as when the student's mass is almost all
+on an id W maps nowhere) and applies τ²/Z only to their products with p, which stay bounded.
 Per chunk, in this order (ops._common): bad input -> loss NaN; Σ_A P = 0 -> loss 0; Z = 0 or P > 0 where
 Q + eps = 0 -> loss +inf; each with exact-zero gradient rows and no W-gradient part.
 """
@@ -115,36 +116,48 @@ def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature,
             0, seg, p).div_(n_s[k0:k1].unsqueeze(1))
         Q = (Wt @ pbar.t()).t().contiguous()  # [Kb, |A|] = (Wᵀ p̄ᵀ)ᵀ restricted to A
         sigma = Q.sum(1, keepdim=True)
-        Qs = Q * (2.0 ** 24 / sigma)  # 2^24 Q, from the unrounded 2^24 Qu
+        Qs = (Q * 2.0 ** 24).div_(sigma)  # 2^24 Q, from the unrounded 2^24 Qu (2^24/σ may pass fp32's range)
         Q.div_(sigma)
         T = teacher_block(t_vals, t_cols, t_rows, t_seg, n_t[k0:k1], Kb, cols, tau, md,
                           None if t_chain_sum is None else t_chain_sum[k0:k1])
         P = torch.exp(T)
         zero_p = P <= 0  # terms with P = 0 count as 0 (also where T = −inf or Q = 0)
         Qe = Q + eps if eps else Q
+        Qse = Qs.add_(eps * 2.0 ** 24) if eps else Qs  # 2^24 (Q + eps)
         no_mass = P.sum(1) == 0
         degenerate = (sigma.squeeze(1) == 0) | (~zero_p & (Qe == 0)).any(1)
         buf = torch.log(Qe)
+        sub = (Qe < 2.0 ** -126) & (Qse > 0)
+        if bool(sub.any()):  # a subnormal Q + eps: its log from 2^24 (Q + eps), which kept the bits
+            buf = torch.where(sub, torch.log(Qse).sub_(24 * math.log(2)), buf)
         lb = T.sub_(buf).mul_(P).masked_fill_(zero_p, 0.0).sum(1).mul_(tt)
         loss[k0:k1] = torch.where(bad, math.nan, torch.where(no_mass, 0.0, torch.where(degenerate, math.inf, lb)))
         # h = P/(Q + eps) reaches 2^149 where Q + eps is subnormal: G = ∂L/∂Qu = coef (M − h) is formed as G' = M' − h'
-        # (M', h' = 2^-24 M, h), its factor coef = τ² c/Z applied only to its products with 2^24 p (bounded)
-        r = torch.div(P, Qs.add_(eps * 2.0 ** 24) if eps else Qs, out=Qs).masked_fill_(zero_p, 0.0)  # h'
+        # (M', h' = 2^-24 M, h), its factor coef = τ² c/Z applied only to its products with p (bounded)
+        r = torch.div(P, Qse, out=Qse).masked_fill_(zero_p, 0.0)  # h'
         M = P.sum(1, keepdim=True).mul_(2.0 ** -24) if not eps else (r * Q).sum(1, keepdim=True)
         G = r.neg_().add_(M)
-        coef = tt * 2.0 ** 24 / sigma.squeeze(1)  # σ = 2^24 Z
+        # Z below 2^-64 (the student's mass almost all on ids W maps nowhere, e.g. an empty W row's <|eot_id|>): the
+        # chunk's p taken as 2^88 p from here on (their products with G' would be subnormal), unit = 2^-64 in coef
+        # and in write_grad's ⟨p, g⟩ term; σ = 2^24 Z
+        unit = torch.where((sigma.squeeze(1) > 0) & (sigma.squeeze(1) < 2.0 ** -40), 2.0 ** -64, 1.0)
+        if bool((unit != 1).any()):
+            p = p / unit.index_select(0, seg).unsqueeze(1)
+            pbar = pbar / unit.unsqueeze(1)
+        coef = tt * 2.0 ** 24 * unit.double() / sigma.squeeze(1).double()
         if chunk_scale is not None:
-            coef = coef * chunk_scale[k0:k1].to(md)
+            coef = coef * chunk_scale[k0:k1].double()
         drop = bad | no_mass | degenerate  # no gradient: exact zeros, whatever G and p hold for these chunks
-        coef = torch.where(drop, 0.0, coef)
+        coef = torch.where(drop, 0.0, coef).to(md)
         if bool(drop.any()):
             G.masked_fill_(drop.unsqueeze(1), 0.0)
             pbar = pbar.masked_fill(drop.unsqueeze(1), 0.0)
             p = p.masked_fill(drop[seg].unsqueeze(1), 0.0)
         g = (W @ G.t()).t()  # [Kb, V_S] ELL gather as a sparse-dense product
-        if grad_wj is not None:  # Σ_k coef_k (2^24 p̄_k[s]) G'_k[t]
+        if grad_wj is not None:  # Σ_k coef_k (2^24 p̄_k[s] / unit_k) G'_k[t]
             grad_wj += (pbar.index_select(1, s_j) * G.index_select(1, t_j)).mul_(coef.unsqueeze(1)).sum(0)
-        write_grad(grad, rows, seg, n_s[k0:k1], p, g, tau, merge, wrt_log_p=False, scale=coef)
+        write_grad(grad, rows, seg, n_s[k0:k1], p, g, tau, merge, wrt_log_p=False, scale=coef,
+                   p_unit=unit.mul_(2.0 ** -24))
     grad_w = None
     if grad_wj is not None:
         grad_w = torch.zeros(w_val.shape, dtype=torch.float32, device=dev)

@@ -12,7 +12,10 @@ the slots outside A zeroed, ``w_eff``; the column or its rank; its tile) — 9 B
 ids, against 48 B for [V_S, 4] ids, weights and tiles (every row of the batch reads it from L2). Persistent
 programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass a fixed-length loop over tiles:
   A  student rows: online LSE, Z_r = Σ_s p_r[s] a_s (a = row sums of w_eff); bad input makes the sums NaN, then
-     the row is scanned (ops._tl.row_bad)                                                      [reads z]
+     the row is scanned (ops._tl.row_bad). Z < 2^-64 (the mass almost all on ids W maps nowhere): Z is summed
+     again as 2^64 Z from 2^64 p (A's exps flush below 2^-126 on a GPU: _z_scaled) and the rows' stored LSE is
+     lowered by 64 ln 2, so that every p formed below is 2^88 p, not 2^24 p (unit = 2^-64 in the factors of 1/Z,
+     which then stay finite)                                                                          [reads z]
   B  (sparse teacher, or several teacher rows) per-row teacher LSE over A, bad-input flag        [reads t]
   R  dense teacher: the residual entries in blocks of BLOCK_E, gathering p̄' = Σ_r p_r at their students, a
      segmented scan per column (no differences of a running sum: cancellation would wipe out a small column sum),
@@ -43,11 +46,12 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
   D  gradient rows, in the logits' dtype: g'_s = Σ_slot w_eff (M' − h'[col]) (one ELL gather of the scratch row,
      the dense case folding its tile's factor in through the slots' tile ids; a slice runs as many slots as its
      widest student has: one on half of the real Llama-3 W's slices), dz_r = τ/(n_s Z) ((2^24 p_r)(g' − d_r)), the
-     product of the 2^24- and 2^-24-scaled factors bounded where g' alone reaches 2^127, d_r = ⟨p_r, g'⟩; for one
-     student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h: _slice_single, pipelined by
-     hand; merged rows _slice_rows, unpipelined). The owner computes d_r, stores
-     (M, coef, valid) and publishes the chunk (a release); its dz rows are then G slices of SLICE student tiles
-     that ANY program may take (an acquire on the chunk's sync word, read past L1) and compute. Every program, before
+     product of the 2^24- and 2^-24-scaled factors bounded where g' alone reaches 2^127, d_r = ⟨p_r, g'⟩ (kept as
+     2^24 d_r / unit, which does not underflow where Z is tiny, and subtracted as (2^24 p_r)(2^24 d_r) 2^-24 unit);
+     for one student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h: _slice_single, pipelined by hand; merged rows
+     _slice_rows, unpipelined). The owner computes d_r, stores (M, coef, valid and unit) and publishes the chunk
+     (a release); its dz rows are then G slices of SLICE student tiles that ANY program may take (an acquire on the
+     chunk's sync word, read past L1) and compute. Every program, before
      its next chunk (whose C overwrites its scratch rows), takes open slices oldest first, its previous chunk's
      included, then waits for that chunk's slices in flight (a take never waits, so neither does anything it waits
      for). So a chunk's scratch row lives shorter than C/2 + D (a simulation of this protocol with 132 programs:
@@ -124,6 +128,19 @@ def _row_stats(row_ptr, a_ptr, V, inv_tau, BLOCK: tl.constexpr):
         lw = lw * alpha + e * aw
     l = tl.sum(l)
     return m + tl.log(l), tl.sum(lw) / l, _tl.row_bad(row_ptr, V, l, BLOCK) + (l == 0).to(tl.int32)
+
+
+@triton.jit
+def _z_scaled(row_ptr, a_ptr, V, inv_tau, lse, BLOCK: tl.constexpr):
+    """2^64 Σ_v softmax(row/τ)[v] a[v] from the row's lse: A's Z_r where it is below 2^-64, from 2^64 p (normal down
+    to p = 2^-190; A's running sums flush its terms below 2^-126 on a GPU)."""
+    a, b = _tl.exp2_args(inv_tau, lse)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for v0 in range(0, V, BLOCK):
+        o = v0 + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + o, mask=o < V, other=float("-inf"))
+        acc += _tl.softmax_exp2(x, a, b - 40.0) * tl.load(a_ptr + o, mask=o < V, other=0.0)  # 2^(24 + 40) p
+    return tl.sum(acc)
 
 
 @triton.jit
@@ -278,7 +295,22 @@ def _pkl_kernel(
                 z_sum += z_r
                 bad += bad_r
             Z = z_sum / n_s
-            inv_qz = _tl.P_UNIT / (n_s * tl.where(Z > 0, Z, 1.0))  # q = 2^-24 Qu / (n_s Z), Qu = 2^24 Σ_r Wᵀp_r
+            # Z below 2^-64 (the student's mass almost all on ids W maps nowhere, e.g. an empty W row's <|eot_id|>):
+            # Zu = 2^64 Z summed again from 2^64 p (A's exps flush below 2^-126 on a GPU), and the chunk's p formed
+            # as 2^88 p instead of 2^24 p from here on (its rows' stored LSE lowered by 64 ln 2), so that the factors
+            # of 1/Z stay finite; unit = 2^-64 takes it back in them (and in D's ⟨p, g⟩ term). Else Zu = Z
+            unit = tl.where(Z < 5.421010862427522e-20, 5.421010862427522e-20, 1.0)  # NaN (bad input): 1
+            Zu = Z
+            if unit != 1.0:
+                tl.debug_barrier()  # the LSEs were stored by single lanes
+                z_sum = tl.zeros((), tl.float32)
+                for r in range(s_lo, s_hi):
+                    lse_r = tl.load(lse_s_ptr + r)
+                    z_sum += _z_scaled(z_ptr + r * stride_z, a_ptr, V_S, inv_tau, lse_r, BLOCK_S)
+                    tl.debug_barrier()  # every lane has read the LSE before it is replaced
+                    tl.store(lse_s_ptr + r, lse_r - 44.3614195558365)  # 64 ln 2
+                Zu = z_sum / n_s
+            inv_qz = _tl.P_UNIT / (n_s * tl.where(Zu > 0, Zu, 1.0))  # q = 2^-24 Qu / (n_s Z), Qu = 2^24 Σ Wᵀp_r / unit
 
             # B: teacher row LSEs (sparse, or several rows), their sum, and for sparse the later rows' columns.
             lse_sum = tl.zeros((), tl.float32)
@@ -352,14 +384,14 @@ def _pkl_kernel(
             M = F * mu * _tl.P_UNIT  # 2^-24 M, in h_u's scale (_c_update): g = Σ w (M − h) is formed scaled by 2^-24
             # degenerate: Z = 0, or a column with P > 0 (in fp32) and Q + eps = 0 (an infinite KL)
             inf_kl = tl.exp(m_zero - m) * F > 0
-            valid = (bad == 0) & (l > 0) & (Z > 0) & ~inf_kl
+            valid = (bad == 0) & (l > 0) & (Zu > 0) & ~inf_kl
             loss = tl.where(bad > 0, float("nan"), tl.where(l > 0, float("inf"), 0.0))
             tl.store(loss_ptr + k, tl.where(valid, tau * tau * F * (s1 + mc * l), loss))
             if HAS_SCALE:
                 scale = tl.load(scale_ptr + k)
             else:
                 scale = 1.0
-            coef = tl.where(valid, tau * scale / (n_s * tl.where(Z > 0, Z, 1.0)), 0.0)
+            coef = tl.where(valid, tau * scale / (n_s * tl.where(Zu > 0, Zu, 1.0)), 0.0)  # unit τ c/(n_s Z)
             if GRAD_W:
                 tl.store(stat_ptr + 2 * (k - k0), tau * coef * n_s)  # ∂L/∂W_sv = (τ² c/Z) p̄_s (M − h_v)
                 tl.store(stat_ptr + 2 * (k - k0) + 1, M)
@@ -395,8 +427,8 @@ def _pkl_kernel(
                         o = v0 + offs_s
                         om = o < V_S
                         g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, FOLD, SLOTS)
-                        d += tl.sum(_tl.softmax_tile(z_ptr + r * stride_z, o, om, inv_tau, lse_r, "") * g)
-                    tl.store(dr_ptr + r, d)
+                        d += tl.sum(_tl.softmax_tile_exp2(z_ptr + r * stride_z, o, om, inv_tau, lse_r) * g)
+                    tl.store(dr_ptr + r, d)  # 2^24 ⟨p_r, g⟩ / unit: ⟨p_r, g⟩ ~ Z g would underflow where Z is tiny
             else:
                 tl.store(dr_ptr + s_lo, 0.0)
             if SPARSE and n_t > 1:  # the later rows' scratch is C's only
@@ -404,7 +436,7 @@ def _pkl_kernel(
             c = k - k0
             tl.store(rs_ptr + 3 * c, M)
             tl.store(rs_ptr + 3 * c + 1, coef)
-            tl.store(rs_ptr + 3 * c + 2, valid.to(tl.float32))
+            tl.store(rs_ptr + 3 * c + 2, tl.where(valid, unit, 0.0))  # valid, and the chunk's unit
             tl.debug_barrier()  # every lane's h, d_r and stats stores precede the release
             tl.atomic_xchg(sync_ptr + 1 + c, (pid + 1) * PUB, sem="release", scope="gpu")
 
@@ -611,12 +643,12 @@ def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, 
     is taken from l after the loop and the log from q and q_s (_tl.fast_log_pair: no scaling multiply, a subnormal
     q's bits kept); eps > 0, no lane has q + eps = 0, so the zero-mass max stays at its initial NEG, and for eps ≥
     2^-126 the log needs no subnormal scaling (C at K = 1: 541 → 517 instructions per thread per tile with eps = 0,
-    → 463 with eps = 1e-10; sm_90 SASS; 512 with the pair and h_u's reciprocal below),
+    → 463 with eps = 1e-10; sm_90 SASS; now 512 / 472, with the pair and h_u's reciprocal below),
     h_u = 2^-24 e/(q + eps) = e/(q_s + 2^24 eps), q_s = 2^24 q formed from qu without q's subnormal rounding:
     scaled, h_u stays finite where q + eps is subnormal (e/q reaches 2^149; D's products p h are bounded, h is not),
-    and the SFU's reciprocal (_tl.fast_div: q_s + 2^24 eps in [2^-125, 2^25] where q > 0 or eps > 0) takes the
+    and the SFU's reciprocal (_tl.fast_div: q_s + 2^24 eps in [2^-126, 2^25] where q > 0 or eps > 0) takes the
     place of the exp of x̄ − m − log(q + eps) (the same count, without the log's error). On a GPU an e or h_u below
-    2^-126 is flushed to 0: a dropped term of D's g, below τ 2^-126 in dz (p_s w h ≤ Z P with P < 2^-126).
+    2^-126 (h < 2^-102) is flushed to 0 (.ftz): a dropped term of D's g, below τ 2^-102 in dz (p_s w h ≤ n_s Z h).
     poison_x: NaN in the S1 term of a lane whose (single dense row's) x̄ is NaN or +inf, else 0."""
     q = qu * inv_qz
     q_s = qu * (inv_qz * 16777216.0)  # 2^24 q
@@ -659,7 +691,8 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr
         s_lo, s_hi, _, _ = _tl.chunk_rows(spans_ptr, k0 + c, MEAN)
         M = tl.load(rs_ptr + 3 * c, cache_modifier=".cg")
         coef = tl.load(rs_ptr + 3 * c + 1, cache_modifier=".cg")
-        valid = tl.load(rs_ptr + 3 * c + 2, cache_modifier=".cg") != 0
+        unit = tl.load(rs_ptr + 3 * c + 2, cache_modifier=".cg")
+        valid = unit != 0
         h_row = h_ptr + (c.to(tl.int64) * V_T if GRAD_W else own.to(tl.int64) * row_len)
         tm_row = tm_ptr + own.to(tl.int64) * n_tiles_max
         # the slice's widest student: the slice runs the instantiation with that many ELL slots
@@ -667,7 +700,7 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr
         sv = v_lo + tl.arange(0, SLICE * BLOCK_S)
         v_hi = tl.minimum(V_S, v_lo + SLICE * BLOCK_S)
         args = (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, s_lo, s_hi, z_ptr, stride_z,
-                lse_s_ptr, dr_ptr, dz_ptr, stride_dz, V_S, inv_tau)
+                lse_s_ptr, dr_ptr, dz_ptr, stride_dz, V_S, inv_tau, unit)
         ks = tl.max(tl.load(nslot_ptr + sv, mask=sv < V_S, other=0).to(tl.int32))
         if not valid:  # zero rows (M, h and the tile factors may be anything)
             for r in range(s_lo, s_hi):
@@ -711,7 +744,7 @@ def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr
     """dz rows of a chunk's merged student rows on the student ids [v_lo, v_hi) (_take_slice), g from the ELL's
     first K slots (the row loop inside the tile loop: Triton pipelines innermost loops only, so this one is not)."""
     (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr, dr_ptr,
-     dz_ptr, stride_dz, V_S, inv_tau) = args
+     dz_ptr, stride_dz, V_S, inv_tau, unit) = args
     offs = tl.arange(0, BLOCK_S)
     for v0 in range(v_lo, v_hi, BLOCK_S):
         o = v0 + offs
@@ -721,7 +754,9 @@ def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr
             a, b = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + r, cache_modifier=".cg"))
             p = _tl.softmax_exp2(tl.load(z_ptr + r * stride_z + o, mask=om, other=float("-inf"),
                                          eviction_policy="evict_first"), a, b)
-            dz = coef * (p * (g - tl.load(dr_ptr + r, cache_modifier=".cg")))  # (2^24 p)(2^-24 (g − d_r))
+            # (2^24 p)(2^-24 g) − (2^24 p)(2^24 d_r) 2^-24 unit: d_r is kept as 2^24 ⟨p_r, g⟩ / unit (the D prologue)
+            pd = p * tl.load(dr_ptr + r, cache_modifier=".cg")
+            dz = coef * (p * g - pd * (_tl.P_UNIT * unit))
             tl.store(dz_ptr + r * stride_dz + o, dz.to(dz_ptr.dtype.element_ty), mask=om,
                      eviction_policy="evict_first")
 
@@ -733,7 +768,7 @@ def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constex
     loaded during the tile before; then the next tile's logits are loaded, and (one slot) its ELL words, carried in
     registers (K slots: loaded at the tile's start, 4 × 8 B per student would spill; the bottom of the file)."""
     (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr, dr_ptr,
-     dz_ptr, stride_dz, V_S, inv_tau) = args
+     dz_ptr, stride_dz, V_S, inv_tau, unit) = args
     offs = tl.arange(0, BLOCK_S)
     z_row = z_ptr + s_lo * stride_z
     dz_row = dz_ptr + s_lo * stride_dz
@@ -844,9 +879,9 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # memory with cp.async, the gathers included: per thread per tile, C 747 where unpipelined it was 610 and by hand it is
 # 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand 301; sm_90 SASS); merged rows' C and D
 # are not pipelined (their row loops sit inside the tile loops, and Triton pipelines innermost loops only). Per thread
-# and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 133, C 512 (its p gathers unmasked; 933 for merged rows;
-# 472 with eps = 1e-10), D 196 / 318 / 438 / 556 (1-4 ELL slots; merged rows 229 / 602, one / four), R 903 per entry
-# block (1,045 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the
+# and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 133, C 512 (its p gathers unmasked; 936 for merged rows;
+# 472 with eps = 1e-10), D 196 / 318 / 438 / 556 (1-4 ELL slots; merged rows 237 / 610, one / four), R 899 per entry
+# block (1,037 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the
 # SASS): per tile much of the work is per-thread overhead (the scans' and reductions' cross-warp steps), so fewer warps
 # issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when measured (4 warps: 28 %, but they spill;
 # 16 warps spill too, with C's per-lane accumulators). One config: the two there were differed only in the merged rows'
