@@ -149,13 +149,15 @@ XT_INLINE V2 exp2_bits(VI2 e) { return (V2)((VU2)e << 23); }
 
 // e^x = 2^n e^r: n = rint(x/ln 2) (adding 1.5·2²³ rounds to an integer), r = x − n ln 2 ∈ [−ln2/2, ln2/2] in two
 // exact-product steps, e^r by its degree-7 Taylor polynomial (truncation < 1e-8 relative), times 2^⌊n/2⌋ 2^⌈n/2⌉
-// built in exponent bits (two factors, so results down to the subnormal range come out as libm's do). x < −104
-// (e^x below half the smallest subnormal) gives 0, NaN stays NaN. Branch-free, so loops over it vectorize. shift:
-// e^x 2^shift, exact (n + shift), for x ≤ 88 − shift ln 2 (P-KL's 2^24 p: normal where p is subnormal).
+// built in exponent bits (two factors, so results down to the subnormal range come out as libm's do). shift: e^x
+// 2^shift, exact (n + shift), for x ≤ 88 − shift ln 2 (P-KL's 2^24 p: normal where p is subnormal; 2^88 p). x below
+// lo = −104 − shift ln 2 (e^x 2^shift below half the smallest subnormal) gives 0, NaN stays NaN. Branch-free, so
+// loops over it vectorize.
 template <class F>
 XT_INLINE F fexp(F x, int shift = 0) {
   using I = typename IntOf<F>::type;
-  const F xc = fmin_(fmax_(x, F{} - 104.0f), F{} + 88.0f);
+  const float lo = -104.0f - 0.693147f * static_cast<float>(shift);
+  const F xc = fmin_(fmax_(x, F{} + lo), F{} + 88.0f);
   const F t = xc * 1.44269504f + 12582912.0f;
   const F n = t - 12582912.0f;
   const I ni = as_int(t) - as_int(12582912.0f) + shift, n1 = ni >> 1;
@@ -170,7 +172,7 @@ XT_INLINE F fexp(F x, int shift = 0) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const F y = p * exp2_bits(n1 + 127) * exp2_bits(ni - n1 + 127);
-  return sel(x < -104.0f, F{}, y);
+  return sel(x < lo, F{}, y);
 }
 
 // ln x = e ln 2 + ln(1 + f) for x = 2^e (1 + f), 1 + f ∈ [√½, √2) (f exact); ln(1 + f) = f − f²/2 + f³ P(f) with
@@ -630,10 +632,10 @@ XT_HOT void block_project(const int32_t* row, const int32_t* col, const float* w
   }
 }
 
-// Per-lane teacher parameters of a P-KL group: T = (src − a)·b + c + mask; Q = q·qs·inv, 2^24 Q = q·qs·inv24.
+// Per-lane teacher parameters of a P-KL group: T = (src − a)·b + c + mask; Q = q·inv, 2^24 Q = q·inv24.
 template <class W>
 struct KlLanes {
-  W a, b, c, qs, inv, inv24;
+  W a, b, c, inv, inv24;
   float eps;
 };
 
@@ -660,10 +662,10 @@ template <class W>
 XT_INLINE W kl_terms(W x, W add, W q, const KlLanes<W>& k, W& loss, W& p, W& rq) {
   const W T = (x - k.a) * k.b + k.c + add;
   const W P = fexp(T);
-  const W Q = q * k.qs * k.inv, Qe = Q + k.eps;
+  const W Q = q * k.inv, Qe = Q + k.eps;
   // 2^24 (Q + eps) from the unrounded product: normal where Q + eps is subnormal (no bits lost to its rounding),
   // for r = 2^-24 P/(Q + eps) ≤ 2^125 and the log of a subnormal Q + eps (Q + eps = 0 keeps its −inf)
-  const W Qse = q * k.qs * k.inv24 + k.eps * 0x1p24f;
+  const W Qse = q * k.inv24 + k.eps * 0x1p24f;
   const auto pos = P > 0.0f;
   const auto sub = (Qe < 0x1p-126f) & (Qe > 0.0f);
   const W r = sel(pos, P / Qse, W{});
@@ -683,8 +685,8 @@ struct KlSums {
 
 XT_HOT void kl_block(const float* const* src, const float* add, int64_t n, const VF* q, const KlLanes<VF>& k,
                      VF* rT, KlSums* out, const char* const* next, int64_t next_bytes) {
-  const KlLanes<V2> k2{join(k.a, k.a),   join(k.b, k.b),     join(k.c, k.c),
-                      join(k.qs, k.qs), join(k.inv, k.inv), join(k.inv24, k.inv24), k.eps};
+  const KlLanes<V2> k2{join(k.a, k.a), join(k.b, k.b), join(k.c, k.c), join(k.inv, k.inv), join(k.inv24, k.inv24),
+                      k.eps};
   V2 loss[2] = {}, p[2] = {}, rq[2] = {};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -954,6 +956,25 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
   ws.dots.assign(n_c, 0.0);
   float* next_row = ws.rows.data();
 
+  // e_r = 2^shift e^{(z − m)/τ} (m: the row maxima in ws.m), c_r = 2^(shift − 24)/Σ e_r, so 2^24 p_r = c_r e_r
+  // 2^(24 − shift); p̄ (into pbar for several rows) and every sum of it below are 2^shift p̄. shift 24: normal where
+  // p̄ is subnormal (Q = Wᵀp̄/Z keeps its bits, and its products with h, which reaches 2^149, stay bounded); 88
+  // where Z is tiny (below).
+  auto student_p = [&](PklLane& L, int shift, float* pbar) {
+    float* c = ws.c.data() + L.c0;
+    const double num = std::ldexp(1.0, shift - 24);
+    for (int64_t i = 0; i < L.ns; ++i)
+      c[i] = static_cast<float>(num / exp_store<S>(z + (L.s_lo + i) * V_S, L.e + i * V_S, V_S, ws.m[i], inv_tau,
+                                                   shift));
+    if (L.ns == 1) {
+      L.p = L.e, L.p_scale = c[0] * 0x1p24f;
+    } else {
+      for (int64_t i = 0; i < L.ns; ++i)
+        add_scaled(pbar, L.e + i * V_S, V_S, c[i] * 0x1p24f / static_cast<float>(L.ns), i == 0);
+      L.p = pbar, L.p_scale = 1.0f;
+    }
+  };
+
   // per chunk: student scans (a bad row drops the chunk before any work), exponentials and p̄
   for (PklLane& L : lane) {
     if (L.state != PklLane::kLive) continue;
@@ -969,20 +990,8 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
       L.e = next_row;
       next_row += L.ns * V_S;
     }
-    // e_r = 2^24 e^{(z − m)/τ}, c_r = 1/Σ e_r, p_r = c_r e_r; p̄ and every sum of it below are 2^24 p̄ (normal where
-    // p̄ is subnormal: Q = Wᵀp̄/Z keeps its bits, and its products with h, which reaches 2^149, stay bounded)
-    float* c = ws.c.data() + L.c0;
-    for (int64_t i = 0; i < L.ns; ++i)
-      c[i] = static_cast<float>(1.0 / exp_store<S>(z + (L.s_lo + i) * V_S, L.e + i * V_S, V_S, ws.m[i], inv_tau, 24));
-    if (L.ns == 1) {
-      L.p = L.e, L.p_scale = c[0] * 0x1p24f;
-    } else {
-      float* pbar = next_row;
-      next_row += V_S;
-      for (int64_t i = 0; i < L.ns; ++i)
-        add_scaled(pbar, L.e + i * V_S, V_S, c[i] * 0x1p24f / static_cast<float>(L.ns), i == 0);
-      L.p = pbar, L.p_scale = 1.0f;
-    }
+    student_p(L, 24, L.ns > 1 ? next_row : nullptr);
+    next_row += L.ns > 1 ? V_S : 0;
   }
 
   bool any = false;
@@ -998,17 +1007,24 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
     }
     VF* pT = ws.pT.resize(V_S);
     build_lanes(src, scale, V_S, a.wsum.data(), pT, Z);
-    // Z below 2^-64 (the mass almost all on ids W maps nowhere, e.g. an empty W row's <|eot_id|>): that lane's p̄
-    // as 2^88 p̄ from here on (its products with g would be subnormal), unit = 2^-64 (Z here: 2^24 Z, then 2^88 Z)
+    // Z below 2^-64 (the mass almost all on ids W maps nowhere, e.g. an empty W row's <|eot_id|>): that lane's e_r
+    // and p̄ again as 2^88 (its products with g would be subnormal; p down to ~2^-238 kept), the lanes and Σ again
+    // (Z: 2^24 Z, there 2^88 Z), unit = 2^-64 in the factors
     float unit[kR];
-    VF up{};
     bool biased = false;
     for (int l = 0; l < kR; ++l) {
-      unit[l] = Z[l] > 0.0 && Z[l] < 0x1p-40 ? 0x1p-64f : 1.0f;
-      up[l] = 1.0f / unit[l], Z[l] /= unit[l], biased |= unit[l] != 1.0f;
+      PklLane& L = lane[l];
+      unit[l] = L.state == PklLane::kLive && Z[l] < 0x1p-40 ? 0x1p-64f : 1.0f;  // Z = 0 too: its p below 2^-174
+      if (unit[l] == 1.0f) continue;
+      biased = true;
+      scan_rows<S, T>(z + L.s_lo * V_S, L.ns, V_S, t, 0, V_T, mask, ws.m.data());  // the rows' maxima again
+      student_p(L, 88, const_cast<float*>(L.p));
+      src[l] = L.p, scale[l] = L.p_scale;
     }
-    if (biased)
-      for (int64_t j = 0; j < V_S; ++j) pT[j] *= up;
+    if (biased) {
+      std::fill(Z, Z + kR, 0.0);
+      build_lanes(src, scale, V_S, a.wsum.data(), pT, Z);
+    }
 
     // several teacher rows: scans, then Σ_r log π_r (one LSE pass each); a bad row drops the chunk (its lane's
     // results are discarded)
@@ -1045,12 +1061,10 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
     kp.eps = a.eps;
     for (int l = 0; l < kR; ++l) {
       PklLane& L = lane[l];
-      L.Z = Z[l];
-      const bool tiny = L.Z > 0.0 && L.Z < 0x1p-100;  // 2^24/Σ would overflow fp32 (Σ: of 2^24 p̄, 2^24 Z)
+      L.Z = Z[l];  // 2^88 Z where Z < 2^-64: 2^24/Z is finite for Z above ~2^-190
       kp.a[l] = L.ta, kp.b[l] = L.tb, kp.c[l] = L.state == PklLane::kLive ? L.tc : -kInf;
-      kp.qs[l] = tiny ? 0x1p64f : 1.0f;  // then Q = (Qraw·2⁶⁴)·(1/(Σ·2⁶⁴))
-      kp.inv[l] = L.Z > 0.0 ? static_cast<float>(1.0 / (tiny ? L.Z * 0x1p64 : L.Z)) : 0.0f;
-      kp.inv24[l] = L.Z > 0.0 ? static_cast<float>(0x1p24 / (tiny ? L.Z * 0x1p64 : L.Z)) : 0.0f;
+      kp.inv[l] = L.Z > 0.0 ? static_cast<float>(1.0 / L.Z) : 0.0f;
+      kp.inv24[l] = L.Z > 0.0 ? static_cast<float>(0x1p24 / L.Z) : 0.0f;
     }
     VF* rT = ws.rT.resize(V_C + 1);
     rT[V_C] = VF{};
@@ -1184,7 +1198,7 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
               if (pass == 0) {
                 ws.dots[r] += block_dot(e, gl, n);
               } else {
-                const float f = ws.c[r] * 0x1p24f / unit[l];  // e f = 2^24 p_r / unit
+                const float f = ws.c[r] * 0x1p24f;  // e f = 2^24 p_r / unit (e_r: 2^88 where unit ≠ 1)
                 const float d = static_cast<float>(L.ns == 1 ? dot[l] : f * ws.dots[r]);  // 2^24 ⟨p_r, g⟩ / unit
                 write_grad<S>(out + (L.s_lo + i) * V_S + s0, e, gl, n, f, d, 0x1p-24f * unit[l],
                               cg[l] / (static_cast<float>(L.ns) * a.tau));

@@ -355,25 +355,28 @@ def test_pkl_gradient_where_q_is_below_the_normal_range(backend, merge, learn_w)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("merge,learn_w,tau,compact", [("mean", True, 1.0, False), ("first", False, 0.25, True)])
-def test_pkl_gradient_where_z_is_below_the_normal_range(backend, merge, learn_w, tau, compact):
+@pytest.mark.parametrize("merge,learn_w,tau,compact,gap", [
+    ("mean", True, 1.0, False, 102), ("first", False, 0.25, True, 95), ("mean", False, 0.5, True, 130)])
+def test_pkl_gradient_where_z_is_below_the_normal_range(backend, merge, learn_w, tau, compact, gap):
     """The student's mass almost all on an id whose W row is empty (as <|eot_id|> in the real Llama-3 -> Qwen3 W),
-    every other id 95 nats below it: Z = Σ_A Wᵀp̄ (~1e-40) is below the smallest normal fp32 and the loss (of the
-    renormalized Q) finite. Before: τ²/Z passed fp32's range (the gradient inf / NaN; with τ < 1 2^24/Z alone did, a
-    finite wrong gradient), ⟨p, g⟩ ~ Z g underflowed (Triton's merged rows: 4.6× the gradient bound here), and the
-    torch and C++ losses took the log of the rounded subnormal Q (7-8× the loss bound). Now the chunk's p are formed
-    as 2^88 p (unit 2^-64 in the factors), ⟨p, g⟩ is kept scaled and the log of a subnormal Q comes from 2^24 Q:
-    loss, gradient and W gradient match the float64 oracle on every backend. compact: A is at most half of the
-    teacher columns (the C++ kernel's column space is then A's). Bound: the gradient bound's p term stands for the M
-    term τ (p/Z) w M of dz at Z ~ 1; here it is taken at p/Z, and the subnormal entries to 2^-126 (flush-to-zero, as
-    test_pkl_eps_kinds)."""
+    every other id ``gap`` nats below it: Z = Σ_A Wᵀp̄ (below 1e-40) is below the smallest normal fp32 and the
+    loss (of the renormalized Q) finite. Before: τ²/Z passed fp32's range (the gradient inf / NaN; with τ < 1 2^24/Z
+    alone did, a finite wrong gradient), ⟨p, g⟩ ~ Z g underflowed (Triton's merged rows: 4.6× the gradient bound at
+    gap 95; the C++ merged rows: the empty id's gradient 2.4 % off at 102), the torch and C++ losses took the log of
+    the rounded subnormal Q (7-8× the loss bound), and where Z < 2^-150 (gap 130) they formed p as 2^24 p, which
+    drops it (the loss +inf). Now the chunk's p are formed as 2^88 p (unit 2^-64 in the factors), ⟨p, g⟩ is kept
+    scaled and the log of a subnormal Q comes from 2^24 Q: loss, gradient and W gradient match the float64 oracle on
+    every backend. compact: A is at most half of the teacher columns (the C++ kernel's column space is then A's).
+    Bound: the gradient bound's p term stands for the M term τ (p/Z) w M of dz at Z ~ 1; here it is taken at p w/Z
+    (w: the id's W row sum over A; 0 at the empty id, whose gradient is the ⟨p, g⟩ term alone, of order 1), and the
+    subnormal entries to 2^-126 (flush-to-zero, as test_pkl_eps_kinds)."""
     P = make_problem(seed=5, V_S=97, V_T=61, n_chunks=3, max_rows=2, sparse_k=0, mask_mode="covered",
                      empty_rows=0.1, hub=False)
     if compact:
         P.col_mask[30:] = False
     empty = int(torch.nonzero((P.w_idx < 0).all(1))[0])
-    P.z.mul_(tau).sub_(95.0 * tau)  # z/τ as at τ = 1: every other id 95 nats below it, within ±6
-    P.z[:, empty] += 95.0 * tau
+    P.z.mul_(tau).sub_(gap * tau)  # z/τ as at τ = 1: every other id gap nats below it, within ±6
+    P.z[:, empty] += gap * tau
     P.t.mul_(tau)
     W = dense_w(P.w_idx, P.w_val.double(), P.col_mask.numel())[:, P.col_mask]
     inv_z = torch.zeros(P.z.shape[0], dtype=torch.float64)
@@ -385,7 +388,7 @@ def test_pkl_gradient_where_z_is_below_the_normal_range(backend, merge, learn_w,
     p = torch.softmax(P.z.double() / tau, 1)
     um = C * math_roundoff(torch.float32) * kappa(P.z, P.t, tau)
     run_pkl(P, torch.float32, merge, tau, learn_w, backend=backend,
-            grad_floor=um * 2 * tau * p * inv_z.unsqueeze(1) + 2.0 ** -126)
+            grad_floor=um * 2 * tau * p * W.sum(1) * inv_z.unsqueeze(1) + 2.0 ** -126)
 
 
 # ---------------------------------------------------------------------------------------------------------------

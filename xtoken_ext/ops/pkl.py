@@ -112,10 +112,15 @@ def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature,
         tiny = (p < 2.0 ** -102) & (p > 0)
         if bool(tiny.any()):
             p = torch.where(tiny, softmax_rows(s_logits, rows, tau, md, log=True).add_(24 * math.log(2)).exp_(), p)
-        pbar = p if rows.numel() == Kb else torch.zeros(Kb, V_S, dtype=md, device=dev).index_add_(
-            0, seg, p).div_(n_s[k0:k1].unsqueeze(1))
-        Q = (Wt @ pbar.t()).t().contiguous()  # [Kb, |A|] = (Wᵀ p̄ᵀ)ᵀ restricted to A
-        sigma = Q.sum(1, keepdim=True)
+        pbar, Q, sigma = _project(p, rows, seg, n_s[k0:k1], Kb, Wt)
+        # Z below 2^-64 (the student's mass almost all on ids W maps nowhere, e.g. an empty W row's <|eot_id|>): the
+        # chunk's p again as 2^88 p from log p (their products with G' would be subnormal), p̄, Qu and σ with it
+        # (σ = 2^88 Z there), unit = 2^-64 in write_grad's ⟨p, g⟩ term
+        unit = torch.where(sigma.squeeze(1) < 2.0 ** -40, 2.0 ** -64, 1.0)  # σ = 0 too: its p below 2^-174
+        if bool((unit != 1).any()):
+            big = (unit != 1).index_select(0, seg).unsqueeze(1)
+            p = torch.where(big, softmax_rows(s_logits, rows, tau, md, log=True).add_(88 * math.log(2)).exp_(), p)
+            pbar, Q, sigma = _project(p, rows, seg, n_s[k0:k1], Kb, Wt)
         Qs = (Q * 2.0 ** 24).div_(sigma)  # 2^24 Q, from the unrounded 2^24 Qu (2^24/σ may pass fp32's range)
         Q.div_(sigma)
         T = teacher_block(t_vals, t_cols, t_rows, t_seg, n_t[k0:k1], Kb, cols, tau, md,
@@ -137,14 +142,7 @@ def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature,
         r = torch.div(P, Qse, out=Qse).masked_fill_(zero_p, 0.0)  # h'
         M = P.sum(1, keepdim=True).mul_(2.0 ** -24) if not eps else (r * Q).sum(1, keepdim=True)
         G = r.neg_().add_(M)
-        # Z below 2^-64 (the student's mass almost all on ids W maps nowhere, e.g. an empty W row's <|eot_id|>): the
-        # chunk's p taken as 2^88 p from here on (their products with G' would be subnormal), unit = 2^-64 in coef
-        # and in write_grad's ⟨p, g⟩ term; σ = 2^24 Z
-        unit = torch.where((sigma.squeeze(1) > 0) & (sigma.squeeze(1) < 2.0 ** -40), 2.0 ** -64, 1.0)
-        if bool((unit != 1).any()):
-            p = p / unit.index_select(0, seg).unsqueeze(1)
-            pbar = pbar / unit.unsqueeze(1)
-        coef = tt * 2.0 ** 24 * unit.double() / sigma.squeeze(1).double()
+        coef = tt * 2.0 ** 24 / sigma.squeeze(1).double()  # τ² unit/Z
         if chunk_scale is not None:
             coef = coef * chunk_scale[k0:k1].double()
         drop = bad | no_mass | degenerate  # no gradient: exact zeros, whatever G and p hold for these chunks
@@ -163,6 +161,14 @@ def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature,
         grad_w = torch.zeros(w_val.shape, dtype=torch.float32, device=dev)
         grad_w[keep] = grad_wj.float()
     return loss, grad, grad_w
+
+
+def _project(p, rows, seg, n_s, Kb, Wt):
+    """-> (p̄ [Kb, V_S], Qu = Wᵀp̄ [Kb, |A|], σ = Σ_A Qu [Kb, 1]) of a block's student rows p (as scaled)."""
+    pbar = p if rows.numel() == Kb else torch.zeros(Kb, p.shape[1], dtype=p.dtype, device=p.device).index_add_(
+        0, seg, p).div_(n_s.unsqueeze(1))
+    Q = (Wt @ pbar.t()).t().contiguous()  # [Kb, |A|] = (Wᵀ p̄ᵀ)ᵀ restricted to A
+    return pbar, Q, Q.sum(1, keepdim=True)
 
 
 def _triton(*args):
