@@ -49,9 +49,10 @@ def test_pkl_eps_kinds(eps, kind):
     l; 1e-50 rounds to it), a positive eps below the smallest normal fp32 (q + eps may be subnormal: the SFU log keeps
     its subnormal scaling) and a normal one (the log without it). Most students and the teacher columns only they
     reach sit 90 below the rest, so q + eps is subnormal at those columns for eps = 0 and 1e-40 (their P tiny too;
-    test_pkl_gradient_where_q_is_below_the_normal_range has P large there): on a GPU the unscaled log would flush it to 0 and make the loss NaN or +inf there (under the
-    interpreter both logs are tl.log: there the kinds are checked by _eps_kind). Each matches the float64 oracle
-    (eps = 0 on the covered columns: a column without W entries has q = 0, an infinite KL)."""
+    test_pkl_gradient_where_q_is_below_the_normal_range has P large there): on a GPU the unscaled log would flush it
+    to 0 and make the loss NaN or +inf there (under the interpreter both logs are tl.log: there the kinds are checked
+    by _eps_kind). Each matches the float64 oracle (eps = 0 on the covered columns: a column without W entries has
+    q = 0, an infinite KL)."""
     from xtoken_ext.ops.pkl_kernel import _eps_kind
 
     assert _eps_kind(eps) == kind
