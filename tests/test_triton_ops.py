@@ -123,10 +123,15 @@ def test_column_ell_and_residual_hold_every_entry():
     flat = w_idx.reshape(-1).long()
     col_len = torch.bincount(flat[flat >= 0], minlength=V_T)
     assert st["r_spare"] == int((col_len > K).sum()) + 1
-    assert (st["rank"] < st["r_spare"]).tolist() == (col_len > K).tolist()
-    ranked = st["rank"][col_len > 0]  # the columns with W entries: distinct ranks, the spare skipped
+    rank = st["rank"][:V_T]
+    assert (rank < st["r_spare"]).tolist() == (col_len > K).tolist()
+    ranked = rank[col_len > 0]  # the columns with W entries: distinct ranks, the spare skipped
     assert ranked.unique().numel() == ranked.numel() and int((ranked == st["r_spare"]).sum()) == 0
-    assert bool((st["rank"][col_len == 0] == st["r_spare"]).all())
+    assert bool((rank[col_len == 0] == st["r_spare"]).all())
+    # padded by a tile past the last one (C's loads are unmasked): the spare rank, no ELL entry
+    pad = (-(-V_T // 64) + 1) * 64
+    assert st["rank"].numel() == pad and bool((st["rank"][V_T:] == st["r_spare"]).all())
+    assert st["cell_slot"].shape == (K, pad) and bool((st["cell_slot"][:, V_T:] == -1).all())
     res_stud = (st["r_row"] & 0x7FFFFFFF).long()
     for c in range(V_T):
         want = torch.nonzero(flat == c).squeeze(1)  # W's slots of column c, in order

@@ -472,8 +472,8 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
             o = t * BLOCK_T + offs_t
             inside = o < C
             v = o
-            mk = tl.load(mask_ptr + o, mask=inside, other=0)
-            ok = inside & (mk != 0)
+            mk = tl.load(mask_ptr + o)  # 0 past V_T (padded, pkl_rows)
+            ok = mk != 0
             xb = tl.load(t_ptr + t_lo * stride_t + o, mask=inside, other=0.0, eviction_policy="evict_first")
             xb = xb.to(tl.float32)
             if two_pass:  # a chunk's later teacher rows (B checked them)
@@ -483,7 +483,7 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
             poison_x = tl.where(xb < float("inf"), 0.0, poison)  # NaN: one row's NaN or +inf (not B's)
             xb = xb * inv_tau
             # C1 (as _single_pass's, each merged row's p gathered where the slot is used)
-            rk, ew = _c_words(rank_ptr, cell_ptr, o, C, V_T, r_spare, CSLOTS)
+            rk, ew = _c_words(rank_ptr, cell_ptr, o, V_T, CSLOTS, BLOCK_T)
             hk = _h_key(rk, o, FOLD)
             qu = tl.zeros((BLOCK_T,), tl.float32)
             for j in tl.static_range(CSLOTS):  # a slot past the column's length: the zero word
@@ -527,12 +527,12 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constex
     a_s, b_s = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + s_lo))
     PRE: tl.constexpr = CSLOTS <= 2  # wider column ELLs' words, carried, would spill
     if PRE:
-        rk, ew = _c_words(rank_ptr, cell_ptr, offs_t, C, V_T, r_spare, CSLOTS)
+        rk, ew = _c_words(rank_ptr, cell_ptr, offs_t, V_T, CSLOTS, BLOCK_T)
     mk, x = _c_teacher(t_row, mask_ptr, offs_t, C, BLOCK_T)
     for t in range(0, tl.cdiv(C, BLOCK_T)):
         o = t * BLOCK_T + offs_t
         if not PRE:
-            rk, ew = _c_words(rank_ptr, cell_ptr, o, C, V_T, r_spare, CSLOTS)
+            rk, ew = _c_words(rank_ptr, cell_ptr, o, V_T, CSLOTS, BLOCK_T)
         hk = _h_key(rk, o, FOLD)
         # the tile's gathers: the logits at the slots' students (unmasked: a word past the column's length is 0,
         # w = 0 times the finite p of student 0 — a NaN or +inf student logit makes the chunk bad input anyway) and
@@ -555,7 +555,7 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constex
             qu += _weight(ew[j]) * _tl.softmax_exp2(zs[j], a_s, b_s)
         qu += hr
         if PRE:
-            rk, ew = _c_words(rank_ptr, cell_ptr, o + BLOCK_T, C, V_T, r_spare, CSLOTS)
+            rk, ew = _c_words(rank_ptr, cell_ptr, o + BLOCK_T, V_T, CSLOTS, BLOCK_T)
         s1_v, mu_v, mz_v, hu = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps,
                                          poison_x, EPS)
         m, l_v = m_new, l_new
@@ -566,23 +566,25 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constex
 
 @triton.jit
 def _c_teacher(t_row, mask_ptr, o, C, BLOCK_T: tl.constexpr):
-    """The dense teacher tile at columns o (none past C): its mask bytes and logits."""
-    inside = o < C
-    return (tl.load(mask_ptr + o, mask=inside, other=0),
-            tl.load(t_row + o, mask=inside, other=0.0, eviction_policy="evict_first"))
+    """The dense teacher tile at columns o (none past C): its mask bytes (unmasked: the mask is padded with zeros by
+    a tile past the last one, pkl_rows) and logits."""
+    return (tl.load(mask_ptr + o),
+            tl.load(t_row + o, mask=o < C, other=0.0, eviction_policy="evict_first"))
 
 
 @triton.jit
-def _c_words(rank_ptr, cell_ptr, o, C, V_T, r_spare, CSLOTS: tl.constexpr):
+def _c_words(rank_ptr, cell_ptr, o, V_T, CSLOTS: tl.constexpr, BLOCK_T: tl.constexpr):
     """W's structure words of the dense teacher tile at columns o: the columns' ranks (_w_structure: those longer
-    than the column ELL, whose R sums are in the h row, first; r_spare past C) and the column ELL's CSLOTS slot
-    words (w's fp32 bits << 32 | s, 0 past the column's length: loaded masked by the tile only, 16-byte vector
-    loads, where a per-column mask made one 8-byte copy per column and slot)."""
-    inside = o < C
+    than the column ELL, whose R sums are in the h row, first; r_spare past V_T) and the column ELL's CSLOTS slot
+    words (w's fp32 bits << 32 | s, 0 past the column's length), slot-major rows of the padded length (_w_structure:
+    a tile past the last one, so that the loads of any tile, the next one prefetched past the last included, need no
+    mask: 16-byte vector loads without the masked lanes' fill, 512 -> 493 instructions per thread per tile in C at
+    K = 1 with the mask bytes' load, sm_90 SASS; a per-column mask made one 8-byte copy per column and slot)."""
+    VP = (tl.cdiv(V_T, BLOCK_T) + 1) * BLOCK_T
     ew = ()
     for j in tl.static_range(CSLOTS):
-        ew = ew + (tl.load(cell_ptr + j * V_T + o, mask=inside, other=0),)
-    return tl.load(rank_ptr + o, mask=inside, other=r_spare), ew
+        ew = ew + (tl.load(cell_ptr + j * VP + o),)
+    return tl.load(rank_ptr + o), ew
 
 
 @triton.jit
@@ -637,18 +639,18 @@ def _h_store(h_row, hk, hu, keep, FOLD: tl.constexpr):
 @triton.jit
 def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps, poison_x, EPS: tl.constexpr):
     """Fold a tile's q = Qu/(n_s Z) (q = qu inv_qz, qu = 2^24 Qu) into the online state, its x̄ (the merged teacher
-    logits / τ, live on its allowed finite lanes) already folded into the running max and sum (_tl.lse_step: m ->
-    m_new, ex = e = exp(x̄ − m_new), alpha = exp(m − m_new)) -> (S1, Mu, zero-mass max, h_u): S1 = Σ e (x̄ − m −
-    log(q + eps)), Mu = Σ e q/(q + eps), each kept where it can differ (EPS, _eps_kind): eps = 0, Mu = Σ e over q > 0
-    is taken from l after the loop and the log from q and q_s (_tl.fast_log_pair: no scaling multiply, a subnormal
-    q's bits kept); eps > 0, no lane has q + eps = 0, so the zero-mass max stays at its initial NEG, and for eps ≥
-    2^-126 the log needs no subnormal scaling (C at K = 1: 541 → 517 instructions per thread per tile with eps = 0,
-    → 463 with eps = 1e-10; sm_90 SASS; now 512 / 472, with the pair and h_u's reciprocal below),
-    h_u = 2^-24 e/(q + eps) = e/(q_s + 2^24 eps), q_s = 2^24 q formed from qu without q's subnormal rounding:
-    scaled, h_u stays finite where q + eps is subnormal (e/q reaches 2^149; D's products p h are bounded, h is not),
-    and the SFU's reciprocal (_tl.fast_div: q_s + 2^24 eps in [2^-126, 2^25] where q > 0 or eps > 0) takes the
-    place of the exp of x̄ − m − log(q + eps) (the same count, without the log's error). On a GPU an e or h_u below
-    2^-126 (h < 2^-102) is flushed to 0 (.ftz): a dropped term of D's g, below τ 2^-102 in dz (p_s w h ≤ n_s Z h).
+    logits / τ, live on its allowed finite lanes) already folded into the running max and sum (_tl.lse_step: m -> m_new,
+    ex = e = exp(x̄ − m_new), alpha = exp(m − m_new)) -> (S1, Mu, zero-mass max, h_u): S1 = Σ e (x̄ − m − log(q + eps)),
+    Mu = Σ e q/(q + eps), each kept where it can differ (EPS, _eps_kind): eps = 0, Mu = Σ e over q > 0 is taken from l
+    after the loop and the log from q and q_s (_tl.fast_log_pair: no scaling multiply, a subnormal q's bits kept); eps >
+    0, no lane has q + eps = 0, so the zero-mass max stays at its initial NEG, and for eps ≥ 2^-126 the log needs no
+    subnormal scaling (C at K = 1: 541 → 517 instructions per thread per tile with eps = 0, → 463 with eps = 1e-10;
+    sm_90 SASS; 512 / 472 with the pair and h_u's reciprocal below, 493 / 454 with unmasked structure loads), h_u =
+    2^-24 e/(q + eps) = e/(q_s + 2^24 eps), q_s = 2^24 q formed from qu without q's subnormal rounding: scaled, h_u
+    stays finite where q + eps is subnormal (e/q reaches 2^149; D's products p h are bounded, h is not), and the SFU's
+    reciprocal (_tl.fast_div: q_s + 2^24 eps in [2^-126, 2^25] where q > 0 or eps > 0) takes the place of the exp of x̄
+    − m − log(q + eps) (the same count, without the log's error). On a GPU an e or h_u below 2^-126 (h < 2^-102) is
+    flushed to 0 (.ftz): a dropped term of D's g, below τ 2^-102 in dz (p_s w h ≤ n_s Z h).
     poison_x: NaN in the S1 term of a lane whose (single dense row's) x̄ is NaN or +inf, else 0."""
     q = qu * inv_qz
     q_s = qu * (inv_qz * 16777216.0)  # 2^24 q
@@ -879,15 +881,15 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # memory with cp.async, the gathers included: per thread per tile, C 747 where unpipelined it was 610 and by hand it is
 # 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand 301; sm_90 SASS); merged rows' C and D
 # are not pipelined (their row loops sit inside the tile loops, and Triton pipelines innermost loops only). Per thread
-# and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 133, C 512 (its p gathers unmasked; 936 for merged rows;
-# 472 with eps = 1e-10), D 196 / 318 / 438 / 556 (1-4 ELL slots; merged rows 237 / 610, one / four), R 899 per entry
-# block (1,037 for merged rows). The kernel is bound by instruction issue, not bytes (bench/costmodel.py, from the
-# SASS): per tile much of the work is per-thread overhead (the scans' and reductions' cross-warp steps), so fewer warps
-# issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when measured (4 warps: 28 %, but they spill;
-# 16 warps spill too, with C's per-lane accumulators). One config: the two there were differed only in the merged rows'
-# D's num_stages, which compiled to the same code (above), so autotuning timed one kernel twice. sm_90, bf16, offline
-# ptxas (tests/test_kernels_compile.py): no spill inside a per-tile pass; at 255 registers a few scalars live across the
-# teacher loop may be spilled once per chunk.
+# and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 133, C 493 (its p gathers and structure loads unmasked;
+# 876 for merged rows; 454 with eps = 1e-10), D 196 / 318 / 438 / 556 (1-4 ELL slots; merged rows 237 / 610, one /
+# four), R 899 per entry block (1,037 for merged rows). The kernel is bound by instruction issue, not bytes
+# (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans' and reductions'
+# cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when
+# measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators). One config: the two
+# there were differed only in the merged rows' D's num_stages, which compiled to the same code (above), so autotuning
+# timed one kernel twice. sm_90, bf16, offline ptxas (tests/test_kernels_compile.py): no spill inside a per-tile pass;
+# at 255 registers a few scalars live across the teacher loop may be spilled once per chunk.
 TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
 _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
 # D slices of 8 student tiles (16,384 ids: 8 slices at V_S = 128,256; fewer, longer slices take fewer handshakes but
@@ -931,16 +933,18 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     and geometry (one host sync when built):
     - the entry lists of C1 for a sparse teacher: e_row (student int32, its sign bit set on a column's first
       entry), e_col (column int32), e_slot (flat slot int64, for the call's weights);
-    - the dense pass's column ELL: K = cslots (_column_slots), cell_slot int64 [K, V_T] slot-major (the flat slot of
-      each column's j-th entry, −1 past its length); the residual entries (each longer column's entries past K) as
+    - the dense pass's column ELL: K = cslots (_column_slots), cell_slot int64 [K, VP] slot-major (the flat slot of
+      each column's j-th entry, −1 past its length and past V_T: VP = (⌈V_T / block_t⌉ + 1) block_t, so that C's
+      loads need no mask, _c_words); the residual entries (each longer column's entries past K) as
       r_row / r_slot and r_keys = (their column, its rank): where R keeps their sums in the h row;
     - the gradient pass's compact ELL: every row's used slots first (slot_order int64 [V_S, SLOTS], the slot
       permutation), nslot int8 [V_S], keys int32 [SLOTS, V_S] slot-major = column | its tile << colb, and the same
       with the column's rank in place of the column;
-    - rank int32 [V_T]: where the dense frozen-W pass keeps a column's h: the n_long columns longer than K at 1 ..
+    - rank int32 [VP]: where the dense frozen-W pass keeps a column's h: the n_long columns longer than K at 1 ..
       n_long, the other columns with W entries from n_long + 2 on (in column order), the spare r_spare = n_long + 1
-      for the columns without; the h row's entries 0 (read by the ELL's weightless slots) and r_spare (C's read of
-      a short column's R sum, at min(rank, r_spare)) are never written and stay 0; has_entry bool [V_T].
+      for the columns without and past V_T; the h row's entries 0 (read by the ELL's weightless slots) and r_spare
+      (C's read of a short column's R sum, at min(rank, r_spare)) are never written and stay 0; has_entry bool
+      [V_T].
     The weights, which depend on the call's column mask, are packed beside slots and keys by pkl_rows."""
     key = id(w_idx)
     hit = _STRUCT_CACHE.get(key)
@@ -961,12 +965,12 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     K = _column_slots(col_len.cpu(), block_t, block_e)
     start = torch.cumsum(col_len, 0) - col_len  # each column's first entry in the sorted list
     j = torch.arange(cols.numel(), device=dev) - start[cols]  # an entry's position in its column
-    cell_slot = torch.full((K, V_T), -1, dtype=torch.int64, device=dev)
+    n_tiles = -(-V_T // block_t)
+    cell_slot = torch.full((K, (n_tiles + 1) * block_t), -1, dtype=torch.int64, device=dev)
     in_ell = j < K
     cell_slot[j[in_ell], cols[in_ell]] = slot_ids[in_ell]
     r_first = j[~in_ell] == K  # entry K starts its column's residual segment
     r_row = slot_ids[~in_ell] // SLOTS - (r_first.long() << 31)
-    n_tiles = -(-V_T // block_t)
     colb = max(1, (V_T + 1).bit_length())  # ranks run to V_T + 1 (rank, below)
     if n_tiles >= 1 << (31 - colb):
         raise ValueError(f"the triton P-KL kernel packs a teacher column and its tile in 31 bits: {V_T} columns and "
@@ -985,7 +989,8 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     out = dict(e_row=e_row.to(torch.int32), e_col=cols.to(torch.int32), e_slot=slot_ids, has_entry=has_entry,
                cslots=K, cell_slot=cell_slot, r_row=r_row.to(torch.int32), r_slot=slot_ids[~in_ell],
                r_keys=(r_col.to(torch.int32), rank[r_col].to(torch.int32)), slot_order=slot_order,
-               nslot=used.sum(1).to(torch.int8), ell_keys=ell_keys, rank=rank.to(torch.int32), r_spare=r_spare,
+               nslot=used.sum(1).to(torch.int8), ell_keys=ell_keys, r_spare=r_spare,
+               rank=torch.cat([rank, rank.new_full(((n_tiles + 1) * block_t - V_T,), r_spare)]).to(torch.int32),
                colb=colb)
     if len(_STRUCT_CACHE) >= 16:
         _STRUCT_CACHE.clear()
@@ -1046,7 +1051,8 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
         e_val, r_val = w_flat[:0], w_flat[st["r_slot"]]
         cs = st["cell_slot"]
         cell = torch.where(cs >= 0, words(w_flat[cs.clamp(min=0)], cs.clamp(min=0) // SLOTS), 0)
-    mask8 = torch.where(col_mask, torch.where(st["has_entry"], 1, 2), 0).to(torch.int8)
+    mask8 = torch.zeros(st["rank"].numel(), dtype=torch.int8, device=device)  # padded as the column ELL (_c_words)
+    mask8[:V_T] = torch.where(col_mask, torch.where(st["has_entry"], 1, 2), 0)
     nprog = K if help_split else _num_programs(K, device)
     row_len = (V_T + 17) // 16 * 16  # scratch rows: ranks 0 .. V_T + 1 (_w_structure), 16-entry aligned
     qu = torch.zeros(nprog, row_len, **f32)
