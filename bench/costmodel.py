@@ -89,14 +89,16 @@ def sfu_time(mufu: int, warps: int, tiles: int) -> float:
 
 def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2, slice_: int = 8) -> dict:
     """nnz, longest column, the P-KL kernel's dense teacher pass for this W (``ops.pkl_kernel._w_structure``): the
-    column ELL's width K, the teacher tiles, the residual entries (past a column's first K) and their entry blocks,
-    the bytes of the column ELL's slot loads (every 32-byte sector of its K slot rows: 4 columns' 8-byte words, a
-    column's words past its length 0, loaded masked by the tile only), the first kernel's ragged-loop length (Σ over
-    BLOCK_T=512 tiles of the longest column), and the distinct 32-byte sectors the gathers touch (a lower bound of
-    their L2 traffic: every repeat within a tile an L1 hit): C's gathers of the z row (elem bytes) per teacher tile
-    and R's per residual block, D's gathers of the fp32 scratch row per block_s student tile; and D's student tiles
-    per ELL width run ({K: tiles}): a slice (slice_ tiles) runs as many slots as its widest student has (≥ 1)."""
-    from xtoken_ext.ops.pkl_kernel import _column_slots
+    column ELL's width K, the teacher tiles, the residual entries (past a column's first K, in pieces of P entries, the
+    last one of a column padded: res counts the padded entries, pieces the pieces) and their entry blocks, the bytes of
+    the column ELL's slot loads (every 32-byte sector of its K slot rows: 4 columns' 8-byte words, a column's words past
+    its length 0, loaded without a mask, the tile past the last one included: C prefetches it), the first kernel's
+    ragged-loop length (Σ over BLOCK_T=512 tiles of the longest column), and the distinct 32-byte sectors the gathers
+    touch (a lower bound of their L2 traffic: every repeat within a tile an L1 hit): C's gathers of the z row (elem
+    bytes) per teacher tile and R's per residual block, D's gathers of the fp32 scratch row per block_s student tile;
+    and D's student tiles per ELL width run ({K: tiles}): a slice (slice_ tiles) runs as many slots as its widest
+    student has (≥ 1)."""
+    from xtoken_ext.ops.pkl_kernel import _column_slots, _residual_piece, _residual_pieces
 
     idx = proj.indices
     V_T = proj.teacher_vocab_size
@@ -108,11 +110,14 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     K = _column_slots(col_len, block_t, block_e)
     j = torch.arange(cols.numel()) - (torch.cumsum(col_len, 0) - col_len)[cols]  # position in its column
     res = j >= K
+    P = _residual_piece(col_len, K, block_e)
+    n_pc = _residual_pieces(col_len, K, P)
+    pos = (torch.cumsum(n_pc, 0) - n_pc)[cols] * P + j - K  # a residual entry's place in R's padded list
     padded = torch.cat([col_len, col_len.new_zeros(-V_T % 512)])
     old = padded.view(-1, 512).amax(1).sum()
     z_sect, h_sect = SECTOR // elem, SECTOR // 4
     n_z = idx.shape[0] // z_sect + 1
-    grp = torch.where(res, V_T // block_t + 1 + (torch.cumsum(res, 0) - 1) // block_e, cols // block_t)  # tile / block
+    grp = torch.where(res, V_T // block_t + 1 + pos // block_e, cols // block_t)  # tile / block
     sect_c = torch.unique(grp * n_z + stud // z_sect).numel()
     sect_d = torch.unique(stud // block_s * (V_T // h_sect + 1) + cols // h_sect).numel()
 
@@ -120,7 +125,8 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
         m = torch.cat([mask, mask.new_zeros(-mask.numel() % n_per)]).view(-1, n_per).any(1)
         return SECTOR * int(m.sum())
 
-    cell = K * SECTOR * math.ceil(V_T / 4)
+    cols_c = (math.ceil(V_T / block_t) + 1) * block_t  # C's columns: its tiles and the padding tile it prefetches
+    cell = K * SECTOR * cols_c // 4
     nslot = (idx >= 0).sum(1)
     span = block_s * slice_
     widest = torch.cat([nslot, nslot.new_zeros(-nslot.numel() % span)]).view(-1, span).amax(1).clamp(min=1)
@@ -131,9 +137,11 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     # students' 8-byte words) where some student has more than k slots (the other loads are masked off)
     ell = (SECTOR * math.ceil(idx.shape[0] / 4) + block_s * int(d_tiles[2:].sum())
            + sum(sectors(4, nslot > k) for k in range(1, idx.shape[1])))
-    n_res = int(res.sum())
+    pieces = int(n_pc.sum())
+    n_res = pieces * P
     return dict(nnz=cols.numel(), max_col=int(col_len.max()), K=K, tiles=math.ceil(V_T / block_t), res=n_res,
-                r_blocks=math.ceil(n_res / block_e), n_long=int((col_len > K).sum()), cell=cell, old_loop=int(old),
+                pieces=pieces, P=P, r_blocks=math.ceil(n_res / block_e), n_long=int((col_len > K).sum()), cell=cell,
+                cols_c=cols_c, old_loop=int(old),
                 sect_c=sect_c, sect_d=sect_d, ell=ell, cols=int((col_len > 0).sum()),
                 d_tiles={k: int(d_tiles[k]) for k in range(1, idx.shape[1] + 1)})
 
@@ -196,12 +204,12 @@ def _pass_times(passes: dict, gpu: dict) -> tuple[dict, float, float]:
 
 
 def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GPU, issue: dict | None = None) -> dict:
-    """Per-row model of ``_pkl_kernel`` (dense teacher, frozen W) for a 1-to-1 chunk: A streams z (online LSE),
-    R sums the long columns' residual entries (entry blocks gathering p from the z row, a segmented scan), C is one
-    loop over the teacher tiles (per tile: the column ELL's K slots gathering p, R's sums of its long columns, the
-    online KL pass, h_u and the tile maximum stored), D streams z again and writes dz (ELL gather of h) in G slices
-    that any program may compute. "Vocab tiles" are the tiles a row must stream anyway:
-    ⌈V_S/BLOCK_S⌉ + ⌈V_T/BLOCK_T⌉.
+    """Per-row model of ``_pkl_kernel`` (dense teacher, frozen W) for a 1-to-1 chunk: A streams z (online LSE), R sums
+    the long columns' residual entries (entry blocks gathering p from the z row, pieces of P entries summed in
+    their thread, a segmented scan over the pieces), C is one loop over the teacher tiles (per tile: the column ELL's K
+    slots gathering p, R's sums of its long columns, the online KL pass, h_u and the tile maximum stored), D streams z
+    again and writes dz (ELL gather of h) in G slices that any program may compute. "Vocab tiles" are the tiles a row
+    must stream anyway: ⌈V_S/BLOCK_S⌉ + ⌈V_T/BLOCK_T⌉.
 
     L2 working set: W's structure, and the z rows (gathered in C) and scratch rows h live at once, time-averaged
     over a simulated run of the kernel's protocol (simulate_live_rows; phase times ∝ their HBM bytes: A z, C t,
@@ -218,8 +226,8 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     scratch = 4 * st["cols"] + min(4 * st["cols"], SECTOR * st["nnz"])
     res_row = 2 * SECTOR * st["n_long"]  # R's sums in the h row: written, read in C before h_u replaces them
     w_reads = (4 * V_S  # a in A
-               + st["cell"] + V_T * (1 + 4)  # C: column ELL slots, mask, ranks
-               + 12 * st["res"]  # R: residual entries (student, key, weight)
+               + st["cell"] + st["cols_c"] * (1 + 4)  # C: column ELL slots, mask, ranks (padded)
+               + 8 * st["r_blocks"] * cfg["BLOCK_E"] + 4 * st["pieces"]  # R: entry words (whole blocks), piece keys
                + st["ell"])  # D: the compact ELL
     l2 = (w_reads + st["nnz"] * SECTOR  # p gathers in C and R
           + st["nnz"] * SECTOR  # D: h gathers (tile factors: L1)
@@ -227,7 +235,8 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     tiles_s, tiles_t = math.ceil(V_S / cfg["BLOCK_S"]), math.ceil(V_T / cfg["BLOCK_T"])
     slices = math.ceil(tiles_s / cfg["SLICE"])
     loops = {"A (student LSE)": tiles_s,
-             f"R + C ({st['r_blocks']} residual blocks, {st['tiles']} tiles of a {st['K']}-slot column ELL)":
+             f"R + C ({st['r_blocks']} residual blocks of {st['P']}-entry pieces, {st['tiles']} tiles of a "
+             f"{st['K']}-slot column ELL)":
              st["r_blocks"] + st["tiles"], "D (gradient)": tiles_s}
     nprog = min(rows, gpu["sms"])  # one resident program per SM (ops.pkl_kernel._num_programs)
     t_a, t_c, t_d = elem * V_S, elem * V_T, 2 * elem * V_S  # phase times ∝ their HBM bytes
@@ -246,7 +255,8 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
         w = issue["warps"]
         return {"A": time(counts["A"], w, tiles_s),
                 "D": sum(time(counts["D"][str(k)], w, n) for k, n in st["d_tiles"].items()),
-                "C": time(counts["C"][str(st["K"])], w, st["tiles"]) + time(counts["R"], w, st["r_blocks"])}
+                "C": (time(counts["C"][str(st["K"])], w, st["tiles"])
+                      + time(counts["R"][str(st["P"])], w, st["r_blocks"]))}
 
     iss, sfu = per_pass(issue_time, issue), per_pass(sfu_time, issue and issue["sfu"])
     passes, t_row, t_sfu = _pass_times({"A": (elem * V_S, iss["A"], sfu["A"]), "C": (elem * V_T, iss["C"], sfu["C"]),
@@ -540,7 +550,8 @@ def run(quick: bool = False) -> None:
     if iss:
         print(f"instructions per thread per tile (sm_90 SASS, bench/sass.py; P-KL {p['warps']} warps, H-KL "
               f"{h['warps']}): P-KL A {p['A']}, C {' / '.join(str(v) for v in p['C'].values())} (column ELL of "
-              f"{' / '.join(p['C'])} slots), R {p['R']}, D {' / '.join(str(v) for v in p['D'].values())} (ELL "
+              f"{' / '.join(p['C'])} slots), R {' / '.join(str(v) for v in p['R'].values())} "
+              f"({' / '.join(p['R'])}-entry pieces), D {' / '.join(str(v) for v in p['D'].values())} (ELL "
               f"slots {' / '.join(p['D'])}); H-KL S1 {h['S1']}, T1 {h['T1']} ({h['S1_skip']} / {h['T1_skip']} of "
               f"them the append, skipped in a tile without an uncommon id), S3 {h['S3']}")
     report([("Projection.random", pkl_model(rand, 8192, issue=p)), (name, pkl_model(real, 8192, issue=p)),

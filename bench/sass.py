@@ -14,8 +14,8 @@ import tempfile
 
 # pointer arguments' element types (others fp32); scalars named here are fp32 (others i32)
 PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32", "ell_ptr": "*i64",
-       "nslot_ptr": "*i8", "erow_ptr": "*i32", "ecol_ptr": "*i32", "cell_ptr": "*i64", "rank_ptr": "*i32",
-       "rrow_ptr": "*i32", "rcol_ptr": "*i32", "mask_ptr": "*i8", "spans_ptr": "*i64",
+       "nslot_ptr": "*i8", "ew_ptr": "*i64", "ek_ptr": "*i32", "cell_ptr": "*i64", "rank_ptr": "*i32",
+       "rw_ptr": "*i64", "rk_ptr": "*i32", "mask_ptr": "*i8", "spans_ptr": "*i64",
        "tcnt_ptr": "*i32", "sync_ptr": "*i32", "smap_ptr": "*i32", "tmap_ptr": "*i32",
        "tcls_ptr": "*i8", "m_ptr": "*i32", "path_ptr": "*i32", "la_ptr": "*i64", "lb_ptr": "*i32", "wa_ptr": "*i64",
        "wb_ptr": "*i32", "gc_ptr": "*i32", "ubs_ptr": "*i64", "ubt_ptr": "*i64"}
@@ -173,12 +173,12 @@ def body(bodies: dict, fn, marker: str, lines: dict | None = None, keep=None) ->
 def pass_bodies() -> dict:
     """The cost model's per-pass loop bodies (instructions per thread per tile) of both kernels in the variant a 1-to-1
     chunk runs by default (merge="mean", dense teacher, frozen W), first autotune config: P-KL A (student LSE), C
-    (teacher tiles, per column-ELL width 1..SLOTS), R (residual entry blocks), D (gradient tiles, per ELL slots run,
-    1..SLOTS: a slice runs as many as its widest student has), C and D in their single-row instantiations; H-KL S1 /
-    T1 (student / teacher row pass, the same helper inlined twice, in that order; S1_skip / T1_skip the instructions
-    of their append, which a tile without an uncommon id skips), S3 (gradient pass: single rows and a dense teacher,
-    _grad_one) and L (the window's passes over each candidate list). Under "sfu", the same loops' MUFU instructions
-    per thread per tile (the streaming passes; the appends S1 / T1 skip hold none)."""
+    (teacher tiles, per column-ELL width 1..SLOTS), R (residual entry blocks, per piece size), D (gradient tiles, per
+    ELL slots run, 1..SLOTS: a slice runs as many as its widest student has), C and D in their single-row
+    instantiations; H-KL S1 / T1 (student / teacher row pass, the same helper inlined twice, in that order; S1_skip /
+    T1_skip the instructions of their append, which a tile without an uncommon id skips), S3 (gradient pass: single rows
+    and a dense teacher, _grad_one) and L (the window's passes over each candidate list). Under "sfu", the same loops'
+    MUFU instructions per thread per tile (the streaming passes; the appends S1 / T1 skip hold none)."""
     from xtoken_ext.ops import hkl_kernel as H
     from xtoken_ext.ops import pkl_kernel as P
 
@@ -188,15 +188,19 @@ def pass_bodies() -> dict:
     # for each ELL width 1..SLOTS)
     for k in range(1, P.SLOTS + 1):  # the column ELL's width: C's body grows with it
         consts = dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False, SLOTS=P.SLOTS, CSLOTS=k,
-                      EPS=0, HELP=0, **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)
+                      RPIECE=max(P.ENTRY_COST), EPS=0, HELP=0, **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)
         b, f = (get(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg) for get in (loop_bodies, loop_sfu))
         (c[k],), (cs[k],) = (body(x, P._single_pass, "for t in range(0, tl.cdiv(C") for x in (b, f))
         if k == 1:
             # R: _entries' single-row instantiation (without _p_bar's loop over the merged rows)
-            ls = loop_lines(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg)
             merged = set(source_lines(P._p_bar, "for r in range(s_lo, s_hi)"))
             (a,), (sa,) = (body(x, P._row_stats, "for v0 in range") for x in (b, f))
-            (r,), (sr,) = (body(x, P._entries, "for e0 in range(0, n", ls, lambda y: not y & merged) for x in (b, f))
+            r, sr = {}, {}
+            for piece in P.ENTRY_COST:  # R per piece size (the C, D and A above: the largest)
+                bp, fp, lp = (get(P._pkl_kernel, dict(consts, RPIECE=piece), cfg.num_warps, maxnreg=cfg.maxnreg)
+                              for get in (loop_bodies, loop_sfu, loop_lines))
+                (r[piece],), (sr[piece],) = (body(x, P._entries, "for i0 in range(0, n", lp, lambda y: not y & merged)
+                                             for x in (bp, fp))
             # D per ELL width: more slots issue more (the MUFU counts go with their bodies)
             d, sd = (dict(zip(range(1, P.SLOTS + 1), v, strict=True)) for v in zip(*sorted(
                 zip(*(body(x, P._slice_single, "for v0 in range(") for x in (b, f))))))

@@ -26,9 +26,10 @@ def test_pkl_model_counts(proj):
     assert m["floor"] == 2 * (2 * V_S + V_T) and m["hbm_l2"] == 2 * (3 * V_S + V_T)
     w = _w_structure(proj.indices.to(torch.int32).contiguous(), V_T, 256, 512)  # the kernel's own structure
     st = m["stats"]
-    assert (st["K"], st["res"]) == (w["cslots"], w["r_row"].numel())
-    assert m["loops"][f"R + C ({st['r_blocks']} residual blocks, {st['tiles']} tiles of a {st['K']}-slot column "
-                      f"ELL)"] == math.ceil(st["res"] / 512) + math.ceil(V_T / 256)
+    assert (st["K"], st["P"], st["res"], st["pieces"]) == (w["cslots"], w["rpiece"], w["n_pieces"] * w["rpiece"],
+                                                         w["n_pieces"])
+    assert m["loops"][f"R + C ({st['r_blocks']} residual blocks of {st['P']}-entry pieces, {st['tiles']} tiles of a "
+                      f"{st['K']}-slot column ELL)"] == math.ceil(st["res"] / 512) + math.ceil(V_T / 256)
     assert m["vocab_tiles"] == math.ceil(V_S / 256) + math.ceil(V_T / 256)
     assert m["slices"] == math.ceil(math.ceil(V_S / 256) / 2) == 6
     assert m["footprint"] < m["footprint_alone"]
@@ -141,7 +142,9 @@ def test_issue_from_sass(proj):
     assert (p["warps"], h["warps"]) == (P._CONFIGS[0].num_warps, H._CONFIGS[0].num_warps)
     c = [p["C"][str(k)] for k in range(1, P.SLOTS + 1)]
     d = [p["D"][str(k)] for k in range(1, P.SLOTS + 1)]
-    assert all(100 < x < 20_000 for x in [p["A"], p["R"], *d, *c, h["S1"], h["T1"], h["S3"]])
+    r = [p["R"][str(k)] for k in P.ENTRY_COST]
+    assert all(100 < x < 20_000 for x in [p["A"], *r, *d, *c, h["S1"], h["T1"], h["S3"]])
+    assert r == sorted(r, reverse=True)  # R: longer pieces, fewer scan steps per entry
     # the window's passes over each list: the instantiations that load that list's keys (bench.sass.pass_bodies)
     assert sorted(h["L"]) == ["a", "b"] and all(sorted(v) == ["b1", "gather", "hist", "select"] and
                                                 all(100 < x < 1_000 for x in v.values()) for v in h["L"].values())
@@ -150,24 +153,24 @@ def test_issue_from_sass(proj):
     # the per-column-slot and per-residual-entry costs by which the kernel picks the column ELL's width K
     lanes = 32 * p["warps"]
     assert abs((c[-1] - c[0]) / (P.SLOTS - 1) / (P.TILES_GPU["BLOCK_T"] / lanes) - P.SLOT_COST) < 1
-    assert abs(p["R"] / (P.TILES_GPU["BLOCK_E"] / lanes) - P.ENTRY_COST) < 1
+    assert all(abs(p["R"][str(k)] / (P.TILES_GPU["BLOCK_E"] / lanes) - v) < 1 for k, v in P.ENTRY_COST.items())
     # the SFU's MUFU instructions are the math's transcendentals, per lane (a thread holds BLOCK / lanes of a tile)
     # and one per tile for the running max's rescale: A exp(x/τ − m); C per column e = exp(x̄ − m), log(q + eps),
     # h_u = e/(q + eps) (the reciprocal) and p = exp2 per column-ELL slot; R p per entry; D p per student; H-KL S1 / T1
     # the row's exp, S3 the student's p and the teacher's P at a common column
     f, per_t, per_s = p["sfu"], P.TILES_GPU["BLOCK_T"] // lanes, P._CONFIGS[0].kwargs["BLOCK_S"] // lanes
     assert f["C"] == {str(k): per_t * (3 + k) + 1 for k in range(1, P.SLOTS + 1)}
-    assert (f["A"], f["R"], f["D"]) == (per_s + 1, P.TILES_GPU["BLOCK_E"] // lanes, {str(k): per_s for k in
-                                                                                   range(1, P.SLOTS + 1)})
+    assert (f["A"], f["D"]) == (per_s + 1, {str(k): per_s for k in range(1, P.SLOTS + 1)})
+    assert f["R"] == {str(k): P.TILES_GPU["BLOCK_E"] // lanes for k in P.ENTRY_COST}
     hs, ht = (H._CONFIGS[0].kwargs[k] // (32 * h["warps"]) for k in ("BLOCK_S", "BLOCK_T"))
     assert h["sfu"] == dict(S1=hs + 1, T1=ht + 1, S3=2 * hs)
     m = costmodel.pkl_model(proj, 64, issue=p)
     st = m["stats"]
     assert m["passes"]["C"] == (2 * 3500 / (costmodel.GPU["hbm"] / costmodel.GPU["sms"]),
                                 costmodel.issue_time(p["C"][str(st["K"])], p["warps"], st["tiles"])
-                                + costmodel.issue_time(p["R"], p["warps"], st["r_blocks"]),
+                                + costmodel.issue_time(p["R"][str(st["P"])], p["warps"], st["r_blocks"]),
                                 costmodel.sfu_time(f["C"][str(st["K"])], p["warps"], st["tiles"])
-                                + costmodel.sfu_time(f["R"], p["warps"], st["r_blocks"]))
+                                + costmodel.sfu_time(f["R"][str(st["P"])], p["warps"], st["r_blocks"]))
     assert costmodel.sfu_time(1, 1, 1) == 8 * costmodel.issue_time(1, 1, 1)  # 32 lanes at 16 per clock vs 4 warps
     assert m["t_row"] == sum(max(a, b, c) for a, b, c in m["passes"].values())
     assert m["t_sfu"] == sum(max(a, c) for a, _, c in m["passes"].values()) < m["t_row"]

@@ -28,7 +28,7 @@ from xtoken_ext.ops import pkl_kernel as P
 # rescaling); the owner's ⟨p_r, g⟩ (merged rows)
 PASSES = ((P._row_stats, "for v0 in range"), (P._teacher_pass, "for t in range(0, tl.cdiv(C"),
           (P._single_pass, "for t in range(0, tl.cdiv(C"), (P._slice_rows, "for v0 in range(v_lo"),
-          (P._slice_single, "for v0 in range("), (P._entries, "for e0 in range(0, n, BLOCK_E)"),
+          (P._slice_single, "for v0 in range("), (P._entries, "for i0 in range(0, n, N)"),
           (P._pkl_kernel, "for t0 in range(0, n_c2"),
           (P._pkl_kernel, "for t in range(0, n_c2)"), (P._pkl_kernel, "for v0 in range(0, V_S, BLOCK_S)"))
 
@@ -50,7 +50,8 @@ if sys.argv[1] == "pkl":
     for cfg in P._CONFIGS:
         for sparse, grad_w, mean in itertools.product((False, True), (False, True), (True, False)):
             consts = dict(MEAN=mean, CHAIN=not mean, SPARSE=sparse, GRAD_W=grad_w, HAS_SCALE=grad_w, SLOTS=4,
-                          CSLOTS=1 + (sparse + 2 * grad_w + mean) % 4, EPS=0 if mean else 1 + sparse, HELP=0,
+                          CSLOTS=1 + (sparse + 2 * grad_w + mean) % 4, RPIECE=(1, 2, 4)[(grad_w + mean) % 3],
+                          EPS=0 if mean else 1 + sparse, HELP=0,
                           **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)  # every column-ELL width and eps kind
             r = compile_one(P._pkl_kernel, consts, cfg.num_warps, sparse, cfg.maxnreg)
             out.append(dict(kernel="pkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, grad_w=grad_w, mean=mean,

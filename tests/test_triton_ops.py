@@ -108,10 +108,11 @@ def test_hkl_multi_tile_matches_oracle(merge, sparse_k, dtype, pairs):
 def test_column_ell_and_residual_hold_every_entry():
     """The dense P-KL pass's W structure: each column's first min(length, K) entries in the slot-major column ELL
     (the longer columns ranked first, 1 .. n_long, then the spare r_spare, then the others), the rest as residual
-    entries keyed by their column and its rank, in W's column order, a residual segment flagged by the sign bit of
-    its first entry's student; _column_slots takes K = 1 when a few long columns hold the extra entries and a larger
-    K when many columns have 2-3 entries."""
-    from xtoken_ext.ops.pkl_kernel import SLOTS, _column_slots, _w_structure
+    entries in W's column order, in pieces of rpiece entries of one column (the last one padded with -1), each piece
+    keyed by its column and the column's rank, a column's first piece flagged by the sign bit of its keys, the list
+    padded to whole entry blocks; the sparse teacher's entry list keyed per entry the same way; _column_slots takes
+    K = 1 when a few long columns hold the extra entries and a larger K when many columns have 2-3 entries."""
+    from xtoken_ext.ops.pkl_kernel import SLOTS, _column_slots, _residual_piece, _w_structure
 
     g = torch.Generator().manual_seed(0)
     V_S, V_T = 700, 1000
@@ -132,23 +133,37 @@ def test_column_ell_and_residual_hold_every_entry():
     pad = (-(-V_T // 64) + 1) * 64
     assert st["rank"].numel() == pad and bool((st["rank"][V_T:] == st["r_spare"]).all())
     assert st["cell_slot"].shape == (K, pad) and bool((st["cell_slot"][:, V_T:] == -1).all())
-    res_stud = (st["r_row"] & 0x7FFFFFFF).long()
+    P = st["rpiece"]
+    n = st["n_pieces"]
+    r_cols, r_ranks = (k & 0x7FFFFFFF for k in st["r_keys"])
+    assert st["r_slot"].numel() == -(-n * P // 64) * 64 and bool((st["r_slot"][n * P:] == -1).all())
+    pieces = st["r_slot"][:n * P].view(n, P)
     for c in range(V_T):
         want = torch.nonzero(flat == c).squeeze(1)  # W's slots of column c, in order
         assert st["cell_slot"][:, c].tolist() == want[:K].tolist() + [-1] * (K - min(K, len(want)))
-        r = torch.nonzero(st["r_keys"][0] == c).squeeze(1)
-        assert len(r) == max(0, int(col_len[c]) - K) and bool((st["r_keys"][1][r] == st["rank"][c]).all())
+        r = torch.nonzero(r_cols == c).squeeze(1)
+        n_res = max(0, int(col_len[c]) - K)
+        assert len(r) == -(-n_res // P) and bool((r_ranks[r] == st["rank"][c]).all())
         if len(r):
-            assert (st["r_slot"][r]).tolist() == want[K:].tolist()
-            assert res_stud[r].tolist() == (want[K:] // SLOTS).tolist()
-            assert (st["r_row"][r] < 0).tolist() == [True] + [False] * (len(r) - 1)
-    r_cols = st["r_keys"][0]
+            assert bool((r[1:] == r[:-1] + 1).all())  # the column's pieces in a row
+            assert pieces[r].reshape(-1).tolist() == want[K:].tolist() + [-1] * (len(r) * P - n_res)
+            assert (st["r_keys"][0][r] < 0).tolist() == [True] + [False] * (len(r) - 1)
+            assert (st["r_keys"][1][r] < 0).tolist() == [True] + [False] * (len(r) - 1)
     assert int((col_len[13] - K)) > 2 * 64 and bool((r_cols[1:] >= r_cols[:-1]).all())  # column-sorted
+    # the sparse teacher's list: every entry, column-sorted, a column's first entry flagged
+    e_cols = st["e_key"] & 0x7FFFFFFF
+    assert st["nnz"] == int(col_len.sum()) and st["e_slot"].numel() == -(-st["nnz"] // 64) * 64
+    assert bool((st["e_slot"][st["nnz"]:] == -1).all())
+    assert (flat[st["e_slot"][:st["nnz"]]] == e_cols.long()).all() and bool((e_cols[1:] >= e_cols[:-1]).all())
+    assert (st["e_key"] < 0).tolist() == [True] + (e_cols[1:] != e_cols[:-1]).tolist()
     few_long = torch.zeros(4096, dtype=torch.int64)
     few_long[:20] = 300
     few_long[20:3000] = 1
     many_short = torch.randint(1, 4, (4096,), generator=g)
     assert _column_slots(few_long, 2048, 4096) == 1 and _column_slots(many_short, 2048, 4096) > 1
+    # R's pieces: long for a few long columns, one entry where most residual columns have one entry past K
+    one_past = torch.full((4096,), 5)
+    assert _residual_piece(few_long, 1, 4096) == 4 and _residual_piece(one_past, 4, 4096) == 1
 
 
 @pytest.mark.parametrize("merge,dtype", [pytest.param("first", "fp32", id="first-fp32"),
@@ -167,24 +182,27 @@ def test_pkl_hub_longer_than_entry_block(merge, dtype):
     P.w_idx[w == 0], P.w_idx[w == hub] = hub, 0
     P.col_mask[[0, hub]] = P.col_mask[[hub, 0]].clone()
     st = K._w_structure(P.w_idx.to(torch.int32).contiguous(), 2 * bt + 37, bt, be)
-    assert int((st["r_keys"][0] == hub).sum()) > 2 * be and int(st["rank"][hub]) < st["r_spare"]
+    assert int(((st["r_keys"][0] & 0x7FFFFFFF) == hub).sum()) * st["rpiece"] > 2 * be
+    assert int(st["rank"][hub]) < st["r_spare"]
     run_pkl(P, DTYPES[dtype], merge, 0.7, False)
 
 
-@pytest.mark.parametrize("width", [1, 2, 3, 4])
-def test_pkl_any_column_ell_width(width, monkeypatch):
-    """Every column-ELL width K the W structure may choose (forced here): the dense pass's C1 (K slots plus the
-    residual entries of longer columns) gives the oracle's loss and gradient, one row with a frozen W (h kept by
-    rank) and merged rows with a learnable one (h kept by column)."""
+@pytest.mark.parametrize("width,piece", [(1, 1), (1, 2), (1, 4), (2, 4), (3, 2), (4, 1)])
+def test_pkl_any_column_ell_width(width, piece, monkeypatch):
+    """Every column-ELL width K and residual piece size the W structure may choose (forced here): the dense pass's
+    C1 (K slots plus the residual entries of longer columns, summed by R in pieces) gives the oracle's loss and
+    gradient, one row with a frozen W (h kept by rank) and merged rows with a learnable one (h kept by column)."""
     from xtoken_ext.ops import pkl_kernel as K
 
     monkeypatch.setattr(K, "_column_slots", lambda *a: width)
+    monkeypatch.setattr(K, "_residual_piece", lambda *a: piece)
     for merge, learn_w in (("first", False), ("mean", True)):  # a fresh problem per run: run_pkl sets
         # requires_grad on fp32 logits in place
         P = make_problem(seed=30 + width, V_S=300, V_T=150, n_chunks=5, max_rows=2, sparse_k=0, mask_mode="covered",
                          empty_rows=0.05, hub=True)
         st = K._w_structure(P.w_idx.to(torch.int32).contiguous(), 150, K._TILES["BLOCK_T"], K._TILES["BLOCK_E"])
-        assert st["cslots"] == width and st["r_row"].numel() > 0 and int((st["cell_slot"] >= 0).sum(0).max()) == width
+        assert (st["cslots"], st["rpiece"]) == (width, piece) and st["n_pieces"] > 0
+        assert int((st["cell_slot"] >= 0).sum(0).max()) == width
         run_pkl(P, DTYPES["fp32"], merge, 0.7, learn_w)
 
 

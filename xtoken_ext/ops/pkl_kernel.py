@@ -4,9 +4,10 @@ notation in ``ops.pkl``'s docstring. Bad-input and degenerate chunks follow the 
 
 Structure derived once per W, device and tile geometry (cached, ``_w_structure``): W's nonzeros sorted by teacher
 column; for the dense teacher pass a column ELL of K slots (each column's first min(length, K) entries, slot-major
-8-byte words with the call's weight) and the residual entries of the longer columns (past their first K), K chosen
-per W (``_column_slots``: 1 for the real Llama-3 × Qwen3 W, whose extra entries sit in a few long columns, 4 for
-``Projection.random``); for a sparse teacher the flat (student, column, weight) entry lists; and the gradient pass's
+8-byte words with the call's weight) and the residual entries of the longer columns (past their first K) in pieces
+of one column, K and the piece size chosen per W (``_column_slots``, ``_residual_piece``: 1 and 4 for the real
+Llama-3 × Qwen3 W, whose extra entries sit in a few long columns, 4 and 1 for ``Projection.random``); for a sparse
+teacher the flat entry list (8-byte words of weight and student, a key per entry); and the gradient pass's
 compact ELL: per student its used slots first (nslot int8) and per slot one slot-major int64 word (the weight, with
 the slots outside A zeroed, ``w_eff``; the column or its rank; its tile) — 9 B per student plus the few multi-slot
 ids, against 48 B for [V_S, 4] ids, weights and tiles (every row of the batch reads it from L2). Persistent
@@ -17,9 +18,12 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      lowered by 64 ln 2, so that every p formed below is 2^88 p, not 2^24 p (unit = 2^-64 in the factors of 1/Z,
      which then stay finite)                                                                          [reads z]
   B  (sparse teacher, or several teacher rows) per-row teacher LSE over A, bad-input flag        [reads t]
-  R  dense teacher: the residual entries in blocks of BLOCK_E, gathering p̄' = Σ_r p_r at their students, a
-     segmented scan per column (no differences of a running sum: cancellation would wipe out a small column sum),
-     each column's sum stored where C keeps its h_u (the scratch row), read back by C before h_u replaces it.
+  R  dense teacher: the residual entries in blocks of BLOCK_E, in pieces of RPIECE entries of one column (a
+     column's last piece padded; 1, 2 or 4 per W, _residual_piece: 4 for the real W), gathering p̄' = Σ_r p_r at their
+     students, each piece summed in its thread, then a segmented scan over the pieces per column (no differences of a
+     running sum: cancellation would wipe out a small column sum; 906 / 650 / 412 instructions per thread per block
+     at 1 / 2 / 4 entries a piece, sm_90 SASS), each column's sum stored where C keeps its h_u (the scratch row),
+     read back by C before h_u replaces it.
   C  ONE flat loop over the teacher in BLOCK_T tiles: _single_pass for one student and one dense teacher row (merge
      "first" / "chain", and merge="mean"'s 1-to-1 chunks), software-pipelined by hand; _teacher_pass for a sparse
      teacher or merged rows (a loop over the chunk's rows inside the tile loop), unpipelined. Per tile:
@@ -157,38 +161,44 @@ def _p_bar(z_ptr, stride_z, lse_s_ptr, s, mask, s_lo, s_hi, inv_tau, MEAN: tl.co
 
 
 @triton.jit
-def _entry_block(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e_lo, e_hi, qu_row, s_lo, s_hi, inv_tau,
-                 MEAN: tl.constexpr, BLOCK_E: tl.constexpr):
-    """One block [e_lo, e_lo + BLOCK_E) ∩ [e_lo, e_hi) of column-sorted entries (sparse teacher: all of W's; dense:
-    the residual entries of the columns longer than the column ELL, keyed by the column's rank (FOLD) or column) ->
-    qu_row[col] = Σ_{entries of col} w p̄'[s], by a segmented scan per column (no differences of a running sum: a
-    segment restarts at each column, flagged by the sign bit of the entry's student id, a column's first entry;
-    lane 0 starts one anyway) stored at each column's last entry in the block; a column begun before e_lo is
-    completed by read-add-write (the caller orders blocks with a barrier)."""
-    e = e_lo + tl.arange(0, BLOCK_E)
-    em = e < e_hi
-    s = tl.load(erow_ptr + e, mask=em, other=0)
-    start = s < 0
-    col = tl.load(ecol_ptr + e, mask=em, other=-1)
-    last = em & (col != tl.load(ecol_ptr + e + 1, mask=e + 1 < e_hi, other=-3))
-    val = tl.load(eval_ptr + e, mask=em, other=0.0) * _p_bar(z_ptr, stride_z, lse_s_ptr, s & 0x7FFFFFFF, em, s_lo,
-                                                             s_hi, inv_tau, MEAN)
-    seg = _seg_scan(val, start.to(tl.int32), BLOCK_E)
-    before = tl.load(ecol_ptr + e_lo - 1, mask=e_lo > 0, other=-2)  # the column of the entry before the block
-    carry = tl.load(qu_row + before, mask=before >= 0, other=0.0)  # its sum so far (one load, not one per lane)
+def _entry_block(z_ptr, stride_z, lse_s_ptr, word_ptr, key_ptr, i_lo, i_hi, qu_row, s_lo, s_hi, inv_tau,
+                 MEAN: tl.constexpr, PIECE: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One block of pieces [i_lo, i_lo + BLOCK_E / PIECE) ∩ [i_lo, i_hi) of column-sorted entries (sparse teacher:
+    all of W's, one entry a piece; dense: the residual entries of the columns longer than the column ELL, in pieces
+    of PIECE entries of one column, keyed by the column's rank (FOLD) or column; _w_structure) -> qu_row[col] =
+    Σ_{entries of col} w p̄'[s]: each piece summed in its thread, then a segmented scan over the pieces per column (no
+    differences of a running sum: cancellation would wipe out a small column sum; a segment restarts at a column's
+    first piece, flagged by the sign bit of its key; lane 0 starts one anyway), stored at each column's last piece in
+    the block; a column begun before i_lo is completed by read-add-write (the caller orders blocks with a barrier).
+    The entry words (w's fp32 bits << 32 | s) are padded to whole blocks with the zero word: unmasked vector loads,
+    the zero word's gather masked off."""
+    N: tl.constexpr = BLOCK_E // PIECE
+    wd = tl.load(word_ptr + i_lo * PIECE + tl.arange(0, BLOCK_E))
+    val = _weight(wd) * _p_bar(z_ptr, stride_z, lse_s_ptr, wd.to(tl.int32), wd != 0, s_lo, s_hi, inv_tau, MEAN)
+    if PIECE > 1:
+        val = tl.sum(tl.reshape(val, [N, PIECE]), 1)
+    i = i_lo + tl.arange(0, N)
+    im = i < i_hi
+    key = tl.load(key_ptr + i, mask=im, other=0)
+    col = key & 0x7FFFFFFF
+    last = im & (col != tl.load(key_ptr + i + 1, mask=i + 1 < i_hi, other=-1))  # a flagged key: another column
+    seg = _seg_scan(val, (key < 0).to(tl.int32), N)
+    before = tl.load(key_ptr + i_lo - 1, mask=i_lo > 0, other=-1) & 0x7FFFFFFF  # the column of the piece before
+    carry = tl.load(qu_row + before, mask=i_lo > 0, other=0.0)  # its sum so far (one load, not one per lane)
     seg += tl.where(last & (col == before), carry, 0.0)
     _tl.scatter(qu_row + col, seg, last, 4)
 
 
 @triton.jit
-def _entries(args, lists, MEAN: tl.constexpr, BLOCK_E: tl.constexpr):
-    """_entry_block over the entries [0, n) of lists = (rows, columns, values, n, target row), block after block (a
+def _entries(args, lists, MEAN: tl.constexpr, PIECE: tl.constexpr, BLOCK_E: tl.constexpr):
+    """_entry_block over the pieces [0, n) of lists = (entry words, piece keys, n, target row), block after block (a
     barrier between them: the read-add-write of a column cut by a block boundary)."""
     z_ptr, stride_z, lse_s_ptr, s_lo, s_hi, inv_tau = args
-    erow_ptr, ecol_ptr, eval_ptr, n, qu_row = lists
-    for e0 in range(0, n, BLOCK_E):
-        _entry_block(z_ptr, stride_z, lse_s_ptr, erow_ptr, ecol_ptr, eval_ptr, e0, tl.minimum(e0 + BLOCK_E, n), qu_row,
-                     s_lo, s_hi, inv_tau, MEAN, BLOCK_E)
+    word_ptr, key_ptr, n, qu_row = lists
+    N: tl.constexpr = BLOCK_E // PIECE
+    for i0 in range(0, n, N):
+        _entry_block(z_ptr, stride_z, lse_s_ptr, word_ptr, key_ptr, i0, tl.minimum(i0 + N, n), qu_row, s_lo, s_hi,
+                     inv_tau, MEAN, PIECE, BLOCK_E)
         tl.debug_barrier()
 
 
@@ -210,18 +220,19 @@ def _teacher_row_lse(t_row, tc_row, mask_ptr, C, inv_tau, SPARSE: tl.constexpr, 
 @triton.jit
 def _pkl_kernel(
     z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc,
-    a_ptr, ell_ptr, nslot_ptr, colb, erow_ptr, ecol_ptr, eval_ptr, NNZ, cell_ptr, rank_ptr, rrow_ptr, rcol_ptr,
-    rval_ptr, NRES, r_spare, mask_ptr,
+    a_ptr, ell_ptr, nslot_ptr, colb, ew_ptr, ek_ptr, NNZ, cell_ptr, rank_ptr, rw_ptr, rk_ptr, NRES, r_spare,
+    mask_ptr,
     spans_ptr, tchain_ptr, scale_ptr,
     loss_ptr, dz_ptr, stride_dz,
     lse_s_ptr, dr_ptr, lse_t_ptr, qu_ptr, h_ptr, tm_ptr, n_tiles_max, tacc_ptr, tcnt_ptr, stat_ptr, sync_ptr, rs_ptr,
     k0, k1, V_S, V_T, row_len, C, inv_tau, tau, eps,
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr, GRAD_W: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    CSLOTS: tl.constexpr, SLOTS: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr, EPS: tl.constexpr,
-    HELP: tl.constexpr,
+    CSLOTS: tl.constexpr, RPIECE: tl.constexpr, SLOTS: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr,
+    EPS: tl.constexpr, HELP: tl.constexpr,
 ):
     FOLD: tl.constexpr = not (SPARSE or GRAD_W)
+    PIECE: tl.constexpr = 1 if SPARSE else RPIECE  # entries per piece of _entries' lists (_residual_piece)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     # HELP (tests; one chunk per program): 1 runs the chunks without guards, 2 only the guards, so that under the
@@ -326,19 +337,19 @@ def _pkl_kernel(
                                            t_lo, t_hi, C, inv_tau, BLOCK_T)
             tl.debug_barrier()  # lse_s / lse_t were stored by single lanes and are read by every lane below
 
-            if SPARSE:  # C1 over all entries: the teacher's columns are anywhere in V_T
-                lists = (erow_ptr, ecol_ptr, eval_ptr, NNZ, qu_row)
+            if SPARSE:  # C1 over all entries (one a piece): the teacher's columns are anywhere in V_T
+                lists = (ew_ptr, ek_ptr, NNZ, qu_row)
             else:  # R: the sums of the long columns' residual entries (past their first CSLOTS), kept in the h row
                 # where C stores the column's h_u (its rank, FOLD, or the column), which reads them first
-                lists = (rrow_ptr, rcol_ptr, rval_ptr, NRES, h_row)
+                lists = (rw_ptr, rk_ptr, NRES, h_row)
             e_args = (z_ptr, stride_z, lse_s_ptr, s_lo, s_hi, inv_tau)
             if MEAN:  # one student row: the single-row instantiation (no row loop per gathered entry)
                 if s_hi - s_lo > 1:
-                    _entries(e_args, lists, True, BLOCK_E)
+                    _entries(e_args, lists, True, PIECE, BLOCK_E)
                 else:
-                    _entries(e_args, lists, False, BLOCK_E)
+                    _entries(e_args, lists, False, PIECE, BLOCK_E)
             else:
-                _entries(e_args, lists, False, BLOCK_E)
+                _entries(e_args, lists, False, PIECE, BLOCK_E)
             n_c2 = tl.cdiv(C, BLOCK_T)
 
             # C: one online pass over the teacher in BLOCK_T tiles. Dense: per tile C1 from the column ELL (and R's
@@ -881,9 +892,9 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # memory with cp.async, the gathers included: per thread per tile, C 747 where unpipelined it was 610 and by hand it is
 # 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand 301; sm_90 SASS); merged rows' C and D
 # are not pipelined (their row loops sit inside the tile loops, and Triton pipelines innermost loops only). Per thread
-# and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 133, C 493 (its p gathers and structure loads unmasked;
-# 876 for merged rows; 454 with eps = 1e-10), D 196 / 318 / 438 / 556 (1-4 ELL slots; merged rows 237 / 610, one /
-# four), R 899 per entry block (1,037 for merged rows). The kernel is bound by instruction issue, not bytes
+# and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 138, C 493 (its p gathers and structure loads unmasked;
+# 876 for merged rows; 454 with eps = 1e-10), D 195 / 318 / 438 / 556 (1-4 ELL slots; merged rows 237 / 610, one /
+# four), R 412 per entry block of pieces (555 for merged rows). The kernel is bound by instruction issue, not bytes
 # (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans' and reductions'
 # cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when
 # measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators). One config: the two
@@ -899,9 +910,10 @@ _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
 # programs one after another; help_split makes other programs compute them, the memory ordering is a GPU's only).
 SLICES_GPU = dict(SLICE=8, WIN=256)
 _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
-# C's cost per teacher column and column-ELL slot and R's per residual entry lane, in instructions per thread
-# (sm_90 SASS, bench/sass.py, 8 warps; ×256 threads / lanes per tile): _column_slots weighs them per W
-SLOT_COST, ENTRY_COST = 8, 56
+# C's cost per teacher column and column-ELL slot and R's per residual entry lane at each piece size, in instructions
+# per thread (sm_90 SASS, bench/sass.py, 8 warps; ×256 threads / lanes per tile): _column_slots and _residual_piece
+# weigh them per W
+SLOT_COST, ENTRY_COST = 8, {1: 57, 2: 41, 4: 26}
 # maxnreg: without it ptxas held some variants (sparse teacher, merge "first" / "chain") to 128 registers and spilled
 _CONFIGS = [triton.Config({"BLOCK_S": 2048}, num_warps=8, maxnreg=255)]
 # the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
@@ -915,28 +927,45 @@ _zero = _tl.launcher(_tl.zero_uncovered_rows, dict(BLOCK=128), [triton.Config({"
 _STRUCT_CACHE: dict[int, tuple] = {}
 
 
+def _residual_pieces(col_len: torch.Tensor, k: int, piece: int) -> torch.Tensor:
+    """Per column, R's pieces of ``piece`` entries past its first k (the column ELL's; the last one padded)."""
+    return -(-(col_len - k).clamp(min=0) // piece)
+
+
+def _residual_cost(col_len: torch.Tensor, k: int, block_e: int) -> tuple[int, int]:
+    """(instructions per thread, piece size) of R's blocks for the entries past k at the piece size (ENTRY_COST's)
+    that issues the fewest: 4 where long columns hold the residual (the real Llama-3 × Qwen3 W), 1 where most
+    residual columns have one entry past k (Projection.random), whose pieces would be mostly padding."""
+    return min((-(-int(_residual_pieces(col_len, k, p).sum()) * p // block_e) * block_e * c, p)
+               for p, c in ENTRY_COST.items())
+
+
+def _residual_piece(col_len: torch.Tensor, k: int, block_e: int) -> int:
+    """R's piece size for the entries past k (_residual_cost)."""
+    return _residual_cost(col_len, k, block_e)[1]
+
+
 def _column_slots(col_len: torch.Tensor, block_t: int, block_e: int) -> int:
     """The column ELL's width K for W's column lengths: the K in 1..SLOTS that issues the fewest instructions per
-    row, C's K slots on every column (SLOT_COST each) against R's blocks of the entries past K (ENTRY_COST per
-    lane): K = 1 for the real Llama-3 × Qwen3 W (few long columns hold its extra entries), 3 for Projection.random."""
+    row, C's K slots on every column (SLOT_COST each) against R's blocks of the entries past K at their piece size
+    (_residual_cost): K = 1 for the real Llama-3 × Qwen3 W (few long columns hold its extra entries), 4 for
+    Projection.random (128,256 × 151,936)."""
     n_col = -(-col_len.numel() // block_t) * block_t
-
-    def cost(k):
-        res = int((col_len - k).clamp(min=0).sum())
-        return n_col * k * SLOT_COST + -(-res // block_e) * block_e * ENTRY_COST
-
-    return min(range(1, SLOTS + 1), key=cost)
+    return min(range(1, SLOTS + 1), key=lambda k: n_col * k * SLOT_COST + _residual_cost(col_len, k, block_e)[0])
 
 
 def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     """W's nonzero slots sorted by teacher column -> a dict of the kernel's structure arrays, cached per w_idx tensor
     and geometry (one host sync when built):
-    - the entry lists of C1 for a sparse teacher: e_row (student int32, its sign bit set on a column's first
-      entry), e_col (column int32), e_slot (flat slot int64, for the call's weights);
+    - the entry lists of C1 for a sparse teacher (_entries, one entry a piece): e_slot (flat slot int64, for the
+      call's weights and the student; −1 padding to whole blocks of block_e) and e_key (column int32, its sign bit
+      set on a column's first entry), nnz entries;
     - the dense pass's column ELL: K = cslots (_column_slots), cell_slot int64 [K, VP] slot-major (the flat slot of
       each column's j-th entry, −1 past its length and past V_T: VP = (⌈V_T / block_t⌉ + 1) block_t, so that C's
-      loads need no mask, _c_words); the residual entries (each longer column's entries past K) as
-      r_row / r_slot and r_keys = (their column, its rank): where R keeps their sums in the h row;
+      loads need no mask, _c_words); the residual entries (each longer column's entries past K) in n_pieces pieces
+      of rpiece entries of one column (_residual_piece): r_slot (flat slot int64, −1 padding each column's last
+      piece and the list to whole blocks of block_e entries) and per piece r_keys = (its column, the column's rank)
+      int32, the sign bit set on a column's first piece: where R keeps their sums in the h row;
     - the gradient pass's compact ELL: every row's used slots first (slot_order int64 [V_S, SLOTS], the slot
       permutation), nslot int8 [V_S], keys int32 [SLOTS, V_S] slot-major = column | its tile << colb, and the same
       with the column's rank in place of the column;
@@ -958,19 +987,29 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     slot_ids, cols = slot_ids[order], cols[order]
     col_len = torch.bincount(cols, minlength=V_T)
     has_entry = col_len > 0
-    first = torch.ones_like(cols, dtype=torch.bool)  # a column's first entry: the sign bit of its student id
+    first = torch.ones_like(cols, dtype=torch.bool)  # a column's first entry: the sign bit of its key
     first[1:] = cols[1:] != cols[:-1]
-    e_row = slot_ids // SLOTS - (first.long() << 31)
+
+    def padded(slots, n):  # the slots, −1 up to n
+        return torch.cat([slots, slots.new_full((n - slots.numel(),), -1)])
     # the column ELL and the residual entries
     K = _column_slots(col_len.cpu(), block_t, block_e)
+    piece = _residual_piece(col_len.cpu(), K, block_e)
     start = torch.cumsum(col_len, 0) - col_len  # each column's first entry in the sorted list
     j = torch.arange(cols.numel(), device=dev) - start[cols]  # an entry's position in its column
     n_tiles = -(-V_T // block_t)
     cell_slot = torch.full((K, (n_tiles + 1) * block_t), -1, dtype=torch.int64, device=dev)
     in_ell = j < K
     cell_slot[j[in_ell], cols[in_ell]] = slot_ids[in_ell]
-    r_first = j[~in_ell] == K  # entry K starts its column's residual segment
-    r_row = slot_ids[~in_ell] // SLOTS - (r_first.long() << 31)
+    # the residual: each longer column's entries past K in pieces (its last piece padded with −1)
+    n_pc = _residual_pieces(col_len, K, piece)
+    p_off = torch.cumsum(n_pc, 0) - n_pc  # each column's first piece
+    n_pieces = int(n_pc.sum())
+    r_slot = torch.full((-(-n_pieces * piece // block_e) * block_e,), -1, dtype=torch.int64, device=dev)
+    res = ~in_ell
+    r_slot[p_off[cols[res]] * piece + j[res] - K] = slot_ids[res]
+    p_col = torch.repeat_interleave(torch.arange(V_T, device=dev), n_pc)
+    p_first = torch.arange(n_pieces, device=dev) == p_off[p_col]
     colb = max(1, (V_T + 1).bit_length())  # ranks run to V_T + 1 (rank, below)
     if n_tiles >= 1 << (31 - colb):
         raise ValueError(f"the triton P-KL kernel packs a teacher column and its tile in 31 bits: {V_T} columns and "
@@ -985,10 +1024,11 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     rank = torch.where(has_entry, rank, r_spare)
     ell_keys = tuple(torch.where(used, c | tile_bits, 0).to(torch.int32).t().contiguous()
                      for c in (idx, rank[idx.clamp(min=0)]))
-    r_col = cols[~in_ell]
-    out = dict(e_row=e_row.to(torch.int32), e_col=cols.to(torch.int32), e_slot=slot_ids, has_entry=has_entry,
-               cslots=K, cell_slot=cell_slot, r_row=r_row.to(torch.int32), r_slot=slot_ids[~in_ell],
-               r_keys=(r_col.to(torch.int32), rank[r_col].to(torch.int32)), slot_order=slot_order,
+    out = dict(e_slot=padded(slot_ids, -(-cols.numel() // block_e) * block_e), nnz=cols.numel(),
+               e_key=(cols - (first.long() << 31)).to(torch.int32), has_entry=has_entry, cslots=K,
+               cell_slot=cell_slot, r_slot=r_slot, n_pieces=n_pieces, rpiece=piece,
+               r_keys=tuple((c - (p_first.long() << 31)).to(torch.int32) for c in (p_col, rank[p_col])),
+               slot_order=slot_order,
                nslot=used.sum(1).to(torch.int8), ell_keys=ell_keys, r_spare=r_spare,
                rank=torch.cat([rank, rank.new_full(((n_tiles + 1) * block_t - V_T,), r_spare)]).to(torch.int32),
                colb=colb)
@@ -1042,13 +1082,17 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
     def words(w, key):  # 8-byte words w_eff's fp32 bits << 32 | key (int32 ≥ 0)
         return (w.contiguous().view(torch.int32).long() << 32) | key.long()
 
+    def entry_words(slot):  # _entries' words: w_eff and the student of each flat slot, the zero word at −1
+        sl = slot.clamp(min=0)
+        return torch.where(slot >= 0, words(w_flat[sl], sl // SLOTS), 0)
+
     # the gradient pass's ELL, slot-major (as ell_key); a weightless slot (off A) the zero word: FOLD, the spare
     w_ell = w_eff.gather(1, st["slot_order"]).t().contiguous()
     ell = torch.where(w_ell != 0, words(w_ell, ell_key), 0)
     if sparse:  # C1 reads all of W's entries; the dense pass the column ELL and the residual entries (empty: unused)
-        e_val, r_val, cell = w_flat[st["e_slot"]], w_flat[:0], ell[:0]
+        e_words, r_words, cell = entry_words(st["e_slot"]), ell[:0], ell[:0]
     else:  # the column ELL (slot-major): weight and student
-        e_val, r_val = w_flat[:0], w_flat[st["r_slot"]]
+        e_words, r_words = ell[:0], entry_words(st["r_slot"])
         cs = st["cell_slot"]
         cell = torch.where(cs >= 0, words(w_flat[cs.clamp(min=0)], cs.clamp(min=0) // SLOTS), 0)
     mask8 = torch.zeros(st["rank"].numel(), dtype=torch.int8, device=device)  # padded as the column ELL (_c_words)
@@ -1080,13 +1124,15 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
         for help_ in (1, 2) if help_split else (0,):
             _launch((nprog,),
                     s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
-                    a, ell, st["nslot"], st["colb"], st["e_row"], st["e_col"], e_val, e_val.numel(), cell,
-                    st["rank"], st["r_row"], r_key, r_val, r_val.numel(), st["r_spare"], mask8,
+                    a, ell, st["nslot"], st["colb"], e_words, st["e_key"], st["nnz"], cell, st["rank"], r_words,
+                    r_key, st["n_pieces"], st["r_spare"], mask8,
                     spans, chain, scale, loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc,
                     tcnt, stat, sync, rs,
                     k0, k1, V_S, V_T, row_len, C, 1.0 / float(temperature), float(temperature), float(eps),
                     MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
-                    HAS_SCALE=chunk_scale is not None, CSLOTS=st["cslots"], SLOTS=SLOTS, EPS=_eps_kind(eps),
+                    HAS_SCALE=chunk_scale is not None, CSLOTS=st["cslots"], RPIECE=1 if sparse else st["rpiece"],
+                    SLOTS=SLOTS,
+                    EPS=_eps_kind(eps),
                     **_TILES, **_SLICES, HELP=help_)
         if need_grad_w:
             _grad_w(lambda meta: (triton.cdiv(V_S, meta["BLOCK"]),), s_logits, s_logits.stride(0), spans, w_idx,
