@@ -92,7 +92,7 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     column ELL's width K, the teacher tiles, the residual entries (past a column's first K, in pieces of P entries, the
     last one of a column padded: res counts the padded entries, pieces the pieces) and their entry blocks, the bytes of
     the column ELL's slot loads (every 32-byte sector of its K slot rows: 4 columns' 8-byte words, a column's words past
-    its length 0, loaded without a mask, the tile past the last one included: C prefetches it), the first kernel's
+    its length 0, loaded without a mask, the tile past the last one included where C prefetches it), the first kernel's
     ragged-loop length (Σ over BLOCK_T=512 tiles of the longest column), and the distinct 32-byte sectors the gathers
     touch (a lower bound of their L2 traffic: every repeat within a tile an L1 hit): C's gathers of the z row (elem
     bytes) per teacher tile and R's per residual block, D's gathers of the fp32 scratch row per block_s student tile;
@@ -125,8 +125,11 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
         m = torch.cat([mask, mask.new_zeros(-mask.numel() % n_per)]).view(-1, n_per).any(1)
         return SECTOR * int(m.sum())
 
-    cols_c = (math.ceil(V_T / block_t) + 1) * block_t  # C's columns: its tiles and the padding tile it prefetches
-    cell = K * SECTOR * cols_c // 4
+    # C's columns: its tiles and the padding tile past them, whose mask bytes it prefetches (and, K ≤ 2, its words
+    # and ranks: ops.pkl_kernel._single_pass carries those to the next tile only for narrow column ELLs)
+    cols_c = (math.ceil(V_T / block_t) + 1) * block_t
+    cols_w = cols_c if K <= 2 else cols_c - block_t
+    cell = K * SECTOR * cols_w // 4
     nslot = (idx >= 0).sum(1)
     span = block_s * slice_
     widest = torch.cat([nslot, nslot.new_zeros(-nslot.numel() % span)]).view(-1, span).amax(1).clamp(min=1)
@@ -141,7 +144,7 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     n_res = pieces * P
     return dict(nnz=cols.numel(), max_col=int(col_len.max()), K=K, tiles=math.ceil(V_T / block_t), res=n_res,
                 pieces=pieces, P=P, r_blocks=math.ceil(n_res / block_e), n_long=int((col_len > K).sum()), cell=cell,
-                cols_c=cols_c, old_loop=int(old),
+                cols_c=cols_c, cols_w=cols_w, old_loop=int(old),
                 sect_c=sect_c, sect_d=sect_d, ell=ell, cols=int((col_len > 0).sum()),
                 d_tiles={k: int(d_tiles[k]) for k in range(1, idx.shape[1] + 1)})
 
@@ -226,7 +229,7 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     scratch = 4 * st["cols"] + min(4 * st["cols"], SECTOR * st["nnz"])
     res_row = 2 * SECTOR * st["n_long"]  # R's sums in the h row: written, read in C before h_u replaces them
     w_reads = (4 * V_S  # a in A
-               + st["cell"] + st["cols_c"] * (1 + 4)  # C: column ELL slots, mask, ranks (padded)
+               + st["cell"] + st["cols_c"] + 4 * st["cols_w"]  # C: column ELL slots, mask, ranks (padded)
                + 8 * st["r_blocks"] * cfg["BLOCK_E"] + 4 * st["pieces"]  # R: entry words (whole blocks), piece keys
                + st["ell"])  # D: the compact ELL
     l2 = (w_reads + st["nnz"] * SECTOR  # p gathers in C and R

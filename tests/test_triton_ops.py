@@ -206,6 +206,25 @@ def test_pkl_any_column_ell_width(width, piece, monkeypatch):
         run_pkl(P, DTYPES["fp32"], merge, 0.7, learn_w)
 
 
+@pytest.mark.parametrize("piece", [2, 4])
+def test_pkl_residual_column_starting_at_a_block_boundary(piece, monkeypatch):
+    """R's carry across entry blocks goes to the column cut by the boundary only: a column whose first piece starts
+    a block gets none. The scratch row holds the previous chunk's h_u at that column's rank, which a student row of
+    that chunk (run by the same program) peaked on a hub student makes large enough to show (an off-by-one read of
+    the column before the block passes every other test). Dense teacher, frozen W, K = 1."""
+    from xtoken_ext.ops import pkl_kernel as K
+
+    monkeypatch.setattr(K, "_column_slots", lambda *a: 1)
+    monkeypatch.setattr(K, "_residual_piece", lambda *a: piece)
+    P = make_problem(seed=31, V_S=300, V_T=150, n_chunks=5, max_rows=2, sparse_k=0, mask_mode="covered",
+                     empty_rows=0.05, hub=True)
+    st = K._w_structure(P.w_idx.to(torch.int32).contiguous(), 150, K._TILES["BLOCK_T"], K._TILES["BLOCK_E"])
+    n = K._TILES["BLOCK_E"] // piece
+    assert any(int(st["r_keys"][1][i]) < 0 for i in range(n, st["n_pieces"], n))  # a first piece starts a block
+    P.z[int(P.spans[0, 0]), int(torch.nonzero(P.w_idx[:, 0] == 0)[0, 0])] += 25.0  # chunk 0: a peak at a hub student
+    run_pkl(P, DTYPES["fp32"], "first", 0.7, False)
+
+
 @pytest.mark.parametrize("learn_w", [False, True], ids=["frozen", "learnable"])
 def test_pkl_slots_in_any_order(learn_w):
     """The gradient pass reads a compact ELL (used slots first, masked per slot): W rows with empty slots before
