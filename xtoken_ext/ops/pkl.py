@@ -110,8 +110,9 @@ def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature,
         # p as 2^24 p, normal where p is subnormal (there from log p): every Qu and σ below is 2^24 Qu, 2^24 Σ_A Qu
         p = softmax_rows(s_logits, rows, tau, md, log=False).mul_(2.0 ** 24)
         tiny = (p < 2.0 ** -102) & (p > 0)
-        if bool(tiny.any()):
-            p = torch.where(tiny, softmax_rows(s_logits, rows, tau, md, log=True).add_(24 * math.log(2)).exp_(), p)
+        log_p = softmax_rows(s_logits, rows, tau, md, log=True) if bool(tiny.any()) else None  # also for 2^88 p
+        if log_p is not None:
+            p = torch.where(tiny, (log_p + 24 * math.log(2)).exp_(), p)
         pbar, Q, sigma = _project(p, rows, seg, n_s[k0:k1], Kb, Wt)
         # Z below 2^-64 (the student's mass almost all on ids W maps nowhere, e.g. an empty W row's <|eot_id|>): the
         # chunk's p again as 2^88 p from log p (their products with G' would be subnormal), p̄, Qu and σ with it
@@ -119,7 +120,9 @@ def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature,
         unit = torch.where(sigma.squeeze(1) < 2.0 ** -40, 2.0 ** -64, 1.0)  # σ = 0 too: its p below 2^-174
         if bool((unit != 1).any()):
             big = (unit != 1).index_select(0, seg).unsqueeze(1)
-            p = torch.where(big, softmax_rows(s_logits, rows, tau, md, log=True).add_(88 * math.log(2)).exp_(), p)
+            if log_p is None:
+                log_p = softmax_rows(s_logits, rows, tau, md, log=True)
+            p = torch.where(big, (log_p + 88 * math.log(2)).exp_(), p)
             pbar, Q, sigma = _project(p, rows, seg, n_s[k0:k1], Kb, Wt)
         Qs = (Q * 2.0 ** 24).div_(sigma)  # 2^24 Q, from the unrounded 2^24 Qu (2^24/σ may pass fp32's range)
         Q.div_(sigma)

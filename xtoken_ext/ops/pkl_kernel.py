@@ -990,15 +990,16 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     first = torch.ones_like(cols, dtype=torch.bool)  # a column's first entry: the sign bit of its key
     first[1:] = cols[1:] != cols[:-1]
 
-    def padded(slots, n):  # the slots, −1 up to n
-        return torch.cat([slots, slots.new_full((n - slots.numel(),), -1)])
+    def padded(x, n, fill):  # x, then fill up to length n
+        return torch.cat([x, x.new_full((n - x.numel(),), fill)])
     # the column ELL and the residual entries
     K = _column_slots(col_len.cpu(), block_t, block_e)
     piece = _residual_piece(col_len.cpu(), K, block_e)
     start = torch.cumsum(col_len, 0) - col_len  # each column's first entry in the sorted list
     j = torch.arange(cols.numel(), device=dev) - start[cols]  # an entry's position in its column
     n_tiles = -(-V_T // block_t)
-    cell_slot = torch.full((K, (n_tiles + 1) * block_t), -1, dtype=torch.int64, device=dev)
+    vp = (n_tiles + 1) * block_t  # C's columns: a tile past the last one (_c_words)
+    cell_slot = torch.full((K, vp), -1, dtype=torch.int64, device=dev)
     in_ell = j < K
     cell_slot[j[in_ell], cols[in_ell]] = slot_ids[in_ell]
     # the residual: each longer column's entries past K in pieces (its last piece padded with −1)
@@ -1024,13 +1025,13 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     rank = torch.where(has_entry, rank, r_spare)
     ell_keys = tuple(torch.where(used, c | tile_bits, 0).to(torch.int32).t().contiguous()
                      for c in (idx, rank[idx.clamp(min=0)]))
-    out = dict(e_slot=padded(slot_ids, -(-cols.numel() // block_e) * block_e), nnz=cols.numel(),
+    out = dict(e_slot=padded(slot_ids, -(-cols.numel() // block_e) * block_e, -1), nnz=cols.numel(),
                e_key=(cols - (first.long() << 31)).to(torch.int32), has_entry=has_entry, cslots=K,
                cell_slot=cell_slot, r_slot=r_slot, n_pieces=n_pieces, rpiece=piece,
                r_keys=tuple((c - (p_first.long() << 31)).to(torch.int32) for c in (p_col, rank[p_col])),
                slot_order=slot_order,
                nslot=used.sum(1).to(torch.int8), ell_keys=ell_keys, r_spare=r_spare,
-               rank=torch.cat([rank, rank.new_full(((n_tiles + 1) * block_t - V_T,), r_spare)]).to(torch.int32),
+               rank=padded(rank, vp, r_spare).to(torch.int32),
                colb=colb)
     if len(_STRUCT_CACHE) >= 16:
         _STRUCT_CACHE.clear()
@@ -1082,7 +1083,7 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
     def words(w, key):  # 8-byte words w_eff's fp32 bits << 32 | key (int32 ≥ 0)
         return (w.contiguous().view(torch.int32).long() << 32) | key.long()
 
-    def entry_words(slot):  # _entries' words: w_eff and the student of each flat slot, the zero word at −1
+    def entry_words(slot):  # w_eff and the student of each flat slot (column ELL, _entries), the zero word at −1
         sl = slot.clamp(min=0)
         return torch.where(slot >= 0, words(w_flat[sl], sl // SLOTS), 0)
 
@@ -1093,8 +1094,7 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
         e_words, r_words, cell = entry_words(st["e_slot"]), ell[:0], ell[:0]
     else:  # the column ELL (slot-major): weight and student
         e_words, r_words = ell[:0], entry_words(st["r_slot"])
-        cs = st["cell_slot"]
-        cell = torch.where(cs >= 0, words(w_flat[cs.clamp(min=0)], cs.clamp(min=0) // SLOTS), 0)
+        cell = entry_words(st["cell_slot"])
     mask8 = torch.zeros(st["rank"].numel(), dtype=torch.int8, device=device)  # padded as the column ELL (_c_words)
     mask8[:V_T] = torch.where(col_mask, torch.where(st["has_entry"], 1, 2), 0)
     nprog = K if help_split else _num_programs(K, device)
@@ -1131,8 +1131,7 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
                     k0, k1, V_S, V_T, row_len, C, 1.0 / float(temperature), float(temperature), float(eps),
                     MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
                     HAS_SCALE=chunk_scale is not None, CSLOTS=st["cslots"], RPIECE=1 if sparse else st["rpiece"],
-                    SLOTS=SLOTS,
-                    EPS=_eps_kind(eps),
+                    SLOTS=SLOTS, EPS=_eps_kind(eps),
                     **_TILES, **_SLICES, HELP=help_)
         if need_grad_w:
             _grad_w(lambda meta: (triton.cdiv(V_S, meta["BLOCK"]),), s_logits, s_logits.stride(0), spans, w_idx,
