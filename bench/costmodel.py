@@ -210,9 +210,9 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     """Per-row model of ``_pkl_kernel`` (dense teacher, frozen W) for a 1-to-1 chunk: A streams z (online LSE), R sums
     the long columns' residual entries (entry blocks gathering p from the z row, pieces of P entries summed in
     their thread, a segmented scan over the pieces), C is one loop over the teacher tiles (per tile: the column ELL's K
-    slots gathering p, R's sums of its long columns, the online KL pass, h_u and the tile maximum stored), D streams z
-    again and writes dz (ELL gather of h) in G slices that any program may compute. "Vocab tiles" are the tiles a row
-    must stream anyway: ⌈V_S/BLOCK_S⌉ + ⌈V_T/BLOCK_T⌉.
+    slots gathering p, R's sums of its long columns, the online KL pass, the column's h stored: u = x̄ − log q), D
+    streams z again and writes dz (ELL gather of h, an exp2 per slot) in G slices that any program may compute.
+    "Vocab tiles" are the tiles a row must stream anyway: ⌈V_S/BLOCK_S⌉ + ⌈V_T/BLOCK_T⌉.
 
     L2 working set: W's structure, and the z rows (gathered in C) and scratch rows h live at once, time-averaged
     over a simulated run of the kernel's protocol (simulate_live_rows; phase times ∝ their HBM bytes: A z, C t,
@@ -225,15 +225,15 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     st = w_stats(proj, cfg["BLOCK_T"], cfg["BLOCK_E"], cfg["BLOCK_S"], elem, cfg["SLICE"])
     floor = elem * (2 * V_S + V_T)
     stream = elem * (3 * V_S + V_T)  # z in A and D, t in C, dz in D
-    # h_u written in C at the ranks of the columns with W entries, gathered in D (≤ the whole row)
+    # h written in C at the ranks of the columns with W entries, gathered in D (≤ the whole row)
     scratch = 4 * st["cols"] + min(4 * st["cols"], SECTOR * st["nnz"])
-    res_row = 2 * SECTOR * st["n_long"]  # R's sums in the h row: written, read in C before h_u replaces them
+    res_row = 2 * SECTOR * st["n_long"]  # R's sums in the h row: written, read in C before h replaces them
     w_reads = (4 * V_S  # a in A
                + st["cell"] + st["cols_c"] + 4 * st["cols_w"]  # C: column ELL slots, mask, ranks (padded)
                + 8 * st["r_blocks"] * cfg["BLOCK_E"] + 4 * st["pieces"]  # R: entry words (whole blocks), piece keys
                + st["ell"])  # D: the compact ELL
     l2 = (w_reads + st["nnz"] * SECTOR  # p gathers in C and R
-          + st["nnz"] * SECTOR  # D: h gathers (tile factors: L1)
+          + st["nnz"] * SECTOR  # D: h gathers
           + scratch + res_row)
     tiles_s, tiles_t = math.ceil(V_S / cfg["BLOCK_S"]), math.ceil(V_T / cfg["BLOCK_T"])
     slices = math.ceil(tiles_s / cfg["SLICE"])
@@ -245,7 +245,7 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     t_a, t_c, t_d = elem * V_S, elem * V_T, 2 * elem * V_S  # phase times ∝ their HBM bytes
     z_rows, h_rows = simulate_live_rows(nprog, rows, t_a, t_c, t_d, slices)
     _, h_alone = simulate_live_rows(nprog, rows, t_a, t_c, t_d, slices, help_others=False)
-    z_row, h_row = elem * V_S, 4 * (st["cols"] + st["tiles"])
+    z_row, h_row = elem * V_S, 4 * st["cols"]
     l2_lo = l2 - 2 * SECTOR * st["nnz"] + SECTOR * (st["sect_c"] + st["sect_d"])  # gathers: distinct sectors
     w_bytes = w_reads  # W's structure, re-read for every row
     parts = {f"W structure (column ELL {st['cell'] / 2**20:.2f} MiB, ELL {st['ell'] / 2**20:.2f} MiB)": w_reads,

@@ -21,7 +21,7 @@ PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32"
        "wb_ptr": "*i32", "gc_ptr": "*i32", "ubs_ptr": "*i64", "ubt_ptr": "*i64"}
 F32 = {"inv_tau", "tau", "eps"}
 # integer arguments Triton's launcher would not see as multiples of 16 at real shapes (no divisibility hint)
-NO_HINT = {"k0", "k1", "NNZ", "NRES", "r_spare", "n_tiles_max", "K", "N", "N_s", "colb", "m_up", "cap_a", "cap_b",
+NO_HINT = {"k0", "k1", "NNZ", "NRES", "r_spare", "n_tiles_max", "K", "N", "N_s", "m_up", "cap_a", "cap_b",
            "g_len"}
 
 

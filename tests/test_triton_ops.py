@@ -209,9 +209,10 @@ def test_pkl_any_column_ell_width(width, piece, monkeypatch):
 @pytest.mark.parametrize("piece", [2, 4])
 def test_pkl_residual_column_starting_at_a_block_boundary(piece, monkeypatch):
     """R's carry across entry blocks goes to the column cut by the boundary only: a column whose first piece starts
-    a block gets none. The scratch row holds the previous chunk's h_u at that column's rank, which a student row of
-    that chunk (run by the same program) peaked on a hub student makes large enough to show (an off-by-one read of
-    the column before the block passes every other test). Dense teacher, frozen W, K = 1."""
+    a block gets none. The scratch row holds the previous chunk's h (u = x̄ − log q) at that column's rank, which a
+    student row of that chunk (run by the same program) peaked on a hub student makes large enough to show (an
+    off-by-one read of the column before the block passes every other test; with h kept as u it still fails this one
+    at 95x / 5,000x the bound). Dense teacher, frozen W, K = 1."""
     from xtoken_ext.ops import pkl_kernel as K
 
     monkeypatch.setattr(K, "_column_slots", lambda *a: 1)
@@ -244,9 +245,8 @@ def test_pkl_slots_in_any_order(learn_w):
 @pytest.mark.parametrize("V_T", [63, 64])
 def test_pkl_every_column_ranked(V_T):
     """Every teacher column has a W entry, so the dense frozen-W pass keeps h at ranks up to V_T + 1 (0 and r_spare
-    are spares, _w_structure): the ELL keys' column field (colb bits, the tile above it) must hold the rank V_T + 1,
-    one bit more than V_T needs when V_T + 1 is a power of two; with one bit too few that column's students read
-    the spare and another tile's factor."""
+    are spares, _w_structure), V_T + 1 a power of two in one case: every rank's students read their own column's h,
+    none a spare."""
     from xtoken_ext.ops import pkl_kernel as K
 
     P = make_problem(seed=3, V_S=300, V_T=V_T, n_chunks=3, max_rows=2, sparse_k=0, mask_mode="covered",
@@ -255,6 +255,23 @@ def test_pkl_every_column_ranked(V_T):
     assert bool(st["has_entry"].all()) and int(st["rank"].max()) == V_T + 1
     for merge in ("first", "mean"):
         run_pkl(P, DTYPES["fp32"], merge, 0.7, False)
+
+
+@pytest.mark.parametrize("shift", [-150.0, 150.0])
+def test_pkl_teacher_far_from_zero(shift):
+    """P-KL does not change when a constant is added to the teacher rows (their softmax does not). The dense
+    frozen-W pass keeps h as u = x̄ − log(q + eps) and D takes 2^-24 h = exp2(u log₂e − β) (ops.pkl_kernel.
+    _c_update): a teacher far from 0 (|x̄| ≈ 214 at τ = 0.7) tests that representation (the bound's κ grows with |t|
+    as its error does), every merge and eps kind, and the spare u = −inf that weightless slots read (those of the
+    students with fewer slots than their slice runs, empty W rows included: a finite spare makes exp2(−β) ≈ 2^300
+    at shift −150, times a zero weight a NaN gradient)."""
+    P = make_problem(seed=21, V_S=300, V_T=211, n_chunks=4, max_rows=2, sparse_k=0, mask_mode="covered",
+                     empty_rows=0.05, hub=True)
+    assert bool(((P.w_idx >= 0).sum(1) == 0).any())  # empty W rows: every slot run for them is weightless
+    P.t = P.t + shift
+    for merge, eps in (("first", 0.0), ("mean", 0.0), ("chain", 0.0), ("mean", 1e-40), ("first", 1e-10)):
+        run_pkl(P, DTYPES["fp32"], merge, 0.7, False, eps=eps)
+
 
 @pytest.mark.parametrize("learn_w", [False, True], ids=["frozen", "learnable"])
 def test_pkl_slices_by_slot_count(learn_w):

@@ -9,8 +9,8 @@ of one column, K and the piece size chosen per W (``_column_slots``, ``_residual
 Llama-3 × Qwen3 W, whose extra entries sit in a few long columns, 4 and 1 for ``Projection.random``); for a sparse
 teacher the flat entry list (8-byte words of weight and student, a key per entry); and the gradient pass's
 compact ELL: per student its used slots first (nslot int8) and per slot one slot-major int64 word (the weight, with
-the slots outside A zeroed, ``w_eff``; the column or its rank; its tile) — 9 B per student plus the few multi-slot
-ids, against 48 B for [V_S, 4] ids, weights and tiles (every row of the batch reads it from L2). Persistent
+the slots outside A zeroed, ``w_eff``; the column or its rank) — 9 B per student plus the few multi-slot ids,
+against 32 B for [V_S, 4] ids and weights (every row of the batch reads it from L2). Persistent
 programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass a fixed-length loop over tiles:
   A  student rows: online LSE, Z_r = Σ_s p_r[s] a_s (a = row sums of w_eff); bad input makes the sums NaN, then
      the row is scanned (ops._tl.row_bad). Z < 2^-64 (the mass almost all on ids W maps nowhere): Z is summed
@@ -22,8 +22,8 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      column's last piece padded; 1, 2 or 4 per W, _residual_piece: 4 for the real W), gathering p̄' = Σ_r p_r at their
      students, each piece summed in its thread, then a segmented scan over the pieces per column (no differences of a
      running sum: cancellation would wipe out a small column sum; 906 / 650 / 412 instructions per thread per block
-     at 1 / 2 / 4 entries a piece, sm_90 SASS), each column's sum stored where C keeps its h_u (the scratch row),
-     read back by C before h_u replaces it.
+     at 1 / 2 / 4 entries a piece, sm_90 SASS), each column's sum stored where C keeps its h (the scratch row), read
+     back by C before h replaces it.
   C  ONE flat loop over the teacher in BLOCK_T tiles: _single_pass for one student and one dense teacher row (merge
      "first" / "chain", and merge="mean"'s 1-to-1 chunks), software-pipelined by hand; _teacher_pass for a sparse
      teacher or merged rows (a loop over the chunk's rows inside the tile loop), unpipelined. Per tile:
@@ -35,25 +35,26 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
         2^24 q keeps the bits a subnormal q loses.
      C2 the teacher tile, read once: the merged teacher x̄ (vectorized loads, A selected with tl.where) folded into
         an online pass with rescaling: running max m, l = Σe, e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)),
-        Mu = Σ e q/(q + eps) (eps = 0: l, _c_update), h_u = 2^-24 e/(q + eps) = e/(q_s + 2^24 eps) stored with the
-        tile's max (the SFU's log and reciprocal, ops._tl.fast_log_pair / fast_div: a correctly rounded log and
-        division cost 23 % more instructions per tile; scaled by 2^-24, h_u stays finite where q is subnormal and e
-        is not: e/q reaches 2^149). A single dense row's NaN / +inf (bad input; B checks the rows where it runs)
-        makes its lane's S1 term NaN: no per-tile count and reduction.
+        Mu = Σ e q/(q + eps) (eps = 0: l, _c_update; the SFU's log, ops._tl.fast_log_pair: ~6 instructions where a
+        correctly rounded logf takes ~25) and the column's h: dense, frozen W (FOLD) u = x̄ − log(q + eps),
+        the log S1 takes anyway, else h_u = 2^-24 e/(q + eps) by the SFU's reciprocal with the tile's max (scaled by
+        2^-24, h_u stays finite where q is subnormal and e is not: e/q reaches 2^149). A single dense row's NaN / +inf
+        (bad input; B checks the rows where it runs) makes its lane's S1 term NaN: no per-tile count and reduction.
         With c the teacher's log-normalizer (−LSE for one dense row, computed at the end; −mean_r LSE_r after B):
-        F = exp(m + c), L = τ² F (S1 + (m + c) l), M' = 2^-24 F Mu, h' = h_u · exp(m_tile − m) F (M and h scaled
-        by 2^-24, and so is g below).
+        F = exp(m + c), L = τ² F (S1 + (m + c) l), M' = 2^-24 F Mu, h' = 2^-24 P/(q + eps) (P = exp(x̄ + c); M and
+        h scaled by 2^-24, and so is g below): FOLD, exp2(u log₂e − β) with β = −c log₂e + 24; else h_u exp(m_tile −
+        m) F.
      Sparse teacher: C1 first, over the whole entry list in blocks of BLOCK_E into a per-program scratch row (a
      column cut by a block boundary completed by read-add-write), then C2 over fixed BLOCK_T tiles of its k columns.
   C3 (sparse teacher or learnable W) h rescaled in the scratch row (tile maxima -> the final m); dense, frozen W:
-     the tile maxima replaced by the factors exp(m_tile − m) F.
-  D  gradient rows, in the logits' dtype: g'_s = Σ_slot w_eff (M' − h'[col]) (one ELL gather of the scratch row,
-     the dense case folding its tile's factor in through the slots' tile ids; a slice runs as many slots as its
-     widest student has: one on half of the real Llama-3 W's slices), dz_r = τ/(n_s Z) ((2^24 p_r)(g' − d_r)), the
+     nothing (β is a scalar).
+  D  gradient rows, in the logits' dtype: g'_s = Σ_slot w_eff (M' − h'[col]) (one ELL gather of the scratch row
+     per slot, the dense frozen-W case's h' one exp2 of it; a slice runs as many slots as its widest student has:
+     one on half of the real Llama-3 W's slices), dz_r = τ/(n_s Z) ((2^24 p_r)(g' − d_r)), the
      product of the 2^24- and 2^-24-scaled factors bounded where g' alone reaches 2^127, d_r = ⟨p_r, g'⟩ (kept as
      2^24 d_r / unit, which does not underflow where Z is tiny, and subtracted as (2^24 p_r)(2^24 d_r) 2^-24 unit);
      for one student row d_r = 0 exactly (⟨p, g⟩ = MZ − Σ Qu h: _slice_single, pipelined by hand; merged rows
-     _slice_rows, unpipelined). The owner computes d_r, stores (M, coef, valid and unit) and publishes the chunk
+     _slice_rows, unpipelined). The owner computes d_r, stores (M, coef, valid and unit, β) and publishes the chunk
      (a release); its dz rows are then G slices of SLICE student tiles that ANY program may take (an acquire on the
      chunk's sync word, read past L1) and compute. Every program, before
      its next chunk (whose C overwrites its scratch rows), takes open slices oldest first, its previous chunk's
@@ -220,7 +221,7 @@ def _teacher_row_lse(t_row, tc_row, mask_ptr, C, inv_tau, SPARSE: tl.constexpr, 
 @triton.jit
 def _pkl_kernel(
     z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc,
-    a_ptr, ell_ptr, nslot_ptr, colb, ew_ptr, ek_ptr, NNZ, cell_ptr, rank_ptr, rw_ptr, rk_ptr, NRES, r_spare,
+    a_ptr, ell_ptr, nslot_ptr, ew_ptr, ek_ptr, NNZ, cell_ptr, rank_ptr, rw_ptr, rk_ptr, NRES, r_spare,
     mask_ptr,
     spans_ptr, tchain_ptr, scale_ptr,
     loss_ptr, dz_ptr, stride_dz,
@@ -249,9 +250,9 @@ def _pkl_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_t = tl.arange(0, BLOCK_T)
     for k in range(k0 + pid, k1 + nprog, nprog):  # one more round: the last chunk's guard
-        # guard: this program's scratch rows (h, tile maxima) are free once its previous chunk's D slices are done.
-        # Take open slices of published chunks, oldest first (the previous chunk's included), until none is open in
-        # the window and all of the previous chunk's are taken, then wait for those in flight (they wait for
+        # guard: this program's scratch rows (h, C3's tile maxima) are free once its previous chunk's D slices are
+        # done. Take open slices of published chunks, oldest first (the previous chunk's included), until none is
+        # open in the window and all of the previous chunk's are taken, then wait for those in flight (they wait for
         # nothing); sparse: zero h at its columns.
         if k - nprog >= k_guard:
             c_p = k - nprog - k0
@@ -271,9 +272,8 @@ def _pkl_kernel(
                 oldest = tl.min(tl.where(open_, i, n_k))
                 if busy:
                     _take_slice(tl.where(own_open, tl.minimum(oldest, c_p), oldest), sync_ptr, rs_ptr, n_k, G, z_ptr,
-                                stride_z, ell_ptr, nslot_ptr, colb, spans_ptr, lse_s_ptr, dr_ptr, h_ptr,
-                                tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, row_len, inv_tau, MEAN, GRAD_W,
-                                FOLD, BLOCK_S, SLOTS, SLICE)
+                                stride_z, ell_ptr, nslot_ptr, spans_ptr, lse_s_ptr, dr_ptr, h_ptr, dz_ptr, stride_dz,
+                                k0, V_S, V_T, row_len, inv_tau, MEAN, GRAD_W, FOLD, BLOCK_S, SLOTS, SLICE)
             n_done = 0
             while n_done < G:
                 n_done = tl.atomic_add(sync_ptr + 1 + n_k + c_p, 0, sem="acquire", scope="gpu")
@@ -340,7 +340,7 @@ def _pkl_kernel(
             if SPARSE:  # C1 over all entries (one a piece): the teacher's columns are anywhere in V_T
                 lists = (ew_ptr, ek_ptr, NNZ, qu_row)
             else:  # R: the sums of the long columns' residual entries (past their first CSLOTS), kept in the h row
-                # where C stores the column's h_u (its rank, FOLD, or the column), which reads them first
+                # where C stores the column's h (its rank, FOLD, or the column), which reads them first
                 lists = (rw_ptr, rk_ptr, NRES, h_row)
             e_args = (z_ptr, stride_z, lse_s_ptr, s_lo, s_hi, inv_tau)
             if MEAN:  # one student row: the single-row instantiation (no row loop per gathered entry)
@@ -354,8 +354,8 @@ def _pkl_kernel(
 
             # C: one online pass over the teacher in BLOCK_T tiles. Dense: per tile C1 from the column ELL (and R's
             # sums) and C2, pipelined by hand for single rows (_single_pass): it reads what was written before the loop
-            # and writes h_u / tile maxima (a long column's R sum is read by the lane that then overwrites it). Sparse:
-            # C2 over the k columns (Qu from the scratch row). The running max m is per tile; l, S1, Mu and the
+            # and writes h and C3's tile maxima (a long column's R sum is read by the lane that then overwrites it).
+            # Sparse: C2 over the k columns (Qu from the scratch row). The running max m is per tile; l, S1, Mu and the
             # zero-mass max (the last two as eps needs, _c_update) are kept per lane (with the common rescaling) and
             # reduced once after the loop: a reduction per tile and sum costs more instructions than the lane-wise
             # updates (sm_90 SASS). Bad input: B checked every teacher row where it ran (sparse, or several rows); a
@@ -392,7 +392,7 @@ def _pkl_kernel(
             # P = 0 everywhere: a teacher row without allowed mass (LSE −inf), or a −inf chain scalar
             l = tl.where((lse_sum > float("-inf")) & (c_t > float("-inf")), l, 0.0)
             F = tl.exp(mc)
-            M = F * mu * _tl.P_UNIT  # 2^-24 M, in h_u's scale (_c_update): g = Σ w (M − h) is formed scaled by 2^-24
+            M = F * mu * _tl.P_UNIT  # 2^-24 M, in h's scale (_c_update): g = Σ w (M − h) is formed scaled by 2^-24
             # degenerate: Z = 0, or a column with P > 0 (in fp32) and Q + eps = 0 (an infinite KL)
             inf_kl = tl.exp(m_zero - m) * F > 0
             valid = (bad == 0) & (l > 0) & (Zu > 0) & ~inf_kl
@@ -408,15 +408,10 @@ def _pkl_kernel(
                 tl.store(stat_ptr + 2 * (k - k0) + 1, M)
             tl.debug_barrier()
 
-            # C3: h = h_u exp(m_tile − m) F in place; dense without a W gradient: each tile's factor exp(m_tile − m) F
-            # in place of its maximum instead, folded into D's gather (one exp per tile, not one per ELL slot)
-            if FOLD:
-                if valid:  # D writes zeros for an invalid chunk
-                    for t0 in range(0, n_c2, BLOCK_T):
-                        ti = t0 + offs_t
-                        tl.store(tm_row + ti, tl.exp(tl.load(tm_row + ti, mask=ti < n_c2, other=0.0) - m) * F,
-                                 mask=ti < n_c2)
-            elif valid & (SPARSE or GRAD_W):
+            # C3 (sparse or learnable W): h = h_u exp(m_tile − m) F in place. Dense, frozen W (FOLD): the h row holds
+            # u = x̄ − log(q + eps), whose 2^-24 h = exp2(u log₂e − β), β = (m − mc) log₂e + 24, D forms per ELL slot
+            hb = (m - mc) * _tl.LOG2E + 24.0
+            if valid & (SPARSE or GRAD_W):  # D writes zeros for an invalid chunk
                 for t in range(0, n_c2):
                     f = tl.exp(tl.load(tm_row + t) - m) * F
                     if SPARSE:
@@ -437,7 +432,7 @@ def _pkl_kernel(
                     for v0 in range(0, V_S, BLOCK_S):
                         o = v0 + offs_s
                         om = o < V_S
-                        g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, FOLD, SLOTS)
+                        g = _ell_g(ell_ptr, nslot_ptr, h_row, hb, o, om, M, V_S, FOLD, SLOTS)
                         d += tl.sum(_tl.softmax_tile_exp2(z_ptr + r * stride_z, o, om, inv_tau, lse_r) * g)
                     tl.store(dr_ptr + r, d)  # 2^24 ⟨p_r, g⟩ / unit: ⟨p_r, g⟩ ~ Z g would underflow where Z is tiny
             else:
@@ -445,9 +440,10 @@ def _pkl_kernel(
             if SPARSE and n_t > 1:  # the later rows' scratch is C's only
                 _tl.clear_later_rows(tc_ptr, stride_tc, tacc_row, tcnt_row, t_lo, t_hi, C, BLOCK_T)
             c = k - k0
-            tl.store(rs_ptr + 3 * c, M)
-            tl.store(rs_ptr + 3 * c + 1, coef)
-            tl.store(rs_ptr + 3 * c + 2, tl.where(valid, unit, 0.0))  # valid, and the chunk's unit
+            tl.store(rs_ptr + 4 * c, M)
+            tl.store(rs_ptr + 4 * c + 1, coef)
+            tl.store(rs_ptr + 4 * c + 2, tl.where(valid, unit, 0.0))  # valid, and the chunk's unit
+            tl.store(rs_ptr + 4 * c + 3, hb)
             tl.debug_barrier()  # every lane's h, d_r and stats stores precede the release
             tl.atomic_xchg(sync_ptr + 1 + c, (pid + 1) * PUB, sem="release", scope="gpu")
 
@@ -507,14 +503,15 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
             mk = tl.load(mask_ptr + v, mask=inside, other=0)
             qu = tl.load(qu_row + v, mask=live & (mk == 1), other=0.0)
         m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, tl.where(live, xb, float("-inf")))
-        s1_v, mu_v, mz_v, hu = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps,
-                                         poison_x, EPS)
+        s1_v, mu_v, mz_v, h = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps,
+                                        poison_x, EPS, FOLD)
         m, l_v = m_new, l_new
         if SPARSE:
-            tl.store(h_row + v, hu, mask=ok)
+            tl.store(h_row + v, h, mask=ok)
         else:
-            _h_store(h_row, hk, hu, _h_kept(inside, mk, FOLD), FOLD)
-        tl.store(tm_row + t, m)
+            _h_store(h_row, hk, h, _h_kept(inside, mk, FOLD), FOLD)
+        if not FOLD:  # C3's rescale
+            tl.store(tm_row + t, m)
     return m, l_v, s1_v, mu_v, mz_v
 
 
@@ -567,11 +564,12 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constex
         qu += hr
         if PRE:
             rk, ew = _c_words(rank_ptr, cell_ptr, o + BLOCK_T, V_T, CSLOTS, BLOCK_T)
-        s1_v, mu_v, mz_v, hu = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps,
-                                         poison_x, EPS)
+        s1_v, mu_v, mz_v, h = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps,
+                                        poison_x, EPS, FOLD)
         m, l_v = m_new, l_new
-        _h_store(h_row, hk, hu, keep, FOLD)
-        tl.store(tm_row + t, m)
+        _h_store(h_row, hk, h, keep, FOLD)
+        if not FOLD:  # C3's rescale
+            tl.store(tm_row + t, m)
     return m, l_v, s1_v, mu_v, mz_v
 
 
@@ -606,7 +604,7 @@ def _weight(word):
 
 @triton.jit
 def _h_key(rk, o, FOLD: tl.constexpr):
-    """Where the h row keeps column o's h_u (and R's sum before it): its rank rk (FOLD: the ELL's keys, only those
+    """Where the h row keeps column o's h (and R's sum before it): its rank rk (FOLD: the ELL's keys, only those
     are read), else o."""
     if FOLD:
         hk = rk
@@ -629,7 +627,7 @@ def _r_sum(h_row, rk, hk, r_spare, FOLD: tl.constexpr):
 
 @triton.jit
 def _h_kept(inside, mk, FOLD: tl.constexpr):
-    """The lanes of a dense tile whose h_u the h row keeps: FOLD, the allowed columns with W entries (mask 1; the
+    """The lanes of a dense tile whose h the h row keeps: FOLD, the allowed columns with W entries (mask 1; the
     mask bytes are loaded as 0 past C), else those inside."""
     if FOLD:
         keep = mk == 1
@@ -639,58 +637,72 @@ def _h_kept(inside, mk, FOLD: tl.constexpr):
 
 
 @triton.jit
-def _h_store(h_row, hk, hu, keep, FOLD: tl.constexpr):
-    """h_u of a dense tile into the h row at its keys (_h_key), on the lanes kept (_h_kept)."""
+def _h_store(h_row, hk, h, keep, FOLD: tl.constexpr):
+    """A dense tile's h (_c_update) into the h row at its keys (_h_key), on the lanes kept (_h_kept)."""
     if FOLD:
-        _tl.scatter(h_row + hk, hu, keep, 8)
+        _tl.scatter(h_row + hk, h, keep, 8)
     else:
-        tl.store(h_row + hk, hu, mask=keep)
+        tl.store(h_row + hk, h, mask=keep)
 
 
 @triton.jit
-def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps, poison_x, EPS: tl.constexpr):
+def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps, poison_x, EPS: tl.constexpr,
+              LOGH: tl.constexpr):
     """Fold a tile's q = Qu/(n_s Z) (q = qu inv_qz, qu = 2^24 Qu) into the online state, its x̄ (the merged teacher
     logits / τ, live on its allowed finite lanes) already folded into the running max and sum (_tl.lse_step: m -> m_new,
-    ex = e = exp(x̄ − m_new), alpha = exp(m − m_new)) -> (S1, Mu, zero-mass max, h_u): S1 = Σ e (x̄ − m − log(q + eps)),
-    Mu = Σ e q/(q + eps), each kept where it can differ (EPS, _eps_kind): eps = 0, Mu = Σ e over q > 0 is taken from l
-    after the loop and the log from q and q_s (_tl.fast_log_pair: no scaling multiply, a subnormal q's bits kept); eps >
-    0, no lane has q + eps = 0, so the zero-mass max stays at its initial NEG, and for eps ≥ 2^-126 the log needs no
-    subnormal scaling (C at K = 1: 541 → 517 instructions per thread per tile with eps = 0, → 463 with eps = 1e-10;
-    sm_90 SASS; 512 / 472 with the pair and h_u's reciprocal below, 493 / 454 with unmasked structure loads), h_u =
-    2^-24 e/(q + eps) = e/(q_s + 2^24 eps), q_s = 2^24 q formed from qu without q's subnormal rounding: scaled, h_u
-    stays finite where q + eps is subnormal (e/q reaches 2^149; D's products p h are bounded, h is not), and the SFU's
-    reciprocal (_tl.fast_div: q_s + 2^24 eps in [2^-126, 2^25] where q > 0 or eps > 0) takes the place of the exp of x̄
-    − m − log(q + eps) (the same count, without the log's error). On a GPU an e or h_u below 2^-126 (h < 2^-102) is
-    flushed to 0 (.ftz): a dropped term of D's g, below τ 2^-102 in dz (p_s w h ≤ n_s Z h).
+    ex = e = exp(x̄ − m_new), alpha = exp(m − m_new)) -> (S1, Mu, zero-mass max, the column's h): S1 = Σ e (x̄ − m −
+    log(q + eps)), Mu = Σ e q/(q + eps), each kept where it can differ (EPS, _eps_kind): eps = 0, Mu = Σ e over q > 0
+    is taken from l after the loop and the log from q and q_s (_tl.fast_log_pair: no scaling multiply, a subnormal q's
+    bits kept); eps > 0, no lane has q + eps = 0, so the zero-mass max stays at its initial NEG, and for eps ≥ 2^-126
+    the log needs no subnormal scaling. q_s = 2^24 q is formed from qu without q's subnormal rounding.
+    h: LOGH (the dense frozen-W pass, FOLD) u = x̄ − log(q + eps), the log S1 takes anyway (−inf where q + eps = 0 or
+    x̄ = −inf), from which D forms 2^-24 h = exp2(u log₂e − β) with the chunk's β = (m − mc) log₂e + 24 (P = exp(x̄ −
+    m + mc), _pkl_kernel): no tile maxima and no reciprocal here, one exp2 per ELL slot in D instead of a gather of
+    its tile's factor (C at K = 1: 493 -> 478 instructions per thread per tile, D 195 / 318 / 438 / 556 -> 159 / 254 /
+    342 / 428 at 1-4 slots, sm_90 SASS; C takes 2 + K transcendentals per column, D 1 + K per student). The log
+    domain costs accuracy: h's relative error is the absolute error of its exponent, u's and β's roundings (≈ 2^-24
+    (|x̄| + |log(q + eps)| + |β| ln 2)) and, on a GPU, the SFU log's (≤ 2^-21.4 near 1, a few ulp elsewhere), where
+    the reciprocal and the tile's factor (an exp of a max difference) took a few ulp: the fp32 gradient's worst
+    error / bound in the op tests 0.05 -> 0.14, within the bound, whose κ grows with |x̄|, the LSE and |log q| as
+    this error does. Else h_u = 2^-24 e/(q + eps)
+    = e/(q_s + 2^24 eps) by the SFU's reciprocal (_tl.fast_div: q_s + 2^24 eps in [2^-126, 2^25] where q > 0 or
+    eps > 0), rescaled by its tile's factor after C (C3); scaled, h_u stays finite where q + eps is subnormal (e/q
+    reaches 2^149). On a GPU an e or h below 2^-126 (h < 2^-102) is flushed to 0 (.ftz): a dropped term of D's g,
+    below τ 2^-102 in dz (p_s w h ≤ n_s Z h).
     poison_x: NaN in the S1 term of a lane whose (single dense row's) x̄ is NaN or +inf, else 0."""
     q = qu * inv_qz
     q_s = qu * (inv_qz * 16777216.0)  # 2^24 q
     if EPS == 0:
-        qe = q
-        pos = live & (qe > 0)
-        mz_v = tl.maximum(mz_v, tl.where(qe > 0, float("-inf"), tl.where(live, xb, float("-inf"))))
-        hu = tl.where(pos, _tl.fast_div(ex, q_s), 0.0)
+        pos = live & (q > 0)
+        mz_v = tl.maximum(mz_v, tl.where(q > 0, float("-inf"), tl.where(live, xb, float("-inf"))))
+        lq = _tl.fast_log_pair(q, q_s)
     else:
-        qe = q + eps
         pos = live
-        hu = tl.where(pos, _tl.fast_div(ex, q_s + eps * 16777216.0), 0.0)
-    if EPS == 0:
-        d = xb - m_new - _tl.fast_log_pair(q, q_s)
-    elif EPS == 2:
-        d = xb - m_new - _tl.fast_log_normal(qe)
+        if EPS == 2:
+            lq = _tl.fast_log_normal(q + eps)
+        elif LOGH:  # h is this log: a subnormal q + eps keeps its bits in q_s + 2^24 eps
+            lq = _tl.fast_log_pair(q + eps, q_s + eps * 16777216.0)
+        else:
+            lq = _tl.fast_log(q + eps)
+    d = xb - m_new - lq  # x̄ − m first: S1's terms round at their size, not at |x̄|'s
+    if LOGH:
+        h = tl.where(pos, xb - lq, float("-inf"))
+        if EPS != 0:
+            mu_v = alpha * mu_v + ex * _tl.fast_div(q_s, q_s + eps * 16777216.0)
     else:
-        d = xb - m_new - _tl.fast_log(qe)
+        if EPS == 0:
+            h = tl.where(pos, _tl.fast_div(ex, q_s), 0.0)
+        else:
+            h = tl.where(pos, _tl.fast_div(ex, q_s + eps * 16777216.0), 0.0)
+            mu_v = alpha * mu_v + h * q_s
     s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * d, poison_x)
-    if EPS != 0:
-        mu_v = alpha * mu_v + hu * q_s
-    return s1_v, mu_v, mz_v, hu
+    return s1_v, mu_v, mz_v, h
 
 
 @triton.jit
-def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr, colb, spans_ptr, lse_s_ptr,
-                dr_ptr, h_ptr, tm_ptr, n_tiles_max, dz_ptr, stride_dz, k0, V_S, V_T, row_len, inv_tau,
-                MEAN: tl.constexpr, GRAD_W: tl.constexpr, FOLD: tl.constexpr, BLOCK_S: tl.constexpr,
-                SLOTS: tl.constexpr, SLICE: tl.constexpr):
+def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr, spans_ptr, lse_s_ptr, dr_ptr,
+                h_ptr, dz_ptr, stride_dz, k0, V_S, V_T, row_len, inv_tau, MEAN: tl.constexpr, GRAD_W: tl.constexpr,
+                FOLD: tl.constexpr, BLOCK_S: tl.constexpr, SLOTS: tl.constexpr, SLICE: tl.constexpr):
     """Take the next open D slice j of published chunk k0 + c and compute it -> j (≥ G: none was open): its
     gradient rows on student tiles [j SLICE, (j + 1) SLICE), dz_r = τ c/(n_s Z) p_r (g − d_r) (zero for an invalid
     chunk), from what its owner program published. sync: [0] the help window's head, [1 + c] (owner + 1)·PUB once
@@ -702,20 +714,20 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr
     if j < G:
         own = old // PUB - 1
         s_lo, s_hi, _, _ = _tl.chunk_rows(spans_ptr, k0 + c, MEAN)
-        M = tl.load(rs_ptr + 3 * c, cache_modifier=".cg")
-        coef = tl.load(rs_ptr + 3 * c + 1, cache_modifier=".cg")
-        unit = tl.load(rs_ptr + 3 * c + 2, cache_modifier=".cg")
+        M = tl.load(rs_ptr + 4 * c, cache_modifier=".cg")
+        coef = tl.load(rs_ptr + 4 * c + 1, cache_modifier=".cg")
+        unit = tl.load(rs_ptr + 4 * c + 2, cache_modifier=".cg")
+        hb = tl.load(rs_ptr + 4 * c + 3, cache_modifier=".cg")
         valid = unit != 0
         h_row = h_ptr + (c.to(tl.int64) * V_T if GRAD_W else own.to(tl.int64) * row_len)
-        tm_row = tm_ptr + own.to(tl.int64) * n_tiles_max
         # the slice's widest student: the slice runs the instantiation with that many ELL slots
         v_lo = j * SLICE * BLOCK_S
         sv = v_lo + tl.arange(0, SLICE * BLOCK_S)
         v_hi = tl.minimum(V_S, v_lo + SLICE * BLOCK_S)
-        args = (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, s_lo, s_hi, z_ptr, stride_z,
-                lse_s_ptr, dr_ptr, dz_ptr, stride_dz, V_S, inv_tau, unit)
+        args = (v_lo, v_hi, ell_ptr, nslot_ptr, h_row, hb, M, coef, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr, dr_ptr,
+                dz_ptr, stride_dz, V_S, inv_tau, unit)
         ks = tl.max(tl.load(nslot_ptr + sv, mask=sv < V_S, other=0).to(tl.int32))
-        if not valid:  # zero rows (M, h and the tile factors may be anything)
+        if not valid:  # zero rows (M, β and h may be anything)
             for r in range(s_lo, s_hi):
                 _tl.zero_row(dz_ptr + r * stride_dz + v_lo, v_hi - v_lo, BLOCK_S)
         elif MEAN:  # a 1-to-1 chunk runs the single-row instantiation
@@ -756,13 +768,13 @@ def _slices(args, ks, FOLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_S: tl.const
 def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr):
     """dz rows of a chunk's merged student rows on the student ids [v_lo, v_hi) (_take_slice), g from the ELL's
     first K slots (the row loop inside the tile loop: Triton pipelines innermost loops only, so this one is not)."""
-    (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr, dr_ptr,
-     dz_ptr, stride_dz, V_S, inv_tau, unit) = args
+    (v_lo, v_hi, ell_ptr, nslot_ptr, h_row, hb, M, coef, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr, dr_ptr, dz_ptr,
+     stride_dz, V_S, inv_tau, unit) = args
     offs = tl.arange(0, BLOCK_S)
     for v0 in range(v_lo, v_hi, BLOCK_S):
         o = v0 + offs
         om = o < V_S
-        g = _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, FOLD, K)
+        g = _ell_g(ell_ptr, nslot_ptr, h_row, hb, o, om, M, V_S, FOLD, K)
         for r in range(s_lo, s_hi):
             a, b = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + r, cache_modifier=".cg"))
             p = _tl.softmax_exp2(tl.load(z_ptr + r * stride_z + o, mask=om, other=float("-inf"),
@@ -780,8 +792,8 @@ def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constex
     software-pipelined by hand: a tile's gathers of the h row are issued before its p is computed from the logits
     loaded during the tile before; then the next tile's logits are loaded, and (one slot) its ELL words, carried in
     registers (K slots: loaded at the tile's start, 4 × 8 B per student would spill; the bottom of the file)."""
-    (v_lo, v_hi, ell_ptr, nslot_ptr, colb, h_row, tm_row, M, coef, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr, dr_ptr,
-     dz_ptr, stride_dz, V_S, inv_tau, unit) = args
+    (v_lo, v_hi, ell_ptr, nslot_ptr, h_row, hb, M, coef, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr, dr_ptr, dz_ptr,
+     stride_dz, V_S, inv_tau, unit) = args
     offs = tl.arange(0, BLOCK_S)
     z_row = z_ptr + s_lo * stride_z
     dz_row = dz_ptr + s_lo * stride_dz
@@ -794,31 +806,31 @@ def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constex
         o = v0 + offs
         if K > 1:
             e = _ell_words(ell_ptr, nslot_ptr, o, o < v_hi, V_S, K)
-        ws, hs, fs = _ell_gathers(e, h_row, tm_row, colb, FOLD, K)
+        ws, hs = _ell_gathers(e, h_row, K)
         p = _tl.softmax_exp2(x, a, b)
         x = tl.load(z_row + o + BLOCK_S, mask=o + BLOCK_S < v_hi, other=float("-inf"), eviction_policy="evict_first")
         if K == 1:
             e = _ell_words(ell_ptr, nslot_ptr, o + BLOCK_S, o + BLOCK_S < v_hi, V_S, K)
-        dz = coef * (p * _ell_sum(ws, hs, fs, M, FOLD, K))  # (2^24 p)(2^-24 g): bounded, unlike g
+        dz = coef * (p * _ell_sum(ws, hs, M, hb, FOLD, K))  # (2^24 p)(2^-24 g): bounded, unlike g
         tl.store(dz_row + o, dz.to(dz_ptr.dtype.element_ty), mask=o < v_hi, eviction_policy="evict_first")
 
 
 @triton.jit
-def _ell_g(ell_ptr, nslot_ptr, colb, h_row, tm_row, o, om, M, V_S, FOLD: tl.constexpr, K: tl.constexpr):
+def _ell_g(ell_ptr, nslot_ptr, h_row, hb, o, om, M, V_S, FOLD: tl.constexpr, K: tl.constexpr):
     """g_s = Σ_slot w_eff[slot, s] (M − h[col]) for the student ids o (lanes om), from the compact slot-major ELL's
     first K slots (students with more must not be in o): _ell_words, _ell_gathers, _ell_sum."""
-    ws, hs, fs = _ell_gathers(_ell_words(ell_ptr, nslot_ptr, o, om, V_S, K), h_row, tm_row, colb, FOLD, K)
-    return _ell_sum(ws, hs, fs, M, FOLD, K)
+    ws, hs = _ell_gathers(_ell_words(ell_ptr, nslot_ptr, o, om, V_S, K), h_row, K)
+    return _ell_sum(ws, hs, M, hb, FOLD, K)
 
 
 @triton.jit
 def _ell_words(ell_ptr, nslot_ptr, o, om, V_S, K: tl.constexpr):
     """The ELL words of the student ids o (lanes om): per slot k < K one int64 = w_eff's fp32 bits (0 off A) << 32 |
-    col | tile << colb, 0 where the student has at most k slots (nslot[s] used slots first). Slot 0 is loaded by the
-    tile's mask (a student without slots has the zero word there too): vector loads, where a per-student mask made
-    one 8-byte load per student and 3 more instructions; a slot k ≥ 1 is masked off where the student has at most k
-    slots, so its 32-byte sector is read only where one of its 4 students has k + 1 (86 % of Llama-3's ids have
-    one)."""
+    the column (FOLD: its rank), 0 where the student has at most k slots (nslot[s] used slots first). Slot 0 is
+    loaded by the tile's mask (a student without slots has the zero word there too): vector loads, where a
+    per-student mask made one 8-byte load per student and 3 more instructions; a slot k ≥ 1 is masked off where the
+    student has at most k slots, so its 32-byte sector is read only where one of its 4 students has k + 1 (86 % of
+    Llama-3's ids have one)."""
     e = (tl.load(ell_ptr + o, mask=om, other=0),)
     if K > 1:
         ns = tl.load(nslot_ptr + o, mask=om, other=0)
@@ -828,35 +840,29 @@ def _ell_words(ell_ptr, nslot_ptr, o, om, V_S, K: tl.constexpr):
 
 
 @triton.jit
-def _ell_gathers(e, h_row, tm_row, colb, FOLD: tl.constexpr, K: tl.constexpr):
-    """Per slot of the ELL words e: (w, h[col], the factor of col's tile (FOLD: stored in place of the tile maxima
-    after C; else none)), the gathers read past L1 (.cg: another program's chunk may have left older values at these
-    addresses in this SM's L1) and unmasked: a slot without a weight (w = 0: no slot, or off A) has the zero word
-    and reads h[0] and the first tile's factor, valid addresses: FOLD, h[0] is the h row's spare, always 0 (ranks
-    start at 1, _w_structure), so its term w (M − h f) is an exact 0; else _ell_sum's select drops it."""
+def _ell_gathers(e, h_row, K: tl.constexpr):
+    """Per slot of the ELL words e: (w, the h row at its key), the gathers read past L1 (.cg: another program's chunk
+    may have left older values at these addresses in this SM's L1) and unmasked: a slot without a weight (w = 0: no
+    slot, or off A) has the zero word and reads h[0], a valid address (FOLD: the h row's spare, −inf: ranks start at
+    1, _w_structure)."""
     ws = ()
     hs = ()
-    fs = ()
     for k in tl.static_range(K):
-        w = _weight(e[k])
-        key = e[k].to(tl.int32)
-        ws = ws + (w,)
-        hs = hs + (tl.load(h_row + (key & ((1 << colb) - 1)), cache_modifier=".cg"),)
-        if FOLD:
-            fs = fs + (tl.load(tm_row + (key >> colb), cache_modifier=".cg"),)
-    return ws, hs, fs
+        ws = ws + (_weight(e[k]),)
+        hs = hs + (tl.load(h_row + e[k].to(tl.uint32), cache_modifier=".cg"),)  # unsigned: no sign extension
+    return ws, hs
 
 
 @triton.jit
-def _ell_sum(ws, hs, fs, M, FOLD: tl.constexpr, K: tl.constexpr):
-    """g = Σ_slot w (M − h f) over the gathered slots with w ≠ 0 (_ell_gathers). FOLD: h = h_u f, the unscaled row
-    times its tile's factor exp(m_tile − m) F, and a weightless slot reads the spare h = 0, a term 0 (M is finite
-    in a valid chunk; D writes zeros for the others); else a select, not a product with w = 0: a column's h may be
-    +inf (2 instructions per slot and student, sm_90 SASS)."""
+def _ell_sum(ws, hs, M, hb, FOLD: tl.constexpr, K: tl.constexpr):
+    """g = Σ_slot w (M − h) over the gathered slots with w ≠ 0 (_ell_gathers). FOLD: 2^-24 h = exp2(u log₂e − β) from
+    the row's u (_c_update), and a weightless slot reads the spare u = −inf, h = 0, a term 0 (M is finite in a valid
+    chunk; D writes zeros for the others); else a select, not a product with w = 0: a column's h may be +inf (2
+    instructions per slot and student, sm_90 SASS)."""
     g = tl.zeros(ws[0].shape, tl.float32)
     for k in tl.static_range(K):
         if FOLD:
-            g += ws[k] * (M - hs[k] * fs[k])
+            g += ws[k] * (M - tl.exp2(hs[k] * _tl.LOG2E - hb))
         else:
             g += tl.where(ws[k] != 0, ws[k] * (M - hs[k]), 0.0)
     return g
@@ -892,8 +898,8 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # memory with cp.async, the gathers included: per thread per tile, C 747 where unpipelined it was 610 and by hand it is
 # 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand 301; sm_90 SASS); merged rows' C and D
 # are not pipelined (their row loops sit inside the tile loops, and Triton pipelines innermost loops only). Per thread
-# and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 138, C 493 (its p gathers and structure loads unmasked;
-# 876 for merged rows; 454 with eps = 1e-10), D 195 / 318 / 438 / 556 (1-4 ELL slots; merged rows 237 / 610, one /
+# and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 138, C 470 (its p gathers and structure loads unmasked;
+# 879 for merged rows; 449 with eps = 1e-10), D 159 / 254 / 342 / 428 (1-4 ELL slots; merged rows 204 / 481, one /
 # four), R 412 per entry block of pieces (555 for merged rows). The kernel is bound by instruction issue, not bytes
 # (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans' and reductions'
 # cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when
@@ -967,13 +973,13 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
       piece and the list to whole blocks of block_e entries) and per piece r_keys = (its column, the column's rank)
       int32, the sign bit set on a column's first piece: where R keeps their sums in the h row;
     - the gradient pass's compact ELL: every row's used slots first (slot_order int64 [V_S, SLOTS], the slot
-      permutation), nslot int8 [V_S], keys int32 [SLOTS, V_S] slot-major = column | its tile << colb, and the same
-      with the column's rank in place of the column;
+      permutation), nslot int8 [V_S], keys int32 [SLOTS, V_S] slot-major = the column, and the same with the
+      column's rank in place of the column;
     - rank int32 [VP]: where the dense frozen-W pass keeps a column's h: the n_long columns longer than K at 1 ..
       n_long, the other columns with W entries from n_long + 2 on (in column order), the spare r_spare = n_long + 1
-      for the columns without and past V_T; the h row's entries 0 (read by the ELL's weightless slots) and r_spare
-      (C's read of a short column's R sum, at min(rank, r_spare)) are never written and stay 0; has_entry bool
-      [V_T].
+      for the columns without and past V_T; the h row's entries 0 (read by the ELL's weightless slots: −inf, set by
+      pkl_rows) and r_spare (C's read of a short column's R sum, at min(rank, r_spare): 0) are never written;
+      has_entry bool [V_T].
     The weights, which depend on the call's column mask, are packed beside slots and keys by pkl_rows."""
     key = id(w_idx)
     hit = _STRUCT_CACHE.get(key)
@@ -1011,19 +1017,14 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
     r_slot[p_off[cols[res]] * piece + j[res] - K] = slot_ids[res]
     p_col = torch.repeat_interleave(torch.arange(V_T, device=dev), n_pc)
     p_first = torch.arange(n_pieces, device=dev) == p_off[p_col]
-    colb = max(1, (V_T + 1).bit_length())  # ranks run to V_T + 1 (rank, below)
-    if n_tiles >= 1 << (31 - colb):
-        raise ValueError(f"the triton P-KL kernel packs a teacher column and its tile in 31 bits: {V_T} columns and "
-                         f"{n_tiles} tiles do not fit; use backend='torch'")
     slot_order = torch.argsort((w_idx < 0).to(torch.int8), dim=1, stable=True)
     idx = w_idx.long().gather(1, slot_order)
     used = idx >= 0
-    tile_bits = (idx.clamp(min=0) // block_t) << colb
     long = col_len > K
     r_spare = int(long.sum()) + 1
     rank = torch.where(long, torch.cumsum(long, 0), torch.cumsum(has_entry & ~long, 0) + r_spare)
     rank = torch.where(has_entry, rank, r_spare)
-    ell_keys = tuple(torch.where(used, c | tile_bits, 0).to(torch.int32).t().contiguous()
+    ell_keys = tuple(torch.where(used, c, 0).to(torch.int32).t().contiguous()
                      for c in (idx, rank[idx.clamp(min=0)]))
     out = dict(e_slot=padded(slot_ids, -(-cols.numel() // block_e) * block_e, -1), nnz=cols.numel(),
                e_key=(cols - (first.long() << 31)).to(torch.int32), has_entry=has_entry, cslots=K,
@@ -1031,8 +1032,7 @@ def _w_structure(w_idx: torch.Tensor, V_T: int, block_t: int, block_e: int):
                r_keys=tuple((c - (p_first.long() << 31)).to(torch.int32) for c in (p_col, rank[p_col])),
                slot_order=slot_order,
                nslot=used.sum(1).to(torch.int8), ell_keys=ell_keys, r_spare=r_spare,
-               rank=padded(rank, vp, r_spare).to(torch.int32),
-               colb=colb)
+               rank=padded(rank, vp, r_spare).to(torch.int32))
     if len(_STRUCT_CACHE) >= 16:
         _STRUCT_CACHE.clear()
     _STRUCT_CACHE[key] = (weakref.ref(w_idx), (w_idx._version, V_T, block_t, block_e), out)
@@ -1100,6 +1100,8 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
     nprog = K if help_split else _num_programs(K, device)
     row_len = (V_T + 17) // 16 * 16  # scratch rows: ranks 0 .. V_T + 1 (_w_structure), 16-entry aligned
     qu = torch.zeros(nprog, row_len, **f32)
+    if fold:  # the h row (dense: the Qu row's buffer) of u = x̄ − log(q + eps): the weightless slots' spare u = −inf
+        qu[:, 0] = float("-inf")
     tm = torch.empty(nprog, max(1, triton.cdiv(C, _TILES["BLOCK_T"])), **f32)
     if sparse:
         tacc = torch.zeros(nprog, row_len, **f32)
@@ -1120,11 +1122,11 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
             h, stat = torch.zeros(k1 - k0, V_T, **f32), torch.zeros(k1 - k0, 2, **f32)
         else:
             h, stat = (torch.zeros(nprog, row_len, **f32) if sparse else qu), loss
-        sync, rs = torch.zeros(1 + 2 * (k1 - k0), dtype=torch.int32, device=device), torch.empty(k1 - k0, 3, **f32)
+        sync, rs = torch.zeros(1 + 2 * (k1 - k0), dtype=torch.int32, device=device), torch.empty(k1 - k0, 4, **f32)
         for help_ in (1, 2) if help_split else (0,):
             _launch((nprog,),
                     s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
-                    a, ell, st["nslot"], st["colb"], e_words, st["e_key"], st["nnz"], cell, st["rank"], r_words,
+                    a, ell, st["nslot"], e_words, st["e_key"], st["nnz"], cell, st["rank"], r_words,
                     r_key, st["n_pieces"], st["r_spare"], mask8,
                     spans, chain, scale, loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc,
                     tcnt, stat, sync, rs,
