@@ -34,7 +34,9 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
         (ops._tl.softmax_exp2: 2^24 p is one multiply-add and ex2) and q = Qu/(n_s Z) takes the 2^-24 back; q_s =
         2^24 q keeps the bits a subnormal q loses.
      C2 the teacher tile, read once: the merged teacher x̄ (vectorized loads, A selected with tl.where) folded into
-        an online pass with rescaling: running max m, l = Σe, e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)),
+        an online pass with rescaling: running max m (per tile; one dense row with a frozen W, per group of a
+        thread's 8 lanes, rescaled to the row's after the loop: no cross-thread reduction and barrier per tile,
+        _lse_groups), l = Σe, e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)),
         Mu = Σ e q/(q + eps) (eps = 0: l, _c_update; the SFU's log, ops._tl.fast_log_pair: ~6 instructions where a
         correctly rounded logf takes ~25) and the column's h: dense, frozen W (FOLD) u = x̄ − log(q + eps),
         the log S1 takes anyway, else h_u = 2^-24 e/(q + eps) by the SFU's reciprocal with the tile's max (scaled by
@@ -355,11 +357,12 @@ def _pkl_kernel(
             # C: one online pass over the teacher in BLOCK_T tiles. Dense: per tile C1 from the column ELL (and R's
             # sums) and C2, pipelined by hand for single rows (_single_pass): it reads what was written before the loop
             # and writes h and C3's tile maxima (a long column's R sum is read by the lane that then overwrites it).
-            # Sparse: C2 over the k columns (Qu from the scratch row). The running max m is per tile; l, S1, Mu and the
-            # zero-mass max (the last two as eps needs, _c_update) are kept per lane (with the common rescaling) and
-            # reduced once after the loop: a reduction per tile and sum costs more instructions than the lane-wise
-            # updates (sm_90 SASS). Bad input: B checked every teacher row where it ran (sparse, or several rows); a
-            # single dense row is checked here, a NaN or +inf x̄ making its lane's S1 term NaN
+            # Sparse: C2 over the k columns (Qu from the scratch row). The running max m is per tile (per lane group in
+            # _single_pass under FOLD); l, S1, Mu and the zero-mass max (the last two as eps needs, _c_update) are kept
+            # per lane (with the common rescaling) and reduced once after the loop: a reduction per tile and sum costs
+            # more instructions than the lane-wise updates (sm_90 SASS). Bad input: B checked every teacher row where it
+            # ran (sparse, or several rows); a single dense row is checked here, a NaN or +inf x̄ making its lane's S1
+            # term NaN
             c_args = (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, rank_ptr, cell_ptr,
                       z_ptr, stride_z, lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T,
                       inv_tau, inv_qz, eps, two_pass, r_spare)
@@ -503,7 +506,7 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
             mk = tl.load(mask_ptr + v, mask=inside, other=0)
             qu = tl.load(qu_row + v, mask=live & (mk == 1), other=0.0)
         m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, tl.where(live, xb, float("-inf")))
-        s1_v, mu_v, mz_v, h = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps,
+        s1_v, mu_v, mz_v, h = _c_update(m - m_new, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps,
                                         poison_x, EPS, FOLD)
         m, l_v = m_new, l_new
         if SPARSE:
@@ -516,16 +519,24 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
 
 
 @triton.jit
-def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constexpr, BLOCK_T: tl.constexpr):
+def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constexpr, BLOCK_T: tl.constexpr,
+                 G: tl.constexpr = 8):
     """C for one dense teacher row and one student row, software-pipelined by hand: tile t + 1's teacher logits and
     mask are loaded once tile t's have been folded into the running max and sum, its structure words once tile t's
     Qu is summed, each carried in registers to the next tile, whose gathers (p at its slots' students, R's sums)
-    are issued before its teacher logits are folded (the bottom of the file: Triton's own pipelining costs more)."""
+    are issued before its teacher logits are folded (the bottom of the file: Triton's own pipelining costs more).
+    FOLD (no tile maxima for C3): the running max is kept per group of G lanes, a thread's 8 of the 16-byte teacher
+    loads (_lse_groups), and the groups' sums are rescaled to the row's max after the loop: the tile max's
+    cross-thread reduction and barrier (~35 instructions per thread per tile at K = 1: 478 -> 443, sm_90 SASS)
+    are gone; m − m_new and m_new reach _c_update per lane."""
     (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, rank_ptr, cell_ptr, z_ptr, stride_z,
      lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T, inv_tau, inv_qz, eps, two_pass,
      r_spare) = args
     offs_t = tl.arange(0, BLOCK_T)
-    m = tl.full((), NEG, tl.float32)
+    if FOLD:  # no tile maxima needed (C3): a running max per group of G lanes, a thread's (_lse_groups)
+        m = tl.full((BLOCK_T // G,), NEG, tl.float32)
+    else:
+        m = tl.full((), NEG, tl.float32)
     l_v = tl.zeros((BLOCK_T,), tl.float32)
     s1_v = tl.zeros((BLOCK_T,), tl.float32)
     mu_v = tl.zeros((BLOCK_T,), tl.float32)
@@ -555,7 +566,11 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constex
         xb = xb * inv_tau
         live = (mk != 0) & (xb > float("-inf"))  # mk = 0 past C
         keep = _h_kept(inside, mk, FOLD)
-        m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, tl.where(live, xb, float("-inf")))
+        if FOLD:
+            m_new, l_new, ex, alpha, dm, m_lane = _lse_groups(m, l_v, tl.where(live, xb, float("-inf")), G)
+        else:
+            m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, tl.where(live, xb, float("-inf")))
+            dm, m_lane = m - m_new, m_new
         mk, x = _c_teacher(t_row, mask_ptr, o + BLOCK_T, C, BLOCK_T)
         # C1: Qu[c] = 2^24 Σ_j w_j p[s_j] over the column's first min(len, CSLOTS) entries (in order), + R's sum
         qu = tl.zeros((BLOCK_T,), tl.float32)
@@ -564,13 +579,40 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constex
         qu += hr
         if PRE:
             rk, ew = _c_words(rank_ptr, cell_ptr, o + BLOCK_T, V_T, CSLOTS, BLOCK_T)
-        s1_v, mu_v, mz_v, h = _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps,
+        s1_v, mu_v, mz_v, h = _c_update(dm, m_lane, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps,
                                         poison_x, EPS, FOLD)
         m, l_v = m_new, l_new
         _h_store(h_row, hk, h, keep, FOLD)
         if not FOLD:  # C3's rescale
             tl.store(tm_row + t, m)
+    if FOLD:  # the groups' sums rescaled to the row's max
+        m_g = m
+        m = tl.max(m_g)
+        a = _lanes(_tl.fast_exp(m_g - m), G)
+        s1_v = a * (s1_v + _lanes(m_g - m, G) * l_v)
+        l_v = a * l_v
+        mu_v = a * mu_v
     return m, l_v, s1_v, mu_v, mz_v
+
+
+@triton.jit
+def _lanes(v, G: tl.constexpr):
+    """A per-group value [N / G] on each of its group's G lanes [N]."""
+    N: tl.constexpr = v.shape[0] * G
+    return tl.reshape(tl.broadcast_to(v[:, None], [N // G, G]), [N])
+
+
+@triton.jit
+def _lse_groups(m, l, x, G: tl.constexpr):
+    """_tl.lse_step with a running max per group of G consecutive lanes (m: [N / G]): with G the lanes a thread
+    holds of the 16-byte teacher loads, no cross-thread reduction and barrier per tile. -> (the groups' max m', l',
+    exp(x − m'), and per lane exp(m − m'), m − m' and m')."""
+    N: tl.constexpr = x.shape[0]
+    m_new = tl.maximum(m, tl.max(tl.reshape(x, [N // G, G]), 1))
+    m_lane = _lanes(m_new, G)
+    e = _tl.fast_exp(x - m_lane)
+    alpha = _lanes(_tl.fast_exp(m - m_new), G)
+    return m_new, l * alpha + e, e, alpha, _lanes(m - m_new, G), m_lane
 
 
 @triton.jit
@@ -646,28 +688,28 @@ def _h_store(h_row, hk, h, keep, FOLD: tl.constexpr):
 
 
 @triton.jit
-def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps, poison_x, EPS: tl.constexpr,
+def _c_update(dm, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, eps, poison_x, EPS: tl.constexpr,
               LOGH: tl.constexpr):
     """Fold a tile's q = Qu/(n_s Z) (q = qu inv_qz, qu = 2^24 Qu) into the online state, its x̄ (the merged teacher
-    logits / τ, live on its allowed finite lanes) already folded into the running max and sum (_tl.lse_step: m -> m_new,
-    ex = e = exp(x̄ − m_new), alpha = exp(m − m_new)) -> (S1, Mu, zero-mass max, the column's h): S1 = Σ e (x̄ − m −
-    log(q + eps)), Mu = Σ e q/(q + eps), each kept where it can differ (EPS, _eps_kind): eps = 0, Mu = Σ e over q > 0
-    is taken from l after the loop and the log from q and q_s (_tl.fast_log_pair: no scaling multiply, a subnormal q's
-    bits kept); eps > 0, no lane has q + eps = 0, so the zero-mass max stays at its initial NEG, and for eps ≥ 2^-126
-    the log needs no subnormal scaling. q_s = 2^24 q is formed from qu without q's subnormal rounding.
-    h: LOGH (the dense frozen-W pass, FOLD) u = x̄ − log(q + eps), the log S1 takes anyway (−inf where q + eps = 0 or
-    x̄ = −inf), from which D forms 2^-24 h = exp2(u log₂e − β) with the chunk's β = (m − mc) log₂e + 24 (P = exp(x̄ −
-    m + mc), _pkl_kernel): no tile maxima and no reciprocal here, one exp2 per ELL slot in D instead of a gather of
-    its tile's factor (C at K = 1: 493 -> 478 instructions per thread per tile, D 195 / 318 / 438 / 556 -> 159 / 254 /
-    342 / 428 at 1-4 slots, sm_90 SASS; C takes 2 + K transcendentals per column, D 1 + K per student). The log
-    domain costs accuracy: h's relative error is the absolute error of its exponent, u's and β's roundings (≈ 2^-24
-    (|x̄| + |log(q + eps)| + |β| ln 2)) and, on a GPU, the SFU log's (≤ 2^-21.4 near 1, a few ulp elsewhere), where
-    the reciprocal and the tile's factor (an exp of a max difference) took a few ulp: the fp32 gradient's worst
-    error / bound in the op tests 0.05 -> 0.14, within the bound, whose κ grows with |x̄|, the LSE and |log q| as
-    this error does. Else h_u = 2^-24 e/(q + eps)
-    = e/(q_s + 2^24 eps) by the SFU's reciprocal (_tl.fast_div: q_s + 2^24 eps in [2^-126, 2^25] where q > 0 or
-    eps > 0), rescaled by its tile's factor after C (C3); scaled, h_u stays finite where q + eps is subnormal (e/q
-    reaches 2^149). On a GPU an e or h below 2^-126 (h < 2^-102) is flushed to 0 (.ftz): a dropped term of D's g,
+    logits / τ, live on its allowed finite lanes) already folded into the running max and sum (_tl.lse_step or
+    _lse_groups: m -> m_new, dm = m − m_new, ex = e = exp(x̄ − m_new), alpha = exp(m − m_new)) -> (S1, Mu, zero-mass
+    max, the column's h): S1 = Σ e (x̄ − m − log(q + eps)), Mu = Σ e q/(q + eps), each kept where it can differ (EPS,
+    _eps_kind): eps = 0, Mu = Σ e over q > 0 is taken from l after the loop and the log from q and q_s
+    (_tl.fast_log_pair: no scaling multiply, a subnormal q's bits kept); eps > 0, no lane has q + eps = 0, so the
+    zero-mass max stays at its initial NEG, and for eps ≥ 2^-126 the log needs no subnormal scaling. q_s = 2^24 q is
+    formed from qu without q's subnormal rounding.
+    h: LOGH (the dense frozen-W pass, FOLD) u = x̄ − log(q + eps), the log S1 takes anyway (−inf where q + eps = 0 or x̄
+    = −inf), from which D forms 2^-24 h = exp2(u log₂e − β) with the chunk's β = (m − mc) log₂e + 24 (P = exp(x̄ − m +
+    mc), _pkl_kernel): no tile maxima and no reciprocal here, one exp2 per ELL slot in D instead of a gather of its
+    tile's factor (C at K = 1: 493 -> 478 instructions per thread per tile, D 195 / 318 / 438 / 556 -> 159 / 254 / 342 /
+    428 at 1-4 slots, sm_90 SASS; C takes 2 + K transcendentals per column, D 1 + K per student). The log domain costs
+    accuracy: h's relative error is the absolute error of its exponent, u's and β's roundings (≈ 2^-24 (|x̄| + |log(q +
+    eps)| + |β| ln 2)) and, on a GPU, the SFU log's (≤ 2^-21.4 near 1, a few ulp elsewhere), where the reciprocal and
+    the tile's factor (an exp of a max difference) took a few ulp: the fp32 gradient's worst error / bound in the op
+    tests 0.05 -> 0.14, within the bound, whose κ grows with |x̄|, the LSE and |log q| as this error does. Else h_u =
+    2^-24 e/(q + eps) = e/(q_s + 2^24 eps) by the SFU's reciprocal (_tl.fast_div: q_s + 2^24 eps in [2^-126, 2^25] where
+    q > 0 or eps > 0), rescaled by its tile's factor after C (C3); scaled, h_u stays finite where q + eps is subnormal
+    (e/q reaches 2^149). On a GPU an e or h below 2^-126 (h < 2^-102) is flushed to 0 (.ftz): a dropped term of D's g,
     below τ 2^-102 in dz (p_s w h ≤ n_s Z h).
     poison_x: NaN in the S1 term of a lane whose (single dense row's) x̄ is NaN or +inf, else 0."""
     q = qu * inv_qz
@@ -695,7 +737,7 @@ def _c_update(m, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz, 
         else:
             h = tl.where(pos, _tl.fast_div(ex, q_s + eps * 16777216.0), 0.0)
             mu_v = alpha * mu_v + h * q_s
-    s1_v = alpha * (s1_v + (m - m_new) * l_v) + tl.where(pos, ex * d, poison_x)
+    s1_v = alpha * (s1_v + dm * l_v) + tl.where(pos, ex * d, poison_x)
     return s1_v, mu_v, mz_v, h
 
 
@@ -898,8 +940,8 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # memory with cp.async, the gathers included: per thread per tile, C 747 where unpipelined it was 610 and by hand it is
 # 641, A 192 where by hand 161, D 472 where unpipelined it was 297 and by hand 301; sm_90 SASS); merged rows' C and D
 # are not pipelined (their row loops sit inside the tile loops, and Triton pipelines innermost loops only). Per thread
-# and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 138, C 470 (its p gathers and structure loads unmasked;
-# 879 for merged rows; 449 with eps = 1e-10), D 159 / 254 / 342 / 428 (1-4 ELL slots; merged rows 204 / 481, one /
+# and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 138, C 443 (its p gathers and structure loads unmasked;
+# 883 for merged rows; 413 with eps = 1e-10), D 159 / 254 / 342 / 428 (1-4 ELL slots; merged rows 204 / 481, one /
 # four), R 412 per entry block of pieces (555 for merged rows). The kernel is bound by instruction issue, not bytes
 # (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans' and reductions'
 # cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when
