@@ -72,6 +72,39 @@ def lse_step(m, l, x):
     return m_new, l * alpha + e, e, alpha
 
 
+GROUP = tl.constexpr(8)  # lanes a thread holds of a 16-byte bf16 load: lse_groups' group
+
+
+@triton.jit
+def lanes(v, G: tl.constexpr):
+    """A per-group value [N / G] on each of its group's G lanes [N]."""
+    N: tl.constexpr = v.shape[0] * G
+    return tl.reshape(tl.broadcast_to(v[:, None], [N // G, G]), [N])
+
+
+@triton.jit
+def lse_groups(m, l, x, G: tl.constexpr):
+    """lse_step with a running max per group of G consecutive lanes (m: [N / G]): with G the lanes a thread holds of
+    a 16-byte bf16 load (8), a reduction inside the thread and one exp per thread for the rescale, where lse_step's
+    tile max crosses threads (shuffles, shared memory, a barrier: ~35 instructions per thread per 2048-lane tile at
+    8 warps, sm_90 SASS); the caller rescales the groups' sums to the row's max once after its loop (lse_merge).
+    -> (the groups' max m', l', exp(x − m'), and per lane exp(m − m'), m − m' and m')."""
+    N: tl.constexpr = x.shape[0]
+    m_new = tl.maximum(m, tl.max(tl.reshape(x, [N // G, G]), 1))
+    m_lane = lanes(m_new, G)
+    e = fast_exp(x - m_lane)
+    alpha = lanes(fast_exp(m - m_new), G)
+    return m_new, l * alpha + e, e, alpha, lanes(m - m_new, G), m_lane
+
+
+@triton.jit
+def lse_merge(m_g, G: tl.constexpr):
+    """The row's max m of lse_groups' group maxima m_g and, per lane, (exp(m_g − m), m_g − m): a lane's sums
+    Σ e^{x − m_g} times the first are Σ e^{x − m}."""
+    m = tl.max(m_g)
+    return m, lanes(fast_exp(m_g - m), G), lanes(m_g - m, G)
+
+
 @triton.jit
 def probe_max(probe, x):
     """Fold x (fp32) into a per-lane running max that propagates NaN (max.NaN, one instruction per element): a NaN or

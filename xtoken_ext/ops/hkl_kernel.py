@@ -97,13 +97,13 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   HBM the total is up to 2.8× (V_S = 128,256) or 2.3× (V_S = 256,000) on a hit. Several rows (mean): per side n LSE
   passes and one pass of n rows that compacts (a miss adds a level-1 histogram pass and a compaction pass of n
   rows); S3 reads n student rows (and n teacher rows at the common columns), writes n.
-  Compute: the kernel is bound by instruction issue, not bytes (bench/costmodel.py reads the loop bodies from the
-  sm_90 SASS): S1 / T1 issue ~400 / 400 instructions per thread per 2048-lane tile that appends, ~170 / 200 per
-  tile that skips (8 warps; ~420 / 455 and ~195 / 245 pipelined by Triton, 1,330 / 1,410 with the level-1
-  histogram, a flat tl.cumsum and per-tile sums in the row pass, ~550 / 570 with a plain scatter store), S3 ~230,
-  0.8-2.9× the time the SM's share of HBM bandwidth needs to stream the tile. The two sorts at W = 8192 are
-  ~20k + ~11k SASS instructions per thread, ~36 µs of issue time per row per SM, not overlapped with the streams:
-  one program per SM (below). At m = 128 in the small network: ≈ 2.3 µs.
+  Compute: the kernel is bound by instruction issue, not bytes (bench/costmodel.py reads the loop bodies from the sm_90
+  SASS): S1 / T1 issue ~340 / 350 instructions per thread per 2048-lane tile that appends, ~125 / 155 per tile that
+  skips (their running max per thread's 8 lanes; ~370 / 380 and ~150 / 180 with one per tile; 8 warps; ~420 / 455 and
+  ~195 / 245 pipelined by Triton, 1,330 / 1,410 with the level-1 histogram, a flat tl.cumsum and per-tile sums in the
+  row pass, ~550 / 570 with a plain scatter store), S3 ~230, 0.8-2.9× the time the SM's share of HBM bandwidth needs to
+  stream the tile. The two sorts at W = 8192 are ~20k + ~11k SASS instructions per thread, ~36 µs of issue time per row
+  per SM, not overlapped with the streams: one program per SM (below). At m = 128 in the small network: ≈ 2.3 µs.
 Registers (offline sm_90 compile with Triton 3.7.1, bf16; spill stores over first / mean / chain × dense / sparse;
   Triton 3.6.0, a GPU image's, spills more: 340 B of stores for the first-row dense variant, none in a per-tile loop
   either): config 0 (2048 lanes, 3 stages, 8 warps) 255 registers with 60-128 B at W = 8192, none in a per-tile loop
@@ -516,11 +516,14 @@ def _row_pass(row_ptr, tc_row, cls_ptr, ub_ptr, C, inv_tau, c, edge, lst, cap, S
     Σ_{class 2} e^{x/τ − lse}, if HIST the count of U's keys (student: smap < 0; teacher: class 1) with x − c ≥ edge
     (level-1 bin ≥ b_h: _bin_edge), appended to lst (_append)). The number of U's keys of a dense row is W's (the
     host's count), not counted here (~4 % of the pass's instructions). No histogram here: it would cost
-    ~40 instructions per element of the row (bench/costmodel.py); _candidates takes it over the list. Only the
-    running max is reduced per tile; the sums and counts are kept per lane and reduced once. Pipelined by hand:
-    the next tile's logits and (dense) classes or (sparse) column ids are loaded before this tile is folded, carried
-    in registers (Triton's pipelining stages them through shared memory: more instructions per tile)."""
-    m = tl.full((), _tl.NEG, tl.float32)
+    ~40 instructions per element of the row (bench/costmodel.py); _candidates takes it over the list. The running
+    max is kept per group of G lanes, a thread's of the 16-byte logit loads (_tl.lse_groups: no cross-thread
+    reduction per tile; S1 / T1 371 / 379 -> 341 / 353 instructions per thread per tile, sm_90 SASS), the groups' sums
+    rescaled to the row's max after the loop; the sums and counts are kept per lane and reduced once. Pipelined by
+    hand: the next tile's logits and (dense) classes or (sparse) column ids are loaded before this tile is folded,
+    carried in registers (Triton's pipelining stages them through shared memory: more instructions per tile)."""
+    G: tl.constexpr = _tl.GROUP
+    m = tl.full((BLOCK // G,), _tl.NEG, tl.float32)
     l = tl.full((BLOCK,), 0, tl.float32)
     lc = tl.full((BLOCK,), 0, tl.float32)
     probe = tl.full((BLOCK,), float("-inf"), tl.float32)  # the teacher's bad-input test (_tl.probe_max)
@@ -551,13 +554,15 @@ def _row_pass(row_ptr, tc_row, cls_ptr, ub_ptr, C, inv_tau, c, edge, lst, cap, S
         else:
             live = cls != 0
             hm = cls == 1
-        m, l, e, alpha = _tl.lse_step(m, l, tl.where(live, x * inv_tau, float("-inf")))
+        m, l, e, alpha, _, _ = _tl.lse_groups(m, l, tl.where(live, x * inv_tau, float("-inf")), G)
         if not STUDENT:
             lc = lc * alpha + tl.where(live & (cls == 2), e, 0.0)
         if HIST:  # a tile without uncommon ids has no key to append (W's uncommon ids cluster: bench/costmodel.py)
             if _tile_has(ub_ptr, c0, C, BLOCK):
                 cnt = _append(_key(x), hm & (x - c >= edge), o, cnt, lst, cap, STUDENT)
-    l = tl.sum(l)
+    m, a, _ = _tl.lse_merge(m, G)
+    l = tl.sum(l * a)
+    lc = lc * a
     if STUDENT:
         b = _tl.row_bad(row_ptr, C, l, BLOCK)
     else:

@@ -36,7 +36,7 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      C2 the teacher tile, read once: the merged teacher x̄ (vectorized loads, A selected with tl.where) folded into
         an online pass with rescaling: running max m (per tile; one dense row with a frozen W, per group of a
         thread's 8 lanes, rescaled to the row's after the loop: no cross-thread reduction and barrier per tile,
-        _lse_groups), l = Σe, e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)),
+        _tl.lse_groups), l = Σe, e = exp(x̄ − m), S1 = Σ e (x̄ − m − log(q + eps)),
         Mu = Σ e q/(q + eps) (eps = 0: l, _c_update; the SFU's log, ops._tl.fast_log_pair: ~6 instructions where a
         correctly rounded logf takes ~25) and the column's h: dense, frozen W (FOLD) u = x̄ − log(q + eps),
         the log S1 takes anyway, else h_u = 2^-24 e/(q + eps) by the SFU's reciprocal with the tile's max (scaled by
@@ -519,21 +519,21 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
 
 
 @triton.jit
-def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constexpr, BLOCK_T: tl.constexpr,
-                 G: tl.constexpr = 8):
+def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constexpr, BLOCK_T: tl.constexpr):
     """C for one dense teacher row and one student row, software-pipelined by hand: tile t + 1's teacher logits and
     mask are loaded once tile t's have been folded into the running max and sum, its structure words once tile t's
     Qu is summed, each carried in registers to the next tile, whose gathers (p at its slots' students, R's sums)
     are issued before its teacher logits are folded (the bottom of the file: Triton's own pipelining costs more).
     FOLD (no tile maxima for C3): the running max is kept per group of G lanes, a thread's 8 of the 16-byte teacher
-    loads (_lse_groups), and the groups' sums are rescaled to the row's max after the loop: the tile max's
+    loads (_tl.lse_groups), and the groups' sums are rescaled to the row's max after the loop: the tile max's
     cross-thread reduction and barrier (~35 instructions per thread per tile at K = 1: 478 -> 443, sm_90 SASS)
     are gone; m − m_new and m_new reach _c_update per lane."""
     (t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row, rank_ptr, cell_ptr, z_ptr, stride_z,
      lse_s_ptr, h_row, qu_row, tm_row, s_lo, s_hi, t_lo, t_hi, C, V_T, inv_tau, inv_qz, eps, two_pass,
      r_spare) = args
     offs_t = tl.arange(0, BLOCK_T)
-    if FOLD:  # no tile maxima needed (C3): a running max per group of G lanes, a thread's (_lse_groups)
+    G: tl.constexpr = _tl.GROUP
+    if FOLD:  # no tile maxima needed (C3): a running max per group of G lanes, a thread's (_tl.lse_groups)
         m = tl.full((BLOCK_T // G,), NEG, tl.float32)
     else:
         m = tl.full((), NEG, tl.float32)
@@ -567,7 +567,7 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constex
         live = (mk != 0) & (xb > float("-inf"))  # mk = 0 past C
         keep = _h_kept(inside, mk, FOLD)
         if FOLD:
-            m_new, l_new, ex, alpha, dm, m_lane = _lse_groups(m, l_v, tl.where(live, xb, float("-inf")), G)
+            m_new, l_new, ex, alpha, dm, m_lane = _tl.lse_groups(m, l_v, tl.where(live, xb, float("-inf")), G)
         else:
             m_new, l_new, ex, alpha = _tl.lse_step(m, l_v, tl.where(live, xb, float("-inf")))
             dm, m_lane = m - m_new, m_new
@@ -586,33 +586,11 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constex
         if not FOLD:  # C3's rescale
             tl.store(tm_row + t, m)
     if FOLD:  # the groups' sums rescaled to the row's max
-        m_g = m
-        m = tl.max(m_g)
-        a = _lanes(_tl.fast_exp(m_g - m), G)
-        s1_v = a * (s1_v + _lanes(m_g - m, G) * l_v)
+        m, a, dm = _tl.lse_merge(m, G)
+        s1_v = a * (s1_v + dm * l_v)
         l_v = a * l_v
         mu_v = a * mu_v
     return m, l_v, s1_v, mu_v, mz_v
-
-
-@triton.jit
-def _lanes(v, G: tl.constexpr):
-    """A per-group value [N / G] on each of its group's G lanes [N]."""
-    N: tl.constexpr = v.shape[0] * G
-    return tl.reshape(tl.broadcast_to(v[:, None], [N // G, G]), [N])
-
-
-@triton.jit
-def _lse_groups(m, l, x, G: tl.constexpr):
-    """_tl.lse_step with a running max per group of G consecutive lanes (m: [N / G]): with G the lanes a thread
-    holds of the 16-byte teacher loads, no cross-thread reduction and barrier per tile. -> (the groups' max m', l',
-    exp(x − m'), and per lane exp(m − m'), m − m' and m')."""
-    N: tl.constexpr = x.shape[0]
-    m_new = tl.maximum(m, tl.max(tl.reshape(x, [N // G, G]), 1))
-    m_lane = _lanes(m_new, G)
-    e = _tl.fast_exp(x - m_lane)
-    alpha = _lanes(_tl.fast_exp(m - m_new), G)
-    return m_new, l * alpha + e, e, alpha, _lanes(m - m_new, G), m_lane
 
 
 @triton.jit
@@ -692,7 +670,7 @@ def _c_update(dm, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz,
               LOGH: tl.constexpr):
     """Fold a tile's q = Qu/(n_s Z) (q = qu inv_qz, qu = 2^24 Qu) into the online state, its x̄ (the merged teacher
     logits / τ, live on its allowed finite lanes) already folded into the running max and sum (_tl.lse_step or
-    _lse_groups: m -> m_new, dm = m − m_new, ex = e = exp(x̄ − m_new), alpha = exp(m − m_new)) -> (S1, Mu, zero-mass
+    lse_groups: m -> m_new, dm = m − m_new, ex = e = exp(x̄ − m_new), alpha = exp(m − m_new)) -> (S1, Mu, zero-mass
     max, the column's h): S1 = Σ e (x̄ − m − log(q + eps)), Mu = Σ e q/(q + eps), each kept where it can differ (EPS,
     _eps_kind): eps = 0, Mu = Σ e over q > 0 is taken from l after the loop and the log from q and q_s
     (_tl.fast_log_pair: no scaling multiply, a subnormal q's bits kept); eps > 0, no lane has q + eps = 0, so the
