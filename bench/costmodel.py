@@ -55,9 +55,15 @@ ISSUE, CLOCK = 4, 1.755e9
 # Guide's arithmetic-instruction throughput table, compute capability 9.0): a warp's MUFU occupies it 32 / SFU clocks
 SFU = 16
 SCRATCH_FIXED = 32 << 10  # per H-KL program: hint state, stream lines in flight
-# the window's bisection passes over a list (128-way, ops.hkl_kernel._select): ~3 within the key range of bin b1 (an
+# the window's bisection passes (128-way, ops.hkl_kernel._select): ~3 within the key range of bin b1 (an
 # assumption: ≤ 5 for 32 bits)
 SELECT_STEPS = 3
+# the keys of bin b1 (which _candidates copies to the sort buffer for the bisection) per key of m, assuming, as for
+# |L| ≈ 2 m, the list's ≈ m keys below θ spread evenly over the hint radius 3e below the shift c: the half-octave bin
+# of θ − c is ≈ 0.35 |θ − c| wide and |θ − c| ≈ 0.6 e on average (e its 80th percentile, half-normal): 0.35 · 0.6 / 3
+# (an assumption, taken also where the list holds a whole uncommon set; a simulation of the hint over Gaussian rows,
+# σ = 3, row means N(0, 0.3²), gave 0.08 on average, 0.17 at the 90th percentile)
+B1_SHARE = 0.07
 
 
 @functools.lru_cache(maxsize=None)
@@ -323,12 +329,13 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     network, then ⌈log₂ blocks⌉ merge rounds of as many W-key tiles, each the network's last merge stage (log₂ W steps;
     ops.hkl_kernel._sort_list; MERGE_INSTR per lane and step), each round a read and a write of the list. Common case
     (the single-pass compaction hits on both sides): student rows read in S1 (LSE, candidate list) and S3 (gradient,
-    written), the teacher row in T1; the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read ~6 times (level-1
-    histogram, bin b1's key range, ~3 bisection steps, gather), or once where the small network (m ≤ W_SMALL) sorts the
-    whole list (|L| ≤ W_SMALL), |L| = the side's uncommon set when it fits the list (the first pass appends it whole),
-    else ≈ 2 m (m plus the keys within the hint radius); the sort buffers, the gradient list G (8 B × m); S3 gathers the
-    teacher at the common columns (from L2: the teacher row is part of the working set; a 32-byte sector per gather, or
-    the distinct sectors per student tile, common_sectors, the lower figure; spilled, each gather is a sector from HBM).
+    written), the teacher row in T1; the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read 3 times (level-1
+    histogram, bin b1's key range and copy, gather; the ~3 bisection steps read bin b1's copied keys, B1_SHARE of m),
+    or once where the small network (m ≤ W_SMALL) sorts the whole list (|L| ≤ W_SMALL), |L| = the side's uncommon set
+    when it fits the list (the first pass appends it whole), else ≈ 2 m (m plus the keys within the hint radius); the
+    sort buffers, the gradient list G (8 B × m); S3 gathers the teacher at the common columns (from L2: the teacher
+    row is part of the working set; a 32-byte sector per gather, or the distinct sectors per student tile,
+    common_sectors, the lower figure; spilled, each gather is a sector from HBM).
     The fallback (a miss on both sides: S2 / T2 read the rows twice, for the level-1 histogram and the compaction) is
     returned as hbm_l2_fallback / hbm_spill_fallback.
 
@@ -366,9 +373,10 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     touched = min(m, w_net)
     merge = m > w_net  # m above the largest network (ULD): both lists merge-sorted whole
     # per list (a: 8 B keys, b: 4 B): sorted whole in the small network where both fit it (no pass over them),
-    # merge-sorted (m > W: no pass but the sort's), else ~6 passes (level-1 histogram, bin b1's key range, ~3
-    # bisection steps, the gather of the window)
-    n_pass = 0 if merge else 2 + SELECT_STEPS + 1
+    # merge-sorted (m > W: no pass but the sort's), else 3 passes (level-1 histogram, bin b1's key range and copy,
+    # the gather of the window) and ~3 bisection steps over bin b1's keys
+    n_pass = 0 if merge else 3
+    n_b1 = math.ceil(B1_SHARE * m)
     whole = small and max(l_a, l_b) <= w_small
     sides = ((l_a, 8), (l_b, 4))  # (keys, bytes per key)
     passed = () if whole or merge else sides  # the lists the window passes over
@@ -384,8 +392,9 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     stream = elem * (3 * V_S + V_T)
     if merge:  # written once; read and written by the block sorts and each round; read once where paired
         lists = sum(size * (n + 2 * n * (1 + r) + min(n, m)) for (n, size), (_, r, _, _) in zip(sides, msort))
-    else:  # written once, read once or n_pass times
+    else:  # written once, read once or n_pass times; bin b1's keys copied and bisected
         lists = sum((2 if whole else 1 + n_pass) * size * n for n, size in sides)
+        lists += sum((1 + SELECT_STEPS) * size * n_b1 for _, size in passed)
     bufs = sum(2 * size * touched for _, size in passed) + 2 * 8 * m  # the window's sort buffers and G
     stream_fb = elem * (5 * V_S + 3 * V_T)
     lists_fb = 5 * (8 + 4) * min(2 * m, cap) + 12 * min(2 * m, cap)
@@ -415,8 +424,9 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     t_s1, t_t1, t_s3 = (max(a, b or 0.0, c or 0.0) for a, b, c in passes.values())
     t_lists = 0.0  # the list passes' instruction issue (tiles of BLOCK_L keys)
     if issue is not None:
-        t_lists = sum(issue_time(L["hist"] + L["b1"] + SELECT_STEPS * L["select"] + L["gather"], issue["warps"],
-                                 math.ceil(n / block)) for (n, _), L in zip(passed, (issue["L"]["a"], issue["L"]["b"])))
+        t_lists = sum(issue_time(L["hist"] + L["b1"] + L["gather"], issue["warps"], math.ceil(n / block))
+                      + issue_time(SELECT_STEPS * L["select"], issue["warps"], math.ceil(n_b1 / block))
+                      for (n, _), L in zip(passed, (issue["L"]["a"], issue["L"]["b"])))
     t_win = max(lists / l2_sm, t_lists) + bufs / l2_sm + t_sort
     t_row = t_streams + t_win
     live = ((1 + merge) * (8 * l_a * (t_s1 / 2 + t_t1 + t_win) + 4 * l_b * (t_t1 / 2 + t_win))
@@ -427,12 +437,13 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     sorts = sum(st + sm for _, _, st, sm in msort) if merge else (1 if small else 2) * stages
     for cfg in H._CONFIGS:
         b = cfg.kwargs["BLOCK_L"]
-        chains[b] = (sum(n_pass * math.ceil(n / b) for n, _ in passed) + sorts, math.ceil(V_S / b) + math.ceil(V_T / b))
+        chains[b] = (sum(n_pass * math.ceil(n / b) + SELECT_STEPS * math.ceil(n_b1 / b) for n, _ in passed) + sorts,
+                     math.ceil(V_S / b) + math.ceil(V_T / b))
     if merge:
         how = "both lists merge-sorted: " + " and ".join(
             f"{k} blocks x {stages} + {r} rounds x {k} tiles x {lg} stages" for k, r, _, _ in msort)
     else:
-        how = ("both lists sorted whole" if whole else f"{n_pass} passes per list") + \
+        how = ("both lists sorted whole" if whole else f"{n_pass} + {SELECT_STEPS} passes per list") + \
             f" + {1 if small else 2} x {stages} sort stages"
     loops = {"S1/S3 (student passes)": math.ceil(V_S / block), "T1 (teacher pass)": math.ceil(V_T / block),
              f"window ({how})": chains[block][0]}

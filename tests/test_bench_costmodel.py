@@ -82,7 +82,7 @@ def test_hkl_model_counts(proj, uncovered, topk):
     whole = st["w_net"] < w_big and max(st["l_a"], st["l_b"]) <= w_small
     lg = math.ceil(math.log2(max(st["l_a"], st["l_b"]) if whole else min(st["m"], st["w_net"])))
     sorts = 1 if st["w_net"] < w_big else 2  # the small network sorts both windows side by side
-    how = "both lists sorted whole" if whole else "6 passes per list"
+    how = "both lists sorted whole" if whole else "3 + 3 passes per list"
     assert f"window ({how} + {sorts} x {lg * (lg + 1) // 2} sort stages)" in m["loops"]
     touched = min(st["m"], st["w_net"])
     held = 64 * (8 * st["l_a"] + 4 * st["l_b"] + 24 * touched + 8 * st["m"] + 2 * 3500 + costmodel.SCRATCH_FIXED)
@@ -121,7 +121,7 @@ def test_uld_model_merge_sorts_both_lists():
     assert full["t_sort"] == pytest.approx(sum(f * b + g * m for f, g, b, m in zip(
         costmodel.SORT_INSTR, costmodel.MERGE_INSTR, blocks, merges)) * lanes)
     assert full["t_lists"] == 0 and capped["t_lists"] == 0  # no issue counts given
-    assert "6 passes per list + 2 x 91 sort stages" in " ".join(capped["loops"])
+    assert "3 + 3 passes per list + 2 x 91 sort stages" in " ".join(capped["loops"])
     assert "merge-sorted" in " ".join(full["loops"])
 
 
@@ -180,6 +180,17 @@ def test_issue_from_sass(proj):
     assert m["t_sfu"] == sum(max(a, c) for a, _, c in m["passes"].values()) < m["t_row"]
     mh = costmodel.hkl_model(proj, 64, issue=h)
     assert mh["t_row"] == pytest.approx(sum(max(a, b, c) for a, b, c in mh["passes"].values()) + mh["t_window"])
+    # the window's list passes at m = 4,096 (lists of 7,891 / 5,891 keys: 4 / 3 tiles): three over each list
+    # (level-1 histogram, bin b1's key range and copy, gather), the bisection's ~3 over bin b1's copied keys
+    # (B1_SHARE of m: one tile)
+    mh = costmodel.hkl_model(Projection.random(20_000, 18_000, seed=0), 64, uncovered="epsilon", topk=4096, issue=h)
+    st, block = mh["stats"], H._CONFIGS[0].kwargs["BLOCK_L"]
+    assert (st["m"], st["w_net"], st["l_a"], st["l_b"]) == (4096, 4096, 7891, 5891)
+    assert math.ceil(costmodel.B1_SHARE * 4096) <= block
+    assert mh["t_lists"] == pytest.approx(sum(
+        costmodel.issue_time(L["hist"] + L["b1"] + L["gather"], h["warps"], math.ceil(n / block))
+        + costmodel.issue_time(costmodel.SELECT_STEPS * L["select"], h["warps"], 1)
+        for n, L in ((st["l_a"], h["L"]["a"]), (st["l_b"], h["L"]["b"]))))
 
 
 def test_hkl_model_whole_lists():

@@ -31,9 +31,11 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     ``last_paths`` records per chunk which sides hit.
   prefix(R) = {k > θ_R} ∪ the first R − #{k > θ_R} keys (in L order) equal to θ_R, θ_R the R-th largest key: ties
     are taken in one fixed order, so prefixes are nested. θ_R: 128-way bisection of a key interval known to hold it,
-    one pass over L per step (≤ 5 steps; ~3 from the key range of bin b1, which the compaction records).
-    Everything below reads only L, which the two paths fill with the same keys of bin ≥ b1 in the same row order
-    (the single-pass list may hold more keys below bin b1), so both give bit-identical results.
+    one pass per step (≤ 5 steps; ~3 from the key range of bin b1, which the compaction records) over bin b1's keys,
+    which the pass finding that range on a hit copies to the sort buffer where they fit (the bisection counts only
+    keys in the range: the same θ; ≈ 0.07 m keys as bench/costmodel.py models them), else over L.
+    Everything below reads only L (or that copy), which the two paths fill with the same keys of bin ≥ b1 in the
+    same row order (the single-pass list may hold more keys below bin b1), so both give bit-identical results.
   the window of W = min(next_pow2(m_up), _SORT_CAP) lanes (m ≤ W): prefix(m) gathered from L into a W-lane buffer
     and sorted (_sort_desc: tl.sort's bitonic network; a: _pack(k, column) as int64, so that keys tie in ascending
     column, L's row order; b: k as int32, descending); lane i of both sorted windows is rank i, so Σ|a_i − b_i| and
@@ -46,9 +48,10 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     so m = |U_T| is small: 128 for H-KL with Llama-3 → Qwen3 (28 stages on 2 × 1,024 lanes instead of 2 × 91 on
     8,192). Where both single-pass lists hit and hold ≤ W_SMALL keys too (that W: 256 and 128), the small network
     sorts the whole lists instead, ⌈log₂ |L|⌉ merge stages, with no pass over them (no level-1 histogram, key range,
-    bisection or gather: ~6 passes of ~540 instructions per thread per tile, bench/costmodel.py): their first m lanes
-    are the top m, the keys equal to θ taken in ascending column (_pack) as prefix takes them in row order: the
-    same columns in the same order, so both paths give bit-identical results.
+    bisection or gather: 3 passes over each list and ~3 over bin b1's keys, ~400–500 instructions per thread per
+    tile each, bench/costmodel.py): their first m lanes are the top m, the keys equal to θ taken in ascending column
+    (_pack) as prefix takes them in row order: the same columns in the same order, so both paths give bit-identical
+    results.
     H-KL / GOLD (m ≤ 8192): one window. m > W (ULD: m = |U| ~ 1e5, no cap; the constexpr MERGE where the host's
     m_up exceeds W): no selection; both lists are sorted whole (_sort_list: blocks of W keys in the W-lane network,
     then ⌈log₂(|L|/W)⌉ rounds merging sorted runs pairwise, each W-key output tile found by a merge-path search and
@@ -77,11 +80,12 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   S2 student   miss only: S twice (level-1 histogram, then  2 ⌈V_S/BLOCK⌉ tiles
                the compaction); rewrites L_a
   T2 teacher   miss only: T twice; rewrites L_b            2 ⌈V_T/BLOCK⌉ tiles
-  window (×1)  per side (hit) 2 passes (level-1 histogram, ~6 ⌈|L|/BLOCK⌉ tiles per side + 2 sorts of W lanes
-               bin b1's key range), ~3 bisection        (½ log₂W (log₂W + 1) = 91 compare-and-swap stages at
-               passes, 1 gather over L, W-lane
-               buffer, G: ≈ 1.2 MB total (per-program      W = 8192; m ≤ W_SMALL: one sort of both windows,
-               scratch, L2 if it stays there)              ½ ⌈log₂m⌉ (⌈log₂m⌉ + 1) stages, 28 at m = 128)
+  window (×1)  per side (hit) 2 passes (level-1 histogram, 3 ⌈|L|/BLOCK⌉ + ~3 ⌈|b1|/BLOCK⌉ tiles per side + 2
+               bin b1's key range and copy), 1 gather   sorts of W lanes (½ log₂W (log₂W + 1) = 91
+               over L, ~3 bisection passes over bin     compare-and-swap stages at W = 8192; m ≤ W_SMALL:
+               b1's keys, W-lane buffer, G: ≈ 1.1 MB    one sort of both windows, ½ ⌈log₂m⌉ (⌈log₂m⌉ + 1)
+               total (per-program scratch, L2 if it     stages, 28 at m = 128)
+               stays there)
   merge sort   m > W (ULD), per list instead of the window: blocks = ⌈|L|/W⌉ sorts of W lanes, then ⌈log₂ blocks⌉
                rounds of blocks merge tiles (log₂W = 13 stages each), each round reading the list from one of its
                two buffers and writing it to the other (L2 if they stay there); chain: blocks × 91 + rounds ×
@@ -92,9 +96,9 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   fixup        G 64 KB, m gathers of S, m scattered stores ⌈m/BLOCK⌉ tiles
   streamed, both sides hit: 3 S + 1 T = 1.31× the floor at V_S = 128,256 (floor 816.9 KB, streamed 1,073.4 KB) and
   1.39× at V_S = 256,000 (floor 1,327.9 KB, streamed 1,839.9 KB), V_T = 151,936. A student miss adds 2 S (1.94× /
-  2.16×), a teacher miss 2 T (2.06× / 1.84×), both 5 S + 3 T = 2.7× / 2.6×. The ≈ 1.2 MB of list / buffer /
+  2.16×), a teacher miss 2 T (2.06× / 1.84×), both 5 S + 3 T = 2.7× / 2.6×. The ≈ 1.1 MB of list / buffer /
   G traffic stays in L2 when the active scratch of all programs fits (≈ 0.4 MB per program); where it is evicted to
-  HBM the total is up to 2.8× (V_S = 128,256) or 2.3× (V_S = 256,000) on a hit. Several rows (mean): per side n LSE
+  HBM the total is up to 2.7× (V_S = 128,256) or 2.2× (V_S = 256,000) on a hit. Several rows (mean): per side n LSE
   passes and one pass of n rows that compacts (a miss adds a level-1 histogram pass and a compaction pass of n
   rows); S3 reads n student rows (and n teacher rows at the common columns), writes n.
   Compute: the kernel is bound by instruction issue, not bytes (bench/costmodel.py reads the loop bodies from the sm_90
@@ -106,11 +110,12 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   per SM, not overlapped with the streams: one program per SM (below). At m = 128 in the small network: ≈ 2.3 µs.
 Registers (offline sm_90 compile with Triton 3.7.1, bf16; spill stores over first / mean / chain × dense / sparse;
   Triton 3.6.0, a GPU image's, spills more: 340 B of stores for the first-row dense variant, none in a per-tile loop
-  either): config 0 (2048 lanes, 3 stages, 8 warps) 255 registers with 60-128 B at W = 8192, none in a per-tile loop
-  (164-232 B, with 2-12 local accesses per tile in the row and list passes, while the window kept the prefix state of
-  several rank windows; 236-400 B before the row passes and S3 were pipelined by hand, 104-252 B before the row passes'
+  either, before the bisection read bin b1's copied keys): config 0 (2048 lanes, 3 stages, 8 warps) 255 registers
+  with 96-176 B at W = 8192, none in a per-tile loop (68-128 B before that copy; 164-232 B, with 2-12 local
+  accesses per tile in the row and list passes, while the window kept the prefix state of several rank windows;
+  236-400 B before the row passes and S3 were pipelined by hand, 104-252 B before the row passes'
   tile skip, scatter layout and the small network's whole-list path, 76-204 B while the row passes built the level-1
-  histogram, 24-124 B before the W_SMALL network was added); with MERGE (ULD's merge sort compiled in) 340 B (first,
+  histogram, 24-124 B before the W_SMALL network was added); with MERGE (ULD's merge sort compiled in) 368 B (first,
   dense) and 4 local accesses per tile in the row passes; config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.56 KB
   (first, dense; 0.72 / 0.76 / 0.71 / 0.61 / 0.44 KB before). What remains: LLVM hoists the per-thread shared-memory
   addresses of every layout conversion, reduction and scan out of the persistent chunk loop (~40-100 registers held
@@ -353,7 +358,7 @@ def _gather(SRC: tl.constexpr, n, src, th, q, b_min, b_eq, dst, cap, PACK: tl.co
     """Append the source's keys in prefix(th, q) with level-1 bin ≥ b_min to dst, in source order (PACK: _pack(k,
     column) as int64, else k); the other lanes store to the spare slot dst[cap] (module docstring, Registers).
     prefix(θ, q) = {k > θ} ∪ the first q keys equal to θ. -> (count, min and max key of those in bin b_eq)."""
-    tl.debug_barrier()  # dst may still be read by other lanes (the previous chunk's sort)
+    tl.debug_barrier()  # dst may still be read by other lanes (the previous chunk's sort, _select's passes)
     cnt = tl.full((), 0, tl.int32)
     e_hi = tl.full((), 0, tl.int32)
     b_lo = tl.full((), _INT_MAX, tl.int32)
@@ -456,16 +461,19 @@ def _track(e, c, th):
 
 
 @triton.jit
-def _candidates(SRC: tl.constexpr, n, src, m, cap, dst, cnt, c, hit, whole, PACK: tl.constexpr, ONE: tl.constexpr,
-                SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_L: tl.constexpr):
+def _candidates(SRC: tl.constexpr, n, src, m, cap, dst, cnt, c, hit, whole, buf, PACK: tl.constexpr,
+                ONE: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr):
     """The candidate list of one side. The first pass appended its cnt keys with level-1 bin ≥ b_h to dst (c: the
     level-1 shift) out of the side's n_u keys. Those are a superset of the top m in row order, holding every key of
     bin b1 and above as _compact's list does, iff cnt ≥ min(m, n_u) (for m ≤ n_u: ⟺ b_h ≤ b1) and none was dropped
     (cnt ≤ cap): hit (the caller's, _hit). Then two passes over the list find bin b1 (the list's level-1 histogram:
-    the bins ≥ b_h are all there) and its key range, unless the lists are sorted whole (whole: the small network's
-    both lists, _windows, or m > W, _sorted_lists, which then read neither); else _compact (the exact path) rewrites
-    it. -> _compact's results."""
+    the bins ≥ b_h are all there) and its key range, and the second copies bin b1's keys to the sort buffer ``buf``
+    (as dst holds them; W entries and a spare slot) where they fit, so that the bisection, which counts only keys in
+    that range, reads them there instead of the whole list; unless the lists are sorted whole (whole: the small
+    network's both lists, _windows, or m > W, _sorted_lists, which then read neither); else _compact (the exact path)
+    rewrites it. -> _compact's results and the keys copied to buf (−1: none, the bisection reads dst)."""
     LSRC: tl.constexpr = SRC - 2  # the list's source id in _keys
+    n_b1 = tl.full((), -1, tl.int32)
     if hit:
         b_lo = tl.full((), _INT_MAX, tl.int32)
         b_hi = tl.full((), _INT_MIN, tl.int32)
@@ -476,15 +484,18 @@ def _candidates(SRC: tl.constexpr, n, src, m, cap, dst, cnt, c, hit, whole, PACK
                 k, _b, valid, _c = _keys(LSRC, i0, cnt, dst, ONE, SPARSE, BLOCK_L)
                 h1 += tl.histogram(_bucket1(_unkey(k) - c), 64, mask=valid)  # the first pass's bins (x = unkey(k))
             b1, c1 = _pick(h1, 0, m, 64)
+            fit = tl.sum(tl.where(tl.arange(0, 64) == b1, h1, 0)) <= W
+            n_b1 = tl.where(fit, 0, -1)
             for i0 in range(0, cnt, BLOCK_L):
-                k, _b, valid, _c = _keys(LSRC, i0, cnt, dst, ONE, SPARSE, BLOCK_L)
+                k, _b, valid, col = _keys(LSRC, i0, cnt, dst, ONE, SPARSE, BLOCK_L)
                 eq = valid & (_bucket1(_unkey(k) - c) == b1)
                 b_lo = tl.minimum(b_lo, tl.min(tl.where(eq, k, _INT_MAX)))
                 b_hi = tl.maximum(b_hi, tl.max(tl.where(eq, k, _INT_MIN)))
+                n_b1 = _append(k, eq & fit, col, n_b1, buf, W, PACK)
         n_l = cnt
     else:
         n_l, b_lo, b_hi, c1 = _compact(SRC, n, src, m, cap, dst, PACK, ONE, SPARSE, BLOCK)
-    return n_l, b_lo, b_hi, c1
+    return n_l, b_lo, b_hi, c1, n_b1
 
 
 @triton.jit
@@ -689,8 +700,8 @@ def _pair(ea, bv, cnt, gc, gv, al_a, be_a, tt, W: tl.constexpr):
 def _windows(args, SPARSE: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr, TRUNC: tl.constexpr):
     """The sorted-L1 term for m ≤ W, one rank window of W lanes (module docstring): G's entries [0, m) (columns, g),
     and -> (Σ|a_i − b_i|, gsum + Σ g_i, θ_a, θ_b: the m-th largest keys)."""
-    (m, tot_b, whole, la, n_a, blo_a, bhi_a, c1_a, lb, n_b, blo_b, bhi_b, c1_b, wa, wb, gc, gv, al_a, be_a, al_b,
-     be_b, tt, gsum) = args
+    (m, tot_b, whole, la, n_a, blo_a, bhi_a, c1_a, nb1_a, lb, n_b, blo_b, bhi_b, c1_b, nb1_b, wa, wb, gc, gv, al_a,
+     be_a, al_b, be_b, tt, gsum) = args
     lanes = tl.arange(0, W)
     # whole: the small network (TRUNC) sorts both whole single-pass lists, whose first m lanes are then the top m
     # (keys equal to θ in ascending column, as prefix's), with no selection or gather
@@ -706,11 +717,15 @@ def _windows(args, SPARSE: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr,
         cnt_a, cnt_b = n_a, n_b
         ka = tl.load(la + lanes, mask=lanes < cnt_a, other=_I64_MIN)
         kb = tl.load(lb + lanes, mask=lanes < cnt_b, other=_INT_MIN)
-    else:  # the m-th largest lies in bin b1: bisect that bin's key range, then gather prefix(m)
-        th_a, c = _select(0, n_a, la, blo_a, bhi_a, c1_a, m, True, SPARSE, BLOCK_L)
+    else:  # the m-th largest lies in bin b1: bisect that bin's key range (its keys in the sort buffer where
+        # _candidates copied them, else the list), then gather prefix(m)
+        tl.debug_barrier()  # the buffers were written by other lanes
+        th_a, c = _select(0, tl.where(nb1_a < 0, n_a, nb1_a), tl.where(nb1_a < 0, la, wa), blo_a, bhi_a, c1_a, m,
+                          True, SPARSE, BLOCK_L)
         q_a = m - c
         if m <= tot_b:
-            th_b, c = _select(1, n_b, lb, blo_b, bhi_b, c1_b, m, True, SPARSE, BLOCK_L)
+            th_b, c = _select(1, tl.where(nb1_b < 0, n_b, nb1_b), tl.where(nb1_b < 0, lb, wb), blo_b, bhi_b, c1_b,
+                              m, True, SPARSE, BLOCK_L)
             q_b = m - c
         cnt_a, _x0, _x1 = _gather(0, n_a, la, th_a, q_a, 0, -1, wa, W, True, True, SPARSE, BLOCK_L)
         cnt_b, _x0, _x1 = _gather(1, n_b, lb, th_b, q_b, 0, -1, wb, W, False, True, SPARSE, BLOCK_L)
@@ -888,7 +903,7 @@ def _hkl_kernel(
         eb_ptr = es + tl.where(raw_b, 2, 3)
         bh_a = _hint_bin(tl.load(ea_ptr), tl.load(m_ptr + 1), cap_a)
         bh_b = _hint_bin(tl.load(eb_ptr), tl.load(m_ptr + 2), cap_b)
-        tl.debug_barrier()  # the previous chunk's lists and G are no longer read
+        tl.debug_barrier()  # the previous chunk's lists, sort buffers and G are no longer read
 
         # S1 / T1: per row the online LSE and the bad-input check; a single row also gives its number of uncommon
         # keys and the single-pass list (keys of level-1 bin ≥ b_h, of its raw values), and a dense single teacher
@@ -974,14 +989,16 @@ def _hkl_kernel(
                     merge = m > W
                 else:  # the path is not compiled in (constexpr)
                     merge = False
-                n_a, blo_a, bhi_a, c1_a = _candidates(2, V_S, a_src, m, cap_a, la, cnt_a, sh_a, hit_a, whole | merge,
-                                                      True, False, SPARSE, BLOCK_S, BLOCK_L)
-                n_b, blo_b, bhi_b, c1_b = _candidates(3, C, b_src, m, cap_b, lb, cnt_b, sh_b, hit_b, whole | merge,
-                                                      False, False, SPARSE, BLOCK_T, BLOCK_L)
+                n_a, blo_a, bhi_a, c1_a, nb1_a = _candidates(2, V_S, a_src, m, cap_a, la, cnt_a, sh_a, hit_a,
+                                                             whole | merge, wa, True, False, SPARSE, BLOCK_S,
+                                                             BLOCK_L, W)
+                n_b, blo_b, bhi_b, c1_b, nb1_b = _candidates(3, C, b_src, m, cap_b, lb, cnt_b, sh_b, hit_b,
+                                                             whole | merge, wb, False, False, SPARSE, BLOCK_T,
+                                                             BLOCK_L, W)
                 path = hit_a.to(tl.int32) | (hit_b.to(tl.int32) << 1) | (whole.to(tl.int32) << 3)
                 tot_b = nu_b
-                w_args = (m, tot_b, whole, la, n_a, blo_a, bhi_a, c1_a, lb, n_b, blo_b, bhi_b, c1_b, wa, wb, gc, gv,
-                          al_a, be_a, al_b, be_b, tt, gsum)
+                w_args = (m, tot_b, whole, la, n_a, blo_a, bhi_a, c1_a, nb1_a, lb, n_b, blo_b, bhi_b, c1_b, nb1_b, wa,
+                          wb, gc, gv, al_a, be_a, al_b, be_b, tt, gsum)
                 # the sort network sized to m (on the device): W_SMALL lanes when m fits, else W; above W (ULD)
                 # the merge sort of both lists
                 if m <= W_SMALL:
