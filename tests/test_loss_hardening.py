@@ -318,6 +318,37 @@ def test_hkl_op_policy(backend):
     assert torch.equal(loss[0], want[0][0]) and torch.equal(grad[:2], want[1][:2])
 
 
+@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
+def test_ops_reject_rows_of_the_wrong_shape(backend):
+    """Both ops check the row-space contract's shapes before any backend indexes by them (the Triton kernels load a
+    dense teacher row's V_T columns without a bounds mask; the torch backend took a narrower dense row as the
+    allowed columns' values): a dense teacher one column short, sparse columns shaped unlike their values, W's slots
+    of the wrong shape; the same rows of the right shapes pass."""
+    z, t, _, _, spans, mask = _op_problem()
+    cs, ct = PROJ.common_pairs("relaxed")
+    top = t.topk(4, 1)
+
+    def pkl(t_vals, t_cols, w_idx=PROJ.indices, w_val=PROJ.weights):
+        return pkl_rows(z, t_vals, t_cols, w_idx, w_val, mask, spans, 0.9, "mean", 0.0, None, None, False, backend)
+
+    def hkl(t_vals, t_cols):
+        return hkl_rows(z, t_vals, t_cols, mask, spans, 0.9, "mean", None, None, cs, ct, None, backend)
+
+    for op in (pkl, hkl):
+        with pytest.raises(ValueError, match="a dense teacher needs t_vals"):
+            op(t[:, :-1], None)
+        with pytest.raises(ValueError, match="a sparse teacher needs t_cols shaped like t_vals"):
+            op(top.values, top.indices[:, :3])
+    for w_idx, w_val in ((PROJ.indices[:-1], PROJ.weights[:-1]), (PROJ.indices[:, :2], PROJ.weights[:, :2]),
+                         (PROJ.indices, PROJ.weights[:, :3])):
+        with pytest.raises(ValueError, match=r"w_idx and w_val must be \[V_S, 4\]"):
+            pkl(t, None, w_idx, w_val)
+    if backend != "native":  # the native kernels take a dense teacher only
+        assert torch.isfinite(pkl(top.values, top.indices)[1]).all()
+        assert torch.isfinite(hkl(top.values, top.indices)[1]).all()
+    assert torch.isfinite(pkl(t, None)[1]).all() and torch.isfinite(hkl(t, None)[1]).all()
+
+
 def test_native_pkl_tiny_projected_mass_keeps_a_finite_loss():
     """0 < Z < the smallest normal fp32 (student logit gaps ~95 to the empty W row): 1/Z overflows fp32, which made
     the native loss NaN (then reported as bad input); now it agrees with the torch op and float64 (the gradient:

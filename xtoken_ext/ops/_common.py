@@ -83,6 +83,20 @@ def check_data(cond: Tensor, msg: str) -> None:
         torch._assert_async(cond, msg)
 
 
+def check_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, col_mask: Tensor) -> None:
+    """The row-space contract's shapes (module docstring), checked before any backend indexes by them (the Triton
+    kernels load a dense teacher row's V_T columns without a bounds mask)."""
+    if s_logits.dim() != 2 or t_vals.dim() != 2 or col_mask.dim() != 1:
+        raise ValueError(f"s_logits [N_s, V_S], t_vals [N_t, C] and col_mask [V_T] expected, got shapes "
+                         f"{tuple(s_logits.shape)}, {tuple(t_vals.shape)} and {tuple(col_mask.shape)}")
+    if t_cols is None and t_vals.shape[1] != col_mask.numel():
+        raise ValueError(f"a dense teacher needs t_vals [N_t, V_T] with V_T = col_mask.numel() = {col_mask.numel()}, "
+                         f"got {t_vals.shape[1]} columns")
+    if t_cols is not None and t_cols.shape != t_vals.shape:
+        raise ValueError(f"a sparse teacher needs t_cols shaped like t_vals, got {tuple(t_cols.shape)} and "
+                         f"{tuple(t_vals.shape)}")
+
+
 def check_spans(spans: Tensor, N_s: int, N_t: int) -> None:
     """spans [K, 4] as every backend needs them: 0 ≤ lo < hi ≤ N on each side and disjoint student rows
     (``check_data``: raised for CPU spans, asserted on the device)."""

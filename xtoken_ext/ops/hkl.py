@@ -20,8 +20,9 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import chain_sums, check_spans, check_temperature, chunk_any, expand, math_dtype, nonfinite_rows, \
-    resolve_backend, row_scale, saved, scale_grad, softmax_rows, teacher_block, top, torch_setup, write_grad
+from ._common import chain_sums, check_rows, check_spans, check_temperature, chunk_any, expand, math_dtype, \
+    nonfinite_rows, resolve_backend, row_scale, saved, scale_grad, softmax_rows, teacher_block, top, torch_setup, \
+    write_grad
 
 __all__ = ["hkl_rows", "native_applies"]
 
@@ -134,6 +135,7 @@ def hkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, col_mask: 
     merge="chain"). ``backend``: "auto" | "triton" | "native" | "torch". Sparse teacher columns must be unique per
     row; spans must have disjoint student rows. Bad input: module docstring."""
     check_temperature(temperature)
+    check_rows(s_logits, t_vals, t_cols, col_mask)
     backend = resolve_backend(backend, s_logits.device, s_logits.dtype, native_applies(s_logits, t_vals, t_cols))
     spans = spans.long().contiguous()
     if backend != "native":  # the C++ kernel checks its spans itself

@@ -25,7 +25,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._common import SLOTS, check_spans, check_temperature, chunk_any, expand, math_dtype, nonfinite_rows, \
+from ._common import SLOTS, check_rows, check_spans, check_temperature, chunk_any, expand, math_dtype, nonfinite_rows, \
     resolve_backend, row_scale, saved, scale_grad, softmax_rows, teacher_block, torch_setup, write_grad
 
 __all__ = ["pkl_rows", "native_applies"]
@@ -192,6 +192,10 @@ def pkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, w_idx: Ten
     (default 1). ``backend``: "auto" | "triton" | "native" | "torch". Sparse teacher columns must be unique per row;
     spans must have disjoint student rows. Non-finite / degenerate chunks: module docstring."""
     check_temperature(temperature)
+    check_rows(s_logits, t_vals, t_cols, col_mask)
+    if w_idx.shape != (s_logits.shape[1], SLOTS) or w_val.shape != w_idx.shape:
+        raise ValueError(f"w_idx and w_val must be [V_S, {SLOTS}] = [{s_logits.shape[1]}, {SLOTS}], got "
+                         f"{tuple(w_idx.shape)} and {tuple(w_val.shape)}")
     backend = resolve_backend(backend, s_logits.device, s_logits.dtype, native_applies(s_logits, t_cols))
     if backend != "torch" and s_logits.shape[1] >= MAX_STUDENT_VOCAB:
         raise ValueError(f"pkl_rows: backend {backend!r} needs a student vocabulary < 2**29 (its W slot indices "

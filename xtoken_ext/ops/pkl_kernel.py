@@ -1122,7 +1122,8 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
     qu = torch.zeros(nprog, row_len, **f32)
     if fold:  # the h row (dense: the Qu row's buffer) of u = x̄ − log(q + eps): the weightless slots' spare u = −inf
         qu[:, 0] = float("-inf")
-    tm = torch.empty(nprog, max(1, triton.cdiv(C, _TILES["BLOCK_T"])), **f32)
+    # C's tile maxima for C3's rescale (sparse or learnable W); FOLD keeps none: an unused placeholder
+    tm = qu if fold else torch.empty(nprog, max(1, triton.cdiv(C, _TILES["BLOCK_T"])), **f32)
     if sparse:
         tacc = torch.zeros(nprog, row_len, **f32)
         tcnt = torch.zeros(nprog, row_len, dtype=torch.int32, device=device)
