@@ -58,12 +58,19 @@ SCRATCH_FIXED = 32 << 10  # per H-KL program: hint state, stream lines in flight
 # the window's bisection passes (128-way, ops.hkl_kernel._select): ~3 within the key range of bin b1 (an
 # assumption: ≤ 5 for 32 bits)
 SELECT_STEPS = 3
-# the keys of bin b1 (which _candidates copies to the sort buffer for the bisection) per key of m, assuming, as for
-# |L| ≈ 2 m, the list's ≈ m keys below θ spread evenly over the hint radius 3e below the shift c: the half-octave bin
-# of θ − c is ≈ 0.35 |θ − c| wide and |θ − c| ≈ 0.6 e on average (e its 80th percentile, half-normal): 0.35 · 0.6 / 3
-# (an assumption, taken also where the list holds a whole uncommon set; a simulation of the hint over Gaussian rows,
-# σ = 3, row means N(0, 0.3²), gave 0.08 on average, 0.17 at the 90th percentile)
-B1_SHARE = 0.07
+# Lists of a hinted single pass (ops.hkl_kernel._anchor's replay of the hint on real bf16 logits, SmolLM2-135M and
+# Gemma-3 270M, U a random part of the vocabulary; means over the chunks that hit): |L| = m plus the keys within the
+# margin e below the shift, ≈ m at m ≥ 2,048 (|L| 1.7 m at m = 8,192, 2.1–2.3 m at 2,048) but ~700–1,000 keys at
+# m = 128 (5.8 m / 7.7 m): m + max(m, LIST_EXTRA), taken where a side's uncommon set is not appended whole
+LIST_EXTRA = 1024
+# the keys of bin b1 (which _candidates copies to the sort buffer for the bisection) per key of m: that replay's
+# mean at m = 8,192 (0.097; 0.13–0.15 at m = 2,048; at the 90th percentile 0.21 / 0.26–0.29: one 2,048-key tile at
+# these m), taken also where the list holds a whole uncommon set
+B1_SHARE = 0.10
+# the share of chunks whose single pass hits on a side the hint serves, in that replay (past each program's first
+# two): 0.93 at m = 128 (both models), 0.64 at m = 8,192 (Gemma-3, 262k vocabulary; 0.69–0.89 at m = 2,048); the
+# model takes the first below m = 2,048, the second from there on
+HIT_RATE = (0.93, 0.64)
 
 
 @functools.lru_cache(maxsize=None)
@@ -332,10 +339,10 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     written), the teacher row in T1; the lists L_a (8 B) / L_b (4 B) written in S1 / T1 and read 3 times (level-1
     histogram, bin b1's key range and copy, gather; the ~3 bisection steps read bin b1's copied keys, B1_SHARE of m),
     or once where the small network (m ≤ W_SMALL) sorts the whole list (|L| ≤ W_SMALL), |L| = the side's uncommon set
-    when it fits the list (the first pass appends it whole), else ≈ 2 m (m plus the keys within the hint radius); the
-    sort buffers, the gradient list G (8 B × m); S3 gathers the teacher at the common columns (from L2: the teacher
-    row is part of the working set; a 32-byte sector per gather, or the distinct sectors per student tile,
-    common_sectors, the lower figure; spilled, each gather is a sector from HBM).
+    when it fits the list (the first pass appends it whole), else m + max(m, LIST_EXTRA) (m plus the keys within the
+    hint's margin); the sort buffers, the gradient list G (8 B × m); S3 gathers the teacher at the common columns
+    (from L2: the teacher row is part of the working set; a 32-byte sector per gather, or the distinct sectors per
+    student tile, common_sectors, the lower figure; spilled, each gather is a sector from HBM).
     The fallback (a miss on both sides: S2 / T2 read the rows twice, for the level-1 histogram and the compaction) is
     returned as hbm_l2_fallback / hbm_spill_fallback.
 
@@ -368,8 +375,9 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     small = w_net < w_big  # the small network sorts both windows side by side, b's keys widened to int64
     cap = 2 * m_up + H._SLACK
     fit = min(cap, 2 * m + H._SLACK)  # an uncommon set this small is appended whole (ops.hkl_kernel._hint_bin)
-    l_a = u_s if u_s <= fit else min(2 * m, cap)
-    l_b = u_t if u_t <= fit else min(2 * m, cap)
+    listed = min(m + max(m, LIST_EXTRA), cap)  # else the hint's list
+    l_a = u_s if u_s <= fit else listed
+    l_b = u_t if u_t <= fit else listed
     touched = min(m, w_net)
     merge = m > w_net  # m above the largest network (ULD): both lists merge-sorted whole
     # per list (a: 8 B keys, b: 4 B): sorted whole in the small network where both fit it (no pass over them),
@@ -429,6 +437,15 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
                       for (n, _), L in zip(passed, (issue["L"]["a"], issue["L"]["b"])))
     t_win = max(lists / l2_sm, t_lists) + bufs / l2_sm + t_sort
     t_row = t_streams + t_win
+    # a miss on a side the hint serves (its uncommon set not listed whole): _compact reads its row twice more, from
+    # L2 (the level-1 histogram and the compaction), bound by their issue
+    t_miss = {}
+    for side, n_u, tiles, n in (("a", u_s, tiles_s, V_S), ("b", u_t, tiles_t, V_T)):
+        if n_u > fit and not merge and issue is not None:
+            M = issue["miss"][side]
+            t_miss[side] = max(issue_time(M["hist"] + M["gather"], issue["warps"], tiles), 2 * elem * n / l2_sm)
+    hit = HIT_RATE[m >= 2048]
+    t_expect = t_row + (1 - hit) * sum(t_miss.values())
     live = ((1 + merge) * (8 * l_a * (t_s1 / 2 + t_t1 + t_win) + 4 * l_b * (t_t1 / 2 + t_win))
             + sum(size * touched for _, size in passed) * t_win
             + 8 * m * (t_win / 2 + t_s3) + elem * V_T * (t_t1 / 2 + t_win + t_s3)) / t_row + SCRATCH_FIXED
@@ -452,6 +469,7 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
                 loops=loops, vocab_tiles=chains[block][1], chains=chains, old_loop=None,
                 hbm_l2_fallback=stream_fb, hbm_spill_fallback=stream_fb + lists_fb + bufs + gathers,
                 footprint=min(rows, gpu["sms"]) * live + shared, t_row=t_row, t_sfu=t_sfu, t_window=t_win,
+                t_miss=t_miss, hit=hit, t_expect=t_expect,
                 t_sort=t_sort,
                 t_lists=t_lists,
                 passes=passes, issue=issue,
@@ -525,6 +543,13 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
             print(f"    a miss of the single-pass compaction on both sides (S2 / T2 read the rows twice): "
                   f"{_fmt_bytes(m['hbm_l2_fallback'])} ({m['hbm_l2_fallback'] / m['floor']:.2f}x), spilled "
                   f"{_fmt_bytes(m['hbm_spill_fallback'])} ({m['hbm_spill_fallback'] / m['floor']:.2f}x)")
+        if m.get("t_miss"):
+            t_floor = rows * m["floor"] / gpu["hbm"]
+            t_exp = rows / gpu["sms"] * m["t_expect"]
+            print("    a miss on a side the hint serves (its row's level-1 histogram and compaction): " + ", ".join(
+                f"{'student' if k == 'a' else 'teacher'} +{v * 1e6:.1f} us per row and SM" for k, v in
+                m["t_miss"].items()) + f"; at the hint's hit rate on real logits ({m['hit']:.2f}, ops.hkl_kernel."
+                f"_anchor) {t_exp * 1e3:.2f} ms ({t_exp / t_floor:.2f}x the floor time)")
         if "footprint_alone" in m:
             alone = "fits" if m["footprint_alone"] <= gpu["l2"] else "does NOT fit"
             what += (f"; {m['slices']} D slices per chunk (without helping, each owner computing its own: "

@@ -191,6 +191,15 @@ def test_issue_from_sass(proj):
         costmodel.issue_time(L["hist"] + L["b1"] + L["gather"], h["warps"], math.ceil(n / block))
         + costmodel.issue_time(costmodel.SELECT_STEPS * L["select"], h["warps"], 1)
         for n, L in ((st["l_a"], h["L"]["a"]), (st["l_b"], h["L"]["b"]))))
+    # a miss (_compact over the row: level-1 histogram and compaction), priced on the sides the hint serves: at
+    # m = 1,024 the student's 7,891 uncommon ids exceed 2 m + 4,096 (hinted), the teacher's 5,891 do not (listed whole)
+    assert sorted(h["miss"]) == ["a", "b"] and all(sorted(v) == ["gather", "hist"] and all(
+        h["S1"] < x < 5_000 for x in v.values()) for v in h["miss"].values())
+    mh = costmodel.hkl_model(Projection.random(20_000, 18_000, seed=0), 64, uncovered="epsilon", topk=1024, issue=h)
+    M = h["miss"]["a"]
+    assert list(mh["t_miss"]) == ["a"] and mh["t_miss"]["a"] == costmodel.issue_time(
+        M["hist"] + M["gather"], h["warps"], math.ceil(20_000 / H._CONFIGS[0].kwargs["BLOCK_S"]))
+    assert mh["t_expect"] == pytest.approx(mh["t_row"] + (1 - costmodel.HIT_RATE[0]) * mh["t_miss"]["a"])
 
 
 def test_hkl_model_whole_lists():

@@ -7,14 +7,15 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
   keys: the fp32 bits of the key-space value x (one row: the raw logit, S or T being an increasing affine map of
     it; several rows: x = S or T), made signed-order-preserving (k = s ^ ((s >> 31) & 0x7fffffff)); a, b =
     exp(αx + β) are non-decreasing in k.
-  level 1: a 64-bin histogram of half-octaves of x − c (|x − c| in [2^-7, 2^8), end bins beyond), c = this
-    program's previous m-th largest x on that side (0 at first), so the threshold tends to fall in a fine bin near 0.
+  level 1: a 64-bin histogram of half-octaves of x − c (|x − c| in [2^-7, 2^8), end bins beyond), c = a prediction
+    of the m-th largest x from this program's previous one on that side (a raw row: its _anchor plus the previous
+    θ − anchor; 0 at first), so the threshold tends to fall in a fine bin near 0.
     64 bins because Triton 3.7's tl.histogram keeps bins/32 counters per lane (4096 bins cost 128 registers and ~50
     instructions per element). The bin b1 of the m-th largest gives a superset of the top m (every key of bin ≥ b1)
     to compact into a per-program list L in row order, of capacity 2 m_up + _SLACK.
   single-pass compaction (the common case): the row pass (S1 / T1) appends to L every key of bin ≥ b_h, a bin fixed
-    before the pass (_hint_bin: every key when the side's uncommon set fits L and 2 m + _SLACK, else the bin of −3e,
-    e ≈ the 80th percentile of |Δθ| between this program's chunks, θ the m-th largest x, i.e. the next shift c), as
+    before the pass (_hint_bin: every key when the side's uncommon set fits L and 2 m + _SLACK, else the bin of −e,
+    e ≈ the 80th percentile of |θ − c| over this program's chunks, θ the m-th largest x, c its prediction), as
     one compare per element (_bin_edge), and counts the side's keys; no histogram in the row pass (~40
     instructions per element of the row; the kernel is bound by instruction issue, bench/costmodel.py). A tile
     without an uncommon id skips the append (half of the row pass's instructions): one test of a bit per 64 ids
@@ -71,7 +72,7 @@ Bad input (notes/POLICY.md): NaN or +inf in any column of a row the chunk reads 
 
 Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T bytes; the cost model reads this block):
   HBM floor = read S + read T + write S.    BLOCK = 2048 (config 0), m = 8192, |L| ≈ 2 m (hit: m + the keys within
-  the hint radius; miss: ≈ 1.2 m, bin b1's overshoot)
+  the hint's margin, 1.7 m on real logits at m = 8,192, _anchor; miss: ≈ 1.2 m, bin b1's overshoot)
   pass         HBM reads / writes                         dependent loop per row
   S1 student   S (online LSE, bad check, keys of bin ≥ b_h   ⌈V_S/BLOCK⌉ tiles, pipelined (by hand, a tile ahead)
                appended): writes L_a: 8 B × |L_a| ≈ 131 KB
@@ -111,13 +112,15 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
 Registers (offline sm_90 compile with Triton 3.7.1, bf16; spill stores over first / mean / chain × dense / sparse;
   Triton 3.6.0, a GPU image's, spills more: 340 B of stores for the first-row dense variant, none in a per-tile loop
   either, before the bisection read bin b1's copied keys): config 0 (2048 lanes, 3 stages, 8 warps) 255 registers
-  with 96-176 B at W = 8192, none in a per-tile loop (68-128 B before that copy; 164-232 B, with 2-12 local
+  with 100-192 B at W = 8192, none in a per-tile loop (96-176 B before _anchor, 68-128 B before that copy; 164-232 B,
+  with 2-12 local
   accesses per tile in the row and list passes, while the window kept the prefix state of several rank windows;
   236-400 B before the row passes and S3 were pipelined by hand, 104-252 B before the row passes'
   tile skip, scatter layout and the small network's whole-list path, 76-204 B while the row passes built the level-1
-  histogram, 24-124 B before the W_SMALL network was added); with MERGE (ULD's merge sort compiled in) 368 B (first,
-  dense) and 4 local accesses per tile in the row passes; config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.56 KB
-  (first, dense; 0.72 / 0.76 / 0.71 / 0.61 / 0.44 KB before). What remains: LLVM hoists the per-thread shared-memory
+  histogram, 24-124 B before the W_SMALL network was added); with MERGE (ULD's merge sort compiled in) 392 B (first,
+  dense; 368 before _anchor) and 2-6 local accesses per tile in the row and list passes; config 1 (4096 lanes, 2
+  stages, 16 warps) 128 with 0.68 KB (first, dense; 0.67 / 0.56 / 0.72 / 0.76 / 0.71 / 0.61 / 0.44 KB before), 2-6
+  local accesses per tile in the row, list and gradient passes. What remains: LLVM hoists the per-thread shared-memory
   addresses of every layout conversion, reduction and scan out of the persistent chunk loop (~40-100 registers held
   throughout), and at W = 8192 the a-sort holds 32 int64 keys and their partner sums per thread. Kept down by: no masked
   scatter stores (the compactions and a sparse teacher's G entries send their unselected lanes to a spare slot past the
@@ -432,11 +435,32 @@ def _hint_bin(e, n, cap):
     """Level-1 bin b_h from which the first pass appends: 1 (every key) when the side's uncommon keys fit the list
     (n = |U_S|, |U_T| or a sparse row's k ≤ cap; the host passes 2^30 for a set above 2 m + _SLACK, whose list
     passes would cost more than warm-up misses): a hit in every chunk, a program's first ones included; else the
-    bin of −3e, e ≈ the 80th percentile of |Δθ| between this program's chunks (_track; θ: the m-th largest
-    key-space value, which becomes the shift: the next θ is expected within 3e of it), or 64 (nothing) while e is
-    unknown."""
-    d = 3.0 * e
-    return tl.where(n <= cap, 1, tl.where(d < float("inf"), _bucket1(-d), 64))
+    bin of −e, e ≈ the 80th percentile of |θ − c| over this program's chunks (_track; θ: the m-th largest key-space
+    value, c: its prediction, the shift), or 64 (nothing) while e is unknown. A margin of e, not 3e as before: on
+    real logits the lists overflowed far more often than they fell short of m (_anchor's replay: at m = 8,192, 3e
+    missed 92 % of the chunks by overflow, e 30 % by overflow and 7 % short)."""
+    return tl.where(n <= cap, 1, tl.where(e < float("inf"), _bucket1(-e), 64))
+
+
+@triton.jit
+def _anchor(row_ptr, C):
+    """A raw row's anchor: the mean of the finite logits among its first 2,048 columns, clamped to ±2^100 (0 if
+    none). The shift of a single row's first pass is this anchor plus the program's last θ − anchor: a raw logit row
+    moves as a whole from position to position (softmax ignores the offset), and its m-th largest value with it.
+    Host replay of the hint on real bf16 logits (SmolLM2-135M and Gemma-3 270M on prose, code and math, 2,100 rows
+    each, shuffled; U a random third of the vocabulary, or 15 % at m = 128 with the list's capacity 20,480): the
+    chunks whose first pass hit (both causes of a miss counted) with the shift θ_prev and margin 3e → this anchor and
+    margin e, past each program's first two: SmolLM2 m = 128 1.00 → 0.93, m = 2,048 0.00 → 0.89; Gemma-3 m = 128
+    0.17 → 0.93, m = 2,048 0.01 → 0.69, m = 8,192 0.01 → 0.64 (the anchor alone, margin 3e: 1.00, 0.31, 0.82, 0.09,
+    0.08). A full-row mean, were it known before the pass, did about as well (Gemma-3 m = 8,192: 0.33 against the
+    tile's 0.17 at 3e). One more 4 KB load per row, L2-resident for the pass that follows; only where the hint is in
+    use. Which path a chunk takes depends on it, never a result."""
+    o = tl.arange(0, 2048)
+    x = tl.load(row_ptr + o, mask=o < C, other=float("-inf")).to(tl.float32)
+    fin = tl.abs(x) < float("inf")
+    n = tl.sum(fin.to(tl.float32))
+    a = tl.sum(tl.where(fin, x * (1.0 / 2048), 0.0)) * (2048.0 / tl.maximum(n, 1.0))  # no overflow in the sum
+    return tl.minimum(tl.maximum(a, -1.0e30), 1.0e30)
 
 
 @triton.jit
@@ -451,10 +475,11 @@ def _bin_edge(b):
 
 @triton.jit
 def _track(e, c, th):
-    """e ≈ the 80th percentile of |Δθ| = |θ − c| between this program's chunks (c: the shift used, the previous θ),
-    by multiplicative steps: ×1.5 when |Δθ| > e, else ×0.9 (at equilibrium P(|Δθ| > e) ln 1.5 = P(|Δθ| ≤ e)
-    ln(1/0.9), i.e. P(|Δθ| > e) ≈ 0.2), so an outlier row moves it by one bounded step. NaN = no θ yet -> +inf =
-    one θ, no Δθ yet -> |Δθ| (a non-finite one restarts this); a step up from 0 goes to |Δθ|."""
+    """e ≈ the 80th percentile of |Δθ| = |θ − c| over this program's chunks (c: the shift used, θ's prediction: the
+    previous θ, or for a raw row its _anchor plus the previous θ − anchor), by multiplicative steps: ×1.5 when
+    |Δθ| > e, else ×0.9 (at equilibrium P(|Δθ| > e) ln 1.5 = P(|Δθ| ≤ e) ln(1/0.9), i.e. P(|Δθ| > e) ≈ 0.2), so an
+    outlier row moves it by one bounded step. NaN = no θ yet -> +inf = one θ, no Δθ yet -> |Δθ| (a non-finite one
+    restarts this); a step up from 0 goes to |Δθ|."""
     d = tl.abs(th - c)
     step = tl.where(d > e, tl.where(e > 0, 1.5 * e, d), 0.9 * e)
     return tl.where(e != e, float("inf"), tl.where(e == float("inf"), d, step))
@@ -875,11 +900,12 @@ def _hkl_kernel(
     tcnt_row = tcnt_ptr + pid * V_T
     m = tl.load(m_ptr)
     tt = tau * tau
-    # hint state, kept across launches (hkl_rows): the |Δθ| scales that place the single-pass compaction's bin b_h
-    # (_hint_bin, _track; student raw / merged, teacher raw / merged: read and written in scratch, off the registers
-    # the sort needs), then the level-1 shifts in the same order: the last m-th largest key-space value of this
-    # program per side and kind of value (raw logit of a single row / merged S or T), so that the next threshold
-    # tends to fall in a fine bin near 0
+    # hint state, kept across launches (hkl_rows): the |θ − c| scales that place the single-pass compaction's bin
+    # b_h (_hint_bin, _track; student raw / merged, teacher raw / merged: read and written in scratch, off the
+    # registers the sort needs), then what gives the level-1 shifts c, in the same order: the last m-th largest
+    # key-space value θ of this program per side and kind of value (raw logit of a single row: θ − its _anchor; merged
+    # S or T, log-probabilities whose offset does not move: θ), so that the next threshold tends to fall in a fine bin
+    # near 0
     es = e_ptr + pid * 8
     ca_raw = tl.load(es + 4)
     ca_mrg = tl.load(es + 5)
@@ -896,9 +922,17 @@ def _hkl_kernel(
             raw_b = n_t < 0  # a sparse teacher is keyed on T
         else:
             raw_b = n_t == 1
+        # a single raw row's anchor (_anchor), where the hint is in use (n above the list's capacity)
+        an_a = tl.full((), 0.0, tl.float32)
+        an_b = tl.full((), 0.0, tl.float32)
+        if raw_a & (tl.load(m_ptr + 1) > cap_a):
+            an_a = _anchor(z_ptr + s_lo * stride_z, V_S)
+        if not SPARSE:
+            if raw_b & (tl.load(m_ptr + 2) > cap_b):
+                an_b = _anchor(t_ptr + t_lo * stride_t, C)
         # finite shifts: x − c is then never NaN (a θ of −inf, e.g. rows padded with −inf, would make x = −inf NaN)
-        sh_a = tl.minimum(tl.maximum(tl.where(raw_a, ca_raw, ca_mrg), -3.0e38), 3.0e38)
-        sh_b = tl.minimum(tl.maximum(tl.where(raw_b, cb_raw, cb_mrg), -3.0e38), 3.0e38)
+        sh_a = tl.minimum(tl.maximum(tl.where(raw_a, an_a + ca_raw, ca_mrg), -3.0e38), 3.0e38)
+        sh_b = tl.minimum(tl.maximum(tl.where(raw_b, an_b + cb_raw, cb_mrg), -3.0e38), 3.0e38)
         ea_ptr = es + tl.where(raw_a, 0, 1)
         eb_ptr = es + tl.where(raw_b, 2, 3)
         bh_a = _hint_bin(tl.load(ea_ptr), tl.load(m_ptr + 1), cap_a)
@@ -1011,11 +1045,11 @@ def _hkl_kernel(
                 else:
                     l1, gsum, th_a, th_b = _windows(w_args, SPARSE, BLOCK_L, W, False)
                 tl.store(ea_ptr, _track(tl.load(ea_ptr), sh_a, _unkey(th_a)))
-                ca_raw = tl.where(raw_a, _unkey(th_a), ca_raw)
+                ca_raw = tl.where(raw_a, _unkey(th_a) - an_a, ca_raw)
                 ca_mrg = tl.where(raw_a, ca_mrg, _unkey(th_a))
                 if m <= tot_b:
                     tl.store(eb_ptr, _track(tl.load(eb_ptr), sh_b, _unkey(th_b)))
-                    cb_raw = tl.where(raw_b, _unkey(th_b), cb_raw)
+                    cb_raw = tl.where(raw_b, _unkey(th_b) - an_b, cb_raw)
                     cb_mrg = tl.where(raw_b, cb_mrg, _unkey(th_b))
             if SPARSE:
                 if n_t > 1:  # leave the intersection scratch all-zero for the next chunk
