@@ -441,7 +441,7 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     # L2 (the level-1 histogram and the compaction), bound by their issue
     t_miss = {}
     for side, n_u, tiles, n in (("a", u_s, tiles_s, V_S), ("b", u_t, tiles_t, V_T)):
-        if n_u > fit and not merge and issue is not None:
+        if n_u > fit and issue is not None:
             M = issue["miss"][side]
             t_miss[side] = max(issue_time(M["hist"] + M["gather"], issue["warps"], tiles), 2 * elem * n / l2_sm)
     hit = HIT_RATE[m >= 2048]

@@ -198,7 +198,7 @@ def test_issue_from_sass(proj):
     mh = costmodel.hkl_model(Projection.random(20_000, 18_000, seed=0), 64, uncovered="epsilon", topk=1024, issue=h)
     M = h["miss"]["a"]
     assert list(mh["t_miss"]) == ["a"] and mh["t_miss"]["a"] == costmodel.issue_time(
-        M["hist"] + M["gather"], h["warps"], math.ceil(20_000 / H._CONFIGS[0].kwargs["BLOCK_S"]))
+        M["hist"] + M["gather"], h["warps"], math.ceil(20_000 / block))
     assert mh["t_expect"] == pytest.approx(mh["t_row"] + (1 - costmodel.HIT_RATE[0]) * mh["t_miss"]["a"])
 
 

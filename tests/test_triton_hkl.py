@@ -402,6 +402,7 @@ def test_single_pass_misses_fall_back(no_slack):
     run_hkl_triton(P, "first", "none", 20, tau=1.0, tie_sums=True)
     paths = hkl_kernel.last_paths.tolist()
     assert paths[6] & 1 == 0 and paths[10] == 0 and paths[14] == 0
+    assert sum(p & 1 for p in paths[5::2]) >= 5  # program 1's rows are unchanged: its student side keeps hitting
 
 
 @pytest.mark.parametrize("m", [600, 1000])
@@ -423,6 +424,29 @@ def test_single_pass_compaction_multi_tile(no_slack, m):
         assert paths[:4] == [0] * 4 and paths[4:8] == [3] * 4 and paths[8] & 1 == 0 and paths[9] == 3
     else:
         assert paths == [3] * 10
+
+
+@triton.jit
+def _hint_edge_kernel(e_ptr, out_ptr, n, cap, N: tl.constexpr):
+    e = tl.load(e_ptr + tl.arange(0, N))
+    tl.store(out_ptr + tl.arange(0, N), hkl_kernel._bin_edge(hkl_kernel._hint_bin(e, n, cap)))
+
+
+def test_hint_margin():
+    """The first pass appends the keys x with x − c ≥ the edge of _hint_bin's bin: the margin e below the shift,
+    rounded down to its half-octave bin's end (the bins split |x − c| at 2^k and 1.5 · 2^k): −1.5 e ≤ edge ≤ −e for e
+    in the fine bins' range (3e before the raw rows' anchor; test_single_pass_* check the paths it gives). Every key
+    where the side's uncommon set fits the list (n ≤ cap: −inf); none while e is unknown (+inf: NaN, no compare
+    holds)."""
+    e = torch.cat([2.0 ** torch.linspace(-6, 7, 62), torch.tensor([float("inf"), 0.3])])
+    dev = device()
+    out = torch.zeros(64, device=dev)
+    _hint_edge_kernel[(1,)](e.to(dev), out, 10_000, 100, N=64)
+    edge = out.cpu()
+    assert bool(((edge[:62] >= -1.5 * e[:62]) & (edge[:62] <= -e[:62])).all()), (e, edge)
+    assert torch.isnan(edge[62])
+    _hint_edge_kernel[(1,)](e.to(dev), out, 100, 100, N=64)
+    assert bool((out.cpu() == float("-inf")).all())
 
 
 @triton.jit

@@ -444,7 +444,7 @@ def _hint_bin(e, n, cap):
 
 @triton.jit
 def _anchor(row_ptr, C):
-    """A raw row's anchor: the mean of the finite logits among its first 2,048 columns, clamped to ±2^100 (0 if
+    """A raw row's anchor: the mean of the finite logits among its first 2,048 columns, clamped to ±1e30 (0 if
     none). The shift of a single row's first pass is this anchor plus the program's last θ − anchor: a raw logit row
     moves as a whole from position to position (softmax ignores the offset), and its m-th largest value with it.
     Host replay of the hint on real bf16 logits (SmolLM2-135M and Gemma-3 270M on prose, code and math, 2,100 rows
@@ -452,8 +452,8 @@ def _anchor(row_ptr, C):
     chunks whose first pass hit (both causes of a miss counted) with the shift θ_prev and margin 3e → this anchor and
     margin e, past each program's first two: SmolLM2 m = 128 1.00 → 0.93, m = 2,048 0.00 → 0.89; Gemma-3 m = 128
     0.17 → 0.93, m = 2,048 0.01 → 0.69, m = 8,192 0.01 → 0.64 (the anchor alone, margin 3e: 1.00, 0.31, 0.82, 0.09,
-    0.08). A full-row mean, were it known before the pass, did about as well (Gemma-3 m = 8,192: 0.33 against the
-    tile's 0.17 at 3e). One more 4 KB load per row, L2-resident for the pass that follows; only where the hint is in
+    0.08). A full-row mean (not known before the pass) did little better in a shorter replay. One more 4 KB load per
+    row, L2-resident for the pass that follows; only where the hint is in
     use. Which path a chunk takes depends on it, never a result."""
     o = tl.arange(0, 2048)
     x = tl.load(row_ptr + o, mask=o < C, other=float("-inf")).to(tl.float32)
