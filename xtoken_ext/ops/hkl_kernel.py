@@ -24,8 +24,9 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     ascend with the key, that list holds every key of bin ≥ b1 iff it holds ≥ m keys (⟺ b_h ≤ b1; all keys when the
     side has fewer than m), and it is complete iff that count ≤ capacity: both known at the end of the pass, so the
     check is exact; the level-1 histogram of L (which holds every bin ≥ b_h) then gives b1, and a second pass over L
-    its key range. Otherwise (a miss: e.g. a row shifted far from the previous one, equal logits, no e yet: a
-    program's first two chunks since the hint state was created, which is kept across launches) the exact path runs:
+    its key range. Otherwise (a miss: e.g. a row whose θ − anchor lies far from the previous one's, a merged row's θ
+    far from the previous θ, equal logits, no e yet: a program's first two chunks since the hint state was created,
+    which is kept across launches) the exact path runs:
     the row's level-1 histogram (S2 / T2, _compact), a pass that compacts bin ≥ b1, and if that exceeds the capacity
     (equal or far-shifted logits), the exact m-th key is first found over the rows (the bisection below, ≤ 5 more
     row passes) and only prefix(m) is compacted.
