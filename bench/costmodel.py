@@ -543,8 +543,8 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
             print(f"    a miss of the single-pass compaction on both sides (S2 / T2 read the rows twice): "
                   f"{_fmt_bytes(m['hbm_l2_fallback'])} ({m['hbm_l2_fallback'] / m['floor']:.2f}x), spilled "
                   f"{_fmt_bytes(m['hbm_spill_fallback'])} ({m['hbm_spill_fallback'] / m['floor']:.2f}x)")
+        t_floor = rows * m["floor"] / gpu["hbm"]
         if m.get("t_miss"):
-            t_floor = rows * m["floor"] / gpu["hbm"]
             t_exp = rows / gpu["sms"] * m["t_expect"]
             print("    a miss on a side the hint serves (its row's level-1 histogram and compaction): " + ", ".join(
                 f"{'student' if k == 'a' else 'teacher'} +{v * 1e6:.1f} us per row and SM" for k, v in
@@ -558,7 +558,6 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
               f"{_fmt_bytes(m['footprint'])} {fits} in L2; floor time at {rows:,} rows "
               f"{rows * m['floor'] / gpu['hbm'] * 1e3:.2f} ms, model {rows * m['hbm_l2'] / gpu['hbm'] * 1e3:.2f}"
               f"–{rows * m['hbm_spill'] / gpu['hbm'] * 1e3:.2f} ms")
-        t_floor = rows * m["floor"] / gpu["hbm"]
         t_lo, t_hi = rows * m["l2_lo"] / gpu["l2_bw"], rows * m["l2"] / gpu["l2_bw"]
         if "l2_parts" in m:
             print("    L2<->SM per row: " + ", ".join(

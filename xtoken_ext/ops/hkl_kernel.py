@@ -114,8 +114,8 @@ Registers (offline sm_90 compile with Triton 3.7.1, bf16; spill stores over firs
   Triton 3.6.0, a GPU image's, spills more: 340 B of stores for the first-row dense variant, none in a per-tile loop
   either, before the bisection read bin b1's copied keys): config 0 (2048 lanes, 3 stages, 8 warps) 255 registers
   with 100-192 B at W = 8192, none in a per-tile loop (96-176 B before _anchor, 68-128 B before that copy; 164-232 B,
-  with 2-12 local
-  accesses per tile in the row and list passes, while the window kept the prefix state of several rank windows;
+  with 2-12 local accesses per tile in the row and list passes, while the window kept the prefix state of several
+  rank windows;
   236-400 B before the row passes and S3 were pipelined by hand, 104-252 B before the row passes'
   tile skip, scatter layout and the small network's whole-list path, 76-204 B while the row passes built the level-1
   histogram, 24-124 B before the W_SMALL network was added); with MERGE (ULD's merge sort compiled in) 392 B (first,
@@ -454,8 +454,8 @@ def _anchor(row_ptr, C):
     margin e, past each program's first two: SmolLM2 m = 128 1.00 → 0.93, m = 2,048 0.00 → 0.89; Gemma-3 m = 128
     0.17 → 0.93, m = 2,048 0.01 → 0.69, m = 8,192 0.01 → 0.64 (the anchor alone, margin 3e: 1.00, 0.31, 0.82, 0.09,
     0.08). A full-row mean (not known before the pass) did little better in a shorter replay. One more 4 KB load per
-    row, L2-resident for the pass that follows; only where the hint is in
-    use. Which path a chunk takes depends on it, never a result."""
+    row, L2-resident for the pass that follows; only where the hint is in use. Which path a chunk takes depends on
+    it, never a result."""
     o = tl.arange(0, 2048)
     x = tl.load(row_ptr + o, mask=o < C, other=float("-inf")).to(tl.float32)
     fin = tl.abs(x) < float("inf")
@@ -924,20 +924,22 @@ def _hkl_kernel(
         else:
             raw_b = n_t == 1
         # a single raw row's anchor (_anchor), where the hint is in use (n above the list's capacity)
+        nh_a = tl.load(m_ptr + 1)  # the keys a row can list, or 2^30 (hkl_rows)
+        nh_b = tl.load(m_ptr + 2)
         an_a = tl.full((), 0.0, tl.float32)
         an_b = tl.full((), 0.0, tl.float32)
-        if raw_a & (tl.load(m_ptr + 1) > cap_a):
+        if raw_a & (nh_a > cap_a):
             an_a = _anchor(z_ptr + s_lo * stride_z, V_S)
         if not SPARSE:
-            if raw_b & (tl.load(m_ptr + 2) > cap_b):
+            if raw_b & (nh_b > cap_b):
                 an_b = _anchor(t_ptr + t_lo * stride_t, C)
         # finite shifts: x − c is then never NaN (a θ of −inf, e.g. rows padded with −inf, would make x = −inf NaN)
         sh_a = tl.minimum(tl.maximum(tl.where(raw_a, an_a + ca_raw, ca_mrg), -3.0e38), 3.0e38)
         sh_b = tl.minimum(tl.maximum(tl.where(raw_b, an_b + cb_raw, cb_mrg), -3.0e38), 3.0e38)
         ea_ptr = es + tl.where(raw_a, 0, 1)
         eb_ptr = es + tl.where(raw_b, 2, 3)
-        bh_a = _hint_bin(tl.load(ea_ptr), tl.load(m_ptr + 1), cap_a)
-        bh_b = _hint_bin(tl.load(eb_ptr), tl.load(m_ptr + 2), cap_b)
+        bh_a = _hint_bin(tl.load(ea_ptr), nh_a, cap_a)
+        bh_b = _hint_bin(tl.load(eb_ptr), nh_b, cap_b)
         tl.debug_barrier()  # the previous chunk's lists, sort buffers and G are no longer read
 
         # S1 / T1: per row the online LSE and the bad-input check; a single row also gives its number of uncommon
