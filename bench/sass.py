@@ -177,9 +177,10 @@ def pass_bodies() -> dict:
     ELL slots run, 1..SLOTS: a slice runs as many as its widest student has), C and D in their single-row
     instantiations; H-KL S1 / T1 (student / teacher row pass, the same helper inlined twice, in that order; S1_skip /
     T1_skip the instructions of their append, which a tile without an uncommon id skips), S3 (gradient pass: single rows
-    and a dense teacher, _grad_one), L (the window's passes over each candidate list) and miss (a side's two passes
-    over its row where the single pass missed). Under "sfu", the same loops' MUFU instructions per thread per tile (the
-    streaming passes; the appends S1 / T1 skip hold none)."""
+    and a dense teacher, _grad_one), L (the window's passes over each candidate list) and miss (a side's passes over
+    its row where the single pass missed: _rescue's count and append, _compact's histogram and compaction). Under
+    "sfu", the same loops' MUFU instructions per thread per tile (the streaming passes; the appends S1 / T1 skip hold
+    none)."""
     from xtoken_ext.ops import hkl_kernel as H
     from xtoken_ext.ops import pkl_kernel as P
 
@@ -229,16 +230,18 @@ def pass_bodies() -> dict:
                          b1=max(n for n, x in zip(b[b1], ls[b1]) if mine(x)),
                          **{k: max(body(b, fn, "for c0 in range(0, n, BLOCK)", ls, mine))
                             for k, fn in (("select", H._select), ("gather", H._gather))})
-    # a miss (_compact over a side's row): its level-1 histogram pass and its compaction (_gather), the bodies that
-    # load that side's logits (single rows; their loop bodies also hold the merged rows' branch: an upper bound)
+    # a miss (_compact over a side's row): its level-1 histogram pass and its compaction (_gather); its rescue
+    # (_rescue): the counting pass and the append pass; the bodies that load that side's logits (single rows; their
+    # loop bodies also hold the merged rows' branch: an upper bound)
     (hist_r,), (gath_r,) = (header_lines(fn, "for c0 in range(0, n, BLOCK)") for fn in (H._compact, H._gather))
+    count_r, app_r = header_lines(H._rescue, "for c0 in range(0, n, BLOCK)")
     miss = {}
     for side, fn, load in (("a", H._s_vals, "x = tl.load(z_ptr + s_lo * stride_z + o"),
                            ("b", H._t_vals, "x = tl.load(t_ptr + t_lo * stride_t + o")):
         rows = set(source_lines(fn, load))
         mine = lambda x, rows=rows: bool(rows & set(x))  # noqa: E731
         miss[side] = {k: max(n for n, x in zip(b[line], ls[line]) if mine(x))
-                      for k, line in (("hist", hist_r), ("gather", gath_r))}
+                      for k, line in (("hist", hist_r), ("gather", gath_r), ("count", count_r), ("append", app_r))}
     (s3,), (fs3,) = (body(x, H._grad_one, "for v0 in range") for x in (b, f))
     out["H-KL"] = dict(warps=cfg.num_warps, S1=s1, T1=t1, S1_skip=s1_skip, T1_skip=t1_skip, S3=s3, L=lst,
                        miss=miss, sfu=dict(S1=fs1, T1=ft1, S3=fs3))

@@ -390,8 +390,10 @@ def test_single_pass_misses_fall_back(no_slack):
     """Program 0 (even chunks, the second one 0's hint already set) gets rows the hint cannot hold: the student's
     logits × 0.25 (θ − anchor a quarter of the previous rows': its list short of m keys), all-equal rows (one bin),
     +1000 on most of each row's columns (the anchor, their mean, ≈ 600 below them: end bins, the lists past their
-    capacity, and bin b1 too, so S2 / T2 then take the exact compaction). Those sides must fall back and still match
-    the oracle. (A row moved as a whole, ±1000 before the anchor, now hits: test_single_pass_compaction_multi_tile.)"""
+    capacity, and bin b1 too, so S2 / T2 then take the exact compaction). None of the 8 bins _rescue counts next to
+    b_h holds m to capacity keys at and above it there (path bits 5 / 6 clear): those sides must take the exact path
+    and still match the oracle. (A row moved as a whole, ±1000 before the anchor, now hits, and a row × 0.25 of
+    4,099 columns is rescued: test_single_pass_compaction_multi_tile.)"""
     P = make_problem(31, 97, 61, 16, 1, 0, "all", 0.0, True)
     spans = P.spans.tolist()
     P.z[spans[6][0]] *= 0.25
@@ -401,7 +403,7 @@ def test_single_pass_misses_fall_back(no_slack):
     P.t[spans[14][2], :50] += 1000.0
     run_hkl_triton(P, "first", "none", 20, tau=1.0, tie_sums=True)
     paths = hkl_kernel.last_paths.tolist()
-    assert paths[6] & 1 == 0 and paths[10] == 0 and paths[14] == 0
+    assert paths[6] & 33 == 0 and paths[10] == 0 and paths[14] == 0
     assert sum(p & 1 for p in paths[5::2]) >= 5  # program 1's rows are unchanged: its student side keeps hitting
 
 
@@ -410,7 +412,8 @@ def test_single_pass_compaction_multi_tile(no_slack, m):
     """Multi-tile rows in bf16 (hub column, relaxed pairs: |U_S| = 1731, |U_T| = 1296). m = 600, L's capacity 1200
     below both: one-pass hits from each program's third chunk on; chunk 6 (student −2, teacher +2: moved as a whole)
     hits too, its shift following the row's anchor (_anchor; before it, the student side fell back); chunk 8 (the
-    student × 0.25) falls back on the student side. m = 1000, capacity 2000: both uncommon sets fit their lists, so
+    student × 0.25) misses on the student side, short of m, and _rescue lists it from a bin below b_h (path bit 5;
+    before it, S2 compacted). m = 1000, capacity 2000: both uncommon sets fit their lists, so
     the first pass appends them whole and every chunk hits on both sides, the first two of each program and the
     changed ones included."""
     P = make_problem(22, 4099, 4111, 10, 1, 0, "covered", 0.05, 300)
@@ -421,7 +424,7 @@ def test_single_pass_compaction_multi_tile(no_slack, m):
     run_hkl_triton(P, "first", "relaxed", m, dt=torch.bfloat16)
     paths = hkl_kernel.last_paths.tolist()
     if m == 600:
-        assert paths[:4] == [0] * 4 and paths[4:8] == [3] * 4 and paths[8] & 1 == 0 and paths[9] == 3
+        assert paths[:4] == [0] * 4 and paths[4:8] == [3] * 4 and paths[8] == 32 | 2 and paths[9] == 3
     else:
         assert paths == [3] * 10
 
@@ -447,6 +450,61 @@ def test_hint_margin():
     assert torch.isnan(edge[62])
     _hint_edge_kernel[(1,)](e.to(dev), out, 100, 100, N=64)
     assert bool((out.cpu() == float("-inf")).all())
+
+
+@triton.jit
+def _bin_edges_kernel(out_ptr):
+    b = tl.arange(0, 64)
+    tl.store(out_ptr + b, hkl_kernel._bin_edge(b))
+
+
+@triton.jit
+def _rescue_kernel(z_ptr, smap_ptr, lse_ptr, dst_ptr, out_ptr, n, s_lo, n_s, c, target, cap, cnt, b_h,
+                   BLOCK: tl.constexpr):
+    src = (z_ptr, 0, lse_ptr, s_lo, n_s, 1.0, smap_ptr, c)  # one raw student row: its keys are its logits
+    cnt, ok = hkl_kernel._rescue(2, n, src, target, cap, dst_ptr, cnt, b_h, True, False, BLOCK)
+    tl.store(out_ptr, cnt)
+    tl.store(out_ptr + 1, ok)
+
+
+@pytest.mark.parametrize("b_h,target,cap,expect", [
+    (44, 300, 1000, 41),  # short (116 keys of bin ≥ 44): the highest bin below with ≥ 300 keys, 41 (379)
+    (38, 300, 400, 41),  # past the capacity (509 > 400): bin 41 above it
+    (26, 300, 600, 34),  # past it (689) with bin 41 beyond the 8 bins counted: the last, 34, counts every bin above
+    (58, 300, 1000, None),  # short, no bin of the 8 below holds 300 keys
+    (38, 300, 378, None),  # bin 41 holds the top 300 but not within the capacity
+])
+def test_rescue(b_h, target, cap, expect):
+    """_rescue on a 3,001-column row (47 tiles of 64: a lane's 16-bit counters hold 47 keys) whose uncommon keys
+    fill bins 18–46 about the shift c (bin ≥ b ⟺ x − c ≥ _bin_edge(b), counted here in fp32 as the kernel does):
+    the bin it picks (the highest of the 8 next to b_h on the side the first pass missed with target to cap keys at
+    and above it) and the list it writes, every uncommon key of that bin and above in row order as _pack words;
+    where none, the first pass's count and an untouched list."""
+    dev = device()
+    edges = torch.zeros(64, device=dev)
+    _bin_edges_kernel[(1,)](edges)
+    edges = edges.cpu()
+    g = torch.Generator().manual_seed(5)
+    n, c = 3001, 0.5
+    x = torch.randn(n, generator=g) * 0.3 + c
+    u = torch.rand(n, generator=g) < 0.4
+    above = [int((u & (x - c >= edges[b])).sum()) for b in range(64)]  # keys of bin ≥ b
+    assert above[41] == 379 and above[42] == 288 and above[34] == 569  # the bins the cases name
+    first = above[b_h]
+    out = torch.zeros(2, dtype=torch.int32, device=dev)
+    dst = torch.full((cap + 1,), -7, dtype=torch.int64, device=dev)
+    _rescue_kernel[(1,)](x.to(dev), torch.where(u, -1, 0).int().to(dev), torch.zeros(1, device=dev), dst, out, n,
+                         0, 1, c, target, cap, first, b_h, BLOCK=64)
+    cnt, ok = out.tolist()
+    if expect is None:
+        assert (cnt, ok) == (first, 0) and bool((dst == -7).all())
+        return
+    cols = torch.nonzero(u & (x - c >= edges[expect])).squeeze(1)
+    assert (cnt, ok) == (above[expect], 1) == (cols.numel(), 1)
+    words = dst[:cnt].cpu()
+    assert torch.equal((words & 0xFFFFFFFF) ^ 0x7FFFFFFF, cols)  # in row order
+    k = (words >> 32).int()
+    assert torch.equal((k ^ ((k >> 31) & 0x7FFFFFFF)).view(torch.float32), x[cols])  # _unkey: the logits
 
 
 @triton.jit
@@ -515,3 +573,23 @@ def test_single_pass_skips_tiles_without_uncommon_ids(no_slack, merge, rows):
     run_hkl_triton(P, merge, "relaxed", 600, dt=torch.bfloat16)
     paths = [p & 3 for p in hkl_kernel.last_paths.tolist()]
     assert paths[4:] == [3] * 6
+
+
+def test_hint_paths_script():
+    """scripts/hint_paths.py (the measurement behind bench/costmodel.py's HIT_RATE and RESCUE_RATE) on a tiny random
+    GPT-2 over the offline gpt2 tokenizer: per side, hits, rescues and exact paths add up to the chunks past each
+    program's first two (the tiny model's rows are near-uniform: they hit; the results are checked elsewhere)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "hint_paths.py"
+    n = 400 if torch.cuda.is_available() else 8  # a GPU runs a program per SM
+    out = subprocess.run([sys.executable, str(script), "tiny-gpt2:gpt2", "128:0.15", "--chunks", str(n)],
+                         capture_output=True, text=True, check=True).stdout
+    line = out.strip().splitlines()[-1]
+    chunks = int(re.search(r"(\d+) chunks", line).group(1))
+    counts = [tuple(map(int, g)) for g in re.findall(r"hit (\d+), rescued (\d+), exact (\d+)", line)]
+    assert chunks == n - 2 * hkl_kernel._programs(device(), n, 0) > 0, line
+    assert len(counts) == 2 and all(sum(c) == chunks for c in counts), line

@@ -26,7 +26,9 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     check is exact; the level-1 histogram of L (which holds every bin ≥ b_h) then gives b1, and a second pass over L
     its key range. Otherwise (a miss: e.g. a row whose θ − anchor lies far from the previous one's, a merged row's θ
     far from the previous θ, equal logits, no e yet: a program's first two chunks since the hint state was created,
-    which is kept across launches) the exact path runs:
+    which is kept across launches), a single raw row first tries _rescue: a pass counting the keys at 8 bins next to
+    b_h, then, where one of them holds m to capacity keys at and above it, a pass appending those (a hit's list; on
+    real logits every miss at m = 128 and 2,048 on SmolLM2 rows, _rescue's docstring); else the exact path runs:
     the row's level-1 histogram (S2 / T2, _compact), a pass that compacts bin ≥ b1, and if that exceeds the capacity
     (equal or far-shifted logits), the exact m-th key is first found over the rows (the bisection below, ≤ 5 more
     row passes) and only prefix(m) is compacted.
@@ -79,9 +81,10 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
                appended): writes L_a: 8 B × |L_a| ≈ 131 KB
   T1 teacher   T (online LSE + Σ_c P, bad check, L_b);      ⌈V_T/BLOCK⌉ tiles, pipelined
                writes L_b: 4 B × |L_b| ≈ 66 KB
-  S2 student   miss only: S twice (level-1 histogram, then  2 ⌈V_S/BLOCK⌉ tiles
+  S2 student   miss only: S twice (_rescue: a count at 8      2 ⌈V_S/BLOCK⌉ tiles (4 where _rescue finds no
+               bins, the append; else level-1 histogram,   bin)
                the compaction); rewrites L_a
-  T2 teacher   miss only: T twice; rewrites L_b            2 ⌈V_T/BLOCK⌉ tiles
+  T2 teacher   miss only: T twice; rewrites L_b            2 ⌈V_T/BLOCK⌉ tiles (4 where _rescue finds none)
   window (×1)  per side (hit) 2 passes (level-1 histogram, 3 ⌈|L|/BLOCK⌉ + ~3 ⌈|b1|/BLOCK⌉ tiles per side + 2
                bin b1's key range and copy), 1 gather   sorts of W lanes (½ log₂W (log₂W + 1) = 91
                over L, ~3 bisection passes over bin     compare-and-swap stages at W = 8192; m ≤ W_SMALL:
@@ -113,15 +116,18 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
 Registers (offline sm_90 compile with Triton 3.7.1, bf16; spill stores over first / mean / chain × dense / sparse;
   Triton 3.6.0, a GPU image's, spills more: 340 B of stores for the first-row dense variant, none in a per-tile loop
   either, before the bisection read bin b1's copied keys): config 0 (2048 lanes, 3 stages, 8 warps) 255 registers
-  with 100-192 B at W = 8192, none in a per-tile loop (96-176 B before _anchor, 68-128 B before that copy; 164-232 B,
+  with 152-216 B at W = 8192, none in a per-tile loop nor in the sorts' stage loops (100-192 B before _rescue, whose
+  first version, its 8 bin counts in an 8-lane tensor and a scan over them, put 19-58 local accesses into every stage
+  loop of the sorts; 96-176 B before _anchor, 68-128 B before that copy; 164-232 B,
   with 2-12 local accesses per tile in the row and list passes, while the window kept the prefix state of several
   rank windows;
   236-400 B before the row passes and S3 were pipelined by hand, 104-252 B before the row passes'
   tile skip, scatter layout and the small network's whole-list path, 76-204 B while the row passes built the level-1
-  histogram, 24-124 B before the W_SMALL network was added); with MERGE (ULD's merge sort compiled in) 392 B (first,
-  dense; 368 before _anchor) and 2-6 local accesses per tile in the row and list passes; config 1 (4096 lanes, 2
-  stages, 16 warps) 128 with 0.68 KB (first, dense; 0.67 / 0.56 / 0.72 / 0.76 / 0.71 / 0.61 / 0.44 KB before), 2-6
-  local accesses per tile in the row, list and gradient passes. What remains: LLVM hoists the per-thread shared-memory
+  histogram, 24-124 B before the W_SMALL network was added); with MERGE (ULD's merge sort compiled in, _rescue left
+  out) 396 B (first, dense; 392 before _rescue, 368 before _anchor) and 2-10 local accesses per tile in the row and
+  list passes; config 1 (4096 lanes, 2 stages, 16 warps) 128 with 0.78 KB (first, dense; 0.68 / 0.67 / 0.56 / 0.72 /
+  0.76 / 0.71 / 0.61 / 0.44 KB before), 2-8 local accesses per tile in the row (_rescue's append included), list and
+  gradient passes. What remains: LLVM hoists the per-thread shared-memory
   addresses of every layout conversion, reduction and scan out of the persistent chunk loop (~40-100 registers held
   throughout), and at W = 8192 the a-sort holds 32 int64 keys and their partner sums per thread. Kept down by: no masked
   scatter stores (the compactions and a sparse teacher's G entries send their unselected lanes to a spare slot past the
@@ -156,8 +162,8 @@ _INT_MAX = tl.constexpr(2 ** 31 - 1)
 _I64_MIN = tl.constexpr(-2 ** 63)
 # per chunk of the last launch (on its device, no sync): bit 0 / 1 = the student / teacher candidate list came from
 # the single-pass compaction (no S2 / T2), bit 2 = sorted in the W_SMALL-lane network, bit 3 = both lists sorted
-# whole there (no selection passes), bit 4 = both lists merge-sorted whole (m > W); 0 where no selection ran (bad
-# input, m = 0). For tests and the bench.
+# whole there (no selection passes), bit 4 = both lists merge-sorted whole (m > W), bit 5 / 6 = the student /
+# teacher side missed and _rescue listed it; 0 where no selection ran (bad input, m = 0). For tests and the bench.
 last_paths: torch.Tensor | None = None
 _hint_states: dict[tuple, torch.Tensor] = {}  # _hint_state's, per device and problem
 
@@ -261,7 +267,10 @@ def _t_vals(t_ptr, stride_t, tc_ptr, stride_tc, tcls_ptr, lse_t_ptr, tacc_row, t
         v = o
         inside = o < C
         live = inside & (tl.load(tcls_ptr + o, mask=inside, other=0) != 0)
-        if ONE | (n_t == 1):
+        if ONE:  # no row loop compiled in (_rescue)
+            x = tl.load(t_ptr + t_lo * stride_t + o, mask=inside, other=0.0).to(tl.float32)
+            tv = x * inv_tau - tl.load(lse_t_ptr + t_lo) + c_t
+        elif n_t == 1:
             x = tl.load(t_ptr + t_lo * stride_t + o, mask=inside, other=0.0).to(tl.float32)
             tv = x * inv_tau - tl.load(lse_t_ptr + t_lo) + c_t
         else:
@@ -522,6 +531,48 @@ def _candidates(SRC: tl.constexpr, n, src, m, cap, dst, cnt, c, hit, whole, buf,
     else:
         n_l, b_lo, b_hi, c1 = _compact(SRC, n, src, m, cap, dst, PACK, ONE, SPARSE, BLOCK)
     return n_l, b_lo, b_hi, c1, n_b1
+
+
+@triton.jit
+def _rescue(SRC: tl.constexpr, n, src, target, cap, dst, cnt, b_h, PACK: tl.constexpr, SPARSE: tl.constexpr,
+            BLOCK: tl.constexpr):
+    """A miss of the hinted first pass over a single raw row (a dense one on the teacher side; merged rows take
+    _compact), whose cnt keys of level-1 bin ≥ b_h (1 < b_h < 64) fall short of target = min(m, n_u) or exceed cap,
+    rescued in two passes over the row: one counts the keys of the 8 bins next to b_h on the side it missed (short:
+    from max(b_h − 8, 1) up, overflow: from b_h + 1 up; the 8th counts its bin and every bin above), per lane in two
+    int64 words of four 16-bit counters (a lane sees ⌈n/BLOCK⌉ < 2^16 keys for any n below 2^27 at the configs'
+    tiles), no tl.histogram; where some bin b of them has target to cap keys at and above it (the highest such b:
+    the shortest list), the second appends those keys (_append, as the first pass does): a list of the same form as
+    a hit's. sm_90 SASS per thread and 2,048-key tile (bench/sass.py), student / teacher: count 294 / 345 + append
+    367 / 393, against _compact's histogram 878 / 928 + compaction 1,052 / 1,079. -> (the new count and 1, or cnt
+    and 0: no such bin, _compact runs)."""
+    base = tl.where(cnt < target, tl.maximum(b_h - 8, 1), b_h + 1)
+    lo = tl.zeros((BLOCK,), tl.int64)
+    hi = tl.zeros((BLOCK,), tl.int64)
+    for c0 in range(0, n, BLOCK):
+        _k, b, valid, _c = _keys(SRC, c0, n, src, True, SPARSE, BLOCK)
+        d = tl.minimum(b - base, 7)
+        one = (valid & (d >= 0)).to(tl.int64) << (16 * (d & 3)).to(tl.int64)
+        lo += tl.where(d < 4, one, 0)
+        hi += tl.where(d >= 4, one, 0)
+    best = tl.full((), -1, tl.int32)  # the highest bin base + i with ≥ target keys at and above it, their count
+    keys = tl.full((), 0, tl.int32)
+    above = tl.full((), 0, tl.int32)
+    for i in tl.static_range(7, -1, -1):
+        w = lo if i < 4 else hi
+        above += tl.sum(((w >> (16 * (i % 4))) & 0xFFFF).to(tl.int32))
+        take = (best < 0) & (above >= target)
+        best = tl.where(take, i, best)
+        keys = tl.where(take, above, keys)
+    ok = (best >= 0) & (keys <= cap)
+    if ok:
+        tl.debug_barrier()  # the first pass's stores to dst are overwritten
+        cnt = tl.full((), 0, tl.int32)
+        for c0 in range(0, n, BLOCK):
+            k, b, valid, col = _keys(SRC, c0, n, src, True, SPARSE, BLOCK)
+            cnt = _append(k, valid & (b >= base + best), col, cnt, dst, cap, PACK)
+        tl.debug_barrier()  # the list is read by other lanes next
+    return cnt, ok.to(tl.int32)
 
 
 @triton.jit
@@ -1020,6 +1071,22 @@ def _hkl_kernel(
                 # S2 / T2 (_compact) only where the single-pass list is not provably a superset of the top m
                 hit_a = _hit(cnt_a, nu_a, m, cap_a)
                 hit_b = _hit(cnt_b, nu_b, m, cap_b)
+                path = hit_a.to(tl.int32) | (hit_b.to(tl.int32) << 1)
+                # a hinted first pass that missed: _rescue, where a bin next to b_h holds the top m within the list
+                # (not compiled into MERGE, m_up above the network, whose lists of 2 m_up + _SLACK keys hold a whole
+                # uncommon set wherever m is that large: 0.85 → 1.24 KB of spills with it)
+                if not MERGE:
+                    if raw_a & (hit_a == 0) & (bh_a > 1) & (bh_a < 64):
+                        cnt_a, res = _rescue(2, V_S, a_src, tl.minimum(m, nu_a), cap_a, la, cnt_a, bh_a, True, SPARSE,
+                                             BLOCK_S)
+                        hit_a = _hit(cnt_a, nu_a, m, cap_a)
+                        path |= res << 5
+                    if not SPARSE:
+                        if raw_b & (hit_b == 0) & (bh_b > 1) & (bh_b < 64):
+                            cnt_b, res = _rescue(3, C, b_src, tl.minimum(m, nu_b), cap_b, lb, cnt_b, bh_b, False,
+                                                 SPARSE, BLOCK_T)
+                            hit_b = _hit(cnt_b, nu_b, m, cap_b)
+                            path |= res << 6
                 # both single-pass lists fit the small network: it sorts them whole, no pass over them (_windows)
                 whole = (m <= W_SMALL) & hit_a & hit_b & (cnt_a <= W_SMALL) & (cnt_b <= W_SMALL)
                 if MERGE:  # m above the largest network: both lists sorted whole (_sorted_lists)
@@ -1032,7 +1099,7 @@ def _hkl_kernel(
                 n_b, blo_b, bhi_b, c1_b, nb1_b = _candidates(3, C, b_src, m, cap_b, lb, cnt_b, sh_b, hit_b,
                                                              whole | merge, wb, False, False, SPARSE, BLOCK_T,
                                                              BLOCK_L, W)
-                path = hit_a.to(tl.int32) | (hit_b.to(tl.int32) << 1) | (whole.to(tl.int32) << 3)
+                path |= whole.to(tl.int32) << 3
                 tot_b = nu_b
                 w_args = (m, tot_b, whole, la, n_a, blo_a, bhi_a, c1_a, nb1_a, lb, n_b, blo_b, bhi_b, c1_b, nb1_b, wa,
                           wb, gc, gv, al_a, be_a, al_b, be_b, tt, gsum)
