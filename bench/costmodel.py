@@ -70,13 +70,15 @@ B1_SHARE = 0.10
 # the share of chunks whose single pass hits on a side the hint serves, and the share of the misses that
 # ops.hkl_kernel._rescue then lists (one of the 8 bins next to the hinted one holds m to capacity keys at and above
 # it; the rest take _compact after its counting pass): the interpreted kernel on real bf16 logits
-# (scripts/hint_paths.py, past each program's first two chunks, student / teacher; U a random 15 % of the vocabulary at
-# m = 128, a third at m = 2,048 / 8,192): SmolLM2-135M (196 chunks) hits 0.93 / 0.89 at m = 128, 0.89 / 0.87 at
-# 2,048, every miss rescued; Gemma-3 270M (116 chunks) hits 0.86 / 0.88 at m = 128 (rescued 16 of 16 / 13 of 14),
-# 0.67 / 0.69 at 2,048 (35 of 38 / 34 of 36), 0.70 / 0.66 at 8,192 (32 of 35 / 39 of 40). The model takes the
-# lowest side's rates: below m = 2,048, and from there on
-HIT_RATE = (0.86, 0.66)
-RESCUE_RATE = (0.93, 0.91)
+# (scripts/hint_paths.py, past each program's first two chunks). As in the defaults priced here, m = 128 = |U_T| (the
+# teacher's set listed whole), uncommon_topk 8,192, the student's U a random 15 % of the vocabulary (capacity 20,480):
+# SmolLM2-135M (196 chunks) hits 0.93, Gemma-3 270M (116) 0.91, every miss rescued (13 and 10). m = uncommon_topk
+# (capacity 2 m + 4,096), U a random third on both sides, student / teacher: SmolLM2 0.89 / 0.87 at m = 2,048, every
+# miss rescued; Gemma-3 0.67 / 0.69 at 2,048 (rescued 35 of 38 / 34 of 36), 0.70 / 0.66 at 8,192 (32 of 35 / 39 of
+# 40). (At m = 128 with both sides hinted at the capacity 4,352: 0.93 / 0.89 and 0.86 / 0.88, 13 of 14 rescued on
+# Gemma-3's teacher side, the rest all.) The model takes the lowest side's rates below m = 2,048, and from there on
+HIT_RATE = (0.91, 0.66)
+RESCUE_RATE = (1.0, 0.91)
 
 
 @functools.lru_cache(maxsize=None)
@@ -446,16 +448,17 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     # a miss on a side the hint serves (its uncommon set not listed whole): _rescue reads its row twice more, from
     # L2 (a count at 8 bins, then the append), or, where none of them holds the top m within the list
     # (1 − RESCUE_RATE), its count and then _compact's two passes (the level-1 histogram, the compaction), which
-    # every miss took before _rescue; each pass bound by its issue
+    # every miss took before _rescue (and takes where m is above the network: MERGE leaves _rescue out); each pass
+    # bound by its issue
     t_miss = {}
     for side, n_u, tiles, n in (("a", u_s, tiles_s, V_S), ("b", u_t, tiles_t, V_T)):
         if n_u > fit and issue is not None:
             M, w, row = issue["miss"][side], issue["warps"], elem * n / l2_sm
             count = max(issue_time(M["count"], w, tiles), row)
             exact = max(issue_time(M["hist"] + M["gather"], w, tiles), 2 * row)
-            t_miss[side] = dict(rescued=count + max(issue_time(M["append"], w, tiles), row), exact=count + exact,
-                                before=exact)
-    hit, rescue = HIT_RATE[m >= 2048], RESCUE_RATE[m >= 2048]
+            t_miss[side] = dict(rescued=count + max(issue_time(M["append"], w, tiles), row),
+                                exact=exact if merge else count + exact, before=exact)
+    hit, rescue = HIT_RATE[m >= 2048], 0.0 if merge else RESCUE_RATE[m >= 2048]  # MERGE leaves _rescue out
     t_expect = t_row + (1 - hit) * sum(rescue * t["rescued"] + (1 - rescue) * t["exact"] for t in t_miss.values())
     t_before = t_row + (1 - hit) * sum(t["before"] for t in t_miss.values())
     live = ((1 + merge) * (8 * l_a * (t_s1 / 2 + t_t1 + t_win) + 4 * l_b * (t_t1 / 2 + t_win))

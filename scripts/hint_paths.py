@@ -5,11 +5,14 @@ bench/costmodel.py's HIT_RATE and RESCUE_RATE. Results never depend on the path 
 float64); the largest relative difference of the loss from the torch backend's is printed beside.
 
 Rows: bf16 logits of a real model (examples/_common.py specs, e.g. gguf:smollm2-135m, gguf:gemma3-270m) on prose
-(README.md), code (xtoken_ext/losses.py) and math text, up to 700 tokens each (or the model's context), rows
-shuffled; the teacher side takes the same rows in another order. Per run m:frac, a random share frac of the
-vocabulary is uncommon on both sides (the rest paired one to one), uncommon_topk = m, τ = 1, merge "first", 1-to-1
-chunks. Without CUDA the kernel runs under TRITON_INTERPRET=1 (two programs, as the tests), minutes per run; on a
-GPU (a program per SM) pass --chunks 2100, so that chunks remain past the programs' first two.
+(README.md), code (xtoken_ext/losses.py) and math text, up to 700 tokens each (or the model's context), rows shuffled;
+the teacher side takes the same rows in another order. Per run m:frac, a random share frac of the vocabulary is uncommon
+on both sides (the rest paired one to one) and uncommon_topk = m (the lists' capacity 2 m + 4,096); per run m:frac:topk
+(topk > m), as with Llama-3 → Qwen3 at the default options, the teacher's uncommon set is m random ids (listed whole;
+the rest of its unpaired columns outside the allowed set), the student's a share frac (hinted, capacity 2 topk + 4,096),
+uncommon_topk = topk. τ = 1, merge "first", 1-to-1 chunks. Without CUDA the kernel runs under TRITON_INTERPRET=1 (two
+programs, as the tests), minutes per run; on a GPU (a program per SM) pass --chunks 2100, so that chunks remain past the
+programs' first two.
 
     python scripts/hint_paths.py gguf:smollm2-135m 128:0.15 2048:0.333 --chunks 200
 """
@@ -48,7 +51,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
     from xtoken_ext.ops import hkl_kernel
-    from xtoken_ext.ops import pkl as _ops  # noqa: F401  (registers the xtoken:: ops)
+    from xtoken_ext.ops import pkl as _ops  # noqa: F401  (imports ops, which registers the xtoken:: ops)
 
     z = logits(a.model)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,20 +60,29 @@ def main() -> None:
     zs, zt = (z[torch.randperm(z.shape[0], generator=g)[:N]].contiguous().to(dev) for _ in range(2))
     spans = torch.tensor([[i, i + 1, i, i + 1] for i in range(N)], device=dev)
     for run in a.runs:
-        m, frac = int(run.split(":")[0]), float(run.split(":")[1])
-        common = torch.randperm(V, generator=g)[int(frac * V):].sort().values.int().to(dev)
-        args = (zt, None, torch.ones(V, dtype=torch.bool, device=dev), spans, 1.0, "first", None, None, common,
-                common, m)
+        m, frac, topk = (*(t(x) for t, x in zip((int, float), run.split(":"))), int((run.split(":") + [0])[2]))
+        perm = torch.randperm(V, generator=g)
+        n_s = int(frac * V)
+        n_t = m if topk > m else n_s
+        # pairs t = s on perm[n_s:]; with n_t < n_s the teacher columns perm[n_t:n_s] are outside the allowed set
+        # (as uncovered="renormalize" drops a real W's uncovered columns), perm[:n_t] its uncommon ones
+        common = perm[n_s:].sort().values.int().to(dev)
+        allowed = torch.ones(V, dtype=torch.bool)
+        allowed[perm[n_t:n_s]] = False
+        args = (zt, None, allowed.to(dev), spans, 1.0, "first", None, None, common, common, max(topk, m))
         loss = torch.ops.xtoken.hkl_rows(zs, *args, "triton")[0]
         paths = hkl_kernel.last_paths.tolist()[2 * hkl_kernel._programs(zs.device, N, 0):]
         ref = torch.ops.xtoken.hkl_rows(zs, *args, "torch")[0]
         rel = float(((loss - ref).abs() / ref.abs().clamp_min(1e-30)).max())
         sides = []
         for side, hit, res in (("student", 1, 32), ("teacher", 2, 64)):
+            if any(p & hit and p & res for p in paths):
+                raise AssertionError(f"a chunk both hit and was rescued on the {side} side: {paths}")
             h, r = sum(bool(p & hit) for p in paths), sum(bool(p & res) for p in paths)
             sides.append(f"{side} hit {h}, rescued {r}, exact {len(paths) - h - r}")
-        print(f"{a.model} m = {m}, |U| = {int(frac * V)} of {V}, {len(paths)} chunks: " + "; ".join(sides)
-              + f" (loss vs the torch backend: {rel:.1e} relative at most)", flush=True)
+        print(f"{a.model} m = {m}, uncommon_topk = {max(topk, m)}, |U_S| = {n_s}, |U_T| = {n_t} of {V}, "
+              f"{len(paths)} chunks: " + "; ".join(sides) + f" (loss vs the torch backend: {rel:.1e} relative at most)",
+              flush=True)
 
 
 if __name__ == "__main__":

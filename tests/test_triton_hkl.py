@@ -459,14 +459,19 @@ def _bin_edges_kernel(out_ptr):
 
 
 @triton.jit
-def _rescue_kernel(z_ptr, smap_ptr, lse_ptr, dst_ptr, out_ptr, n, s_lo, n_s, c, target, cap, cnt, b_h,
-                   BLOCK: tl.constexpr):
-    src = (z_ptr, 0, lse_ptr, s_lo, n_s, 1.0, smap_ptr, c)  # one raw student row: its keys are its logits
-    cnt, ok = hkl_kernel._rescue(2, n, src, target, cap, dst_ptr, cnt, b_h, True, False, BLOCK)
+def _rescue_kernel(x_ptr, cls_ptr, lse_ptr, dst_ptr, out_ptr, n, r0, rows, c, target, cap, cnt, b_h,
+                   STUDENT: tl.constexpr, BLOCK: tl.constexpr):
+    if STUDENT:  # one raw student row (smap < 0: uncommon): its keys are its logits, packed with their columns
+        src = (x_ptr, 0, lse_ptr, r0, rows, 1.0, cls_ptr, c)
+        cnt, ok = hkl_kernel._rescue(2, n, src, target, cap, dst_ptr, cnt, b_h, True, False, BLOCK)
+    else:  # one raw dense teacher row (class 1: uncommon), keys alone
+        src = (x_ptr, 0, x_ptr, 0, cls_ptr, lse_ptr, lse_ptr, lse_ptr, r0, rows, 0.0, 1.0, c)
+        cnt, ok = hkl_kernel._rescue(3, n, src, target, cap, dst_ptr, cnt, b_h, False, False, BLOCK)
     tl.store(out_ptr, cnt)
     tl.store(out_ptr + 1, ok)
 
 
+@pytest.mark.parametrize("side", ["student", "teacher"])
 @pytest.mark.parametrize("b_h,target,cap,expect", [
     (44, 300, 1000, 41),  # short (116 keys of bin ≥ 44): the highest bin below with ≥ 300 keys, 41 (379)
     (38, 300, 400, 41),  # past the capacity (509 > 400): bin 41 above it
@@ -474,12 +479,13 @@ def _rescue_kernel(z_ptr, smap_ptr, lse_ptr, dst_ptr, out_ptr, n, s_lo, n_s, c, 
     (58, 300, 1000, None),  # short, no bin of the 8 below holds 300 keys
     (38, 300, 378, None),  # bin 41 holds the top 300 but not within the capacity
 ])
-def test_rescue(b_h, target, cap, expect):
+def test_rescue(side, b_h, target, cap, expect):
     """_rescue on a 3,001-column row (47 tiles of 64: a lane's 16-bit counters hold 47 keys) whose uncommon keys
     fill bins 18–46 about the shift c (bin ≥ b ⟺ x − c ≥ _bin_edge(b), counted here in fp32 as the kernel does):
     the bin it picks (the highest of the 8 next to b_h on the side the first pass missed with target to cap keys at
-    and above it) and the list it writes, every uncommon key of that bin and above in row order as _pack words;
-    where none, the first pass's count and an untouched list."""
+    and above it) and the list it writes, every uncommon key of that bin and above in row order (the student's as
+    _pack words with their columns, the teacher's keys alone; a teacher column outside the allowed set, class 0, is
+    not a key); where none, the first pass's count and an untouched list."""
     dev = device()
     edges = torch.zeros(64, device=dev)
     _bin_edges_kernel[(1,)](edges)
@@ -491,10 +497,15 @@ def test_rescue(b_h, target, cap, expect):
     above = [int((u & (x - c >= edges[b])).sum()) for b in range(64)]  # keys of bin ≥ b
     assert above[41] == 379 and above[42] == 288 and above[34] == 569  # the bins the cases name
     first = above[b_h]
+    student = side == "student"
+    if student:
+        cls = torch.where(u, -1, 0).int()
+    else:  # uncommon 1; the rest common (2) or outside the allowed set (0)
+        cls = torch.where(u, 1, torch.where(torch.arange(n) % 3 == 0, 0, 2)).to(torch.int8)
     out = torch.zeros(2, dtype=torch.int32, device=dev)
-    dst = torch.full((cap + 1,), -7, dtype=torch.int64, device=dev)
-    _rescue_kernel[(1,)](x.to(dev), torch.where(u, -1, 0).int().to(dev), torch.zeros(1, device=dev), dst, out, n,
-                         0, 1, c, target, cap, first, b_h, BLOCK=64)
+    dst = torch.full((cap + 1,), -7, dtype=torch.int64 if student else torch.int32, device=dev)
+    _rescue_kernel[(1,)](x.to(dev), cls.to(dev), torch.zeros(1, device=dev), dst, out, n, 0, 1, c, target, cap, first,
+                         b_h, STUDENT=student, BLOCK=64)
     cnt, ok = out.tolist()
     if expect is None:
         assert (cnt, ok) == (first, 0) and bool((dst == -7).all())
@@ -502,8 +513,11 @@ def test_rescue(b_h, target, cap, expect):
     cols = torch.nonzero(u & (x - c >= edges[expect])).squeeze(1)
     assert (cnt, ok) == (above[expect], 1) == (cols.numel(), 1)
     words = dst[:cnt].cpu()
-    assert torch.equal((words & 0xFFFFFFFF) ^ 0x7FFFFFFF, cols)  # in row order
-    k = (words >> 32).int()
+    if student:
+        assert torch.equal((words & 0xFFFFFFFF) ^ 0x7FFFFFFF, cols)  # in row order
+        k = (words >> 32).int()
+    else:
+        k = words
     assert torch.equal((k ^ ((k >> 31) & 0x7FFFFFFF)).view(torch.float32), x[cols])  # _unkey: the logits
 
 
@@ -575,21 +589,25 @@ def test_single_pass_skips_tiles_without_uncommon_ids(no_slack, merge, rows):
     assert paths[4:] == [3] * 6
 
 
-def test_hint_paths_script():
+def test_hint_paths_script(capsys, monkeypatch):
     """scripts/hint_paths.py (the measurement behind bench/costmodel.py's HIT_RATE and RESCUE_RATE) on a tiny random
-    GPT-2 over the offline gpt2 tokenizer: per side, hits, rescues and exact paths add up to the chunks past each
-    program's first two (the tiny model's rows are near-uniform: they hit; the results are checked elsewhere)."""
+    GPT-2 over the offline gpt2 tokenizer, both kinds of run: its counts of hits, rescues and exact paths per side
+    against a count of its last run's paths here (past each program's first two chunks; the tiny model's rows are
+    near-uniform, and hit), and the sets it builds (|U_T| = m where uncommon_topk is above m)."""
     import re
-    import subprocess
-    import sys
+    import runpy
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "hint_paths.py"
     n = 400 if torch.cuda.is_available() else 8  # a GPU runs a program per SM
-    out = subprocess.run([sys.executable, str(script), "tiny-gpt2:gpt2", "128:0.15", "--chunks", str(n)],
-                         capture_output=True, text=True, check=True).stdout
-    line = out.strip().splitlines()[-1]
-    chunks = int(re.search(r"(\d+) chunks", line).group(1))
-    counts = [tuple(map(int, g)) for g in re.findall(r"hit (\d+), rescued (\d+), exact (\d+)", line)]
-    assert chunks == n - 2 * hkl_kernel._programs(device(), n, 0) > 0, line
-    assert len(counts) == 2 and all(sum(c) == chunks for c in counts), line
+    script = Path(__file__).resolve().parents[1] / "scripts" / "hint_paths.py"
+    argv = ["hint_paths.py", "tiny-gpt2:gpt2", "128:0.15", "128:0.15:8192", "--chunks", str(n)]
+    monkeypatch.setattr("sys.argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert "uncommon_topk = 128, |U_S| = 7538, |U_T| = 7538 of 50257" in lines[0], lines
+    assert "uncommon_topk = 8192, |U_S| = 7538, |U_T| = 128 of 50257" in lines[1], lines
+    paths = hkl_kernel.last_paths.tolist()[2 * hkl_kernel._programs(device(), n, 0):]
+    assert len(paths) > 0 and f"{len(paths)} chunks" in lines[1]
+    for side, hit, res in (("student", 1, 32), ("teacher", 2, 64)):
+        h, r = sum(p & hit != 0 for p in paths), sum(p & res != 0 for p in paths)
+        assert re.search(f"{side} hit {h}, rescued {r}, exact {len(paths) - h - r}[;( ]", lines[1]), lines[1]

@@ -28,11 +28,12 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     far from the previous θ, equal logits, no e yet: a program's first two chunks since the hint state was created,
     which is kept across launches), a single raw row first tries _rescue: a pass counting the keys at 8 bins next to
     b_h, then, where one of them holds m to capacity keys at and above it, a pass appending those (a hit's list; on
-    real logits every miss at m = 128 and 2,048 on SmolLM2 rows, _rescue's docstring); else the exact path runs:
+    real logits 91–100 % of the misses, SmolLM2-135M and Gemma-3 270M rows: scripts/hint_paths.py, bench/costmodel.py's
+    RESCUE_RATE); else the exact path runs:
     the row's level-1 histogram (S2 / T2, _compact), a pass that compacts bin ≥ b1, and if that exceeds the capacity
     (equal or far-shifted logits), the exact m-th key is first found over the rows (the bisection below, ≤ 5 more
     row passes) and only prefix(m) is compacted.
-    ``last_paths`` records per chunk which sides hit.
+    ``last_paths`` records per chunk which sides hit, and which were rescued.
   prefix(R) = {k > θ_R} ∪ the first R − #{k > θ_R} keys (in L order) equal to θ_R, θ_R the R-th largest key: ties
     are taken in one fixed order, so prefixes are nested. θ_R: 128-way bisection of a key interval known to hold it,
     one pass per step (≤ 5 steps; ~3 from the key range of bin b1, which the compaction records) over bin b1's keys,
@@ -81,10 +82,11 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
                appended): writes L_a: 8 B × |L_a| ≈ 131 KB
   T1 teacher   T (online LSE + Σ_c P, bad check, L_b);      ⌈V_T/BLOCK⌉ tiles, pipelined
                writes L_b: 4 B × |L_b| ≈ 66 KB
-  S2 student   miss only: S twice (_rescue: a count at 8      2 ⌈V_S/BLOCK⌉ tiles (4 where _rescue finds no
-               bins, the append; else level-1 histogram,   bin)
-               the compaction); rewrites L_a
-  T2 teacher   miss only: T twice; rewrites L_b            2 ⌈V_T/BLOCK⌉ tiles (4 where _rescue finds none)
+  S2 student   miss only: S twice (_rescue: a count at 8      2 ⌈V_S/BLOCK⌉ tiles (3 where _rescue finds no
+               bins, the append; where it finds no bin,    bin: the count and _compact's two; ≤ 5 more
+               the count, then level-1 histogram and       where bin ≥ b1 exceeds the capacity)
+               compaction); rewrites L_a
+  T2 teacher   miss only: T twice; rewrites L_b            2 ⌈V_T/BLOCK⌉ tiles (as S2)
   window (×1)  per side (hit) 2 passes (level-1 histogram, 3 ⌈|L|/BLOCK⌉ + ~3 ⌈|b1|/BLOCK⌉ tiles per side + 2
                bin b1's key range and copy), 1 gather   sorts of W lanes (½ log₂W (log₂W + 1) = 91
                over L, ~3 bisection passes over bin     compare-and-swap stages at W = 8192; m ≤ W_SMALL:
@@ -540,7 +542,7 @@ def _rescue(SRC: tl.constexpr, n, src, target, cap, dst, cnt, b_h, PACK: tl.cons
     _compact), whose cnt keys of level-1 bin ≥ b_h (1 < b_h < 64) fall short of target = min(m, n_u) or exceed cap,
     rescued in two passes over the row: one counts the keys of the 8 bins next to b_h on the side it missed (short:
     from max(b_h − 8, 1) up, overflow: from b_h + 1 up; the 8th counts its bin and every bin above), per lane in two
-    int64 words of four 16-bit counters (a lane sees ⌈n/BLOCK⌉ < 2^16 keys for any n below 2^27 at the configs'
+    int64 words of four 16-bit counters (a lane sees ⌈n/BLOCK⌉ keys: < 2^16 for n ≤ 65,535 × 2,048 at the configs'
     tiles), no tl.histogram; where some bin b of them has target to cap keys at and above it (the highest such b:
     the shortest list), the second appends those keys (_append, as the first pass does): a list of the same form as
     a hit's. sm_90 SASS per thread and 2,048-key tile (bench/sass.py), student / teacher: count 294 / 345 + append
@@ -1073,8 +1075,9 @@ def _hkl_kernel(
                 hit_b = _hit(cnt_b, nu_b, m, cap_b)
                 path = hit_a.to(tl.int32) | (hit_b.to(tl.int32) << 1)
                 # a hinted first pass that missed: _rescue, where a bin next to b_h holds the top m within the list
-                # (not compiled into MERGE, m_up above the network, whose lists of 2 m_up + _SLACK keys hold a whole
-                # uncommon set wherever m is that large: 0.85 → 1.24 KB of spills with it)
+                # (not compiled into MERGE, m_up above the network: its lists of 2 m_up + _SLACK keys mostly hold a
+                # whole uncommon set, and where a side is hinted a miss takes _compact; 0.85 → 1.24 KB of spills with
+                # it)
                 if not MERGE:
                     if raw_a & (hit_a == 0) & (bh_a > 1) & (bh_a < 64):
                         cnt_a, res = _rescue(2, V_S, a_src, tl.minimum(m, nu_a), cap_a, la, cnt_a, bh_a, True, SPARSE,
