@@ -1,8 +1,8 @@
 """Which path the fused H-KL kernel's top-m selection takes on real logits: per side, the chunks whose hinted single
 pass hit, those _rescue listed after a miss, and those that took the exact path (ops.hkl_kernel.last_paths bits 0 / 1
-and 5 / 6), past each program's first two chunks. Not part of the tests or `xtoken bench`: a measurement for
-bench/costmodel.py's HIT_RATE and RESCUE_RATE. Results never depend on the path (the tests check every path against
-float64); the largest relative difference of the loss from the torch backend's is printed beside.
+and 5 / 6), past each program's first two chunks. Not part of `xtoken bench` (a test runs it on a tiny model): a
+measurement for bench/costmodel.py's HIT_RATE and RESCUE_RATE. Results never depend on the path (the tests check
+every path against float64); the largest relative difference of the loss from the torch backend's is printed beside.
 
 Rows: bf16 logits of a real model (examples/_common.py specs, e.g. gguf:smollm2-135m, gguf:gemma3-270m) on prose
 (README.md), code (xtoken_ext/losses.py) and math text, up to 700 tokens each (or the model's context), rows shuffled;
@@ -44,14 +44,13 @@ def logits(spec: str) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
-    ap.add_argument("runs", nargs="+", help="m:frac (uncommon_topk and the uncommon share of the vocabulary)")
+    ap.add_argument("runs", nargs="+", help="m:frac or m:frac:topk (module docstring)")
     ap.add_argument("--chunks", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
-    from xtoken_ext.ops import hkl_kernel
-    from xtoken_ext.ops import pkl as _ops  # noqa: F401  (imports ops, which registers the xtoken:: ops)
+    from xtoken_ext.ops import hkl_kernel  # its package registers the xtoken:: ops
 
     z = logits(a.model)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,7 +59,8 @@ def main() -> None:
     zs, zt = (z[torch.randperm(z.shape[0], generator=g)[:N]].contiguous().to(dev) for _ in range(2))
     spans = torch.tensor([[i, i + 1, i, i + 1] for i in range(N)], device=dev)
     for run in a.runs:
-        m, frac, topk = (*(t(x) for t, x in zip((int, float), run.split(":"))), int((run.split(":") + [0])[2]))
+        parts = run.split(":")
+        m, frac, topk = int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) > 2 else 0
         perm = torch.randperm(V, generator=g)
         n_s = int(frac * V)
         n_t = m if topk > m else n_s
