@@ -1499,6 +1499,7 @@ void hkl_rows(const py::array& s_logits, const py::array& t_vals, const Bool& co
   for (int64_t c = 0; c < C; ++c) {
     const int64_t sc = common_s.data()[c], tc = common_t.data()[c];
     check(0 <= sc && sc < V_S && 0 <= tc && tc < V_T && mask[tc], "common pairs must lie in [0, V) with t_c in A");
+    check(!common_s_[sc] && !common_t_[tc], "common pairs must use each student and each teacher id at most once");
     a.cs.push_back(static_cast<int32_t>(sc));
     a.ct.push_back(static_cast<int32_t>(tc));
     common_s_[sc] = common_t_[tc] = 1;

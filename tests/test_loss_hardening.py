@@ -349,6 +349,40 @@ def test_ops_reject_rows_of_the_wrong_shape(backend):
     assert torch.isfinite(pkl(t, None)[1]).all() and torch.isfinite(hkl(t, None)[1]).all()
 
 
+@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
+def test_hkl_op_rejects_common_pairs_that_are_not_a_matching(backend):
+    """xtoken::hkl_rows checks its common pairs on every backend: ids in range, each student and each teacher id at
+    most once (the kernels map each id to one partner: a student paired with two teachers gave the Triton and torch
+    backends losses 29x apart; the C++ kernel, called directly, refuses it too); Projection's own pairs pass."""
+    from xtoken_ext.ops.hkl import _native
+
+    z, t, _, _, spans, mask = _op_problem()
+    cs, ct = PROJ.common_pairs("relaxed")
+    allowed = torch.nonzero(mask).flatten()
+    spare_t = int(allowed[~torch.isin(allowed, ct)][0])  # an allowed teacher id no pair uses
+    spare_s = int(torch.nonzero(~torch.isin(torch.arange(V_S), cs))[0])
+
+    def hkl(s_ids, t_ids):
+        return hkl_rows(z, t, None, mask, spans, 0.9, "mean", None, None, s_ids, t_ids, None, backend)
+
+    msg = "each student and each teacher id at most once"
+    bad = {"a student twice": (torch.cat([cs, cs[:1]]), torch.cat([ct, torch.tensor([spare_t])])),
+           "a teacher twice": (torch.cat([cs, torch.tensor([spare_s])]), torch.cat([ct, ct[:1]])),
+           "student id V_S": (torch.cat([cs, torch.tensor([V_S])]), torch.cat([ct, torch.tensor([spare_t])])),
+           "teacher id -1": (torch.cat([cs, torch.tensor([spare_s])]), torch.cat([ct, torch.tensor([-1])]))}
+    for name, (s_ids, t_ids) in bad.items():
+        with pytest.raises(ValueError, match=msg):
+            hkl(s_ids, t_ids)
+    with pytest.raises(ValueError, match="common_s and common_t must be \\[C\\]"):
+        hkl(cs, ct[:-1])
+    with pytest.raises(TypeError, match="integer ids"):
+        hkl(cs.float(), ct)
+    assert torch.isfinite(hkl(cs, ct)[0]).all() and torch.isfinite(hkl(cs[:0], ct[:0])[0]).all()
+    if backend == "native":  # past the op's check: the kernel's own
+        with pytest.raises(ValueError, match="at most once"):
+            _native(z, t, None, mask, spans, 0.9, "mean", None, None, *bad["a student twice"], None)
+
+
 def test_native_pkl_tiny_projected_mass_keeps_a_finite_loss():
     """0 < Z < the smallest normal fp32 (student logit gaps ~95 to the empty W row): 1/Z overflows fp32, which made
     the native loss NaN (then reported as bad input); now it agrees with the torch op and float64 (the gradient:

@@ -109,6 +109,26 @@ def check_spans(spans: Tensor, N_s: int, N_t: int) -> None:
     check_data(ok, f"spans must have 0 <= lo < hi <= N (N_s = {N_s}, N_t = {N_t}) and disjoint student rows")
 
 
+def check_pairs(common_s: Tensor, common_t: Tensor, V_S: int, V_T: int) -> None:
+    """Common pairs as every backend needs them: [C] integer ids, 0 ≤ s_c < V_S and 0 ≤ t_c < V_T, each student
+    and each teacher id at most once (a matching, as ``Projection.common_pairs`` gives; the kernels map each id to
+    one partner, so a repeated id gave backend-dependent losses). ``check_data``: no host sync on the device."""
+    if common_s.dim() != 1 or common_s.shape != common_t.shape:
+        raise ValueError(f"common_s and common_t must be [C], got shapes {tuple(common_s.shape)} and "
+                         f"{tuple(common_t.shape)}")
+    if common_s.is_floating_point() or common_t.is_floating_point() or torch.bool in (common_s.dtype, common_t.dtype):
+        raise TypeError(f"common pairs must be integer ids, got {common_s.dtype} and {common_t.dtype}")
+    if not common_s.numel():
+        return
+    ok = torch.ones((), dtype=torch.bool, device=common_s.device)
+    for ids, V in ((common_s.long(), V_S), (common_t.long(), V_T)):
+        ok &= ((0 <= ids) & (ids < V)).all()
+        uses = torch.zeros(max(V, 1), dtype=torch.int32, device=ids.device)
+        ok &= uses.index_add_(0, ids.clamp(0, max(V - 1, 0)), torch.ones_like(ids, dtype=torch.int32)).amax() <= 1
+    check_data(ok, f"common pairs must be ids with 0 <= s_c < V_S = {V_S} and 0 <= t_c < V_T = {V_T}, each student "
+                   f"and each teacher id at most once (a matching, as Projection.common_pairs gives)")
+
+
 def nonfinite_rows(x: Tensor, student: bool) -> Tensor:
     """bool [N]: rows of x [N, C] with a NaN or +inf entry; for ``student`` rows also rows without a finite value
     (all −inf). One max reduction per row, no copy: max is NaN (propagated), +inf or −inf exactly then."""

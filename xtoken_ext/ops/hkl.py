@@ -4,7 +4,8 @@ kernel ``_C.hkl_rows``: CPU, dense teacher, fp32 logits) and "torch" (chunked to
 Row-space contract: ops._common. GOLD passes the strict common pairs, H-KL the relaxed ones, ULD none.
 
 Math for one chunk (student rows R_S, n_s; teacher rows R_T; temperature τ; allowed columns A; common pairs
-(s_c, t_c) with t_c ∈ A — pairs whose t_c is outside A are dropped; U_S = V_S \\ {s_c}, U_T = A \\ {t_c}):
+(s_c, t_c), a matching (each id at most once; checked), with t_c ∈ A — pairs whose t_c is outside A are dropped;
+U_S = V_S \\ {s_c}, U_T = A \\ {t_c}):
   S = mean_r ℓ_r (+ s-chain scalar), ℓ_r = log_softmax(z_r/τ);  T = mean_r log π_r (+ t-chain scalar), P = exp T
   L = τ² (Σ_c P[t_c](T[t_c] − S[s_c]) + Σ_{i<m} |a_i − b_i|),  a = sort↓(exp S[U_S]), b = sort↓(P[U_T]),
   m = min(|U_S|, |U_T|, uncommon_topk)
@@ -20,9 +21,9 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import chain_sums, check_rows, check_spans, check_temperature, chunk_any, expand, math_dtype, \
-    nonfinite_rows, resolve_backend, row_scale, saved, scale_grad, softmax_rows, teacher_block, top, torch_setup, \
-    write_grad
+from ._common import chain_sums, check_pairs, check_rows, check_spans, check_temperature, chunk_any, expand, \
+    math_dtype, nonfinite_rows, resolve_backend, row_scale, saved, scale_grad, softmax_rows, teacher_block, top, \
+    torch_setup, write_grad
 
 __all__ = ["hkl_rows", "native_applies"]
 
@@ -133,9 +134,10 @@ def hkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, col_mask: 
     """-> (loss [K] (fp64 for fp64 logits, else fp32), grad = d Σ_k loss_k / d s_logits in the logits' dtype,
     grad_chain [N_s] = d Σ_k loss_k / d s_chain in the loss dtype: nonzero only at a chunk's rows after its first,
     merge="chain"). ``backend``: "auto" | "triton" | "native" | "torch". Sparse teacher columns must be unique per
-    row; spans must have disjoint student rows. Bad input: module docstring."""
+    row; spans must have disjoint student rows; common pairs must be a matching (ops._common.check_pairs). Bad input: module docstring."""
     check_temperature(temperature)
     check_rows(s_logits, t_vals, t_cols, col_mask)
+    check_pairs(common_s, common_t, s_logits.shape[1], col_mask.numel())
     backend = resolve_backend(backend, s_logits.device, s_logits.dtype, native_applies(s_logits, t_vals, t_cols))
     spans = spans.long().contiguous()
     if backend != "native":  # the C++ kernel checks its spans itself
