@@ -134,7 +134,8 @@ def hkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, col_mask: 
     """-> (loss [K] (fp64 for fp64 logits, else fp32), grad = d Σ_k loss_k / d s_logits in the logits' dtype,
     grad_chain [N_s] = d Σ_k loss_k / d s_chain in the loss dtype: nonzero only at a chunk's rows after its first,
     merge="chain"). ``backend``: "auto" | "triton" | "native" | "torch". Sparse teacher columns must be unique per
-    row; spans must have disjoint student rows; common pairs must be a matching (ops._common.check_pairs). Bad input: module docstring."""
+    row; spans must have disjoint student rows; common pairs must be a matching (ops._common.check_pairs). Bad
+    input: module docstring."""
     check_temperature(temperature)
     check_rows(s_logits, t_vals, t_cols, col_mask)
     check_pairs(common_s, common_t, s_logits.shape[1], col_mask.numel())
