@@ -75,6 +75,14 @@ def _edit(*edits):
     return apply
 
 
+def _scaled(f):
+    """Both float64 logits times f (a power of two: exact)."""
+    def apply(z, t):
+        z.mul_(f)
+        t.mul_(f)
+    return apply
+
+
 A_COLS = slice(0, UNCOVERED - 1)  # allowed teacher columns (covered: 0..10)
 # name -> (edits, temperature, merge, logit dtype); several special values per case (in different chunks) keep the
 # Triton interpreter's share short. Rows / chunks: see alignment(); with nonfinite="raise" the first bad chunk in
@@ -103,6 +111,11 @@ SPECIAL = {
     "bf16: NaN / +inf student entries (first merge)": (_edit(
         ("z", (1, 1, 3), NAN), ("z", (0, 2, 5), INF)), 1.0, "first", torch.bfloat16),
     "tiny temperature 2**-63": (_edit(), 2.0 ** -63, "mean", torch.float32),
+    # logits scaled with τ: the same softmaxes as at τ = 1 (κ too), gradients and τ² scaled down to the fp32 limits
+    "tiny temperature 2**-63, logits scaled by it, first merge": (_scaled(2.0 ** -63), 2.0 ** -63, "first",
+                                                                   torch.float32),
+    "tiny temperature 2**-60, logits scaled by it, chain merge": (_scaled(2.0 ** -60), 2.0 ** -60, "chain",
+                                                                  torch.float32),
     "large temperature 1e3": (_edit(), 1e3, "first", torch.float32),
 }
 
@@ -395,6 +408,27 @@ def test_native_pkl_tiny_projected_mass_keeps_a_finite_loss():
     native = pkl_rows(z, t, *args, "native")[0]
     want = pkl_rows(z.double(), t.double(), *args, "torch")[0]
     assert torch.allclose(native.double(), want, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend,sparse", [(b, s) for b in BACKENDS for s in (False, True) if b != "native" or not s])
+def test_pkl_merged_teacher_without_mass_is_zero_also_where_z_is_zero(backend, sparse):
+    """Two teacher rows peaked on different columns of A, merge="mean": P = exp(mean log π) is 0 everywhere (also
+    in float64), so Σ_A P = 0 and the loss is 0 with no gradient, before the Z = 0 rule (+inf). The Triton kernel
+    tested its exp-normalized sum (≥ 1) in place of Σ_A P = F l, and gave +inf where the student's mass lay on
+    empty W rows (chunk 0); chunk 1's student is ordinary (Z > 0). (The native kernel takes dense teachers only.)"""
+    t = torch.full((2, V_T), -2000.0)
+    t[0, 0] = t[1, 1] = 0.0
+    cols = None
+    if sparse:
+        t, cols = torch.tensor([[0.0, -2000.0], [0.0, -2000.0]]), torch.tensor([[0, 1], [1, 0]])
+    z = torch.full((2, V_S), -INF)
+    z[0, EMPTY_ROW] = 0.0
+    z[1] = torch.randn(V_S, generator=torch.Generator().manual_seed(14))
+    spans = torch.tensor([[0, 1, 0, 2], [1, 2, 0, 2]])
+    args = (PROJ.indices, PROJ.weights, PROJ.covered_columns(), spans, 1.0, "mean", 0.0, None, None, False, backend)
+    dev = torch.device("cpu") if backend == "native" else device()
+    loss, grad, _ = pkl_rows(z.to(dev), t.to(dev), None if cols is None else cols.to(dev), *args)
+    assert torch.equal(loss.cpu(), torch.zeros(2)) and torch.equal(grad.cpu(), torch.zeros(2, V_S))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -116,8 +116,8 @@ Cost per row (n_s = n_t = 1, dense teacher, bf16; S = 2 V_S bytes, T = 2 V_T byt
   stream the tile. The two sorts at W = 8192 are ~20k + ~11k SASS instructions per thread, ~36 µs of issue time per row
   per SM, not overlapped with the streams: one program per SM (below). At m = 128 in the small network: ≈ 2.3 µs.
 Registers (offline sm_90 compile with Triton 3.7.1, bf16; spill stores over first / mean / chain × dense / sparse;
-  Triton 3.6.0, a GPU image's, spills more: 340 B of stores for the first-row dense variant, none in a per-tile loop
-  either, before the bisection read bin b1's copied keys): config 0 (2048 lanes, 3 stages, 8 warps) 255 registers
+  Triton 3.6.0, a GPU image's, spills more: 424 B of stores, 540 B of loads for the first-row dense variant, all in
+  the once-per-chunk code as with 3.7.1): config 0 (2048 lanes, 3 stages, 8 warps) 255 registers
   with 152-216 B at W = 8192, none in a per-tile loop nor in the sorts' stage loops (100-192 B before _rescue, whose
   first version, its 8 bin counts in an 8-lane tensor and a scan over them, put 19-58 local accesses into every stage
   loop of the sorts; 96-176 B before _anchor, 68-128 B before that copy; 164-232 B,
@@ -731,7 +731,8 @@ def _grad_one(args, BLOCK: tl.constexpr):
     the difference of the logits."""
     z_ptr, stride_z, t_ptr, stride_t, smap_ptr, lse_s_ptr, lse_t_ptr, dz_ptr, stride_dz, s_lo, n_s, t_lo, n_t, c_s, \
         c_t, V_S, inv_tau, tt, gsum = args
-    ttc, gsc = _grad_scales(tt * _tl.P_UNIT, gsum * _tl.P_UNIT, n_s, inv_tau)
+    ttc, gsc = _grad_scales(tt, gsum, n_s, inv_tau)
+    ttc, gsc = ttc * _tl.P_UNIT, gsc * _tl.P_UNIT  # after c = 1/(τ n_s): τ² 2^-24 underflows for τ < 2^-51
     lse0 = tl.load(lse_s_ptr + s_lo)
     lse_t = tl.load(lse_t_ptr + t_lo)
     a, b_s = _tl.exp2_args(inv_tau, lse0)

@@ -396,10 +396,12 @@ def _pkl_kernel(
             l = tl.where((lse_sum > float("-inf")) & (c_t > float("-inf")), l, 0.0)
             F = tl.exp(mc)
             M = F * mu * _tl.P_UNIT  # 2^-24 M, in h's scale (_c_update): g = Σ w (M − h) is formed scaled by 2^-24
+            # Σ_A P = F l, not l ≥ 1: a merged teacher's F = exp(mean log π) underflows where its rows disagree
+            has_p = F * l > 0
             # degenerate: Z = 0, or a column with P > 0 (in fp32) and Q + eps = 0 (an infinite KL)
             inf_kl = tl.exp(m_zero - m) * F > 0
-            valid = (bad == 0) & (l > 0) & (Zu > 0) & ~inf_kl
-            loss = tl.where(bad > 0, float("nan"), tl.where(l > 0, float("inf"), 0.0))
+            valid = (bad == 0) & has_p & (Zu > 0) & ~inf_kl
+            loss = tl.where(bad > 0, float("nan"), tl.where(has_p, float("inf"), 0.0))
             tl.store(loss_ptr + k, tl.where(valid, tau * tau * F * (s1 + mc * l), loss))
             if HAS_SCALE:
                 scale = tl.load(scale_ptr + k)
