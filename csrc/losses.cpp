@@ -30,8 +30,8 @@
 //
 // Non-finite input (POLICY: issue 12): a chunk whose read rows hold NaN or +inf in any column (or a student row with
 // no finite value), or whose chain scalars are NaN / +inf, gets loss NaN and exact-zero gradient rows (no grad_w /
-// gsum part). P-KL then: no teacher mass on A (Σ P = 0) -> loss 0, zero gradient; Σ = 0 or an infinite KL (P > 0
-// where Q + eps = 0) -> loss +inf, zero gradient.
+// gsum part). P-KL then: no teacher mass on A (Σ P = 0) -> loss 0, zero gradient; Σ = 0 (so counted below 2^-180 and
+// where τ max(1, |c|)/Σ passes fp32's range) or an infinite KL (P > 0 where Q + eps = 0) -> loss +inf, zero gradient.
 // An optional chunk_scale[k] multiplies G (so the gradients, not the loss). Work items run in parallel: P-KL groups
 // (fixed runs of kR chunks), H-KL chunks. SIMD lanes never mix, so a chunk's loss and gradient do not depend on its
 // group, and grad_w is reduced over fixed runs of groups in a fixed order: the result is bitwise the same for every
@@ -1160,12 +1160,17 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
         continue;
       }
       const double kl = k * (L.kl + shift * L.sum_p);
-      if (L.Z == 0.0 || L.kl == kInf) {  // degenerate
+      // degenerate: Z = 0 (so counted, as in every backend, below 2^-180, where the products of 2^88 p with the
+      // factors go subnormal, and where τ max(1, |c|) 2^24/Z (τ/Z', Z' = Z or 2^64 Z: the gradient's factor of 1/Z)
+      // passes fp32's range), or an infinite KL
+      const double c = a.chunk_scale ? a.chunk_scale[L.k] : 1.0;
+      if (L.Z < 0x1p-92 || !(a.tau * std::max(1.0, std::fabs(c)) * 0x1p24 / L.Z <= std::numeric_limits<float>::max()) ||
+          L.kl == kInf) {
         L.state = PklLane::kDrop, L.loss = kInf;
       } else {
         a.loss[L.k] = static_cast<float>(tt * kl);
         M[l] = static_cast<float>(a.eps > 0.0f ? L.sum_rq : 0x1p-24 * L.sum_p);  // 2^-24 M, as r
-        cg[l] = static_cast<float>(tt * 0x1p24 / L.Z * k * (a.chunk_scale ? a.chunk_scale[L.k] : 1.0f));  // unit τ² c/Z
+        cg[l] = static_cast<float>(a.tau * 0x1p24 / L.Z * k * c);  // unit τ c/Z
         keep[l] = -1;
         any = true;
       }
@@ -1201,7 +1206,7 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
                 const float f = ws.c[r] * 0x1p24f;  // e f = 2^24 p_r / unit (e_r: 2^88 where unit ≠ 1)
                 const float d = static_cast<float>(L.ns == 1 ? dot[l] : f * ws.dots[r]);  // 2^24 ⟨p_r, g⟩ / unit
                 write_grad<S>(out + (L.s_lo + i) * V_S + s0, e, gl, n, f, d, 0x1p-24f * unit[l],
-                              cg[l] / (static_cast<float>(L.ns) * a.tau));
+                              cg[l] / static_cast<float>(L.ns));
               }
             }
           }
@@ -1282,7 +1287,7 @@ void pkl_rows(const py::array& s_logits, const py::array& t_vals, const I32& w_i
     for (int64_t j = 0; j < 4 * V_S; ++j) {
       double sum = 0.0;
       for (const auto& p : part) sum += p[j];
-      gw_out[j] = static_cast<float>(sum);
+      gw_out[j] = static_cast<float>(sum * a.tau);  // the parts hold (τ c/Z) p̄ (M − h): ∂L/∂W has τ² c/Z
     }
   });
 }

@@ -17,7 +17,7 @@ import torch
 
 import xtoken_ext as xt
 from helpers import BACKENDS, LOSSES, check, dense_w, device, grad_bound, kappa, loss_bound, make_problem, \
-    run_pkl, teacher_logpi
+    oracle_pkl, run_pkl, teacher_logpi
 from xtoken_ext import reference as ref
 from xtoken_ext.losses import LearnableProjection
 from xtoken_ext.projection import Projection, ProjectionFileError
@@ -455,7 +455,8 @@ def test_pkl_gradient_where_q_is_below_the_normal_range(backend, merge, learn_w)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("merge,learn_w,tau,compact,gap", [
-    ("mean", True, 1.0, False, 102), ("first", False, 0.25, True, 95), ("mean", False, 0.5, True, 130)])
+    ("mean", True, 1.0, False, 102), ("first", False, 0.25, True, 95), ("mean", False, 0.5, True, 130),
+    ("first", True, 0.05, False, 129)])
 def test_pkl_gradient_where_z_is_below_the_normal_range(backend, merge, learn_w, tau, compact, gap):
     """The student's mass almost all on an id whose W row is empty (as <|eot_id|> in the real Llama-3 -> Qwen3 W),
     every other id ``gap`` nats below it: Z = Σ_A Wᵀp̄ (below 1e-40) is below the smallest normal fp32 and the
@@ -488,6 +489,41 @@ def test_pkl_gradient_where_z_is_below_the_normal_range(backend, merge, learn_w,
     um = C * math_roundoff(torch.float32) * kappa(P.z, P.t, tau)
     run_pkl(P, torch.float32, merge, tau, learn_w, backend=backend,
             grad_floor=um * 2 * tau * p * W.sum(1) * inv_z.unsqueeze(1) + 2.0 ** -126)
+
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tau,eps,gap,scale", [
+    (0.05, 1e-10, 147, None), (1.0, 0.0, 147, None), (1.0, 0.0, 128, 2.0 ** 20)])
+def test_pkl_z_past_fp32s_reach_is_degenerate_not_nan(backend, tau, eps, gap, scale):
+    """As above, every id but the empty W row's ``gap`` nats below it; float64 gives a finite loss. Gap 147: Z below
+    2^-180 (and above 2^-213, where Triton's 2^64 Z is still > 0), where the products of 2^88 p with the gradient's
+    factors go subnormal; gap 128 (Z above 2^-180) with chunk scale 2^20 (a loss scaler's): τ c/Z' (Z' = 2^64 Z),
+    the gradient's factor of 1/Z, passes fp32's range. Either way the chunk counts as Z = 0: loss +inf, zero gradient
+    rows and no W-gradient part, on every backend (without the scale gap 128 is a finite chunk, as in the test
+    above). Before: a finite loss and all-NaN gradient rows and grad_w (a fuzz campaign's find)."""
+    P = make_problem(seed=5, V_S=97, V_T=61, n_chunks=3, max_rows=2, sparse_k=0, mask_mode="covered",
+                     empty_rows=0.1, hub=False)
+    empty = int(torch.nonzero((P.w_idx < 0).all(1))[0])
+    P.z.mul_(tau).sub_(gap * tau)
+    P.z[:, empty] += gap * tau
+    P.t.mul_(tau)
+    W = dense_w(P.w_idx, P.w_val.double(), P.col_mask.numel())[:, P.col_mask]
+    for s_lo, s_hi, _, _ in P.spans.tolist():
+        Z = float(torch.softmax(P.z[s_lo:s_hi].double() / tau, 1).mean(0) @ W.sum(1))
+        assert (2.0 ** -213 < Z < 2.0 ** -181) if scale is None else (2.0 ** -180 < Z < 2.0 ** -172)
+    ref_loss = oracle_pkl(P.z.double(), P.t, P.t_cols, P.w_idx, P.w_val.double(), P.col_mask, P.spans, tau, "mean",
+                          eps, P.t_chain)
+    assert torch.isfinite(ref_loss).all()
+    dev = torch.device("cpu") if backend == "native" else device()
+    args = [x.to(dev) if isinstance(x, torch.Tensor) else x
+            for x in (P.z, P.t, P.t_cols, P.w_idx, P.w_val, P.col_mask, P.spans, tau, "mean", eps, P.t_chain)]
+    c = None if scale is None else torch.full((P.spans.shape[0],), scale, device=dev)
+    loss, grad, grad_w = torch.ops.xtoken.pkl_rows(*args, c, True, backend)
+    assert (loss.cpu() == math.inf).all()
+    assert torch.equal(grad.cpu(), torch.zeros_like(P.z)) and torch.equal(grad_w.cpu(), torch.zeros_like(P.w_val))
+    if scale is not None:
+        assert torch.isfinite(torch.ops.xtoken.pkl_rows(*args, None, True, backend)[0]).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------

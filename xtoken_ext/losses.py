@@ -14,7 +14,8 @@ Non-finite logits (``nonfinite``): a chunk reads its merged rows (all rows for m
 the later rows whose log-probs form the chain scalars for merge="chain"). NaN or +inf in any column of such a row, or
 a student row without a finite value, makes the chunk's loss NaN: "raise" (default) raises ValueError naming the
 tensor, batch index, position and chunk (CUDA: an asynchronous device assert), "mask" excludes the chunk. Excluded
-always: P-KL chunks without projected student mass (Z = 0) or with an infinite KL, and any chunk whose loss is +inf.
+always: P-KL chunks without projected student mass (Z = 0; with fp32 math Z < 2^-180, ops.pkl) or with an infinite
+KL, and any chunk whose loss is +inf.
 Excluded chunks give 0 (reduction="none"), no gradient, and do not count in the "mean" denominator; the Modules keep
 their number as ``last_excluded``. Teacher rows with NaN / +inf are ignored by ``teacher_topk``'s column ranking.
 """

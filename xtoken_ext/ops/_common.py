@@ -10,7 +10,9 @@ Non-finite input (every backend): a chunk whose merged rows hold NaN or +inf in 
 its top-k values), or a student row without a finite value, or a NaN / +inf chain scalar, has loss NaN and exact-zero
 gradient rows (no W-gradient / chain-gradient part); −inf logits are zero probabilities. P-KL then: no teacher mass
 on A -> loss 0, zero gradient; projected student mass Z = 0 or an infinite KL (P > 0 where Q + eps = 0) -> loss
-+inf, zero gradient. The public losses raise on or exclude such chunks (xtoken_ext.losses).
++inf, zero gradient (with fp32 math Z counts as 0 below 2^-180, and below τ max(1, |c|) 2^-192, c the chunk scale:
+the reach of the gradient's scaled factors, ops.pkl). The public losses raise on or exclude such chunks
+(xtoken_ext.losses).
 """
 from __future__ import annotations
 

@@ -14,8 +14,10 @@ multiplies Qu and cancels in its renormalization, so it has no gradient). Terms 
 fp32: P/Q reaches 2^149 where Q is subnormal and P is not, so every backend forms h, M and G scaled by 2^-24 and p, Q
 as 2^24 p, 2^24 Q (normal where p, Q are not; p as 2^88 p where Z < 2^-64, as when the student's mass is almost all
 on an id W maps nowhere) and applies τ²/Z only to their products with p, which stay bounded.
-Per chunk, in this order (ops._common): bad input -> loss NaN; Σ_A P = 0 -> loss 0; Z = 0 or P > 0 where
-Q + eps = 0 -> loss +inf; each with exact-zero gradient rows and no W-gradient part.
+Per chunk, in this order (ops._common): bad input -> loss NaN; Σ_A P = 0 -> loss 0; Z = 0 or P > 0 where Q + eps = 0
+-> loss +inf; each with exact-zero gradient rows and no W-gradient part. fp32 math (the reach of the scaled factors):
+Z counts as 0 below 2^-180, and where τ max(1, |c|)/Z' passes fp32's range (Z' = Z, or 2^64 Z where Z < 2^-64;
+c: the chunk scale), i.e. Z < τ max(1, |c|) 2^-192.
 """
 from __future__ import annotations
 
@@ -133,7 +135,15 @@ def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature,
         Qe = Q + eps if eps else Q
         Qse = Qs.add_(eps * 2.0 ** 24) if eps else Qs  # 2^24 (Q + eps)
         no_mass = P.sum(1) == 0
-        degenerate = (sigma.squeeze(1) == 0) | (~zero_p & (Qe == 0)).any(1)
+        # coef = τ c/Z' (Z' = 2^-24 σ: Z, or 2^64 Z where unit ≠ 1) multiplies the gradient's bounded products. Z
+        # counts as 0 where τ max(1, |c|)/Z' passes the math dtype's range and, fp32, below 2^-180 (Z' < 2^-116: the
+        # products of 2^88 p with G' go subnormal), as in every backend
+        coef = tau * 2.0 ** 24 / sigma.squeeze(1).double()
+        c = None if chunk_scale is None else chunk_scale[k0:k1].double()
+        reach = coef if c is None else coef * c.abs().clamp(min=1.0)
+        degenerate = ~(reach <= torch.finfo(md).max) | (~zero_p & (Qe == 0)).any(1)
+        if md == torch.float32:
+            degenerate |= sigma.squeeze(1) < 2.0 ** -92
         buf = torch.log(Qe)
         sub = (Qe < 2.0 ** -126) & (Qse > 0)
         if bool(sub.any()):  # a subnormal Q + eps: its log from 2^24 (Q + eps), which kept the bits
@@ -141,13 +151,13 @@ def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature,
         lb = T.sub_(buf).mul_(P).masked_fill_(zero_p, 0.0).sum(1).mul_(tt)
         loss[k0:k1] = torch.where(bad, math.nan, torch.where(no_mass, 0.0, torch.where(degenerate, math.inf, lb)))
         # h = P/(Q + eps) reaches 2^149 where Q + eps is subnormal: G = ∂L/∂Qu = coef (M − h) is formed as G' = M' − h'
-        # (M', h' = 2^-24 M, h), its factor coef = τ² c/Z applied only to its products with p (bounded)
+        # (M', h' = 2^-24 M, h), its factor τ² c/Z applied only to its products with p (bounded): as coef in dz (whose
+        # 1/τ takes one τ), as coef τ in ∂L/∂W
         r = torch.div(P, Qse, out=Qse).masked_fill_(zero_p, 0.0)  # h'
         M = P.sum(1, keepdim=True).mul_(2.0 ** -24) if not eps else (r * Q).sum(1, keepdim=True)
         G = r.neg_().add_(M)
-        coef = tt * 2.0 ** 24 / sigma.squeeze(1).double()  # τ² unit/Z
-        if chunk_scale is not None:
-            coef = coef * chunk_scale[k0:k1].double()
+        if c is not None:
+            coef = coef * c
         drop = bad | no_mass | degenerate  # no gradient: exact zeros, whatever G and p hold for these chunks
         coef = torch.where(drop, 0.0, coef).to(md)
         if bool(drop.any()):
@@ -155,14 +165,14 @@ def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature,
             pbar = pbar.masked_fill(drop.unsqueeze(1), 0.0)
             p = p.masked_fill(drop[seg].unsqueeze(1), 0.0)
         g = (W @ G.t()).t()  # [Kb, V_S] ELL gather as a sparse-dense product
-        if grad_wj is not None:  # Σ_k coef_k (2^24 p̄_k[s] / unit_k) G'_k[t]
+        if grad_wj is not None:  # Σ_k coef_k (2^24 p̄_k[s] / unit_k) G'_k[t], times τ below
             grad_wj += (pbar.index_select(1, s_j) * G.index_select(1, t_j)).mul_(coef.unsqueeze(1)).sum(0)
-        write_grad(grad, rows, seg, n_s[k0:k1], p, g, tau, merge, wrt_log_p=False, scale=coef,
+        write_grad(grad, rows, seg, n_s[k0:k1], p, g, 1.0, merge, wrt_log_p=False, scale=coef,
                    p_unit=unit.mul_(2.0 ** -24))
     grad_w = None
     if grad_wj is not None:
         grad_w = torch.zeros(w_val.shape, dtype=torch.float32, device=dev)
-        grad_w[keep] = grad_wj.float()
+        grad_w[keep] = grad_wj.mul_(tau).float()
     return loss, grad, grad_w
 
 

@@ -396,20 +396,24 @@ def _pkl_kernel(
             l = tl.where((lse_sum > float("-inf")) & (c_t > float("-inf")), l, 0.0)
             F = tl.exp(mc)
             M = F * mu * _tl.P_UNIT  # 2^-24 M, in h's scale (_c_update): g = Σ w (M − h) is formed scaled by 2^-24
-            # Σ_A P = F l, not l ≥ 1: a merged teacher's F = exp(mean log π) underflows where its rows disagree
-            has_p = F * l > 0
-            # degenerate: Z = 0, or a column with P > 0 (in fp32) and Q + eps = 0 (an infinite KL)
-            inf_kl = tl.exp(m_zero - m) * F > 0
-            valid = (bad == 0) & has_p & (Zu > 0) & ~inf_kl
-            loss = tl.where(bad > 0, float("nan"), tl.where(has_p, float("inf"), 0.0))
-            tl.store(loss_ptr + k, tl.where(valid, tau * tau * F * (s1 + mc * l), loss))
+            # Σ_A P = F l, not l ≥ 1: a merged teacher's F = exp(mean log π) underflows where its rows disagree (and
+            # F = +inf where l = 0 above)
+            has_p = (l > 0) & (F * l > 0)
             if HAS_SCALE:
                 scale = tl.load(scale_ptr + k)
             else:
                 scale = 1.0
+            # degenerate: Z = 0 (so counted, as in every backend, below 2^-180, where the products of 2^88 p with the
+            # factors go subnormal, and where τ max(1, |c|)/Zu, the gradient's factor of 1/Z, passes fp32's range), or
+            # a column with P > 0 (in fp32) and Q + eps = 0 (an infinite KL)
+            inf_kl = tl.exp(m_zero - m) * F > 0
+            reach = (Zu >= 1.2037062152420224e-35) & (tau * tl.maximum(tl.abs(scale), 1.0) / Zu < float("inf"))
+            valid = (bad == 0) & has_p & reach & ~inf_kl  # Zu ≥ 2^-116: Z ≥ 2^-180 where unit ≠ 1
+            loss = tl.where(bad > 0, float("nan"), tl.where(has_p, float("inf"), 0.0))
+            tl.store(loss_ptr + k, tl.where(valid, tau * tau * F * (s1 + mc * l), loss))
             coef = tl.where(valid, tau * scale / (n_s * tl.where(Zu > 0, Zu, 1.0)), 0.0)  # unit τ c/(n_s Z)
             if GRAD_W:
-                tl.store(stat_ptr + 2 * (k - k0), tau * coef * n_s)  # ∂L/∂W_sv = (τ² c/Z) p̄_s (M − h_v)
+                tl.store(stat_ptr + 2 * (k - k0), coef * n_s)  # ∂L/∂W_sv = τ (τ c/Z) p̄_s (M − h_v)
                 tl.store(stat_ptr + 2 * (k - k0) + 1, M)
             tl.debug_barrier()
 
@@ -892,9 +896,11 @@ def _ell_sum(ws, hs, M, hb, FOLD: tl.constexpr, K: tl.constexpr):
 
 @triton.jit
 def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr, h_ptr, stat_ptr, gw_ptr,
-                       k0, k1, V_S, V_T, inv_tau, MEAN: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr):
-    """∂L/∂W[s, slot] += Σ_{k0 ≤ k < k1} (τ² c_k / Z_k) p̄_k[s] (M_k − h_k[col]) for one tile of student ids
-    (col ∈ A), from the h rows and (τ² c/Z, M) the main kernel kept; one program per tile: no atomics."""
+                       k0, k1, V_S, V_T, inv_tau, tau, MEAN: tl.constexpr, BLOCK: tl.constexpr,
+                       SLOTS: tl.constexpr):
+    """∂L/∂W[s, slot] += τ Σ_{k0 ≤ k < k1} (τ c_k / Z_k) p̄_k[s] (M_k − h_k[col]) for one tile of student ids
+    (col ∈ A), from the h rows and (τ c/Z, M) the main kernel kept (τ² c/Z may pass fp32's range where the products
+    do not); one program per tile: no atomics."""
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     om = o < V_S
     at = o[:, None] * SLOTS + tl.arange(0, SLOTS)[None, :]
@@ -911,7 +917,7 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
             M = tl.load(stat_ptr + 2 * (k - k0) + 1)
             c = cw / (s_hi - s_lo).to(tl.float32)  # (2^24 p̄' (_p_bar)) (2^-24 (M − h)): bounded, unlike h
             acc += tl.where(in_a, c * (pbar[:, None] * (M - h)), 0.0)
-    tl.store(gw_ptr + at, tl.load(gw_ptr + at, mask=om[:, None], other=0.0) + acc, mask=om[:, None])
+    tl.store(gw_ptr + at, tl.load(gw_ptr + at, mask=om[:, None], other=0.0) + acc * tau, mask=om[:, None])
 
 
 # The tile geometry of the teacher pass and the entry blocks is fixed: W's column ELL and residual entries are built for
@@ -1160,6 +1166,6 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
                     **_TILES, **_SLICES, HELP=help_)
         if need_grad_w:
             _grad_w(lambda meta: (triton.cdiv(V_S, meta["BLOCK"]),), s_logits, s_logits.stride(0), spans, w_idx,
-                    mask8, lse_s, h, stat, grad_w, k0, k1, V_S, V_T, 1.0 / float(temperature),
+                    mask8, lse_s, h, stat, grad_w, k0, k1, V_S, V_T, 1.0 / float(temperature), float(temperature),
                     MEAN=merge == "mean", SLOTS=SLOTS)
     return loss, grad, grad_w
