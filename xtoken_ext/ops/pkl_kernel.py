@@ -16,7 +16,7 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      the row is scanned (ops._tl.row_bad). Z < 2^-64 (the mass almost all on ids W maps nowhere): Z is summed
      again as 2^64 Z from 2^64 p (A's exps flush below 2^-126 on a GPU: _z_scaled) and the rows' stored LSE is
      lowered by 64 ln 2, so that every p formed below is 2^88 p, not 2^24 p (unit = 2^-64 in the factors of 1/Z,
-     which then stay finite)                                                                          [reads z]
+     which then stay finite; below Z = 2^-180 the chunk counts as Z = 0, ops.pkl)                     [reads z]
   B  (sparse teacher, or several teacher rows) per-row teacher LSE over A, bad-input flag        [reads t]
   R  dense teacher: the residual entries in blocks of BLOCK_E, in pieces of RPIECE entries of one column (a
      column's last piece padded; 1, 2 or 4 per W, _residual_piece: 4 for the real W), gathering p̄' = Σ_r p_r at their
