@@ -1163,14 +1163,13 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
       // degenerate: Z = 0 (so counted, as in every backend, below 2^-180, where the products of 2^88 p with the
       // factors go subnormal, and where τ max(1, |c|) 2^24/Z (τ/Z', Z' = Z or 2^64 Z: the gradient's factor of 1/Z)
       // passes fp32's range), or an infinite KL
-      const double c = a.chunk_scale ? a.chunk_scale[L.k] : 1.0;
-      if (L.Z < 0x1p-92 || !(a.tau * std::max(1.0, std::fabs(c)) * 0x1p24 / L.Z <= std::numeric_limits<float>::max()) ||
-          L.kl == kInf) {
+      const double c = a.chunk_scale ? a.chunk_scale[L.k] : 1.0, tz = a.tau * 0x1p24 / L.Z;  // τ/Z'
+      if (L.Z < 0x1p-92 || !(tz * std::max(1.0, std::fabs(c)) <= std::numeric_limits<float>::max()) || L.kl == kInf) {
         L.state = PklLane::kDrop, L.loss = kInf;
       } else {
         a.loss[L.k] = static_cast<float>(tt * kl);
         M[l] = static_cast<float>(a.eps > 0.0f ? L.sum_rq : 0x1p-24 * L.sum_p);  // 2^-24 M, as r
-        cg[l] = static_cast<float>(a.tau * 0x1p24 / L.Z * k * c);  // unit τ c/Z
+        cg[l] = static_cast<float>(tz * k * c);  // unit τ c/Z
         keep[l] = -1;
         any = true;
       }

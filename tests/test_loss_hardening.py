@@ -453,6 +453,26 @@ def test_pkl_gradient_where_q_is_below_the_normal_range(backend, merge, learn_w)
     run_pkl(P, torch.float32, merge, 1.0, learn_w, backend=backend)
 
 
+def _empty_row_problem(tau, gap, merge, compact=False):
+    """-> (P, W over A, [(rows, Z)] per chunk): 3 chunks whose student mass is almost all on an id with an empty W
+    row, every other id ``gap`` nats below it (z/τ as at τ = 1, within ±6); Z in float64 over the merged rows."""
+    P = make_problem(seed=5, V_S=97, V_T=61, n_chunks=3, max_rows=2, sparse_k=0, mask_mode="covered",
+                     empty_rows=0.1, hub=False)
+    if compact:
+        P.col_mask[30:] = False
+    empty = int(torch.nonzero((P.w_idx < 0).all(1))[0])
+    P.z.mul_(tau).sub_(gap * tau)
+    P.z[:, empty] += gap * tau
+    P.t.mul_(tau)
+    W = dense_w(P.w_idx, P.w_val.double(), P.col_mask.numel())[:, P.col_mask]
+    chunks = []
+    for s_lo, s_hi, _, _ in P.spans.tolist():
+        rows = range(s_lo, s_hi if merge == "mean" else s_lo + 1)
+        chunks.append((rows, float(torch.stack([torch.softmax(P.z[r].double() / tau, 0) @ W for r in rows]).mean(0)
+                                   .sum())))
+    return P, W, chunks
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("merge,learn_w,tau,compact,gap", [
     ("mean", True, 1.0, False, 102), ("first", False, 0.25, True, 95), ("mean", False, 0.5, True, 130),
@@ -470,26 +490,15 @@ def test_pkl_gradient_where_z_is_below_the_normal_range(backend, merge, learn_w,
     Bound: the gradient bound's p term stands for the M term τ (p/Z) w M of dz at Z ~ 1; here it is taken at p w/Z
     (w: the id's W row sum over A; 0 at the empty id, whose gradient is the ⟨p, g⟩ term alone, of order 1), and the
     subnormal entries to 2^-126 (flush-to-zero, as test_pkl_eps_kinds)."""
-    P = make_problem(seed=5, V_S=97, V_T=61, n_chunks=3, max_rows=2, sparse_k=0, mask_mode="covered",
-                     empty_rows=0.1, hub=False)
-    if compact:
-        P.col_mask[30:] = False
-    empty = int(torch.nonzero((P.w_idx < 0).all(1))[0])
-    P.z.mul_(tau).sub_(gap * tau)  # z/τ as at τ = 1: every other id gap nats below it, within ±6
-    P.z[:, empty] += gap * tau
-    P.t.mul_(tau)
-    W = dense_w(P.w_idx, P.w_val.double(), P.col_mask.numel())[:, P.col_mask]
+    P, W, chunks = _empty_row_problem(tau, gap, merge, compact)
     inv_z = torch.zeros(P.z.shape[0], dtype=torch.float64)
-    for s_lo, s_hi, _, _ in P.spans.tolist():
-        rows = range(s_lo, s_hi if merge == "mean" else s_lo + 1)
-        Z = float(torch.stack([torch.softmax(P.z[r].double() / tau, 0) @ W for r in rows]).mean(0).sum())
+    for rows, Z in chunks:
         assert 0 < Z < 2.0 ** -126
         inv_z[list(rows)] = 1 / Z
     p = torch.softmax(P.z.double() / tau, 1)
     um = C * math_roundoff(torch.float32) * kappa(P.z, P.t, tau)
     run_pkl(P, torch.float32, merge, tau, learn_w, backend=backend,
             grad_floor=um * 2 * tau * p * W.sum(1) * inv_z.unsqueeze(1) + 2.0 ** -126)
-
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -502,15 +511,8 @@ def test_pkl_z_past_fp32s_reach_is_degenerate_not_nan(backend, tau, eps, gap, sc
     the gradient's factor of 1/Z, passes fp32's range. Either way the chunk counts as Z = 0: loss +inf, zero gradient
     rows and no W-gradient part, on every backend (without the scale gap 128 is a finite chunk, as in the test
     above). Before: a finite loss and all-NaN gradient rows and grad_w (a fuzz campaign's find)."""
-    P = make_problem(seed=5, V_S=97, V_T=61, n_chunks=3, max_rows=2, sparse_k=0, mask_mode="covered",
-                     empty_rows=0.1, hub=False)
-    empty = int(torch.nonzero((P.w_idx < 0).all(1))[0])
-    P.z.mul_(tau).sub_(gap * tau)
-    P.z[:, empty] += gap * tau
-    P.t.mul_(tau)
-    W = dense_w(P.w_idx, P.w_val.double(), P.col_mask.numel())[:, P.col_mask]
-    for s_lo, s_hi, _, _ in P.spans.tolist():
-        Z = float(torch.softmax(P.z[s_lo:s_hi].double() / tau, 1).mean(0) @ W.sum(1))
+    P, _, chunks = _empty_row_problem(tau, gap, "mean")
+    for _, Z in chunks:
         assert (2.0 ** -213 < Z < 2.0 ** -181) if scale is None else (2.0 ** -180 < Z < 2.0 ** -172)
     ref_loss = oracle_pkl(P.z.double(), P.t, P.t_cols, P.w_idx, P.w_val.double(), P.col_mask, P.spans, tau, "mean",
                           eps, P.t_chain)
