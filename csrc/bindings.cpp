@@ -166,6 +166,12 @@ xt::Params make_params(int64_t band, int64_t full_cells, int64_t lookahead, int6
 }
 
 // Everything of an id alignment but the ids, checked once: Aligner.align_ids pays no per-call argument parsing.
+void check_prefixes(int sp, int tp) {
+  for (int prefix : {sp, tp})
+    if (prefix < xt::kPrefixNone || prefix > xt::kPrefixUnlessSpace)
+      throw py::value_error("prefix modes are 0 (none), 1 (always) or 2 (unless the text starts with a space)");
+}
+
 struct IdAligner {
   const xt::Vocab* vs;
   const xt::Vocab* vt;
@@ -177,9 +183,7 @@ struct IdAligner {
             int64_t full_cells, int64_t lookahead, int64_t gram)
       : vs(&s), vt(&t), method(xt::parse_method(meth)), s_prefix(sp), t_prefix(tp),
         p(make_params(band, full_cells, lookahead, gram)) {
-    for (int prefix : {sp, tp})
-      if (prefix < xt::kPrefixNone || prefix > xt::kPrefixUnlessSpace)
-        throw py::value_error("prefix modes are 0 (none), 1 (always) or 2 (unless the text starts with a space)");
+    check_prefixes(sp, tp);
   }
 
   void pair(const std::vector<int64_t>& s, const std::vector<int64_t>& t, xt::Result& r) const {
@@ -263,7 +267,7 @@ PYBIND11_MODULE(_C, m) {
       "merge_offsets_batch",
       [](const std::vector<I64>& ss, const std::vector<I64>& se, const std::vector<I64>& ts,
          const std::vector<I64>& te, int64_t threads, const xt::Vocab* vs, const xt::Vocab* vt,
-         const py::object& s_ids_obj, const py::object& t_ids_obj) {
+         const py::object& s_ids_obj, const py::object& t_ids_obj, int s_prefix, int t_prefix) {
         check_batch_len(ss.size(), se.size(), "student offsets");
         check_batch_len(ss.size(), ts.size(), "student/teacher offsets");
         check_batch_len(ts.size(), te.size(), "teacher offsets");
@@ -273,7 +277,10 @@ PYBIND11_MODULE(_C, m) {
           xt::check_offsets(ss[b].data(), se[b].data(), ss[b].shape(0), "student");
           xt::check_offsets(ts[b].data(), te[b].data(), ts[b].shape(0), "teacher");
         }
-        // Optional vocabularies + ids: chunks holding special tokens get the id path's rule (mark_specials).
+        // Optional vocabularies + ids: a chunk is correct only where its tokens' canonical bytes are equal too
+        // (equal offsets are not enough where a tokenizer normalizes the text, e.g. NFC), with the id path's
+        // prefix-space handling (canonical_pair), and chunks holding special tokens get its rule (mark_specials).
+        check_prefixes(s_prefix, t_prefix);
         const bool specials = vs != nullptr || vt != nullptr;
         std::vector<std::vector<int64_t>> s_ids, t_ids;
         if (specials) {
@@ -295,9 +302,17 @@ PYBIND11_MODULE(_C, m) {
             rs[b] = xt::merge_offsets(ss[b].data(), se[b].data(), ss[b].shape(0), ts[b].data(), te[b].data(),
                                       ts[b].shape(0));
             if (specials) {
+              xt::IdScratch& w = xt::id_scratch();
               const int64_t *si = s_ids[b].data(), *ti = t_ids[b].data();
-              xt::mark_specials(rs[b], *vs, si, xt::special_positions(*vs, si, ss[b].shape(0)), *vt, ti,
-                                xt::special_positions(*vt, ti, ts[b].shape(0)));
+              vs->sequence(si, ss[b].shape(0), w.S, w.s_pos);
+              vt->sequence(ti, ts[b].shape(0), w.T, w.t_pos);
+              xt::canonical_pair(w.S, s_prefix, w.T, t_prefix);
+              xt::Result& r = rs[b];
+              for (int64_t k = 0; k < r.size(); ++k) {
+                const int64_t* c = &r.chunks[4 * k];
+                r.correct[k] = r.correct[k] && xt::chunk_correct(w.S, c[0], c[1], w.T, c[2], c[3]);
+              }
+              xt::mark_specials(r, *vs, si, w.s_pos, *vt, ti, w.t_pos);
             }
           });
         }
@@ -305,7 +320,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("student_starts"), py::arg("student_ends"), py::arg("teacher_starts"), py::arg("teacher_ends"),
       py::arg("threads") = 0, py::arg("student_vocab") = nullptr, py::arg("teacher_vocab") = nullptr,
-      py::arg("student_ids") = py::none(), py::arg("teacher_ids") = py::none(),
+      py::arg("student_ids") = py::none(), py::arg("teacher_ids") = py::none(), py::arg("student_prefix") = 0,
+      py::arg("teacher_prefix") = 0,
       "Offset merge of B sequence pairs (byte offsets). Returns (chunks [K,4], correct [K], offsets [B+1]).");
 
   m.def(

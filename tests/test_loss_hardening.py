@@ -575,6 +575,8 @@ BAD_INPUTS = [  # (keyword overrides, exception, message)
     (dict(teacher_topk=0), ValueError, "teacher_topk must be >= 1"),
     (dict(fn="hkl_loss", uncommon_topk=2.5), TypeError, "uncommon_topk must be an int"),
     (dict(fn="hkl_loss", uncommon_topk=-1), ValueError, "uncommon_topk must be >= 0"),
+    (dict(fn="gold_loss", uncommon_topk=2 ** 64), ValueError, r"uncommon_topk must be < 2\^63"),
+    (dict(teacher_topk=2 ** 63), ValueError, r"teacher_topk must be < 2\^63"),
     (dict(merge="chain", student_ids=torch.zeros(6, 2, dtype=torch.long)), ValueError,
      r"student_ids must be the input token ids \[B, T\] = \[2, 6\], got shape \(6, 2\)"),
     (dict(merge="chain", teacher_ids=torch.zeros(12, dtype=torch.long)), ValueError, "teacher_ids must be"),
@@ -619,6 +621,8 @@ def test_accepted_edges_of_the_checked_ranges():
     for tau in (2.0 ** -63, 2.0 ** 64 * (1 - 2.0 ** -24)):
         assert not torch.isnan(xt.pkl_loss(z, t, ali, PROJ, tau, nonfinite="mask"))
     per = xt.pkl_loss(z, t, ali, PROJ, reduction="none")
+    big = dict(teacher_topk=2 ** 63 - 1, uncommon_topk=2 ** 63 - 1)  # no cap, as None
+    assert torch.equal(xt.gold_loss(z, t, ali, PROJ, **big), xt.gold_loss(z, t, ali, PROJ, uncommon_topk=None))
     for n in (torch.tensor(4), np.int64(4), torch.tensor(4.0, dtype=torch.bfloat16)):
         assert torch.allclose(xt.pkl_loss(z, t, ali, PROJ, normalizer=n), per.sum() / 4)
     assert torch.isfinite(xt.pkl_loss(z, t, ali, PROJ, teacher_topk=np.int32(5)))

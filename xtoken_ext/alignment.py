@@ -5,7 +5,9 @@ has one empty side. ``correct[k]`` = both sides non-empty and equal concatenated
 
 Methods (DESIGN.md §2, METHOD.md §4):
 - ``"offsets"``: O(n+m) merge closing a chunk wherever both sides' byte ends coincide (``align(text)``: on the text
-  byte offsets of both encodings; ``align_ids``: on cumulative canonical byte lengths).
+  byte offsets of both encodings, correct only where the chunk's canonical bytes are equal too, since a normalizing
+  tokenizer (Qwen3's NFC) maps other bytes to the same offsets; ``align_ids``: on cumulative canonical byte
+  lengths).
 - ``"dp"``: the X-Token DP over canonical token bytes with unique-3-gram anchors, a band around the byte-offset
   guide path for segments larger than ``full_cells`` cells, and post-processing of mismatched runs.
 - ``"auto"`` (default): for text, the offset merge (both encodings cover identical text spans); for ids, the merge
@@ -284,7 +286,8 @@ class Aligner:
         return _C.merge_offsets_batch([e[1] for e in enc_s], [e[2] for e in enc_s], [e[1] for e in enc_t],
                                       [e[2] for e in enc_t], threads=threads, student_vocab=self._vs,
                                       teacher_vocab=self._vt, student_ids=[e[0] for e in enc_s],
-                                      teacher_ids=[e[0] for e in enc_t])
+                                      teacher_ids=[e[0] for e in enc_t], student_prefix=self._prefix[0],
+                                      teacher_prefix=self._prefix[1])
 
 
 def _pad(rows: list[np.ndarray], width: int, fill: int) -> np.ndarray:

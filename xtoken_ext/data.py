@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import _C, teacher_cache
-from .alignment import Aligner, Alignment
+from .alignment import Aligner, Alignment, _check_int
 from .tokenizers import NORMAL, encode_batch_with_offsets, load_tokenizer, token_table
 
 __all__ = ["Collator", "Batch", "pack_plan", "teacher_cache"]
@@ -84,7 +84,17 @@ def _segments(pieces: list[tuple[str, bool, bool, bool]], add_special: bool) -> 
 
 
 def _parse(ex, i: int):
-    """-> ("text", prompt, completion) or ("chat", messages, completion flags per message)."""
+    """-> ("text", prompt, completion) or ("chat", messages, completion flags per message); every text valid UTF-8."""
+    p = _parse_kind(ex, i)
+    for text in (p[1], p[2]) if p[0] == "text" else (m["content"] for m in p[1]):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"example {i}: its text cannot be encoded as UTF-8 (lone surrogate?): {e}") from None
+    return p
+
+
+def _parse_kind(ex, i: int):
     if isinstance(ex, str):
         return "text", "", ex
     if not isinstance(ex, Mapping):
@@ -258,11 +268,14 @@ def _span_all(flags: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return c[hi] - c[lo] == 0
 
 
-def _pair(S: list[_Side], T: list[_Side], threads: int) -> list[_TeacherDoc]:
+def _pair(S: list[_Side], T: list[_Side], aligner: Aligner, threads: int) -> list[_TeacherDoc]:
+    """Offset merge in the common coordinate, correct as in align_batch (equal canonical bytes, the specials'
+    rule: the aligner's vocabularies and prefix modes)."""
     common = [_common(s, t) for s, t in zip(S, T)]
-    chunks, correct, offsets = _C.merge_offsets_batch([c[0][0] for c in common], [c[0][1] for c in common],
-                                                      [c[1][0] for c in common], [c[1][1] for c in common],
-                                                      threads=threads)
+    chunks, correct, offsets = _C.merge_offsets_batch(
+        [c[0][0] for c in common], [c[0][1] for c in common], [c[1][0] for c in common], [c[1][1] for c in common],
+        threads=threads, student_vocab=aligner._vs, teacher_vocab=aligner._vt, student_ids=[s.ids for s in S],
+        teacher_ids=[t.ids for t in T], student_prefix=aligner._prefix[0], teacher_prefix=aligner._prefix[1])
     out = []
     for b, (s, t, ((_, _, ds), (_, _, dt))) in enumerate(zip(S, T, common)):
         c = chunks[offsets[b]:offsets[b + 1]]
@@ -341,7 +354,8 @@ def _pack_row(docs: list[_Doc]):
     s_ids = np.concatenate([d.s_ids for d in docs])
     s_comp = np.concatenate([d.s_comp for d in docs])
     s_off = np.concatenate([[0], np.cumsum([len(d.s_ids) for d in docs])]).astype(np.int64)
-    s_comp[s_off[1:-1]] = False  # HF shifts labels: a document's first label would be predicted by the previous one
+    starts = s_off[1:-1]  # HF shifts labels: a document's first label would be predicted by the previous one
+    s_comp[starts[starts < len(s_comp)]] = False  # (an empty last document starts at the row's end)
     teachers, t_lens = [], []
     for j in range(len(docs[0].teachers)):
         ts = [d.teachers[j] for d in docs]
@@ -400,7 +414,8 @@ class Collator:
     - ``packing``: first-fit-decreasing over the longest side packs the batch's documents into rows of
       ``max_length`` on every side with one shared plan; adds ``position_ids`` (restarting per document) and
       ``cu_seqlens`` per row; no chunk crosses documents and no logit row predicts across a boundary, so the loss
-      equals the unpacked one.
+      equals the unpacked one (a document's first chunk loses its first token to a one-sided gap, whose label the
+      boundary drops, and keeps its unpacked ``chunk_correct``).
     - ``teacher_caches``: per teacher ``None`` or an ``xt.teacher_cache.TeacherCache`` (or its path); its top-k
       log-probs come back as ``topk_logprobs``/``topk_indices`` for the losses' sparse teacher path.
     - ``include_mismatched``: count incorrect non-gap chunks (the authors' release); template markup never counts.
@@ -415,12 +430,16 @@ class Collator:
                  teacher_caches=None, chat_template_kwargs: dict | None = None, threads: int = 1):
         if isinstance(teachers, (str, bytes)) or not isinstance(teachers, Sequence) or not teachers:
             raise TypeError("teachers must be a non-empty list of tokenizers (objects or names)")
-        if max_length is not None and int(max_length) < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        for name, value in (("max_length", max_length), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if value is not None:
+                _check_int(value, name, 1, None)
+        for name, value in (("completion_only", completion_only), ("packing", packing),
+                            ("include_mismatched", include_mismatched)):
+            if not (isinstance(value, (bool, np.bool_)) or value is None and name == "completion_only"):
+                raise TypeError(f"{name} must be a bool{' or None' * (name == 'completion_only')}, got {value!r}")
+        _check_int(threads, "threads", 0, None)
         if packing and max_length is None:
             raise ValueError("packing needs max_length (the row capacity)")
-        if pad_to_multiple_of is not None and int(pad_to_multiple_of) < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.student_tok = load_tokenizer(student_tok)
         self.teacher_toks = [load_tokenizer(t) for t in teachers]
         self.max_length = None if max_length is None else int(max_length)
@@ -516,7 +535,7 @@ class Collator:
         texts = self.student_tok.batch_decode([r.tolist() for r in rows], skip_special_tokens=skip_special_tokens)
         teachers = []
         for j, tok in enumerate(self.teacher_toks):
-            aligner = self._aligners.get(j) or self._aligners.setdefault(j, Aligner(self.student_tok, tok))
+            aligner = self._aligner(j)
             t_ids = tok(texts, add_special_tokens=True)["input_ids"]
             ali = aligner.align_ids_batch(rows, t_ids, threads=threads)
             docs_j = []
@@ -532,6 +551,12 @@ class Collator:
         return self._batch(docs, use_caches=False)
 
     # -- internals -------------------------------------------------------------------------------------------------------
+    def _aligner(self, j: int) -> Aligner:
+        """The student / teacher j Aligner (native vocabularies, prefix modes), built once."""
+        if j not in self._aligners:
+            self._aligners[j] = Aligner(self.student_tok, self.teacher_toks[j])
+        return self._aligners[j]
+
     def _key(self) -> str:
         if self._key_cache is None:
             self._key_cache = self._digest()
@@ -569,7 +594,8 @@ class Collator:
                     for i, p in enumerate(parsed)]
 
         student = _encode(self.student_tok, rendered(self.student_tok), co)
-        pairs = [_pair(student, _encode(tok, rendered(tok), co), self.threads) for tok in self.teacher_toks]
+        pairs = [_pair(student, _encode(tok, rendered(tok), co), self._aligner(j), self.threads)
+                 for j, tok in enumerate(self.teacher_toks)]
         return [_truncate(_Doc(s.ids, s.comp, [p[b] for p in pairs]), self.max_length)
                 for b, s in enumerate(student)]
 

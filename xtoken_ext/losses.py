@@ -86,12 +86,13 @@ def _check(cond: bool, msg: str, exc: type = ValueError):
 
 
 def _int_option(value, name: str, lo: int) -> int | None:
-    """None, or an int (not bool, not a float) >= lo."""
+    """None, or an int (not bool, not a float) in [lo, 2^63)."""
     if value is None:
         return None
     _check(isinstance(value, numbers.Integral) and not isinstance(value, bool),
            f"{name} must be an int or None, got {value!r}", TypeError)
     _check(value >= lo, f"{name} must be >= {lo} or None, got {value}")
+    _check(value < 2 ** 63, f"{name} must be < 2^63 (int64) or None, got {value}")
     return int(value)
 
 
