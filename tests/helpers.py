@@ -11,11 +11,12 @@ Gradient. Both loss families have dz_r = p_r ⊙ (g − ⟨p_r, g⟩)/(τ n) (P-
   - the difference (g_s − ⟨p, g⟩) has an absolute error ≤ u_m·κ·(|g_s| + ⟨p, |g|⟩). One shows
     p̄_s|g_s| ≤ 2τ², Σ_s p̄_s|g_s| ≤ 2τ² (P-KL: p̄_s W_sv ≤ Z·Q_v bounds h_v = P_v/Q_v; H-KL: |Σ gS| ≤ 2τ²),
     so this part is ≤ u_m·κ·(τ n |dz_s| + 2τ²·p_s)/(τ n) per entry.
-  Hence |err_s| ≤ (2·u_d' + c·u_m·κ)·|ref_s| + c·u_m·κ·2τ·p_s·|w| (+ fp16 subnormals, below), where w is the
+  Hence |err_s| ≤ (2·u_d' + c·u_m·κ)·|ref_s| + c·u_m·κ·2τ·p_s·|w| (+ subnormals, below), where w is the
   incoming gradient of the chunk, p_s = softmax(x/τ)_s of the row (float64 on the rounded inputs), u_d' the dtype's
   roundoff (2u for bf16 under the Triton interpreter, which truncates fp32 -> bf16) and c = 8 a small constant for
-  the handful of chained roundings per term; fp16 adds (1 + |w|)·2⁻²⁵ (half its subnormal spacing, rounded in the
-  forward, scaled by w, rounded again). The bound is relative per entry: a kernel that zeroes or perturbs
+  the handful of chained roundings per term; the gradient's dtype adds (1 + |w|) times half its subnormal spacing
+  (rounded in the forward, scaled by w, rounded again: fp16 2⁻²⁵, which matters; bf16 2⁻¹³⁴ and fp32 2⁻¹⁵⁰, which
+  only entries that no such dtype holds meet). The bound is relative per entry: a kernel that zeroes or perturbs
   the small entries fails it (test_mutation_* checks exactly that).
 Loss. L = τ² Σ P (T − log Q) (+ τ² Σ|a − b| ≤ 2τ²): |err| ≤ c·u_m·κ·(|ref| + τ²).
 """

@@ -613,6 +613,17 @@ def test_bad_input_gets_a_clear_error(override, exc, msg):
         fn(**args)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_over_temperature_past_fp32s_range_get_a_clear_error(backend):
+    """Finite logits whose |z|/τ passes float32's range (the fp32 kernels compute z/τ): the NaN loss names that
+    cause instead of an internal inconsistency (float64 logits and the C++ kernel's double sums stay finite)."""
+    z, t = (x.float() for x in logits(12))
+    z, t = z / z.abs().max() * 1e21, t / t.abs().max() * 1e21
+    with pytest.raises(ValueError, match=r"\|logit\| / temperature reaches 1e\+39, past float32's range"):
+        xt.gold_loss(z, t, alignment(), PROJ, temperature=1e-18, backend=backend)
+    assert torch.isfinite(xt.gold_loss(z / 1e4, t / 1e4, alignment(), PROJ, temperature=1e-18, backend=backend))
+
+
 def test_accepted_edges_of_the_checked_ranges():
     """The limits are the documented ones, not stricter: τ = 2⁻⁶³ and just below 2⁶⁴, an integer normalizer tensor,
     numpy ints, a bf16 normalizer."""

@@ -467,7 +467,8 @@ def _run(kind, student_logits, teacher_logits, alignment, proj, temperature, red
         loss = loss.masked_fill(chain_bad, math.nan)
 
     excluded = _excluded(loss, nonfinite, lambda j: _raise_nonfinite(
-        j, kind, merge, alignment, p.spans_host, lambda r: z.detach().index_select(0, r), t_fetch, T_S, T_T, backend))
+        j, kind, merge, alignment, p.spans_host, lambda r: z.detach().index_select(0, r), t_fetch, T_S, T_T, backend,
+        o.tau))
     loss = loss.masked_fill(excluded, 0.0)  # no gradient through excluded chunks
     n_excluded = excluded.sum()
     if reduction == "none":
@@ -486,9 +487,10 @@ def _check_unique(teacher_indices: Tensor):
     check_data(~dup.any(), msg)
 
 
-def _raise_nonfinite(j, kind, merge, alignment, spans, s_fetch, t_fetch, T_S, T_T, backend):
+def _raise_nonfinite(j, kind, merge, alignment, spans, s_fetch, t_fetch, T_S, T_T, backend, tau):
     """The error for NaN chunk j (flat, in row_spans order): the first row it reads (student rows first) that holds
-    NaN or +inf, or (student) has no finite value. ``s_fetch(r)`` / ``t_fetch(r)[0]``: the logit rows r."""
+    NaN or +inf, or (student) has no finite value; else, where a finite |logit| / τ passes float32's range (the
+    fp32 kernels' domain), that. ``s_fetch(r)`` / ``t_fetch(r)[0]``: the logit rows r."""
     s_lo, s_hi, t_lo, t_hi = (int(x) for x in spans[j])
     s_all = merge == "mean" or (merge == "chain" and kind != "pkl")  # P-KL has no student chain scalar
     t_all = merge != "first"
@@ -507,6 +509,11 @@ def _raise_nonfinite(j, kind, merge, alignment, spans, s_fetch, t_fetch, T_S, T_
                 "no finite value"
             raise ValueError(f"non-finite logits: {name} at batch {(r.start + i) // T}, position {(r.start + i) % T} "
                              f"holds {what} ({where} reads that row); pass nonfinite='mask' to exclude such chunks")
+        big = float(rows.double().abs().max()) / tau if rows.numel() else 0.0
+        if rows.dtype != torch.float64 and big > torch.finfo(torch.float32).max:
+            raise ValueError(f"{name} of {where}: |logit| / temperature reaches {big:.3g}, past float32's range "
+                             "(the kernels compute logits / temperature in fp32): rescale the logits or raise the "
+                             "temperature")
     raise ValueError(f"the loss of {where} is NaN although the logit rows it reads are finite (backend "
                      f"{backend or 'auto'!r})")
 

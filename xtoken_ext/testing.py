@@ -150,13 +150,14 @@ def offline_tokenizer(name: str):
 # Per-entry error bounds against a float64 reference on the SAME rounded inputs (derivation: the module docstring
 # of tests/helpers.py). Every backend computes in fp32 (fp64 for fp64 logits; unit roundoff u_m), rounds the
 # gradient to the logits' dtype (u_d) in the forward and once more when backward scales it in place:
-#   |grad − ref| ≤ (2u_d + C·u_m·κ)|ref| + C·u_m·κ·2τ·p·w  (+ fp16 subnormals),   |loss − ref| ≤ C·u_m·κ(|ref| + τ²)
+#   |grad − ref| ≤ (2u_d + C·u_m·κ)|ref| + C·u_m·κ·2τ·p·w  (+ subnormals),   |loss − ref| ≤ C·u_m·κ(|ref| + τ²)
 # with p = softmax(z/τ) of the row, w the largest incoming per-chunk gradient, κ the condition factor below.
 # ---------------------------------------------------------------------------------------------------------------
 
 UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
                  torch.float16: 2.0 ** -11}
-HALF_SPACING = {torch.float16: 2.0 ** -25}  # half the fp16 subnormal spacing 2⁻²⁴ (0 for the other dtypes)
+# half the gradient dtype's subnormal spacing: an entry below it rounds to 0 however it is computed
+HALF_SPACING = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134, torch.float32: 2.0 ** -150}
 C = 8.0  # a small constant for the handful of chained roundings per term
 
 
