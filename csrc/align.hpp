@@ -754,6 +754,11 @@ struct IdScratch {
   thread_local IdScratch w;
   return w;
 }
+// After a pair: a thread keeps its buffers unless they grew past 2^18 tokens.
+inline void trim_scratch(IdScratch& w) {
+  constexpr size_t kKeep = size_t{1} << 18;  // tokens
+  if (w.S.off.capacity() > kKeep || w.T.off.capacity() > kKeep) w.S = Seq(), w.T = Seq();
+}
 
 // Everything the id path does for one pair: ids (in range) -> canonical Seqs -> chunks (appended to r) ->
 // special-token rule.
@@ -762,14 +767,13 @@ inline void align_ids(const Vocab& vs, const int64_t* s, int64_t n, const Vocab&
   IdScratch& w = id_scratch();
   Seq &S = w.S, &T = w.T;
   std::vector<int64_t> &s_pos = w.s_pos, &t_pos = w.t_pos;
-  constexpr size_t kKeep = size_t{1} << 18;  // tokens
   vs.sequence(s, n, S, s_pos);
   vt.sequence(t, m, T, t_pos);
   canonical_pair(S, s_prefix, T, t_prefix);
   const int64_t k0 = r.size();
   align_streams(S, T, method, p, r);
   mark_specials(r, vs, s, s_pos, vt, t, t_pos, k0);
-  if (S.off.capacity() > kKeep || T.off.capacity() > kKeep) S = Seq(), T = Seq();
+  trim_scratch(w);
 }
 
 }  // namespace xt

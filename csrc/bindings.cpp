@@ -313,6 +313,7 @@ PYBIND11_MODULE(_C, m) {
                 r.correct[k] = r.correct[k] && xt::chunk_correct(w.S, c[0], c[1], w.T, c[2], c[3]);
               }
               xt::mark_specials(r, *vs, si, w.s_pos, *vt, ti, w.t_pos);
+              xt::trim_scratch(w);
             }
           });
         }
