@@ -306,7 +306,14 @@ PYBIND11_MODULE(_C, m) {
               const int64_t *si = s_ids[b].data(), *ti = t_ids[b].data();
               vs->sequence(si, ss[b].shape(0), w.S, w.s_pos);
               vt->sequence(ti, ts[b].shape(0), w.T, w.t_pos);
-              xt::canonical_pair(w.S, s_prefix, w.T, t_prefix);
+              // prepend_scheme="first" adds no prefix space after a special the text itself starts with
+              auto lead = [](int prefix, const xt::Seq& S, const int64_t* st, const int64_t* en, int64_t n) {
+                int64_t k = 0;
+                while (k < n && en[k] == st[k]) ++k;
+                return prefix == xt::kPrefixUnlessSpace && k < n && !S.cls.empty() && S.cls[k] ? 0 : prefix;
+              };
+              xt::canonical_pair(w.S, lead(s_prefix, w.S, ss[b].data(), se[b].data(), ss[b].shape(0)), w.T,
+                                 lead(t_prefix, w.T, ts[b].data(), te[b].data(), ts[b].shape(0)));
               xt::Result& r = rs[b];
               for (int64_t k = 0; k < r.size(); ++k) {
                 const int64_t* c = &r.chunks[4 * k];

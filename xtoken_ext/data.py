@@ -415,7 +415,7 @@ class Collator:
       ``max_length`` on every side with one shared plan; adds ``position_ids`` (restarting per document) and
       ``cu_seqlens`` per row; no chunk crosses documents and no logit row predicts across a boundary, so the loss
       equals the unpacked one (a document's first chunk loses its first token to a one-sided gap, whose label the
-      boundary drops, and keeps its unpacked ``chunk_correct``).
+      boundary drops, and keeps its unpacked ``chunk_correct`` unless that side had only that token).
     - ``teacher_caches``: per teacher ``None`` or an ``xt.teacher_cache.TeacherCache`` (or its path); its top-k
       log-probs come back as ``topk_logprobs``/``topk_indices`` for the losses' sparse teacher path.
     - ``include_mismatched``: count incorrect non-gap chunks (the authors' release); template markup never counts.

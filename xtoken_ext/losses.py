@@ -509,7 +509,8 @@ def _raise_nonfinite(j, kind, merge, alignment, spans, s_fetch, t_fetch, T_S, T_
                 "no finite value"
             raise ValueError(f"non-finite logits: {name} at batch {(r.start + i) // T}, position {(r.start + i) % T} "
                              f"holds {what} ({where} reads that row); pass nonfinite='mask' to exclude such chunks")
-        big = float(rows.double().abs().max()) / tau if rows.numel() else 0.0
+        finite = rows[rows.isfinite()]  # −inf entries are legitimate zero probabilities
+        big = float(finite.double().abs().max()) / tau if finite.numel() else 0.0
         if rows.dtype != torch.float64 and big > torch.finfo(torch.float32).max:
             raise ValueError(f"{name} of {where}: |logit| / temperature reaches {big:.3g}, past float32's range "
                              "(the kernels compute logits / temperature in fp32): rescale the logits or raise the "
