@@ -679,18 +679,9 @@ inline bool special_pair_ok(const Vocab& vs, int64_t a, const Vocab& vt, int64_t
   return (cs & ct & kRoleBits) || span_eq(vs.table, a, a + 1, vt.table, b, b + 1);
 }
 
-// Positions of the special tokens among ids [0, n).
-inline std::vector<int64_t> special_positions(const Vocab& v, const int64_t* ids, int64_t n) {
-  std::vector<int64_t> pos;
-  if (!v.table.cls.empty())
-    for (int64_t k = 0; k < n; ++k)
-      if (v.table.cls[ids[k]] != 0) pos.push_back(k);
-  return pos;
-}
-
 // Correct flags of the chunks that hold a special token on either side: a special is never equal to text, so
 // only a 1:1 chunk of two specials can be correct (special_pair_ok). Chunks [k0, K) of r are over the ids s and t
-// and tile both sides in order; s_pos / t_pos are the special positions (special_positions). Token q of a side
+// and tile both sides in order; s_pos / t_pos are the special positions (Vocab::sequence). Token q of a side
 // lies in the first chunk whose end on that side exceeds q (binary search), so the cost is O(specials * log K).
 inline void mark_specials(Result& r, const Vocab& vs, const int64_t* s, const std::vector<int64_t>& s_pos,
                           const Vocab& vt, const int64_t* t, const std::vector<int64_t>& t_pos, int64_t k0 = 0) {
@@ -773,6 +764,33 @@ inline void align_ids(const Vocab& vs, const int64_t* s, int64_t n, const Vocab&
   const int64_t k0 = r.size();
   align_streams(S, T, method, p, r);
   mark_specials(r, vs, s, s_pos, vt, t, t_pos, k0);
+  trim_scratch(w);
+}
+
+// A text side's prefix mode: with prepend_scheme="first" (kPrefixUnlessSpace) no prefix space follows a special
+// the text itself starts with (its first token with width, byte offsets [st, en) of its n tokens).
+inline int text_prefix(int prefix, const Seq& S, const int64_t* st, const int64_t* en, int64_t n) {
+  int64_t k = 0;
+  while (k < n && en[k] == st[k]) ++k;
+  return prefix == kPrefixUnlessSpace && k < n && !S.cls.empty() && S.cls[k] ? kPrefixNone : prefix;
+}
+
+// The text path's correct flags for one pair (align_ids' twin): the chunks r of merge_offsets over the byte
+// offsets of ids s [n] and t [m] stay correct only where their canonical bytes are equal too (a normalizing
+// tokenizer, e.g. NFC, maps other bytes to the same offsets), with the id path's prefix handling; then the
+// special-token rule.
+inline void mark_text_pair(Result& r, const Vocab& vs, const int64_t* s, const int64_t* s_st, const int64_t* s_en,
+                           int64_t n, int s_prefix, const Vocab& vt, const int64_t* t, const int64_t* t_st,
+                           const int64_t* t_en, int64_t m, int t_prefix) {
+  IdScratch& w = id_scratch();
+  vs.sequence(s, n, w.S, w.s_pos);
+  vt.sequence(t, m, w.T, w.t_pos);
+  canonical_pair(w.S, text_prefix(s_prefix, w.S, s_st, s_en, n), w.T, text_prefix(t_prefix, w.T, t_st, t_en, m));
+  for (int64_t k = 0; k < r.size(); ++k) {
+    const int64_t* c = &r.chunks[4 * k];
+    r.correct[k] = r.correct[k] && chunk_correct(w.S, c[0], c[1], w.T, c[2], c[3]);
+  }
+  mark_specials(r, vs, s, w.s_pos, vt, t, w.t_pos);
   trim_scratch(w);
 }
 

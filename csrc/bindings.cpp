@@ -165,13 +165,13 @@ xt::Params make_params(int64_t band, int64_t full_cells, int64_t lookahead, int6
   return xt::Params{band, full_cells, lookahead, gram};
 }
 
-// Everything of an id alignment but the ids, checked once: Aligner.align_ids pays no per-call argument parsing.
 void check_prefixes(int sp, int tp) {
   for (int prefix : {sp, tp})
     if (prefix < xt::kPrefixNone || prefix > xt::kPrefixUnlessSpace)
       throw py::value_error("prefix modes are 0 (none), 1 (always) or 2 (unless the text starts with a space)");
 }
 
+// Everything of an id alignment but the ids, checked once: Aligner.align_ids pays no per-call argument parsing.
 struct IdAligner {
   const xt::Vocab* vs;
   const xt::Vocab* vt;
@@ -277,13 +277,12 @@ PYBIND11_MODULE(_C, m) {
           xt::check_offsets(ss[b].data(), se[b].data(), ss[b].shape(0), "student");
           xt::check_offsets(ts[b].data(), te[b].data(), ts[b].shape(0), "teacher");
         }
-        // Optional vocabularies + ids: a chunk is correct only where its tokens' canonical bytes are equal too
-        // (equal offsets are not enough where a tokenizer normalizes the text, e.g. NFC), with the id path's
-        // prefix-space handling (canonical_pair), and chunks holding special tokens get its rule (mark_specials).
+        // Optional vocabularies + ids: the text path's correct flags (xt::mark_text_pair: equal canonical bytes,
+        // the id path's prefix handling and special-token rule).
         check_prefixes(s_prefix, t_prefix);
-        const bool specials = vs != nullptr || vt != nullptr;
+        const bool vocabs = vs != nullptr || vt != nullptr;
         std::vector<std::vector<int64_t>> s_ids, t_ids;
-        if (specials) {
+        if (vocabs) {
           if (!vs || !vt || s_ids_obj.is_none() || t_ids_obj.is_none())
             throw py::value_error("student_vocab, teacher_vocab, student_ids and teacher_ids go together");
           s_ids = owned_id_batch(s_ids_obj.cast<py::sequence>(), vs->size(), "student");
@@ -301,27 +300,9 @@ PYBIND11_MODULE(_C, m) {
           xt::parallel_for(static_cast<int64_t>(rs.size()), threads, [&](int64_t b) {
             rs[b] = xt::merge_offsets(ss[b].data(), se[b].data(), ss[b].shape(0), ts[b].data(), te[b].data(),
                                       ts[b].shape(0));
-            if (specials) {
-              xt::IdScratch& w = xt::id_scratch();
-              const int64_t *si = s_ids[b].data(), *ti = t_ids[b].data();
-              vs->sequence(si, ss[b].shape(0), w.S, w.s_pos);
-              vt->sequence(ti, ts[b].shape(0), w.T, w.t_pos);
-              // prepend_scheme="first" adds no prefix space after a special the text itself starts with
-              auto lead = [](int prefix, const xt::Seq& S, const int64_t* st, const int64_t* en, int64_t n) {
-                int64_t k = 0;
-                while (k < n && en[k] == st[k]) ++k;
-                return prefix == xt::kPrefixUnlessSpace && k < n && !S.cls.empty() && S.cls[k] ? 0 : prefix;
-              };
-              xt::canonical_pair(w.S, lead(s_prefix, w.S, ss[b].data(), se[b].data(), ss[b].shape(0)), w.T,
-                                 lead(t_prefix, w.T, ts[b].data(), te[b].data(), ts[b].shape(0)));
-              xt::Result& r = rs[b];
-              for (int64_t k = 0; k < r.size(); ++k) {
-                const int64_t* c = &r.chunks[4 * k];
-                r.correct[k] = r.correct[k] && xt::chunk_correct(w.S, c[0], c[1], w.T, c[2], c[3]);
-              }
-              xt::mark_specials(r, *vs, si, w.s_pos, *vt, ti, w.t_pos);
-              xt::trim_scratch(w);
-            }
+            if (vocabs)
+              xt::mark_text_pair(rs[b], *vs, s_ids[b].data(), ss[b].data(), se[b].data(), ss[b].shape(0), s_prefix,
+                                 *vt, t_ids[b].data(), ts[b].data(), te[b].data(), ts[b].shape(0), t_prefix);
           });
         }
         return batch_to_numpy(std::move(rs), threads);

@@ -99,6 +99,10 @@ def _check_text(text, where: str = "text") -> str:
         raise TypeError(f"{where} must be str (or UTF-8 bytes), got {type(text).__name__}")
     if not text:
         raise ValueError(f"{where} is empty; there is nothing to align")
+    return _check_utf8(text, where)
+
+
+def _check_utf8(text: str, where: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import _C, teacher_cache
-from .alignment import Aligner, Alignment, _check_int
+from .alignment import Aligner, Alignment, _check_int, _check_utf8
 from .tokenizers import NORMAL, encode_batch_with_offsets, load_tokenizer, token_table
 
 __all__ = ["Collator", "Batch", "pack_plan", "teacher_cache"]
@@ -87,10 +87,7 @@ def _parse(ex, i: int):
     """-> ("text", prompt, completion) or ("chat", messages, completion flags per message); every text valid UTF-8."""
     p = _parse_kind(ex, i)
     for text in (p[1], p[2]) if p[0] == "text" else (m["content"] for m in p[1]):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"example {i}: its text cannot be encoded as UTF-8 (lone surrogate?): {e}") from None
+        _check_utf8(text, f"example {i}: its text")
     return p
 
 
