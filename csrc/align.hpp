@@ -745,10 +745,14 @@ struct IdScratch {
   thread_local IdScratch w;
   return w;
 }
-// After a pair: a thread keeps its buffers unless they grew past 2^18 tokens.
+// After a pair: a thread keeps its buffers unless they grew past 2^18 tokens or 2^22 bytes (long tokens).
 inline void trim_scratch(IdScratch& w) {
-  constexpr size_t kKeep = size_t{1} << 18;  // tokens
-  if (w.S.off.capacity() > kKeep || w.T.off.capacity() > kKeep) w.S = Seq(), w.T = Seq();
+  constexpr size_t kKeep = size_t{1} << 18, kKeepBytes = size_t{1} << 22;
+  if (w.S.off.capacity() > kKeep || w.T.off.capacity() > kKeep || w.S.bytes.capacity() > kKeepBytes ||
+      w.T.bytes.capacity() > kKeepBytes)
+    w.S = Seq(), w.T = Seq();
+  if (w.s_pos.capacity() > kKeep) w.s_pos = std::vector<int64_t>();
+  if (w.t_pos.capacity() > kKeep) w.t_pos = std::vector<int64_t>();
 }
 
 // Everything the id path does for one pair: ids (in range) -> canonical Seqs -> chunks (appended to r) ->

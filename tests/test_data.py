@@ -466,3 +466,27 @@ def test_packing_with_empty_documents_for_a_student_without_bos(toks):
     assert (packed["labels"][:, 1:] >= 0).sum() == (unpacked["labels"][:, 1:] >= 0).sum() > 0  # labels predicted
     a_p, a_u = packed["teachers"][0]["alignment"], unpacked["teachers"][0]["alignment"]
     assert a_p.chunk_valid.sum() == a_u.chunk_valid.sum() > 0
+
+
+def test_chat_content_a_tokenizer_normalizes_keeps_only_equal_bytes_correct(chat_toks):
+    """The chat path marks chunks by the same byte rule as raw text: "afe" (NFD, Llama-3) never pairs with "afé"
+    (NFC-normalized Qwen3) as a correct chunk, inside a rendered template."""
+    s, q, m = chat_toks
+    chat = {"messages": [{"role": "user", "content": "Order Cafe\u0301 au lait, x \u212b b."},
+                         {"role": "assistant", "content": "Cafe\u0301 au lait and \u212b it is, x \u2581 y."}]}
+    batch = xt.Collator(s, [q, m], completion_only=False)([chat])
+    special = {i for tok in chat_toks for i in tok.all_special_ids}
+    n_correct = 0
+    for td, t in zip(batch["teachers"], (q, m)):
+        a = td["alignment"]
+        for b, k in a.chunk_correct.nonzero().tolist():
+            s0, s1, t0, t1 = a.chunks[b, k].tolist()
+            si, ti = a.student_ids[b, s0:s1].tolist(), a.teacher_ids[b, t0:t1].tolist()
+            if special & {*si, *ti}:
+                assert len(si) == len(ti) == 1
+                continue
+            x, y = canonical(s, si), canonical(t, ti)
+            assert x == y, (k, x, y)
+            n_correct += 1
+        assert not (a.chunk_valid & ~a.chunk_correct).any()  # include_mismatched=False
+    assert n_correct > 10
