@@ -38,7 +38,8 @@ def test_pkl_model_counts(proj):
     idx = proj.indices.clone()
     used = idx[512:1536] >= 0
     idx[512:1536][used & (used.cumsum(1) > 1)] = -1
-    one = Projection(idx, torch.where(idx >= 0, proj.weights, 0.0), V_T)
+    w = torch.where(idx >= 0, proj.weights, 0.0)
+    one = Projection(idx, w / w.sum(1, keepdim=True).clamp_min(1e-30), V_T)  # rows renormalized
     nslot = _w_structure(idx.to(torch.int32).contiguous(), V_T, 256, 512)["nslot"]
     widest = [int(nslot[i:i + 512].max()) for i in range(0, V_S, 512)]
     assert widest[1:3] == [1, 1] and min(widest[:1] + widest[3:]) > 1

@@ -596,6 +596,10 @@ BAD_INPUTS = [  # (keyword overrides, exception, message)
     (dict(temperature=True), TypeError, "temperature must be a real number, got bool"),
     (dict(temperature="1"), TypeError, "temperature must be a real number, got str"),
     (dict(nonfinite="ignore"), ValueError, "nonfinite must be one of"),
+    (dict(student_logits=torch.zeros(2, 6, V_S, dtype=torch.float64), backend="triton"), ValueError,
+     "backend='triton' computes in float32; float64 logits need backend='torch'"),
+    (dict(fn="gold_loss", student_logits=torch.zeros(2, 6, V_S, dtype=torch.float64), backend="triton"), ValueError,
+     "backend='triton' computes in float32"),
     (dict(student_logits=torch.where(torch.arange(V_S) == 2, NAN, torch.zeros(2, 6, V_S))), ValueError,
      "student_logits at batch 0, position 0 holds NaN"),
 ]

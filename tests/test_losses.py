@@ -154,6 +154,31 @@ def _learnable_case(backend, c):
     check(f"{backend}/fp32/grad_theta", gt, gt_ref, bound)
 
 
+def test_learnable_w_keeps_float64_gradients_in_float64():
+    """fp64 logits and a learnable W: backward reruns the op with the incoming gradient as its chunk scale, which
+    stays float64 (rounded to fp32 it cost the student gradient 8 digits: 9e-9 relative where 2e-16 is due), and
+    so does W's gradient (it was fp32 too)."""
+    g = torch.Generator().manual_seed(3)
+    proj = xt.Projection.random(7, 5, seed=0)
+    alignment = xt.Alignment.from_chunks([[(0, 1, 0, 1), (1, 2, 1, 2)], [(0, 1, 0, 1), (1, 3, 1, 3)]],
+                                         [[True, True], [True, True]], [2, 3], [2, 3], T_S=3, T_T=3)
+    z = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    v = torch.tensor([1 / 3, 0.1, math.pi], dtype=torch.float64)[:alignment.row_spans().shape[0]]
+    lp, lp_ref = LearnableProjection(proj).double(), LearnableProjection(proj).double()
+    zf, zr = z.clone().requires_grad_(), z.clone().requires_grad_()
+    a = xt.pkl_loss(zf, t, alignment, lp, reduction="none", backend="torch", temperature=0.7)
+    b = ref.pkl_loss(zr, t, alignment, lp_ref, reduction="none", temperature=0.7)
+    (a * v).sum().backward()
+    (b * v).sum().backward()
+    kap = kappa(z, t, 0.7)
+    check("torch/fp64/grad (learnable W)", zf.grad, zr.grad,
+          grad_bound(zr.grad, z, 0.7, kap, torch.float64, "torch", float(v.max())))
+    assert lp.theta.grad.dtype == torch.float64
+    check("torch/fp64/grad_theta", lp.theta.grad, lp_ref.theta.grad,
+          8 * 2.0 ** -53 * kap * (lp_ref.theta.grad.abs() + 2 * 0.49 * float(v.max()) * 0.25 * b.numel()))
+
+
 @pytest.mark.parametrize("loss_name", LOSSES)
 @pytest.mark.parametrize("side", ["student", "teacher"])
 def test_invariant_to_row_constant(loss_name, side):

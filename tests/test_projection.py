@@ -63,6 +63,53 @@ def test_alias_rows_never_common_and_exact_rows_win_ties():
         Projection(idx, w, 8, alias_rows=[True])
 
 
+ONE = [[1, -1, -1, -1]]
+
+
+@pytest.mark.parametrize("args, exc, msg", [
+    (([[2 ** 32 + 3, -1, -1, -1]], [[1.0, 0, 0, 0]], 10), ValueError, r"teacher indices must lie in \[-1, 10\)"),
+    ((torch.tensor([[2.7, -1, -1, -1]]), [[1.0, 0, 0, 0]], 10), TypeError, "indices must hold integers"),
+    ((torch.ones(1, 4, dtype=torch.bool), [[1.0, 0, 0, 0]], 10), TypeError, "indices must hold integers"),
+    ((ONE, [[1.0, 0, 0, 0]], 5.5), TypeError, "teacher_vocab_size must be an int"),
+    ((ONE, [[1.0, 0, 0, 0]], True), TypeError, "teacher_vocab_size must be an int"),
+    ((ONE, [[1.0, 0, 0, 0]], 2 ** 31), ValueError, "teacher_vocab_size must be in"),
+    ((ONE, [[0.5, 0, 0, 0]], 3), ValueError, r"rows must sum to 1 \(or be empty\): 1 rows .* row 0: 0.5"),
+    ((ONE, [[0.0, 0, 0, 0]], 3), ValueError, "rows must sum to 1"),
+    (([[1, 2, -1, -1]], [[1.0, 1.0, 0, 0]], 3), ValueError, "rows must sum to 1"),
+])
+def test_bad_w_is_rejected_where_it_is_built(args, exc, msg):
+    """What Projection.load refuses, the constructor refuses too (a saved W always loads), and ids are range-checked
+    before they are narrowed to int32 (2^32 + 3 wrapped to 3)."""
+    with pytest.raises(exc, match=msg):
+        Projection(*args)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0, -0.5])
+def test_random_w_checks_gamma_as_from_tokenizers(gamma):
+    with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\]"):
+        Projection.random(5, 4, gamma=gamma)
+
+
+def test_learned_w_keeps_the_row_masks(tmp_path):
+    """LearnableProjection learns weights on W's fixed support, so its frozen copy keeps exact_rows / alias_rows (the
+    strict common set must not widen when a learned W is saved) and saves and loads."""
+    from xtoken_ext.losses import LearnableProjection
+
+    idx, w = [[5, -1, -1, -1], [5, -1, -1, -1], [6, 7, -1, -1]], [[1, 0, 0, 0], [1, 0, 0, 0], [0.6, 0.4, 0, 0]]
+    base = Projection(idx, w, 8, exact_rows=[False, True, False], alias_rows=[True, False, False])
+    lp = LearnableProjection(base)
+    with torch.no_grad():
+        lp.theta += torch.tensor([[0.0, 0, 0, 0], [0.0, 0, 0, 0], [1.0, -1.0, 0, 0]])
+    learned = lp.projection()
+    assert torch.equal(learned.exact_rows, base.exact_rows) and torch.equal(learned.alias_rows, base.alias_rows)
+    for mode in ("strict", "relaxed"):
+        assert [x.tolist() for x in learned.common_pairs(mode)] == [x.tolist() for x in base.common_pairs(mode)]
+    learned.save(tmp_path / "w.safetensors")
+    back = Projection.load(tmp_path / "w.safetensors")
+    assert torch.equal(back.weights, learned.weights) and torch.equal(back.exact_rows, base.exact_rows)
+    assert learned.weights[2, 0] > 0.6  # θ moved the row
+
+
 def test_o5_row_stochastic_projection():
     # W = {A->a: 1; B->b: 1; C->{c: 0.909091, d: 0.090909}}, p_S = [0.5, 0.3, 0.2]
     P = Projection([[0, -1, -1, -1], [1, -1, -1, -1], [2, 3, -1, -1]],

@@ -77,7 +77,8 @@ class LearnableProjection(nn.Module):
 
     def projection(self) -> Projection:
         """A frozen Projection with the current weights (e.g. to save the learned W)."""
-        return Projection(self.indices.cpu(), self.weights.detach().cpu(), self.teacher_vocab_size, self.base.meta)
+        return Projection(self.indices.cpu(), self.weights.detach().cpu(), self.teacher_vocab_size, self.base.meta,
+                          exact_rows=self.base.exact_rows, alias_rows=self.base.alias_rows)  # same support
 
 
 def _check(cond: bool, msg: str, exc: type = ValueError):

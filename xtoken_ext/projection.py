@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import re
 import sys
@@ -52,18 +53,29 @@ class Projection:
 
     def __init__(self, indices, weights, teacher_vocab_size: int, meta: dict[str, Any] | None = None, *,
                  exact_rows=None, alias_rows=None):
-        indices = torch.as_tensor(indices, dtype=torch.int32)
+        if not isinstance(teacher_vocab_size, numbers.Integral) or isinstance(teacher_vocab_size, bool):
+            raise TypeError(f"teacher_vocab_size must be an int, got {teacher_vocab_size!r}")
+        if not 0 <= teacher_vocab_size <= _MAX_VOCAB:
+            raise ValueError(f"teacher_vocab_size must be in [0, {_MAX_VOCAB}] (ids are int32), got "
+                             f"{teacher_vocab_size}")
+        indices = torch.as_tensor(indices)
+        if indices.is_complex() or indices.dtype == torch.bool or (
+                indices.is_floating_point() and not bool((indices == indices.trunc()).all())):
+            raise TypeError(f"indices must hold integers, got {indices.dtype}")
         weights = torch.as_tensor(weights, dtype=torch.float32)
         if indices.dim() != 2 or indices.shape[1] != SLOTS or weights.shape != indices.shape:
             raise ValueError(f"indices/weights must both be [V_S, {SLOTS}], got {tuple(indices.shape)} / "
                              f"{tuple(weights.shape)}")
-        idx, w = indices.cpu().numpy(), weights.cpu().numpy()  # numpy: ~100x faster than torch's CPU reductions
-        if idx.size and (int(idx.min()) < -1 or int(idx.max()) >= teacher_vocab_size):
+        if indices.numel() and (indices.min() < -1 or indices.max() >= teacher_vocab_size):  # before the int32 cast
             raise ValueError(f"teacher indices must lie in [-1, {teacher_vocab_size})")
+        indices = indices.to(torch.int32)
+        idx, w = indices.cpu().numpy(), weights.cpu().numpy()  # numpy: ~100x faster than torch's CPU reductions
         if bool(((idx < 0) & (w != 0)).any()):
             raise ValueError("empty slots (index -1) must have weight 0")
         if bool((w < 0).any()) or not bool(np.isfinite(w).all()):
             raise ValueError("weights must be finite and non-negative")
+        if (bad := _bad_row_sums(idx, w)) is not None:
+            raise ValueError(f"rows must sum to 1 (or be empty): {bad}")
         self.indices = indices
         self.weights = weights
         self.teacher_vocab_size = int(teacher_vocab_size)
@@ -351,6 +363,8 @@ class Projection:
         the decay weights γ^i / Σγ^j; a fraction ``empty_rows`` of rows stays empty."""
         if not 1 <= max_pieces <= SLOTS or teacher_vocab_size < max_pieces:
             raise ValueError("need 1 <= max_pieces <= 4 and teacher_vocab_size >= max_pieces")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
         g = torch.Generator().manual_seed(seed)
         V_S = student_vocab_size
         pieces = torch.randint(1, max_pieces + 1, (V_S,), generator=g)
@@ -546,12 +560,19 @@ def _validate(path, meta: dict, tensors: dict) -> None:
         m = tensors.get(name)
         if m is not None and (m.dtype != np.uint8 or m.shape != (V_S,) or bool((m > 1).any())):
             fail(f"{name} must be uint8 0/1 [{V_S}]")
+    if (bad := _bad_row_sums(idx, w)) is not None:
+        fail(bad)
+
+
+def _bad_row_sums(idx: np.ndarray, w: np.ndarray) -> str | None:
+    """None when every row with a teacher id sums to 1 (±_ROW_SUM_TOL) and every other row to 0, else what fails."""
     sums = w.sum(1, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         bad = np.where((idx >= 0).any(1), np.abs(sums - 1) > _ROW_SUM_TOL, sums != 0)
-    if bad.any():
-        r = int(np.flatnonzero(bad)[0])
-        fail(f"{int(bad.sum())} rows do not sum to 1 (or 0 when empty), e.g. row {r}: {sums[r]:.6g}")
+    if not bad.any():
+        return None
+    r = int(np.flatnonzero(bad)[0])
+    return f"{int(bad.sum())} rows do not sum to 1 (or 0 when empty), e.g. row {r}: {sums[r]:.6g}"
 
 
 # ---------------------------------------------------------------------- builder

@@ -41,7 +41,8 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype, native_ok: bool) -> str:
     """"auto" (default: $XTOKEN_BACKEND or "auto") -> "triton" on CUDA with Triton importable (float64 excepted),
-    "native" where the C++ kernel applies (``native_ok``), else "torch"; an explicit backend is checked."""
+    "native" where the C++ kernel applies (``native_ok``), else "torch"; an explicit backend is checked (Triton: not
+    for float64 logits, which it would compute in float32)."""
     backend = backend or os.environ.get("XTOKEN_BACKEND", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -52,6 +53,9 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
     if backend == "native" and not native_ok:
         raise ValueError("backend='native' needs CPU tensors and a dense teacher with float32 (P-KL: or bf16/fp16) "
                          "logits; use backend='torch' or 'auto'")
+    if backend == "triton" and dtype == torch.float64:
+        raise ValueError("backend='triton' computes in float32; float64 logits need backend='torch' (or 'auto', "
+                         "which picks it for them)")
     if backend == "triton" and device.type != "cuda" and not interpret():
         raise ValueError(f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
                          f"imported to run on {device.type} tensors")

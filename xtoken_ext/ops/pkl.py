@@ -171,8 +171,8 @@ def _torch(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature,
                    p_unit=unit.mul_(2.0 ** -24))
     grad_w = None
     if grad_wj is not None:
-        grad_w = torch.zeros(w_val.shape, dtype=torch.float32, device=dev)
-        grad_w[keep] = grad_wj.mul_(tau).float()
+        grad_w = torch.zeros(w_val.shape, dtype=md, device=dev)
+        grad_w[keep] = grad_wj.mul_(tau)
     return loss, grad, grad_w
 
 
@@ -198,8 +198,8 @@ def pkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, w_idx: Ten
              spans: Tensor, temperature: float, merge: str, eps: float, t_chain: Tensor | None,
              chunk_scale: Tensor | None, need_grad_w: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """-> (loss [K] (fp64 for fp64 logits, else fp32), grad = d Σ_k c_k loss_k / d s_logits in the logits' dtype,
-    grad_w = d Σ_k c_k loss_k / d w_val [V_S, 4] fp32 if ``need_grad_w`` else [0]), c = ``chunk_scale`` [K]
-    (default 1). ``backend``: "auto" | "triton" | "native" | "torch". Sparse teacher columns must be unique per row;
+    grad_w = d Σ_k c_k loss_k / d w_val [V_S, 4] in the loss's dtype if ``need_grad_w`` else [0]), c =
+    ``chunk_scale`` [K] (default 1). ``backend``: "auto" | "triton" | "native" | "torch". Sparse teacher columns must be unique per row;
     spans must have disjoint student rows. Non-finite / degenerate chunks: module docstring."""
     check_temperature(temperature)
     check_rows(s_logits, t_vals, t_cols, col_mask)
@@ -216,14 +216,15 @@ def pkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, w_idx: Ten
         s_logits.contiguous(), t_vals.detach().contiguous(), None if t_cols is None else t_cols.long().contiguous(),
         w_idx, w_val, col_mask, spans.long().contiguous(), temperature, merge, eps, t_chain, chunk_scale,
         need_grad_w)
-    return loss.to(math_dtype(s_logits.dtype)), grad, grad_w if need_grad_w else w_val.new_zeros(0, dtype=torch.float32)
+    md = math_dtype(s_logits.dtype)
+    return loss.to(md), grad, grad_w if need_grad_w else w_val.new_zeros(0, dtype=md)
 
 
 @pkl_rows.register_fake
 def _(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps, t_chain, chunk_scale,
       need_grad_w, backend):
     return (s_logits.new_empty(spans.shape[0], dtype=math_dtype(s_logits.dtype)), s_logits.new_empty(s_logits.shape),
-            w_val.new_empty(w_val.shape if need_grad_w else (0,), dtype=torch.float32))
+            w_val.new_empty(w_val.shape if need_grad_w else (0,), dtype=math_dtype(s_logits.dtype)))
 
 
 # The loss is the only differentiable output. Backward scales the forward's gradient rows by each chunk's incoming
@@ -250,7 +251,7 @@ def _backward(ctx, g_loss, _g_grad, _g_grad_w):
     s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, t_chain = saved(ctx)
     temperature, merge, eps, backend = ctx.consts
     _, grad, grad_w = pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps,
-                               t_chain, g_loss.float(), True, backend)
+                               t_chain, g_loss, True, backend)
     return (grad, None, None, None, grad_w) + (None,) * 9
 
 
