@@ -76,10 +76,13 @@ ONE = [[1, -1, -1, -1]]
     ((ONE, [[0.5, 0, 0, 0]], 3), ValueError, r"rows must sum to 1 \(or be empty\): 1 rows .* row 0: 0.5"),
     ((ONE, [[0.0, 0, 0, 0]], 3), ValueError, "rows must sum to 1"),
     (([[1, 2, -1, -1]], [[1.0, 1.0, 0, 0]], 3), ValueError, "rows must sum to 1"),
+    (([[0, -1, -1, -1], [2, 1, 2, -1]], [[1.0, 0, 0, 0], [0.5, 0.25, 0.25, 0]], 3), ValueError,
+     r"1 rows repeat a teacher id .* row 1: \[2, 1, 2, -1\]"),
 ])
 def test_bad_w_is_rejected_where_it_is_built(args, exc, msg):
-    """What Projection.load refuses, the constructor refuses too (a saved W always loads), and ids are range-checked
-    before they are narrowed to int32 (2^32 + 3 wrapped to 3)."""
+    """What Projection.load refuses, the constructor refuses too (a saved W always loads), ids are range-checked
+    before they are narrowed to int32 (2^32 + 3 wrapped to 3), and a row holds each teacher id once (stats() and
+    common_pairs() counted {1: .5, 1: .5} as two ids and not as relaxed-common)."""
     with pytest.raises(exc, match=msg):
         Projection(*args)
 

@@ -76,6 +76,11 @@ class Projection:
             raise ValueError("weights must be finite and non-negative")
         if (bad := _bad_row_sums(idx, w)) is not None:
             raise ValueError(f"rows must sum to 1 (or be empty): {bad}")
+        srt = np.sort(idx, axis=1)
+        if (dup := np.flatnonzero(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(1))).size:
+            r = int(dup[0])
+            raise ValueError(f"{dup.size} rows repeat a teacher id (one slot per id: add the weights), e.g. row {r}: "
+                             f"{idx[r].tolist()}")
         self.indices = indices
         self.weights = weights
         self.teacher_vocab_size = int(teacher_vocab_size)
