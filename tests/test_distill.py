@@ -297,6 +297,21 @@ def test_packed_batches_give_the_unpacked_objective(toks):
         assert abs(float(out[0][k]) - float(out[1][k])) <= 1e-9 * (abs(float(out[0][k])) + 1), k
 
 
+def test_objective_under_a_float64_default_dtype(toks, batch):
+    """Buffers that took the default dtype (the top-1 metric's Wᵀp) broke Distiller.forward under
+    torch.set_default_dtype(torch.float64); the objective is the same as under float32."""
+    s, m, _ = toks
+    _, z = student_logits(toks, batch)
+    ref_loss, ref_met = Distiller(s, [Teacher(Table(len(m), 1), m)])(z, only(batch, 0))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        loss, met = Distiller(s, [Teacher(Table(len(m), 1), m)])(z, only(batch, 0))
+    finally:
+        torch.set_default_dtype(old)
+    assert torch.equal(loss, ref_loss) and met["top1/teacher0"] == ref_met["top1/teacher0"]
+
+
 def test_errors(toks, batch):
     s, m, _ = toks
     with pytest.raises(ValueError, match="loss must be one of"):
@@ -307,6 +322,15 @@ def test_errors(toks, batch):
         Distiller(s, [Teacher(Table(3, 0), m)], ce_weight=0.1)
     with pytest.raises(ValueError, match="unique"):
         Distiller(s, [Teacher(Table(3, 0), m, name="a"), Teacher(Table(3, 0), m, name="a")])
+    nan, inf = float("nan"), float("inf")
+    for bad in (nan, inf, 0.0):  # NaN passed a `<= 0` check and made the loss NaN
+        with pytest.raises(ValueError, match="confidence_temperature must be finite and > 0"):
+            Distiller(s, [Teacher(Table(3, 0), m)], weighting="confidence", confidence_temperature=bad)
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            Teacher(Table(3, 0), m, temperature=bad)
+    for bad in (nan, inf, -1.0):
+        with pytest.raises(ValueError, match="weight must be finite and >= 0"):
+            Teacher(Table(3, 0), m, weight=bad)
     d = Distiller(s, [Teacher(Table(len(m), 1), m)])
     _, z = student_logits(toks, batch)
     with pytest.raises(ValueError, match="2 teachers, the Distiller 1"):

@@ -87,6 +87,16 @@ def test_bad_w_is_rejected_where_it_is_built(args, exc, msg):
         Projection(*args)
 
 
+@pytest.mark.parametrize("V_T", [1, 2, 3])
+def test_random_w_with_fewer_teacher_ids_than_slots(V_T):
+    """Every slot was redrawn until distinct, so V_T < 4 never returned."""
+    P = Projection.random(50, V_T, max_pieces=V_T, seed=1)
+    for s in range(50):
+        row = P.row(s)
+        assert 1 <= len(row) <= V_T and math.isclose(sum(row.values()), 1.0, rel_tol=1e-6)
+    assert max(len(P.row(s)) for s in range(50)) == V_T
+
+
 @pytest.mark.parametrize("gamma", [0.0, 2.0, -0.5])
 def test_random_w_checks_gamma_as_from_tokenizers(gamma):
     with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\]"):

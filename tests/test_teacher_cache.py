@@ -94,6 +94,11 @@ def test_bad_requests(tmp_path, qwen):
         xt.teacher_cache.build(TinyTeacher(), qwen, TEXTS[:2], tmp_path / "b", dtype=torch.int8, progress=False)
     with pytest.raises(TeacherCacheError, match="not a teacher cache"):
         xt.teacher_cache.load(tmp_path)
+    # max_length=-1 cut every example's last token; 2.5 / True / 0 passed int() or failed later inside islice
+    for key, value, exc in (("max_length", -1, ValueError), ("max_length", 0, ValueError), ("k", 2.7, TypeError),
+                            ("shard_size", 2.5, TypeError), ("batch_size", True, TypeError), ("k", 0, ValueError)):
+        with pytest.raises(exc, match=f"{key} must be"):
+            xt.teacher_cache.build(TinyTeacher(), qwen, TEXTS[:2], tmp_path / "c", progress=False, **{key: value})
 
 
 @pytest.fixture(scope="module")

@@ -130,6 +130,36 @@ def test_metrics_logged_columns_kept_and_model_inputs_clean(toks, tmp_path):
     assert math.isfinite(ev["eval_loss"]) and "eval_ce" in ev and "eval_kd/spm" in ev
 
 
+def test_learnable_w_gradient_cleared_each_step_and_restored_on_resume(toks, tmp_path):
+    """θ is not the model's, so Trainer's model.zero_grad() missed it and each step used the sum of all earlier
+    steps' gradients; and resume_from_checkpoint left θ at its initial value. Now θ starts every step without a
+    gradient, and a run resumed at step 2 starts step 3 with the θ it had there and ends where the run did."""
+    s, m = toks
+
+    def run(seen, **kw):
+        d = Distiller(s, [Teacher(tiny(len(m), 1), m, name="spm", learnable=True)], student_vocab_size=len(s))
+        theta = d.kd_losses["spm"].proj.theta
+
+        class Peek(TrainerCallback):
+            def on_step_begin(self, *a, **k):
+                seen.append((theta.grad, theta.detach().clone()))
+
+        kw_args = dict(max_steps=3, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+        trainer = xt.DistillTrainer(model=tiny(len(s), 0), args=args(tmp_path, **kw_args),
+                                    train_dataset=[{"text": t} for t in TEXTS], distiller=d, max_length=24,
+                                    callbacks=[Peek()])
+        trainer.train(**kw)
+        return theta.detach()
+
+    first, resumed = [], []
+    end = run(first)
+    assert len(first) == 3 and all(g is None for g, _ in first)
+    assert not torch.equal(first[2][1], first[0][1])  # θ trains
+    end_resumed = run(resumed, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert len(resumed) == 1 and torch.equal(resumed[0][1], first[2][1])
+    torch.testing.assert_close(end_resumed, end, rtol=2.0 ** -20, atol=0)
+
+
 def test_gguf_dequantized_model_trains(toks, tmp_path):
     """A GGUF-loaded model keeps a GgufHfQuantizer (model.is_quantized) although its weights are float: Trainer
     would refuse it. DistillTrainer clears the flag; a model that really holds quantized blocks keeps it."""

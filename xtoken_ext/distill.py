@@ -135,8 +135,10 @@ class Teacher:
                  name: str | None = None, cache=None, vocab_size: int | None = None, **loss_options):
         if loss not in _KINDS:
             raise ValueError(f"loss must be one of {_KINDS}, got {loss!r}")
-        if float(temperature) <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < float(temperature) < float("inf"):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        if not 0 <= float(weight) < float("inf"):
+            raise ValueError(f"weight must be finite and >= 0, got {weight}")
         if learnable and loss not in ("auto", "pkl"):
             raise ValueError(f"a learnable W is trained under P-KL only (METHOD.md §3.5), got loss={loss!r}")
         if model is None and cache is None and vocab_size is None and projection is None:
@@ -227,8 +229,8 @@ class Distiller(nn.Module):
             raise ValueError(f"weighting must be 'static' or 'confidence', got {weighting!r}")
         if confidence not in _CONFIDENCE:
             raise ValueError(f"confidence must be one of {_CONFIDENCE}, got {confidence!r}")
-        if float(confidence_temperature) <= 0:
-            raise ValueError(f"confidence_temperature must be > 0, got {confidence_temperature}")
+        if not 0 < float(confidence_temperature) < float("inf"):
+            raise ValueError(f"confidence_temperature must be finite and > 0, got {confidence_temperature}")
         if nonfinite is not None and not _HAS_NONFINITE:
             raise ValueError("nonfinite= needs losses with the `nonfinite` keyword (not in this build)")
         self._student_tok = student_tok
@@ -463,7 +465,7 @@ class Distiller(nn.Module):
         for i in range(0, rs.shape[0], _ROW_BLOCK):
             b, s0, t0 = (rs[i:i + _ROW_BLOCK, c].to(z.device) for c in (0, 1, 3))
             p = torch.softmax(z[b, s0].float(), -1)
-            q = torch.zeros(b.shape[0], V_T, device=z.device).index_add_(1, cols, p[:, rows] * w)
+            q = torch.zeros(b.shape[0], V_T, device=z.device, dtype=p.dtype).index_add_(1, cols, p[:, rows] * w)
             t_row = vals[b, t0].float()
             t_top = t_row.argmax(1) if idx is None else idx[b, t0].gather(1, t_row.argmax(1, keepdim=True))[:, 0]
             hits += (q.argmax(1) == t_top).sum()

@@ -374,7 +374,8 @@ class Projection:
         V_S = student_vocab_size
         pieces = torch.randint(1, max_pieces + 1, (V_S,), generator=g)
         cols = torch.randint(0, teacher_vocab_size, (V_S, SLOTS), generator=g)
-        for k in range(1, SLOTS):  # redraw until the slots of a row are distinct
+        for k in range(1, min(SLOTS, teacher_vocab_size)):  # redraw until the slots of a row are distinct (the
+            # used ones: max_pieces <= V_T)
             while bool((dup := (cols[:, k:k + 1] == cols[:, :k]).any(1)).any()):
                 cols[dup, k] = torch.randint(0, teacher_vocab_size, (int(dup.sum()),), generator=g)
         slot = torch.arange(SLOTS).unsqueeze(0)

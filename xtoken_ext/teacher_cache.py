@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import numbers
 import os
 from pathlib import Path
 
@@ -133,10 +134,13 @@ def build(model, tokenizer, data, path, *, k: int = 64, dtype=torch.bfloat16, na
     ``dtype``: bfloat16 (default), float16 or float32 values. Resumable: rerunning with the same settings skips
     finished shards (checked by SHA-256 and keys); other settings need ``overwrite=True``. Returns the loaded cache."""
     tok = load_tokenizer(tokenizer)
-    if int(k) < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if int(shard_size) < 1 or int(batch_size) < 1:
-        raise ValueError("shard_size and batch_size must be >= 1")
+    for key, value in (("k", k), ("shard_size", shard_size), ("batch_size", batch_size), ("max_length", max_length)):
+        if key == "max_length" and value is None:
+            continue
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{key} must be an int, got {value!r}")
+        if value < 1:  # max_length=-1 cut every example's last token (ids[:-1])
+            raise ValueError(f"{key} must be >= 1, got {value}")
     dtype_name = next((n for n, d in _DTYPES.items() if d == dtype), None)
     if dtype_name is None:
         raise ValueError(f"dtype must be one of {list(_DTYPES.values())}, got {dtype}")

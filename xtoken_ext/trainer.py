@@ -15,7 +15,9 @@ What the mixin changes:
   chunks) and the mean optimizer-step time go through ``Trainer.log``; additive metrics are summed over the step's
   micro-batches, the others averaged, then both averaged over the logged steps;
 - a learnable W gets its own optimizer group (lr 1e-2, no weight decay, outside gradient clipping), its gradients
-  are averaged over ranks, and it is saved beside checkpoints (``xtoken_W_<teacher>.safetensors``);
+  are averaged over ranks and cleared after each optimizer step, and it is saved beside checkpoints
+  (``xtoken_W_<teacher>.safetensors``, and θ in ``xtoken_theta.safetensors``, which ``resume_from_checkpoint``
+  loads back);
 - a model loaded from a GGUF file with its weights dequantized to float is no longer flagged as quantized, so the
   Trainer fine-tunes it (``clear_gguf_quantization``).
 
@@ -30,6 +32,7 @@ import time
 from collections import defaultdict
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
 from .distill import Distiller
@@ -38,6 +41,7 @@ __all__ = ["DistillTrainer", "DistillMixin", "with_distillation", "clear_gguf_qu
 
 logger = logging.getLogger(__name__)
 _ADDITIVE = ("loss", "ce", "kd", "kd/", "excluded/")  # metrics that add up over a step's micro-batches
+_THETA_FILE = "xtoken_theta.safetensors"  # a checkpoint's learnable-W parameters, per teacher name
 
 
 def clear_gguf_quantization(model) -> bool:
@@ -61,6 +65,9 @@ class _SyncLearnedW(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.distiller.sync_grads()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.distiller.zero_grad(set_to_none=True)  # θ is not the model's: Trainer's model.zero_grad() misses it
 
 
 class DistillMixin:
@@ -132,9 +139,27 @@ class DistillMixin:
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
+            thetas = {}
             for name, module in self.distiller.kd_losses.items():
                 if hasattr(module.proj, "projection"):  # a LearnableProjection
                     module.proj.projection().save(os.path.join(output_dir, f"xtoken_W_{name}.safetensors"))
+                    thetas[name] = module.proj.theta.detach().cpu().contiguous()
+            if thetas:  # θ itself, for resuming (the W file holds softmax(θ))
+                save_file(thetas, os.path.join(output_dir, _THETA_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """On resume, the learnable W's θ from the checkpoint first (then the optimizer state that goes with it)."""
+        path = None if checkpoint is None else os.path.join(checkpoint, _THETA_FILE)
+        if path is not None and os.path.isfile(path):
+            for name, theta in load_file(path).items():
+                module = self.distiller.kd_losses[name] if name in self.distiller.kd_losses else None
+                mine = getattr(getattr(module, "proj", None), "theta", None)
+                if mine is None or mine.shape != theta.shape:
+                    raise ValueError(f"{path}: teacher {name!r}'s learnable W {tuple(theta.shape)} does not match this "
+                                     f"Distiller's ({None if mine is None else tuple(mine.shape)})")
+                with torch.no_grad():
+                    mine.copy_(theta)
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     # -- logging -------------------------------------------------------------------------------------------------------
     def log(self, logs, start_time=None):
