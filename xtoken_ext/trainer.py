@@ -9,8 +9,8 @@ What the mixin changes:
   alignments or teacher fields; the loss is the Distiller's CE + KD;
 - gradient accumulation is exact: each optimizer step's micro-batches are counted first (CE targets and valid chunks
   per teacher, all-reduced over ranks: ``Distiller.normalizers``) and every micro-batch is normalized by those
-  counts, so the step's gradient equals the one of a single batch (the dynamic KD scale is per micro-batch, see
-  ``xtoken_ext.distill``);
+  counts, so the step's gradient equals the one of a single batch (the dynamic KD scale and confidence weights
+  are per micro-batch, see ``xtoken_ext.distill``);
 - every metric of the Distiller (CE, KD per teacher, KD scale, α, valid-chunk fraction, top-1 agreement, excluded
   chunks) and the mean optimizer-step time go through ``Trainer.log``; additive metrics are summed over the step's
   micro-batches, the others averaged, then both averaged over the logged steps;
