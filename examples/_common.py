@@ -10,6 +10,7 @@ Model specs (``--student`` / ``--teacher``):
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import random
 from pathlib import Path
@@ -57,6 +58,19 @@ def load_model(spec: str, seed: int = 0, dtype=torch.float32):
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         return model, xt.load_tokenizer(path)
     return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype), xt.load_tokenizer(spec)
+
+
+def description(doc: str) -> str:
+    """An example's --help description: its docstring's first sentence, which may span lines."""
+    return " ".join(doc.split("\n\n")[0].split("    ")[0].split())
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (--steps 0 left the loop without a batch and the loss unresolved)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def math_texts(n: int, seed: int = 0) -> list[str]:

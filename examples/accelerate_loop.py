@@ -16,19 +16,19 @@ import argparse
 import itertools
 
 import torch
-from _common import load_model, math_texts
+from _common import description, load_model, math_texts, positive_int
 from accelerate import Accelerator
 
 import xtoken_ext as xt
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--student", default="tiny-gpt2:gpt2")
     ap.add_argument("--teacher", default="tiny-gpt2:qwen3")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--accumulation", type=int, default=2)
+    ap.add_argument("--steps", type=positive_int, default=5)
+    ap.add_argument("--batch-size", type=positive_int, default=2)
+    ap.add_argument("--accumulation", type=positive_int, default=2)
     ap.add_argument("--max-length", type=int, default=96)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--cpu", action="store_true", help="run on CPU (several processes: gloo)")

@@ -14,19 +14,19 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from _common import load_model, math_texts
+from _common import description, load_model, math_texts, positive_int
 
 import xtoken_ext as xt
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--student", default="tiny-gpt2:gpt2")
     ap.add_argument("--teacher", action="append", help="repeat for several teachers (default: tiny-llama:qwen3)")
     ap.add_argument("--weighting", choices=["static", "confidence"], default="static")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--accumulation", type=int, default=2)
+    ap.add_argument("--steps", type=positive_int, default=6)
+    ap.add_argument("--batch-size", type=positive_int, default=2)
+    ap.add_argument("--accumulation", type=positive_int, default=2)
     ap.add_argument("--max-length", type=int, default=96)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--logging-steps", type=int, default=1)

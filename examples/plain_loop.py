@@ -13,17 +13,17 @@ import argparse
 import time
 
 import torch
-from _common import load_model, math_texts
+from _common import description, load_model, math_texts, positive_int
 
 import xtoken_ext as xt
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--student", default="tiny-gpt2:gpt2")
     ap.add_argument("--teacher", default="tiny-llama:mistral-spm")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=positive_int, default=10)
+    ap.add_argument("--batch-size", type=positive_int, default=4)
     ap.add_argument("--max-length", type=int, default=96)
     ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args(argv)

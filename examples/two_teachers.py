@@ -14,21 +14,21 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import load_model, math_texts
+from _common import description, load_model, math_texts, positive_int
 
 import xtoken_ext as xt
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--student", default="tiny-gpt2:gpt2")
     ap.add_argument("--teacher", default="tiny-llama:mistral-spm")
     ap.add_argument("--teacher2", default="tiny-gpt2:qwen3")
     ap.add_argument("--weights", type=float, nargs=2, default=(0.8, 0.2))
     ap.add_argument("--weighting", choices=["static", "confidence"], default="static")
     ap.add_argument("--learnable-w", action="store_true", help="learn W of the first teacher (P-KL)")
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=positive_int, default=8)
+    ap.add_argument("--batch-size", type=positive_int, default=4)
     ap.add_argument("--max-length", type=int, default=96)
     ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args(argv)

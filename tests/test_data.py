@@ -393,6 +393,11 @@ def test_bad_input_is_rejected(toks):
         collator([{"body": "x"}])
     with pytest.raises(TypeError, match="role"):
         collator([{"messages": [{"role": "user"}]}])
+    for one in ("hi there", {"text": "hi there"}):  # a str was 8 one-character examples
+        with pytest.raises(TypeError, match=r"examples must be a list of examples, got one .*: pass \[example\]"):
+            collator(one)
+        with pytest.raises(TypeError, match="examples must be a list"):
+            collator.teacher_ids(one)
     for kw, exc, msg in [(dict(max_length=1.5), TypeError, "max_length must be an int"),
                          (dict(max_length=True), TypeError, "max_length must be an int"),
                          (dict(max_length=0), ValueError, "max_length must be in"),

@@ -308,3 +308,32 @@ def test_cli_build_inspect_audit(tmp_path, capsys):
     assert "'!'(0) -> 1.000000·'!'(28808)" in text  # the regular "!", not the byte-fallback <0x21> (36)
     assert main(["audit", "offline:gpt2", "offline:mistral-spm", "--no-cache"]) == 0
     assert "recommendation: PKL" in capsys.readouterr().out
+
+
+def test_cli_inspect_emitted_ids_padding_rows_json_and_errors(tmp_path, capsys):
+    """inspect --token takes the id the tokenizer emits, not a byte-fallback alias (Mistral's "0" is 28734, its
+    <0x30> 51); --id of a padding row prints (empty); audit --json is strict JSON (no NaN); bad input is one line
+    on stderr with exit code 2, not a traceback."""
+    import json
+
+    from xtoken_ext.cli import main
+
+    w = tmp_path / "w.safetensors"
+    assert main(["build", "offline:mistral-spm", "offline:gpt2", "-o", str(w), "--no-cache",
+                 "--student-vocab-size", "32008"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(w), "--student", "offline:mistral-spm", "--token", "0", "--id", "32005"]) == 0
+    text = capsys.readouterr().out
+    assert "'0'(28734) -> " in text and "(51)" not in text and "(32005) -> (empty)" in text
+    assert main(["audit", "offline:mistral-spm", "offline:llama3", "--no-cache", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert any(c["total"] == 0 and c["percent"] is None for c in report["classes"])
+    for argv, msg in ((["inspect", str(w), "--token", "0"], "--token needs --student"),
+                      (["inspect", str(w), "--id", "32008"], "--id 32008 is outside W's student ids [0, 32008)"),
+                      (["inspect", str(tmp_path / "missing.safetensors")], "missing.safetensors"),
+                      (["build", "offline:nope", "offline:gpt2", "-o", str(w)], "offline"),
+                      (["build", "offline:gpt2", "offline:gpt2", "-o", str(w), "--gamma", "0"], "gamma"),
+                      (["build", "offline:gpt2", "offline:gpt2", "-o", str(tmp_path), "--no-cache"], str(tmp_path))):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"xtoken {argv[0]}: error: ") and msg in err and "Traceback" not in err, (argv, err)

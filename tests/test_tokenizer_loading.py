@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import transformers
 
+import xtoken_ext as xt
 from xtoken_ext.projection import Projection
 from xtoken_ext.tokenizers import EOT, cache_dir, file_sha256, load_tokenizer, token_table
 
@@ -127,6 +128,30 @@ def test_offline_folder_and_object_forms(tmp_path, offline_tok):
         assert token_table(tok).fingerprint == token_table(gpt2).fingerprint, form
     with pytest.raises(TypeError, match="fast"):
         load_tokenizer(object())
+
+
+def test_added_tokens_are_their_texts_bytes_and_tables_follow_add_tokens(offline_tok):
+    """A byte-level tokenizer matches an added (non-special) token in the raw text, so its canonical bytes are its
+    content's UTF-8 ("café" was b"caf\xe9", read through the byte-level alphabet: W mapped it to a lone byte and the
+    " café" chunk fell out of KD); a cached table is made again after add_tokens (it kept the old size, and the
+    aligner then refused the new id)."""
+    import copy
+
+    tok = copy.deepcopy(offline_tok("gpt2"))
+    before = token_table(tok)
+    tok.add_tokens(["café", "Łódź", "cafe"])
+    table = token_table(tok)
+    assert len(table.token_bytes) == len(tok) == len(before.token_bytes) + 3
+    assert table.fingerprint != before.fingerprint
+    assert table.token_bytes[-3:] == ["café".encode(), "Łódź".encode(), b"cafe"]
+    llama = offline_tok("llama3")
+    for text in ("un café noir", "un cafe noir", "de Łódź"):
+        ids, starts, ends = xt.tokenizers.encode_with_offsets(tok, text)
+        raw = text.encode()
+        assert all(raw[a:b] == table.token_bytes[i] for i, a, b in zip(ids, starts, ends)), text
+        a = xt.Aligner(tok, llama).align_batch([text])
+        # Llama-3's BOS, then the first word (no student row predicts it), then every chunk is valid
+        assert bool(a.chunk_valid[0, 2:int(a.num_chunks[0])].all()) and int(a.num_chunks[0]) > 2, text
 
 
 def test_gguf_byte_fallback_tokenizer_on_both_sides_of_w(cache, offline_tok, tiny_gguf):

@@ -230,3 +230,17 @@ def test_example_trl_sft():
     pytest.importorskip("trl")  # the test extra installs it on Python >= 3.11 (TRL's own floor)
     (h,) = run_example("trl_sft", *TINY, "--teacher", SPM)
     assert math.isfinite(h["kd"]) and 0 < h["valid_frac/teacher0"] < 1  # completion-only chunks
+
+
+@pytest.mark.parametrize("name", ["plain_loop", "accelerate_loop", "hf_trainer", "two_teachers", "trl_sft"])
+def test_examples_refuse_zero_steps_and_describe_themselves(name, capsys):
+    """--steps 0 ended in an AttributeError / StopIteration / a sampler error; --help cut a sentence at its line."""
+    if name == "trl_sft":
+        pytest.importorskip("trl")
+    with pytest.raises(SystemExit) as e:
+        run_example(name, "--steps", "0")
+    assert e.value.code == 2 and "argument --steps: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_example(name, "--help")
+    first = " ".join(importlib.import_module(name).__doc__.split("\n\n")[0].split())
+    assert " ".join(capsys.readouterr().out.split()).count(first) == 1

@@ -7,6 +7,7 @@ import json
 import platform
 import sys
 import time
+from pathlib import Path
 
 _TOKENIZER_FORMS = "HF hub name, local folder, *.gguf file, or offline:NAME"
 
@@ -64,34 +65,40 @@ def _build(args) -> int:
 
 def _audit(args) -> int:
     report = _projection(args)[0].audit()
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    print(json.dumps(report.to_dict(), indent=2, allow_nan=False) if args.json else report)
     return 0
 
 
 def _inspect(args) -> int:
+    import torch
+
     from xtoken_ext.projection import Projection, _show
     from xtoken_ext.tokenizers import load_tokenizer, token_table
 
+    if args.token and not args.student:
+        raise ValueError("--token needs --student (to find the token ids)")
     student = load_tokenizer(args.student) if args.student else None
     teacher = load_tokenizer(args.teacher) if args.teacher else None
     proj = Projection.load(args.path, expect_student=student, expect_teacher=teacher)
+    bad = [i for i in args.id or [] if not 0 <= i < proj.student_vocab_size]
+    if bad:
+        raise ValueError(f"--id {bad[0]} is outside W's student ids [0, {proj.student_vocab_size})")
     meta = {k: proj.meta.get(k) for k in ("student_fingerprint", "teacher_fingerprint", "options",
                                           "library_version")}
     print(f"{proj!r}\n{json.dumps(meta, sort_keys=True)}\n{proj.stats()}")
-    if args.token and student is None:
-        print("--token needs --student (to find the token ids)", file=sys.stderr)
-        return 2
     s_table = token_table(student) if student is not None else None
     t_table = token_table(teacher) if teacher is not None else None
 
-    def name(table, i):
-        return _show(table.token_bytes[i]) if table else ""
+    def name(table, i):  # ids past the tokenizer (padding rows of a wider logit layer) have no text
+        return _show(table.token_bytes[i]) if table and i < len(table.token_bytes) else ""
 
+    alias = proj.alias_rows if proj.alias_rows is not None else torch.zeros(proj.student_vocab_size, dtype=torch.bool)
     ids = list(args.id or [])
     for text in args.token or []:
         b = text.encode("utf-8")
-        if b in s_table.token_bytes:  # the token itself, else the student's pieces of the text
-            ids.append(s_table.token_bytes.index(b))
+        same = [i for i, x in enumerate(s_table.token_bytes) if x == b]
+        if same:  # the token itself (the id the tokenizer emits, not a byte-fallback alias), else its pieces
+            ids.append(next((i for i in same if not alias[i]), same[0]))
         else:
             ids += student(text, add_special_tokens=False)["input_ids"]
     for s in ids:
@@ -103,9 +110,16 @@ def _inspect(args) -> int:
 def _read_texts(path: str, field: str) -> list[str]:
     """Texts of a .jsonl file (the ``field`` of every line) or of a plain text file (one text per line)."""
     with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            return [json.loads(line)[field] for line in f if line.strip()]
-        return [line.rstrip("\n") for line in f if line.strip()]
+        if not path.lower().endswith(".jsonl"):
+            return [line.rstrip("\n") for line in f if line.strip()]
+        texts = []
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                    raise ValueError(f"{path}:{n}: no text field {field!r} (see --field)")
+                texts.append(row[field])
+        return texts
 
 
 def _teacher_cache(args) -> int:
@@ -114,14 +128,16 @@ def _teacher_cache(args) -> int:
 
     from xtoken_ext import teacher_cache
 
-    kw = {"gguf_file": args.model} if args.model.endswith(".gguf") else {}
-    where = str(__import__("pathlib").Path(args.model).parent) if kw else args.model
+    gguf = Path(args.model) if args.model.lower().endswith(".gguf") else None
+    kw = {"gguf_file": gguf.name} if gguf else {}  # from_pretrained(folder, gguf_file=name)
+    where = str(gguf.parent) if gguf else args.model
     model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, args.model_dtype), **kw).eval()
     if args.device:
         model.to(args.device)
     cache = teacher_cache.build(model, args.tokenizer or args.model, _read_texts(args.data, args.field), args.output,
                                 k=args.k, dtype=getattr(torch, args.dtype), name=args.model,
-                                max_length=args.max_length, batch_size=args.batch_size, device=args.device)
+                                max_length=args.max_length, batch_size=args.batch_size, device=args.device,
+                                overwrite=args.overwrite)
     print(f"{len(cache)} sequences, top-{cache.k} {args.dtype} log-probs -> {args.output}")
     return 0
 
@@ -179,13 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--max-length", type=int, help="cut each tokenized text to this many tokens")
     tc.add_argument("--batch-size", type=int, default=8)
     tc.add_argument("--device", help="e.g. cuda (default: where the model is)")
+    tc.add_argument("--overwrite", action="store_true", help="replace a cache built at --output with other settings")
     tc.set_defaults(func=_teacher_cache)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError) as e:  # bad input (files, tokenizers, options): one line, no traceback
+        print(f"xtoken {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

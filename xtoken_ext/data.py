@@ -469,7 +469,7 @@ class Collator:
     # -- public ----------------------------------------------------------------------------------------------------------
     def __call__(self, examples) -> Batch:
         """Collate a list of examples (see the class doc) into a ``Batch``."""
-        examples = list(examples)
+        examples = _example_list(examples)
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
         docs: list[_Doc | None] = [None] * len(examples)
@@ -503,7 +503,7 @@ class Collator:
     def teacher_ids(self, examples, teacher: int = 0) -> list[np.ndarray]:
         """Teacher ``teacher``'s token ids of each example exactly as the collator produces them (rendering,
         specials, truncation): what ``xt.teacher_cache.build`` must see for the cache to serve these examples."""
-        examples = list(examples)
+        examples = _example_list(examples)
         return [d.teachers[teacher].ids for d in self._docs(examples, range(len(examples)))]
 
     def on_policy(self, student_ids, *, attention_mask=None, prompt_length: int = 0,
@@ -673,3 +673,10 @@ class Collator:
                 td["topk_logprobs"], td["topk_indices"] = vals, idx
             out["teachers"].append(td)
         return out
+
+
+def _example_list(examples) -> list:
+    """The examples as a list; one str (or mapping) is refused: list("hi") would be two one-character texts."""
+    if isinstance(examples, (str, bytes, Mapping)):
+        raise TypeError(f"examples must be a list of examples, got one {type(examples).__name__}: pass [example]")
+    return list(examples)

@@ -255,6 +255,11 @@ class Projection:
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name).to(torch.uint8)
         meta["checksum"] = _checksum(meta, {k: v.numpy() for k, v in tensors.items()})
+        path = Path(path)
+        if path.is_dir():  # safetensors' own error names neither the path nor the cause
+            raise IsADirectoryError(f"{path} is a directory: give the W file's path (e.g. {path / 'W.safetensors'})")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
         save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
 
     @classmethod
@@ -455,7 +460,8 @@ class AuditReport:
     reason: str
 
     def to_dict(self) -> dict:
-        return {"classes": [dict(dataclasses.asdict(c), percent=c.percent) for c in self.classes],
+        return {"classes": [dict(dataclasses.asdict(c), percent=c.percent if c.total else None)  # JSON has no NaN
+                            for c in self.classes],
                 "recommendation": self.recommendation, "reason": self.reason}
 
     def __str__(self) -> str:

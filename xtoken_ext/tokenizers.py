@@ -146,7 +146,7 @@ class TokenTable:
         return self._texts
 
 
-_TABLES: "weakref.WeakKeyDictionary[object, TokenTable]" = weakref.WeakKeyDictionary()
+_TABLES: "weakref.WeakKeyDictionary[object, tuple[TokenTable, tuple]]" = weakref.WeakKeyDictionary()
 
 
 def _kind(tok) -> str:
@@ -177,22 +177,32 @@ def _roles(tok, n: int) -> np.ndarray:
 
 
 def token_table(tok) -> TokenTable:
-    """Canonical bytes and roles of every id of ``tok`` (computed once per tokenizer object, then cached)."""
+    """Canonical bytes and roles of every id of ``tok`` (computed once per tokenizer object and cached; made again
+    when its length or role ids change, e.g. after ``add_tokens``)."""
     tok = load_tokenizer(tok)
+    state = _table_state(tok)
     try:
-        return _TABLES[tok]
+        table, seen = _TABLES[tok]
+        if seen == state:
+            return table
     except (KeyError, TypeError):
         pass
     n = len(tok)
     kind = _kind(tok)
     pieces = tok.convert_ids_to_tokens(list(range(n)))
     roles = _roles(tok, n)
+    # added (non-special) tokens outside the model's vocabulary are matched in the raw text: their bytes are their
+    # content's UTF-8, not a byte-level alphabet's (an added "café" is b"caf\xc3\xa9", not b"caf\xe9")
+    model = tok.backend_tokenizer.model
+    plain = {i for i, t in tok.added_tokens_decoder.items() if not t.special and model.token_to_id(t.content) != i}
     out: list[bytes] = []
     for i, piece in enumerate(pieces):
         if roles[i] != NORMAL:
             out.append(_ROLE_MARKER.get(int(roles[i]), b"\xff" + (piece or "").encode("utf-8")))
         elif piece is None:
             out.append(b"")
+        elif kind == "byte_level" and i in plain:
+            out.append(piece.encode("utf-8"))
         elif kind == "byte_level":
             try:
                 out.append(piece.translate(_BYTE_TRANSLATE).encode("latin-1"))
@@ -207,10 +217,16 @@ def token_table(tok) -> TokenTable:
     h.update(roles.tobytes())
     table = TokenTable(tok, out, roles, h.hexdigest()[:32], kind)
     try:
-        _TABLES[tok] = table
+        _TABLES[tok] = (table, state)
     except TypeError:
         pass
     return table
+
+
+def _table_state(tok) -> tuple:
+    """Cheap signs that a tokenizer object changed in place since its table was made (add_tokens, new special
+    tokens): its length and role ids."""
+    return len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id
 
 
 def _char_to_byte(text: str) -> np.ndarray:
