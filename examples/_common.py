@@ -61,8 +61,8 @@ def load_model(spec: str, seed: int = 0, dtype=torch.float32):
 
 
 def description(doc: str) -> str:
-    """An example's --help description: its docstring's first sentence, which may span lines."""
-    return " ".join(doc.split("\n\n")[0].split("    ")[0].split())
+    """An example's --help description: its docstring's first paragraph, which may span lines."""
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 def positive_int(text: str) -> int:

@@ -3,6 +3,8 @@ dict reference (Hypothesis), common sets with alias / exact row masks, and the f
 validation, version 1 files)."""
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -89,7 +91,10 @@ def test_bad_w_is_rejected_where_it_is_built(args, exc, msg):
 
 @pytest.mark.parametrize("V_T", [1, 2, 3])
 def test_random_w_with_fewer_teacher_ids_than_slots(V_T):
-    """Every slot was redrawn until distinct, so V_T < 4 never returned."""
+    """Every slot was redrawn until distinct, so V_T < 4 never returned (run in a child with a deadline first, so
+    that a regression fails instead of hanging the suite)."""
+    code = f"from xtoken_ext.projection import Projection; Projection.random(50, {V_T}, max_pieces={V_T}, seed=1)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     P = Projection.random(50, V_T, max_pieces=V_T, seed=1)
     for s in range(50):
         row = P.row(s)
@@ -121,6 +126,11 @@ def test_learned_w_keeps_the_row_masks(tmp_path):
     back = Projection.load(tmp_path / "w.safetensors")
     assert torch.equal(back.weights, learned.weights) and torch.equal(back.exact_rows, base.exact_rows)
     assert learned.weights[2, 0] > 0.6  # θ moved the row
+    for dtype in (torch.bfloat16, torch.float16):  # a half-precision θ (distiller.to(dtype)) still saves and loads
+        half = lp.to(dtype).projection()
+        half.save(tmp_path / "h.safetensors")
+        assert torch.equal(Projection.load(tmp_path / "h.safetensors").weights, half.weights)
+        torch.testing.assert_close(half.weights, learned.weights, rtol=2.0 ** -7, atol=0)
 
 
 def test_o5_row_stochastic_projection():

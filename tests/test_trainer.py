@@ -125,7 +125,9 @@ def test_metrics_logged_columns_kept_and_model_inputs_clean(toks, tmp_path):
     assert not torch.equal(d.kd_losses["spm"].proj.weights.detach(), d.kd_losses["spm"].proj.base.weights)
     trainer.save_model(str(tmp_path / "out"))
     saved = xt.Projection.load(tmp_path / "out" / "xtoken_W_spm.safetensors")
-    torch.testing.assert_close(saved.weights, d.kd_losses["spm"].proj.weights.detach(), rtol=0, atol=0)
+    assert torch.equal(saved.weights, d.kd_losses["spm"].proj.projection().weights)
+    # projection() takes θ's softmax in float64: within the fp32 softmax's few roundings of the training W
+    torch.testing.assert_close(saved.weights, d.kd_losses["spm"].proj.weights.detach(), rtol=16 * 2.0 ** -24, atol=0)
     ev = trainer.evaluate()
     assert math.isfinite(ev["eval_loss"]) and "eval_ce" in ev and "eval_kd/spm" in ev
 
@@ -138,11 +140,12 @@ def test_learnable_w_gradient_cleared_each_step_and_restored_on_resume(toks, tmp
 
     def run(seen, **kw):
         d = Distiller(s, [Teacher(tiny(len(m), 1), m, name="spm", learnable=True)], student_vocab_size=len(s))
-        theta = d.kd_losses["spm"].proj.theta
+        lp = d.kd_losses["spm"].proj
+        theta = lp.theta
 
         class Peek(TrainerCallback):
             def on_step_begin(self, *a, **k):
-                seen.append((theta.grad, theta.detach().clone()))
+                seen.append((theta.grad, theta.detach().clone(), lp.weights.detach().clone()))
 
         kw_args = dict(max_steps=3, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
         trainer = xt.DistillTrainer(model=tiny(len(s), 0), args=args(tmp_path, **kw_args),
@@ -153,11 +156,17 @@ def test_learnable_w_gradient_cleared_each_step_and_restored_on_resume(toks, tmp
 
     first, resumed = [], []
     end = run(first)
-    assert len(first) == 3 and all(g is None for g, _ in first)
+    assert len(first) == 3 and all(g is None for g, _, _ in first)
     assert not torch.equal(first[2][1], first[0][1])  # θ trains
     end_resumed = run(resumed, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert len(resumed) == 1 and torch.equal(resumed[0][1], first[2][1])
     torch.testing.assert_close(end_resumed, end, rtol=2.0 ** -20, atol=0)
+    # a checkpoint written before θ was saved: θ = log W of its W file, the same W (θ up to a constant per row)
+    (tmp_path / "checkpoint-2" / "xtoken_theta.safetensors").unlink()
+    older = []
+    run(older, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    torch.testing.assert_close(older[0][2], first[2][2], rtol=2.0 ** -20, atol=2.0 ** -30)
+    assert not torch.equal(older[0][2], first[0][2])  # the trained W, not the initial one
 
 
 def test_gguf_dequantized_model_trains(toks, tmp_path):

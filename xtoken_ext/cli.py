@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import sys
 import time
@@ -115,7 +116,10 @@ def _read_texts(path: str, field: str) -> list[str]:
         texts = []
         for n, line in enumerate(f, 1):
             if line.strip():
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
                 if not isinstance(row, dict) or not isinstance(row.get(field), str):
                     raise ValueError(f"{path}:{n}: no text field {field!r} (see --field)")
                 texts.append(row[field])
@@ -201,12 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "bench" or os.environ.get("XTOKEN_TRACEBACK"):
+        return args.func(args)
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError) as e:  # bad input (files, tokenizers, options): one line, no traceback
-        print(f"xtoken {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad input (files, tokenizers, options): one line, no traceback
+        print(f"xtoken {args.command}: error: {e} (XTOKEN_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2
 
 

@@ -76,8 +76,11 @@ class LearnableProjection(nn.Module):
         return self.base.covered_columns(device)
 
     def projection(self) -> Projection:
-        """A frozen Projection with the current weights (e.g. to save the learned W)."""
-        return Projection(self.indices.cpu(), self.weights.detach().cpu(), self.teacher_vocab_size, self.base.meta,
+        """A frozen Projection with the current weights (e.g. to save the learned W), their softmax taken in float64
+        so that rows sum to 1 in float32 whatever θ's dtype (a bf16 θ's rows sum to 1 ± 2^-8)."""
+        theta = self.theta.detach().cpu().double().masked_fill(~self.support.cpu(), float("-inf"))
+        w = torch.where(self.support.cpu(), torch.softmax(theta, dim=1), 0.0)  # all-empty rows: NaN -> 0
+        return Projection(self.indices.cpu(), w.float(), self.teacher_vocab_size, self.base.meta,
                           exact_rows=self.base.exact_rows, alias_rows=self.base.alias_rows)  # same support
 
 

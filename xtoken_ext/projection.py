@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import numbers
+import operator
 import os
 import re
 import sys
@@ -53,8 +53,12 @@ class Projection:
 
     def __init__(self, indices, weights, teacher_vocab_size: int, meta: dict[str, Any] | None = None, *,
                  exact_rows=None, alias_rows=None):
-        if not isinstance(teacher_vocab_size, numbers.Integral) or isinstance(teacher_vocab_size, bool):
+        if isinstance(teacher_vocab_size, bool):
             raise TypeError(f"teacher_vocab_size must be an int, got {teacher_vocab_size!r}")
+        try:
+            teacher_vocab_size = operator.index(teacher_vocab_size)  # an int, a numpy / 0-dim torch integer
+        except TypeError:
+            raise TypeError(f"teacher_vocab_size must be an int, got {teacher_vocab_size!r}") from None
         if not 0 <= teacher_vocab_size <= _MAX_VOCAB:
             raise ValueError(f"teacher_vocab_size must be in [0, {_MAX_VOCAB}] (ids are int32), got "
                              f"{teacher_vocab_size}")
@@ -66,6 +70,7 @@ class Projection:
         if indices.dim() != 2 or indices.shape[1] != SLOTS or weights.shape != indices.shape:
             raise ValueError(f"indices/weights must both be [V_S, {SLOTS}], got {tuple(indices.shape)} / "
                              f"{tuple(weights.shape)}")
+        indices = indices.to(torch.float64 if indices.is_floating_point() else torch.int64)  # uint8..uint64 too
         if indices.numel() and (indices.min() < -1 or indices.max() >= teacher_vocab_size):  # before the int32 cast
             raise ValueError(f"teacher indices must lie in [-1, {teacher_vocab_size})")
         indices = indices.to(torch.int32)
@@ -79,8 +84,8 @@ class Projection:
         srt = np.sort(idx, axis=1)
         if (dup := np.flatnonzero(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(1))).size:
             r = int(dup[0])
-            raise ValueError(f"{dup.size} rows repeat a teacher id (one slot per id: add the weights), e.g. row {r}: "
-                             f"{idx[r].tolist()}")
+            raise ValueError(f"{dup.size} rows repeat a teacher id (one slot per id: add the weights; unused slots "
+                             f"are -1), e.g. row {r}: {idx[r].tolist()}")
         self.indices = indices
         self.weights = weights
         self.teacher_vocab_size = int(teacher_vocab_size)
@@ -293,7 +298,7 @@ class Projection:
             proj = cls(torch.from_numpy(tensors["indices"]), torch.from_numpy(tensors["weights"]),
                        meta["teacher_vocab_size"], meta, exact_rows=tensors.get("exact_rows"),
                        alias_rows=tensors.get("alias_rows"))
-        except ValueError as e:  # index range, sign, finiteness
+        except ValueError as e:  # index range, sign, finiteness, row sums
             raise ProjectionFileError(f"{path}: {e}") from e
         for side, tok in (("student", expect_student), ("teacher", expect_teacher)):
             if tok is not None:
@@ -572,8 +577,6 @@ def _validate(path, meta: dict, tensors: dict) -> None:
         m = tensors.get(name)
         if m is not None and (m.dtype != np.uint8 or m.shape != (V_S,) or bool((m > 1).any())):
             fail(f"{name} must be uint8 0/1 [{V_S}]")
-    if (bad := _bad_row_sums(idx, w)) is not None:
-        fail(bad)
 
 
 def _bad_row_sums(idx: np.ndarray, w: np.ndarray) -> str | None:

@@ -59,6 +59,14 @@ def clear_gguf_quantization(model) -> bool:
     return True
 
 
+def _theta_of(path: str) -> torch.Tensor:
+    """θ = log w on a saved W's support (0 elsewhere), as LearnableProjection starts from a W."""
+    from .projection import Projection
+
+    w = Projection.load(path).weights
+    return torch.where(w > 0, w.clamp_min(1e-30).log(), torch.zeros_like(w))
+
+
 class _SyncLearnedW(TrainerCallback):
     def __init__(self, distiller: Distiller):
         self.distiller = distiller
@@ -148,17 +156,24 @@ class DistillMixin:
                 save_file(thetas, os.path.join(output_dir, _THETA_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        """On resume, the learnable W's θ from the checkpoint first (then the optimizer state that goes with it)."""
-        path = None if checkpoint is None else os.path.join(checkpoint, _THETA_FILE)
-        if path is not None and os.path.isfile(path):
-            for name, theta in load_file(path).items():
-                module = self.distiller.kd_losses[name] if name in self.distiller.kd_losses else None
-                mine = getattr(getattr(module, "proj", None), "theta", None)
-                if mine is None or mine.shape != theta.shape:
-                    raise ValueError(f"{path}: teacher {name!r}'s learnable W {tuple(theta.shape)} does not match this "
-                                     f"Distiller's ({None if mine is None else tuple(mine.shape)})")
-                with torch.no_grad():
-                    mine.copy_(theta)
+        """On resume, the learnable W's θ from the checkpoint first (then the optimizer state that goes with it): θ
+        itself, or from a checkpoint written before θ was saved, log W of its W file (the same softmax)."""
+        thetas = {}
+        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, _THETA_FILE)):
+            thetas = load_file(os.path.join(checkpoint, _THETA_FILE))
+        elif checkpoint is not None:
+            for name, module in self.distiller.kd_losses.items():
+                w_file = os.path.join(checkpoint, f"xtoken_W_{name}.safetensors")
+                if hasattr(module.proj, "theta") and os.path.isfile(w_file):
+                    thetas[name] = _theta_of(w_file)
+        for name, theta in thetas.items():
+            module = self.distiller.kd_losses[name] if name in self.distiller.kd_losses else None
+            mine = getattr(getattr(module, "proj", None), "theta", None)
+            if mine is None or mine.shape != theta.shape:
+                raise ValueError(f"{checkpoint}: teacher {name!r}'s learnable W {tuple(theta.shape)} does not match "
+                                 f"this Distiller's ({None if mine is None else tuple(mine.shape)})")
+            with torch.no_grad():
+                mine.copy_(theta)
         super()._load_optimizer_and_scheduler(checkpoint)
 
     # -- logging -------------------------------------------------------------------------------------------------------

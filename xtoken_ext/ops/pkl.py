@@ -199,8 +199,8 @@ def pkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, w_idx: Ten
              chunk_scale: Tensor | None, need_grad_w: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """-> (loss [K] (fp64 for fp64 logits, else fp32), grad = d Σ_k c_k loss_k / d s_logits in the logits' dtype,
     grad_w = d Σ_k c_k loss_k / d w_val [V_S, 4] in the loss's dtype if ``need_grad_w`` else [0]), c =
-    ``chunk_scale`` [K] (default 1). ``backend``: "auto" | "triton" | "native" | "torch". Sparse teacher columns must be unique per row;
-    spans must have disjoint student rows. Non-finite / degenerate chunks: module docstring."""
+    ``chunk_scale`` [K] (default 1). ``backend``: "auto" | "triton" | "native" | "torch". Sparse teacher columns
+    must be unique per row; spans must have disjoint student rows. Non-finite / degenerate chunks: module docstring."""
     check_temperature(temperature)
     check_rows(s_logits, t_vals, t_cols, col_mask)
     if w_idx.shape != (s_logits.shape[1], SLOTS) or w_val.shape != w_idx.shape:
