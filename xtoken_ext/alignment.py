@@ -287,11 +287,15 @@ class Aligner:
         if self.method == "dp":
             return _C.align_ids_batch(self._vs, self._vt, [e[0] for e in enc_s], [e[0] for e in enc_t], "dp",
                                       *self._prefix, threads=threads, **self._params)
-        return _C.merge_offsets_batch([e[1] for e in enc_s], [e[2] for e in enc_s], [e[1] for e in enc_t],
-                                      [e[2] for e in enc_t], threads=threads, student_vocab=self._vs,
-                                      teacher_vocab=self._vt, student_ids=[e[0] for e in enc_s],
-                                      teacher_ids=[e[0] for e in enc_t], student_prefix=self._prefix[0],
-                                      teacher_prefix=self._prefix[1])
+        return self._merge_offsets([e[1] for e in enc_s], [e[2] for e in enc_s], [e[1] for e in enc_t],
+                                   [e[2] for e in enc_t], [e[0] for e in enc_s], [e[0] for e in enc_t], threads)
+
+    def _merge_offsets(self, s_starts, s_ends, t_starts, t_ends, s_ids, t_ids, threads: int):
+        """The offset merge of B pairs of byte offsets with this pair's correct flags (equal canonical bytes, the
+        prefix modes, the specials' rule): (chunks, correct, offsets) as ``_C.merge_offsets_batch``."""
+        return _C.merge_offsets_batch(s_starts, s_ends, t_starts, t_ends, threads=threads, student_vocab=self._vs,
+                                      teacher_vocab=self._vt, student_ids=s_ids, teacher_ids=t_ids,
+                                      student_prefix=self._prefix[0], teacher_prefix=self._prefix[1])
 
 
 def _pad(rows: list[np.ndarray], width: int, fill: int) -> np.ndarray:

@@ -71,8 +71,6 @@ def _audit(args) -> int:
 
 
 def _inspect(args) -> int:
-    import torch
-
     from xtoken_ext.projection import Projection, _show
     from xtoken_ext.tokenizers import load_tokenizer, token_table
 
@@ -93,13 +91,13 @@ def _inspect(args) -> int:
     def name(table, i):  # ids past the tokenizer (padding rows of a wider logit layer) have no text
         return _show(table.token_bytes[i]) if table and i < len(table.token_bytes) else ""
 
-    alias = proj.alias_rows if proj.alias_rows is not None else torch.zeros(proj.student_vocab_size, dtype=torch.bool)
     ids = list(args.id or [])
     for text in args.token or []:
         b = text.encode("utf-8")
         same = [i for i, x in enumerate(s_table.token_bytes) if x == b]
         if same:  # the token itself (the id the tokenizer emits, not a byte-fallback alias), else its pieces
-            ids.append(next((i for i in same if not alias[i]), same[0]))
+            emitted = [i for i in same if proj.alias_rows is None or not proj.alias_rows[i]]
+            ids.append((emitted or same)[0])
         else:
             ids += student(text, add_special_tokens=False)["input_ids"]
     for s in ids:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _C, teacher_cache
+from . import teacher_cache
 from .alignment import Aligner, Alignment, _check_int, _check_utf8
 from .tokenizers import NORMAL, encode_batch_with_offsets, load_tokenizer, token_table
 
@@ -269,10 +269,9 @@ def _pair(S: list[_Side], T: list[_Side], aligner: Aligner, threads: int) -> lis
     """Offset merge in the common coordinate, correct as in align_batch (equal canonical bytes, the specials'
     rule: the aligner's vocabularies and prefix modes)."""
     common = [_common(s, t) for s, t in zip(S, T)]
-    chunks, correct, offsets = _C.merge_offsets_batch(
+    chunks, correct, offsets = aligner._merge_offsets(
         [c[0][0] for c in common], [c[0][1] for c in common], [c[1][0] for c in common], [c[1][1] for c in common],
-        threads=threads, student_vocab=aligner._vs, teacher_vocab=aligner._vt, student_ids=[s.ids for s in S],
-        teacher_ids=[t.ids for t in T], student_prefix=aligner._prefix[0], teacher_prefix=aligner._prefix[1])
+        [s.ids for s in S], [t.ids for t in T], threads)
     out = []
     for b, (s, t, ((_, _, ds), (_, _, dt))) in enumerate(zip(S, T, common)):
         c = chunks[offsets[b]:offsets[b + 1]]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import numbers
 import os
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .alignment import _check_int
 from .tokenizers import load_tokenizer, token_table
 
 __all__ = ["build", "load", "TeacherCache", "TeacherCacheError", "ids_key"]
@@ -135,12 +135,8 @@ def build(model, tokenizer, data, path, *, k: int = 64, dtype=torch.bfloat16, na
     finished shards (checked by SHA-256 and keys); other settings need ``overwrite=True``. Returns the loaded cache."""
     tok = load_tokenizer(tokenizer)
     for key, value in (("k", k), ("shard_size", shard_size), ("batch_size", batch_size), ("max_length", max_length)):
-        if key == "max_length" and value is None:
-            continue
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise TypeError(f"{key} must be an int, got {value!r}")
-        if value < 1:  # max_length=-1 cut every example's last token (ids[:-1])
-            raise ValueError(f"{key} must be >= 1, got {value}")
+        if value is not None or key != "max_length":  # max_length=-1 cut every example's last token (ids[:-1])
+            _check_int(value, key, 1, None)
     dtype_name = next((n for n, d in _DTYPES.items() if d == dtype), None)
     if dtype_name is None:
         raise ValueError(f"dtype must be one of {list(_DTYPES.values())}, got {dtype}")

@@ -36,6 +36,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
 from .distill import Distiller
+from .losses import LearnableProjection
+from .projection import Projection
 
 __all__ = ["DistillTrainer", "DistillMixin", "with_distillation", "clear_gguf_quantization"]
 
@@ -57,14 +59,6 @@ def clear_gguf_quantization(model) -> bool:
         return False
     quantizer.remove_quantization_config(model)
     return True
-
-
-def _theta_of(path: str) -> torch.Tensor:
-    """θ = log w on a saved W's support (0 elsewhere), as LearnableProjection starts from a W."""
-    from .projection import Projection
-
-    w = Projection.load(path).weights
-    return torch.where(w > 0, w.clamp_min(1e-30).log(), torch.zeros_like(w))
 
 
 class _SyncLearnedW(TrainerCallback):
@@ -149,7 +143,7 @@ class DistillMixin:
         if self.args.should_save:
             thetas = {}
             for name, module in self.distiller.kd_losses.items():
-                if hasattr(module.proj, "projection"):  # a LearnableProjection
+                if isinstance(module.proj, LearnableProjection):
                     module.proj.projection().save(os.path.join(output_dir, f"xtoken_W_{name}.safetensors"))
                     thetas[name] = module.proj.theta.detach().cpu().contiguous()
             if thetas:  # θ itself, for resuming (the W file holds softmax(θ))
@@ -164,8 +158,8 @@ class DistillMixin:
         elif checkpoint is not None:
             for name, module in self.distiller.kd_losses.items():
                 w_file = os.path.join(checkpoint, f"xtoken_W_{name}.safetensors")
-                if hasattr(module.proj, "theta") and os.path.isfile(w_file):
-                    thetas[name] = _theta_of(w_file)
+                if isinstance(module.proj, LearnableProjection) and os.path.isfile(w_file):
+                    thetas[name] = LearnableProjection(Projection.load(w_file)).theta.detach()  # log W
         for name, theta in thetas.items():
             module = self.distiller.kd_losses[name] if name in self.distiller.kd_losses else None
             mine = getattr(getattr(module, "proj", None), "theta", None)
