@@ -33,3 +33,17 @@ def test_bench_quick_runs_every_suite(capsys, monkeypatch, tmp_path):
 def test_bench_rejects_unknown_suite(capsys):
     assert main(["bench", "--suite", "nope"]) == 2
     assert "unknown suite" in capsys.readouterr().err
+
+
+def test_build_checks_the_output_path_before_building_w(capsys, monkeypatch, tmp_path):
+    """A W for large vocabularies takes minutes: a folder or a path in a missing folder fails first, not after."""
+    import xtoken_ext.cli as cli
+
+    def never(args):
+        raise AssertionError("W was built before the output path was checked")
+
+    monkeypatch.setattr(cli, "_projection", never)
+    for out, msg in ((tmp_path, "is a directory"), (tmp_path / "no" / "w.safetensors", "does not exist")):
+        assert main(["build", "offline:gpt2", "offline:gpt2", "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("xtoken build: error: ") and msg in err, err

@@ -334,6 +334,23 @@ def test_on_policy_aligns_generated_ids(toks):
     assert pairs and all(same_text(x, y) and x in answers[b] for _, b, x, y, _, _ in pairs)
 
 
+def test_on_policy_takes_ids_on_the_model_device_and_checks_prompt_length(toks):
+    """generate() returns ids on the model's device: on_policy takes them there (the CUDA half runs on a GPU);
+    a negative or non-int prompt_length is refused instead of silently counting every column."""
+    s, q, _ = toks
+    collator = xt.Collator(s, [q])
+    ids = torch.tensor([s("Q: 1 + 1 = 2")["input_ids"]])
+    with pytest.raises(ValueError, match="prompt_length"):
+        collator.on_policy(ids, prompt_length=-1)
+    with pytest.raises(TypeError, match="prompt_length"):
+        collator.on_policy(ids, prompt_length=2.0)
+    with pytest.raises(ValueError, match="student_ids must be integer"):
+        collator.on_policy(ids.bool())
+    if torch.cuda.is_available():
+        _same_batch(collator.on_policy(ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), prompt_length=3),
+                    collator.on_policy(ids, attention_mask=torch.ones_like(ids), prompt_length=3))
+
+
 def test_on_policy_byte_fallback_student_padding_empty_rows_and_threads(toks, tmp_path):
     """A SentencePiece byte-fallback student (Mistral) generates a right-padded, a left-padded and an empty row; the
     batch equals Aligner.align_ids_batch on the real rows, does not depend on the thread count, and the student's

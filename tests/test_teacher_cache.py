@@ -155,9 +155,9 @@ def test_collator_rejects_a_cache_of_another_tokenizer(served, offline_tok):
         xt.Collator(s, [offline_tok("gpt2")], teacher_caches=[cache])
 
 
-def test_cli_builds_a_cache_from_a_saved_model(tmp_path, offline_tok):
+def test_cli_builds_a_cache_from_a_saved_model(tmp_path, offline_tok, capsys):
     """`xtoken teacher-cache MODEL_DIR texts.jsonl -o DIR`: a real transformers model (a tiny random GPT-2 saved to
-    a folder) over a .jsonl file; the stored top-k equal the model's own log-probs."""
+    a folder) over a .jsonl file; the stored top-k equal the model's own log-probs; other settings need --overwrite."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from xtoken_ext.cli import main
@@ -177,3 +177,26 @@ def test_cli_builds_a_cache_from_a_saved_model(tmp_path, offline_tok):
         want = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1).topk(5, -1)
     torch.testing.assert_close(lp, want.values, rtol=1e-5, atol=1e-5)
     assert torch.equal(idx, want.indices)
+    # other settings at the same folder: refused (one line, exit 2) unless --overwrite
+    argv = ["teacher-cache", str(tmp_path / "teacher"), str(tmp_path / "texts.jsonl"), "-o", str(tmp_path / "cache"),
+            "-k", "4", "--tokenizer", "offline:gpt2", "--dtype", "float32"]
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err and xt.teacher_cache.load(tmp_path / "cache").k == 5
+    assert main([*argv, "--overwrite"]) == 0
+    assert xt.teacher_cache.load(tmp_path / "cache").k == 4
+
+
+def test_cli_text_file_errors_come_before_the_model_loads(tmp_path, capsys):
+    """A bad .jsonl line, a line without the field and a file without a text are named in one line (exit 2); the
+    model path does not exist, so each error came before loading it."""
+    from xtoken_ext.cli import main
+
+    files = {"bad.jsonl": '{"text": "a"}\n{oops\n', "field.jsonl": '{"text": "a"}\n{"body": "b"}\n',
+             "empty.txt": "\n  \n", "empty.jsonl": ""}
+    for name, body in files.items():
+        (tmp_path / name).write_text(body)
+    for name, msg in (("bad.jsonl", "bad.jsonl:2: not a JSON line"), ("field.jsonl", "field.jsonl:2: no text field"),
+                      ("empty.txt", "no text in it"), ("empty.jsonl", "no text in it")):
+        assert main(["teacher-cache", str(tmp_path / "no-model"), str(tmp_path / name), "-o", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("xtoken teacher-cache: error: ") and msg in err, err

@@ -179,5 +179,7 @@ def test_cli_takes_every_form(cache, capsys, tiny_gguf):
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XTOKEN_CACHE", str(tmp_path))
     assert cache_dir("gguf") == tmp_path / "gguf"
+    monkeypatch.setenv("XTOKEN_CACHE", "~/xt")  # a quoted ~ reaches us unexpanded; it is not a folder named "~"
+    assert cache_dir("gguf") == Path.home() / "xt" / "gguf"
     monkeypatch.delenv("XTOKEN_CACHE")
     assert cache_dir() == Path.home() / ".cache" / "xtoken_ext"

@@ -57,6 +57,9 @@ def _projection(args):
 
 
 def _build(args) -> int:
+    from xtoken_ext.projection import check_save_path
+
+    check_save_path(args.output)  # before the minutes a large W may take
     proj, seconds = _projection(args)
     proj.save(args.output)
     print(f"{proj!r} -> {args.output} (W in {seconds:.2f} s, tokenizers loaded before)")
@@ -107,21 +110,25 @@ def _inspect(args) -> int:
 
 
 def _read_texts(path: str, field: str) -> list[str]:
-    """Texts of a .jsonl file (the ``field`` of every line) or of a plain text file (one text per line)."""
+    """Texts of a .jsonl file (the ``field`` of every line) or of a plain text file (one text per line); blank
+    lines are skipped, a file without a text is an error (not an empty cache)."""
     with open(path, encoding="utf-8") as f:
         if not path.lower().endswith(".jsonl"):
-            return [line.rstrip("\n") for line in f if line.strip()]
-        texts = []
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
-                if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                    raise ValueError(f"{path}:{n}: no text field {field!r} (see --field)")
-                texts.append(row[field])
-        return texts
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+        else:
+            texts = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+                    if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                        raise ValueError(f"{path}:{n}: no text field {field!r} (see --field)")
+                    texts.append(row[field])
+    if not texts:
+        raise ValueError(f"{path}: no text in it (blank lines are skipped)")
+    return texts
 
 
 def _teacher_cache(args) -> int:
@@ -130,13 +137,14 @@ def _teacher_cache(args) -> int:
 
     from xtoken_ext import teacher_cache
 
+    texts = _read_texts(args.data, args.field)  # a bad file fails before the model loads
     gguf = Path(args.model) if args.model.lower().endswith(".gguf") else None
     kw = {"gguf_file": gguf.name} if gguf else {}  # from_pretrained(folder, gguf_file=name)
     where = str(gguf.parent) if gguf else args.model
     model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, args.model_dtype), **kw).eval()
     if args.device:
         model.to(args.device)
-    cache = teacher_cache.build(model, args.tokenizer or args.model, _read_texts(args.data, args.field), args.output,
+    cache = teacher_cache.build(model, args.tokenizer or args.model, texts, args.output,
                                 k=args.k, dtype=getattr(torch, args.dtype), name=args.model,
                                 max_length=args.max_length, batch_size=args.batch_size, device=args.device,
                                 overwrite=args.overwrite)

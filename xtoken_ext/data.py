@@ -515,14 +515,15 @@ class Collator:
         DataLoader worker). Columns ``>= prompt_length`` are the completion: with ``prompt_length > 0`` only they
         count (CE labels and KD). Generated text is in no teacher cache: the batch carries no ``topk_*`` fields, so
         run every teacher on its ``input_ids`` (a collator with ``teacher_caches`` still works here)."""
-        ids = torch.as_tensor(student_ids)
-        if ids.dim() != 2 or ids.is_floating_point():
+        ids = torch.as_tensor(student_ids).detach().cpu()  # generate() leaves them on the model's device
+        if ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"student_ids must be integer [B, T], got {tuple(ids.shape)} {ids.dtype}")
+        _check_int(prompt_length, "prompt_length", 0, None)
         if attention_mask is None:
             pad = self.student_tok.pad_token_id
             mask = torch.ones_like(ids, dtype=torch.bool) if pad is None else ids != pad
         else:
-            mask = torch.as_tensor(attention_mask).bool()
+            mask = torch.as_tensor(attention_mask).detach().cpu().bool()
             if mask.shape != ids.shape:
                 raise ValueError(f"attention_mask {tuple(mask.shape)} must match student_ids {tuple(ids.shape)}")
         cols = torch.arange(ids.shape[1]).expand_as(ids)

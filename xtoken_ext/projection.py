@@ -44,6 +44,17 @@ HKL_MIN_COVERAGE = 0.9
 _MAX_VOCAB = 2 ** 31 - 1  # W's teacher ids are int32
 
 
+def check_save_path(path) -> Path:
+    """A W file's path that ``save`` can write (checked before a long build too): not a folder, in one that exists.
+    safetensors' own error names neither the path nor the cause."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give the W file's path (e.g. {path / 'W.safetensors'})")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
+    return path
+
+
 class ProjectionFileError(ValueError):
     """A projection file that is corrupted, of another format version, or built for other tokenizers."""
 
@@ -260,12 +271,7 @@ class Projection:
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name).to(torch.uint8)
         meta["checksum"] = _checksum(meta, {k: v.numpy() for k, v in tensors.items()})
-        path = Path(path)
-        if path.is_dir():  # safetensors' own error names neither the path nor the cause
-            raise IsADirectoryError(f"{path} is a directory: give the W file's path (e.g. {path / 'W.safetensors'})")
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
-        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        save_file(tensors, str(check_save_path(path)), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
 
     @classmethod
     def load(cls, path, *, expect_student=None, expect_teacher=None) -> "Projection":

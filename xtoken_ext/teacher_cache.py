@@ -151,7 +151,7 @@ def build(model, tokenizer, data, path, *, k: int = 64, dtype=torch.bfloat16, na
         diff = {key: (old.get(key), v) for key, v in config.items() if old.get(key) != v}
         if diff:
             raise TeacherCacheError(f"{path} holds a cache built with other settings {diff} (old, new); pass "
-                                    "overwrite=True or another path")
+                                    "overwrite=True (xtoken teacher-cache --overwrite) or another path")
         done, vocab = {s["file"]: s for s in old["shards"]}, old.get("vocab_size")
     manifest = {**config, "vocab_size": vocab, "shards": [], "num_examples": 0, "complete": False}
     device = _device_of(model, device)

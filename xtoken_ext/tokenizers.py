@@ -34,9 +34,10 @@ _HASH_CHUNK = 1 << 22
 
 
 def cache_dir(*parts: str) -> Path:
-    """``$XTOKEN_CACHE`` (default ``~/.cache/xtoken_ext``) joined with ``parts``: W files, converted tokenizers."""
+    """``$XTOKEN_CACHE`` (``~`` expanded; default ``~/.cache/xtoken_ext``) joined with ``parts``: W files, converted
+    tokenizers."""
     root = os.environ.get("XTOKEN_CACHE") or Path.home() / ".cache" / "xtoken_ext"
-    return Path(root).joinpath(*parts)
+    return Path(root).expanduser().joinpath(*parts)
 
 
 def load_tokenizer(tok_or_name):
