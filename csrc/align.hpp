@@ -206,10 +206,21 @@ inline void check_offsets(const int64_t* s, const int64_t* e, int64_t n, const c
   }
 }
 
-// Offset merge over cumulative canonical byte lengths (token streams, no text offsets); correct by bytes.
+// Offset merge over cumulative canonical byte lengths (token streams, no text offsets); correct by bytes. Special
+// tokens are zero-width here, as the text path's offsets give a template's BOS (0, 0): their literal texts differ
+// across families (a BOS on one side only, <|start_header_id|> against <|im_start|>), and counted as bytes they
+// would shift every later byte end of one side, leaving no chunk correct.
+inline const int64_t* text_ends(const Seq& X, std::vector<int64_t>& ends) {
+  if (X.cls.empty()) return X.off.data();
+  ends.resize(static_cast<size_t>(X.n() + 1));
+  ends[0] = 0;
+  for (int64_t k = 0; k < X.n(); ++k) ends[k + 1] = ends[k] + (X.cls[k] ? 0 : X.len(k));
+  return ends.data();
+}
 inline Result merge_streams(const Seq& S, const Seq& T) {
-  const int64_t* so = S.off.data();
-  const int64_t* to = T.off.data();
+  std::vector<int64_t> s_ends, t_ends;
+  const int64_t* so = text_ends(S, s_ends);
+  const int64_t* to = text_ends(T, t_ends);
   Result r = merge_offsets(so, so + 1, S.n(), to, to + 1, T.n());
   for (int64_t k = 0; k < r.size(); ++k) {
     const int64_t* c = &r.chunks[4 * k];

@@ -282,3 +282,79 @@ def test_hand_built_alignment_with_bad_chunks_is_rejected():
             Alignment(**{**fields, "chunks": torch.tensor([bad])})
     with pytest.raises(ValueError, match="partition"):
         Alignment.from_chunks([np.array([[0, 2, 0, 2], [1, 3, 1, 3]])], [[True, True]], [3], [3])
+
+
+def test_offsets_method_on_ids_takes_specials_as_zero_width(aligner):
+    """method="offsets" on ids: Llama-3's BOS (on the student side only) counted its 17 literal bytes, every later
+    byte end of the student side was shifted and no chunk was correct. Specials are zero-width there, as in the text
+    path's offsets, so ids and text give the same chunks; chat markup of two families aligns the text between."""
+    s, t = aligner.student_tok, aligner.teacher_tok
+    al = xt.Aligner(s, t, method="offsets")
+    texts = ["Hello world, this is a test.", "Another sentence here, 12345."]
+    got = al.align_ids_batch([s(x)["input_ids"] for x in texts], [t(x)["input_ids"] for x in texts])
+    want = al.align_batch(texts)
+    for f in ("chunks", "chunk_valid", "chunk_correct", "num_chunks"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    assert int(got.chunk_valid.sum()) >= 10
+    s_ids = [s.convert_tokens_to_ids("<|start_header_id|>"), *s("user", add_special_tokens=False)["input_ids"],
+             s.convert_tokens_to_ids("<|end_header_id|>"), *s("\n\nHi there", add_special_tokens=False)["input_ids"]]
+    t_ids = t("<|im_start|>user\n\nHi there")["input_ids"]
+    chunks, correct = al.align_ids(s_ids, t_ids, return_correct=True)
+    text = {(s.decode(s_ids[a:b]), t.decode(t_ids[c:d])) for (a, b, c, d), ok in zip(chunks.tolist(), correct) if ok}
+    assert (" there", " there") in text, text
+
+
+def test_flags_threads_and_padded_lists_are_checked(aligner):
+    """include_mismatched=2 acted as False (2 & flags == 0) and None failed at align time; threads >= 2**63 and
+    numpy uint64 reached pybind11 raw; full_cells >= 2**63 too; a tokenizer's padded output (a rectangular list)
+    with its attention mask was refused as ragged."""
+    s, t = aligner.student_tok, aligner.teacher_tok
+    for bad in (2, None, "yes"):
+        with pytest.raises(TypeError, match="include_mismatched must be a bool"):
+            xt.Aligner(s, t, include_mismatched=bad)
+        with pytest.raises(TypeError, match="include_mismatched must be a bool"):
+            Alignment.from_chunks([[[0, 1, 0, 1]]], [[True]], [1], [1], include_mismatched=bad)
+    with pytest.raises(ValueError, match="full_cells"):
+        xt.Aligner(s, t, full_cells=2**63)
+    want, text = aligner.align_ids_batch([[1, 2]], [[1, 2]], threads=1), aligner.align_batch(["hi"], threads=1)
+    for threads in (2**63, 2**70, np.uint64(5)):
+        assert torch.equal(aligner.align_ids_batch([[1, 2]], [[1, 2]], threads=threads).chunks, want.chunks)
+        assert torch.equal(aligner.align_batch(["hi"], threads=threads).chunks, text.chunks)
+    with pytest.raises(TypeError, match="threads must be an int"):
+        xt.Collator(s, [t], threads=None)
+    texts = ["Hello world", "hi"]
+    s.pad_token = s.eos_token
+    try:
+        enc = s(texts, padding=True)
+    finally:
+        s.pad_token = None
+    assert isinstance(enc["input_ids"], list)
+    t_rows = [t(x)["input_ids"] for x in texts]
+    got = aligner.align_ids_batch(enc["input_ids"], t_rows, student_attention_mask=enc["attention_mask"])
+    assert torch.equal(got.chunks, aligner.align_ids_batch([s(x)["input_ids"] for x in texts], t_rows).chunks)
+    with pytest.raises(ValueError, match="rectangular student_ids"):
+        aligner.align_ids_batch([[1, 2], [3]], [[1], [2]], student_attention_mask=[[1, 1], [1, 0]])
+
+
+def test_alignment_fields_and_from_chunks_inputs_are_typed():
+    """An int64 chunk_valid indexed the chunks instead of masking them (a shape error deep in a loss); numpy fields
+    failed on .device; from_chunks truncated 1.7 to 1, 2.9-token lengths to 2, T_S=3.5 to 3, and took "no" as
+    True."""
+    good = Alignment.from_chunks([[[0, 1, 0, 1], [1, 3, 1, 2]]], [[1, 0]], [3], [2], T_S=4)
+    assert good.chunk_correct.tolist() == [[True, False]]
+    fields = {f: getattr(good, f) for f in good.__dataclass_fields__}
+    for name, value, msg in (("chunk_valid", good.chunk_valid.long(), "chunk_valid must be a bool tensor"),
+                             ("chunks", good.chunks.float(), "chunks must be an integer tensor"),
+                             ("num_chunks", good.num_chunks.numpy(), "num_chunks must be a torch tensor"),
+                             ("student_attention_mask", torch.ones(1, 4, dtype=torch.long), "must be a bool")):
+        with pytest.raises(TypeError, match=msg):
+            Alignment(**{**fields, name: value})
+    with pytest.raises(TypeError, match="chunk_valid must be a bool"):
+        Alignment(**{**fields, "chunk_valid": good.chunk_valid.long()}).to("meta")
+    for args, kw, msg in ((([[[0, 1.7, 0, 1], [1.7, 3, 1, 2]]], [[1, 1]], [3], [2]), {}, "chunks_list\\[0\\]"),
+                          (([[[0, 2, 0, 1]]], [[1]], [2.9], [1]), {}, "student_lengths"),
+                          (([[[0, 2, 0, 1]]], [[1]], [2], [1]), {"T_S": 3.5}, "T_S"),
+                          (([[[0, 2, 0, 1]]], [["no"]], [2], [1]), {}, "correct_list\\[0\\]"),
+                          (([[[0, 2, 0, 1]]], [[2]], [2], [1]), {}, "correct_list\\[0\\]")):
+        with pytest.raises(TypeError, match=msg):
+            Alignment.from_chunks(*args, **kw)

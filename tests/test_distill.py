@@ -322,6 +322,9 @@ def test_errors(toks, batch):
         Distiller(s, [Teacher(Table(3, 0), m)], ce_weight=0.1)
     with pytest.raises(ValueError, match="unique"):
         Distiller(s, [Teacher(Table(3, 0), m, name="a"), Teacher(Table(3, 0), m, name="a")])
+    twice = Teacher(Table(3, 0), m)
+    with pytest.raises(ValueError, match=r"teachers\[1\] is the same Teacher object as teachers\[0\]"):
+        Distiller(s, [twice, twice])
     nan, inf = float("nan"), float("inf")
     for bad in (nan, inf, 0.0):  # NaN passed a `<= 0` check and made the loss NaN
         with pytest.raises(ValueError, match="confidence_temperature must be finite and > 0"):

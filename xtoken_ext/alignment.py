@@ -44,6 +44,7 @@ __all__ = ["Aligner", "Alignment"]
 
 METHODS = ("auto", "offsets", "dp")
 MAX_PARAM = (1 << 31) - 1  # csrc/align.hpp kMaxParam: band/lookahead/gram beyond it could overflow index math
+_INT64_MAX = (1 << 63) - 1
 _VOCABS: dict[str, _C.Vocab] = {}
 # Special bits of csrc/align.hpp (enum Special): every special has _SPECIAL; role bits pair specials across families.
 _SPECIAL, _ROLE_BITS = 1, {BOS: 2, EOS: 4, EOT: 8, UNK: 16}
@@ -75,6 +76,17 @@ def _check_int(value, name: str, lo: int, hi: int | None = MAX_PARAM) -> int:
     if value < lo or (hi is not None and value > hi):
         raise ValueError(f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {value}")
     return int(value)
+
+
+def _check_threads(threads) -> int:
+    """``threads``: None or an int >= 0 (0 = all cores; more than the cores are capped in C++) -> C++'s int64."""
+    return 0 if threads is None else min(_check_int(threads, "threads", 0, None), _INT64_MAX)
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):  # 2 & flags would be 0: a truthy int acting as False
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
 
 
 def _prefix_mode(tok, table) -> int:
@@ -149,10 +161,14 @@ def _id_rows(x, lengths, mask, side: str) -> list[np.ndarray]:
         raise TypeError(f"{side}_ids must be a list of id sequences or a 2-D [B, T] array, got {type(x).__name__}")
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
-    if not isinstance(x, np.ndarray):  # a list of rows (possibly ragged)
-        if lengths is not None or mask is not None:
-            raise ValueError(f"{side}_lengths / {side}_attention_mask need 2-D {side}_ids [B, T]")
-        return [_as_ids(r, f"{side}[{b}]").copy() for b, r in enumerate(x)]
+    if not isinstance(x, np.ndarray):
+        if lengths is None and mask is None:  # a list of rows (possibly ragged)
+            return [_as_ids(r, f"{side}[{b}]").copy() for b, r in enumerate(x)]
+        try:  # padded rows with their lengths / mask (a tokenizer's padding=True output): rectangular
+            x = np.asarray(x)
+        except ValueError:
+            raise ValueError(f"{side}_lengths / {side}_attention_mask need rectangular {side}_ids [B, T], got "
+                             "rows of different lengths") from None
     if x.ndim != 2:
         raise ValueError(f"{side}_ids as an array must be 2-D [B, T], got shape {x.shape}")
     if x.size:
@@ -186,10 +202,11 @@ class Aligner:
 
     def __init__(self, student_tok, teacher_tok, method: str = "auto", include_mismatched: bool = False, *,
                  band: int = 64, full_cells: int = 1 << 16, lookahead: int = 64, gram: int = 16):
-        self._params = {"band": _check_int(band, "band", 0), "full_cells": _check_int(full_cells, "full_cells", 0, None),
+        self._params = {"band": _check_int(band, "band", 0),
+                        "full_cells": _check_int(full_cells, "full_cells", 0, _INT64_MAX),
                         "lookahead": _check_int(lookahead, "lookahead", 1), "gram": _check_int(gram, "gram", 1)}
         self.method = method
-        self.include_mismatched = include_mismatched
+        self.include_mismatched = _check_bool(include_mismatched, "include_mismatched")
         self.student_tok = load_tokenizer(student_tok)
         self.teacher_tok = load_tokenizer(teacher_tok)
         self.student_table = token_table(self.student_tok)
@@ -255,13 +272,12 @@ class Aligner:
         [B, T] (row b = its columns where the mask is nonzero: left or right padding, e.g. ``generate`` output).
         The Alignment holds the rows compacted and right-padded (its ``student_ids``/``teacher_ids`` and attention
         masks): run the models on those."""
-        if threads is not None:
-            _check_int(threads, "threads", 0, None)
+        threads = _check_threads(threads)
         s = _id_rows(student_ids, student_lengths, student_attention_mask, "student")
         t = _id_rows(teacher_ids, teacher_lengths, teacher_attention_mask, "teacher")
         if len(s) != len(t):
             raise ValueError(f"student and teacher batch sizes differ ({len(s)} vs {len(t)})")
-        chunks, correct, offsets = self._native.align_batch(s, t, threads or 0)
+        chunks, correct, offsets = self._native.align_batch(s, t, threads)
         return Alignment._from_flat(chunks, correct, offsets, s, t, include_mismatched=self.include_mismatched)
 
     def align_batch(self, texts, threads: int | None = None, max_length: int | None = None) -> Alignment:
@@ -272,14 +288,13 @@ class Aligner:
         texts = [_check_text(x, f"texts[{i}]") for i, x in enumerate(texts)]
         if max_length is not None:
             _check_int(max_length, "max_length", 1, None)
-        if threads is not None:
-            _check_int(threads, "threads", 0, None)
+        threads = _check_threads(threads)
         if not texts:
             return Alignment._from_flat(np.zeros((0, 4), np.int64), np.zeros(0, bool), np.zeros(1, np.int64), [], [])
         cut = slice(None, max_length)
         enc_s = [tuple(a[cut] for a in e) for e in encode_batch_with_offsets(self.student_tok, texts)]
         enc_t = [tuple(a[cut] for a in e) for e in encode_batch_with_offsets(self.teacher_tok, texts)]
-        chunks, correct, offsets = self._align_encoded(enc_s, enc_t, threads=threads or 0)
+        chunks, correct, offsets = self._align_encoded(enc_s, enc_t, threads=threads)
         return Alignment._from_flat(chunks, correct, offsets, [e[0] for e in enc_s], [e[0] for e in enc_t],
                                     include_mismatched=self.include_mismatched)
 
@@ -298,11 +313,30 @@ class Aligner:
                                       student_prefix=self._prefix[0], teacher_prefix=self._prefix[1])
 
 
+def _int_array(x, what: str) -> np.ndarray:
+    """int64 copy of integer input (lists, numpy, torch); floats, bools and strings are refused, not truncated."""
+    a = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+    if a.size:
+        _check_int_dtype(a, what)
+    return a.astype(np.int64)
+
+
+def _flag_array(x, what: str) -> np.ndarray:
+    """Flags [K] as bools: bools, or integers 0 / 1."""
+    a = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x).reshape(-1)
+    if a.size and a.dtype != np.bool_ and not (np.issubdtype(a.dtype, np.integer) and ((a == 0) | (a == 1)).all()):
+        raise TypeError(f"{what} must be bools (or 0 / 1), got {a.dtype} {a[:4].tolist()}")
+    return a.astype(bool)
+
+
 def _pad(rows: list[np.ndarray], width: int, fill: int) -> np.ndarray:
     out = np.full((len(rows), width), fill, dtype=np.int64)
     for b, r in enumerate(rows):
         out[b, :len(r)] = r
     return out
+
+
+_BOOL_FIELDS = ("chunk_valid", "chunk_correct", "student_attention_mask", "teacher_attention_mask")
 
 
 @dataclass(repr=False, eq=False)
@@ -365,7 +399,18 @@ class Alignment:
     def __post_init__(self):
         """A hand-built Alignment is checked where the losses would trust it: every valid chunk has non-empty,
         in-range token ranges on both sides, and the valid chunks of a sequence are in order without overlap (the
-        kernels assume disjoint rows). Checked on CPU tensors only (``to(device)`` copies a checked object)."""
+        kernels assume disjoint rows), on CPU tensors only (``to(device)`` copies a checked object); the types and
+        dtypes on any device (an int64 chunk_valid would index the chunks instead of masking them)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.default is None:
+                continue
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"Alignment.{f.name} must be a torch tensor, got {type(v).__name__}")
+            flag = f.name in _BOOL_FIELDS
+            if (v.dtype == torch.bool) != flag or v.is_floating_point() or v.is_complex():
+                kind = "a bool" if flag else "an integer"
+                raise TypeError(f"Alignment.{f.name} must be {kind} tensor, got {v.dtype}")
         c = self.chunks
         if c.device.type != "cpu":
             return
@@ -408,15 +453,16 @@ class Alignment:
         correct flags ([K_b] bools). Optional ``student_ids``/``teacher_ids``: per-sequence id lists to keep."""
         if not (len(chunks_list) == len(correct_list) == len(student_lengths) == len(teacher_lengths)):
             raise ValueError("chunks_list, correct_list and the length lists must have the same batch size")
-        arrs = [np.asarray(c, dtype=np.int64).reshape(-1, 4) for c in chunks_list]
-        oks = [np.asarray(c, dtype=bool).reshape(-1) for c in correct_list]
+        arrs = [_int_array(c, f"chunks_list[{b}]").reshape(-1, 4) for b, c in enumerate(chunks_list)]
+        oks = [_flag_array(c, f"correct_list[{b}]") for b, c in enumerate(correct_list)]
         for b, (c, o) in enumerate(zip(arrs, oks)):
             if len(c) != len(o):
                 raise ValueError(f"sequence {b}: {len(c)} chunks but {len(o)} correct flags")
         offsets = np.concatenate([[0], np.cumsum([len(c) for c in arrs])]).astype(np.int64)
         chunks = np.concatenate(arrs) if arrs else np.zeros((0, 4), np.int64)
         correct = np.concatenate(oks) if oks else np.zeros(0, bool)
-        sl, tl = np.asarray(student_lengths, np.int64), np.asarray(teacher_lengths, np.int64)
+        sl, tl = _int_array(student_lengths, "student_lengths"), _int_array(teacher_lengths, "teacher_lengths")
+        T_S, T_T = (None if T is None else _check_int(T, name, 0, None) for T, name in ((T_S, "T_S"), (T_T, "T_T")))
         s_ids = [np.zeros(n, np.int64) for n in sl] if student_ids is None else [_as_ids(x, "student")
                                                                                   for x in student_ids]
         t_ids = [np.zeros(n, np.int64) for n in tl] if teacher_ids is None else [_as_ids(x, "teacher")
@@ -457,7 +503,8 @@ class Alignment:
             ids.append(unshifted[:, 1:])  # row p <- token p+1 (next-token shift)
         rows_s = chunks[:, 1] - 1 - np.maximum(chunks[:, 0] - 1, 0)
         rows_t = chunks[:, 3] - 1 - np.maximum(chunks[:, 2] - 1, 0)
-        valid = ~gap & (rows_s >= 1) & (rows_t >= 1) & (correct | include_mismatched)
+        mismatched = _check_bool(include_mismatched, "include_mismatched")
+        valid = ~gap & (rows_s >= 1) & (rows_t >= 1) & (correct | mismatched)
         K = int(counts.max(initial=0))
         grid = np.full((B, K, 4), -1, dtype=np.int64)
         flags = np.zeros((2, B, K), dtype=bool)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import teacher_cache
-from .alignment import Aligner, Alignment, _check_int, _check_utf8
+from .alignment import Aligner, Alignment, _check_int, _check_threads, _check_utf8
 from .tokenizers import NORMAL, encode_batch_with_offsets, load_tokenizer, token_table
 
 __all__ = ["Collator", "Batch", "pack_plan", "teacher_cache"]
@@ -433,7 +433,9 @@ class Collator:
                             ("include_mismatched", include_mismatched)):
             if not (isinstance(value, (bool, np.bool_)) or value is None and name == "completion_only"):
                 raise TypeError(f"{name} must be a bool{' or None' * (name == 'completion_only')}, got {value!r}")
-        _check_int(threads, "threads", 0, None)
+        if threads is None:
+            raise TypeError("threads must be an int (0 = all cores), got None")
+        threads = _check_threads(threads)
         if packing and max_length is None:
             raise ValueError("packing needs max_length (the row capacity)")
         self.student_tok = load_tokenizer(student_tok)
@@ -444,7 +446,7 @@ class Collator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.include_mismatched = include_mismatched
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self.threads = int(threads)
+        self.threads = threads
         caches = [None] * len(self.teacher_toks) if teacher_caches is None else list(teacher_caches)
         if len(caches) != len(self.teacher_toks):
             raise ValueError(f"{len(caches)} teacher_caches for {len(self.teacher_toks)} teachers")
