@@ -335,6 +335,21 @@ def test_autocast_does_not_apply_inside():
     assert all(torch.equal(a, b) for a, b in zip(*res))
 
 
+@pytest.mark.parametrize("loss_name,merge", [("pkl_loss", "mean"), ("hkl_loss", "chain")])
+def test_autocast_does_not_apply_to_a_hidden_teacher(loss_name, merge):
+    """A teacher given as hidden states: the rows read before the blocks (its top-k columns, the chain values) ran
+    the teacher head under autocast in bf16 while the blocks ran it in fp32, so the top-k set and the loss changed."""
+    proj, ali, h, W, b, t, t_fused, kw, head_kw = make_case(11, loss_name, merge, "hidden", softcap=3.0)
+    kw["teacher_topk"] = 10  # seed 11: bf16 teacher rows give another top-10 set (seeds 0-10 do not, for P-KL)
+    res = []
+    for enabled in (False, True):
+        hf, Wf = h.clone().requires_grad_(), W.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out = getattr(xt, loss_name + "_from_hidden")(hf, Wf, None, ali, proj, backend="torch", **kw, **head_kw)
+        res.append((out, *torch.autograd.grad(out, [hf, Wf])))
+    assert all(torch.equal(a, b) for a, b in zip(*res))
+
+
 def test_learnable_projection_gets_its_gradient():
     """θ of a LearnableProjection gets ∂L/∂θ through the W weights, accumulated over the blocks."""
     proj, ali, h, W, b, t, t_fused, kw, head_kw = make_case(8, "pkl_loss", "mean", "dense", torch.float64)
@@ -385,6 +400,9 @@ def test_input_validation():
         (dict(teacher_logits=None, teacher_hidden=th, teacher_head_weight=torch.randn(36, 6)), ValueError,
          "teacher_head_weight must be \\[V, d\\] = \\[37, 6\\]"),
         (dict(teacher_head_weight=torch.randn(37, 6)), ValueError, "without teacher_hidden"),
+        (dict(teacher_head_bias=torch.zeros(37)), ValueError, "teacher_head_bias is given without teacher_hidden"),
+        (dict(teacher_softcap=30.0), ValueError, "teacher_softcap is given without teacher_hidden"),
+        (dict(teacher_logit_scale=2.0), ValueError, "teacher_logit_scale is given without teacher_hidden"),
         (dict(teacher_logits=t[:, :, :30]), ValueError, "V_T"),
         (dict(student_hidden=h[0]), ValueError, "both"),
         (dict(merge="max"), ValueError, "merge"),

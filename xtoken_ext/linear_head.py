@@ -137,7 +137,9 @@ def _run(kind, student_hidden, student_head_weight, teacher_logits, alignment, p
     device, dim2 = hs.device, student_hidden.dim() == 2
     B, T_S = (1, student_hidden.shape[0]) if dim2 else student_hidden.shape[:2]
     if teacher_hidden is None:
-        L._check(teacher_head_weight is None, "teacher_head_weight is given without teacher_hidden")
+        for name, value in (("teacher_head_weight", teacher_head_weight), ("teacher_head_bias", teacher_head_bias),
+                            ("teacher_softcap", teacher_softcap), ("teacher_logit_scale", teacher_logit_scale)):
+            L._check(value is None, f"{name} is given without teacher_hidden (teacher_logits are used as they are)")
         L._check(teacher_logits is not None, "the teacher is needed: teacher_logits, or teacher_hidden with "
                                              "teacher_head_weight")
         sparse = L._check_teacher(teacher_logits, teacher_indices, proj, student_hidden, "student_hidden")
@@ -158,6 +160,7 @@ def _run(kind, student_hidden, student_head_weight, teacher_logits, alignment, p
         t_vals, t_elem = None, t_head.weight.element_size()
 
         @torch.no_grad()
+        @torch.autocast(device.type, enabled=False)  # the rows _prepare reads (top-k, chain) as run()'s blocks do
         def t_fetch(r):
             return t_head.logits(t_hs.index_select(0, r)), None
     md = math_dtype(head.weight.dtype)
@@ -180,7 +183,7 @@ def _run(kind, student_hidden, student_head_weight, teacher_logits, alignment, p
     need = [x is not None and x.requires_grad and grad_on for x in (student_hidden, head.weight, head.bias, w_val)]
 
     def s_fetch(r):  # student logit rows (the nonfinite error path)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
             return head.logits(hs.index_select(0, r.to(device)))
 
     @torch.autocast(device.type, enabled=False)  # the head runs in the weight's dtype (cast h and W for bf16)
