@@ -19,7 +19,8 @@
 2. Repeatability. Every case of the main matrix and of the ULD stage runs three times (the narrow-teacher cases
    once); losses and gradients must be bitwise equal (races; chunks of 4 teacher rows sum 3 later sparse rows per
    column, an order that float atomics would vary; the merge sort's rounds). The ULD stage also checks that every
-   chunk took the merge sort (hkl_kernel.last_paths).
+   chunk took the merge sort, the narrow-teacher stage that every chunk took the small sort network
+   (hkl_kernel.last_paths).
 3. Timing (skipped with --dry). fwd+bwd at 8,192 rows × V_S 128,256 × V_T 151,936 bf16 (bench.losses inputs) for
    P-KL, H-KL and GOLD with Projection.random and the real Llama-3 × Qwen3 W (built from the offline tokenizers once,
    then read from the on-disk W cache): first call (compile + autotune) and best of the next runs, the multiple of the
@@ -73,6 +74,7 @@ class Sizes:
     # under the interpreter, so the dense pass's residual sums span several blocks
     topk: int  # uncommon_topk of H-KL / GOLD / ULD with a dense teacher
     V_T_narrow: int  # the narrow-teacher problem: most teacher columns paired, so m = |U_T| is far below its bound
+    # (under --dry 38: m = 2 for H-KL, 16 for GOLD, the small network's width there; at 41 H-KL had m = 0)
     ref_chunks: int  # chunks of the problem on which the float64 oracle is checked against xt.reference
     repeat_all: bool  # every case runs REPEATS times; else only P-KL and H-KL with merge="mean" in bf16
     wide: tuple[int, int, int]  # ULD past the largest sort network: (V_S, V_T, chunks)
@@ -81,7 +83,7 @@ class Sizes:
 
 FULL = Sizes(V_S=5003, V_T=6007, chunks=300, sparse_k=640, hub=4400, topk=1000, V_T_narrow=1031, ref_chunks=8,
              repeat_all=True, wide=(20011, 17989, 40), sort_cap=None)
-DRY = Sizes(V_S=160, V_T=100, chunks=7, sparse_k=80, hub=100, topk=24, V_T_narrow=41, ref_chunks=4, repeat_all=False,
+DRY = Sizes(V_S=160, V_T=100, chunks=7, sparse_k=80, hub=100, topk=24, V_T_narrow=38, ref_chunks=4, repeat_all=False,
             wide=(96, 64, 5), sort_cap=16)
 NARROW = ("hkl", "gold")  # the losses of the narrow-teacher problem
 
@@ -271,19 +273,26 @@ def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
     # H-KL / GOLD where m is set by the uncommon sets, not uncommon_topk (the API default, 8,192): a teacher narrower
     # than the student, most of its columns paired, as with a real W and uncovered="renormalize"; m then fits the
     # kernel's small sort network (ops.hkl_kernel: W_SMALL), which the problems above (m = topk) never take
+    from xtoken_ext.ops import hkl_kernel
+
     narrow = dataclasses.replace(sizes, topk=8192)
     prob = loss_problem(2, sizes.V_S, sizes.V_T_narrow, sizes.chunks)  # no hub: it would take the pairs of 4,400 ids
     _header(f"backend='triton' vs float64, narrow dense teacher: V_S {sizes.V_S:,} x V_T {sizes.V_T_narrow:,}, "
             f"uncommon_topk 8,192, m = min(|U_S|, |U_T|) = {_m_of(prob, 'relaxed')} (H-KL), {_m_of(prob, 'strict')} "
             f"(GOLD); ratio = worst |err| / bound")
-    rows = [_printed(check_case(prob, loss, merge, dtype, narrow, dev, 1, teacher="narrow"))
-            for loss in NARROW for merge in MERGES for dtype in dtypes]
+    rows = []
+    for loss in NARROW:
+        for merge in MERGES:
+            for dtype in dtypes:
+                rows.append(_printed(check_case(prob, loss, merge, dtype, narrow, dev, 1, teacher="narrow")))
+                if not all(p & 4 for p in hkl_kernel.last_paths.tolist() if p):  # bit 2: the small network
+                    print(f"{rows[-1].name}: a chunk did not take the small sort network (hkl_kernel.last_paths) "
+                          "-> FAIL")
+                    ok = False
     ok &= report("triton, narrow dense teacher", rows)
     # ULD where m = min(|U_S|, |U_T|) exceeds the largest sort network: both whole lists merge-sorted
     # (ops.hkl_kernel._sorted_lists), which the problems above (m ≤ 1,000) never take; --dry lowers the network to
     # 16 lanes so that the interpreter's tiny problem takes it too
-    from xtoken_ext.ops import hkl_kernel
-
     V_S, V_T, chunks = sizes.wide
     prob = loss_problem(3, V_S, V_T, chunks)
     cap = hkl_kernel._SORT_CAP
@@ -368,15 +377,18 @@ def floor_bytes(z: torch.Tensor, t: torch.Tensor) -> int:
     return z.element_size() * 2 * z.numel() + t.element_size() * t.numel()
 
 
-def _time(step, runs: int, dev: torch.device):
+def _time(step, runs: int, dev: torch.device, clear=None):
     """step() timed: (first call s, best of ``runs`` next calls s, peak bytes allocated beyond the state before
-    those calls, the last output), or the error text."""
+    those calls, the last output), or the error text. ``clear()`` drops what the first call left (the gradient)
+    before that state is taken, so the peak counts it, as bench.losses' peak extra memory does."""
     try:
         _sync(dev)
         start = time.perf_counter()
         step()
         _sync(dev)
         first = time.perf_counter() - start
+        if clear is not None:
+            clear()
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
         best = math.inf
@@ -456,7 +468,8 @@ def timing(dev: torch.device, runs: int) -> bool:
                 else:
                     loss = functools.partial(fn, z, t, batch, pr, reduction="none", backend=impl)
                 z.grad = None
-                r = _time(functools.partial(_step, z, loss), runs, dev)
+                r = _time(functools.partial(_step, z, loss), runs, dev,
+                          clear=functools.partial(setattr, z, "grad", None))
                 if isinstance(r, str):
                     print(f"{wname:<10}{kind:<6}{label:<24}  failed: {r}", flush=True)
                     ok &= impl != "triton"
