@@ -114,3 +114,67 @@ def test_sentencepiece_prepended_space_before_multibyte_char_is_zero_width(offli
         ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=False)
         assert tok.convert_ids_to_tokens(ids.tolist())[0] == "▁"
         assert list(zip(starts.tolist(), ends.tolist())) == want
+
+
+def test_trimmed_offsets_get_their_leading_whitespace_back(offline_tok):
+    """trim_offsets=True (RoBERTa's and many GPT-NeoX-style post-processors) leaves a token's leading space out of
+    its span ("Ġworld" at "world", a lone "Ġ" zero-width): the text path then marked " world" against " world"
+    incorrect (3 of 14 chunks correct on a plain sentence, 13 on ids). Byte offsets now equal the untrimmed ones."""
+    import copy
+    import random
+
+    import xtoken_ext as xt
+    from tokenizers import processors
+
+    plain, teacher = offline_tok("gpt2"), offline_tok("llama3")
+    trimmed = copy.deepcopy(plain)
+    trimmed.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    rnd = random.Random(0)
+    alpha = [" ", "  ", "\n", "\t", "a", "bc", "é", "😀", "中", "1", "23", ".", "\u00a0", "x y"]
+    texts = ["Hello world,  the  quick\n\n brown fox.\n", "  lead and trail  ", "x\u00a0y  é 😀 z", " ", ""]
+    texts += ["".join(rnd.choice(alpha) for _ in range(rnd.randint(1, 12))) for _ in range(300)]
+    raw = [tok(texts, return_offsets_mapping=True)["offset_mapping"] for tok in (plain, trimmed)]
+    assert sum(a != b for a, b in zip(*raw)) > 100  # HF trims: the repair has work to do
+    for a, b in zip(encode_batch_with_offsets(plain, texts), encode_batch_with_offsets(trimmed, texts)):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    text = "Hello world, the quick brown fox jumps over the lazy dog."
+    _, correct = xt.Aligner(trimmed, teacher).align(text, return_correct=True)
+    assert correct.sum() == xt.Aligner(plain, teacher).align(text, return_correct=True)[1].sum() == 13
+
+
+def test_model_unk_without_a_declared_unk_token_is_unk(offline_tok):
+    """A Unigram model's unk id that the HF wrapper does not declare (no unk_token) was a normal token with the
+    bytes b"<unk>": W mapped it to '<', 'unk', '>' and [▁, <unk>] (from "ÄÖ") aligned as correct to a teacher's
+    " <unk>" text."""
+    import xtoken_ext as xt
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from xtoken_ext.tokenizers import UNK
+
+    vocab = [("<unk>", 0.0), ("▁", -1.0)] + [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=0))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    s = PreTrainedTokenizerFast(tokenizer_object=tk)
+    assert s.unk_token is None and s("ÄÖ", add_special_tokens=False)["input_ids"] == [1, 0]
+    assert token_table(s).roles[0] == UNK
+    t = offline_tok("llama3")
+    assert xt.Projection.from_tokenizers(s, t, cache=False, progress=False).row(0) == {}
+    _, correct = xt.Aligner(s, t).align_ids([1, 0], t(" <unk>", add_special_tokens=False)["input_ids"],
+                                            return_correct=True)
+    assert not correct.any()
+
+
+def test_word_marker_tokenizers_are_refused():
+    """WordPiece ("##ing") and BPE with an end-of-word suffix ("the</w>", CLIP / GPT-1 style) kept the markers as
+    bytes: W mapped "##ing" to {"##": 0.909, "ing": 0.091} and no multi-piece word aligned. A clear error instead."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    for model in (models.WordPiece({"[UNK]": 0, "play": 1, "##ing": 2}, unk_token="[UNK]"),
+                  models.BPE({"t": 0, "h": 1, "e</w>": 2, "the</w>": 3}, [], end_of_word_suffix="</w>")):
+        tk = Tokenizer(model)
+        tk.pre_tokenizer = pre_tokenizers.Whitespace()
+        with pytest.raises(ValueError, match="word markers .* is not supported"):
+            token_table(PreTrainedTokenizerFast(tokenizer_object=tk))

@@ -132,6 +132,7 @@ class TokenTable:
     fingerprint: str
     kind: str  # "byte_level" | "sentencepiece" | "other"
     _texts: list[str] | None = field(default=None, repr=False)
+    _lead: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -145,6 +146,13 @@ class TokenTable:
         if self._texts is None:
             self._texts = self.tokenizer.batch_decode([[i] for i in range(self.size)])
         return self._texts
+
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """int64 [size] twice: each id's canonical byte length, and the ASCII whitespace bytes it starts with."""
+        if self._lead is None:
+            self._lead = (np.array([len(b) for b in self.token_bytes], dtype=np.int64),
+                          np.array([len(b) - len(b.lstrip(_ASCII_SPACE)) for b in self.token_bytes], dtype=np.int64))
+        return self._lead
 
 
 _TABLES: "weakref.WeakKeyDictionary[object, tuple[TokenTable, tuple]]" = weakref.WeakKeyDictionary()
@@ -160,6 +168,17 @@ def _kind(tok) -> str:
     return "other"
 
 
+def _model_unk(tok) -> int | None:
+    """The backend model's unknown-token id (what a character outside its vocabulary becomes), also when the HF
+    wrapper declares no ``unk_token``; None for byte-level / byte-fallback models, which have none."""
+    model = tok.backend_tokenizer.model
+    try:
+        out = model.tokenize("\U0010fffd")  # a private-use character: in no vocabulary
+    except Exception:  # a model without an unk id that meets an unknown character
+        return None
+    return out[0].id if len(out) == 1 and model.token_to_id("\U0010fffd") is None else None
+
+
 def _roles(tok, n: int) -> np.ndarray:
     roles = np.zeros(n, dtype=np.int8)
     special_ids = {i for i, t in tok.added_tokens_decoder.items() if t.special} | set(tok.all_special_ids)
@@ -169,7 +188,7 @@ def _roles(tok, n: int) -> np.ndarray:
     eot_ids = [i for i, t in tok.added_tokens_decoder.items() if t.content in EOT_TOKENS]
     # Priority when ids coincide (pad == eos is common): bos > eot > eos > unk > pad. An instruct config whose
     # eos_token is its end-of-turn token (Qwen3's <|im_end|>) stays EOT, so it still meets the other families'.
-    for role, ids in ((PAD, [tok.pad_token_id]), (UNK, [tok.unk_token_id]), (EOS, [tok.eos_token_id]),
+    for role, ids in ((PAD, [tok.pad_token_id]), (UNK, [tok.unk_token_id, _model_unk(tok)]), (EOS, [tok.eos_token_id]),
                       (EOT, eot_ids), (BOS, [tok.bos_token_id])):
         for tid in ids:
             if tid is not None and 0 <= tid < n:
@@ -188,13 +207,18 @@ def token_table(tok) -> TokenTable:
             return table
     except (KeyError, TypeError):
         pass
+    model = tok.backend_tokenizer.model
+    marks = [f"{a}={v!r}" for a in ("continuing_subword_prefix", "end_of_word_suffix")
+             if (v := getattr(model, a, None))]
+    if marks:  # "##ing", "the</w>": W would map them to pieces of "##" / "</w>", and no multi-piece word aligns
+        raise ValueError(f"a {type(model).__name__} tokenizer whose pieces carry word markers ({', '.join(marks)}) "
+                         "is not supported: its tokens' bytes are not the text's (WordPiece also drops whitespace)")
     n = len(tok)
     kind = _kind(tok)
     pieces = tok.convert_ids_to_tokens(list(range(n)))
     roles = _roles(tok, n)
     # added (non-special) tokens outside the model's vocabulary are matched in the raw text: their bytes are their
     # content's UTF-8, not a byte-level alphabet's (an added "café" is b"caf\xc3\xa9", not b"caf\xe9")
-    model = tok.backend_tokenizer.model
     plain = {i for i, t in tok.added_tokens_decoder.items() if not t.special and model.token_to_id(t.content) != i}
     out: list[bytes] = []
     for i, piece in enumerate(pieces):
@@ -230,6 +254,9 @@ def _table_state(tok) -> tuple:
     return len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id
 
 
+_ASCII_SPACE = b" \t\n\r\x0b\x0c"
+
+
 def _char_to_byte(text: str) -> np.ndarray:
     """Prefix sums of UTF-8 lengths: byte offset of every char index 0..len(text)."""
     cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
@@ -241,13 +268,27 @@ def _char_to_byte(text: str) -> np.ndarray:
 
 def _byte_offsets(text: str, offsets, ids, table: TokenTable):
     """Char offsets from HF -> monotone byte offsets. Tokens that split one char (byte-level BPE pieces of an
-    emoji, byte-fallback tokens) share an overlapping char span; they get consecutive byte ranges by length."""
+    emoji, byte-fallback tokens) share an overlapping char span; they get consecutive byte ranges by length.
+    A token whose span leaves out the whitespace its bytes start with (``trim_offsets=True``, RoBERTa's and many
+    GPT-NeoX-style post-processors: "Ġworld" at "world", a lone "Ġ" zero-width) gets it back where the text has it
+    right before and no earlier token covers it, so that " world" meets " world" on the other side."""
     c2b = _char_to_byte(text)
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     starts, ends = c2b[off[:, 0]], c2b[off[:, 1]]
+    raw = text.encode("utf-8")
+    if len(ids):
+        n, d = (a[ids] for a in table.lengths())
+        if d[0] and starts[0] == ends[0] == 0 and raw.startswith(table.token_bytes[ids[0]][:d[0]]) and \
+                (len(ids) == 1 or starts[1] >= d[0]):  # a lone leading "Ġ" is trimmed to (0, 0)
+            ends[0] = d[0]
+        space = np.isin(np.frombuffer(raw + b"x", dtype=np.uint8)[starts], np.frombuffer(_ASCII_SPACE, np.uint8))
+        # trimmed: the span is shorter than the token, or starts past the whitespace (an emoji's first bytes)
+        for i in np.nonzero((d > 0) & (starts >= d) & ((ends - starts < n) | ~space))[0]:
+            lo = starts[i] - d[i]
+            if raw[lo:starts[i]] == table.token_bytes[ids[i]][:d[i]] and (i == 0 or ends[i - 1] <= lo):
+                starts[i] = lo
     if len(ids) > 1:
         split = np.nonzero(off[1:, 0] < off[:-1, 1])[0]
-        raw = text.encode("utf-8")
         for i in split:  # rare: only tokens inside a multi-byte char
             piece = table.token_bytes[ids[i]]
             # A piece that is not the text at its start (SentencePiece's prepended "▁" before "中") covers nothing.
