@@ -340,6 +340,12 @@ def test_errors(toks, batch):
         d(z, batch)
     with pytest.raises(ValueError, match="no model and the batch carries no cached"):
         Distiller(s, [Teacher(None, m, vocab_size=len(m))])(z, only(batch, 0))
+    # counts made for one teacher broadcast onto two (each teacher's KD divided by the first's count) before
+    two = Distiller(s, [Teacher(Table(len(m), 1), m), Teacher(Table(len(s), 2), s)])
+    one = d.normalizers(only(batch, 0))
+    with pytest.raises(ValueError, match=r"chunks \[2\] \(one per teacher\), got \(\) and \(1,\)"):
+        two(z, batch, normalizers=one)
+    assert torch.isfinite(two(z, batch, normalizers=two.normalizers(batch))[0])
 
 
 def test_nonfinite_policy_is_passed_to_the_losses(toks, batch):

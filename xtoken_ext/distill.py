@@ -330,6 +330,11 @@ class Distiller(nn.Module):
         if student_logits.dim() != 3 or student_logits.shape[:2] != batch["labels"].shape:
             raise ValueError(f"student_logits must be [B, T_S, V_S] matching labels {tuple(batch['labels'].shape)}, "
                              f"got {tuple(student_logits.shape)}")
+        if normalizers is not None and (normalizers.tokens.dim() != 0
+                                        or tuple(normalizers.chunks.shape) != (len(self.teachers),)):
+            raise ValueError(f"normalizers must hold tokens [] and chunks [{len(self.teachers)}] (one per teacher), "
+                             f"got {tuple(normalizers.tokens.shape)} and {tuple(normalizers.chunks.shape)}: make "
+                             "them with this Distiller's normalizers()")
         dev, V_S = student_logits.device, student_logits.shape[-1]
         labels = batch["labels"].to(dev)
         keep = labels != IGNORE_INDEX
