@@ -101,6 +101,25 @@ def test_bad_requests(tmp_path, qwen):
             xt.teacher_cache.build(TinyTeacher(), qwen, TEXTS[:2], tmp_path / "c", progress=False, **{key: value})
 
 
+@pytest.mark.parametrize("name", ["qwen3", "llama3", "mistral-spm"])
+def test_raw_texts_are_tokenized_as_the_collator_does(tmp_path, offline_tok, name):
+    """A whitespace-only text is an empty example in the Collator; build tokenized it as it is ([220] for Qwen3), so
+    training on the cache raised KeyError. A [1, n] ids row hashed like [n] ids and then failed as a key collision;
+    float ids were taken."""
+    t = offline_tok(name)
+    texts = ["  ", "\n", "\u00a0", "", "hi there"]
+    cache = xt.teacher_cache.build(TinyTeacher(), t, texts, tmp_path / "c", k=4, progress=False)
+    batch = xt.Collator(offline_tok("gpt2"), [t], teacher_caches=[cache])(texts)
+    assert batch["teachers"][0]["topk_logprobs"].shape[0] == len(texts)
+    ids = t("hi there")["input_ids"]
+    assert cache.get(ids)[0].shape == (len(ids), 4)
+    for bad in (torch.tensor([ids]), [float(i) for i in ids]):
+        with pytest.raises(TypeError, match="1-D sequence of integers"):
+            cache.get(bad)
+        with pytest.raises(TypeError, match="1-D sequence of integers"):
+            bad in cache  # noqa: B015
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, offline_tok):
     """A float32 cache at k = V of the teacher over prompt/completion and raw examples, built from the collator's

@@ -43,10 +43,17 @@ class TeacherCacheError(ValueError):
     """A cache that does not match its manifest, the request, or the data it is resumed on."""
 
 
+def _id_array(ids) -> np.ndarray:
+    """One example's token ids: 1-D integers (a [1, n] row or float ids would hash like [n] ints, then differ)."""
+    a = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise TypeError(f"an example's ids must be a 1-D sequence of integers, got shape {a.shape} dtype {a.dtype}")
+    return a
+
+
 def ids_key(ids) -> bytes:
     """16-byte digest of a token-id sequence (the cache's lookup key)."""
-    a = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
-    return hashlib.blake2b(np.ascontiguousarray(a, dtype="<i8").tobytes(), digest_size=16).digest()
+    return hashlib.blake2b(np.ascontiguousarray(_id_array(ids), dtype="<i8").tobytes(), digest_size=16).digest()
 
 
 def _sha256(path: Path) -> str:
@@ -64,15 +71,12 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _as_ids(tok, ex, max_length) -> np.ndarray:
-    """A text is tokenized with the tokenizer's specials (as the Collator does for raw text); ids pass through."""
+    """A text is tokenized with the tokenizer's specials (as the Collator does for raw text, which makes a
+    whitespace-only text an empty example); ids pass through."""
     if isinstance(ex, str):
-        ids = np.asarray(tok(ex, add_special_tokens=True)["input_ids"], dtype=np.int64)
+        ids = np.asarray(tok(ex if ex.strip() else "", add_special_tokens=True)["input_ids"], dtype=np.int64)
     else:
-        a = ex.detach().cpu().numpy() if isinstance(ex, torch.Tensor) else np.asarray(ex)
-        if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
-            raise TypeError(f"each example must be a str or a 1-D sequence of token ids, got {type(ex).__name__} "
-                            f"shaped {a.shape}")
-        ids = a.astype(np.int64)
+        ids = _id_array(ex).astype(np.int64)
     return ids[:max_length]
 
 
@@ -261,7 +265,6 @@ class TeacherCache:
             f = self._handles[s] = safe_open(str(self.path / self.manifest["shards"][s]["file"]), framework="pt")
         a, b = (int(x) for x in self._offsets[s][e:e + 2])
         stored = f.get_slice("ids")[a:b]
-        a_ids = ids.detach().cpu().long() if isinstance(ids, torch.Tensor) else torch.as_tensor(np.asarray(ids))
-        if not torch.equal(stored.long(), a_ids.long()):
+        if not torch.equal(stored.long(), torch.as_tensor(_id_array(ids)).long()):
             raise TeacherCacheError("cache key collision: stored ids differ from the requested ones")
         return f.get_slice("values")[a:b], f.get_slice("indices")[a:b].long()
