@@ -101,6 +101,20 @@ def test_bad_requests(tmp_path, qwen):
             xt.teacher_cache.build(TinyTeacher(), qwen, TEXTS[:2], tmp_path / "c", progress=False, **{key: value})
 
 
+def test_build_runs_the_model_in_eval_mode(tmp_path, qwen):
+    """A module left in train mode cached dropout noise; build runs it in eval mode and gives its mode back."""
+    class Dropped(TinyTeacher):
+        def forward(self, input_ids, attention_mask=None):
+            return torch.nn.functional.dropout(super().forward(input_ids), 0.5, self.training)
+
+    model = Dropped().train()
+    cache = xt.teacher_cache.build(model, qwen, TEXTS[:2], tmp_path / "c", k=5, dtype=torch.float32, progress=False)
+    assert model.training
+    ids = qwen(TEXTS[0])["input_ids"]
+    ref = reference_topk(model.eval(), ids, 5)
+    assert torch.equal(cache.get(ids)[1], ref.indices) and torch.equal(cache.get(ids)[0], ref.values)
+
+
 @pytest.mark.parametrize("name", ["qwen3", "llama3", "mistral-spm"])
 def test_raw_texts_are_tokenized_as_the_collator_does(tmp_path, offline_tok, name):
     """A whitespace-only text is an empty example in the Collator; build tokenized it as it is ([220] for Qwen3), so

@@ -17,6 +17,7 @@ keys match. ``load`` verifies every shard's SHA-256 against the manifest.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -80,6 +81,18 @@ def _as_ids(tok, ex, max_length) -> np.ndarray:
     return ids[:max_length]
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    training = isinstance(model, torch.nn.Module) and model.training
+    if training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if training:
+            model.train()
+
+
 def _device_of(model, device):
     if device is not None:
         return torch.device(device)
@@ -132,7 +145,8 @@ def build(model, tokenizer, data, path, *, k: int = 64, dtype=torch.bfloat16, na
     """Run ``model`` over ``data`` once and store its top-``k`` log-probs under the directory ``path``.
 
     ``model(input_ids=, attention_mask=)`` returns logits [B, T, V] (a tensor or an HF output with ``.logits``); put it
-    in eval mode and on its device first. ``data``: an iterable (a list, a ``datasets.Dataset`` column, a generator)
+    on its device first. It runs in eval mode (a module in train mode would cache dropout noise) and gets its mode
+    back. ``data``: an iterable (a list, a ``datasets.Dataset`` column, a generator)
     of texts — tokenized with ``tokenizer``'s specials and cut to ``max_length`` — or of token-id sequences (for chat
     or prompt/completion data pass ``collator.teacher_ids(examples, j)`` so the ids are exactly the collator's).
     ``dtype``: bfloat16 (default), float16 or float32 values. Resumable: rerunning with the same settings skips
@@ -161,7 +175,8 @@ def build(model, tokenizer, data, path, *, k: int = 64, dtype=torch.bfloat16, na
     device = _device_of(model, device)
     total = len(data) if hasattr(data, "__len__") else None
     it = iter(data)
-    with tqdm(total=total, unit="ex", desc=f"teacher cache {config['teacher']}".strip(), disable=not progress) as bar:
+    with tqdm(total=total, unit="ex", desc=f"teacher cache {config['teacher']}".strip(), disable=not progress) as bar, \
+            _eval_mode(model):
         for index in itertools.count():
             examples = list(itertools.islice(it, shard_size))
             if not examples:
