@@ -242,6 +242,33 @@ def test_reductions_and_normalizer(loss_name):
     assert torch.allclose(fn(z, t, alignment, proj), per.mean())
     # a global normalizer (e.g. valid chunks over all ranks): two half-batches summed == one batch
     assert torch.allclose(fn(z, t, alignment, proj, normalizer=per.numel() * 4), per.sum() / (per.numel() * 4))
+    # a [1] or float64 tensor normalizer gave a [1] or float64 loss
+    for n in (torch.tensor([7.0]), torch.tensor([[7.0]]), torch.tensor(7.0, dtype=torch.float64)):
+        out = fn(z, t, alignment, proj, normalizer=n)
+        assert out.shape == () and out.dtype == torch.float32 and torch.allclose(out, per.sum() / 7)
+
+
+def test_xtoken_backend_sets_the_default_backend(monkeypatch):
+    """$XTOKEN_BACKEND was read only by the ops, which the losses always passed "auto": it changed nothing, and a bad
+    value passed silently. It sets the default (backend=None); an explicit backend= wins."""
+    from xtoken_ext.ops import pkl as pk
+
+    proj, alignment, z, t = small_inputs(3, 2, 6)
+    used = []
+
+    def logged(name, run):
+        return lambda *a, **k: used.append(name) or run(*a, **k)
+
+    for name in ("native", "torch"):
+        monkeypatch.setitem(pk._BACKENDS, name, logged(name, pk._BACKENDS[name]))
+    monkeypatch.setenv("XTOKEN_BACKEND", "torch")
+    want = xt.pkl_loss(z, t, alignment, proj)
+    assert used == ["torch"]
+    torch.testing.assert_close(xt.pkl_loss(z, t, alignment, proj, backend="native"), want)
+    assert used == ["torch", "native"]
+    monkeypatch.setenv("XTOKEN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"\$XTOKEN_BACKEND must be one of"):
+        xt.pkl_loss(z, t, alignment, proj)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

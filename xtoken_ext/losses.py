@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import weakref
 from typing import NamedTuple
 
@@ -284,6 +285,9 @@ def _check_options(kind, alignment, proj, temperature, reduction, merge, uncover
     _check(reduction in _REDUCTIONS, f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     _check(merge in _MERGES, f"merge must be one of {_MERGES}, got {merge!r}")
     _check(uncovered in _UNCOVERED, f"uncovered must be one of {tuple(_UNCOVERED)}, got {uncovered!r}")
+    if backend is None and os.environ.get("XTOKEN_BACKEND"):  # the default; the ops take "auto" as given
+        backend = os.environ["XTOKEN_BACKEND"]
+        _check(backend in BACKENDS, f"$XTOKEN_BACKEND must be one of {BACKENDS}, got {backend!r}")
     _check(backend is None or backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
     _check(nonfinite in _NONFINITE, f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
     _check(hasattr(alignment, "row_spans"), f"alignment must be an xt.Alignment, got {type(alignment).__name__}")
@@ -438,7 +442,10 @@ def _normalized(total: Tensor, n_excluded: Tensor, K: int, o: _Options) -> Tenso
     if o.reduction == "sum":
         return total
     count = (K - n_excluded).clamp_min(1)  # no remaining chunk: the sum is 0, never 0/0
-    return total / (count if o.normalizer is None else o.normalizer)
+    n = o.normalizer
+    if isinstance(n, Tensor):  # a [1] or float64 tensor must not change the loss's shape or dtype
+        n = n.reshape(()).to(total.device, total.dtype)
+    return total / (count if n is None else n)
 
 
 def _run(kind, student_logits, teacher_logits, alignment, proj, temperature, reduction, merge, uncovered,
