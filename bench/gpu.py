@@ -285,7 +285,8 @@ def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
         for merge in MERGES:
             for dtype in dtypes:
                 rows.append(_printed(check_case(prob, loss, merge, dtype, narrow, dev, 1, teacher="narrow")))
-                if not all(p & 4 for p in hkl_kernel.last_paths.tolist() if p):  # bit 2: the small network
+                paths = [p for p in hkl_kernel.last_paths.tolist() if p]  # 0: no L1 term (m = 0) in that chunk
+                if not paths or not all(p & 4 for p in paths):  # bit 2: the small network
                     print(f"{rows[-1].name}: a chunk did not take the small sort network (hkl_kernel.last_paths) "
                           "-> FAIL")
                     ok = False
@@ -308,7 +309,8 @@ def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
             for dtype in dtypes:
                 rows.append(_printed(check_case(prob, "uld", merge, dtype, wide, dev, _repeats(sizes, merge, dtype),
                                                 teacher="wide")))
-                if not all(p & 16 for p in hkl_kernel.last_paths.tolist() if p):  # bit 4: both lists merge-sorted
+                paths = [p for p in hkl_kernel.last_paths.tolist() if p]
+                if not paths or not all(p & 16 for p in paths):  # bit 4: both lists merge-sorted
                     print(f"{rows[-1].name}: a chunk did not take the merge sort (hkl_kernel.last_paths) -> FAIL")
                     ok = False
     finally:

@@ -206,15 +206,21 @@ inline void check_offsets(const int64_t* s, const int64_t* e, int64_t n, const c
   }
 }
 
-// Offset merge over cumulative canonical byte lengths (token streams, no text offsets); correct by bytes. Special
-// tokens are zero-width here, as the text path's offsets give a template's BOS (0, 0): their literal texts differ
-// across families (a BOS on one side only, <|start_header_id|> against <|im_start|>), and counted as bytes they
-// would shift every later byte end of one side, leaving no chunk correct.
+// Offset merge over cumulative canonical byte lengths (token streams, no text offsets); correct by bytes. A leading
+// run of BOS-role specials and a trailing run of EOS / end-of-turn specials are zero-width here, as the text path's
+// offsets give a template's BOS / EOS (0, 0): counted as their literal bytes, a BOS on one side only (Llama-3 against
+// Qwen3) shifted every later byte end of that side and left no chunk correct. Other specials keep their literal
+// bytes, so a special spelled as text pieces by the other side stays in sync.
 inline const int64_t* text_ends(const Seq& X, std::vector<int64_t>& ends) {
-  if (X.cls.empty()) return X.off.data();
-  ends.resize(static_cast<size_t>(X.n() + 1));
+  const int64_t n = X.n();
+  if (X.cls.empty() || n == 0) return X.off.data();
+  int64_t lead = 0, tail = n;
+  while (lead < n && (X.cls[lead] & kBos)) ++lead;
+  while (tail > lead && (X.cls[tail - 1] & (kEos | kEot))) --tail;
+  if (lead == 0 && tail == n) return X.off.data();
+  ends.resize(static_cast<size_t>(n + 1));
   ends[0] = 0;
-  for (int64_t k = 0; k < X.n(); ++k) ends[k + 1] = ends[k] + (X.cls[k] ? 0 : X.len(k));
+  for (int64_t k = 0; k < n; ++k) ends[k + 1] = ends[k] + (k < lead || k >= tail ? 0 : X.len(k));
   return ends.data();
 }
 inline Result merge_streams(const Seq& S, const Seq& T) {

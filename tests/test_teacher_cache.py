@@ -108,8 +108,9 @@ def test_build_runs_the_model_in_eval_mode(tmp_path, qwen):
             return torch.nn.functional.dropout(super().forward(input_ids), 0.5, self.training)
 
     model = Dropped().train()
+    model.frozen = torch.nn.Linear(2, 2).eval()  # a part the user keeps in eval mode stays so
     cache = xt.teacher_cache.build(model, qwen, TEXTS[:2], tmp_path / "c", k=5, dtype=torch.float32, progress=False)
-    assert model.training
+    assert model.training and not model.frozen.training
     ids = qwen(TEXTS[0])["input_ids"]
     ref = reference_topk(model.eval(), ids, 5)
     assert torch.equal(cache.get(ids)[1], ref.indices) and torch.equal(cache.get(ids)[0], ref.values)

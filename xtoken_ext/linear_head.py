@@ -230,7 +230,7 @@ def _run(kind, student_hidden, student_head_weight, teacher_logits, alignment, p
                 if merge == "chain":
                     loss = loss.masked_fill(bad, math.nan)
                 excluded = L._excluded(loss.detach(), nonfinite, lambda j: L._raise_nonfinite(
-                    k0 + j, kind, merge, alignment, sp, s_fetch, t_fetch, T_S, T_T, backend, o.tau))
+                    k0 + j, kind, merge, alignment, sp, s_fetch, t_fetch, T_S, T_T, o.backend, o.tau))
                 kept = loss.masked_fill(excluded, 0.0)
                 total += kept.detach().sum()
                 n_excluded += excluded.sum()

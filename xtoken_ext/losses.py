@@ -478,7 +478,7 @@ def _run(kind, student_logits, teacher_logits, alignment, proj, temperature, red
         loss = loss.masked_fill(chain_bad, math.nan)
 
     excluded = _excluded(loss, nonfinite, lambda j: _raise_nonfinite(
-        j, kind, merge, alignment, p.spans_host, lambda r: z.detach().index_select(0, r), t_fetch, T_S, T_T, backend,
+        j, kind, merge, alignment, p.spans_host, lambda r: z.detach().index_select(0, r), t_fetch, T_S, T_T, o.backend,
         o.tau))
     loss = loss.masked_fill(excluded, 0.0)  # no gradient through excluded chunks
     n_excluded = excluded.sum()

@@ -83,14 +83,15 @@ def _as_ids(tok, ex, max_length) -> np.ndarray:
 
 @contextlib.contextmanager
 def _eval_mode(model):
-    training = isinstance(model, torch.nn.Module) and model.training
-    if training:
-        model.eval()
+    """``model`` in eval mode, then every submodule back in its own mode (a user's frozen eval() parts stay so)."""
+    modes = {m: m.training for m in model.modules()} if isinstance(model, torch.nn.Module) else {}
+    for m in modes:
+        m.training = False
     try:
         yield
     finally:
-        if training:
-            model.train()
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def _device_of(model, device):
