@@ -285,11 +285,7 @@ def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
         for merge in MERGES:
             for dtype in dtypes:
                 rows.append(_printed(check_case(prob, loss, merge, dtype, narrow, dev, 1, teacher="narrow")))
-                paths = [p for p in hkl_kernel.last_paths.tolist() if p]  # 0: no L1 term (m = 0) in that chunk
-                if not paths or not all(p & 4 for p in paths):  # bit 2: the small network
-                    print(f"{rows[-1].name}: a chunk did not take the small sort network (hkl_kernel.last_paths) "
-                          "-> FAIL")
-                    ok = False
+                ok &= _every_chunk_took(4, "the small sort network", rows[-1])
     ok &= report("triton, narrow dense teacher", rows)
     # ULD where m = min(|U_S|, |U_T|) exceeds the largest sort network: both whole lists merge-sorted
     # (ops.hkl_kernel._sorted_lists), which the problems above (m ≤ 1,000) never take; --dry lowers the network to
@@ -309,10 +305,7 @@ def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
             for dtype in dtypes:
                 rows.append(_printed(check_case(prob, "uld", merge, dtype, wide, dev, _repeats(sizes, merge, dtype),
                                                 teacher="wide")))
-                paths = [p for p in hkl_kernel.last_paths.tolist() if p]
-                if not paths or not all(p & 16 for p in paths):  # bit 4: both lists merge-sorted
-                    print(f"{rows[-1].name}: a chunk did not take the merge sort (hkl_kernel.last_paths) -> FAIL")
-                    ok = False
+                ok &= _every_chunk_took(16, "the merge sort", rows[-1])
     finally:
         hkl_kernel._SORT_CAP = cap
     ok &= report("triton, ULD past the sort network", rows)
@@ -328,6 +321,18 @@ def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
                                 teacher="tinyq")) for merge in MERGES]
     ok &= report("triton, P-KL with subnormal Q", rows)
     return ok
+
+
+def _every_chunk_took(bit: int, path: str, row: Row) -> bool:
+    """Every chunk of the last H-KL-family launch with an L1 term (hkl_kernel.last_paths nonzero; 0: m = 0) took
+    ``path`` (its ``bit``: 4 the small network, 16 both lists merge-sorted), and at least one had the term."""
+    from xtoken_ext.ops import hkl_kernel
+
+    paths = [p for p in hkl_kernel.last_paths.tolist() if p]
+    if paths and all(p & bit for p in paths):
+        return True
+    print(f"{row.name}: a chunk did not take {path} (hkl_kernel.last_paths) -> FAIL")
+    return False
 
 
 def _repeats(sizes: Sizes, merge: str, dtype: torch.dtype, repeated_loss: bool = True) -> int:

@@ -236,7 +236,7 @@ class Distiller(nn.Module):
         self._student_tok = student_tok
         self.teachers = list(teachers)
         for j, t in enumerate(self.teachers):
-            i = next(i for i, u in enumerate(self.teachers) if u is t)
+            i = self.teachers.index(t)  # Teacher has no __eq__: the first position of this very object
             if i != j:  # one object holds one name, W and resolved loss: make a second Teacher(...) instead
                 raise ValueError(f"teachers[{j}] is the same Teacher object as teachers[{i}]")
         for j, t in enumerate(self.teachers):

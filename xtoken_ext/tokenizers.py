@@ -132,7 +132,7 @@ class TokenTable:
     fingerprint: str
     kind: str  # "byte_level" | "sentencepiece" | "other"
     _texts: list[str] | None = field(default=None, repr=False)
-    _lead: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _lengths: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -149,10 +149,10 @@ class TokenTable:
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """int64 [size] twice: each id's canonical byte length, and the ASCII whitespace bytes it starts with."""
-        if self._lead is None:
-            self._lead = (np.array([len(b) for b in self.token_bytes], dtype=np.int64),
+        if self._lengths is None:
+            self._lengths = (np.array([len(b) for b in self.token_bytes], dtype=np.int64),
                           np.array([len(b) - len(b.lstrip(_ASCII_SPACE)) for b in self.token_bytes], dtype=np.int64))
-        return self._lead
+        return self._lengths
 
 
 _TABLES: "weakref.WeakKeyDictionary[object, tuple[TokenTable, tuple]]" = weakref.WeakKeyDictionary()
