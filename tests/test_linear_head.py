@@ -378,6 +378,8 @@ def test_module_from_hidden_and_evaluation_without_grad():
     with_grad.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         with_grad.backward()
+    with pytest.raises(RuntimeError, match="no second derivative"):  # its gradients are constants to autograd
+        torch.autograd.grad(xt.gold_loss_from_hidden(hf, W, t_fused, ali, proj, **fn_kw), hf, create_graph=True)
 
 
 def test_input_validation():

@@ -15,6 +15,7 @@ from helpers import BACKENDS, DTYPES, LOSSES, api_case, check, device, distinct_
     kappa, loss_bound, make_problem, random_alignment, sparse_teacher
 from xtoken_ext import reference as ref
 from xtoken_ext.losses import LearnableProjection
+from xtoken_ext.testing import loss_problem
 
 # Masked lanes of the Triton interpreter evaluate log(0), 0·inf, ... in numpy before tl.where discards them.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -344,6 +345,22 @@ def test_one_backward_per_forward(op):
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         out.backward()
+
+
+@pytest.mark.parametrize("op, learnable", [("pkl", False), ("pkl", True), ("hkl", False), ("gold", False),
+                                          ("uld", False)])
+def test_gradients_are_constants(op, learnable):
+    """The ops' gradient is a forward output, a constant to autograd: create_graph=True raises (a second derivative
+    through it would be silently 0), and a plain autograd.grad returns gradients that do not require grad (they
+    used to, as leaves)."""
+    p = loss_problem(5, 12, 14, 6, batch=1)
+    proj = LearnableProjection(p.proj) if learnable else p.proj
+    x = p.z.clone().requires_grad_()
+    wrt = [x, proj.theta] if learnable else [x]
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(getattr(xt, f"{op}_loss")(x, p.t, p.alignment, proj), wrt, create_graph=True)
+    grads = torch.autograd.grad(getattr(xt, f"{op}_loss")(x, p.t, p.alignment, proj), wrt)
+    assert all(not g.requires_grad and bool(g.isfinite().all()) and bool(g.ne(0).any()) for g in grads)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -203,6 +203,9 @@ def saved(ctx):
     if getattr(ctx, "consumed", False):
         raise RuntimeError("xtoken loss ops support one backward per forward (the saved gradient is scaled in "
                            "place); recompute the loss for a second backward")
+    if torch.is_grad_enabled():  # create_graph=True: the gradient is a forward output, a constant to autograd
+        raise RuntimeError("xtoken loss ops have no second derivative: backward / autograd.grad with "
+                           "create_graph=True through them is not supported")
     ctx.consumed = True
     return ctx.saved_tensors
 

@@ -163,6 +163,7 @@ def _(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_chain, t_
 # Backward scales each chunk's gradient rows (and its chain-scalar gradients) by the chunk's incoming gradient.
 
 def _setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])  # the gradients: constants (no grad_fn, not requiring grad)
     ctx.set_materialize_grads(False)
     ctx.has_chain = inputs[7] is not None
     ctx.save_for_backward(inputs[4], output[1], output[2])

@@ -232,6 +232,7 @@ def _(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merg
 # chunk afterwards, so with a learnable W backward reruns the op with chunk_scale = the incoming gradient.
 
 def _setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])  # the gradients: constants (no grad_fn, not requiring grad)
     ctx.set_materialize_grads(False)  # unused outputs would otherwise get [N_s, V_S] zero gradients
     *args, chunk_scale, need_grad_w, backend = inputs
     ctx.need_grad_w, ctx.consts = need_grad_w, (*args[7:10], backend)  # temperature, merge, eps, backend
