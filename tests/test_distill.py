@@ -364,3 +364,107 @@ def test_nonfinite_policy_is_passed_to_the_losses(toks, batch):
     assert torch.isfinite(loss) and float(met["excluded/teacher0"]) >= 1
     with pytest.raises(ValueError, match="teacher_logits"):
         Distiller(s, [Teacher(teacher, m)])(z, one)  # the default policy raises
+
+
+def test_masked_nonfinite_teacher_rows_leave_the_confidence_scores(toks, batch):
+    """nonfinite="mask" with confidence weighting: a NaN teacher row's chunk is excluded from the loss and its row
+    from the teacher's score (it made α, the loss and the gradient NaN), and from top-1 agreement."""
+    s, m, _ = toks
+    bad, good = Table(len(m), 1), Table(len(m), 2)
+    ids = batch["teachers"][0]["input_ids"]
+    with torch.no_grad():
+        bad.table[ids[0, 3] % M] = float("nan")
+    two = {**batch, "teachers": [batch["teachers"][0]] * 2}
+    for confidence in ("entropy", "max_prob", "ce"):
+        d = Distiller(s, [Teacher(bad, m), Teacher(good, m)], weighting="confidence", confidence=confidence,
+                      nonfinite="mask")
+        table, z = student_logits(toks, batch)
+        loss, met = d(z, two)
+        loss.backward()
+        assert torch.isfinite(loss) and bool(table.table.grad.isfinite().all())
+        assert float(met["excluded/teacher0"]) >= 1 and float(met["excluded/teacher1"]) == 0
+        scores = []
+        for t in (bad, good):
+            zt, vals = t(ids).detach().double(), []
+            for b, _, _, t_lo, t_hi in batch["teachers"][0]["alignment"].row_spans().tolist():
+                for p in range(t_lo, t_hi):
+                    if bool(zt[b, p].isnan().any()):
+                        continue
+                    lp = torch.log_softmax(zt[b, p], -1)
+                    vals.append({"entropy": (lp.exp() * lp).sum(), "max_prob": lp.max().exp(),
+                                 "ce": lp[ids[b, p + 1]]}[confidence])
+            scores.append(torch.stack(vals).mean())
+        alpha = torch.softmax(torch.stack(scores), 0)
+        for j in range(2):
+            assert abs(float(met[f"alpha/teacher{j}"]) - float(alpha[j])) <= C * U32 * kappa(z, zt, 1.0) * 4
+        assert 0 <= float(met["top1/teacher0"]) <= 1
+
+
+def test_teacher_names_are_kept_and_any_text(toks, batch):
+    """A name with "." or "/" (a hub id) works: metrics carry it, the loss module's key (a checkpoint's file names)
+    is escaped; it crashed at the first forward. Default names stay the Distiller's: the Teacher objects are not
+    renamed (a second Distiller saw them as user names)."""
+    s, m, _ = toks
+    a, b = Teacher(Table(len(m), 1), m, name="Qwen/Qwen2.5-0.5B"), Teacher(Table(len(s), 2), s)
+    d = Distiller(s, [a, b])
+    _, z = student_logits(toks, batch)
+    _, met = d(z, batch)
+    assert {"kd/Qwen/Qwen2.5-0.5B", "kd/teacher1"} <= set(met)
+    assert list(d.kd_losses) == ["Qwen_Qwen2_5-0_5B", "teacher1"]
+    assert b.name is None and Distiller(s, [b]).names == ["teacher0"]
+    Distiller(s, [b, Teacher(Table(len(m), 1), m, name="teacher1")])  # b is teacher0 here
+    with pytest.raises(ValueError, match="give the same key"):
+        Distiller(s, [Teacher(Table(3, 0), m, name="a.b"), Teacher(Table(3, 0), m, name="a_b")])
+    with pytest.raises(TypeError, match="name must be a non-empty str"):
+        Teacher(Table(3, 0), m, name="")
+
+
+def test_teacher_settings_are_checked_and_read_at_every_call(toks, batch):
+    """loss_options are checked at construction (a typo failed at the first forward, and reduction / normalizer
+    clashed with the Distiller's); weight, temperature and loss_options set after the first call take effect (they
+    were frozen into the loss module) and are checked when set."""
+    s, m, _ = toks
+    with pytest.raises(TypeError, match=r"unknown loss option\(s\) \['weights'\]"):
+        Teacher(Table(3, 0), m, weights=0.5)
+    for clash in ("reduction", "normalizer"):
+        with pytest.raises(TypeError, match="unknown loss option"):
+            Teacher(Table(3, 0), m, **{clash: 1.0})
+    one = only(batch, 0)
+    _, z = student_logits(toks, batch)
+    t = Teacher(Table(len(m), 1), m, loss="pkl")
+    d = Distiller(s, [t], scaling="fixed")
+    d(z, one)
+    t.temperature, t.weight, t.loss_options["merge"] = 3.0, 0.5, "first"
+    fresh = Distiller(s, [Teacher(t.model, m, loss="pkl", temperature=3.0, weight=0.5, merge="first")],
+                      scaling="fixed")
+    (loss, met), (want, want_met) = d(z, one), fresh(z, one)
+    assert torch.equal(loss, want) and torch.equal(met["kd"], want_met["kd"])
+    for attr, bad in (("weight", -1.0), ("weight", float("nan")), ("temperature", 0.0), ("weight", "1")):
+        with pytest.raises((ValueError, TypeError), match=attr):
+            setattr(t, attr, bad)
+
+
+def test_distiller_weights_and_label_width_are_checked(toks, batch):
+    """ce_weight / kd_weight: finite, >= 0, numbers (NaN gave a NaN loss, -2 ascended on KD, "0.5" passed). Labels
+    past the student's logit width name the fix (cross_entropy raised an IndexError; a device assert on CUDA)."""
+    s, m, _ = toks
+    for key in ("ce_weight", "kd_weight"):
+        for bad in (float("nan"), float("inf"), -2.0):
+            with pytest.raises(ValueError, match=f"{key} must be finite and >= 0"):
+                Distiller(s, [Teacher(Table(3, 0), m)], scaling="fixed", **{key: bad})
+        with pytest.raises(TypeError, match=f"{key} must be a real number"):
+            Distiller(s, [Teacher(Table(3, 0), m)], scaling="fixed", **{key: "0.5"})
+    _, z = student_logits(toks, batch)
+    d = Distiller(s, [Teacher(Table(len(m), 1), m)])
+    top = int(batch["labels"].max())
+    with pytest.raises(ValueError, match=f"token id {top} but student_logits are {top} wide: resize"):
+        d(z[..., :top], only(batch, 0))
+
+
+def test_next_token_ce_skips_ignore_index_labels():
+    """HF-style -100 labels are skipped and not counted (they were counted: the mean was diluted)."""
+    z = torch.randn(1, 5, 11, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[3, 4, -100, 7, -100]])
+    assert torch.equal(next_token_ce(z, labels), next_token_ce(z, labels.clamp_min(0), labels != -100))
+    want = -(torch.log_softmax(z[0, 0], -1)[4] + torch.log_softmax(z[0, 2], -1)[7]) / 2
+    assert abs(float(next_token_ce(z, labels)) - float(want)) <= 8 * U32 * abs(float(want))

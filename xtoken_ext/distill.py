@@ -21,6 +21,9 @@ denominator of their forward call; under accumulation, those of the window's oth
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 
 from .data import IGNORE_INDEX
 from .losses import GOLDLoss, HKLLoss, LearnableProjection, PKLLoss, ULDLoss, pkl_loss
+from .ops._common import nonfinite_rows
 from .projection import Projection
 
 __all__ = ["next_token_ce", "weighted_kd", "combine_losses", "Teacher", "Distiller", "Normalizers",
@@ -37,6 +41,7 @@ __all__ = ["next_token_ce", "weighted_kd", "combine_losses", "Teacher", "Distill
 _KINDS = ("auto", "pkl", "hkl", "gold", "uld", "kl")
 _MODULES = {"pkl": PKLLoss, "hkl": HKLLoss, "gold": GOLDLoss, "uld": ULDLoss, "kl": PKLLoss}
 _CONFIDENCE = ("ce", "entropy", "max_prob")
+_LOSS_OPTIONS = ("merge", "uncovered", "teacher_topk", "uncommon_topk", "backend", "nonfinite")
 _ROW_BLOCK = 64  # rows per no-grad block in the metrics (bounds the [rows, V] temporaries)
 _HAS_NONFINITE = "nonfinite" in inspect.signature(pkl_loss).parameters  # the losses' non-finite policy (POLICY.md)
 
@@ -45,12 +50,15 @@ def next_token_ce(logits: Tensor, ids: Tensor, attention_mask: Tensor | None = N
                   normalizer: float | Tensor | None = None) -> Tensor:
     """Masked mean next-token cross-entropy: row p of ``logits`` [B, T, V] predicts ``ids`` [B, T] at p + 1.
 
-    ``attention_mask`` [B, T] marks real tokens (targets that are padding are skipped). ``normalizer`` replaces the
-    local count of predicted tokens (e.g. the global count across data-parallel ranks / accumulation steps)."""
+    ``attention_mask`` [B, T] marks real tokens (targets that are padding are skipped), as do HF-style -100 labels
+    in ``ids``. ``normalizer`` replaces the local count of predicted tokens (e.g. the global count across
+    data-parallel ranks / accumulation steps)."""
     if logits.dim() != 3 or ids.shape != logits.shape[:2]:
         raise ValueError(f"logits must be [B, T, V] and ids [B, T], got {tuple(logits.shape)} / {tuple(ids.shape)}")
     target = ids[:, 1:].long()
-    mask = torch.ones_like(target, dtype=torch.bool) if attention_mask is None else attention_mask[:, 1:].bool()
+    mask = target != IGNORE_INDEX
+    mask = mask if attention_mask is None else mask & attention_mask[:, 1:].bool()
+    target = target.masked_fill(~mask, 0)
     md = torch.promote_types(logits.dtype, torch.float32)  # float32 math (float64 for float64 logits)
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].to(md).transpose(1, 2), target, reduction="none")
     count = mask.sum().clamp_min(1) if normalizer is None else normalizer  # no target: 0, never 0/0
@@ -108,6 +116,18 @@ def _device_of(model) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _number(value, name: str, *, positive: bool = False) -> float:
+    """``value`` (a real number or a one-element tensor) as a float; refused unless finite and >= 0 (> 0)."""
+    real = isinstance(value, numbers.Real) or (isinstance(value, Tensor) and value.numel() == 1
+                                                and not value.dtype.is_complex)
+    if not real or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    x = float(value)
+    if not (math.isfinite(x) and (x > 0 if positive else x >= 0)):
+        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {value!r}")
+    return x
+
+
 class Teacher:
     """One teacher of a ``Distiller``.
 
@@ -121,24 +141,27 @@ class Teacher:
     - ``loss``: "pkl" | "hkl" | "gold" | "uld" | "kl" (per-token KL, for a teacher with the student's tokenizer) |
       "auto": "kl" when both tokenizers are the same, else the coverage audit's recommendation (P-KL when numerals
       fall outside the exact common set, else H-KL; METHOD.md §7).
-    - ``weight`` α_m (static weighting), ``temperature`` τ (both sides, loss × τ²).
+    - ``weight`` α_m (static weighting), ``temperature`` τ (both sides, loss × τ²); both read at every call.
     - ``projection``: an ``xt.Projection``; ``None`` builds W with ``Projection.from_tokenizers`` (cached on disk)
       at the logit widths of the first batch (identity for "kl").
     - ``learnable``: a learnable W (P-KL only; METHOD.md §3.5), built at construction of the Distiller; its θ is
       exposed by ``Distiller.param_groups()``.
     - ``vocab_size``: the teacher's logit width when neither the model nor the cache gives it.
-    - ``name``: the metric suffix (default ``teacher{j}``); ``loss_options``: keyword options of the loss (``merge``,
-      ``uncovered``, ``teacher_topk``, ``uncommon_topk``, ``backend``)."""
+    - ``name``: the metric suffix (default ``teacher{j}`` at its position in the Distiller; any text, e.g.
+      "qwen2.5-7b": the loss module's key and a checkpoint's file names replace characters other than letters,
+      digits, "_" and "-" by "_"); ``loss_options``: keyword options of the loss (``merge``, ``uncovered``,
+      ``teacher_topk``, ``uncommon_topk``, ``backend``, ``nonfinite``), read at every call."""
 
     def __init__(self, model=None, tokenizer=None, *, loss: str = "auto", weight: float = 1.0,
                  temperature: float = 1.0, projection: Projection | None = None, learnable: bool = False,
                  name: str | None = None, cache=None, vocab_size: int | None = None, **loss_options):
         if loss not in _KINDS:
             raise ValueError(f"loss must be one of {_KINDS}, got {loss!r}")
-        if not 0 < float(temperature) < float("inf"):
-            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-        if not 0 <= float(weight) < float("inf"):
-            raise ValueError(f"weight must be finite and >= 0, got {weight}")
+        unknown = sorted(set(loss_options) - set(_LOSS_OPTIONS))
+        if unknown:  # reduction and normalizer are the Distiller's
+            raise TypeError(f"unknown loss option(s) {unknown}: a Teacher takes {list(_LOSS_OPTIONS)}")
+        if name is not None and not (isinstance(name, str) and name):
+            raise TypeError(f"name must be a non-empty str or None, got {name!r}")
         if learnable and loss not in ("auto", "pkl"):
             raise ValueError(f"a learnable W is trained under P-KL only (METHOD.md §3.5), got loss={loss!r}")
         if model is None and cache is None and vocab_size is None and projection is None:
@@ -150,10 +173,26 @@ class Teacher:
         if isinstance(model, nn.Module):
             model.eval().requires_grad_(False)
         self.model, self._tokenizer, self.cache = model, tokenizer, cache
-        self.loss, self.weight, self.temperature = loss, float(weight), float(temperature)
+        self.loss, self.weight, self.temperature = loss, weight, temperature
         self.projection, self.learnable, self.name = projection, bool(learnable), name
         self._vocab_size, self.loss_options = vocab_size, dict(loss_options)
         self.kind: str | None = None if loss == "auto" else loss  # resolved by the Distiller
+
+    @property
+    def weight(self) -> float:
+        return self._weight
+
+    @weight.setter
+    def weight(self, value) -> None:
+        self._weight = _number(value, "weight")
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value) -> None:
+        self._temperature = _number(value, "temperature", positive=True)
 
     @property
     def tokenizer(self):
@@ -229,8 +268,6 @@ class Distiller(nn.Module):
             raise ValueError(f"weighting must be 'static' or 'confidence', got {weighting!r}")
         if confidence not in _CONFIDENCE:
             raise ValueError(f"confidence must be one of {_CONFIDENCE}, got {confidence!r}")
-        if not 0 < float(confidence_temperature) < float("inf"):
-            raise ValueError(f"confidence_temperature must be finite and > 0, got {confidence_temperature}")
         if nonfinite is not None and not _HAS_NONFINITE:
             raise ValueError("nonfinite= needs losses with the `nonfinite` keyword (not in this build)")
         self._student_tok = student_tok
@@ -239,25 +276,29 @@ class Distiller(nn.Module):
             i = self.teachers.index(t)  # Teacher has no __eq__: the first position of this very object
             if i != j:  # one object holds one name, W and resolved loss: make a second Teacher(...) instead
                 raise ValueError(f"teachers[{j}] is the same Teacher object as teachers[{i}]")
-        for j, t in enumerate(self.teachers):
-            t.name = t.name or f"teacher{j}"
-        names = [t.name for t in self.teachers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"teacher names must be unique, got {names}")
+        self.names = [t.name or f"teacher{j}" for j, t in enumerate(self.teachers)]  # metric suffixes
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"teacher names must be unique, got {self.names}")
+        self._keys = [re.sub(r"[^\w-]", "_", n, flags=re.ASCII) for n in self.names]  # module keys, file names
+        if len(set(self._keys)) != len(self._keys):
+            raise ValueError(f"teacher names {self.names} give the same key {self._keys} (characters other than "
+                             "letters, digits, '_' and '-' become '_'): rename one")
         self.scaling, self.weighting = scaling, weighting
-        self.ce_weight = 1.0 if ce_weight is None else float(ce_weight)
-        self.kd_weight = 1.0 if kd_weight is None else float(kd_weight)
-        self.confidence, self.confidence_temperature = confidence, float(confidence_temperature)
+        self.ce_weight = 1.0 if ce_weight is None else _number(ce_weight, "ce_weight")
+        self.kd_weight = 1.0 if kd_weight is None else _number(kd_weight, "kd_weight")
+        self.confidence = confidence
+        self.confidence_temperature = _number(confidence_temperature, "confidence_temperature", positive=True)
         self.student_vocab_size, self.nonfinite, self.sync = student_vocab_size, nonfinite, sync
-        self.kd_losses = nn.ModuleDict()  # teacher name -> loss Module (a learnable W is its submodule)
-        self._widths: dict[str, tuple[int, int]] = {}
-        for t in self.teachers:
+        self.kd_losses = nn.ModuleDict()  # teacher key -> loss Module (a learnable W is its submodule)
+        self._widths: dict[int, tuple[int, int]] = {}  # teacher position -> (V_S, V_T) of its loss Module
+        self._label_widths: set[int] = set()  # student widths whose labels were checked on a non-CPU device
+        for j, t in enumerate(self.teachers):
             if t.learnable:
                 V_S = student_vocab_size if student_vocab_size is not None else len(self.student_tok)
                 if t.vocab_size is None:
-                    raise ValueError(f"teacher {t.name!r}: a learnable W needs the teacher's width (model, cache "
-                                     "or vocab_size=)")
-                self._resolve(t, V_S, t.vocab_size)
+                    raise ValueError(f"teacher {self.names[j]!r}: a learnable W needs the teacher's width (model, "
+                                     "cache or vocab_size=)")
+                self._resolve(j, V_S, t.vocab_size)
 
     # -- public helpers -----------------------------------------------------------------------------------------------
     @property
@@ -338,17 +379,18 @@ class Distiller(nn.Module):
         dev, V_S = student_logits.device, student_logits.shape[-1]
         labels = batch["labels"].to(dev)
         keep = labels != IGNORE_INDEX
+        self._check_labels(labels, V_S)
         ce_sum = next_token_ce(student_logits, labels.clamp_min(0), keep, normalizer=1.0)  # Σ nll
         stats = [ce_sum.detach(), keep[:, 1:].sum()]
         kd_sums = []
-        for t, td in zip(self.teachers, tds):
-            vals, idx, V_T = self._teacher_outputs(t, td, dev)
-            module = self._resolve(t, V_S, V_T)
+        for j, (t, td) in enumerate(zip(self.teachers, tds)):
+            vals, idx, V_T = self._teacher_outputs(j, td, dev)
+            module = self._resolve(j, V_S, V_T)
             ali = td["alignment"]
-            kd_sum = module(student_logits, vals, ali, teacher_indices=idx)
+            kd_sum = module(student_logits, vals, ali, teacher_indices=idx, **self._options(t))
             excluded = getattr(module, "last_excluded", None)
             hits, n_top = self._top1(student_logits, vals, idx, ali, module.proj, V_T)
-            score = self._score(t, vals, idx, td) if self.weighting == "confidence" else (torch.zeros(()),) * 2
+            score = self._score(j, vals, idx, td) if self.weighting == "confidence" else (torch.zeros(()),) * 2
             stats += [kd_sum.detach(), ali.chunk_valid.sum(), torch.zeros(()) if excluded is None else excluded,
                       ali.num_chunks.sum(), hits, n_top, *score]
             kd_sums.append(kd_sum)
@@ -374,12 +416,12 @@ class Distiller(nn.Module):
         coef = (world * scale * alpha / den_kd).to(md)
         loss = weighted_kd(kd_sums, list(coef)) + (world * ce_w / den_ce).to(md) * ce_sum
         metrics = {"loss": scale * kd + ce_w * ce, "ce": ce, "kd": kd, "kd_scale": scale}
-        for t, row, kd_t, a in zip(self.teachers, per, kd_m, alpha):
-            metrics[f"kd/{t.name}"] = kd_t
-            metrics[f"alpha/{t.name}"] = a
-            metrics[f"valid_frac/{t.name}"] = row[1] / row[3].clamp_min(1)
-            metrics[f"top1/{t.name}"] = row[4] / row[5].clamp_min(1)
-            metrics[f"excluded/{t.name}"] = row[2]
+        for name, row, kd_t, a in zip(self.names, per, kd_m, alpha):
+            metrics[f"kd/{name}"] = kd_t
+            metrics[f"alpha/{name}"] = a
+            metrics[f"valid_frac/{name}"] = row[1] / row[3].clamp_min(1)
+            metrics[f"top1/{name}"] = row[4] / row[5].clamp_min(1)
+            metrics[f"excluded/{name}"] = row[2]
         return loss, metrics
 
     # -- internals ----------------------------------------------------------------------------------------------------
@@ -391,13 +433,33 @@ class Distiller(nn.Module):
             raise RuntimeError("sync=True needs an initialized torch.distributed process group")
         return on and torch.distributed.get_world_size() > 1
 
-    def _resolve(self, t: Teacher, V_S: int, V_T: int) -> nn.Module:
-        """The loss Module of teacher ``t`` at logit widths (V_S, V_T): W and the loss kind, resolved once."""
-        if t.name in self.kd_losses:
-            if self._widths[t.name] != (V_S, V_T):
-                raise ValueError(f"teacher {t.name!r}: logit widths changed from {self._widths[t.name]} to "
+    def _check_labels(self, labels: Tensor, V_S: int) -> None:
+        """Labels past the student's logit width (tokens added to the tokenizer, embeddings not resized) would fail
+        inside cross_entropy (a device assert on CUDA): checked on every CPU batch, once per width elsewhere (one
+        host sync)."""
+        if labels.numel() == 0 or (labels.device.type != "cpu" and V_S in self._label_widths):
+            return
+        top = int(labels.max())
+        if top >= V_S:
+            raise ValueError(f"the labels hold token id {top} but student_logits are {V_S} wide: resize the "
+                             "student's embeddings to its tokenizer (model.resize_token_embeddings(len(tokenizer)))")
+        self._label_widths.add(V_S)
+
+    def _options(self, t: Teacher) -> dict:
+        """The loss's keyword options for teacher ``t``, read at every call."""
+        options = dict(t.loss_options, temperature=t.temperature)
+        if self.nonfinite is not None:
+            options["nonfinite"] = self.nonfinite
+        return options
+
+    def _resolve(self, j: int, V_S: int, V_T: int) -> nn.Module:
+        """The loss Module of teacher j at logit widths (V_S, V_T): W and the loss kind, resolved once."""
+        t, name, key = self.teachers[j], self.names[j], self._keys[j]
+        if key in self.kd_losses:
+            if self._widths[j] != (V_S, V_T):
+                raise ValueError(f"teacher {name!r}: logit widths changed from {self._widths[j]} to "
                                  f"{(V_S, V_T)} (for a learnable W pass Distiller(student_vocab_size=...))")
-            return self.kd_losses[t.name]
+            return self.kd_losses[key]
         same = None
         if t.tokenizer is not None and self.student_tok is not None:
             from .tokenizers import token_table
@@ -405,7 +467,7 @@ class Distiller(nn.Module):
             same = token_table(self.student_tok).fingerprint == token_table(t.tokenizer).fingerprint
         kind = t.loss
         if kind == "kl" and same is False:
-            raise ValueError(f"teacher {t.name!r}: loss='kl' needs the student's tokenizer (use pkl/hkl/auto)")
+            raise ValueError(f"teacher {name!r}: loss='kl' needs the student's tokenizer (use pkl/hkl/auto)")
         if kind == "auto" and same:
             kind = "kl"
         proj = t.projection
@@ -413,55 +475,54 @@ class Distiller(nn.Module):
             if kind == "kl":
                 proj = identity_projection(V_S, V_T)
             elif same is None:
-                raise ValueError(f"teacher {t.name!r}: building W needs the student's and the teacher's tokenizers "
+                raise ValueError(f"teacher {name!r}: building W needs the student's and the teacher's tokenizers "
                                  "(or pass projection=)")
             else:
                 proj = Projection.from_tokenizers(self.student_tok, t.tokenizer, V_S, V_T, progress=False)
         if (proj.student_vocab_size, proj.teacher_vocab_size) != (V_S, V_T):
-            raise ValueError(f"teacher {t.name!r}: W is {proj.student_vocab_size} x {proj.teacher_vocab_size} but the "
+            raise ValueError(f"teacher {name!r}: W is {proj.student_vocab_size} x {proj.teacher_vocab_size} but the "
                              f"logits are {V_S} (student) and {V_T} (teacher) wide")
         if kind == "auto":
             if self.student_tok is None:
-                raise ValueError(f"teacher {t.name!r}: loss='auto' needs the student's tokenizer for the audit")
+                raise ValueError(f"teacher {name!r}: loss='auto' needs the student's tokenizer for the audit")
             kind = proj.audit(self.student_tok).recommendation
         if t.learnable:
             if kind != "pkl":
-                raise ValueError(f"teacher {t.name!r}: a learnable W needs P-KL, but loss resolves to {kind!r} (the "
+                raise ValueError(f"teacher {name!r}: a learnable W needs P-KL, but loss resolves to {kind!r} (the "
                                  "audit's choice); pass loss='pkl'")
             proj = LearnableProjection(proj)
-        options = dict(t.loss_options)
-        if self.nonfinite is not None:
-            options["nonfinite"] = self.nonfinite
         t.kind = kind
-        self._widths[t.name] = (V_S, V_T)
-        self.kd_losses[t.name] = _MODULES[kind](proj, temperature=t.temperature, reduction="sum", **options)
-        return self.kd_losses[t.name]
+        self._widths[j] = (V_S, V_T)
+        self.kd_losses[key] = _MODULES[kind](proj, reduction="sum", **self._options(t))
+        return self.kd_losses[key]
 
     @torch.no_grad()
-    def _teacher_outputs(self, t: Teacher, td: Mapping, dev) -> tuple[Tensor, Tensor | None, int]:
-        """(teacher values on ``dev``, top-k indices or None, V_T): the cached top-k log-probs of the batch, else the
-        teacher's logits from a forward on its own device and dtype."""
+    def _teacher_outputs(self, j: int, td: Mapping, dev) -> tuple[Tensor, Tensor | None, int]:
+        """(teacher j's values on ``dev``, top-k indices or None, V_T): the cached top-k log-probs of the batch, else
+        the teacher's logits from a forward on its own device and dtype."""
+        t, name = self.teachers[j], self.names[j]
         if "topk_logprobs" in td:
             if t.vocab_size is None:
-                raise ValueError(f"teacher {t.name!r}: cached top-k values need the teacher's width (cache= or "
+                raise ValueError(f"teacher {name!r}: cached top-k values need the teacher's width (cache= or "
                                  "vocab_size=)")
             return td["topk_logprobs"].to(dev), td["topk_indices"].to(dev), t.vocab_size
         if t.model is None:
-            raise ValueError(f"teacher {t.name!r} has no model and the batch carries no cached top-k log-probs "
+            raise ValueError(f"teacher {name!r} has no model and the batch carries no cached top-k log-probs "
                              "(xt.Collator(teacher_caches=...))")
         tdev = _device_of(t.model)
         args = {k: v.to(tdev) if isinstance(v, Tensor) else v for k, v in _forward_args(td, t.model).items()}
         out = t.model(**args)
         logits = out.logits if hasattr(out, "logits") else out
         if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[:2] != td["input_ids"].shape:
-            raise TypeError(f"teacher {t.name!r} must return logits [B, T_T, V_T] for input_ids "
+            raise TypeError(f"teacher {name!r} must return logits [B, T_T, V_T] for input_ids "
                             f"{tuple(td['input_ids'].shape)}")
         return logits.to(dev), None, logits.shape[-1]
 
     @torch.no_grad()
     def _top1(self, z: Tensor, vals: Tensor, idx: Tensor | None, ali, proj, V_T: int) -> tuple[Tensor, Tensor]:
         """(hits, chunks): argmax_v (Wᵀ softmax(z_r))_v == the teacher's argmax at the first predictive row pair
-        (s_lo, t_lo) of every valid chunk."""
+        (s_lo, t_lo) of every valid chunk; a pair with a non-finite row (a chunk nonfinite="mask" excludes) is not
+        counted."""
         rs = ali.row_spans()  # planned where the alignment lives (CPU: no host sync), used on z's device
         if rs.shape[0] == 0:
             return torch.zeros((), device=z.device), torch.zeros((), device=z.device)
@@ -471,29 +532,35 @@ class Distiller(nn.Module):
         rows = torch.arange(w_idx.shape[0], device=z.device)[:, None].expand_as(w_idx)[nz]
         cols, w = w_idx[nz].long(), w_val[nz].float()
         hits = torch.zeros((), dtype=torch.int64, device=z.device)
+        n = torch.zeros((), dtype=torch.int64, device=z.device)
         for i in range(0, rs.shape[0], _ROW_BLOCK):
             b, s0, t0 = (rs[i:i + _ROW_BLOCK, c].to(z.device) for c in (0, 1, 3))
-            p = torch.softmax(z[b, s0].float(), -1)
+            z_row, t_row = z[b, s0].float(), vals[b, t0].float()
+            ok = ~(nonfinite_rows(z_row, True) | nonfinite_rows(t_row, False))
+            p = torch.softmax(z_row, -1)
             q = torch.zeros(b.shape[0], V_T, device=z.device, dtype=p.dtype).index_add_(1, cols, p[:, rows] * w)
-            t_row = vals[b, t0].float()
             t_top = t_row.argmax(1) if idx is None else idx[b, t0].gather(1, t_row.argmax(1, keepdim=True))[:, 0]
-            hits += (q.argmax(1) == t_top).sum()
-        return hits, torch.tensor(rs.shape[0], device=z.device)
+            hits += ((q.argmax(1) == t_top) & ok).sum()
+            n += ok.sum()
+        return hits, n
 
     @torch.no_grad()
-    def _score(self, t: Teacher, vals: Tensor, idx: Tensor | None, td: Mapping) -> tuple[Tensor, Tensor]:
-        """(Σ score, rows) of the confidence weighting over the teacher rows of the valid chunks."""
+    def _score(self, j: int, vals: Tensor, idx: Tensor | None, td: Mapping) -> tuple[Tensor, Tensor]:
+        """(Σ score, rows) of the confidence weighting over the teacher rows of the valid chunks; a row with NaN or
+        +inf (its chunk excluded under nonfinite="mask") is not scored."""
         rs = td["alignment"].row_spans()  # row planning where the alignment lives (CPU: no host sync)
         n = rs[:, 4] - rs[:, 3]
         b = rs[:, 0].repeat_interleave(n)
         p = rs[:, 3].repeat_interleave(n) + torch.arange(b.shape[0]) - (torch.cumsum(n, 0) - n).repeat_interleave(n)
         if self.confidence == "ce" and idx is not None:
-            raise ValueError(f"teacher {t.name!r}: confidence='ce' needs the teacher's full distribution, not a top-k "
-                             "cache (use 'entropy' or 'max_prob')")
+            raise ValueError(f"teacher {self.names[j]!r}: confidence='ce' needs the teacher's full distribution, "
+                             "not a top-k cache (use 'entropy' or 'max_prob')")
         total = torch.zeros((), dtype=torch.float64, device=vals.device)
+        count = torch.zeros((), dtype=torch.int64, device=vals.device)
         for i in range(0, b.shape[0], _ROW_BLOCK):
             bb, pp = b[i:i + _ROW_BLOCK].to(vals.device), p[i:i + _ROW_BLOCK].to(vals.device)
             x = vals[bb, pp].float()
+            ok = ~nonfinite_rows(x, False)
             lp = x if idx is not None else torch.log_softmax(x, -1)  # a cache stores log-probs already
             if self.confidence == "max_prob":
                 s = lp.max(1).values.exp()
@@ -502,8 +569,9 @@ class Distiller(nn.Module):
             else:
                 nxt = td["input_ids"].to(vals.device)[bb, pp + 1]
                 s = lp.gather(1, nxt[:, None])[:, 0]  # −CE = log π(next token)
-            total += s.double().sum()
-        return total, torch.tensor(b.shape[0], device=vals.device)
+            total += torch.where(ok, s.double(), 0.0).sum()
+            count += ok.sum()
+        return total, count
 
     def _alpha(self, score_sum: Tensor, score_n: Tensor, dev) -> Tensor:
         if self.weighting == "static":
@@ -513,7 +581,7 @@ class Distiller(nn.Module):
         return torch.softmax(score / self.confidence_temperature, 0)
 
     def extra_repr(self) -> str:
-        return f"scaling={self.scaling!r}, weighting={self.weighting!r}, teachers={[t.name for t in self.teachers]}"
+        return f"scaling={self.scaling!r}, weighting={self.weighting!r}, teachers={self.names}"
 
 
 def _forward_args(batch: Mapping, model=None) -> dict:
