@@ -29,7 +29,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=positive_int, default=5)
     ap.add_argument("--batch-size", type=positive_int, default=2)
     ap.add_argument("--accumulation", type=positive_int, default=2)
-    ap.add_argument("--max-length", type=int, default=96)
+    ap.add_argument("--max-length", type=positive_int, default=96)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--cpu", action="store_true", help="run on CPU (several processes: gloo)")
     args = ap.parse_args(argv)

@@ -25,7 +25,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--teacher", default="tiny-llama:mistral-spm")
     ap.add_argument("--steps", type=positive_int, default=4)
     ap.add_argument("--batch-size", type=positive_int, default=2)
-    ap.add_argument("--max-length", type=int, default=96)
+    ap.add_argument("--max-length", type=positive_int, default=96)
     args = ap.parse_args(argv)
 
     from datasets import Dataset

@@ -29,7 +29,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--learnable-w", action="store_true", help="learn W of the first teacher (P-KL)")
     ap.add_argument("--steps", type=positive_int, default=8)
     ap.add_argument("--batch-size", type=positive_int, default=4)
-    ap.add_argument("--max-length", type=int, default=96)
+    ap.add_argument("--max-length", type=positive_int, default=96)
     ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args(argv)
 

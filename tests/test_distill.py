@@ -468,3 +468,14 @@ def test_next_token_ce_skips_ignore_index_labels():
     assert torch.equal(next_token_ce(z, labels), next_token_ce(z, labels.clamp_min(0), labels != -100))
     want = -(torch.log_softmax(z[0, 0], -1)[4] + torch.log_softmax(z[0, 2], -1)[7]) / 2
     assert abs(float(next_token_ce(z, labels)) - float(want)) <= 8 * U32 * abs(float(want))
+
+
+def test_a_given_w_must_match_the_tokenizers(toks, batch):
+    """A W built for another tokenizer pair was accepted when only its widths matched."""
+    s, m, q = toks
+    w = xt.Projection.from_tokenizers(s, m, progress=False)
+    _, z = student_logits(toks, batch)
+    with pytest.raises(ValueError, match="W was built for another teacher tokenizer"):
+        Distiller(s, [Teacher(Table(len(m), 1), q, loss="pkl", projection=w)])(z, only(batch, 0))
+    loss, _ = Distiller(s, [Teacher(Table(len(m), 1), m, loss="pkl", projection=w)])(z, only(batch, 0))
+    assert torch.isfinite(loss)

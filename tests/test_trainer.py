@@ -249,7 +249,87 @@ def test_examples_refuse_zero_steps_and_describe_themselves(name, capsys):
     with pytest.raises(SystemExit) as e:
         run_example(name, "--steps", "0")
     assert e.value.code == 2 and "argument --steps: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a traceback from the collator before
+        run_example(name, "--max-length", "0")
+    assert e.value.code == 2 and "argument --max-length: must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_example(name, "--help")
     first = " ".join(importlib.import_module(name).__doc__.split("\n\n")[0].split())
     assert " ".join(capsys.readouterr().out.split()).count(first) == 1
+
+
+def test_evaluation_metrics_per_loop_and_weighted_like_the_loss(toks, tmp_path):
+    """Each evaluation loop returns the Distiller's metrics under its own prefix (named eval sets and predict() lost
+    them, and predict()'s batches leaked into the next evaluate()); batches are weighted by their rows as Trainer
+    weighs eval_loss, so under dynamic scaling eval_loss = 2·eval_ce (an unweighted mean of batch means broke it)."""
+    s, m = toks
+    d = Distiller(s, [Teacher(tiny(len(m), 1), m)])
+    five = [{"text": t} for t in TEXTS + ["One more text, 5 of them."]]
+    trainer = xt.DistillTrainer(tiny(len(s), 0), args(tmp_path, per_device_eval_batch_size=2), d.collator(
+        max_length=24), train_dataset=five, eval_dataset={"a": five, "b": five[:2]}, distiller=d)  # collator 3rd
+    ev = trainer.evaluate()
+    for name in ("a", "b"):
+        assert math.isclose(ev[f"eval_{name}_loss"], 2 * ev[f"eval_{name}_ce"], rel_tol=1e-6)
+        assert math.isfinite(ev[f"eval_{name}_kd/teacher0"])
+    alone = trainer.evaluate(five, metric_key_prefix="val")
+    assert math.isclose(alone["val_loss"], 2 * alone["val_ce"], rel_tol=1e-6) and alone["val_ce"] == ev["eval_a_ce"]
+    pred = trainer.predict(five[:1])
+    assert "test_ce" in pred.metrics and pred.metrics["test_ce"] != alone["val_ce"]
+    assert trainer.evaluate(five, metric_key_prefix="val")["val_ce"] == alone["val_ce"]  # predict() did not leak
+
+
+def test_learnable_w_named_like_a_hub_id_saves_and_the_best_checkpoint_restores_theta(toks, tmp_path):
+    """A teacher named "org/model" crashed every checkpoint save (the name was a path); load_best_model_at_end
+    restored the best checkpoint's model with the last step's θ."""
+    s, m = toks
+    d = Distiller(s, [Teacher(tiny(len(m), 1), m, name="org/model", learnable=True)], student_vocab_size=len(s))
+    theta = d.kd_losses["org_model"].proj.theta
+    seen = {}
+
+    class Best(TrainerCallback):  # step 1 is the best evaluation; keep each step's θ
+        def on_step_end(self, a, state, control, **kw):
+            seen[state.global_step] = theta.detach().clone()
+
+        def on_evaluate(self, a, state, control, metrics=None, **kw):
+            metrics["eval_loss"] = float(state.global_step)
+
+    trainer = xt.DistillTrainer(model=tiny(len(s), 0), args=args(
+        tmp_path, max_steps=3, per_device_train_batch_size=2, save_strategy="steps", save_steps=1,
+        eval_strategy="steps", eval_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
+        greater_is_better=False), train_dataset=[{"text": t} for t in TEXTS], eval_dataset=[{"text": TEXTS[0]}],
+        distiller=d, max_length=24, callbacks=[Best()])
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
+    assert (tmp_path / "checkpoint-3" / "xtoken_W_org_model.safetensors").is_file()
+    assert not torch.equal(seen[1], seen[3]) and torch.equal(theta.detach(), seen[1])
+
+
+def test_trainer_arguments_it_reads_refuses_or_ignores(toks, tmp_path, monkeypatch):
+    """SFTConfig-style max_length / completion_only_loss reach the default collator (they were ignored: 201-token
+    rows crashed the embedding); packing=True is refused with the collator's way; label smoothing and
+    compute_metrics warn; a batch from another collator is named (KeyError 'teachers'); transformers without
+    loss_is_scaled_for_ga (< 5.19 halved the accumulated gradient) is refused."""
+    s, m = toks
+    d = Distiller(s, [Teacher(tiny(len(m), 1), m)])
+    data = [{"prompt": "Q: what is 12 + 30?", "completion": " A: 42, and 7 pears."}]
+
+    def make(targs, **kw):
+        return xt.DistillTrainer(model=tiny(len(s), 0), args=targs, train_dataset=data, distiller=d, **kw)
+
+    targs = args(tmp_path)
+    targs.max_length, targs.completion_only_loss = 5, False
+    collator = make(targs).data_collator
+    assert collator.max_length == 5 and collator.completion_only is False
+    targs.packing = True
+    with pytest.raises(ValueError, match="packing=True"):
+        make(targs)
+    with pytest.warns(UserWarning, match="label_smoothing_factor is ignored"):
+        make(args(tmp_path, label_smoothing_factor=0.1))
+    with pytest.warns(UserWarning, match="compute_metrics is ignored"):
+        make(args(tmp_path), compute_metrics=lambda p: {})
+    other = make(args(tmp_path, max_steps=1), data_collator=lambda rows: {"input_ids": torch.tensor([[1, 2, 3]])})
+    with pytest.raises(TypeError, match="batches from an xt.Collator"):
+        other.train()
+    monkeypatch.delattr(transformers.Trainer, "loss_is_scaled_for_ga")
+    with pytest.raises(ImportError, match="transformers >= 5.19"):
+        make(args(tmp_path))

@@ -460,11 +460,13 @@ class Distiller(nn.Module):
                 raise ValueError(f"teacher {name!r}: logit widths changed from {self._widths[j]} to "
                                  f"{(V_S, V_T)} (for a learnable W pass Distiller(student_vocab_size=...))")
             return self.kd_losses[key]
-        same = None
+        same, fps = None, {}
         if t.tokenizer is not None and self.student_tok is not None:
             from .tokenizers import token_table
 
-            same = token_table(self.student_tok).fingerprint == token_table(t.tokenizer).fingerprint
+            fps = {"student": token_table(self.student_tok).fingerprint,
+                   "teacher": token_table(t.tokenizer).fingerprint}
+            same = fps["student"] == fps["teacher"]
         kind = t.loss
         if kind == "kl" and same is False:
             raise ValueError(f"teacher {name!r}: loss='kl' needs the student's tokenizer (use pkl/hkl/auto)")
@@ -479,6 +481,11 @@ class Distiller(nn.Module):
                                  "(or pass projection=)")
             else:
                 proj = Projection.from_tokenizers(self.student_tok, t.tokenizer, V_S, V_T, progress=False)
+        for side, fp in fps.items():  # a given W (its file's metadata) must be the one of these tokenizers
+            built = proj.meta.get(f"{side}_fingerprint")
+            if built is not None and built != fp:
+                raise ValueError(f"teacher {name!r}: W was built for another {side} tokenizer (fingerprint {built}, "
+                                 f"given tokenizer {fp})")
         if (proj.student_vocab_size, proj.teacher_vocab_size) != (V_S, V_T):
             raise ValueError(f"teacher {name!r}: W is {proj.student_vocab_size} x {proj.teacher_vocab_size} but the "
                              f"logits are {V_S} (student) and {V_T} (teacher) wide")

@@ -12,12 +12,16 @@ What the mixin changes:
   counts, so the step's gradient equals the one of a single batch (the dynamic KD scale and confidence weights
   are per micro-batch, see ``xtoken_ext.distill``);
 - every metric of the Distiller (CE, KD per teacher, KD scale, α, valid-chunk fraction, top-1 agreement, excluded
-  chunks) and the mean optimizer-step time go through ``Trainer.log``; additive metrics are summed over the step's
-  micro-batches, the others averaged, then both averaged over the logged steps;
+  chunks) and the mean optimizer-step time (without evaluation and checkpointing) go through ``Trainer.log``;
+  additive metrics are summed over the step's micro-batches, the others averaged, then both averaged over the
+  logged steps; an evaluation (``evaluate()``, ``predict()``) returns them under its prefix (``eval_ce``,
+  ``eval_<name>_ce`` per named eval set, ``test_ce``), each batch weighted by its rows as Trainer weighs the loss;
 - a learnable W gets its own optimizer group (lr 1e-2, no weight decay, outside gradient clipping), its gradients
   are averaged over ranks and cleared after each optimizer step, and it is saved beside checkpoints
   (``xtoken_W_<teacher>.safetensors``, and θ in ``xtoken_theta.safetensors``, which ``resume_from_checkpoint``
   loads back);
+- ``label_smoothing_factor`` and ``compute_metrics`` have no effect (warned); ``packing=True`` in the arguments is
+  refused (the collator packs: ``distiller.collator(max_length=..., packing=True)``);
 - a model loaded from a GGUF file with its weights dequantized to float is no longer flagged as quantized, so the
   Trainer fine-tunes it (``clear_gguf_quantization``).
 
@@ -25,13 +29,16 @@ This module imports ``transformers``; ``import xtoken_ext`` does not.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import os
 import time
-from collections import defaultdict
+import warnings
+from collections.abc import Mapping
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
@@ -74,27 +81,49 @@ class _SyncLearnedW(TrainerCallback):
 
 class DistillMixin:
     """Distillation for a ``transformers.Trainer`` subclass (put it first: ``class T(DistillMixin, SFTTrainer)``).
-    Extra arguments: ``distiller`` (an ``xt.Distiller``, required) and ``max_length`` (of the default collator)."""
+    Extra arguments: ``distiller`` (an ``xt.Distiller``, required) and ``max_length`` (of the default collator;
+    default ``args.max_length`` where the arguments have one, as TRL's ``SFTConfig`` does, whose
+    ``completion_only_loss`` also sets the collator's ``completion_only``)."""
 
     loss_is_scaled_for_ga = True  # every micro-batch is already normalized by its optimizer step's counts
 
     def __init__(self, *args, distiller: Distiller, max_length: int | None = None, **kwargs):
+        if "loss_is_scaled_for_ga" not in vars(Trainer):  # before 5.19 Trainer divides the loss by the GA steps again
+            raise ImportError(f"xtoken_ext.trainer needs transformers >= 5.19, found {transformers.__version__}")
         if not isinstance(distiller, Distiller):
             raise TypeError(f"distiller must be an xt.Distiller, got {type(distiller).__name__}")
-        model = kwargs.get("model", args[0] if args else None)
+        bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs)
+        given, targs = bound.arguments, bound.arguments.get("args")
+        model = given.get("model")
         if model is not None and clear_gguf_quantization(model):
             logger.info("xtoken: the GGUF model's weights are float; cleared its quantization flag for training")
-        if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = distiller.collator(max_length=max_length)
+        if getattr(targs, "packing", False):
+            raise ValueError("packing=True in the trainer's arguments packs the student's ids alone; leave it False "
+                             "and pass data_collator=distiller.collator(max_length=..., packing=True), which packs "
+                             "every side with one plan")
+        if given.get("data_collator") is None:
+            max_length = getattr(targs, "max_length", None) if max_length is None else max_length
+            given["data_collator"] = distiller.collator(max_length=max_length,
+                                                        completion_only=getattr(targs, "completion_only_loss", None))
+        for name, unused in (("label_smoothing_factor", getattr(targs, "label_smoothing_factor", 0)),
+                             ("compute_metrics", given.get("compute_metrics"))):
+            if unused:
+                warnings.warn(f"{name} is ignored by distillation: the loss is the Distiller's and evaluation returns "
+                              "its metrics, not logits", stacklevel=2)
         self.distiller = distiller
         self._xt_window = None
-        self._xt_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._xt_metrics: dict[str, dict] = {"train": {}, "eval": {}}  # metric -> [weighted sum (tensor), weight]
         self._xt_steps = 0
         self._xt_clock: float | None = None  # start of the first step since the last log
-        super().__init__(*args, **kwargs)
+        super().__init__(*bound.args, **bound.kwargs)
         self.distiller.to(self.args.device)
         if self.distiller.param_groups():
             self.add_callback(_SyncLearnedW(self.distiller))
+
+    def train(self, *args, **kwargs):
+        self._xt_metrics["train"].clear()  # nothing of an earlier train() is logged in this one
+        self._xt_steps, self._xt_clock = 0, None
+        return super().train(*args, **kwargs)
 
     # -- data: the collator reads the raw columns --------------------------------------------------------------------
     def _remove_unused_columns(self, dataset, description=None):
@@ -106,6 +135,8 @@ class DistillMixin:
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """One optimizer step's micro-batches and their counts (all ranks) for exact accumulation."""
         batches = list(itertools.islice(epoch_iterator, num_batches))
+        for b in batches:
+            _check_batch(b)
         self._xt_window = self.distiller.normalizers(batches) if batches else None
         self._xt_steps += bool(batches)
         if self._xt_clock is None:
@@ -114,12 +145,17 @@ class DistillMixin:
 
     # -- loss ---------------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        _check_batch(inputs)
         outputs = model(**Distiller.model_inputs(inputs, self.accelerator.unwrap_model(model)))
         mode = "train" if model.training else "eval"
         loss, metrics = self.distiller(outputs.logits, inputs, normalizers=self._xt_window if mode == "train" else None)
+        # train: summed per logged step; eval: each batch weighted by its rows, as Trainer weighs eval_loss
+        weight = 1 if mode == "train" else inputs["input_ids"].shape[0]
+        acc = self._xt_metrics[mode]
         for k, v in metrics.items():
             if k != "loss":  # Trainer logs the loss itself
-                self._xt_metrics[mode][k].append(v.detach())
+                v = v.detach() * weight
+                acc[k] = [v, weight] if k not in acc else [acc[k][0] + v, acc[k][1] + weight]
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -127,6 +163,17 @@ class DistillMixin:
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Trainer's loop (evaluate() and predict()) with the Distiller's metrics of this loop, under the loop's
+        prefix (``eval_ce``, ``eval_valid_kd/…`` for an eval set named "valid", ``test_ce`` from predict())."""
+        self._xt_metrics["eval"].clear()
+        start = time.perf_counter()
+        out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        out.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._flush("eval").items()})
+        self._pause(start)
+        return out
 
     # -- learnable W ---------------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -149,9 +196,24 @@ class DistillMixin:
             if thetas:  # θ itself, for resuming (the W file holds softmax(θ))
                 save_file(thetas, os.path.join(output_dir, _THETA_FILE))
 
+    def _save_checkpoint(self, *args, **kwargs):
+        start = time.perf_counter()
+        super()._save_checkpoint(*args, **kwargs)
+        self._pause(start)
+
     def _load_optimizer_and_scheduler(self, checkpoint):
-        """On resume, the learnable W's θ from the checkpoint first (then the optimizer state that goes with it): θ
-        itself, or from a checkpoint written before θ was saved, log W of its W file (the same softmax)."""
+        """On resume, the learnable W's θ from the checkpoint first (then the optimizer state that goes with it)."""
+        self._load_theta(checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_best_model(self):
+        """load_best_model_at_end: the best checkpoint's θ with its model."""
+        super()._load_best_model()
+        self._load_theta(self.state.best_model_checkpoint)
+
+    def _load_theta(self, checkpoint) -> None:
+        """The learnable W's θ of a checkpoint: θ itself, or from a checkpoint written before θ was saved, log W of
+        its W file (the same softmax)."""
         thetas = {}
         if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, _THETA_FILE)):
             thetas = load_file(os.path.join(checkpoint, _THETA_FILE))
@@ -168,28 +230,40 @@ class DistillMixin:
                                  f"this Distiller's ({None if mine is None else tuple(mine.shape)})")
             with torch.no_grad():
                 mine.copy_(theta)
-        super()._load_optimizer_and_scheduler(checkpoint)
 
     # -- logging -------------------------------------------------------------------------------------------------------
     def log(self, logs, start_time=None):
-        mode = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
-        if mode is not None and self._xt_metrics[mode]:
-            logs.update(self._flush(mode))  # in place: evaluate() returns this dict
+        if "loss" in logs and self._xt_metrics["train"]:
+            logs.update(self._flush("train"))
         super().log(logs, start_time)
 
+    def _pause(self, start: float) -> None:
+        """Evaluation and checkpointing since ``start`` are not training: step_time leaves them out."""
+        if self._xt_clock is not None:
+            self._xt_clock += time.perf_counter() - start
+
     def _flush(self, mode: str) -> dict[str, float]:
-        metrics, out = self._xt_metrics[mode], {}
-        steps = max(self._xt_steps, 1) if mode == "train" else None
-        for k, vals in metrics.items():
-            total = float(torch.stack(vals).sum())  # one host sync per metric and log
-            additive = steps is not None and any(k == a or (a.endswith("/") and k.startswith(a)) for a in _ADDITIVE)
-            out[("eval_" if mode == "eval" else "") + k] = total / (steps if additive else len(vals))
-        metrics.clear()
+        """train: additive metrics summed over each step's micro-batches, the others averaged over them, both then
+        averaged over the logged steps; eval: the mean over the loop's batches weighted by their rows."""
+        acc, out = self._xt_metrics[mode], {}
+        totals = torch.stack([v for v, _ in acc.values()]).tolist() if acc else []  # one host sync per log
+        steps = max(self._xt_steps, 1)
+        for (k, (_, n)), total in zip(acc.items(), totals):
+            additive = mode == "train" and any(k == a or (a.endswith("/") and k.startswith(a)) for a in _ADDITIVE)
+            out[k] = total / (steps if additive else n)
+        acc.clear()
         if mode == "train":
             now = time.perf_counter()
-            out["step_time"] = (now - (self._xt_clock or now)) / max(self._xt_steps, 1)
+            out["step_time"] = (now - (self._xt_clock or now)) / steps
             self._xt_clock, self._xt_steps = now, 0
         return out
+
+
+def _check_batch(batch) -> None:
+    if not isinstance(batch, Mapping) or "teachers" not in batch:
+        raise TypeError("distillation needs batches from an xt.Collator (the default data_collator, or "
+                        f"distiller.collator(...)), got {type(batch).__name__} with keys "
+                        f"{sorted(batch) if isinstance(batch, Mapping) else None}")
 
 
 class DistillTrainer(DistillMixin, Trainer):
