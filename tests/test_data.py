@@ -1,6 +1,7 @@
 """xt.Collator (xtoken_ext/data.py) with real offline tokenizers: Llama-3 student, Qwen3 and byte-fallback
 SentencePiece (Mistral) teachers; raw text, prompt/completion, each tokenizer's own chat template, packing, DataLoader
 workers, datasets.map precomputation and on-policy ids."""
+import copy
 import warnings
 
 import numpy as np
@@ -512,3 +513,135 @@ def test_chat_content_a_tokenizer_normalizes_keeps_only_equal_bytes_correct(chat
             n_correct += 1
         assert not (a.chunk_valid & ~a.chunk_correct).any()  # include_mismatched=False
     assert n_correct > 10
+
+
+# Qwen3's assistant branch, reduced: the reasoning in the content moves into a <think> block the template writes
+THINK = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% set c = m.content %}"
+         "{% set r = '' %}{% if '</think>' in c %}{% set r = c.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
+         "{% set c = c.split('</think>')[-1].lstrip('\n') %}{% endif %}<think>\n{{ r }}\n</think>\n\n{{ c }}"
+         "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}")
+# Qwen3's handling of earlier turns: the reasoning is dropped, the answer left-stripped of newlines
+DROP_THINK = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+              "{{ m['content'].split('</think>')[-1].lstrip('\n') }}{% else %}{{ m['content'] }}{% endif %}"
+              "<|im_end|>\n{% endfor %}")
+
+
+def test_chat_template_whose_markup_depends_on_the_content_still_aligns(chat_toks):
+    """A template that writes text around a message from its content (the sentinel render has an empty
+    <think></think>, the real one the reasoning; or it left-strips newlines) made every earlier message fail to be
+    "rendered verbatim": the content is now found in the real render and the text around it is markup."""
+    s, q, _ = chat_toks
+    msgs = [{"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "<think>\nadd two and two\n</think>\n\nIt is 4."},
+            {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6."}]
+    for template, answers, eot in ((THINK, [msgs[1]["content"], "6."], 2),
+                                   (DROP_THINK, ["\nHello there\n"], 1)):
+        q.chat_template = template
+        ex = {"messages": msgs if template == THINK else [{"role": "user", "content": "hi"},
+                                                          {"role": "assistant", "content": answers[0]}]}
+        batch = xt.Collator(s, [q])([ex])
+        labels = batch["labels"][0]
+        assert s.decode(labels[labels >= 0]) == "".join(a.strip() + "<|eot_id|>" for a in answers)
+        pairs = [(x, y) for _, _, x, y, _, _ in valid_pairs(batch, (s, q))]
+        assert pairs.count(("<|eot_id|>", "<|im_end|>")) == eot  # every assistant turn's end, nothing else
+        content = "".join(x for x, y in pairs if x == y)
+        assert all(x == y or (x, y) == ("<|eot_id|>", "<|im_end|>") for x, y in pairs)
+        assert "2+2" not in content and "add two" in content if template == THINK else content == "Hello there"
+        assert not any("im_start" in y or "header" in x or y.startswith("</think>") for x, y in pairs)
+    # Truly unrenderable: earlier reasoning dropped by the template. The error names that message, not message 0.
+    ex = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nx\n</think>4"},
+                       {"role": "user", "content": "And 3+3?"}]}
+    with pytest.raises(ValueError, match="message 1's content neither verbatim nor stripped, and its text around "
+                                         "message 1 depends on the content"):
+        xt.Collator(s, [q])([ex])
+
+
+def test_on_policy_without_a_mask_ends_each_row_at_its_first_eos(toks):
+    """generate() pads a finished row with EOS when pad_token_id is None (those columns got CE labels) and with
+    pad = EOS the real final EOS was masked out: now the first EOS of the completion stays and the rest is padding,
+    a leading run of EOS is left padding, and pad tokens other than EOS are padding anywhere."""
+    s, q, _ = toks
+    eos, bos, x = s.eos_token_id, s.bos_token_id, [15339, 1917, 11, 420, 13]
+    pad_eos, pad_other = copy.deepcopy(s), copy.deepcopy(s)
+    pad_eos.pad_token = pad_eos.eos_token
+    pad_other.pad_token = "<|reserved_special_token_0|>"
+    P = 4
+    for tok, pad in ((s, eos), (pad_eos, eos), (pad_other, pad_other.pad_token_id)):
+        ids = torch.tensor([[pad, pad, bos, x[0], x[1], x[2], eos, pad],       # left-padded prompt, stopped
+                            [bos, x[0], x[1], x[2], x[3], x[4], x[0], x[1]],  # ran to the end
+                            [bos, eos, x[0], x[1], x[2], eos, pad, pad]])     # an EOS inside the prompt stays
+        batch = xt.Collator(tok, [q]).on_policy(ids, prompt_length=P)
+        assert batch["attention_mask"].tolist() == [[1] * 5 + [0] * 3, [1] * 8, [1] * 6 + [0] * 2], tok.pad_token
+        labels = batch["labels"]
+        assert labels[0, :5].tolist() == [-100, -100, x[1], x[2], eos]
+        assert labels[1].tolist() == [-100] * 4 + ids[1, 4:].tolist()
+        assert labels[2].tolist() == [-100] * 4 + [x[2], eos, -100, -100]
+        t_text = q.decode(batch["teachers"][0]["input_ids"][0][batch["teachers"][0]["attention_mask"][0].bool()])
+        assert t_text == s.decode([x[0], x[1], x[2]])  # the student's specials are skipped in the decoded text
+
+
+def test_rows_of_a_mixed_datasets_table_treat_none_as_absent(toks):
+    """datasets fills the columns a row lacks with None: {"text": None, "prompt": ..., "completion": ...} is a
+    prompt/completion example (it was refused), and a None 'messages' does not hide a text."""
+    s, q, _ = toks
+    collator = xt.Collator(s, [q])
+    rows = [{"text": TEXTS[0], "prompt": None, "completion": None, "messages": None},
+            {"text": None, "prompt": PAIRS[0]["prompt"], "completion": PAIRS[0]["completion"], "messages": None}]
+    _same_batch(collator(rows), collator([TEXTS[0], PAIRS[0]]))
+    with pytest.raises(ValueError, match=r"'messages' \(not None\), got keys \['id'\]"):
+        collator([{"text": None, "id": 3}])
+
+
+def test_pack_plan_refuses_ragged_negative_and_non_int_lengths():
+    # a document missing a side left that side's running total unchecked: [[1, 0, 2]] put 4 teacher tokens in 3
+    with pytest.raises(ValueError, match=r"lengths\[1\] has 2 sides, lengths\[0\] has 1"):
+        pack_plan([[1], [1, 3], [1, 1]], 3)
+    for lengths, capacity, exc, msg in [([[-5, 1], [4, 1]], 9, ValueError, r"lengths\[0\]\[0\] must be in \[0, inf\]"),
+                                        ([[1.5, 1]], 3, TypeError, r"lengths\[0\]\[0\] must be an int"),
+                                        ([[1, True]], 3, TypeError, r"lengths\[0\]\[1\] must be an int"),
+                                        ([[]], 3, TypeError, r"lengths\[0\] must be a non-empty list"),
+                                        ([[1, 1]], 0, ValueError, r"capacity must be in \[1, inf\]"),
+                                        ([[1, 1]], 3.0, TypeError, "capacity must be an int"),
+                                        ("ab", 3, TypeError, "lengths must be a list")]:
+        with pytest.raises(exc, match=msg):
+            pack_plan(lengths, capacity)
+    assert pack_plan(np.array([[2, 1], [1, 2]]), np.int64(3)) == [[0, 1]] and pack_plan([], 3) == []
+
+
+def test_on_policy_refuses_an_empty_batch_and_ids_outside_the_vocabulary(toks):
+    s, q, _ = toks
+    collator = xt.Collator(s, [q])
+    with pytest.raises(ValueError, match="student_ids has no rows"):
+        collator.on_policy(torch.zeros(0, 4, dtype=torch.long))
+    for bad in (-1, len(s), 2**40):
+        with pytest.raises(IndexError, match=rf"student_ids\[1\]: id {bad} at column 2 is out of range"):
+            collator.on_policy(torch.tensor([[1, 2, 3], [1, 2, bad]]))
+    # padding may hold anything: only the real tokens are checked
+    batch = collator.on_policy(torch.tensor([[15339, 1917, -100]]), attention_mask=torch.tensor([[1, 1, 0]]))
+    assert batch["input_ids"].tolist() == [[15339, 1917]]
+
+
+def test_teacher_ids_checks_the_teacher_index_first(toks):
+    s, q, m = toks
+    collator = xt.Collator(s, [q, m])
+    for j in (-1, 2):  # -1 silently gave the last teacher; 2 an IndexError after aligning everything
+        with pytest.raises(ValueError, match=r"teacher must be in \[0, 1\]"):
+            collator.teacher_ids(["hi"], teacher=j)
+    with pytest.raises(TypeError, match="teacher must be an int"):
+        collator.teacher_ids(["hi"], teacher=1.0)
+    assert collator.teacher_ids(["hi"], teacher=1)[0].tolist() == m("hi")["input_ids"]
+
+
+def test_a_tool_call_message_without_content_is_empty_text(chat_toks):
+    """OpenAI / TRL write an assistant message that only calls a tool with content None: its text is empty."""
+    s, q, _ = chat_toks
+    msgs = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+                "name": "weather", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]
+    batch = xt.Collator(s, [q])([{"messages": msgs}])
+    labels = batch["labels"][0]
+    assert s.decode(labels[labels >= 0]) == "<|eot_id|>It is sunny.<|eot_id|>"  # both assistant turns' ends
+    assert "sunny<|im_end|>" in q.decode(batch["teachers"][0]["input_ids"][0])
+    with pytest.raises(TypeError, match="a str 'role' and a str \\(or None\\) 'content'"):
+        xt.Collator(s, [q])([{"messages": [{"role": "user", "content": 3}]}])

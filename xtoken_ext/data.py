@@ -96,6 +96,8 @@ def _parse_kind(ex, i: int):
         return "text", "", ex
     if not isinstance(ex, Mapping):
         raise TypeError(f"example {i}: expected a str or a dict, got {type(ex).__name__}")
+    # A datasets table mixing kinds fills the columns a row lacks with None: such a key is absent.
+    ex = {k: v for k, v in ex.items() if v is not None}
     if "messages" in ex:
         msgs = _check_messages(ex["messages"], i)
         return "chat", msgs, [m["role"] == "assistant" for m in msgs]
@@ -111,23 +113,27 @@ def _parse_kind(ex, i: int):
         if not isinstance(ex["text"], str):
             raise TypeError(f"example {i}: 'text' must be str, got {type(ex['text']).__name__}")
         return "text", "", ex["text"]
-    raise ValueError(f"example {i}: expected a str or a dict with 'text', 'prompt' + 'completion' or 'messages', got "
-                     f"keys {sorted(ex)}")
+    raise ValueError(f"example {i}: expected a str or a dict with 'text', 'prompt' + 'completion' or 'messages' (not "
+                     f"None), got keys {sorted(ex)}")
 
 
 def _check_messages(msgs, i: int) -> list[dict]:
     if not isinstance(msgs, list) or not msgs:
         raise TypeError(f"example {i}: messages must be a non-empty list of {{'role', 'content'}} dicts")
     for m in msgs:
-        if not (isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise TypeError(f"example {i}: every message needs a str 'role' and a str 'content', got {m!r}")
-    return [dict(m) for m in msgs]
+        if not (isinstance(m, Mapping) and isinstance(m.get("role"), str) and "content" in m
+                and (m["content"] is None or isinstance(m["content"], str))):
+            raise TypeError(f"example {i}: every message needs a str 'role' and a str (or None) 'content', got {m!r}")
+    # content None: an assistant message that only calls tools (OpenAI / TRL); its text is empty
+    return [{**m, "content": m["content"] or ""} for m in msgs]
 
 
 def _render_chat(tok, messages: list[dict], comp: list[bool], kwargs: dict, i: int) -> _Rendered:
-    """Render with the tokenizer's own template and locate every message's content in the result: a render with
-    sentinel contents gives the markup between messages, which must then frame the real contents (verbatim, or
-    stripped when the template trims them)."""
+    """Render with the tokenizer's own template and locate every message's content in the result. A render with
+    sentinel contents gives the markup expected between messages; normally the real contents (verbatim, or stripped
+    when the template trims them) sit exactly between those markups. Templates whose text around a message depends on
+    its content (Qwen3 moves a ``<think>`` block out of the content, ``content.lstrip('\\n')``) break that framing:
+    then the content is searched in the real render, in order, and the text in between is markup (never counted)."""
     if not getattr(tok, "chat_template", None):
         raise ValueError(f"tokenizer {getattr(tok, 'name_or_path', '') or type(tok).__name__!r} has no chat template; "
                          "set tokenizer.chat_template (a Jinja string) before passing chat messages")
@@ -146,31 +152,63 @@ def _render_chat(tok, messages: list[dict], comp: list[bool], kwargs: dict, i: i
     markup.append(skeleton[pos:])
     pieces, pos = [], 0
     for j, m in enumerate(messages):
-        if not full.startswith(markup[j], pos):
-            raise ValueError(f"example {i}: the chat template output changes with message content; cannot locate "
-                             f"message {j}")
-        pieces.append((markup[j], False, j > 0 and comp[j - 1], j > 0))
-        pos += len(markup[j])
-        for content in (m["content"], m["content"].strip()):
-            if full.startswith(content, pos) and full.startswith(markup[j + 1], pos + len(content)):
-                break
-        else:
-            raise ValueError(f"example {i}: message {j}'s content is not rendered verbatim (nor stripped) by the "
-                             "chat template; cannot locate it")
+        text = m["content"]
+        found = _framed(full, pos, markup[j], markup[j + 1], text) or _nearest(full, pos, markup[j], text)
+        if found is None:
+            raise ValueError(f"example {i}: the chat template of {type(tok).__name__} renders message {j}'s content "
+                             f"neither verbatim nor stripped, and its text around message {j} depends on the content; "
+                             "cannot locate it")
+        at, content = found
+        pieces.append((full[pos:at], False, j > 0 and comp[j - 1], j > 0))
         # Only the stripped core is shared: templates differ in trimming (Llama-3's `| trim`, ChatML keeps it).
         core = content.strip()
         lead = content[:len(content) - len(content.lstrip())]
         pieces += [(lead, False, comp[j], False), (core, True, comp[j], False),
                    (content[len(lead) + len(core):], False, comp[j], False)]
-        pos += len(content)
-    if full[pos:] != markup[-1]:
-        raise ValueError(f"example {i}: the chat template output changes with message content; cannot locate the "
-                         "text after the last message")
-    pieces.append((markup[-1], False, comp[-1], True))
+        pos = at + len(content)
+    pieces.append((full[pos:], False, comp[-1], True))
     return _segments(pieces, add_special=False)
 
 
-# -- one side encoded ---------------------------------------------------------------------------------------------------
+def _variants(content: str) -> list[str]:
+    """The forms a template may render a content in: verbatim, or trimmed on either or both sides (longest first)."""
+    return list(dict.fromkeys((content, content.lstrip(), content.rstrip(), content.strip())))
+
+
+def _framed(full: str, pos: int, before: str, after: str, content: str) -> tuple[int, str] | None:
+    """(start, rendered form) of a content framed exactly by the sentinel render's markup, or None."""
+    if not full.startswith(before, pos):
+        return None
+    at = pos + len(before)
+    for c in _variants(content):
+        if full.startswith(c, at) and full.startswith(after, at + len(c)):
+            return at, c
+    return None
+
+
+def _nearest(full: str, pos: int, before: str, content: str) -> tuple[int, str] | None:
+    """The occurrence of the content (any form) after ``pos`` whose preceding text is closest to the expected markup
+    ``before`` (so a short content is not taken from inside a role name), or None when it does not occur. Distance:
+    the characters outside the common prefix and suffix of the two markups (a content-dependent template changes
+    one stretch of them); it is at least the length difference, which bounds the search."""
+    best = None  # (distance, start, -len(form)), form
+    for c in _variants(content):
+        at = full.find(c, pos)
+        while at >= 0:
+            seen = full[pos:at]
+            if best is not None and len(seen) - len(before) > best[0][0]:
+                break  # every later occurrence is farther still
+            n = min(len(seen), len(before))
+            k = n if seen == before else next((x for x in range(n) if seen[x] != before[x]), n)
+            k += next((x for x in range(n - k) if seen[-1 - x] != before[-1 - x]), n - k)
+            key = (len(seen) + len(before) - 2 * k, at, -len(c))
+            if best is None or key < best[0]:
+                best = key, c
+            at = full.find(c, at + 1)
+    return None if best is None else (best[0][1], best[1])
+
+
+# -- one side encoded --------------------------------------------------------------------------------------------------
 @dataclass
 class _Side:
     r: _Rendered
@@ -215,7 +253,7 @@ def _encode(tok, rendered: list[_Rendered], completion_only: list[bool]) -> list
     return out
 
 
-# -- one student/teacher pair ---------------------------------------------------------------------------------------------
+# -- one student/teacher pair ------------------------------------------------------------------------------------------
 def _to_common(pos, seg, shared, paired, base, eot_end):
     """Byte positions of one side -> common coordinate: shared segments keep their bytes, markup is a point (or
     one byte, ending with the paired end-of-turn token). A boundary position belongs to the later segment."""
@@ -303,11 +341,28 @@ def _truncate(doc: _Doc, max_length: int | None) -> _Doc:
     return _Doc(doc.s_ids[:Ls], doc.s_comp[:Ls], teachers)
 
 
-# -- packing ---------------------------------------------------------------------------------------------------------------
+# -- packing -----------------------------------------------------------------------------------------------------------
 def pack_plan(lengths: Sequence[Sequence[int]], capacity: int) -> list[list[int]]:
     """First-fit decreasing: ``lengths[i]`` are document i's token counts on every side (student, teachers...); the
     documents, longest side first, go to the first row where every side still fits in ``capacity``. Returns rows of
-    document indices (in placement order)."""
+    document indices (in placement order). Every document gives the same number (≥ 1) of ints ≥ 0: one missing
+    side would leave that side's running total unchecked."""
+    capacity = _check_int(capacity, "capacity", 1, None)
+    if isinstance(lengths, np.ndarray):
+        lengths = lengths.tolist()
+    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence):
+        raise TypeError(f"lengths must be a list of per-document token counts, got {type(lengths).__name__}")
+    lengths = [doc.tolist() if isinstance(doc, np.ndarray) else doc for doc in lengths]
+    sides = None
+    for i, doc in enumerate(lengths):
+        if isinstance(doc, (str, bytes)) or not isinstance(doc, Sequence) or not doc:
+            raise TypeError(f"lengths[{i}] must be a non-empty list of token counts (one per side), got {doc!r}")
+        if sides is not None and len(doc) != sides:
+            raise ValueError(f"lengths[{i}] has {len(doc)} sides, lengths[0] has {sides}: every document needs a "
+                             "count for every side")
+        sides = len(doc)
+        for k, n in enumerate(doc):
+            _check_int(n, f"lengths[{i}][{k}]", 0, None)
     order = sorted(range(len(lengths)), key=lambda i: (-max(lengths[i], default=0), i))
     rows: list[list[int]] = []
     used: list[list[int]] = []
@@ -467,7 +522,7 @@ class Collator:
         state["_aligners"] = {}  # rebuilt lazily (native vocab objects)
         return state
 
-    # -- public ----------------------------------------------------------------------------------------------------------
+    # -- public --------------------------------------------------------------------------------------------------------
     def __call__(self, examples) -> Batch:
         """Collate a list of examples (see the class doc) into a ``Batch``."""
         examples = _example_list(examples)
@@ -505,29 +560,45 @@ class Collator:
         """Teacher ``teacher``'s token ids of each example exactly as the collator produces them (rendering,
         specials, truncation): what ``xt.teacher_cache.build`` must see for the cache to serve these examples."""
         examples = _example_list(examples)
+        # checked first: -1 would silently be the last teacher, and a bad index should not cost a full alignment
+        teacher = _check_int(teacher, "teacher", 0, len(self.teacher_toks) - 1)
         return [d.teachers[teacher].ids for d in self._docs(examples, range(len(examples)))]
 
     def on_policy(self, student_ids, *, attention_mask=None, prompt_length: int = 0,
                   skip_special_tokens: bool = True, threads: int | None = None) -> Batch:
         """Student-generated ids [B, T] -> the same ``Batch`` as ``__call__``: each row's real tokens
-        (``attention_mask``, default ``ids != pad_token_id``; left or right padding) stay the student side, their
-        decoded text is tokenized by every teacher (with its specials) and aligned to them with
-        ``Aligner.align_ids_batch`` (canonical bytes; specials and undecodable bytes become gaps), the whole batch
-        per teacher in C++ threads (``threads``: None = all cores, as this runs in the training process, not in a
-        DataLoader worker). Columns ``>= prompt_length`` are the completion: with ``prompt_length > 0`` only they
-        count (CE labels and KD). Generated text is in no teacher cache: the batch carries no ``topk_*`` fields, so
-        run every teacher on its ``input_ids`` (a collator with ``teacher_caches`` still works here)."""
+        (``attention_mask``: left or right padding; the default is below) stay the student side, their decoded text
+        is tokenized by every teacher (with its specials) and aligned to them with ``Aligner.align_ids_batch``
+        (canonical bytes; specials and undecodable bytes become gaps), the whole batch per teacher in C++ threads
+        (``threads``: None = all cores, as this runs in the training process, not in a DataLoader worker). Columns
+        ``>= prompt_length`` are the completion: with ``prompt_length > 0`` only they count (CE labels and KD).
+        Generated text is in no teacher cache: the batch carries no ``topk_*`` fields, so run every teacher on its
+        ``input_ids`` (a collator with ``teacher_caches`` still works here).
+
+        Without ``attention_mask`` the mask is what ``generate()`` leaves: pad tokens (other than EOS) are padding,
+        a leading run of EOS is left padding when EOS doubles as the pad (``pad_token_id`` None or = EOS), and in
+        each row the first EOS at a column ``>= prompt_length`` ends the generation: it stays (a real token, labelled
+        and distilled) and every column after it is padding. Pass ``prompt_length`` so an EOS inside the prompt does
+        not end the row, and pass ``attention_mask`` for other layouts (right-padded prompts padded with EOS, a
+        model that stops on a token other than the tokenizer's ``eos_token_id``)."""
         ids = torch.as_tensor(student_ids).detach().cpu()  # generate() leaves them on the model's device
         if ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"student_ids must be integer [B, T], got {tuple(ids.shape)} {ids.dtype}")
+        if ids.shape[0] == 0:
+            raise ValueError("student_ids has no rows: on_policy needs at least one generated sequence")
         _check_int(prompt_length, "prompt_length", 0, None)
         if attention_mask is None:
-            pad = self.student_tok.pad_token_id
-            mask = torch.ones_like(ids, dtype=torch.bool) if pad is None else ids != pad
+            mask = _generated_mask(ids, self.student_tok.pad_token_id, self.student_tok.eos_token_id, prompt_length)
         else:
             mask = torch.as_tensor(attention_mask).detach().cpu().bool()
             if mask.shape != ids.shape:
                 raise ValueError(f"attention_mask {tuple(mask.shape)} must match student_ids {tuple(ids.shape)}")
+        V = token_table(self.student_tok).size
+        bad = mask & ((ids < 0) | (ids >= V))  # padding may hold anything (e.g. -100); real tokens must be ids
+        if bad.any():
+            b, c = (int(x) for x in bad.nonzero()[0])
+            raise IndexError(f"student_ids[{b}]: id {int(ids[b, c])} at column {c} is out of range for the student's "
+                             f"vocabulary of {V}")
         cols = torch.arange(ids.shape[1]).expand_as(ids)
         rows = [ids[b][mask[b]].numpy().astype(np.int64) for b in range(ids.shape[0])]
         comps = [(cols[b][mask[b]] >= prompt_length).numpy() for b in range(ids.shape[0])]
@@ -549,7 +620,7 @@ class Collator:
                 for b, (s, comp) in enumerate(zip(rows, comps))]
         return self._batch(docs, use_caches=False)
 
-    # -- internals -------------------------------------------------------------------------------------------------------
+    # -- internals -----------------------------------------------------------------------------------------------------
     def _aligner(self, j: int) -> Aligner:
         """The student / teacher j Aligner (native vocabularies, prefix modes), built once."""
         if j not in self._aligners:
@@ -675,6 +746,22 @@ class Collator:
                 td["topk_logprobs"], td["topk_indices"] = vals, idx
             out["teachers"].append(td)
         return out
+
+
+def _generated_mask(ids: torch.Tensor, pad: int | None, eos: int | None, prompt_length: int) -> torch.Tensor:
+    """The real tokens of generate()'s output [B, T] (see Collator.on_policy)."""
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    if pad is not None and pad != eos:
+        mask &= ids != pad
+    if eos is None:
+        return mask
+    is_eos = ids == eos
+    if pad is None or pad == eos:  # generate() pads with EOS: a leading run of it is left padding
+        lead = torch.cumprod(is_eos.long(), 1).bool()
+        mask &= ~lead
+        is_eos &= ~lead
+    ends = is_eos & (torch.arange(ids.shape[1]) >= prompt_length)
+    return mask & (ends.long().cumsum(1) - ends.long() == 0)  # no end of generation before this column
 
 
 def _example_list(examples) -> list:
