@@ -47,3 +47,58 @@ def test_build_checks_the_output_path_before_building_w(capsys, monkeypatch, tmp
         assert main(["build", "offline:gpt2", "offline:gpt2", "-o", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("xtoken build: error: ") and msg in err, err
+
+
+def test_teacher_cache_inputs_it_reads_or_refuses_before_running(capsys, monkeypatch, tmp_path, offline_tok):
+    """A .json file (a list, or JSON Lines) is read as rows (it was cached as raw JSON text), a UTF-8 BOM is dropped
+    (it stayed in the first text), a lone surrogate, a device that does not exist, a tokenizer larger than the
+    model's embedding and a text longer than its positions are one-line errors (tracebacks, some mid-run), and a
+    resumed run may spell the local model path differently (it was refused)."""
+    import json
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import xtoken_ext as xt
+    from xtoken_ext.cli import _read_texts
+
+    rows = [{"text": "hi"}, {"text": "two words"}]
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "bom.txt").write_bytes("\ufeffhi\ntwo words\n".encode())
+    for name in ("list.json", "lines.json", "bom.txt"):
+        assert _read_texts(str(tmp_path / name), "text") == ["hi", "two words"], name
+    (tmp_path / "lone.jsonl").write_text('{"text": "a \\ud800 b"}\n')
+    tok = offline_tok("gpt2")
+    torch.manual_seed(0)
+    for name, V, n_pos in (("m", len(tok), 16), ("small", 1000, 64)):
+        GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=n_pos, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+            tmp_path / name)
+    (tmp_path / "long.txt").write_text("hello world " * 20 + "\n")
+    capsys.readouterr()
+    base = ["--tokenizer", "offline:gpt2", "-k", "2", "-o", str(tmp_path / "c")]
+    for model, data, extra, msg in (("m", "lone.jsonl", [], "lone.jsonl:1: the text holds a lone surrogate"),
+                                    ("m", "bom.txt", ["--device", "gpu"], "--device 'gpu'"),
+                                    ("m", "bom.txt", ["--device", "cuda:0"], "no CUDA device"),
+                                    ("small", "bom.txt", [], "the model embeds 1000"),
+                                    ("m", "long.txt", [], "pass --max-length 16")):
+        if "cuda" in extra and torch.cuda.is_available():
+            continue
+        assert main(["teacher-cache", str(tmp_path / model), str(tmp_path / data), *base, *extra]) == 2
+        line = capsys.readouterr().err.rstrip().replace("\r", "\n").split("\n")[-1]  # after a progress bar
+        assert line.startswith("xtoken teacher-cache: error: ") and msg in line, line
+    assert main(["teacher-cache", str(tmp_path / "m"), str(tmp_path / "bom.txt"), *base]) == 0
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("./m", str((tmp_path / "m").resolve()) + "/"):
+        assert main(["teacher-cache", spelling, str(tmp_path / "bom.txt"), *base]) == 0, capsys.readouterr().err
+    assert len(xt.teacher_cache.load(tmp_path / "c")) == 2
+
+
+def test_cli_error_conventions(capsys, monkeypatch, tmp_path):
+    """XTOKEN_TRACEBACK=0 keeps the one-line errors (any value turned tracebacks on); bench errors carry the
+    `xtoken bench: error:` prefix."""
+    monkeypatch.setenv("XTOKEN_TRACEBACK", "0")
+    assert main(["build", "offline:gpt2", "offline:gpt2", "-o", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("xtoken build: error: ")
+    assert main(["bench", "--suite", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("xtoken bench: error: unknown suite")

@@ -19,10 +19,11 @@ def _bench(args) -> int:
     suites = args.suite or list(CHECKS if args.dry else SUITES)
     unknown = sorted(set(suites) - set(SUITES) - set(CHECKS))
     if unknown:
-        print(f"unknown suite(s) {unknown}; choose from {list(SUITES + CHECKS)}", file=sys.stderr)
+        print(f"xtoken bench: error: unknown suite(s) {unknown}; choose from {list(SUITES + CHECKS)}",
+              file=sys.stderr)
         return 2
     if args.dry and not set(suites) <= set(CHECKS):
-        print(f"--dry applies to {list(CHECKS)} only", file=sys.stderr)
+        print(f"xtoken bench: error: --dry applies to {list(CHECKS)} only", file=sys.stderr)
         return 2
     import torch  # does not import triton: --dry can still set TRITON_INTERPRET before the kernels load
 
@@ -110,25 +111,43 @@ def _inspect(args) -> int:
 
 
 def _read_texts(path: str, field: str) -> list[str]:
-    """Texts of a .jsonl file (the ``field`` of every line) or of a plain text file (one text per line); blank
-    lines are skipped, a file without a text is an error (not an empty cache)."""
-    with open(path, encoding="utf-8") as f:
-        if not path.lower().endswith(".jsonl"):
-            texts = [line.rstrip("\n") for line in f if line.strip()]
-        else:
-            texts = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
-                    if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                        raise ValueError(f"{path}:{n}: no text field {field!r} (see --field)")
-                    texts.append(row[field])
-    if not texts:
+    """Texts of a .jsonl file (the ``field`` of every line), a .json file (a list of such rows, or JSON Lines) or a
+    plain text file (one text per line); a UTF-8 byte-order mark is dropped, blank lines are skipped, a file without
+    a text is an error (not an empty cache)."""
+    with open(path, encoding="utf-8-sig") as f:
+        content = f.read()
+    kind = os.path.splitext(path)[1].lower()
+    if kind not in (".json", ".jsonl"):
+        rows = [(n, line) for n, line in enumerate(content.split("\n"), 1) if line.strip()]
+    else:
+        try:
+            whole = json.loads(content) if kind == ".json" else None
+        except json.JSONDecodeError:
+            whole = None  # JSON Lines in a .json file
+        lines = [(n, line) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
+        rows = list(enumerate(whole, 1)) if isinstance(whole, list) else [(n, _json_line(path, n, line))
+                                                                          for n, line in lines]
+        where = f"{path}: item " if isinstance(whole, list) else f"{path}:"
+        for n, row in rows:
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise ValueError(f"{where}{n}: no text field {field!r} (see --field)")
+        rows = [(n, row[field]) for n, row in rows]
+    for n, text in rows:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a JSON "\ud800" escape: no tokenizer takes it
+            raise ValueError(f"{path}:{n}: the text holds a lone surrogate ({e.reason}); it is not Unicode text") \
+                from None
+    if not rows:
         raise ValueError(f"{path}: no text in it (blank lines are skipped)")
-    return texts
+    return [text for _, text in rows]
+
+
+def _json_line(path: str, n: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
 
 
 def _teacher_cache(args) -> int:
@@ -137,16 +156,38 @@ def _teacher_cache(args) -> int:
 
     from xtoken_ext import teacher_cache
 
+    from xtoken_ext.tokenizers import load_tokenizer
+
     texts = _read_texts(args.data, args.field)  # a bad file fails before the model loads
+    device = None
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise ValueError(f"--device {args.device!r}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device!r}: this torch build or machine has no CUDA device")
+    tok = load_tokenizer(args.tokenizer or args.model)
     gguf = Path(args.model) if args.model.lower().endswith(".gguf") else None
     kw = {"gguf_file": gguf.name} if gguf else {}  # from_pretrained(folder, gguf_file=name)
     where = str(gguf.parent) if gguf else args.model
     model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, args.model_dtype), **kw).eval()
-    if args.device:
-        model.to(args.device)
-    cache = teacher_cache.build(model, args.tokenizer or args.model, texts, args.output,
-                                k=args.k, dtype=getattr(torch, args.dtype), name=args.model,
-                                max_length=args.max_length, batch_size=args.batch_size, device=args.device,
+    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if rows is not None and len(tok) > rows:  # an id past the embedding fails inside the model, mid-run
+        raise ValueError(f"the tokenizer has {len(tok)} tokens but the model embeds {rows}: not this model's "
+                         "tokenizer (see --tokenizer)")
+    positions = getattr(model.config, "n_positions", None)  # learned absolute positions: longer texts fail mid-run
+    if positions and (args.max_length is None or args.max_length > positions):
+        longest = max(len(ids) for ids in tok(texts)["input_ids"])
+        if longest > positions:
+            raise ValueError(f"a text has {longest} tokens but the model has {positions} positions: pass "
+                             f"--max-length {positions} (or less)")
+    if device is not None:
+        model.to(device)
+    # the name a resumed run must repeat: a local model by its folder or file name ("m", "./m", "/abs/m")
+    name = os.path.basename(os.path.normpath(args.model)) if os.path.exists(args.model) else args.model
+    cache = teacher_cache.build(model, tok, texts, args.output, k=args.k, dtype=getattr(torch, args.dtype),
+                                name=name, max_length=args.max_length, batch_size=args.batch_size, device=device,
                                 overwrite=args.overwrite)
     print(f"{len(cache)} sequences, top-{cache.k} {args.dtype} log-probs -> {args.output}")
     return 0
@@ -157,8 +198,8 @@ def _add_pair_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("teacher", help=f"teacher tokenizer: {_TOKENIZER_FORMS}")
     p.add_argument("--student-vocab-size", type=int, help="student logit width (default: len(tokenizer))")
     p.add_argument("--teacher-vocab-size", type=int, help="teacher logit width (default: len(tokenizer))")
-    p.add_argument("--max-pieces", type=int, default=4)
-    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--max-pieces", type=int, default=4, help="teacher pieces kept per row, 1..4 (default 4)")
+    p.add_argument("--gamma", type=float, default=0.1, help="weight decay γ^i of piece i, in (0, 1] (default 0.1)")
     p.add_argument("--reverse-pass", action="store_true", help="also re-tokenize teacher tokens with the student")
     p.add_argument("--overflow", choices=("truncate", "drop"), default="truncate",
                    help="rows needing more than --max-pieces teacher pieces: keep the first ones, or leave empty")
@@ -212,13 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "bench" or os.environ.get("XTOKEN_TRACEBACK"):
-        return args.func(args)
     try:
-        return args.func(args)
-    except (ValueError, OSError) as e:  # bad input (files, tokenizers, options): one line, no traceback
-        print(f"xtoken {args.command}: error: {e} (XTOKEN_TRACEBACK=1 shows where)", file=sys.stderr)
-        return 2
+        if args.command == "bench" or os.environ.get("XTOKEN_TRACEBACK", "0") not in ("", "0"):
+            return args.func(args)
+        try:
+            return args.func(args)
+        except BrokenPipeError:
+            raise
+        except (ValueError, OSError) as e:  # bad input (files, tokenizers, options): one line, no traceback
+            print(f"xtoken {args.command}: error: {e} (XTOKEN_TRACEBACK=1 shows where)", file=sys.stderr)
+            return 2
+    except BrokenPipeError:  # the reader left (`xtoken inspect ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
