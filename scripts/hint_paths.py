@@ -41,10 +41,22 @@ def logits(spec: str) -> torch.Tensor:
                           for t in texts])
 
 
+def run_spec(text: str) -> tuple[int, float, int]:
+    """argparse type: m:frac or m:frac:topk (checked before the model runs)."""
+    parts = text.split(":")
+    try:
+        m, frac, topk = int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else 0
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"expected m:frac or m:frac:topk, got {text!r}") from None
+    if len(parts) > 3 or m < 1 or not 0 < frac <= 1 or topk < 0:
+        raise argparse.ArgumentTypeError(f"expected m >= 1, 0 < frac <= 1, topk >= 0, got {text!r}")
+    return m, frac, topk
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
-    ap.add_argument("runs", nargs="+", help="m:frac or m:frac:topk (module docstring)")
+    ap.add_argument("runs", nargs="+", type=run_spec, help="m:frac or m:frac:topk (module docstring)")
     ap.add_argument("--chunks", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -58,9 +70,7 @@ def main() -> None:
     N, V = min(a.chunks, z.shape[0]), z.shape[1]
     zs, zt = (z[torch.randperm(z.shape[0], generator=g)[:N]].contiguous().to(dev) for _ in range(2))
     spans = torch.tensor([[i, i + 1, i, i + 1] for i in range(N)], device=dev)
-    for run in a.runs:
-        parts = run.split(":")
-        m, frac, topk = int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+    for m, frac, topk in a.runs:
         perm = torch.randperm(V, generator=g)
         n_s = int(frac * V)
         n_t = m if topk > m else n_s

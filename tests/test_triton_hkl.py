@@ -589,6 +589,19 @@ def test_single_pass_skips_tiles_without_uncommon_ids(no_slack, merge, rows):
     assert paths[4:] == [3] * 6
 
 
+def test_hint_paths_script_checks_its_runs_first(capsys, monkeypatch):
+    """A malformed run failed with an IndexError after the model's logits were computed (about 20 s)."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "hint_paths.py"
+    for run in ("128", "128:x", "0:0.5", "128:1.5", "1:0.5:2:3"):
+        monkeypatch.setattr("sys.argv", ["hint_paths.py", "no-such-model", run])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(script), run_name="__main__")
+        assert e.value.code == 2 and "expected m" in capsys.readouterr().err, run
+
+
 def test_hint_paths_script(capsys, monkeypatch):
     """scripts/hint_paths.py (the measurement behind bench/costmodel.py's HIT_RATE and RESCUE_RATE) on a tiny random
     GPT-2 over the offline gpt2 tokenizer, both kinds of run: its counts of hits, rescues and exact paths per side
