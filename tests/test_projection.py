@@ -333,3 +333,140 @@ def test_views_match_dense_reference(V_S, V_T, seed, pieces, empty, masks):
     for mode in ("strict", "relaxed"):
         s, t = P.common_pairs(mode)
         assert list(zip(s.tolist(), t.tolist())) == _reference_common(P, mode)
+
+
+# ---------------------------------------------------------------------- tiny byte-level BPE tokenizers
+
+
+def _bpe(merges=(), extra=(), specials=(), **roles):
+    """A byte-level BPE tokenizer: the 256 byte symbols, the merged pieces, ``extra`` pieces without a merge, then
+    ``specials`` (added special tokens); ``roles`` go to the HF wrapper (bos_token=...)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for piece in [a + b for a, b in merges] + list(extra):
+        vocab.setdefault(piece, len(vocab))
+    t = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    t.add_special_tokens([AddedToken(s, special=True) for s in specials])
+    return PreTrainedTokenizerFast(tokenizer_object=t, **roles)
+
+
+def test_w_cache_and_load_tell_apart_tokenizers_with_other_merges(tmp_path, monkeypatch):
+    from xtoken_ext.tokenizers import token_table
+
+    monkeypatch.setenv("XTOKEN_CACHE", str(tmp_path))
+    student = _bpe([("a", "b"), ("ab", "c")])
+    merged = _bpe([("a", "b")])  # "abc" -> ab + c
+    unmerged = _bpe(extra=["ab"])  # the same vocabulary without the merge: "abc" -> a + b + c
+    assert token_table(merged).fingerprint == token_table(unmerged).fingerprint  # bytes and roles are equal
+    abc = student.convert_tokens_to_ids("abc")
+    W_merged = Projection.from_tokenizers(student, merged, progress=False)
+    W_unmerged = Projection.from_tokenizers(student, unmerged, progress=False)  # not the cached W_merged
+    assert len(W_merged.row(abc)) == 2 and len(W_unmerged.row(abc)) == 3
+    assert token_table(merged).behaviour != token_table(unmerged).behaviour
+    assert len(list((tmp_path / "projections").glob("*.safetensors"))) == 2
+    W_merged.save(tmp_path / "w.safetensors")
+    Projection.load(tmp_path / "w.safetensors", expect_student=student, expect_teacher=merged)
+    with pytest.raises(ProjectionFileError, match="teacher tokenizer with the same vocabulary but another encod"):
+        Projection.load(tmp_path / "w.safetensors", expect_teacher=unmerged)
+    # A file written before the behaviour hash existed is checked by fingerprint only.
+    meta = {k: v for k, v in W_merged.meta.items() if not k.endswith("_behaviour")}
+    Projection(W_merged.indices, W_merged.weights, W_merged.teacher_vocab_size, meta).save(tmp_path / "old.safetensors")
+    Projection.load(tmp_path / "old.safetensors", expect_student=student, expect_teacher=unmerged)
+
+
+def test_shared_bos_eos_id_maps_as_the_eos():
+    # GPT-2's <|endoftext|> is both BOS and EOS; W maps it as the EOS (a model never predicts a BOS), in both
+    # directions, and the other side's BOS finds no BOS there.
+    gpt2_like = _bpe(specials=["<|endoftext|>"], bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    qwen_like = _bpe(specials=["<|endoftext|>"], eos_token="<|endoftext|>")  # no BOS
+    llama_like = _bpe(specials=["<|begin_of_text|>", "<|end_of_text|>"], bos_token="<|begin_of_text|>",
+                      eos_token="<|end_of_text|>")
+    for s, t in ((gpt2_like, qwen_like), (qwen_like, gpt2_like), (gpt2_like, llama_like), (llama_like, gpt2_like)):
+        W = Projection.from_tokenizers(s, t, cache=False, progress=False)
+        assert W.row(s.eos_token_id) == {t.eos_token_id: 1.0}, (s.eos_token, t.eos_token)
+    assert Projection.from_tokenizers(llama_like, gpt2_like, cache=False, progress=False).row(
+        llama_like.bos_token_id) == {}
+
+
+def test_threads_building_one_w_do_not_share_a_temp_file(tmp_path, monkeypatch):
+    # Each cache write has its own temp name: with one per process, one thread's os.replace took the file another
+    # was about to move (FileNotFoundError).
+    import threading
+
+    monkeypatch.setenv("XTOKEN_CACHE", str(tmp_path))
+    pair = (_bpe([("a", "b")]), _bpe([("b", "c")]))
+    errors = []
+    for _ in range(20):
+        for f in (tmp_path / "projections").glob("*"):
+            f.unlink()
+        barrier = threading.Barrier(4)
+
+        def build():
+            barrier.wait()
+            try:
+                Projection.from_tokenizers(*pair, progress=False)
+            except Exception as e:  # noqa: BLE001 - collected and reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=build) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert [f.suffix for f in (tmp_path / "projections").iterdir()] == [".safetensors"]  # no temp file left
+
+
+@pytest.mark.parametrize("kwargs, exc, msg", [
+    (dict(max_pieces=2.5), TypeError, "max_pieces must be an int"),
+    (dict(max_pieces=True), TypeError, "max_pieces must be an int"),
+    (dict(max_pieces=5), ValueError, r"max_pieces must be in \[1, 4\]"),
+    (dict(student_vocab_size=300.7), TypeError, "student_vocab_size must be an int"),
+    (dict(teacher_vocab_size="300"), TypeError, "teacher_vocab_size must be an int"),
+    (dict(reverse_pass="no"), TypeError, "reverse_pass must be a bool"),
+    (dict(canonical_exact=1), TypeError, "canonical_exact must be a bool"),
+    (dict(gamma="0.1"), TypeError, "gamma must be a real number"),
+    (dict(gamma=True), TypeError, "gamma must be a real number"),
+    (dict(gamma=float("nan")), ValueError, r"gamma must be in \(0, 1\]"),
+])
+def test_from_tokenizers_checks_argument_types(kwargs, exc, msg):
+    # int(300.7) / bool("no") built, and cached, a W nobody asked for; '0.1' < 1 was a bare TypeError.
+    tok = _bpe([("a", "b")])
+    with pytest.raises(exc, match=msg):
+        Projection.from_tokenizers(tok, tok, cache=False, progress=False, **kwargs)
+
+
+def test_unwritable_cache_warns_and_returns_the_built_w(tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")  # the cache root is a file: mkdir fails
+    monkeypatch.setenv("XTOKEN_CACHE", str(blocker))
+    tok = _bpe([("a", "b")])
+    with pytest.warns(UserWarning, match=r"W was built but not cached: cannot write .*not_a_folder.*XTOKEN_CACHE"):
+        W = Projection.from_tokenizers(tok, tok, progress=False)
+    assert W.row(tok.convert_tokens_to_ids("ab")) == {tok.convert_tokens_to_ids("ab"): 1.0}
+
+
+def test_load_and_to_outside_the_meta_device(tmp_path):
+    # torch.as_tensor followed the default device: inside `with torch.device("meta")` load made W meta and crashed.
+    P = Projection.random(10, 20, seed=1)
+    P.save(tmp_path / "w.safetensors")
+    with torch.device("meta"):
+        Q = Projection.load(tmp_path / "w.safetensors")
+    assert Q.device == torch.device("cpu") and torch.equal(Q.weights, P.weights)
+    with pytest.raises(ValueError, match="needs its data"):
+        P.to("meta")
+
+
+def test_audit_of_a_w_narrower_than_the_student_tokenizer():
+    tok = _bpe([("a", "b")])
+    P = Projection.random(len(tok) - 1, 10)
+    with pytest.raises(ValueError, match=f"W has {len(tok) - 1} student rows but the student tokenizer has {len(tok)}"):
+        P.audit(tok)
+
+
+def test_load_of_a_directory_says_so(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        Projection.load(tmp_path)

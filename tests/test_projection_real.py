@@ -337,3 +337,27 @@ def test_cli_inspect_emitted_ids_padding_rows_json_and_errors(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(f"xtoken {argv[0]}: error: ") and msg in err and "Traceback" not in err, (argv, err)
+
+
+def test_build_leaves_the_callers_tokenizer_untouched(offline_tok, spm):
+    # Another thread (a data loader) tokenizing with the teacher during a build sees its usual encoding: the build
+    # re-tokenizes with a private literal copy, never by switching off the caller's prefix space in place.
+    import threading
+
+    gpt2 = offline_tok("gpt2")
+    text = "Hello </s> world"
+    want = spm(text)["input_ids"]
+    seen, stop = set(), threading.Event()
+
+    def encode_loop():
+        while not stop.is_set():
+            seen.add(tuple(spm(text)["input_ids"]))
+
+    reader = threading.Thread(target=encode_loop)
+    reader.start()
+    try:
+        _build(gpt2, spm)
+    finally:
+        stop.set()
+        reader.join()
+    assert seen == {tuple(want)}

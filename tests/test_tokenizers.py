@@ -178,3 +178,24 @@ def test_word_marker_tokenizers_are_refused():
         tk.pre_tokenizer = pre_tokenizers.Whitespace()
         with pytest.raises(ValueError, match="word markers .* is not supported"):
             token_table(PreTrainedTokenizerFast(tokenizer_object=tk))
+
+
+@pytest.mark.parametrize("make_special", ["add_special_tokens", "add_tokens"])
+def test_table_is_remade_when_an_added_token_becomes_special(make_special):
+    """Making an already-added token special changes neither len(tok) nor a role id, but its bytes become a role
+    marker: the cached table was served stale (b"<|im_start|>" as text)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    tok.add_tokens(["<|im_start|>"])
+    i = tok.convert_tokens_to_ids("<|im_start|>")
+    assert token_table(tok).token_bytes[i] == b"<|im_start|>"
+    if make_special == "add_special_tokens":
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    else:
+        tok.add_tokens([AddedToken("<|im_start|>", special=True)], special_tokens=True)
+    assert len(tok) == i + 1 and token_table(tok).token_bytes[i] == b"\xff<|im_start|>"

@@ -5,17 +5,19 @@ Rows sum to 1 or are empty (all slots -1 / 0).
 
 Build (``Projection.from_tokenizers``, METHOD.md §3): pass 1 maps every student token whose canonical bytes equal
 a teacher token's to that token (one-hot; among teacher ids with equal bytes the one the teacher emits for that
-text; specials by role); pass 2 re-tokenizes the text of every other student token with the teacher and keeps the
-first ``max_pieces`` ids with weights γ^i / Σγ^j (β cancels), accumulating repeated ids. Student ids whose bytes
+text; specials by role, an id that is both BOS and EOS as the EOS); pass 2 re-tokenizes the text of every other
+student token with the teacher and keeps the first ``max_pieces`` ids with weights γ^i / Σγ^j (β cancels),
+accumulating repeated ids. Student ids whose bytes
 duplicate the id the student tokenizer emits (byte fallback ``<0x30>`` next to ``0``) are ``alias_rows``: same row,
 but never in the common sets and not counted by the audit. Saved as safetensors with JSON metadata, never pickle.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import contextlib
 import hashlib
 import json
+import numbers
 import operator
 import os
 import re
@@ -55,6 +57,12 @@ def check_save_path(path) -> Path:
     return path
 
 
+def _as_tensor(x, dtype=None) -> torch.Tensor:
+    """``torch.as_tensor`` on ``x``'s own device, the CPU for numpy arrays and lists: never the default device, which
+    inside ``with torch.device("meta")`` would make W's data meta and every check on it fail."""
+    return torch.as_tensor(x, dtype=dtype, device=x.device if isinstance(x, torch.Tensor) else "cpu")
+
+
 class ProjectionFileError(ValueError):
     """A projection file that is corrupted, of another format version, or built for other tokenizers."""
 
@@ -73,11 +81,14 @@ class Projection:
         if not 0 <= teacher_vocab_size <= _MAX_VOCAB:
             raise ValueError(f"teacher_vocab_size must be in [0, {_MAX_VOCAB}] (ids are int32), got "
                              f"{teacher_vocab_size}")
-        indices = torch.as_tensor(indices)
+        indices = _as_tensor(indices)
+        if indices.device.type == "meta":
+            raise ValueError("W's indices are meta tensors: W needs its data (load or build it outside "
+                             "`with torch.device('meta')`, or pass CPU tensors)")
         if indices.is_complex() or indices.dtype == torch.bool or (
                 indices.is_floating_point() and not bool((indices == indices.trunc()).all())):
             raise TypeError(f"indices must hold integers, got {indices.dtype}")
-        weights = torch.as_tensor(weights, dtype=torch.float32)
+        weights = _as_tensor(weights, torch.float32)
         if indices.dim() != 2 or indices.shape[1] != SLOTS or weights.shape != indices.shape:
             raise ValueError(f"indices/weights must both be [V_S, {SLOTS}], got {tuple(indices.shape)} / "
                              f"{tuple(weights.shape)}")
@@ -102,9 +113,9 @@ class Projection:
         self.teacher_vocab_size = int(teacher_vocab_size)
         self.meta = dict(meta or {})
         # bool [V_S] on the CPU: rows set by pass 1 (exact match / special role); None when unknown.
-        self.exact_rows = None if exact_rows is None else torch.as_tensor(exact_rows).to("cpu", torch.bool)
+        self.exact_rows = None if exact_rows is None else _as_tensor(exact_rows).to("cpu", torch.bool)
         # bool [V_S] on the CPU: rows whose bytes duplicate the id the student tokenizer emits (None: unknown).
-        self.alias_rows = None if alias_rows is None else torch.as_tensor(alias_rows).to("cpu", torch.bool)
+        self.alias_rows = None if alias_rows is None else _as_tensor(alias_rows).to("cpu", torch.bool)
         for name in ("exact_rows", "alias_rows"):
             mask = getattr(self, name)
             if mask is not None and mask.shape != (indices.shape[0],):
@@ -126,6 +137,8 @@ class Projection:
 
     def to(self, device) -> "Projection":
         device = torch.device(device)
+        if device.type == "meta":  # W's views (csc, common sets) are computed from its values
+            raise ValueError("Projection.to('meta'): W needs its data; move it to a real device")
         if device == self.device:
             return self
         key = ("to", str(device))
@@ -217,24 +230,32 @@ class Projection:
         ``max_pieces`` pieces (default: keep the first ``max_pieces``). ``reverse_pass`` adds the release's
         teacher->student pass (METHOD.md §3.2). ``canonical_exact=False`` matches raw token strings in pass 1
         instead of canonical bytes (release default). With ``cache`` the result is stored under
-        ``$XTOKEN_CACHE/projections`` keyed by both tokenizer fingerprints, the sizes, options and library version."""
+        ``$XTOKEN_CACHE/projections`` keyed by both tokenizers' fingerprints and behaviour hashes (merges,
+        normalizer, ...: ``TokenTable.behaviour``), the sizes, options and library version; a cache that cannot be
+        written gives a warning, not an error."""
+        from .alignment import _check_bool, _check_int
         from .tokenizers import load_tokenizer, token_table
 
-        if not 1 <= max_pieces <= SLOTS:
-            raise ValueError(f"max_pieces must be in [1, {SLOTS}], got {max_pieces}")
+        # Checked by type, not coerced: int(300.7) or bool("no") would build (and cache) a W nobody asked for.
+        max_pieces = _check_int(max_pieces, "max_pieces", 1, SLOTS)
+        if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+            raise TypeError(f"gamma must be a real number, got {gamma!r}")
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        reverse_pass = _check_bool(reverse_pass, "reverse_pass")
+        canonical_exact = _check_bool(canonical_exact, "canonical_exact")
         if overflow not in ("truncate", "drop"):
             raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
+        sizes = [None if v is None else _check_int(v, name, 0, _MAX_VOCAB) for v, name in
+                 ((student_vocab_size, "student_vocab_size"), (teacher_vocab_size, "teacher_vocab_size"))]
         student_tok, teacher_tok = load_tokenizer(student_tok), load_tokenizer(teacher_tok)
         st, tt = token_table(student_tok), token_table(teacher_tok)
-        V_S = st.size if student_vocab_size is None else int(student_vocab_size)
-        V_T = tt.size if teacher_vocab_size is None else int(teacher_vocab_size)
+        V_S, V_T = (table.size if v is None else v for v, table in zip(sizes, (st, tt)))
         if V_S < st.size or V_T < tt.size:
             raise ValueError(f"vocab sizes ({V_S}, {V_T}) are smaller than the tokenizers ({st.size}, {tt.size})")
-        options = {"max_pieces": max_pieces, "gamma": float(gamma), "reverse_pass": bool(reverse_pass),
-                   "canonical_exact": bool(canonical_exact), "overflow": overflow}
-        meta = _file_meta(st.fingerprint, tt.fingerprint, V_S, V_T, options)
+        options = {"max_pieces": max_pieces, "gamma": float(gamma), "reverse_pass": reverse_pass,
+                   "canonical_exact": canonical_exact, "overflow": overflow}
+        meta = _file_meta(st, tt, V_S, V_T, options)
         path = _cache_path(meta) if cache else None
         proj = None
         if path is not None and path.exists():
@@ -248,10 +269,7 @@ class Projection:
         if proj is None:
             proj = _build(st, tt, V_S, V_T, meta, progress=progress)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-                proj.save(tmp)
-                os.replace(tmp, path)  # atomic: concurrent builders never see a half-written file
+                _store(proj, path)
         proj._student_table = st
         return proj
 
@@ -276,11 +294,15 @@ class Projection:
     @classmethod
     def load(cls, path, *, expect_student=None, expect_teacher=None) -> "Projection":
         """Read and validate a file written by ``save``. ``expect_student`` / ``expect_teacher`` (tokenizers or
-        names) check that the file was built for them; a file without ``alias_rows`` (version 1) gets them from
-        ``expect_student``. Raises ProjectionFileError on any problem."""
+        names) check that the file was built for them: fingerprint and, when the file records it (files written
+        before it existed do not), behaviour hash. A file without ``alias_rows`` (version 1) gets them from
+        ``expect_student``. Raises ProjectionFileError on any problem with the file (OSError for a missing path or
+        a directory)."""
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():  # else safetensors' "No such device (os error 19)"
+            raise IsADirectoryError(f"{path} is a directory: give the W file's path (a .safetensors file in it)")
         try:
             with safe_open(str(path), framework="np") as f:
                 header = f.metadata() or {}
@@ -310,10 +332,18 @@ class Projection:
             if tok is not None:
                 from .tokenizers import token_table
 
-                fp = token_table(tok).fingerprint
+                table = token_table(tok)
+                fp = table.fingerprint
                 if meta.get(f"{side}_fingerprint") != fp:
                     raise ProjectionFileError(f"{path}: built for another {side} tokenizer (file fingerprint "
                                               f"{meta.get(f'{side}_fingerprint')}, given tokenizer {fp})")
+                # Files written before the behaviour hash existed lack it: they are checked by fingerprint only.
+                behaviour = meta.get(f"{side}_behaviour")
+                if behaviour is not None and behaviour != table.behaviour:
+                    raise ProjectionFileError(
+                        f"{path}: built for a {side} tokenizer with the same vocabulary but another encoding "
+                        f"(merges, normalizer, pre-tokenizer or added tokens differ: file behaviour hash {behaviour}, "
+                        f"given tokenizer {table.behaviour})")
         if proj.alias_rows is None and expect_student is not None:
             from .tokenizers import token_table
 
@@ -354,6 +384,9 @@ class Projection:
         else:
             raise ValueError("audit() needs the student tokenizer: W was not built from tokenizers here "
                              "(pass student_tok=...)")
+        if table.size > self.student_vocab_size:  # W has no row for the tokenizer's last ids
+            raise ValueError(f"W has {self.student_vocab_size} student rows but the student tokenizer has {table.size} "
+                             "ids: W was built for a smaller vocabulary")
         if self.alias_rows is not None:
             alias = self.alias_rows.numpy()
             common = {mode: self.common_pairs(mode)[0].numpy() for mode in ("strict", "relaxed")}
@@ -536,10 +569,31 @@ def _library_version() -> str:
     return __version__
 
 
-def _file_meta(student_fp: str, teacher_fp: str, V_S: int, V_T: int, options: dict) -> dict:
+def _file_meta(st, tt, V_S: int, V_T: int, options: dict) -> dict:
+    """W's metadata from the two TokenTables; it is also the cache key (``_cache_path``)."""
     return {"format_version": FORMAT_VERSION, "library_version": _library_version(),
-            "student_fingerprint": student_fp, "teacher_fingerprint": teacher_fp,
+            "student_fingerprint": st.fingerprint, "teacher_fingerprint": tt.fingerprint,
+            "student_behaviour": st.behaviour, "teacher_behaviour": tt.behaviour,
             "student_vocab_size": V_S, "teacher_vocab_size": V_T, "options": options}
+
+
+def _store(proj: Projection, path: Path) -> None:
+    """Write a built W to the cache. A cache that cannot be written (read-only, full, a file in the way) costs the
+    next run a rebuild, not this one its W: warn and go on."""
+    from safetensors import SafetensorError  # what safetensors raises for its own I/O errors
+
+    from .tokenizers import temp_sibling
+
+    tmp = temp_sibling(path)  # unique per call: threads (or same-pid hosts) building one W do not collide
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        proj.save(tmp)
+        os.replace(tmp, path)  # atomic: concurrent builders never see a half-written file
+    except (OSError, SafetensorError) as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        warnings.warn(f"W was built but not cached: cannot write {path} ({e}); set XTOKEN_CACHE to a writable "
+                      "folder, or pass cache=False", stacklevel=3)
 
 
 def _cache_path(meta: dict) -> Path:
@@ -611,6 +665,7 @@ def _build(st, tt, V_S: int, V_T: int, meta: dict, *, progress: bool) -> Project
         s_keys, t_keys = st.token_bytes, tt.token_bytes
     else:
         s_keys, t_keys = _exact_keys(st), _exact_keys(tt)
+    s_keys, t_keys = _eos_for_shared_bos(st, s_keys), _eos_for_shared_bos(tt, t_keys)
     # Pass 1: per key the teacher id the teacher emits for that text (never its byte-fallback twin <0x21> of
     # "!"), else the lowest id. Pad / unk / empty keys never match; specials carry role markers, so bos<->bos,
     # eos<->eos, end-of-turn<->end-of-turn, and other specials match same-content specials only.
@@ -721,6 +776,20 @@ def _byte_fallback_ids(table) -> list[int]:
     return [i for i in (backend.token_to_id(f"<0x{b:02X}>") for b in range(256)) if i is not None]
 
 
+def _eos_for_shared_bos(table, keys: list) -> list:
+    """``keys`` with the EOS marker for an id that is both BOS and EOS (GPT-2's <|endoftext|>). The token table
+    gives it the BOS role (the aligner needs that), but W maps what a model predicts, and it never predicts a BOS:
+    as the EOS the id meets the other side's EOS (not its BOS, nor nothing)."""
+    from .tokenizers import BOS, EOS_MARKER
+
+    bos, eos = table.tokenizer.bos_token_id, table.tokenizer.eos_token_id
+    if bos is None or bos != eos or not 0 <= bos < table.size or table.roles[bos] != BOS:
+        return keys
+    keys = list(keys)
+    keys[bos] = EOS_MARKER
+    return keys
+
+
 def _exact_keys(table) -> list:
     """Raw token strings (``convert_ids_to_tokens``) for normal ids, role markers for specials: the release's
     non-canonical exact match."""
@@ -774,19 +843,17 @@ def _retokenize(target, datas: list[bytes], bar=None) -> list[list[int]]:
         except UnicodeDecodeError:
             raw.append(j)
     out: list[list[int]] = [[] for _ in datas]
-    tok = target.tokenizer
-    with _literal_encoder(tok) as backend:
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        for lo in range(0, len(texts), _ENCODE_CHUNK):
-            for j, e in zip(where[lo:lo + _ENCODE_CHUNK], encode(texts[lo:lo + _ENCODE_CHUNK],
-                                                                 add_special_tokens=False)):
-                out[j] = e.ids
-            if bar is not None:
-                bar.update(min(_ENCODE_CHUNK, len(texts) - lo))
-        for j in raw:
-            out[j] = _encode_bytes(backend, target, datas[j])
+    backend = _literal_encoder(target)
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    for lo in range(0, len(texts), _ENCODE_CHUNK):
+        for j, e in zip(where[lo:lo + _ENCODE_CHUNK], encode(texts[lo:lo + _ENCODE_CHUNK], add_special_tokens=False)):
+            out[j] = e.ids
         if bar is not None:
-            bar.update(len(raw))
+            bar.update(min(_ENCODE_CHUNK, len(texts) - lo))
+    for j in raw:
+        out[j] = _encode_bytes(backend, target, datas[j])
+    if bar is not None:
+        bar.update(len(raw))
     return out
 
 
@@ -814,36 +881,29 @@ def _encode_bytes(backend, target, data: bytes) -> list[int]:
     return ids
 
 
-@contextlib.contextmanager
-def _literal_encoder(tok):
-    """``tok``'s backend set to encode text literally, restored on exit: special-token strings are plain text,
+def _literal_encoder(table):
+    """A private copy of ``table``'s backend that encodes text literally: special-token strings are plain text,
     and no prefix space is added (SentencePiece Metaspace / Prepend, ByteLevel add_prefix_space), so a token
-    "the" stays "the" and " the" stays " the". Not thread-safe for concurrent users of ``tok``."""
-    from tokenizers import normalizers, pre_tokenizers
+    "the" stays "the" and " the" stays " the". A copy, never the caller's backend set and restored: another thread
+    may be tokenizing with it meanwhile. Made once per table (copying Llama-3's backend takes ~1 s)."""
+    if table._literal_backend is None:
+        from tokenizers import Tokenizer, normalizers, pre_tokenizers
 
-    backend = tok.backend_tokenizer
-    restore = []
-    restore.append((backend, "encode_special_tokens", backend.encode_special_tokens))
-    for pre in _components(backend.pre_tokenizer):
-        if isinstance(pre, pre_tokenizers.Metaspace):
-            restore.append((pre, "prepend_scheme", pre.prepend_scheme))
-        elif isinstance(pre, pre_tokenizers.ByteLevel):
-            restore.append((pre, "add_prefix_space", pre.add_prefix_space))
-    norm = backend.normalizer
-    parts = list(_components(norm))
-    plain = [n for n in parts if not isinstance(n, normalizers.Prepend)]
-    try:
+        backend = Tokenizer.from_str(table.tokenizer.backend_tokenizer.to_str())
+        backend.no_padding()
+        backend.no_truncation()
         backend.encode_special_tokens = True
-        for obj, attr, _ in restore[1:]:
-            setattr(obj, attr, "never" if attr == "prepend_scheme" else False)
+        for pre in _components(backend.pre_tokenizer):
+            if isinstance(pre, pre_tokenizers.Metaspace):
+                pre.prepend_scheme = "never"
+            elif isinstance(pre, pre_tokenizers.ByteLevel):
+                pre.add_prefix_space = False
+        parts = list(_components(backend.normalizer))
+        plain = [n for n in parts if not isinstance(n, normalizers.Prepend)]
         if len(plain) != len(parts):
             backend.normalizer = normalizers.Sequence(plain)
-        yield backend
-    finally:
-        for obj, attr, value in restore:
-            setattr(obj, attr, value)
-        if len(plain) != len(parts):
-            backend.normalizer = norm
+        table._literal_backend = backend
+    return table._literal_backend
 
 
 def _components(x):

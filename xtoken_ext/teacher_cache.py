@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .alignment import _check_int
-from .tokenizers import load_tokenizer, token_table
+from .tokenizers import load_tokenizer, temp_sibling, token_table
 
 __all__ = ["build", "load", "TeacherCache", "TeacherCacheError", "ids_key"]
 
@@ -66,7 +66,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = temp_sibling(path)
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)  # atomic: an interrupted build leaves the previous manifest
 
@@ -199,7 +199,7 @@ def build(model, tokenizer, data, path, *, k: int = 64, dtype=torch.bfloat16, na
                            "ids": torch.from_numpy(np.concatenate(ids).astype(np.int32)),
                            "values": torch.cat([t[0] for t in topk]).contiguous(),
                            "indices": torch.cat([t[1] for t in topk]).contiguous()}
-                tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+                tmp = temp_sibling(file)
                 save_file(tensors, str(tmp), metadata={"format": FORMAT})
                 os.replace(tmp, file)
                 prev = {"file": file.name, "sha256": _sha256(file), "num_examples": len(ids),

@@ -119,14 +119,14 @@ def offline_tokenizer(name: str):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from .tokenizers import cache_dir
+    from .tokenizers import cache_dir, temp_sibling
 
     if name not in NAMES:
         raise ValueError(f"unknown offline tokenizer {name!r}; choose from {NAMES}")
     path = cache_dir("tokenizers", f"{name}-v2.json")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = temp_sibling(path)
         if name in _QUICKTOK:
             _build_quicktok(name, tmp)
         elif name == "gpt2":
