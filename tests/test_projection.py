@@ -470,3 +470,17 @@ def test_audit_of_a_w_narrower_than_the_student_tokenizer():
 def test_load_of_a_directory_says_so(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory"):
         Projection.load(tmp_path)
+
+
+def test_save_turns_a_safetensors_write_error_into_an_oserror(tmp_path, monkeypatch):
+    """safetensors reports a read-only or full disk with its own SafetensorError, which is not an OSError: the CLI
+    printed a traceback for it after the whole build."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def fail(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    with pytest.raises(OSError, match="cannot write it .*Read-only file system"):
+        Projection.random(5, 7, seed=0).save(tmp_path / "w.safetensors")

@@ -101,6 +101,24 @@ def test_bad_requests(tmp_path, qwen):
             xt.teacher_cache.build(TinyTeacher(), qwen, TEXTS[:2], tmp_path / "c", progress=False, **{key: value})
 
 
+def test_shorter_rebuild_leaves_no_stale_shards_and_bad_manifests_are_named(tmp_path, qwen):
+    """Rebuilding a path with fewer texts (--overwrite) left the longer build's later shards on disk; a corrupt
+    manifest gave a JSON error without its path, and a list manifest an AttributeError."""
+    path = tmp_path / "cache"
+    xt.teacher_cache.build(TinyTeacher(), qwen, TEXTS, path, k=3, shard_size=2, progress=False)
+    assert len(list(path.glob("shard-*.safetensors"))) == 4
+    xt.teacher_cache.build(TinyTeacher(), qwen, TEXTS[:2], path, k=4, shard_size=2, progress=False, overwrite=True)
+    assert [f.name for f in path.glob("shard-*.safetensors")] == ["shard-00000.safetensors"]
+    assert len(xt.teacher_cache.load(path)) == 2
+    for body, msg in (("{oops", "not a JSON manifest"), ("[1, 2]", "not a teacher-cache manifest")):
+        (path / "manifest.json").write_text(body)
+        for call in (lambda: xt.teacher_cache.load(path),
+                     lambda: xt.teacher_cache.build(TinyTeacher(), qwen, TEXTS[:2], path, k=4, shard_size=2,
+                                                    progress=False)):
+            with pytest.raises(TeacherCacheError, match=f"manifest.json: {msg}"):
+                call()
+
+
 def test_build_runs_the_model_in_eval_mode(tmp_path, qwen):
     """A module left in train mode cached dropout noise; build runs it in eval mode and gives its mode back."""
     class Dropped(TinyTeacher):

@@ -183,3 +183,17 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     assert cache_dir("gguf") == Path.home() / "xt" / "gguf"
     monkeypatch.delenv("XTOKEN_CACHE")
     assert cache_dir() == Path.home() / ".cache" / "xtoken_ext"
+
+
+def test_a_folder_without_a_tokenizer_or_a_missing_path_is_named(tmp_path):
+    """A folder with only config.json (a checkpoint saved without its tokenizer) loaded as an empty tokenizer that
+    encodes every text to nothing (W builds and caches then succeeded on it); a mistyped local path got the hub's
+    repo-id error."""
+    from transformers import Qwen2Config
+
+    Qwen2Config(vocab_size=100).save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="encodes no text"):
+        xt.load_tokenizer(tmp_path / "ckpt")
+    for spec in ("./no-such-folder", str(tmp_path / "nope"), "~/no-such-folder-xtoken"):
+        with pytest.raises(FileNotFoundError, match="no such folder"):
+            xt.load_tokenizer(spec)

@@ -189,7 +189,8 @@ def _teacher_cache(args) -> int:
     cache = teacher_cache.build(model, tok, texts, args.output, k=args.k, dtype=getattr(torch, args.dtype),
                                 name=name, max_length=args.max_length, batch_size=args.batch_size, device=device,
                                 overwrite=args.overwrite)
-    print(f"{len(cache)} sequences, top-{cache.k} {args.dtype} log-probs -> {args.output}")
+    print(f"{len(texts)} texts ({len(cache)} distinct sequences), top-{cache.k} {args.dtype} log-probs -> "
+          f"{args.output}")
     return 0
 
 

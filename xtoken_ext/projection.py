@@ -278,6 +278,7 @@ class Projection:
     def save(self, path) -> None:
         """Write safetensors (indices int32 [V_S, 4], weights float32 [V_S, 4], exact_rows / alias_rows uint8 [V_S]
         if known) with the JSON metadata in the header."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         meta = dict(self.meta)
@@ -289,7 +290,11 @@ class Projection:
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name).to(torch.uint8)
         meta["checksum"] = _checksum(meta, {k: v.numpy() for k, v in tensors.items()})
-        save_file(tensors, str(check_save_path(path)), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        path = check_save_path(path)
+        try:
+            save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        except SafetensorError as e:  # safetensors' own write error (read-only or full disk) is not an OSError
+            raise OSError(f"{path}: cannot write it ({e})") from None
 
     @classmethod
     def load(cls, path, *, expect_student=None, expect_teacher=None) -> "Projection":

@@ -71,6 +71,18 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)  # atomic: an interrupted build leaves the previous manifest
 
 
+def _read_manifest(folder: Path) -> dict:
+    try:
+        m = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise TeacherCacheError(f"{folder} has no {MANIFEST}; not a teacher cache") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TeacherCacheError(f"{folder / MANIFEST}: not a JSON manifest ({e})") from None
+    if not isinstance(m, dict) or not isinstance(m.get("shards"), list):
+        raise TeacherCacheError(f"{folder / MANIFEST}: not a teacher-cache manifest (no list of shards)")
+    return m
+
+
 def _as_ids(tok, ex, max_length) -> np.ndarray:
     """A text is tokenized with the tokenizer's specials (as the Collator does for raw text, which makes a
     whitespace-only text an empty example); ids pass through."""
@@ -166,7 +178,7 @@ def build(model, tokenizer, data, path, *, k: int = 64, dtype=torch.bfloat16, na
               "max_length": max_length, "shard_size": int(shard_size)}
     done, vocab = {}, None
     if (path / MANIFEST).exists() and not overwrite:
-        old = json.loads((path / MANIFEST).read_text())
+        old = _read_manifest(path)
         diff = {key: (old.get(key), v) for key, v in config.items() if old.get(key) != v}
         if diff:
             raise TeacherCacheError(f"{path} holds a cache built with other settings {diff} (old, new); pass "
@@ -210,6 +222,10 @@ def build(model, tokenizer, data, path, *, k: int = 64, dtype=torch.bfloat16, na
             bar.update(len(ids))
     manifest["complete"] = True
     _write_json(path / MANIFEST, manifest)
+    kept = {s["file"] for s in manifest["shards"]}
+    for file in path.glob("shard-*.safetensors"):  # shards of a longer earlier build at this path
+        if file.name not in kept:
+            file.unlink()
     return load(path)
 
 
@@ -224,11 +240,7 @@ class TeacherCache:
 
     def __init__(self, path, *, verify: bool = True, allow_incomplete: bool = False):
         self.path = Path(path)
-        try:
-            self.manifest = json.loads((self.path / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise TeacherCacheError(f"{self.path} has no {MANIFEST}; not a teacher cache") from None
-        m = self.manifest
+        self.manifest = m = _read_manifest(self.path)
         if m.get("format") != FORMAT or m.get("version") != VERSION:
             raise TeacherCacheError(f"{self.path}: unknown format {m.get('format')!r} version {m.get('version')!r}")
         if not m["complete"] and not allow_incomplete:

@@ -70,7 +70,13 @@ def load_tokenizer(tok_or_name):
         else:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(spec)
+            if spec.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(spec)):
+                raise FileNotFoundError(f"{spec}: no such folder")  # not the hub's repo-id message
+            tok = AutoTokenizer.from_pretrained(os.path.expanduser(spec))
+            if not tok("a 1", add_special_tokens=False)["input_ids"]:
+                # transformers builds an empty tokenizer from a folder with only config.json (a checkpoint saved
+                # without its tokenizer): every text would tokenize to nothing
+                raise ValueError(f"{spec}: its tokenizer encodes no text (no tokenizer files in the folder?)")
     else:
         tok = tok_or_name
     if getattr(tok, "backend_tokenizer", None) is None:
