@@ -580,6 +580,22 @@ def test_on_policy_without_a_mask_ends_each_row_at_its_first_eos(toks):
         assert t_text == s.decode([x[0], x[1], x[2]])  # the student's specials are skipped in the decoded text
 
 
+def test_on_policy_with_a_distinct_pad_keeps_a_chat_prompts_end_of_turn(toks):
+    """With a pad other than EOS (instruct tokenizers: eos <|eot_id|>, pad another token) only pad columns are
+    padding: a chat prompt's end of turn inside the row must not end it (a first fix cut every such row there, with
+    prompt_length 0). With EOS as the pad and no prompt_length, the cut is warned when text follows the first EOS."""
+    s, q, _ = toks
+    eos, bos, x = s.eos_token_id, s.bos_token_id, [15339, 1917, 11, 420]
+    chat = copy.deepcopy(s)
+    chat.eos_token, chat.pad_token = "<|eot_id|>", "<|reserved_special_token_0|>"
+    eot, pad = chat.eos_token_id, chat.pad_token_id
+    ids = torch.tensor([[bos, x[0], eot, x[1], x[2], x[3], eot, pad, pad]])
+    assert xt.Collator(chat, [q]).on_policy(ids)["attention_mask"].tolist() == [[1] * 7]
+    with pytest.warns(UserWarning, match="pass prompt_length or attention_mask"):
+        cut = xt.Collator(s, [q]).on_policy(torch.tensor([[bos, x[0], eos, x[1], x[2], eos, eos]]))
+    assert cut["attention_mask"].tolist() == [[1, 1, 1]]
+
+
 def test_rows_of_a_mixed_datasets_table_treat_none_as_absent(toks):
     """datasets fills the columns a row lacks with None: {"text": None, "prompt": ..., "completion": ...} is a
     prompt/completion example (it was refused), and a None 'messages' does not hide a text."""

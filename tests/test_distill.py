@@ -16,6 +16,7 @@ import torch
 from helpers import C, kappa
 
 import xtoken_ext as xt
+from xtoken_ext.losses import LearnableProjection
 from xtoken_ext.distill import (Distiller, Teacher, combine_losses, identity_projection, next_token_ce,
                                 weighted_kd)
 
@@ -479,3 +480,8 @@ def test_a_given_w_must_match_the_tokenizers(toks, batch):
         Distiller(s, [Teacher(Table(len(m), 1), q, loss="pkl", projection=w)])(z, only(batch, 0))
     loss, _ = Distiller(s, [Teacher(Table(len(m), 1), m, loss="pkl", projection=w)])(z, only(batch, 0))
     assert torch.isfinite(loss)
+    learned = LearnableProjection(w)  # has no meta of its own: its base W's is checked (a first fix crashed here)
+    with pytest.raises(ValueError, match="W was built for another teacher tokenizer"):
+        Distiller(s, [Teacher(Table(len(m), 1), q, loss="pkl", projection=learned)])(z, only(batch, 0))
+    assert torch.isfinite(Distiller(s, [Teacher(Table(len(m), 1), m, loss="pkl", projection=learned)])(
+        z, only(batch, 0))[0])

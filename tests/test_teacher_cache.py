@@ -142,7 +142,8 @@ def test_raw_texts_are_tokenized_as_the_collator_does(tmp_path, offline_tok, nam
     t = offline_tok(name)
     texts = ["  ", "\n", "\u00a0", "", "hi there"]
     cache = xt.teacher_cache.build(TinyTeacher(), t, texts, tmp_path / "c", k=4, progress=False)
-    batch = xt.Collator(offline_tok("gpt2"), [t], teacher_caches=[cache])(texts)
+    with pytest.warns(UserWarning, match="empty or whitespace-only text"):  # the collator's own warning
+        batch = xt.Collator(offline_tok("gpt2"), [t], teacher_caches=[cache])(texts)
     assert batch["teachers"][0]["topk_logprobs"].shape[0] == len(texts)
     ids = t("hi there")["input_ids"]
     assert cache.get(ids)[0].shape == (len(ids), 4)

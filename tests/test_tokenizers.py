@@ -180,11 +180,12 @@ def test_word_marker_tokenizers_are_refused():
             token_table(PreTrainedTokenizerFast(tokenizer_object=tk))
 
 
-@pytest.mark.parametrize("make_special", ["add_special_tokens", "add_tokens"])
-def test_table_is_remade_when_an_added_token_becomes_special(make_special):
-    """Making an already-added token special changes neither len(tok) nor a role id, but its bytes become a role
-    marker: the cached table was served stale (b"<|im_start|>" as text)."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+def test_table_is_remade_when_an_added_token_becomes_special():
+    """Making an already-added token special with add_special_tokens changes neither len(tok) nor a role id, but
+    its bytes become a role marker: the cached table was served stale (b"<|im_start|>" as text). (add_tokens with
+    special=True of an existing token changes no cheap sign: the walk over the added tokens that caught it cost
+    13.7 ms per call with 6,000 added tokens, on every batch.)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
@@ -194,8 +195,5 @@ def test_table_is_remade_when_an_added_token_becomes_special(make_special):
     tok.add_tokens(["<|im_start|>"])
     i = tok.convert_tokens_to_ids("<|im_start|>")
     assert token_table(tok).token_bytes[i] == b"<|im_start|>"
-    if make_special == "add_special_tokens":
-        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    else:
-        tok.add_tokens([AddedToken("<|im_start|>", special=True)], special_tokens=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
     assert len(tok) == i + 1 and token_table(tok).token_bytes[i] == b"\xff<|im_start|>"

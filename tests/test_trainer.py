@@ -320,6 +320,15 @@ def test_trainer_arguments_it_reads_refuses_or_ignores(toks, tmp_path, monkeypat
     targs.max_length, targs.completion_only_loss = 5, False
     collator = make(targs).data_collator
     assert collator.max_length == 5 and collator.completion_only is False
+
+    class Forwarding(transformers.Trainer):  # a subclass passing *args on: its signature names no argument
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+
+    fwd = xt.trainer.with_distillation(Forwarding)(tiny(len(s), 0), targs, None, data, distiller=d)
+    assert isinstance(fwd.data_collator, xt.Collator) and fwd.data_collator.max_length == 5
+    with pytest.raises(TypeError, match=r"multiple values for argument\(s\) \['args'\]"):
+        xt.DistillTrainer(tiny(len(s), 0), targs, args=targs, distiller=d)
     targs.packing = True
     with pytest.raises(ValueError, match="packing=True"):
         make(targs)

@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 _TOKENIZER_FORMS = "HF hub name, local folder, *.gguf file, or offline:NAME"
+# model types with learned absolute positions (a longer text indexes past them, mid-run) -> their config field
+_LEARNED_POSITIONS = {"gpt2": "n_positions", "gpt_bigcode": "n_positions", "opt": "max_position_embeddings",
+                      "gpt_neo": "max_position_embeddings"}
 
 
 def _bench(args) -> int:
@@ -124,7 +127,7 @@ def _read_texts(path: str, field: str) -> list[str]:
             whole = json.loads(content) if kind == ".json" else None
         except json.JSONDecodeError:
             whole = None  # JSON Lines in a .json file
-        lines = [(n, line) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
+        lines = [(n, line) for n, line in enumerate(content.split("\n"), 1) if line.strip()]  # JSON may hold U+2028
         rows = list(enumerate(whole, 1)) if isinstance(whole, list) else [(n, _json_line(path, n, line))
                                                                           for n, line in lines]
         where = f"{path}: item " if isinstance(whole, list) else f"{path}:"
@@ -165,8 +168,9 @@ def _teacher_cache(args) -> int:
             device = torch.device(args.device)
         except RuntimeError as e:
             raise ValueError(f"--device {args.device!r}: {e}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device!r}: this torch build or machine has no CUDA device")
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.type == "cuda" and (device.index or 0) >= visible:
+            raise ValueError(f"--device {args.device!r}: no such CUDA device here ({visible} visible)")
     tok = load_tokenizer(args.tokenizer or args.model)
     gguf = Path(args.model) if args.model.lower().endswith(".gguf") else None
     kw = {"gguf_file": gguf.name} if gguf else {}  # from_pretrained(folder, gguf_file=name)
@@ -176,7 +180,7 @@ def _teacher_cache(args) -> int:
     if rows is not None and len(tok) > rows:  # an id past the embedding fails inside the model, mid-run
         raise ValueError(f"the tokenizer has {len(tok)} tokens but the model embeds {rows}: not this model's "
                          "tokenizer (see --tokenizer)")
-    positions = getattr(model.config, "n_positions", None)  # learned absolute positions: longer texts fail mid-run
+    positions = getattr(model.config, _LEARNED_POSITIONS.get(model.config.model_type, ""), None)
     if positions and (args.max_length is None or args.max_length > positions):
         longest = max(len(ids) for ids in tok(texts)["input_ids"])
         if longest > positions:
@@ -184,8 +188,8 @@ def _teacher_cache(args) -> int:
                              f"--max-length {positions} (or less)")
     if device is not None:
         model.to(device)
-    # the name a resumed run must repeat: a local model by its folder or file name ("m", "./m", "/abs/m")
-    name = os.path.basename(os.path.normpath(args.model)) if os.path.exists(args.model) else args.model
+    # the name a resumed run must repeat: a local model by its real path ("m", "./m", "/abs/m" are one model)
+    name = os.path.realpath(args.model) if os.path.exists(args.model) else args.model
     cache = teacher_cache.build(model, tok, texts, args.output, k=args.k, dtype=getattr(torch, args.dtype),
                                 name=name, max_length=args.max_length, batch_size=args.batch_size, device=device,
                                 overwrite=args.overwrite)

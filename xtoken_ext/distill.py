@@ -147,8 +147,8 @@ class Teacher:
     - ``learnable``: a learnable W (P-KL only; METHOD.md §3.5), built at construction of the Distiller; its θ is
       exposed by ``Distiller.param_groups()``.
     - ``vocab_size``: the teacher's logit width when neither the model nor the cache gives it.
-    - ``name``: the metric suffix (default ``teacher{j}`` at its position in the Distiller; any text, e.g.
-      "qwen2.5-7b": the loss module's key and a checkpoint's file names replace characters other than letters,
+    - ``name``: the metric suffix (default ``teacher{j}`` at its position, kept in ``Distiller.names``; any text,
+      e.g. "qwen2.5-7b": the loss module's key and a checkpoint's file names replace characters other than letters,
       digits, "_" and "-" by "_"); ``loss_options``: keyword options of the loss (``merge``, ``uncovered``,
       ``teacher_topk``, ``uncommon_topk``, ``backend``, ``nonfinite``), read at every call."""
 
@@ -481,8 +481,9 @@ class Distiller(nn.Module):
                                  "(or pass projection=)")
             else:
                 proj = Projection.from_tokenizers(self.student_tok, t.tokenizer, V_S, V_T, progress=False)
+        meta = getattr(proj, "meta", None) or getattr(getattr(proj, "base", None), "meta", None) or {}
         for side, fp in fps.items():  # a given W (its file's metadata) must be the one of these tokenizers
-            built = proj.meta.get(f"{side}_fingerprint")
+            built = meta.get(f"{side}_fingerprint")
             if built is not None and built != fp:
                 raise ValueError(f"teacher {name!r}: W was built for another {side} tokenizer (fingerprint {built}, "
                                  f"given tokenizer {fp})")

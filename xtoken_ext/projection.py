@@ -298,11 +298,11 @@ class Projection:
 
     @classmethod
     def load(cls, path, *, expect_student=None, expect_teacher=None) -> "Projection":
-        """Read and validate a file written by ``save``. ``expect_student`` / ``expect_teacher`` (tokenizers or
-        names) check that the file was built for them: fingerprint and, when the file records it (files written
-        before it existed do not), behaviour hash. A file without ``alias_rows`` (version 1) gets them from
-        ``expect_student``. Raises ProjectionFileError on any problem with the file (OSError for a missing path or
-        a directory)."""
+        """Read and validate a file written by ``save``. ``expect_student`` / ``expect_teacher`` (tokenizers or names)
+        check that the file was built for them: another fingerprint is an error; another behaviour hash, when the
+        file records one (files written before it existed do not), a warning. A file without ``alias_rows`` (version
+        1) gets them from ``expect_student``. Raises ProjectionFileError on any problem with the file (OSError for a
+        missing path or a directory)."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -343,12 +343,15 @@ class Projection:
                     raise ProjectionFileError(f"{path}: built for another {side} tokenizer (file fingerprint "
                                               f"{meta.get(f'{side}_fingerprint')}, given tokenizer {fp})")
                 # Files written before the behaviour hash existed lack it: they are checked by fingerprint only.
+                # A warning, not an error: the hash also covers settings the build overrides (add_prefix_space,
+                # Metaspace's prepend scheme), and a tokenizers release may serialize the same tokenizer otherwise.
                 behaviour = meta.get(f"{side}_behaviour")
                 if behaviour is not None and behaviour != table.behaviour:
-                    raise ProjectionFileError(
+                    warnings.warn(
                         f"{path}: built for a {side} tokenizer with the same vocabulary but another encoding "
                         f"(merges, normalizer, pre-tokenizer or added tokens differ: file behaviour hash {behaviour}, "
-                        f"given tokenizer {table.behaviour})")
+                        f"given tokenizer {table.behaviour}); rebuild W if the encodings really differ",
+                        stacklevel=2)
         if proj.alias_rows is None and expect_student is not None:
             from .tokenizers import token_table
 

@@ -290,12 +290,10 @@ def _behaviour_hash(tok) -> str:
 
 def _table_state(tok) -> tuple:
     """Cheap signs that a tokenizer object changed in place since its table was made (add_tokens, new special
-    tokens): its length, role ids and special ids. The special ids catch an existing token made special
-    (``add_special_tokens`` / ``add_tokens(special=True)`` of an added token), which changes neither the length
-    nor a role id but turns its bytes into a role marker (~0.1 ms for Llama-3's 256 added tokens)."""
-    special = tuple(i for i, t in tok.added_tokens_decoder.items() if t.special)
-    return (len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id,
-            tuple(tok.all_special_ids), special)
+    tokens): its length, role ids and special ids (an added token made special by ``add_special_tokens`` changes
+    neither the length nor a role id). Runs on every ``token_table`` call, so nothing here walks the vocabulary:
+    ``add_tokens(..., special_tokens=True)`` of an existing token is not seen."""
+    return len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id, tuple(tok.all_special_ids)
 
 
 _ASCII_SPACE = b" \t\n\r\x0b\x0c"

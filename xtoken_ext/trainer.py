@@ -92,8 +92,8 @@ class DistillMixin:
             raise ImportError(f"xtoken_ext.trainer needs transformers >= 5.19, found {transformers.__version__}")
         if not isinstance(distiller, Distiller):
             raise TypeError(f"distiller must be an xt.Distiller, got {type(distiller).__name__}")
-        bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs)
-        given, targs = bound.arguments, bound.arguments.get("args")
+        kwargs, args = _keywords(super().__init__, args, kwargs)
+        given, targs = kwargs, kwargs.get("args")
         model = given.get("model")
         if model is not None and clear_gguf_quantization(model):
             logger.info("xtoken: the GGUF model's weights are float; cleared its quantization flag for training")
@@ -115,7 +115,7 @@ class DistillMixin:
         self._xt_metrics: dict[str, dict] = {"train": {}, "eval": {}}  # metric -> [weighted sum (tensor), weight]
         self._xt_steps = 0
         self._xt_clock: float | None = None  # start of the first step since the last log
-        super().__init__(*bound.args, **bound.kwargs)
+        super().__init__(*args, **kwargs)
         self.distiller.to(self.args.device)
         if self.distiller.param_groups():
             self.add_callback(_SyncLearnedW(self.distiller))
@@ -257,6 +257,20 @@ class DistillMixin:
             out["step_time"] = (now - (self._xt_clock or now)) / steps
             self._xt_clock, self._xt_steps = now, 0
         return out
+
+
+def _keywords(init, args: tuple, kwargs: dict) -> tuple[dict, tuple]:
+    """(keyword arguments, positional rest) of a call to ``init``: the leading positional arguments named by its
+    signature, or by ``Trainer.__init__``'s when it passes ``*args`` on (a subclass forwarding to Trainer)."""
+    params = list(inspect.signature(init).parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        params = list(inspect.signature(Trainer.__init__).parameters.values())[1:]  # without self
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    named = dict(zip(names, args))
+    twice = sorted(set(named) & set(kwargs))
+    if twice:
+        raise TypeError(f"got multiple values for argument(s) {twice}")
+    return {**named, **kwargs}, args[len(named):]
 
 
 def _check_batch(batch) -> None:
