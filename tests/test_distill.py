@@ -485,3 +485,22 @@ def test_a_given_w_must_match_the_tokenizers(toks, batch):
         Distiller(s, [Teacher(Table(len(m), 1), q, loss="pkl", projection=learned)])(z, only(batch, 0))
     assert torch.isfinite(Distiller(s, [Teacher(Table(len(m), 1), m, loss="pkl", projection=learned)])(
         z, only(batch, 0))[0])
+
+
+def test_top1_leaves_a_learnable_w_where_it_is(toks, batch, monkeypatch):
+    """top-1 agreement moved a LearnableProjection (a module) to the logits' device with .to(): on another device
+    θ itself moved, away from its optimizer state. It now reads W's tensors without moving the module."""
+    s, m, _ = toks
+    d = Distiller(s, [Teacher(Table(len(m), 1), m, loss="pkl", learnable=True, vocab_size=len(m))],
+                  student_vocab_size=len(s))
+    lp = d.kd_losses["teacher0"].proj
+
+    def moved(*a, **k):
+        raise AssertionError("the LearnableProjection module was moved")
+
+    monkeypatch.setattr(lp, "to", moved)
+    one = only(batch, 0)
+    _, z = student_logits(toks, batch)
+    t = Table(len(m), 1)(one["teachers"][0]["input_ids"])
+    hits, n = d._top1(z.detach(), t.detach(), None, one["teachers"][0]["alignment"], lp, len(m))
+    assert 0 <= int(hits) <= int(n) == one["teachers"][0]["alignment"].row_spans().shape[0]

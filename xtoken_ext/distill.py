@@ -534,8 +534,11 @@ class Distiller(nn.Module):
         rs = ali.row_spans()  # planned where the alignment lives (CPU: no host sync), used on z's device
         if rs.shape[0] == 0:
             return torch.zeros((), device=z.device), torch.zeros((), device=z.device)
-        proj = proj.to(z.device)  # a Projection caches its copy per device; a LearnableProjection lives there
-        w_idx, w_val = proj.indices, proj.weights.detach()
+        if isinstance(proj, LearnableProjection):  # a module: .to() would move θ itself, under its optimizer
+            w_idx, w_val = proj.indices.to(z.device), proj.weights.detach().to(z.device)
+        else:
+            proj = proj.to(z.device)  # a Projection caches its copy per device
+            w_idx, w_val = proj.indices, proj.weights.detach()
         nz = (w_idx >= 0) & (w_val > 0)
         rows = torch.arange(w_idx.shape[0], device=z.device)[:, None].expand_as(w_idx)[nz]
         cols, w = w_idx[nz].long(), w_val[nz].float()
