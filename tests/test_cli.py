@@ -43,7 +43,9 @@ def test_build_checks_the_output_path_before_building_w(capsys, monkeypatch, tmp
         raise AssertionError("W was built before the output path was checked")
 
     monkeypatch.setattr(cli, "_projection", never)
-    for out, msg in ((tmp_path, "is a directory"), (tmp_path / "no" / "w.safetensors", "does not exist")):
+    (tmp_path / "file.py").write_text("")
+    for out, msg in ((tmp_path, "is a directory"), (tmp_path / "no" / "w.safetensors", "does not exist"),
+                     (tmp_path / "file.py" / "w.safetensors", "file.py is a file, not a folder")):
         assert main(["build", "offline:gpt2", "offline:gpt2", "-o", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("xtoken build: error: ") and msg in err, err
@@ -103,3 +105,12 @@ def test_cli_error_conventions(capsys, monkeypatch, tmp_path):
     assert capsys.readouterr().err.startswith("xtoken build: error: ")
     assert main(["bench", "--suite", "nope"]) == 2
     assert capsys.readouterr().err.startswith("xtoken bench: error: unknown suite")
+
+
+def test_inspect_refuses_an_empty_token_text(capsys, tmp_path):
+    """`inspect --token ""` printed no row and no message."""
+    from xtoken_ext.projection import Projection
+
+    Projection.random(5, 7, seed=0).save(tmp_path / "w.safetensors")
+    assert main(["inspect", str(tmp_path / "w.safetensors"), "--student", "offline:gpt2", "--token", ""]) == 2
+    assert "--token got an empty text" in capsys.readouterr().err

@@ -83,6 +83,8 @@ def _inspect(args) -> int:
 
     if args.token and not args.student:
         raise ValueError("--token needs --student (to find the token ids)")
+    if args.token and not all(args.token):
+        raise ValueError("--token got an empty text (it has no token)")
     student = load_tokenizer(args.student) if args.student else None
     teacher = load_tokenizer(args.teacher) if args.teacher else None
     proj = Projection.load(args.path, expect_student=student, expect_teacher=teacher)

@@ -53,7 +53,8 @@ def check_save_path(path) -> Path:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory: give the W file's path (e.g. {path / 'W.safetensors'})")
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
+        what = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise FileNotFoundError(f"{path}: the folder {path.parent} {what}")
     return path
 
 
