@@ -580,20 +580,21 @@ def test_on_policy_without_a_mask_ends_each_row_at_its_first_eos(toks):
         assert t_text == s.decode([x[0], x[1], x[2]])  # the student's specials are skipped in the decoded text
 
 
-def test_on_policy_with_a_distinct_pad_keeps_a_chat_prompts_end_of_turn(toks):
-    """With a pad other than EOS (instruct tokenizers: eos <|eot_id|>, pad another token) only pad columns are
-    padding: a chat prompt's end of turn inside the row must not end it (a first fix cut every such row there, with
-    prompt_length 0). With EOS as the pad and no prompt_length, the cut is warned when text follows the first EOS."""
+def test_on_policy_ends_at_the_generations_eos_whatever_the_padding(toks):
+    """A chat prompt's end of turn inside the row does not end it (a first fix cut every chat row there, with a
+    distinct pad and prompt_length 0), and the generation still ends at its EOS when generate() padded with another
+    token than the tokenizer's pad (Llama-3.1: pad <|finetune_right_pad_id|>, generate pads with EOS)."""
     s, q, _ = toks
-    eos, bos, x = s.eos_token_id, s.bos_token_id, [15339, 1917, 11, 420]
+    bos, x = s.bos_token_id, [15339, 1917, 11, 420]
     chat = copy.deepcopy(s)
     chat.eos_token, chat.pad_token = "<|eot_id|>", "<|reserved_special_token_0|>"
     eot, pad = chat.eos_token_id, chat.pad_token_id
-    ids = torch.tensor([[bos, x[0], eot, x[1], x[2], x[3], eot, pad, pad]])
-    assert xt.Collator(chat, [q]).on_policy(ids)["attention_mask"].tolist() == [[1] * 7]
-    with pytest.warns(UserWarning, match="pass prompt_length or attention_mask"):
-        cut = xt.Collator(s, [q]).on_policy(torch.tensor([[bos, x[0], eos, x[1], x[2], eos, eos]]))
-    assert cut["attention_mask"].tolist() == [[1, 1, 1]]
+    rows = torch.tensor([[bos, x[0], eot, x[1], x[2], x[3], eot, pad, pad],   # padded with the pad
+                         [bos, x[0], eot, x[1], x[2], eot, eot, eot, eot]])   # padded with EOS
+    for tok, P in ((chat, 0), (chat, 3), (s, 0), (s, 3)):  # s: no pad, so generate() pads with EOS (row 1 only)
+        ids = torch.where(rows == eot, tok.eos_token_id, rows)[0 if tok is chat else 1:]
+        mask = xt.Collator(tok, [q]).on_policy(ids, prompt_length=P)["attention_mask"]
+        assert mask.tolist() == ([[1] * 7, [1] * 6 + [0]] if tok is chat else [[1] * 6]), (tok.pad_token, P)
 
 
 def test_rows_of_a_mixed_datasets_table_treat_none_as_absent(toks):

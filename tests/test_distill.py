@@ -485,6 +485,13 @@ def test_a_given_w_must_match_the_tokenizers(toks, batch):
         Distiller(s, [Teacher(Table(len(m), 1), q, loss="pkl", projection=learned)])(z, only(batch, 0))
     assert torch.isfinite(Distiller(s, [Teacher(Table(len(m), 1), m, loss="pkl", projection=learned)])(
         z, only(batch, 0))[0])
+    # with loss="auto" (the audit crashed on it) and learnable=True (it was wrapped again: the given θ never trained)
+    for kw in ({"loss": "auto"}, {"loss": "pkl", "learnable": True}):
+        d = Distiller(s, [Teacher(Table(len(m), 1), m, projection=learned, **kw)])
+        d(z.detach(), only(batch, 0))[0].backward()
+        assert d.kd_losses["teacher0"].proj is learned and [g["params"] for g in d.param_groups()] == [[learned.theta]]
+        assert learned.theta.grad is not None and bool(learned.theta.grad.ne(0).any())
+        learned.theta.grad = None
 
 
 def test_top1_leaves_a_learnable_w_where_it_is(toks, batch, monkeypatch):

@@ -369,7 +369,7 @@ def test_w_cache_and_load_tell_apart_tokenizers_with_other_merges(tmp_path, monk
     assert len(list((tmp_path / "projections").glob("*.safetensors"))) == 2
     W_merged.save(tmp_path / "w.safetensors")
     Projection.load(tmp_path / "w.safetensors", expect_student=student, expect_teacher=merged)
-    with pytest.warns(UserWarning, match="teacher tokenizer with the same vocabulary but another encod"):
+    with pytest.warns(UserWarning, match="teacher tokenizer with the same vocabulary but another behaviour hash"):
         Projection.load(tmp_path / "w.safetensors", expect_teacher=unmerged)
     # A file written before the behaviour hash existed is checked by fingerprint only.
     meta = {k: v for k, v in W_merged.meta.items() if not k.endswith("_behaviour")}

@@ -327,6 +327,14 @@ def test_trainer_arguments_it_reads_refuses_or_ignores(toks, tmp_path, monkeypat
 
     fwd = xt.trainer.with_distillation(Forwarding)(tiny(len(s), 0), targs, None, data, distiller=d)
     assert isinstance(fwd.data_collator, xt.Collator) and fwd.data_collator.max_length == 5
+
+    class Tagged(transformers.Trainer):  # its own leading parameter, the rest passed on
+        def __init__(self, tag, *a, **kw):
+            self.tag = tag
+            super().__init__(*a, **kw)
+
+    tagged = xt.trainer.with_distillation(Tagged)("run-1", tiny(len(s), 0), targs, train_dataset=data, distiller=d)
+    assert tagged.tag == "run-1" and isinstance(tagged.data_collator, xt.Collator)
     with pytest.raises(TypeError, match=r"multiple values for argument\(s\) \['args'\]"):
         xt.DistillTrainer(tiny(len(s), 0), targs, args=targs, distiller=d)
     targs.packing = True

@@ -12,8 +12,9 @@ from pathlib import Path
 
 _TOKENIZER_FORMS = "HF hub name, local folder, *.gguf file, or offline:NAME"
 # model types with learned absolute positions (a longer text indexes past them, mid-run) -> their config field
-_LEARNED_POSITIONS = {"gpt2": "n_positions", "gpt_bigcode": "n_positions", "opt": "max_position_embeddings",
-                      "gpt_neo": "max_position_embeddings"}
+_LEARNED_POSITIONS = {"gpt2": "n_positions", "gpt_bigcode": "n_positions", "openai-gpt": "n_positions",
+                      "ctrl": "n_positions", "opt": "max_position_embeddings", "gpt_neo": "max_position_embeddings",
+                      "biogpt": "max_position_embeddings"}
 
 
 def _bench(args) -> int:

@@ -575,13 +575,13 @@ class Collator:
         Generated text is in no teacher cache: the batch carries no ``topk_*`` fields, so run every teacher on its
         ``input_ids`` (a collator with ``teacher_caches`` still works here).
 
-        Without ``attention_mask`` the mask is what ``generate()`` leaves: with a pad token other than EOS, the
-        tokens other than the pad; when EOS doubles as the pad (``pad_token_id`` None or = EOS), a leading run of
-        EOS is left padding and in each row the first EOS at a column ``>= prompt_length`` ends the generation: it
-        stays (a real token, labelled and distilled) and every column after it is padding (warned when tokens other
-        than EOS follow it and ``prompt_length`` is 0). Pass ``prompt_length`` so an EOS inside the prompt does
-        not end the row, and pass ``attention_mask`` for other layouts (right-padded prompts padded with EOS, a
-        model that stops on a token other than the tokenizer's ``eos_token_id``)."""
+        Without ``attention_mask`` the mask is what ``generate()`` leaves: pad tokens (other than EOS) are padding;
+        when EOS doubles as the pad (``pad_token_id`` None or = EOS) a leading run of EOS is left padding; and the
+        generation ends at the first EOS at a column ``>= prompt_length`` (with ``prompt_length`` 0: the first EOS
+        of the row's trailing run of EOS and padding, so an end of turn inside a chat prompt does not end it). That
+        EOS stays (a real token, labelled and distilled) and every column after it is padding, whatever token
+        ``generate()`` padded with. Pass ``attention_mask`` for other layouts (right-padded prompts padded with EOS,
+        a model that stops on a token other than the tokenizer's ``eos_token_id``)."""
         ids = torch.as_tensor(student_ids).detach().cpu()  # generate() leaves them on the model's device
         if ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"student_ids must be integer [B, T], got {tuple(ids.shape)} {ids.dtype}")
@@ -751,21 +751,21 @@ class Collator:
 
 def _generated_mask(ids: torch.Tensor, pad: int | None, eos: int | None, prompt_length: int) -> torch.Tensor:
     """The real tokens of generate()'s output [B, T] (see Collator.on_policy)."""
-    if pad is not None and pad != eos:  # generate() pads with the pad token: an EOS inside a chat prompt stays
-        return ids != pad
-    mask = torch.ones_like(ids, dtype=torch.bool)
+    distinct = pad is not None and pad != eos
+    mask = ids != pad if distinct else torch.ones_like(ids, dtype=torch.bool)
     if eos is None:
         return mask
     is_eos = ids == eos
-    lead = torch.cumprod(is_eos.long(), 1).bool()  # generate() pads with EOS: a leading run of it is left padding
-    mask &= ~lead
-    is_eos &= ~lead
-    ends = is_eos & (torch.arange(ids.shape[1]) >= prompt_length)
-    keep = ends.long().cumsum(1) - ends.long() == 0  # no end of generation before this column
-    if prompt_length == 0 and bool((~keep & ~is_eos).any()):
-        warnings.warn("on_policy: a row's first EOS ends it, and tokens other than EOS follow it (an end of turn "
-                      "inside a chat prompt?); pass prompt_length or attention_mask", stacklevel=3)
-    return mask & keep
+    if not distinct:  # generate() pads with EOS: a leading run of it is left padding
+        lead = torch.cumprod(is_eos.long(), 1).bool()
+        mask &= ~lead
+        is_eos &= ~lead
+    if prompt_length > 0:  # the generation ends at its first EOS
+        ends = is_eos & (torch.arange(ids.shape[1]) >= prompt_length)
+    else:  # no prompt boundary: the first EOS of the row's trailing run of EOS / padding (text follows a prompt's)
+        filler = (is_eos | ~mask).long()
+        ends = is_eos & torch.cumprod(filler.flip(1), 1).flip(1).bool()
+    return mask & (ends.long().cumsum(1) - ends.long() == 0)  # nothing after the end of generation
 
 
 def _example_list(examples) -> list:

@@ -481,9 +481,10 @@ class Distiller(nn.Module):
                                  "(or pass projection=)")
             else:
                 proj = Projection.from_tokenizers(self.student_tok, t.tokenizer, V_S, V_T, progress=False)
-        meta = getattr(proj, "meta", None) or getattr(getattr(proj, "base", None), "meta", None) or {}
+        learned = isinstance(proj, LearnableProjection)  # given as one: it trains (a module with θ), P-KL only
+        base = proj.base if learned else proj
         for side, fp in fps.items():  # a given W (its file's metadata) must be the one of these tokenizers
-            built = meta.get(f"{side}_fingerprint")
+            built = base.meta.get(f"{side}_fingerprint")
             if built is not None and built != fp:
                 raise ValueError(f"teacher {name!r}: W was built for another {side} tokenizer (fingerprint {built}, "
                                  f"given tokenizer {fp})")
@@ -493,12 +494,12 @@ class Distiller(nn.Module):
         if kind == "auto":
             if self.student_tok is None:
                 raise ValueError(f"teacher {name!r}: loss='auto' needs the student's tokenizer for the audit")
-            kind = proj.audit(self.student_tok).recommendation
-        if t.learnable:
+            kind = base.audit(self.student_tok).recommendation
+        if t.learnable or learned:
             if kind != "pkl":
                 raise ValueError(f"teacher {name!r}: a learnable W needs P-KL, but loss resolves to {kind!r} (the "
                                  "audit's choice); pass loss='pkl'")
-            proj = LearnableProjection(proj)
+            proj = proj if learned else LearnableProjection(proj)
         t.kind = kind
         self._widths[j] = (V_S, V_T)
         self.kd_losses[key] = _MODULES[kind](proj, reduction="sum", **self._options(t))

@@ -53,8 +53,9 @@ def check_save_path(path) -> Path:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory: give the W file's path (e.g. {path / 'W.safetensors'})")
     if not path.parent.is_dir():
-        what = "is a file, not a folder" if path.parent.exists() else "does not exist"
-        raise FileNotFoundError(f"{path}: the folder {path.parent} {what}")
+        if path.parent.exists():
+            raise NotADirectoryError(f"{path}: {path.parent} is a file, not a folder")
+        raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
     return path
 
 
@@ -349,9 +350,10 @@ class Projection:
                 behaviour = meta.get(f"{side}_behaviour")
                 if behaviour is not None and behaviour != table.behaviour:
                     warnings.warn(
-                        f"{path}: built for a {side} tokenizer with the same vocabulary but another encoding "
-                        f"(merges, normalizer, pre-tokenizer or added tokens differ: file behaviour hash {behaviour}, "
-                        f"given tokenizer {table.behaviour}); rebuild W if the encodings really differ",
+                        f"{path}: built for a {side} tokenizer with the same vocabulary but another behaviour hash "
+                        f"(file {behaviour}, given tokenizer {table.behaviour}): its merges, normalizer, pre-tokenizer "
+                        "or added tokens may differ (or only settings the build overrides, such as add_prefix_space); "
+                        "rebuild W if the encodings differ",
                         stacklevel=2)
         if proj.alias_rows is None and expect_student is not None:
             from .tokenizers import token_table

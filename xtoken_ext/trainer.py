@@ -92,7 +92,7 @@ class DistillMixin:
             raise ImportError(f"xtoken_ext.trainer needs transformers >= 5.19, found {transformers.__version__}")
         if not isinstance(distiller, Distiller):
             raise TypeError(f"distiller must be an xt.Distiller, got {type(distiller).__name__}")
-        kwargs, args = _keywords(super().__init__, args, kwargs)
+        kwargs, args = _keywords(type(self), super().__init__, args, kwargs)
         given, targs = kwargs, kwargs.get("args")
         model = given.get("model")
         if model is not None and clear_gguf_quantization(model):
@@ -259,18 +259,36 @@ class DistillMixin:
         return out
 
 
-def _keywords(init, args: tuple, kwargs: dict) -> tuple[dict, tuple]:
-    """(keyword arguments, positional rest) of a call to ``init``: the leading positional arguments named by its
-    signature, or by ``Trainer.__init__``'s when it passes ``*args`` on (a subclass forwarding to Trainer)."""
+def _takes_varargs(fn) -> bool:
+    return any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(fn).parameters.values())
+
+
+def _keywords(cls: type, init, args: tuple, kwargs: dict) -> tuple[dict, tuple]:
+    """(keyword arguments, positional-only arguments) of a call to ``init`` (the next ``__init__`` after the mixin
+    in ``cls``'s MRO): positional arguments named by its signature; those it passes on through ``*args`` named by
+    the first later ``__init__`` in the MRO that takes no ``*args`` (Trainer's, or SFTTrainer's, order)."""
+    lead, named, rest = [], {}, list(args)
     params = list(inspect.signature(init).parameters.values())
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        params = list(inspect.signature(Trainer.__init__).parameters.values())[1:]  # without self
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    named = dict(zip(names, args))
+    for p in params:
+        if not rest or p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        if p.kind is p.POSITIONAL_ONLY:
+            lead.append(rest.pop(0))
+        else:
+            named[p.name] = rest.pop(0)
+    if rest and _takes_varargs(init):
+        base = next((c.__init__ for c in cls.__mro__ if "__init__" in vars(c) and c is not DistillMixin
+                     and not _takes_varargs(c.__init__)), None)
+        names = [] if base is None else [q.name for q in list(inspect.signature(base).parameters.values())[1:]
+                                         if q.kind is q.POSITIONAL_OR_KEYWORD and q.name not in named]
+        for name in names[:len(rest)]:
+            named[name] = rest.pop(0)
+    if rest:
+        raise TypeError(f"{len(args)} positional arguments: too many for {cls.__name__}")
     twice = sorted(set(named) & set(kwargs))
     if twice:
         raise TypeError(f"got multiple values for argument(s) {twice}")
-    return {**named, **kwargs}, args[len(named):]
+    return {**named, **kwargs}, tuple(lead)
 
 
 def _check_batch(batch) -> None:
