@@ -123,16 +123,14 @@ def _read_texts(path: str, field: str) -> list[str]:
     with open(path, encoding="utf-8-sig") as f:
         content = f.read()
     kind = os.path.splitext(path)[1].lower()
-    if kind not in (".json", ".jsonl"):
-        rows = [(n, line) for n, line in enumerate(content.split("\n"), 1) if line.strip()]
-    else:
+    rows = [(n, line) for n, line in enumerate(content.split("\n"), 1) if line.strip()]  # JSON may hold U+2028
+    if kind in (".json", ".jsonl"):
         try:
             whole = json.loads(content) if kind == ".json" else None
         except json.JSONDecodeError:
             whole = None  # JSON Lines in a .json file
-        lines = [(n, line) for n, line in enumerate(content.split("\n"), 1) if line.strip()]  # JSON may hold U+2028
         rows = list(enumerate(whole, 1)) if isinstance(whole, list) else [(n, _json_line(path, n, line))
-                                                                          for n, line in lines]
+                                                                          for n, line in rows]
         where = f"{path}: item " if isinstance(whole, list) else f"{path}:"
         for n, row in rows:
             if not isinstance(row, dict) or not isinstance(row.get(field), str):

@@ -591,8 +591,6 @@ def _file_meta(st, tt, V_S: int, V_T: int, options: dict) -> dict:
 def _store(proj: Projection, path: Path) -> None:
     """Write a built W to the cache. A cache that cannot be written (read-only, full, a file in the way) costs the
     next run a rebuild, not this one its W: warn and go on."""
-    from safetensors import SafetensorError  # what safetensors raises for its own I/O errors
-
     from .tokenizers import temp_sibling
 
     tmp = temp_sibling(path)  # unique per call: threads (or same-pid hosts) building one W do not collide
@@ -600,7 +598,7 @@ def _store(proj: Projection, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         proj.save(tmp)
         os.replace(tmp, path)  # atomic: concurrent builders never see a half-written file
-    except (OSError, SafetensorError) as e:
+    except OSError as e:  # save turns safetensors' own write error into one
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         warnings.warn(f"W was built but not cached: cannot write {path} ({e}); set XTOKEN_CACHE to a writable "

@@ -93,20 +93,19 @@ class DistillMixin:
         if not isinstance(distiller, Distiller):
             raise TypeError(f"distiller must be an xt.Distiller, got {type(distiller).__name__}")
         kwargs, args = _keywords(type(self), super().__init__, args, kwargs)
-        given, targs = kwargs, kwargs.get("args")
-        model = given.get("model")
+        targs, model = kwargs.get("args"), kwargs.get("model")
         if model is not None and clear_gguf_quantization(model):
             logger.info("xtoken: the GGUF model's weights are float; cleared its quantization flag for training")
         if getattr(targs, "packing", False):
             raise ValueError("packing=True in the trainer's arguments packs the student's ids alone; leave it False "
                              "and pass data_collator=distiller.collator(max_length=..., packing=True), which packs "
                              "every side with one plan")
-        if given.get("data_collator") is None:
+        if kwargs.get("data_collator") is None:
             max_length = getattr(targs, "max_length", None) if max_length is None else max_length
-            given["data_collator"] = distiller.collator(max_length=max_length,
+            kwargs["data_collator"] = distiller.collator(max_length=max_length,
                                                         completion_only=getattr(targs, "completion_only_loss", None))
         for name, unused in (("label_smoothing_factor", getattr(targs, "label_smoothing_factor", 0)),
-                             ("compute_metrics", given.get("compute_metrics"))):
+                             ("compute_metrics", kwargs.get("compute_metrics"))):
             if unused:
                 warnings.warn(f"{name} is ignored by distillation: the loss is the Distiller's and evaluation returns "
                               "its metrics, not logits", stacklevel=2)
