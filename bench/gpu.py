@@ -512,20 +512,27 @@ def _configuration(dev: torch.device, sizes: Sizes, dry: bool) -> None:
           f"{triton.__version__}, xtoken_ext {xtoken_ext.__version__}\ncorrectness sizes: {sizes}\n", flush=True)
 
 
-def run(quick: bool = False, dry: bool = False) -> bool:
-    """The whole check (module docstring); prints its tables and returns True when everything passed."""
+def cannot_run(dry: bool) -> str | None:
+    """Why the check cannot run in this process (None when it can): not a failed check, a setup error."""
     if dry:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            if "xtoken_ext.ops._tl" in sys.modules:
-                raise RuntimeError("--dry needs TRITON_INTERPRET=1 before the Triton kernels are imported; run it in "
-                                   "a fresh process (python -m xtoken_ext.bench.gpu --dry)")
-            os.environ["TRITON_INTERPRET"] = "1"
+        if os.environ.get("TRITON_INTERPRET") != "1" and "xtoken_ext.ops._tl" in sys.modules:
+            return ("--dry needs TRITON_INTERPRET=1 before the Triton kernels are imported; run it in a fresh process "
+                    "(python -m xtoken_ext.bench.gpu --dry)")
     elif not torch.cuda.is_available():
-        print("the GPU check needs a CUDA device; --dry runs it on the CPU under the Triton interpreter")
-        return False
+        return "the GPU check needs a CUDA device; --dry runs it on the CPU under the Triton interpreter"
     elif os.environ.get("TRITON_INTERPRET") == "1":
-        print("TRITON_INTERPRET=1 is set: unset it for the GPU run, or use --dry")
-        return False
+        return "TRITON_INTERPRET=1 is set: unset it for the GPU run, or use --dry"
+    return None
+
+
+def run(quick: bool = False, dry: bool = False) -> bool:
+    """The whole check (module docstring); prints its tables and returns True when everything passed. Raises
+    RuntimeError when it cannot run here (``cannot_run``)."""
+    reason = cannot_run(dry)
+    if reason:
+        raise RuntimeError(reason)
+    if dry:
+        os.environ["TRITON_INTERPRET"] = "1"
     dev = torch.device("cpu" if dry else "cuda")
     sizes = DRY if dry else FULL
     _configuration(dev, sizes, dry)
@@ -550,6 +557,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="bf16 only in the correctness stage, one timed run")
     parser.add_argument("--dry", action="store_true", help="CPU, Triton interpreter, tiny sizes, no timing (CI)")
     args = parser.parse_args(argv)
+    reason = cannot_run(args.dry)
+    if reason:
+        parser.error(reason)  # exit 2: a setup error, not a failed check (1)
     return 0 if run(quick=args.quick, dry=args.dry) else 1
 
 

@@ -248,6 +248,10 @@ def _ratio(r: float) -> str:
     return f"{'-':>8}" if math.isnan(r) else f"{r:>7.1f}x"
 
 
+def _slope(b: float, width: int) -> str:
+    return f"{'-':>{width}}" if math.isnan(b) else f"{b:>{width}.2f}"
+
+
 def _report(results: dict, title: str) -> None:
     print(f"{title}; load average {plain._load()}")
     head = f"{'series':<18}{'x':>10}{'':<9}{'seconds':>10}{'peak extra MiB':>16}  notes"
@@ -274,8 +278,8 @@ def _report(results: dict, title: str) -> None:
         f = _fits(points)
         (bt, lt, rt), (bm, lm, rm) = f["seconds"], f["peak_extra_bytes"]
         x0, x1 = points[0]["x"], points[-1]["x"]
-        print(f"{name:<18}{f'{x0:,}..{x1:,}':>22}{x1 / x0:>6.0f}x{_ratio(rt)}{bt:>8.2f}{lt:>8.2f}  {verdict(bt):<12}"
-              f"{_ratio(rm)}{bm:>7.2f}{lm:>8.2f}  {verdict(bm)}")
+        print(f"{name:<18}{f'{x0:,}..{x1:,}':>22}{x1 / x0:>6.0f}x{_ratio(rt)}{_slope(bt, 8)}{_slope(lt, 8)}  "
+              f"{verdict(bt):<12}{_ratio(rm)}{_slope(bm, 7)}{_slope(lm, 8)}  {verdict(bm)}")
     wb = results.get("W build")
     if isinstance(wb, list) and len(wb) > 2:
         _work_fit(wb)

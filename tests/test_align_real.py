@@ -131,6 +131,21 @@ def test_aligner_bad_input(aligners):
     assert empty.num_chunks.shape == (0,) and empty.row_spans().shape == (0, 5)
 
 
+def test_shared_bos_eos_id_pairs_as_either_role(offline_tok):
+    """GPT-2's <|endoftext|> is both its BOS and its EOS: it meets the other side's BOS at the start and its EOS
+    (or end-of-turn token) at the end, in both directions and both methods (it met no EOS before)."""
+    gpt2, llama, qwen = offline_tok("gpt2"), offline_tok("llama3"), offline_tok("qwen3")
+    e, hello = gpt2.eos_token_id, gpt2.encode("Hello")
+    cases = [(llama, [e, *hello, e], [128000, *llama.encode("Hello", add_special_tokens=False), 128001]),
+             (qwen, [*hello, e], [*qwen.encode("Hello"), qwen.convert_tokens_to_ids("<|im_end|>")])]
+    for other, g_ids, o_ids in cases:
+        for method in ("auto", "dp"):
+            for s_tok, t_tok, s_ids, t_ids in ((gpt2, other, g_ids, o_ids), (other, gpt2, o_ids, g_ids)):
+                chunks, correct = xt.Aligner(s_tok, t_tok, method=method).align_ids(s_ids, t_ids, return_correct=True)
+                assert chunks.tolist() == [[k, k + 1, k, k + 1] for k in range(len(s_ids))], (method, chunks)
+                assert correct.all(), (method, s_ids, t_ids, correct)
+
+
 def test_auto_ids_with_different_chat_markup(offline_tok):
     """Different chat templates around the same messages: only chunks holding markup (specials or the newlines
     around them) are incorrect; every message token lands in a correct chunk, and both end-of-turn markers

@@ -102,6 +102,15 @@ def test_cli_passes_dry_and_maps_the_result_to_the_exit_status(monkeypatch, caps
     calls = []
     monkeypatch.setattr(gpu, "run", lambda quick, dry: calls.append((quick, dry)) or len(calls) == 1)
     assert main(["bench", "--dry"]) == 0  # --dry alone runs the GPU check
+    # A machine where the check cannot run is a setup error (2), not a failed check (1), and runs nothing.
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--suite", "gpu", "--quick"]) == 2
+    assert capsys.readouterr().err == ("xtoken bench: error: the GPU check needs a CUDA device; --dry runs it on the "
+                                       "CPU under the Triton interpreter\n")
+    with pytest.raises(SystemExit) as e:
+        gpu.main([])
+    assert e.value.code == 2
+    monkeypatch.setattr(gpu, "cannot_run", lambda dry: None)
     assert main(["bench", "--suite", "gpu", "--quick"]) == 1
     assert calls == [(False, True), (True, False)]
     assert main(["bench", "--suite", "align", "--dry"]) == 2

@@ -3,6 +3,8 @@ suites that plot write their PNG into $XTOKEN_BENCH_DIR (or say that matplotlib 
 import importlib.util
 import re
 
+import pytest
+
 from xtoken_ext.bench import SUITES
 from xtoken_ext.cli import main
 
@@ -31,8 +33,9 @@ def test_bench_quick_runs_every_suite(capsys, monkeypatch, tmp_path):
 
 
 def test_bench_rejects_unknown_suite(capsys):
-    assert main(["bench", "--suite", "nope"]) == 2
-    assert "unknown suite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's choices, listed in --help too
+        main(["bench", "--suite", "nope"])
+    assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
 
 
 def test_build_checks_the_output_path_before_building_w(capsys, monkeypatch, tmp_path):
@@ -103,8 +106,12 @@ def test_cli_error_conventions(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("XTOKEN_TRACEBACK", "0")
     assert main(["build", "offline:gpt2", "offline:gpt2", "-o", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("xtoken build: error: ")
-    assert main(["bench", "--suite", "nope"]) == 2
-    assert capsys.readouterr().err.startswith("xtoken bench: error: unknown suite")
+    # a file as the plots' folder is refused before any suite runs (it failed after the suite's minutes)
+    monkeypatch.setenv("XTOKEN_BENCH_DIR", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("")
+    assert main(["bench", "--suite", "scaling"]) == 2
+    assert capsys.readouterr() == ("", f"xtoken bench: error: XTOKEN_BENCH_DIR={tmp_path / 'file'} is not a folder "
+                                       "(the plots go there)\n")
 
 
 def test_inspect_refuses_an_empty_token_text(capsys, tmp_path):

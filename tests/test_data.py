@@ -289,7 +289,7 @@ def test_datasets_map_precomputes_alignment_columns(toks, offline_tok):
     # num_proc workers (small tokenizers: pickling Llama-3/Qwen3 to every worker costs seconds)
     small = xt.Collator(offline_tok("gpt2"), [m], max_length=40)
     pre = ds.map(small.preprocess, batched=True, batch_size=2, num_proc=2, remove_columns=["text"])
-    assert {"xt_key", "xt_student_ids", "xt_student_comp", "xt_teacher0_ids", "xt_teacher0_chunks",
+    assert {"xt_key", "xt_cut", "xt_student_ids", "xt_student_comp", "xt_teacher0_ids", "xt_teacher0_chunks",
             "xt_teacher0_correct", "xt_teacher0_keep"} == set(pre.column_names)
     _same_batch(small(list(pre)), small([r["text"] for r in rows]))
     collator = xt.Collator(s, [q, m], max_length=40)
@@ -298,6 +298,16 @@ def test_datasets_map_precomputes_alignment_columns(toks, offline_tok):
     # A shorter max_length cuts the precomputed columns as it cuts fresh alignments.
     short = xt.Collator(s, [q, m], max_length=12)
     _same_batch(short(list(pre)), short([r["text"] for r in rows]))
+    # A larger one (or none) refuses the rows preprocess cut: they would keep the shorter cut. Uncut rows pass.
+    pre12 = ds.map(short.preprocess, batched=True, batch_size=2, remove_columns=["text"])
+    assert any(pre12["xt_cut"]) and not all(pre12["xt_cut"]) and set(pre12["xt_cut"]) <= {0, 12}
+    for larger in (collator, xt.Collator(s, [q, m])):
+        with pytest.raises(ValueError, match="preprocess cut it to 12 tokens"):
+            larger(list(pre12))
+    uncut = [r for r, c in zip(pre12, pre12["xt_cut"]) if not c]
+    _same_batch(collator(uncut), collator([r["text"] for r, c in zip(rows, pre12["xt_cut"]) if not c]))
+    _same_batch(xt.Collator(s, [q, m], max_length=7)(list(pre12)), xt.Collator(s, [q, m], max_length=7)(
+        [r["text"] for r in rows]))
     pc = datasets.Dataset.from_list(PAIRS).map(collator.preprocess, batched=True)
     _same_batch(collator(list(pc)), collator(PAIRS))
     with pytest.raises(ValueError, match="other tokenizers, chat templates or options"):
@@ -576,8 +586,18 @@ def test_on_policy_without_a_mask_ends_each_row_at_its_first_eos(toks):
         assert labels[0, :5].tolist() == [-100, -100, x[1], x[2], eos]
         assert labels[1].tolist() == [-100] * 4 + ids[1, 4:].tolist()
         assert labels[2].tolist() == [-100] * 4 + [x[2], eos, -100, -100]
-        t_text = q.decode(batch["teachers"][0]["input_ids"][0][batch["teachers"][0]["attention_mask"][0].bool()])
-        assert t_text == s.decode([x[0], x[1], x[2]])  # the student's specials are skipped in the decoded text
+        t = batch["teachers"][0]
+        t_ids = [t["input_ids"][b][t["attention_mask"][b].bool()].tolist() for b in range(3)]
+        assert q.decode(t_ids[0][:-1]) == s.decode([x[0], x[1], x[2]])  # the student's specials are skipped
+        # A row that ended on EOS gives the teacher its EOS, paired 1:1 with the student's (it was a gap, never
+        # distilled); the row that ran to the end gets none.
+        al = t["alignment"]
+        for b, n in ((0, 5), (2, 6)):
+            assert t_ids[b][-1] == q.eos_token_id
+            last = int(al.num_chunks[b]) - 1
+            assert al.chunks[b, last].tolist() == [n - 1, n, len(t_ids[b]) - 1, len(t_ids[b])]
+            assert bool(al.chunk_correct[b, last]) and bool(al.chunk_valid[b, last])
+        assert t_ids[1][-1] != q.eos_token_id and q.decode(t_ids[1]) == s.decode(ids[1, 1:].tolist())
 
 
 def test_on_policy_ends_at_the_generations_eos_whatever_the_padding(toks):

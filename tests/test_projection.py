@@ -455,7 +455,9 @@ def test_load_and_to_outside_the_meta_device(tmp_path):
     P.save(tmp_path / "w.safetensors")
     with torch.device("meta"):
         Q = Projection.load(tmp_path / "w.safetensors")
+        R = Projection.random(10, 20, seed=1)  # its CPU generator met meta tensors: a device error
     assert Q.device == torch.device("cpu") and torch.equal(Q.weights, P.weights)
+    assert R.device == torch.device("cpu") and torch.equal(R.weights, P.weights) and torch.equal(R.indices, P.indices)
     with pytest.raises(ValueError, match="needs its data"):
         P.to("meta")
 

@@ -53,17 +53,23 @@ _SPECIAL, _ROLE_BITS = 1, {BOS: 2, EOS: 4, EOT: 8, UNK: 16}
 def _vocab(table) -> _C.Vocab:
     """Native vocabulary of a token table: text tokens keep their canonical bytes; a special gets its literal text
     and its special bits (PAD stays zero-width). A family without an end-of-turn token ends turns with its EOS, so
-    its EOS also carries the end-of-turn bit."""
+    its EOS also carries the end-of-turn bit. An id that is both BOS and EOS (GPT-2's <|endoftext|>, which the table
+    gives the BOS role) carries both roles: it starts and ends sequences."""
     v = _VOCABS.get(table.fingerprint)
     if v is None:
         roles = np.asarray(table.roles)
         ids = np.flatnonzero(roles != NORMAL)
         eos_ends_turns = not (roles == EOT).any()
+        tok = table.tokenizer
+        shared = tok.bos_token_id if tok.bos_token_id is not None and tok.bos_token_id == tok.eos_token_id else None
         token_bytes, special = list(table.token_bytes), np.zeros(len(roles), np.uint8)
-        pieces = table.tokenizer.convert_ids_to_tokens(ids.tolist())
+        pieces = tok.convert_ids_to_tokens(ids.tolist())
         for i, piece in zip(ids.tolist(), pieces):
             role = int(roles[i])
-            special[i] = _SPECIAL | _ROLE_BITS.get(role, 0) | (_ROLE_BITS[EOT] if role == EOS and eos_ends_turns else 0)
+            bits = _SPECIAL | _ROLE_BITS.get(role, 0)
+            if i == shared and role == BOS:
+                bits, role = bits | _ROLE_BITS[EOS], EOS
+            special[i] = bits | (_ROLE_BITS[EOT] if role == EOS and eos_ends_turns else 0)
             if role != PAD:
                 token_bytes[i] = (piece or "").encode("utf-8")
         v = _VOCABS[table.fingerprint] = _C.Vocab(token_bytes, special)

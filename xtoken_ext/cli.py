@@ -21,15 +21,18 @@ def _bench(args) -> int:
     from xtoken_ext.bench import CHECKS, SUITES
 
     suites = args.suite or list(CHECKS if args.dry else SUITES)
-    unknown = sorted(set(suites) - set(SUITES) - set(CHECKS))
-    if unknown:
-        print(f"xtoken bench: error: unknown suite(s) {unknown}; choose from {list(SUITES + CHECKS)}",
-              file=sys.stderr)
+    out = os.environ.get("XTOKEN_BENCH_DIR")
+    error = (f"--dry applies to {list(CHECKS)} only" if args.dry and not set(suites) <= set(CHECKS) else
+             f"XTOKEN_BENCH_DIR={out} is not a folder (the plots go there)" if out and Path(out).exists()
+             and not Path(out).is_dir() else None)
+    if error is None and "gpu" in suites:
+        from xtoken_ext.bench.gpu import cannot_run  # imports torch, not triton: --dry sets TRITON_INTERPRET later
+
+        error = cannot_run(args.dry)
+    if error:
+        print(f"xtoken bench: error: {error}", file=sys.stderr)
         return 2
-    if args.dry and not set(suites) <= set(CHECKS):
-        print(f"xtoken bench: error: --dry applies to {list(CHECKS)} only", file=sys.stderr)
-        return 2
-    import torch  # does not import triton: --dry can still set TRITON_INTERPRET before the kernels load
+    import torch
 
     print(f"xtoken bench — python {platform.python_version()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, cuda={'yes' if torch.cuda.is_available() else 'no'}"
@@ -213,11 +216,14 @@ def _add_pair_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xtoken_ext.bench import CHECKS, SUITES  # names only: the suites import when they run
+
     parser = argparse.ArgumentParser(prog="xtoken", description="Cross-tokenizer distillation toolkit (X-Token).")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run the microbenchmarks (offline, built-in defaults), or the GPU check "
                                          "(--suite gpu: exits 1 when a check fails)")
-    bench.add_argument("--suite", action="append", help="run only this suite (repeatable)")
+    bench.add_argument("--suite", action="append", choices=SUITES + CHECKS,
+                       help="run only this suite (repeatable; gpu only when named)")
     bench.add_argument("--quick", action="store_true", help="smoke-sized inputs")
     bench.add_argument("--dry", action="store_true", help="the GPU check (--suite gpu, the default with --dry) on "
                                                           "the CPU under the Triton interpreter at tiny sizes")

@@ -539,14 +539,20 @@ class Collator:
     def preprocess(self, batch: Mapping[str, list]) -> dict[str, list]:
         """Batched ``datasets.map`` function (``ds.map(collator.preprocess, batched=True, num_proc=N)``): tokenizes
         and aligns every example once and returns Arrow-friendly columns (``xt_student_ids``, ``xt_student_comp``,
-        per teacher j ``xt_teacher{j}_ids``, ``_chunks`` (flat [K*4]), ``_correct``, ``_keep``, and ``xt_key``, a
-        digest of the tokenizers, templates and options that the collator checks). Pure: the output depends only on
-        the input rows and the collator's configuration."""
+        per teacher j ``xt_teacher{j}_ids``, ``_chunks`` (flat [K*4]), ``_correct``, ``_keep``, ``xt_key``, a
+        digest of the tokenizers, templates and options that the collator checks, and ``xt_cut``, the
+        ``max_length`` a side of the example was cut to (0: none was), so that a collator with a larger
+        ``max_length`` refuses the shorter rows). Pure: the output depends only on the input rows and the collator's
+        configuration."""
         names = list(batch)
         n = len(batch[names[0]]) if names else 0
         rows = [{k: batch[k][i] for k in names} for i in range(n)]
-        docs = self._docs(rows, range(n))
-        out = {f"{_PRE}key": [self._key()] * n, f"{_PRE}student_ids": [d.s_ids.tolist() for d in docs],
+        m = self.max_length
+        docs = self._docs(rows, range(n), cut=False)
+        cut = [m if m is not None and max(len(d.s_ids), *(len(t.ids) for t in d.teachers)) > m else 0 for d in docs]
+        docs = [_truncate(d, m) for d in docs]
+        out = {f"{_PRE}key": [self._key()] * n, f"{_PRE}cut": cut,
+               f"{_PRE}student_ids": [d.s_ids.tolist() for d in docs],
                f"{_PRE}student_comp": [d.s_comp.tolist() for d in docs]}
         for j in range(len(self.teacher_toks)):
             ts = [d.teachers[j] for d in docs]
@@ -579,8 +585,8 @@ class Collator:
         when EOS doubles as the pad (``pad_token_id`` None or = EOS) a leading run of EOS is left padding; and the
         generation ends at the first EOS at a column ``>= prompt_length`` (with ``prompt_length`` 0: the first EOS
         of the row's trailing run of EOS and padding, so an end of turn inside a chat prompt does not end it). That
-        EOS stays (a real token, labelled and distilled) and every column after it is padding, whatever token
-        ``generate()`` padded with. Pass ``attention_mask`` for other layouts (right-padded prompts padded with EOS,
+        EOS stays (a real token, labelled and distilled: each teacher's ids get its own EOS after the text of a row
+        that ends on EOS) and every column after it is padding, whatever token ``generate()`` padded with. Pass ``attention_mask`` for other layouts (right-padded prompts padded with EOS,
         a model that stops on a token other than the tokenizer's ``eos_token_id``)."""
         ids = torch.as_tensor(student_ids).detach().cpu()  # generate() leaves them on the model's device
         if ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
@@ -604,10 +610,17 @@ class Collator:
         rows = [ids[b][mask[b]].numpy().astype(np.int64) for b in range(ids.shape[0])]
         comps = [(cols[b][mask[b]] >= prompt_length).numpy() for b in range(ids.shape[0])]
         texts = self.student_tok.batch_decode([r.tolist() for r in rows], skip_special_tokens=skip_special_tokens)
+        eos = self.student_tok.eos_token_id
+        ended = [eos is not None and len(r) > 0 and r[-1] == eos for r in rows]
         teachers = []
         for j, tok in enumerate(self.teacher_toks):
             aligner = self._aligner(j)
             t_ids = tok(texts, add_special_tokens=True)["input_ids"]
+            # a generation that ended gives each teacher its EOS too (the text has none): the two EOS pair 1:1 and
+            # the teacher's "stop here" is distilled
+            if tok.eos_token_id is not None:
+                t_ids = [t + [tok.eos_token_id] if end and (not t or t[-1] != tok.eos_token_id) else t
+                         for t, end in zip(t_ids, ended)]
             ali = aligner.align_ids_batch(rows, t_ids, threads=threads)
             docs_j = []
             for b, (comp, t) in enumerate(zip(comps, t_ids)):
@@ -641,8 +654,9 @@ class Collator:
                 "completion_only": self.completion_only, "chat_template_kwargs": self.chat_template_kwargs}
         return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
-    def _docs(self, examples: list, where) -> list[_Doc]:
-        """Parse, render, tokenize and align ``examples`` (``where``: their indices, for error messages)."""
+    def _docs(self, examples: list, where, cut: bool = True) -> list[_Doc]:
+        """Parse, render, tokenize and align ``examples`` (``where``: their indices, for error messages), cut to
+        ``max_length`` unless ``cut`` is False."""
         where = list(where)
         parsed, co = [], []
         for ex, i in zip(examples, where):
@@ -667,13 +681,17 @@ class Collator:
         student = _encode(self.student_tok, rendered(self.student_tok), co)
         pairs = [_pair(student, _encode(tok, rendered(tok), co), self._aligner(j), self.threads)
                  for j, tok in enumerate(self.teacher_toks)]
-        return [_truncate(_Doc(s.ids, s.comp, [p[b] for p in pairs]), self.max_length)
+        return [_truncate(_Doc(s.ids, s.comp, [p[b] for p in pairs]), self.max_length if cut else None)
                 for b, s in enumerate(student)]
 
     def _from_columns(self, ex: Mapping, i: int) -> _Doc:
         if ex.get(f"{_PRE}key") != self._key():
             raise ValueError(f"example {i}: its precomputed {_PRE}* columns were made by a collator with other "
                              "tokenizers, chat templates or options; rerun preprocess with this collator")
+        cut = int(ex.get(f"{_PRE}cut") or 0)  # rows preprocessed before the column existed: unknown, taken whole
+        if cut and (self.max_length is None or self.max_length > cut):
+            raise ValueError(f"example {i}: preprocess cut it to {cut} tokens, fewer than this collator's max_length "
+                             f"({self.max_length}); rerun preprocess with this collator")
         teachers = []
         for j in range(len(self.teacher_toks)):
             if f"{_PRE}teacher{j}_ids" not in ex:

@@ -430,23 +430,24 @@ class Projection:
             raise ValueError("need 1 <= max_pieces <= 4 and teacher_vocab_size >= max_pieces")
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-        g = torch.Generator().manual_seed(seed)
-        V_S = student_vocab_size
-        pieces = torch.randint(1, max_pieces + 1, (V_S,), generator=g)
-        cols = torch.randint(0, teacher_vocab_size, (V_S, SLOTS), generator=g)
-        for k in range(1, min(SLOTS, teacher_vocab_size)):  # redraw until the slots of a row are distinct (the
-            # used ones: max_pieces <= V_T)
-            while bool((dup := (cols[:, k:k + 1] == cols[:, :k]).any(1)).any()):
-                cols[dup, k] = torch.randint(0, teacher_vocab_size, (int(dup.sum()),), generator=g)
-        slot = torch.arange(SLOTS).unsqueeze(0)
-        used = slot < pieces.unsqueeze(1)
-        w = torch.where(used, gamma ** slot.to(torch.float64), torch.zeros((), dtype=torch.float64))
-        w = w / w.sum(1, keepdim=True)
-        empty = torch.rand(V_S, generator=g) < empty_rows
-        used &= ~empty.unsqueeze(1)
-        indices = torch.where(used, cols, torch.full_like(cols, -1)).to(torch.int32)
-        weights = torch.where(used, w, torch.zeros_like(w)).to(torch.float32)
-        return Projection(indices, weights, teacher_vocab_size, meta={"synthetic": True, "seed": seed})
+        with torch.device("cpu"):  # on the CPU whatever the default device, as the other constructors (.to() moves)
+            g = torch.Generator().manual_seed(seed)
+            V_S = student_vocab_size
+            pieces = torch.randint(1, max_pieces + 1, (V_S,), generator=g)
+            cols = torch.randint(0, teacher_vocab_size, (V_S, SLOTS), generator=g)
+            for k in range(1, min(SLOTS, teacher_vocab_size)):  # redraw until the slots of a row are distinct (the
+                # used ones: max_pieces <= V_T)
+                while bool((dup := (cols[:, k:k + 1] == cols[:, :k]).any(1)).any()):
+                    cols[dup, k] = torch.randint(0, teacher_vocab_size, (int(dup.sum()),), generator=g)
+            slot = torch.arange(SLOTS).unsqueeze(0)
+            used = slot < pieces.unsqueeze(1)
+            w = torch.where(used, gamma ** slot.to(torch.float64), torch.zeros((), dtype=torch.float64))
+            w = w / w.sum(1, keepdim=True)
+            empty = torch.rand(V_S, generator=g) < empty_rows
+            used &= ~empty.unsqueeze(1)
+            indices = torch.where(used, cols, torch.full_like(cols, -1)).to(torch.int32)
+            weights = torch.where(used, w, torch.zeros_like(w)).to(torch.float32)
+            return Projection(indices, weights, teacher_vocab_size, meta={"synthetic": True, "seed": seed})
 
 
 # ---------------------------------------------------------------------- reports
