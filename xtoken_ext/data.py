@@ -586,8 +586,9 @@ class Collator:
         generation ends at the first EOS at a column ``>= prompt_length`` (with ``prompt_length`` 0: the first EOS
         of the row's trailing run of EOS and padding, so an end of turn inside a chat prompt does not end it). That
         EOS stays (a real token, labelled and distilled: each teacher's ids get its own EOS after the text of a row
-        that ends on EOS) and every column after it is padding, whatever token ``generate()`` padded with. Pass ``attention_mask`` for other layouts (right-padded prompts padded with EOS,
-        a model that stops on a token other than the tokenizer's ``eos_token_id``)."""
+        that ends on EOS) and every column after it is padding, whatever token ``generate()`` padded with. Pass
+        ``attention_mask`` for other layouts (right-padded prompts padded with EOS, a model that stops on a token
+        other than the tokenizer's ``eos_token_id``)."""
         ids = torch.as_tensor(student_ids).detach().cpu()  # generate() leaves them on the model's device
         if ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"student_ids must be integer [B, T], got {tuple(ids.shape)} {ids.dtype}")
