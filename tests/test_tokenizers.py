@@ -116,6 +116,40 @@ def test_sentencepiece_prepended_space_before_multibyte_char_is_zero_width(offli
         assert list(zip(starts.tolist(), ends.tolist())) == want
 
 
+def test_a_template_eos_at_0_0_leaves_a_one_token_text_its_span(offline_tok):
+    """A SentencePiece template that appends EOS ("<s> $A </s>", Llama-2 style) gives the EOS the offsets (0, 0): its
+    start before the previous token's end read as a token split inside one char, and "▁Yes" of "Yes" got (0, 0), so
+    no chunk of a one-token text was correct."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    import xtoken_ext as xt
+    tk = Tokenizer.from_str(offline_tok("mistral-spm").backend_tokenizer.to_str())
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    for text, want in [("Yes", [(0, 0), (0, 3), (3, 3)]), ("中", [(0, 0), (0, 0), (0, 3), (3, 3)])]:
+        ids, starts, ends = encode_with_offsets(tok, text)
+        assert list(zip(starts.tolist(), ends.tolist())) == want, text
+    chunks, correct = xt.Aligner(tok, offline_tok("llama3")).align("Yes", return_correct=True)
+    assert correct.tolist() == [False, False, True, False]  # <s> and <|begin_of_text|> gaps, "Yes", </s> gap
+
+
+def test_text_a_normalizer_rewrote_stays_with_the_token_before(offline_tok):
+    """Qwen3's NFC normalizer composes " e" + U+0301 into " é" and gives it the span of " e": the mark was outside
+    every token, so the next chunk started one char late on that side and " world" was never correct."""
+    import xtoken_ext as xt
+    q, text = offline_tok("qwen3"), "hello e\u0301 world e\u0301"
+    ids, starts, ends = encode_with_offsets(q, text)
+    assert q.convert_ids_to_tokens(ids.tolist()) == ["hello", "ĠÃ©", "Ġworld", "ĠÃ©"]
+    assert list(zip(starts.tolist(), ends.tolist())) == [(0, 5), (5, 9), (9, 15), (15, 19)]
+    al = xt.Aligner(offline_tok("llama3"), q)
+    chunks, correct = al.align(text, return_correct=True)
+    ids_chunks, ids_correct = al.align_ids(al.student_tok(text)["input_ids"], q(text)["input_ids"],
+                                           return_correct=True)
+    world = [k for k, c in enumerate(chunks.tolist()) if c[2:] == [2, 3]]
+    assert len(world) == 1 and correct[world[0]] and int(correct.sum()) == int(ids_correct.sum())
+
+
 def test_trimmed_offsets_get_their_leading_whitespace_back(offline_tok):
     """trim_offsets=True (RoBERTa's and many GPT-NeoX-style post-processors) leaves a token's leading space out of
     its span ("Ġworld" at "world", a lone "Ġ" zero-width): the text path then marked " world" against " world"

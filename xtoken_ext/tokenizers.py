@@ -313,7 +313,9 @@ def _byte_offsets(text: str, offsets, ids, table: TokenTable):
     emoji, byte-fallback tokens) share an overlapping char span; they get consecutive byte ranges by length.
     A token whose span leaves out the whitespace its bytes start with (``trim_offsets=True``, RoBERTa's and many
     GPT-NeoX-style post-processors: "Ġworld" at "world", a lone "Ġ" zero-width) gets it back where the text has it
-    right before and no earlier token covers it, so that " world" meets " world" on the other side."""
+    right before and no earlier token covers it, so that " world" meets " world" on the other side. Text that no
+    token covers and holds no whitespace goes to the token before it: a normalizer's rewrite (NFC composes " e" +
+    U+0301 into " é" and gives it the span of " e") must not leave the mark outside both neighbours."""
     c2b = _char_to_byte(text)
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     starts, ends = c2b[off[:, 0]], c2b[off[:, 1]]
@@ -330,7 +332,8 @@ def _byte_offsets(text: str, offsets, ids, table: TokenTable):
             if raw[lo:starts[i]] == table.token_bytes[ids[i]][:d[i]] and (i == 0 or ends[i - 1] <= lo):
                 starts[i] = lo
     if len(ids) > 1:
-        split = np.nonzero(off[1:, 0] < off[:-1, 1])[0]
+        # the next token starts inside this one's span; a zero-width one (a template's EOS at (0, 0)) splits nothing
+        split = np.nonzero((off[1:, 0] < off[:-1, 1]) & (off[1:, 0] < off[1:, 1]))[0]
         for i in split:  # rare: only tokens inside a multi-byte char
             piece = table.token_bytes[ids[i]]
             # A piece that is not the text at its start (SentencePiece's prepended "▁" before "中") covers nothing.
@@ -340,6 +343,10 @@ def _byte_offsets(text: str, offsets, ids, table: TokenTable):
     ends = np.maximum.accumulate(ends) if len(ends) else ends
     prev = np.concatenate(([0], ends[:-1]))
     starts = np.minimum(np.maximum(starts, prev), ends)
+    nxt = np.append(starts[1:], len(raw))
+    for i in np.nonzero((ends < nxt) & (starts < ends))[0]:  # rare: a hole after a token that covers text
+        if not any(c in _ASCII_SPACE for c in raw[ends[i]:nxt[i]]):
+            ends[i] = nxt[i]
     return starts, ends
 
 
