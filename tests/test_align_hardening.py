@@ -356,3 +356,5 @@ def test_alignment_fields_and_from_chunks_inputs_are_typed():
                           (([[[0, 2, 0, 1]]], [[2]], [2], [1]), {}, "correct_list\\[0\\]")):
         with pytest.raises(TypeError, match=msg):
             Alignment.from_chunks(*args, **kw)
+    with pytest.raises(ValueError, match="teacher_lengths must be >= 0, got -1"):  # numpy's "negative dimensions"
+        Alignment.from_chunks([[]], [[]], [0], [-1])

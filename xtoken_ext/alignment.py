@@ -468,6 +468,9 @@ class Alignment:
         chunks = np.concatenate(arrs) if arrs else np.zeros((0, 4), np.int64)
         correct = np.concatenate(oks) if oks else np.zeros(0, bool)
         sl, tl = _int_array(student_lengths, "student_lengths"), _int_array(teacher_lengths, "teacher_lengths")
+        for lengths, name in ((sl, "student_lengths"), (tl, "teacher_lengths")):
+            if (lengths < 0).any():
+                raise ValueError(f"{name} must be >= 0, got {int(lengths.min())}")
         T_S, T_T = (None if T is None else _check_int(T, name, 0, None) for T, name in ((T_S, "T_S"), (T_T, "T_T")))
         s_ids = [np.zeros(n, np.int64) for n in sl] if student_ids is None else [_as_ids(x, "student")
                                                                                   for x in student_ids]
