@@ -21,7 +21,7 @@ from helpers import BACKENDS, LOSSES, check, dense_w, device, grad_bound, kappa,
 from xtoken_ext import reference as ref
 from xtoken_ext.losses import LearnableProjection
 from xtoken_ext.projection import Projection, ProjectionFileError
-from xtoken_ext.testing import C, math_roundoff
+from xtoken_ext.testing import C, loss_problem, math_roundoff
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's masked lanes
 pkl_rows, hkl_rows = torch.ops.xtoken.pkl_rows, torch.ops.xtoken.hkl_rows
@@ -713,3 +713,30 @@ def test_learnable_projection_keeps_the_policy():
             lp.theta.grad = None
             xt.pkl_loss(z, t, ali, lp, backend=backend, nonfinite="mask").backward()
             assert torch.isfinite(lp.theta.grad).all() and lp.theta.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_apply_inside_the_ops(backend):
+    """CPU autocast ran the torch backend's sparse products in bf16 / fp16: P-KL raised "addmm_out_sparse_csr_impl_mkl
+    not implemented for 'BFloat16'" for every top-k teacher (backend "auto" picks torch there). Under autocast every
+    loss, backend and teacher form gives bitwise the loss and gradients of a run without it."""
+    P = loss_problem(3, 40, 50, 10, sparse_k=8)
+    dense = loss_problem(3, 40, 50, 10)
+    learn = LearnableProjection(P.proj)
+    cases = [(name, prob, {"teacher_indices": prob.teacher_indices} if prob is P else {}, P.proj)
+             for name in ("pkl_loss", "hkl_loss") for prob in (P, dense)] + [("pkl_loss", P, {
+                 "teacher_indices": P.teacher_indices}, learn)]
+    for name, prob, kw, proj in cases:
+        if backend == "native" and prob is P:  # the C++ kernels take dense teachers
+            continue
+        runs = []
+        for dtype in (None, torch.bfloat16, torch.float16):
+            z = prob.z.clone().requires_grad_()  # fp32: autocast would lower what the ops compute from it
+            learn.zero_grad()
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = getattr(xt, name)(z, prob.t, prob.alignment, proj, backend=backend, **kw)
+            loss.backward()
+            runs.append((loss.detach(), z.grad, None if learn.theta.grad is None else learn.theta.grad.clone()))
+        for got in runs[1:]:
+            for a, b in zip(runs[0], got):
+                assert (a is None and b is None) or torch.equal(a, b), (name, backend, proj is learn)

@@ -16,6 +16,7 @@ the reach of the gradient's scaled factors, ops.pkl). The public losses raise on
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import numbers
@@ -32,6 +33,13 @@ BACKENDS = ("auto", "triton", "native", "torch")
 def interpret() -> bool:
     """Triton runs on CPU tensors through its interpreter (TRITON_INTERPRET=1 set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def no_autocast(device: torch.device):
+    """The ops compute in their own math dtype: autocast would run the torch backend's sparse products in bf16/fp16
+    (which the CPU's sparse kernels refuse, and which lose the precision the tests bound)."""
+    return torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else \
+        contextlib.nullcontext()
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from ._common import chain_sums, check_pairs, check_rows, check_spans, check_temperature, chunk_any, expand, \
-    math_dtype, nonfinite_rows, resolve_backend, row_scale, saved, scale_grad, softmax_rows, teacher_block, top, \
-    torch_setup, write_grad
+    math_dtype, no_autocast, nonfinite_rows, resolve_backend, row_scale, saved, scale_grad, softmax_rows, \
+    teacher_block, top, torch_setup, write_grad
 
 __all__ = ["hkl_rows", "native_applies"]
 
@@ -143,9 +143,11 @@ def hkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, col_mask: 
     spans = spans.long().contiguous()
     if backend != "native":  # the C++ kernel checks its spans itself
         check_spans(spans, s_logits.shape[0], t_vals.shape[0])
-    loss, grad, gsum = _BACKENDS[backend](
-        s_logits.contiguous(), t_vals.detach().contiguous(), None if t_cols is None else t_cols.long().contiguous(),
-        col_mask, spans, temperature, merge, s_chain, t_chain, common_s.long(), common_t.long(), uncommon_topk)
+    with no_autocast(s_logits.device):
+        loss, grad, gsum = _BACKENDS[backend](
+            s_logits.contiguous(), t_vals.detach().contiguous(),
+            None if t_cols is None else t_cols.long().contiguous(), col_mask, spans, temperature, merge, s_chain,
+            t_chain, common_s.long(), common_t.long(), uncommon_topk)
     md, N_s = math_dtype(s_logits.dtype), s_logits.shape[0]
     if merge != "chain":  # no chain scalars: their gradient is 0
         return loss.to(md), grad, torch.zeros(N_s, dtype=md, device=s_logits.device)

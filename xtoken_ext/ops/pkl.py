@@ -27,8 +27,9 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._common import SLOTS, check_rows, check_spans, check_temperature, chunk_any, expand, math_dtype, nonfinite_rows, \
-    resolve_backend, row_scale, saved, scale_grad, softmax_rows, teacher_block, torch_setup, write_grad
+from ._common import SLOTS, check_rows, check_spans, check_temperature, chunk_any, expand, math_dtype, \
+    no_autocast, nonfinite_rows, resolve_backend, row_scale, saved, scale_grad, softmax_rows, teacher_block, \
+    torch_setup, write_grad
 
 __all__ = ["pkl_rows", "native_applies"]
 
@@ -212,10 +213,11 @@ def pkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, w_idx: Ten
                          f"4·V_S are int32), got V_S = {s_logits.shape[1]}; use backend='torch'")
     if backend != "native":  # the C++ kernel checks its spans itself
         check_spans(spans, s_logits.shape[0], t_vals.shape[0])
-    loss, grad, grad_w = _BACKENDS[backend](
-        s_logits.contiguous(), t_vals.detach().contiguous(), None if t_cols is None else t_cols.long().contiguous(),
-        w_idx, w_val, col_mask, spans.long().contiguous(), temperature, merge, eps, t_chain, chunk_scale,
-        need_grad_w)
+    with no_autocast(s_logits.device):
+        loss, grad, grad_w = _BACKENDS[backend](
+            s_logits.contiguous(), t_vals.detach().contiguous(),
+            None if t_cols is None else t_cols.long().contiguous(), w_idx, w_val, col_mask, spans.long().contiguous(),
+            temperature, merge, eps, t_chain, chunk_scale, need_grad_w)
     md = math_dtype(s_logits.dtype)
     return loss.to(md), grad, grad_w if need_grad_w else w_val.new_zeros(0, dtype=md)
 
