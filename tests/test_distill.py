@@ -486,8 +486,11 @@ def test_a_given_w_must_match_the_tokenizers(toks, batch):
     assert torch.isfinite(Distiller(s, [Teacher(Table(len(m), 1), m, loss="pkl", projection=learned)])(
         z, only(batch, 0))[0])
     # with loss="auto" (the audit crashed on it) and learnable=True (it was wrapped again: the given θ never trained)
-    for kw in ({"loss": "auto"}, {"loss": "pkl", "learnable": True}):
+    for kw in ({"loss": "pkl"}, {"loss": "auto"}, {"loss": "pkl", "learnable": True}):
         d = Distiller(s, [Teacher(Table(len(m), 1), m, projection=learned, **kw)])
+        # θ is the Distiller's from construction, as with learnable=True: it was only made at the first batch, so
+        # DistillTrainer's optimizer (built before it) never trained it and a resume refused the checkpoint
+        assert [g["params"] for g in d.param_groups()] == [[learned.theta]]
         d(z.detach(), only(batch, 0))[0].backward()
         assert d.kd_losses["teacher0"].proj is learned and [g["params"] for g in d.param_groups()] == [[learned.theta]]
         assert learned.theta.grad is not None and bool(learned.theta.grad.ne(0).any())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,20 @@ def test_learnable_w_gradient_cleared_each_step_and_restored_on_resume(toks, tmp
     run(older, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     torch.testing.assert_close(older[0][2], first[2][2], rtol=2.0 ** -20, atol=2.0 ** -30)
     assert not torch.equal(older[0][2], first[0][2])  # the trained W, not the initial one
+
+
+def test_a_given_optimizer_without_theta_warns(toks, tmp_path):
+    """optimizers=(opt, None) skips create_optimizer, which adds θ's group: θ silently never trained."""
+    s, m = toks
+    d = Distiller(s, [Teacher(tiny(len(m), 1), m, name="spm", learnable=True)], student_vocab_size=len(s))
+    model = tiny(len(s), 0)
+    for params, warns in ((model.parameters(), True), ([*model.parameters(), *d.parameters()], False)):
+        opt = torch.optim.SGD(params, lr=0.1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            xt.DistillTrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=[{"text": TEXTS[0]}],
+                              distiller=d, max_length=24, optimizers=(opt, None))
+        assert any("lacks the learnable W's θ" in str(w.message) for w in caught) == warns
 
 
 def test_gguf_dequantized_model_trains(toks, tmp_path):

@@ -293,7 +293,10 @@ class Distiller(nn.Module):
         self._widths: dict[int, tuple[int, int]] = {}  # teacher position -> (V_S, V_T) of its loss Module
         self._label_widths: set[int] = set()  # student widths whose labels were checked on a non-CPU device
         for j, t in enumerate(self.teachers):
-            if t.learnable:
+            if isinstance(t.projection, LearnableProjection):  # θ exists now: optimizers, checkpoints and .to() see it
+                V_S = student_vocab_size if student_vocab_size is not None else t.projection.student_vocab_size
+                self._resolve(j, V_S, t.vocab_size if t.vocab_size is not None else t.projection.teacher_vocab_size)
+            elif t.learnable:
                 V_S = student_vocab_size if student_vocab_size is not None else len(self.student_tok)
                 if t.vocab_size is None:
                     raise ValueError(f"teacher {self.names[j]!r}: a learnable W needs the teacher's width (model, "

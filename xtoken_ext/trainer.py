@@ -118,6 +118,11 @@ class DistillMixin:
         self.distiller.to(self.args.device)
         if self.distiller.param_groups():
             self.add_callback(_SyncLearnedW(self.distiller))
+            given = kwargs.get("optimizers", (None, None))[0]
+            mine = {id(p) for g in getattr(given, "param_groups", ()) for p in g["params"]}
+            if given is not None and any(id(p) not in mine for g in self.distiller.param_groups() for p in g["params"]):
+                warnings.warn("the optimizer given in optimizers= lacks the learnable W's θ, which then never trains "
+                              "(its checkpoints save the initial W): add distiller.param_groups() to it", stacklevel=2)
 
     def train(self, *args, **kwargs):
         self._xt_metrics["train"].clear()  # nothing of an earlier train() is logged in this one
