@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import random
 from pathlib import Path
 
@@ -53,11 +54,11 @@ def load_model(spec: str, seed: int = 0, dtype=torch.float32):
             model = LlamaForCausalLM(config)
         model.config.bos_token_id = model.config.eos_token_id = model.config.pad_token_id = None
         return model.to(dtype), tok
-    path = gguf_path(arg) if kind == "gguf" else Path(spec) if spec.endswith(".gguf") else None
+    path = gguf_path(arg) if kind == "gguf" else Path(spec).expanduser() if spec.endswith(".gguf") else None
     if path is not None:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         return model, xt.load_tokenizer(path)
-    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype), xt.load_tokenizer(spec)
+    return AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec), dtype=dtype), xt.load_tokenizer(spec)
 
 
 def description(doc: str) -> str:

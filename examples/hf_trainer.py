@@ -29,7 +29,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--accumulation", type=positive_int, default=2)
     ap.add_argument("--max-length", type=positive_int, default=96)
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--logging-steps", type=int, default=1)
+    ap.add_argument("--logging-steps", type=positive_int, default=1)
     ap.add_argument("--output-dir", default=None)
     args = ap.parse_args(argv)
 

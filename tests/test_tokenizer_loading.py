@@ -110,6 +110,12 @@ def test_gguf_roles_and_errors(cache, tiny_gguf):
         load_tokenizer(cache / "missing.gguf")
 
 
+def test_gguf_path_under_home_is_expanded(cache, monkeypatch, tiny_gguf):
+    """"~/x.gguf" was taken literally ("GGUF file not found") while "~/folder" was expanded."""
+    monkeypatch.setenv("HOME", str(tiny_gguf.parent))
+    assert token_table(load_tokenizer("~/tiny.gguf")).fingerprint == token_table(load_tokenizer(tiny_gguf)).fingerprint
+
+
 def test_file_sha256_streams_whole_file(tmp_path):
     data = np.random.default_rng(0).bytes(1_000_003)
     (tmp_path / "f").write_bytes(data)

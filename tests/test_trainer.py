@@ -335,6 +335,17 @@ def test_trainer_arguments_it_reads_refuses_or_ignores(toks, tmp_path, monkeypat
     targs.max_length, targs.completion_only_loss = 5, False
     collator = make(targs).data_collator
     assert collator.max_length == 5 and collator.completion_only is False
+    # TRL's dataset preparation is skipped whether or not dataset_kwargs asks: it appended the student's EOS text
+    # to every completion
+    trl = pytest.importorskip("trl")  # the test extra installs it (Python >= 3.11)
+    from datasets import Dataset
+    for kwargs in (None, {"other": 1}):
+        sft = trl.SFTConfig(str(tmp_path), report_to=[], use_cpu=True, bf16=False, max_steps=1, dataset_kwargs=kwargs)
+        trainer = xt.trainer.with_distillation(trl.SFTTrainer)(
+            model=tiny(len(s), 0), args=sft, train_dataset=Dataset.from_list(data), processing_class=s,
+            distiller=d)
+        assert trainer.train_dataset[0] == data[0] and sft.dataset_kwargs == {**(kwargs or {}),
+                                                                             "skip_prepare_dataset": True}
 
     class Forwarding(transformers.Trainer):  # a subclass passing *args on: its signature names no argument
         def __init__(self, *a, **kw):

@@ -176,9 +176,10 @@ def _teacher_cache(args) -> int:
         if device.type == "cuda" and (device.index or 0) >= visible:
             raise ValueError(f"--device {args.device!r}: no such CUDA device here ({visible} visible)")
     tok = load_tokenizer(args.tokenizer or args.model)
-    gguf = Path(args.model) if args.model.lower().endswith(".gguf") else None
+    local = os.path.expanduser(args.model)  # "~/m" too (the shell leaves --model=~/m and quoted paths alone)
+    gguf = Path(local) if local.lower().endswith(".gguf") else None
     kw = {"gguf_file": gguf.name} if gguf else {}  # from_pretrained(folder, gguf_file=name)
-    where = str(gguf.parent) if gguf else args.model
+    where = str(gguf.parent) if gguf else local
     model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, args.model_dtype), **kw).eval()
     rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
     if rows is not None and len(tok) > rows:  # an id past the embedding fails inside the model, mid-run
@@ -193,7 +194,7 @@ def _teacher_cache(args) -> int:
     if device is not None:
         model.to(device)
     # the name a resumed run must repeat: a local model by its real path ("m", "./m", "/abs/m" are one model)
-    name = os.path.realpath(args.model) if os.path.exists(args.model) else args.model
+    name = os.path.realpath(local) if os.path.exists(local) else args.model
     cache = teacher_cache.build(model, tok, texts, args.output, k=args.k, dtype=getattr(torch, args.dtype),
                                 name=name, max_length=args.max_length, batch_size=args.batch_size, device=device,
                                 overwrite=args.overwrite)
@@ -248,15 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     tc = sub.add_parser("teacher-cache", help="run a teacher over texts once and store its top-k log-probs "
                                               "(safetensors shards + manifest; resumable)")
     tc.add_argument("model", help="teacher model: HF hub name, local folder or *.gguf file (transformers)")
-    tc.add_argument("data", help="texts: a .jsonl file (see --field) or a text file with one text per line")
+    tc.add_argument("data", help="texts: a .jsonl file (see --field), a .json file (a list of rows, or JSON Lines) "
+                                 "or a text file with one text per line")
     tc.add_argument("-o", "--output", required=True, help="cache directory")
     tc.add_argument("--tokenizer", help=f"teacher tokenizer ({_TOKENIZER_FORMS}); default: the model's")
-    tc.add_argument("--field", default="text", help="the text field of a .jsonl file")
+    tc.add_argument("--field", default="text", help="the text field of a .jsonl / .json file")
     tc.add_argument("-k", type=int, default=64, help="top-k log-probs kept per position")
     tc.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="stored values")
-    tc.add_argument("--model-dtype", choices=("bfloat16", "float16", "float32"), default="float32")
-    tc.add_argument("--max-length", type=int, help="cut each tokenized text to this many tokens")
-    tc.add_argument("--batch-size", type=int, default=8)
+    tc.add_argument("--model-dtype", choices=("bfloat16", "float16", "float32"), default="float32",
+                    help="the teacher's weights (default float32)")
+    tc.add_argument("--max-length", type=int,
+                    help="cut each tokenized text to this many tokens (give the collator's max_length)")
+    tc.add_argument("--batch-size", type=int, default=8, help="texts per teacher forward (default 8)")
     tc.add_argument("--device", help="e.g. cuda (default: where the model is)")
     tc.add_argument("--overwrite", action="store_true", help="replace a cache built at --output with other settings")
     tc.set_defaults(func=_teacher_cache)

@@ -66,7 +66,7 @@ def load_tokenizer(tok_or_name):
 
             tok = offline_tokenizer(spec[len(_OFFLINE_PREFIX):])
         elif spec.lower().endswith(".gguf"):
-            tok = _load_gguf(Path(spec))
+            tok = _load_gguf(Path(spec).expanduser())
         else:
             from transformers import AutoTokenizer
 

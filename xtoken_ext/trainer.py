@@ -100,6 +100,11 @@ class DistillMixin:
             raise ValueError("packing=True in the trainer's arguments packs the student's ids alone; leave it False "
                              "and pass data_collator=distiller.collator(max_length=..., packing=True), which packs "
                              "every side with one plan")
+        if getattr(targs, "dataset_kwargs", False) is not False and \
+                not (targs.dataset_kwargs or {}).get("skip_prepare_dataset"):
+            # TRL's SFTConfig: its preparation would tokenize the rows and append the student's EOS text to each
+            # completion, which the collator then gave every teacher as literal text
+            targs.dataset_kwargs = {**(targs.dataset_kwargs or {}), "skip_prepare_dataset": True}
         if kwargs.get("data_collator") is None:
             max_length = getattr(targs, "max_length", None) if max_length is None else max_length
             kwargs["data_collator"] = distiller.collator(max_length=max_length,
