@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -740,3 +743,17 @@ def test_autocast_does_not_apply_inside_the_ops(backend):
         for got in runs[1:]:
             for a, b in zip(runs[0], got):
                 assert (a is None and b is None) or torch.equal(a, b), (name, backend, proj is learn)
+
+
+def test_triton_interpret_set_after_triton_is_imported_is_named():
+    """TRITON_INTERPRET=1 set after `import triton` passed the backend check, then every kernel failed inside the
+    interpreter ("Cannot call @triton.jit'd outside of the scope of a kernel"). A fresh process: this one's triton
+    was imported with the variable set."""
+    code = ("import os, triton\nos.environ['TRITON_INTERPRET'] = '1'\nimport xtoken_ext as xt\n"
+            "from xtoken_ext.testing import loss_problem\nP = loss_problem(1, 40, 50, 10)\n"
+            "try:\n    xt.pkl_loss(P.z, P.t, P.alignment, P.proj, backend='triton')\n"
+            "except ValueError as e:\n    print('ValueError:', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "ValueError: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported" \
+        in out.stdout, (out.stdout, out.stderr[-2000:])

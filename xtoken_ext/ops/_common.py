@@ -21,6 +21,7 @@ import importlib.util
 import math
 import numbers
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -31,8 +32,13 @@ BACKENDS = ("auto", "triton", "native", "torch")
 
 
 def interpret() -> bool:
-    """Triton runs on CPU tensors through its interpreter (TRITON_INTERPRET=1 set before triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Triton runs on CPU tensors through its interpreter: TRITON_INTERPRET=1, set before triton is imported (triton
+    builds its standard library's functions for the interpreter at import; set later, every kernel failed with
+    "Cannot call @triton.jit'd outside of the scope of a kernel")."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    std = sys.modules.get("triton.language.standard")
+    return std is None or type(std.cdiv).__name__ == "InterpretedFunction"
 
 
 def no_autocast(device: torch.device):
