@@ -478,9 +478,9 @@ def test_correct_chunks_hold_equal_canonical_bytes_and_collator_matches_align_ba
                 s0, s1, t0, t1 = a.chunks[b, k].tolist()
                 x = canonical(s, a.student_ids[b, s0:s1].tolist())
                 y = canonical(t, a.teacher_ids[b, t0:t1].tolist())
-                flipped += bool(s1 > s0 and t1 > t0 and x in (b"afe", b"\xe2\x84\xab", b" \xe2\x84\xab")
+                flipped += bool(s1 > s0 and t1 > t0 and x in (b"afe\xcc\x81", b"\xe2\x84\xab", b" \xe2\x84\xab")
                                 and x != y and not a.chunk_correct[b, k])
-    assert flipped >= 2  # Qwen3: "afe" vs "afé", "Å" (U+212B) vs "Å" (U+00C5)
+    assert flipped >= 2  # Qwen3: "afe" + U+0301 vs "afé" (the mark it composed stays in its chunk), "Å" (U+212B) vs "Å"
     # a text starting with a special's literal: Metaspace (prepend_scheme="first") adds no prefix space after it,
     # so " after" ↔ "▁after" is correct (stripping the teacher's real space would break it)
     chunks, correct = xt.Aligner(s, m).align("<s> after bos", return_correct=True)
@@ -615,6 +615,21 @@ def test_on_policy_ends_at_the_generations_eos_whatever_the_padding(toks):
         ids = torch.where(rows == eot, tok.eos_token_id, rows)[0 if tok is chat else 1:]
         mask = xt.Collator(tok, [q]).on_policy(ids, prompt_length=P)["attention_mask"]
         assert mask.tolist() == ([[1] * 7, [1] * 6 + [0]] if tok is chat else [[1] * 6]), (tok.pad_token, P)
+
+
+def test_a_completion_cut_away_whole_warns_once(toks):
+    """max_length shorter than the prompt left the example no label and no KD chunk, silently: a zero loss."""
+    s, q, _ = toks
+    long = {"prompt": "Q: " + "what is twelve plus thirty? " * 3, "completion": " 42"}
+    collator = xt.Collator(s, [q], max_length=20)
+    with pytest.warns(UserWarning, match=r"completion starts past max_length \(20\)") as caught:
+        batch = collator([long, PAIRS[0]])
+        collator([long])  # once per collator
+    assert len([w for w in caught if "completion starts past" in str(w.message)]) == 1
+    assert (batch["labels"][0] == -100).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xt.Collator(s, [q], max_length=64)([long, PAIRS[0]])
 
 
 def test_rows_of_a_mixed_datasets_table_treat_none_as_absent(toks):

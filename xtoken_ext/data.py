@@ -513,7 +513,7 @@ class Collator:
                 raise ValueError(f"teacher_caches[{j}] was built with a different tokenizer (fingerprint "
                                  f"{c.fingerprint} vs {token_table(tok).fingerprint})")
             self.teacher_caches.append(c)
-        self._warned_empty = False
+        self._warned_empty = self._warned_cut = False
         self._key_cache: str | None = None
         self._aligners: dict[int, Aligner] = {}
 
@@ -550,7 +550,7 @@ class Collator:
         m = self.max_length
         docs = self._docs(rows, range(n), cut=False)
         cut = [m if m is not None and max(len(d.s_ids), *(len(t.ids) for t in d.teachers)) > m else 0 for d in docs]
-        docs = [_truncate(d, m) for d in docs]
+        docs = [self._cut(d, m) for d in docs]
         out = {f"{_PRE}key": [self._key()] * n, f"{_PRE}cut": cut,
                f"{_PRE}student_ids": [d.s_ids.tolist() for d in docs],
                f"{_PRE}student_comp": [d.s_comp.tolist() for d in docs]}
@@ -631,7 +631,7 @@ class Collator:
                 docs_j.append(_TeacherDoc(np.asarray(t, dtype=np.int64), chunks, ali.chunk_correct[b, :k].numpy(),
                                           keep))
             teachers.append(docs_j)
-        docs = [_truncate(_Doc(s, comp, [t[b] for t in teachers]), self.max_length)
+        docs = [self._cut(_Doc(s, comp, [t[b] for t in teachers]), self.max_length)
                 for b, (s, comp) in enumerate(zip(rows, comps))]
         return self._batch(docs, use_caches=False)
 
@@ -641,6 +641,15 @@ class Collator:
         if j not in self._aligners:
             self._aligners[j] = Aligner(self.student_tok, self.teacher_toks[j])
         return self._aligners[j]
+
+    def _cut(self, doc: _Doc, max_length: int | None) -> _Doc:
+        """``_truncate``, warning (once per collator) where the cut leaves an example's completion no token."""
+        out = _truncate(doc, max_length)
+        if not self._warned_cut and doc.s_comp.any() and not out.s_comp.any():
+            warnings.warn(f"an example's completion starts past max_length ({max_length}): it gets no labels and "
+                          "no KD (warned once per collator)", stacklevel=4)
+            self._warned_cut = True
+        return out
 
     def _key(self) -> str:
         if self._key_cache is None:
@@ -682,7 +691,7 @@ class Collator:
         student = _encode(self.student_tok, rendered(self.student_tok), co)
         pairs = [_pair(student, _encode(tok, rendered(tok), co), self._aligner(j), self.threads)
                  for j, tok in enumerate(self.teacher_toks)]
-        return [_truncate(_Doc(s.ids, s.comp, [p[b] for p in pairs]), self.max_length if cut else None)
+        return [self._cut(_Doc(s.ids, s.comp, [p[b] for p in pairs]), self.max_length if cut else None)
                 for b, s in enumerate(student)]
 
     def _from_columns(self, ex: Mapping, i: int) -> _Doc:
@@ -704,7 +713,7 @@ class Collator:
                 np.asarray(ex[f"{_PRE}teacher{j}_keep"], dtype=bool).reshape(-1)))
         doc = _Doc(np.asarray(ex[f"{_PRE}student_ids"], dtype=np.int64),
                    np.asarray(ex[f"{_PRE}student_comp"], dtype=bool).reshape(-1), teachers)
-        return _truncate(doc, self.max_length)
+        return self._cut(doc, self.max_length)
 
     def _width(self, n: int) -> int:
         n = max(n, 1)
