@@ -515,8 +515,10 @@ def _configuration(dev: torch.device, sizes: Sizes, dry: bool) -> None:
 def cannot_run(dry: bool) -> str | None:
     """Why the check cannot run in this process (None when it can): not a failed check, a setup error."""
     if dry:
-        if os.environ.get("TRITON_INTERPRET") != "1" and "xtoken_ext.ops._tl" in sys.modules:
-            return ("--dry needs TRITON_INTERPRET=1 before the Triton kernels are imported; run it in a fresh process "
+        from xtoken_ext.ops._common import interpret  # no triton import
+
+        if "triton" in sys.modules and not interpret():  # triton builds its library for the interpreter at import
+            return ("--dry needs TRITON_INTERPRET=1 before triton is imported; run it in a fresh process "
                     "(python -m xtoken_ext.bench.gpu --dry)")
     elif not torch.cuda.is_available():
         return "the GPU check needs a CUDA device; --dry runs it on the CPU under the Triton interpreter"

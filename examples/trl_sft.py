@@ -5,7 +5,7 @@
 ``xt.trainer.with_distillation(SFTTrainer)`` puts the DistillTrainer behaviour on TRL's trainer class: SFTConfig,
 TRL's callbacks and logging stay, the data collator is the xtoken collator (raw ``text`` / ``prompt`` +
 ``completion`` / ``messages`` rows, each tokenizer's own chat template) and the loss is the Distiller's CE + KD.
-TRL's own dataset preparation is skipped (``dataset_kwargs={"skip_prepare_dataset": True}``): the collator
+TRL's own dataset preparation is skipped (the mixin does it, whatever ``dataset_kwargs`` says): the collator
 tokenizes and aligns every side itself. TRL's GKD/GOLD trainers assume one tokenizer or bring their own
 cross-tokenizer loss; this is the route that keeps everything else of TRL.
 """
@@ -38,8 +38,7 @@ def main(argv=None) -> list[dict]:
     dataset = Dataset.from_dict({"prompt": [p + "\n" for p, _ in pairs], "completion": [c for _, c in pairs]})
     config = SFTConfig(output_dir=tempfile.mkdtemp(prefix="xtoken-trl-"), max_steps=args.steps,
                        per_device_train_batch_size=args.batch_size, learning_rate=5e-4, logging_steps=1,
-                       report_to="none", save_strategy="no", use_cpu=True,
-                       dataset_kwargs={"skip_prepare_dataset": True})
+                       report_to="none", save_strategy="no", use_cpu=True)
     trainer = xt.trainer.with_distillation(SFTTrainer)(model=student, args=config, train_dataset=dataset,
                                                        processing_class=student_tok, distiller=distiller,
                                                        max_length=args.max_length)

@@ -335,17 +335,22 @@ def test_trainer_arguments_it_reads_refuses_or_ignores(toks, tmp_path, monkeypat
     targs.max_length, targs.completion_only_loss = 5, False
     collator = make(targs).data_collator
     assert collator.max_length == 5 and collator.completion_only is False
-    # TRL's dataset preparation is skipped whether or not dataset_kwargs asks: it appended the student's EOS text
-    # to every completion
+    # TRL's dataset preparation is skipped whatever the arguments (SFTConfig without skip_prepare_dataset, or plain
+    # TrainingArguments, which TRL turns into one): it appended the student's EOS text to every completion. The
+    # arguments are left as they are; formatting_func, applied only there, warns.
     trl = pytest.importorskip("trl")  # the test extra installs it (Python >= 3.11)
     from datasets import Dataset
-    for kwargs in (None, {"other": 1}):
-        sft = trl.SFTConfig(str(tmp_path), report_to=[], use_cpu=True, bf16=False, max_steps=1, dataset_kwargs=kwargs)
-        trainer = xt.trainer.with_distillation(trl.SFTTrainer)(
-            model=tiny(len(s), 0), args=sft, train_dataset=Dataset.from_list(data), processing_class=s,
-            distiller=d)
-        assert trainer.train_dataset[0] == data[0] and sft.dataset_kwargs == {**(kwargs or {}),
-                                                                             "skip_prepare_dataset": True}
+    sft = trl.SFTConfig(str(tmp_path), report_to=[], use_cpu=True, bf16=False, max_steps=1)
+    plain = trl.SFTConfig(str(tmp_path), report_to=[], use_cpu=True, bf16=False, completion_only_loss=False)
+    for sft_args, kw in ((sft, {}), (args(tmp_path), {}), (plain, {"formatting_func": lambda row: row["prompt"]})):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = xt.trainer.with_distillation(trl.SFTTrainer)(
+                model=tiny(len(s), 0), args=sft_args, train_dataset=Dataset.from_list(data),
+                eval_dataset=Dataset.from_list(data), processing_class=s, distiller=d, **kw)
+        assert trainer.train_dataset[0] == data[0] == trainer.eval_dataset[0]
+        assert getattr(sft_args, "dataset_kwargs", None) is None  # not written into the caller's arguments
+        assert any("formatting_func is ignored" in str(w.message) for w in caught) == bool(kw)
 
     class Forwarding(transformers.Trainer):  # a subclass passing *args on: its signature names no argument
         def __init__(self, *a, **kw):

@@ -45,7 +45,7 @@ __all__ = ["Aligner", "Alignment"]
 METHODS = ("auto", "offsets", "dp")
 MAX_PARAM = (1 << 31) - 1  # csrc/align.hpp kMaxParam: band/lookahead/gram beyond it could overflow index math
 _INT64_MAX = (1 << 63) - 1
-_VOCABS: dict[str, _C.Vocab] = {}
+_VOCABS: dict[tuple[str, int | None], _C.Vocab] = {}
 # Special bits of csrc/align.hpp (enum Special): every special has _SPECIAL; role bits pair specials across families.
 _SPECIAL, _ROLE_BITS = 1, {BOS: 2, EOS: 4, EOT: 8, UNK: 16}
 
@@ -55,13 +55,14 @@ def _vocab(table) -> _C.Vocab:
     and its special bits (PAD stays zero-width). A family without an end-of-turn token ends turns with its EOS, so
     its EOS also carries the end-of-turn bit. An id that is both BOS and EOS (GPT-2's <|endoftext|>, which the table
     gives the BOS role) carries both roles: it starts and ends sequences."""
-    v = _VOCABS.get(table.fingerprint)
+    tok = table.tokenizer
+    shared = tok.bos_token_id if tok.bos_token_id is not None and tok.bos_token_id == tok.eos_token_id else None
+    key = (table.fingerprint, shared)  # the fingerprint's roles give a shared id the BOS role alone
+    v = _VOCABS.get(key)
     if v is None:
         roles = np.asarray(table.roles)
         ids = np.flatnonzero(roles != NORMAL)
         eos_ends_turns = not (roles == EOT).any()
-        tok = table.tokenizer
-        shared = tok.bos_token_id if tok.bos_token_id is not None and tok.bos_token_id == tok.eos_token_id else None
         token_bytes, special = list(table.token_bytes), np.zeros(len(roles), np.uint8)
         pieces = tok.convert_ids_to_tokens(ids.tolist())
         for i, piece in zip(ids.tolist(), pieces):
@@ -72,7 +73,7 @@ def _vocab(table) -> _C.Vocab:
             special[i] = bits | (_ROLE_BITS[EOT] if role == EOS and eos_ends_turns else 0)
             if role != PAD:
                 token_bytes[i] = (piece or "").encode("utf-8")
-        v = _VOCABS[table.fingerprint] = _C.Vocab(token_bytes, special)
+        v = _VOCABS[key] = _C.Vocab(token_bytes, special)
     return v
 
 

@@ -240,7 +240,8 @@ class Distiller(nn.Module):
       −entropy (``"entropy"``, default) or the max probability (``"max_prob"``), no gradient; a teacher served
       from a top-k cache gets the entropy of its top-k part and cannot use "ce"). ``Teacher.weight`` is then unused.
     - ``student_vocab_size``: the student's logit width, needed at construction only for a learnable W (default
-      ``len(student_tok)``); other projections are built at the widths of the first batch.
+      ``len(student_tok)``, or the rows of a ``LearnableProjection`` given as ``projection=``; both are made at
+      construction); other projections are built at the widths of the first batch.
     - ``nonfinite``: passed to the losses ("raise" | "mask", POLICY.md) when they support it; excluded chunks leave
       the KD mean and are reported per teacher.
     - ``sync``: all-reduce the statistics over the default process group (None: when one is initialized with more

@@ -100,20 +100,17 @@ class DistillMixin:
             raise ValueError("packing=True in the trainer's arguments packs the student's ids alone; leave it False "
                              "and pass data_collator=distiller.collator(max_length=..., packing=True), which packs "
                              "every side with one plan")
-        if getattr(targs, "dataset_kwargs", False) is not False and \
-                not (targs.dataset_kwargs or {}).get("skip_prepare_dataset"):
-            # TRL's SFTConfig: its preparation would tokenize the rows and append the student's EOS text to each
-            # completion, which the collator then gave every teacher as literal text
-            targs.dataset_kwargs = {**(targs.dataset_kwargs or {}), "skip_prepare_dataset": True}
         if kwargs.get("data_collator") is None:
             max_length = getattr(targs, "max_length", None) if max_length is None else max_length
             kwargs["data_collator"] = distiller.collator(max_length=max_length,
                                                         completion_only=getattr(targs, "completion_only_loss", None))
-        for name, unused in (("label_smoothing_factor", getattr(targs, "label_smoothing_factor", 0)),
-                             ("compute_metrics", kwargs.get("compute_metrics"))):
+        output = "the loss is the Distiller's and evaluation returns its metrics, not logits"
+        for name, unused, why in (("label_smoothing_factor", getattr(targs, "label_smoothing_factor", 0), output),
+                                  ("compute_metrics", kwargs.get("compute_metrics"), output),
+                                  ("formatting_func", kwargs.get("formatting_func"),
+                                   "the collator reads the rows as they are (format them with datasets.map)")):
             if unused:
-                warnings.warn(f"{name} is ignored by distillation: the loss is the Distiller's and evaluation returns "
-                              "its metrics, not logits", stacklevel=2)
+                warnings.warn(f"{name} is ignored by distillation: {why}", stacklevel=2)
         self.distiller = distiller
         self._xt_window = None
         self._xt_metrics: dict[str, dict] = {"train": {}, "eval": {}}  # metric -> [weighted sum (tensor), weight]
@@ -136,6 +133,12 @@ class DistillMixin:
 
     # -- data: the collator reads the raw columns --------------------------------------------------------------------
     def _remove_unused_columns(self, dataset, description=None):
+        return dataset
+
+    def _prepare_dataset(self, dataset, *args, **kwargs):
+        """TRL's SFTTrainer prepares (tokenizes) the rows unless ``skip_prepare_dataset``, and appends the student's
+        EOS text to each completion, which the collator would give every teacher as literal text: the collator
+        reads the raw rows, whatever the arguments say."""
         return dataset
 
     def _get_collator_with_removed_columns(self, data_collator, description=None):
