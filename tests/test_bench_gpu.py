@@ -117,13 +117,15 @@ def test_cli_passes_dry_and_maps_the_result_to_the_exit_status(monkeypatch, caps
     assert "--dry applies to ['gpu'] only" in capsys.readouterr().err
 
 
-def test_dry_refuses_a_process_whose_triton_is_not_interpreted():
+def test_dry_refuses_a_process_whose_triton_is_not_interpreted(tmp_path):
     """--dry sets TRITON_INTERPRET itself, which works only before triton is imported: in a process that imported
     triton first (torch.compile, a test run) every case failed with the backend's error instead of exit 2."""
     code = "import triton\nfrom xtoken_ext.bench.gpu import cannot_run\nprint(cannot_run(True))\n"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    # outside the checkout: its source folder has no bench subpackage and no built extension (the installed package)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=tmp_path)
     assert out.stdout.startswith("--dry needs TRITON_INTERPRET=1 before triton is imported"), out.stderr[-2000:]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**env, "TRITON_INTERPRET": "1"})
+                         env={**env, "TRITON_INTERPRET": "1"}, cwd=tmp_path)
     assert out.stdout == "None\n", out.stderr[-2000:]

@@ -745,7 +745,7 @@ def test_autocast_does_not_apply_inside_the_ops(backend):
                 assert (a is None and b is None) or torch.equal(a, b), (name, backend, proj is learn)
 
 
-def test_triton_interpret_set_after_triton_is_imported_is_named():
+def test_triton_interpret_set_after_triton_is_imported_is_named(tmp_path):
     """TRITON_INTERPRET=1 set after `import triton` passed the backend check, then every kernel failed inside the
     interpreter ("Cannot call @triton.jit'd outside of the scope of a kernel"). A fresh process: this one's triton
     was imported with the variable set."""
@@ -754,6 +754,7 @@ def test_triton_interpret_set_after_triton_is_imported_is_named():
             "try:\n    xt.pkl_loss(P.z, P.t, P.alignment, P.proj, backend='triton')\n"
             "except ValueError as e:\n    print('ValueError:', e)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=tmp_path)  # outside the checkout: the installed package, with its built extension
     assert "ValueError: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported" \
         in out.stdout, (out.stdout, out.stderr[-2000:])
