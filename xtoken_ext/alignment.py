@@ -53,10 +53,9 @@ _SPECIAL, _ROLE_BITS = 1, {BOS: 2, EOS: 4, EOT: 8, UNK: 16}
 def _vocab(table) -> _C.Vocab:
     """Native vocabulary of a token table: text tokens keep their canonical bytes; a special gets its literal text
     and its special bits (PAD stays zero-width). A family without an end-of-turn token ends turns with its EOS, so
-    its EOS also carries the end-of-turn bit. An id that is both BOS and EOS (GPT-2's <|endoftext|>, which the table
-    gives the BOS role) carries both roles: it starts and ends sequences."""
-    tok = table.tokenizer
-    shared = tok.bos_token_id if tok.bos_token_id is not None and tok.bos_token_id == tok.eos_token_id else None
+    its EOS also carries the end-of-turn bit. The table's ``shared_bos`` id (GPT-2's <|endoftext|>) carries both
+    roles: it starts and ends sequences."""
+    shared = table.shared_bos
     key = (table.fingerprint, shared)  # the fingerprint's roles give a shared id the BOS role alone
     v = _VOCABS.get(key)
     if v is None:
@@ -64,11 +63,11 @@ def _vocab(table) -> _C.Vocab:
         ids = np.flatnonzero(roles != NORMAL)
         eos_ends_turns = not (roles == EOT).any()
         token_bytes, special = list(table.token_bytes), np.zeros(len(roles), np.uint8)
-        pieces = tok.convert_ids_to_tokens(ids.tolist())
+        pieces = table.tokenizer.convert_ids_to_tokens(ids.tolist())
         for i, piece in zip(ids.tolist(), pieces):
             role = int(roles[i])
             bits = _SPECIAL | _ROLE_BITS.get(role, 0)
-            if i == shared and role == BOS:
+            if i == shared:
                 bits, role = bits | _ROLE_BITS[EOS], EOS
             special[i] = bits | (_ROLE_BITS[EOT] if role == EOS and eos_ends_turns else 0)
             if role != PAD:

@@ -787,16 +787,14 @@ def _byte_fallback_ids(table) -> list[int]:
 
 
 def _eos_for_shared_bos(table, keys: list) -> list:
-    """``keys`` with the EOS marker for an id that is both BOS and EOS (GPT-2's <|endoftext|>). The token table
-    gives it the BOS role (the aligner needs that), but W maps what a model predicts, and it never predicts a BOS:
-    as the EOS the id meets the other side's EOS (not its BOS, nor nothing)."""
-    from .tokenizers import BOS, EOS_MARKER
+    """``keys`` with the EOS marker for the table's ``shared_bos`` id (GPT-2's <|endoftext|>). W maps what a model
+    predicts, and it never predicts a BOS: as the EOS the id meets the other side's EOS (not its BOS, nor nothing)."""
+    from .tokenizers import EOS_MARKER
 
-    bos, eos = table.tokenizer.bos_token_id, table.tokenizer.eos_token_id
-    if bos is None or bos != eos or not 0 <= bos < table.size or table.roles[bos] != BOS:
+    if table.shared_bos is None:
         return keys
     keys = list(keys)
-    keys[bos] = EOS_MARKER
+    keys[table.shared_bos] = EOS_MARKER
     return keys
 
 

@@ -166,6 +166,14 @@ class TokenTable:
             self._behaviour = _behaviour_hash(self.tokenizer)
         return self._behaviour
 
+    @property
+    def shared_bos(self) -> int | None:
+        """The id that is both BOS and EOS (GPT-2's <|endoftext|>) where the table gives it the BOS role, else None.
+        It starts and ends sequences, so the aligner and W give it the EOS role too."""
+        bos = self.tokenizer.bos_token_id
+        ok = bos is not None and bos == self.tokenizer.eos_token_id and 0 <= bos < self.size
+        return bos if ok and self.roles[bos] == BOS else None
+
     def text(self, token_id: int) -> str:
         """Surface text of one id (``tokenizer.decode([id])``), e.g. " the"."""
         return self.texts()[token_id]
