@@ -4,7 +4,7 @@
 1. Correctness. Every loss (P-KL, H-KL, GOLD, ULD) × merge (mean, first, chain) × dtype (bf16, fp16, fp32) × teacher
    (dense, sparse top-k) through the public API with backend="triton", at multi-tile sizes (V_S 5,003 × V_T 6,007:
    several tiles of every autotune config, partial last tiles; 300 chunks of 1–4 rows per side in 2 sequences, every 8th
-   invalid; a teacher column that 300 W entries reach; τ = 0.7; H-KL family with a dense teacher at uncommon_topk =
+   invalid; a teacher column that 4,400 W entries reach; τ = 0.7; H-KL family with a dense teacher at uncommon_topk =
    1,000, with a sparse one at the API default); then H-KL and GOLD on a narrow dense teacher (V_T 1,031, most of its
    columns paired) at the API default uncommon_topk, where m = |U_T| (9 / 342) takes the kernel's small sort network;
    then ULD uncapped on a wider dense problem (V_S 20,011 × V_T 17,989, 40 chunks), where m exceeds the 8,192-lane

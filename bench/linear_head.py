@@ -3,7 +3,8 @@
 
 - "logits + pkl_loss": materialize z = h Wᵀ, then ``xt.pkl_loss`` (the same row-space op on all rows at once);
 - "logits + release-style": materialize z, then bench.losses' unfused baseline written the way the authors'
-  release computes P-KL (its options are described there), only at the shortest T (its chunk pooling is quadratic).
+  release computes P-KL (its options are described there), only at the shortest T of the full run (its chunk
+  pooling is quadratic; ``--quick`` runs it at every T).
 
 All three get the same inputs: student hidden states [1, T, d] and head weight [V_S, d] (fp32, both requiring grad),
 dense fp32 teacher logits [1, T, V_T] (an input: not counted), one sequence of mostly 1-to-1 chunks (bench.losses).

@@ -541,8 +541,9 @@ _DOC = """
     Sparse teacher: teacher_logits = top-k log-probs [B, T_T, k] with teacher_indices [B, T_T, k] (unique per row).
     merge: "mean" (default) | "first" | "chain" (needs student_ids / teacher_ids [B, T], default: the alignment's).
     uncovered: "renormalize" (teacher renormalized over covered columns) | "epsilon" (release parity, 1e-10 floor).
-    teacher_topk: restrict to the k teacher columns with the largest max-over-rows logit (of the values given: a
-        sparse teacher's log-probs rank differently from its logits, which differ per row by the log-normalizer).
+    teacher_topk: restrict to the k teacher columns with the largest max-over-rows logit, over the rows of valid
+        chunks (the release ranks every teacher position, padding included), of the values given (a sparse
+        teacher's log-probs rank differently from its logits, which differ per row by the log-normalizer).
     uncommon_topk (H-KL / GOLD / ULD only): length cap m of the sorted-L1 term; default 8192 for H-KL and GOLD as in
     the authors' release (it only matters past 8,192 uncommon ids), None (uncapped) for ULD.
     reduction: "mean" (Σ_k L_k / normalizer, default the number of valid chunks not excluded; a normalizer is a
