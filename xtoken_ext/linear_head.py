@@ -180,6 +180,9 @@ def _run(kind, student_hidden, student_head_weight, teacher_logits, alignment, p
     grad_on = torch.is_grad_enabled()
     need = [x is not None and x.requires_grad and grad_on for x in (student_hidden, head.weight, head.bias, w_val)]
 
+    names = ("the logits of student_hidden", "teacher_logits" if teacher_hidden is None else
+             "the logits of teacher_hidden")  # the nonfinite error's
+
     def s_fetch(r):  # student logit rows (the nonfinite error path)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             return head.logits(hs.index_select(0, r.to(device)))
@@ -189,11 +192,13 @@ def _run(kind, student_hidden, student_head_weight, teacher_logits, alignment, p
         total = torch.zeros((), dtype=md, device=device)
         n_excluded = torch.zeros((), dtype=torch.int64, device=device)
         W = head.weight
-        acc_dt = W.dtype if W.dtype in (torch.float32, torch.float64) else torch.float32
+        def acc(x):  # sums over blocks: in fp32 or fp64
+            return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        acc_dt = acc(W)
         grads = [torch.zeros(student_hidden.shape, dtype=W.dtype, device=device) if need[0] else None,
                  torch.zeros(W.shape, dtype=acc_dt, device=device) if need[1] else None,
                  torch.zeros(W.shape[0], dtype=acc_dt, device=device) if need[2] else None,
-                 torch.zeros(w_val.shape, dtype=torch.float32, device=device) if need[3] else None]
+                 torch.zeros(w_val.shape, dtype=acc(w_val), device=device) if need[3] else None]
         any_grad = any(need)
         for k0, k1 in blocks:
             Kb = k1 - k0
@@ -228,7 +233,7 @@ def _run(kind, student_hidden, student_head_weight, teacher_logits, alignment, p
                 if merge == "chain":
                     loss = loss.masked_fill(bad, math.nan)
                 excluded = L._excluded(loss.detach(), nonfinite, lambda j: L._raise_nonfinite(
-                    k0 + j, kind, merge, alignment, sp, s_fetch, t_fetch, T_S, T_T, o.backend, o.tau))
+                    k0 + j, kind, merge, alignment, sp, s_fetch, t_fetch, T_S, T_T, o.backend, o.tau, names))
                 kept = loss.masked_fill(excluded, 0.0)
                 total += kept.detach().sum()
                 n_excluded += excluded.sum()

@@ -498,15 +498,17 @@ def _check_unique(teacher_indices: Tensor):
     check_data(~dup.any(), msg)
 
 
-def _raise_nonfinite(j, kind, merge, alignment, spans, s_fetch, t_fetch, T_S, T_T, backend, tau):
+def _raise_nonfinite(j, kind, merge, alignment, spans, s_fetch, t_fetch, T_S, T_T, backend, tau,
+                     names=("student_logits", "teacher_logits")):
     """The error for NaN chunk j (flat, in row_spans order): the first row it reads (student rows first) that holds
     NaN or +inf, or (student) has no finite value; else, where a finite |logit| / τ passes float32's range (the
-    fp32 kernels' domain), that. ``s_fetch(r)`` / ``t_fetch(r)[0]``: the logit rows r."""
+    fp32 kernels' domain), that. ``s_fetch(r)`` / ``t_fetch(r)[0]``: the logit rows r; ``names``: what the user
+    passed for them."""
     s_lo, s_hi, t_lo, t_hi = (int(x) for x in spans[j])
     s_all = merge == "mean" or (merge == "chain" and kind != "pkl")  # P-KL has no student chain scalar
     t_all = merge != "first"
-    reads = (("student_logits", s_fetch, range(s_lo, s_hi if s_all else s_lo + 1), T_S, True),
-             ("teacher_logits", lambda r: t_fetch(r)[0], range(t_lo, t_hi if t_all else t_lo + 1), T_T, False))
+    reads = ((names[0], s_fetch, range(s_lo, s_hi if s_all else s_lo + 1), T_S, True),
+             (names[1], lambda r: t_fetch(r)[0], range(t_lo, t_hi if t_all else t_lo + 1), T_T, False))
     valid = getattr(alignment, "chunk_valid", None)
     b, k = (int(x) for x in valid.nonzero()[j]) if valid is not None else (s_lo // T_S, j)
     where = f"chunk {k} of sequence {b}"
