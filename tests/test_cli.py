@@ -61,6 +61,7 @@ def test_teacher_cache_inputs_it_reads_or_refuses_before_running(capsys, monkeyp
     resumed run may spell the local model path differently (it was refused)."""
     import json
 
+    import datasets
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -73,6 +74,12 @@ def test_teacher_cache_inputs_it_reads_or_refuses_before_running(capsys, monkeyp
     (tmp_path / "bom.txt").write_bytes("\ufeffhi\ntwo words\n".encode())
     for name in ("list.json", "lines.json", "bom.txt"):
         assert _read_texts(str(tmp_path / name), "text") == ["hi", "two words"], name
+    # a text file's blank lines are texts, as datasets.load_dataset("text") reads them (the collator makes them
+    # empty examples): skipped, the cache missed those rows and training raised KeyError
+    (tmp_path / "blank.txt").write_text("first\n\n   \nthird\n")
+    want = list(datasets.load_dataset("text", data_files=str(tmp_path / "blank.txt"), cache_dir=str(tmp_path / "ds"),
+                                      split="train")["text"])
+    assert _read_texts(str(tmp_path / "blank.txt"), "text") == want == ["first", "", "   ", "third"]
     sep = {"text": "one\u2028line"}  # JSON holds U+2028 unescaped: a line separator to str.splitlines
     (tmp_path / "sep.jsonl").write_text(json.dumps(sep, ensure_ascii=False) + "\n", encoding="utf-8")
     assert _read_texts(str(tmp_path / "sep.jsonl"), "text") == ["one\u2028line"]
@@ -98,6 +105,10 @@ def test_teacher_cache_inputs_it_reads_or_refuses_before_running(capsys, monkeyp
     for spelling in ("./m", str((tmp_path / "m").resolve()) + "/"):
         assert main(["teacher-cache", spelling, str(tmp_path / "bom.txt"), *base]) == 0, capsys.readouterr().err
     assert len(xt.teacher_cache.load(tmp_path / "c")) == 2
+    assert main(["teacher-cache", "m", "blank.txt", *base[:-1], "blank-cache"]) == 0
+    with pytest.warns(UserWarning, match="empty or whitespace-only"):
+        batch = xt.Collator(tok, [tok], teacher_caches=[xt.teacher_cache.load("blank-cache")])(want)
+    assert batch["teachers"][0]["topk_logprobs"].shape[0] == 4
 
 
 def test_cli_error_conventions(capsys, monkeypatch, tmp_path):

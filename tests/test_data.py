@@ -684,6 +684,22 @@ def test_teacher_ids_checks_the_teacher_index_first(toks):
     assert collator.teacher_ids(["hi"], teacher=1)[0].tolist() == m("hi")["input_ids"]
 
 
+def test_teacher_ids_of_preprocessed_rows(toks):
+    """Rows holding only preprocess's columns give the ids __call__ collates from them (teacher_ids refused them, so
+    the preprocess workflow could not build a teacher cache); a shorter max_length cuts them as it does there."""
+    s, q, m = toks
+    texts = ["The quick brown fox jumps over the lazy dog.", "hi"]
+    collator = xt.Collator(s, [q, m])
+    cols = collator.preprocess({"text": texts})
+    rows = [{k: v[i] for k, v in cols.items()} for i in range(len(texts))]
+    for j in (0, 1):
+        got, want = collator.teacher_ids(rows, j), collator.teacher_ids(texts, j)
+        assert [x.tolist() for x in got] == [x.tolist() for x in want]
+    short = xt.Collator(s, [q, m], max_length=4)
+    assert [x.tolist() for x in short.teacher_ids(rows, 1)] == [x.tolist() for x in short.teacher_ids(texts, 1)]
+    assert len(short.teacher_ids(rows, 1)[0]) == 4
+
+
 def test_a_tool_call_message_without_content_is_empty_text(chat_toks):
     """OpenAI / TRL write an assistant message that only calls a tool with content None: its text is empty."""
     s, q, _ = chat_toks

@@ -253,3 +253,20 @@ def test_cli_text_file_errors_come_before_the_model_loads(tmp_path, capsys):
         assert main(["teacher-cache", str(tmp_path / "no-model"), str(tmp_path / name), "-o", str(tmp_path / "c")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("xtoken teacher-cache: error: ") and msg in err, err
+
+
+def test_a_single_cache_or_one_without_width_gets_a_clear_error(tmp_path, offline_tok, qwen):
+    """A cache path given unwrapped was iterated (a str by characters: a one-character path passed); a cache of
+    empty examples only records no width and the error asked for the cache= already given."""
+    cache = xt.teacher_cache.build(TinyTeacher(), qwen, ["hi"], tmp_path / "c", k=4, progress=False)
+    s = offline_tok("llama3")
+    for single in ("c", tmp_path / "c", cache):
+        with pytest.raises(TypeError, match="wrap a single one"):
+            xt.Collator(s, [qwen], teacher_caches=single)
+    empty = xt.teacher_cache.build(TinyTeacher(), qwen, ["", "  "], tmp_path / "e", k=4, progress=False)
+    assert empty.vocab_size is None
+    d = xt.Distiller(s, [xt.Teacher(None, qwen, loss="pkl", cache=empty)])
+    with pytest.warns(UserWarning, match="empty or whitespace-only"):
+        batch = d.collator()(["", " "])
+    with pytest.raises(ValueError, match="its cache holds no token rows, so it records none: pass vocab_size="):
+        d(torch.randn(*batch["input_ids"].shape, len(s)), batch)

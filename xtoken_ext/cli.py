@@ -120,14 +120,17 @@ def _inspect(args) -> int:
 
 
 def _read_texts(path: str, field: str) -> list[str]:
-    """Texts of a .jsonl file (the ``field`` of every line), a .json file (a list of such rows, or JSON Lines) or a
-    plain text file (one text per line); a UTF-8 byte-order mark is dropped, blank lines are skipped, a file without
-    a text is an error (not an empty cache)."""
+    """Texts of a .jsonl file (the ``field`` of every line; blank lines are skipped), a .json file (a list of such
+    rows, or JSON Lines) or a plain text file (every line a text, blank ones too, as ``datasets.load_dataset("text")``
+    reads it: the collator makes them empty examples, which the cache must serve); a UTF-8 byte-order mark is
+    dropped; a file without a text is an error (not an empty cache)."""
     with open(path, encoding="utf-8-sig") as f:
         content = f.read()
     kind = os.path.splitext(path)[1].lower()
-    rows = [(n, line) for n, line in enumerate(content.split("\n"), 1) if line.strip()]  # JSON may hold U+2028
+    lines = content.split("\n")  # only "\n" ends a line: JSON may hold U+2028, and load_dataset splits so
+    rows = list(enumerate(lines[:-1] if content.endswith("\n") else lines, 1)) if content else []
     if kind in (".json", ".jsonl"):
+        rows = [(n, line) for n, line in rows if line.strip()]
         try:
             whole = json.loads(content) if kind == ".json" else None
         except json.JSONDecodeError:
@@ -145,8 +148,8 @@ def _read_texts(path: str, field: str) -> list[str]:
         except UnicodeEncodeError as e:  # a JSON "\ud800" escape: no tokenizer takes it
             raise ValueError(f"{path}:{n}: the text holds a lone surrogate ({e.reason}); it is not Unicode text") \
                 from None
-    if not rows:
-        raise ValueError(f"{path}: no text in it (blank lines are skipped)")
+    if not any(text.strip() for _, text in rows):
+        raise ValueError(f"{path}: no text in it")
     return [text for _, text in rows]
 
 
@@ -250,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(safetensors shards + manifest; resumable)")
     tc.add_argument("model", help="teacher model: HF hub name, local folder or *.gguf file (transformers)")
     tc.add_argument("data", help="texts: a .jsonl file (see --field), a .json file (a list of rows, or JSON Lines) "
-                                 "or a text file with one text per line")
+                                 "or a text file with one text per line (blank lines too); raw texts, tokenized with "
+                                 "the teacher's specials (for chat data use teacher_cache.build)")
     tc.add_argument("-o", "--output", required=True, help="cache directory")
     tc.add_argument("--tokenizer", help=f"teacher tokenizer ({_TOKENIZER_FORMS}); default: the model's")
     tc.add_argument("--field", default="text", help="the text field of a .jsonl / .json file")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -502,6 +503,9 @@ class Collator:
         self.include_mismatched = include_mismatched
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.threads = threads
+        if isinstance(teacher_caches, (str, bytes, os.PathLike, teacher_cache.TeacherCache)):  # a str splits in chars
+            raise TypeError("teacher_caches is a list with one cache (a TeacherCache, its path or None) per teacher: "
+                            f"wrap a single one, teacher_caches=[{teacher_caches!r}]")
         caches = [None] * len(self.teacher_toks) if teacher_caches is None else list(teacher_caches)
         if len(caches) != len(self.teacher_toks):
             raise ValueError(f"{len(caches)} teacher_caches for {len(self.teacher_toks)} teachers")
@@ -528,13 +532,7 @@ class Collator:
         examples = _example_list(examples)
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
-        docs: list[_Doc | None] = [None] * len(examples)
-        fresh = [i for i, ex in enumerate(examples) if not (isinstance(ex, Mapping) and f"{_PRE}student_ids" in ex)]
-        for i, d in zip(fresh, self._docs([examples[i] for i in fresh], fresh)):
-            docs[i] = d
-        for i in set(range(len(examples))) - set(fresh):
-            docs[i] = self._from_columns(examples[i], i)
-        return self._batch(docs)
+        return self._batch(self._example_docs(examples))
 
     def preprocess(self, batch: Mapping[str, list]) -> dict[str, list]:
         """Batched ``datasets.map`` function (``ds.map(collator.preprocess, batched=True, num_proc=N)``): tokenizes
@@ -564,11 +562,12 @@ class Collator:
 
     def teacher_ids(self, examples, teacher: int = 0) -> list[np.ndarray]:
         """Teacher ``teacher``'s token ids of each example exactly as the collator produces them (rendering,
-        specials, truncation): what ``xt.teacher_cache.build`` must see for the cache to serve these examples."""
+        specials, truncation; a row of ``preprocess`` columns gives its stored ids): what ``xt.teacher_cache.build``
+        must see for the cache to serve these examples."""
         examples = _example_list(examples)
         # checked first: -1 would silently be the last teacher, and a bad index should not cost a full alignment
         teacher = _check_int(teacher, "teacher", 0, len(self.teacher_toks) - 1)
-        return [d.teachers[teacher].ids for d in self._docs(examples, range(len(examples)))]
+        return [d.teachers[teacher].ids for d in self._example_docs(examples)]
 
     def on_policy(self, student_ids, *, attention_mask=None, prompt_length: int = 0,
                   skip_special_tokens: bool = True, threads: int | None = None) -> Batch:
@@ -663,6 +662,16 @@ class Collator:
                               for t in toks],
                 "completion_only": self.completion_only, "chat_template_kwargs": self.chat_template_kwargs}
         return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def _example_docs(self, examples: list) -> list[_Doc]:
+        """The cut doc of every example: aligned here, or read from its ``preprocess`` columns."""
+        docs: list[_Doc | None] = [None] * len(examples)
+        fresh = [i for i, ex in enumerate(examples) if not (isinstance(ex, Mapping) and f"{_PRE}student_ids" in ex)]
+        for i, d in zip(fresh, self._docs([examples[i] for i in fresh], fresh)):
+            docs[i] = d
+        for i in set(range(len(examples))) - set(fresh):
+            docs[i] = self._from_columns(examples[i], i)
+        return docs
 
     def _docs(self, examples: list, where, cut: bool = True) -> list[_Doc]:
         """Parse, render, tokenize and align ``examples`` (``where``: their indices, for error messages), cut to

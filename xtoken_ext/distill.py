@@ -516,8 +516,9 @@ class Distiller(nn.Module):
         t, name = self.teachers[j], self.names[j]
         if "topk_logprobs" in td:
             if t.vocab_size is None:
-                raise ValueError(f"teacher {name!r}: cached top-k values need the teacher's width (cache= or "
-                                 "vocab_size=)")
+                why = "its cache holds no token rows, so it records none: pass vocab_size=" if t.cache is not None \
+                    else "pass cache= or vocab_size="
+                raise ValueError(f"teacher {name!r}: cached top-k values need the teacher's width ({why})")
             return td["topk_logprobs"].to(dev), td["topk_indices"].to(dev), t.vocab_size
         if t.model is None:
             raise ValueError(f"teacher {name!r} has no model and the batch carries no cached top-k log-probs "
