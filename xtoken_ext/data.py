@@ -546,7 +546,7 @@ class Collator:
         n = len(batch[names[0]]) if names else 0
         rows = [{k: batch[k][i] for k in names} for i in range(n)]
         m = self.max_length
-        docs = self._docs(rows, range(n), cut=False)
+        docs = self._docs(rows, range(n))
         cut = [m if m is not None and max(len(d.s_ids), *(len(t.ids) for t in d.teachers)) > m else 0 for d in docs]
         docs = [self._cut(d, m) for d in docs]
         out = {f"{_PRE}key": [self._key()] * n, f"{_PRE}cut": cut,
@@ -668,14 +668,13 @@ class Collator:
         docs: list[_Doc | None] = [None] * len(examples)
         fresh = [i for i, ex in enumerate(examples) if not (isinstance(ex, Mapping) and f"{_PRE}student_ids" in ex)]
         for i, d in zip(fresh, self._docs([examples[i] for i in fresh], fresh)):
-            docs[i] = d
+            docs[i] = self._cut(d, self.max_length)
         for i in set(range(len(examples))) - set(fresh):
             docs[i] = self._from_columns(examples[i], i)
         return docs
 
-    def _docs(self, examples: list, where, cut: bool = True) -> list[_Doc]:
-        """Parse, render, tokenize and align ``examples`` (``where``: their indices, for error messages), cut to
-        ``max_length`` unless ``cut`` is False."""
+    def _docs(self, examples: list, where) -> list[_Doc]:
+        """Parse, render, tokenize and align ``examples`` (``where``: their indices, for error messages); uncut."""
         where = list(where)
         parsed, co = [], []
         for ex, i in zip(examples, where):
@@ -700,8 +699,7 @@ class Collator:
         student = _encode(self.student_tok, rendered(self.student_tok), co)
         pairs = [_pair(student, _encode(tok, rendered(tok), co), self._aligner(j), self.threads)
                  for j, tok in enumerate(self.teacher_toks)]
-        return [self._cut(_Doc(s.ids, s.comp, [p[b] for p in pairs]), self.max_length if cut else None)
-                for b, s in enumerate(student)]
+        return [_Doc(s.ids, s.comp, [p[b] for p in pairs]) for b, s in enumerate(student)]
 
     def _from_columns(self, ex: Mapping, i: int) -> _Doc:
         if ex.get(f"{_PRE}key") != self._key():
