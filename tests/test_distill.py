@@ -203,6 +203,12 @@ def test_top1_agreement_matches_the_dense_projection(toks, batch):
     hits = int((q.argmax(1) == zt[rs[:, 0], rs[:, 3]].argmax(1)).sum())
     assert hits == (rs.shape[0] + 1) // 2
     assert float(met["top1/teacher0"]) == hits / rs.shape[0]
+    # a teacher row without a finite value (all −inf) has no argmax: its chunk (0, a hit) is not counted (it was, as
+    # a miss against column 0)
+    b0, t0 = int(rs[0, 0]), int(rs[0, 3])
+    zt[b0, t0] = -math.inf
+    _, met = Distiller(s, [Teacher(Fixed(zt), m)])(z, only(batch, 0))
+    assert float(met["top1/teacher0"]) == (hits - 1) / (rs.shape[0] - 1)
     # a student equal to a teacher with its tokenizer agrees everywhere (and KL = 0)
     same = Distiller(s, [Teacher(Table(len(s), 0), s)])
     _, met2 = same(Table(len(s), 0)(batch["input_ids"]), only(batch, 1))
@@ -367,14 +373,17 @@ def test_nonfinite_policy_is_passed_to_the_losses(toks, batch):
         Distiller(s, [Teacher(teacher, m)])(z, one)  # the default policy raises
 
 
-def test_masked_nonfinite_teacher_rows_leave_the_confidence_scores(toks, batch):
+@pytest.mark.parametrize("value", [math.nan, -math.inf])
+def test_masked_nonfinite_teacher_rows_leave_the_confidence_scores(toks, batch, value):
     """nonfinite="mask" with confidence weighting: a NaN teacher row's chunk is excluded from the loss and its row
-    from the teacher's score (it made α, the loss and the gradient NaN), and from top-1 agreement."""
+    from the teacher's score (it made α, the loss and the gradient NaN), and from top-1 agreement. An all −inf row
+    (zero probabilities, not an error for the losses) has no score either: its log-softmax is NaN, which made α,
+    the loss and the gradient NaN."""
     s, m, _ = toks
     bad, good = Table(len(m), 1), Table(len(m), 2)
     ids = batch["teachers"][0]["input_ids"]
     with torch.no_grad():
-        bad.table[ids[0, 3] % M] = float("nan")
+        bad.table[ids[0, 3] % M] = value
     two = {**batch, "teachers": [batch["teachers"][0]] * 2}
     for confidence in ("entropy", "max_prob", "ce"):
         d = Distiller(s, [Teacher(bad, m), Teacher(good, m)], weighting="confidence", confidence=confidence,
@@ -383,13 +392,14 @@ def test_masked_nonfinite_teacher_rows_leave_the_confidence_scores(toks, batch):
         loss, met = d(z, two)
         loss.backward()
         assert torch.isfinite(loss) and bool(table.table.grad.isfinite().all())
-        assert float(met["excluded/teacher0"]) >= 1 and float(met["excluded/teacher1"]) == 0
+        assert (float(met["excluded/teacher0"]) >= 1) == (value != -math.inf)  # −inf rows: no error for the loss
+        assert float(met["excluded/teacher1"]) == 0
         scores = []
         for t in (bad, good):
             zt, vals = t(ids).detach().double(), []
             for b, _, _, t_lo, t_hi in batch["teachers"][0]["alignment"].row_spans().tolist():
                 for p in range(t_lo, t_hi):
-                    if bool(zt[b, p].isnan().any()):
+                    if bool(zt[b, p].isnan().any()) or not bool(zt[b, p].isfinite().any()):
                         continue
                     lp = torch.log_softmax(zt[b, p], -1)
                     vals.append({"entropy": (lp.exp() * lp).sum(), "max_prob": lp.max().exp(),

@@ -535,8 +535,8 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def _top1(self, z: Tensor, vals: Tensor, idx: Tensor | None, ali, proj, V_T: int) -> tuple[Tensor, Tensor]:
         """(hits, chunks): argmax_v (Wᵀ softmax(z_r))_v == the teacher's argmax at the first predictive row pair
-        (s_lo, t_lo) of every valid chunk; a pair with a non-finite row (a chunk nonfinite="mask" excludes) is not
-        counted."""
+        (s_lo, t_lo) of every valid chunk; a pair with a non-finite row (a chunk nonfinite="mask" excludes) or a row
+        without a finite value is not counted."""
         rs = ali.row_spans()  # planned where the alignment lives (CPU: no host sync), used on z's device
         if rs.shape[0] == 0:
             return torch.zeros((), device=z.device), torch.zeros((), device=z.device)
@@ -553,7 +553,7 @@ class Distiller(nn.Module):
         for i in range(0, rs.shape[0], _ROW_BLOCK):
             b, s0, t0 = (rs[i:i + _ROW_BLOCK, c].to(z.device) for c in (0, 1, 3))
             z_row, t_row = z[b, s0].float(), vals[b, t0].float()
-            ok = ~(nonfinite_rows(z_row, True) | nonfinite_rows(t_row, False))
+            ok = ~(nonfinite_rows(z_row, True) | nonfinite_rows(t_row, True))  # a row without a finite value too
             p = torch.softmax(z_row, -1)
             q = torch.zeros(b.shape[0], V_T, device=z.device, dtype=p.dtype).index_add_(1, cols, p[:, rows] * w)
             t_top = t_row.argmax(1) if idx is None else idx[b, t0].gather(1, t_row.argmax(1, keepdim=True))[:, 0]
@@ -564,7 +564,7 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def _score(self, j: int, vals: Tensor, idx: Tensor | None, td: Mapping) -> tuple[Tensor, Tensor]:
         """(Σ score, rows) of the confidence weighting over the teacher rows of the valid chunks; a row with NaN or
-        +inf (its chunk excluded under nonfinite="mask") is not scored."""
+        +inf (its chunk excluded under nonfinite="mask") or without a finite value is not scored."""
         rs = td["alignment"].row_spans()  # row planning where the alignment lives (CPU: no host sync)
         n = rs[:, 4] - rs[:, 3]
         b = rs[:, 0].repeat_interleave(n)
@@ -577,7 +577,7 @@ class Distiller(nn.Module):
         for i in range(0, b.shape[0], _ROW_BLOCK):
             bb, pp = b[i:i + _ROW_BLOCK].to(vals.device), p[i:i + _ROW_BLOCK].to(vals.device)
             x = vals[bb, pp].float()
-            ok = ~nonfinite_rows(x, False)
+            ok = ~nonfinite_rows(x, True)  # NaN, +inf, or no finite value (all −inf: log_softmax is NaN)
             lp = x if idx is not None else torch.log_softmax(x, -1)  # a cache stores log-probs already
             if self.confidence == "max_prob":
                 s = lp.max(1).values.exp()
