@@ -146,6 +146,29 @@ def test_shared_bos_eos_id_pairs_as_either_role(offline_tok):
                 assert correct.all(), (method, s_ids, t_ids, correct)
 
 
+def test_an_eos_meets_the_end_of_turn_token_of_a_family_without_eos(offline_tok):
+    """Qwen3's instruct config makes <|im_end|> its eos_token, so it has no EOS-role id: its end-of-turn token ends
+    sequences and meets a base Llama-3's <|end_of_text|> (on_policy appends each side's eos_token_id after a row that
+    ended; the pair was incorrect, so never distilled), in both directions and both methods, as W maps them."""
+    import copy
+
+    llama, qwen = offline_tok("llama3"), copy.deepcopy(offline_tok("qwen3"))
+    qwen.eos_token = "<|im_end|>"
+    l_ids = [*llama.encode(" It is 42.", add_special_tokens=False), llama.eos_token_id]
+    q_ids = [*qwen.encode(" It is 42.", add_special_tokens=False), qwen.eos_token_id]
+    for method in ("auto", "dp"):
+        for s_tok, t_tok, s_ids, t_ids in ((llama, qwen, l_ids, q_ids), (qwen, llama, q_ids, l_ids)):
+            chunks, correct = xt.Aligner(s_tok, t_tok, method=method).align_ids(s_ids, t_ids, return_correct=True)
+            assert chunks[-1].tolist() == [len(s_ids) - 1, len(s_ids), len(t_ids) - 1, len(t_ids)], method
+            assert correct[-1], (method, chunks, correct)
+    w = xt.Projection.from_tokenizers(llama, qwen, cache=False, progress=False)
+    assert w.row(llama.eos_token_id) == {qwen.eos_token_id: 1.0}
+    ids = torch.tensor([l_ids])
+    ali = xt.Collator(llama, [qwen]).on_policy(ids, prompt_length=1)["teachers"][0]["alignment"]
+    k = int(ali.num_chunks[0]) - 1
+    assert bool(ali.chunk_correct[0, k]) and bool(ali.chunk_valid[0, k])
+
+
 def test_auto_ids_with_different_chat_markup(offline_tok):
     """Different chat templates around the same messages: only chunks holding markup (specials or the newlines
     around them) are incorrect; every message token lands in a correct chunk, and both end-of-turn markers

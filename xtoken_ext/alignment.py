@@ -53,7 +53,9 @@ _SPECIAL, _ROLE_BITS = 1, {BOS: 2, EOS: 4, EOT: 8, UNK: 16}
 def _vocab(table) -> _C.Vocab:
     """Native vocabulary of a token table: text tokens keep their canonical bytes; a special gets its literal text
     and its special bits (PAD stays zero-width). A family without an end-of-turn token ends turns with its EOS, so
-    its EOS also carries the end-of-turn bit. The table's ``shared_bos`` id (GPT-2's <|endoftext|>) carries both
+    its EOS also carries the end-of-turn bit; one without an EOS (an instruct config whose eos_token is its
+    end-of-turn token, Qwen3's <|im_end|>) ends sequences with its end-of-turn token, which carries the EOS bit (W's
+    stand-in rule). The table's ``shared_bos`` id (GPT-2's <|endoftext|>) carries both
     roles: it starts and ends sequences."""
     shared = table.shared_bos
     key = (table.fingerprint, shared)  # the fingerprint's roles give a shared id the BOS role alone
@@ -62,6 +64,7 @@ def _vocab(table) -> _C.Vocab:
         roles = np.asarray(table.roles)
         ids = np.flatnonzero(roles != NORMAL)
         eos_ends_turns = not (roles == EOT).any()
+        eot_ends_sequences = shared is None and not (roles == EOS).any()
         token_bytes, special = list(table.token_bytes), np.zeros(len(roles), np.uint8)
         pieces = table.tokenizer.convert_ids_to_tokens(ids.tolist())
         for i, piece in zip(ids.tolist(), pieces):
@@ -69,7 +72,8 @@ def _vocab(table) -> _C.Vocab:
             bits = _SPECIAL | _ROLE_BITS.get(role, 0)
             if i == shared:
                 bits, role = bits | _ROLE_BITS[EOS], EOS
-            special[i] = bits | (_ROLE_BITS[EOT] if role == EOS and eos_ends_turns else 0)
+            special[i] = bits | (_ROLE_BITS[EOT] if role == EOS and eos_ends_turns else 0) | \
+                (_ROLE_BITS[EOS] if role == EOT and eot_ends_sequences else 0)
             if role != PAD:
                 token_bytes[i] = (piece or "").encode("utf-8")
         v = _VOCABS[key] = _C.Vocab(token_bytes, special)
