@@ -302,8 +302,9 @@ def test_cli_build_inspect_audit(tmp_path, capsys):
     assert main(["build", "offline:gpt2", "offline:mistral-spm", "-o", str(out), "--no-cache"]) == 0
     assert "exact (pass 1)" in capsys.readouterr().out
     assert main(["inspect", str(out), "--student", "offline:gpt2", "--teacher", "offline:mistral-spm",
-                 "--token", "201", "--id", "0"]) == 0
+                 "--token", "201", "--id", "0", "--id", "50256"]) == 0
     text = capsys.readouterr().out
+    assert "'<|endoftext|>'(50256) -> 1.000000·'</s>'(2)" in text  # not the role markers "\xff<eos>"
     assert "'201'(1264) -> 0.900901·'2'(28750) + 0.090090·'0'(28734) + 0.009009·'1'(28740)" in text
     assert "'!'(0) -> 1.000000·'!'(28808)" in text  # the regular "!", not the byte-fallback <0x21> (36)
     assert main(["audit", "offline:gpt2", "offline:mistral-spm", "--no-cache"]) == 0

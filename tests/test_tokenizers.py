@@ -214,6 +214,20 @@ def test_word_marker_tokenizers_are_refused():
             token_table(PreTrainedTokenizerFast(tokenizer_object=tk))
 
 
+def test_tokenizer_with_an_unused_id_is_refused():
+    """A vocabulary with a hole (an id below len(tok) unused) has an id at len(tok): the table of len(tok) ids left
+    it out, so W had no row for it (GPT-2's EOS counted as a padding row) and the aligner indexed past the table."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 3}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    assert len(tok) == 3 and tok("b")["input_ids"] == [3]
+    with pytest.raises(ValueError, match="ids are not contiguous: 'b' has id 3, past len\\(tokenizer\\) = 3"):
+        token_table(tok)
+
+
 def test_table_is_remade_when_an_added_token_becomes_special():
     """Making an already-added token special with add_special_tokens changes neither len(tok) nor a role id, but
     its bytes become a role marker: the cached table was served stale (b"<|im_start|>" as text). (add_tokens with

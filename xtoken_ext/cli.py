@@ -83,7 +83,7 @@ def _audit(args) -> int:
 
 def _inspect(args) -> int:
     from xtoken_ext.projection import Projection, _show
-    from xtoken_ext.tokenizers import load_tokenizer, token_table
+    from xtoken_ext.tokenizers import NORMAL, load_tokenizer, token_table
 
     if args.token and not args.student:
         raise ValueError("--token needs --student (to find the token ids)")
@@ -101,8 +101,11 @@ def _inspect(args) -> int:
     s_table = token_table(student) if student is not None else None
     t_table = token_table(teacher) if teacher is not None else None
 
-    def name(table, i):  # ids past the tokenizer (padding rows of a wider logit layer) have no text
-        return _show(table.token_bytes[i]) if table and i < len(table.token_bytes) else ""
+    def name(table, i):  # ids past the tokenizer (padding rows of a wider logit layer) have no text; a special
+        if not table or i >= table.size:  # shows its token string, not the table's role marker
+            return ""
+        special = table.roles[i] != NORMAL
+        return _show((table.tokenizer.convert_ids_to_tokens(i) or "").encode() if special else table.token_bytes[i])
 
     ids = list(args.id or [])
     for text in args.token or []:

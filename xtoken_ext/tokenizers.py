@@ -250,6 +250,10 @@ def token_table(tok) -> TokenTable:
         raise ValueError(f"a {type(model).__name__} tokenizer whose pieces carry word markers ({', '.join(marks)}) "
                          "is not supported: its tokens' bytes are not the text's (WordPiece also drops whitespace)")
     n = len(tok)
+    top = max(tok.get_vocab().values(), default=-1)
+    if top >= n:  # a table of len(tok) ids would leave it out: W without its row, the aligner out of bounds
+        raise ValueError(f"the tokenizer's ids are not contiguous: {tok.convert_ids_to_tokens(top)!r} has id {top}, "
+                         f"past len(tokenizer) = {n} (an id below it is unused); such a tokenizer is not supported")
     kind = _kind(tok)
     pieces = tok.convert_ids_to_tokens(list(range(n)))
     roles = _roles(tok, n)
