@@ -673,6 +673,20 @@ def test_on_policy_refuses_an_empty_batch_and_ids_outside_the_vocabulary(toks):
     assert batch["input_ids"].tolist() == [[15339, 1917]]
 
 
+def test_on_policy_keeping_specials_adds_no_second_set(offline_tok):
+    """skip_special_tokens=False keeps the student's specials in the decoded text; the teachers' tokenizers added
+    their own on top (<|begin_of_text|> twice for a teacher with the student's tokenizer)."""
+    s = offline_tok("llama3")
+    row = [s.bos_token_id, *s.encode(" It is 42.", add_special_tokens=False), s.eos_token_id]
+    collator = xt.Collator(s, [s])
+    batch = collator.on_policy(torch.tensor([row]), prompt_length=1, skip_special_tokens=False)
+    assert batch["teachers"][0]["input_ids"][0].tolist() == row
+    ali = batch["teachers"][0]["alignment"]
+    assert bool(ali.chunk_correct[0, :int(ali.num_chunks[0])].all())
+    default = collator.on_policy(torch.tensor([row]), prompt_length=1)  # specials dropped, the teacher's own added
+    assert default["teachers"][0]["input_ids"][0].tolist() == row
+
+
 def test_teacher_ids_checks_the_teacher_index_first(toks):
     s, q, m = toks
     collator = xt.Collator(s, [q, m])

@@ -587,7 +587,8 @@ class Collator:
         EOS stays (a real token, labelled and distilled: each teacher's ids get its own EOS after the text of a row
         that ends on EOS) and every column after it is padding, whatever token ``generate()`` padded with. Pass
         ``attention_mask`` for other layouts (right-padded prompts padded with EOS, a model that stops on a token
-        other than the tokenizer's ``eos_token_id``)."""
+        other than the tokenizer's ``eos_token_id``). ``skip_special_tokens=False`` keeps the student's specials in
+        the decoded text; the teachers then add none of their own."""
         ids = torch.as_tensor(student_ids).detach().cpu()  # generate() leaves them on the model's device
         if ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"student_ids must be integer [B, T], got {tuple(ids.shape)} {ids.dtype}")
@@ -615,7 +616,8 @@ class Collator:
         teachers = []
         for j, tok in enumerate(self.teacher_toks):
             aligner = self._aligner(j)
-            t_ids = tok(texts, add_special_tokens=True)["input_ids"]
+            # kept specials are in the text already (a second BOS otherwise)
+            t_ids = tok(texts, add_special_tokens=skip_special_tokens)["input_ids"]
             # a generation that ended gives each teacher its EOS too (the text has none): the two EOS pair 1:1 and
             # the teacher's "stop here" is distilled
             if tok.eos_token_id is not None:

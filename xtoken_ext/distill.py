@@ -522,7 +522,8 @@ class Distiller(nn.Module):
             return td["topk_logprobs"].to(dev), td["topk_indices"].to(dev), t.vocab_size
         if t.model is None:
             raise ValueError(f"teacher {name!r} has no model and the batch carries no cached top-k log-probs "
-                             "(xt.Collator(teacher_caches=...))")
+                             "(off-policy: xt.Collator(teacher_caches=...); an on_policy batch is in no cache: give "
+                             "the teacher its model)")
         tdev = _device_of(t.model)
         args = {k: v.to(tdev) if isinstance(v, Tensor) else v for k, v in _forward_args(td, t.model).items()}
         out = t.model(**args)
