@@ -89,6 +89,20 @@ def test_bad_w_is_rejected_where_it_is_built(args, exc, msg):
         Projection(*args)
 
 
+def test_random_w_checks_its_arguments():
+    """Sizes, max_pieces and seed by type and range, empty_rows as a fraction (5.5 or -1 raised torch errors,
+    max_pieces=2.5 passed into torch.randint, empty_rows=2.0 made every row empty)."""
+    for kw, exc, msg in ((dict(student_vocab_size=5.5), TypeError, "student_vocab_size must be an int"),
+                         (dict(student_vocab_size=-1), ValueError, "student_vocab_size must be in"),
+                         (dict(max_pieces=2.5), TypeError, "max_pieces must be an int"),
+                         (dict(teacher_vocab_size=2), ValueError, "teacher_vocab_size must be in \\[4,"),
+                         (dict(empty_rows=2.0), ValueError, "empty_rows must be a fraction"),
+                         (dict(seed=-1), ValueError, "seed must be in")):
+        args = dict(student_vocab_size=5, teacher_vocab_size=10) | kw
+        with pytest.raises(exc, match=msg):
+            Projection.random(args.pop("student_vocab_size"), args.pop("teacher_vocab_size"), **args)
+
+
 @pytest.mark.parametrize("V_T", [1, 2, 3])
 def test_random_w_with_fewer_teacher_ids_than_slots(V_T):
     """Every slot was redrawn until distinct, so V_T < 4 never returned (run in a child with a deadline first, so

@@ -426,8 +426,14 @@ class Projection:
                max_pieces: int = SLOTS, gamma: float = 0.1) -> "Projection":
         """Synthetic W for tests and benchmarks: each row maps to 1..max_pieces distinct random teacher ids with
         the decay weights γ^i / Σγ^j; a fraction ``empty_rows`` of rows stays empty."""
-        if not 1 <= max_pieces <= SLOTS or teacher_vocab_size < max_pieces:
-            raise ValueError("need 1 <= max_pieces <= 4 and teacher_vocab_size >= max_pieces")
+        from .alignment import _check_int
+
+        student_vocab_size = _check_int(student_vocab_size, "student_vocab_size", 0, _MAX_VOCAB)
+        max_pieces = _check_int(max_pieces, "max_pieces", 1, SLOTS)
+        teacher_vocab_size = _check_int(teacher_vocab_size, "teacher_vocab_size", max_pieces, _MAX_VOCAB)
+        seed = _check_int(seed, "seed", 0, None)
+        if isinstance(empty_rows, bool) or not isinstance(empty_rows, numbers.Real) or not 0 <= empty_rows <= 1:
+            raise ValueError(f"empty_rows must be a fraction in [0, 1], got {empty_rows!r}")
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
         with torch.device("cpu"):  # on the CPU whatever the default device, as the other constructors (.to() moves)
