@@ -161,12 +161,16 @@ def test_an_eos_meets_the_end_of_turn_token_of_a_family_without_eos(offline_tok)
             chunks, correct = xt.Aligner(s_tok, t_tok, method=method).align_ids(s_ids, t_ids, return_correct=True)
             assert chunks[-1].tolist() == [len(s_ids) - 1, len(s_ids), len(t_ids) - 1, len(t_ids)], method
             assert correct[-1], (method, chunks, correct)
-    w = xt.Projection.from_tokenizers(llama, qwen, cache=False, progress=False)
-    assert w.row(llama.eos_token_id) == {qwen.eos_token_id: 1.0}
-    ids = torch.tensor([l_ids])
-    ali = xt.Collator(llama, [qwen]).on_policy(ids, prompt_length=1)["teachers"][0]["alignment"]
-    k = int(ali.num_chunks[0]) - 1
-    assert bool(ali.chunk_correct[0, k]) and bool(ali.chunk_valid[0, k])
+    # on_policy appends the teacher id W maps the student's EOS to (Qwen3's <|im_end|> ends turns: Llama-3's
+    # <|eot_id|>, not its <|end_of_text|>, which no student row reaches), and the pair is correct and valid
+    for s_tok, t_tok, s_ids in ((llama, qwen, l_ids), (qwen, llama, q_ids)):
+        w = xt.Projection.from_tokenizers(s_tok, t_tok, cache=False, progress=False)
+        (target,) = w.row(s_tok.eos_token_id)
+        batch = xt.Collator(s_tok, [t_tok]).on_policy(torch.tensor([s_ids]), prompt_length=1)["teachers"][0]
+        assert batch["input_ids"][0, -1] == target
+        ali = batch["alignment"]
+        k = int(ali.num_chunks[0]) - 1
+        assert bool(ali.chunk_correct[0, k]) and bool(ali.chunk_valid[0, k])
 
 
 def test_auto_ids_with_different_chat_markup(offline_tok):

@@ -685,6 +685,11 @@ def test_on_policy_keeping_specials_adds_no_second_set(offline_tok):
     assert bool(ali.chunk_correct[0, :int(ali.num_chunks[0])].all())
     default = collator.on_policy(torch.tensor([row]), prompt_length=1)  # specials dropped, the teacher's own added
     assert default["teachers"][0]["input_ids"][0].tolist() == row
+    # a teacher of another family reads the kept specials as text and still gets its own BOS
+    q = offline_tok("qwen3")
+    q_row = [*q.encode(" It is 42.", add_special_tokens=False), q.eos_token_id]
+    kept = xt.Collator(q, [s]).on_policy(torch.tensor([q_row]), prompt_length=1, skip_special_tokens=False)
+    assert kept["teachers"][0]["input_ids"][0, 0] == s.bos_token_id
 
 
 def test_teacher_ids_checks_the_teacher_index_first(toks):

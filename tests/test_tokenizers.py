@@ -214,18 +214,25 @@ def test_word_marker_tokenizers_are_refused():
             token_table(PreTrainedTokenizerFast(tokenizer_object=tk))
 
 
-def test_tokenizer_with_an_unused_id_is_refused():
-    """A vocabulary with a hole (an id below len(tok) unused) has an id at len(tok): the table of len(tok) ids left
-    it out, so W had no row for it (GPT-2's EOS counted as a padding row) and the aligner indexed past the table."""
+def test_tokenizer_with_an_unused_id_covers_its_top_id(offline_tok):
+    """A vocabulary with a hole (an id below len(tok) unused, as tiktoken conversions keep) has an id at len(tok):
+    the table of len(tok) ids left it out, so W had no row for it (GPT-2's EOS counted as a padding row) and the
+    aligner indexed past the table. The table now reaches the top id; the hole is an empty normal id."""
+    import xtoken_ext as xt
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 3}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
-    assert len(tok) == 3 and tok("b")["input_ids"] == [3]
-    with pytest.raises(ValueError, match="ids are not contiguous: 'b' has id 3, past len\\(tokenizer\\) = 3"):
-        token_table(tok)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+    assert len(tok) == 3 and tok("b a")["input_ids"] == [3, 1]
+    table = token_table(tok)
+    assert table.size == 4 and table.token_bytes[2] == b"" and table.roles[2] == NORMAL
+    w = xt.Projection.from_tokenizers(tok, tok, cache=False, progress=False)
+    assert w.student_vocab_size == w.teacher_vocab_size == 4 and w.row(3) == {3: 1.0} and w.row(2) == {}
+    chunks, correct = xt.Aligner(tok, offline_tok("gpt2")).align_ids([3], offline_tok("gpt2").encode("b"),
+                                                                      return_correct=True)
+    assert chunks.tolist() == [[0, 1, 0, 1]] and correct.all()
 
 
 def test_table_is_remade_when_an_added_token_becomes_special():

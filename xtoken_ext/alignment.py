@@ -20,7 +20,8 @@ does not depend on the thread count.
 Special tokens: in the id path a special stands for its literal text (``<|im_start|>``), so the streams stay in sync
 where the other tokenizer spells the same markup as text pieces, but a special is never equal to text: a chunk that
 holds one is correct only as a 1:1 pair of specials with the same role (BOS, end of sequence, end of turn -- a
-family without an end-of-turn token ends turns with its EOS) or the same literal text. The offset path
+family without an end-of-turn token ends turns with its EOS, one without an EOS ends sequences with its end-of-turn
+token) or the same literal text. The offset path
 (``align``/``align_batch``) applies the same rule, so both paths agree. Padding tokens are zero-width gaps.
 
 Inputs the library rejects: non-str text, bytes that are not UTF-8, empty text, lone surrogates, ids out of

@@ -35,7 +35,7 @@ import torch
 
 from . import teacher_cache
 from .alignment import Aligner, Alignment, _check_int, _check_threads, _check_utf8
-from .tokenizers import NORMAL, encode_batch_with_offsets, load_tokenizer, token_table
+from .tokenizers import EOT, NORMAL, encode_batch_with_offsets, load_tokenizer, token_table
 
 __all__ = ["Collator", "Batch", "pack_plan", "teacher_cache"]
 
@@ -320,6 +320,17 @@ def _pair(S: list[_Side], T: list[_Side], aligner: Aligner, threads: int) -> lis
     return out
 
 
+def _end_id(tok, ends_turn: bool) -> int | None:
+    """The id of tokenizer ``tok`` that W maps a student's final EOS to (by role), so the two pair 1:1: for an EOS
+    that ends turns (Qwen3's <|im_end|>) its lowest end-of-turn id, for a plain EOS its eos_token_id; where ``tok``
+    lacks that role, the other stands in (W's rule)."""
+    roles, eos = token_table(tok).roles, tok.eos_token_id
+    if not ends_turn and eos is not None and roles[eos] != EOT:
+        return eos
+    eot = np.flatnonzero(roles == EOT)
+    return int(eot[0]) if eot.size else eos
+
+
 def _truncate(doc: _Doc, max_length: int | None) -> _Doc:
     """Cut every side to max_length tokens: chunks inside both cuts stay, the rest up to the cuts becomes one
     incorrect chunk (the same rule whether the doc was aligned here or read from precomputed columns)."""
@@ -584,11 +595,13 @@ class Collator:
         when EOS doubles as the pad (``pad_token_id`` None or = EOS) a leading run of EOS is left padding; and the
         generation ends at the first EOS at a column ``>= prompt_length`` (with ``prompt_length`` 0: the first EOS
         of the row's trailing run of EOS and padding, so an end of turn inside a chat prompt does not end it). That
-        EOS stays (a real token, labelled and distilled: each teacher's ids get its own EOS after the text of a row
-        that ends on EOS) and every column after it is padding, whatever token ``generate()`` padded with. Pass
+        EOS stays (a real token, labelled and distilled: each teacher's ids get the token W maps it to, ``_end_id``,
+        after the text of a row that ends on EOS) and every column after it is padding, whatever token ``generate()``
+        padded with. Pass
         ``attention_mask`` for other layouts (right-padded prompts padded with EOS, a model that stops on a token
         other than the tokenizer's ``eos_token_id``). ``skip_special_tokens=False`` keeps the student's specials in
-        the decoded text; the teachers then add none of their own."""
+        the decoded text (a teacher with another tokenizer reads them as text); a teacher's BOS is then not doubled
+        where the text already starts with it."""
         ids = torch.as_tensor(student_ids).detach().cpu()  # generate() leaves them on the model's device
         if ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"student_ids must be integer [B, T], got {tuple(ids.shape)} {ids.dtype}")
@@ -613,16 +626,18 @@ class Collator:
         texts = self.student_tok.batch_decode([r.tolist() for r in rows], skip_special_tokens=skip_special_tokens)
         eos = self.student_tok.eos_token_id
         ended = [eos is not None and len(r) > 0 and r[-1] == eos for r in rows]
+        ends_turn = eos is not None and token_table(self.student_tok).roles[eos] == EOT
         teachers = []
         for j, tok in enumerate(self.teacher_toks):
             aligner = self._aligner(j)
-            # kept specials are in the text already (a second BOS otherwise)
-            t_ids = tok(texts, add_special_tokens=skip_special_tokens)["input_ids"]
-            # a generation that ended gives each teacher its EOS too (the text has none): the two EOS pair 1:1 and
-            # the teacher's "stop here" is distilled
-            if tok.eos_token_id is not None:
-                t_ids = [t + [tok.eos_token_id] if end and (not t or t[-1] != tok.eos_token_id) else t
-                         for t, end in zip(t_ids, ended)]
+            t_ids = tok(texts, add_special_tokens=True)["input_ids"]
+            if not skip_special_tokens and tok.bos_token_id is not None:  # a BOS kept in the text, then the added one
+                t_ids = [t[1:] if len(t) > 1 and t[0] == t[1] == tok.bos_token_id else t for t in t_ids]
+            # a generation that ended gives each teacher the token W maps the student's EOS to (the decoded text has
+            # none): the two pair 1:1 and the teacher's "stop here" is distilled
+            end_id = _end_id(tok, ends_turn)
+            if end_id is not None:
+                t_ids = [t + [end_id] if end and (not t or t[-1] != end_id) else t for t, end in zip(t_ids, ended)]
             ali = aligner.align_ids_batch(rows, t_ids, threads=threads)
             docs_j = []
             for b, (comp, t) in enumerate(zip(comps, t_ids)):

@@ -34,6 +34,7 @@ from .data import IGNORE_INDEX
 from .losses import GOLDLoss, HKLLoss, LearnableProjection, PKLLoss, ULDLoss, pkl_loss
 from .ops._common import nonfinite_rows
 from .projection import Projection
+from .tokenizers import token_table
 
 __all__ = ["next_token_ce", "weighted_kd", "combine_losses", "Teacher", "Distiller", "Normalizers",
            "identity_projection"]
@@ -298,7 +299,7 @@ class Distiller(nn.Module):
                 V_S = student_vocab_size if student_vocab_size is not None else t.projection.student_vocab_size
                 self._resolve(j, V_S, t.vocab_size if t.vocab_size is not None else t.projection.teacher_vocab_size)
             elif t.learnable:
-                V_S = student_vocab_size if student_vocab_size is not None else len(self.student_tok)
+                V_S = student_vocab_size if student_vocab_size is not None else token_table(self.student_tok).size
                 if t.vocab_size is None:
                     raise ValueError(f"teacher {self.names[j]!r}: a learnable W needs the teacher's width (model, "
                                      "cache or vocab_size=)")
@@ -466,8 +467,6 @@ class Distiller(nn.Module):
             return self.kd_losses[key]
         same, fps = None, {}
         if t.tokenizer is not None and self.student_tok is not None:
-            from .tokenizers import token_table
-
             fps = {"student": token_table(self.student_tok).fingerprint,
                    "teacher": token_table(t.tokenizer).fingerprint}
             same = fps["student"] == fps["teacher"]

@@ -139,7 +139,8 @@ _BYTE_TRANSLATE = str.maketrans({c: chr(b) for c, b in _BYTE_DECODER.items()})
 
 @dataclass
 class TokenTable:
-    """Per-id canonical bytes and roles of one tokenizer (``size == len(tokenizer)``)."""
+    """Per-id canonical bytes and roles of one tokenizer (``size``: ``len(tokenizer)``, or its largest id + 1 where
+    its ids leave one unused)."""
 
     tokenizer: object
     token_bytes: list[bytes]
@@ -249,11 +250,9 @@ def token_table(tok) -> TokenTable:
     if marks:  # "##ing", "the</w>": W would map them to pieces of "##" / "</w>", and no multi-piece word aligns
         raise ValueError(f"a {type(model).__name__} tokenizer whose pieces carry word markers ({', '.join(marks)}) "
                          "is not supported: its tokens' bytes are not the text's (WordPiece also drops whitespace)")
-    n = len(tok)
-    top = max(tok.get_vocab().values(), default=-1)
-    if top >= n:  # a table of len(tok) ids would leave it out: W without its row, the aligner out of bounds
-        raise ValueError(f"the tokenizer's ids are not contiguous: {tok.convert_ids_to_tokens(top)!r} has id {top}, "
-                         f"past len(tokenizer) = {n} (an id below it is unused); such a tokenizer is not supported")
+    # ids with a hole (an unused id below len(tok), e.g. a tiktoken conversion) reach past len(tok): the table
+    # covers them all, the holes as empty normal ids
+    n = max(len(tok), max(tok.get_vocab().values(), default=-1) + 1)
     kind = _kind(tok)
     pieces = tok.convert_ids_to_tokens(list(range(n)))
     roles = _roles(tok, n)
