@@ -597,9 +597,8 @@ class Collator:
         of the row's trailing run of EOS and padding, so an end of turn inside a chat prompt does not end it). That
         EOS stays (a real token, labelled and distilled: each teacher's ids get the token W maps it to, ``_end_id``,
         after the text of a row that ends on EOS) and every column after it is padding, whatever token ``generate()``
-        padded with. Pass
-        ``attention_mask`` for other layouts (right-padded prompts padded with EOS, a model that stops on a token
-        other than the tokenizer's ``eos_token_id``). ``skip_special_tokens=False`` keeps the student's specials in
+        padded with. Pass ``attention_mask`` for other layouts (right-padded prompts padded with EOS, a model that
+        stops on a token other than the tokenizer's ``eos_token_id``). ``skip_special_tokens=False`` keeps the student's specials in
         the decoded text (a teacher with another tokenizer reads them as text); a teacher's BOS is then not doubled
         where the text already starts with it."""
         ids = torch.as_tensor(student_ids).detach().cpu()  # generate() leaves them on the model's device
