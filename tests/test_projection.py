@@ -104,11 +104,12 @@ def test_random_w_checks_its_arguments():
 
 
 @pytest.mark.parametrize("V_T", [1, 2, 3])
-def test_random_w_with_fewer_teacher_ids_than_slots(V_T):
+def test_random_w_with_fewer_teacher_ids_than_slots(V_T, tmp_path):
     """Every slot was redrawn until distinct, so V_T < 4 never returned (run in a child with a deadline first, so
-    that a regression fails instead of hanging the suite)."""
+    that a regression fails instead of hanging the suite; outside the checkout, whose source folder has no built
+    extension)."""
     code = f"from xtoken_ext.projection import Projection; Projection.random(50, {V_T}, max_pieces={V_T}, seed=1)"
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
     P = Projection.random(50, V_T, max_pieces=V_T, seed=1)
     for s in range(50):
         row = P.row(s)
