@@ -101,8 +101,8 @@ def _inspect(args) -> int:
     s_table = token_table(student) if student is not None else None
     t_table = token_table(teacher) if teacher is not None else None
 
-    def name(table, i):  # ids past the tokenizer (padding rows of a wider logit layer) have no text; a special
-        if not table or i >= table.size:  # shows its token string, not the table's role marker
+    def name(table, i):  # ids past the tokenizer (padding rows of a wider logit layer) have no text; an added
+        if not table or i >= table.size:  # special shows its token string, not the table's role marker
             return ""
         special = table.roles[i] != NORMAL and i in table.tokenizer.added_tokens_decoder
         return _show((table.tokenizer.convert_ids_to_tokens(i) or "").encode() if special else table.token_bytes[i])
@@ -188,8 +188,9 @@ def _teacher_cache(args) -> int:
     where = str(gguf.parent) if gguf else local
     model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, args.model_dtype), **kw).eval()
     rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
-    if rows is not None and token_table(tok).size > rows:  # an id past the embedding fails inside the model, mid-run
-        raise ValueError(f"the tokenizer has {token_table(tok).size} ids but the model embeds {rows}: not this model's "
+    n_ids = token_table(tok).size
+    if rows is not None and n_ids > rows:  # an id past the embedding fails inside the model, mid-run
+        raise ValueError(f"the tokenizer has {n_ids} ids but the model embeds {rows}: not this model's "
                          "tokenizer (see --tokenizer)")
     positions = getattr(model.config, _LEARNED_POSITIONS.get(model.config.model_type, ""), None)
     if positions and (args.max_length is None or args.max_length > positions):

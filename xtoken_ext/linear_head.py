@@ -192,13 +192,10 @@ def _run(kind, student_hidden, student_head_weight, teacher_logits, alignment, p
         total = torch.zeros((), dtype=md, device=device)
         n_excluded = torch.zeros((), dtype=torch.int64, device=device)
         W = head.weight
-        def acc(x):  # sums over blocks: in fp32 or fp64
-            return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        acc_dt = acc(W)
         grads = [torch.zeros(student_hidden.shape, dtype=W.dtype, device=device) if need[0] else None,
-                 torch.zeros(W.shape, dtype=acc_dt, device=device) if need[1] else None,
-                 torch.zeros(W.shape[0], dtype=acc_dt, device=device) if need[2] else None,
-                 torch.zeros(w_val.shape, dtype=acc(w_val), device=device) if need[3] else None]
+                 torch.zeros(W.shape, dtype=md, device=device) if need[1] else None,  # block sums in fp32 / fp64
+                 torch.zeros(W.shape[0], dtype=md, device=device) if need[2] else None,
+                 torch.zeros(w_val.shape, dtype=math_dtype(w_val.dtype), device=device) if need[3] else None]
         any_grad = any(need)
         for k0, k1 in blocks:
             Kb = k1 - k0
@@ -247,12 +244,12 @@ def _run(kind, student_hidden, student_head_weight, teacher_logits, alignment, p
                 grads[0].view(-1, W.shape[1]).index_copy_(0, s_rows, dx @ W)
             if need[1]:
                 h = h.masked_fill(drop.unsqueeze(1), 0.0)
-                if acc_dt == W.dtype:
+                if md == W.dtype:
                     grads[1].addmm_(dx.t(), h)
                 else:
                     grads[1] += dx.t() @ h
             if need[2]:
-                grads[2] += dx.sum(0, dtype=acc_dt)
+                grads[2] += dx.sum(0, dtype=md)
             if need[3]:
                 grads[3] += dw[0]
         return total, n_excluded, grads
