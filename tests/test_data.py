@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from tokenizers import normalizers
 from test_teacher_cache import TinyTeacher
 
 import xtoken_ext as xt
@@ -314,6 +315,12 @@ def test_datasets_map_precomputes_alignment_columns(toks, offline_tok):
         xt.Collator(s, [q, m], completion_only=False)(list(pc))
     with pytest.raises(ValueError, match="other tokenizers"):
         small(list(pc))
+    # the same vocabulary with another normalizer tokenizes otherwise: its rows were taken (only fingerprints keyed)
+    lower = copy.deepcopy(s)
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert token_table(lower).fingerprint == token_table(s).fingerprint
+    with pytest.raises(ValueError, match="other tokenizers"):
+        xt.Collator(lower, [q, m], max_length=40)(list(pc))
 
 
 def test_on_policy_aligns_generated_ids(toks):

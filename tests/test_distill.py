@@ -9,10 +9,13 @@ each value is bounded by C·u·κ relative to the magnitude of its parts (helper
 a gradient entry by C·u·κ·(|KD part| + |CE part|)."""
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 
 import pytest
 import torch
+from tokenizers import normalizers
 from helpers import C, kappa
 
 import xtoken_ext as xt
@@ -488,8 +491,17 @@ def test_a_given_w_must_match_the_tokenizers(toks, batch):
     _, z = student_logits(toks, batch)
     with pytest.raises(ValueError, match="W was built for another teacher tokenizer"):
         Distiller(s, [Teacher(Table(len(m), 1), q, loss="pkl", projection=w)])(z, only(batch, 0))
-    loss, _ = Distiller(s, [Teacher(Table(len(m), 1), m, loss="pkl", projection=w)])(z, only(batch, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # W's own tokenizers: no behaviour warning
+        loss, _ = Distiller(s, [Teacher(Table(len(m), 1), m, loss="pkl", projection=w)])(z, only(batch, 0))
     assert torch.isfinite(loss)
+    # the teacher's vocabulary with another normalizer (same fingerprint): warned as Projection.load warns
+    lower = copy.deepcopy(m)
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert xt.token_table(lower).fingerprint == xt.token_table(m).fingerprint
+    with pytest.warns(UserWarning, match="teacher 'teacher0': W: built for a teacher tokenizer with the same "
+                                         "vocabulary but another behaviour hash"):
+        Distiller(s, [Teacher(Table(len(m), 1), lower, loss="pkl", projection=w)])(z, only(batch, 0))
     learned = LearnableProjection(w)  # has no meta of its own: its base W's is checked (a first fix crashed here)
     with pytest.raises(ValueError, match="W was built for another teacher tokenizer"):
         Distiller(s, [Teacher(Table(len(m), 1), q, loss="pkl", projection=learned)])(z, only(batch, 0))

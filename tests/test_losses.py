@@ -155,6 +155,22 @@ def _learnable_case(backend, c):
     check(f"{backend}/fp32/grad_theta", gt, gt_ref, bound)
 
 
+def test_learnable_w_state_dict_of_another_w_is_refused():
+    """load_state_dict took another W's indices and support while base (covered columns, projection()) stayed this
+    W's: every chunk then had teacher mass where Q = 0, and the loss was silently 0 (or an IndexError for another
+    V_T). Now such a state dict is refused; this W's own loads and trains on."""
+    a, b = xt.Projection.random(50, 40, seed=1), xt.Projection.random(50, 40, seed=2, empty_rows=0.3)
+    la = LearnableProjection(a)
+    for other in (b, xt.Projection.random(50, 41, seed=1), xt.Projection.random(51, 40, seed=1)):
+        with pytest.raises(ValueError, match="a LearnableProjection on another W"):
+            la.load_state_dict(LearnableProjection(other).state_dict())
+    mine = LearnableProjection(a)
+    with torch.no_grad():
+        mine.theta.add_(torch.randn(mine.theta.shape, generator=torch.Generator().manual_seed(0)))
+    la.load_state_dict(mine.state_dict())
+    assert torch.equal(la.theta, mine.theta) and torch.equal(la.weights, mine.weights)
+
+
 def test_learnable_w_keeps_float64_gradients_in_float64():
     """fp64 logits and a learnable W: backward reruns the op with the incoming gradient as its chunk scale, which
     stays float64 (rounded to fp32 it cost the student gradient 8 digits: 9e-9 relative where 2e-16 is due), and

@@ -9,6 +9,7 @@ import torch
 
 import xtoken_ext as xt
 from xtoken_ext.teacher_cache import TeacherCacheError
+from xtoken_ext.tokenizers import temp_sibling
 
 TEXTS = ["The year 2024 had 366 days.", "def f(x):\n    return x ** 2", "Ünïcödé and 12,345 apples.", "Short.",
          "A somewhat longer sentence about caches, shards and checksums.", "42", "Bonjour à tous !"]
@@ -110,6 +111,11 @@ def test_shorter_rebuild_leaves_no_stale_shards_and_bad_manifests_are_named(tmp_
     xt.teacher_cache.build(TinyTeacher(), qwen, TEXTS[:2], path, k=4, shard_size=2, progress=False, overwrite=True)
     assert [f.name for f in path.glob("shard-*.safetensors")] == ["shard-00000.safetensors"]
     assert len(xt.teacher_cache.load(path)) == 2
+    # a shard an interrupted build was writing (its temp file, a whole shard's size) is removed by the next build
+    orphan = temp_sibling(path / "shard-00001.safetensors")
+    orphan.write_bytes(b"x" * 100)
+    xt.teacher_cache.build(TinyTeacher(), qwen, TEXTS[:2], path, k=4, shard_size=2, progress=False)
+    assert sorted(f.name for f in path.iterdir()) == ["manifest.json", "shard-00000.safetensors"]
     for body, msg in (("{oops", "not a JSON manifest"), ("[1, 2]", "not a teacher-cache manifest")):
         (path / "manifest.json").write_text(body)
         for call in (lambda: xt.teacher_cache.load(path),

@@ -110,6 +110,19 @@ def test_gguf_roles_and_errors(cache, tiny_gguf):
         load_tokenizer(cache / "missing.gguf")
 
 
+def test_gguf_with_an_unwritable_cache_warns_and_loads(tmp_path, monkeypatch, tiny_gguf):
+    """A cache folder that cannot be written failed the load ("Not a directory"), even with --no-cache; the W cache
+    warns and goes on, and so does this one now, with the tokenizer a cached load gives."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("XTOKEN_CACHE", str(tmp_path / "a_file" / "cache"))
+    with pytest.warns(UserWarning, match=r"converted but not cached: cannot write .*a_file.*XTOKEN_CACHE"):
+        tok = load_tokenizer(tiny_gguf)
+    monkeypatch.setenv("XTOKEN_CACHE", str(tmp_path / "cache"))
+    cached = load_tokenizer(tiny_gguf)
+    assert token_table(tok).fingerprint == token_table(cached).fingerprint
+    assert tok("the 0123!")["input_ids"] == cached("the 0123!")["input_ids"]
+
+
 def test_gguf_path_under_home_is_expanded(cache, monkeypatch, tiny_gguf):
     """"~/x.gguf" was taken literally ("GGUF file not found") while "~/folder" was expanded."""
     monkeypatch.setenv("HOME", str(tiny_gguf.parent))

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 import xtoken_ext as xt
@@ -136,11 +137,15 @@ def test_metrics_logged_columns_kept_and_model_inputs_clean(toks, tmp_path):
 def test_learnable_w_gradient_cleared_each_step_and_restored_on_resume(toks, tmp_path):
     """θ is not the model's, so Trainer's model.zero_grad() missed it and each step used the sum of all earlier
     steps' gradients; and resume_from_checkpoint left θ at its initial value. Now θ starts every step without a
-    gradient, and a run resumed at step 2 starts step 3 with the θ it had there and ends where the run did."""
+    gradient, and a run resumed at step 2 starts step 3 with the θ it had there and ends where the run did.
+    A checkpoint of another W under the teacher's name (θ's shape is W's [V_S, 4] whatever the teacher) was resumed
+    onto this one: now refused."""
     s, m = toks
 
-    def run(seen, **kw):
-        d = Distiller(s, [Teacher(tiny(len(m), 1), m, name="spm", learnable=True)], student_vocab_size=len(s))
+    def run(seen, proj=None, **kw):
+        teacher = Teacher(tiny(len(m), 1), m, name="spm", learnable=True) if proj is None else \
+            Teacher(tiny(len(m), 1), m, name="spm", projection=xt.LearnableProjection(proj))
+        d = Distiller(s, [teacher], student_vocab_size=len(s))
         lp = d.kd_losses["spm"].proj
         theta = lp.theta
 
@@ -162,12 +167,33 @@ def test_learnable_w_gradient_cleared_each_step_and_restored_on_resume(toks, tmp
     end_resumed = run(resumed, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert len(resumed) == 1 and torch.equal(resumed[0][1], first[2][1])
     torch.testing.assert_close(end_resumed, end, rtol=2.0 ** -20, atol=0)
+    other = xt.Projection.random(len(s), len(m), seed=5)
+    with pytest.raises(ValueError, match="'spm''s learnable W was trained on another W"):
+        run([], proj=other, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     # a checkpoint written before θ was saved: θ = log W of its W file, the same W (θ up to a constant per row)
     (tmp_path / "checkpoint-2" / "xtoken_theta.safetensors").unlink()
     older = []
     run(older, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     torch.testing.assert_close(older[0][2], first[2][2], rtol=2.0 ** -20, atol=2.0 ** -30)
     assert not torch.equal(older[0][2], first[0][2])  # the trained W, not the initial one
+    with pytest.raises(ValueError, match="trained on another W"):
+        run([], proj=other, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_teachers_sharing_one_learnable_w_save_and_resume(toks, tmp_path):
+    """Two teachers given one LearnableProjection: saving θ per name wrote one tensor twice, which safetensors
+    refuses (shared memory), so the first checkpoint crashed."""
+    s, m = toks
+    lp = xt.LearnableProjection(xt.Projection.from_tokenizers(s, m, progress=False))
+    d = Distiller(s, [Teacher(tiny(len(m), 1), m, name="a", projection=lp),
+                      Teacher(tiny(len(m), 2), m, name="b", projection=lp)])
+    trainer = xt.DistillTrainer(model=tiny(len(s), 0), args=args(
+        tmp_path, max_steps=1, per_device_train_batch_size=2, save_strategy="steps", save_steps=1),
+        train_dataset=[{"text": t} for t in TEXTS], distiller=d, max_length=24)
+    trainer.train()
+    saved = safetensors.torch.load_file(tmp_path / "checkpoint-1" / "xtoken_theta.safetensors")
+    assert set(saved) == {"a", "b"}
+    assert torch.equal(saved["a"], lp.theta.detach()) and torch.equal(saved["b"], saved["a"])
 
 
 def test_a_given_optimizer_without_theta_warns(toks, tmp_path):

@@ -674,6 +674,7 @@ class Collator:
     def _digest(self) -> str:
         toks = [self.student_tok, *self.teacher_toks]
         desc = {"fingerprints": [token_table(t).fingerprint for t in toks],
+                "behaviours": [token_table(t).behaviour for t in toks],  # the same vocabulary, other merges
                 "templates": [hashlib.sha256(str(getattr(t, "chat_template", None)).encode()).hexdigest()[:16]
                               for t in toks],
                 "completion_only": self.completion_only, "chat_template_kwargs": self.chat_template_kwargs}

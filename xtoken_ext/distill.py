@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .data import IGNORE_INDEX
 from .losses import GOLDLoss, HKLLoss, LearnableProjection, PKLLoss, ULDLoss, pkl_loss
 from .ops._common import nonfinite_rows
-from .projection import Projection
+from .projection import Projection, warn_behaviour
 from .tokenizers import token_table
 
 __all__ = ["next_token_ce", "weighted_kd", "combine_losses", "Teacher", "Distiller", "Normalizers",
@@ -465,11 +465,10 @@ class Distiller(nn.Module):
                 raise ValueError(f"teacher {name!r}: logit widths changed from {self._widths[j]} to "
                                  f"{(V_S, V_T)} (for a learnable W pass Distiller(student_vocab_size=...))")
             return self.kd_losses[key]
-        same, fps = None, {}
+        same, tables = None, {}
         if t.tokenizer is not None and self.student_tok is not None:
-            fps = {"student": token_table(self.student_tok).fingerprint,
-                   "teacher": token_table(t.tokenizer).fingerprint}
-            same = fps["student"] == fps["teacher"]
+            tables = {"student": token_table(self.student_tok), "teacher": token_table(t.tokenizer)}
+            same = tables["student"].fingerprint == tables["teacher"].fingerprint
         kind = t.loss
         if kind == "kl" and same is False:
             raise ValueError(f"teacher {name!r}: loss='kl' needs the student's tokenizer (use pkl/hkl/auto)")
@@ -486,11 +485,12 @@ class Distiller(nn.Module):
                 proj = Projection.from_tokenizers(self.student_tok, t.tokenizer, V_S, V_T, progress=False)
         learned = isinstance(proj, LearnableProjection)  # given as one: it trains (a module with θ), P-KL only
         base = proj.base if learned else proj
-        for side, fp in fps.items():  # a given W (its file's metadata) must be the one of these tokenizers
+        for side, table in tables.items():  # a given W (its file's metadata) must be the one of these tokenizers
             built = base.meta.get(f"{side}_fingerprint")
-            if built is not None and built != fp:
+            if built is not None and built != table.fingerprint:
                 raise ValueError(f"teacher {name!r}: W was built for another {side} tokenizer (fingerprint {built}, "
-                                 f"given tokenizer {fp})")
+                                 f"given tokenizer {table.fingerprint})")
+            warn_behaviour(base.meta, side, table, f"teacher {name!r}: W", stacklevel=4)
         if (proj.student_vocab_size, proj.teacher_vocab_size) != (V_S, V_T):
             raise ValueError(f"teacher {name!r}: W is {proj.student_vocab_size} x {proj.teacher_vocab_size} but the "
                              f"logits are {V_S} (student) and {V_T} (teacher) wide")

@@ -59,6 +59,16 @@ class LearnableProjection(nn.Module):
         self.theta = nn.Parameter(torch.where(support, proj.weights.clamp_min(1e-30).log(),
                                               torch.zeros_like(proj.weights)))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """θ's slots mean this W's entries: a state dict of a LearnableProjection on another W (other indices or
+        support) is refused, not loaded onto this W's base (which covered_columns and projection read)."""
+        for name in ("indices", "support"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and not torch.equal(saved.cpu(), getattr(self, name).cpu()):
+                raise ValueError(f"{prefix}{name}: the state dict is of a LearnableProjection on another W (its "
+                                 f"{name} differ from this one's); build the LearnableProjection from that W")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def student_vocab_size(self) -> int:
         return self.indices.shape[0]

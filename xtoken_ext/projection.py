@@ -344,17 +344,7 @@ class Projection:
                 if meta.get(f"{side}_fingerprint") != fp:
                     raise ProjectionFileError(f"{path}: built for another {side} tokenizer (file fingerprint "
                                               f"{meta.get(f'{side}_fingerprint')}, given tokenizer {fp})")
-                # Files written before the behaviour hash existed lack it: they are checked by fingerprint only.
-                # A warning, not an error: the hash also covers settings the build overrides (add_prefix_space,
-                # Metaspace's prepend scheme), and a tokenizers release may serialize the same tokenizer otherwise.
-                behaviour = meta.get(f"{side}_behaviour")
-                if behaviour is not None and behaviour != table.behaviour:
-                    warnings.warn(
-                        f"{path}: built for a {side} tokenizer with the same vocabulary but another behaviour hash "
-                        f"(file {behaviour}, given tokenizer {table.behaviour}): its merges, normalizer, pre-tokenizer "
-                        "or added tokens may differ (or only settings the build overrides, such as add_prefix_space); "
-                        "rebuild W if the encodings differ",
-                        stacklevel=2)
+                warn_behaviour(meta, side, table, str(path), stacklevel=3)
         if proj.alias_rows is None and expect_student is not None:
             from .tokenizers import token_table
 
@@ -593,6 +583,19 @@ def _file_meta(st, tt, V_S: int, V_T: int, options: dict) -> dict:
             "student_fingerprint": st.fingerprint, "teacher_fingerprint": tt.fingerprint,
             "student_behaviour": st.behaviour, "teacher_behaviour": tt.behaviour,
             "student_vocab_size": V_S, "teacher_vocab_size": V_T, "options": options}
+
+
+def warn_behaviour(meta: dict, side: str, table, what: str, stacklevel: int) -> None:
+    """Warn where W's metadata records another behaviour hash for its ``side`` tokenizer than ``table``'s (the
+    fingerprints already equal). W without one (built by hand, or a file written before the hash existed) passes.
+    A warning, not an error: the hash also covers settings the build overrides (add_prefix_space, Metaspace's
+    prepend scheme), and a tokenizers release may serialize the same tokenizer otherwise."""
+    behaviour = meta.get(f"{side}_behaviour")
+    if behaviour is not None and behaviour != table.behaviour:
+        warnings.warn(f"{what}: built for a {side} tokenizer with the same vocabulary but another behaviour hash "
+                      f"(W {behaviour}, given tokenizer {table.behaviour}): its merges, normalizer, pre-tokenizer or "
+                      "added tokens may differ (or only settings the build overrides, such as add_prefix_space); "
+                      "rebuild W if the encodings differ", stacklevel=stacklevel + 1)
 
 
 def _store(proj: Projection, path: Path) -> None:

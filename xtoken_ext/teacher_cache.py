@@ -226,6 +226,8 @@ def build(model, tokenizer, data, path, *, k: int = 64, dtype=torch.bfloat16, na
     for file in path.glob("shard-*.safetensors"):  # shards of a longer earlier build at this path
         if file.name not in kept:
             file.unlink()
+    for file in path.glob("shard-*.safetensors.*.tmp"):  # shards an interrupted build was writing
+        file.unlink(missing_ok=True)
     return load(path)
 
 

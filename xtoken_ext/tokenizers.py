@@ -16,7 +16,9 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,13 +110,18 @@ def _load_gguf(path: Path):
     if not folder.is_dir():
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         tmp = temp_sibling(folder)
-        tok.save_pretrained(str(tmp))
         try:
+            tok.save_pretrained(str(tmp))
             os.rename(tmp, folder)  # atomic: a reader never sees a half-written folder
-        except OSError:
+        except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if not folder.is_dir():  # not a lost race with another process storing the same conversion
-                raise
+                # A cache that cannot be written costs the next run a conversion, not this one its tokenizer.
+                warnings.warn(f"the GGUF tokenizer was converted but not cached: cannot write {folder} ({e}); set "
+                              "XTOKEN_CACHE to a writable folder", stacklevel=3)
+                with tempfile.TemporaryDirectory() as scratch:  # loaded from a saved folder, as a cached one is
+                    tok.save_pretrained(scratch)
+                    return AutoTokenizer.from_pretrained(scratch)
     # Loaded from the cache on the first call too, so every call returns the same tokenizer.
     return AutoTokenizer.from_pretrained(str(folder))
 

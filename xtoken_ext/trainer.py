@@ -204,7 +204,7 @@ class DistillMixin:
             for name, module in self.distiller.kd_losses.items():
                 if isinstance(module.proj, LearnableProjection):
                     module.proj.projection().save(os.path.join(output_dir, f"xtoken_W_{name}.safetensors"))
-                    thetas[name] = module.proj.theta.detach().cpu().contiguous()
+                    thetas[name] = module.proj.theta.detach().cpu().clone()  # teachers may share one θ
             if thetas:  # θ itself, for resuming (the W file holds softmax(θ))
                 save_file(thetas, os.path.join(output_dir, _THETA_FILE))
 
@@ -225,15 +225,23 @@ class DistillMixin:
 
     def _load_theta(self, checkpoint) -> None:
         """The learnable W's θ of a checkpoint: θ itself, or from a checkpoint written before θ was saved, log W of
-        its W file (the same softmax)."""
-        thetas = {}
-        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, _THETA_FILE)):
+        its W file (the same softmax). θ's slots mean W's entries: the W file must have this Distiller's W's."""
+        if checkpoint is None:
+            return
+        thetas, saved = {}, {}
+        for name, module in self.distiller.kd_losses.items():
+            w_file = os.path.join(checkpoint, f"xtoken_W_{name}.safetensors")
+            if isinstance(module.proj, LearnableProjection) and os.path.isfile(w_file):
+                saved[name] = Projection.load(w_file)
+                if (saved[name].teacher_vocab_size != module.proj.teacher_vocab_size
+                        or not torch.equal(saved[name].indices, module.proj.indices.cpu())):
+                    raise ValueError(f"{checkpoint}: teacher {name!r}'s learnable W was trained on another W (its "
+                                     "entries differ from this Distiller's): another teacher or tokenizer under this "
+                                     "name? Resume with the W it was trained on, or start a fresh run")
+        if os.path.isfile(os.path.join(checkpoint, _THETA_FILE)):
             thetas = load_file(os.path.join(checkpoint, _THETA_FILE))
-        elif checkpoint is not None:
-            for name, module in self.distiller.kd_losses.items():
-                w_file = os.path.join(checkpoint, f"xtoken_W_{name}.safetensors")
-                if isinstance(module.proj, LearnableProjection) and os.path.isfile(w_file):
-                    thetas[name] = LearnableProjection(Projection.load(w_file)).theta.detach()  # log W
+        else:
+            thetas = {name: LearnableProjection(proj).theta.detach() for name, proj in saved.items()}  # log W
         for name, theta in thetas.items():
             module = self.distiller.kd_losses[name] if name in self.distiller.kd_losses else None
             mine = getattr(getattr(module, "proj", None), "theta", None)
