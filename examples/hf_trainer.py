@@ -37,10 +37,12 @@ def main(argv=None) -> list[dict]:
     from transformers import TrainingArguments
 
     student, student_tok = load_model(args.student)
+    specs = args.teacher or ["tiny-llama:qwen3"]
+    names = [spec.split(":")[-1] for spec in specs]  # the tokenizer; numbered where two teachers share one
     teachers = []
-    for j, spec in enumerate(args.teacher or ["tiny-llama:qwen3"]):
+    for j, spec in enumerate(specs):
         model, tok = load_model(spec, seed=1 + j)
-        teachers.append(xt.Teacher(model, tok, name=spec.split(":")[-1]))
+        teachers.append(xt.Teacher(model, tok, name=names[j] if names.count(names[j]) == 1 else f"{names[j]}-{j}"))
     distiller = xt.Distiller(student_tok, teachers, weighting=args.weighting)
     n = args.steps * args.batch_size * args.accumulation
     dataset = Dataset.from_dict({"text": math_texts(n), "source": ["synthetic"] * n})  # extra columns are fine

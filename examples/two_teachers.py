@@ -24,7 +24,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--student", default="tiny-gpt2:gpt2")
     ap.add_argument("--teacher", default="tiny-llama:mistral-spm")
     ap.add_argument("--teacher2", default="tiny-gpt2:qwen3")
-    ap.add_argument("--weights", type=float, nargs=2, default=(0.8, 0.2))
+    ap.add_argument("--weights", type=float, nargs=2, help="static weights of the two teachers (default: 0.8 0.2)")
     ap.add_argument("--weighting", choices=["static", "confidence"], default="static")
     ap.add_argument("--learnable-w", action="store_true", help="learn W of the first teacher (P-KL)")
     ap.add_argument("--steps", type=positive_int, default=8)
@@ -32,6 +32,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--max-length", type=positive_int, default=96)
     ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args(argv)
+    if args.weights is not None and args.weighting == "confidence":
+        ap.error("--weights are static weights: --weighting confidence computes its own")
+    args.weights = args.weights or (0.8, 0.2)
 
     student, student_tok = load_model(args.student)
     teachers = []

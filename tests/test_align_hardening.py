@@ -358,3 +358,43 @@ def test_alignment_fields_and_from_chunks_inputs_are_typed():
             Alignment.from_chunks(*args, **kw)
     with pytest.raises(ValueError, match="teacher_lengths must be >= 0, got -1"):  # numpy's "negative dimensions"
         Alignment.from_chunks([[]], [[]], [0], [-1])
+
+
+def test_native_vocabulary_cache_keys_the_specials_texts(offline_tok):
+    """Two tokenizers whose end-of-turn tokens differ only in text ("<|im_end|>", "<end_of_turn>") have one
+    fingerprint (a role marker stands for the text): the native vocabulary cached for the first served the second,
+    whose 13-byte special was read as 10 bytes, and its chunk against the teacher's text pieces broke into gaps."""
+    import copy
+
+    from xtoken_ext.tokenizers import token_table
+
+    im, eot = copy.deepcopy(offline_tok("gpt2")), copy.deepcopy(offline_tok("gpt2"))
+    im.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    eot.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
+    assert token_table(im).fingerprint == token_table(eot).fingerprint
+    t = offline_tok("qwen3")
+    text = "hi there<end_of_turn>and more words"
+    s_ids, t_ids = eot(text, add_special_tokens=False)["input_ids"], t(text, add_special_tokens=False)["input_ids"]
+    assert s_ids[2] == len(offline_tok("gpt2")) and len(t_ids) == len(s_ids) + 4  # "<end_of_turn>": 5 teacher pieces
+    xt.Aligner(im, t)
+    chunks, correct = xt.Aligner(eot, t).align_ids(s_ids, t_ids, return_correct=True)
+    assert chunks.tolist() == [[0, 1, 0, 1], [1, 2, 1, 2], [2, 3, 2, 7], [3, 4, 7, 8], [4, 5, 8, 9], [5, 6, 9, 10]]
+    assert correct.tolist() == [True, True, False, True, True, True]  # a special is never equal to text
+
+
+def test_tokens_added_after_the_aligner_was_made_are_named(offline_tok):
+    """A tokenizer that grew after its Aligner was made gave "id 50257 ... is out of range for a vocabulary of
+    50257", which reads like a bug of the aligner."""
+    import copy
+
+    s, t = copy.deepcopy(offline_tok("gpt2")), offline_tok("qwen3")
+    aligner = xt.Aligner(s, t)
+    s.add_tokens(["zzqq"])
+    hint = r"out of range .*\(the student tokenizer has 50258 ids now, 50257 when this Aligner was made: make a new"
+    for call in (lambda: aligner.align("hi zzqq"), lambda: aligner.align_batch(["hi", "hi zzqq"]),
+                 lambda: aligner.align_ids([50257], [6023]), lambda: aligner.align_ids_batch([[50257]], [[6023]])):
+        with pytest.raises(IndexError, match=hint):
+            call()
+    assert xt.Aligner(s, t).align("hi zzqq").tolist() == [[0, 1, 0, 1], [1, 3, 1, 3]]
+    with pytest.raises(IndexError, match=r"out of range for a vocabulary of 50258$"):  # no hint: nothing grew
+        xt.Aligner(s, t).align_ids([50258], [6023])

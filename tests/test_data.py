@@ -323,6 +323,43 @@ def test_datasets_map_precomputes_alignment_columns(toks, offline_tok):
         xt.Collator(lower, [q, m], max_length=40)(list(pc))
 
 
+def _tool():
+    def add(a: int, b: int) -> int:
+        """Add two numbers.
+
+        Args:
+            a: the first number
+            b: the second number
+        """
+        return a + b
+
+    return add
+
+
+def test_preprocess_key_of_a_tool_function_is_its_schema(toks):
+    """chat_template_kwargs={"tools": [fn]} keyed preprocess rows by str(fn), the function's address: a training
+    process (another function object) refused the rows a preprocessing process wrote."""
+    s, q, _ = toks
+    rows = xt.Collator(s, [q], chat_template_kwargs={"tools": [_tool()]}).preprocess(
+        {k: [p[k] for p in PAIRS] for k in PAIRS[0]})
+    rows = [{k: v[i] for k, v in rows.items()} for i in range(len(PAIRS))]
+    again = xt.Collator(s, [q], chat_template_kwargs={"tools": [_tool()]})  # the same tool, another object
+    _same_batch(again(rows), again(PAIRS))
+
+    def sub(a: int, b: int) -> int:
+        """Subtract two numbers.
+
+        Args:
+            a: the first number
+            b: the second number
+        """
+        return a - b
+
+    for tools in ([sub], [_tool(), sub]):
+        with pytest.raises(ValueError, match="other tokenizers, chat templates or options"):
+            xt.Collator(s, [q], chat_template_kwargs={"tools": tools})(rows)
+
+
 def test_on_policy_aligns_generated_ids(toks):
     s, q, m = toks
     collator = xt.Collator(s, [q, m])
@@ -678,6 +715,13 @@ def test_on_policy_refuses_an_empty_batch_and_ids_outside_the_vocabulary(toks):
     # padding may hold anything: only the real tokens are checked
     batch = collator.on_policy(torch.tensor([[15339, 1917, -100]]), attention_mask=torch.tensor([[1, 1, 0]]))
     assert batch["input_ids"].tolist() == [[15339, 1917]]
+    # narrow integer ids: the range check wrapped len(s) to the dtype (uint8: 128256 % 256 = 0, every id "out of
+    # range"; int16: every id >= 128256 - 2^17 = -2816)
+    want = collator.on_policy(torch.tensor([[9906, 200, 13]]))["input_ids"]
+    for dtype in (torch.int16, torch.int32, torch.uint8):
+        ids = torch.tensor([[9906, 200, 13]]) if dtype != torch.uint8 else torch.tensor([[72, 200, 13]])
+        got = collator.on_policy(ids.to(dtype))["input_ids"]
+        assert got.dtype == torch.long and torch.equal(got, want if dtype != torch.uint8 else ids)
 
 
 def test_on_policy_keeping_specials_adds_no_second_set(offline_tok):

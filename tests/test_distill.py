@@ -168,6 +168,13 @@ def test_confidence_weights_are_a_softmax_of_teacher_scores(toks, batch, confide
     assert abs(float(alpha[0]) - 0.5) > 0.01
     want = alpha[0] * met["kd/teacher0"] + alpha[1] * met["kd/teacher1"]
     assert abs(float(met["kd"]) - float(want)) <= C * U32 * kap * float(want)
+    # the temperature's limits: score / 1e-310 overflowed both scores to -inf and the weights were NaN; they are
+    # the argmax (tiny) and uniform (huge) weights
+    best = int(torch.argmax(torch.stack(scores)))
+    for tau, limit in ((1e-310, [float(j == best) for j in range(2)]), (1e300, [0.5, 0.5])):
+        d.confidence_temperature = tau
+        met = d(z, batch)[1]
+        assert [float(met[f"alpha/teacher{j}"]) for j in range(2)] == limit
 
 
 class Fixed(torch.nn.Module):
@@ -216,6 +223,24 @@ def test_top1_agreement_matches_the_dense_projection(toks, batch):
     same = Distiller(s, [Teacher(Table(len(s), 0), s)])
     _, met2 = same(Table(len(s), 0)(batch["input_ids"]), only(batch, 1))
     assert float(met2["top1/teacher0"]) == 1.0 and float(met2["kd"]) < 1e-6
+
+
+def test_entropy_confidence_of_a_top_k_cached_teacher_beside_a_live_one_warns(toks, tmp_path):
+    """A top-k cache leaves the tail out of a teacher's entropy: confidence weighting favoured it silently over a
+    teacher scored on its full rows."""
+    s, m, _ = toks
+    ids = xt.Collator(s, [m], max_length=20).teacher_ids(TEXTS[:2])
+    top4 = xt.teacher_cache.build(Table(len(m), 1, 3.0), m, ids, tmp_path / "c4", k=4, progress=False)
+    full = xt.teacher_cache.build(Table(len(m), 1, 3.0), m, ids, tmp_path / "cf", k=len(m), progress=False)
+    with pytest.warns(UserWarning, match=r"scores teachers \['c'\] on their cached top-k log-probs"):
+        Distiller(s, [Teacher(None, m, cache=top4, name="c"), Teacher(Table(len(m), 2), m)], weighting="confidence")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for cache, confidence, weighting in ((top4, "max_prob", "confidence"), (full, "entropy", "confidence"),
+                                             (top4, "entropy", "static")):
+            Distiller(s, [Teacher(None, m, cache=cache), Teacher(Table(len(m), 2), m)], weighting=weighting,
+                      confidence=confidence)
+        Distiller(s, [Teacher(None, m, cache=top4), Teacher(None, m, cache=top4)], weighting="confidence")
 
 
 def test_cached_teacher_reproduces_the_dense_teacher(toks, tmp_path):
@@ -335,6 +360,11 @@ def test_errors(toks, batch):
     twice = Teacher(Table(3, 0), m)
     with pytest.raises(ValueError, match=r"teachers\[1\] is the same Teacher object as teachers\[0\]"):
         Distiller(s, [twice, twice])
+    # a generator of teachers was read by the type check and left the Distiller none
+    assert len(Distiller(s, (Teacher(Table(3, 0), m, name=n) for n in "ab")).teachers) == 2
+    for bad in (twice, 3, "ab", []):
+        with pytest.raises(TypeError, match="teachers must be a non-empty list of xt.Teacher"):
+            Distiller(s, bad)
     nan, inf = float("nan"), float("inf")
     for bad in (nan, inf, 0.0):  # NaN passed a `<= 0` check and made the loss NaN
         with pytest.raises(ValueError, match="confidence_temperature must be finite and > 0"):

@@ -366,6 +366,45 @@ def test_ops_reject_rows_of_the_wrong_shape(backend):
 
 
 @pytest.mark.parametrize("backend", ["native", "torch", "triton"])
+def test_ops_check_their_options(backend):
+    """The ops' options are checked alike on every backend. Before, the torch and Triton backends took an unknown
+    merge as "mean" or "first", a negative eps into log(Q + eps), merge="chain" without (or with short) chain
+    scalars to an index error or a silent "first", a float column mask as indices, and hkl's negative
+    uncommon_topk as "none" (torch) or "all" (C++)."""
+    z, t, _, _, spans, mask = _op_problem()
+    cs, ct = PROJ.common_pairs("relaxed")
+    s_chain, t_chain = torch.zeros(z.shape[0]), torch.zeros(t.shape[0])
+
+    def pkl(merge="mean", eps=0.0, chain=None, col_mask=mask):
+        return pkl_rows(z, t, None, PROJ.indices, PROJ.weights, col_mask, spans, 0.9, merge, eps, chain, None, False,
+                        backend)
+
+    def hkl(merge="mean", sc=None, tc=None, col_mask=mask, topk=None):
+        return hkl_rows(z, t, None, col_mask, spans, 0.9, merge, sc, tc, cs, ct, topk, backend)
+
+    for op in (pkl, hkl):
+        with pytest.raises(ValueError, match=r"merge must be one of \('mean', 'first', 'chain'\), got 'max'"):
+            op(merge="max")
+        with pytest.raises(TypeError, match="col_mask must be a bool tensor"):
+            op(col_mask=mask.float())
+    for bad in (-1e-10, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            pkl(eps=bad)
+    with pytest.raises(ValueError, match=r"merge='chain' needs t_chain \[14\]"):
+        pkl("chain")
+    with pytest.raises(ValueError, match=r"merge='chain' needs t_chain \[14\]"):
+        pkl("chain", chain=t_chain[:-1])
+    with pytest.raises(ValueError, match=r"merge='chain' needs s_chain \[14\]"):
+        hkl("chain", None, t_chain)
+    with pytest.raises(ValueError, match=r"merge='chain' needs t_chain \[14\]"):
+        hkl("chain", s_chain, t_chain.long())
+    with pytest.raises(ValueError, match="uncommon_topk must be None or an integer >= 0, got -1"):
+        hkl(topk=-1)
+    assert torch.isfinite(pkl("chain", chain=t_chain)[0]).all() and torch.isfinite(hkl(topk=0)[0]).all()
+    assert torch.isfinite(hkl("chain", s_chain, t_chain)[0]).all()
+
+
+@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
 def test_hkl_op_rejects_common_pairs_that_are_not_a_matching(backend):
     """xtoken::hkl_rows checks its common pairs on every backend: ids in range, each student and each teacher id at
     most once (the kernels map each id to one partner: a student paired with two teachers gave the Triton and torch

@@ -252,3 +252,25 @@ def test_table_is_remade_when_an_added_token_becomes_special():
     assert token_table(tok).token_bytes[i] == b"<|im_start|>"
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
     assert len(tok) == i + 1 and token_table(tok).token_bytes[i] == b"\xff<|im_start|>"
+
+
+def test_cached_table_does_not_keep_its_tokenizer_alive(offline_tok):
+    """The cache maps a tokenizer to its table; the table held the tokenizer strongly, so the weak-keyed entry
+    never died and every reloaded tokenizer (~90 MB for Llama-3) stayed in memory for the process's life."""
+    import copy as copy_
+    import gc
+    import pickle
+    import weakref
+
+    tok = copy_.deepcopy(offline_tok("gpt2"))  # offline_tok's are cached for the session
+    table = token_table(tok)
+    assert table.tokenizer is tok and token_table(tok) is table
+    copy = pickle.loads(pickle.dumps(table))  # a pickled table (inside an Aligner) carries its tokenizer
+    assert copy.tokenizer is not tok and copy.token_bytes == table.token_bytes and copy.text(198) == "\n"
+    alive = weakref.ref(tok)
+    del tok
+    gc.collect()
+    assert alive() is None
+    with pytest.raises(RuntimeError, match="tokenizer was freed"):
+        table.tokenizer
+    assert copy.tokenizer.decode([198]) == "\n"

@@ -269,11 +269,21 @@ def test_example_hf_trainer_two_teachers_confidence():
                        "confidence")
     assert {"kd/mistral-spm", "kd/gpt2", "alpha/gpt2", "top1/gpt2"} <= set(h)
     assert math.isclose(h["alpha/mistral-spm"] + h["alpha/gpt2"], 1.0, rel_tol=1e-9)
+    # two teachers with one tokenizer were both named after it: "teacher names must be unique"
+    (h,) = run_example("hf_trainer", *TINY, "--teacher", SPM, "--teacher", "tiny-gpt2:mistral-spm")
+    assert {"kd/mistral-spm-0", "kd/mistral-spm-1"} <= set(h)
 
 
 def test_example_two_teachers_learnable_w():
     (h,) = run_example("two_teachers", *TINY, "--teacher", SPM, "--teacher2", "tiny-gpt2:gpt2", "--learnable-w")
     assert h["alpha/t0"] == 0.8 and h["kd/t1"] >= 0
+
+
+def test_example_two_teachers_refuses_static_weights_with_confidence_weighting(capsys):
+    """--weights with --weighting confidence were silently unused."""
+    with pytest.raises(SystemExit) as e:
+        run_example("two_teachers", "--weights", "0.5", "0.5", "--weighting", "confidence")
+    assert e.value.code == 2 and "--weighting confidence computes its own" in capsys.readouterr().err
 
 
 def test_example_trl_sft():

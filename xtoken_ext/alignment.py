@@ -33,6 +33,7 @@ rebuilt in the receiving process from the token tables.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -46,7 +47,7 @@ __all__ = ["Aligner", "Alignment"]
 METHODS = ("auto", "offsets", "dp")
 MAX_PARAM = (1 << 31) - 1  # csrc/align.hpp kMaxParam: band/lookahead/gram beyond it could overflow index math
 _INT64_MAX = (1 << 63) - 1
-_VOCABS: dict[tuple[str, int | None], _C.Vocab] = {}
+_VOCABS: dict[tuple[str, int | None, tuple], _C.Vocab] = {}
 # Special bits of csrc/align.hpp (enum Special): every special has _SPECIAL; role bits pair specials across families.
 _SPECIAL, _ROLE_BITS = 1, {BOS: 2, EOS: 4, EOT: 8, UNK: 16}
 
@@ -59,15 +60,17 @@ def _vocab(table) -> _C.Vocab:
     stand-in rule). The table's ``shared_bos`` id (GPT-2's <|endoftext|>) carries both
     roles: it starts and ends sequences."""
     shared = table.shared_bos
-    key = (table.fingerprint, shared)  # the fingerprint's roles give a shared id the BOS role alone
+    roles = np.asarray(table.roles)
+    ids = np.flatnonzero(roles != NORMAL)
+    pieces = table.tokenizer.convert_ids_to_tokens(ids.tolist())
+    # the fingerprint's roles give a shared id the BOS role alone, and its role markers stand for the specials'
+    # texts ("<s>" and "<|begin_of_text|>" are one BOS marker): the literal texts are part of the key
+    key = (table.fingerprint, shared, tuple(pieces))
     v = _VOCABS.get(key)
     if v is None:
-        roles = np.asarray(table.roles)
-        ids = np.flatnonzero(roles != NORMAL)
         eos_ends_turns = not (roles == EOT).any()
         eot_ends_sequences = shared is None and not (roles == EOS).any()
         token_bytes, special = list(table.token_bytes), np.zeros(len(roles), np.uint8)
-        pieces = table.tokenizer.convert_ids_to_tokens(ids.tolist())
         for i, piece in zip(ids.tolist(), pieces):
             role = int(roles[i])
             bits = _SPECIAL | _ROLE_BITS.get(role, 0)
@@ -268,8 +271,24 @@ class Aligner:
 
     def align_ids(self, student_ids, teacher_ids, return_correct: bool = False):
         """Chunks int64 [K, 4] for pre-tokenized ids (lists, numpy or torch), aligned over canonical bytes."""
-        chunks, correct = self._native.align(_ids_arg(student_ids, "student"), _ids_arg(teacher_ids, "teacher"))
+        s, t = _ids_arg(student_ids, "student"), _ids_arg(teacher_ids, "teacher")
+        with self._grown_hint():
+            chunks, correct = self._native.align(s, t)
         return (chunks, correct) if return_correct else chunks
+
+    @contextlib.contextmanager
+    def _grown_hint(self):
+        """An out-of-range id from a tokenizer that grew (``add_tokens``) after this Aligner was made says so."""
+        try:
+            yield
+        except IndexError as e:
+            grown = [f"the {side} tokenizer has {len(tok)} ids now, {table.size} when this Aligner was made"
+                     for side, tok, table in (("student", self.student_tok, self.student_table),
+                                              ("teacher", self.teacher_tok, self.teacher_table))
+                     if len(tok) > table.size]
+            if not grown:
+                raise
+            raise IndexError(f"{e} ({'; '.join(grown)}: make a new Aligner after adding tokens)") from e
 
     # -- batches -------------------------------------------------------------------------------------------------
     def align_ids_batch(self, student_ids, teacher_ids, *, student_lengths=None, teacher_lengths=None,
@@ -288,7 +307,8 @@ class Aligner:
         t = _id_rows(teacher_ids, teacher_lengths, teacher_attention_mask, "teacher")
         if len(s) != len(t):
             raise ValueError(f"student and teacher batch sizes differ ({len(s)} vs {len(t)})")
-        chunks, correct, offsets = self._native.align_batch(s, t, threads)
+        with self._grown_hint():
+            chunks, correct, offsets = self._native.align_batch(s, t, threads)
         return Alignment._from_flat(chunks, correct, offsets, s, t, include_mismatched=self.include_mismatched)
 
     def align_batch(self, texts, threads: int | None = None, max_length: int | None = None) -> Alignment:
@@ -310,11 +330,12 @@ class Aligner:
                                     include_mismatched=self.include_mismatched)
 
     def _align_encoded(self, enc_s, enc_t, threads: int):
-        if self.method == "dp":
-            return _C.align_ids_batch(self._vs, self._vt, [e[0] for e in enc_s], [e[0] for e in enc_t], "dp",
-                                      *self._prefix, threads=threads, **self._params)
-        return self._merge_offsets([e[1] for e in enc_s], [e[2] for e in enc_s], [e[1] for e in enc_t],
-                                   [e[2] for e in enc_t], [e[0] for e in enc_s], [e[0] for e in enc_t], threads)
+        with self._grown_hint():
+            if self.method == "dp":
+                return _C.align_ids_batch(self._vs, self._vt, [e[0] for e in enc_s], [e[0] for e in enc_t], "dp",
+                                          *self._prefix, threads=threads, **self._params)
+            return self._merge_offsets([e[1] for e in enc_s], [e[2] for e in enc_s], [e[1] for e in enc_t],
+                                       [e[2] for e in enc_t], [e[0] for e in enc_s], [e[0] for e in enc_t], threads)
 
     def _merge_offsets(self, s_starts, s_ends, t_starts, t_ends, s_ids, t_ids, threads: int):
         """The offset merge of B pairs of byte offsets with this pair's correct flags (equal canonical bytes, the

@@ -331,6 +331,19 @@ def _end_id(tok, ends_turn: bool) -> int | None:
     return int(eot[0]) if eot.size else eos
 
 
+def _stable_json(obj):
+    """JSON stand-in for a chat template argument json cannot write. A tool function (``tools=[fn]``) is what the
+    template sees, its JSON schema; ``str`` would give its address, another key in every process."""
+    if callable(obj):
+        from transformers.utils import get_json_schema
+
+        try:
+            return get_json_schema(obj)
+        except Exception:  # no parsable docstring: apply_chat_template refuses it too; name it
+            return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+    return str(obj)
+
+
 def _truncate(doc: _Doc, max_length: int | None) -> _Doc:
     """Cut every side to max_length tokens: chunks inside both cuts stay, the rest up to the cuts becomes one
     incorrect chunk (the same rule whether the doc was aligned here or read from precomputed columns)."""
@@ -604,6 +617,7 @@ class Collator:
         ids = torch.as_tensor(student_ids).detach().cpu()  # generate() leaves them on the model's device
         if ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"student_ids must be integer [B, T], got {tuple(ids.shape)} {ids.dtype}")
+        ids = ids.long()  # a narrow dtype would wrap the vocabulary size in the range check below
         if ids.shape[0] == 0:
             raise ValueError("student_ids has no rows: on_policy needs at least one generated sequence")
         _check_int(prompt_length, "prompt_length", 0, None)
@@ -678,7 +692,7 @@ class Collator:
                 "templates": [hashlib.sha256(str(getattr(t, "chat_template", None)).encode()).hexdigest()[:16]
                               for t in toks],
                 "completion_only": self.completion_only, "chat_template_kwargs": self.chat_template_kwargs}
-        return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        return hashlib.sha256(json.dumps(desc, sort_keys=True, default=_stable_json).encode()).hexdigest()[:24]
 
     def _example_docs(self, examples: list) -> list[_Doc]:
         """The cut doc of every example: aligned here, or read from its ``preprocess`` columns."""

@@ -24,6 +24,7 @@ import inspect
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -260,7 +261,11 @@ class Distiller(nn.Module):
                  confidence: str = "entropy", confidence_temperature: float = 1.0,
                  student_vocab_size: int | None = None, nonfinite: str | None = None, sync: bool | None = None):
         super().__init__()
-        if isinstance(teachers, Teacher) or not teachers or not all(isinstance(t, Teacher) for t in teachers):
+        try:  # a generator is read once: list it before the checks
+            teachers = None if isinstance(teachers, (Teacher, str)) else list(teachers)
+        except TypeError:
+            teachers = None
+        if not teachers or not all(isinstance(t, Teacher) for t in teachers):
             raise TypeError("teachers must be a non-empty list of xt.Teacher")
         if scaling not in ("dynamic", "fixed"):
             raise ValueError(f"scaling must be 'dynamic' or 'fixed', got {scaling!r}")
@@ -289,6 +294,12 @@ class Distiller(nn.Module):
         self.ce_weight = 1.0 if ce_weight is None else _number(ce_weight, "ce_weight")
         self.kd_weight = 1.0 if kd_weight is None else _number(kd_weight, "kd_weight")
         self.confidence = confidence
+        cut = [n for n, t in zip(self.names, self.teachers)
+               if t.cache is not None and (t.cache.vocab_size is None or t.cache.k < t.cache.vocab_size)]
+        if weighting == "confidence" and confidence == "entropy" and 0 < len(cut) < len(self.teachers):
+            warnings.warn(f"confidence='entropy' scores teachers {cut} on their cached top-k log-probs, without the "
+                          "tail's entropy: they look more confident than the teachers scored on full rows; "
+                          "confidence='max_prob' is exact from a top-k cache", stacklevel=2)
         self.confidence_temperature = _number(confidence_temperature, "confidence_temperature", positive=True)
         self.student_vocab_size, self.nonfinite, self.sync = student_vocab_size, nonfinite, sync
         self.kd_losses = nn.ModuleDict()  # teacher key -> loss Module (a learnable W is its submodule)
@@ -595,7 +606,8 @@ class Distiller(nn.Module):
             return torch.tensor([t.weight for t in self.teachers], dtype=torch.float64, device=dev)
         score = torch.where(score_n > 0, score_sum / score_n.clamp_min(1), float("-inf"))
         score = torch.where((score_n > 0).any(), score, 0.0)  # no teacher has a scored row: equal weights
-        return torch.softmax(score / self.confidence_temperature, 0)
+        top = score.max()  # softmax((s − max) / T): a tiny T gives the argmax, not −inf / −inf
+        return torch.softmax(torch.where(score == top, 0.0, score - top) / self.confidence_temperature, 0)
 
     def extra_repr(self) -> str:
         return f"scaling={self.scaling!r}, weighting={self.weighting!r}, teachers={self.names}"

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .alignment import Alignment
-from .ops._common import BACKENDS, check_data, check_temperature, chunk_any, expand, math_dtype, nonfinite_rows
+from .ops._common import BACKENDS, MERGES, check_data, check_temperature, chunk_any, expand, math_dtype, \
+    nonfinite_rows
 from .ops.hkl import hkl_rows
 from .ops.pkl import pkl_rows
 from .projection import Projection
@@ -40,7 +41,6 @@ __all__ = ["pkl_loss", "hkl_loss", "gold_loss", "uld_loss", "PKLLoss", "HKLLoss"
            "LearnableProjection"]
 
 _REDUCTIONS = ("mean", "sum", "none")
-_MERGES = ("mean", "first", "chain")
 _NONFINITE = ("raise", "mask")
 _UNCOVERED = {"renormalize": 0.0, "epsilon": 1e-10}  # -> eps inside log(Q + eps)
 _ROW_BLOCK = 256  # teacher rows per block in the no-grad scans (top-k importance, chain scalars)
@@ -293,7 +293,7 @@ class _Options(NamedTuple):
 def _check_options(kind, alignment, proj, temperature, reduction, merge, uncovered, teacher_topk, uncommon_topk,
                    normalizer, student_ids, teacher_ids, backend, nonfinite) -> _Options:
     _check(reduction in _REDUCTIONS, f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    _check(merge in _MERGES, f"merge must be one of {_MERGES}, got {merge!r}")
+    _check(merge in MERGES, f"merge must be one of {MERGES}, got {merge!r}")
     _check(uncovered in _UNCOVERED, f"uncovered must be one of {tuple(_UNCOVERED)}, got {uncovered!r}")
     if backend is None and os.environ.get("XTOKEN_BACKEND"):  # the default; the ops take "auto" as given
         backend = os.environ["XTOKEN_BACKEND"]

@@ -144,12 +144,24 @@ _BYTE_DECODER = _gpt2_byte_decoder()
 _BYTE_TRANSLATE = str.maketrans({c: chr(b) for c, b in _BYTE_DECODER.items()})
 
 
+class _Held:
+    """A strong stand-in for ``weakref.ref`` (a tokenizer loaded by ``token_table`` itself, or unpickled)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __call__(self):
+        return self.obj
+
+
 @dataclass
 class TokenTable:
     """Per-id canonical bytes and roles of one tokenizer (``size``: ``len(tokenizer)``, or its largest id + 1 where
     its ids leave one unused)."""
 
-    tokenizer: object
+    _tokenizer: object = field(repr=False, compare=False)  # weakref.ref, or _Held for a tokenizer loaded here
     token_bytes: list[bytes]
     roles: np.ndarray
     fingerprint: str
@@ -162,6 +174,18 @@ class TokenTable:
     @property
     def size(self) -> int:
         return len(self.token_bytes)
+
+    @property
+    def tokenizer(self):
+        """The tokenizer the table was made from. The cache keeps only a weak reference to it, so a tokenizer the
+        caller drops is freed with its table."""
+        tok = self._tokenizer()
+        if tok is None:
+            raise RuntimeError("this TokenTable's tokenizer was freed: keep the tokenizer alive while using its table")
+        return tok
+
+    def __getstate__(self):  # a pickled table carries its tokenizer (a weakref does not pickle)
+        return {**self.__dict__, "_tokenizer": _Held(self.tokenizer)}
 
     @property
     def behaviour(self) -> str:
@@ -242,8 +266,9 @@ def _roles(tok, n: int) -> np.ndarray:
 
 def token_table(tok) -> TokenTable:
     """Canonical bytes and roles of every id of ``tok`` (computed once per tokenizer object and cached; made again
-    when its length or role ids change, e.g. after ``add_tokens``)."""
-    tok = load_tokenizer(tok)
+    when its length or role ids change, e.g. after ``add_tokens``). A name or path is loaded and not cached: the
+    returned table then holds the tokenizer it loaded."""
+    given, tok = tok, load_tokenizer(tok)
     state = _table_state(tok)
     try:
         table, seen = _TABLES[tok]
@@ -286,9 +311,14 @@ def token_table(tok) -> TokenTable:
     h = hashlib.sha256(np.fromiter(map(len, out), dtype=np.int64, count=n).tobytes())
     h.update(b"".join(out))
     h.update(roles.tobytes())
-    table = TokenTable(tok, out, roles, h.hexdigest()[:32], kind)
+    try:  # a weak reference: the cache's value must not keep its key (the tokenizer, ~90 MB for Llama-3) alive
+        ref = weakref.ref(tok) if tok is given else None
+    except TypeError:
+        ref = None
+    table = TokenTable(ref or _Held(tok), out, roles, h.hexdigest()[:32], kind)
     try:
-        _TABLES[tok] = (table, state)
+        if ref is not None:
+            _TABLES[tok] = (table, state)
     except TypeError:
         pass
     return table

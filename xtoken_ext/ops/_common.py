@@ -76,6 +76,7 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
     return backend
 
 
+MERGES = ("mean", "first", "chain")
 TAU_RANGE = (2.0 ** -63, 2.0 ** 64)  # τ, τ² and 1/τ are finite normal fp32 numbers exactly for τ in [lo, hi)
 
 
@@ -115,6 +116,19 @@ def check_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, col_mask
     if t_cols is not None and t_cols.shape != t_vals.shape:
         raise ValueError(f"a sparse teacher needs t_cols shaped like t_vals, got {tuple(t_cols.shape)} and "
                          f"{tuple(t_vals.shape)}")
+
+
+def check_options(merge: str, col_mask: Tensor, chains: dict[str, tuple[Tensor | None, int]]) -> None:
+    """The options every backend reads alike: the merge, the allowed-column mask's dtype and, for merge="chain",
+    the chain scalars (``chains``: name -> (tensor, rows of its side))."""
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    if col_mask.dtype != torch.bool:
+        raise TypeError(f"col_mask must be a bool tensor [V_T], got {col_mask.dtype}")
+    for name, (c, n) in chains.items():
+        if merge == "chain" and (c is None or c.shape != (n,) or not c.is_floating_point()):
+            got = "None" if c is None else f"{c.dtype} {tuple(c.shape)}"
+            raise ValueError(f"merge='chain' needs {name} [{n}] (a floating tensor, one scalar per row), got {got}")
 
 
 def check_spans(spans: Tensor, N_s: int, N_t: int) -> None:

@@ -17,12 +17,13 @@ A chunk with bad input (ops._common) has loss NaN, zero gradient rows and Σ gS 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
 
-from ._common import chain_sums, check_pairs, check_rows, check_spans, check_temperature, chunk_any, expand, \
-    math_dtype, no_autocast, nonfinite_rows, resolve_backend, row_scale, saved, scale_grad, softmax_rows, \
+from ._common import chain_sums, check_options, check_pairs, check_rows, check_spans, check_temperature, chunk_any, \
+    expand, math_dtype, no_autocast, nonfinite_rows, resolve_backend, row_scale, saved, scale_grad, softmax_rows, \
     teacher_block, top, torch_setup, write_grad
 
 __all__ = ["hkl_rows", "native_applies"]
@@ -138,6 +139,9 @@ def hkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, col_mask: 
     input: module docstring."""
     check_temperature(temperature)
     check_rows(s_logits, t_vals, t_cols, col_mask)
+    check_options(merge, col_mask, {"s_chain": (s_chain, s_logits.shape[0]), "t_chain": (t_chain, t_vals.shape[0])})
+    if uncommon_topk is not None and not (isinstance(uncommon_topk, numbers.Integral) and uncommon_topk >= 0):
+        raise ValueError(f"uncommon_topk must be None or an integer >= 0, got {uncommon_topk!r}")
     check_pairs(common_s, common_t, s_logits.shape[1], col_mask.numel())
     backend = resolve_backend(backend, s_logits.device, s_logits.dtype, native_applies(s_logits, t_vals, t_cols))
     spans = spans.long().contiguous()

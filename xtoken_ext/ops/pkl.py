@@ -22,12 +22,13 @@ c: the chunk scale), i.e. Z < τ max(1, |c|) 2^-192.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
 from torch import Tensor
 
-from ._common import SLOTS, check_rows, check_spans, check_temperature, chunk_any, expand, math_dtype, \
+from ._common import SLOTS, check_options, check_rows, check_spans, check_temperature, chunk_any, expand, math_dtype, \
     no_autocast, nonfinite_rows, resolve_backend, row_scale, saved, scale_grad, softmax_rows, teacher_block, \
     torch_setup, write_grad
 
@@ -204,6 +205,9 @@ def pkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, w_idx: Ten
     must be unique per row; spans must have disjoint student rows. Non-finite / degenerate chunks: module docstring."""
     check_temperature(temperature)
     check_rows(s_logits, t_vals, t_cols, col_mask)
+    check_options(merge, col_mask, {"t_chain": (t_chain, t_vals.shape[0])})
+    if not (isinstance(eps, numbers.Real) and 0 <= eps < math.inf):
+        raise ValueError(f"eps must be a finite number >= 0 (Q is read as log(Q + eps)), got {eps!r}")
     if w_idx.shape != (s_logits.shape[1], SLOTS) or w_val.shape != w_idx.shape:
         raise ValueError(f"w_idx and w_val must be [V_S, {SLOTS}] = [{s_logits.shape[1]}, {SLOTS}], got "
                          f"{tuple(w_idx.shape)} and {tuple(w_val.shape)}")
