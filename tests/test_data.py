@@ -323,6 +323,71 @@ def test_datasets_map_precomputes_alignment_columns(toks, offline_tok):
         xt.Collator(lower, [q, m], max_length=40)(list(pc))
 
 
+LLAMA2 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'].strip() + "
+          "' [/INST]' }}{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def _labelled(tok, batch, b=0):
+    lab = batch["labels"][b]
+    return tok.convert_ids_to_tokens(lab[lab >= 0].tolist())
+
+
+def test_completion_labels_reach_over_the_templates_whitespace(toks):
+    """Llama-2's template writes "[/INST] " + answer + " " + "</s>": a SentencePiece student reads "▁Four" over the
+    markup's space, which counted nowhere (the answer lost its first word), and its end of turn was looked for as
+    the first token of the closing markup, "▁", so "</s>" was never labelled: the student never learnt to stop. The
+    first word is labelled now but stays out of KD (its bytes are not the content's); the end of turn pairs with
+    the teacher's and is distilled."""
+    _, q, m = toks
+    m, q = copy.deepcopy(m), copy.deepcopy(q)
+    m.chat_template, q.chat_template = LLAMA2, CHATML
+    ex = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."}]}
+    batch = xt.Collator(m, [q])([ex])
+    assert _labelled(m, batch) == ["▁Four", ".", "▁", "</s>"]
+    pairs = [(p[2], p[3]) for p in valid_pairs(batch, [m, q])]
+    assert pairs == [(".", "."), ("</s>", "<|im_end|>")]
+
+
+def test_a_tokenizers_own_eos_ends_the_completion(toks):
+    """A tokenizer that appends EOS (add_eos_token=True, the usual SFT setting) gives it zero width at the end of
+    the text: it was left out of a prompt/completion example's labels, so the student was never taught to stop."""
+    from tokenizers import processors
+
+    s, _, m = toks
+    m = copy.deepcopy(m)
+    m.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", m.bos_token_id), ("</s>", m.eos_token_id)])
+    pair = {"prompt": "Q: 2+2?\nA:", "completion": " 4"}
+    for completion_only in (None, True):
+        assert _labelled(m, xt.Collator(m, [s], completion_only=completion_only)([pair])) == ["▁", "4", "</s>"]
+    assert _labelled(m, xt.Collator(m, [s], completion_only=True)(["Some text."]))[-1] == "</s>"
+    assert _labelled(m, xt.Collator(m, [s])([{"prompt": "Q: 2+2?\nA:", "completion": ""}])) == ["</s>"]
+
+
+def test_a_tool_calling_turn_the_template_renders_without_its_content(toks):
+    """Llama-3.1's template renders an assistant message with tool_calls from the calls alone, not its (None)
+    content: the collator raised "does not render message 1 exactly once" and failed the batch. The calls are that
+    template's markup (never counted); the answer after the tool result is labelled and distilled."""
+    s, q, _ = toks
+    s, q = copy.deepcopy(s), copy.deepcopy(q)
+    s.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if 'tool_calls' in m %}<|start_header_id|>assistant<|end_header_id|>"
+        "\n\n{{ m.tool_calls[0].function.name }}({{ m.tool_calls[0].function.arguments | tojson }})<|eot_id|>"
+        "{% else %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>"
+        "{% endif %}{% endfor %}")
+    q.chat_template = CHATML
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    ex = {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                       {"role": "assistant", "content": None, "tool_calls": [call]},
+                       {"role": "tool", "content": "18C"}, {"role": "assistant", "content": "It is 18C."}]}
+    batch = xt.Collator(s, [q])([ex])
+    assert "".join(_labelled(s, batch)) == "ItĠisĠ18C.<|eot_id|>"
+    assert [(p[2], p[3]) for p in valid_pairs(batch, [s, q])][-1] == ("<|eot_id|>", "<|im_end|>")
+    ex["messages"][1]["content"] = "calling"  # a content the template leaves out is still refused
+    with pytest.raises(ValueError, match="does not render message 1 exactly once"):
+        xt.Collator(s, [q])([ex])
+
+
 def _tool():
     def add(a: int, b: int) -> int:
         """Add two numbers.

@@ -63,6 +63,8 @@ def test_alias_rows_never_common_and_exact_rows_win_ties():
     assert list(zip(s.tolist(), t.tolist())) == [(0, 5), (3, 6)]
     with pytest.raises(ValueError, match=r"alias_rows must be bool \[4\]"):
         Projection(idx, w, 8, alias_rows=[True])
+    # stats' H-KL candidates (top-1 >= 0.6) counted the alias rows too, which never enter a common set
+    assert P.stats().relaxed == 2 and Projection(idx, w, 8).stats().relaxed == 4
 
 
 ONE = [[1, -1, -1, -1]]
@@ -97,7 +99,10 @@ def test_random_w_checks_its_arguments():
                          (dict(max_pieces=2.5), TypeError, "max_pieces must be an int"),
                          (dict(teacher_vocab_size=2), ValueError, "teacher_vocab_size must be in \\[4,"),
                          (dict(empty_rows=2.0), ValueError, "empty_rows must be a fraction"),
-                         (dict(seed=-1), ValueError, "seed must be in")):
+                         (dict(seed=-1), ValueError, "seed must be in"),
+                         (dict(seed=2**70), ValueError, "seed must be in"),  # torch: "Overflow when unpacking"
+                         (dict(gamma=True), TypeError, "gamma must be a real number"),  # passed as 1.0
+                         (dict(gamma="x"), TypeError, "gamma must be a real number")):
         args = dict(student_vocab_size=5, teacher_vocab_size=10) | kw
         with pytest.raises(exc, match=msg):
             Projection.random(args.pop("student_vocab_size"), args.pop("teacher_vocab_size"), **args)
@@ -121,6 +126,20 @@ def test_random_w_with_fewer_teacher_ids_than_slots(V_T, tmp_path):
 def test_random_w_checks_gamma_as_from_tokenizers(gamma):
     with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\]"):
         Projection.random(5, 4, gamma=gamma)
+
+
+def test_audit_checks_examples_and_a_learnable_w_refuses_a_learnable_w():
+    """audit(examples=-1) listed every token outside the exact set but one, 1.5 raised a slice error; a
+    LearnableProjection of a LearnableProjection was built and failed at .projection() (no attribute 'meta')."""
+    from xtoken_ext.losses import LearnableProjection
+
+    P = Projection([[5, -1, -1, -1]], [[1, 0, 0, 0]], 8)
+    for bad, exc in ((-1, ValueError), (1.5, TypeError)):
+        with pytest.raises(exc, match="examples must be"):
+            P.audit(examples=bad)
+    with pytest.raises(TypeError, match=r"needs an xt.Projection, got LearnableProjection \(use its .projection\(\)\)"):
+        LearnableProjection(LearnableProjection(P))
+    assert LearnableProjection(LearnableProjection(P).projection()).projection().row(0) == {5: 1.0}
 
 
 def test_learned_w_keeps_the_row_masks(tmp_path):

@@ -216,3 +216,7 @@ def test_a_folder_without_a_tokenizer_or_a_missing_path_is_named(tmp_path):
     for spec in ("./no-such-folder", str(tmp_path / "nope"), "~/no-such-folder-xtoken"):
         with pytest.raises(FileNotFoundError, match="no such folder"):
             xt.load_tokenizer(spec)
+    # a tokenizer.json file itself got the hub's repo-id error
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="tokenizer.json is a file: give the folder that holds it"):
+        xt.load_tokenizer(tmp_path / "tokenizer.json")

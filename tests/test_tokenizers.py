@@ -175,6 +175,20 @@ def test_trimmed_offsets_get_their_leading_whitespace_back(offline_tok):
     text = "Hello world, the quick brown fox jumps over the lazy dog."
     _, correct = xt.Aligner(trimmed, teacher).align(text, return_correct=True)
     assert correct.sum() == xt.Aligner(plain, teacher).align(text, return_correct=True)[1].sum() == 13
+    # The trim takes spaces off both ends of a token: Qwen3's "ĉĠĠ" kept only "\t" and "ĠĊ" only "\n", and the
+    # repair put back only a leading run it took to be all of the token's whitespace: chunks marked incorrect
+    code = ["def f(x):\n    if x:\n\t\treturn x \n    return  \n", "a \n b", "x\t   y", "  \n\n   z  "]
+    plain = offline_tok("qwen3")
+    trimmed = copy.deepcopy(plain)
+    trimmed.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    pieces = [t for x in code for t in plain.tokenize(x)]
+    assert {"ĠĊ", "ĉĠĠ", "ĠĠĊ", "ĠĠĊĊ"} <= set(pieces)
+    for a, b in zip(*(encode_batch_with_offsets(t, code, add_special_tokens=False) for t in (plain, trimmed))):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    for x in code:
+        assert xt.Aligner(trimmed, teacher).align(x, return_correct=True)[1].tolist() == \
+            xt.Aligner(plain, teacher).align(x, return_correct=True)[1].tolist()
 
 
 def test_model_unk_without_a_declared_unk_token_is_unk(offline_tok):

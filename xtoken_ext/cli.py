@@ -126,10 +126,14 @@ def _read_texts(path: str, field: str) -> list[str]:
     """Texts of a .jsonl file (the ``field`` of every line; blank lines are skipped), a .json file (a list of such
     rows, or JSON Lines) or a plain text file (every line a text, blank ones too, as ``datasets.load_dataset("text")``
     reads it: the collator makes them empty examples, which the cache must serve); a UTF-8 byte-order mark is
-    dropped; a file without a text is an error (not an empty cache)."""
-    with open(path, encoding="utf-8-sig") as f:
-        content = f.read()
+    dropped from JSON and kept in a text file's first text, as ``datasets`` reads each; a file without a text is an
+    error (not an empty cache)."""
     kind = os.path.splitext(path)[1].lower()
+    try:
+        with open(path, encoding="utf-8-sig" if kind in (".json", ".jsonl") else "utf-8") as f:
+            content = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     lines = content.split("\n")  # only "\n" ends a line: JSON may hold U+2028, and load_dataset splits so
     rows = list(enumerate(lines[:-1] if content.endswith("\n") else lines, 1)) if content else []
     if kind in (".json", ".jsonl"):
@@ -138,6 +142,8 @@ def _read_texts(path: str, field: str) -> list[str]:
             whole = json.loads(content) if kind == ".json" else None
         except json.JSONDecodeError:
             whole = None  # JSON Lines in a .json file
+        if isinstance(whole, dict):
+            raise ValueError(f"{path}: one JSON object; a .json file holds a list of rows, or one row per line")
         rows = list(enumerate(whole, 1)) if isinstance(whole, list) else [(n, _json_line(path, n, line))
                                                                           for n, line in rows]
         where = f"{path}: item " if isinstance(whole, list) else f"{path}:"
@@ -181,6 +187,10 @@ def _teacher_cache(args) -> int:
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if device.type == "cuda" and (device.index or 0) >= visible:
             raise ValueError(f"--device {args.device!r}: no such CUDA device here ({visible} visible)")
+        try:  # any other backend (mps, xpu, ...) that this torch lacks or this machine does not have
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise ValueError(f"--device {args.device!r}: not available here ({str(e).splitlines()[0]})") from None
     tok = load_tokenizer(args.tokenizer or args.model)
     local = os.path.expanduser(args.model)  # "~/m" too (the shell leaves --model=~/m and quoted paths alone)
     gguf = Path(local) if local.lower().endswith(".gguf") else None
@@ -238,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
     build = sub.add_parser("build", help="build the projection W for a student/teacher pair and save it")
     _add_pair_options(build)
-    build.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    build.add_argument("-o", "--output", required=True, type=os.path.expanduser, help="output .safetensors file")
     build.set_defaults(func=_build)
     audit = sub.add_parser("audit", help="coverage audit of a pair: token classes in the exact common set, "
                                          "P-KL vs H-KL recommendation")
@@ -246,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true", help="print the report as JSON")
     audit.set_defaults(func=_audit)
     inspect = sub.add_parser("inspect", help="statistics of a saved W and the rows of given tokens")
-    inspect.add_argument("path", help="a .safetensors file written by `xtoken build`")
+    inspect.add_argument("path", type=os.path.expanduser, help="a .safetensors file written by `xtoken build`")
     inspect.add_argument("--token", action="extend", nargs="+", help="student token text(s) (needs --student)")
     inspect.add_argument("--id", action="extend", nargs="+", type=int, help="student token id(s)")
     inspect.add_argument("--student", help=f"student tokenizer ({_TOKENIZER_FORMS}), checked against the file's "
@@ -256,10 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     tc = sub.add_parser("teacher-cache", help="run a teacher over texts once and store its top-k log-probs "
                                               "(safetensors shards + manifest; resumable)")
     tc.add_argument("model", help="teacher model: HF hub name, local folder or *.gguf file (transformers)")
-    tc.add_argument("data", help="texts: a .jsonl file (see --field), a .json file (a list of rows, or JSON Lines) "
-                                 "or a text file with one text per line (blank lines too); raw texts, tokenized with "
-                                 "the teacher's specials (for chat data use teacher_cache.build)")
-    tc.add_argument("-o", "--output", required=True, help="cache directory")
+    tc.add_argument("data", type=os.path.expanduser,
+                    help="texts: a .jsonl file (see --field), a .json file (a list of rows, or JSON Lines) or a text "
+                         "file with one text per line (blank lines too); raw texts, tokenized with the teacher's "
+                         "specials (for chat data use teacher_cache.build)")
+    tc.add_argument("-o", "--output", required=True, type=os.path.expanduser, help="cache directory")
     tc.add_argument("--tokenizer", help=f"teacher tokenizer ({_TOKENIZER_FORMS}); default: the model's")
     tc.add_argument("--field", default="text", help="the text field of a .jsonl / .json file")
     tc.add_argument("-k", type=int, default=64, help="top-k log-probs kept per position")
@@ -284,7 +295,7 @@ def main(argv=None) -> int:
             return args.func(args)
         except BrokenPipeError:
             raise
-        except (ValueError, OSError) as e:  # bad input (files, tokenizers, options): one line, no traceback
+        except (ValueError, OSError, MemoryError) as e:  # bad input (files, tokenizers, options, sizes): one line
             print(f"xtoken {args.command}: error: {e} (XTOKEN_TRACEBACK=1 shows where)", file=sys.stderr)
             return 2
     except BrokenPipeError:  # the reader left (`xtoken inspect ... | head`): stop quietly

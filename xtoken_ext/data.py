@@ -35,7 +35,7 @@ import torch
 
 from . import teacher_cache
 from .alignment import Aligner, Alignment, _check_int, _check_threads, _check_utf8
-from .tokenizers import EOT, NORMAL, encode_batch_with_offsets, load_tokenizer, token_table
+from .tokenizers import _ASCII_SPACE, EOS, EOT, encode_batch_with_offsets, load_tokenizer, token_table
 
 __all__ = ["Collator", "Batch", "pack_plan", "teacher_cache"]
 
@@ -145,6 +145,12 @@ def _render_chat(tok, messages: list[dict], comp: list[bool], kwargs: dict, i: i
     markup, pos = [], 0
     for j, s in enumerate(sentinels):
         at = skeleton.find(s, pos)
+        if at < 0 and not messages[j]["content"]:  # an empty message the template leaves out (Llama-3.1 renders a
+            # tool-calling turn from its tool_calls alone): the text up to the next message is markup before it
+            at = min([a for a in (skeleton.find(x, pos) for x in sentinels[j + 1:]) if a >= 0] or [len(skeleton)])
+            markup.append(skeleton[pos:at])
+            pos = at
+            continue
         if at < 0 or skeleton.find(s, at + 1) >= 0:
             raise ValueError(f"example {i}: the chat template of {type(tok).__name__} does not render message {j} "
                              "exactly once; messages it drops or repeats cannot be aligned")
@@ -221,36 +227,57 @@ class _Side:
     comp: np.ndarray      # bool [n]: token counts (CE label, KD)
 
 
-def _side(r: _Rendered, ids, starts, ends, roles: np.ndarray, completion_only: bool) -> _Side:
+def _side(r: _Rendered, ids, starts, ends, table, completion_only: bool) -> _Side:
     n, S = len(ids), len(r.seg)
+    raw = r.text.encode("utf-8")
+    closer = np.isin(table.roles[ids], (EOS, EOT)) | (ids == table.shared_bos)  # a token that can end a turn
+
+    def space(lo, hi):  # only whitespace in raw[lo:hi]
+        return not raw[lo:hi].strip(_ASCII_SPACE)
+
     eot = np.full(S, -1, dtype=np.int64)
+    lead: list[int] = []  # whitespace tokens a template writes before a completion's end of turn (' ' + eos_token)
     for j in np.flatnonzero(r.closes):
-        lo = r.seg[j, 0]
+        lo, hi = r.seg[j]
         k = int(np.searchsorted(starts, lo, "left"))
         while k < n and starts[k] == lo and ends[k] == lo:  # skip zero-width tokens at the same place
             k += 1
-        if k < n and starts[k] == lo and roles[ids[k]] != NORMAL and ends[k] <= r.seg[j, 1]:
+        pos, ws = lo, []
+        while k < n and starts[k] == pos and pos < ends[k] <= hi and not closer[k] and space(pos, ends[k]):
+            ws, pos, k = ws + [k], ends[k], k + 1
+        if k < n and starts[k] == pos and closer[k] and ends[k] <= hi:
             eot[j] = k
+            lead += ws if r.comp[j] else []
     j = np.clip(np.searchsorted(r.seg[:, 0], starts, "right") - 1, 0, S - 1)  # segment of each token's start
     inside = r.shared[j] & (ends <= r.seg[j, 1]) & (ends > starts)
     if completion_only:
-        comp = inside & r.comp[j]
+        # A token that reaches into a segment over whitespace only is labelled with it (Llama-2's "[/INST] " +
+        # "Four." gives "▁Four", the answer's first word); it stays outside for KD (its bytes are not the content's).
+        last = np.clip(np.searchsorted(r.seg[:, 0], ends - 1, "right") - 1, 0, S - 1)  # segment of its last byte
+        j, inside_ws = j.copy(), inside.copy()
+        for k in np.flatnonzero((last > j) & (ends > starts)):
+            if r.shared[last[k]] and space(starts[k], r.seg[last[k], 0]):
+                j[k], inside_ws[k] = last[k], True
+        comp = inside_ws & r.comp[j]
+        if r.add_special and S and r.comp[-1]:  # the tokenizer's own EOS after a completion (add_eos_token=True)
+            comp |= (starts == len(raw)) & (ends == len(raw)) & closer
         closing = np.flatnonzero(r.comp & (eot >= 0))
         comp[eot[closing]] = True
+        comp[lead] = True
     else:
         comp = np.ones(n, dtype=bool)
     return _Side(r, ids, starts, ends, eot, inside, comp)
 
 
 def _encode(tok, rendered: list[_Rendered], completion_only: list[bool]) -> list[_Side]:
-    roles = token_table(tok).roles
+    table = token_table(tok)
     out: list[_Side | None] = [None] * len(rendered)
     for add in (True, False):  # raw texts keep the tokenizer's specials; chat templates write their own
         idx = [i for i, r in enumerate(rendered) if r.add_special == add]
         if idx:
             enc = encode_batch_with_offsets(tok, [rendered[i].text for i in idx], add_special_tokens=add)
             for i, (ids, st, en) in zip(idx, enc):
-                out[i] = _side(rendered[i], ids, st, en, roles, completion_only[i])
+                out[i] = _side(rendered[i], ids, st, en, table, completion_only[i])
     return out
 
 

@@ -52,6 +52,9 @@ class LearnableProjection(nn.Module):
 
     def __init__(self, proj: Projection):
         super().__init__()
+        if not isinstance(proj, Projection):  # a LearnableProjection: learn from its frozen copy, .projection()
+            raise TypeError(f"LearnableProjection needs an xt.Projection, got {type(proj).__name__}"
+                            + (" (use its .projection())" if isinstance(proj, LearnableProjection) else ""))
         self.base = proj
         support = (proj.indices >= 0) & (proj.weights > 0)
         self.register_buffer("indices", torch.where(support, proj.indices, torch.full_like(proj.indices, -1)))

@@ -240,10 +240,7 @@ class Projection:
 
         # Checked by type, not coerced: int(300.7) or bool("no") would build (and cache) a W nobody asked for.
         max_pieces = _check_int(max_pieces, "max_pieces", 1, SLOTS)
-        if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
-            raise TypeError(f"gamma must be a real number, got {gamma!r}")
-        if not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        _check_gamma(gamma)
         reverse_pass = _check_bool(reverse_pass, "reverse_pass")
         canonical_exact = _check_bool(canonical_exact, "canonical_exact")
         if overflow not in ("truncate", "drop"):
@@ -281,7 +278,8 @@ class Projection:
         """Write safetensors (indices int32 [V_S, 4], weights float32 [V_S, 4], exact_rows / alias_rows uint8 [V_S]
         if known) with the JSON metadata in the header."""
         from safetensors import SafetensorError
-        from safetensors.torch import save_file
+
+        from .tokenizers import save_tensors
 
         meta = dict(self.meta)
         meta.update(format_version=FORMAT_VERSION, library_version=_library_version(),
@@ -294,7 +292,7 @@ class Projection:
         meta["checksum"] = _checksum(meta, {k: v.numpy() for k, v in tensors.items()})
         path = check_save_path(path)
         try:
-            save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+            save_tensors(tensors, path, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
         except SafetensorError as e:  # safetensors' own write error (read-only or full disk) is not an OSError
             raise OSError(f"{path}: cannot write it ({e})") from None
 
@@ -359,12 +357,13 @@ class Projection:
         nnz = ((idx >= 0) & (w > 0)).sum(1)
         top = w.max(1, initial=0.0)
         one_hot = (nnz == 1) & (top == 1.0)
+        alias = np.zeros(len(w), bool) if self.alias_rows is None else self.alias_rows.numpy().astype(bool)
         exact = None if self.exact_rows is None else int((one_hot & self.exact_rows.numpy()).sum())
         return ProjectionStats(
             rows=self.student_vocab_size, exact=exact,
             one_piece=None if exact is None else int(one_hot.sum()) - exact,
             one_hot=int(one_hot.sum()), by_support=tuple(int((nnz == k).sum()) for k in range(1, SLOTS + 1)),
-            empty=int((nnz == 0).sum()), relaxed=int((top >= RELAXED_THRESHOLD).sum()),
+            empty=int((nnz == 0).sum()), relaxed=int(((top >= RELAXED_THRESHOLD) & ~alias).sum()),
             covered_columns=int(self.covered_columns("cpu").sum()), teacher_vocab_size=self.teacher_vocab_size,
             build=dict(self.meta.get("build", {})))
 
@@ -372,8 +371,12 @@ class Projection:
         """Coverage audit (METHOD.md §7, Table 8): per student token class, how many tokens sit in the exact
         (strict, GOLD) common set, and the loss to use: P-KL when numerals fall outside it, else H-KL. Each string
         counts once: alias rows (byte-fallback ``<0x30>`` beside ``0``) are left out of the classes.
-        Needs the student tokenizer (``student_tok``) unless W was built with ``from_tokenizers``."""
+        Needs the student tokenizer (``student_tok``) unless W was built with ``from_tokenizers``. ``examples``:
+        how many tokens outside the exact set each class lists."""
+        from .alignment import _check_int
         from .tokenizers import NORMAL, token_table
+
+        examples = _check_int(examples, "examples", 0, None)
 
         if student_tok is not None:
             table = token_table(student_tok)
@@ -421,11 +424,10 @@ class Projection:
         student_vocab_size = _check_int(student_vocab_size, "student_vocab_size", 0, _MAX_VOCAB)
         max_pieces = _check_int(max_pieces, "max_pieces", 1, SLOTS)
         teacher_vocab_size = _check_int(teacher_vocab_size, "teacher_vocab_size", max_pieces, _MAX_VOCAB)
-        seed = _check_int(seed, "seed", 0, None)
+        seed = _check_int(seed, "seed", 0, 2**63 - 1)  # torch's generator takes a 64-bit seed
         if isinstance(empty_rows, bool) or not isinstance(empty_rows, numbers.Real) or not 0 <= empty_rows <= 1:
             raise ValueError(f"empty_rows must be a fraction in [0, 1], got {empty_rows!r}")
-        if not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        _check_gamma(gamma)
         with torch.device("cpu"):  # on the CPU whatever the default device, as the other constructors (.to() moves)
             g = torch.Generator().manual_seed(seed)
             V_S = student_vocab_size
@@ -814,6 +816,13 @@ def _exact_keys(table) -> list:
 
     pieces = table.tokenizer.convert_ids_to_tokens(list(range(table.size)))
     return [p if r == NORMAL else b for p, r, b in zip(pieces, table.roles, table.token_bytes)]
+
+
+def _check_gamma(gamma) -> None:
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        raise TypeError(f"gamma must be a real number, got {gamma!r}")
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
 
 
 def _pieces_to_entries(rows: np.ndarray, datas: list[bytes], target, k: int, gamma: float, overflow: str, bar,

@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .alignment import _check_int
-from .tokenizers import load_tokenizer, temp_sibling, token_table
+from .tokenizers import load_tokenizer, save_tensors, temp_sibling, token_table
 
 __all__ = ["build", "load", "TeacherCache", "TeacherCacheError", "ids_key"]
 
@@ -212,7 +211,7 @@ def build(model, tokenizer, data, path, *, k: int = 64, dtype=torch.bfloat16, na
                            "values": torch.cat([t[0] for t in topk]).contiguous(),
                            "indices": torch.cat([t[1] for t in topk]).contiguous()}
                 tmp = temp_sibling(file)
-                save_file(tensors, str(tmp), metadata={"format": FORMAT})
+                save_tensors(tensors, tmp, metadata={"format": FORMAT})
                 os.replace(tmp, file)
                 prev = {"file": file.name, "sha256": _sha256(file), "num_examples": len(ids),
                         "num_tokens": int(lens.sum())}

@@ -11,6 +11,7 @@ both sides compares equal while no special ever equals text. End-of-turn markers
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -52,6 +53,26 @@ def temp_sibling(path) -> Path:
     return path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
 
 
+def save_tensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` giving the file the mode a new file gets from the umask: save_file writes
+    0600 (through its own temp file), so a shared W cache or teacher cache was unreadable to the group."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+@functools.cache
+def _umask() -> int:
+    try:  # Linux: read it without setting it (os.umask only reads by setting, racing other threads' new files)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def load_tokenizer(tok_or_name):
     """An HF fast tokenizer from any accepted form:
 
@@ -74,6 +95,9 @@ def load_tokenizer(tok_or_name):
 
             if spec.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(spec)):
                 raise FileNotFoundError(f"{spec}: no such folder")  # not the hub's repo-id message
+            if os.path.isfile(os.path.expanduser(spec)):  # tokenizer.json alone lacks the config naming its specials
+                raise ValueError(f"{spec} is a file: give the folder that holds it with tokenizer_config.json (or "
+                                 "a *.gguf file)")
             tok = AutoTokenizer.from_pretrained(os.path.expanduser(spec))
             if not tok("a 1", add_special_tokens=False)["input_ids"]:
                 # transformers builds an empty tokenizer from a folder with only config.json (a checkpoint saved
@@ -374,11 +398,15 @@ def _byte_offsets(text: str, offsets, ids, table: TokenTable):
                 (len(ids) == 1 or starts[1] >= d[0]):  # a lone leading "Ġ" is trimmed to (0, 0)
             ends[0] = d[0]
         space = np.isin(np.frombuffer(raw + b"x", dtype=np.uint8)[starts], np.frombuffer(_ASCII_SPACE, np.uint8))
-        # trimmed: the span is shorter than the token, or starts past the whitespace (an emoji's first bytes)
-        for i in np.nonzero((d > 0) & (starts >= d) & ((ends - starts < n) | ~space))[0]:
-            lo = starts[i] - d[i]
-            if raw[lo:starts[i]] == table.token_bytes[ids[i]][:d[i]] and (i == 0 or ends[i - 1] <= lo):
-                starts[i] = lo
+        # trimmed: the span is shorter than the token, or starts past the whitespace (an emoji's first bytes). The
+        # trim takes spaces off either end ("ĠĊ" at "\n", "ĊĠĠĠ" at "\n"): the token's bytes sit in the text at
+        # most d bytes before the span's start, where no earlier token covers them.
+        for i in np.nonzero((ends - starts < n) | ((d > 0) & ~space))[0]:
+            piece = table.token_bytes[ids[i]]
+            for lo in range(max(starts[i] - d[i], 0), starts[i] + 1):  # farthest first: a lone "Ġ" is (end, end)
+                if raw.startswith(piece, lo) and (i == 0 or ends[i - 1] <= lo):
+                    starts[i], ends[i] = lo, max(ends[i], lo + len(piece))  # an emoji's first bytes span it whole
+                    break
     if len(ids) > 1:
         # the next token starts inside this one's span; a zero-width one (a template's EOS at (0, 0)) splits nothing
         split = np.nonzero((off[1:, 0] < off[:-1, 1]) & (off[1:, 0] < off[1:, 1]))[0]

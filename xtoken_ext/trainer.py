@@ -39,12 +39,13 @@ from collections.abc import Mapping
 
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 from .distill import Distiller
 from .losses import LearnableProjection
 from .projection import Projection
+from .tokenizers import save_tensors
 
 __all__ = ["DistillTrainer", "DistillMixin", "with_distillation", "clear_gguf_quantization"]
 
@@ -206,7 +207,7 @@ class DistillMixin:
                     module.proj.projection().save(os.path.join(output_dir, f"xtoken_W_{name}.safetensors"))
                     thetas[name] = module.proj.theta.detach().cpu().clone()  # teachers may share one θ
             if thetas:  # θ itself, for resuming (the W file holds softmax(θ))
-                save_file(thetas, os.path.join(output_dir, _THETA_FILE))
+                save_tensors(thetas, os.path.join(output_dir, _THETA_FILE))
 
     def _save_checkpoint(self, *args, **kwargs):
         start = time.perf_counter()
