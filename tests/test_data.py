@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from tokenizers import normalizers
+from tokenizers import normalizers, processors
 from test_teacher_cache import TinyTeacher
 
 import xtoken_ext as xt
@@ -321,6 +321,14 @@ def test_datasets_map_precomputes_alignment_columns(toks, offline_tok):
     assert token_table(lower).fingerprint == token_table(s).fingerprint
     with pytest.raises(ValueError, match="other tokenizers"):
         xt.Collator(lower, [q, m], max_length=40)(list(pc))
+    # nor another post-processor: raw texts take the tokenizer's own BOS / EOS (W's behaviour hash leaves it out)
+    eos = copy.deepcopy(s)
+    eos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A <|end_of_text|>", special_tokens=[("<|begin_of_text|>", s.bos_token_id),
+                                                                       ("<|end_of_text|>", s.eos_token_id)])
+    assert token_table(eos).behaviour == token_table(s).behaviour
+    with pytest.raises(ValueError, match="other tokenizers"):
+        xt.Collator(eos, [q, m], max_length=40)(list(pc))
 
 
 LLAMA2 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'].strip() + "
@@ -362,6 +370,9 @@ def test_a_tokenizers_own_eos_ends_the_completion(toks):
         assert _labelled(m, xt.Collator(m, [s], completion_only=completion_only)([pair])) == ["▁", "4", "</s>"]
     assert _labelled(m, xt.Collator(m, [s], completion_only=True)(["Some text."]))[-1] == "</s>"
     assert _labelled(m, xt.Collator(m, [s])([{"prompt": "Q: 2+2?\nA:", "completion": ""}])) == ["</s>"]
+    with pytest.warns(UserWarning, match="empty or whitespace-only"):  # an empty text still gets no labels
+        batch = xt.Collator(m, [s], completion_only=True)(["", "   "])
+    assert _labelled(m, batch, 0) == _labelled(m, batch, 1) == []
 
 
 def test_a_tool_calling_turn_the_template_renders_without_its_content(toks):

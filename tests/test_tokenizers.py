@@ -177,7 +177,8 @@ def test_trimmed_offsets_get_their_leading_whitespace_back(offline_tok):
     assert correct.sum() == xt.Aligner(plain, teacher).align(text, return_correct=True)[1].sum() == 13
     # The trim takes spaces off both ends of a token: Qwen3's "ĉĠĠ" kept only "\t" and "ĠĊ" only "\n", and the
     # repair put back only a leading run it took to be all of the token's whitespace: chunks marked incorrect
-    code = ["def f(x):\n    if x:\n\t\treturn x \n    return  \n", "a \n b", "x\t   y", "  \n\n   z  "]
+    code = ["def f(x):\n    if x:\n\t\treturn x \n    return  \n", "a \n b", "x\t   y", "  \n\n   z  ",
+            "x e\u0301", "中   .  e\u0301e\u0301 e\u0301😀"]  # NFC rewrites " e" + U+0301: its leading space alone
     plain = offline_tok("qwen3")
     trimmed = copy.deepcopy(plain)
     trimmed.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
@@ -288,3 +289,10 @@ def test_cached_table_does_not_keep_its_tokenizer_alive(offline_tok):
     with pytest.raises(RuntimeError, match="tokenizer was freed"):
         table.tokenizer
     assert copy.tokenizer.decode([198]) == "\n"
+    again = pickle.loads(pickle.dumps(table))  # a table whose tokenizer is gone still pickles (a W holds one)
+    assert again.token_bytes == table.token_bytes
+    with pytest.raises(RuntimeError, match="tokenizer was freed"):
+        again.tokenizer
+    # a name is loaded and its table holds the tokenizer; the cache serves it again while the tokenizer lives
+    assert token_table("offline:gpt2").tokenizer is offline_tok("gpt2")
+    assert token_table("offline:gpt2").token_bytes is token_table(offline_tok("gpt2")).token_bytes

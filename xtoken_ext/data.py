@@ -35,7 +35,7 @@ import torch
 
 from . import teacher_cache
 from .alignment import Aligner, Alignment, _check_int, _check_threads, _check_utf8
-from .tokenizers import _ASCII_SPACE, EOS, EOT, encode_batch_with_offsets, load_tokenizer, token_table
+from .tokenizers import _ASCII_SPACE, EOT, NORMAL, encode_batch_with_offsets, load_tokenizer, token_table
 
 __all__ = ["Collator", "Batch", "pack_plan", "teacher_cache"]
 
@@ -230,7 +230,7 @@ class _Side:
 def _side(r: _Rendered, ids, starts, ends, table, completion_only: bool) -> _Side:
     n, S = len(ids), len(r.seg)
     raw = r.text.encode("utf-8")
-    closer = np.isin(table.roles[ids], (EOS, EOT)) | (ids == table.shared_bos)  # a token that can end a turn
+    closer = table.roles[ids] != NORMAL  # a special can end a turn (GLM's turn ends on the next role's <|user|>)
 
     def space(lo, hi):  # only whitespace in raw[lo:hi]
         return not raw[lo:hi].strip(_ASCII_SPACE)
@@ -259,7 +259,7 @@ def _side(r: _Rendered, ids, starts, ends, table, completion_only: bool) -> _Sid
             if r.shared[last[k]] and space(starts[k], r.seg[last[k], 0]):
                 j[k], inside_ws[k] = last[k], True
         comp = inside_ws & r.comp[j]
-        if r.add_special and S and r.comp[-1]:  # the tokenizer's own EOS after a completion (add_eos_token=True)
+        if r.add_special and r.text.strip() and r.comp[-1]:  # the tokenizer's own EOS after a completion
             comp |= (starts == len(raw)) & (ends == len(raw)) & closer
         closing = np.flatnonzero(r.comp & (eot >= 0))
         comp[eot[closing]] = True
@@ -356,6 +356,11 @@ def _end_id(tok, ends_turn: bool) -> int | None:
         return eos
     eot = np.flatnonzero(roles == EOT)
     return int(eot[0]) if eot.size else eos
+
+
+def _post_processor(tok) -> str:
+    p = tok.backend_tokenizer.post_processor
+    return "" if p is None else hashlib.sha256(p.__getstate__()).hexdigest()[:16]
 
 
 def _stable_json(obj):
@@ -716,6 +721,8 @@ class Collator:
         toks = [self.student_tok, *self.teacher_toks]
         desc = {"fingerprints": [token_table(t).fingerprint for t in toks],
                 "behaviours": [token_table(t).behaviour for t in toks],  # the same vocabulary, other merges
+                # raw texts take the tokenizer's own specials (BOS / EOS), which W's behaviour hash leaves out
+                "post_processors": [_post_processor(t) for t in toks],
                 "templates": [hashlib.sha256(str(getattr(t, "chat_template", None)).encode()).hexdigest()[:16]
                               for t in toks],
                 "completion_only": self.completion_only, "chat_template_kwargs": self.chat_template_kwargs}

@@ -11,7 +11,6 @@ both sides compares equal while no special ever equals text. End-of-turn markers
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -21,7 +20,7 @@ import tempfile
 import uuid
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ _ROLE_MARKER = {BOS: b"\xff<bos>", EOS: b"\xff<eos>", EOT: b"\xff<eot>", UNK: b"
 EOS_MARKER, EOT_MARKER = _ROLE_MARKER[EOS], _ROLE_MARKER[EOT]
 # End-of-turn tokens by family: ChatML (Qwen, SmolLM), Gemma, Llama-3, Phi-3/4, Command-R. A family without one
 # (Mistral, Llama-2) ends turns with its EOS, which W uses as a stand-in (projection.py).
-EOT_TOKENS = frozenset({"<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|END_OF_TURN_TOKEN|>"})
+EOT_TOKENS = frozenset({"<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|eot|>", "<|end|>", "<|END_OF_TURN_TOKEN|>"})
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _OFFLINE_PREFIX = "offline:"
 _HASH_CHUNK = 1 << 22
@@ -62,7 +61,6 @@ def save_tensors(tensors: dict, path, metadata: dict | None = None) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
-@functools.cache
 def _umask() -> int:
     try:  # Linux: read it without setting it (os.umask only reads by setting, racing other threads' new files)
         with open("/proc/self/status") as f:
@@ -169,7 +167,7 @@ _BYTE_TRANSLATE = str.maketrans({c: chr(b) for c, b in _BYTE_DECODER.items()})
 
 
 class _Held:
-    """A strong stand-in for ``weakref.ref`` (a tokenizer loaded by ``token_table`` itself, or unpickled)."""
+    """A strong stand-in for ``weakref.ref`` (a tokenizer loaded by ``token_table`` from a name, or unpickled)."""
 
     __slots__ = ("obj",)
 
@@ -208,8 +206,8 @@ class TokenTable:
             raise RuntimeError("this TokenTable's tokenizer was freed: keep the tokenizer alive while using its table")
         return tok
 
-    def __getstate__(self):  # a pickled table carries its tokenizer (a weakref does not pickle)
-        return {**self.__dict__, "_tokenizer": _Held(self.tokenizer)}
+    def __getstate__(self):  # a pickled table carries its tokenizer, if alive (a weakref does not pickle)
+        return {**self.__dict__, "_tokenizer": _Held(self._tokenizer())}
 
     @property
     def behaviour(self) -> str:
@@ -290,9 +288,14 @@ def _roles(tok, n: int) -> np.ndarray:
 
 def token_table(tok) -> TokenTable:
     """Canonical bytes and roles of every id of ``tok`` (computed once per tokenizer object and cached; made again
-    when its length or role ids change, e.g. after ``add_tokens``). A name or path is loaded and not cached: the
-    returned table then holds the tokenizer it loaded."""
+    when its length or role ids change, e.g. after ``add_tokens``). The cache holds a tokenizer weakly; for a name
+    or path the returned table holds the tokenizer it loaded."""
     given, tok = tok, load_tokenizer(tok)
+    table = _table(tok)
+    return table if tok is given else replace(table, _tokenizer=_Held(tok))
+
+
+def _table(tok) -> TokenTable:
     state = _table_state(tok)
     try:
         table, seen = _TABLES[tok]
@@ -336,15 +339,10 @@ def token_table(tok) -> TokenTable:
     h.update(b"".join(out))
     h.update(roles.tobytes())
     try:  # a weak reference: the cache's value must not keep its key (the tokenizer, ~90 MB for Llama-3) alive
-        ref = weakref.ref(tok) if tok is given else None
-    except TypeError:
-        ref = None
-    table = TokenTable(ref or _Held(tok), out, roles, h.hexdigest()[:32], kind)
-    try:
-        if ref is not None:
-            _TABLES[tok] = (table, state)
-    except TypeError:
-        pass
+        table = TokenTable(weakref.ref(tok), out, roles, h.hexdigest()[:32], kind)
+        _TABLES[tok] = (table, state)
+    except TypeError:  # a tokenizer that takes no weak reference (or no hash) is not cached
+        table = TokenTable(_Held(tok), out, roles, h.hexdigest()[:32], kind)
     return table
 
 
@@ -394,19 +392,19 @@ def _byte_offsets(text: str, offsets, ids, table: TokenTable):
     raw = text.encode("utf-8")
     if len(ids):
         n, d = (a[ids] for a in table.lengths())
-        if d[0] and starts[0] == ends[0] == 0 and raw.startswith(table.token_bytes[ids[0]][:d[0]]) and \
-                (len(ids) == 1 or starts[1] >= d[0]):  # a lone leading "Ġ" is trimmed to (0, 0)
-            ends[0] = d[0]
         space = np.isin(np.frombuffer(raw + b"x", dtype=np.uint8)[starts], np.frombuffer(_ASCII_SPACE, np.uint8))
         # trimmed: the span is shorter than the token, or starts past the whitespace (an emoji's first bytes). The
-        # trim takes spaces off either end ("ĠĊ" at "\n", "ĊĠĠĠ" at "\n"): the token's bytes sit in the text at
-        # most d bytes before the span's start, where no earlier token covers them.
+        # trim takes spaces off either end ("ĠĊ" at "\n", "ĊĠĠĠ" at "\n", a lone "Ġ" at (end, end)): the token's
+        # bytes sit in the text at most d bytes before the span's start, where no earlier token covers them.
         for i in np.nonzero((ends - starts < n) | ((d > 0) & ~space))[0]:
             piece = table.token_bytes[ids[i]]
-            for lo in range(max(starts[i] - d[i], 0), starts[i] + 1):  # farthest first: a lone "Ġ" is (end, end)
-                if raw.startswith(piece, lo) and (i == 0 or ends[i - 1] <= lo):
-                    starts[i], ends[i] = lo, max(ends[i], lo + len(piece))  # an emoji's first bytes span it whole
-                    break
+            lo = next((x for x in range(max(starts[i] - d[i], 0), starts[i] + 1)  # farthest first
+                       if raw.startswith(piece, x) and (i == 0 or ends[i - 1] <= x)), None)
+            if lo is not None:
+                starts[i], ends[i] = lo, max(ends[i], lo + len(piece))  # an emoji's first bytes span it whole
+            elif (lo := starts[i] - d[i]) >= 0 and d[i] and raw[lo:starts[i]] == piece[:d[i]] and \
+                    (i == 0 or ends[i - 1] <= lo):  # a normalizer rewrote the rest (NFC: " e" + U+0301 -> " é")
+                starts[i] = lo
     if len(ids) > 1:
         # the next token starts inside this one's span; a zero-width one (a template's EOS at (0, 0)) splits nothing
         split = np.nonzero((off[1:, 0] < off[:-1, 1]) & (off[1:, 0] < off[1:, 1]))[0]
