@@ -1137,8 +1137,13 @@ void pkl_group(const PklCall& a, int64_t g, PklScratch& ws, float* gw) {
         // T' of block b = T' of the common scale + δ, δ = (m_b − max)/τ ≤ 0
         const double delta = L.nt == 1 && fb[b][l] > -kInf ? (static_cast<double>(fb[b][l]) - mx) * inv_tau : 0.0;
         const double f = L.nt > 1 ? 1.0 : fb[b][l] > -kInf ? std::exp(delta) : 0.0;
-        L.kl += f * (bs[l] + delta * bs[kR + l]), L.sum_p += f * bs[kR + l], L.sum_rq += f * bs[2 * kR + l];
         fb[b][l] = static_cast<float>(f);
+        if (fb[b][l] == 0.0f) {  // the block's P is below fp32's range, 0 as in the other backends: no terms, r = 0 (a
+          // small τ: r' = P'/Q is +inf where Q = 0, and 0·inf was NaN in the sums and the gradient)
+          for (int64_t j = b * kCB; j < std::min((b + 1) * kCB, V_C); ++j) rT[j][l] = 0.0f;
+          continue;
+        }
+        L.kl += f * (bs[l] + delta * bs[kR + l]), L.sum_p += f * bs[kR + l], L.sum_rq += f * bs[2 * kR + l];
       }
     }
     fb[blocks] = VF{};  // the zero row V_C's block when kCB divides V_C

@@ -797,3 +797,22 @@ def test_triton_interpret_set_after_triton_is_imported_is_named(tmp_path):
                          cwd=tmp_path)  # outside the checkout: the installed package, with its built extension
     assert "ValueError: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported" \
         in out.stdout, (out.stdout, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_pkl_teacher_block_below_fp32s_range_at_a_small_temperature(backend):
+    """The native kernel sums the KL terms per 512-column block at the block's own maximum and rescales by
+    f = e^{(m_b − max)/τ}. At τ = 2^-9 a block 10 logits below the maximum has f = 0, and where its Q is 0 its
+    P'·(T' − log Q) and r' = P'/Q are +inf: 0·inf made the loss NaN ("NaN although the rows are finite") and the
+    gradient NaN. The block's P is below fp32's range, 0 as in the other backends: the loss is 0 (P = Q = e_0)."""
+    V = 600  # one-hot rows onto 600 columns: two blocks of the allowed columns
+    proj = Projection(torch.stack([torch.arange(V, dtype=torch.int32)] + [torch.full((V,), -1, dtype=torch.int32)] * 3,
+                                  1), torch.eye(1, 4).expand(V, 4), V)
+    z, t = torch.zeros(1, 2, V), torch.zeros(1, 2, V)
+    z[..., 0] = t[..., 0] = 10.0
+    al = xt.Alignment.from_chunks([np.array([[0, 1, 0, 1], [1, 2, 1, 2]])], [np.array([True, True])], [2], [2])
+    for tau in (2.0 ** -9, 2.0 ** -20):
+        zz = z.clone().requires_grad_()
+        loss = xt.pkl_loss(zz, t, al, proj, temperature=tau, backend=backend, reduction="sum")
+        loss.backward()
+        assert float(loss.detach()) == 0.0 and torch.equal(zz.grad, torch.zeros_like(z)), (tau, zz.grad.abs().max())
