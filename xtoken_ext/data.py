@@ -252,7 +252,8 @@ def _side(r: _Rendered, ids, starts, ends, table, completion_only: bool) -> _Sid
     inside = r.shared[j] & (ends <= r.seg[j, 1]) & (ends > starts)
     if completion_only:
         # A token that reaches into a segment over whitespace only is labelled with it (Llama-2's "[/INST] " +
-        # "Four." gives "▁Four", the answer's first word); it stays outside for KD (its bytes are not the content's).
+        # "Four." gives "▁Four", the answer's first word); KD keeps `inside`: where the two renderings differ, its
+        # bytes are not the content's.
         last = np.clip(np.searchsorted(r.seg[:, 0], ends - 1, "right") - 1, 0, S - 1)  # segment of its last byte
         j, inside_ws = j.copy(), inside.copy()
         for k in np.flatnonzero((last > j) & (ends > starts)):
