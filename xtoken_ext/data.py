@@ -255,7 +255,7 @@ def _side(r: _Rendered, ids, starts, ends, table, completion_only: bool) -> _Sid
         # "Four." gives "▁Four", the answer's first word); KD keeps `inside`: where the two renderings differ, its
         # bytes are not the content's.
         last = np.clip(np.searchsorted(r.seg[:, 0], ends - 1, "right") - 1, 0, S - 1)  # segment of its last byte
-        j, inside_ws = j.copy(), inside.copy()
+        inside_ws = inside.copy()
         for k in np.flatnonzero((last > j) & (ends > starts)):
             if r.shared[last[k]] and space(starts[k], r.seg[last[k], 0]):
                 j[k], inside_ws[k] = last[k], True

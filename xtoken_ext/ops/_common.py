@@ -125,8 +125,10 @@ def check_options(merge: str, col_mask: Tensor, chains: dict[str, tuple[Tensor |
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     if col_mask.dtype != torch.bool:
         raise TypeError(f"col_mask must be a bool tensor [V_T], got {col_mask.dtype}")
+    if merge != "chain":
+        return
     for name, (c, n) in chains.items():
-        if merge == "chain" and (c is None or c.shape != (n,) or not c.is_floating_point()):
+        if c is None or c.shape != (n,) or not c.is_floating_point():
             got = "None" if c is None else f"{c.dtype} {tuple(c.shape)}"
             raise ValueError(f"merge='chain' needs {name} [{n}] (a floating tensor, one scalar per row), got {got}")
 
