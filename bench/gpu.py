@@ -30,6 +30,7 @@
    fused per-chunk losses must also agree with the torch backend's within the bound (both compute in fp32).
 
 --quick: bf16 only in the correctness stage, one timed run after the first call.
+--stage correctness / timing: stages 1-2 or stage 3 alone (e.g. timing first where GPU time is short).
 --dry: the CPU under TRITON_INTERPRET=1 (set here, before the kernels are imported) at tiny sizes that still give
 several tiles per row at the interpreter's BLOCK_S = 128 / BLOCK_T = 64 and more chunks than its 2 programs; every
 code path but timing (the interpreter runs programs one after another, so only P-KL and H-KL with merge="mean" in
@@ -396,17 +397,20 @@ def _time(step, runs: int, dev: torch.device, clear=None):
         first = time.perf_counter() - start
         if clear is not None:
             clear()
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
+        cuda = dev.type == "cuda"  # the CPU (a test under the interpreter) reports no peak
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev) if cuda else 0
         best = math.inf
         for _ in range(runs):
             start = time.perf_counter()
             out = step()
             _sync(dev)
             best = min(best, time.perf_counter() - start)
-        return first, best, torch.cuda.max_memory_allocated(dev) - base, out
+        return first, best, torch.cuda.max_memory_allocated(dev) - base if cuda else math.nan, out
     except Exception as e:  # e.g. an out-of-memory baseline: reported in its row, the table goes on
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
 
 
@@ -434,16 +438,19 @@ def _column_lengths(proj) -> str:
     return f"{int(n.sum()):,} nonzeros, longest column {int(n.max())}"
 
 
-def timing(dev: torch.device, runs: int) -> bool:
-    """Stage 3. -> False when the fused backend fails or its losses disagree with the torch backend's."""
+def timing(dev: torch.device, runs: int, shape=None, real: bool = True, bandwidth=None) -> bool:
+    """Stage 3 at ``shape`` (rows, V_S, V_T; default bench.losses.GPU_SHAPE), with the real W unless ``real`` is
+    False; ``bandwidth``: (bytes/s, source) instead of hbm_bandwidth (a test on the CPU). -> False when the fused
+    backend fails or its losses disagree with the torch backend's."""
     import xtoken_ext as xt
     from xtoken_ext.testing import kappa, loss_bound, worst_ratio
 
     from .losses import GPU_SHAPE, _inputs, _release_style
 
-    _, V_S, V_T = GPU_SHAPE
-    bw, source = hbm_bandwidth(dev)
-    z, t, batch_dev, proj = _inputs(GPU_SHAPE, torch.bfloat16, dev)
+    shape = shape or GPU_SHAPE
+    _, V_S, V_T = shape
+    bw, source = bandwidth or hbm_bandwidth(dev)
+    z, t, batch_dev, proj = _inputs(shape, torch.bfloat16, dev)
     batch = batch_dev.to("cpu")  # the losses plan on a CPU alignment (no host sync)
     moved = floor_bytes(z, t)
     floor = moved / bw
@@ -453,10 +460,11 @@ def timing(dev: torch.device, runs: int) -> bool:
           f"= {floor * 1e3:.2f} ms")
     projections = [("random W", proj)]
     try:
-        real, seconds = _real_projection()
-        projections.append(("real W", real.to(dev)))
-        print(f"real W (Llama-3 x Qwen3, offline tokenizers): {seconds:.1f} s to build or load; "
-              f"{_column_lengths(real)} (random W: {_column_lengths(proj)})")
+        if real:
+            w, seconds = _real_projection()
+            projections.append(("real W", w.to(dev)))
+            print(f"real W (Llama-3 x Qwen3, offline tokenizers): {seconds:.1f} s to build or load; "
+                  f"{_column_lengths(w)} (random W: {_column_lengths(proj)})")
     except Exception as e:  # e.g. the bench extra's tokenizer packages are not installed
         print(f"real W: skipped ({type(e).__name__}: {e})")
     head = (f"{'W':<10}{'loss':<6}{'impl':<24}{'first s':>9}{'best ms':>10}{'x floor':>9}{'GB/s':>8}"
@@ -489,7 +497,7 @@ def timing(dev: torch.device, runs: int) -> bool:
                     ratio = worst_ratio(out, torch_losses, 2 * loss_bound(torch_losses, 1.0, kap, torch.bfloat16))
                     ok &= ratio <= 1
                     agree = f"{ratio:.3f} {'PASS' if ratio <= 1 else 'FAIL'}"
-                print(f"{wname:<10}{kind:<6}{label:<24}{first:>9.2f}{best * 1e3:>10.1f}{best / floor:>8.3g}x"
+                print(f"{wname:<10}{kind:<6}{label:<24}{first:>9.2f}{best * 1e3:>10.1f} {best / floor:>7.3g}x"
                       f"{moved / best / 1e9:>8.0f}{peak / 2**30:>10.2f}{agree:>15}", flush=True)
     z.grad = None
     return ok
@@ -527,10 +535,11 @@ def cannot_run(dry: bool) -> str | None:
     return None
 
 
-def run(quick: bool = False, dry: bool = False) -> bool:
-    """The whole check (module docstring); prints its tables and returns True when everything passed. Raises
-    RuntimeError when it cannot run here (``cannot_run``)."""
-    reason = cannot_run(dry)
+def run(quick: bool = False, dry: bool = False, stage: str = "all") -> bool:
+    """The whole check (module docstring), or one ``stage`` of it ("correctness": stages 1 and 2, "timing": stage
+    3); prints its tables and returns True when everything passed. Raises RuntimeError when it cannot run here
+    (``cannot_run``)."""
+    reason = cannot_run(dry) or ("--dry has no timing stage" if dry and stage == "timing" else None)
     if reason:
         raise RuntimeError(reason)
     if dry:
@@ -540,12 +549,14 @@ def run(quick: bool = False, dry: bool = False) -> bool:
     _configuration(dev, sizes, dry)
     start = time.perf_counter()
     dtypes = [DTYPES["bf16"]] if quick else list(DTYPES.values())
-    with warnings.catch_warnings():
-        if dry:  # masked lanes of the interpreter evaluate log(0), 0·inf, ... in numpy before tl.where drops them
-            warnings.simplefilter("ignore", RuntimeWarning)
-        ok = correctness(sizes, dev, dtypes)
-    print(f"[correctness: {time.perf_counter() - start:.1f} s]\n", flush=True)
-    if not dry:
+    ok = True
+    if stage != "timing":
+        with warnings.catch_warnings():
+            if dry:  # masked lanes of the interpreter evaluate log(0), 0·inf, ... in numpy before tl.where drops them
+                warnings.simplefilter("ignore", RuntimeWarning)
+            ok = correctness(sizes, dev, dtypes)
+        print(f"[correctness: {time.perf_counter() - start:.1f} s]\n", flush=True)
+    if not dry and stage != "correctness":
         mid = time.perf_counter()
         ok &= timing(dev, 1 if quick else 3)
         print(f"[timing: {time.perf_counter() - mid:.1f} s]")
@@ -558,11 +569,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xtoken_ext.bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="bf16 only in the correctness stage, one timed run")
     parser.add_argument("--dry", action="store_true", help="CPU, Triton interpreter, tiny sizes, no timing (CI)")
+    parser.add_argument("--stage", choices=("all", "correctness", "timing"), default="all",
+                        help="run stages 1-2 (correctness, repeatability) or stage 3 (timing) alone")
     args = parser.parse_args(argv)
-    reason = cannot_run(args.dry)
+    reason = cannot_run(args.dry) or ("--dry has no timing stage" if args.dry and args.stage == "timing" else None)
     if reason:
         parser.error(reason)  # exit 2: a setup error, not a failed check (1)
-    return 0 if run(quick=args.quick, dry=args.dry) else 1
+    return 0 if run(quick=args.quick, dry=args.dry, stage=args.stage) else 1
 
 
 if __name__ == "__main__":

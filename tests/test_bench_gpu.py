@@ -129,3 +129,30 @@ def test_dry_refuses_a_process_whose_triton_is_not_interpreted(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**env, "TRITON_INTERPRET": "1"}, cwd=tmp_path)
     assert out.stdout == "None\n", out.stderr[-2000:]
+
+
+def test_timing_stage_runs_on_the_cpu(capsys):
+    """Stage 3's code path at a tiny shape (the interpreter on the CPU; CUDA where present): a row per loss and
+    implementation, the fused losses checked against the torch backend's."""
+    dev = device()
+    assert gpu.timing(dev, 1, shape=(10, 160, 100), real=False, bandwidth=(1e9, "test"))
+    out = capsys.readouterr().out
+    rows = re.findall(r"^random W +(pkl|hkl|gold) +(chunked torch|release-style unfused|xtoken fused \(Triton\)) "
+                      r"+[\d.]+ +[\d.]+ +[\d.e+]+x +\d+ +(?:nan|[\d.]+) *([\d.]+ PASS)?$", out, re.MULTILINE)
+    assert {r[:2] for r in rows} == {(k, i) for k in gpu.TIMED_LOSSES for i in
+                                     ("chunked torch", "release-style unfused", "xtoken fused (Triton)")}, out
+    assert all(bool(r[2]) == (r[1] == "xtoken fused (Triton)") for r in rows)
+    assert "HBM floor" in out and "1.00 TB/s" not in out
+
+
+def test_stage_option(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gpu, "cannot_run", lambda dry: None)
+    monkeypatch.setattr(gpu, "correctness", lambda *a: calls.append("correctness") or True)
+    monkeypatch.setattr(gpu, "timing", lambda *a: calls.append("timing") or False)
+    monkeypatch.setattr(gpu, "_configuration", lambda *a: None)
+    assert gpu.main(["--stage", "correctness"]) == 0 and calls == ["correctness"]
+    assert gpu.main(["--stage", "timing"]) == 1 and calls == ["correctness", "timing"]
+    with pytest.raises(SystemExit) as e:
+        gpu.main(["--dry", "--stage", "timing"])
+    assert e.value.code == 2
