@@ -535,11 +535,16 @@ def cannot_run(dry: bool) -> str | None:
     return None
 
 
+def _setup_error(dry: bool, stage: str) -> str | None:
+    """cannot_run's reason, or the stage that --dry lacks."""
+    return cannot_run(dry) or ("--dry has no timing stage" if dry and stage == "timing" else None)
+
+
 def run(quick: bool = False, dry: bool = False, stage: str = "all") -> bool:
     """The whole check (module docstring), or one ``stage`` of it ("correctness": stages 1 and 2, "timing": stage
     3); prints its tables and returns True when everything passed. Raises RuntimeError when it cannot run here
-    (``cannot_run``)."""
-    reason = cannot_run(dry) or ("--dry has no timing stage" if dry and stage == "timing" else None)
+    (``_setup_error``)."""
+    reason = _setup_error(dry, stage)
     if reason:
         raise RuntimeError(reason)
     if dry:
@@ -572,7 +577,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", choices=("all", "correctness", "timing"), default="all",
                         help="run stages 1-2 (correctness, repeatability) or stage 3 (timing) alone")
     args = parser.parse_args(argv)
-    reason = cannot_run(args.dry) or ("--dry has no timing stage" if args.dry and args.stage == "timing" else None)
+    reason = _setup_error(args.dry, args.stage)
     if reason:
         parser.error(reason)  # exit 2: a setup error, not a failed check (1)
     return 0 if run(quick=args.quick, dry=args.dry, stage=args.stage) else 1
