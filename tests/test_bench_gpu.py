@@ -142,7 +142,7 @@ def test_timing_stage_runs_on_the_cpu(capsys):
     assert {r[:2] for r in rows} == {(k, i) for k in gpu.TIMED_LOSSES for i in
                                      ("chunked torch", "release-style unfused", "xtoken fused (Triton)")}, out
     assert all(bool(r[2]) == (r[1] == "xtoken fused (Triton)") for r in rows)
-    assert "HBM floor" in out and "1.00 TB/s" not in out
+    assert re.search(r"HBM floor [\d.]+ GB at 0\.00 TB/s \(test\)", out), out  # the bandwidth given
 
 
 def test_stage_option(monkeypatch):
