@@ -17,6 +17,9 @@ instruction issue and its special-function unit's time (the MUFU instructions: e
 sm_90 SASS (bench/sass.py, issue_counts): both kernels are issue-bound. The SFU's time alone with the streams (each
 pass the longer of the two, the passes back to back as the kernels run them) is printed as a bound: what the kernels'
 transcendentals allow in this structure however few instructions the rest of a pass issued.
+Against a GPU (one run, an H200, 2026-12-04, README "Measured on a GPU"): the fused kernels took 5.5-10.4x the
+issue-bound times modelled here (the 4 instructions per clock are not reached); P-KL's time was nearest the
+L2<->SM figure, H-KL's and GOLD's far above it.
 """
 from __future__ import annotations
 

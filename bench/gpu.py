@@ -27,10 +27,15 @@
    HBM floor (the bytes that must move: read the student and teacher rows, write the gradient rows, at the GPU's
    nominal bandwidth, or a measured device copy for GPUs not in the table), achieved GB/s and peak extra memory;
    beside the chunked torch backend and the unfused release-style baseline of bench.losses on the same GPU. The
-   fused per-chunk losses must also agree with the torch backend's within the bound (both compute in fp32).
+   fused per-chunk losses must also agree with the torch backend's within the bound (both compute in fp32). Under
+   each fused row, one more call profiled (torch.profiler): its kernels' device time by kernel, against its wall time.
+4. Sweep (skipped with --dry). Fused P-KL as in stage 3 under each launch configuration of PKL_SWEEP (warps,
+   register cap, programs per SM, teacher tile), each profiled and checked against the torch backend's losses: the
+   data for tuning ops.pkl_kernel on the GPU at hand.
 
 --quick: bf16 only in the correctness stage, one timed run after the first call.
---stage correctness / timing: stages 1-2 or stage 3 alone (e.g. timing first where GPU time is short).
+--stage correctness / timing / sweep: stages 1-2, stage 3 or stage 4 alone (e.g. timing first where GPU time is
+short).
 --dry: the CPU under TRITON_INTERPRET=1 (set here, before the kernels are imported) at tiny sizes that still give
 several tiles per row at the interpreter's BLOCK_S = 128 / BLOCK_T = 64 and more chunks than its 2 programs; every
 code path but timing (the interpreter runs programs one after another, so only P-KL and H-KL with merge="mean" in
@@ -422,6 +427,30 @@ def _step(z: torch.Tensor, loss):
     return out.detach()
 
 
+def breakdown(step, dev: torch.device, top: int = 4) -> str:
+    """One more step() under torch.profiler: "kernels X ms of wall Y ms: name a ms ×calls, ..." (the ``top`` longest,
+    then the rest): the device time of each kernel on CUDA, where wall − X is the time the GPU waited on the host; on
+    the CPU (a test) the ops' self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev.type == "cuda"
+    _sync(dev)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        _sync(dev)
+    wall = time.perf_counter() - start
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    events = [(e.self_device_time_total if cuda else e.self_cpu_time_total, e.count, e.key)
+              for e in prof.key_averages() if e.device_type == kind]
+    events = sorted((e for e in events if e[0] > 0), reverse=True)
+    total = sum(e[0] for e in events) / 1e3
+    parts = [f"{name[:40]} {us / 1e3:.2f} ms x{n}" for us, n, name in events[:top]]
+    if len(events) > top:
+        parts.append(f"{len(events) - top} more {sum(e[0] for e in events[top:]) / 1e3:.2f} ms")
+    return f"{'kernels' if cuda else 'ops'} {total:.1f} ms of wall {wall * 1e3:.1f} ms: {', '.join(parts)}"
+
+
 def _real_projection():
     """The Llama-3 -> Qwen3 W at the models' logit widths, from the offline tokenizers (on-disk W cache)."""
     from xtoken_ext.projection import Projection
@@ -499,7 +528,74 @@ def timing(dev: torch.device, runs: int, shape=None, real: bool = True, bandwidt
                     agree = f"{ratio:.3f} {'PASS' if ratio <= 1 else 'FAIL'}"
                 print(f"{wname:<10}{kind:<6}{label:<24}{first:>9.2f}{best * 1e3:>10.1f} {best / floor:>7.3g}x"
                       f"{moved / best / 1e9:>8.0f}{peak / 2**30:>10.2f}{agree:>15}", flush=True)
+                if impl == "triton":
+                    print(f"{'':<10}{'':<6}{breakdown(functools.partial(_step, z, loss), dev)}", flush=True)
     z.grad = None
+    return ok
+
+
+# P-KL launch configurations of the sweep (stage 4): (warps, register cap, programs per SM, BLOCK_T). The first is
+# ops.pkl_kernel's; the others trade registers for resident warps (the first GPU run, 2026-12-04 on an H200, measured
+# P-KL 6.8-10.4x slower than bench/costmodel.py's issue-bound model, which assumes 4 instructions per clock per SM
+# with one 8-warp program resident) or shorten the teacher tile.
+PKL_SWEEP = ((8, 255, 1, 2048), (8, 128, 2, 2048), (4, 255, 2, 2048), (4, 128, 4, 2048), (16, 128, 1, 2048),
+             (8, 255, 1, 1024))
+
+
+def sweep(dev: torch.device, runs: int, shape=None, real: bool = True, configs=PKL_SWEEP, bandwidth=None) -> bool:
+    """Stage 4: fused P-KL fwd+bwd (stage 3's inputs and W, the real one where it loads) under each launch
+    configuration of ``configs`` in turn, with the time of its kernels (breakdown) and its losses checked against
+    the torch backend's; ops.pkl_kernel's own configuration is restored afterwards. -> False when a configuration
+    fails or disagrees. Under the interpreter (a test) only the program count takes effect; ``bandwidth`` as in
+    timing."""
+    import triton
+
+    import xtoken_ext as xt
+    from xtoken_ext.ops import _tl, pkl_kernel as pk
+    from xtoken_ext.testing import kappa, loss_bound, worst_ratio
+
+    from .losses import GPU_SHAPE, _inputs
+
+    z, t, batch_dev, proj = _inputs(shape or GPU_SHAPE, torch.bfloat16, dev)
+    batch, wname = batch_dev.to("cpu"), "random W"
+    if real:
+        try:
+            proj, wname = _real_projection()[0].to(dev), "real W"
+        except Exception as e:  # as in timing
+            print(f"real W: skipped ({type(e).__name__}: {e})")
+    floor = floor_bytes(z, t) / (bandwidth or hbm_bandwidth(dev))[0]
+    loss = functools.partial(xt.pkl_loss, z, t, batch, proj, reduction="none")
+    ref = loss(backend="torch").detach()
+    bound = 2 * loss_bound(ref, 1.0, kappa(z, t, 1.0), torch.bfloat16)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    head = f"{'warps':>5}{'maxnreg':>8}{'per SM':>7}{'BLOCK_T':>8}{'first s':>9}{'best ms':>9}{'x floor':>9}  vs torch"
+    print(f"sweep: fused P-KL fwd+bwd, {wname}, best of {runs}; {head.strip()} then its kernels\n{head}\n"
+          f"{'-' * len(head)}", flush=True)
+    saved = pk._launch, pk._num_programs, dict(pk._TILES)
+    ok = True
+    try:
+        for warps, nreg, per_sm, block_t in configs:
+            cfg = triton.Config({"BLOCK_S": 2048}, num_warps=warps, maxnreg=nreg)
+            pk._launch = _tl.launcher(pk._pkl_kernel, dict(BLOCK_S=128), [cfg], reset_to_zero=["sync_ptr"])
+            pk._num_programs = functools.partial(lambda n, K, device: max(1, min(K, n)), per_sm * sms)
+            if not pk.interpret():
+                pk._TILES["BLOCK_T"] = block_t
+            step = functools.partial(_step, z, functools.partial(loss, backend="triton"))
+            r = _time(step, runs, dev, clear=functools.partial(setattr, z, "grad", None))
+            row = f"{warps:>5}{nreg:>8}{per_sm:>7}{block_t:>8}"
+            if isinstance(r, str):
+                print(f"{row}  failed: {r}", flush=True)
+                ok = False
+                continue
+            first, best, _, out = r
+            ratio = worst_ratio(out, ref, bound)
+            ok &= ratio <= 1
+            print(f"{row}{first:>9.2f}{best * 1e3:>9.1f} {best / floor:>7.3g}x  {ratio:.3f} "
+                  f"{'PASS' if ratio <= 1 else 'FAIL'}\n{'':>12}{breakdown(step, dev)}", flush=True)
+    finally:
+        pk._launch, pk._num_programs = saved[:2]
+        pk._TILES.update(saved[2])
+        z.grad = None
     return ok
 
 
@@ -537,13 +633,13 @@ def cannot_run(dry: bool) -> str | None:
 
 def _setup_error(dry: bool, stage: str) -> str | None:
     """cannot_run's reason, or the stage that --dry lacks."""
-    return cannot_run(dry) or ("--dry has no timing stage" if dry and stage == "timing" else None)
+    return cannot_run(dry) or (f"--dry has no {stage} stage" if dry and stage in ("timing", "sweep") else None)
 
 
 def run(quick: bool = False, dry: bool = False, stage: str = "all") -> bool:
     """The whole check (module docstring), or one ``stage`` of it ("correctness": stages 1 and 2, "timing": stage
-    3); prints its tables and returns True when everything passed. Raises RuntimeError when it cannot run here
-    (``_setup_error``)."""
+    3, "sweep": stage 4); prints its tables and returns True when everything passed. Raises RuntimeError when it
+    cannot run here (``_setup_error``)."""
     reason = _setup_error(dry, stage)
     if reason:
         raise RuntimeError(reason)
@@ -555,16 +651,20 @@ def run(quick: bool = False, dry: bool = False, stage: str = "all") -> bool:
     start = time.perf_counter()
     dtypes = [DTYPES["bf16"]] if quick else list(DTYPES.values())
     ok = True
-    if stage != "timing":
+    if stage in ("all", "correctness"):
         with warnings.catch_warnings():
             if dry:  # masked lanes of the interpreter evaluate log(0), 0·inf, ... in numpy before tl.where drops them
                 warnings.simplefilter("ignore", RuntimeWarning)
             ok = correctness(sizes, dev, dtypes)
         print(f"[correctness: {time.perf_counter() - start:.1f} s]\n", flush=True)
-    if not dry and stage != "correctness":
+    if not dry and stage in ("all", "timing"):
         mid = time.perf_counter()
         ok &= timing(dev, 1 if quick else 3)
         print(f"[timing: {time.perf_counter() - mid:.1f} s]")
+    if not dry and stage in ("all", "sweep"):
+        mid = time.perf_counter()
+        ok &= sweep(dev, 2)
+        print(f"[sweep: {time.perf_counter() - mid:.1f} s]")
     print(f"\nGPU check{' (dry)' if dry else ''}: {'PASS' if ok else 'FAIL'} in {time.perf_counter() - start:.1f} s",
           flush=True)
     return ok
@@ -574,8 +674,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xtoken_ext.bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="bf16 only in the correctness stage, one timed run")
     parser.add_argument("--dry", action="store_true", help="CPU, Triton interpreter, tiny sizes, no timing (CI)")
-    parser.add_argument("--stage", choices=("all", "correctness", "timing"), default="all",
-                        help="run stages 1-2 (correctness, repeatability) or stage 3 (timing) alone")
+    parser.add_argument("--stage", choices=("all", "correctness", "timing", "sweep"), default="all",
+                        help="run stages 1-2 (correctness, repeatability), stage 3 (timing) or stage 4 (sweep of "
+                             "P-KL launch configurations) alone")
     args = parser.parse_args(argv)
     reason = _setup_error(args.dry, args.stage)
     if reason:

@@ -1,6 +1,7 @@
 """The one-command GPU check (xtoken_ext.bench.gpu): its --dry mode end to end in a fresh process (CPU, Triton
-interpreter, every code path but timing), that a bound-sized error in a checked gradient FAILs, the tie mask of the
-sorted-L1 term, the bandwidth table and the CLI plumbing (`xtoken bench --suite gpu [--dry]`, exit status)."""
+interpreter, every code path but timing), the timing and sweep stages' code at a tiny shape, that a bound-sized error
+in a checked gradient FAILs, the tie mask of the sorted-L1 term, the bandwidth table and the CLI plumbing (`xtoken
+bench --suite gpu [--dry]`, exit status, --stage)."""
 from __future__ import annotations
 
 import os
@@ -143,6 +144,36 @@ def test_timing_stage_runs_on_the_cpu(capsys):
                                      ("chunked torch", "release-style unfused", "xtoken fused (Triton)")}, out
     assert all(bool(r[2]) == (r[1] == "xtoken fused (Triton)") for r in rows)
     assert re.search(r"HBM floor [\d.]+ GB at 0\.00 TB/s \(test\)", out), out  # the bandwidth given
+    # under each fused row its profiled call: the time of its kernels (ops on the CPU) by name, within its wall time
+    lines = out.splitlines()
+    prof = [lines[i + 1] for i, line in enumerate(lines) if "xtoken fused (Triton)" in line]
+    assert len(prof) == len(gpu.TIMED_LOSSES), out
+    for line in prof:
+        m = re.fullmatch(r" +(?:kernels|ops) ([\d.]+) ms of wall ([\d.]+) ms: (.+)", line)
+        assert m and 0 < float(m[1]) <= float(m[2]) + 0.1 and re.match(r"\S.* [\d.]+ ms x\d+", m[3]), line
+
+
+def test_sweep_stage_runs_on_the_cpu(capsys, monkeypatch):
+    """Stage 4's code path at a tiny shape: a row per configuration, checked against the torch backend, and
+    ops.pkl_kernel's launch, program count and tiles restored afterwards (here a program count that the kernel
+    records, as its scratch rows' count)."""
+    from xtoken_ext.ops import pkl_kernel as pk
+
+    dev = device()
+    before = pk._launch, pk._num_programs, dict(pk._TILES)
+    seen = []
+    zeros = torch.zeros
+    monkeypatch.setattr(pk.torch, "zeros", lambda *a, **k: seen.append(a[0]) or zeros(*a, **k))
+    configs = ((8, 255, 1, 2048), (4, 128, 3, 1024))
+    assert gpu.sweep(dev, 1, shape=(10, 160, 100), real=False, configs=configs, bandwidth=(1e9, "test"))
+    out = capsys.readouterr().out
+    rows = re.findall(r"^ +(\d+) +(\d+) +(\d+) +(\d+) +[\d.]+ +[\d.]+ +[\d.e+]+x  ([\d.]+) PASS\n +(?:kernels|ops) "
+                      r"[\d.]+ ms of wall", out, re.MULTILINE)
+    assert [tuple(int(v) for v in r[:4]) for r in rows] == [c for c in configs], out
+    assert all(float(r[4]) <= 1 for r in rows)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    assert {1 * sms, 3 * sms} <= set(seen)  # the scratch rows [programs, V_T]: each config's program count
+    assert (pk._launch, pk._num_programs, pk._TILES) == (before[0], before[1], before[2])
 
 
 def test_stage_option(monkeypatch):
@@ -150,9 +181,13 @@ def test_stage_option(monkeypatch):
     monkeypatch.setattr(gpu, "cannot_run", lambda dry: None)
     monkeypatch.setattr(gpu, "correctness", lambda *a: calls.append("correctness") or True)
     monkeypatch.setattr(gpu, "timing", lambda *a: calls.append("timing") or False)
+    monkeypatch.setattr(gpu, "sweep", lambda *a: calls.append("sweep") or True)
     monkeypatch.setattr(gpu, "_configuration", lambda *a: None)
     assert gpu.main(["--stage", "correctness"]) == 0 and calls == ["correctness"]
     assert gpu.main(["--stage", "timing"]) == 1 and calls == ["correctness", "timing"]
-    with pytest.raises(SystemExit) as e:
-        gpu.main(["--dry", "--stage", "timing"])
-    assert e.value.code == 2
+    assert gpu.main(["--stage", "sweep"]) == 0 and calls == ["correctness", "timing", "sweep"]
+    assert gpu.main([]) == 1 and calls[3:] == ["correctness", "timing", "sweep"]
+    for stage in ("timing", "sweep"):
+        with pytest.raises(SystemExit) as e:
+            gpu.main(["--dry", "--stage", stage])
+        assert e.value.code == 2
