@@ -28,7 +28,8 @@
    nominal bandwidth, or a measured device copy for GPUs not in the table), achieved GB/s and peak extra memory;
    beside the chunked torch backend and the unfused release-style baseline of bench.losses on the same GPU. The
    fused per-chunk losses must also agree with the torch backend's within the bound (both compute in fp32). Under
-   each fused row, one more call profiled (torch.profiler): its kernels' device time by kernel, against its wall time.
+   each fused row, one more call profiled (torch.profiler): its kernels' device time by kernel, against its wall time;
+   and for an autotuned kernel each configuration's time in its autotuning.
 4. Sweep (skipped with --dry). Fused P-KL as in stage 3 under each launch configuration of PKL_SWEEP (warps,
    register cap, programs per SM, teacher tile), each profiled and checked against the torch backend's losses: the
    data for tuning ops.pkl_kernel on the GPU at hand.
@@ -451,6 +452,21 @@ def breakdown(step, dev: torch.device, top: int = 4) -> str:
     return f"{'kernels' if cuda else 'ops'} {total:.1f} ms of wall {wall * 1e3:.1f} ms: {', '.join(parts)}"
 
 
+def autotuned(kernel: str) -> str | None:
+    """"autotuned: <config> <ms>, ..." for ops.<kernel>_kernel's main kernel: each configuration's time in its last
+    autotuning (Triton's do_bench median), the one picked first; None without one (a single configuration, the
+    interpreter)."""
+    from importlib import import_module
+
+    timings = getattr(import_module(f"xtoken_ext.ops.{kernel}_kernel")._launch.args[0], "configs_timings", None)
+    if not timings:
+        return None
+    def ms(t):
+        return t[0] if isinstance(t, (list, tuple)) else t
+    ranked = sorted(timings.items(), key=lambda kv: ms(kv[1]))
+    return "autotuned: " + ", ".join(f"{c.kwargs} {c.num_warps} warps {ms(t):.2f} ms" for c, t in ranked)
+
+
 def _real_projection():
     """The Llama-3 -> Qwen3 W at the models' logit widths, from the offline tokenizers (on-disk W cache)."""
     from xtoken_ext.projection import Projection
@@ -530,6 +546,9 @@ def timing(dev: torch.device, runs: int, shape=None, real: bool = True, bandwidt
                       f"{moved / best / 1e9:>8.0f}{peak / 2**30:>10.2f}{agree:>15}", flush=True)
                 if impl == "triton":
                     print(f"{'':<10}{'':<6}{breakdown(functools.partial(_step, z, loss), dev)}", flush=True)
+                    tuned = autotuned("pkl" if kind == "pkl" else "hkl")
+                    if tuned:
+                        print(f"{'':<16}{tuned}", flush=True)
     z.grad = None
     return ok
 
