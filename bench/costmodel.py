@@ -18,8 +18,9 @@ sm_90 SASS (bench/sass.py, issue_counts): both kernels are issue-bound. The SFU'
 pass the longer of the two, the passes back to back as the kernels run them) is printed as a bound: what the kernels'
 transcendentals allow in this structure however few instructions the rest of a pass issued.
 Against a GPU (one run, an H200, 2026-12-04, README "Measured on a GPU"): the fused kernels took 5.5-10.4x the
-issue-bound times modelled here (the 4 instructions per clock are not reached); P-KL's time was nearest the
-L2<->SM figure, H-KL's and GOLD's far above it.
+issue-bound times modelled here (the 4 instructions per clock are not reached). P-KL's times on both W's were its
+upper L2<->SM figure at one rate, 4.1 TB/s (within 2 %): the "calibrated" line times P-KL at that rate (L2_GATHER).
+H-KL's and GOLD's were far above both their issue and their L2 times: not modelled.
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ from xtoken_ext.ops.pkl_kernel import _CONFIGS, SLICES_GPU, TILES_GPU
 # l2_bw: an assumed L2 -> SM bandwidth (not measured here; the order of public H100 microbenchmarks), only for the
 # L2-time line.
 GPU = dict(name="H100 SXM", hbm=3.35e12, l2=50 << 20, sms=132, l2_bw=5.5e12)
+# The rate at which the fused P-KL kernel moved its upper L2<->SM figure (one sector per gathered element) in the first
+# GPU run (H200, 2026-12-04, README "Measured on a GPU"): 30.71 MiB/row for Projection.random in 63.6 ms, 14.90 MiB/row
+# for the real W in 31.4 ms, 8,192 rows: 4.15 and 4.08 TB/s. A calibration from one run (an H200's SMs and L2 are an
+# H100's), not a bandwidth: P-KL's time is modelled as these bytes at this rate where that exceeds its issue time.
+L2_GATHER = 4.1e12
 # ops.pkl_kernel's GPU block sizes and D-slice width (student tiles)
 CONFIG = dict(BLOCK_S=_CONFIGS[0].kwargs["BLOCK_S"], **TILES_GPU, SLICE=SLICES_GPU["SLICE"])
 SECTOR = 32  # bytes an L2 request moves for one gathered element
@@ -587,6 +593,10 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
                 for k, v in m["l2_parts"].items()))
         print(f"    L2<->SM traffic at an assumed {gpu['l2_bw'] / 1e12:.1f} TB/s: "
               f"{t_lo * 1e3:.2f}–{t_hi * 1e3:.2f} ms ({t_lo / t_floor:.1f}–{t_hi / t_floor:.1f}x the floor time)")
+        if m["kernel"] == "P-KL":
+            t_g = max(rows * m["l2"] / L2_GATHER, rows / gpu["sms"] * m["t_row"])
+            print(f"    calibrated (the upper L2<->SM figure at the {L2_GATHER / 1e12:.1f} TB/s measured for it on a "
+                  f"GPU, or the time above where longer): {t_g * 1e3:.2f} ms ({t_g / t_floor:.1f}x the floor time)")
 
 
 def _real_w(quick: bool):

@@ -98,6 +98,20 @@ def test_report_prints_both_kernels(proj, capsys):
     assert "P-KL | random" in out and "H-KL | random" in out and "D slices per chunk" in out
 
 
+def test_calibrated_pkl_time(proj, capsys, monkeypatch):
+    """P-KL's calibrated line: its upper L2<->SM bytes at the measured L2_GATHER rate, or its modelled time where
+    that is longer (here both ways, by moving the rate); H-KL has none."""
+    m = costmodel.pkl_model(proj, 64)
+    gpu = costmodel.GPU
+    t_issue = 8192 / gpu["sms"] * m["t_row"]
+    for rate in (costmodel.L2_GATHER, 8192 * m["l2"] / t_issue * 4):  # gathers longer, then the modelled time
+        monkeypatch.setattr(costmodel, "L2_GATHER", rate)
+        costmodel.report([("random", m), ("random", costmodel.hkl_model(proj, 64))])
+        lines = [x for x in capsys.readouterr().out.splitlines() if "calibrated" in x]
+        want = max(8192 * m["l2"] / rate, t_issue)
+        assert len(lines) == 1 and f": {want * 1e3:.2f} ms (" in lines[0], (lines, want)
+
+
 
 def test_uld_model_merge_sorts_both_lists():
     """ULD (no common pairs, m uncapped) past the largest sort network: the model sorts both whole lists (no
