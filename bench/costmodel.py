@@ -386,7 +386,9 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     u_s, u_t = int(us_mask.sum()), int(ut_mask.sum())
     cap_m = V_S if topk is None else topk
     m = min(u_s, u_t, cap_m)
-    m_up = min(V_S, V_T, cap_m)  # the host's bound (m itself stays on the device)
+    # the kernel's host bound m_up (m itself stays on the device): the loss hands H-KL / GOLD's op m as its cap
+    # (losses._uncommon_cap; the allowed columns here are the projection's, known on the host), ULD's its option
+    m_up = m if loss != "ULD" else min(V_S, V_T, cap_m)
     w_big, w_small = H.sort_widths(m_up)
     w_net = w_small if m <= w_small else w_big
     small = w_net < w_big  # the small network sorts both windows side by side, b's keys widened to int64

@@ -77,8 +77,7 @@ def test_hkl_model_counts(proj, uncovered, topk):
     keep = allowed[ct.long()]
     u_s, u_t = 3000 - torch.unique(cs[keep]).numel(), int(allowed.sum()) - torch.unique(ct[keep]).numel()
     assert (st["u_s"], st["u_t"], st["m"]) == (u_s, u_t, min(u_s, u_t, topk))
-    w_big = min(1 << (min(3000, topk) - 1).bit_length(), H._SORT_CAP)
-    w_small = min(H._SMALL_CAP, w_big // 4)
+    w_big, w_small = H.sort_widths(st["m"])  # the loss hands the op m as its cap (losses._uncommon_cap)
     assert st["w_net"] == (w_small if st["m"] <= w_small else w_big)
     whole = st["w_net"] < w_big and max(st["l_a"], st["l_b"]) <= w_small
     lg = math.ceil(math.log2(max(st["l_a"], st["l_b"]) if whole else min(st["m"], st["w_net"])))

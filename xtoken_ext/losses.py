@@ -357,6 +357,27 @@ def _expand_to(lo: Tensor, n: Tensor, device) -> tuple[Tensor, Tensor]:
     return r.to(device, non_blocking=True), seg.to(device, non_blocking=True)
 
 
+def _uncommon_cap(proj: Projection, o: _Options) -> int | None:
+    """H-KL / GOLD: ``uncommon_topk`` as the op gets it, min(uncommon_topk, |U_S|, |U_T|) where the allowed columns A
+    are known on the host (no ``teacher_topk``): m = min(|U_S|, |U_T|, uncommon_topk) is the same on every backend,
+    and the Triton kernel sizes its sort networks (and so its compile time) by this rather than by its bound
+    min(V_S, V_T, uncommon_topk): the real Llama-3 × Qwen3 W at the defaults has m = 128 under the cap 8,192. |U_S|
+    and |U_T| count as the op does (ops.hkl: the ids of the common pairs whose teacher column is in A), once per
+    projection, mode and ``uncovered``, from the projection's host arrays (no device sync)."""
+    if o.kind == "uld" or o.teacher_topk is not None:
+        return o.uncommon_topk
+    per_proj = _COMMON.setdefault(proj, {})
+    key = ("uncommon", o.kind, o.uncovered)
+    if key not in per_proj:
+        cs, ct = proj.common_pairs("relaxed" if o.kind == "hkl" else "strict")
+        allowed = (proj.covered_columns("cpu") if o.uncovered == "renormalize"
+                   else torch.ones(proj.teacher_vocab_size, dtype=torch.bool))
+        keep = allowed[ct.long()]
+        per_proj[key] = min(proj.student_vocab_size - torch.unique(cs[keep]).numel(),
+                            int(allowed.sum()) - torch.unique(ct[keep]).numel())
+    return per_proj[key] if o.uncommon_topk is None else min(o.uncommon_topk, per_proj[key])
+
+
 def _later_rows(spans: Tensor, side: int, device) -> tuple[Tensor, Tensor]:
     """The rows after each chunk's first on one side (0 student, 2 teacher) of flat spans, and their chunks."""
     return _expand_to(spans[:, side] + 1, (spans[:, side + 1] - spans[:, side] - 1).clamp(min=0), device)
@@ -373,6 +394,7 @@ class _Plan(NamedTuple):
     w_idx: Tensor | None  # P-KL: W's ELL slots and weights (differentiable for a LearnableProjection)
     w_val: Tensor | None
     common: tuple  # H-KL / GOLD: the common pairs (cs, ct); ULD: empty ones
+    uncommon_topk: int | None  # H-KL family: the op's (_uncommon_cap)
 
 
 def _prepare(o: _Options, alignment, proj, B, T_S, B_t, T_T, N_t, dim2: bool, md, device, t_fetch) -> _Plan:
@@ -421,7 +443,8 @@ def _prepare(o: _Options, alignment, proj, B, T_S, B_t, T_T, N_t, dim2: bool, md
         common = (torch.zeros(0, dtype=torch.int64, device=device),) * 2
     else:  # pairs whose teacher column is outside A are dropped by the op
         common = _common_pairs(proj, "relaxed" if o.kind == "hkl" else "strict", device)
-    return _Plan(spans_host, spans, col_mask, t_chain, chain_bad, ids.get("student_ids"), w_idx, w_val, common)
+    cap = None if o.kind == "pkl" else _uncommon_cap(proj, o)
+    return _Plan(spans_host, spans, col_mask, t_chain, chain_bad, ids.get("student_ids"), w_idx, w_val, common, cap)
 
 
 def _op(o: _Options, p: _Plan, z, t_vals, t_cols, spans, t_chain, s_chain, w_val=None) -> Tensor:
@@ -433,7 +456,7 @@ def _op(o: _Options, p: _Plan, z, t_vals, t_cols, spans, t_chain, s_chain, w_val
         return pkl_rows(z, t_vals, t_cols, p.w_idx, w_val, p.col_mask, spans, o.tau, o.merge, _UNCOVERED[o.uncovered],
                         t_chain, None, need_grad_w, o.backend or "auto")[0]
     return hkl_rows(z, t_vals, t_cols, p.col_mask, spans, o.tau, o.merge, s_chain, t_chain, *p.common,
-                    o.uncommon_topk, o.backend or "auto")[0]
+                    p.uncommon_topk, o.backend or "auto")[0]
 
 
 def _excluded(loss: Tensor, nonfinite: str, raise_at) -> Tensor:
