@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from xtoken_ext import losses as L
 from xtoken_ext.bench import costmodel
 from xtoken_ext.ops.pkl_kernel import _w_structure
 from xtoken_ext.projection import Projection
@@ -77,7 +78,8 @@ def test_hkl_model_counts(proj, uncovered, topk):
     keep = allowed[ct.long()]
     u_s, u_t = 3000 - torch.unique(cs[keep]).numel(), int(allowed.sum()) - torch.unique(ct[keep]).numel()
     assert (st["u_s"], st["u_t"], st["m"]) == (u_s, u_t, min(u_s, u_t, topk))
-    w_big, w_small = H.sort_widths(st["m"])  # the loss hands the op m as its cap (losses._uncommon_cap)
+    # the op's bound: its cap as the loss hands it (losses._uncommon_cap)
+    w_big, w_small = H.sort_widths(min(3000, topk, max(min(u_s, u_t), L._CAP_FLOOR)))
     assert st["w_net"] == (w_small if st["m"] <= w_small else w_big)
     whole = st["w_net"] < w_big and max(st["l_a"], st["l_b"]) <= w_small
     lg = math.ceil(math.log2(max(st["l_a"], st["l_b"]) if whole else min(st["m"], st["w_net"])))

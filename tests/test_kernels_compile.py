@@ -64,11 +64,11 @@ if sys.argv[1] == "pkl":
 else:  # H-KL: its main variant at the 8,192-lane window (both sort networks), the same with the merge sort of m
     # above it (ULD), and the smallest window
     from xtoken_ext.ops import hkl_kernel as H
-    for ci, m_up, mean, chain, sparse, merge in ((0, 8192, False, False, False, False),
-                                                  (0, 8192, False, False, False, True), (1, 4, False, True, True, False)):
+    for ci, W, mean, chain, sparse, merge in ((0, 8192, False, False, False, False),
+                                               (0, 8192, False, False, False, True), (1, 16, False, True, True, False)):
         cfg = H._CONFIGS[ci]
-        W, W_SMALL = H.sort_widths(m_up)  # 8,192 / 1,024 lanes, and the smallest: 128 / 32
-        consts = dict(MEAN=mean, CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=W_SMALL, MERGE=merge, **cfg.kwargs)
+        consts = dict(MEAN=mean, CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=H.sort_widths(W)[1], MERGE=merge,
+                      **cfg.kwargs)
         r = compile_one(H._hkl_kernel, consts, cfg.num_warps, sparse)
         out.append(dict(kernel="hkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, W=W, merge=merge, **r))
 print(json.dumps(out))

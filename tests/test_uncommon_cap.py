@@ -1,7 +1,8 @@
-"""H-KL / GOLD hand the op min(uncommon_topk, |U_S|, |U_T|) where the allowed columns are known on the host
-(losses._uncommon_cap): the same m as the op computes from uncommon_topk itself, so the same losses and gradients on
-every backend, while the Triton kernel sizes its sort networks by m (hkl_kernel.sort_widths) rather than by
-min(V_S, V_T, uncommon_topk)."""
+"""H-KL / GOLD hand the op min(uncommon_topk, max(m₀, _CAP_FLOOR)), m₀ = min(|U_S|, |U_T|), where the allowed columns
+are known on the host (losses._uncommon_cap): never below the op's m = min(m₀, uncommon_topk), so the same losses and
+gradients on every backend, while the Triton kernel's sort networks are sized by a bound of 4,096 instead of the
+default 8,192 where m₀ is small (hkl_kernel.sort_widths). The counts are checked with the floor at 0 (the cap is
+then m itself: a wrong count changes m)."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,7 @@ import xtoken_ext as xt
 from xtoken_ext import losses as L
 from xtoken_ext.testing import loss_problem
 
-P = loss_problem(3, 97, 113, 24)
+PROBLEMS = [loss_problem(3, 97, 113, 24), loss_problem(3, 113, 60, 24)]  # |U_S| ≤ |U_T|, then |U_T| < |U_S|
 
 
 def _op_counts(proj, kind, uncovered):
@@ -32,16 +33,20 @@ def _seen_caps(monkeypatch):
     return seen
 
 
+@pytest.mark.parametrize("P", PROBLEMS)
 @pytest.mark.parametrize("kind", ["hkl", "gold"])
 @pytest.mark.parametrize("uncovered", ["renormalize", "epsilon"])
-def test_cap_is_the_ops_m(kind, uncovered, monkeypatch):
+def test_cap_handed_to_the_op(P, kind, uncovered, monkeypatch):
     u_s, u_t = _op_counts(P.proj, kind, uncovered)
-    assert 0 < min(u_s, u_t) < min(97, 113)  # a cap below the kernel's bound: the case this is for
+    m0 = min(u_s, u_t)
+    assert 0 < m0 < min(P.proj.student_vocab_size, P.proj.teacher_vocab_size)
     fn = getattr(xt, f"{kind}_loss")
     seen = _seen_caps(monkeypatch)
-    for topk, want in ((8192, min(u_s, u_t)), (None, min(u_s, u_t)), (3, 3), (0, 0)):
+    for floor, topk, want in ((4096, 8192, 4096), (4096, None, 4096), (4096, 3, 3), (0, 8192, m0), (0, None, m0),
+                              (0, 3, 3), (0, 0, 0), (m0 + 5, 8192, m0 + 5)):
+        monkeypatch.setattr(L, "_CAP_FLOOR", floor)
         fn(P.z, P.t, P.alignment, P.proj, uncovered=uncovered, uncommon_topk=topk, backend="torch")
-        assert seen[-1] == want, (topk, seen)
+        assert seen[-1] == want, (floor, topk, seen)
     # a per-call teacher top-k changes A on the device: the option goes to the op as given
     fn(P.z, P.t, P.alignment, P.proj, uncovered=uncovered, teacher_topk=20, backend="torch")
     assert seen[-1] == 8192
@@ -49,12 +54,13 @@ def test_cap_is_the_ops_m(kind, uncovered, monkeypatch):
     assert seen[-1] is None
 
 
+@pytest.mark.parametrize("P", PROBLEMS)
 @pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("kind", ["hkl", "gold"])
-def test_same_losses_and_gradients_as_the_uncapped_option(kind, backend, monkeypatch):
-    """Bitwise: the op's m is the same either way (the torch and C++ backends select the top m, the Triton kernel's
-    sums run in its sort network's order, checked against the float64 reference by the loss tests)."""
+def test_same_losses_and_gradients_as_the_option_itself(P, kind, backend, monkeypatch):
+    """Bitwise, with the floor at 0 (the op gets m itself as its cap): the op's m is the same either way."""
     fn = getattr(xt, f"{kind}_loss")
+    monkeypatch.setattr(L, "_CAP_FLOOR", 0)
     out = []
     for tight in (True, False):
         if not tight:
@@ -69,15 +75,10 @@ def test_same_losses_and_gradients_as_the_uncapped_option(kind, backend, monkeyp
     assert (out[0][0] > 0).any()
 
 
-def test_sort_widths():
-    """The networks for a host bound m_up: the W-lane one holds every m ≤ m_up up to _SORT_CAP (above it the merge
-    sort), the small one W/4 lanes at most; where m_up ≤ _SMALL_CAP (the cap is m itself) the small one takes every
-    window, at the real W's m the 1,024 lanes that the default cap's bound gave, beside W = 4,096."""
+def test_cap_floor_keeps_the_small_network():
+    """_CAP_FLOOR is the smallest bound whose networks keep the 1,024-lane small network (beside W = 4,096)."""
     pytest.importorskip("triton")
-    from xtoken_ext.ops.hkl_kernel import _SMALL_CAP, _SORT_CAP, sort_widths
+    from xtoken_ext.ops.hkl_kernel import _SMALL_CAP, sort_widths
 
-    for m_up in [*range(0, 70), 100, 128, 261, 700, 1023, 1024, 1025, 2047, 2048, 5000, 8191, 8192, 8193, 10 ** 5]:
-        W, W_SMALL = sort_widths(m_up)
-        assert W_SMALL * 4 <= W <= _SORT_CAP and W >= min(m_up, _SORT_CAP), m_up
-        assert W_SMALL >= (m_up if m_up <= _SMALL_CAP else min(_SMALL_CAP, W // 4)), m_up
-    assert sort_widths(128) == sort_widths(261) == (4096, 1024) and sort_widths(8192) == (8192, 1024)
+    assert sort_widths(L._CAP_FLOOR) == (4096, _SMALL_CAP) and sort_widths(L._CAP_FLOOR // 2)[1] < _SMALL_CAP
+    assert sort_widths(8192) == (8192, _SMALL_CAP)

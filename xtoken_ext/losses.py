@@ -357,13 +357,21 @@ def _expand_to(lo: Tensor, n: Tensor, device) -> tuple[Tensor, Tensor]:
     return r.to(device, non_blocking=True), seg.to(device, non_blocking=True)
 
 
+# The smallest uncommon_topk that _uncommon_cap hands the op: its bound still gives the Triton kernel its 1,024-lane
+# small network (ops.hkl_kernel.sort_widths: W = next_pow2 of the bound, W_SMALL = min(1,024, W/4)), beside W 4,096
+_CAP_FLOOR = 4096
+
+
 def _uncommon_cap(proj: Projection, o: _Options) -> int | None:
-    """H-KL / GOLD: ``uncommon_topk`` as the op gets it, min(uncommon_topk, |U_S|, |U_T|) where the allowed columns A
-    are known on the host (no ``teacher_topk``): m = min(|U_S|, |U_T|, uncommon_topk) is the same on every backend,
-    and the Triton kernel sizes its sort networks (and so its compile time) by this rather than by its bound
-    min(V_S, V_T, uncommon_topk): the real Llama-3 × Qwen3 W at the defaults has m = 128 under the cap 8,192. |U_S|
-    and |U_T| count as the op does (ops.hkl: the ids of the common pairs whose teacher column is in A), once per
-    projection, mode and ``uncovered``, from the projection's host arrays (no device sync)."""
+    """H-KL / GOLD: ``uncommon_topk`` as the op gets it, min(uncommon_topk, max(min(|U_S|, |U_T|), _CAP_FLOOR)) where
+    the allowed columns A are known on the host (no ``teacher_topk``). Never below m = min(|U_S|, |U_T|,
+    uncommon_topk), so the op's m and results are the same on every backend; the Triton kernel sizes its sort
+    networks and lists by its host bound min(V_S, V_T, uncommon_topk), which at the default 8,192 compiled an
+    8,192-lane network that no window took where m ≤ 1,024 (the real Llama-3 × Qwen3 W: m = 128 for H-KL, 261 for
+    GOLD): 4,096 lanes now, the same 1,024-lane small network sorting (offline sm_90 compile, 8 warps, a loaded
+    2-core host: 50 s instead of 77 s). |U_S| and |U_T| count as the op does (ops.hkl: the ids of the common pairs
+    whose teacher column is in A), once per projection, mode and ``uncovered``, from the projection's host arrays
+    (no device sync)."""
     if o.kind == "uld" or o.teacher_topk is not None:
         return o.uncommon_topk
     per_proj = _COMMON.setdefault(proj, {})
@@ -375,7 +383,8 @@ def _uncommon_cap(proj: Projection, o: _Options) -> int | None:
         keep = allowed[ct.long()]
         per_proj[key] = min(proj.student_vocab_size - torch.unique(cs[keep]).numel(),
                             int(allowed.sum()) - torch.unique(ct[keep]).numel())
-    return per_proj[key] if o.uncommon_topk is None else min(o.uncommon_topk, per_proj[key])
+    cap = max(per_proj[key], _CAP_FLOOR)
+    return cap if o.uncommon_topk is None else min(o.uncommon_topk, cap)
 
 
 def _later_rows(spans: Tensor, side: int, device) -> tuple[Tensor, Tensor]:

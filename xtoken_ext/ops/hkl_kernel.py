@@ -41,20 +41,17 @@ Selection and sorted L1 (per chunk, per side; a = e^S on U_S, b = P on U_T):
     keys in the range: the same θ; ≈ 0.07 m keys as bench/costmodel.py models them), else over L.
     Everything below reads only L (or that copy), which the two paths fill with the same keys of bin ≥ b1 in the
     same row order (the single-pass list may hold more keys below bin b1), so both give bit-identical results.
-  the window of W lanes (sort_widths: min(next_pow2(m_up), _SORT_CAP), m ≤ W): prefix(m) gathered from L into a
-    W-lane buffer and sorted (_sort_desc: tl.sort's bitonic network; a: _pack(k, column) as int64, so that keys tie
-    in ascending column, L's row order; b: k as int32, descending); lane i of both sorted windows is rank i, so
-    Σ|a_i − b_i| and
+  the window of W = min(next_pow2(m_up), _SORT_CAP) lanes (m ≤ W): prefix(m) gathered from L into a W-lane buffer
+    and sorted (_sort_desc: tl.sort's bitonic network; a: _pack(k, column) as int64, so that keys tie in ascending
+    column, L's row order; b: k as int32, descending); lane i of both sorted windows is rank i, so Σ|a_i − b_i| and
     g_i = τ² sign(a_i − b_i) a_i come lane-wise (a side short of ranks, e.g. a sparse teacher, is padded with 0).
     The sizes are the host's (m_up, its bound on m); m itself stays on the device, where the kernel picks the
     network: m ≤ W_SMALL = min(_SMALL_CAP, W/4) sorts in a W_SMALL-lane network run for only its first ⌈log₂ m⌉
-    merge stages (_windows / _sort_desc with TRUNC; its runtime branches would make the W-lane network spill; where
-    m_up ≤ _SMALL_CAP, W = 4 W_SMALL and W_SMALL ≥ m_up instead, sort_widths), both
+    merge stages (_windows / _sort_desc with TRUNC; its runtime branches would make the W-lane network spill), both
     windows side by side in it (PAIR: b's keys widened to int64, one chain of stages), else the W-lane one, a then b
     (one sorted window live at a time). With the default uncovered="renormalize" most teacher columns are paired,
     so m = |U_T| is small: 128 for H-KL with Llama-3 → Qwen3 (28 stages on 2 × 1,024 lanes instead of 2 × 91 on
-    8,192; the loss hands the op m as its cap, and sort_widths sizes the networks by it). Where both single-pass
-    lists hit and hold ≤ W_SMALL keys too (that W: 256 and 128), the small network
+    8,192). Where both single-pass lists hit and hold ≤ W_SMALL keys too (that W: 256 and 128), the small network
     sorts the whole lists instead, ⌈log₂ |L|⌉ merge stages, with no pass over them (no level-1 histogram, key range,
     bisection or gather: 3 passes over each list and ~3 over bin b1's keys, ~400–500 instructions per thread per
     tile each, bench/costmodel.py): their first m lanes are the top m, the keys equal to θ taken in ascending column
@@ -1236,19 +1233,8 @@ def _programs(device: torch.device, K: int, per_program: int) -> int:
 
 
 def sort_widths(m_up: int) -> tuple[int, int]:
-    """(W, W_SMALL): the sort networks' lanes for m ≤ m_up (module docstring; bench/costmodel.py models them). Where
-    m_up ≤ _SMALL_CAP (the loss hands H-KL / GOLD's op m itself as its cap, losses._uncommon_cap) the small network
-    takes every window (m ≤ W_SMALL) and holds whole lists of up to 8 next_pow2(m) keys (a hinted list holds 5.8-7.7 m
-    at m = 128 on real logits, bench/costmodel.py's LIST_EXTRA): W_SMALL = min(_SMALL_CAP, 8 next_pow2(m_up)), W = 4
-    W_SMALL. At the real Llama-3 × Qwen3 W's m (H-KL 128, GOLD 261) that is the 1,024-lane small network that
-    uncommon_topk's default bound gave (the same sort), with W 4,096 lanes instead of 8,192, a network no window
-    takes: the kernel compiles in 50 s instead of 77 s (offline sm_90, 8 warps, a loaded 2-core host). The lists'
-    capacity 2 m_up + _SLACK shrinks with it: 4,352 keys at m = 128 (20,480 before), above the 700-1,000 keys of a
-    hinted list there."""
-    if m_up <= _SMALL_CAP:
-        small = min(_SMALL_CAP, 8 * max(4, triton.next_power_of_2(max(m_up, 1))), _SORT_CAP // 4)
-        return min(4 * small, _SORT_CAP), small
-    W = min(triton.next_power_of_2(m_up), _SORT_CAP)
+    """(W, W_SMALL): the sort networks' lanes for m ≤ m_up (module docstring; bench/costmodel.py models them)."""
+    W = max(16, min(triton.next_power_of_2(max(m_up, 1)), _SORT_CAP))
     return W, min(_SMALL_CAP, W // 4)
 
 
