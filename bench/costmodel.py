@@ -36,7 +36,7 @@ import tempfile
 
 import torch
 
-from xtoken_ext.losses import _CAP_FLOOR
+from xtoken_ext.losses import _op_cap
 from xtoken_ext.ops.pkl_kernel import _CONFIGS, SLICES_GPU, TILES_GPU
 
 # Nominal H100 SXM figures: HBM3 bandwidth, L2 size, SMs. The model needs only their ratios to the bytes.
@@ -387,10 +387,9 @@ def hkl_model(proj, rows: int, elem: int = 2, uncovered: str = "renormalize", to
     u_s, u_t = int(us_mask.sum()), int(ut_mask.sum())
     cap_m = V_S if topk is None else topk
     m = min(u_s, u_t, cap_m)
-    # the kernel's host bound m_up (m itself stays on the device): H-KL / GOLD's loss hands the op its cap no larger
-    # than max(m, _CAP_FLOOR) (losses._uncommon_cap; the allowed columns here are the projection's, known on the
-    # host), ULD its option
-    m_up = min(V_S, V_T, cap_m if loss == "ULD" else min(cap_m, max(min(u_s, u_t), _CAP_FLOOR)))
+    # the kernel's host bound m_up (m itself stays on the device): H-KL / GOLD's loss hands the op the cap _op_cap
+    # gives (losses._uncommon_cap; the allowed columns here are the projection's, known on the host), ULD its option
+    m_up = min(V_S, V_T, cap_m if loss == "ULD" else _op_cap(topk, min(u_s, u_t)))
     w_big, w_small = H.sort_widths(m_up)
     w_net = w_small if m <= w_small else w_big
     small = w_net < w_big  # the small network sorts both windows side by side, b's keys widened to int64

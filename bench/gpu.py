@@ -467,14 +467,20 @@ def autotuned(kernel: str) -> str | None:
     return "autotuned: " + ", ".join(f"{c.kwargs} {c.num_warps} warps {ms(t):.2f} ms" for c, t in ranked)
 
 
-def _real_projection():
-    """The Llama-3 -> Qwen3 W at the models' logit widths, from the offline tokenizers (on-disk W cache)."""
+def _real_projection(dev: torch.device):
+    """The Llama-3 -> Qwen3 W at the models' logit widths, from the offline tokenizers (on-disk W cache), on dev
+    -> (W, seconds to build or load it), or None, the reason printed (e.g. the bench extra's tokenizer packages are
+    not installed)."""
     from xtoken_ext.projection import Projection
     from xtoken_ext.testing import offline_tokenizer
 
     start = time.perf_counter()
-    proj = Projection.from_tokenizers(offline_tokenizer("llama3"), offline_tokenizer("qwen3"), 128_256, 151_936,
-                                      progress=False)
+    try:
+        proj = Projection.from_tokenizers(offline_tokenizer("llama3"), offline_tokenizer("qwen3"), 128_256, 151_936,
+                                          progress=False).to(dev)
+    except Exception as e:
+        print(f"real W: skipped ({type(e).__name__}: {e})")
+        return None
     return proj, time.perf_counter() - start
 
 
@@ -504,14 +510,12 @@ def timing(dev: torch.device, runs: int, shape=None, real: bool = True, bandwidt
           f"{batch.row_spans().shape[0]:,} chunks; HBM floor {moved / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s ({source}) "
           f"= {floor * 1e3:.2f} ms")
     projections = [("random W", proj)]
-    try:
-        if real:
-            w, seconds = _real_projection()
-            projections.append(("real W", w.to(dev)))
-            print(f"real W (Llama-3 x Qwen3, offline tokenizers): {seconds:.1f} s to build or load; "
-                  f"{_column_lengths(w)} (random W: {_column_lengths(proj)})")
-    except Exception as e:  # e.g. the bench extra's tokenizer packages are not installed
-        print(f"real W: skipped ({type(e).__name__}: {e})")
+    loaded = _real_projection(dev) if real else None
+    if loaded:
+        w, seconds = loaded
+        projections.append(("real W", w))
+        print(f"real W (Llama-3 x Qwen3, offline tokenizers): {seconds:.1f} s to build or load; "
+              f"{_column_lengths(w)} (random W: {_column_lengths(proj)})")
     head = (f"{'W':<10}{'loss':<6}{'impl':<24}{'first s':>9}{'best ms':>10}{'x floor':>9}{'GB/s':>8}"
             f"{'peak GiB':>10}{'loss vs torch':>15}")
     print(f"first = first call (compile + autotune); best of {runs} next calls; loss vs torch = worst per-chunk "
@@ -577,11 +581,9 @@ def sweep(dev: torch.device, runs: int, shape=None, real: bool = True, configs=P
 
     z, t, batch_dev, proj = _inputs(shape or GPU_SHAPE, torch.bfloat16, dev)
     batch, wname = batch_dev.to("cpu"), "random W"
-    if real:
-        try:
-            proj, wname = _real_projection()[0].to(dev), "real W"
-        except Exception as e:  # as in timing
-            print(f"real W: skipped ({type(e).__name__}: {e})")
+    loaded = _real_projection(dev) if real else None
+    if loaded:
+        proj, wname = loaded[0], "real W"
     floor = floor_bytes(z, t) / (bandwidth or hbm_bandwidth(dev))[0]
     loss = functools.partial(xt.pkl_loss, z, t, batch, proj, reduction="none")
     ref = loss(backend="torch").detach()

@@ -77,7 +77,6 @@ def test_same_losses_and_gradients_as_the_option_itself(P, kind, backend, monkey
 
 def test_cap_floor_keeps_the_small_network():
     """_CAP_FLOOR is the smallest bound whose networks keep the 1,024-lane small network (beside W = 4,096)."""
-    pytest.importorskip("triton")
     from xtoken_ext.ops.hkl_kernel import _SMALL_CAP, sort_widths
 
     assert sort_widths(L._CAP_FLOOR) == (4096, _SMALL_CAP) and sort_widths(L._CAP_FLOOR // 2)[1] < _SMALL_CAP

@@ -383,8 +383,14 @@ def _uncommon_cap(proj: Projection, o: _Options) -> int | None:
         keep = allowed[ct.long()]
         per_proj[key] = min(proj.student_vocab_size - torch.unique(cs[keep]).numel(),
                             int(allowed.sum()) - torch.unique(ct[keep]).numel())
-    cap = max(per_proj[key], _CAP_FLOOR)
-    return cap if o.uncommon_topk is None else min(o.uncommon_topk, cap)
+    return _op_cap(o.uncommon_topk, per_proj[key])
+
+
+def _op_cap(uncommon_topk: int | None, m0: int) -> int:
+    """The cap _uncommon_cap hands the op for the option and m0 = min(|U_S|, |U_T|): never below min(m0,
+    uncommon_topk), the op's m (bench/costmodel.py models the kernel's bound with it)."""
+    cap = max(m0, _CAP_FLOOR)
+    return cap if uncommon_topk is None else min(uncommon_topk, cap)
 
 
 def _later_rows(spans: Tensor, side: int, device) -> tuple[Tensor, Tensor]:
