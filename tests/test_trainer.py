@@ -22,6 +22,15 @@ import xtoken_ext as xt
 from xtoken_ext.distill import Distiller, Teacher
 
 import transformers  # noqa: E402  (a core dependency)
+
+
+def need_trl():
+    """trl, imported plainly (a broken install fails); a skip below Python 3.11, where the test extra does not
+    install it (TRL's own floor)."""
+    if sys.version_info < (3, 11):
+        pytest.skip("the test extra installs TRL on Python >= 3.11 only")
+    import trl
+    return trl
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -287,7 +296,7 @@ def test_example_two_teachers_refuses_static_weights_with_confidence_weighting(c
 
 
 def test_example_trl_sft():
-    pytest.importorskip("trl")  # the test extra installs it on Python >= 3.11 (TRL's own floor)
+    need_trl()
     (h,) = run_example("trl_sft", *TINY, "--teacher", SPM)
     assert math.isfinite(h["kd"]) and 0 < h["valid_frac/teacher0"] < 1  # completion-only chunks
 
@@ -296,7 +305,7 @@ def test_example_trl_sft():
 def test_examples_refuse_zero_steps_and_describe_themselves(name, capsys):
     """--steps 0 ended in an AttributeError / StopIteration / a sampler error; --help cut a sentence at its line."""
     if name == "trl_sft":
-        pytest.importorskip("trl")
+        need_trl()
     with pytest.raises(SystemExit) as e:
         run_example(name, "--steps", "0")
     assert e.value.code == 2 and "argument --steps: must be >= 1, got 0" in capsys.readouterr().err
@@ -374,7 +383,7 @@ def test_trainer_arguments_it_reads_refuses_or_ignores(toks, tmp_path, monkeypat
     # TRL's dataset preparation is skipped whatever the arguments (SFTConfig without skip_prepare_dataset, or plain
     # TrainingArguments, which TRL turns into one): it appended the student's EOS text to every completion. The
     # arguments are left as they are; formatting_func, applied only there, warns.
-    trl = pytest.importorskip("trl")  # the test extra installs it (Python >= 3.11)
+    trl = need_trl()
     from datasets import Dataset
     sft = trl.SFTConfig(str(tmp_path), report_to=[], use_cpu=True, bf16=False, max_steps=1)
     plain = trl.SFTConfig(str(tmp_path), report_to=[], use_cpu=True, bf16=False, completion_only_loss=False)
