@@ -37,6 +37,9 @@
 --quick: bf16 only in the correctness stage, one timed run after the first call.
 --stage correctness / timing / sweep: stages 1-2, stage 3 or stage 4 alone (e.g. timing first where GPU time is
 short).
+--jobs N: stages 1-2 in N spawned processes on the same device (default: one per core up to 16; 1 with --dry), the
+kernel variants compiling in parallel (the stage is bound by compiling: about a minute per H-KL variant and autotune
+configuration on an H200 machine); tables print in order, each case runs whole in one process.
 --dry: the CPU under TRITON_INTERPRET=1 (set here, before the kernels are imported) at tiny sizes that still give
 several tiles per row at the interpreter's BLOCK_S = 128 / BLOCK_T = 64 and more chunks than its 2 programs; every
 code path but timing (the interpreter runs programs one after another, so only P-KL and H-KL with merge="mean" in
@@ -254,88 +257,196 @@ def _header(what: str) -> None:
     print("-" * 72)
 
 
-def correctness(sizes: Sizes, dev: torch.device, dtypes) -> bool:
-    """Stages 1 and 2: the oracle check, then every case of the matrix (printed as it runs)."""
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One row of stages 1-2, all a worker process needs to rebuild and run it (``run_case``)."""
+    problem: str  # a key of _problem: "oracle dense", "oracle sparse", "dense", "sparse", "narrow", "wide", "tinyq"
+    loss: str
+    merge: str
+    dtype: str  # a key of DTYPES; "fp64": the oracle check
+    repeats: int = 1
+
+
+@functools.lru_cache(maxsize=None)
+def _problem(name: str, sizes: Sizes):
+    """The correctness stage's problems by name, from fixed seeds: the same in every process."""
     from xtoken_ext.testing import loss_problem
 
-    ok = True
-    for teacher in TEACHERS:
-        sparse_k = sizes.sparse_k if teacher == "sparse" else 0
-        small = loss_problem(1, sizes.V_S, sizes.V_T, sizes.ref_chunks, sparse_k=sparse_k, hub=sizes.hub)
-        _header(f"float64 oracle (torch backend on {dev.type}) vs xt.reference, {teacher} teacher, "
-                f"{sizes.ref_chunks} chunks; ratio = worst |err| / float64 bound")
-        ok &= report("oracle", [_printed(check_oracle(small, loss, merge, sizes, dev))
-                                for loss in LOSSES for merge in MERGES])
-    for teacher in TEACHERS:
-        prob = loss_problem(0, sizes.V_S, sizes.V_T, sizes.chunks, sparse_k=sizes.sparse_k if teacher == "sparse"
-                            else 0, hub=sizes.hub, max_rows=4)
-        K, (B, T_S, _) = prob.alignment.row_spans().shape[0], prob.z.shape
-        _header(f"backend='triton' vs float64, {teacher} teacher: V_S {sizes.V_S:,} x V_T {sizes.V_T:,}, {K} valid "
-                f"chunks over {B} x {T_S} student rows, hub column with {int((prob.proj.indices == 0).sum())} W "
-                f"entries, tau {TAU}; ratio = worst |err| / bound; equal = {REPEATS} runs bitwise equal")
-        rows = [_printed(check_case(prob, loss, merge, dtype, sizes, dev,
-                                    _repeats(sizes, merge, dtype, loss in ("pkl", "hkl"))))
-                for loss in LOSSES for merge in MERGES for dtype in dtypes]
-        ok &= report(f"triton, {teacher} teacher", rows)
+    if name.startswith("oracle"):
+        sparse_k = sizes.sparse_k if name.endswith("sparse") else 0
+        return loss_problem(1, sizes.V_S, sizes.V_T, sizes.ref_chunks, sparse_k=sparse_k, hub=sizes.hub)
+    if name in TEACHERS:
+        return loss_problem(0, sizes.V_S, sizes.V_T, sizes.chunks, sparse_k=sizes.sparse_k if name == "sparse" else 0,
+                            hub=sizes.hub, max_rows=4)
+    if name == "narrow":  # no hub: it would take the pairs of 4,400 ids
+        return loss_problem(2, sizes.V_S, sizes.V_T_narrow, sizes.chunks)
+    if name == "wide":
+        return loss_problem(3, *sizes.wide)
+    prob = loss_problem(4, sizes.V_S, sizes.V_T, sizes.chunks)  # tinyq
+    prob.z[..., 8:] -= 85 * TAU
+    return prob
+
+
+def _case_sizes(problem: str, sizes: Sizes) -> Sizes:
+    """The sizes a problem's cases run with: the API default uncommon_topk (8,192) on the narrow teacher, none on
+    the wide one (ULD uncapped)."""
+    return {"narrow": dataclasses.replace(sizes, topk=8192), "wide": dataclasses.replace(sizes, topk=None)}.get(
+        problem, sizes)
+
+
+def run_case(case: Case, sizes: Sizes, device: str) -> tuple[Row, list[int] | None]:
+    """One case in this process -> (its row, hkl_kernel.last_paths after it on the narrow and wide problems). The
+    wide problem runs with the kernel's largest sort network at ``sizes.sort_cap`` (--dry: 16 lanes, so that the
+    interpreter's tiny problem takes the merge sort)."""
+    from xtoken_ext.ops import hkl_kernel
+
+    dev, prob = torch.device(device), _problem(case.problem, sizes)
+    if case.dtype == "fp64":
+        return check_oracle(prob, case.loss, case.merge, sizes, dev), None
+    cap = hkl_kernel._SORT_CAP
+    if case.problem == "wide":
+        hkl_kernel._SORT_CAP = sizes.sort_cap or cap
+    try:
+        row = check_case(prob, case.loss, case.merge, DTYPES[case.dtype], _case_sizes(case.problem, sizes), dev,
+                         case.repeats, teacher=case.problem if case.problem not in TEACHERS else None)
+    finally:
+        hkl_kernel._SORT_CAP = cap
+    return row, hkl_kernel.last_paths.tolist() if case.problem in ("narrow", "wide") else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A table of stages 1-2: its cases, the summary's title, and the path (hkl_kernel.last_paths bit, 0: none)
+    that every chunk of each case must have taken."""
+    problem: str
+    title: str
+    cases: tuple[Case, ...]
+    bit: int = 0
+    path: str = ""
+
+
+def sections(sizes: Sizes, dtypes: list[str]) -> list[Section]:
+    """Stages 1-2 as tables, in the order they print (module docstring)."""
+    out = [Section(f"oracle {t}", "oracle", tuple(Case(f"oracle {t}", loss, merge, "fp64") for loss in LOSSES
+                                                  for merge in MERGES)) for t in TEACHERS]
+    out += [Section(t, f"triton, {t} teacher", tuple(Case(t, loss, merge, d, _repeats(sizes, merge, DTYPES[d], loss in (
+        "pkl", "hkl"))) for loss in LOSSES for merge in MERGES for d in dtypes)) for t in TEACHERS]
     # H-KL / GOLD where m is set by the uncommon sets, not uncommon_topk (the API default, 8,192): a teacher narrower
     # than the student, most of its columns paired, as with a real W and uncovered="renormalize"; m then fits the
     # kernel's small sort network (ops.hkl_kernel: W_SMALL), which the problems above (m = topk) never take
-    from xtoken_ext.ops import hkl_kernel
-
-    narrow = dataclasses.replace(sizes, topk=8192)
-    prob = loss_problem(2, sizes.V_S, sizes.V_T_narrow, sizes.chunks)  # no hub: it would take the pairs of 4,400 ids
-    _header(f"backend='triton' vs float64, narrow dense teacher: V_S {sizes.V_S:,} x V_T {sizes.V_T_narrow:,}, "
-            f"uncommon_topk 8,192, m = min(|U_S|, |U_T|) = {_m_of(prob, 'relaxed')} (H-KL), {_m_of(prob, 'strict')} "
-            f"(GOLD); ratio = worst |err| / bound")
-    rows = []
-    for loss in NARROW:
-        for merge in MERGES:
-            for dtype in dtypes:
-                rows.append(_printed(check_case(prob, loss, merge, dtype, narrow, dev, 1, teacher="narrow")))
-                ok &= _every_chunk_took(4, "the small sort network", rows[-1])
-    ok &= report("triton, narrow dense teacher", rows)
+    out.append(Section("narrow", "triton, narrow dense teacher", tuple(
+        Case("narrow", loss, merge, d) for loss in NARROW for merge in MERGES for d in dtypes), 4,
+        "the small sort network"))
     # ULD where m = min(|U_S|, |U_T|) exceeds the largest sort network: both whole lists merge-sorted
-    # (ops.hkl_kernel._sorted_lists), which the problems above (m ≤ 1,000) never take; --dry lowers the network to
-    # 16 lanes so that the interpreter's tiny problem takes it too
-    V_S, V_T, chunks = sizes.wide
-    prob = loss_problem(3, V_S, V_T, chunks)
-    cap = hkl_kernel._SORT_CAP
-    hkl_kernel._SORT_CAP = sizes.sort_cap or cap
-    try:
-        _header(f"backend='triton' vs float64, ULD past the sort network: V_S {V_S:,} x V_T {V_T:,}, dense teacher, "
-                f"{chunks} chunks, uncommon_topk None: m = {min(V_S, int(prob.proj.covered_columns().sum())):,} > "
-                f"{hkl_kernel._SORT_CAP:,} lanes "
-                f"(merge-sorted lists); ratio = worst |err| / bound")
-        wide = dataclasses.replace(sizes, topk=None)
-        rows = []
-        for merge in MERGES:
-            for dtype in dtypes:
-                rows.append(_printed(check_case(prob, "uld", merge, dtype, wide, dev, _repeats(sizes, merge, dtype),
-                                                teacher="wide")))
-                ok &= _every_chunk_took(16, "the merge sort", rows[-1])
-    finally:
-        hkl_kernel._SORT_CAP = cap
-    ok &= report("triton, ULD past the sort network", rows)
+    # (ops.hkl_kernel._sorted_lists), which the problems above (m ≤ 1,000) never take
+    out.append(Section("wide", "triton, ULD past the sort network", tuple(
+        Case("wide", "uld", merge, d, _repeats(sizes, merge, DTYPES[d])) for merge in MERGES for d in dtypes), 16,
+        "the merge sort"))
     # P-KL where Q is below the normal fp32 range and P is not: student ids from 8 on 85 nats below the rest (at τ),
     # the teacher unshifted, so h = P/Q reaches 2^149 (ops.pkl: only its scaled forms stay finite; on a GPU the SFU's
     # reciprocal, which the interpreter does not run); fp32 logits: those gradient entries are subnormal, where a
     # 16-bit store is exact to its own subnormal spacing only
-    prob = loss_problem(4, sizes.V_S, sizes.V_T, sizes.chunks)
-    prob.z[..., 8:] -= 85 * TAU
-    _header(f"backend='triton' vs float64, P-KL with subnormal Q: V_S {sizes.V_S:,} x V_T {sizes.V_T:,}, dense "
+    out.append(Section("tinyq", "triton, P-KL with subnormal Q", tuple(
+        Case("tinyq", "pkl", merge, "fp32", _repeats(sizes, merge, DTYPES["fp32"])) for merge in MERGES)))
+    return out
+
+
+def _describe(problem: str, sizes: Sizes, dev: torch.device) -> str:
+    """A table's header line."""
+    from xtoken_ext.ops import hkl_kernel
+
+    prob = _problem(problem, sizes)
+    if problem.startswith("oracle"):
+        return (f"float64 oracle (torch backend on {dev.type}) vs xt.reference, {problem.split()[1]} teacher, "
+                f"{sizes.ref_chunks} chunks; ratio = worst |err| / float64 bound")
+    if problem in TEACHERS:
+        K, (B, T_S, _) = prob.alignment.row_spans().shape[0], prob.z.shape
+        return (f"backend='triton' vs float64, {problem} teacher: V_S {sizes.V_S:,} x V_T {sizes.V_T:,}, {K} valid "
+                f"chunks over {B} x {T_S} student rows, hub column with {int((prob.proj.indices == 0).sum())} W "
+                f"entries, tau {TAU}; ratio = worst |err| / bound; equal = {REPEATS} runs bitwise equal")
+    if problem == "narrow":
+        return (f"backend='triton' vs float64, narrow dense teacher: V_S {sizes.V_S:,} x V_T {sizes.V_T_narrow:,}, "
+                f"uncommon_topk 8,192, m = min(|U_S|, |U_T|) = {_m_of(prob, 'relaxed')} (H-KL), "
+                f"{_m_of(prob, 'strict')} (GOLD); ratio = worst |err| / bound")
+    if problem == "wide":
+        V_S, V_T, chunks = sizes.wide
+        return (f"backend='triton' vs float64, ULD past the sort network: V_S {V_S:,} x V_T {V_T:,}, dense teacher, "
+                f"{chunks} chunks, uncommon_topk None: m = {min(V_S, int(prob.proj.covered_columns().sum())):,} > "
+                f"{sizes.sort_cap or hkl_kernel._SORT_CAP:,} lanes (merge-sorted lists); ratio = worst |err| / bound")
+    return (f"backend='triton' vs float64, P-KL with subnormal Q: V_S {sizes.V_S:,} x V_T {sizes.V_T:,}, dense "
             f"teacher, student ids >= 8 shifted by -85 tau; ratio = worst |err| / bound")
-    rows = [_printed(check_case(prob, "pkl", merge, DTYPES["fp32"], sizes, dev, _repeats(sizes, merge, DTYPES["fp32"]),
-                                teacher="tinyq")) for merge in MERGES]
-    ok &= report("triton, P-KL with subnormal Q", rows)
+
+
+def _submission_order(cases: list[Case]) -> list[Case]:
+    """The order a pool takes the cases in: first one case per kernel variant (H-KL family first: it compiles for
+    about a minute per autotune configuration on a GPU machine, P-KL for a few seconds; H-KL, GOLD and ULD of a
+    problem, merge and dtype share one), then the cases whose variant is in Triton's cache by then, then the float64
+    oracles (no kernel)."""
+    seen = set()
+
+    def rank(case: Case) -> int:
+        if case.dtype == "fp64":
+            return 3
+        variant = (case.loss == "pkl", case.problem, case.merge, case.dtype)
+        first = variant not in seen
+        seen.add(variant)
+        return (0 if case.loss != "pkl" else 1) if first else 2
+
+    ranks = [rank(c) for c in cases]
+    return [c for _, c in sorted(zip(ranks, cases), key=lambda rc: rc[0])]
+
+
+def _worker_init(dry: bool, threads: int) -> None:
+    torch.set_num_threads(threads)
+    if dry:  # masked lanes of the interpreter evaluate log(0), 0·inf, ... in numpy before tl.where drops them
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+
+def default_jobs(dry: bool) -> int:
+    """Worker processes of stages 1-2: one per CPU core up to 16 on a GPU machine (Triton compiles each kernel
+    variant on one core: about a minute per H-KL variant and configuration), 1 under --dry."""
+    return 1 if dry else max(1, min(16, os.cpu_count() or 1))
+
+
+def correctness(sizes: Sizes, dev: torch.device, dtypes, jobs: int = 1) -> bool:
+    """Stages 1 and 2: the oracle check, then every case of the matrix, printed table by table in order. With
+    ``jobs`` > 1 the cases run in that many spawned processes on the same device (the kernel variants compile in
+    parallel; every case still runs whole in one process, so its repeats are compared within it), each case's
+    "first s" then including its wait for the device and cores the others share."""
+    names = [_dtype_name(d) for d in dtypes]
+    tables = sections(sizes, names)
+    pool, futures = None, {}
+    if jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        cases = [c for t in tables for c in t.cases]
+        pool = concurrent.futures.ProcessPoolExecutor(
+            min(jobs, len(cases)), mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+            initargs=(dev.type == "cpu", max(1, (os.cpu_count() or 1) // jobs)))
+        futures = {c: pool.submit(run_case, c, sizes, dev.type) for c in _submission_order(cases)}
+    ok = True
+    try:
+        for table in tables:
+            _header(_describe(table.problem, sizes, dev))
+            rows = []
+            for case in table.cases:
+                row, paths = futures[case].result() if pool else run_case(case, sizes, dev.type)
+                rows.append(_printed(row))
+                if table.bit:
+                    ok &= _every_chunk_took(table.bit, table.path, row, paths)
+            ok &= report(table.title, rows)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     return ok
 
 
-def _every_chunk_took(bit: int, path: str, row: Row) -> bool:
-    """Every chunk of the last H-KL-family launch with an L1 term (hkl_kernel.last_paths nonzero; 0: m = 0) took
-    ``path`` (its ``bit``: 4 the small network, 16 both lists merge-sorted), and at least one had the term."""
-    from xtoken_ext.ops import hkl_kernel
-
-    paths = [p for p in hkl_kernel.last_paths.tolist() if p]
+def _every_chunk_took(bit: int, path: str, row: Row, paths: list[int]) -> bool:
+    """Every chunk of the case's last H-KL-family launch with an L1 term (hkl_kernel.last_paths ``paths`` nonzero;
+    0: m = 0) took ``path`` (its ``bit``: 4 the small network, 16 both lists merge-sorted), and at least one had the
+    term."""
+    paths = [p for p in paths if p]
     if paths and all(p & bit for p in paths):
         return True
     print(f"{row.name}: a chunk did not take {path} (hkl_kernel.last_paths) -> FAIL")
@@ -657,10 +768,10 @@ def _setup_error(dry: bool, stage: str) -> str | None:
     return cannot_run(dry) or (f"--dry has no {stage} stage" if dry and stage in ("timing", "sweep") else None)
 
 
-def run(quick: bool = False, dry: bool = False, stage: str = "all") -> bool:
+def run(quick: bool = False, dry: bool = False, stage: str = "all", jobs: int | None = None) -> bool:
     """The whole check (module docstring), or one ``stage`` of it ("correctness": stages 1 and 2, "timing": stage
-    3, "sweep": stage 4); prints its tables and returns True when everything passed. Raises RuntimeError when it
-    cannot run here (``_setup_error``)."""
+    3, "sweep": stage 4); prints its tables and returns True when everything passed. ``jobs``: worker processes of
+    stages 1-2 (None: ``default_jobs``). Raises RuntimeError when it cannot run here (``_setup_error``)."""
     reason = _setup_error(dry, stage)
     if reason:
         raise RuntimeError(reason)
@@ -676,7 +787,7 @@ def run(quick: bool = False, dry: bool = False, stage: str = "all") -> bool:
         with warnings.catch_warnings():
             if dry:  # masked lanes of the interpreter evaluate log(0), 0·inf, ... in numpy before tl.where drops them
                 warnings.simplefilter("ignore", RuntimeWarning)
-            ok = correctness(sizes, dev, dtypes)
+            ok = correctness(sizes, dev, dtypes, default_jobs(dry) if jobs is None else jobs)
         print(f"[correctness: {time.perf_counter() - start:.1f} s]\n", flush=True)
     if not dry and stage in ("all", "timing"):
         mid = time.perf_counter()
@@ -698,11 +809,16 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", choices=("all", "correctness", "timing", "sweep"), default="all",
                         help="run stages 1-2 (correctness, repeatability), stage 3 (timing) or stage 4 (sweep of "
                              "P-KL launch configurations) alone")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="processes that run the correctness cases side by side, compiling their kernels in "
+                             f"parallel (default: one per core up to 16, here {default_jobs(False)}; 1 with --dry)")
     args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     reason = _setup_error(args.dry, args.stage)
     if reason:
         parser.error(reason)  # exit 2: a setup error, not a failed check (1)
-    return 0 if run(quick=args.quick, dry=args.dry, stage=args.stage) else 1
+    return 0 if run(quick=args.quick, dry=args.dry, stage=args.stage, jobs=args.jobs) else 1
 
 
 if __name__ == "__main__":

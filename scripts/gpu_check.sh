@@ -5,14 +5,15 @@
 #   2. the stages named in GPU_CHECK_STAGES (default "timing sweep correctness tests"), in that order:
 #      timing: the GPU check's timing stage (xtoken_ext.bench.gpu --stage timing): the numbers that need the GPU;
 #      sweep: its P-KL launch-configuration sweep (--stage sweep), the data for tuning;
-#      correctness: its correctness and repeatability stages (GPU_CHECK_QUICK=1 adds --quick: bf16 only);
+#      correctness: its correctness and repeatability stages (GPU_CHECK_QUICK=1 adds --quick: bf16 only), the
+#        cases in one process per core up to 16 (GPU_CHECK_JOBS=N sets --jobs N): that stage is bound by compiling;
 #      tests: the CUDA tests of the Triton backends (ops at multi-tile sizes, public losses vs the float64
 #      reference) in the time left of GPU_CHECK_BUDGET seconds (default 440).
 # Each step has a time limit so that one slow step cannot eat the machine's budget; what it printed before the
 # limit stays in the log. LOG_DIR (default: the working directory) receives <stage>.log for each stage. The H-KL
 # kernel is slow to compile (measured 2026-12-04 on an H200 machine: 150 s for the timing stage's first call, both
-# autotune configurations; 51-67 s for each further merge mode): the correctness stage's H-KL cases take most of
-# its limit. TRITON_PRINT_AUTOTUNING=1 prints the configurations autotuning picks.
+# autotune configurations; 51-67 s for each further merge mode, one case after another in that run): the
+# correctness stage compiles its variants in parallel processes since. TRITON_PRINT_AUTOTUNING=1 prints the configurations autotuning picks.
 #
 # Usage: XTOKEN_CACHE=$PWD/.devkit/cache bash scripts/gpu_check.sh   (scripts/device_kit.sh prepares .devkit)
 # Exit status: 0 when the tests and the check pass, else 1 (a failed install stops at once).
@@ -46,7 +47,7 @@ for stage in ${GPU_CHECK_STAGES:-timing sweep correctness tests}; do
     case $stage in
         timing) check timing 240 ;;
         sweep) check sweep 120 ;;
-        correctness) check correctness 150 ${GPU_CHECK_QUICK:+--quick} ;;
+        correctness) check correctness 150 ${GPU_CHECK_QUICK:+--quick} ${GPU_CHECK_JOBS:+--jobs "$GPU_CHECK_JOBS"} ;;
         tests)
             left=$((budget - (SECONDS - start)))
             step "CUDA tests (limit ${left} s)"

@@ -21,11 +21,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # masked inte
 
 
 def test_dry_run_passes_every_case(tmp_path):
-    """~2 min on 2 cores: the CI guard that keeps the GPU check runnable. A fresh process outside the checkout (the
-    installed package) without TRITON_INTERPRET: --dry must set it before the kernels are imported."""
+    """~1 min on 2 cores: the CI guard that keeps the GPU check runnable. A fresh process outside the checkout (the
+    installed package) without TRITON_INTERPRET: --dry must set it before the kernels are imported, and its spawned
+    workers (--jobs 2, the GPU machine's way) inherit it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "xtoken_ext.bench.gpu", "--dry"], capture_output=True, text=True,
-                         cwd=tmp_path, env=env, timeout=600, check=False)
+    out = subprocess.run([sys.executable, "-m", "xtoken_ext.bench.gpu", "--dry", "--jobs", "2"], capture_output=True,
+                         text=True, cwd=tmp_path, env=env, timeout=600, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = re.findall(r"^(\w+) +(\w+) +(bf16|fp16|fp32|fp64) (dense|sparse|narrow|wide|tinyq) .* (PASS|FAIL)$",
                       out.stdout, re.MULTILINE)
@@ -40,6 +41,36 @@ def test_dry_run_passes_every_case(tmp_path):
     assert all(r[4] == "PASS" for r in rows) and "FAIL" not in out.stdout
     assert re.search(r"^\w+ +mean +bf16 dense .* yes +[\d.]+ +PASS$", out.stdout, re.MULTILINE)  # the repeat check ran
     assert re.search(r"GPU check \(dry\): PASS in [\d.]+ s$", out.stdout.rstrip())
+
+
+def test_cases_in_any_process_print_in_table_order():
+    """Every case of stages 1-2 runs once whatever the pool's order: the first case of each kernel variant first
+    (H-KL family before P-KL), the float64 oracles last; tables keep their printed order."""
+    tables = gpu.sections(gpu.DRY, list(gpu.DTYPES))
+    cases = [c for t in tables for c in t.cases]
+    order = gpu._submission_order(cases)
+    assert sorted(map(repr, order)) == sorted(map(repr, cases)) and len(set(cases)) == len(cases)
+    firsts = {}
+    for i, c in enumerate(order):
+        if c.dtype != "fp64":
+            firsts.setdefault((c.loss == "pkl", c.problem, c.merge, c.dtype), i)
+    first = sorted(firsts.values())
+    assert first == list(range(len(first)))  # one case per variant before any repeat of a variant
+    assert all(order[i].loss != "pkl" for i in first[:len([k for k in firsts if not k[0]])])
+    assert all(c.dtype == "fp64" for c in order[-len(gpu.LOSSES) * len(gpu.MERGES) * len(gpu.TEACHERS):])
+    assert [t.problem for t in tables] == ["oracle dense", "oracle sparse", "dense", "sparse", "narrow", "wide",
+                                           "tinyq"]
+
+
+def test_run_case_reports_the_kernel_paths():
+    """A case run in this process (as in a worker): its row, and on the narrow problem the paths every chunk took
+    (the small sort network), which the table then checks."""
+    case = gpu.Case("narrow", "gold", "first", "bf16")
+    row, paths = gpu.run_case(case, gpu.DRY, device().type)
+    assert row.ok and row.name.split() == ["gold", "first", "bf16", "narrow"]
+    assert gpu._every_chunk_took(4, "the small sort network", row, paths)
+    assert not gpu._every_chunk_took(16, "the merge sort", row, paths)
+    assert gpu.run_case(gpu.Case("dense", "pkl", "mean", "bf16"), gpu.DRY, device().type)[1] is None
 
 
 @pytest.mark.parametrize("loss,merge", [("pkl", "mean"), ("hkl", "first")])
@@ -191,6 +222,24 @@ def test_stage_option(monkeypatch):
         with pytest.raises(SystemExit) as e:
             gpu.main(["--dry", "--stage", stage])
         assert e.value.code == 2
+
+
+def test_jobs_option(monkeypatch):
+    """--jobs reaches the correctness stage (default: one process per core up to 16 on a GPU machine, 1 with --dry);
+    below 1 it is a usage error."""
+    jobs = []
+    monkeypatch.setattr(gpu, "cannot_run", lambda dry: None)
+    monkeypatch.setattr(gpu, "correctness", lambda sizes, dev, dtypes, n: jobs.append(n) or True)
+    monkeypatch.setattr(gpu, "_configuration", lambda *a: None)
+    monkeypatch.setattr(gpu.os, "cpu_count", lambda: 64)
+    assert gpu.main(["--stage", "correctness", "--jobs", "3"]) == 0
+    assert gpu.main(["--stage", "correctness"]) == 0
+    monkeypatch.setattr(gpu.os, "cpu_count", lambda: 2)
+    assert gpu.main(["--stage", "correctness"]) == 0
+    assert jobs == [3, 16, 2] and gpu.default_jobs(True) == 1
+    with pytest.raises(SystemExit) as e:
+        gpu.main(["--jobs", "0"])
+    assert e.value.code == 2
 
 
 def test_autotuned_lists_each_configuration_fastest_first(monkeypatch):
