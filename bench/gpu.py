@@ -569,7 +569,7 @@ def autotuned(kernel: str) -> str | None:
     interpreter)."""
     from importlib import import_module
 
-    timings = getattr(import_module(f"xtoken_ext.ops.{kernel}_kernel")._launch.args[0], "configs_timings", None)
+    timings = getattr(import_module(f"xtoken_ext.ops.{kernel}_kernel")._launch.kernel, "configs_timings", None)
     if not timings:
         return None
     def ms(t):
