@@ -402,43 +402,65 @@ def _worker_init(dry: bool, threads: int) -> None:
         warnings.simplefilter("ignore", RuntimeWarning)
 
 
+def _cores() -> int:
+    """The CPU cores this process may use (its affinity: a container's limit)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_jobs(dry: bool) -> int:
     """Worker processes of stages 1-2: one per CPU core up to 16 on a GPU machine (Triton compiles each kernel
     variant on one core: about a minute per H-KL variant and configuration), 1 under --dry."""
-    return 1 if dry else max(1, min(16, os.cpu_count() or 1))
+    return 1 if dry else max(1, min(16, _cores()))
+
+
+def _results(tables: list[Section], sizes: Sizes, dev: torch.device, jobs: int):
+    """(case, (row, paths)) for every case: in this process one after another, in table order; with ``jobs`` > 1 in
+    a pool as they finish, each printed at once as a progress line ("[done i/n, t s]" and the row), so that a stage
+    cut off by a time limit still leaves what finished in its log."""
+    cases = [c for t in tables for c in t.cases]
+    if jobs <= 1:
+        yield from ((c, run_case(c, sizes, dev.type)) for c in cases)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    start = time.perf_counter()
+    pool = concurrent.futures.ProcessPoolExecutor(
+        min(jobs, len(cases)), mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+        initargs=(dev.type == "cpu", max(1, _cores() // jobs)))
+    try:
+        futures = {pool.submit(run_case, c, sizes, dev.type): c for c in _submission_order(cases)}
+        for i, f in enumerate(concurrent.futures.as_completed(futures), 1):
+            row, paths = f.result()
+            print(f"[done {i}/{len(cases)}, {time.perf_counter() - start:.0f} s] ", end="")
+            _print_row(row)
+            yield futures[f], (row, paths)
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def correctness(sizes: Sizes, dev: torch.device, dtypes, jobs: int = 1) -> bool:
     """Stages 1 and 2: the oracle check, then every case of the matrix, printed table by table in order. With
     ``jobs`` > 1 the cases run in that many spawned processes on the same device (the kernel variants compile in
-    parallel; every case still runs whole in one process, so its repeats are compared within it), each case's
-    "first s" then including its wait for the device and cores the others share."""
-    names = [_dtype_name(d) for d in dtypes]
-    tables = sections(sizes, names)
-    pool, futures = None, {}
+    parallel; every case still runs whole in one process, so its repeats are compared within it), each printed as
+    it finishes, then the tables once all have; each case's "first s" then includes its wait for the device and the
+    cores the others share."""
+    tables = sections(sizes, [_dtype_name(d) for d in dtypes])
+    done, ok = {}, True
+    results = _results(tables, sizes, dev, jobs)
     if jobs > 1:
-        import concurrent.futures
-        import multiprocessing
-
-        cases = [c for t in tables for c in t.cases]
-        pool = concurrent.futures.ProcessPoolExecutor(
-            min(jobs, len(cases)), mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-            initargs=(dev.type == "cpu", max(1, (os.cpu_count() or 1) // jobs)))
-        futures = {c: pool.submit(run_case, c, sizes, dev.type) for c in _submission_order(cases)}
-    ok = True
-    try:
-        for table in tables:
-            _header(_describe(table.problem, sizes, dev))
-            rows = []
-            for case in table.cases:
-                row, paths = futures[case].result() if pool else run_case(case, sizes, dev.type)
-                rows.append(_printed(row))
-                if table.bit:
-                    ok &= _every_chunk_took(table.bit, table.path, row, paths)
-            ok &= report(table.title, rows)
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
+        done = dict(results)
+        print()
+    for table in tables:
+        _header(_describe(table.problem, sizes, dev))
+        rows = []
+        for case in table.cases:
+            row, paths = done[case] if done else next(results)[1]
+            rows.append(_printed(row))
+            if table.bit:
+                ok &= _every_chunk_took(table.bit, table.path, row, paths)
+        ok &= report(table.title, rows)
+    _problem.cache_clear()
     return ok
 
 

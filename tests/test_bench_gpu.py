@@ -40,6 +40,10 @@ def test_dry_run_passes_every_case(tmp_path):
     assert len([r for r in rows if r[2] == "fp64"]) == len(gpu.LOSSES) * len(gpu.MERGES) * len(gpu.TEACHERS)
     assert all(r[4] == "PASS" for r in rows) and "FAIL" not in out.stdout
     assert re.search(r"^\w+ +mean +bf16 dense .* yes +[\d.]+ +PASS$", out.stdout, re.MULTILINE)  # the repeat check ran
+    # the pool printed every case as it finished (what a time limit would leave in the log), then the tables
+    done = re.findall(r"^\[done (\d+)/(\d+), \d+ s\] (\w+ +\w+ +\w+ \w+) .* (PASS|FAIL)$", out.stdout, re.MULTILINE)
+    assert sorted(int(d[0]) for d in done) == list(range(1, len(rows) + 1)) and {d[1] for d in done} == {str(len(rows))}
+    assert out.stdout.index("[done") < out.stdout.index("float64 oracle")
     assert re.search(r"GPU check \(dry\): PASS in [\d.]+ s$", out.stdout.rstrip())
 
 
@@ -225,16 +229,16 @@ def test_stage_option(monkeypatch):
 
 
 def test_jobs_option(monkeypatch):
-    """--jobs reaches the correctness stage (default: one process per core up to 16 on a GPU machine, 1 with --dry);
-    below 1 it is a usage error."""
+    """--jobs reaches the correctness stage (default: one process per core this process may use, up to 16, on a GPU
+    machine; 1 with --dry); below 1 it is a usage error."""
     jobs = []
     monkeypatch.setattr(gpu, "cannot_run", lambda dry: None)
     monkeypatch.setattr(gpu, "correctness", lambda sizes, dev, dtypes, n: jobs.append(n) or True)
     monkeypatch.setattr(gpu, "_configuration", lambda *a: None)
-    monkeypatch.setattr(gpu.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(gpu, "_cores", lambda: 64)
     assert gpu.main(["--stage", "correctness", "--jobs", "3"]) == 0
     assert gpu.main(["--stage", "correctness"]) == 0
-    monkeypatch.setattr(gpu.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(gpu, "_cores", lambda: 2)
     assert gpu.main(["--stage", "correctness"]) == 0
     assert jobs == [3, 16, 2] and gpu.default_jobs(True) == 1
     with pytest.raises(SystemExit) as e:

@@ -30,7 +30,8 @@ class FakeJit(KernelInterface):
     __name__ = "fake"
 
     def __init__(self, barrier_parties: int, fail: bool = False):
-        self.runs, self.device_caches = [], collections.defaultdict(dict)
+        self.runs, self.cache_makers = [], []
+        self.device_caches = collections.defaultdict(lambda: self.cache_makers.append(threading.get_ident()) or {})
         self.barrier = threading.Barrier(barrier_parties, timeout=20)
         self.fail = fail
 
@@ -78,6 +79,7 @@ def test_every_config_compiles_at_once_as_the_autotuner_runs_it(cuda_device):
     timed = [r for r in fake.runs if not r["warmup"]]
     assert len(warm) == len(CONFIGS) and len({r["thread"] for r in warm}) == len(CONFIGS)
     assert {r["device"] for r in fake.runs} == {3} and list(fake.device_caches) == [3]
+    assert fake.cache_makers == [threading.get_ident()]  # Triton's per-device cache made by the caller, not a thread
     # the autotuner runs each config (timing), then the best: the same arguments and options the warmups compiled
     assert len(timed) == len(CONFIGS) + 1 and timed[-1]["kw"]["BLOCK"] == 128
     assert sorted(map(repr, (r["kw"] for r in warm))) == sorted(map(repr, (r["kw"] for r in timed[:-1])))
@@ -90,6 +92,9 @@ def test_every_config_compiles_at_once_as_the_autotuner_runs_it(cuda_device):
     assert [r["warmup"] for r in fake.runs] == [False]
     fake.runs.clear()
     launch((5,), x, 9)
+    assert sum(r["warmup"] for r in fake.runs) == len(CONFIGS)
+    fake.runs.clear()
+    launch((5,), x.double(), 9)  # the tensors' dtypes are part of the key
     assert sum(r["warmup"] for r in fake.runs) == len(CONFIGS)
 
 
@@ -112,3 +117,11 @@ def test_single_config_and_interpreter_launch_directly():
     assert calls == [((2,), (1,), {"n": 3, "BLOCK": 16})]
     launch = _tl.launcher(Kernel(), {"BLOCK": 16}, CONFIGS, key=["n"])  # tests run under TRITON_INTERPRET=1
     assert launch.configs == [] and launch.meta == {"BLOCK": 16}
+
+
+def test_launcher_compiles_ahead_only_with_several_configs(monkeypatch):
+    """Off the interpreter: the kernel autotuned, compiled ahead where there is a choice; one config runs as is."""
+    monkeypatch.setattr(_tl, "interpret", lambda: False)
+    one, two = _tl.launcher(FakeJit(1), {}, CONFIGS[:1], key=["n"]), _tl.launcher(FakeJit(2), {}, CONFIGS, key=["n"])
+    assert one.configs == [] and two.configs == CONFIGS and two.key == ["n"] and one.meta == two.meta == {}
+    assert isinstance(two.kernel, triton.runtime.Autotuner) and two.kernel.configs == CONFIGS

@@ -72,7 +72,7 @@ class Launch:
                     f.result()
         except Exception as e:  # e.g. a config's compile error, which autotuning then reports as it always did
             warnings.warn(f"compiling the {len(self.configs)} configurations of {fn.__name__} at once failed ({e!r});"
-                          " autotuning compiles them one after another", RuntimeWarning, stacklevel=3)
+                          " autotuning compiles what is missing as usual", RuntimeWarning, stacklevel=3)
 
 
 @triton.jit
