@@ -8,7 +8,8 @@
 #      correctness: its correctness and repeatability stages (GPU_CHECK_QUICK=1 adds --quick: bf16 only), the
 #        cases in one process per core up to 16 (GPU_CHECK_JOBS=N sets --jobs N): that stage is bound by compiling;
 #      tests: the CUDA tests of the Triton backends (ops at multi-tile sizes, public losses vs the float64
-#      reference) in the time left of GPU_CHECK_BUDGET seconds (default 440).
+#      reference) in the time left of GPU_CHECK_BUDGET seconds (default 440), in one process per core (up to 16)
+#      where pytest-xdist is installed or its wheels are in .devkit/wheels (scripts/device_kit.sh).
 # Each step has a time limit so that one slow step cannot eat the machine's budget; what it printed before the
 # limit stays in the log. LOG_DIR (default: the working directory) receives <stage>.log for each stage. The H-KL
 # kernel is slow to compile (measured 2026-12-04 on an H200 machine: 150 s for the timing stage's first call, both
@@ -34,6 +35,12 @@ python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__ver
 step "install"
 cd "$repo"
 python3 -m pip install -q --no-build-isolation --no-deps . || exit 1
+if ls "$repo"/.devkit/wheels/*.whl > /dev/null 2>&1; then  # pytest-xdist from the kit (scripts/device_kit.sh)
+    python3 -m pip install -q --no-index --no-deps "$repo"/.devkit/wheels/*.whl || true
+fi
+cores=$(python3 -c "import os; print(max(1, min(16, len(os.sched_getaffinity(0)))))")
+xdist=()
+if python3 -c "import xdist" 2> /dev/null; then xdist=(-n "$cores"); fi
 
 export TRITON_PRINT_AUTOTUNING=1
 check() {  # stage, limit s, extra options: the GPU check's stage, outside the checkout (`python -m` puts the
@@ -51,10 +58,12 @@ for stage in ${GPU_CHECK_STAGES:-timing sweep correctness tests}; do
         tests)
             left=$((budget - (SECONDS - start)))
             step "CUDA tests (limit ${left} s)"
-            # -P: the checkout is not put on sys.path; the tests import the installed package.
+            # PYTHONSAFEPATH (-P, inherited by xdist's workers): the checkout is not put on sys.path; the tests
+            # import the installed package.
             if [ "$left" -gt 20 ]; then
-                timeout "$left" python3 -P -m pytest -q -p no:cacheprovider tests/test_triton_ops.py \
-                    tests/test_losses.py -k "triton or cuda" --durations=8 2>&1 | tee "$logs/tests.log" || status=1
+                PYTHONSAFEPATH=1 timeout "$left" python3 -m pytest -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
+                    tests/test_triton_ops.py tests/test_losses.py -k "triton or cuda" --durations=8 2>&1 \
+                    | tee "$logs/tests.log" || status=1
             else
                 echo "skipped: no time left" && status=1
             fi ;;
