@@ -366,8 +366,8 @@ def test_learnable_w_named_like_a_hub_id_saves_and_the_best_checkpoint_restores_
 
 def test_trainer_arguments_it_reads_refuses_or_ignores(toks, tmp_path, monkeypatch):
     """SFTConfig-style max_length / completion_only_loss reach the default collator (they were ignored: 201-token
-    rows crashed the embedding); packing=True is refused with the collator's way; label smoothing and
-    compute_metrics warn; a batch from another collator is named (KeyError 'teachers'); transformers without
+    rows crashed the embedding); packing=True and padding_free=True are refused with the collator's way; label
+    smoothing and compute_metrics warn; a batch from another collator is named (KeyError 'teachers'); transformers without
     loss_is_scaled_for_ga (< 5.19 halved the accumulated gradient) is refused."""
     s, m = toks
     d = Distiller(s, [Teacher(tiny(len(m), 1), m)])
@@ -416,6 +416,13 @@ def test_trainer_arguments_it_reads_refuses_or_ignores(toks, tmp_path, monkeypat
     targs.packing = True
     with pytest.raises(ValueError, match="packing=True"):
         make(targs)
+    # TRL's padding-free batches (SFTConfig(padding_free=True)): TRL refused "a custom data collator" the user never
+    # passed; the collator's way instead
+    free = trl.SFTConfig(str(tmp_path), report_to=[], use_cpu=True, bf16=False, padding_free=True)
+    with pytest.raises(ValueError, match=r"padding_free=True .*=distiller\.collator\(max_length=\.\.\., packing=True\)"):
+        xt.trainer.with_distillation(trl.SFTTrainer)(model=tiny(len(s), 0), args=free,
+                                                     train_dataset=Dataset.from_list(data), processing_class=s,
+                                                     distiller=d)
     with pytest.warns(UserWarning, match="label_smoothing_factor is ignored"):
         make(args(tmp_path, label_smoothing_factor=0.1))
     with pytest.warns(UserWarning, match="compute_metrics is ignored"):

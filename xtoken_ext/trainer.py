@@ -97,10 +97,11 @@ class DistillMixin:
         targs, model = kwargs.get("args"), kwargs.get("model")
         if model is not None and clear_gguf_quantization(model):
             logger.info("xtoken: the GGUF model's weights are float; cleared its quantization flag for training")
-        if getattr(targs, "packing", False):
-            raise ValueError("packing=True in the trainer's arguments packs the student's ids alone; leave it False "
-                             "and pass data_collator=distiller.collator(max_length=..., packing=True), which packs "
-                             "every side with one plan")
+        for name, what in (("packing", "packs"), ("padding_free", "flattens")):  # TRL's SFTConfig
+            if getattr(targs, name, False):
+                raise ValueError(f"{name}=True in the trainer's arguments {what} the student's ids alone; leave it "
+                                 "False and pass data_collator=distiller.collator(max_length=..., packing=True), "
+                                 "which packs every side with one plan")
         if kwargs.get("data_collator") is None:
             max_length = getattr(targs, "max_length", None) if max_length is None else max_length
             kwargs["data_collator"] = distiller.collator(max_length=max_length,
