@@ -39,8 +39,8 @@ class Launch:
     autotuner then times them with, so that it finds them compiled. Triton compiles a kernel on one core and releases
     the GIL for most of it (the H-KL kernel's two configs, first-row dense variant at the real Llama-3 × Qwen3 W's
     4,096-lane bound, for sm_90 on 2 cores: 44.5 s in two threads, 85.3 s one after the other); the autotuner
-    compiles its configs one after another (150 s of a first call on an H200 machine). Compiling ahead only saves time: where it fails, a warning says so and the
-    autotuner compiles as before."""
+    compiles its configs one after another (150 s of a first call on an H200 machine). Compiling ahead only saves
+    time: where it fails, a warning says so and the autotuner compiles as before."""
 
     def __init__(self, kernel, meta: dict, configs=(), key=()):
         self.kernel, self.meta, self.configs, self.key, self.warm = kernel, meta, list(configs), list(key), set()
