@@ -35,6 +35,7 @@
    data for tuning ops.pkl_kernel on the GPU at hand.
 
 --quick: bf16 only in the correctness stage, one timed run after the first call.
+--real-only: the timing stage with the real W only (each W compiles its own H-KL kernel variant).
 --stage correctness / timing / sweep: stages 1-2, stage 3 or stage 4 alone (e.g. timing first where GPU time is
 short).
 --jobs N: stages 1-2 in N spawned processes on the same device (default: one per core up to 16; 1 with --dry), the
@@ -585,6 +586,24 @@ def breakdown(step, dev: torch.device, top: int = 4) -> str:
     return f"{'kernels' if cuda else 'ops'} {total:.1f} ms of wall {wall * 1e3:.1f} ms: {', '.join(parts)}"
 
 
+def host_time(z: torch.Tensor, loss, dev: torch.device, runs: int = 3) -> str:
+    """"host: forward a ms, backward b ms issued": the host's time to issue a step's forward and its backward, best of
+    ``runs``, with no wait on the GPU (the losses make no host sync). The fused forward issues its long kernel last,
+    so the GPU idles for about the forward's part at the start of every step: the step's best minus its kernels."""
+    fwd = bwd = math.inf
+    for _ in range(runs):
+        _sync(dev)
+        z.grad = None
+        start = time.perf_counter()
+        out = loss()
+        issued = time.perf_counter()
+        out.sum().backward()
+        fwd, bwd = min(fwd, issued - start), min(bwd, time.perf_counter() - issued)
+    _sync(dev)
+    z.grad = None
+    return f"host: forward {fwd * 1e3:.2f} ms, backward {bwd * 1e3:.2f} ms issued (best of {runs})"
+
+
 def autotuned(kernel: str) -> str | None:
     """"autotuned: <config> <ms>, ..." for ops.<kernel>_kernel's main kernel: each configuration's time in its last
     autotuning (Triton's do_bench median), the one picked first; None without one (a single configuration, the
@@ -622,10 +641,11 @@ def _column_lengths(proj) -> str:
     return f"{int(n.sum()):,} nonzeros, longest column {int(n.max())}"
 
 
-def timing(dev: torch.device, runs: int, shape=None, real: bool = True, bandwidth=None) -> bool:
+def timing(dev: torch.device, runs: int, shape=None, real: bool = True, bandwidth=None, random: bool = True) -> bool:
     """Stage 3 at ``shape`` (rows, V_S, V_T; default bench.losses.GPU_SHAPE), with the real W unless ``real`` is
-    False; ``bandwidth``: (bytes/s, source) instead of hbm_bandwidth (a test on the CPU). -> False when the fused
-    backend fails or its losses disagree with the torch backend's."""
+    False, with Projection.random unless ``random`` is False (then a real W that does not load fails);
+    ``bandwidth``: (bytes/s, source) instead of hbm_bandwidth (a test on the CPU). -> False when the fused backend
+    fails or its losses disagree with the torch backend's."""
     import xtoken_ext as xt
     from xtoken_ext.testing import kappa, loss_bound, worst_ratio
 
@@ -642,8 +662,10 @@ def timing(dev: torch.device, runs: int, shape=None, real: bool = True, bandwidt
     print(f"timing: {z.shape[1]:,} student x {t.shape[1]:,} teacher rows, V_S {V_S:,} x V_T {V_T:,} bf16, "
           f"{batch.row_spans().shape[0]:,} chunks; HBM floor {moved / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s ({source}) "
           f"= {floor * 1e3:.2f} ms")
-    projections = [("random W", proj)]
+    projections = [("random W", proj)] if random else []
     loaded = _real_projection(dev) if real else None
+    if not (loaded or random):
+        return False
     if loaded:
         w, seconds = loaded
         projections.append(("real W", w))
@@ -683,6 +705,7 @@ def timing(dev: torch.device, runs: int, shape=None, real: bool = True, bandwidt
                       f"{moved / best / 1e9:>8.0f}{peak / 2**30:>10.2f}{agree:>15}", flush=True)
                 if impl == "triton":
                     print(f"{'':<10}{'':<6}{breakdown(functools.partial(_step, z, loss), dev)}", flush=True)
+                    print(f"{'':<16}{host_time(z, loss, dev)}", flush=True)
                     tuned = autotuned("pkl" if kind == "pkl" else "hkl")
                     if tuned:
                         print(f"{'':<16}{tuned}", flush=True)
@@ -790,10 +813,12 @@ def _setup_error(dry: bool, stage: str) -> str | None:
     return cannot_run(dry) or (f"--dry has no {stage} stage" if dry and stage in ("timing", "sweep") else None)
 
 
-def run(quick: bool = False, dry: bool = False, stage: str = "all", jobs: int | None = None) -> bool:
+def run(quick: bool = False, dry: bool = False, stage: str = "all", jobs: int | None = None,
+        real_only: bool = False) -> bool:
     """The whole check (module docstring), or one ``stage`` of it ("correctness": stages 1 and 2, "timing": stage
     3, "sweep": stage 4); prints its tables and returns True when everything passed. ``jobs``: worker processes of
-    stages 1-2 (None: ``default_jobs``). Raises RuntimeError when it cannot run here (``_setup_error``)."""
+    stages 1-2 (None: ``default_jobs``); ``real_only``: the timing stage without Projection.random. Raises
+    RuntimeError when it cannot run here (``_setup_error``)."""
     reason = _setup_error(dry, stage)
     if reason:
         raise RuntimeError(reason)
@@ -813,7 +838,7 @@ def run(quick: bool = False, dry: bool = False, stage: str = "all", jobs: int | 
         print(f"[correctness: {time.perf_counter() - start:.1f} s]\n", flush=True)
     if not dry and stage in ("all", "timing"):
         mid = time.perf_counter()
-        ok &= timing(dev, 1 if quick else 3)
+        ok &= timing(dev, 1 if quick else 3, random=not real_only)
         print(f"[timing: {time.perf_counter() - mid:.1f} s]")
     if not dry and stage in ("all", "sweep"):
         mid = time.perf_counter()
@@ -834,13 +859,16 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="processes that run the correctness cases side by side, compiling their kernels in "
                              f"parallel (default: one per core up to 16, here {default_jobs(False)}; 1 with --dry)")
+    parser.add_argument("--real-only", action="store_true",
+                        help="the timing stage with the real Llama-3 x Qwen3 W only (no Projection.random): each W "
+                             "compiles its own H-KL variant, about two minutes")
     args = parser.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         parser.error("--jobs must be at least 1")
     reason = _setup_error(args.dry, args.stage)
     if reason:
         parser.error(reason)  # exit 2: a setup error, not a failed check (1)
-    return 0 if run(quick=args.quick, dry=args.dry, stage=args.stage, jobs=args.jobs) else 1
+    return 0 if run(quick=args.quick, dry=args.dry, stage=args.stage, jobs=args.jobs, real_only=args.real_only) else 1
 
 
 if __name__ == "__main__":

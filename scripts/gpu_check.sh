@@ -3,13 +3,15 @@
 #   1. install the package from this checkout (no network there: torch, triton, pybind11, the test and the bench
 #      extras must already be installed; --no-build-isolation uses them, --no-deps installs nothing else);
 #   2. the stages named in GPU_CHECK_STAGES (default "timing sweep correctness tests"), in that order:
-#      timing: the GPU check's timing stage (xtoken_ext.bench.gpu --stage timing): the numbers that need the GPU;
+#      timing: the GPU check's timing stage (xtoken_ext.bench.gpu --stage timing): the numbers that need the GPU
+#        (GPU_CHECK_REAL_ONLY=1 adds --real-only: the real W only);
 #      sweep: its P-KL launch-configuration sweep (--stage sweep), the data for tuning;
 #      correctness: its correctness and repeatability stages (GPU_CHECK_QUICK=1 adds --quick: bf16 only), the
 #        cases in one process per core up to 16 (GPU_CHECK_JOBS=N sets --jobs N): that stage is bound by compiling;
 #      tests: the CUDA tests of the Triton backends (ops at multi-tile sizes, public losses vs the float64
-#      reference) in the time left of GPU_CHECK_BUDGET seconds (default 440), in one process per core (up to 16)
-#      where pytest-xdist is installed or its wheels are in .devkit/wheels (scripts/device_kit.sh).
+#      reference; GPU_CHECK_K sets pytest's -k, default "triton or cuda") in the time left of GPU_CHECK_BUDGET seconds
+#      (default 440), in one process per core (up to 16) where pytest-xdist is installed or its wheels are in
+#      .devkit/wheels (scripts/device_kit.sh).
 # Each step has a time limit so that one slow step cannot eat the machine's budget; what it printed before the
 # limit stays in the log. LOG_DIR (default: the working directory) receives <stage>.log for each stage. The H-KL
 # kernel is slow to compile (measured 2026-12-04 on an H200 machine: 150 s for the timing stage's first call, both
@@ -53,7 +55,7 @@ check() {  # stage, limit s, extra options: the GPU check's stage, outside the c
 }
 for stage in ${GPU_CHECK_STAGES:-timing sweep correctness tests}; do
     case $stage in
-        timing) check timing 240 ;;
+        timing) check timing 240 ${GPU_CHECK_REAL_ONLY:+--real-only} ;;
         sweep) check sweep 120 ;;
         correctness) check correctness 150 ${GPU_CHECK_QUICK:+--quick} ${GPU_CHECK_JOBS:+--jobs "$GPU_CHECK_JOBS"} ;;
         tests)
@@ -63,7 +65,8 @@ for stage in ${GPU_CHECK_STAGES:-timing sweep correctness tests}; do
             # import the installed package.
             if [ "$left" -gt 20 ]; then
                 PYTHONSAFEPATH=1 timeout "$left" python3 -m pytest -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
-                    tests/test_triton_ops.py tests/test_losses.py -k "triton or cuda" --durations=8 2>&1 \
+                    tests/test_triton_ops.py tests/test_losses.py -k "${GPU_CHECK_K:-triton or cuda}" \
+                    --durations=8 2>&1 \
                     | tee "$logs/tests.log" || status=1
             else
                 echo "skipped: no time left" && status=1

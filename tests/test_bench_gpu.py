@@ -169,7 +169,8 @@ def test_dry_refuses_a_process_whose_triton_is_not_interpreted(tmp_path):
 
 def test_timing_stage_runs_on_the_cpu(capsys):
     """Stage 3's code path at a tiny shape (the interpreter on the CPU; CUDA where present): a row per loss and
-    implementation, the fused losses checked against the torch backend's."""
+    implementation, the fused losses checked against the torch backend's, each with its profiled call and its host
+    time; without a W to time it fails."""
     dev = device()
     assert gpu.timing(dev, 1, shape=(10, 160, 100), real=False, bandwidth=(1e9, "test"))
     out = capsys.readouterr().out
@@ -186,6 +187,11 @@ def test_timing_stage_runs_on_the_cpu(capsys):
     for line in prof:
         m = re.fullmatch(r" +(?:kernels|ops) ([\d.]+) ms of wall ([\d.]+) ms: (.+)", line)
         assert m and 0 < float(m[1]) <= float(m[2]) + 0.1 and re.match(r"\S.* [\d.]+ ms x\d+", m[3]), line
+    # then the host's time to issue the forward and the backward
+    host = [lines[i + 2] for i, line in enumerate(lines) if "xtoken fused (Triton)" in line]
+    host_line = r" +host: forward [\d.]+ ms, backward [\d.]+ ms issued \(best of 3\)"
+    assert all(re.fullmatch(host_line, h) for h in host), out
+    assert not gpu.timing(dev, 1, shape=(10, 160, 100), real=False, random=False, bandwidth=(1e9, "test"))  # no W
 
 
 def test_sweep_stage_runs_on_the_cpu(capsys, monkeypatch):

@@ -218,6 +218,9 @@ def scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
     ``saved(ctx)``'s gradient."""
     if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
         return (grad * scale.unsqueeze(1)).to(grad.dtype)
+    if grad.device.type == "cuda" and grad.stride(1) == 1 and importlib.util.find_spec("triton") is not None:
+        from ._tl import scale_rows  # one read and write of the rows whose scale is not 1, none of the others
+        return scale_rows(grad, scale)
     if grad.dtype == scale.dtype or grad.device.type != "cpu":
         return grad.mul_(scale.unsqueeze(1))
     # CPU bf16/fp16: mul_ with an fp32 scale forms the whole product in fp32 before rounding it back; row blocks

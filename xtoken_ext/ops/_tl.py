@@ -376,3 +376,31 @@ def zero_uncovered_rows(dz_ptr, stride_dz, covered_ptr, N, V, BLOCK: tl.constexp
     for r in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
         if tl.load(covered_ptr + r) == 0:
             zero_row(dz_ptr + r * stride_dz, V, BLOCK)
+
+
+@triton.jit
+def scale_rows_kernel(g_ptr, stride_g, scale_ptr, N, V, BLOCK: tl.constexpr):
+    """g_r ← round(g_r · s_r) in place, the product in s's dtype (fp32 for 16-bit g) rounded once to g's, rows strided
+    over the programs; a row with s_r = 1 is neither read nor written (x · 1 = x exactly, NaN included)."""
+    for r in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
+        s = tl.load(scale_ptr + r)
+        if s != 1:
+            row = g_ptr + r * stride_g
+            for v0 in range(0, V, BLOCK):
+                o = v0 + tl.arange(0, BLOCK)
+                x = tl.load(row + o, mask=o < V)
+                tl.store(row + o, (x.to(s.dtype) * s).to(x.dtype), mask=o < V)
+
+
+_scale_rows = launcher(scale_rows_kernel, dict(BLOCK=128), [triton.Config({"BLOCK": 4096}, num_warps=8)])
+
+
+def scale_rows(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad [N, V] (unit column stride) times scale [N] per row, in place (scale_rows_kernel): what grad.mul_(scale[:,
+    None]) gives, at one read and one write of the rows whose scale is not 1 and none of the others. torch's
+    broadcasting mul_ of a 16-bit tensor by an fp32 column runs a non-vectorized kernel (measured on an H200: 4.44 ms
+    for 8,161 × 128,256 bf16, 0.95 TB/s); in the common backward of a summed loss every scale is 1."""
+    N, V = grad.shape
+    if N and V:
+        _scale_rows((max(1, min(N, 64 * 1024)),), grad, grad.stride(0), scale.contiguous(), N, V)
+    return grad
