@@ -221,13 +221,15 @@ def test_stage_option(monkeypatch):
     calls = []
     monkeypatch.setattr(gpu, "cannot_run", lambda dry: None)
     monkeypatch.setattr(gpu, "correctness", lambda *a: calls.append("correctness") or True)
-    monkeypatch.setattr(gpu, "timing", lambda *a: calls.append("timing") or False)
+    monkeypatch.setattr(gpu, "timing",
+                        lambda *a, random=True: calls.append("timing" if random else "timing real") or False)
     monkeypatch.setattr(gpu, "sweep", lambda *a: calls.append("sweep") or True)
     monkeypatch.setattr(gpu, "_configuration", lambda *a: None)
     assert gpu.main(["--stage", "correctness"]) == 0 and calls == ["correctness"]
     assert gpu.main(["--stage", "timing"]) == 1 and calls == ["correctness", "timing"]
     assert gpu.main(["--stage", "sweep"]) == 0 and calls == ["correctness", "timing", "sweep"]
     assert gpu.main([]) == 1 and calls[3:] == ["correctness", "timing", "sweep"]
+    assert gpu.main(["--stage", "timing", "--real-only"]) == 1 and calls[6:] == ["timing real"]
     for stage in ("timing", "sweep"):
         with pytest.raises(SystemExit) as e:
             gpu.main(["--dry", "--stage", stage])

@@ -659,6 +659,25 @@ def test_bad_input_gets_a_clear_error(override, exc, msg):
         fn(**args)
 
 
+def test_span_faults_on_tensors_and_arrays():
+    """losses._span_faults flags the same chunks whether it gets NumPy arrays (a CPU alignment, the usual place) or
+    tensors (an alignment on the device, where the flags stay there: no host sync), one chunk per kind of fault."""
+    from xtoken_ext.losses import _span_faults
+
+    rs = torch.tensor([[0, 0, 2, 0, 1], [0, 2, 3, 1, 3],  # fine
+                       [0, 3, 3, 3, 4],  # empty student rows
+                       [0, 4, 6, 4, 5], [0, 5, 7, 5, 6],  # overlapping student rows (both flagged)
+                       [1, 0, 2, 9, 11],  # past T_T
+                       [2, 0, 1, 0, 1],  # a sequence past B
+                       [1, 3, 4, 3, 4]])  # fine, but its chunk starts below 0 (row_spans clamps it)
+    chunks = torch.tensor([[0, 2, 0, 1]] * 7 + [[-1, 4, 3, 4]])
+    flat = rs[:, 1:] + rs[:, :1] * torch.tensor([10, 10, 10, 10])
+    want = [False, False, True, True, True, True, True, True]
+    assert _span_faults(rs.numpy(), flat.numpy(), chunks.numpy(), 2, 10, 10).tolist() == want
+    assert _span_faults(rs, flat, chunks, 2, 10, 10).tolist() == want
+    assert _span_faults(rs[:2], flat[:2], None, 2, 10, 10).tolist() == [False, False]
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_logits_over_temperature_past_fp32s_range_get_a_clear_error(backend):
     """Finite logits whose |z|/τ passes float32's range (the fp32 kernels compute z/τ): the NaN loss names that

@@ -354,6 +354,44 @@ def test_no_chunks_gives_zero_gradient():
     assert loss.shape == (0,) and torch.equal(grad, torch.zeros_like(z))
 
 
+@pytest.mark.parametrize("sparse_k", [0, 7])
+def test_pkl_w_words_cached_until_w_or_mask_changes(sparse_k):
+    """pkl_kernel._w_words packs W's weights once per (w_idx, w_val, col_mask) and their versions
+    (_common.cached_on_tensors): a second call with the same tensors takes the cached words (and gives the same
+    losses and gradient, bitwise); an in-place update of the weights (an optimizer step on W) or a new column mask
+    is packed anew and gives what fresh tensors give; inference tensors (no version counter) are packed every
+    call."""
+    from xtoken_ext.ops import pkl_kernel as pk
+
+    dev = device()
+    P = make_problem(5, 97, 61, 3, 2, sparse_k, "subset", 0.0, True)
+    z, t = P.z.to(dev), P.t.to(dev)
+    cols = None if P.t_cols is None else P.t_cols.to(dev)
+    w_idx, w_val, mask, spans = (x.to(dev) for x in (P.w_idx, P.w_val, P.col_mask, P.spans))
+
+    def run(w_val, mask):
+        return torch.ops.xtoken.pkl_rows(z, t, cols, w_idx, w_val, mask, spans, 0.7, "mean", 0.0, None, None, False,
+                                         "triton")[:2]
+
+    def words(w_val, mask):
+        return pk._w_words(w_idx, w_val, mask, not sparse_k, bool(sparse_k), pk._TILES["BLOCK_T"], pk._TILES["BLOCK_E"])
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    first = run(w_val, mask)
+    assert words(w_val, mask) is words(w_val, mask)  # cached
+    assert same(run(w_val, mask), first)
+    w_val.mul_(torch.rand(w_val.shape, generator=torch.Generator().manual_seed(1)).to(dev) + 0.5)  # in place
+    assert same(run(w_val, mask), run(w_val.clone(), mask)) and not same(run(w_val, mask), first)
+    other = mask.clone()
+    other[mask.nonzero()[:2, 0]] = False
+    assert same(run(w_val, other), run(w_val, other.clone())) and not same(run(w_val, other), run(w_val, mask))
+    with torch.inference_mode():
+        frozen = w_val.clone()
+    assert words(frozen, mask) is not words(frozen, mask) and same(run(frozen, mask), run(w_val, mask))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_scale_rows_is_the_rounded_product(dtype):
     """_tl.scale_rows (the backward's in-place row scale on CUDA) equals torch's CPU mul_ by a column of scales bitwise

@@ -151,27 +151,38 @@ def _flat_spans(alignment, B: int, T_S: int, T_T: int) -> Tensor:
            f"{T_S} / {T_T}: build it for these sequences (Alignment.from_chunks takes T_S / T_T)")
     rs = alignment.row_spans().to(torch.int64)
     _check(rs.dim() == 2 and rs.shape[1] == 5, f"alignment.row_spans() must be [N, 5], got {tuple(rs.shape)}")
-    b = rs[:, 0:1]
-    flat = torch.cat([rs[:, 1:3] + b * T_S, rs[:, 3:5] + b * T_T], dim=1)
+    flat = rs[:, 1:] + rs[:, :1] * torch.tensor([T_S, T_S, T_T, T_T], device=rs.device)
     if rs.shape[0]:
-        bad = (rs[:, 0] < 0) | (rs[:, 0] >= B)
-        if hasattr(alignment, "chunks"):  # row_spans() clamps a chunk start below 0 to row 0
-            c = alignment.chunks[alignment.chunk_valid]
-            bad |= (c[:, 0] < 0) | (c[:, 2] < 0)
-        for lo, hi, T in ((1, 2, T_S), (3, 4, T_T)):
-            bad |= (rs[:, lo] < 0) | (rs[:, lo] >= rs[:, hi]) | (rs[:, hi] > T)
-            order = torch.argsort(flat[:, lo - 1])
-            overlap = flat[order[:-1], hi - 1] > flat[order[1:], lo - 1]
-            bad[order[1:]] |= overlap
-            bad[order[:-1]] |= overlap
+        cpu = rs.device.type == "cpu"  # checked in NumPy there: a fraction of torch's per-op cost at these sizes
+        c = None
+        if hasattr(alignment, "chunks"):  # row_spans() clamps a chunk start below 0 to row 0: checked on the chunks
+            c, valid = alignment.chunks, alignment.chunk_valid
+            c = c.numpy()[valid.numpy()] if cpu else c[valid]
+        bad = _span_faults(rs.numpy() if cpu else rs, flat.numpy() if cpu else flat, c, B, T_S, T_T)
         msg = (f"the alignment's valid chunks must cover non-empty, disjoint row ranges within the logits' "
                f"{T_S} student / {T_T} teacher rows per sequence")
-        if bad.device.type == "cpu" and bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
+        if cpu and bad.any():
+            i = int(bad.argmax())
             raise ValueError(f"{msg}; valid chunk {i} (sequence {int(rs[i, 0])}) has student rows "
                              f"[{int(rs[i, 1])}, {int(rs[i, 2])}), teacher rows [{int(rs[i, 3])}, {int(rs[i, 4])})")
-        check_data(~bad.any(), msg)
+        if not cpu:
+            check_data(~bad.any(), msg)
     return flat
+
+
+def _span_faults(rs, flat, c, B: int, T_S: int, T_T: int):
+    """bool [N]: the valid chunks (row_spans() rows ``rs``, their flat ranges ``flat``, their chunks ``c`` or None)
+    out of sequence, empty, out of range or overlapping another's rows on a side. NumPy arrays or tensors alike."""
+    bad = (rs[:, 0] < 0) | (rs[:, 0] >= B)
+    if c is not None:
+        bad |= (c[:, 0] < 0) | (c[:, 2] < 0)
+    for lo, hi, T in ((1, 2, T_S), (3, 4, T_T)):
+        bad |= (rs[:, lo] < 0) | (rs[:, lo] >= rs[:, hi]) | (rs[:, hi] > T)
+        order = flat[:, lo - 1].argsort()  # by start: a range overlaps another iff it overlaps its successor
+        overlap = flat[order[:-1], hi - 1] > flat[order[1:], lo - 1]
+        bad[order[1:]] |= overlap
+        bad[order[:-1]] |= overlap
+    return bad
 
 
 def _teacher_block(raw, cols, V_T, tau, col_mask, md):

@@ -17,11 +17,13 @@ the reach of the gradient's scaled factors, ops.pkl). The public losses raise on
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
 import numbers
 import os
 import sys
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -29,6 +31,36 @@ from torch import Tensor
 
 SLOTS = 4  # W's ELL slots per student row
 BACKENDS = ("auto", "triton", "native", "torch")
+
+
+def cached_on_tensors(n: int, size: int = 16):
+    """Decorator: f(*tensors, *rest) kept while its first ``n`` arguments are the same tensor objects, unchanged
+    (their version counters: an in-place update computes it anew), and ``rest`` (hashable) the same values: what the
+    kernels derive from W, the column mask or the common pairs, the same tensors in every training step. Weak
+    references to the tensors; an entry whose tensors are gone is dropped at the next miss (a learnable W's weights
+    are new in every step), and at most ``size`` are kept. Inference tensors have no version counter: never kept."""
+    def wrap(f):
+        entries: dict = {}
+
+        @functools.wraps(f)
+        def cached(*args):
+            tensors, rest = args[:n], args[n:]
+            if any(t.is_inference() for t in tensors):
+                return f(*args)
+            key, state = (tuple(map(id, tensors)), rest), tuple(t._version for t in tensors)
+            hit = entries.get(key)
+            if hit is not None and hit[1] == state and all(r() is t for r, t in zip(hit[0], tensors)):
+                return hit[2]
+            out = f(*args)
+            for k in [k for k, e in entries.items() if any(r() is None for r in e[0])]:
+                del entries[k]
+            if len(entries) >= size:
+                entries.clear()
+            entries[key] = (tuple(weakref.ref(t) for t in tensors), state, out)
+            return out
+
+        return cached
+    return wrap
 
 
 def interpret() -> bool:
@@ -218,7 +250,7 @@ def scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
     ``saved(ctx)``'s gradient."""
     if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
         return (grad * scale.unsqueeze(1)).to(grad.dtype)
-    if grad.device.type == "cuda" and grad.stride(1) == 1 and importlib.util.find_spec("triton") is not None:
+    if grad.device.type == "cuda" and grad.stride(1) == 1 and _triton_runs_on(grad.device):
         from ._tl import scale_rows  # one read and write of the rows whose scale is not 1, none of the others
         return scale_rows(grad, scale)
     if grad.dtype == scale.dtype or grad.device.type != "cpu":
@@ -229,6 +261,14 @@ def scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
     for r0 in range(0, grad.shape[0], step):
         grad[r0:r0 + step].mul_(scale[r0:r0 + step].unsqueeze(1))
     return grad
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_runs_on(device: torch.device) -> bool:
+    """Triton is installed and compiles for this CUDA / ROCm device (NVIDIA: compute capability 7.0 or later)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.version.hip is not None or torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 def saved(ctx):

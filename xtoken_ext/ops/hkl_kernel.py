@@ -153,7 +153,7 @@ import triton
 import triton.language as tl
 
 from . import _tl
-from ._common import covered_rows, interpret
+from ._common import cached_on_tensors, covered_rows, interpret
 
 _SORT_CAP = 8192  # largest sort window W (lanes); m above it merge-sorts both lists whole (module docstring)
 _SMALL_CAP = 1024  # the second, smaller sort network (W_SMALL lanes) for m ≤ W_SMALL
@@ -1196,6 +1196,28 @@ def _uncommon_bits(u: torch.Tensor) -> torch.Tensor:
     return (blocks << torch.arange(64, device=u.device)).sum(1)
 
 
+@cached_on_tensors(3)
+def _pair_maps(common_s, common_t, col_mask, V_S: int, C: int, sparse: bool, cap: int):
+    """What the kernel reads of the common pairs and the allowed columns, kept per tensors (cached_on_tensors: the
+    same in every training step) -> (smap, tmap, tcls, m_dev, bits of U_S, bits of U_T). Pairs with an allowed
+    teacher id: student -> teacher (smap int32 [V_S], −1 on U_S), teacher -> student (tmap [V_T]); teacher classes
+    tcls 0 / 1 / 2 = outside A / U_T / common; m_dev int32 [m, n_a, n_b, |U_S|, |U_T|] on the device, m = min(|U_S|,
+    |U_T|, cap), n = the keys a row can list (|U_S|; |U_T| dense, C sparse), or 2^30 where that exceeds 2 m + _SLACK:
+    the hint appends every key of a side whose uncommon set fits its list (beyond that, list passes over |U| ≫ m
+    keys cost more L2 traffic than a program's warm-up misses: bench/costmodel.py); _uncommon_bits of U_S and U_T."""
+    i32 = dict(dtype=torch.int32, device=col_mask.device)
+    cs, ct = common_s.long(), common_t.long()
+    keep = col_mask[ct]
+    smap = torch.full((V_S,), -1, **i32).scatter_(0, cs, torch.where(keep, ct, -1).int())
+    tmap = torch.full((col_mask.numel(),), -1, **i32).scatter_(0, ct, torch.where(keep, cs, -1).int())
+    tcls = (col_mask.to(torch.int8) + (tmap >= 0).to(torch.int8)).contiguous()
+    u_s, u_t = (smap < 0).sum(), (tcls == 1).sum()
+    m_d = torch.minimum(u_s, u_t).clamp(max=cap)
+    n_u = torch.stack([u_s, torch.full_like(u_t, C) if sparse else u_t])
+    m_dev = torch.cat([m_d[None], torch.where(n_u <= 2 * m_d + _SLACK, n_u, 2 ** 30), u_s[None], u_t[None]])
+    return smap, tmap, tcls, m_dev.to(torch.int32), _uncommon_bits(smap < 0), _uncommon_bits(tcls == 1)
+
+
 def _hint_state(device: torch.device, P: int, problem: tuple) -> torch.Tensor:
     """[most programs, 8] fp32 per device, stream and problem (vocabulary sizes and m's bound: losses of other shapes
     keep their own): each program's hint state (_hkl_kernel), kept from launch to launch so that a training step's
@@ -1257,22 +1279,8 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     lse_t = torch.empty(t_vals.shape[0], **f32)
     s_ch = s_chain.to(**f32).contiguous() if chain else lse_s
     t_ch = t_chain.to(**f32).contiguous() if chain else lse_t
-    # Pairs with an allowed teacher id: student -> teacher (smap, −1 on U_S), teacher -> student (tmap); teacher
-    # classes 0 / 1 / 2 = outside A / U_T / common; m = min(|U_S|, |U_T|, cap) on the device, m_up its host bound.
-    cs, ct = common_s.long(), common_t.long()
-    keep = col_mask[ct]
-    smap = torch.full((V_S,), -1, **i32).scatter_(0, cs, torch.where(keep, ct, -1).int())
-    tmap = torch.full((V_T,), -1, **i32).scatter_(0, ct, torch.where(keep, cs, -1).int())
-    tcls = (col_mask.to(torch.int8) + (tmap >= 0).to(torch.int8)).contiguous()
     cap = V_S if uncommon_topk is None else int(uncommon_topk)
-    # [m, n_a, n_b, |U_S|, |U_T|]: n = the keys a row can list (|U_S|; |U_T| dense, k sparse), or 2^30 where that
-    # exceeds 2 m + _SLACK: the hint appends every key of a side whose uncommon set fits its list (beyond that, list
-    # passes over |U| ≫ m keys cost more L2 traffic than a program's warm-up misses: bench/costmodel.py)
-    u_s, u_t = (smap < 0).sum(), (tcls == 1).sum()
-    m_d = torch.minimum(u_s, u_t).clamp(max=cap)
-    n_u = torch.stack([u_s, torch.full_like(u_t, C) if sparse else u_t])
-    m_dev = torch.cat([m_d[None], torch.where(n_u <= 2 * m_d + _SLACK, n_u, 2 ** 30), u_s[None], u_t[None]])
-    m_dev = m_dev.to(torch.int32)
+    smap, tmap, tcls, m_dev, bits_s, bits_t = _pair_maps(common_s, common_t, col_mask, V_S, C, sparse, cap)
     m_up = max(0, min(V_S, V_T, cap))
     W, W_SMALL = sort_widths(m_up)
     cap_a = max(1, min(V_S, 2 * m_up + _SLACK))
@@ -1296,7 +1304,7 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
         tacc, tcnt = lse_t, gc  # unused placeholders
     if K:
         _launch((P,), s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0), smap, tmap,
-                tcls, _uncommon_bits(smap < 0), _uncommon_bits(tcls == 1), m_dev, spans, s_ch, t_ch, K, loss, gsum,
+                tcls, bits_s, bits_t, m_dev, spans, s_ch, t_ch, K, loss, gsum,
                 paths, grad, grad.stride(0), lse_s, lse_t, la, lb, wa, wb, gc, gv, hint, tacc, tcnt, V_S, V_T, C,
                 cap_a, cap_b, sl_a, sl_b, m_up, g_len, 1.0 / tau, tau,
                 MEAN=merge == "mean", CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=W_SMALL, MERGE=nbuf == 2,
