@@ -32,6 +32,11 @@ def test_kept_per_tensor_version_and_arguments():
     with torch.inference_mode():
         c = torch.ones(3)
     assert f(c, b, 1) is not f(c, b, 1)  # no version counter: never kept
+    p = torch.nn.Parameter(torch.ones(3))
+    assert f(p, b, 1) is not f(p, b, 1)  # a fused optimizer step bumps no version: never kept
+    out = f(a, b, 1)
+    a.data = torch.zeros(3)  # a swapped .data (Module.to, FSDP) bumps no version either: its pointer changes
+    assert f(a, b, 1) is not out and float(f(a, b, 1)[0]) == 3
 
 
 def test_entries_of_freed_tensors_are_dropped():

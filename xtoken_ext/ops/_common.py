@@ -35,25 +35,28 @@ BACKENDS = ("auto", "triton", "native", "torch")
 
 def cached_on_tensors(n: int, size: int = 16):
     """Decorator: f(*tensors, *rest) kept while its first ``n`` arguments are the same tensor objects, unchanged
-    (their version counters: an in-place update computes it anew), and ``rest`` (hashable) the same values: what the
-    kernels derive from W, the column mask or the common pairs, the same tensors in every training step. Weak
-    references to the tensors; an entry whose tensors are gone is dropped at the next miss (a learnable W's weights
-    are new in every step), and at most ``size`` are kept. Inference tensors have no version counter: never kept."""
+    (their version counters and data pointers: an in-place update or a swapped ``.data`` computes it anew), and
+    ``rest`` (hashable) the same values: what the kernels derive from a frozen W, the column mask or the common
+    pairs, the same tensors in every training step. Never kept for a tensor that requires grad (a parameter, which
+    fused optimizers update without a version bump) or an inference tensor (no version counter); a write through
+    ``.data`` or a NumPy view, which bumps no version either, needs a new tensor. Weak references to the tensors; an
+    entry whose tensors are gone is dropped at the next miss, and at most ``size`` are kept."""
     def wrap(f):
         entries: dict = {}
 
         @functools.wraps(f)
         def cached(*args):
             tensors, rest = args[:n], args[n:]
-            if any(t.is_inference() for t in tensors):
+            if any(t.is_inference() or t.requires_grad for t in tensors):
                 return f(*args)
-            key, state = (tuple(map(id, tensors)), rest), tuple(t._version for t in tensors)
+            key, state = (tuple(map(id, tensors)), rest), tuple((t._version, t.data_ptr()) for t in tensors)
             hit = entries.get(key)
             if hit is not None and hit[1] == state and all(r() is t for r, t in zip(hit[0], tensors)):
                 return hit[2]
             out = f(*args)
-            for k in [k for k, e in entries.items() if any(r() is None for r in e[0])]:
-                del entries[k]
+            for k, e in list(entries.items()):  # a copy: another thread may insert meanwhile
+                if any(r() is None for r in e[0]):
+                    entries.pop(k, None)
             if len(entries) >= size:
                 entries.clear()
             entries[key] = (tuple(weakref.ref(t) for t in tensors), state, out)
@@ -242,16 +245,18 @@ def row_scale(lo: Tensor, hi: Tensor, g: Tensor, n: int) -> Tensor:
 _SCALE_BLOCK_BYTES = 16 << 20
 
 
-def scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
+def scale_grad(grad: Tensor, scale: Tensor, triton: bool) -> Tensor:
     """The saved gradient times the row scale [N_s] (``row_scale`` of the incoming per-chunk gradient): IN PLACE in
     the logits' dtype in eager mode (the product is formed per element in fp32/fp64 and rounded once; no second
     [N_s, V_S] buffer). The saved gradient is then consumed, so a second backward through the same graph is refused.
-    Under tracing (FakeTensor, torch.compile) it is out of place, which the compiler fuses. Call it on
-    ``saved(ctx)``'s gradient."""
+    Under tracing (FakeTensor, torch.compile) it is out of place, which the compiler fuses. ``triton``: the forward
+    ran the Triton backend on the GPU (``ran_triton``), so the scale takes ops._tl.scale_rows, one read and write of
+    the rows whose scale is not 1 and none of the others; else torch's mul_ (the torch backend, which needs no
+    Triton). Call it on ``saved(ctx)``'s gradient."""
     if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
         return (grad * scale.unsqueeze(1)).to(grad.dtype)
-    if grad.device.type == "cuda" and grad.stride(1) == 1 and _triton_runs_on(grad.device):
-        from ._tl import scale_rows  # one read and write of the rows whose scale is not 1, none of the others
+    if triton and grad.stride(1) == 1:
+        from ._tl import scale_rows
         return scale_rows(grad, scale)
     if grad.dtype == scale.dtype or grad.device.type != "cpu":
         return grad.mul_(scale.unsqueeze(1))
@@ -263,12 +268,11 @@ def scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
     return grad
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_runs_on(device: torch.device) -> bool:
-    """Triton is installed and compiles for this CUDA / ROCm device (NVIDIA: compute capability 7.0 or later)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return torch.version.hip is not None or torch.cuda.get_device_capability(device) >= (7, 0)
+def ran_triton(backend: str, s_logits: Tensor) -> bool:
+    """Whether an op's forward ran the compiled Triton backend (``backend`` as the op got it; on a GPU, not the
+    interpreter): its backward's row scale then takes Triton too (``scale_grad``)."""
+    return s_logits.device.type == "cuda" and not interpret() and \
+        resolve_backend(backend, s_logits.device, s_logits.dtype, False) == "triton"
 
 
 def saved(ctx):

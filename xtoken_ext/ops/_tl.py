@@ -393,6 +393,7 @@ def scale_rows_kernel(g_ptr, stride_g, scale_ptr, N, V, BLOCK: tl.constexpr):
 
 
 _scale_rows = launcher(scale_rows_kernel, dict(BLOCK=128), [triton.Config({"BLOCK": 4096}, num_warps=8)])
+SCALE_PROGRAMS = 64 * 1024  # scale_rows' grid at most: more rows are strided over the programs
 
 
 def scale_rows(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -402,5 +403,5 @@ def scale_rows(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     for 8,161 × 128,256 bf16, 0.95 TB/s); in the common backward of a summed loss every scale is 1."""
     N, V = grad.shape
     if N and V:
-        _scale_rows((max(1, min(N, 64 * 1024)),), grad, grad.stride(0), scale.contiguous(), N, V)
+        _scale_rows((max(1, min(N, SCALE_PROGRAMS)),), grad, grad.stride(0), scale.contiguous(), N, V)
     return grad

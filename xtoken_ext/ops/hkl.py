@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from ._common import chain_sums, check_options, check_pairs, check_rows, check_spans, check_temperature, chunk_any, \
-    expand, math_dtype, no_autocast, nonfinite_rows, resolve_backend, row_scale, saved, scale_grad, softmax_rows, \
-    teacher_block, top, torch_setup, write_grad
+    expand, math_dtype, no_autocast, nonfinite_rows, ran_triton, resolve_backend, row_scale, saved, scale_grad, \
+    softmax_rows, teacher_block, top, torch_setup, write_grad
 
 __all__ = ["hkl_rows", "native_applies"]
 
@@ -136,7 +136,9 @@ def hkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, col_mask: 
     grad_chain [N_s] = d Σ_k loss_k / d s_chain in the loss dtype: nonzero only at a chunk's rows after its first,
     merge="chain"). ``backend``: "auto" | "triton" | "native" | "torch". Sparse teacher columns must be unique per
     row; spans must have disjoint student rows; common pairs must be a matching (ops._common.check_pairs). Bad
-    input: module docstring."""
+    input: module docstring. The Triton backend keeps what it derives from the common pairs and col_mask per tensor
+    and version (ops._common.cached_on_tensors): change them in place or pass new tensors, not writes through
+    ``.data`` or a NumPy view."""
     check_temperature(temperature)
     check_rows(s_logits, t_vals, t_cols, col_mask)
     check_options(merge, col_mask, {"s_chain": (s_chain, s_logits.shape[0]), "t_chain": (t_chain, t_vals.shape[0])})
@@ -171,7 +173,7 @@ def _(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_chain, t_
 def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])  # the gradients: constants (no grad_fn, not requiring grad)
     ctx.set_materialize_grads(False)
-    ctx.has_chain = inputs[7] is not None
+    ctx.has_chain, ctx.triton = inputs[7] is not None, ran_triton(inputs[-1], inputs[0])
     ctx.save_for_backward(inputs[4], output[1], output[2])
 
 
@@ -181,7 +183,7 @@ def _backward(ctx, g_loss, _g_grad, _g_chain):
     spans, grad, grad_chain = saved(ctx)
     scale = row_scale(spans[:, 0], spans[:, 1], g_loss.to(grad_chain.dtype), grad.shape[0])  # the loss's dtype
     d_chain = grad_chain * scale if ctx.has_chain else None
-    return (scale_grad(grad, scale),) + (None,) * 6 + (d_chain,) + (None,) * 5
+    return (scale_grad(grad, scale, ctx.triton),) + (None,) * 6 + (d_chain,) + (None,) * 5
 
 
 hkl_rows.register_autograd(_backward, setup_context=_setup)

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from ._common import SLOTS, check_options, check_rows, check_spans, check_temperature, chunk_any, expand, math_dtype, \
-    no_autocast, nonfinite_rows, resolve_backend, row_scale, saved, scale_grad, softmax_rows, teacher_block, \
-    torch_setup, write_grad
+    no_autocast, nonfinite_rows, ran_triton, resolve_backend, row_scale, saved, scale_grad, softmax_rows, \
+    teacher_block, torch_setup, write_grad
 
 __all__ = ["pkl_rows", "native_applies"]
 
@@ -202,7 +202,10 @@ def pkl_rows(s_logits: Tensor, t_vals: Tensor, t_cols: Tensor | None, w_idx: Ten
     """-> (loss [K] (fp64 for fp64 logits, else fp32), grad = d Σ_k c_k loss_k / d s_logits in the logits' dtype,
     grad_w = d Σ_k c_k loss_k / d w_val [V_S, 4] in the loss's dtype if ``need_grad_w`` else [0]), c =
     ``chunk_scale`` [K] (default 1). ``backend``: "auto" | "triton" | "native" | "torch". Sparse teacher columns
-    must be unique per row; spans must have disjoint student rows. Non-finite / degenerate chunks: module docstring."""
+    must be unique per row; spans must have disjoint student rows. Non-finite / degenerate chunks: module docstring.
+    The Triton backend keeps what it derives from w_idx, w_val and col_mask per tensor and version
+    (ops._common.cached_on_tensors; not for tensors that require grad): change them in place (a version bump) or
+    pass new tensors, not writes through ``.data`` or a NumPy view."""
     check_temperature(temperature)
     check_rows(s_logits, t_vals, t_cols, col_mask)
     check_options(merge, col_mask, {"t_chain": (t_chain, t_vals.shape[0])})
@@ -242,6 +245,7 @@ def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs would otherwise get [N_s, V_S] zero gradients
     *args, chunk_scale, need_grad_w, backend = inputs
     ctx.need_grad_w, ctx.consts = need_grad_w, (*args[7:10], backend)  # temperature, merge, eps, backend
+    ctx.triton = ran_triton(backend, args[0])
     if need_grad_w:
         ctx.save_for_backward(*args[:7], args[10])
     else:
@@ -254,7 +258,7 @@ def _backward(ctx, g_loss, _g_grad, _g_grad_w):
     if not ctx.need_grad_w:
         spans, grad = saved(ctx)
         scale = row_scale(spans[:, 0], spans[:, 1], g_loss.to(math_dtype(grad.dtype)), grad.shape[0])
-        return (scale_grad(grad, scale),) + (None,) * 13
+        return (scale_grad(grad, scale, ctx.triton),) + (None,) * 13
     s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, t_chain = saved(ctx)
     temperature, merge, eps, backend = ctx.consts
     _, grad, grad_w = pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperature, merge, eps,
