@@ -11,15 +11,17 @@ does not fit: scratch written and read, one 32-byte sector per gather). H-KL is 
 |U_T|, 8192) that the W and the ``uncovered`` option give (the default, and "epsilon" for the real W), with the time
 its top-m window adds after the streams (list passes and the sorts' issue time).
 L2<->SM bytes count one 32-byte sector per gathered element (the upper figure) or the distinct sectors per tile (the
-lower one, P-KL), and are timed at an assumed L2 bandwidth.
+lower one, P-KL), and are timed at an assumed L2 bandwidth; P-KL's gathers are also counted per warp instruction
+(warp_sectors: the distinct sectors of an instruction's 32 lanes in the kernel's Triton layout, SPT).
 Time per row: each streaming pass takes the longest of its HBM bytes at the SM's share of bandwidth, its
 instruction issue and its special-function unit's time (the MUFU instructions: ex2, lg2), both read from the kernels'
 sm_90 SASS (bench/sass.py, issue_counts): both kernels are issue-bound. The SFU's time alone with the streams (each
 pass the longer of the two, the passes back to back as the kernels run them) is printed as a bound: what the kernels'
 transcendentals allow in this structure however few instructions the rest of a pass issued.
 Against a GPU (one run, an H200, 2026-12-04, README "Measured on a GPU"): the fused kernels took 5.5-10.4x the
-issue-bound times modelled here (the 4 instructions per clock are not reached). P-KL's times on both W's were its
-upper L2<->SM figure at one rate, 4.1 TB/s (within 2 %): the "calibrated" line times P-KL at that rate (L2_GATHER).
+issue-bound times modelled here (the 4 instructions per clock are not reached). P-KL's kernel times on both W's were
+its per-warp-instruction L2<->SM count at one rate, 4.92 and 5.09 TB/s: the "calibrated" line times P-KL at 5.0 TB/s
+(L2_WARP), also with one element a thread in C's and D's gathers (what bench/permute.py's probe tests on a GPU).
 H-KL's and GOLD's were far above both their issue and their L2 times: not modelled.
 """
 from __future__ import annotations
@@ -43,14 +45,18 @@ from xtoken_ext.ops.pkl_kernel import _CONFIGS, SLICES_GPU, TILES_GPU
 # l2_bw: an assumed L2 -> SM bandwidth (not measured here; the order of public H100 microbenchmarks), only for the
 # L2-time line.
 GPU = dict(name="H100 SXM", hbm=3.35e12, l2=50 << 20, sms=132, l2_bw=5.5e12)
-# The rate at which the fused P-KL kernel moved its upper L2<->SM figure (one sector per gathered element) in the first
-# GPU run (H200, 2026-12-04, README "Measured on a GPU"): 30.71 MiB/row for Projection.random in 63.6 ms, 14.90 MiB/row
-# for the real W in 31.4 ms, 8,192 rows: 4.15 and 4.08 TB/s. A calibration from one run (an H200's SMs and L2 are an
-# H100's), not a bandwidth: P-KL's time is modelled as these bytes at this rate where that exceeds its issue time.
-L2_GATHER = 4.1e12
 # ops.pkl_kernel's GPU block sizes and D-slice width (student tiles)
 CONFIG = dict(BLOCK_S=_CONFIGS[0].kwargs["BLOCK_S"], **TILES_GPU, SLICE=SLICES_GPU["SLICE"])
 SECTOR = 32  # bytes an L2 request moves for one gathered element
+# Elements per thread in Triton's layout of the P-KL kernel's gathers (sm_90 TTGIR of its dense variants, checked by
+# tests/test_kernels_compile.py): C's and D's 2,048-element tiles 8 adjacent elements a thread, so that the 32 lanes
+# of one warp instruction lie 8 elements apart; R's 4,096-entry blocks by its piece size (entries a piece: elements)
+SPT = dict(C=8, D=8, R={1: 4, 2: 2, 4: 2})
+# The rate at which the fused P-KL kernel moved its L2<->SM sectors counted per warp instruction (warp_sectors) in
+# the first GPU run (H200, 2026-12-04, run A, the kernel's profiled time): 31.67 MiB/row for Projection.random in
+# 55.25 ms, 13.54 MiB/row for the real W in 22.85 ms, 8,192 rows: 4.92 and 5.09 TB/s (the one-sector-per-value
+# figure gives 4.77 and 5.60 for the same kernel times: the per-instruction count fits both W's better).
+L2_WARP = 5.0e12
 # H-KL sorts: SASS instructions per lane and compare-and-swap stage (a: int64 keys, b: int32), from the offline sm_90
 # compile at 8 warps of ops.hkl_kernel._sort_list's loops (the MERGE variant): its block sort, the 8,192-lane network
 # (20,264 / 11,179 per thread per block over 91 stages × 32 lanes per thread; the window's and the small network's
@@ -118,6 +124,16 @@ def sfu_time(mufu: int, warps: int, tiles: int) -> float:
     return mufu * 32 * warps * tiles / SFU / CLOCK
 
 
+def warp_sectors(addr: torch.Tensor, spt: int, elem: int) -> torch.Tensor:
+    """Per warp instruction, the distinct 32-byte sectors it touches, where a tile's lanes access elem-byte elements at
+    the element indices ``addr`` (in the tile's order, whole tiles; -1: masked off) in Triton's blocked layout of
+    ``spt`` adjacent elements a thread: each 32·spt elements are spt instructions whose 32 lanes lie spt apart."""
+    a = torch.cat([addr, addr.new_full((-addr.numel() % (32 * spt),), -1)])
+    a = a.view(-1, 32, spt).transpose(1, 2).reshape(-1, 32)  # [instruction, lane]
+    sec, _ = torch.where(a >= 0, a * elem // SECTOR, -1).sort(1)
+    return ((sec[:, 1:] != sec[:, :-1]) & (sec[:, 1:] >= 0)).sum(1) + (sec[:, 0] >= 0).long()
+
+
 def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2, slice_: int = 8) -> dict:
     """nnz, longest column, the P-KL kernel's dense teacher pass for this W (``ops.pkl_kernel._w_structure``): the
     column ELL's width K, the teacher tiles, the residual entries (past a column's first K, in pieces of P entries, the
@@ -128,7 +144,11 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     touch (a lower bound of their L2 traffic: every repeat within a tile an L1 hit): C's gathers of the z row (elem
     bytes) per teacher tile and R's per residual block, D's gathers of the fp32 scratch row per block_s student tile;
     and D's student tiles per ELL width run ({K: tiles}): a slice (slice_ tiles) runs as many slots as its widest
-    student has (≥ 1)."""
+    student has (≥ 1). The gathers' bytes per warp instruction (warp_sectors, Triton's layout SPT, and with one element
+    a thread in C and D, the "1/thread" figure): C's slot gathers of the z row over the tiles (a slot past a column's
+    length loads student 0), R's of its entries (the padding masked off), D's of the fp32 h row at each student's
+    slots' keys (ranks from 1 of the columns with entries; a slot past the student's count loads h[0]) over the slots
+    each tile runs."""
     from xtoken_ext.ops.pkl_kernel import _column_slots, _residual_piece, _residual_pieces
 
     idx = proj.indices
@@ -173,10 +193,31 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
            + sum(sectors(4, nslot > k) for k in range(1, idx.shape[1])))
     pieces = int(n_pc.sum())
     n_res = pieces * P
+    # per warp instruction: C's slots over the tiles, R's padded entry list, D's slots over the tiles that run them
+    n_tiles_s = math.ceil(idx.shape[0] / block_s)
+    c_addr = torch.zeros(K, math.ceil(V_T / block_t) * block_t, dtype=torch.long)
+    c_addr[j[~res], cols[~res]] = stud[~res]
+    r_addr = torch.full((math.ceil(n_res / block_e) * block_e,), -1, dtype=torch.long)
+    r_addr[pos[res]] = stud[res]
+    key = torch.cumsum(col_len > 0, 0)  # the columns with entries ranked from 1
+    ok = idx >= 0
+    used = torch.sort((~ok).int(), dim=1, stable=True).indices  # each student's used slots first
+    d_key = torch.where(torch.arange(idx.shape[1]) < nslot[:, None], key[idx.long().gather(1, used).clamp(min=0)], 0)
+    d_addr = torch.zeros(idx.shape[1], n_tiles_s * block_s, dtype=torch.long)
+    d_addr[:, :idx.shape[0]] = d_key.t()
+    runs = (torch.arange(idx.shape[1])[:, None] < widest[torch.arange(n_tiles_s) // slice_][None, :]).float()
+
+    def gathers(spt_c: int, spt_d: int) -> int:
+        c = sum(int(warp_sectors(a, spt_c, elem).sum()) for a in c_addr)
+        d = sum(float(warp_sectors(a, spt_d, 4).view(n_tiles_s, -1).sum(1).float() @ run)
+                for a, run in zip(d_addr, runs))
+        return SECTOR * (c + int(warp_sectors(r_addr, SPT["R"][P], elem).sum()) + int(d))
+
     return dict(nnz=cols.numel(), max_col=int(col_len.max()), K=K, tiles=math.ceil(V_T / block_t), res=n_res,
                 pieces=pieces, P=P, r_blocks=math.ceil(n_res / block_e), n_long=int((col_len > K).sum()), cell=cell,
                 cols_c=cols_c, cols_w=cols_w, old_loop=int(old),
                 sect_c=sect_c, sect_d=sect_d, ell=ell, cols=int((col_len > 0).sum()),
+                warp=gathers(SPT["C"], SPT["D"]), warp1=gathers(1, 1),
                 d_tiles={k: int(d_tiles[k]) for k in range(1, idx.shape[1] + 1)})
 
 
@@ -295,8 +336,10 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     iss, sfu = per_pass(issue_time, issue), per_pass(sfu_time, issue and issue["sfu"])
     passes, t_row, t_sfu = _pass_times({"A": (elem * V_S, iss["A"], sfu["A"]), "C": (elem * V_T, iss["C"], sfu["C"]),
                                         "D": (2 * elem * V_S, iss["D"], sfu["D"])}, gpu)
+    l2_warp = l2 - 2 * SECTOR * st["nnz"] + st["warp"]  # the gathers counted per warp instruction
     return dict(kernel="P-KL", floor=floor, hbm_l2=stream, passes=passes, t_row=t_row, t_sfu=t_sfu, issue=issue,
-                hbm_spill=stream + scratch + res_row + SECTOR * st["nnz"], l2=l2,
+                hbm_spill=stream + scratch + res_row + SECTOR * st["nnz"], l2=l2, l2_warp=l2_warp,
+                l2_warp1=l2_warp - st["warp"] + st["warp1"],
                 l2_lo=l2_lo, l2_parts=parts, loops=loops, vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],
                 footprint=z_rows * z_row + h_rows * h_row + w_bytes,
                 footprint_alone=z_rows * z_row + h_alone * h_row + w_bytes, slices=slices, stats=st)
@@ -597,9 +640,13 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
         print(f"    L2<->SM traffic at an assumed {gpu['l2_bw'] / 1e12:.1f} TB/s: "
               f"{t_lo * 1e3:.2f}–{t_hi * 1e3:.2f} ms ({t_lo / t_floor:.1f}–{t_hi / t_floor:.1f}x the floor time)")
         if m["kernel"] == "P-KL":
-            t_g = max(rows * m["l2"] / L2_GATHER, rows / gpu["sms"] * m["t_row"])
-            print(f"    calibrated (the upper L2<->SM figure at the {L2_GATHER / 1e12:.1f} TB/s measured for it on a "
-                  f"GPU, or the time above where longer): {t_g * 1e3:.2f} ms ({t_g / t_floor:.1f}x the floor time)")
+            t_w, t_w1 = (max(rows * m[k] / L2_WARP, rows / gpu["sms"] * m["t_row"]) for k in ("l2_warp", "l2_warp1"))
+            print(f"    per warp instruction (the gathers' distinct sectors in Triton's layout, {SPT['C']} elements a "
+                  f"thread): {_fmt_bytes(m['l2_warp'])}/row; with one element a thread in C's and D's gathers "
+                  f"{_fmt_bytes(m['l2_warp1'])}")
+            print(f"    calibrated (that count at the {L2_WARP / 1e12:.1f} TB/s the kernel moved it at on a GPU, or the "
+                  f"time above where longer): {t_w * 1e3:.2f} ms ({t_w / t_floor:.1f}x the floor time); one element a "
+                  f"thread: {t_w1 * 1e3:.2f} ms ({t_w1 / t_floor:.1f}x)")
 
 
 def _real_w(quick: bool):

@@ -34,9 +34,14 @@
    register cap, programs per SM, teacher tile), each profiled and checked against the torch backend's losses: the
    data for tuning ops.pkl_kernel on the GPU at hand.
 
+5. Probe (bench.permute): the permutation P-KL's C and D do per row, alone, timed three ways (gathered a lane per
+   value, with the lanes of an instruction 8 or 1 elements apart, or moved in two stages through a scratch row)
+   beside the rows streamed, each checked against float64, with the cost model's L2<->SM sectors beside the times: the
+   data for deciding how P-KL's C and D are rebuilt. With --dry on the CPU at a tiny shape (Projection.random only).
+
 --quick: bf16 only in the correctness stage, one timed run after the first call.
 --real-only: the timing stage with the real W only (each W compiles its own H-KL kernel variant).
---stage correctness / timing / sweep: stages 1-2, stage 3 or stage 4 alone (e.g. timing first where GPU time is
+--stage correctness / timing / sweep / probe: stages 1-2, stage 3, 4 or 5 alone (e.g. timing first where GPU time is
 short).
 --jobs N: stages 1-2 in N spawned processes on the same device (default: one per core up to 16; 1 with --dry), the
 kernel variants compiling in parallel (the stage is bound by compiling: about a minute per H-KL variant and autotune
@@ -816,7 +821,7 @@ def _setup_error(dry: bool, stage: str) -> str | None:
 def run(quick: bool = False, dry: bool = False, stage: str = "all", jobs: int | None = None,
         real_only: bool = False) -> bool:
     """The whole check (module docstring), or one ``stage`` of it ("correctness": stages 1 and 2, "timing": stage
-    3, "sweep": stage 4); prints its tables and returns True when everything passed. ``jobs``: worker processes of
+    3, "sweep": stage 4, "probe": stage 5); prints its tables and returns True when everything passed. ``jobs``: worker processes of
     stages 1-2 (None: ``default_jobs``); ``real_only``: the timing stage without Projection.random. Raises
     RuntimeError when it cannot run here (``_setup_error``)."""
     reason = _setup_error(dry, stage)
@@ -844,6 +849,12 @@ def run(quick: bool = False, dry: bool = False, stage: str = "all", jobs: int | 
         mid = time.perf_counter()
         ok &= sweep(dev, 2)
         print(f"[sweep: {time.perf_counter() - mid:.1f} s]")
+    if stage in ("all", "probe"):
+        from .permute import probe
+
+        mid = time.perf_counter()
+        ok &= probe(dev, shape=(12, sizes.V_S, sizes.V_T) if dry else None, real=not dry)
+        print(f"[probe: {time.perf_counter() - mid:.1f} s]")
     print(f"\nGPU check{' (dry)' if dry else ''}: {'PASS' if ok else 'FAIL'} in {time.perf_counter() - start:.1f} s",
           flush=True)
     return ok
@@ -853,9 +864,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xtoken_ext.bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="bf16 only in the correctness stage, one timed run")
     parser.add_argument("--dry", action="store_true", help="CPU, Triton interpreter, tiny sizes, no timing (CI)")
-    parser.add_argument("--stage", choices=("all", "correctness", "timing", "sweep"), default="all",
-                        help="run stages 1-2 (correctness, repeatability), stage 3 (timing) or stage 4 (sweep of "
-                             "P-KL launch configurations) alone")
+    parser.add_argument("--stage", choices=("all", "correctness", "timing", "sweep", "probe"), default="all",
+                        help="run stages 1-2 (correctness, repeatability), stage 3 (timing), stage 4 (sweep of "
+                             "P-KL launch configurations) or stage 5 (probe of P-KL's permutation) alone")
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="processes that run the correctness cases side by side, compiling their kernels in "
                              f"parallel (default: one per core up to 16, here {default_jobs(False)}; 1 with --dry)")

@@ -18,7 +18,10 @@ PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32"
        "rw_ptr": "*i64", "rk_ptr": "*i32", "mask_ptr": "*i8", "spans_ptr": "*i64",
        "tcnt_ptr": "*i32", "sync_ptr": "*i32", "smap_ptr": "*i32", "tmap_ptr": "*i32",
        "tcls_ptr": "*i8", "m_ptr": "*i32", "path_ptr": "*i32", "la_ptr": "*i64", "lb_ptr": "*i32", "wa_ptr": "*i64",
-       "wb_ptr": "*i32", "gc_ptr": "*i32", "ubs_ptr": "*i64", "ubt_ptr": "*i64"}
+       "wb_ptr": "*i32", "gc_ptr": "*i32", "ubs_ptr": "*i64", "ubt_ptr": "*i64",
+       # bench.permute's probe kernels
+       "x_ptr": "*bf16", "y_ptr": "*bf16", "scr_ptr": "*bf16", "map_ptr": "*i32", "src_ptr": "*i32", "perm_ptr": "*i16",
+       "dst_ptr": "*i32", "start_ptr": "*i32", "loc_ptr": "*i16"}
 F32 = {"inv_tau", "tau", "eps"}
 # integer arguments Triton's launcher would not see as multiples of 16 at real shapes (no divisibility hint)
 NO_HINT = {"k0", "k1", "NNZ", "NRES", "r_spare", "n_tiles_max", "K", "N", "N_s", "m_up", "cap_a", "cap_b",

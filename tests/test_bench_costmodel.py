@@ -100,18 +100,52 @@ def test_report_prints_both_kernels(proj, capsys):
 
 
 def test_calibrated_pkl_time(proj, capsys, monkeypatch):
-    """P-KL's calibrated line: its upper L2<->SM bytes at the measured L2_GATHER rate, or its modelled time where
-    that is longer (here both ways, by moving the rate); H-KL has none."""
+    """P-KL's calibrated line: its L2<->SM bytes counted per warp instruction at the measured L2_WARP rate, or its
+    modelled time where that is longer (here both ways, by moving the rate), and the same with one element a thread
+    in C's and D's gathers; H-KL has none."""
     m = costmodel.pkl_model(proj, 64)
     gpu = costmodel.GPU
     t_issue = 8192 / gpu["sms"] * m["t_row"]
-    for rate in (costmodel.L2_GATHER, 8192 * m["l2"] / t_issue * 4):  # gathers longer, then the modelled time
-        monkeypatch.setattr(costmodel, "L2_GATHER", rate)
+    for rate in (costmodel.L2_WARP, 8192 * m["l2_warp"] / t_issue * 4):  # gathers longer, then the modelled time
+        monkeypatch.setattr(costmodel, "L2_WARP", rate)
         costmodel.report([("random", m), ("random", costmodel.hkl_model(proj, 64))])
         lines = [x for x in capsys.readouterr().out.splitlines() if "calibrated" in x]
-        want = max(8192 * m["l2"] / rate, t_issue)
+        want, want1 = (max(8192 * m[k] / rate, t_issue) for k in ("l2_warp", "l2_warp1"))
         assert len(lines) == 1 and f": {want * 1e3:.2f} ms (" in lines[0], (lines, want)
+        floor = 8192 * m["floor"] / gpu["hbm"]
+        assert lines[0].endswith(f"one element a thread: {want1 * 1e3:.2f} ms ({want1 / floor:.1f}x)"), lines
 
+
+def test_warp_sectors_by_hand():
+    """Distinct sectors per warp instruction: 32 adjacent 2-byte values take 2 sectors one a thread and 16 with the
+    lanes 8 apart (each 256-element chunk: 8 instructions over 512 bytes); 4-byte values twice that; masked lanes
+    none; one address in all lanes one."""
+    seq = torch.arange(256)
+    assert costmodel.warp_sectors(seq, 1, 2).tolist() == [2] * 8
+    assert costmodel.warp_sectors(seq, 8, 2).tolist() == [16] * 8
+    assert costmodel.warp_sectors(seq, 8, 4).tolist() == [32] * 8
+    assert costmodel.warp_sectors(seq, 1, 4).tolist() == [4] * 8
+    assert costmodel.warp_sectors(torch.full((256,), -1), 8, 2).tolist() == [0] * 8
+    assert costmodel.warp_sectors(torch.zeros(64, dtype=torch.long), 2, 2).tolist() == [1, 1]
+    assert costmodel.warp_sectors(torch.arange(40), 1, 2).tolist() == [2, 1]  # a partial last instruction
+
+
+def test_pkl_gathers_per_warp_instruction():
+    """The gathers' bytes per warp instruction on a W whose counts follow by hand: student s -> teacher column s
+    (one-to-one, V 4,096, blocks of 2,048): C gathers z (2 B) at adjacent students, D gathers h (4 B) at adjacent
+    ranks, which start at 1 (h[0] is the spare); with one element a thread 2 + 5 sectors per 32 ids (32 ranks from
+    32i + 1 straddle 5), in Triton's layout (8 a thread, lanes 8 apart) 16 + 32. R has no entries. The per-warp
+    figure replaces the upper one's sector per gathered value."""
+    V = 4096
+    idx = torch.full((V, 4), -1, dtype=torch.long)
+    idx[:, 0] = torch.arange(V)
+    one = Projection(idx, (idx >= 0).float(), V)
+    cfg = dict(BLOCK_S=2048, BLOCK_T=2048, BLOCK_E=4096, SLICE=2)
+    m = costmodel.pkl_model(one, rows=64, cfg=cfg)
+    st = m["stats"]
+    assert (st["K"], st["res"]) == (1, 0)
+    assert st["warp1"] == 32 * (2 + 5) * V // 32 and st["warp"] == 32 * (16 + 32) * V // 32
+    assert m["l2_warp"] == m["l2"] - 2 * 32 * V + st["warp"] and m["l2_warp1"] < m["l2_warp"] < m["l2"]
 
 
 def test_uld_model_merge_sorts_both_lists():

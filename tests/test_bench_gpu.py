@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import device
-from xtoken_ext.bench import gpu
+from xtoken_ext.bench import gpu, permute
 from xtoken_ext.cli import main
 from xtoken_ext.testing import loss_problem, sorted_l1_ambiguous, worst_ratio
 
@@ -44,6 +44,10 @@ def test_dry_run_passes_every_case(tmp_path):
     done = re.findall(r"^\[done (\d+)/(\d+), \d+ s\] (\w+ +\w+ +\w+ \w+) .* (PASS|FAIL)$", out.stdout, re.MULTILINE)
     assert sorted(int(d[0]) for d in done) == list(range(1, len(rows) + 1)) and {d[1] for d in done} == {str(len(rows))}
     assert out.stdout.index("[done") < out.stdout.index("float64 oracle")
+    # the probe of P-KL's permutation, every kernel in both directions
+    probe = re.findall(r"^random W +([CD]) +\d+ +(stream|lane gather|lane gather 1/thread|two-stage) +\d+ .* PASS$",
+                       out.stdout, re.MULTILINE)
+    assert set(probe) == {(d, k) for d in "CD" for k, _ in permute.KINDS}, out.stdout[-3000:]
     assert re.search(r"GPU check \(dry\): PASS in [\d.]+ s$", out.stdout.rstrip())
 
 
@@ -217,8 +221,70 @@ def test_sweep_stage_runs_on_the_cpu(capsys, monkeypatch):
     assert (pk._launch, pk._num_programs, pk._TILES) == (before[0], before[1], before[2])
 
 
+def test_probe_stage_runs_on_the_cpu(capsys):
+    """Stage 5 at a tiny shape: a row per W, direction and kernel, each checked against float64."""
+    assert permute.probe(device(), shape=(10, 160, 100), real=False)
+    rows = re.findall(r"^random W +([CD]) +\d+ +(.+?) +(\d) +([\d.]+) +(?:nan|[\d.]+) .* ([\d.]+) PASS$",
+                      capsys.readouterr().out, re.MULTILINE)
+    assert [(r[0], r[1], int(r[2])) for r in rows] == [(d, k, n) for d in "CD" for k, n in permute.KINDS]
+    assert not permute.probe(device(), shape=(10, 160, 100), real=False, random=False)  # no W
+
+
+@pytest.mark.parametrize("blk", [64, 2048])
+def test_probe_layout_moves_every_pair_to_its_place(blk):
+    """The two-stage permutation's arrays, run as the kernel runs them (in torch): stage 1 stores each pair tile's
+    values at ascending places, stage 2 finds x[m_i] for every i with a pair, at a y-tile's run of ≤ blk values."""
+    import xtoken_ext as xt
+
+    m = permute.maps(xt.Projection.random(3001, 5003, seed=1, empty_rows=0.05))["C"]
+    lay = {k: v.long() if isinstance(v, torch.Tensor) else v for k, v in permute.layout(m, blk).items()}
+    x, half = torch.randn(3001), blk // 2
+    scratch = torch.full((lay["NP"],), float("nan"))
+    for j in range(0, lay["src"].numel(), half):
+        s, d = lay["src"][j:j + half], lay["dst"][j:j + half]
+        v = torch.where(s >= 0, x[s.clamp(min=0)], 0.0)[lay["perm"][j:j + half]]
+        assert bool((d[d >= 0].diff() > 0).all()) and bool((s[s >= 0].diff() >= 0).all())
+        scratch[d[d >= 0]] = v[d >= 0]
+    assert not scratch.isnan().any() and int(lay["start"].diff().max()) <= blk
+    i, ok = torch.arange(m.numel()), m >= 0
+    assert torch.equal(lay["loc"] >= 0, ok)
+    assert torch.equal(scratch[lay["start"][i // blk] + lay["loc"].clamp(min=0)][ok], x[m.long()[ok]])
+
+
+def test_probe_fails_a_wrong_permutation(monkeypatch, capsys):
+    """A two-stage layout whose places are off by one pair: its rows FAIL against float64."""
+    layout = permute.layout
+
+    def shifted(m, blk):
+        lay = dict(layout(m, blk))
+        lay["loc"] = torch.where(lay["loc"] > 0, lay["loc"] - 1, lay["loc"])
+        return lay
+
+    monkeypatch.setattr(permute, "layout", shifted)
+    assert not permute.probe(device(), shape=(10, 160, 100), real=False)
+    out = capsys.readouterr().out
+    assert re.search(r"two-stage .* FAIL$", out, re.MULTILINE) and not re.search(r"lane gather .* FAIL$", out,
+                                                                                   re.MULTILINE)
+
+
+def test_probe_cost_model_counts_sectors_by_hand():
+    """sectors() on maps whose counts are known: the identity (32 adjacent 2-byte values: 2 sectors an instruction
+    one per thread, 16 with lanes 8 apart) and a random permutation (32 sectors an instruction either way); each
+    plus the streamed map and y (6 bytes per index) per pair."""
+    n = 4096 * 8
+    ident = torch.arange(n, dtype=torch.int32)
+    assert permute.sectors("lane gather 1/thread", ident, n) == pytest.approx(2 / 32 + 6 / 32)
+    assert permute.sectors("lane gather", ident, n) == pytest.approx(16 / 32 + 6 / 32)
+    shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(0)).int()
+    assert permute.sectors("lane gather", shuffled, n) == pytest.approx(1 + 6 / 32, abs=0.01)
+    assert permute.sectors("stream", ident, n) == pytest.approx(4 / 32)
+    # the two-stage: 12 index bytes a pair and the streams, plus its sorted loads and run stores (identity: adjacent)
+    assert permute.sectors("two-stage", ident, n) == pytest.approx((10 + 4 + 2) / 32 + 2 / 32 + 2 / 32, abs=0.01)
+
+
 def test_stage_option(monkeypatch):
     calls = []
+    monkeypatch.setattr(permute, "probe", lambda *a, **k: calls.append("probe") or True)
     monkeypatch.setattr(gpu, "cannot_run", lambda dry: None)
     monkeypatch.setattr(gpu, "correctness", lambda *a: calls.append("correctness") or True)
     monkeypatch.setattr(gpu, "timing",
@@ -228,8 +294,9 @@ def test_stage_option(monkeypatch):
     assert gpu.main(["--stage", "correctness"]) == 0 and calls == ["correctness"]
     assert gpu.main(["--stage", "timing"]) == 1 and calls == ["correctness", "timing"]
     assert gpu.main(["--stage", "sweep"]) == 0 and calls == ["correctness", "timing", "sweep"]
-    assert gpu.main([]) == 1 and calls[3:] == ["correctness", "timing", "sweep"]
-    assert gpu.main(["--stage", "timing", "--real-only"]) == 1 and calls[6:] == ["timing real"]
+    assert gpu.main(["--stage", "probe"]) == 0 and calls[3:] == ["probe"]
+    assert gpu.main([]) == 1 and calls[4:] == ["correctness", "timing", "sweep", "probe"]
+    assert gpu.main(["--stage", "timing", "--real-only"]) == 1 and calls[8:] == ["timing real"]
     for stage in ("timing", "sweep"):
         with pytest.raises(SystemExit) as e:
             gpu.main(["--dry", "--stage", stage])

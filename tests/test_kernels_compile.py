@@ -16,6 +16,7 @@ import sys
 
 import triton  # noqa: E402  (the test extra pins it)
 
+from xtoken_ext.bench.costmodel import SPT  # noqa: E402
 from xtoken_ext.ops.pkl_kernel import _CONFIGS  # noqa: E402
 
 _SCRIPT = r"""
@@ -38,12 +39,17 @@ def compile_one(kernel, consts, num_warps, sparse, maxnreg=None):
     spill = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     # 16-byte loads: direct (ld.global.v4) or the pipelined loops' asynchronous copies to shared memory
-    v4 = len(re.findall(r"ld\.global(?:\.\w+)*\.v4|cp\.async\.c[ag]\.shared\.global[^;]*, 0x10", c.asm["ptx"]))
+    v4 = len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4|cp\.async\.c[ag]\.shared\.global[^;]*, 0x10", c.asm["ptx"]))
     loops = {k: [v[1] for v in vs] for k, vs in cubin_loops(cubin).items()}
     found = [body(loops, fn, marker) for fn, marker in PASSES] if kernel is P._pkl_kernel else []
     # H-KL: local-memory accesses in loops other than the persistent chunk loop (per tile, per sort stage)
     inner = sum(sum(v) for k, v in loops.items() if k not in header_lines(kernel, "for k in range(pid, K"))
-    return dict(smem=c.metadata.shared, regs=regs, spill=spill, v4=v4, pass_spills=sum(map(sum, found)),
+    # elements per thread of each load's layout, by tile length and element type (bench.costmodel.SPT's source)
+    ttgir = c.asm["ttgir"]
+    blocked = dict(re.findall(r"^#(blocked\d*) = #ttg\.blocked<\{sizePerThread = \[(\d+)\]", ttgir, re.M))
+    spt = sorted({f"{n}x{t}:{blocked[b]}" for n, t, b in
+                  re.findall(r"tt\.load .*: tensor<(\d+)x!tt\.ptr<(\w+)>, #(blocked\d*)>", ttgir) if b in blocked})
+    return dict(smem=c.metadata.shared, regs=regs, spill=spill, v4=v4, pass_spills=sum(map(sum, found)), spt=spt,
                 passes=[bool(b) for b in found], sfu_log=len(re.findall(r"lg2\.approx", c.asm["ptx"])),
                 inner_local=inner)
 
@@ -58,9 +64,15 @@ if sys.argv[1] == "pkl":
                           **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)  # every column-ELL width and eps kind
             r = compile_one(P._pkl_kernel, consts, cfg.num_warps, sparse, cfg.maxnreg)
             out.append(dict(kernel="pkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, grad_w=grad_w, mean=mean,
-                            **r))
+                            rpiece=consts["RPIECE"], **r))
     r = compile_one(P._pkl_grad_w_kernel, dict(MEAN=True, BLOCK=1024, SLOTS=4), 8, False)
     out.append(dict(kernel="pkl_grad_w", cfg={}, warps=8, sparse=False, grad_w=True, **r))
+elif sys.argv[1] == "probe":  # bench.permute's kernels (the GPU check's probe stage)
+    from xtoken_ext.bench import permute as Q
+    for kernel, consts in ((Q._stream, {}), (Q._lane_gather, dict(ONE=False)), (Q._lane_gather, dict(ONE=True)),
+                           (Q._two_stage, {})):
+        r = compile_one(kernel, dict(BLOCK=Q.BLOCK_GPU, **consts), Q.WARPS, False)
+        out.append(dict(kernel=kernel.__name__, consts=consts, **r))
 else:  # H-KL: its main variant at the 8,192-lane window (both sort networks), the same with the merge sort of m
     # above it (ULD), and the smallest window
     from xtoken_ext.ops import hkl_kernel as H
@@ -102,6 +114,10 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         assert r["smem"] <= _SMEM_SM90, r  # the pipelined loops' buffers fit an H100 block's shared memory
         if r["kernel"] == "pkl" and not r["sparse"]:
             assert r["v4"] > 0, r  # dense rows streamed with 16-byte loads
+            # the layouts the cost model counts the gathers in (bench.costmodel.SPT): C's z and D's h tiles, R's blocks
+            tiles = {k: {x for x in r["spt"] if x.startswith(k + ":")} for k in ("2048xbf16", "2048xf32", "4096xbf16")}
+            assert tiles == {"2048xbf16": {f"2048xbf16:{SPT['C']}"}, "2048xf32": {f"2048xf32:{SPT['D']}"},
+                             "4096xbf16": {f"4096xbf16:{SPT['R'][r['rpiece']]}"}}, r["spt"]
 
 
 def test_hkl_kernel_compiles_for_sm90(tmp_path):
@@ -121,6 +137,19 @@ def test_hkl_kernel_compiles_for_sm90(tmp_path):
         assert r["smem"] <= _SMEM_SM90, r
         assert r["spill"] <= (1536 if r["warps"] == 16 else 1024 if r["merge"] or loose else 576), r
     assert results[0]["inner_local"] == 0, results[0]
+
+
+def test_probe_kernels_compile_for_sm90(tmp_path):
+    """The GPU check's probe kernels (bench.permute) lower for sm_90 with no spill and no local memory in a loop, the
+    two-stage's in-register reorders (tl.gather) within shared memory; the streams read with 16-byte loads, and the
+    lane gather "1/thread" with none (one element per thread, as its cost model assumes)."""
+    results = {(r["kernel"], r["consts"].get("ONE")): r for r in _compile(tmp_path, "probe")}
+    assert len(results) == 4
+    for r in results.values():
+        assert r["spill"] == 0 and r["inner_local"] == 0 and r["smem"] <= _SMEM_SM90, r
+    assert results[("_stream", None)]["v4"] > 0 and results[("_lane_gather", False)]["v4"] > 0
+    assert results[("_lane_gather", True)]["v4"] == 0
+    assert results[("_two_stage", None)]["smem"] > 0  # tl.gather through shared memory
 
 
 def test_jit_helpers_take_no_defaulted_constexpr():
