@@ -19,9 +19,10 @@ sm_90 SASS (bench/sass.py, issue_counts): both kernels are issue-bound. The SFU'
 pass the longer of the two, the passes back to back as the kernels run them) is printed as a bound: what the kernels'
 transcendentals allow in this structure however few instructions the rest of a pass issued.
 Against a GPU (one run, an H200, 2026-12-04, README "Measured on a GPU"): the fused kernels took 5.5-10.4x the
-issue-bound times modelled here (the 4 instructions per clock are not reached). P-KL's kernel times on both W's were
-its per-warp-instruction L2<->SM count at one rate, 4.92 and 5.09 TB/s: the "calibrated" line times P-KL at 5.0 TB/s
-(L2_WARP), also with one element a thread in C's and D's gathers (what bench/permute.py's probe tests on a GPU).
+issue-bound times modelled here (the 4 instructions per clock are not reached). In the second session's run A,
+P-KL's profiled kernel times on both W's were its per-warp-instruction L2<->SM count at one rate, 4.92 and 5.05 TB/s:
+the "calibrated" line times P-KL at 5.0 TB/s (L2_WARP), also with one element a thread in C's and D's gathers (what
+bench/permute.py's probe tests on a GPU).
 H-KL's and GOLD's were far above both their issue and their L2 times: not modelled.
 """
 from __future__ import annotations
@@ -52,10 +53,12 @@ SECTOR = 32  # bytes an L2 request moves for one gathered element
 # tests/test_kernels_compile.py): C's and D's 2,048-element tiles 8 adjacent elements a thread, so that the 32 lanes
 # of one warp instruction lie 8 elements apart; R's 4,096-entry blocks by its piece size (entries a piece: elements)
 SPT = dict(C=8, D=8, R={1: 4, 2: 2, 4: 2})
-# The rate at which the fused P-KL kernel moved its L2<->SM sectors counted per warp instruction (warp_sectors) in
-# the first GPU run (H200, 2026-12-04, run A, the kernel's profiled time): 31.67 MiB/row for Projection.random in
-# 55.25 ms, 13.54 MiB/row for the real W in 22.85 ms, 8,192 rows: 4.92 and 5.09 TB/s (the one-sector-per-value
-# figure gives 4.77 and 5.60 for the same kernel times: the per-instruction count fits both W's better).
+# The rate at which the fused P-KL kernel moved its L2<->SM sectors counted per warp instruction (warp_sectors) in the
+# second GPU session's run A (H200, 2026-12-04, the kernel's profiled time, README "Measured on a GPU: second
+# session"): 31.67 MiB/row for Projection.random in 55.25 ms, 13.44 MiB/row for the real W in 22.85 ms, at the
+# model's 8,192 rows: 4.92 and 5.05 TB/s; the one-sector-per-value figure gives 4.77 and 5.60 for the same times.
+# Both W's ran the same inputs (8,161 student rows in 7,439 chunks): their ratio holds, the absolute rate is
+# approximate.
 L2_WARP = 5.0e12
 # H-KL sorts: SASS instructions per lane and compare-and-swap stage (a: int64 keys, b: int32), from the offline sm_90
 # compile at 8 warps of ops.hkl_kernel._sort_list's loops (the MERGE variant): its block sort, the 8,192-lane network
@@ -144,12 +147,12 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     touch (a lower bound of their L2 traffic: every repeat within a tile an L1 hit): C's gathers of the z row (elem
     bytes) per teacher tile and R's per residual block, D's gathers of the fp32 scratch row per block_s student tile;
     and D's student tiles per ELL width run ({K: tiles}): a slice (slice_ tiles) runs as many slots as its widest
-    student has (≥ 1). The gathers' bytes per warp instruction (warp_sectors, Triton's layout SPT, and with one element
-    a thread in C and D, the "1/thread" figure): C's slot gathers of the z row over the tiles (a slot past a column's
-    length loads student 0), R's of its entries (the padding masked off), D's of the fp32 h row at each student's
-    slots' keys (ranks from 1 of the columns with entries; a slot past the student's count loads h[0]) over the slots
-    each tile runs."""
-    from xtoken_ext.ops.pkl_kernel import _column_slots, _residual_piece, _residual_pieces
+    student has (≥ 1). The gathers' bytes per warp instruction ({pass: bytes}; warp_sectors in Triton's layout SPT,
+    and warp1 with one element a thread in C and D): C's slot gathers of the z row over the tiles (a slot past a
+    column's length loads student 0), R's of its entries (the padding masked off), D's of the fp32 h row at each
+    student's slots' keys (the kernel's: _w_structure's ranks, the long columns first; a slot past the student's
+    count loads h[0]) over the slots each tile runs."""
+    from xtoken_ext.ops.pkl_kernel import _column_slots, _residual_piece, _residual_pieces, _w_structure
 
     idx = proj.indices
     V_T = proj.teacher_vocab_size
@@ -199,19 +202,15 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
     c_addr[j[~res], cols[~res]] = stud[~res]
     r_addr = torch.full((math.ceil(n_res / block_e) * block_e,), -1, dtype=torch.long)
     r_addr[pos[res]] = stud[res]
-    key = torch.cumsum(col_len > 0, 0)  # the columns with entries ranked from 1
-    ok = idx >= 0
-    used = torch.sort((~ok).int(), dim=1, stable=True).indices  # each student's used slots first
-    d_key = torch.where(torch.arange(idx.shape[1]) < nslot[:, None], key[idx.long().gather(1, used).clamp(min=0)], 0)
-    d_addr = torch.zeros(idx.shape[1], n_tiles_s * block_s, dtype=torch.long)
-    d_addr[:, :idx.shape[0]] = d_key.t()
+    d_addr = torch.zeros(idx.shape[1], n_tiles_s * block_s, dtype=torch.long)  # the kernel's own keys (0: no slot)
+    d_addr[:, :idx.shape[0]] = _w_structure(idx.to(torch.int32).contiguous(), V_T, block_t, block_e)["ell_keys"][1]
     runs = (torch.arange(idx.shape[1])[:, None] < widest[torch.arange(n_tiles_s) // slice_][None, :]).float()
 
-    def gathers(spt_c: int, spt_d: int) -> int:
+    def gathers(spt_c: int, spt_d: int) -> dict:
         c = sum(int(warp_sectors(a, spt_c, elem).sum()) for a in c_addr)
         d = sum(float(warp_sectors(a, spt_d, 4).view(n_tiles_s, -1).sum(1).float() @ run)
                 for a, run in zip(d_addr, runs))
-        return SECTOR * (c + int(warp_sectors(r_addr, SPT["R"][P], elem).sum()) + int(d))
+        return dict(C=SECTOR * c, R=SECTOR * int(warp_sectors(r_addr, SPT["R"][P], elem).sum()), D=SECTOR * int(d))
 
     return dict(nnz=cols.numel(), max_col=int(col_len.max()), K=K, tiles=math.ceil(V_T / block_t), res=n_res,
                 pieces=pieces, P=P, r_blocks=math.ceil(n_res / block_e), n_long=int((col_len > K).sum()), cell=cell,
@@ -336,10 +335,10 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
     iss, sfu = per_pass(issue_time, issue), per_pass(sfu_time, issue and issue["sfu"])
     passes, t_row, t_sfu = _pass_times({"A": (elem * V_S, iss["A"], sfu["A"]), "C": (elem * V_T, iss["C"], sfu["C"]),
                                         "D": (2 * elem * V_S, iss["D"], sfu["D"])}, gpu)
-    l2_warp = l2 - 2 * SECTOR * st["nnz"] + st["warp"]  # the gathers counted per warp instruction
+    l2_warp = l2 - 2 * SECTOR * st["nnz"] + sum(st["warp"].values())  # the gathers counted per warp instruction
     return dict(kernel="P-KL", floor=floor, hbm_l2=stream, passes=passes, t_row=t_row, t_sfu=t_sfu, issue=issue,
                 hbm_spill=stream + scratch + res_row + SECTOR * st["nnz"], l2=l2, l2_warp=l2_warp,
-                l2_warp1=l2_warp - st["warp"] + st["warp1"],
+                l2_warp1=l2_warp - sum(st["warp"].values()) + sum(st["warp1"].values()),
                 l2_lo=l2_lo, l2_parts=parts, loops=loops, vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],
                 footprint=z_rows * z_row + h_rows * h_row + w_bytes,
                 footprint_alone=z_rows * z_row + h_alone * h_row + w_bytes, slices=slices, stats=st)
@@ -644,8 +643,8 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
             print(f"    per warp instruction (the gathers' distinct sectors in Triton's layout, {SPT['C']} elements a "
                   f"thread): {_fmt_bytes(m['l2_warp'])}/row; with one element a thread in C's and D's gathers "
                   f"{_fmt_bytes(m['l2_warp1'])}")
-            print(f"    calibrated (that count at the {L2_WARP / 1e12:.1f} TB/s the kernel moved it at on a GPU, or the "
-                  f"time above where longer): {t_w * 1e3:.2f} ms ({t_w / t_floor:.1f}x the floor time); one element a "
+            print(f"    calibrated (that count at the {L2_WARP / 1e12:.1f} TB/s the kernel moved it at on a GPU, or the"
+                  f" time above where longer): {t_w * 1e3:.2f} ms ({t_w / t_floor:.1f}x the floor time); one element a "
                   f"thread: {t_w1 * 1e3:.2f} ms ({t_w1 / t_floor:.1f}x)")
 
 

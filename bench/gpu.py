@@ -820,9 +820,9 @@ def _setup_error(dry: bool, stage: str) -> str | None:
 
 def run(quick: bool = False, dry: bool = False, stage: str = "all", jobs: int | None = None,
         real_only: bool = False) -> bool:
-    """The whole check (module docstring), or one ``stage`` of it ("correctness": stages 1 and 2, "timing": stage
-    3, "sweep": stage 4, "probe": stage 5); prints its tables and returns True when everything passed. ``jobs``: worker processes of
-    stages 1-2 (None: ``default_jobs``); ``real_only``: the timing stage without Projection.random. Raises
+    """The whole check (module docstring), or one ``stage`` of it ("correctness": stages 1 and 2, "timing": stage 3,
+    "sweep": stage 4, "probe": stage 5); prints its tables and returns True when everything passed. ``jobs``: worker
+    processes of stages 1-2 (None: ``default_jobs``); ``real_only``: the timing stage without Projection.random. Raises
     RuntimeError when it cannot run here (``_setup_error``)."""
     reason = _setup_error(dry, stage)
     if reason:

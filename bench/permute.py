@@ -1,14 +1,13 @@
 """Probe of the permutation the fused P-KL kernel does twice per row (issue 8): stage 5 of the GPU check
 (``python -m xtoken_ext.bench.gpu --stage probe``).
 
-P-KL's C gathers, per teacher column c, the student probability at W's student s(c); its D gathers, per student s,
-the teacher-side h at W's column c(s). Both are a fixed, nearly one-to-one permutation between the two vocabularies
-of every row, done by lanes that each load one 2- or 4-byte value. bench/costmodel.py counts what they move per warp
-instruction (warp_sectors: the distinct 32-byte sectors of its 32 lanes, in the kernel's layout of 8 adjacent
-elements a thread); that count put the first GPU run's P-KL kernel times on both W's at one rate (4.92 and 5.09
-TB/s). The probe times the access pattern alone, against the same rows streamed, with the lanes on adjacent ids, and
-against a two-stage permutation that moves the values in runs: each against the count. Each kernel computes, per row
-r,
+P-KL's C gathers, per teacher column c, the student probability at W's student s(c); its D gathers, per student s, the
+teacher-side h at W's column c(s). Both are a fixed, nearly one-to-one permutation between the two vocabularies of every
+row, done by lanes that each load one 2- or 4-byte value. bench/costmodel.py counts what they move per warp instruction
+(warp_sectors: the distinct 32-byte sectors of its 32 lanes, in the kernel's layout of 8 adjacent elements a thread);
+that count put the P-KL kernel times of the second GPU session's run A on both W's at one rate (4.92 and 5.05 TB/s). The
+probe times the access pattern alone, against the same rows streamed, with the lanes on adjacent ids, and against a
+two-stage permutation that moves the values in runs: each against the count. Each kernel computes, per row r,
 
     out[r] = Σ_i [m_i ≥ 0] x[r, m_i] · y[r, i]
 
@@ -78,17 +77,17 @@ def _lane_gather(x_ptr, y_ptr, map_ptr, out_ptr, R, N_y, stride_x, stride_y, BLO
 
 
 @triton.jit
-def _two_stage(x_ptr, y_ptr, src_ptr, perm_ptr, dst_ptr, start_ptr, loc_ptr, scr_ptr, out_ptr, R, N_y, NP,
+def _two_stage(x_ptr, y_ptr, src_ptr, perm_ptr, dst_ptr, start_ptr, loc_ptr, scr_ptr, out_ptr, R, N_y, NL, NP,
                stride_x, stride_y, BLOCK: tl.constexpr):
     o = tl.arange(0, BLOCK)
     # stage 1 one element per thread (an instruction's lanes take 32 adjacent pairs): offsets declared
     # non-contiguous; its tiles are half as long, so that Triton gives stage 2's (vectorized) tiles a layout of their
     # own (it unifies the memory accesses of one shape that share a range)
     o1 = tl.max_contiguous(tl.arange(0, BLOCK // 2), 1)
-    scr = scr_ptr + tl.program_id(0).to(tl.int64) * NP  # this program's scratch row
+    scr = scr_ptr + tl.program_id(0).to(tl.int64) * NP  # this program's scratch row (NP: a multiple of 16)
     for r in range(tl.program_id(0).to(tl.int64), R, tl.num_programs(0)):
         x_row, y_row = x_ptr + r * stride_x, y_ptr + r * stride_y
-        for k in range(0, NP, BLOCK // 2):  # stage 1: the pairs in m order, stored in runs of the scratch order
+        for k in range(0, NL, BLOCK // 2):  # stage 1: the pairs in m order, stored in runs of the scratch order
             s = tl.load(src_ptr + k + o1)  # ascending; -1 past the last pair
             v = tl.load(x_row + s, mask=s >= 0, other=0.0)
             d = tl.load(dst_ptr + k + o1)
@@ -96,9 +95,9 @@ def _two_stage(x_ptr, y_ptr, src_ptr, perm_ptr, dst_ptr, start_ptr, loc_ptr, scr
         tl.debug_barrier()  # the scratch row's stores seen by every thread of the program
         acc = tl.zeros([BLOCK], tl.float32)
         for k in range(0, N_y, BLOCK):  # stage 2: a y-tile's run, in i's order
-            lo = tl.load(start_ptr + k // BLOCK)
-            n = tl.load(start_ptr + k // BLOCK + 1) - lo
-            run = tl.load(scr + lo + o, mask=o < n, other=0.0, eviction_policy=EF)
+            # the run starts at a multiple of 8 and the row holds BLOCK more: an unmasked 16-byte-vector load (the
+            # lanes past the run, never gathered below, read whatever the row holds)
+            run = tl.load(scr + tl.multiple_of(tl.load(start_ptr + k // BLOCK), 8) + o, eviction_policy=EF)
             loc = tl.load(loc_ptr + k + o, mask=k + o < N_y, other=-1)
             v = tl.gather(run, tl.maximum(loc, 0).to(tl.int32), 0).to(tl.float32)
             x = tl.load(y_row + k + o, mask=k + o < N_y, other=0.0, eviction_policy=EF).to(tl.float32)
@@ -126,10 +125,11 @@ def maps(proj) -> dict[str, torch.Tensor]:
 @cached_on_tensors(1)
 def layout(m: torch.Tensor, blk: int) -> dict[str, torch.Tensor | int]:
     """The two-stage permutation's index arrays for the map m (y index -> x index or -1), y-tiles of ``blk`` and pair
-    tiles of blk / 2: src (the pairs' x index ascending, padded with -1 to whole tiles), perm and dst (per pair tile,
-    lane k stores the value of the tile's perm[k]-th pair at scratch place dst[k], ascending in the tile; -1: none),
-    start (per y-tile, its run in the scratch row), loc (per y index, its pair's place in its y-tile's run; -1:
-    none), NP (the scratch row's length). Int32, perm and loc int16."""
+    tiles of blk / 2: src (the pairs' x index ascending, padded with -1 to whole tiles: NL lanes), perm and dst (per
+    pair tile, lane k stores the value of the tile's perm[k]-th pair at scratch place dst[k], ascending in the tile;
+    -1: none), start (per y-tile, where its run begins in the scratch row, runs padded to multiples of 8 values), loc
+    (per y index, its pair's place in its y-tile's run; -1: none), NP (the scratch row's length: a multiple of 16,
+    blk past the last run's start). Int32, perm and loc int16."""
     assert blk <= 1 << 15  # perm and loc as int16
     dev = m.device
     m = m.long().cpu()
@@ -142,12 +142,14 @@ def layout(m: torch.Tensor, blk: int) -> dict[str, torch.Tensor | int]:
     key = (cb * n_tiles + tile) * blk + i % blk  # the scratch order: (y-tile, pair tile, i)
     place = torch.empty(n, dtype=torch.long)
     place[torch.argsort(key)] = torch.arange(n)
-    start = torch.zeros(math.ceil(m.numel() / blk) + 1, dtype=torch.long)
-    start[1:] = torch.cumsum(torch.bincount(cb, minlength=start.numel() - 1), 0)
+    count = torch.bincount(cb, minlength=math.ceil(m.numel() / blk))
+    first = torch.cumsum(count, 0) - count  # each y-tile's first place, unpadded
+    start = torch.cumsum(torch.cat([count.new_zeros(1), (count + 7) // 8 * 8]), 0)  # runs padded to 8 values
+    place = place - first[cb] + start[cb]
     lanes = n_tiles * half
     src = torch.full((lanes,), -1, dtype=torch.long)
     src[:n] = s
-    by_place = torch.argsort(tile * n + place)  # within each pair tile, its pairs by scratch place
+    by_place = torch.argsort(tile * (int(start[-1]) + 1) + place)  # within each pair tile, its pairs by place
     perm = torch.arange(lanes) % half
     perm[:n] = by_place - tile * half
     dst = torch.full((lanes,), -1, dtype=torch.long)
@@ -155,7 +157,8 @@ def layout(m: torch.Tensor, blk: int) -> dict[str, torch.Tensor | int]:
     loc = torch.full_like(m, -1)
     loc[i] = place - start[cb]
     out = dict(src=src.int(), perm=perm.short(), dst=dst.int(), start=start.int(), loc=loc.short())  # 12 B a pair
-    return {**{k: v.to(dev) for k, v in out.items()}, "NP": max(n, 1)}
+    row = (int(start[-1]) + blk + 15) // 16 * 16  # the last run's load of blk values stays in the row
+    return {**{k: v.to(dev) for k, v in out.items()}, "NL": lanes, "NP": row}
 
 
 def reference(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, rows: int = 256
@@ -172,6 +175,7 @@ def run_probe(kind: str, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, per_
     """One probe kernel ("stream", "lane gather", "two-stage") in ``per_sm`` persistent programs per SM (the CPU: 1
     SM) over the rows of x [R, N_x] and y [R, N_y] -> out [R] fp32."""
     R, blk = x.shape[0], block()
+    assert y.shape[0] == R and m.numel() == y.shape[1], "x, y: the same rows; m: one entry per column of y"
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
     out = torch.empty(R, dtype=torch.float32, device=x.device)
     grid = (max(1, min(R, per_sm * sms)),)
@@ -185,7 +189,7 @@ def run_probe(kind: str, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, per_
         lay = layout(m, blk)
         scratch = torch.empty(grid[0], lay["NP"], dtype=x.dtype, device=x.device)
         _two_stage[grid](x, y, lay["src"], lay["perm"], lay["dst"], lay["start"], lay["loc"], scratch, out, R,
-                         y.shape[1], lay["NP"], x.stride(0), y.stride(0), **meta)
+                         y.shape[1], lay["NL"], lay["NP"], x.stride(0), y.stride(0), **meta)
     return out
 
 
@@ -199,11 +203,11 @@ KINDS = (("stream", 4), ("lane gather", 1), ("lane gather", 4), ("lane gather 1/
 def sectors(kind: str, m: torch.Tensor, n_x: int) -> float:
     """The cost model (no GPU): 32-byte sectors a kernel moves between L2 and the SM per row, per pair. A warp
     instruction moves the distinct sectors its 32 lanes touch: contiguous arrays cost their bytes / 32 (the streams
-    of x and y, the map, the two-stage's index arrays and stage 2's scratch runs); a gather or a scatter is counted
-    instruction by instruction (costmodel.warp_sectors) in Triton's layout for its loop (sm_90 TTGIR): BLOCK / (32
-    WARPS) = 8 adjacent elements per thread for the lane gather, so that an instruction's lanes lie 8 elements apart;
-    one per thread (32 adjacent elements per instruction) for the lane gather "1/thread" and the two-stage's stage 1
-    (tl.max_contiguous)."""
+    of x and y, the map, the two-stage's index arrays and stage 2's loads of BLOCK scratch values, 16-byte vectors
+    from a multiple of 8); a gather or a scatter is counted instruction by instruction (costmodel.warp_sectors) in
+    Triton's layout for its loop (sm_90 TTGIR): BLOCK / (32 WARPS) = 8 adjacent elements per thread for the lane
+    gather, so that an instruction's lanes lie 8 elements apart; one per thread (32 adjacent elements per
+    instruction) for the lane gather "1/thread" and the two-stage's stage 1 (tl.max_contiguous)."""
     per = BLOCK_GPU // (32 * WARPS)
 
     def count(addr: torch.Tensor, spt: int) -> int:  # element indices in lane order, -1: masked off
@@ -215,11 +219,10 @@ def sectors(kind: str, m: torch.Tensor, n_x: int) -> float:
         total = 2 * (n_x + n_y) / 32
     elif kind.startswith("lane gather"):  # m (4 B) and y (2 B) streamed, x gathered
         total = 6 * n_y / 32 + count(m, 1 if kind.endswith("1/thread") else per)
-    else:  # stage 1: src, dst (4 B), perm (2 B) per lane, x at src, the scratch stores; stage 2: loc (2 B), the
-        lay = layout(m, BLOCK_GPU)  # scratch runs (2 B per pair), y
-        lanes = lay["src"].numel()
-        total = (10 * lanes / 32 + count(lay["src"].long(), 1) + count(lay["dst"].long(), 1)
-                 + (4 * n_y + 2 * pairs) / 32)
+    else:  # stage 1: src, dst (4 B), perm (2 B) per lane, x at src, the scratch stores; stage 2: loc (2 B), y (2 B)
+        lay = layout(m, BLOCK_GPU)  # and per y-tile BLOCK values of the scratch row
+        total = (10 * lay["NL"] / 32 + count(lay["src"].long(), 1) + count(lay["dst"].long(), 1)
+                 + (4 * n_y + 2 * (lay["start"].numel() - 1) * BLOCK_GPU) / 32)
     return total / pairs
 
 
@@ -245,7 +248,8 @@ def probe(dev: torch.device, runs: int = 10, shape=None, real: bool = True, rand
 
     shape = shape or GPU_SHAPE
     z, t, _, proj = _inputs(shape, torch.bfloat16, dev)
-    z, t = z.detach()[0], t.detach()[0]
+    n = min(z.shape[1], t.shape[1])  # student and teacher rows differ in number (the chunks of bench.losses)
+    z, t = z.detach()[0, :n], t.detach()[0, :n]
     projections = [("random W", proj)] if random else []
     loaded = gpu._real_projection(dev) if real else None
     if loaded:

@@ -144,8 +144,30 @@ def test_pkl_gathers_per_warp_instruction():
     m = costmodel.pkl_model(one, rows=64, cfg=cfg)
     st = m["stats"]
     assert (st["K"], st["res"]) == (1, 0)
-    assert st["warp1"] == 32 * (2 + 5) * V // 32 and st["warp"] == 32 * (16 + 32) * V // 32
-    assert m["l2_warp"] == m["l2"] - 2 * 32 * V + st["warp"] and m["l2_warp1"] < m["l2_warp"] < m["l2"]
+    assert st["warp1"] == dict(C=32 * 2 * V // 32, R=0, D=32 * 5 * V // 32)
+    assert st["warp"] == dict(C=32 * 16 * V // 32, R=0, D=32 * 32 * V // 32)
+    assert m["l2_warp"] == m["l2"] - 2 * 32 * V + sum(st["warp"].values()) and m["l2_warp1"] < m["l2_warp"] < m["l2"]
+
+
+def test_pkl_d_gathers_at_the_kernels_keys():
+    """D's gathers at the kernel's own ELL keys (ops.pkl_kernel._w_structure): the columns longer than the column ELL
+    ranked first, then a spare, then the others. Student s -> teacher column s + 6, and students 0..599 also ->
+    column s mod 6, so columns 0..5 hold 101 entries (past the 1-slot column ELL: ranks 1..6, spare 7) and c ≥ 6 has
+    rank c + 2: student s's first key is s + 8, a multiple of 8 at every 32nd student, so 32 adjacent students'
+    fp32 h values take 4 sectors (ranks counted from 1 over all columns would straddle 5). One element a thread: 4
+    sectors per slot-0 instruction, 1 per slot-1 one (keys ≤ 6 or the h[0] of no slot), 128 instructions each (the
+    slice of 2 tiles runs 2 slots); lanes 8 apart: 32 and 1. C one element a thread: 32 columns' first students
+    straddle 2 sectors (the first 32), 3 (the others up to 4,095), 2 (4,096..4,127: the last students and the padding's
+    student 0), 1 (padding)."""
+    V = 4096
+    idx = torch.full((V, 4), -1, dtype=torch.long)
+    idx[:, 0] = torch.arange(V) + 6
+    idx[:600, 1] = torch.arange(600) % 6
+    proj = Projection(idx, torch.where(idx >= 0, 1.0, 0.0) / (idx >= 0).sum(1, keepdim=True), V + 6)
+    st = costmodel.pkl_model(proj, rows=64, cfg=dict(BLOCK_S=2048, BLOCK_T=2048, BLOCK_E=4096, SLICE=2))["stats"]
+    assert (st["K"], st["n_long"], st["d_tiles"]) == (1, 6, {1: 0, 2: 2, 3: 0, 4: 0})
+    assert st["warp1"]["D"] == 32 * (4 + 1) * 128 and st["warp"]["D"] == 32 * (32 + 1) * 128
+    assert st["warp1"]["C"] == 32 * (2 + 127 * 3 + 2 + 63)
 
 
 def test_uld_model_merge_sorts_both_lists():

@@ -222,8 +222,9 @@ def test_sweep_stage_runs_on_the_cpu(capsys, monkeypatch):
 
 
 def test_probe_stage_runs_on_the_cpu(capsys):
-    """Stage 5 at a tiny shape: a row per W, direction and kernel, each checked against float64."""
-    assert permute.probe(device(), shape=(10, 160, 100), real=False)
+    """Stage 5 at a tiny shape whose student and teacher rows differ in number (15 and 16: the probe takes the rows
+    both have): a row per W, direction and kernel, each checked against float64."""
+    assert permute.probe(device(), shape=(15, 160, 100), real=False)
     rows = re.findall(r"^random W +([CD]) +\d+ +(.+?) +(\d) +([\d.]+) +(?:nan|[\d.]+) .* ([\d.]+) PASS$",
                       capsys.readouterr().out, re.MULTILINE)
     assert [(r[0], r[1], int(r[2])) for r in rows] == [(d, k, n) for d in "CD" for k, n in permute.KINDS]
@@ -233,7 +234,8 @@ def test_probe_stage_runs_on_the_cpu(capsys):
 @pytest.mark.parametrize("blk", [64, 2048])
 def test_probe_layout_moves_every_pair_to_its_place(blk):
     """The two-stage permutation's arrays, run as the kernel runs them (in torch): stage 1 stores each pair tile's
-    values at ascending places, stage 2 finds x[m_i] for every i with a pair, at a y-tile's run of ≤ blk values."""
+    values at ascending places, distinct, within their y-tile's run; stage 2 finds x[m_i] for every i with a pair in
+    its y-tile's run of ≤ blk values, which starts at a multiple of 8 with blk values of the row past it."""
     import xtoken_ext as xt
 
     m = permute.maps(xt.Projection.random(3001, 5003, seed=1, empty_rows=0.05))["C"]
@@ -245,8 +247,12 @@ def test_probe_layout_moves_every_pair_to_its_place(blk):
         v = torch.where(s >= 0, x[s.clamp(min=0)], 0.0)[lay["perm"][j:j + half]]
         assert bool((d[d >= 0].diff() > 0).all()) and bool((s[s >= 0].diff() >= 0).all())
         scratch[d[d >= 0]] = v[d >= 0]
-    assert not scratch.isnan().any() and int(lay["start"].diff().max()) <= blk
-    i, ok = torch.arange(m.numel()), m >= 0
+    start, i, ok = lay["start"], torch.arange(m.numel()), m >= 0
+    assert int((~scratch.isnan()).sum()) == int(ok.sum())  # every pair its own place
+    assert bool((start % 8 == 0).all()) and int(start.diff().max()) <= blk and lay["NP"] % 16 == 0
+    assert lay["NP"] >= int(start[-1]) + blk and lay["NL"] == lay["src"].numel()
+    cb = i[ok] // blk  # each place inside its y-tile's run
+    assert bool((lay["loc"][ok] < start[cb + 1] - start[cb]).all())
     assert torch.equal(lay["loc"] >= 0, ok)
     assert torch.equal(scratch[lay["start"][i // blk] + lay["loc"].clamp(min=0)][ok], x[m.long()[ok]])
 

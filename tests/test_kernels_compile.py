@@ -148,7 +148,13 @@ def test_probe_kernels_compile_for_sm90(tmp_path):
     for r in results.values():
         assert r["spill"] == 0 and r["inner_local"] == 0 and r["smem"] <= _SMEM_SM90, r
     assert results[("_stream", None)]["v4"] > 0 and results[("_lane_gather", False)]["v4"] > 0
+    # the layouts permute.sectors counts in: 8 elements a thread (lanes 8 apart) for the lane gather, 1 for its
+    # "1/thread" twin and the two-stage's stage 1 (its 1,024-pair tiles), 8 for stage 2 (vectorized scratch runs)
+    assert results[("_lane_gather", False)]["spt"] == ["2048xbf16:8", "2048xi32:8"]
+    assert results[("_lane_gather", True)]["spt"] == ["2048xbf16:1", "2048xi32:1"]
     assert results[("_lane_gather", True)]["v4"] == 0
+    assert results[("_two_stage", None)]["spt"] == ["1024xbf16:1", "1024xi16:1", "1024xi32:1", "2048xbf16:8",
+                                                    "2048xi16:8"]
     assert results[("_two_stage", None)]["smem"] > 0  # tl.gather through shared memory
 
 
