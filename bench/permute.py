@@ -11,8 +11,8 @@ two-stage permutation that moves the values in runs: each against the count. Eac
 
     out[r] = Σ_i [m_i ≥ 0] x[r, m_i] · y[r, i]
 
-for a map m from y's index to x's: "C", x = z, y = t, m_c = the first (lowest) student of teacher column c; "D",
-x = t, y = z, m_s = the first column of student s; over 8,192 rows of the timing stage's bf16 inputs, for the real
+for a map m from y's index to x's: "C", x = z, y = t, m_c = the first (lowest) student of teacher column c; "D", x = t,
+y = z, m_s = the first column of student s; over the timing stage's bf16 rows (those both sides have), for the real
 Llama-3 × Qwen3 W and ``Projection.random``:
 - ``stream``: Σ x[r] + Σ y[r]: both rows read once, coalesced: what a row must take;
 - ``lane gather``: per tile of BLOCK indices i: m's tile, x gathered at m (a lane per value), y's tile (P-KL's C1),
@@ -71,7 +71,7 @@ def _lane_gather(x_ptr, y_ptr, map_ptr, out_ptr, R, N_y, stride_x, stride_y, BLO
         acc = tl.zeros([BLOCK], tl.float32)
         for k in range(0, N_y, BLOCK):
             m = tl.load(map_ptr + k + o, mask=k + o < N_y, other=-1)
-            v = tl.load(x_row + m, mask=m >= 0, other=0.0).to(tl.float32)  # a sector per lane
+            v = tl.load(x_row + m, mask=m >= 0, other=0.0).to(tl.float32)  # the gather
             acc += v * tl.load(y_row + k + o, mask=k + o < N_y, other=0.0, eviction_policy=EF).to(tl.float32)
         tl.store(out_ptr + r, tl.sum(acc))
 
@@ -194,8 +194,8 @@ def run_probe(kind: str, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, per_
 
 
 # (kernel, programs per SM): the stream at the most resident warps (8-warp programs, ≤ 64 registers: 4 per SM), the
-# others also at the fused P-KL kernel's one program per SM; the two-stage's scratch rows (2 bytes per pair) are live
-# in L2 per program: 40 MB for the real W at one program per SM on 132 SMs
+# others also at the fused P-KL kernel's one program per SM; the two-stage's scratch rows (2 bytes per pair and a
+# tile) are live in L2 per program: 30-35 MB for the real W at one program per SM on 132 SMs, 4x that at 4
 KINDS = (("stream", 4), ("lane gather", 1), ("lane gather", 4), ("lane gather 1/thread", 1),
          ("lane gather 1/thread", 4), ("two-stage", 1), ("two-stage", 2), ("two-stage", 4))
 
