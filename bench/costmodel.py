@@ -196,14 +196,14 @@ def w_stats(proj, block_t: int, block_e: int, block_s: int = 2048, elem: int = 2
            + sum(sectors(4, nslot > k) for k in range(1, idx.shape[1])))
     pieces = int(n_pc.sum())
     n_res = pieces * P
-    # per warp instruction: C's slots over the tiles, R's padded entry list, D's slots over the tiles that run them
+    # per warp instruction, at the kernel's own arrays: C's slots over the tiles (a flat slot's student; no entry:
+    # student 0), R's padded entry list (−1: masked off), D's keys over the tiles that run them (0: no slot)
+    ws = _w_structure(idx.to(torch.int32).contiguous(), V_T, block_t, block_e)
     n_tiles_s = math.ceil(idx.shape[0] / block_s)
-    c_addr = torch.zeros(K, math.ceil(V_T / block_t) * block_t, dtype=torch.long)
-    c_addr[j[~res], cols[~res]] = stud[~res]
-    r_addr = torch.full((math.ceil(n_res / block_e) * block_e,), -1, dtype=torch.long)
-    r_addr[pos[res]] = stud[res]
-    d_addr = torch.zeros(idx.shape[1], n_tiles_s * block_s, dtype=torch.long)  # the kernel's own keys (0: no slot)
-    d_addr[:, :idx.shape[0]] = _w_structure(idx.to(torch.int32).contiguous(), V_T, block_t, block_e)["ell_keys"][1]
+    c_addr = (ws["cell_slot"][:, :math.ceil(V_T / block_t) * block_t] // idx.shape[1]).clamp(min=0)
+    r_addr = torch.where(ws["r_slot"] >= 0, ws["r_slot"] // idx.shape[1], -1)
+    d_addr = torch.zeros(idx.shape[1], n_tiles_s * block_s, dtype=torch.long)
+    d_addr[:, :idx.shape[0]] = ws["ell_keys"][1]
     runs = (torch.arange(idx.shape[1])[:, None] < widest[torch.arange(n_tiles_s) // slice_][None, :]).float()
 
     def gathers(spt_c: int, spt_d: int) -> dict:

@@ -213,28 +213,29 @@ def sectors(kind: str, m: torch.Tensor, n_x: int) -> float:
     def count(addr: torch.Tensor, spt: int) -> int:  # element indices in lane order, -1: masked off
         return int(warp_sectors(addr, spt, 2).sum())
 
-    m = m.long().cpu()
     n_y, pairs = m.numel(), max(1, int((m >= 0).sum()))
     if kind == "stream":
         total = 2 * (n_x + n_y) / 32
     elif kind.startswith("lane gather"):  # m (4 B) and y (2 B) streamed, x gathered
-        total = 6 * n_y / 32 + count(m, 1 if kind.endswith("1/thread") else per)
+        total = 6 * n_y / 32 + count(m.long(), 1 if kind.endswith("1/thread") else per)
     else:  # stage 1: src, dst (4 B), perm (2 B) per lane, x at src, the scratch stores; stage 2: loc (2 B), y (2 B)
-        lay = layout(m, BLOCK_GPU)  # and per y-tile BLOCK values of the scratch row
+        lay = layout(m, BLOCK_GPU)  # and per y-tile BLOCK values of the scratch row (on a GPU run_probe's layout)
         total = (10 * lay["NL"] / 32 + count(lay["src"].long(), 1) + count(lay["dst"].long(), 1)
                  + (4 * n_y + 2 * (lay["start"].numel() - 1) * BLOCK_GPU) / 32)
     return total / pairs
 
 
-def error_ratio(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> float:
-    """Worst |out - float64| / bound over the rows, the bound (k + 1) u Σ|terms| for fp32 sums of k = ceil(N/BLOCK)
+def exact_sums(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> dict[bool, tuple]:
+    """{stream: (float64 rows, Σ|terms|, terms per row)}: the stream kernel's Σ x[r] + Σ y[r] (True) and the
+    permutation's Σ_i x[r, m_i] y[r, i] (False, ``reference``), each computed once for all the kernels."""
+    return {True: (x.sum(1, dtype=torch.float64) + y.sum(1, dtype=torch.float64),
+                   x.abs().sum(1, dtype=torch.float64) + y.abs().sum(1, dtype=torch.float64), x.shape[1] + y.shape[1]),
+            False: (*reference(x, y, m), y.shape[1])}
+
+
+def error_ratio(out: torch.Tensor, exact: torch.Tensor, mag: torch.Tensor, n: int) -> float:
+    """Worst |out - float64| / bound over the rows, the bound (k + 1) u Σ|terms| for fp32 sums of k = ceil(n/BLOCK)
     + log2(BLOCK) additions (each lane's running sum, then the tree), u = 2^-24; bf16 products are exact in fp32."""
-    if kind == "stream":
-        exact = x.sum(1, dtype=torch.float64) + y.sum(1, dtype=torch.float64)
-        mag = x.abs().sum(1, dtype=torch.float64) + y.abs().sum(1, dtype=torch.float64)
-        n = x.shape[1] + y.shape[1]
-    else:
-        (exact, mag), n = reference(x, y, m), y.shape[1]
     k = math.ceil(n / block()) + math.log2(block())
     return float(((out.double() - exact).abs() / ((k + 1) * 2.0**-24 * mag + 1e-30)).max())
 
@@ -270,9 +271,10 @@ def probe(dev: torch.device, runs: int = 10, shape=None, real: bool = True, rand
             x, y = (z, t) if name == "C" else (t, z)
             moved = x.numel() * x.element_size() + y.numel() * y.element_size()
             base, model = None, {k: sectors(k, m, x.shape[1]) for k in dict.fromkeys(k for k, _ in KINDS)}
+            exact = exact_sums(x, y, m)
             for kind, per_sm in KINDS:
                 out = run_probe(kind, x, y, m, per_sm)
-                ratio = error_ratio(kind, out, x, y, m)
+                ratio = error_ratio(out, *exact[kind == "stream"])
                 ok &= ratio <= 1
                 ms = (triton.testing.do_bench(lambda: run_probe(kind, x, y, m, per_sm), rep=runs * 20) if cuda
                       else math.nan)
