@@ -21,8 +21,9 @@ transcendentals allow in this structure however few instructions the rest of a p
 Against a GPU (one run, an H200, 2026-12-04, README "Measured on a GPU"): the fused kernels took 5.5-10.4x the
 issue-bound times modelled here (the 4 instructions per clock are not reached). In the second session's run A,
 P-KL's profiled kernel times on both W's were its per-warp-instruction L2<->SM count at one rate, 4.92 and 5.05 TB/s:
-the "calibrated" line times P-KL at 5.0 TB/s (L2_WARP), also with one element a thread in C's and D's gathers (what
-bench/permute.py's probe tests on a GPU).
+the "calibrated" line times P-KL at 5.0 TB/s (L2_WARP), also with one element a thread in C's and D's gathers (the
+kernel's LANE1 autotune config, ops.pkl_kernel._gather, at that config's instruction counts; bench/permute.py's probe
+tests the pattern alone on a GPU).
 H-KL's and GOLD's were far above both their issue and their L2 times: not modelled.
 """
 from __future__ import annotations
@@ -332,11 +333,19 @@ def pkl_model(proj, rows: int, elem: int = 2, cfg: dict = CONFIG, gpu: dict = GP
                 "C": (time(counts["C"][str(st["K"])], w, st["tiles"])
                       + time(counts["R"][str(st["P"])], w, st["r_blocks"]))}
 
-    iss, sfu = per_pass(issue_time, issue), per_pass(sfu_time, issue and issue["sfu"])
-    passes, t_row, t_sfu = _pass_times({"A": (elem * V_S, iss["A"], sfu["A"]), "C": (elem * V_T, iss["C"], sfu["C"]),
-                                        "D": (2 * elem * V_S, iss["D"], sfu["D"])}, gpu)
+    def times(counts):  # (passes, t_row, t_sfu) at these per-tile counts (None: bytes only)
+        iss, sfu = per_pass(issue_time, counts), per_pass(sfu_time, counts and counts["sfu"])
+        return _pass_times({"A": (elem * V_S, iss["A"], sfu["A"]), "C": (elem * V_T, iss["C"], sfu["C"]),
+                            "D": (2 * elem * V_S, iss["D"], sfu["D"])}, gpu)
+
+    passes, t_row, t_sfu = times(issue)
+    # the LANE1 config's (ops.pkl_kernel._gather: C's and D's gathers one element a thread), A's and R's as above
+    lane1 = issue and issue.get("LANE1")
+    t_row1 = times(dict(issue, C=lane1["C"], D=lane1["D"], sfu=dict(issue["sfu"], **lane1["sfu"])))[1] if lane1 \
+        else t_row
     l2_warp = l2 - 2 * SECTOR * st["nnz"] + sum(st["warp"].values())  # the gathers counted per warp instruction
-    return dict(kernel="P-KL", floor=floor, hbm_l2=stream, passes=passes, t_row=t_row, t_sfu=t_sfu, issue=issue,
+    return dict(kernel="P-KL", floor=floor, hbm_l2=stream, passes=passes, t_row=t_row, t_row1=t_row1, t_sfu=t_sfu,
+                issue=issue,
                 hbm_spill=stream + scratch + res_row + SECTOR * st["nnz"], l2=l2, l2_warp=l2_warp,
                 l2_warp1=l2_warp - sum(st["warp"].values()) + sum(st["warp1"].values()),
                 l2_lo=l2_lo, l2_parts=parts, loops=loops, vocab_tiles=tiles_s + tiles_t, old_loop=st["old_loop"],
@@ -639,13 +648,15 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
         print(f"    L2<->SM traffic at an assumed {gpu['l2_bw'] / 1e12:.1f} TB/s: "
               f"{t_lo * 1e3:.2f}–{t_hi * 1e3:.2f} ms ({t_lo / t_floor:.1f}–{t_hi / t_floor:.1f}x the floor time)")
         if m["kernel"] == "P-KL":
-            t_w, t_w1 = (max(rows * m[k] / L2_WARP, rows / gpu["sms"] * m["t_row"]) for k in ("l2_warp", "l2_warp1"))
+            t_w, t_w1 = (max(rows * m[k] / L2_WARP, rows / gpu["sms"] * m[t]) for k, t in (("l2_warp", "t_row"),
+                                                                                          ("l2_warp1", "t_row1")))
             print(f"    per warp instruction (the gathers' distinct sectors in Triton's layout, {SPT['C']} elements a "
                   f"thread): {_fmt_bytes(m['l2_warp'])}/row; with one element a thread in C's and D's gathers "
                   f"{_fmt_bytes(m['l2_warp1'])}")
             print(f"    calibrated (that count at the {L2_WARP / 1e12:.1f} TB/s the kernel moved it at on a GPU, or the"
                   f" time above where longer): {t_w * 1e3:.2f} ms ({t_w / t_floor:.1f}x the floor time); one element a "
-                  f"thread: {t_w1 * 1e3:.2f} ms ({t_w1 / t_floor:.1f}x)")
+                  f"thread (the LANE1 config, issue-bound {rows / gpu['sms'] * m['t_row1'] * 1e3:.2f} ms): "
+                  f"{t_w1 * 1e3:.2f} ms ({t_w1 / t_floor:.1f}x)")
 
 
 def _real_w(quick: bool):
@@ -671,7 +682,10 @@ def run(quick: bool = False) -> None:
               f"{h['warps']}): P-KL A {p['A']}, C {' / '.join(str(v) for v in p['C'].values())} (column ELL of "
               f"{' / '.join(p['C'])} slots), R {' / '.join(str(v) for v in p['R'].values())} "
               f"({' / '.join(p['R'])}-entry pieces), D {' / '.join(str(v) for v in p['D'].values())} (ELL "
-              f"slots {' / '.join(p['D'])}); H-KL S1 {h['S1']}, T1 {h['T1']} ({h['S1_skip']} / {h['T1_skip']} of "
+              f"slots {' / '.join(p['D'])}); LANE1 (C's and D's gathers one element a thread) C "
+              f"{' / '.join(str(v) for v in p['LANE1']['C'].values())}, D "
+              f"{' / '.join(str(v) for v in p['LANE1']['D'].values())}; H-KL S1 {h['S1']}, T1 {h['T1']} "
+              f"({h['S1_skip']} / {h['T1_skip']} of "
               f"them the append, skipped in a tile without an uncommon id), S3 {h['S3']}")
     report([("Projection.random", pkl_model(rand, 8192, issue=p)), (name, pkl_model(real, 8192, issue=p)),
             ("Projection.random", hkl_model(rand, 8192, issue=h)), (name, hkl_model(real, 8192, issue=h)),

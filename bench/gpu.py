@@ -31,8 +31,8 @@
    each fused row, one more call profiled (torch.profiler): its kernels' device time by kernel, against its wall time;
    and for an autotuned kernel each configuration's time in its autotuning.
 4. Sweep (skipped with --dry). Fused P-KL as in stage 3 under each launch configuration of PKL_SWEEP (warps,
-   register cap, programs per SM, teacher tile), each profiled and checked against the torch backend's losses: the
-   data for tuning ops.pkl_kernel on the GPU at hand.
+   register cap, programs per SM, teacher tile, gathers one element a thread or not: LANE1), each profiled and
+   checked against the torch backend's losses: the data for tuning ops.pkl_kernel on the GPU at hand.
 
 5. Probe (bench.permute): the permutation P-KL's C and D do per row, alone, timed three ways (gathered a lane per
    value, with the lanes of an instruction 8 or 1 elements apart, or moved in two stages through a scratch row)
@@ -718,24 +718,25 @@ def timing(dev: torch.device, runs: int, shape=None, real: bool = True, bandwidt
     return ok
 
 
-# P-KL launch configurations of the sweep (stage 4): (warps, register cap, programs per SM, BLOCK_T). The first is
-# ops.pkl_kernel's; the others trade registers for resident warps (the first GPU run, 2026-12-04 on an H200, measured
-# P-KL 6.8-10.4x slower than bench/costmodel.py's issue-bound model, which assumes 4 instructions per clock per SM
-# with one 8-warp program resident) or shorten the teacher tile.
-PKL_SWEEP = ((8, 255, 1, 2048), (8, 128, 2, 2048), (4, 255, 2, 2048), (4, 128, 4, 2048), (16, 128, 1, 2048),
-             (8, 255, 1, 1024))
+# P-KL launch configurations of the sweep (stage 4): (warps, register cap, programs per SM, BLOCK_T, LANE1). The first
+# two are ops.pkl_kernel's autotune configs (its gathers as Triton lays out the tile, and one element a thread:
+# ops.pkl_kernel._gather); the others trade registers for resident warps (the first GPU run, 2026-12-04 on an H200,
+# measured P-KL 6.8-10.4x slower than bench/costmodel.py's issue-bound model, which assumes 4 instructions per clock
+# per SM with one 8-warp program resident) or shorten the teacher tile.
+PKL_SWEEP = ((8, 255, 1, 2048, False), (8, 255, 1, 2048, True), (8, 128, 2, 2048, False), (8, 128, 2, 2048, True),
+             (4, 255, 2, 2048, False), (4, 128, 4, 2048, False), (16, 128, 1, 2048, False), (8, 255, 1, 1024, False))
 
 
 def sweep(dev: torch.device, runs: int, shape=None, real: bool = True, configs=PKL_SWEEP, bandwidth=None) -> bool:
     """Stage 4: fused P-KL fwd+bwd (stage 3's inputs and W, the real one where it loads) under each launch
     configuration of ``configs`` in turn, with the time of its kernels (breakdown) and its losses checked against
     the torch backend's; ops.pkl_kernel's own configuration is restored afterwards. -> False when a configuration
-    fails or disagrees. Under the interpreter (a test) only the program count takes effect; ``bandwidth`` as in
+    fails or disagrees. Under the interpreter (a test) only the program count and LANE1 take effect; ``bandwidth`` as in
     timing."""
     import triton
 
     import xtoken_ext as xt
-    from xtoken_ext.ops import _tl, pkl_kernel as pk
+    from xtoken_ext.ops import pkl_kernel as pk
     from xtoken_ext.testing import kappa, loss_bound, worst_ratio
 
     from .losses import GPU_SHAPE, _inputs
@@ -750,21 +751,22 @@ def sweep(dev: torch.device, runs: int, shape=None, real: bool = True, configs=P
     ref = loss(backend="torch").detach()
     bound = 2 * loss_bound(ref, 1.0, kappa(z, t, 1.0), torch.bfloat16)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-    head = f"{'warps':>5}{'maxnreg':>8}{'per SM':>7}{'BLOCK_T':>8}{'first s':>9}{'best ms':>9}{'x floor':>9}  vs torch"
+    head = (f"{'warps':>5}{'maxnreg':>8}{'per SM':>7}{'BLOCK_T':>8}{'LANE1':>6}{'first s':>9}{'best ms':>9}"
+            f"{'x floor':>9}  vs torch")
     print(f"sweep: fused P-KL fwd+bwd, {wname}, best of {runs}; {head.strip()} then its kernels\n{head}\n"
           f"{'-' * len(head)}", flush=True)
     saved = pk._launch, pk._num_programs, dict(pk._TILES)
     ok = True
     try:
-        for warps, nreg, per_sm, block_t in configs:
-            cfg = triton.Config({"BLOCK_S": 2048}, num_warps=warps, maxnreg=nreg)
-            pk._launch = _tl.launcher(pk._pkl_kernel, dict(BLOCK_S=128), [cfg], reset_to_zero=["sync_ptr"])
+        for warps, nreg, per_sm, block_t, lane1 in configs:
+            pk._launch = pk.launch_configs([triton.Config({"BLOCK_S": 2048, "LANE1": lane1}, num_warps=warps,
+                                                          maxnreg=nreg)])
             pk._num_programs = functools.partial(lambda n, K, device: max(1, min(K, n)), per_sm * sms)
             if not pk.interpret():
                 pk._TILES["BLOCK_T"] = block_t
             step = functools.partial(_step, z, functools.partial(loss, backend="triton"))
             r = _time(step, runs, dev, clear=functools.partial(setattr, z, "grad", None))
-            row = f"{warps:>5}{nreg:>8}{per_sm:>7}{block_t:>8}"
+            row = f"{warps:>5}{nreg:>8}{per_sm:>7}{block_t:>8}{'yes' if lane1 else 'no':>6}"
             if isinstance(r, str):
                 print(f"{row}  failed: {r}", flush=True)
                 ok = False

@@ -175,7 +175,8 @@ def body(bodies: dict, fn, marker: str, lines: dict | None = None, keep=None) ->
 
 def pass_bodies() -> dict:
     """The cost model's per-pass loop bodies (instructions per thread per tile) of both kernels in the variant a 1-to-1
-    chunk runs by default (merge="mean", dense teacher, frozen W), first autotune config: P-KL A (student LSE), C
+    chunk runs by default (merge="mean", dense teacher, frozen W), first autotune config (P-KL's C and D also in
+    its LANE1 config, under "LANE1"): P-KL A (student LSE), C
     (teacher tiles, per column-ELL width 1..SLOTS), R (residual entry blocks, per piece size), D (gradient tiles, per
     ELL slots run, 1..SLOTS: a slice runs as many as its widest student has), C and D in their single-row
     instantiations; H-KL S1 / T1 (student / teacher row pass, the same helper inlined twice, in that order; S1_skip /
@@ -210,6 +211,19 @@ def pass_bodies() -> dict:
             d, sd = (dict(zip(range(1, P.SLOTS + 1), v, strict=True)) for v in zip(*sorted(
                 zip(*(body(x, P._slice_single, "for v0 in range(") for x in (b, f))))))
     out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D=d, sfu=dict(A=sa, C=cs, R=sr, D=sd))}
+    # C and D with their gathers one element a thread (the LANE1 config, ops.pkl_kernel._gather; A and R gather
+    # nothing through it)
+    (cfg1,) = [x for x in P._CONFIGS if x.kwargs["LANE1"]]
+    c1, cs1 = {}, {}
+    for k in range(1, P.SLOTS + 1):
+        consts = dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False, SLOTS=P.SLOTS, CSLOTS=k,
+                      RPIECE=max(P.ENTRY_COST), EPS=0, HELP=0, **P.TILES_GPU, **P.SLICES_GPU, **cfg1.kwargs)
+        b, f = (get(P._pkl_kernel, consts, cfg1.num_warps, maxnreg=cfg1.maxnreg) for get in (loop_bodies, loop_sfu))
+        (c1[k],), (cs1[k],) = (body(x, P._single_pass, "for t in range(0, tl.cdiv(C") for x in (b, f))
+        if k == 1:
+            d1, sd1 = (dict(zip(range(1, P.SLOTS + 1), v, strict=True)) for v in zip(*sorted(
+                zip(*(body(x, P._slice_single, "for v0 in range(") for x in (b, f))))))
+    out["P-KL"]["LANE1"] = dict(C=c1, D=d1, sfu=dict(C=cs1, D=sd1))
     cfg = H._CONFIGS[0]
     w = H.sort_widths(H._SORT_CAP)
     consts = dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], MERGE=False, **cfg.kwargs)

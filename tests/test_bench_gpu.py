@@ -209,13 +209,17 @@ def test_sweep_stage_runs_on_the_cpu(capsys, monkeypatch):
     seen = []
     zeros = torch.zeros
     monkeypatch.setattr(pk.torch, "zeros", lambda *a, **k: seen.append(a[0]) or zeros(*a, **k))
-    configs = ((8, 255, 1, 2048), (4, 128, 3, 1024))
+    launched = []
+    make = pk.launch_configs
+    monkeypatch.setattr(pk, "launch_configs", lambda cfgs: launched.append(cfgs[0].kwargs["LANE1"]) or make(cfgs))
+    configs = ((8, 255, 1, 2048, False), (4, 128, 3, 1024, True))
     assert gpu.sweep(dev, 1, shape=(10, 160, 100), real=False, configs=configs, bandwidth=(1e9, "test"))
     out = capsys.readouterr().out
-    rows = re.findall(r"^ +(\d+) +(\d+) +(\d+) +(\d+) +[\d.]+ +[\d.]+ +[\d.e+]+x  ([\d.]+) PASS\n +(?:kernels|ops) "
-                      r"[\d.]+ ms of wall", out, re.MULTILINE)
-    assert [tuple(int(v) for v in r[:4]) for r in rows] == [c for c in configs], out
-    assert all(float(r[4]) <= 1 for r in rows)
+    rows = re.findall(r"^ +(\d+) +(\d+) +(\d+) +(\d+) +(yes|no) +[\d.]+ +[\d.]+ +[\d.e+]+x  ([\d.]+) PASS\n +"
+                      r"(?:kernels|ops) [\d.]+ ms of wall", out, re.MULTILINE)
+    assert [(*(int(v) for v in r[:4]), r[4] == "yes") for r in rows] == [c for c in configs], out
+    assert all(float(r[5]) <= 1 for r in rows)
+    assert launched == [False, True]  # each row's kernel: the config's LANE1 (the interpreter's too)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
     assert {1 * sms, 3 * sms} <= set(seen)  # the scratch rows [programs, V_T]: each config's program count
     assert (pk._launch, pk._num_programs, pk._TILES) == (before[0], before[1], before[2])

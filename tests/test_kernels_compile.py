@@ -46,9 +46,9 @@ def compile_one(kernel, consts, num_warps, sparse, maxnreg=None):
     inner = sum(sum(v) for k, v in loops.items() if k not in header_lines(kernel, "for k in range(pid, K"))
     # elements per thread of each load's layout, by tile length and element type (bench.costmodel.SPT's source)
     ttgir = c.asm["ttgir"]
-    blocked = dict(re.findall(r"^#(blocked\d*) = #ttg\.blocked<\{sizePerThread = \[(\d+)\]", ttgir, re.M))
+    blocked = dict(re.findall(r"^#(blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\]", ttgir, re.M))
     spt = sorted({f"{n}x{t}:{blocked[b]}" for n, t, b in
-                  re.findall(r"tt\.load .*: tensor<(\d+)x!tt\.ptr<(\w+)>, #(blocked\d*)>", ttgir) if b in blocked})
+                  re.findall(r"tt\.load .*: tensor<([\dx]+?)x!tt\.ptr<(\w+)>, #(blocked\d*)>", ttgir) if b in blocked})
     return dict(smem=c.metadata.shared, regs=regs, spill=spill, v4=v4, pass_spills=sum(map(sum, found)), spt=spt,
                 passes=[bool(b) for b in found], sfu_log=len(re.findall(r"lg2\.approx", c.asm["ptx"])),
                 inner_local=inner)
@@ -114,10 +114,16 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         assert r["smem"] <= _SMEM_SM90, r  # the pipelined loops' buffers fit an H100 block's shared memory
         if r["kernel"] == "pkl" and not r["sparse"]:
             assert r["v4"] > 0, r  # dense rows streamed with 16-byte loads
-            # the layouts the cost model counts the gathers in (bench.costmodel.SPT): C's z and D's h tiles, R's blocks
-            tiles = {k: {x for x in r["spt"] if x.startswith(k + ":")} for k in ("2048xbf16", "2048xf32", "4096xbf16")}
+            # the layouts the cost model counts the gathers in (bench.costmodel.SPT): C's z and D's h tiles, R's blocks;
+            # LANE1: C's and D's gathers in [64, 32] views one element a thread (ops.pkl_kernel._gather), the 1-D
+            # tiles (the streams) as before
+            kinds = ("2048xbf16", "2048xf32", "4096xbf16", "64x32xbf16", "64x32xf32")
+            tiles = {k: {x for x in r["spt"] if x.startswith(k + ":")} for k in kinds}
+            lane1 = r["cfg"]["LANE1"]
             assert tiles == {"2048xbf16": {f"2048xbf16:{SPT['C']}"}, "2048xf32": {f"2048xf32:{SPT['D']}"},
-                             "4096xbf16": {f"4096xbf16:{SPT['R'][r['rpiece']]}"}}, r["spt"]
+                             "4096xbf16": {f"4096xbf16:{SPT['R'][r['rpiece']]}"},
+                             "64x32xbf16": {"64x32xbf16:1, 1"} if lane1 else set(),
+                             "64x32xf32": {"64x32xf32:1, 1"} if lane1 else set()}, r["spt"]
 
 
 def test_hkl_kernel_compiles_for_sm90(tmp_path):

@@ -307,21 +307,68 @@ def test_pkl_slices_computed_by_other_programs(case, monkeypatch):
     tile maxima, d_r): the GPU path apart from its memory ordering."""
     from xtoken_ext.ops import pkl_kernel as K
 
-    kind, merge = case.split("-")
-    learn_w = merge == "learnable"
-    merge = "mean" if learn_w else merge
-    P = make_problem(seed=13, V_S=300, V_T=211, n_chunks=4, max_rows=2, sparse_k=7 if kind == "sparse" else 0,
-                     mask_mode="covered", empty_rows=0.05, hub=True)
-    dev = device()
-    args = [x.to(dev) if isinstance(x, torch.Tensor) else x
-            for x in (P.z.to(torch.bfloat16), P.t.to(torch.bfloat16), P.t_cols, P.w_idx, P.w_val, P.col_mask,
-                      P.spans, 0.7, merge, 0.0, P.t_chain, None, learn_w)]
+    args = _case_args(case, seed=13, n_chunks=4)
     own = torch.ops.xtoken.pkl_rows(*args, "triton")
     monkeypatch.setattr(K, "help_split", True)
-    helped = torch.ops.xtoken.pkl_rows(*args, "triton")
-    assert own[1].abs().amax() > 0 and bool(torch.isfinite(own[0]).all())
-    for a, b in zip(own, helped):
+    _assert_bitwise(own, torch.ops.xtoken.pkl_rows(*args, "triton"))
+
+
+def _case_args(case: str, seed: int, n_chunks: int) -> list:
+    """xtoken::pkl_rows' arguments (before the backend) for a "<dense|sparse>-<merge|learnable>" case: bf16 logits,
+    V 300 × 211, a hub column, τ 0.7; "learnable" is merge="mean" with a learnable W."""
+    kind, merge = case.split("-")
+    learn_w = merge == "learnable"
+    P = make_problem(seed=seed, V_S=300, V_T=211, n_chunks=n_chunks, max_rows=2,
+                     sparse_k=7 if kind == "sparse" else 0, mask_mode="covered", empty_rows=0.05, hub=True)
+    dev = device()
+    return [x.to(dev) if isinstance(x, torch.Tensor) else x
+            for x in (P.z.to(torch.bfloat16), P.t.to(torch.bfloat16), P.t_cols, P.w_idx, P.w_val, P.col_mask,
+                      P.spans, 0.7, "mean" if learn_w else merge, 0.0, P.t_chain, None, learn_w)]
+
+
+def _assert_bitwise(ref: tuple, out: tuple) -> None:
+    """The op's outputs (loss, grad, grad_w or None) bitwise equal; ref's gradient nonzero, its losses finite."""
+    assert ref[1].abs().amax() > 0 and bool(torch.isfinite(ref[0]).all())
+    for a, b in zip(ref, out, strict=True):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+@pytest.mark.parametrize("lane1", [False, True], ids=["tile-layout", "one-a-thread"])
+def test_pkl_each_autotune_config(lane1, monkeypatch):
+    """Each of the kernel's autotune configs (ops.pkl_kernel._CONFIGS: C's and D's gathers as Triton lays out the
+    tile, or one element a thread through an [N/32, 32] view, _gather) matches the oracle on its own: dense merged
+    and single rows, first, a learnable W (D's merged-rows gathers) and a sparse teacher."""
+    from xtoken_ext.ops import pkl_kernel as K
+
+    (cfg,) = [c for c in K._CONFIGS if c.kwargs["LANE1"] == lane1]
+    monkeypatch.setattr(K, "_launch", K.launch_configs([cfg]))
+    for sparse_k, cases in ((0, (("mean", False), ("first", False), ("mean", True))), (7, (("chain", False),))):
+        P = make_problem(seed=13, V_S=300, V_T=211, n_chunks=4, max_rows=2, sparse_k=sparse_k, mask_mode="covered",
+                         empty_rows=0.05, hub=True)
+        for merge, learn_w in cases:
+            run_pkl(P, DTYPES["bf16"], merge, 0.7, learn_w)
+
+
+@pytest.mark.parametrize("case", ["dense-mean", "dense-first", "sparse-chain", "dense-learnable", "sparse-learnable"])
+def test_pkl_repeated_launches_on_the_same_buffers(case, monkeypatch):
+    """Autotuning (several configs: ops.pkl_kernel._CONFIGS) times a launch by repeating it on the same arguments,
+    with only the sync words zeroed in between (reset_to_zero), and then launches once more: every output and
+    scratch row the kernel reads must come out of each launch as it went in (the h rows' spare, R's sums, a sparse
+    teacher's zeroed h columns and accumulators). Three launches on the same buffers give bitwise one launch's
+    results."""
+    from xtoken_ext.ops import pkl_kernel as K
+
+    args = _case_args(case, seed=29, n_chunks=5)
+    once = torch.ops.xtoken.pkl_rows(*args, "triton")
+    launch, sync = K._launch, K._pkl_kernel.arg_names.index("sync_ptr")
+
+    def thrice(grid, *a, **kw):
+        for _ in range(3):
+            a[sync].zero_()
+            launch(grid, *a, **kw)
+
+    monkeypatch.setattr(K, "_launch", thrice)
+    _assert_bitwise(once, torch.ops.xtoken.pkl_rows(*args, "triton"))
 
 
 def test_pkl_grad_w_deterministic_matches_atomic():

@@ -66,6 +66,8 @@ programs, one chunk at a time, fp32 math, int64 row offsets, every per-row pass 
      h rows read in D, W) under L2's size for the real Llama-3 × Qwen3 W. Dense teacher, frozen W: h is kept at the
      ranks of the columns with W entries (the ELL keys hold the rank; _w_structure), 72 % of V_T for that W.
      Results are bitwise the same whoever computes a slice (tests: help_split).
+D's gathers and C1's of a single dense row run in Triton's layout of the tile (8 adjacent lanes a thread) or, in the
+LANE1 autotune config, one element a thread (_gather).
 Bytes per single-row chunk from HBM: z twice (A, D), t once (C), dz once; W's structure, a, mask and the scratch row
 are shared or per-program and L2-resident (the z row too, for R's and C's gathers; streams read or written once
 carry evict_first hints) (``bench/costmodel.py`` prints the model: C's tiles and R's blocks for a given W, and the
@@ -230,7 +232,7 @@ def _pkl_kernel(
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr, GRAD_W: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     CSLOTS: tl.constexpr, RPIECE: tl.constexpr, SLOTS: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr,
-    EPS: tl.constexpr, HELP: tl.constexpr,
+    EPS: tl.constexpr, HELP: tl.constexpr, LANE1: tl.constexpr,
 ):
     FOLD: tl.constexpr = not (SPARSE or GRAD_W)
     PIECE: tl.constexpr = 1 if SPARSE else RPIECE  # entries per piece of _entries' lists (_residual_piece)
@@ -273,7 +275,7 @@ def _pkl_kernel(
                 if busy:
                     _take_slice(tl.where(own_open, tl.minimum(oldest, c_p), oldest), sync_ptr, rs_ptr, n_k, G, z_ptr,
                                 stride_z, ell_ptr, nslot_ptr, spans_ptr, lse_s_ptr, dr_ptr, h_ptr, dz_ptr, stride_dz,
-                                k0, V_S, V_T, row_len, inv_tau, MEAN, GRAD_W, FOLD, BLOCK_S, SLOTS, SLICE)
+                                k0, V_S, V_T, row_len, inv_tau, MEAN, GRAD_W, FOLD, BLOCK_S, SLOTS, SLICE, LANE1)
             n_done = 0
             while n_done < G:
                 n_done = tl.atomic_add(sync_ptr + 1 + n_k + c_p, 0, sem="acquire", scope="gpu")
@@ -370,9 +372,9 @@ def _pkl_kernel(
                 if (s_hi - s_lo > 1) | (n_t > 1):  # merged rows
                     m, l_v, s1_v, mu_v, mz_v = _teacher_pass(c_args, True, SPARSE, FOLD, CSLOTS, EPS, BLOCK_T)
                 else:  # a 1-to-1 chunk
-                    m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, EPS, BLOCK_T)
+                    m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, EPS, BLOCK_T, LANE1)
             else:  # merge "first" / "chain": one student and one teacher row
-                m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, EPS, BLOCK_T)
+                m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, EPS, BLOCK_T, LANE1)
             l = tl.sum(l_v)
             s1 = tl.sum(s1_v)
             bad += (s1 != s1).to(tl.int32)
@@ -439,7 +441,7 @@ def _pkl_kernel(
                     for v0 in range(0, V_S, BLOCK_S):
                         o = v0 + offs_s
                         om = o < V_S
-                        g = _ell_g(ell_ptr, nslot_ptr, h_row, hb, o, om, M, V_S, FOLD, SLOTS)
+                        g = _ell_g(ell_ptr, nslot_ptr, h_row, hb, o, om, M, V_S, FOLD, SLOTS, LANE1)
                         d += tl.sum(_tl.softmax_tile_exp2(z_ptr + r * stride_z, o, om, inv_tau, lse_r) * g)
                     tl.store(dr_ptr + r, d)  # 2^24 ⟨p_r, g⟩ / unit: ⟨p_r, g⟩ ~ Z g would underflow where Z is tiny
             else:
@@ -523,7 +525,8 @@ def _teacher_pass(args, MEAN: tl.constexpr, SPARSE: tl.constexpr, FOLD: tl.const
 
 
 @triton.jit
-def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constexpr, BLOCK_T: tl.constexpr):
+def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constexpr, BLOCK_T: tl.constexpr,
+                 LANE1: tl.constexpr):
     """C for one dense teacher row and one student row, software-pipelined by hand: tile t + 1's teacher logits and
     mask are loaded once tile t's have been folded into the running max and sum, its structure words once tile t's
     Qu is summed, each carried in registers to the next tile, whose gathers (p at its slots' students, R's sums)
@@ -562,7 +565,7 @@ def _single_pass(args, FOLD: tl.constexpr, CSLOTS: tl.constexpr, EPS: tl.constex
         # R's sum of a longer column
         zs = ()
         for j in tl.static_range(CSLOTS):
-            zs = zs + (tl.load(z_row + ew[j].to(tl.uint32)),)  # unsigned: no sign extension
+            zs = zs + (_gather(z_row, ew[j].to(tl.uint32), LANE1, ""),)  # unsigned: no sign extension
         hr = _r_sum(h_row, rk, hk, r_spare, FOLD)
         inside = o < C
         xb = x.to(tl.float32)
@@ -726,7 +729,8 @@ def _c_update(dm, m_new, l_v, ex, alpha, s1_v, mu_v, mz_v, xb, live, qu, inv_qz,
 @triton.jit
 def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr, spans_ptr, lse_s_ptr, dr_ptr,
                 h_ptr, dz_ptr, stride_dz, k0, V_S, V_T, row_len, inv_tau, MEAN: tl.constexpr, GRAD_W: tl.constexpr,
-                FOLD: tl.constexpr, BLOCK_S: tl.constexpr, SLOTS: tl.constexpr, SLICE: tl.constexpr):
+                FOLD: tl.constexpr, BLOCK_S: tl.constexpr, SLOTS: tl.constexpr, SLICE: tl.constexpr,
+                LANE1: tl.constexpr):
     """Take the next open D slice j of published chunk k0 + c and compute it -> j (≥ G: none was open): its
     gradient rows on student tiles [j SLICE, (j + 1) SLICE), dz_r = τ c/(n_s Z) p_r (g − d_r) (zero for an invalid
     chunk), from what its owner program published. sync: [0] the help window's head, [1 + c] (owner + 1)·PUB once
@@ -756,40 +760,41 @@ def _take_slice(c, sync_ptr, rs_ptr, n_k, G, z_ptr, stride_z, ell_ptr, nslot_ptr
                 _tl.zero_row(dz_ptr + r * stride_dz + v_lo, v_hi - v_lo, BLOCK_S)
         elif MEAN:  # a 1-to-1 chunk runs the single-row instantiation
             if s_hi - s_lo == 1:
-                _slices(args, ks, FOLD, SLOTS, BLOCK_S, True)
+                _slices(args, ks, FOLD, SLOTS, BLOCK_S, True, LANE1)
             else:
-                _slices(args, ks, FOLD, SLOTS, BLOCK_S, False)
+                _slices(args, ks, FOLD, SLOTS, BLOCK_S, False, LANE1)
         else:
-            _slices(args, ks, FOLD, SLOTS, BLOCK_S, True)
+            _slices(args, ks, FOLD, SLOTS, BLOCK_S, True, LANE1)
         tl.debug_barrier()
         tl.atomic_add(sync_ptr + 1 + n_k + c, 1, sem="release", scope="gpu")
     return j
 
 
 @triton.jit
-def _slices(args, ks, FOLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr):
+def _slices(args, ks, FOLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
+            LANE1: tl.constexpr):
     """The slice's dz rows, g from the first ks ELL slots (ks: the slice's widest student): one student row,
     _slice_single instantiated for 1, 2, 3 and SLOTS = 4 slots (the real Llama-3 W's 8 slices take 3, 3, 1, 1, 1,
     1, 4, 4); merged rows, _slice_rows for 1 or SLOTS."""
     tl.static_assert(SLOTS == 4)
     if SINGLE:
         if ks <= 1:
-            _slice_single(args, FOLD, 1, BLOCK_S)
+            _slice_single(args, FOLD, 1, BLOCK_S, LANE1)
         elif ks == 2:
-            _slice_single(args, FOLD, 2, BLOCK_S)
+            _slice_single(args, FOLD, 2, BLOCK_S, LANE1)
         elif ks == 3:
-            _slice_single(args, FOLD, 3, BLOCK_S)
+            _slice_single(args, FOLD, 3, BLOCK_S, LANE1)
         else:
-            _slice_single(args, FOLD, SLOTS, BLOCK_S)
+            _slice_single(args, FOLD, SLOTS, BLOCK_S, LANE1)
     else:
         if ks > 1:
-            _slice_rows(args, FOLD, SLOTS, BLOCK_S)
+            _slice_rows(args, FOLD, SLOTS, BLOCK_S, LANE1)
         else:
-            _slice_rows(args, FOLD, 1, BLOCK_S)
+            _slice_rows(args, FOLD, 1, BLOCK_S, LANE1)
 
 
 @triton.jit
-def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr):
+def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr, LANE1: tl.constexpr):
     """dz rows of a chunk's merged student rows on the student ids [v_lo, v_hi) (_take_slice), g from the ELL's
     first K slots (the row loop inside the tile loop: Triton pipelines innermost loops only, so this one is not)."""
     (v_lo, v_hi, ell_ptr, nslot_ptr, h_row, hb, M, coef, s_lo, s_hi, z_ptr, stride_z, lse_s_ptr, dr_ptr, dz_ptr,
@@ -798,7 +803,7 @@ def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr
     for v0 in range(v_lo, v_hi, BLOCK_S):
         o = v0 + offs
         om = o < V_S
-        g = _ell_g(ell_ptr, nslot_ptr, h_row, hb, o, om, M, V_S, FOLD, K)
+        g = _ell_g(ell_ptr, nslot_ptr, h_row, hb, o, om, M, V_S, FOLD, K, LANE1)
         for r in range(s_lo, s_hi):
             a, b = _tl.exp2_args(inv_tau, tl.load(lse_s_ptr + r, cache_modifier=".cg"))
             p = _tl.softmax_exp2(tl.load(z_ptr + r * stride_z + o, mask=om, other=float("-inf"),
@@ -811,7 +816,7 @@ def _slice_rows(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr
 
 
 @triton.jit
-def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr):
+def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr, LANE1: tl.constexpr):
     """The dz row of a chunk's one student row on the student ids [v_lo, v_hi) (d_r = 0: dz = τ c/Z p g),
     software-pipelined by hand: a tile's gathers of the h row are issued before its p is computed from the logits
     loaded during the tile before; then the next tile's logits are loaded, and (one slot) its ELL words, carried in
@@ -830,7 +835,7 @@ def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constex
         o = v0 + offs
         if K > 1:
             e = _ell_words(ell_ptr, nslot_ptr, o, o < v_hi, V_S, K)
-        ws, hs = _ell_gathers(e, h_row, K)
+        ws, hs = _ell_gathers(e, h_row, K, LANE1)
         p = _tl.softmax_exp2(x, a, b)
         x = tl.load(z_row + o + BLOCK_S, mask=o + BLOCK_S < v_hi, other=float("-inf"), eviction_policy="evict_first")
         if K == 1:
@@ -840,10 +845,11 @@ def _slice_single(args, FOLD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constex
 
 
 @triton.jit
-def _ell_g(ell_ptr, nslot_ptr, h_row, hb, o, om, M, V_S, FOLD: tl.constexpr, K: tl.constexpr):
+def _ell_g(ell_ptr, nslot_ptr, h_row, hb, o, om, M, V_S, FOLD: tl.constexpr, K: tl.constexpr,
+          LANE1: tl.constexpr):
     """g_s = Σ_slot w_eff[slot, s] (M − h[col]) for the student ids o (lanes om), from the compact slot-major ELL's
     first K slots (students with more must not be in o): _ell_words, _ell_gathers, _ell_sum."""
-    ws, hs = _ell_gathers(_ell_words(ell_ptr, nslot_ptr, o, om, V_S, K), h_row, K)
+    ws, hs = _ell_gathers(_ell_words(ell_ptr, nslot_ptr, o, om, V_S, K), h_row, K, LANE1)
     return _ell_sum(ws, hs, M, hb, FOLD, K)
 
 
@@ -864,7 +870,7 @@ def _ell_words(ell_ptr, nslot_ptr, o, om, V_S, K: tl.constexpr):
 
 
 @triton.jit
-def _ell_gathers(e, h_row, K: tl.constexpr):
+def _ell_gathers(e, h_row, K: tl.constexpr, LANE1: tl.constexpr):
     """Per slot of the ELL words e: (w, the h row at its key), the gathers read past L1 (.cg: another program's chunk
     may have left older values at these addresses in this SM's L1) and unmasked: a slot without a weight (w = 0: no
     slot, or off A) has the zero word and reads h[0], a valid address (FOLD: the h row's spare, −inf: ranks start at
@@ -873,8 +879,24 @@ def _ell_gathers(e, h_row, K: tl.constexpr):
     hs = ()
     for k in tl.static_range(K):
         ws = ws + (_weight(e[k]),)
-        hs = hs + (tl.load(h_row + e[k].to(tl.uint32), cache_modifier=".cg"),)  # unsigned: no sign extension
+        hs = hs + (_gather(h_row, e[k].to(tl.uint32), LANE1, ".cg"),)  # unsigned: no sign extension
     return ws, hs
+
+
+@triton.jit
+def _gather(base, off, LANE1: tl.constexpr, CACHE: tl.constexpr):
+    """base[off] at a tile of unsigned offsets, unmasked (CACHE: the load's cache modifier). A 1-D tile's accesses
+    share one layout (Triton's coalescing takes the widest of a loop's loads of that shape): 8 adjacent lanes a
+    thread at 2,048 lanes and 8 warps, so the 32 lanes of a gather instruction lie 8 positions apart, touching up to
+    16 sectors of a map that keeps neighbours close, as the real W's does. LANE1 loads through an [N/32, 32] view,
+    which Triton lays out one element a thread: an instruction's lanes on 32 adjacent positions (2-3 sectors on such
+    a map), the offsets and the values moved between the layouts through shared memory, the streams untouched."""
+    if LANE1:
+        N: tl.constexpr = off.shape[0]
+        tl.static_assert(N % 32 == 0)
+        return tl.reshape(tl.load(base + tl.reshape(off, (N // 32, 32)), cache_modifier=CACHE), (N,))
+    else:
+        return tl.load(base + off, cache_modifier=CACHE)
 
 
 @triton.jit
@@ -926,13 +948,14 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # are not pipelined (their row loops sit inside the tile loops, and Triton pipelines innermost loops only). Per thread
 # and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 138, C 443 (its p gathers and structure loads unmasked;
 # 883 for merged rows; 413 with eps = 1e-10), D 159 / 254 / 342 / 428 (1-4 ELL slots; merged rows 204 / 481, one /
-# four), R 412 per entry block of pieces (555 for merged rows). The kernel is bound by instruction issue, not bytes
-# (bench/costmodel.py, from the SASS): per tile much of the work is per-thread overhead (the scans' and reductions'
-# cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer than at 16 when
-# measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators). One config: the two
-# there were differed only in the merged rows' D's num_stages, which compiled to the same code (above), so autotuning
-# timed one kernel twice. sm_90, bf16, offline ptxas (tests/test_kernels_compile.py): no spill inside a per-tile pass;
-# at 255 registers a few scalars live across the teacher loop may be spilled once per chunk.
+# four), R 412 per entry block of pieces (555 for merged rows). Per tile much of the work is per-thread overhead (the
+# scans' and reductions' cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer
+# than at 16 when measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators). On an
+# H200 the kernel took ~5x its issue time, its times on two W's following the L2<->SM sectors its gathers move per
+# warp instruction (bench/costmodel.py, L2_WARP): hence the LANE1 config below. (An earlier pair of configs differed
+# only in the merged rows' D's num_stages, which compiled to the same code, so autotuning timed one kernel twice.)
+# sm_90, bf16, offline ptxas (tests/test_kernels_compile.py): no spill inside a per-tile pass; at 255 registers a few
+# scalars live across the teacher loop may be spilled once per chunk.
 TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
 _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
 # D slices of 8 student tiles (16,384 ids: 8 slices at V_S = 128,256; fewer, longer slices take fewer handshakes but
@@ -946,13 +969,23 @@ _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 # per thread (sm_90 SASS, bench/sass.py, 8 warps; ×256 threads / lanes per tile): _column_slots and _residual_piece
 # weigh them per W
 SLOT_COST, ENTRY_COST = 8, {1: 57, 2: 41, 4: 26}
-# maxnreg: without it ptxas held some variants (sparse teacher, merge "first" / "chain") to 128 registers and spilled
-_CONFIGS = [triton.Config({"BLOCK_S": 2048}, num_warps=8, maxnreg=255)]
-# the sync words start at zero in every run, autotuning's timed runs and the run after them included (a run on
-# stale words would find no slice open to help with)
-_launch = _tl.launcher(_pkl_kernel, dict(BLOCK_S=128), _CONFIGS,
-                       key=["V_S", "V_T", "C", "NNZ", "MEAN", "SPARSE", "GRAD_W", "EPS"],
-                       reset_to_zero=["sync_ptr"])
+# maxnreg: without it ptxas held some variants (sparse teacher, merge "first" / "chain") to 128 registers and spilled.
+# LANE1 (_gather): C's and D's gathers one element a thread. Not measured on a GPU yet (issue 8): by the cost model's
+# per-warp-instruction count the real Llama-3 × Qwen3 W's gathers move 9.76 instead of 13.44 MiB per row (its ids keep
+# neighbours close; Projection.random's do not: the same count), for ~30 instructions per thread per slot and tile
+# (sm_90 SASS at K = 1: C 443 -> 474, D 159 -> 178); autotuning times both on the GPU at hand.
+_CONFIGS = [triton.Config({"BLOCK_S": 2048, "LANE1": lane1}, num_warps=8, maxnreg=255) for lane1 in (False, True)]
+
+
+def launch_configs(configs: list) -> _tl.Launch:
+    """The P-KL kernel's launcher over these configs (autotuned where several; the interpreter runs BLOCK_S 128 with
+    the first one's LANE1). The sync words start at zero in every run, autotuning's timed runs and the run after them
+    included (a run on stale words would find no slice open to help with)."""
+    return _tl.launcher(_pkl_kernel, dict(BLOCK_S=128, LANE1=configs[0].kwargs["LANE1"]), configs,
+                        key=["V_S", "V_T", "C", "NNZ", "MEAN", "SPARSE", "GRAD_W", "EPS"], reset_to_zero=["sync_ptr"])
+
+
+_launch = launch_configs(_CONFIGS)
 _grad_w = _tl.launcher(_pkl_grad_w_kernel, dict(BLOCK=128), [triton.Config({"BLOCK": 1024}, num_warps=8)])
 _zero = _tl.launcher(_tl.zero_uncovered_rows, dict(BLOCK=128), [triton.Config({"BLOCK": 2048}, num_warps=8)])
 
