@@ -1,7 +1,7 @@
-"""ops._tl.Launch, the launcher of the autotuned kernels (the H-KL kernel's two configurations): before a key's first
-call every configuration compiles at once, one thread each, with exactly the arguments Triton's autotuner then runs
-it with (so that it finds them compiled), on the caller's device; once per key; a failure only warns. Checked with
-a stand-in for the jitted kernel under Triton's real autotuner (its timing replaced: no GPU here)."""
+"""ops._tl.Launch, the launcher of the autotuned kernels (H-KL's and P-KL's, two configurations each): before a key's
+first call every configuration compiles at once, one thread each, with exactly the arguments Triton's autotuner then
+runs it with (so that it finds them compiled), on the caller's device; once per key; a failure only warns. Checked
+with a stand-in for the jitted kernel under Triton's real autotuner (its timing replaced: no GPU here)."""
 from __future__ import annotations
 
 import collections
