@@ -655,7 +655,8 @@ def report(models: list[tuple[str, dict]], gpu: dict = GPU, rows: int = 8192) ->
                   f"{_fmt_bytes(m['l2_warp1'])}")
             print(f"    calibrated (that count at the {L2_WARP / 1e12:.1f} TB/s the kernel moved it at on a GPU, or the"
                   f" time above where longer): {t_w * 1e3:.2f} ms ({t_w / t_floor:.1f}x the floor time); one element a "
-                  f"thread (the LANE1 config, issue-bound {rows / gpu['sms'] * m['t_row1'] * 1e3:.2f} ms): "
+                  f"thread (the LANE1 config; the time above at its instruction counts "
+                  f"{rows / gpu['sms'] * m['t_row1'] * 1e3:.2f} ms): "
                   f"{t_w1 * 1e3:.2f} ms ({t_w1 / t_floor:.1f}x)")
 
 

@@ -175,16 +175,15 @@ def body(bodies: dict, fn, marker: str, lines: dict | None = None, keep=None) ->
 
 def pass_bodies() -> dict:
     """The cost model's per-pass loop bodies (instructions per thread per tile) of both kernels in the variant a 1-to-1
-    chunk runs by default (merge="mean", dense teacher, frozen W), first autotune config (P-KL's C and D also in
-    its LANE1 config, under "LANE1"): P-KL A (student LSE), C
-    (teacher tiles, per column-ELL width 1..SLOTS), R (residual entry blocks, per piece size), D (gradient tiles, per
-    ELL slots run, 1..SLOTS: a slice runs as many as its widest student has), C and D in their single-row
-    instantiations; H-KL S1 / T1 (student / teacher row pass, the same helper inlined twice, in that order; S1_skip /
-    T1_skip the instructions of their append, which a tile without an uncommon id skips), S3 (gradient pass: single rows
-    and a dense teacher, _grad_one), L (the window's passes over each candidate list) and miss (a side's passes over
-    its row where the single pass missed: _rescue's count and append, _compact's histogram and compaction). Under
-    "sfu", the same loops' MUFU instructions per thread per tile (the streaming passes; the appends S1 / T1 skip hold
-    none)."""
+    chunk runs by default (merge="mean", dense teacher, frozen W), first autotune config (P-KL's C and D also in its
+    LANE1 config, under "LANE1"): P-KL A (student LSE), C (teacher tiles, per column-ELL width 1..SLOTS), R
+    (residual entry blocks, per piece size), D (gradient tiles, per ELL slots run, 1..SLOTS: a slice runs as many as
+    its widest student has), C and D in their single-row instantiations; H-KL S1 / T1 (student / teacher row pass,
+    the same helper inlined twice, in that order; S1_skip / T1_skip the instructions of their append, which a tile
+    without an uncommon id skips), S3 (gradient pass: single rows and a dense teacher, _grad_one), L (the window's
+    passes over each candidate list) and miss (a side's passes over its row where the single pass missed: _rescue's
+    count and append, _compact's histogram and compaction). Under "sfu", the same loops' MUFU instructions per
+    thread per tile (the streaming passes; the appends S1 / T1 skip hold none)."""
     from xtoken_ext.ops import hkl_kernel as H
     from xtoken_ext.ops import pkl_kernel as P
 

@@ -102,10 +102,18 @@ def test_report_prints_both_kernels(proj, capsys):
 def test_calibrated_pkl_time(proj, capsys, monkeypatch):
     """P-KL's calibrated line: its L2<->SM bytes counted per warp instruction at the measured L2_WARP rate, or its
     modelled time where that is longer (here both ways, by moving the rate), and the same with one element a thread
-    in C's and D's gathers; H-KL has none."""
-    m = costmodel.pkl_model(proj, 64)
+    in C's and D's gathers at the LANE1 config's own instruction counts (here made up: C and D issue-bound, LANE1's
+    3x the default's); H-KL has none."""
+    k4 = ("1", "2", "3", "4")
+    c, d = {k: 400 + 60 * int(k) for k in k4}, {k: 150 + 90 * int(k) for k in k4}
+    lane1 = {n: {k: 3 * v for k, v in x.items()} for n, x in (("C", c), ("D", d))}
+    sfu = dict(A=9, C={k: 24 for k in k4}, R={k: 16 for k in ("1", "2", "4")}, D={k: 16 for k in k4})
+    issue = dict(warps=8, A=140, C=c, R={"1": 900, "2": 650, "4": 410}, D=d, sfu=sfu,
+                 LANE1=dict(lane1, sfu=dict(C=sfu["C"], D=sfu["D"])))
+    m = costmodel.pkl_model(proj, 64, issue=issue)
     gpu = costmodel.GPU
     t_issue = 8192 / gpu["sms"] * m["t_row"]
+    assert m["t_row1"] > 1.5 * m["t_row"]
     for rate in (costmodel.L2_WARP, 8192 * m["l2_warp"] / t_issue * 4):  # gathers longer, then the modelled time
         monkeypatch.setattr(costmodel, "L2_WARP", rate)
         costmodel.report([("random", m), ("random", costmodel.hkl_model(proj, 64))])
@@ -114,8 +122,8 @@ def test_calibrated_pkl_time(proj, capsys, monkeypatch):
                                                                                         ("l2_warp1", "t_row1")))
         assert len(lines) == 1 and f": {want * 1e3:.2f} ms (" in lines[0], (lines, want)
         floor = 8192 * m["floor"] / gpu["hbm"]
-        assert lines[0].endswith(f"issue-bound {8192 / gpu['sms'] * m['t_row1'] * 1e3:.2f} ms): {want1 * 1e3:.2f} ms "
-                                 f"({want1 / floor:.1f}x)"), lines
+        assert lines[0].endswith(f"instruction counts {8192 / gpu['sms'] * m['t_row1'] * 1e3:.2f} ms): "
+                                 f"{want1 * 1e3:.2f} ms ({want1 / floor:.1f}x)"), lines
 
 
 def test_warp_sectors_by_hand():

@@ -47,9 +47,14 @@ def compile_one(kernel, consts, num_warps, sparse, maxnreg=None):
     # elements per thread of each load's layout, by tile length and element type (bench.costmodel.SPT's source)
     ttgir = c.asm["ttgir"]
     blocked = dict(re.findall(r"^#(blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\]", ttgir, re.M))
-    spt = sorted({f"{n}x{t}:{blocked[b]}" for n, t, b in
-                  re.findall(r"tt\.load .*: tensor<([\dx]+?)x!tt\.ptr<(\w+)>, #(blocked\d*)>", ttgir) if b in blocked})
+    loads = [(n, t, b) for n, t, b in
+             re.findall(r"tt\.load .*: tensor<([\dx]+?)x!tt\.ptr<(\w+)>, #(blocked\d*)>", ttgir) if b in blocked]
+    spt = sorted({f"{n}x{t}:{blocked[b]}" for n, t, b in loads})
+    # the 2-D loads' whole layouts (ops.pkl_kernel._gather's [N/32, 32] views)
+    full = dict(re.findall(r"^#(blocked\d*) = #ttg\.blocked<\{(.*)\}>$", ttgir, re.M))
+    views = sorted({full[b] for n, _, b in loads if "x" in n})
     return dict(smem=c.metadata.shared, regs=regs, spill=spill, v4=v4, pass_spills=sum(map(sum, found)), spt=spt,
+                views=views,
                 passes=[bool(b) for b in found], sfu_log=len(re.findall(r"lg2\.approx", c.asm["ptx"])),
                 inner_local=inner)
 
@@ -124,6 +129,9 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
                              "4096xbf16": {f"4096xbf16:{SPT['R'][r['rpiece']]}"},
                              "64x32xbf16": {"64x32xbf16:1, 1"} if lane1 else set(),
                              "64x32xf32": {"64x32xf32:1, 1"} if lane1 else set()}, r["spt"]
+            # a gather instruction's 32 lanes on 32 adjacent positions of a row of the view
+            view = "sizePerThread = [1, 1], threadsPerWarp = [1, 32], warpsPerCTA = [8, 1], order = [1, 0]"
+            assert r["views"] == ([view] if lane1 else []), r["views"]
 
 
 def test_hkl_kernel_compiles_for_sm90(tmp_path):

@@ -313,13 +313,13 @@ def test_pkl_slices_computed_by_other_programs(case, monkeypatch):
     _assert_bitwise(own, torch.ops.xtoken.pkl_rows(*args, "triton"))
 
 
-def _case_args(case: str, seed: int, n_chunks: int) -> list:
+def _case_args(case: str, seed: int, n_chunks: int, hub: bool = True) -> list:
     """xtoken::pkl_rows' arguments (before the backend) for a "<dense|sparse>-<merge|learnable>" case: bf16 logits,
-    V 300 × 211, a hub column, τ 0.7; "learnable" is merge="mean" with a learnable W."""
+    V 300 × 211, a hub column (``hub``), τ 0.7; "learnable" is merge="mean" with a learnable W."""
     kind, merge = case.split("-")
     learn_w = merge == "learnable"
     P = make_problem(seed=seed, V_S=300, V_T=211, n_chunks=n_chunks, max_rows=2,
-                     sparse_k=7 if kind == "sparse" else 0, mask_mode="covered", empty_rows=0.05, hub=True)
+                     sparse_k=7 if kind == "sparse" else 0, mask_mode="covered", empty_rows=0.05, hub=hub)
     dev = device()
     return [x.to(dev) if isinstance(x, torch.Tensor) else x
             for x in (P.z.to(torch.bfloat16), P.t.to(torch.bfloat16), P.t_cols, P.w_idx, P.w_val, P.col_mask,
@@ -349,18 +349,40 @@ def test_pkl_each_autotune_config(lane1, monkeypatch):
             run_pkl(P, DTYPES["bf16"], merge, 0.7, learn_w)
 
 
-@pytest.mark.parametrize("case", ["dense-mean", "dense-first", "sparse-chain", "dense-learnable", "sparse-learnable"])
+@pytest.mark.parametrize("case", ["dense-mean", "dense-first", "sparse-chain", "dense-learnable"])
+def test_pkl_autotune_configs_agree_bitwise(case, monkeypatch):
+    """The op is deterministic whichever config autotuning picks (it may pick differently in another process): the
+    configs gather the same values and reduce them in the same layouts (the sm_90 TTGIR's reductions take the same
+    operand layouts in both), so their results are bitwise the same."""
+    from xtoken_ext.ops import pkl_kernel as K
+
+    args = _case_args(case, seed=31, n_chunks=4)
+    outs = []
+    for cfg in K._CONFIGS:
+        monkeypatch.setattr(K, "_launch", K.launch_configs([cfg]))
+        outs.append(torch.ops.xtoken.pkl_rows(*args, "triton"))
+    for out in outs[1:]:
+        _assert_bitwise(outs[0], out)
+
+
+@pytest.mark.parametrize("case", ["dense-mean", "dense-first", "sparse-mean", "sparse-chain", "dense-learnable",
+                                  "sparse-learnable"])
 def test_pkl_repeated_launches_on_the_same_buffers(case, monkeypatch):
     """Autotuning (several configs: ops.pkl_kernel._CONFIGS) times a launch by repeating it on the same arguments,
     with only the sync words zeroed in between (reset_to_zero), and then launches once more: every output and
     scratch row the kernel reads must come out of each launch as it went in (the h rows' spare, R's sums, a sparse
-    teacher's zeroed h columns and accumulators). Three launches on the same buffers give bitwise one launch's
-    results."""
+    teacher's h zeroed at its columns and its merged rows' accumulators cleared). Three launches of one config on
+    the same buffers give bitwise one launch's results. The sparse teacher rows have no hub column, so that a
+    program's first chunk does not overwrite every column its previous launch's last chunk left."""
     from xtoken_ext.ops import pkl_kernel as K
 
-    args = _case_args(case, seed=29, n_chunks=5)
+    sparse = case.startswith("sparse")
+    args = _case_args(case, seed=29, n_chunks=5, hub=not sparse)
+    if sparse:  # chunks on different columns
+        assert len({tuple(sorted(r.tolist())) for r in args[2].cpu()}) > 1
+    launch, sync = K.launch_configs(K._CONFIGS[:1]), K._pkl_kernel.arg_names.index("sync_ptr")
+    monkeypatch.setattr(K, "_launch", launch)  # one config: no autotuning's runs on a GPU
     once = torch.ops.xtoken.pkl_rows(*args, "triton")
-    launch, sync = K._launch, K._pkl_kernel.arg_names.index("sync_ptr")
 
     def thrice(grid, *a, **kw):
         for _ in range(3):

@@ -949,13 +949,13 @@ def _pkl_grad_w_kernel(z_ptr, stride_z, spans_ptr, widx_ptr, mask_ptr, lse_s_ptr
 # and 2048-lane tile at K = 1, eps = 0 (sm_90 SASS, 8 warps): A 138, C 443 (its p gathers and structure loads unmasked;
 # 883 for merged rows; 413 with eps = 1e-10), D 159 / 254 / 342 / 428 (1-4 ELL slots; merged rows 204 / 481, one /
 # four), R 412 per entry block of pieces (555 for merged rows). Per tile much of the work is per-thread overhead (the
-# scans' and reductions' cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 % fewer
-# than at 16 when measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators). On an
-# H200 the kernel took ~5x its issue time, its times on two W's following the L2<->SM sectors its gathers move per
-# warp instruction (bench/costmodel.py, L2_WARP): hence the LANE1 config below. (An earlier pair of configs differed
-# only in the merged rows' D's num_stages, which compiled to the same code, so autotuning timed one kernel twice.)
-# sm_90, bf16, offline ptxas (tests/test_kernels_compile.py): no spill inside a per-tile pass; at 255 registers a few
-# scalars live across the teacher loop may be spilled once per chunk.
+# scans' and reductions' cross-warp steps), so fewer warps issue fewer instructions: at 8 warps a row issued 22 %
+# fewer than at 16 when measured (4 warps: 28 %, but they spill; 16 warps spill too, with C's per-lane accumulators).
+# On an H200 the kernel took 5x (real W) to 9x (Projection.random) its issue time, its times on the two W's following
+# the L2<->SM sectors it moves counted per warp instruction (bench/costmodel.py, L2_WARP): hence the LANE1 config
+# below. (An earlier pair of configs differed only in the merged rows' D's num_stages, which compiled to the same
+# code, so autotuning timed one kernel twice.) sm_90, bf16, offline ptxas (tests/test_kernels_compile.py): no spill
+# inside a per-tile pass; at 255 registers a few scalars live across the teacher loop may be spilled once per chunk.
 TILES_GPU = dict(BLOCK_T=2048, BLOCK_E=4096)
 _TILES = dict(BLOCK_T=64, BLOCK_E=64) if interpret() else TILES_GPU
 # D slices of 8 student tiles (16,384 ids: 8 slices at V_S = 128,256; fewer, longer slices take fewer handshakes but
@@ -971,9 +971,9 @@ _SLICES = dict(SLICE=1, WIN=16) if interpret() else SLICES_GPU
 SLOT_COST, ENTRY_COST = 8, {1: 57, 2: 41, 4: 26}
 # maxnreg: without it ptxas held some variants (sparse teacher, merge "first" / "chain") to 128 registers and spilled.
 # LANE1 (_gather): C's and D's gathers one element a thread. Not measured on a GPU yet (issue 8): by the cost model's
-# per-warp-instruction count the real Llama-3 × Qwen3 W's gathers move 9.76 instead of 13.44 MiB per row (its ids keep
-# neighbours close; Projection.random's do not: the same count), for ~30 instructions per thread per slot and tile
-# (sm_90 SASS at K = 1: C 443 -> 474, D 159 -> 178); autotuning times both on the GPU at hand.
+# per-warp-instruction count a row of the real Llama-3 × Qwen3 W moves 9.76 instead of 13.44 MiB between L2 and the
+# SMs (its ids keep neighbours close; Projection.random's do not: the same count), for 19-31 more instructions per
+# thread and tile at one slot (sm_90 SASS: C 443 -> 474, D 159 -> 178); autotuning times both on the GPU at hand.
 _CONFIGS = [triton.Config({"BLOCK_S": 2048, "LANE1": lane1}, num_warps=8, maxnreg=255) for lane1 in (False, True)]
 
 
