@@ -187,41 +187,40 @@ def pass_bodies() -> dict:
     from xtoken_ext.ops import hkl_kernel as H
     from xtoken_ext.ops import pkl_kernel as P
 
+    def single_rows(cfg):
+        """C per column-ELL width and D per ELL width in config ``cfg``, in their single-row loops (_single_pass,
+        _slice_single: the latter instantiated for each ELL width 1..SLOTS), with their MUFU counts; and the 1-slot
+        variant's (constexprs, loop bodies, MUFU counts)."""
+        c, cs = {}, {}
+        for k in range(1, P.SLOTS + 1):  # the column ELL's width: C's body grows with it
+            consts = dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False, SLOTS=P.SLOTS,
+                          CSLOTS=k, RPIECE=max(P.ENTRY_COST), EPS=0, HELP=0, **P.TILES_GPU, **P.SLICES_GPU,
+                          **cfg.kwargs)
+            b, f = (get(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg) for get in (loop_bodies, loop_sfu))
+            (c[k],), (cs[k],) = (body(x, P._single_pass, "for t in range(0, tl.cdiv(C") for x in (b, f))
+            if k == 1:
+                first = consts, b, f
+                # D per ELL width: more slots issue more (the MUFU counts go with their bodies)
+                d, sd = (dict(zip(range(1, P.SLOTS + 1), v, strict=True)) for v in zip(*sorted(
+                    zip(*(body(x, P._slice_single, "for v0 in range(") for x in (b, f))))))
+        return c, cs, d, sd, first
+
     cfg = P._CONFIGS[0]
-    c, cs = {}, {}
-    # C and D run a 1-to-1 chunk in their single-row loops (_single_pass, _slice_single: the latter instantiated
-    # for each ELL width 1..SLOTS)
-    for k in range(1, P.SLOTS + 1):  # the column ELL's width: C's body grows with it
-        consts = dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False, SLOTS=P.SLOTS, CSLOTS=k,
-                      RPIECE=max(P.ENTRY_COST), EPS=0, HELP=0, **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)
-        b, f = (get(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg) for get in (loop_bodies, loop_sfu))
-        (c[k],), (cs[k],) = (body(x, P._single_pass, "for t in range(0, tl.cdiv(C") for x in (b, f))
-        if k == 1:
-            # R: _entries' single-row instantiation (without _p_bar's loop over the merged rows)
-            merged = set(source_lines(P._p_bar, "for r in range(s_lo, s_hi)"))
-            (a,), (sa,) = (body(x, P._row_stats, "for v0 in range") for x in (b, f))
-            r, sr = {}, {}
-            for piece in P.ENTRY_COST:  # R per piece size (the C, D and A above: the largest)
-                bp, fp, lp = (get(P._pkl_kernel, dict(consts, RPIECE=piece), cfg.num_warps, maxnreg=cfg.maxnreg)
-                              for get in (loop_bodies, loop_sfu, loop_lines))
-                (r[piece],), (sr[piece],) = (body(x, P._entries, "for i0 in range(0, n", lp, lambda y: not y & merged)
-                                             for x in (bp, fp))
-            # D per ELL width: more slots issue more (the MUFU counts go with their bodies)
-            d, sd = (dict(zip(range(1, P.SLOTS + 1), v, strict=True)) for v in zip(*sorted(
-                zip(*(body(x, P._slice_single, "for v0 in range(") for x in (b, f))))))
+    c, cs, d, sd, (consts, b, f) = single_rows(cfg)
+    # R: _entries' single-row instantiation (without _p_bar's loop over the merged rows)
+    merged = set(source_lines(P._p_bar, "for r in range(s_lo, s_hi)"))
+    (a,), (sa,) = (body(x, P._row_stats, "for v0 in range") for x in (b, f))
+    r, sr = {}, {}
+    for piece in P.ENTRY_COST:  # R per piece size (the C, D and A above: the largest)
+        bp, fp, lp = (get(P._pkl_kernel, dict(consts, RPIECE=piece), cfg.num_warps, maxnreg=cfg.maxnreg)
+                      for get in (loop_bodies, loop_sfu, loop_lines))
+        (r[piece],), (sr[piece],) = (body(x, P._entries, "for i0 in range(0, n", lp, lambda y: not y & merged)
+                                     for x in (bp, fp))
     out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D=d, sfu=dict(A=sa, C=cs, R=sr, D=sd))}
     # C and D with their gathers one element a thread (the LANE1 config, ops.pkl_kernel._gather; A and R gather
     # nothing through it)
     (cfg1,) = [x for x in P._CONFIGS if x.kwargs["LANE1"]]
-    c1, cs1 = {}, {}
-    for k in range(1, P.SLOTS + 1):
-        consts = dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False, SLOTS=P.SLOTS, CSLOTS=k,
-                      RPIECE=max(P.ENTRY_COST), EPS=0, HELP=0, **P.TILES_GPU, **P.SLICES_GPU, **cfg1.kwargs)
-        b, f = (get(P._pkl_kernel, consts, cfg1.num_warps, maxnreg=cfg1.maxnreg) for get in (loop_bodies, loop_sfu))
-        (c1[k],), (cs1[k],) = (body(x, P._single_pass, "for t in range(0, tl.cdiv(C") for x in (b, f))
-        if k == 1:
-            d1, sd1 = (dict(zip(range(1, P.SLOTS + 1), v, strict=True)) for v in zip(*sorted(
-                zip(*(body(x, P._slice_single, "for v0 in range(") for x in (b, f))))))
+    c1, cs1, d1, sd1, _ = single_rows(cfg1)
     out["P-KL"]["LANE1"] = dict(C=c1, D=d1, sfu=dict(C=cs1, D=sd1))
     cfg = H._CONFIGS[0]
     w = H.sort_widths(H._SORT_CAP)
