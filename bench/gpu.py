@@ -38,11 +38,15 @@
    value, with the lanes of an instruction 8 or 1 elements apart, or moved in two stages through a scratch row)
    beside the rows streamed, each checked against float64, with the cost model's L2<->SM sectors beside the times: the
    data for deciding how P-KL's C and D are rebuilt. With --dry on the CPU at a tiny shape (Projection.random only).
+6. Phases: fused P-KL and H-KL fwd+bwd as in stage 3 (the real W where it loads), their kernels timing their own
+   phases (ops._tl.PhaseTimes: the GPU's global timer between stamps; a separately compiled variant): each phase's
+   mean time per program and share, beside the kernel's time with and without the stamps. Where the time goes,
+   which the cost model only estimates. With --dry at a tiny shape, the interpreter's lap counts instead of times.
 
 --quick: bf16 only in the correctness stage, one timed run after the first call.
 --real-only: the timing stage with the real W only (each W compiles its own H-KL kernel variant).
---stage correctness / timing / sweep / probe: stages 1-2, stage 3, 4 or 5 alone (e.g. timing first where GPU time is
-short).
+--stage correctness / timing / sweep / probe / phases: stages 1-2, stage 3, 4, 5 or 6 alone (e.g. timing first where GPU
+time is short).
 --jobs N: stages 1-2 in N spawned processes on the same device (default: one per core up to 16; 1 with --dry), the
 kernel variants compiling in parallel (the stage is bound by compiling: about a minute per H-KL variant and autotune
 configuration on an H200 machine); tables print in order, each case runs whole in one process.
@@ -783,6 +787,54 @@ def sweep(dev: torch.device, runs: int, shape=None, real: bool = True, configs=P
     return ok
 
 
+def phases(dev: torch.device, shape=None, real: bool = True) -> bool:
+    """Stage 6 at ``shape`` (default bench.losses.GPU_SHAPE), with the real W unless ``real`` is False (then, or
+    where it does not load, Projection.random): per fused kernel (P-KL, H-KL), one fwd+bwd to compile its timed
+    variant, then one profiled (breakdown) under ops._tl.PhaseTimes: each phase's total over the programs / their
+    count (ms on CUDA; laps under the interpreter), beside the step's kernel times with the stamps and, profiled
+    before, without. -> False when a step fails or a phase total is negative."""
+    import xtoken_ext as xt
+    from xtoken_ext.ops import _tl
+
+    from .losses import GPU_SHAPE, _inputs
+
+    z, t, batch_dev, proj = _inputs(shape or GPU_SHAPE, torch.bfloat16, dev)
+    batch, wname = batch_dev.to("cpu"), "random W"
+    loaded = _real_projection(dev) if real else None
+    if loaded:
+        proj, wname = loaded[0], "real W"
+    cuda = dev.type == "cuda"
+    unit, scale = ("ms", 1e-6) if cuda else ("laps", 1)
+    print(f"phases: fused fwd+bwd, {wname}; per kernel its phases' mean per program ({unit}; "
+          f"{'the GPU global timer' if cuda else 'the interpreter: laps taken'}) and share", flush=True)
+    ok = True
+    try:
+        for kind, kernel in (("pkl", "P-KL"), ("hkl", "H-KL")):
+            step = functools.partial(_step, z, functools.partial(getattr(xt, f"{kind}_loss"), z, t, batch, proj,
+                                                                 reduction="none", backend="triton"))
+            try:
+                step()  # the untimed variant compiled (stage 3 may have)
+                untimed = breakdown(step, dev)
+                with _tl.PhaseTimes():
+                    step()  # the timed variant compiled
+                with _tl.PhaseTimes() as pt:
+                    timed = breakdown(step, dev)
+            except Exception as e:  # a failed compile or launch: report it, go on with the next kernel
+                print(f"{kernel:<6} failed: {type(e).__name__}: {e}", flush=True)
+                ok = False
+                continue
+            tot, n = pt.totals[kernel], pt.programs[kernel]
+            whole = sum(tot.values()) or 1
+            ok &= min(tot.values()) >= 0
+            parts = ", ".join(f"{p} {v / n * scale:.{3 if cuda else 1}f} ({100 * v / whole:.0f} %)"
+                              for p, v in tot.items())
+            print(f"{kernel:<6}{n} programs: {parts}; sum {whole / n * scale:.{3 if cuda else 1}f} {unit}\n"
+                  f"{'':<6}with the stamps: {timed}\n{'':<6}without: {untimed}", flush=True)
+    finally:
+        z.grad = None
+    return ok
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 def _configuration(dev: torch.device, sizes: Sizes, dry: bool) -> None:
@@ -823,9 +875,9 @@ def _setup_error(dry: bool, stage: str) -> str | None:
 def run(quick: bool = False, dry: bool = False, stage: str = "all", jobs: int | None = None,
         real_only: bool = False) -> bool:
     """The whole check (module docstring), or one ``stage`` of it ("correctness": stages 1 and 2, "timing": stage 3,
-    "sweep": stage 4, "probe": stage 5); prints its tables and returns True when everything passed. ``jobs``: worker
-    processes of stages 1-2 (None: ``default_jobs``); ``real_only``: the timing stage without Projection.random. Raises
-    RuntimeError when it cannot run here (``_setup_error``)."""
+    "sweep": stage 4, "probe": stage 5, "phases": stage 6); prints its tables and returns True when everything
+    passed. ``jobs``: worker processes of stages 1-2 (None: ``default_jobs``); ``real_only``: the timing stage without
+    Projection.random. Raises RuntimeError when it cannot run here (``_setup_error``)."""
     reason = _setup_error(dry, stage)
     if reason:
         raise RuntimeError(reason)
@@ -857,6 +909,10 @@ def run(quick: bool = False, dry: bool = False, stage: str = "all", jobs: int | 
         mid = time.perf_counter()
         ok &= probe(dev, shape=(12, sizes.V_S, sizes.V_T) if dry else None, real=not dry)
         print(f"[probe: {time.perf_counter() - mid:.1f} s]")
+    if stage in ("all", "phases"):
+        mid = time.perf_counter()
+        ok &= phases(dev, shape=(12, sizes.V_S, sizes.V_T) if dry else None, real=not dry)
+        print(f"[phases: {time.perf_counter() - mid:.1f} s]")
     print(f"\nGPU check{' (dry)' if dry else ''}: {'PASS' if ok else 'FAIL'} in {time.perf_counter() - start:.1f} s",
           flush=True)
     return ok
@@ -866,9 +922,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xtoken_ext.bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="bf16 only in the correctness stage, one timed run")
     parser.add_argument("--dry", action="store_true", help="CPU, Triton interpreter, tiny sizes, no timing (CI)")
-    parser.add_argument("--stage", choices=("all", "correctness", "timing", "sweep", "probe"), default="all",
+    parser.add_argument("--stage", choices=("all", "correctness", "timing", "sweep", "probe", "phases"),
+                        default="all",
                         help="run stages 1-2 (correctness, repeatability), stage 3 (timing), stage 4 (sweep of "
-                             "P-KL launch configurations) or stage 5 (probe of P-KL's permutation) alone")
+                             "P-KL launch configurations), stage 5 (probe of P-KL's permutation) or stage 6 (the "
+                             "fused kernels' time per phase) alone")
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="processes that run the correctness cases side by side, compiling their kernels in "
                              f"parallel (default: one per core up to 16, here {default_jobs(False)}; 1 with --dry)")

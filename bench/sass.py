@@ -16,7 +16,7 @@ import tempfile
 PTR = {"z_ptr": "*bf16", "t_ptr": "*bf16", "dz_ptr": "*bf16", "widx_ptr": "*i32", "ell_ptr": "*i64",
        "nslot_ptr": "*i8", "ew_ptr": "*i64", "ek_ptr": "*i32", "cell_ptr": "*i64", "rank_ptr": "*i32",
        "rw_ptr": "*i64", "rk_ptr": "*i32", "mask_ptr": "*i8", "spans_ptr": "*i64",
-       "tcnt_ptr": "*i32", "sync_ptr": "*i32", "smap_ptr": "*i32", "tmap_ptr": "*i32",
+       "tcnt_ptr": "*i32", "sync_ptr": "*i32", "prof_ptr": "*i64", "smap_ptr": "*i32", "tmap_ptr": "*i32",
        "tcls_ptr": "*i8", "m_ptr": "*i32", "path_ptr": "*i32", "la_ptr": "*i64", "lb_ptr": "*i32", "wa_ptr": "*i64",
        "wb_ptr": "*i32", "gc_ptr": "*i32", "ubs_ptr": "*i64", "ubt_ptr": "*i64",
        # bench.permute's probe kernels
@@ -194,8 +194,8 @@ def pass_bodies() -> dict:
         c, cs = {}, {}
         for k in range(1, P.SLOTS + 1):  # the column ELL's width: C's body grows with it
             consts = dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False, SLOTS=P.SLOTS,
-                          CSLOTS=k, RPIECE=max(P.ENTRY_COST), EPS=0, HELP=0, **P.TILES_GPU, **P.SLICES_GPU,
-                          **cfg.kwargs)
+                          CSLOTS=k, RPIECE=max(P.ENTRY_COST), EPS=0, HELP=0, PROFILE=0, **P.TILES_GPU,
+                          **P.SLICES_GPU, **cfg.kwargs)
             b, f = (get(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg) for get in (loop_bodies, loop_sfu))
             (c[k],), (cs[k],) = (body(x, P._single_pass, "for t in range(0, tl.cdiv(C") for x in (b, f))
             if k == 1:
@@ -224,7 +224,8 @@ def pass_bodies() -> dict:
     out["P-KL"]["LANE1"] = dict(C=c1, D=d1, sfu=dict(C=cs1, D=sd1))
     cfg = H._CONFIGS[0]
     w = H.sort_widths(H._SORT_CAP)
-    consts = dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], MERGE=False, **cfg.kwargs)
+    consts = dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], MERGE=False, PROFILE=0,
+                  **cfg.kwargs)
     b, skips = loop_bodies(H._hkl_kernel, consts, cfg.num_warps), loop_skips(H._hkl_kernel, consts, cfg.num_warps)
     f = loop_sfu(H._hkl_kernel, consts, cfg.num_warps)
     (s1, t1), (fs1, ft1) = (body(x, H._row_pass, "for c0 in range(0, C, BLOCK)") for x in (b, f))

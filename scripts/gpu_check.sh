@@ -2,15 +2,17 @@
 # The command sequence for a GPU machine (issue 8). Its stages take longer than one 10-minute device call (measured
 # on an H200 machine, 2026-12-04: install 45-48 s; timing past its former 240 s limit with both W's, 120 s with the
 # real W only; sweep 48 s; correctness and tests bound by compiling; probe not yet run): run them in two calls, e.g.
-# GPU_CHECK_STAGES="probe timing" GPU_CHECK_REAL_ONLY=1, then GPU_CHECK_QUICK=1 GPU_CHECK_STAGES="sweep correctness
-# tests".
+# GPU_CHECK_STAGES="probe timing phases" GPU_CHECK_REAL_ONLY=1, then GPU_CHECK_QUICK=1 GPU_CHECK_STAGES="sweep
+# correctness tests".
 #   1. install the package from this checkout (no network there: torch, triton, pybind11, the test and the bench
 #      extras must already be installed; --no-build-isolation uses them, --no-deps installs nothing else);
-#   2. the stages named in GPU_CHECK_STAGES (default "probe timing sweep correctness tests"), in that order:
+#   2. the stages named in GPU_CHECK_STAGES (default "probe timing phases sweep correctness tests"), in that order:
 #      probe: the GPU check's probe of P-KL's per-row permutation (--stage probe, bench/permute.py): the data for
 #        rebuilding P-KL's C and D;
 #      timing: the GPU check's timing stage (xtoken_ext.bench.gpu --stage timing): the numbers that need the GPU
 #        (GPU_CHECK_REAL_ONLY=1 adds --real-only: the real W only);
+#      phases: the fused P-KL and H-KL kernels' time per phase (--stage phases, the real W; their timed variants
+#        compile first, H-KL's about a minute): where the kernels' time goes;
 #      sweep: its P-KL launch-configuration sweep (--stage sweep), the data for tuning;
 #      correctness: its correctness and repeatability stages (GPU_CHECK_QUICK=1 adds --quick: bf16 only), the
 #        cases in one process per core up to 16 (GPU_CHECK_JOBS=N sets --jobs N): that stage is bound by compiling;
@@ -59,10 +61,11 @@ check() {  # stage, limit s, extra options: the GPU check's stage, outside the c
     (cd "${TMPDIR:-/tmp}" && timeout "$2" python3 -m xtoken_ext.bench.gpu --stage "$1" "${@:3}") 2>&1 \
         | tee "$logs/$1.log" || status=1
 }
-for stage in ${GPU_CHECK_STAGES:-probe timing sweep correctness tests}; do
+for stage in ${GPU_CHECK_STAGES:-probe timing phases sweep correctness tests}; do
     case $stage in
         timing) check timing 330 ${GPU_CHECK_REAL_ONLY:+--real-only} ;;
         probe) check probe 120 ;;
+        phases) check phases 240 ;;
         sweep) check sweep 120 ;;
         correctness) check correctness 150 ${GPU_CHECK_QUICK:+--quick} ${GPU_CHECK_JOBS:+--jobs "$GPU_CHECK_JOBS"} ;;
         tests)
@@ -78,7 +81,7 @@ for stage in ${GPU_CHECK_STAGES:-probe timing sweep correctness tests}; do
             else
                 echo "skipped: no time left" && status=1
             fi ;;
-        *) echo "unknown stage $stage (probe, timing, sweep, correctness, tests)" && exit 2 ;;
+        *) echo "unknown stage $stage (probe, timing, phases, sweep, correctness, tests)" && exit 2 ;;
     esac
 done
 

@@ -1,7 +1,7 @@
 """The one-command GPU check (xtoken_ext.bench.gpu): its --dry mode end to end in a fresh process (CPU, Triton
-interpreter, every code path but timing), the timing and sweep stages' code at a tiny shape, that a bound-sized error
-in a checked gradient FAILs, the tie mask of the sorted-L1 term, the bandwidth table and the CLI plumbing (`xtoken
-bench --suite gpu [--dry]`, exit status, --stage)."""
+interpreter, every code path but timing), the timing, sweep and phases stages' code at a tiny shape, that a
+bound-sized error in a checked gradient FAILs, the tie mask of the sorted-L1 term, the bandwidth table and the CLI
+plumbing (`xtoken bench --suite gpu [--dry]`, exit status, --stage)."""
 from __future__ import annotations
 
 import os
@@ -48,6 +48,8 @@ def test_dry_run_passes_every_case(tmp_path):
     probe = re.findall(r"^random W +([CD]) +\d+ +(stream|lane gather|lane gather 1/thread|two-stage) +\d+ .* PASS$",
                        out.stdout, re.MULTILINE)
     assert set(probe) == {(d, k) for d in "CD" for k, _ in permute.KINDS}, out.stdout[-3000:]
+    # the fused kernels' phases, both kernels
+    assert re.findall(r"^(P-KL|H-KL) +\d+ programs: ", out.stdout, re.MULTILINE) == ["P-KL", "H-KL"]
     assert re.search(r"GPU check \(dry\): PASS in [\d.]+ s$", out.stdout.rstrip())
 
 
@@ -235,6 +237,25 @@ def test_probe_stage_runs_on_the_cpu(capsys):
     assert not permute.probe(device(), shape=(10, 160, 100), real=False, random=False)  # no W
 
 
+def test_phases_stage_runs_on_the_cpu(capsys):
+    """Stage 6 at a tiny shape: per fused kernel its phases' mean per program, here the interpreter's lap counts
+    (tests/test_phase_times.py pins them per chunk): P-KL's A to tail once a chunk, a wait per slice taken and per
+    chunk's guard; H-KL's every phase once a chunk; then the step's ops with and without the stamps."""
+    assert gpu.phases(device(), shape=(12, 160, 100), real=False)
+    out = capsys.readouterr().out
+    found = dict(re.findall(r"^(P-KL|H-KL) +2 programs: (.+); sum [\d.]+ laps$", out, re.MULTILINE))
+    laps = {k: {p: float(v) for p, v in re.findall(r"(\w+) ([\d.]+) \(\d+ %\)", line)} for k, line in found.items()}
+    from xtoken_ext.ops import hkl_kernel, pkl_kernel
+
+    assert list(laps) == ["P-KL", "H-KL"] and list(laps["P-KL"]) == list(pkl_kernel.PHASES), out
+    assert list(laps["H-KL"]) == list(hkl_kernel.PHASES)
+    pk, chunks = laps["P-KL"], laps["P-KL"]["A"]
+    assert chunks > 1 and [pk[p] for p in ("B", "R", "C", "tail")] == [chunks] * 4
+    assert pk["D"] >= chunks and pk["wait"] == pk["D"] + chunks and set(laps["H-KL"].values()) == {chunks}
+    assert len(re.findall(r"^ +with the stamps: ops [\d.]+ ms of wall", out, re.MULTILINE)) == 2
+    assert len(re.findall(r"^ +without: ops [\d.]+ ms of wall", out, re.MULTILINE)) == 2
+
+
 @pytest.mark.parametrize("blk", [64, 2048])
 def test_probe_layout_moves_every_pair_to_its_place(blk):
     """The two-stage permutation's arrays, run as the kernel runs them (in torch): stage 1 stores each pair tile's
@@ -300,13 +321,15 @@ def test_stage_option(monkeypatch):
     monkeypatch.setattr(gpu, "timing",
                         lambda *a, random=True: calls.append("timing" if random else "timing real") or False)
     monkeypatch.setattr(gpu, "sweep", lambda *a: calls.append("sweep") or True)
+    monkeypatch.setattr(gpu, "phases", lambda *a, **k: calls.append("phases") or True)
     monkeypatch.setattr(gpu, "_configuration", lambda *a: None)
     assert gpu.main(["--stage", "correctness"]) == 0 and calls == ["correctness"]
     assert gpu.main(["--stage", "timing"]) == 1 and calls == ["correctness", "timing"]
     assert gpu.main(["--stage", "sweep"]) == 0 and calls == ["correctness", "timing", "sweep"]
     assert gpu.main(["--stage", "probe"]) == 0 and calls[3:] == ["probe"]
-    assert gpu.main([]) == 1 and calls[4:] == ["correctness", "timing", "sweep", "probe"]
-    assert gpu.main(["--stage", "timing", "--real-only"]) == 1 and calls[8:] == ["timing real"]
+    assert gpu.main(["--stage", "phases"]) == 0 and calls[4:] == ["phases"]
+    assert gpu.main([]) == 1 and calls[5:] == ["correctness", "timing", "sweep", "probe", "phases"]
+    assert gpu.main(["--stage", "timing", "--real-only"]) == 1 and calls[10:] == ["timing real"]
     for stage in ("timing", "sweep"):
         with pytest.raises(SystemExit) as e:
             gpu.main(["--dry", "--stage", stage])

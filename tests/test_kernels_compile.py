@@ -65,7 +65,7 @@ if sys.argv[1] == "pkl":
         for sparse, grad_w, mean in itertools.product((False, True), (False, True), (True, False)):
             consts = dict(MEAN=mean, CHAIN=not mean, SPARSE=sparse, GRAD_W=grad_w, HAS_SCALE=grad_w, SLOTS=4,
                           CSLOTS=1 + (sparse + 2 * grad_w + mean) % 4, RPIECE=(1, 2, 4)[(grad_w + mean) % 3],
-                          EPS=0 if mean else 1 + sparse, HELP=0,
+                          EPS=0 if mean else 1 + sparse, HELP=0, PROFILE=0,
                           **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)  # every column-ELL width and eps kind
             r = compile_one(P._pkl_kernel, consts, cfg.num_warps, sparse, cfg.maxnreg)
             out.append(dict(kernel="pkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, grad_w=grad_w, mean=mean,
@@ -85,7 +85,7 @@ else:  # H-KL: its main variant at the 8,192-lane window (both sort networks), t
                                                (0, 8192, False, False, False, True), (1, 16, False, True, True, False)):
         cfg = H._CONFIGS[ci]
         consts = dict(MEAN=mean, CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=H.sort_widths(W)[1], MERGE=merge,
-                      **cfg.kwargs)
+                      PROFILE=0, **cfg.kwargs)
         r = compile_one(H._hkl_kernel, consts, cfg.num_warps, sparse)
         out.append(dict(kernel="hkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, W=W, merge=merge, **r))
 print(json.dumps(out))

@@ -13,7 +13,7 @@ import warnings
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
+from triton.language.extra import cuda, libdevice
 
 from ._common import interpret
 
@@ -73,6 +73,69 @@ class Launch:
         except Exception as e:  # e.g. a config's compile error, which autotuning then reports as it always did
             warnings.warn(f"compiling the {len(self.configs)} configurations of {fn.__name__} at once failed ({e!r});"
                           " autotuning compiles what is missing as usual", RuntimeWarning, stacklevel=3)
+
+
+class PhaseTimes:
+    """``with PhaseTimes() as pt:`` the fused P-KL and H-KL kernels launched inside time their phases (their
+    PHASES), each program summing the time between its stamps per phase (``lap``): the GPU's global timer (ns) on
+    CUDA, else (the interpreter) a logical clock that ticks once per stamp of any program. On leaving (a host sync),
+    ``pt.totals`` = {kernel: {phase: summed over its programs}} and ``pt.programs`` = {kernel: programs launched}. The
+    timed variant compiles apart (PROFILE), and its stamps cost a few instructions and a load and store each."""
+    active = None
+
+    def __init__(self):
+        self.totals, self.programs, self._runs = {}, {}, []
+
+    def __enter__(self):
+        PhaseTimes.active = self
+        return self
+
+    def __exit__(self, *exc):
+        PhaseTimes.active = None
+        for name, phases, buf in self._runs:
+            sums = buf[1:, :len(phases)].sum(0).tolist()
+            t = self.totals.setdefault(name, dict.fromkeys(phases, 0))
+            for p, v in zip(phases, sums, strict=True):
+                t[p] += v
+            self.programs[name] = self.programs.get(name, 0) + buf.shape[0] - 1
+
+
+def phase_args(name: str, phases: tuple, nprog: int, device, placeholder: torch.Tensor):
+    """A launch's (prof_ptr, PROFILE): the placeholder and 0 (no timing) unless a PhaseTimes is active, else a zeroed
+    int64 [1 + nprog, 8] buffer (row 0: the logical clock; row 1 + p: program p's phases, ``lap``) and 1 (the global
+    timer, CUDA) or 2 (the logical clock)."""
+    pt = PhaseTimes.active
+    if pt is None:
+        return placeholder, 0
+    assert len(phases) <= 8
+    buf = torch.zeros(1 + nprog, 8, dtype=torch.int64, device=device)
+    pt._runs.append((name, phases, buf))
+    return buf, 2 if interpret() or device.type != "cuda" else 1
+
+
+@triton.jit
+def stamp(prof_ptr, PROFILE: tl.constexpr):
+    """Now, for lap: the global timer in ns (PROFILE 1), the logical clock's next tick (2), else 0."""
+    if PROFILE == 1:
+        now = cuda.globaltimer()
+    elif PROFILE == 2:
+        now = tl.atomic_add(prof_ptr, 1)
+    else:
+        now = tl.zeros((), tl.int64)
+    return now
+
+
+@triton.jit
+def lap(t, prof_ptr, phase, PROFILE: tl.constexpr):
+    """The time since stamp t added to this program's phase slot (prof_ptr[8 (program + 1) + phase]) -> now; nothing
+    without PROFILE (t returned: Triton drops the constant that the loops carry)."""
+    if PROFILE:
+        now = stamp(prof_ptr, PROFILE)
+        slot = prof_ptr + 8 * (tl.program_id(0) + 1) + phase
+        tl.store(slot, tl.load(slot) + (now - t))
+    else:
+        now = t
+    return now
 
 
 @triton.jit

@@ -937,11 +937,11 @@ def _hkl_kernel(
     z_ptr, stride_z, t_ptr, stride_t, tc_ptr, stride_tc, smap_ptr, tmap_ptr, tcls_ptr, ubs_ptr, ubt_ptr, m_ptr,
     spans_ptr, schain_ptr, tchain_ptr, K,
     loss_ptr, gsum_ptr, path_ptr, dz_ptr, stride_dz, lse_s_ptr, lse_t_ptr,
-    la_ptr, lb_ptr, wa_ptr, wb_ptr, gc_ptr, gv_ptr, e_ptr, tacc_ptr, tcnt_ptr,
+    la_ptr, lb_ptr, wa_ptr, wb_ptr, gc_ptr, gv_ptr, e_ptr, tacc_ptr, tcnt_ptr, prof_ptr,
     V_S, V_T, C, cap_a, cap_b, sl_a, sl_b, m_up, g_len, inv_tau, tau,
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, W: tl.constexpr, W_SMALL: tl.constexpr,
-    MERGE: tl.constexpr, STAGES: tl.constexpr,
+    MERGE: tl.constexpr, STAGES: tl.constexpr, PROFILE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     la = la_ptr + pid * sl_a * (1 + MERGE)  # per-program scratch (module docstring); MERGE: two buffers per list
@@ -966,6 +966,7 @@ def _hkl_kernel(
     ca_mrg = tl.load(es + 5)
     cb_raw = tl.load(es + 6)
     cb_mrg = tl.load(es + 7)
+    t_ph = _tl.stamp(prof_ptr, PROFILE)  # PhaseTimes (PROFILE): the time between stamps by PHASES
     for k in range(pid, K, tl.num_programs(0)):
         c_s = _tl.chain_offset(schain_ptr, spans_ptr + 4 * k, CHAIN, BLOCK_L)
         c_t = _tl.chain_offset(tchain_ptr, spans_ptr + 4 * k + 2, CHAIN, BLOCK_L)
@@ -995,6 +996,7 @@ def _hkl_kernel(
         bh_a = _hint_bin(tl.load(ea_ptr), nh_a, cap_a)
         bh_b = _hint_bin(tl.load(eb_ptr), nh_b, cap_b)
         tl.debug_barrier()  # the previous chunk's lists, sort buffers and G are no longer read
+        t_ph = _tl.lap(t_ph, prof_ptr, 0, PROFILE)
 
         # S1 / T1: per row the online LSE and the bad-input check; a single row also gives its number of uncommon
         # keys and the single-pass list (keys of level-1 bin ≥ b_h, of its raw values), and a dense single teacher
@@ -1020,6 +1022,7 @@ def _hkl_kernel(
             tl.store(lse_t_ptr + r, tl.where(lse == float("-inf"), float("inf"), lse))  # no mass on A: T = −inf
             pc = frac * tl.exp(c_t)
         tl.debug_barrier()  # the lse were stored by single lanes and are read by all below
+        t_ph = _tl.lap(t_ph, prof_ptr, 1, PROFILE)
 
         a_src = (z_ptr, stride_z, lse_s_ptr, s_lo, n_s, inv_tau, smap_ptr, sh_a)
         b_src = (t_ptr, stride_t, tc_ptr, stride_tc, tcls_ptr, lse_t_ptr, tacc_row, tcnt_row, t_lo, n_t, c_t,
@@ -1069,6 +1072,7 @@ def _hkl_kernel(
                         tl.store(gv + pos, -tt * P)
                         n_sc += tl.sum(ci)
             gsum = -tt * pc
+            t_ph = _tl.lap(t_ph, prof_ptr, 2, PROFILE)
             if m > 0:
                 tl.debug_barrier()
                 # S2 / T2 (_compact) only where the single-pass list is not provably a superset of the top m
@@ -1104,6 +1108,7 @@ def _hkl_kernel(
                                                              whole | merge, wb, False, False, SPARSE, BLOCK_T,
                                                              BLOCK_L, W)
                 path |= whole.to(tl.int32) << 3
+                t_ph = _tl.lap(t_ph, prof_ptr, 3, PROFILE)
                 tot_b = nu_b
                 w_args = (m, tot_b, whole, la, n_a, blo_a, bhi_a, c1_a, nb1_a, lb, n_b, blo_b, bhi_b, c1_b, nb1_b, wa,
                           wb, gc, gv, al_a, be_a, al_b, be_b, tt, gsum)
@@ -1125,6 +1130,7 @@ def _hkl_kernel(
                     tl.store(eb_ptr, _track(tl.load(eb_ptr), sh_b, _unkey(th_b)))
                     cb_raw = tl.where(raw_b, _unkey(th_b) - an_b, cb_raw)
                     cb_mrg = tl.where(raw_b, cb_mrg, _unkey(th_b))
+                t_ph = _tl.lap(t_ph, prof_ptr, 4, PROFILE)
             if SPARSE:
                 if n_t > 1:  # leave the intersection scratch all-zero for the next chunk
                     tl.debug_barrier()
@@ -1160,6 +1166,7 @@ def _hkl_kernel(
         tl.store(loss_ptr + k, tl.where(bad != 0, float("nan"), tt * (kl + l1)))
         tl.store(gsum_ptr + k, tl.where(bad != 0, 0.0, gsum))
         tl.store(path_ptr + k, path)
+        t_ph = _tl.lap(t_ph, prof_ptr, 5, PROFILE)
     tl.store(es + 4, ca_raw)
     tl.store(es + 5, ca_mrg)
     tl.store(es + 6, cb_raw)
@@ -1172,6 +1179,11 @@ def _hkl_kernel(
 # tiles by Triton; merged rows' gradient passes are not pipelined (their row loop sits inside the tile loop: Triton
 # pipelines innermost loops only), nor are the compaction and list passes (pipelining them adds ~60 registers; the
 # lists are L2-resident).
+# the kernel's phases as _tl.PhaseTimes reports them (slots of _tl.lap): prep the chunk's set-up (hint, anchors),
+# rows S1 / T1, merged the merged or sparse rows' list passes, select the rescue and the candidates, sort the
+# windows (or the merge sort) up to the hint's update, grad S3 and G's columns (a time not lapped, e.g. a bad
+# chunk's skipped phases, goes to the next lap)
+PHASES = ("prep", "rows", "merged", "select", "sort", "grad")
 _CONFIGS = [triton.Config({"BLOCK_S": b, "BLOCK_T": b, "BLOCK_L": b, "STAGES": st}, num_warps=nw)
             for b, st, nw in ((2048, 3, 8), (4096, 2, 16))]
 # the configs round differently (tile sums), and timing picks one per process: kept in Triton's on-disk cache
@@ -1303,11 +1315,13 @@ def hkl_rows(s_logits, t_vals, t_cols, col_mask, spans, temperature, merge, s_ch
     else:
         tacc, tcnt = lse_t, gc  # unused placeholders
     if K:
+        prof, profile = _tl.phase_args("H-KL", PHASES, P, device, spans)
         _launch((P,), s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0), smap, tmap,
                 tcls, bits_s, bits_t, m_dev, spans, s_ch, t_ch, K, loss, gsum,
-                paths, grad, grad.stride(0), lse_s, lse_t, la, lb, wa, wb, gc, gv, hint, tacc, tcnt, V_S, V_T, C,
+                paths, grad, grad.stride(0), lse_s, lse_t, la, lb, wa, wb, gc, gv, hint, tacc, tcnt, prof, V_S, V_T, C,
                 cap_a, cap_b, sl_a, sl_b, m_up, g_len, 1.0 / tau, tau,
                 MEAN=merge == "mean", CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=W_SMALL, MERGE=nbuf == 2,
+                PROFILE=profile,
                 **(_interp_blocks(V_S, C, max(cap_a, cap_b)) if interpret() else {}))
     global last_paths
     last_paths = paths

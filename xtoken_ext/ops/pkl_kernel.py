@@ -85,6 +85,10 @@ from ._common import SLOTS, cached_on_tensors, covered_rows, interpret
 NEG = _tl.NEG
 PUB = tl.constexpr(1 << 16)  # a published chunk's sync word: (owner + 1)·PUB, + 1 per slice taken
 _GRAD_W_BYTES = 256 << 20  # per-block h rows kept for the W gradient kernel
+# the kernel's phases as _tl.PhaseTimes reports them (slots of _tl.lap): A the student rows (and the chunk's set-up),
+# B the teacher rows' LSEs, R the residual sums (sparse: C1's entries), C the teacher pass, tail C3 and d_r up to
+# the chunk's publication, D the slices this program took (any chunk's), wait the guard's polls and waits
+PHASES = ("A", "B", "R", "C", "tail", "D", "wait")
 # tests: one program per chunk, run as two launches (_pkl_kernel's HELP), so that slices are computed by programs
 # that do not own them, under the interpreter too
 help_split = False
@@ -228,11 +232,11 @@ def _pkl_kernel(
     spans_ptr, tchain_ptr, scale_ptr,
     loss_ptr, dz_ptr, stride_dz,
     lse_s_ptr, dr_ptr, lse_t_ptr, qu_ptr, h_ptr, tm_ptr, n_tiles_max, tacc_ptr, tcnt_ptr, stat_ptr, sync_ptr, rs_ptr,
-    k0, k1, V_S, V_T, row_len, C, inv_tau, tau, eps,
+    prof_ptr, k0, k1, V_S, V_T, row_len, C, inv_tau, tau, eps,
     MEAN: tl.constexpr, CHAIN: tl.constexpr, SPARSE: tl.constexpr, GRAD_W: tl.constexpr,
     HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     CSLOTS: tl.constexpr, RPIECE: tl.constexpr, SLOTS: tl.constexpr, SLICE: tl.constexpr, WIN: tl.constexpr,
-    EPS: tl.constexpr, HELP: tl.constexpr, LANE1: tl.constexpr,
+    EPS: tl.constexpr, HELP: tl.constexpr, LANE1: tl.constexpr, PROFILE: tl.constexpr,
 ):
     FOLD: tl.constexpr = not (SPARSE or GRAD_W)
     PIECE: tl.constexpr = 1 if SPARSE else RPIECE  # entries per piece of _entries' lists (_residual_piece)
@@ -251,6 +255,7 @@ def _pkl_kernel(
     tcnt_row = tcnt_ptr + row
     offs_s = tl.arange(0, BLOCK_S)
     offs_t = tl.arange(0, BLOCK_T)
+    t_ph = _tl.stamp(prof_ptr, PROFILE)  # PhaseTimes (PROFILE): the time between stamps by PHASES
     for k in range(k0 + pid, k1 + nprog, nprog):  # one more round: the last chunk's guard
         # guard: this program's scratch rows (h, C3's tile maxima) are free once its previous chunk's D slices are
         # done. Take open slices of published chunks, oldest first (the previous chunk's included), until none is
@@ -273,9 +278,11 @@ def _pkl_kernel(
                 busy = own_open | (tl.max(open_.to(tl.int32)) > 0)
                 oldest = tl.min(tl.where(open_, i, n_k))
                 if busy:
+                    t_ph = _tl.lap(t_ph, prof_ptr, 6, PROFILE)
                     _take_slice(tl.where(own_open, tl.minimum(oldest, c_p), oldest), sync_ptr, rs_ptr, n_k, G, z_ptr,
                                 stride_z, ell_ptr, nslot_ptr, spans_ptr, lse_s_ptr, dr_ptr, h_ptr, dz_ptr, stride_dz,
                                 k0, V_S, V_T, row_len, inv_tau, MEAN, GRAD_W, FOLD, BLOCK_S, SLOTS, SLICE, LANE1)
+                    t_ph = _tl.lap(t_ph, prof_ptr, 5, PROFILE)
             n_done = 0
             while n_done < G:
                 n_done = tl.atomic_add(sync_ptr + 1 + n_k + c_p, 0, sem="acquire", scope="gpu")
@@ -286,6 +293,7 @@ def _pkl_kernel(
                     v = tl.load(tc_ptr + tp_lo * stride_tc + o, mask=o < C, other=-1)
                     tl.store(h_ptr + row + v, tl.zeros((BLOCK_T,), tl.float32), mask=v >= 0)
             tl.debug_barrier()
+            t_ph = _tl.lap(t_ph, prof_ptr, 6, PROFILE)
         if k < k_run:
             # GRAD_W: h rows of the block's chunks stay for the W-gradient kernel; else a per-program scratch row
             # (dense: the Qu row, which the dense pass does not use).
@@ -323,6 +331,7 @@ def _pkl_kernel(
                     tl.debug_barrier()  # every lane has read the LSE before it is replaced
                     tl.store(lse_s_ptr + r, lse_r - 44.3614195558365)  # 64 ln 2
                 Zu = z_sum / n_s
+            t_ph = _tl.lap(t_ph, prof_ptr, 0, PROFILE)
             inv_qz = _tl.P_UNIT / (n_s * tl.where(Zu > 0, Zu, 1.0))  # q = 2^-24 Qu / (n_s Z), Qu = 2^24 Σ Wᵀp_r / unit
 
             # B: teacher row LSEs (sparse, or several rows), their sum, and for sparse the later rows' columns.
@@ -338,6 +347,7 @@ def _pkl_kernel(
                     _tl.scatter_later_rows(t_ptr, stride_t, tc_ptr, stride_tc, mask_ptr, lse_t_ptr, tacc_row, tcnt_row,
                                            t_lo, t_hi, C, inv_tau, BLOCK_T)
             tl.debug_barrier()  # lse_s / lse_t were stored by single lanes and are read by every lane below
+            t_ph = _tl.lap(t_ph, prof_ptr, 1, PROFILE)
 
             if SPARSE:  # C1 over all entries (one a piece): the teacher's columns are anywhere in V_T
                 lists = (ew_ptr, ek_ptr, NNZ, qu_row)
@@ -352,6 +362,7 @@ def _pkl_kernel(
                     _entries(e_args, lists, False, PIECE, BLOCK_E)
             else:
                 _entries(e_args, lists, False, PIECE, BLOCK_E)
+            t_ph = _tl.lap(t_ph, prof_ptr, 2, PROFILE)
             n_c2 = tl.cdiv(C, BLOCK_T)
 
             # C: one online pass over the teacher in BLOCK_T tiles. Dense: per tile C1 from the column ELL (and R's
@@ -375,6 +386,7 @@ def _pkl_kernel(
                     m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, EPS, BLOCK_T, LANE1)
             else:  # merge "first" / "chain": one student and one teacher row
                 m, l_v, s1_v, mu_v, mz_v = _single_pass(c_args, FOLD, CSLOTS, EPS, BLOCK_T, LANE1)
+            t_ph = _tl.lap(t_ph, prof_ptr, 3, PROFILE)
             l = tl.sum(l_v)
             s1 = tl.sum(s1_v)
             bad += (s1 != s1).to(tl.int32)
@@ -455,6 +467,7 @@ def _pkl_kernel(
             tl.store(rs_ptr + 4 * c + 3, hb)
             tl.debug_barrier()  # every lane's h, d_r and stats stores precede the release
             tl.atomic_xchg(sync_ptr + 1 + c, (pid + 1) * PUB, sem="release", scope="gpu")
+            t_ph = _tl.lap(t_ph, prof_ptr, 4, PROFILE)
 
 
 @triton.jit
@@ -1187,18 +1200,19 @@ def pkl_rows(s_logits, t_vals, t_cols, w_idx, w_val, col_mask, spans, temperatur
         else:
             h, stat = (torch.zeros(nprog, row_len, **f32) if sparse else qu), loss
         sync, rs = torch.zeros(1 + 2 * (k1 - k0), dtype=torch.int32, device=device), torch.empty(k1 - k0, 4, **f32)
+        prof, profile = _tl.phase_args("P-KL", PHASES, nprog, device, spans)
         for help_ in (1, 2) if help_split else (0,):
             _launch((nprog,),
                     s_logits, s_logits.stride(0), t_vals, t_vals.stride(0), t_cols, t_cols.stride(0),
                     a, ell, st["nslot"], e_words, st["e_key"], st["nnz"], cell, st["rank"], r_words,
                     r_key, st["n_pieces"], st["r_spare"], mask8,
                     spans, chain, scale, loss, grad, grad.stride(0), lse_s, d_r, lse_t, qu, h, tm, tm.shape[1], tacc,
-                    tcnt, stat, sync, rs,
+                    tcnt, stat, sync, rs, prof,
                     k0, k1, V_S, V_T, row_len, C, 1.0 / float(temperature), float(temperature), float(eps),
                     MEAN=merge == "mean", CHAIN=merge == "chain", SPARSE=sparse, GRAD_W=need_grad_w,
                     HAS_SCALE=chunk_scale is not None, CSLOTS=st["cslots"], RPIECE=1 if sparse else st["rpiece"],
                     SLOTS=SLOTS, EPS=_eps_kind(eps),
-                    **_TILES, **_SLICES, HELP=help_)
+                    **_TILES, **_SLICES, HELP=help_, PROFILE=profile)
         if need_grad_w:
             _grad_w(lambda meta: (triton.cdiv(V_S, meta["BLOCK"]),), s_logits, s_logits.stride(0), spans, w_idx,
                     mask8, lse_s, h, stat, grad_w, k0, k1, V_S, V_T, 1.0 / float(temperature), float(temperature),
