@@ -30,7 +30,7 @@
    fused per-chunk losses must also agree with the torch backend's within the bound (both compute in fp32). Under
    each fused row, one more call profiled (torch.profiler): its kernels' device time by kernel, against its wall time;
    and for an autotuned kernel each configuration's time in its autotuning.
-4. Sweep (skipped with --dry). Fused P-KL as in stage 3 under each launch configuration of PKL_SWEEP (warps,
+4. Sweep (skipped with --dry). Fused P-KL as in stage 3 under each launch configuration of pkl_sweep() (warps,
    register cap, programs per SM, teacher tile, gathers one element a thread or not: LANE1), each profiled and
    checked against the torch backend's losses: the data for tuning ops.pkl_kernel on the GPU at hand.
 
@@ -722,21 +722,30 @@ def timing(dev: torch.device, runs: int, shape=None, real: bool = True, bandwidt
     return ok
 
 
-# P-KL launch configurations of the sweep (stage 4): (warps, register cap, programs per SM, BLOCK_T, LANE1). The first
-# two are ops.pkl_kernel's autotune configs (its gathers as Triton lays out the tile, and one element a thread:
-# ops.pkl_kernel._gather); the others trade registers for resident warps (the first GPU run, 2026-12-04 on an H200,
-# measured P-KL 6.8-10.4x slower than bench/costmodel.py's issue-bound model, which assumes 4 instructions per clock
-# per SM with one 8-warp program resident) or shorten the teacher tile.
-PKL_SWEEP = ((8, 255, 1, 2048, False), (8, 255, 1, 2048, True), (8, 128, 2, 2048, False), (8, 128, 2, 2048, True),
-             (4, 255, 2, 2048, False), (4, 128, 4, 2048, False), (16, 128, 1, 2048, False), (8, 255, 1, 1024, False))
+# P-KL launch configurations of the sweep (stage 4) after ops.pkl_kernel's own autotune configs (pkl_sweep): (warps,
+# register cap, programs per SM, BLOCK_T, LANE1). They trade registers for resident warps (the first GPU run,
+# 2026-12-04 on an H200, measured P-KL 6.8-10.4x slower than bench/costmodel.py's issue-bound model, which assumes 4
+# instructions per clock per SM with one 8-warp program resident) or shorten the teacher tile.
+PKL_SWEEP_MORE = ((8, 128, 2, 2048, False), (8, 128, 2, 2048, True), (4, 255, 2, 2048, False),
+                  (4, 128, 4, 2048, False), (16, 128, 1, 2048, False), (8, 255, 1, 1024, False))
 
 
-def sweep(dev: torch.device, runs: int, shape=None, real: bool = True, configs=PKL_SWEEP, bandwidth=None) -> bool:
+def pkl_sweep() -> tuple:
+    """The sweep's configurations: ops.pkl_kernel._CONFIGS as the kernel runs them (one program per SM, its GPU
+    teacher tile; its gathers as Triton lays out the tile or one element a thread, LANE1), then PKL_SWEEP_MORE. Read
+    at the call: importing the kernel module fixes its tiles for the interpreter or the GPU (--dry sets that later)."""
+    from xtoken_ext.ops import pkl_kernel as pk
+
+    return tuple((c.num_warps, c.maxnreg, 1, pk.TILES_GPU["BLOCK_T"], c.kwargs["LANE1"]) for c in pk._CONFIGS) \
+        + PKL_SWEEP_MORE
+
+
+def sweep(dev: torch.device, runs: int, shape=None, real: bool = True, configs=None, bandwidth=None) -> bool:
     """Stage 4: fused P-KL fwd+bwd (stage 3's inputs and W, the real one where it loads) under each launch
-    configuration of ``configs`` in turn, with the time of its kernels (breakdown) and its losses checked against
-    the torch backend's; ops.pkl_kernel's own configuration is restored afterwards. -> False when a configuration
-    fails or disagrees. Under the interpreter (a test) only the program count and LANE1 take effect; ``bandwidth`` as in
-    timing."""
+    configuration of ``configs`` (default pkl_sweep()) in turn, with the time of its kernels (breakdown) and its
+    losses checked against the torch backend's; ops.pkl_kernel's own configuration is restored afterwards. -> False
+    when a configuration fails or disagrees. Under the interpreter (a test) only the program count and LANE1 take
+    effect; ``bandwidth`` as in timing."""
     import triton
 
     import xtoken_ext as xt
@@ -762,7 +771,7 @@ def sweep(dev: torch.device, runs: int, shape=None, real: bool = True, configs=P
     saved = pk._launch, pk._num_programs, dict(pk._TILES)
     ok = True
     try:
-        for warps, nreg, per_sm, block_t, lane1 in configs:
+        for warps, nreg, per_sm, block_t, lane1 in configs or pkl_sweep():
             pk._launch = pk.launch_configs([triton.Config({"BLOCK_S": 2048, "LANE1": lane1}, num_warps=warps,
                                                           maxnreg=nreg)])
             pk._num_programs = functools.partial(lambda n, K, device: max(1, min(K, n)), per_sm * sms)
@@ -789,8 +798,8 @@ def sweep(dev: torch.device, runs: int, shape=None, real: bool = True, configs=P
 
 def phases(dev: torch.device, shape=None, real: bool = True) -> bool:
     """Stage 6 at ``shape`` (default bench.losses.GPU_SHAPE), with the real W unless ``real`` is False (then, or
-    where it does not load, Projection.random): per fused kernel (P-KL, H-KL), one fwd+bwd to compile its timed
-    variant, then one profiled (breakdown) under ops._tl.PhaseTimes: each phase's total over the programs / their
+    where it does not load, Projection.random): per fused kernel (P-KL, H-KL), on CUDA one fwd+bwd to compile its
+    timed variant, then one profiled (breakdown) under ops._tl.PhaseTimes: each phase's total over the programs / their
     count (ms on CUDA; laps under the interpreter), beside the step's kernel times with the stamps and, profiled
     before, without. -> False when a step fails or a phase total is negative."""
     import xtoken_ext as xt
@@ -813,10 +822,12 @@ def phases(dev: torch.device, shape=None, real: bool = True) -> bool:
             step = functools.partial(_step, z, functools.partial(getattr(xt, f"{kind}_loss"), z, t, batch, proj,
                                                                  reduction="none", backend="triton"))
             try:
-                step()  # the untimed variant compiled (stage 3 may have)
+                if cuda:
+                    step()  # the untimed variant compiled (stage 3 may have)
                 untimed = breakdown(step, dev)
-                with _tl.PhaseTimes():
-                    step()  # the timed variant compiled
+                if cuda:
+                    with _tl.PhaseTimes():
+                        step()  # the timed variant compiled
                 with _tl.PhaseTimes() as pt:
                     timed = breakdown(step, dev)
             except Exception as e:  # a failed compile or launch: report it, go on with the next kernel

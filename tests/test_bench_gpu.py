@@ -1,7 +1,7 @@
 """The one-command GPU check (xtoken_ext.bench.gpu): its --dry mode end to end in a fresh process (CPU, Triton
-interpreter, every code path but timing), the timing, sweep and phases stages' code at a tiny shape, that a
-bound-sized error in a checked gradient FAILs, the tie mask of the sorted-L1 term, the bandwidth table and the CLI
-plumbing (`xtoken bench --suite gpu [--dry]`, exit status, --stage)."""
+interpreter, every code path but timing; stage 6's lap counts), the timing and sweep stages' code at a tiny shape,
+that a bound-sized error in a checked gradient FAILs, the tie mask of the sorted-L1 term, the bandwidth table and the
+CLI plumbing (`xtoken bench --suite gpu [--dry]`, exit status, --stage)."""
 from __future__ import annotations
 
 import os
@@ -15,6 +15,7 @@ import torch
 from helpers import device
 from xtoken_ext.bench import gpu, permute
 from xtoken_ext.cli import main
+from xtoken_ext.ops import hkl_kernel, pkl_kernel
 from xtoken_ext.testing import loss_problem, sorted_l1_ambiguous, worst_ratio
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # masked interpreter lanes evaluate log(0)
@@ -48,8 +49,18 @@ def test_dry_run_passes_every_case(tmp_path):
     probe = re.findall(r"^random W +([CD]) +\d+ +(stream|lane gather|lane gather 1/thread|two-stage) +\d+ .* PASS$",
                        out.stdout, re.MULTILINE)
     assert set(probe) == {(d, k) for d in "CD" for k, _ in permute.KINDS}, out.stdout[-3000:]
-    # the fused kernels' phases, both kernels
-    assert re.findall(r"^(P-KL|H-KL) +\d+ programs: ", out.stdout, re.MULTILINE) == ["P-KL", "H-KL"]
+    # stage 6, the fused kernels' phases: here the interpreter's lap counts (tests/test_phase_times.py pins them per
+    # chunk): P-KL's A to tail once a chunk, a wait per slice taken and per chunk's guard, H-KL's every phase once a
+    # chunk; then the step's ops with and without the stamps
+    found = dict(re.findall(r"^(P-KL|H-KL) +2 programs: (.+); sum [\d.]+ laps$", out.stdout, re.MULTILINE))
+    laps = {k: {p: float(v) for p, v in re.findall(r"(\w+) ([\d.]+) \(\d+ %\)", line)} for k, line in found.items()}
+    assert list(laps) == ["P-KL", "H-KL"], out.stdout[-3000:]
+    assert list(laps["P-KL"]) == list(pkl_kernel.PHASES) and list(laps["H-KL"]) == list(hkl_kernel.PHASES)
+    pk, chunks = laps["P-KL"], laps["P-KL"]["A"]
+    assert chunks > 1 and [pk[p] for p in ("B", "R", "C", "tail")] == [chunks] * 4
+    assert pk["D"] >= chunks and pk["wait"] == pk["D"] + chunks and set(laps["H-KL"].values()) == {chunks}
+    assert len(re.findall(r"^ +with the stamps: ops [\d.]+ ms of wall", out.stdout, re.MULTILINE)) == 2
+    assert len(re.findall(r"^ +without: ops [\d.]+ ms of wall", out.stdout, re.MULTILINE)) == 2
     assert re.search(r"GPU check \(dry\): PASS in [\d.]+ s$", out.stdout.rstrip())
 
 
@@ -227,6 +238,16 @@ def test_sweep_stage_runs_on_the_cpu(capsys, monkeypatch):
     assert (pk._launch, pk._num_programs, pk._TILES) == (before[0], before[1], before[2])
 
 
+def test_sweep_starts_with_the_kernels_own_configs():
+    """The sweep's default rows (the GPU's): ops.pkl_kernel's autotune configs as the kernel launches them (one
+    program per SM, its GPU teacher tile), read from the kernel module, then the others."""
+    from xtoken_ext.ops import pkl_kernel as pk
+
+    rows, n = gpu.pkl_sweep(), len(pk._CONFIGS)
+    assert rows[:n] == tuple((c.num_warps, c.maxnreg, 1, 2048, c.kwargs["LANE1"]) for c in pk._CONFIGS)
+    assert {r[4] for r in rows[:n]} == {False, True} and rows[n:] == gpu.PKL_SWEEP_MORE
+
+
 def test_probe_stage_runs_on_the_cpu(capsys):
     """Stage 5 at a tiny shape whose student and teacher rows differ in number (15 and 16: the probe takes the rows
     both have): a row per W, direction and kernel, each checked against float64."""
@@ -235,25 +256,6 @@ def test_probe_stage_runs_on_the_cpu(capsys):
                       capsys.readouterr().out, re.MULTILINE)
     assert [(r[0], r[1], int(r[2])) for r in rows] == [(d, k, n) for d in "CD" for k, n in permute.KINDS]
     assert not permute.probe(device(), shape=(10, 160, 100), real=False, random=False)  # no W
-
-
-def test_phases_stage_runs_on_the_cpu(capsys):
-    """Stage 6 at a tiny shape: per fused kernel its phases' mean per program, here the interpreter's lap counts
-    (tests/test_phase_times.py pins them per chunk): P-KL's A to tail once a chunk, a wait per slice taken and per
-    chunk's guard; H-KL's every phase once a chunk; then the step's ops with and without the stamps."""
-    assert gpu.phases(device(), shape=(12, 160, 100), real=False)
-    out = capsys.readouterr().out
-    found = dict(re.findall(r"^(P-KL|H-KL) +2 programs: (.+); sum [\d.]+ laps$", out, re.MULTILINE))
-    laps = {k: {p: float(v) for p, v in re.findall(r"(\w+) ([\d.]+) \(\d+ %\)", line)} for k, line in found.items()}
-    from xtoken_ext.ops import hkl_kernel, pkl_kernel
-
-    assert list(laps) == ["P-KL", "H-KL"] and list(laps["P-KL"]) == list(pkl_kernel.PHASES), out
-    assert list(laps["H-KL"]) == list(hkl_kernel.PHASES)
-    pk, chunks = laps["P-KL"], laps["P-KL"]["A"]
-    assert chunks > 1 and [pk[p] for p in ("B", "R", "C", "tail")] == [chunks] * 4
-    assert pk["D"] >= chunks and pk["wait"] == pk["D"] + chunks and set(laps["H-KL"].values()) == {chunks}
-    assert len(re.findall(r"^ +with the stamps: ops [\d.]+ ms of wall", out, re.MULTILINE)) == 2
-    assert len(re.findall(r"^ +without: ops [\d.]+ ms of wall", out, re.MULTILINE)) == 2
 
 
 @pytest.mark.parametrize("blk", [64, 2048])
