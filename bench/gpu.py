@@ -769,10 +769,11 @@ def sweep(dev: torch.device, runs: int, shape=None, real: bool = True, configs=N
     print(f"sweep: fused P-KL fwd+bwd, {wname}, best of {runs}; {head.strip()} then its kernels\n{head}\n"
           f"{'-' * len(head)}", flush=True)
     saved = pk._launch, pk._num_programs, dict(pk._TILES)
+    block_s = pk._CONFIGS[0].kwargs["BLOCK_S"]  # the student tile of every row (the kernel's)
     ok = True
     try:
         for warps, nreg, per_sm, block_t, lane1 in configs or pkl_sweep():
-            pk._launch = pk.launch_configs([triton.Config({"BLOCK_S": 2048, "LANE1": lane1}, num_warps=warps,
+            pk._launch = pk.launch_configs([triton.Config({"BLOCK_S": block_s, "LANE1": lane1}, num_warps=warps,
                                                           maxnreg=nreg)])
             pk._num_programs = functools.partial(lambda n, K, device: max(1, min(K, n)), per_sm * sms)
             if not pk.interpret():
@@ -801,7 +802,8 @@ def phases(dev: torch.device, shape=None, real: bool = True) -> bool:
     where it does not load, Projection.random): per fused kernel (P-KL, H-KL), on CUDA one fwd+bwd to compile its
     timed variant, then one profiled (breakdown) under ops._tl.PhaseTimes: each phase's total over the programs / their
     count (ms on CUDA; laps under the interpreter), beside the step's kernel times with the stamps and, profiled
-    before, without. -> False when a step fails or a phase total is negative."""
+    before, without. -> False when a step fails, its timed losses differ from the untimed (CUDA; the tests check it
+    under the interpreter) or a phase total is negative."""
     import xtoken_ext as xt
     from xtoken_ext.ops import _tl
 
@@ -822,12 +824,14 @@ def phases(dev: torch.device, shape=None, real: bool = True) -> bool:
             step = functools.partial(_step, z, functools.partial(getattr(xt, f"{kind}_loss"), z, t, batch, proj,
                                                                  reduction="none", backend="triton"))
             try:
-                if cuda:
-                    step()  # the untimed variant compiled (stage 3 may have)
-                untimed = breakdown(step, dev)
-                if cuda:
+                if cuda:  # both variants compiled (and autotuned: Launch refuses to autotune a timed launch)
+                    ref = step()
                     with _tl.PhaseTimes():
-                        step()  # the timed variant compiled
+                        same = torch.equal(step(), ref)  # timing changes no result
+                    ok &= same
+                    if not same:
+                        print(f"{kernel:<6}timed losses differ from the untimed ones (FAIL)", flush=True)
+                untimed = breakdown(step, dev)
                 with _tl.PhaseTimes() as pt:
                     timed = breakdown(step, dev)
             except Exception as e:  # a failed compile or launch: report it, go on with the next kernel

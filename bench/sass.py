@@ -5,6 +5,7 @@ the source line of that branch (its ``for`` header); its body is counted per thr
 iteration, so a pass costs body × warps × iterations warp-instructions on its SM."""
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import inspect
 import os
@@ -185,28 +186,46 @@ def pass_bodies() -> dict:
     count and append, _compact's histogram and compaction). Under "sfu", the same loops' MUFU instructions per
     thread per tile (the streaming passes; the appends S1 / T1 skip hold none)."""
     from xtoken_ext.ops import hkl_kernel as H
+
+    cfg = H._CONFIGS[0]
+    w = H.sort_widths(H._SORT_CAP)
+    consts = dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], MERGE=False, PROFILE=0, **cfg.kwargs)
+    # H-KL's variant (the longest compile) in a thread beside P-KL's: Triton and ptxas release the GIL for most of it
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        hkl = pool.submit(loop_bodies, H._hkl_kernel, consts, cfg.num_warps)
+        out = {"P-KL": _pkl_bodies()}
+        hkl.result()
+    out["H-KL"] = _hkl_bodies(consts, cfg.num_warps)
+    return out
+
+
+def _single_rows(cfg) -> tuple:
+    """C per column-ELL width and D per ELL width in config ``cfg``, in their single-row loops (_single_pass,
+    _slice_single: the latter instantiated for each ELL width 1..SLOTS), with their MUFU counts; and the 1-slot
+    variant's (constexprs, loop bodies, MUFU counts)."""
     from xtoken_ext.ops import pkl_kernel as P
 
-    def single_rows(cfg):
-        """C per column-ELL width and D per ELL width in config ``cfg``, in their single-row loops (_single_pass,
-        _slice_single: the latter instantiated for each ELL width 1..SLOTS), with their MUFU counts; and the 1-slot
-        variant's (constexprs, loop bodies, MUFU counts)."""
-        c, cs = {}, {}
-        for k in range(1, P.SLOTS + 1):  # the column ELL's width: C's body grows with it
-            consts = dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False, SLOTS=P.SLOTS,
-                          CSLOTS=k, RPIECE=max(P.ENTRY_COST), EPS=0, HELP=0, PROFILE=0, **P.TILES_GPU,
-                          **P.SLICES_GPU, **cfg.kwargs)
-            b, f = (get(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg) for get in (loop_bodies, loop_sfu))
-            (c[k],), (cs[k],) = (body(x, P._single_pass, "for t in range(0, tl.cdiv(C") for x in (b, f))
-            if k == 1:
-                first = consts, b, f
-                # D per ELL width: more slots issue more (the MUFU counts go with their bodies)
-                d, sd = (dict(zip(range(1, P.SLOTS + 1), v, strict=True)) for v in zip(*sorted(
-                    zip(*(body(x, P._slice_single, "for v0 in range(") for x in (b, f))))))
-        return c, cs, d, sd, first
+    c, cs = {}, {}
+    for k in range(1, P.SLOTS + 1):  # the column ELL's width: C's body grows with it
+        consts = dict(MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False, SLOTS=P.SLOTS,
+                      CSLOTS=k, RPIECE=max(P.ENTRY_COST), EPS=0, HELP=0, PROFILE=0, **P.TILES_GPU,
+                      **P.SLICES_GPU, **cfg.kwargs)
+        b, f = (get(P._pkl_kernel, consts, cfg.num_warps, maxnreg=cfg.maxnreg) for get in (loop_bodies, loop_sfu))
+        (c[k],), (cs[k],) = (body(x, P._single_pass, "for t in range(0, tl.cdiv(C") for x in (b, f))
+        if k == 1:
+            first = consts, b, f
+            # D per ELL width: more slots issue more (the MUFU counts go with their bodies)
+            d, sd = (dict(zip(range(1, P.SLOTS + 1), v, strict=True)) for v in zip(*sorted(
+                zip(*(body(x, P._slice_single, "for v0 in range(") for x in (b, f))))))
+    return c, cs, d, sd, first
+
+
+def _pkl_bodies() -> dict:
+    """pass_bodies' P-KL part."""
+    from xtoken_ext.ops import pkl_kernel as P
 
     cfg = P._CONFIGS[0]
-    c, cs, d, sd, (consts, b, f) = single_rows(cfg)
+    c, cs, d, sd, (consts, b, f) = _single_rows(cfg)
     # R: _entries' single-row instantiation (without _p_bar's loop over the merged rows)
     merged = set(source_lines(P._p_bar, "for r in range(s_lo, s_hi)"))
     (a,), (sa,) = (body(x, P._row_stats, "for v0 in range") for x in (b, f))
@@ -216,18 +235,21 @@ def pass_bodies() -> dict:
                       for get in (loop_bodies, loop_sfu, loop_lines))
         (r[piece],), (sr[piece],) = (body(x, P._entries, "for i0 in range(0, n", lp, lambda y: not y & merged)
                                      for x in (bp, fp))
-    out = {"P-KL": dict(warps=cfg.num_warps, A=a, C=c, R=r, D=d, sfu=dict(A=sa, C=cs, R=sr, D=sd))}
+    out = dict(warps=cfg.num_warps, A=a, C=c, R=r, D=d, sfu=dict(A=sa, C=cs, R=sr, D=sd))
     # C and D with their gathers one element a thread (the LANE1 config, ops.pkl_kernel._gather; A and R gather
     # nothing through it)
     (cfg1,) = [x for x in P._CONFIGS if x.kwargs["LANE1"]]
-    c1, cs1, d1, sd1, _ = single_rows(cfg1)
-    out["P-KL"]["LANE1"] = dict(C=c1, D=d1, sfu=dict(C=cs1, D=sd1))
-    cfg = H._CONFIGS[0]
-    w = H.sort_widths(H._SORT_CAP)
-    consts = dict(MEAN=True, CHAIN=False, SPARSE=False, W=w[0], W_SMALL=w[1], MERGE=False, PROFILE=0,
-                  **cfg.kwargs)
-    b, skips = loop_bodies(H._hkl_kernel, consts, cfg.num_warps), loop_skips(H._hkl_kernel, consts, cfg.num_warps)
-    f = loop_sfu(H._hkl_kernel, consts, cfg.num_warps)
+    c1, cs1, d1, sd1, _ = _single_rows(cfg1)
+    out["LANE1"] = dict(C=c1, D=d1, sfu=dict(C=cs1, D=sd1))
+    return out
+
+
+def _hkl_bodies(consts: dict, warps: int) -> dict:
+    """pass_bodies' H-KL part, its variant ``consts`` at ``warps``."""
+    from xtoken_ext.ops import hkl_kernel as H
+
+    b, skips = loop_bodies(H._hkl_kernel, consts, warps), loop_skips(H._hkl_kernel, consts, warps)
+    f = loop_sfu(H._hkl_kernel, consts, warps)
     (s1, t1), (fs1, ft1) = (body(x, H._row_pass, "for c0 in range(0, C, BLOCK)") for x in (b, f))
     (branch,) = header_lines(H._row_pass, "if _tile_has(")
     s1_skip, t1_skip = [sk[branch] for line in header_lines(H._row_pass, "for c0 in range(0, C, BLOCK)")
@@ -236,7 +258,7 @@ def pass_bodies() -> dict:
     # level-1 histogram and key range, bin b1's key range (_candidates' two loops), a bisection step (_select), the
     # gather into the sort buffer (_gather); a list's bodies are those that load its keys (_keys' line for that
     # source; _select's and _gather's others are _compact's over the rows), the costliest where it has several
-    ls = loop_lines(H._hkl_kernel, consts, cfg.num_warps)
+    ls = loop_lines(H._hkl_kernel, consts, warps)
     hist, b1 = header_lines(H._candidates, "for i0 in range(0, cnt, BLOCK_L)")
     lst = {}
     for side, load in (("a", "e = tl.load(src + o, mask=valid, other=0)"), ("b", "k = tl.load(src + o, mask=valid")):
@@ -259,9 +281,8 @@ def pass_bodies() -> dict:
         miss[side] = {k: max(n for n, x in zip(b[line], ls[line]) if mine(x))
                       for k, line in (("hist", hist_r), ("gather", gath_r), ("count", count_r), ("append", app_r))}
     (s3,), (fs3,) = (body(x, H._grad_one, "for v0 in range") for x in (b, f))
-    out["H-KL"] = dict(warps=cfg.num_warps, S1=s1, T1=t1, S1_skip=s1_skip, T1_skip=t1_skip, S3=s3, L=lst,
-                       miss=miss, sfu=dict(S1=fs1, T1=ft1, S3=fs3))
-    return out
+    return dict(warps=warps, S1=s1, T1=t1, S1_skip=s1_skip, T1_skip=t1_skip, S3=s3, L=lst, miss=miss,
+                sfu=dict(S1=fs1, T1=ft1, S3=fs3))
 
 
 if __name__ == "__main__":  # run by bench.costmodel in a subprocess (no TRITON_INTERPRET there)

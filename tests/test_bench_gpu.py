@@ -245,7 +245,7 @@ def test_sweep_starts_with_the_kernels_own_configs():
 
     rows, n = gpu.pkl_sweep(), len(pk._CONFIGS)
     assert rows[:n] == tuple((c.num_warps, c.maxnreg, 1, 2048, c.kwargs["LANE1"]) for c in pk._CONFIGS)
-    assert {r[4] for r in rows[:n]} == {False, True} and rows[n:] == gpu.PKL_SWEEP_MORE
+    assert {r[4] for r in rows[:n]} == {False, True} and rows[n:] == gpu.PKL_SWEEP_MORE and len(rows) == 8
 
 
 def test_probe_stage_runs_on_the_cpu(capsys):

@@ -20,7 +20,7 @@ from xtoken_ext.bench.costmodel import SPT  # noqa: E402
 from xtoken_ext.ops.pkl_kernel import _CONFIGS  # noqa: E402
 
 _SCRIPT = r"""
-import itertools, json, re, sys
+import concurrent.futures, itertools, json, re, sys
 from xtoken_ext.bench.sass import body, compile_sm90, cubin_loops, header_lines
 from xtoken_ext.ops import pkl_kernel as P
 
@@ -56,10 +56,10 @@ def compile_one(kernel, consts, num_warps, sparse, maxnreg=None):
     return dict(smem=c.metadata.shared, regs=regs, spill=spill, v4=v4, pass_spills=sum(map(sum, found)), spt=spt,
                 views=views,
                 passes=[bool(b) for b in found], sfu_log=len(re.findall(r"lg2\.approx", c.asm["ptx"])),
-                inner_local=inner)
+                inner_local=inner, timer=c.asm["ptx"].count("%globaltimer"))
 
 
-out = []
+jobs = []  # (what the result row says, compile_one's arguments)
 if sys.argv[1] == "pkl":
     for cfg in P._CONFIGS:
         for sparse, grad_w, mean in itertools.product((False, True), (False, True), (True, False)):
@@ -67,17 +67,22 @@ if sys.argv[1] == "pkl":
                           CSLOTS=1 + (sparse + 2 * grad_w + mean) % 4, RPIECE=(1, 2, 4)[(grad_w + mean) % 3],
                           EPS=0 if mean else 1 + sparse, HELP=0, PROFILE=0,
                           **P.TILES_GPU, **P.SLICES_GPU, **cfg.kwargs)  # every column-ELL width and eps kind
-            r = compile_one(P._pkl_kernel, consts, cfg.num_warps, sparse, cfg.maxnreg)
-            out.append(dict(kernel="pkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, grad_w=grad_w, mean=mean,
-                            rpiece=consts["RPIECE"], **r))
-    r = compile_one(P._pkl_grad_w_kernel, dict(MEAN=True, BLOCK=1024, SLOTS=4), 8, False)
-    out.append(dict(kernel="pkl_grad_w", cfg={}, warps=8, sparse=False, grad_w=True, **r))
+            jobs.append((dict(kernel="pkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, grad_w=grad_w,
+                              mean=mean, rpiece=consts["RPIECE"]),
+                         (P._pkl_kernel, consts, cfg.num_warps, sparse, cfg.maxnreg)))
+    # the phase-timed variant (ops._tl.PhaseTimes on a GPU): the last config's dense frozen-W merge="mean" one
+    timed = dict(consts, MEAN=True, CHAIN=False, SPARSE=False, GRAD_W=False, HAS_SCALE=False, RPIECE=4, EPS=0,
+                 PROFILE=1)
+    jobs.append((dict(kernel="pkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=False, grad_w=False, mean=True,
+                      rpiece=4), (P._pkl_kernel, timed, cfg.num_warps, False, cfg.maxnreg)))
+    jobs.append((dict(kernel="pkl_grad_w", cfg={}, warps=8, sparse=False, grad_w=True),
+                 (P._pkl_grad_w_kernel, dict(MEAN=True, BLOCK=1024, SLOTS=4), 8, False)))
 elif sys.argv[1] == "probe":  # bench.permute's kernels (the GPU check's probe stage)
     from xtoken_ext.bench import permute as Q
     for kernel, consts in ((Q._stream, {}), (Q._lane_gather, dict(ONE=False)), (Q._lane_gather, dict(ONE=True)),
                            (Q._two_stage, {})):
-        r = compile_one(kernel, dict(BLOCK=Q.BLOCK_GPU, **consts), Q.WARPS, False)
-        out.append(dict(kernel=kernel.__name__, consts=consts, **r))
+        jobs.append((dict(kernel=kernel.__name__, consts=consts),
+                     (kernel, dict(BLOCK=Q.BLOCK_GPU, **consts), Q.WARPS, False)))
 else:  # H-KL: its main variant at the 8,192-lane window (both sort networks), the same with the merge sort of m
     # above it (ULD), and the smallest window
     from xtoken_ext.ops import hkl_kernel as H
@@ -86,8 +91,11 @@ else:  # H-KL: its main variant at the 8,192-lane window (both sort networks), t
         cfg = H._CONFIGS[ci]
         consts = dict(MEAN=mean, CHAIN=chain, SPARSE=sparse, W=W, W_SMALL=H.sort_widths(W)[1], MERGE=merge,
                       PROFILE=0, **cfg.kwargs)
-        r = compile_one(H._hkl_kernel, consts, cfg.num_warps, sparse)
-        out.append(dict(kernel="hkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, W=W, merge=merge, **r))
+        jobs.append((dict(kernel="hkl", cfg=cfg.kwargs, warps=cfg.num_warps, sparse=sparse, W=W, merge=merge),
+                     (H._hkl_kernel, consts, cfg.num_warps, sparse)))
+# two compiles at a time, in threads: Triton and ptxas release the GIL for most of a compile (2 cores in CI)
+with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    out = [dict(row, **r) for (row, _), r in zip(jobs, pool.map(lambda job: compile_one(*job[1]), jobs))]
 print(json.dumps(out))
 """
 
@@ -106,7 +114,9 @@ def _compile(tmp_path, which):
 
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
     results = _compile(tmp_path, "pkl")
-    assert len(results) == len(_CONFIGS) * 8 + 1
+    assert len(results) == len(_CONFIGS) * 8 + 2
+    # the phase-timed variant reads the global timer at its stamp and its 8 laps; the others never
+    assert [r["timer"] for r in results] == [0] * len(_CONFIGS) * 8 + [9, 0]
     for r in results:
         # at 8 warps the kernel uses the whole register file (255): a few scalars live across the teacher loop
         # (A's results, the chunk's sums) may be spilled once per chunk, never an instruction in a per-tile pass

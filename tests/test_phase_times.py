@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -35,16 +36,17 @@ def _laps_kernel(prof_ptr, PROFILE: tl.constexpr):
 
 def test_lap_slots():
     """_tl.lap adds the time since the last stamp to this program's row (1 + program) at the phase's slot: on the
-    logical clock (PROFILE 2) one tick a lap, the clock (row 0, slot 0) at every stamp of every program; PROFILE 0
-    writes nothing."""
+    logical clock (PROFILE 2) one tick a lap, the clock (row 0, slot 0) at every stamp of every program, and the
+    phases in lap order after the trace's length (slot 8); PROFILE 0 writes nothing."""
     dev = device()
     for profile in (0, 2):
-        buf = torch.zeros(3, 8, dtype=torch.int64, device=dev)
+        buf = torch.zeros(3, _tl.ROW.value, dtype=torch.int64, device=dev)
         _laps_kernel[(2,)](buf, PROFILE=profile)
-        want = torch.zeros(3, 8, dtype=torch.int64)
+        want = torch.zeros_like(buf, device="cpu")
         if profile:
             want[0, 0] = 8
-            want[1:, 0], want[1:, 3] = 2, 1
+            want[1:, 0], want[1:, 3], want[1:, 8] = 2, 1, 3
+            want[1:, 9:12] = torch.tensor([0, 0, 3])
         assert torch.equal(buf.cpu(), want), (profile, buf)
 
 
@@ -94,6 +96,12 @@ def test_pkl_phases(merge, sparse_k, learn_w):
         slices = math.ceil(math.ceil(300 / 128) / K._SLICES["SLICE"])  # the interpreter's BLOCK_S = 128
         assert [t[p] for p in ("A", "B", "R", "C", "tail")] == [n_chunks] * 5
         assert t["D"] == slices * n_chunks and t["wait"] == t["D"] + n_chunks
+        # each program's laps in order: per chunk A, B, R, C, tail, then the guard before the next chunk (the last
+        # round's after the last): a wait before each slice it takes, and one when done
+        letter = dict(zip(K.PHASES, "ABRCtDw"))
+        traces = ["".join(letter[p] for p in tr) for tr in pt.traces["P-KL"]]
+        assert all(re.fullmatch(r"(ABRCt(?:wD)*w)+", tr) for tr in traces), traces
+        assert sum(tr.count("ABRCt") for tr in traces) == n_chunks
     else:  # ns (the global timer may tick in µs: a phase of these tiny rows can read 0)
         assert min(t.values()) >= 0 and sum(t.values()) > 0
 
@@ -110,17 +118,53 @@ def test_hkl_phases(merge, sparse_k):
     pt = _timed(torch.ops.xtoken.hkl_rows, args)
     t, n_chunks = pt.totals["H-KL"], P.spans.shape[0]
     assert list(t) == list(H.PHASES)
-    if H.interpret():  # every chunk valid with an uncommon top m: every lap taken once a chunk
+    if H.interpret():  # every chunk valid with an uncommon top m: every lap taken once a chunk, in PHASES' order
         assert list(t.values()) == [n_chunks] * len(H.PHASES)
+        traces = pt.traces["H-KL"]
+        assert sum(len(tr) for tr in traces) == n_chunks * len(H.PHASES), traces
+        assert all(tr == list(H.PHASES) * (len(tr) // len(H.PHASES)) for tr in traces), traces
     else:  # ns (the global timer may tick in µs: a phase of these tiny rows can read 0)
         assert min(t.values()) >= 0 and sum(t.values()) > 0
 
 
 def test_untimed_launches_take_no_buffer():
-    """Outside a PhaseTimes the kernels get the placeholder and PROFILE 0 (their untimed variant)."""
+    """Outside a PhaseTimes the kernels get the placeholder and PROFILE 0 (their untimed variant); inside, a zeroed
+    buffer and the interpreter's logical clock or the GPU's timer. PhaseTimes nest (the inner one's launches are its
+    own), and leave the outer one active."""
+    dev = torch.device(device())
     placeholder = torch.zeros(1)
-    assert _tl.phase_args("P-KL", ("A",), 4, torch.device("cpu"), placeholder) == (placeholder, 0)
-    with _tl.PhaseTimes() as pt:
-        buf, profile = _tl.phase_args("P-KL", ("A",), 4, torch.device("cpu"), placeholder)
-    assert buf.shape == (5, 8) and buf.dtype == torch.int64 and profile == 2
-    assert pt.totals == {"P-KL": {"A": 0}} and pt.programs == {"P-KL": 4} and _tl.PhaseTimes.active is None
+    assert _tl.phase_args("P-KL", ("A",), 4, dev, placeholder) == (placeholder, 0)
+    with _tl.PhaseTimes() as outer:
+        with _tl.PhaseTimes() as inner:
+            buf, profile = _tl.phase_args("P-KL", ("A",), 4, dev, placeholder)
+        assert _tl.PhaseTimes.active is outer
+        _tl.phase_args("H-KL", ("x", "y"), 2, dev, placeholder)
+    assert buf.shape == (5, _tl.ROW.value) and buf.dtype == torch.int64 and not buf.any()
+    assert profile == (2 if _tl.interpret() else 1) and _tl.PhaseTimes.active is None
+    assert inner.totals == {"P-KL": {"A": 0}} and inner.programs == {"P-KL": 4}
+    assert outer.totals == {"H-KL": {"x": 0, "y": 0}} and outer.programs == {"H-KL": 2}
+
+
+def test_a_timed_launch_needs_an_autotuned_shape():
+    """An autotuned kernel's first call of a shape inside a PhaseTimes would autotune its timed variant, each timing
+    run adding to the totals: ops._tl.Launch refuses it, and lets it through once the shape has run untimed."""
+    import triton
+
+    runs = []
+
+    class Tuned:  # what Launch sees of an autotuned kernel: .fn (its arg names) and kernel[grid](...)
+        fn = type("fn", (), {"arg_names": ["x_ptr", "n"], "__name__": "k"})
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: runs.append(kw.get("PROFILE", 0))
+
+    launch = _tl.Launch(Tuned(), {}, [triton.Config({})] * 2, ["n"])
+    launch._compile_ahead = lambda grid, args, kwargs: launch.warm.add(launch._key(args, kwargs))
+    x = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="not autotuned yet"):
+        launch((1,), x, 4, PROFILE=1)
+    launch((1,), x, 4, PROFILE=0)
+    launch((1,), x, 4, PROFILE=1)
+    with pytest.raises(RuntimeError, match="not autotuned yet"):
+        launch((1,), x, 8, PROFILE=1)  # another shape
+    assert runs == [0, 1]

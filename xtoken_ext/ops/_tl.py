@@ -47,14 +47,21 @@ class Launch:
 
     def __call__(self, grid, *args, **kwargs):
         if self.configs:
+            if kwargs.get("PROFILE") and self._key(args, kwargs) not in self.warm:
+                raise RuntimeError(f"{self.kernel.fn.__name__}: a timed launch (PhaseTimes) of a shape not autotuned "
+                                   "yet; call the op once untimed first, so that autotuning times the untimed kernel")
             self._compile_ahead(grid, args, kwargs)
         self.kernel[grid](*args, **kwargs, **self.meta)
 
+    def _key(self, args, kwargs) -> tuple:
+        """The autotuner's key of a call: the values of the ``key`` arguments, the tensors' dtypes."""
+        named = dict(zip(self.kernel.fn.arg_names, args), **kwargs)
+        return (tuple(named[k] for k in self.key if k in named)
+                + tuple(str(v.dtype) for v in named.values() if hasattr(v, "dtype")))
+
     def _compile_ahead(self, grid, args, kwargs) -> None:
         fn = self.kernel.fn  # the jitted kernel under the autotuner
-        named = dict(zip(fn.arg_names, args), **kwargs)
-        key = tuple(named[k] for k in self.key if k in named)  # the autotuner's key: these values, the tensors' dtypes
-        key += tuple(str(v.dtype) for v in named.values() if hasattr(v, "dtype"))
+        key = self._key(args, kwargs)
         if key in self.warm:
             return
         self.warm.add(key)
@@ -75,42 +82,56 @@ class Launch:
                           " autotuning compiles what is missing as usual", RuntimeWarning, stacklevel=3)
 
 
+ROW = tl.constexpr(64)  # PhaseTimes' buffer row: 8 phase slots, then (logical clock) the trace's length and phases
+
+
 class PhaseTimes:
     """``with PhaseTimes() as pt:`` the fused P-KL and H-KL kernels launched inside time their phases (their
-    PHASES), each program summing the time between its stamps per phase (``lap``): the GPU's global timer (ns) on
-    CUDA, else (the interpreter) a logical clock that ticks once per stamp of any program. On leaving (a host sync),
-    ``pt.totals`` = {kernel: {phase: summed over its programs}} and ``pt.programs`` = {kernel: programs launched}. The
-    timed variant compiles apart (PROFILE), and its stamps cost a few instructions and a load and store each."""
+    PHASES), each program summing the time between its stamps per phase (``lap``): the GPU's global timer (ns) on an
+    NVIDIA GPU, else (the interpreter) a logical clock that ticks once per stamp of any program, each program also
+    tracing the phases it lapped in order. A lap is taken when the program's thread 0 reaches it: time its other warps
+    still spend in a phase goes to the next phase that waits for them at a barrier. On leaving (a host sync),
+    ``pt.totals`` = {kernel: {phase: summed over its programs}}, ``pt.programs`` = {kernel: programs launched} and,
+    on the logical clock, ``pt.traces`` = {kernel: [each program's phases in lap order, its first ROW - 9]}. The timed
+    variant compiles apart (PROFILE); its stamps cost a few instructions and a load and store each. The kernels must
+    have been autotuned for the shape first (an untimed call): ops._tl.Launch refuses to autotune a timed one."""
     active = None
 
     def __init__(self):
-        self.totals, self.programs, self._runs = {}, {}, []
+        self.totals, self.programs, self.traces, self._runs, self._outer = {}, {}, {}, [], None
 
     def __enter__(self):
-        PhaseTimes.active = self
+        self._outer, PhaseTimes.active = PhaseTimes.active, self
         return self
 
-    def __exit__(self, *exc):
-        PhaseTimes.active = None
-        for name, phases, buf in self._runs:
-            sums = buf[1:, :len(phases)].sum(0).tolist()
+    def __exit__(self, exc_type, *exc):
+        PhaseTimes.active = self._outer
+        if exc_type is not None:  # reading the buffers would sync, and could hide the error
+            return
+        for name, phases, buf, profile in self._runs:
+            rows = buf[1:].tolist()
             t = self.totals.setdefault(name, dict.fromkeys(phases, 0))
-            for p, v in zip(phases, sums, strict=True):
-                t[p] += v
-            self.programs[name] = self.programs.get(name, 0) + buf.shape[0] - 1
+            for i, p in enumerate(phases):
+                t[p] += sum(r[i] for r in rows)
+            self.programs[name] = self.programs.get(name, 0) + len(rows)
+            if profile == 2:
+                self.traces.setdefault(name, []).extend([phases[i] for i in r[9:9 + r[8]]] for r in rows)
 
 
 def phase_args(name: str, phases: tuple, nprog: int, device, placeholder: torch.Tensor):
     """A launch's (prof_ptr, PROFILE): the placeholder and 0 (no timing) unless a PhaseTimes is active, else a zeroed
-    int64 [1 + nprog, 8] buffer (row 0: the logical clock; row 1 + p: program p's phases, ``lap``) and 1 (the global
-    timer, CUDA) or 2 (the logical clock)."""
+    int64 [1 + nprog, ROW] buffer (row 0: the logical clock; row 1 + p: program p's phases, ``lap``) and 1 (the global
+    timer, an NVIDIA GPU) or 2 (the logical clock, the interpreter)."""
     pt = PhaseTimes.active
     if pt is None:
         return placeholder, 0
     assert len(phases) <= 8
-    buf = torch.zeros(1 + nprog, 8, dtype=torch.int64, device=device)
-    pt._runs.append((name, phases, buf))
-    return buf, 2 if interpret() or device.type != "cuda" else 1
+    if not interpret() and (device.type != "cuda" or torch.version.hip is not None):
+        raise RuntimeError("phase timing reads an NVIDIA GPU's global timer (or runs under the Triton interpreter)")
+    buf = torch.zeros(1 + nprog, ROW.value, dtype=torch.int64, device=device)
+    profile = 2 if interpret() else 1
+    pt._runs.append((name, phases, buf, profile))
+    return buf, profile
 
 
 @triton.jit
@@ -127,12 +148,16 @@ def stamp(prof_ptr, PROFILE: tl.constexpr):
 
 @triton.jit
 def lap(t, prof_ptr, phase, PROFILE: tl.constexpr):
-    """The time since stamp t added to this program's phase slot (prof_ptr[8 (program + 1) + phase]) -> now; nothing
-    without PROFILE (t returned: Triton drops the constant that the loops carry)."""
+    """The time since stamp t added to this program's phase slot (prof_ptr[ROW (program + 1) + phase]; on the logical
+    clock the phase also appended to its trace) -> now; nothing without PROFILE (t returned: Triton drops the constant
+    that the loops carry)."""
     if PROFILE:
         now = stamp(prof_ptr, PROFILE)
-        slot = prof_ptr + 8 * (tl.program_id(0) + 1) + phase
-        tl.store(slot, tl.load(slot) + (now - t))
+        row = prof_ptr + ROW * (tl.program_id(0) + 1)
+        tl.store(row + phase, tl.load(row + phase) + (now - t))
+        if PROFILE == 2:
+            n = tl.atomic_add(row + 8, 1)
+            tl.store(row + 9 + n, phase, mask=n < ROW - 9)
     else:
         now = t
     return now

@@ -1181,8 +1181,9 @@ def _hkl_kernel(
 # lists are L2-resident).
 # the kernel's phases as _tl.PhaseTimes reports them (slots of _tl.lap): prep the chunk's set-up (hint, anchors),
 # rows S1 / T1, merged the merged or sparse rows' list passes, select the rescue and the candidates, sort the
-# windows (or the merge sort) up to the hint's update, grad S3 and G's columns (a time not lapped, e.g. a bad
-# chunk's skipped phases, goes to the next lap)
+# windows (or the merge sort) up to the hint's update, grad S3, G's columns and the chunk's stores (and a sparse
+# teacher's clearing of its later rows' scratch; a time not lapped, e.g. a bad chunk's skipped phases, goes to the
+# next lap)
 PHASES = ("prep", "rows", "merged", "select", "sort", "grad")
 _CONFIGS = [triton.Config({"BLOCK_S": b, "BLOCK_T": b, "BLOCK_L": b, "STAGES": st}, num_warps=nw)
             for b, st, nw in ((2048, 3, 8), (4096, 2, 16))]

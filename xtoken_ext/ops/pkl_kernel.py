@@ -87,7 +87,8 @@ PUB = tl.constexpr(1 << 16)  # a published chunk's sync word: (owner + 1)·PUB, 
 _GRAD_W_BYTES = 256 << 20  # per-block h rows kept for the W gradient kernel
 # the kernel's phases as _tl.PhaseTimes reports them (slots of _tl.lap): A the student rows (and the chunk's set-up),
 # B the teacher rows' LSEs, R the residual sums (sparse: C1's entries), C the teacher pass, tail C3 and d_r up to
-# the chunk's publication, D the slices this program took (any chunk's), wait the guard's polls and waits
+# the chunk's publication, D the slices this program took (any chunk's), wait the guard's polls and waits (and a
+# sparse teacher's zeroing of h)
 PHASES = ("A", "B", "R", "C", "tail", "D", "wait")
 # tests: one program per chunk, run as two launches (_pkl_kernel's HELP), so that slices are computed by programs
 # that do not own them, under the interpreter too
