@@ -17,7 +17,8 @@
 #      correctness: its correctness and repeatability stages (GPU_CHECK_QUICK=1 adds --quick: bf16 only), the
 #        cases in one process per core up to 16 (GPU_CHECK_JOBS=N sets --jobs N): that stage is bound by compiling;
 #      tests: the CUDA tests of the Triton backends (ops at multi-tile sizes, public losses vs the float64
-#      reference; GPU_CHECK_K sets pytest's -k, default "triton or cuda") in the time left of GPU_CHECK_BUDGET seconds
+#      reference, the phase timer; GPU_CHECK_K sets pytest's -k, default "triton or cuda or phase") in the time left
+#      of GPU_CHECK_BUDGET seconds
 #      (default 440), in one process per core (up to 16) where pytest-xdist is installed or its wheels are in
 #      .devkit/wheels (scripts/device_kit.sh).
 # Each step has a time limit so that one slow step cannot eat the machine's budget; what it printed before the
@@ -75,7 +76,8 @@ for stage in ${GPU_CHECK_STAGES:-probe timing phases sweep correctness tests}; d
             # import the installed package.
             if [ "$left" -gt 20 ]; then
                 PYTHONSAFEPATH=1 timeout "$left" python3 -m pytest -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
-                    tests/test_triton_ops.py tests/test_losses.py -k "${GPU_CHECK_K:-triton or cuda}" \
+                    tests/test_triton_ops.py tests/test_losses.py tests/test_phase_times.py \
+                    -k "${GPU_CHECK_K:-triton or cuda or phase}" \
                     --durations=8 2>&1 \
                     | tee "$logs/tests.log" || status=1
             else

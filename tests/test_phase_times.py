@@ -37,14 +37,16 @@ def _laps_kernel(prof_ptr, PROFILE: tl.constexpr):
 def test_lap_slots():
     """_tl.lap adds the time since the last stamp to this program's row (1 + program) at the phase's slot: on the
     logical clock (PROFILE 2) one tick a lap, the clock (row 0, slot 0) at every stamp of every program, and the
-    phases in lap order after the trace's length (slot 8); PROFILE 0 writes nothing."""
+    phases in lap order after the trace's length (slot 8); PROFILE 0 writes nothing. Two programs under the
+    interpreter (one after the other), one on a GPU (where programs would interleave their ticks)."""
     dev = device()
+    n = 2 if _tl.interpret() else 1
     for profile in (0, 2):
-        buf = torch.zeros(3, _tl.ROW.value, dtype=torch.int64, device=dev)
-        _laps_kernel[(2,)](buf, PROFILE=profile)
+        buf = torch.zeros(1 + n, _tl.ROW.value, dtype=torch.int64, device=dev)
+        _laps_kernel[(n,)](buf, PROFILE=profile)
         want = torch.zeros_like(buf, device="cpu")
         if profile:
-            want[0, 0] = 8
+            want[0, 0] = 4 * n
             want[1:, 0], want[1:, 3], want[1:, 8] = 2, 1, 3
             want[1:, 9:12] = torch.tensor([0, 0, 3])
         assert torch.equal(buf.cpu(), want), (profile, buf)
