@@ -645,6 +645,17 @@ def _real_projection(dev: torch.device):
     return proj, time.perf_counter() - start
 
 
+def _one_w_inputs(dev: torch.device, shape, real: bool):
+    """Stages 4 and 6's inputs: stage 3's bf16 rows at ``shape`` (default bench.losses.GPU_SHAPE) and one W, the real
+    one unless ``real`` is False or it does not load, else Projection.random -> (z, t, the alignment on the CPU, W, its
+    name)."""
+    from .losses import GPU_SHAPE, _inputs
+
+    z, t, batch_dev, proj = _inputs(shape or GPU_SHAPE, torch.bfloat16, dev)
+    loaded = _real_projection(dev) if real else None
+    return z, t, batch_dev.to("cpu"), *((loaded[0], "real W") if loaded else (proj, "random W"))
+
+
 def _column_lengths(proj) -> str:
     n = torch.bincount(proj.indices[proj.indices >= 0].long().cpu(), minlength=proj.teacher_vocab_size)
     return f"{int(n.sum()):,} nonzeros, longest column {int(n.max())}"
@@ -752,13 +763,7 @@ def sweep(dev: torch.device, runs: int, shape=None, real: bool = True, configs=N
     from xtoken_ext.ops import pkl_kernel as pk
     from xtoken_ext.testing import kappa, loss_bound, worst_ratio
 
-    from .losses import GPU_SHAPE, _inputs
-
-    z, t, batch_dev, proj = _inputs(shape or GPU_SHAPE, torch.bfloat16, dev)
-    batch, wname = batch_dev.to("cpu"), "random W"
-    loaded = _real_projection(dev) if real else None
-    if loaded:
-        proj, wname = loaded[0], "real W"
+    z, t, batch, proj, wname = _one_w_inputs(dev, shape, real)
     floor = floor_bytes(z, t) / (bandwidth or hbm_bandwidth(dev))[0]
     loss = functools.partial(xt.pkl_loss, z, t, batch, proj, reduction="none")
     ref = loss(backend="torch").detach()
@@ -807,13 +812,7 @@ def phases(dev: torch.device, shape=None, real: bool = True) -> bool:
     import xtoken_ext as xt
     from xtoken_ext.ops import _tl
 
-    from .losses import GPU_SHAPE, _inputs
-
-    z, t, batch_dev, proj = _inputs(shape or GPU_SHAPE, torch.bfloat16, dev)
-    batch, wname = batch_dev.to("cpu"), "random W"
-    loaded = _real_projection(dev) if real else None
-    if loaded:
-        proj, wname = loaded[0], "real W"
+    z, t, batch, proj, wname = _one_w_inputs(dev, shape, real)
     cuda = dev.type == "cuda"
     unit, scale = ("ms", 1e-6) if cuda else ("laps", 1)
     print(f"phases: fused fwd+bwd, {wname}; per kernel its phases' mean per program ({unit}; "

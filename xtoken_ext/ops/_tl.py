@@ -82,19 +82,21 @@ class Launch:
                           " autotuning compiles what is missing as usual", RuntimeWarning, stacklevel=3)
 
 
-ROW = tl.constexpr(64)  # PhaseTimes' buffer row: 8 phase slots, then (logical clock) the trace's length and phases
+# PhaseTimes' buffer row: TRACE phase slots, then (logical clock) the trace's length and its phases, up to ROW
+ROW, TRACE = tl.constexpr(64), tl.constexpr(8)
 
 
 class PhaseTimes:
     """``with PhaseTimes() as pt:`` the fused P-KL and H-KL kernels launched inside time their phases (their
     PHASES), each program summing the time between its stamps per phase (``lap``): the GPU's global timer (ns) on an
     NVIDIA GPU, else (the interpreter) a logical clock that ticks once per stamp of any program, each program also
-    tracing the phases it lapped in order. A lap is taken when the program's thread 0 reaches it: time its other warps
-    still spend in a phase goes to the next phase that waits for them at a barrier. On leaving (a host sync),
+    tracing the phases it lapped in order. A lap is taken when the program's thread 0 reaches it: time its other
+    warps still spend in a phase goes to the next phase that waits for them at a barrier. On leaving (a host sync),
     ``pt.totals`` = {kernel: {phase: summed over its programs}}, ``pt.programs`` = {kernel: programs launched} and,
-    on the logical clock, ``pt.traces`` = {kernel: [each program's phases in lap order, its first ROW - 9]}. The timed
-    variant compiles apart (PROFILE); its stamps cost a few instructions and a load and store each. The kernels must
-    have been autotuned for the shape first (an untimed call): ops._tl.Launch refuses to autotune a timed one."""
+    on the logical clock, ``pt.traces`` = {kernel: [each program's phases in lap order, its first ROW - TRACE - 1]}.
+    The timed variant compiles apart (PROFILE); its stamps cost a few instructions and a load and store each. The
+    kernels must have been autotuned for the shape first (an untimed call): ops._tl.Launch refuses to autotune a
+    timed one."""
     active = None
 
     def __init__(self):
@@ -115,7 +117,8 @@ class PhaseTimes:
                 t[p] += sum(r[i] for r in rows)
             self.programs[name] = self.programs.get(name, 0) + len(rows)
             if profile == 2:
-                self.traces.setdefault(name, []).extend([phases[i] for i in r[9:9 + r[8]]] for r in rows)
+                t0 = TRACE.value + 1
+                self.traces.setdefault(name, []).extend([phases[i] for i in r[t0:t0 + r[t0 - 1]]] for r in rows)
 
 
 def phase_args(name: str, phases: tuple, nprog: int, device, placeholder: torch.Tensor):
@@ -125,7 +128,7 @@ def phase_args(name: str, phases: tuple, nprog: int, device, placeholder: torch.
     pt = PhaseTimes.active
     if pt is None:
         return placeholder, 0
-    assert len(phases) <= 8
+    assert len(phases) <= TRACE.value
     if not interpret() and (device.type != "cuda" or torch.version.hip is not None):
         raise RuntimeError("phase timing reads an NVIDIA GPU's global timer (or runs under the Triton interpreter)")
     buf = torch.zeros(1 + nprog, ROW.value, dtype=torch.int64, device=device)
@@ -156,8 +159,8 @@ def lap(t, prof_ptr, phase, PROFILE: tl.constexpr):
         row = prof_ptr + ROW * (tl.program_id(0) + 1)
         tl.store(row + phase, tl.load(row + phase) + (now - t))
         if PROFILE == 2:
-            n = tl.atomic_add(row + 8, 1)
-            tl.store(row + 9 + n, phase, mask=n < ROW - 9)
+            n = tl.atomic_add(row + TRACE, 1)
+            tl.store(row + TRACE + 1 + n, phase, mask=n < ROW - TRACE - 1)
     else:
         now = t
     return now
