@@ -37,6 +37,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+class _WorkerErrors:
+    """Under pytest-xdist (README's test command runs ``-n auto``) each worker records MAX_ERR in its own process:
+    the worker hands its records to the controller when it finishes, and the controller keeps the maxima."""
+
+    def pytest_sessionfinish(self, session):
+        out = getattr(session.config, "workeroutput", None)  # set on a worker only
+        if out is not None:
+            from helpers import MAX_ERR
+
+            out["max_err"] = dict(MAX_ERR)
+
+    def pytest_testnodedown(self, node, error):
+        from helpers import MAX_ERR
+
+        for key, vals in getattr(node, "workeroutput", {}).get("max_err", {}).items():
+            MAX_ERR[key] = [max(a, b) for a, b in zip(MAX_ERR[key], vals)]
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_WorkerErrors(), "xtoken-worker-errors")
+
+
 def pytest_terminal_summary(terminalreporter):
     """The largest errors seen per check × backend × dtype against the float64 reference, as err/bound."""
     from helpers import MAX_ERR
