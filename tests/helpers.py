@@ -22,7 +22,11 @@ Loss. L = τ² Σ P (T − log Q) (+ τ² Σ|a − b| ≤ 2τ²): |err| ≤ c·u
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import types
 from collections import defaultdict
 
@@ -49,6 +53,18 @@ def examples(n: int) -> int:
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compiled_json(tmp_path, script: str, *argv: str, timeout: int):
+    """Run ``script`` (python -c, with argv) in a subprocess without TRITON_INTERPRET (the test session may run
+    Triton under the interpreter, which replaces compilation) and with a Triton cache of its own under tmp_path ->
+    the JSON of the last line it prints."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def check(key: str, got: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, mask: torch.Tensor | None = None):

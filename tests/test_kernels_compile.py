@@ -8,16 +8,11 @@ read with vectorized (v4) loads.
 Runs in a subprocess: the test session may run Triton under TRITON_INTERPRET=1, which replaces compilation."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import triton  # the test extra pins it
 
-
-import triton  # noqa: E402  (the test extra pins it)
-
-from xtoken_ext.bench.costmodel import SPT  # noqa: E402
-from xtoken_ext.ops.pkl_kernel import _CONFIGS  # noqa: E402
+from helpers import compiled_json
+from xtoken_ext.bench.costmodel import SPT
+from xtoken_ext.ops.pkl_kernel import _CONFIGS
 
 _SCRIPT = r"""
 import concurrent.futures, itertools, json, re, sys
@@ -104,12 +99,7 @@ _SMEM_SM90 = 227 << 10  # the largest dynamic shared memory a block may opt in t
 
 
 def _compile(tmp_path, which):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, which], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return compiled_json(tmp_path, _SCRIPT, which, timeout=600)
 
 
 def test_kernels_compile_for_sm90_without_spills(tmp_path):

@@ -6,19 +6,16 @@ CUDA the totals are nanoseconds of the global timer, whose variant (PROFILE 1) i
 Timing changes no result: the outputs are bitwise those of the untimed kernel."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import triton
 import triton.language as tl
 
-from helpers import device, make_problem, pairs_of
+from helpers import compiled_json, device, make_problem, pairs_of
 from xtoken_ext.ops import _tl
 from xtoken_ext.ops import pkl as _ops  # noqa: F401  (registers both xtoken:: ops)
 
@@ -58,12 +55,7 @@ def test_global_timer_variant_compiles_for_sm90(tmp_path):
     script = ("import sys, json; sys.path.insert(0, sys.argv[1]); from test_phase_times import _laps_kernel; "
               "from xtoken_ext.bench.sass import compile_sm90; "
               "print(json.dumps([compile_sm90(_laps_kernel, {'PROFILE': p}, 1)[0].asm['ptx'] for p in (0, 1)]))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    proc = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    untimed, timed = json.loads(proc.stdout.strip().splitlines()[-1])
+    untimed, timed = compiled_json(tmp_path, script, os.path.dirname(__file__), timeout=300)
     assert "%globaltimer" in timed and "%globaltimer" not in untimed and "atom" not in untimed
 
 
