@@ -409,7 +409,10 @@ def _submission_order(cases: list[Case]) -> list[Case]:
 def _worker_init(dry: bool, threads: int) -> None:
     torch.set_num_threads(threads)
     if dry:  # masked lanes of the interpreter evaluate log(0), 0·inf, ... in numpy before tl.where drops them
+        from xtoken_ext.testing import fast_interpreter
+
         warnings.simplefilter("ignore", RuntimeWarning)
+        fast_interpreter()
 
 
 def _cores() -> int:
@@ -896,7 +899,10 @@ def run(quick: bool = False, dry: bool = False, stage: str = "all", jobs: int | 
     if reason:
         raise RuntimeError(reason)
     if dry:
+        from xtoken_ext.testing import fast_interpreter
+
         os.environ["TRITON_INTERPRET"] = "1"
+        fast_interpreter()
     dev = torch.device("cpu" if dry else "cuda")
     sizes = DRY if dry else FULL
     _configuration(dev, sizes, dry)

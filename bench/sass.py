@@ -5,9 +5,12 @@ the source line of that branch (its ``for`` header); its body is counted per thr
 iteration, so a pass costs body × warps × iterations warp-instructions on its SM."""
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import functools
+import hashlib
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -59,14 +62,33 @@ def compile_sm90(kernel, consts: dict, num_warps: int, sparse: bool = False, lin
              if sig[n] not in ("constexpr", "fp32") and n not in NO_HINT}
     src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=hints)
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, maxnreg=maxnreg))
+    return c, *_assemble(c.asm["ptx"], lineinfo)
+
+
+def _assemble(ptx: str, lineinfo: bool) -> tuple[bytes, str]:
+    """ptxas on ``ptx`` for sm_90a -> (cubin bytes, its -v report), kept in Triton's cache beside the kernels Triton
+    compiled (keyed by the PTX, the flags and the triton wheel whose ptxas it is): ptxas takes ~40 % of an H-KL
+    variant's compile, and the Triton cache alone would serve only the PTX."""
+    import triton
+    from triton.runtime.cache import get_cache_manager
+
+    flags = ["-v", *(["-lineinfo"] if lineinfo else []), "--gpu-name", "sm_90a"]
+    cache = get_cache_manager(hashlib.sha256("\0".join([ptx, *flags, triton.__version__]).encode()).hexdigest())
+    hit = cache.get_file("ptxas.json")
+    if hit:
+        with open(hit) as f:
+            got = json.load(f)
+        return base64.b64decode(got["cubin"]), got["report"]
     with tempfile.TemporaryDirectory() as d:
-        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
-        with open(ptx, "w") as f:
-            f.write(c.asm["ptx"])
-        info = subprocess.run([_bin("ptxas"), "-v", *(["-lineinfo"] if lineinfo else []), "--gpu-name", "sm_90a",
-                               ptx, "-o", cubin], capture_output=True, text=True, check=True).stderr
+        src, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([_bin("ptxas"), *flags, src, "-o", cubin], capture_output=True, text=True,
+                                check=True).stderr
         with open(cubin, "rb") as f:
-            return c, f.read(), info
+            data = f.read()
+    cache.put(json.dumps(dict(cubin=base64.b64encode(data).decode(), report=report)), "ptxas.json", binary=False)
+    return data, report
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,6 +308,4 @@ def _hkl_bodies(consts: dict, warps: int) -> dict:
 
 
 if __name__ == "__main__":  # run by bench.costmodel in a subprocess (no TRITON_INTERPRET there)
-    import json
-
     print(json.dumps(pass_bodies()))

@@ -818,6 +818,51 @@ def test_triton_interpret_set_after_triton_is_imported_is_named(tmp_path):
         in out.stdout, (out.stdout, out.stderr[-2000:])
 
 
+_FAST = r"""
+import json, torch
+import xtoken_ext as xt
+from xtoken_ext.testing import fast_interpreter, loss_problem
+import triton.language as tl
+from triton.runtime import interpreter as itp
+
+P = loss_problem(3, 300, 400, 8, hub=40)  # multi-tile rows, a hub column, merged rows
+scans = [0]
+patch_builtin = itp._patch_builtin
+def counted(*args):  # the interpreter's scan of a language module, which each _patch_lang runs
+    scans[0] += 1
+    return patch_builtin(*args)
+itp._patch_builtin = counted
+def run():
+    out, scans[0] = [], 0
+    for name in ("pkl_loss", "hkl_loss", "gold_loss"):
+        z = P.z.clone().requires_grad_()
+        per = getattr(xt, name)(z, P.t, P.alignment, P.proj, reduction="none", backend="triton", merge="mean")
+        (per.double() * P.weights).sum().backward()
+        out += [per.detach(), z.grad]
+    return out, scans[0]
+stock, n_stock = run()
+applied = fast_interpreter()
+fast, n_fast = run()
+print(json.dumps(dict(applied=applied, again=fast_interpreter(), equal=all(torch.equal(a, b) for a, b in
+                      zip(stock, fast)), sanitize=itp.interpreter_builder.options.sanitize_overflow,
+                      restored=tl.core.is_builtin(tl.program_id), scans=[n_stock, n_fast])))
+"""
+
+
+def test_fast_interpreter_gives_the_stock_interpreters_results(tmp_path):
+    """xtoken_ext.testing.fast_interpreter (the suite's conftest and --dry apply it) applies to the pinned Triton, and
+    the three fused losses give bit for bit the stock interpreter's losses and gradients (a fresh process: first
+    without it, then with it); its two hooks took effect: the overflow check is off, and the helpers' calls no longer
+    scan triton.language (the scans counted); after a launch triton.language holds its builtins again."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", _FAST], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["applied"] and r["again"] and r["equal"] and r["restored"] and r["sanitize"] is False, r
+    stock, fast = r["scans"]
+    assert 0 < 20 * fast < stock, r
+
 @pytest.mark.parametrize("backend", ["torch", "native", "triton"])
 def test_pkl_teacher_block_below_fp32s_range_at_a_small_temperature(backend):
     """The native kernel sums the KL terms per 512-column block at the block's own maximum and rescales by
