@@ -167,8 +167,9 @@ def fast_interpreter() -> bool:
     and has the two hooks below; idempotent). Call it after TRITON_INTERPRET is set.
 
     - Each int32 add, sub and mul of a kernel computes an overflow check in int64 and hands it to device_assert, which
-      returns at once unless the interpreter's options set ``debug`` (they never do): with debug off, the check is
-      switched off (``sanitize_overflow``). A third of the time of an H-KL test went to it.
+      returns at once unless the interpreter's options set ``debug`` (Triton makes them without): with debug off, it is
+      switched off (``sanitize_overflow``). One GOLD test (special values, Triton backend): 32.1 s, 19.0 s without
+      the check, 13.5 s without the re-patching below as well.
     - Each call of a @triton.jit helper inside a kernel patches triton.language for the interpreter again (a scan of
       the module with inspect.getmembers), though the launch patched it. Here a helper whose language modules the
       running launch has patched already is called without that scan; a helper that sees another one
